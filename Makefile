@@ -1,0 +1,45 @@
+# Rampart. `make demo` runs the main job on embedded defaults; `make test` runs
+# every test, ruff and mypy. `make setup` (a dependency of both) installs what a
+# fresh Debian 12 machine lacks; it is idempotent and cheap when nothing is missing.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+# Debian packages the tests use (real tools, not mocks).
+DEB_PACKAGES := minisign
+
+.PHONY: setup demo test lint typecheck unit bench clean distclean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup-debian.sh
+	sh scripts/setup-debian.sh $(DEB_PACKAGES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	sh scripts/demo.sh
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: setup
+	$(BIN)/python bench/sign_verify.py
+
+clean:
+	rm -rf build demo-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,373 @@
+"""The `rampart` command: parses flags, calls one function, maps errors to exit codes.
+
+Exit codes are those of rampart.errors (docs/exit-codes.md). A user sees one
+line per error; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rampart import __version__, signing, webroot
+from rampart.errors import AuditError, LocalError, RampartError, UsageError, VerificationError
+from rampart.version import parse_version
+
+log = logging.getLogger("rampart")
+
+PASSWORD_ENV = "RAMPART_PASSWORD"  # noqa: S105 - the name of a variable, not a secret
+
+EPILOG = """\
+exit codes: 0 success, 1 other error, 2 invalid argument, 3 local problem (missing file,
+permission, wrong password), 4 refused (would overwrite or go backwards), 5 audit found
+problems, 10 malformed key/signature/metadata, 11 signature does not verify.
+See docs/exit-codes.md."""
+
+
+def _emit_json(payload: dict[str, Any]) -> None:
+    json.dump(payload, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _password_source(env_name: str, confirm: bool) -> Callable[[], bytes]:
+    """A callable giving the key password: from $env_name, else a terminal prompt."""
+
+    def get() -> bytes:
+        value = os.environ.get(env_name)
+        if value:
+            return value.encode()
+        if not sys.stdin.isatty():
+            raise LocalError(
+                f"no password: set ${env_name} or run on a terminal (or use --unencrypted)"
+            )
+        first = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Password (again): ") != first:
+            raise LocalError("the two passwords differ")
+        if not first:
+            raise LocalError("empty password (use --unencrypted for a key without one)")
+        return first.encode()
+
+    return get
+
+
+def _check_semver(text: str) -> str:
+    """The version, checked to be semver without build metadata."""
+    version = parse_version(text)
+    if version.build:
+        raise UsageError(f"version {text!r}: build metadata is not allowed in a signed version")
+    return text
+
+
+# --- verbs -------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    for path in (args.secret_key, args.public_key):
+        if path.exists():
+            raise LocalError(f"{path}: already exists; refusing to overwrite a key")
+    password = None if args.unencrypted else _password_source(args.password_env, True)()
+    key = signing.generate_secret_key()
+    secret = signing.secret_key_to_bytes(key, password)
+    signing.write_new_file(args.secret_key, secret, 0o600)
+    try:
+        signing.write_new_file(args.public_key, key.public_key.to_bytes(), 0o644)
+    except LocalError:
+        args.secret_key.unlink()
+        raise
+    if args.json:
+        _emit_json(
+            {
+                "key_id": key.public_key.key_id,
+                "public_key": str(args.public_key),
+                "secret_key": str(args.secret_key),
+                "encrypted": password is not None,
+                "public_key_base64": key.public_key.to_base64(),
+            }
+        )
+    else:
+        print(
+            f"key {key.public_key.key_id}: secret key {args.secret_key} (mode 0600), "
+            f"public key {args.public_key}"
+        )
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    version = _check_semver(args.version)
+    target: Path = args.signature or args.file.with_name(args.file.name + ".sig")
+    if not args.file.is_file():
+        raise LocalError(f"{args.file}: file not found or not a regular file")
+    key = signing.load_secret_key(args.secret_key, _password_source(args.password_env, False))
+    signature = signing.sign_file(args.file, key, version)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(signature.to_bytes())
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LocalError(f"{target}: cannot write the signature: {exc.strerror}") from None
+    if args.json:
+        _emit_json(
+            {
+                "file": str(args.file),
+                "signature": str(target),
+                "version": version,
+                "key_id": key.public_key.key_id,
+            }
+        )
+    else:
+        print(f"{target}: signed {args.file} as version {version} with key {key.public_key.key_id}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.version is not None:
+        _check_semver(args.version)
+    sig_path: Path = args.signature or args.file.with_name(args.file.name + ".sig")
+    if args.signature is None and not sig_path.exists():
+        minisig = args.file.with_name(args.file.name + ".minisig")
+        if minisig.exists():
+            sig_path = minisig
+    public_key = signing.load_public_key(args.public_key)
+    signature = signing.load_signature(sig_path)
+    signing.verify_file(args.file, signature, public_key)
+    comment = signature.trusted_text(str(sig_path))
+    if args.version is not None and comment != args.version:
+        raise VerificationError(
+            f"{sig_path}: signed for version {comment[:80]!r}, not {args.version!r}"
+        )
+    if args.json:
+        try:
+            semver = str(parse_version(comment)) == comment
+        except UsageError:
+            semver = False
+        _emit_json(
+            {
+                "file": str(args.file),
+                "signature": str(sig_path),
+                "version": comment,
+                "semver": semver,
+                "key_id": signature.key_id,
+                "algorithm": "prehashed" if signature.prehashed else "legacy",
+            }
+        )
+    else:
+        print(comment)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    version = parse_version(_check_semver(args.version))
+    webroot.check_name(args.os, "OS name")
+    if args.channel is not None:
+        webroot.check_name(args.channel, "channel name")
+    key = signing.load_secret_key(args.secret_key, _password_source(args.password_env, False))
+    result = webroot.publish(
+        args.webroot, args.os, version, args.core, args.efiboot, key, args.channel, args.force
+    )
+    channel = result.channel or "default"
+    if args.json:
+        _emit_json(
+            {
+                "os": result.os_name,
+                "version": str(result.version),
+                "channel": channel,
+                "release": str(result.release),
+                "version_file": str(result.version_file),
+                "previous": None if result.previous is None else str(result.previous),
+                "reused_release": result.reused,
+            }
+        )
+    else:
+        state = "already published" if result.reused else "published"
+        before = "" if result.previous is None else f" (was {result.previous})"
+        print(
+            f"{result.release}: {result.os_name} {result.version} {state}; "
+            f"{channel} channel now points at it{before}"
+        )
+    return 0
+
+
+def cmd_webroot_check(args: argparse.Namespace) -> int:
+    public_key = signing.load_public_key(args.public_key)
+    problems = webroot.audit(args.dir, public_key)
+    if args.json:
+        channels = [
+            {"channel": c.name or "default", "os": c.os_name, "version": str(c.version)}
+            for c in webroot.list_channels(args.dir, [])
+        ]
+        _emit_json(
+            {
+                "webroot": str(args.dir),
+                "ok": not problems,
+                "problems": problems,
+                "channels": channels,
+            }
+        )
+        return AuditError.exit_code if problems else 0
+    if problems:
+        raise AuditError(f"{args.dir}: {len(problems)} problem(s) found", problems)
+    print(f"{args.dir}: webroot is consistent")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+def _add_password_env(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--password-env",
+        metavar="VAR",
+        default=PASSWORD_ENV,
+        help=f"read the secret key password from this environment variable "
+        f"(default {PASSWORD_ENV}); without it, ask on the terminal",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rampart",
+        description="Signed A/B system updates and a verified boot chain (CLIP OS 5 model).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"rampart {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+        return sub
+
+    p = verb(
+        "keygen",
+        "create a minisign key pair",
+        "Create a minisign key pair. The secret key is encrypted with a password as "
+        "minisign does (scrypt, libsodium's sensitive limits: about 1 GiB of memory and "
+        "a few seconds) unless --unencrypted. Existing files are never overwritten; the "
+        "secret key is written with mode 0600.",
+    )
+    p.add_argument("--secret-key", type=Path, required=True, metavar="FILE")
+    p.add_argument("--public-key", type=Path, required=True, metavar="FILE")
+    p.add_argument(
+        "--unencrypted",
+        action="store_true",
+        help="store the secret key without a password (for automated test rigs)",
+    )
+    _add_password_env(p)
+    p.set_defaults(func=cmd_keygen)
+
+    p = verb(
+        "sign",
+        "sign a file; the trusted comment is its version",
+        "Write FILE.sig, a prehashed (ED) minisign signature whose trusted comment is "
+        "exactly VERSION. `minisign -V` verifies it.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--secret-key", type=Path, required=True, metavar="FILE")
+    p.add_argument("--version", required=True, metavar="V", help="semantic version, e.g. 1.0.1")
+    p.add_argument("--signature", type=Path, metavar="FILE", help="default: FILE.sig")
+    _add_password_env(p)
+    p.set_defaults(func=cmd_sign)
+
+    p = verb(
+        "verify",
+        "verify a file's minisign signature and print its version",
+        "Verify FILE against FILE.sig (or FILE.minisig) with a minisign public key and "
+        "print the trusted comment. Prehashed and legacy signatures are accepted, from "
+        "rampart, minisign or rsign2. With --version, the trusted comment must equal it.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--public-key", type=Path, required=True, metavar="FILE")
+    p.add_argument("--version", metavar="V", help="require this version in the trusted comment")
+    p.add_argument(
+        "--signature", type=Path, metavar="FILE", help="default: FILE.sig, else FILE.minisig"
+    )
+    p.set_defaults(func=cmd_verify)
+
+    p = verb(
+        "publish",
+        "publish a signed release into a static webroot",
+        "Copy and sign the Core and EFI payloads into DIR/dist/V/, then point the channel "
+        "at V (update/v1/OS/version, or channels/C/update/v1/OS/version). Atomic: the "
+        "version file changes last, by rename. Refuses to move a channel backwards "
+        "without --force and to change an existing release.",
+    )
+    p.add_argument("--webroot", type=Path, required=True, metavar="DIR")
+    p.add_argument("--os", required=True, metavar="NAME", help="OS name, e.g. clipos")
+    p.add_argument("--version", required=True, metavar="V")
+    p.add_argument("--core", type=Path, required=True, metavar="FILE")
+    p.add_argument("--efiboot", type=Path, required=True, metavar="FILE")
+    p.add_argument("--secret-key", type=Path, required=True, metavar="FILE")
+    p.add_argument("--channel", metavar="C", help="a named channel (default: the default one)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow pointing the channel at a lower version (a rollback)",
+    )
+    _add_password_env(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = verbs.add_parser(
+        "webroot", help="inspect a static webroot", description="Inspect a static webroot."
+    )
+    webroot_verbs = p.add_subparsers(dest="webroot_verb", metavar="VERB", required=True)
+    c = webroot_verbs.add_parser(
+        "check",
+        help="audit a webroot",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Audit a webroot: every version file names a complete published release; "
+        "every payload's signature verifies with the public key and carries its release's "
+        "version; nothing is missing or extra. Lists every problem; exit code 5 if any.",
+    )
+    c.add_argument("dir", type=Path, metavar="DIR")
+    c.add_argument("--public-key", type=Path, required=True, metavar="FILE")
+    c.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+    c.set_defaults(func=cmd_webroot_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="rampart: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except AuditError as exc:
+        for problem in exc.problems:
+            print(f"rampart: {problem}", file=sys.stderr)
+        print(f"rampart: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RampartError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"rampart: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rampart: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

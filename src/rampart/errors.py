@@ -1,0 +1,69 @@
+"""The exception tree. Every error a user can meet is a `RampartError`.
+
+Each class carries the exit code the CLI returns for it (documented in
+docs/exit-codes.md). Messages are one line: what, where, why.
+
+    RampartError                 1  anything else that went wrong
+    ├── UsageError               2  a flag or argument is invalid (not semver, bad name)
+    ├── LocalError               3  the local system or operator: missing file, no permission,
+    │   │                           full disk, wrong password
+    │   └── ConflictError        4  refused to overwrite or to go backwards (--force)
+    ├── AuditError               5  an audit (webroot check) found problems
+    └── RemoteDataError             data that may come from an attacker
+        ├── FormatError         10  a key, signature or metadata file is malformed
+        └── VerificationError   11  a signature does not verify, or carries the wrong version
+"""
+
+from __future__ import annotations
+
+
+class RampartError(Exception):
+    """Root of every error Rampart raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(RampartError):
+    """An argument or option value is invalid."""
+
+    exit_code = 2
+
+
+class LocalError(RampartError):
+    """The local system or the operator is wrong: missing file, permission, space, password."""
+
+    exit_code = 3
+
+
+class ConflictError(LocalError):
+    """Refused: the operation would overwrite data or move a channel backwards."""
+
+    exit_code = 4
+
+
+class AuditError(RampartError):
+    """An audit found problems; `problems` lists them, one line each."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class RemoteDataError(RampartError):
+    """Data that can come from an attacker (network, webroot, vendor files) is bad."""
+
+    exit_code = 10
+
+
+class FormatError(RemoteDataError):
+    """A key, signature or metadata file is malformed."""
+
+    exit_code = 10
+
+
+class VerificationError(RemoteDataError):
+    """A signature does not verify, or verifies but names the wrong version."""
+
+    exit_code = 11

@@ -1,0 +1,448 @@
+"""The static update webroot (wire protocol v1, docs/formats.md "Webroot").
+
+    webroot/
+      dist/<version>/<os>-core, <os>-core.sig, <os>-efiboot, <os>-efiboot.sig
+      update/v1/<os>/version                         default channel
+      channels/<channel>/update/v1/<os>/version      other channels
+
+Crash safety of `publish` rests on this order, each step durable before the next:
+1. each payload is copied to a hidden temporary file inside `dist/<version>/`
+   while being hashed, and signed from that one read; payload and signature are
+   fsynced, renamed to their final names, and the directory is fsynced;
+2. only then is the channel's version file written to a temporary file, fsynced,
+   renamed over the old one, and its directory fsynced.
+A crash leaves either the old version file (and perhaps a complete, unnamed
+release, or hidden temporaries that the next publish removes) or the new one
+naming a complete release. No version file ever names an incomplete release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rampart import signing
+from rampart.errors import (
+    AuditError,
+    ConflictError,
+    FormatError,
+    LocalError,
+    RampartError,
+    UsageError,
+)
+from rampart.version import Version, parse_version
+
+PAYLOADS = ("core", "efiboot")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_TMP_PREFIX = ".rampart-tmp-"
+VERSION_FILE_MAX = 4096
+
+
+def check_name(text: str, what: str) -> str:
+    """An OS or channel name: lowercase letters, digits, `.`, `_`, `-`; at most 64."""
+    if not _NAME.fullmatch(text):
+        raise UsageError(
+            f"{what} {text!r} is invalid: use 1-64 lowercase letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
+        )
+    return text
+
+
+def version_file(webroot: Path, os_name: str, channel: str | None = None) -> Path:
+    """Where the version file of `channel` (None: the default) for `os_name` lives."""
+    base = webroot if channel is None else webroot / "channels" / channel
+    return base / "update" / "v1" / os_name / "version"
+
+
+def release_dir(webroot: Path, version: Version) -> Path:
+    return webroot / "dist" / version.core
+
+
+def render_version_file(version: Version) -> bytes:
+    return f'version = "{version}"\n'.encode()
+
+
+def parse_version_file(data: bytes, source: str) -> Version:
+    """Parse a TOML version file (`version = "x.y.z"`; unknown keys ignored)."""
+    if len(data) > VERSION_FILE_MAX:
+        raise FormatError(f"{source}: version file larger than {VERSION_FILE_MAX} bytes")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise FormatError(f"{source}: not a TOML version file: {exc}") from None
+    value = doc.get("version")
+    if not isinstance(value, str):
+        raise FormatError(f"{source}: no string 'version' key")
+    try:
+        return parse_version(value, f"{source}: version")
+    except UsageError as exc:
+        raise FormatError(str(exc)) from None
+
+
+def read_version_file(path: Path) -> Version | None:
+    """The version a version file names, or None if there is no such file."""
+    try:
+        data = signing.read_file(path, "version file", VERSION_FILE_MAX)
+    except LocalError:
+        if not path.exists():
+            return None
+        raise
+    return parse_version_file(data, str(path))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry list changed."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir()
+        _fsync_dir(directory.parent)
+
+
+@contextmanager
+def _temporary(directory: Path, name: str) -> Iterator[Path]:
+    """A hidden temporary path in `directory`, removed if still there on exit."""
+    tmp = directory / f"{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` atomically: temporary file, fsync, rename, fsync dir."""
+    with _temporary(path.parent, path.name) as tmp:
+        with tmp.open("xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _copy_hashing(source: Path, target: Path) -> bytes:
+    """Copy `source` to new file `target`, fsynced; return its BLAKE2b-512 (one read)."""
+    blake = hashlib.blake2b()
+    buffer = bytearray(signing.CHUNK)
+    view = memoryview(buffer)
+    with source.open("rb") as src, target.open("xb") as dst:
+        while n := src.readinto(buffer):
+            chunk = view[:n]
+            blake.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    target.chmod(0o644)
+    return blake.digest()
+
+
+def _sha256(path: Path) -> bytes:
+    sha = hashlib.sha256()
+    buffer = bytearray(signing.CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb") as handle:
+        while n := handle.readinto(buffer):
+            sha.update(view[:n])
+    return sha.digest()
+
+
+def _clean_temporaries(directory: Path) -> None:
+    for leftover in directory.glob(f"{_TMP_PREFIX}*"):
+        leftover.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: Version
+    os_name: str
+    channel: str | None
+    release: Path
+    version_file: Path
+    reused: bool
+    previous: Version | None
+
+
+def publish(
+    webroot: Path,
+    os_name: str,
+    version: Version,
+    core: Path,
+    efiboot: Path,
+    secret_key: signing.SecretKey,
+    channel: str | None = None,
+    force: bool = False,
+) -> PublishResult:
+    """Publish a release into `webroot` and point `channel` at it (see module docstring).
+
+    Raises UsageError (bad name or version), LocalError (missing payload, unwritable
+    webroot), ConflictError (a different release with this version exists, or the
+    channel names a higher version and `force` is not set).
+    """
+    check_name(os_name, "OS name")
+    if channel is not None:
+        check_name(channel, "channel name")
+    if version.build:
+        raise UsageError(f"version {version}: build metadata is not allowed in a release version")
+    payloads = {"core": core, "efiboot": efiboot}
+    for kind, path in payloads.items():
+        if not path.is_file():
+            raise LocalError(f"{path}: {kind} payload not found or not a regular file")
+        if not os.access(path, os.R_OK):
+            raise LocalError(f"{path}: {kind} payload is not readable")
+    if webroot.exists() and not webroot.is_dir():
+        raise LocalError(f"{webroot}: webroot is not a directory")
+
+    target = version_file(webroot, os_name, channel)
+    previous = read_version_file(target)
+    if previous is not None and version < previous and not force:
+        raise ConflictError(
+            f"{target}: channel names {previous}, refusing to go back to {version} "
+            "(use --force to roll the channel back)"
+        )
+
+    release = release_dir(webroot, version)
+    try:
+        _makedirs(release)
+        _clean_temporaries(release)
+        reused = _write_release(release, os_name, payloads, secret_key, version)
+        _makedirs(target.parent)
+        _clean_temporaries(target.parent)
+        _write_durably(target, render_version_file(version))
+    except PermissionError as exc:
+        raise LocalError(f"{exc.filename or webroot}: permission denied") from None
+    except OSError as exc:
+        where = exc.filename or webroot
+        raise LocalError(f"{where}: cannot write the webroot: {exc.strerror}") from None
+    return PublishResult(version, os_name, channel, release, target, reused, previous)
+
+
+def _write_release(
+    release: Path,
+    os_name: str,
+    payloads: dict[str, Path],
+    secret_key: signing.SecretKey,
+    version: Version,
+) -> bool:
+    """Write and sign each payload not yet in `release`; return True if all were there.
+
+    A payload already published must be byte-identical and validly signed for
+    this version, else ConflictError: a release, once published, never changes.
+    A release left incomplete by a crash is completed.
+    """
+    comment = version.core.encode()
+    reused = True
+    for kind in PAYLOADS:
+        final = release / f"{os_name}-{kind}"
+        final_sig = final.with_name(final.name + ".sig")
+        if final.exists():
+            _check_same_payload(final, payloads[kind], secret_key, version)
+            continue
+        reused = False
+        with (
+            _temporary(release, final.name) as tmp_payload,
+            _temporary(release, final_sig.name) as tmp_sig,
+        ):
+            digest = _copy_hashing(payloads[kind], tmp_payload)
+            signature = secret_key.sign_message(digest, comment, prehashed=True)
+            with tmp_sig.open("xb") as handle:
+                handle.write(signature.to_bytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp_sig.chmod(0o644)
+            # The signature lands before its payload: a payload never sits
+            # under its final name without its signature beside it.
+            tmp_sig.replace(final_sig)
+            tmp_payload.replace(final)
+        _fsync_dir(release)
+    return reused
+
+
+def _check_same_payload(
+    published: Path, candidate: Path, secret_key: signing.SecretKey, version: Version
+) -> None:
+    if _sha256(published) != _sha256(candidate):
+        raise ConflictError(
+            f"{published}: release {version.core} already exists with different content; "
+            "publish under a new version"
+        )
+    sig_path = published.with_name(published.name + ".sig")
+    signature = signing.load_signature(sig_path)
+    signing.verify_file(published, signature, secret_key.public_key)
+    if signature.trusted_text(str(sig_path)) != version.core:
+        raise ConflictError(f"{sig_path}: signed for another version than {version.core}")
+
+
+# --- audit -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Channel:
+    name: str | None  # None: the default channel
+    os_name: str
+    version: Version
+
+
+def list_channels(webroot: Path, problems: list[str] | None = None) -> list[Channel]:
+    """Every version file of the webroot, parsed; unparsable ones go to `problems`."""
+    found: list[Channel] = []
+    roots: list[tuple[str | None, Path]] = [(None, webroot)]
+    channels_dir = webroot / "channels"
+    if channels_dir.is_dir():
+        roots += [(c.name, c) for c in sorted(channels_dir.iterdir()) if c.is_dir()]
+    for name, root in roots:
+        v1 = root / "update" / "v1"
+        if not v1.is_dir():
+            continue
+        for os_dir in sorted(v1.iterdir()):
+            path = os_dir / "version"
+            if not path.is_file():
+                continue
+            try:
+                found.append(
+                    Channel(name, os_dir.name, parse_version_file(path.read_bytes(), str(path)))
+                )
+            except RampartError as exc:
+                if problems is None:
+                    raise
+                problems.append(str(exc))
+    return found
+
+
+def audit(webroot: Path, public_key: signing.PublicKey) -> list[str]:
+    """Everything wrong with `webroot`, one line each; an empty list if it is sound."""
+    if not webroot.is_dir():
+        raise LocalError(f"{webroot}: webroot not found or not a directory")
+    problems: list[str] = []
+    expected_top = {"dist", "update", "channels"}
+    for entry in sorted(webroot.iterdir()):
+        if entry.name not in expected_top:
+            problems.append(f"{entry}: unexpected entry at the top of the webroot")
+    _audit_version_tree(webroot, problems)
+    channels_dir = webroot / "channels"
+    if channels_dir.exists():
+        for entry in sorted(channels_dir.iterdir()):
+            if not entry.is_dir() or not _NAME.fullmatch(entry.name):
+                problems.append(f"{entry}: not a valid channel directory")
+                continue
+            for sub in sorted(entry.iterdir()):
+                if sub.name != "update":
+                    problems.append(f"{sub}: unexpected entry in a channel directory")
+            _audit_version_tree(entry, problems)
+    releases = _audit_dist(webroot, public_key, problems)
+    for channel in list_channels(webroot, problems):
+        label = "default channel" if channel.name is None else f"channel {channel.name}"
+        path = version_file(webroot, channel.os_name, channel.name)
+        if channel.version.build:
+            problems.append(f"{path}: names {channel.version}, which carries build metadata")
+        if (channel.version.core, channel.os_name) not in releases:
+            problems.append(
+                f"{path}: {label} names {channel.version} for {channel.os_name}, "
+                "which is not published (or not completely)"
+            )
+    return problems
+
+
+def _audit_version_tree(root: Path, problems: list[str]) -> None:
+    update = root / "update"
+    if not update.exists():
+        return
+    for entry in sorted(update.iterdir()):
+        if entry.name != "v1" or not entry.is_dir():
+            problems.append(f"{entry}: unexpected entry (only update/v1/ is defined)")
+    v1 = update / "v1"
+    if not v1.is_dir():
+        return
+    for os_dir in sorted(v1.iterdir()):
+        if not os_dir.is_dir() or not _NAME.fullmatch(os_dir.name):
+            problems.append(f"{os_dir}: not a valid OS directory")
+            continue
+        for entry in sorted(os_dir.iterdir()):
+            if entry.name != "version":
+                problems.append(f"{entry}: unexpected file beside the version file")
+
+
+def _audit_dist(
+    webroot: Path, public_key: signing.PublicKey, problems: list[str]
+) -> set[tuple[str, str]]:
+    """Check every release; return the complete (version, os) pairs."""
+    complete: set[tuple[str, str]] = set()
+    dist = webroot / "dist"
+    if not dist.exists():
+        return complete
+    for release in sorted(dist.iterdir()):
+        if not release.is_dir():
+            problems.append(f"{release}: unexpected file in dist/")
+            continue
+        try:
+            version = parse_version(release.name, "release directory")
+        except UsageError:
+            problems.append(f"{release}: directory name is not a semantic version")
+            continue
+        if version.build:
+            problems.append(f"{release}: release directory carries build metadata")
+        oses: dict[str, set[str]] = {}
+        for entry in sorted(release.iterdir()):
+            match = re.fullmatch(r"(?P<os>.+)-(?P<kind>core|efiboot)(?P<sig>\.sig)?", entry.name)
+            if match is None or not entry.is_file() or not _NAME.fullmatch(match["os"]):
+                problems.append(f"{entry}: unexpected entry in a release directory")
+                continue
+            oses.setdefault(match["os"], set()).add(entry.name)
+        for os_name, present in sorted(oses.items()):
+            ok = True
+            for kind in PAYLOADS:
+                payload = release / f"{os_name}-{kind}"
+                for needed in (payload.name, payload.name + ".sig"):
+                    if needed not in present:
+                        problems.append(f"{release / needed}: missing")
+                        ok = False
+                if payload.name in present and payload.name + ".sig" in present:
+                    ok = _audit_payload(payload, version, public_key, problems) and ok
+            if ok:
+                complete.add((release.name, os_name))
+    return complete
+
+
+def _audit_payload(
+    payload: Path, version: Version, public_key: signing.PublicKey, problems: list[str]
+) -> bool:
+    sig_path = payload.with_name(payload.name + ".sig")
+    try:
+        signature = signing.load_signature(sig_path)
+        signing.verify_file(payload, signature, public_key)
+        comment = signature.trusted_text(str(sig_path))
+    except RampartError as exc:
+        problems.append(str(exc))
+        return False
+    if comment != version.core:
+        problems.append(
+            f"{sig_path}: trusted comment is {comment[:80]!r}, expected the release version "
+            f"{version.core!r}"
+        )
+        return False
+    return True
+
+
+def check(webroot: Path, public_key: signing.PublicKey) -> None:
+    """Raise AuditError listing every problem of `webroot`."""
+    problems = audit(webroot, public_key)
+    if problems:
+        raise AuditError(f"{webroot}: {len(problems)} problem(s) found", problems)
