@@ -39,7 +39,7 @@ def test_encrypted_secret_key_round_trip() -> None:
 def test_wrong_password_is_a_local_error_naming_the_file() -> None:
     key = signing.generate_secret_key()
     data = signing.secret_key_to_bytes(key, b"right", FAST_OPS, FAST_MEM)
-    with pytest.raises(LocalError, match="vendor.key: wrong password"):
+    with pytest.raises(LocalError, match=r"vendor\.key: wrong password"):
         signing.parse_secret_key(data, "vendor.key", lambda: b"wrong")
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from rampart.errors import UsageError
@@ -23,7 +25,7 @@ def test_semver_precedence_follows_the_spec() -> None:
     ]
     parsed = [parse_version(v) for v in ordered]
     assert parsed == sorted(parsed)
-    assert all(a < b for a, b in zip(parsed, parsed[1:], strict=False))
+    assert all(a < b for a, b in pairwise(parsed))
 
 
 def test_build_metadata_is_ignored_for_ordering_and_kept_for_display() -> None:
