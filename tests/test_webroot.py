@@ -1,0 +1,255 @@
+"""Publishing into the static webroot and auditing it."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from rampart import signing, webroot
+from rampart.errors import ConflictError, LocalError, UsageError
+from rampart.version import parse_version
+from tests.conftest import KeyPair, tree_snapshot
+
+Payloads = dict[str, tuple[Path, Path]]
+
+
+def publish(root: Path, keypair: KeyPair, payloads: Payloads, version: str, **kw: object) -> None:
+    core, efiboot = payloads[version]
+    webroot.publish(
+        root,
+        "clipos",
+        parse_version(version),
+        core,
+        efiboot,
+        keypair.key,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_publish_writes_the_exact_clipos_layout(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+        "dist/1.0.0/clipos-core",
+        "dist/1.0.0/clipos-core.sig",
+        "dist/1.0.0/clipos-efiboot",
+        "dist/1.0.0/clipos-efiboot.sig",
+        "update/v1/clipos/version",
+    ]
+    version_file = root / "update/v1/clipos/version"
+    assert tomllib.loads(version_file.read_text()) == {"version": "1.0.0"}
+    for kind, source in zip(("core", "efiboot"), payloads["1.0.0"], strict=True):
+        published = root / f"dist/1.0.0/clipos-{kind}"
+        assert published.read_bytes() == source.read_bytes()
+        sig = signing.load_signature(published.with_name(published.name + ".sig"))
+        assert sig.trusted_comment == b"1.0.0"
+        assert sig.prehashed
+        signing.verify_file(published, sig, keypair.key.public_key)
+    assert webroot.audit(root, keypair.key.public_key) == []
+
+
+def test_named_channel_has_its_own_version_file(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    publish(root, keypair, payloads, "1.0.1", channel="beta")
+    assert webroot.read_version_file(root / "update/v1/clipos/version") == parse_version("1.0.0")
+    beta = root / "channels/beta/update/v1/clipos/version"
+    assert webroot.read_version_file(beta) == parse_version("1.0.1")
+    channels = {(c.name, str(c.version)) for c in webroot.list_channels(root)}
+    assert channels == {(None, "1.0.0"), ("beta", "1.0.1")}
+    assert webroot.audit(root, keypair.key.public_key) == []
+
+
+def test_channel_never_moves_backwards_without_force(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    publish(root, keypair, payloads, "1.0.1")
+    before = tree_snapshot(root)
+    with pytest.raises(ConflictError, match=r"refusing to go back to 1\.0\.0"):
+        publish(root, keypair, payloads, "1.0.0")
+    assert tree_snapshot(root) == before
+    publish(root, keypair, payloads, "1.0.0", force=True)
+    assert webroot.read_version_file(root / "update/v1/clipos/version") == parse_version("1.0.0")
+
+
+def test_republishing_the_same_release_is_idempotent(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    before = tree_snapshot(root)
+    publish(root, keypair, payloads, "1.0.0")
+    assert tree_snapshot(root) == before
+
+
+def test_existing_release_with_other_content_is_never_overwritten(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    before = tree_snapshot(root)
+    core, _ = payloads["1.0.1"]
+    with pytest.raises(ConflictError, match="already exists with different content"):
+        webroot.publish(
+            root, "clipos", parse_version("1.0.0"), core, payloads["1.0.0"][1], keypair.key
+        )
+    assert tree_snapshot(root) == before
+
+
+def test_release_left_incomplete_by_a_crash_is_completed(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    # Simulate a crash after the core landed but before the efiboot did, with
+    # a temporary file left behind, and no version file written yet.
+    release = root / "dist/1.0.0"
+    (release / "clipos-efiboot").unlink()
+    (release / "clipos-efiboot.sig").unlink()
+    (release / ".rampart-tmp-clipos-efiboot-dead").write_bytes(b"partial")
+    (root / "update/v1/clipos/version").unlink()
+    assert webroot.audit(root, keypair.key.public_key)  # the audit sees it
+    publish(root, keypair, payloads, "1.0.0")
+    assert webroot.audit(root, keypair.key.public_key) == []
+
+
+def test_version_file_only_names_complete_releases(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while writing the release leaves the channel on the old version."""
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    real = webroot._copy_hashing
+    calls = []
+
+    def failing(source: Path, target: Path) -> bytes:
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(target))
+        return real(source, target)
+
+    monkeypatch.setattr(webroot, "_copy_hashing", failing)
+    with pytest.raises(LocalError, match="No space left on device"):
+        publish(root, keypair, payloads, "1.0.1")
+    assert webroot.read_version_file(root / "update/v1/clipos/version") == parse_version("1.0.0")
+    assert not list((root / "dist/1.0.1").glob(".rampart-tmp-*"))
+
+
+def test_large_payload_is_streamed_not_loaded(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No read of a payload asks for more than one chunk."""
+    big = tmp_path / "big-core"
+    with big.open("wb") as handle:
+        handle.truncate(64 * signing.CHUNK + 123)  # sparse, 64 MiB
+    sizes: list[int] = []
+    real_open = Path.open
+
+    class Spy:
+        def __init__(self, handle: object) -> None:
+            self._h = handle
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._h, name)
+
+        def __enter__(self) -> Spy:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._h.__exit__(*exc)  # type: ignore[attr-defined]
+
+        def read(self, n: int = -1) -> bytes:
+            sizes.append(n)
+            return self._h.read(n)  # type: ignore[attr-defined,no-any-return]
+
+        def readinto(self, buffer: bytearray) -> int:
+            sizes.append(len(buffer))
+            return self._h.readinto(buffer)  # type: ignore[attr-defined,no-any-return]
+
+    def spy_open(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        handle = real_open(self, mode, *args, **kwargs)  # type: ignore[call-overload]
+        return Spy(handle) if self == big else handle
+
+    monkeypatch.setattr(Path, "open", spy_open)
+    webroot.publish(
+        tmp_path / "webroot",
+        "clipos",
+        parse_version("1.0.0"),
+        big,
+        payloads["1.0.0"][1],
+        keypair.key,
+    )
+    assert sizes and max(sizes) <= signing.CHUNK and -1 not in sizes
+
+
+@pytest.mark.parametrize("name", ["CLIPOS", "-x", "a/b", "..", "", "a" * 65, "é"])
+def test_invalid_os_names_are_refused(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads, name: str
+) -> None:
+    core, efiboot = payloads["1.0.0"]
+    with pytest.raises(UsageError):
+        webroot.publish(tmp_path / "w", name, parse_version("1.0.0"), core, efiboot, keypair.key)
+    assert not (tmp_path / "w").exists()
+
+
+def test_unwritable_webroot_is_a_local_error(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    root.write_text("not a directory")
+    core, efiboot = payloads["1.0.0"]
+    with pytest.raises(LocalError, match="not a directory"):
+        webroot.publish(root, "clipos", parse_version("1.0.0"), core, efiboot, keypair.key)
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(LocalError):
+            webroot.publish(ro, "clipos", parse_version("1.0.0"), core, efiboot, keypair.key)
+
+
+def test_audit_lists_every_problem(
+    tmp_path: Path, keypair: KeyPair, other_keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    publish(root, keypair, payloads, "1.0.1")
+    publish(root, keypair, payloads, "1.0.2", channel="beta")
+    # 1: a payload changed after signing
+    with (root / "dist/1.0.0/clipos-core").open("ab") as handle:
+        handle.write(b"!")
+    # 2: a signature missing
+    (root / "dist/1.0.1/clipos-efiboot.sig").unlink()
+    # 3: a channel naming an unpublished version
+    (root / "channels/beta/update/v1/clipos/version").write_text('version = "9.9.9"\n')
+    # 4: stray files
+    (root / "index.html").write_text("hi")
+    (root / "dist/1.0.2/notes.txt").write_text("hi")
+    # 5: a release signed for another version
+    (root / "dist/2.0.0").mkdir()
+    for name in ("clipos-core", "clipos-efiboot"):
+        src = root / "dist/1.0.2" / name
+        (root / "dist/2.0.0" / name).write_bytes(src.read_bytes())
+        (root / "dist/2.0.0" / (name + ".sig")).write_bytes(
+            (root / "dist/1.0.2" / (name + ".sig")).read_bytes()
+        )
+    problems = webroot.audit(root, keypair.key.public_key)
+    text = "\n".join(problems)
+    assert "dist/1.0.0/clipos-core: signature does not match the file" in text
+    assert "dist/1.0.1/clipos-efiboot.sig: missing" in text
+    assert "names 9.9.9 for clipos, which is not published" in text
+    assert "index.html: unexpected entry" in text
+    assert "notes.txt: unexpected entry" in text
+    assert "dist/2.0.0/clipos-core.sig: trusted comment is '1.0.2'" in text
+    assert "default channel names 1.0.1 for clipos, which is not published" in text
+    # every signature fails with another key
+    other = webroot.audit(root, other_keypair.key.public_key)
+    assert sum("signed by key" in p for p in other) >= 6
