@@ -2,19 +2,22 @@
 # every test, ruff and mypy. `make setup` (a dependency of both) installs what a
 # fresh Debian 12 machine lacks; it is idempotent and cheap when nothing is missing.
 
-PYTHON ?= python3
+# Debian's interpreter: the unprivileged fetch process must be able to run it
+# (an interpreter under /root is not readable by the fetch user).
+PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests use (real tools, not mocks).
-DEB_PACKAGES := minisign
+DEB_PACKAGES := minisign python3-venv nginx openssl util-linux
 
 .PHONY: setup demo test lint typecheck unit bench clean distclean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup-debian.sh
+$(STAMP): pyproject.toml scripts/setup-debian.sh scripts/setup-users.sh
 	sh scripts/setup-debian.sh $(DEB_PACKAGES)
+	sh scripts/setup-users.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

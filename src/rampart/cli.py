@@ -219,7 +219,130 @@ def cmd_webroot_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_parts(args: argparse.Namespace) -> tuple[Any, Any]:
+    from rampart.client import config as device_config
+
+    config = device_config.load_device_config(args.config)
+    identity = device_config.load_identity(args.os_release, args.machine_id)
+    return config, identity
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from rampart.client import config as device_config
+    from rampart.client import update
+
+    config, identity = _device_parts(args)
+    remote = device_config.load_remote_config(args.remote)
+    device = update.open_device(config, remote, identity, args.tmp, args.run_dir)
+    fetcher = update.make_fetcher(device)
+    try:
+        result = update.update(device, fetcher)
+    except RampartError as exc:
+        update.send_report(device, fetcher, None, "failure", str(exc))
+        raise
+    if result.outcome == update.Outcome.UPDATED:
+        update.send_report(device, fetcher, result.latest, "success")
+    if args.json:
+        _emit_json(result.to_json())
+    elif result.outcome == update.Outcome.UPDATED:
+        print(
+            f"updated {result.running.core} -> {result.latest}: {result.slot} and "
+            f"{result.entry} installed; reboot to use it"
+        )
+    elif result.outcome == update.Outcome.PENDING:
+        print("an update is already installed; reboot to use it")
+    else:
+        print(f"up to date ({result.running.core})")
+    if result.outcome == update.Outcome.UPDATED:
+        if config.reboot and not args.no_reboot:
+            update.reboot()
+        return update.EXIT_UPDATED
+    if result.outcome == update.Outcome.PENDING:
+        return update.EXIT_PENDING
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rampart.client import status
+
+    config, identity = _device_parts(args)
+    report = status.collect(config, identity, args.run_dir)
+    if args.json:
+        _emit_json(report)
+    else:
+        print(status.render(report))
+    return 0
+
+
+def cmd_mark_good(args: argparse.Namespace) -> int:
+    from rampart.client.esp import Esp
+
+    config, identity = _device_parts(args)
+    blessed = Esp(config.esp_directory, config.os_name).bless(identity.version)
+    if args.json:
+        _emit_json(
+            {"version": identity.version.core, "entry": None if blessed is None else blessed.name}
+        )
+    elif blessed is None:
+        print(f"{identity.version.core}: boot entry has no counter; nothing to do")
+    else:
+        print(f"{identity.version.core}: marked good ({blessed.name})")
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------
+
+
+def _add_device_options(parser: argparse.ArgumentParser, remote: bool) -> None:
+    from rampart.client import config as c
+
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=c.DEFAULT_CONFIG_DIR,
+        metavar="DIR",
+        help=f"system config dir: config.toml, pubkey (default {c.DEFAULT_CONFIG_DIR})",
+    )
+    if remote:
+        parser.add_argument(
+            "-r",
+            "--remote",
+            type=Path,
+            default=c.DEFAULT_REMOTE_DIR,
+            metavar="DIR",
+            help=f"remote config dir: remote.toml, rootca.pem (default {c.DEFAULT_REMOTE_DIR})",
+        )
+        parser.add_argument(
+            "-t",
+            "--tmp",
+            type=Path,
+            default=c.DEFAULT_DOWNLOAD_DIR,
+            metavar="DIR",
+            help=f"download directory (default {c.DEFAULT_DOWNLOAD_DIR})",
+        )
+    parser.add_argument(
+        "--os-release",
+        type=Path,
+        default=c.DEFAULT_OS_RELEASE,
+        metavar="FILE",
+        help=f"where VERSION_ID is read (default {c.DEFAULT_OS_RELEASE})",
+    )
+    parser.add_argument(
+        "--machine-id",
+        type=Path,
+        default=c.DEFAULT_MACHINE_ID,
+        metavar="FILE",
+        help=f"the machine identity (default {c.DEFAULT_MACHINE_ID})",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=c.DEFAULT_RUN_DIR,
+        metavar="DIR",
+        help=f"runtime state, update-ready marker (default {c.DEFAULT_RUN_DIR})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
 
 
 def _add_password_env(parser: argparse.ArgumentParser) -> None:
@@ -340,14 +463,50 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--public-key", type=Path, required=True, metavar="FILE")
     c.add_argument("--json", action="store_true", help="print a JSON object on stdout")
     c.set_defaults(func=cmd_webroot_check)
+
+    p = verb(
+        "update",
+        "check for, download and install an update (device side, as root)",
+        "Run the update transaction once: ask the server for the latest version, download "
+        "and verify the EFI binary and Core (in an unprivileged process), remove stale boot "
+        "entries, write Core into the unused slot, install the boot entry last, and mark "
+        "the update ready. Safe to interrupt at any point; a rerun completes the job. "
+        "Exit codes: 0 up to date, 20 updated (reboot to use it), 21 an update already "
+        "waits for a reboot, otherwise an error code below.",
+    )
+    _add_device_options(p, remote=True)
+    p.add_argument(
+        "--no-reboot", action="store_true", help="do not reboot even if config.toml asks for it"
+    )
+    p.set_defaults(func=cmd_update)
+
+    p = verb(
+        "status",
+        "show the running version, slots, boot entries and pending update",
+        "Show the running version, the Core slots, the boot entries on the ESP (with boot "
+        "counters) and whether an update waits for a reboot.",
+    )
+    _add_device_options(p, remote=False)
+    p.set_defaults(func=cmd_status)
+
+    p = verb(
+        "mark-good",
+        "remove the boot counter of the running version's entry",
+        "Mark the running version good: remove the +tries counter from its boot entry, as "
+        "systemd-bless-boot does. Run by the health check once the system is up.",
+    )
+    _add_device_options(p, remote=False)
+    p.set_defaults(func=cmd_mark_good)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The update verb logs its steps (plain lines for the journal) by default.
+    verbose = getattr(args, "verbose", False) or args.verb == "update"
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
+        level=logging.DEBUG if args.debug else logging.INFO if verbose else logging.WARNING,
         format="rampart: %(message)s",
         stream=sys.stderr,
     )

@@ -9,6 +9,7 @@ docs/exit-codes.md). Messages are one line: what, where, why.
     │   │                           full disk, wrong password
     │   └── ConflictError        4  refused to overwrite or to go backwards (--force)
     ├── AuditError               5  an audit (webroot check) found problems
+    ├── TransportError          12  the network failed: connection, TLS, timeout, HTTP status
     └── RemoteDataError             data that may come from an attacker
         ├── FormatError         10  a key, signature or metadata file is malformed
         └── VerificationError   11  a signature does not verify, or carries the wrong version
@@ -49,6 +50,12 @@ class AuditError(RampartError):
     def __init__(self, message: str, problems: list[str]) -> None:
         super().__init__(message)
         self.problems = problems
+
+
+class TransportError(RampartError):
+    """The network failed: refused connection, TLS or certificate error, timeout, HTTP error."""
+
+    exit_code = 12
 
 
 class RemoteDataError(RampartError):

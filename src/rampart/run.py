@@ -38,8 +38,13 @@ def run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     timeout: float | None = None,
+    inherit_stderr: bool = False,
 ) -> Completed:
-    """Run `argv`; raise LocalError if it cannot start, times out, or fails while `check`."""
+    """Run `argv`; raise LocalError if it cannot start, times out, or fails while `check`.
+
+    With `inherit_stderr`, the command writes to our stderr (progress bars) and
+    `Completed.stderr` is empty.
+    """
     full_env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV}
     full_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     if env:
@@ -50,7 +55,8 @@ def run(
             list(argv),
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=None if inherit_stderr else subprocess.PIPE,
             env=full_env,
             timeout=timeout,
             check=False,
@@ -59,9 +65,9 @@ def run(
         raise LocalError(f"{argv[0]}: command not found (run `make setup`)") from exc
     except subprocess.TimeoutExpired as exc:
         raise LocalError(f"{argv[0]}: timed out after {timeout} s") from exc
-    done = Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+    done = Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr or b"")
     if check and proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
         last = lines[-1] if lines else "no error output"
         raise LocalError(f"{argv[0]} failed with exit code {proc.returncode}: {last}")
     return done

@@ -1,0 +1,1 @@
+"""The device side: configuration, transport, slots, boot entries, the update transaction."""

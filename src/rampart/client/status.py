@@ -1,0 +1,96 @@
+"""`rampart status`: running version, slots, boot entries, pending update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rampart.client.config import Backend, DeviceConfig, Identity
+from rampart.client.esp import Esp
+from rampart.client.slots import FileBackend, LvmBackend, SlotBackend, busy_reason
+from rampart.client.update import READY_FILE
+from rampart.errors import RampartError
+
+
+def collect(config: DeviceConfig, identity: Identity, run_dir: Path) -> dict[str, Any]:
+    """The status as a JSON-ready dict."""
+    running = identity.version
+    report: dict[str, Any] = {
+        "os": config.os_name,
+        "running": running.core,
+        "machine_id": identity.machine_id,
+        "backend": str(config.backend),
+        "volume_group": config.core_destination,
+    }
+    try:
+        backend: SlotBackend
+        if config.backend == Backend.FILE:
+            backend = FileBackend(Path(config.core_destination), config.file_capacity)
+        else:
+            backend = LvmBackend(config.core_destination)
+        report["free"] = backend.free_space()
+        report["slots"] = [
+            {
+                "name": slot.name,
+                "size": slot.size,
+                "version": None if slot.version is None else slot.version.core,
+                "running": slot.version == running,
+                "busy": busy_reason(slot, running),
+            }
+            for slot in backend.slots()
+        ]
+    except RampartError as exc:
+        report["slots_error"] = str(exc)
+    esp = Esp(config.esp_directory, config.os_name)
+    try:
+        default = esp.default()
+        report["entries"] = [
+            {
+                "name": entry.path.name,
+                "version": entry.version.core,
+                "tries_left": entry.tries_left,
+                "tries_done": entry.tries_done,
+                "default": default is not None and entry.path == default.path,
+                "running": entry.version == running,
+            }
+            for entry in esp.entries()
+        ]
+    except RampartError as exc:
+        report["entries_error"] = str(exc)
+    ready = run_dir / READY_FILE
+    report["update_ready"] = ready.read_text().strip() if ready.is_file() else None
+    return report
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"{report['os']} {report['running']} (machine {report['machine_id']})"]
+    if "slots" in report:
+        lines.append(
+            f"slots ({report['backend']} backend, {report['volume_group']}, "
+            f"{_mib(report['free'])} free):"
+        )
+        for slot in report["slots"]:
+            state = "running" if slot["running"] else (slot["busy"] or "unused")
+            lines.append(f"  {slot['name']:<32} {_mib(slot['size']):>12}  {state}")
+    else:
+        lines.append(f"slots: {report['slots_error']}")
+    if "entries" in report:
+        lines.append("boot entries:")
+        for entry in report["entries"]:
+            notes = []
+            if entry["tries_left"] is not None:
+                notes.append(f"{entry['tries_left']} tries left")
+            if entry["default"]:
+                notes.append("default")
+            if entry["running"]:
+                notes.append("running")
+            lines.append(f"  {entry['name']:<40} {', '.join(notes)}")
+    else:
+        lines.append(f"boot entries: {report['entries_error']}")
+    ready = report["update_ready"]
+    lines.append(f"update ready: {ready} (reboot to use it)" if ready else "update ready: no")
+    return "\n".join(lines)

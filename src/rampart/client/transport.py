@@ -1,0 +1,276 @@
+"""HTTPS for the update client: pinned root CA, TLS 1.2+, caps and timeouts.
+
+Every request passes through `Transport.request`, which enforces in one place:
+- HTTPS only, TLS 1.2 minimum, only the pinned `rootca.pem` trusted (the
+  system store is never loaded), host names checked;
+- redirects only to https:// URLs, at most MAX_REDIRECTS;
+- a connect timeout, a read timeout, and a minimum average speed over a
+  window (a server that trickles bytes fails instead of holding the client);
+- a hard cap on every body, checked against Content-Length before reading and
+  against the bytes actually received while reading;
+- the CLIP OS identification headers on every request.
+Every failure becomes TransportError (network) or RemoteDataError (the server
+sent something that breaks a limit). This module imports nothing that parses
+signatures: it runs in the unprivileged fetch process.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from rampart import __version__
+from rampart.errors import LocalError, RemoteDataError, TransportError
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+CHUNK = 1 << 20
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0
+    min_speed: int = 1024  # bytes per second, averaged over stall_window
+    stall_window: float = 60.0
+
+
+def tls_context(root_ca: Path) -> ssl.SSLContext:
+    """A client context trusting only `root_ca`, TLS 1.2 or 1.3, host names checked."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_verify_locations(cafile=str(root_ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"{root_ca}: cannot load the pinned root CA: {exc}") from None
+    return context
+
+
+class Transport:
+    """An HTTPS client bound to one pinned CA and one machine identity."""
+
+    def __init__(self, root_ca: Path, headers: dict[str, str], limits: Limits) -> None:
+        self.context = tls_context(root_ca)
+        self.headers = {"User-Agent": f"rampart/{__version__}", **headers}
+        self.limits = limits
+
+    @contextmanager
+    def request(
+        self,
+        url: str,
+        headers: dict[str, str] | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """Open `url`, following https-only redirects; yield the final response."""
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.hostname:
+                raise TransportError(f"{url}: refusing a non-HTTPS URL")
+            conn = http.client.HTTPSConnection(
+                parts.hostname,
+                parts.port or 443,
+                context=self.context,
+                timeout=self.limits.connect_timeout,
+            )
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            try:
+                conn.connect()
+                if conn.sock is not None:
+                    conn.sock.settimeout(self.limits.read_timeout)
+                conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
+                response = conn.getresponse()
+            except ssl.SSLCertVerificationError as exc:
+                conn.close()
+                raise TransportError(
+                    f"{url}: server certificate refused: {exc.verify_message}"
+                ) from None
+            except ssl.SSLError as exc:
+                conn.close()
+                raise TransportError(f"{url}: TLS handshake failed: {exc.reason or exc}") from None
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                raise TransportError(f"{url}: {_describe(exc)}") from None
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location") or ""
+                conn.close()
+                target = urljoin(url, location)
+                if urlsplit(target).scheme != "https":
+                    raise TransportError(f"{url}: refusing a redirect to {target[:200]!r}")
+                log.debug("redirected to %s", target)
+                url = target
+                continue
+            try:
+                yield response
+            finally:
+                conn.close()
+            return
+        raise TransportError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    def _read_body(
+        self,
+        url: str,
+        response: http.client.HTTPResponse,
+        sink: Callable[[bytes], None],
+        cap: int,
+        already: int = 0,
+        progress: Progress | None = None,
+        expected: int | None = None,
+    ) -> int:
+        """Stream the body into `sink`; enforce `cap`, announced length and minimum speed."""
+        received = 0
+        window_start = time.monotonic()
+        window_bytes = 0
+        while True:
+            try:
+                chunk = response.read1(CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransportError(f"{url}: {_describe(exc)}") from None
+            if not chunk:
+                break
+            received += len(chunk)
+            if already + received > cap:
+                raise RemoteDataError(f"{url}: body exceeds the cap of {cap} bytes")
+            if expected is not None and already + received > expected:
+                raise RemoteDataError(f"{url}: body longer than the announced {expected} bytes")
+            sink(chunk)
+            if progress is not None:
+                progress(already + received, expected)
+            window_bytes += len(chunk)
+            elapsed = time.monotonic() - window_start
+            if elapsed >= self.limits.stall_window:
+                if window_bytes / elapsed < self.limits.min_speed:
+                    raise TransportError(
+                        f"{url}: too slow ({window_bytes / elapsed:.0f} B/s over "
+                        f"{elapsed:.0f} s, minimum {self.limits.min_speed} B/s)"
+                    )
+                window_start, window_bytes = time.monotonic(), 0
+        if expected is not None and already + received < expected:
+            raise TransportError(
+                f"{url}: connection closed after {already + received} of {expected} bytes"
+            )
+        return received
+
+    def get_small(self, url: str, cap: int) -> bytes:
+        """GET a small document (a version file) in memory, at most `cap` bytes."""
+        with self.request(url) as response:
+            _check_status(url, response, (200,))
+            length = _content_length(url, response)
+            if length is not None and length > cap:
+                raise RemoteDataError(f"{url}: announced {length} bytes, the cap is {cap}")
+            parts: list[bytes] = []
+            self._read_body(url, response, parts.append, cap, expected=length)
+            return b"".join(parts)
+
+    def post(self, url: str, body: bytes, content_type: str) -> int:
+        """POST `body`; return the status (the response body is read up to 64 KiB, dropped)."""
+        with self.request(url, {"Content-Type": content_type}, "POST", body) as response:
+            self._read_body(url, response, lambda _: None, 1 << 16)
+            return response.status
+
+    def download(self, url: str, dest: Path, cap: int, progress: Progress | None = None) -> int:
+        """Download `url` into `dest`, resuming a partial file with a range request.
+
+        Returns the final size. The file is fsynced.
+        """
+        have = dest.stat().st_size if dest.exists() else 0
+        if have > cap:
+            dest.unlink()
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with self.request(url, headers) as response:
+            if response.status == 416 and have:
+                log.info("%s: cached partial file does not fit the server's, restarting", url)
+                response.read(0)
+                dest.unlink()
+                return self.download(url, dest, cap, progress)
+            _check_status(url, response, (200, 206))
+            length = _content_length(url, response)
+            if response.status == 206:
+                start, total = _content_range(url, response)
+                if start != have:
+                    raise RemoteDataError(f"{url}: server resumed at {start}, asked for {have}")
+                expected = total
+            else:
+                have = 0
+                expected = length
+            if expected is not None and expected > cap:
+                raise RemoteDataError(f"{url}: announced {expected} bytes, the cap is {cap}")
+            if have:
+                log.info("%s: resuming at byte %d", url, have)
+            if expected is not None:
+                disk = os.statvfs(dest.parent)
+                free = disk.f_bavail * disk.f_frsize
+                if expected - have > free:
+                    raise LocalError(
+                        f"{dest.parent}: not enough space to download {url.rsplit('/', 1)[-1]} "
+                        f"({expected - have} bytes needed, {free} free)"
+                    )
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(dest, flags, 0o600)
+            try:
+                if not have:
+                    os.ftruncate(fd, 0)
+                os.lseek(fd, have, os.SEEK_SET)
+
+                def write(chunk: bytes) -> None:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+
+                received = self._read_body(url, response, write, cap, have, progress, expected)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return have + received
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout | TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__ + (f": {exc}" if str(exc) else "")
+
+
+def _check_status(url: str, response: http.client.HTTPResponse, ok: tuple[int, ...]) -> None:
+    if response.status not in ok:
+        raise TransportError(f"{url}: HTTP {response.status} {response.reason[:80]}")
+
+
+def _content_length(url: str, response: http.client.HTTPResponse) -> int | None:
+    value = response.getheader("Content-Length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise RemoteDataError(f"{url}: invalid Content-Length {value[:40]!r}")
+    return int(value)
+
+
+def _content_range(url: str, response: http.client.HTTPResponse) -> tuple[int, int | None]:
+    value = response.getheader("Content-Range") or ""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", value.strip())
+    if match is None:
+        raise RemoteDataError(f"{url}: invalid Content-Range {value[:60]!r}")
+    total = None if match[3] == "*" else int(match[3])
+    return int(match[1]), total

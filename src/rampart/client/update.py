@@ -1,0 +1,400 @@
+"""The update transaction (DESIGN.md, "The update transaction").
+
+The order is what makes it safe, atomic and resumable; each step is durable
+(fsync of data and directory) before the next starts:
+
+1. check     ask for the latest version; stop unless it is newer than the running one
+2. preflight the target slot is not running, open, mounted or mapped; space for it
+3. download  EFI binary and Core with signatures (unprivileged; resumed; reused if
+             already verified); both verified, with the version, before the disk is touched
+4. entries   remove every EFI binary but the running one: the slot about to be
+             overwritten is unbootable before it is touched
+5. slot      rename the unused LV to core_<new> (or create it); write Core, fsync,
+             read it back and check it against the signed digest
+6. entry     install the UKI as <name>.new, fsync, rename, fsync the directory:
+             only now is the new version bootable
+7. ready     /run/rampart/update-ready; report to the server; reboot if configured
+
+A crash at any point leaves the running version's entry and LV untouched, and
+every entry on the ESP names a complete, verified LV; a rerun redoes the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from rampart import run, signing
+from rampart.client import esp as esp_mod
+from rampart.client.config import Backend, DeviceConfig, Identity, RemoteConfig
+from rampart.client.fetch import Fetcher, Job
+from rampart.client.slots import (
+    FileBackend,
+    LvmBackend,
+    Slot,
+    SlotBackend,
+    busy_reason,
+    slot_name,
+)
+from rampart.client.transport import Limits
+from rampart.errors import (
+    ConflictError,
+    FormatError,
+    LocalError,
+    RampartError,
+    UsageError,
+    VerificationError,
+)
+from rampart.version import Version, parse_version
+
+log = logging.getLogger(__name__)
+
+SIG_CAP = 1 << 16
+READY_FILE = "update-ready"
+Checkpoint = Callable[[str], None]
+
+
+class Outcome(StrEnum):
+    UP_TO_DATE = "up-to-date"
+    UPDATED = "updated"
+    PENDING = "pending-reboot"
+
+
+# Exit codes of `rampart update` besides the error tree's (docs/exit-codes.md).
+EXIT_UPDATED = 20
+EXIT_PENDING = 21
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    outcome: Outcome
+    running: Version
+    latest: Version | None = None
+    slot: str | None = None
+    entry: str | None = None
+    removed_entries: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "outcome": str(self.outcome),
+            "running": self.running.core,
+            "latest": None if self.latest is None else self.latest.core,
+            "slot": self.slot,
+            "entry": self.entry,
+            "removed_entries": self.removed_entries,
+        }
+
+
+@dataclass
+class Device:
+    """One device: its configuration, identity, slots, ESP and working directories."""
+
+    config: DeviceConfig
+    remote: RemoteConfig
+    identity: Identity
+    slots: SlotBackend
+    esp: esp_mod.Esp
+    download_dir: Path
+    run_dir: Path
+
+    @property
+    def ready_file(self) -> Path:
+        return self.run_dir / READY_FILE
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "clipos-machineid": self.identity.machine_id,
+            "clipos-version": self.identity.version.core,
+        }
+
+
+def open_device(
+    config: DeviceConfig,
+    remote: RemoteConfig,
+    identity: Identity,
+    download_dir: Path,
+    run_dir: Path,
+) -> Device:
+    """Bind a configuration to its slot backend and ESP."""
+    slots: SlotBackend
+    if config.backend == Backend.FILE:
+        slots = FileBackend(Path(config.core_destination), config.file_capacity)
+    else:
+        slots = LvmBackend(config.core_destination)
+    return Device(
+        config,
+        remote,
+        identity,
+        slots,
+        esp_mod.Esp(config.esp_directory, config.os_name),
+        download_dir,
+        run_dir,
+    )
+
+
+def make_fetcher(device: Device) -> Fetcher:
+    """The fetcher for `device`: sandboxed as the fetch user when running as root."""
+    config = device.config
+    user = config.fetch_user if os.geteuid() == 0 else None
+    limits = Limits(
+        config.connect_timeout, config.read_timeout, config.min_speed, config.stall_window
+    )
+    return Fetcher(device.remote.root_ca, device.headers(), limits, user, device.download_dir)
+
+
+def _no_checkpoint(_: str) -> None:
+    return None
+
+
+def payload_path(device: Device, version: Version, kind: str) -> Path:
+    return device.download_dir / f"{device.config.os_name}-{version.core}-{kind}"
+
+
+def _verified(device: Device, payload: Path, version: Version) -> bool:
+    """True if `payload` and its signature are there and verify for `version`."""
+    sig = payload.with_name(payload.name + ".sig")
+    if not payload.is_file() or not sig.is_file():
+        return False
+    try:
+        check_payload(device, payload, version)
+    except RampartError as exc:
+        log.debug("cached %s not usable: %s", payload.name, exc)
+        return False
+    return True
+
+
+def check_payload(device: Device, payload: Path, version: Version) -> signing.Signature:
+    """Verify `payload` with its `.sig` and the pinned key; its version must be `version`."""
+    sig_path = payload.with_name(payload.name + ".sig")
+    signature = signing.load_signature(sig_path)
+    signing.verify_file(payload, signature, device.config.public_key)
+    comment = signature.trusted_text(str(sig_path))
+    if comment != version.core:
+        raise VerificationError(
+            f"{payload.name}: signed for version {comment[:80]!r}, expected {version.core!r}"
+        )
+    return signature
+
+
+def check_latest(device: Device, fetcher: Fetcher) -> Version:
+    url = f"{device.remote.update_url}/{device.config.os_name}/version"
+    text = fetcher.run([Job("version", url, 4096)])[0]
+    if not isinstance(text, str):
+        raise FormatError(f"{url}: unreadable version")
+    try:
+        return parse_version(text, f"{url}: version")
+    except UsageError as exc:
+        raise FormatError(str(exc)) from None
+
+
+def pick_slot(device: Device, target: Version) -> Slot | None:
+    """The LV to overwrite: an existing core_* LV that is not in use, or None to create one.
+
+    Prefers the LV already named for the target (a resumed update), then the
+    lowest other version; never the running one.
+    """
+    running = device.identity.version
+    candidates = []
+    for slot in device.slots.slots():
+        if slot.version is None:
+            log.warning("ignoring LV %s: not core_<version>", slot.name)
+            continue
+        reason = busy_reason(slot, running)
+        if reason is not None:
+            if slot.version != running:
+                log.warning("not using %s: %s", slot.name, reason)
+            continue
+        candidates.append(slot)
+    if not candidates:
+        return None
+    candidates.sort(key=lambda s: (s.version != target, s.version))
+    return candidates[0]
+
+
+def _clean_downloads(device: Device, keep: Version) -> None:
+    prefix = f"{device.config.os_name}-{keep.core}-"
+    if not device.download_dir.is_dir():
+        return
+    for entry in device.download_dir.iterdir():
+        if not entry.name.startswith(prefix):
+            log.debug("removing stale download %s", entry.name)
+            entry.unlink(missing_ok=True)
+
+
+def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path]:
+    """Fetch (or reuse) and verify both payloads of `version`; return (efiboot, core)."""
+    device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _clean_downloads(device, version)
+    base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
+    caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
+    jobs = []
+    for kind in ("efiboot", "core"):
+        payload = payload_path(device, version, kind)
+        if _verified(device, payload, version):
+            log.info("reusing the verified download of %s", payload.name)
+            continue
+        sig = payload.with_name(payload.name + ".sig")
+        sig.unlink(missing_ok=True)
+        jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
+        jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
+    if jobs:
+        log.info("downloading %s", ", ".join(j.url.rsplit("/", 1)[-1] for j in jobs))
+        fetcher.run(jobs)
+    efiboot = payload_path(device, version, "efiboot")
+    core = payload_path(device, version, "core")
+    for payload in (efiboot, core):
+        try:
+            check_payload(device, payload, version)
+        except RampartError:
+            # A bad payload is not kept for resuming: the next run fetches afresh.
+            payload.unlink(missing_ok=True)
+            raise
+    return efiboot, core
+
+
+def write_core(
+    image: Path,
+    slot: Slot,
+    signature: signing.Signature,
+    public_key: signing.PublicKey,
+    checkpoint: Checkpoint,
+) -> None:
+    """Write `image` at the start of `slot`, fsync, read back; both checked against the signature.
+
+    The bytes written are hashed as they are read, and that digest must carry
+    the signature; the read-back digest must equal it.
+    """
+    size = image.stat().st_size
+    if size > slot.size:
+        raise LocalError(
+            f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
+        )
+    written = hashlib.blake2b()
+    buffer = bytearray(signing.CHUNK)
+    view = memoryview(buffer)
+    fd = os.open(slot.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with image.open("rb") as src:
+            while n := src.readinto(buffer):
+                chunk = view[:n]
+                written.update(chunk)
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk) :]
+                checkpoint("write-core-chunk")
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as exc:
+        raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    digest = written.digest()
+    signing.verify(public_key, signature, digest)
+    readback = hashlib.blake2b()
+    with slot.path.open("rb") as dev:
+        left = size
+        while left:
+            n = dev.readinto(view[: min(len(buffer), left)])
+            if not n:
+                break
+            readback.update(view[:n])
+            left -= n
+    if readback.digest() != digest:
+        raise LocalError(f"{slot.path}: Core read back differs from what was written")
+
+
+def update(
+    device: Device, fetcher: Fetcher, checkpoint: Checkpoint = _no_checkpoint
+) -> UpdateResult:
+    """Run the whole transaction once. Raises RampartError subclasses on failure."""
+    running = device.identity.version
+    if device.ready_file.exists():
+        log.info("an update is already installed and waits for a reboot")
+        return UpdateResult(Outcome.PENDING, running)
+    checkpoint("check")
+    latest = check_latest(device, fetcher)
+    if latest <= running:
+        if latest < running:
+            log.warning("server offers %s, older than the running %s: ignored", latest, running)
+        else:
+            log.info("up to date (%s)", running)
+        return UpdateResult(Outcome.UP_TO_DATE, running, latest)
+    log.info("update available: %s -> %s", running, latest)
+
+    checkpoint("preflight")
+    if device.esp.find(running) is None:
+        raise ConflictError(
+            f"{device.esp.directory}: no boot entry for the running version {running.core}; "
+            "refusing to update a system that could not boot back"
+        )
+    slot = pick_slot(device, latest)
+    if slot is None and device.slots.free_space() < device.config.core_size:
+        raise LocalError(
+            f"{device.config.core_destination}: not enough free space for a new Core LV "
+            f"({device.config.core_size} bytes needed, {device.slots.free_space()} free)"
+        )
+
+    checkpoint("download")
+    efiboot, core = download(device, fetcher, latest)
+    core_size = core.stat().st_size
+    target_size = slot.size if slot is not None else device.config.core_size
+    if core_size > target_size:
+        raise LocalError(
+            f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
+        )
+    core_signature = check_payload(device, core, latest)
+
+    checkpoint("remove-entries")
+    removed = device.esp.remove_all_except(running)
+
+    checkpoint("take-slot")
+    new_name = slot_name(latest)
+    if slot is None:
+        slot = device.slots.create(new_name, device.config.core_size)
+    elif slot.name != new_name:
+        slot = device.slots.rename(slot, new_name)
+
+    checkpoint("write-core")
+    write_core(core, slot, core_signature, device.config.public_key, checkpoint)
+
+    checkpoint("install-entry")
+    check_payload(device, efiboot, latest)
+    entry = device.esp.install(efiboot, latest, device.config.boot_tries)
+
+    checkpoint("ready")
+    device.run_dir.mkdir(parents=True, exist_ok=True)
+    device.ready_file.write_text(latest.core + "\n")
+    return UpdateResult(
+        Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
+    )
+
+
+def send_report(
+    device: Device, fetcher: Fetcher, target: Version | None, outcome: str, error: str = ""
+) -> None:
+    """Tell the server how an attempt ended (best effort: a failure is only logged)."""
+    if not device.config.report:
+        return
+    body = json.dumps(
+        {
+            "from": device.identity.version.core,
+            "to": None if target is None else target.core,
+            "outcome": outcome,
+            "error": error[:2000],
+        }
+    ).encode()
+    url = f"{device.remote.update_url}/{device.config.os_name}/report"
+    try:
+        fetcher.run([Job("report", url, 1 << 16, body=body.decode())])
+    except RampartError as exc:
+        log.info("report not delivered: %s", exc)
+
+
+def reboot() -> None:
+    run.run(["systemctl", "reboot"], timeout=60)
