@@ -235,6 +235,10 @@ def cmd_update(args: argparse.Namespace) -> int:
     remote = device_config.load_remote_config(args.remote)
     device = update.open_device(config, remote, identity, args.tmp, args.run_dir)
     fetcher = update.make_fetcher(device)
+    if sys.stderr.isatty() and not args.json:
+        from rampart.client.progress import Bar
+
+        fetcher.progress = Bar(sys.stderr, "download ").update
     try:
         result = update.update(device, fetcher)
     except RampartError as exc:

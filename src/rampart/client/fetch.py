@@ -1,42 +1,40 @@
 """Unprivileged network processing.
 
-Everything that talks to the network and parses what it sends runs here, in a
-separate process started by the root client through `setpriv`: the dedicated
-system user (`rampart-fetch` by default), no supplementary groups, no
-capabilities (empty bounding set), `no_new_privs`. It can write only into the
-download directory, which the root process hands to it for the fetch and
-takes back afterwards:
+Everything that talks to the network and parses what it sends runs in a child
+process forked from the root client, which before running any of it:
+- opens what it needs as root (the pinned CA into a TLS context, the download
+  directory as a file descriptor, then fchdir into it);
+- drops every capability from its bounding set, sets no_new_privs, clears its
+  supplementary groups and switches real, effective and saved ids to the
+  dedicated fetch user (`rampart-fetch` by default). From then on it holds no
+  capability and can write only into the download directory.
+Forking (rather than exec'ing a helper) means the child needs no access to the
+interpreter or the package files, and nothing new is loaded after the drop.
 
-1. root: download dir (0700) and its files chowned to the fetch user;
-2. fetch process: version check (TOML parsed here), downloads with resume;
-   a JSON result on stdout;
-3. root: every process of the fetch user is killed, the directory and files
-   are chowned back to root, and only then are signatures verified. No
-   unprivileged process is left that could change a file after verification.
-
-Protocol (stdin/stdout, JSON): request {"root_ca", "headers", "limits",
-"jobs": [{"op": "version", "url", "cap"} | {"op": "download", "url", "dest",
-"cap"}]}; reply {"ok": true, "results": [...], "credentials": {...}} or
-{"ok": false, "error": {"kind", "message"}}.
-
-Run as `python -m rampart.client.fetch`. This module and what it imports must
-not need root or the crypto library.
+The download directory is handed over and taken back around each fetch:
+1. root: the directory (0700) and its regular files chowned to the fetch user,
+   anything else in it removed;
+2. child: version check (TOML parsed here), downloads with resume, reports;
+   one JSON reply on a pipe, capped;
+3. root: every process of the fetch user is killed, the directory and files are
+   chowned back to root (files 0600), and only then are signatures verified:
+   no unprivileged process is left that could change a file after verification.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import pwd
 import signal
-import sys
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from rampart import errors, run
+from rampart import errors
 from rampart.client.transport import Limits, Progress, Transport
 from rampart.errors import FormatError, LocalError, RampartError, RemoteDataError
 
@@ -105,36 +103,6 @@ def credentials() -> dict[str, Any]:
     }
 
 
-# --- the child -----------------------------------------------------------------------
-
-
-def _child_progress() -> Progress | None:
-    if not sys.stderr.isatty():
-        return None
-    from rampart.client.progress import Bar
-
-    return Bar(sys.stderr).update
-
-
-def child_main() -> int:
-    """Entry point of the unprivileged process."""
-    try:
-        request = json.loads(sys.stdin.buffer.read(REPLY_CAP))
-        transport = Transport(
-            Path(request["root_ca"]), dict(request["headers"]), Limits(**request["limits"])
-        )
-        jobs = [Job(**job) for job in request["jobs"]]
-        results = execute(transport, jobs, _child_progress())
-        reply: dict[str, Any] = {"ok": True, "results": results, "credentials": credentials()}
-    except RampartError as exc:
-        reply = {"ok": False, "error": {"kind": type(exc).__name__, "message": str(exc)}}
-    except (ValueError, KeyError, TypeError) as exc:
-        reply = {"ok": False, "error": {"kind": "LocalError", "message": f"bad request: {exc}"}}
-    sys.stdout.write(json.dumps(reply))
-    sys.stdout.flush()
-    return 0
-
-
 # --- the parent ----------------------------------------------------------------------
 
 
@@ -154,16 +122,18 @@ class Fetcher:
         self.limits = limits
         self.user = user
         self.download_dir = download_dir
+        self.progress: Progress | None = None  # a progress bar, when interactive
         self.last_credentials: dict[str, Any] = {}
 
-    def run(self, jobs: list[Job], progress: Progress | None = None) -> list[Any]:
+    def run(self, jobs: list[Job]) -> list[Any]:
+        progress = self.progress
         if self.user is None:
             transport = Transport(self.root_ca, self.headers, self.limits)
             self.last_credentials = credentials()
             return execute(transport, jobs, progress)
-        return self._run_sandboxed(jobs)
+        return self._run_sandboxed(jobs, progress)
 
-    def _run_sandboxed(self, jobs: list[Job]) -> list[Any]:
+    def _run_sandboxed(self, jobs: list[Job], progress: Progress | None) -> list[Any]:
         try:
             account = pwd.getpwnam(self.user or "")
         except KeyError:
@@ -173,40 +143,34 @@ class Fetcher:
             ) from None
         if account.pw_uid == 0:
             raise LocalError(f"fetch user {self.user!r} is root; use an unprivileged account")
-        request = {
-            "root_ca": str(self.root_ca),
-            "headers": self.headers,
-            "limits": asdict(self.limits),
-            "jobs": [asdict(job) for job in jobs],
-        }
+        transport = Transport(self.root_ca, self.headers, self.limits)  # CA read as root
         self._hand_over(account.pw_uid, account.pw_gid)
+        dir_fd = os.open(self.download_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        read_end, write_end = os.pipe()
         try:
-            done = run.run(
-                [
-                    "setpriv",
-                    f"--reuid={account.pw_uid}",
-                    f"--regid={account.pw_gid}",
-                    "--clear-groups",
-                    "--no-new-privs",
-                    "--inh-caps=-all",
-                    "--bounding-set=-all",
-                    "--",
-                    sys.executable,
-                    "-I",
-                    "-m",
-                    "rampart.client.fetch",
-                ],
-                input=json.dumps(request).encode(),
-                env={"HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"},
-                check=False,
-                inherit_stderr=True,
-            )
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                os.close(read_end)
+                _child(transport, jobs, progress, account.pw_uid, account.pw_gid, dir_fd,
+                       write_end, self.download_dir)
+            os.close(write_end)
+            write_end = -1
+            with os.fdopen(read_end, "rb") as pipe:
+                read_end = -1
+                data = pipe.read(REPLY_CAP + 1)
+            _, status = os.waitpid(pid, 0)
         finally:
+            for fd in (read_end, write_end, dir_fd):
+                if fd >= 0:
+                    os.close(fd)
             self._take_back(account.pw_uid)
-        if done.returncode != 0 or len(done.stdout) > REPLY_CAP:
-            raise LocalError(f"fetch process failed (exit code {done.returncode})")
+        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or len(data) > REPLY_CAP:
+            raise LocalError(f"fetch process failed (wait status {status})")
+        return self._parse_reply(data, len(jobs))
+
+    def _parse_reply(self, data: bytes, count: int) -> list[Any]:
         try:
-            reply = json.loads(done.stdout)
+            reply = json.loads(data)
         except ValueError:
             raise LocalError("fetch process sent an unreadable reply") from None
         if not isinstance(reply, dict):
@@ -219,7 +183,7 @@ class Fetcher:
             raise kind(str(error.get("message", "fetch failed"))[:500])
         self.last_credentials = reply.get("credentials") or {}
         results = reply.get("results")
-        if not isinstance(results, list) or len(results) != len(jobs):
+        if not isinstance(results, list) or len(results) != count:
             raise LocalError("fetch process sent an unreadable reply")
         return results
 
@@ -286,6 +250,58 @@ def kill_user_processes(uid: int) -> int:
     return killed
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="rampart-fetch: %(message)s")
-    sys.exit(child_main())
+# --- the child ------------------------------------------------------------------------
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_DROP = 24
+_CAP_LAST_CAP = Path("/proc/sys/kernel/cap_last_cap")
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Empty the capability bounding set, set no_new_privs, become uid:gid with no groups."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        last = int(_CAP_LAST_CAP.read_text())
+    except (OSError, ValueError):
+        last = 40
+    for cap in range(last + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid or os.getegid() != gid:
+        raise OSError("privileges were not dropped")
+
+
+def _child(transport: Transport, jobs: list[Job], progress: Progress | None, uid: int,
+           gid: int, dir_fd: int, reply_fd: int, directory: Path) -> NoReturn:
+    """The forked child: drop privileges, run the jobs, write one JSON reply, exit."""
+    code = 0
+    try:
+        os.umask(0o077)
+        os.fchdir(dir_fd)
+        os.close(dir_fd)
+        drop_privileges(uid, gid)
+        # Paths inside the download directory become relative to it, so the child
+        # needs no access to the directories above it.
+        local = [
+            replace(job, dest=os.path.relpath(job.dest, directory)) if job.dest else job
+            for job in jobs
+        ]
+        results = execute(transport, local, progress)
+        reply: dict[str, Any] = {"ok": True, "results": results, "credentials": credentials()}
+    except RampartError as exc:
+        reply = {"ok": False, "error": {"kind": type(exc).__name__, "message": str(exc)}}
+    except Exception as exc:
+        reply = {"ok": False, "error": {"kind": "LocalError", "message": f"fetch: {exc}"}}
+    try:
+        data = json.dumps(reply).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(reply_fd, view):]
+    except OSError:
+        code = 1
+    os._exit(code)

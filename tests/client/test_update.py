@@ -1,0 +1,247 @@
+"""The update transaction on the file backend, against a real nginx over HTTPS.
+
+The four scenarios of the CLIP OS updater's own test script (test/client/run.sh),
+with the LV names and ESP contents it expects, then the rest of the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from rampart.client import update
+from rampart.errors import ConflictError, LocalError
+from rampart.version import parse_version
+from tests.client.conftest import (
+    OS,
+    DeviceDirs,
+    Nginx,
+    Pki,
+    Release,
+    make_device,
+    make_release,
+    publish,
+)
+from tests.conftest import KeyPair, run_cli
+
+OFFERED = "5.0.0-alpha.3"
+
+
+@pytest.fixture
+def release(tmp_path: Path, vendor: KeyPair, served: Nginx) -> Release:
+    rel = make_release(tmp_path / "rel", OFFERED)
+    publish(served.root, vendor, rel)
+    return rel
+
+
+@pytest.fixture
+def device(tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx) -> DeviceDirs:
+    return make_device(tmp_path / "device", vendor, pki.ca.cert, served.url)
+
+
+def run_update(device: DeviceDirs) -> update.UpdateResult:
+    dev = device.open()
+    return update.update(dev, update.make_fetcher(dev))
+
+
+def assert_installed(device: DeviceDirs, release: Release) -> None:
+    core = (device.vg / f"core_{release.version}").read_bytes()
+    image = release.core.read_bytes()
+    assert core[: len(image)] == image
+    assert (device.esp / f"{OS}-{release.version}.efi").read_bytes() == release.efiboot.read_bytes()
+
+
+def reset_ready(device: DeviceDirs) -> None:
+    (device.run_dir / "update-ready").unlink()
+
+
+def test_clipos_scenarios_lv_creation_rename_user_rollback_edge_case(
+    device: DeviceDirs, release: Release
+) -> None:
+    expected_lvs = ["core_5.0.0-alpha.1", "core_5.0.0-alpha.3", "core_state"]
+    expected_esp = ["clipos-5.0.0-alpha.1.efi", "clipos-5.0.0-alpha.3.efi"]
+
+    # 1. LV creation: the first update creates the second LV.
+    result = run_update(device)
+    assert result.outcome == update.Outcome.UPDATED
+    assert (device.lvs(), device.entries()) == (expected_lvs, expected_esp)
+    assert_installed(device, release)
+
+    # 2. LV renaming (normal update): the unused LV is renamed and overwritten.
+    for old, new in (("5.0.0-alpha.3", "5.0.0-alpha.0"),):
+        (device.vg / f"core_{old}").rename(device.vg / f"core_{new}")
+        (device.esp / f"{OS}-{old}.efi").rename(device.esp / f"{OS}-{new}.efi")
+    reset_ready(device)
+    assert run_update(device).slot == "core_5.0.0-alpha.3"
+    assert (device.lvs(), device.entries()) == (expected_lvs, expected_esp)
+    assert_installed(device, release)
+
+    # 3. User rollback: booted back into alpha.1 while alpha.2 is installed; the
+    #    running LV is not touched, alpha.2's is overwritten.
+    running_before = (device.vg / "core_5.0.0-alpha.1").read_bytes()
+    (device.vg / "core_5.0.0-alpha.3").rename(device.vg / "core_5.0.0-alpha.2")
+    (device.esp / f"{OS}-5.0.0-alpha.3.efi").rename(device.esp / f"{OS}-5.0.0-alpha.2.efi")
+    reset_ready(device)
+    assert run_update(device).removed_entries == ["clipos-5.0.0-alpha.2.efi"]
+    assert (device.lvs(), device.entries()) == (expected_lvs, expected_esp)
+    assert (device.vg / "core_5.0.0-alpha.1").read_bytes() == running_before
+    assert_installed(device, release)
+
+    # 4. Edge case: the unused LV carries a *higher* version; it is still the one
+    #    overwritten.
+    (device.vg / "core_5.0.0-alpha.3").rename(device.vg / "core_5.0.0-alpha.4")
+    (device.esp / f"{OS}-5.0.0-alpha.3.efi").rename(device.esp / f"{OS}-5.0.0-alpha.4.efi")
+    reset_ready(device)
+    assert run_update(device).slot == "core_5.0.0-alpha.3"
+    assert (device.lvs(), device.entries()) == (expected_lvs, expected_esp)
+    assert_installed(device, release)
+
+
+def test_up_to_date_does_nothing(
+    device: DeviceDirs, vendor: KeyPair, served: Nginx, tmp_path: Path
+) -> None:
+    publish(served.root, vendor, make_release(tmp_path / "rel", "5.0.0-alpha.1"))
+    before = device.state()
+    result = run_update(device)
+    assert result.outcome == update.Outcome.UP_TO_DATE
+    assert device.state() == before
+
+
+def test_requests_carry_the_clipos_identification_headers(
+    device: DeviceDirs, release: Release, served: Nginx, tmp_path: Path
+) -> None:
+    # nginx logs the headers with a custom format: check from the server side.
+    conf = served.state / "nginx.conf"
+    text = conf.read_text().replace(
+        "access_log " + str(served.state) + "/access.log;",
+        "log_format ids '$request_uri $http_clipos_machineid $http_clipos_version';\n"
+        "    access_log " + str(served.state) + "/access.log ids;",
+    )
+    conf.write_text(text)
+    subprocess.run(
+        ["nginx", "-c", str(conf), "-p", str(served.state), "-s", "reload"],
+        check=True,
+        capture_output=True,
+    )
+    time.sleep(0.5)
+    run_update(device)
+    lines = [line for line in served.access_log().splitlines() if " " in line]
+    version_lines = [line for line in lines if line.startswith("/update/v1/clipos/version ")]
+    assert version_lines
+    assert version_lines[-1].split()[1:] == ["0123456789abcdef0123456789abcdef", "5.0.0-alpha.1"]
+    dist = [line for line in lines if line.startswith("/dist/")]
+    assert dist and all(line.split()[1] == "0123456789abcdef0123456789abcdef" for line in dist)
+
+
+def test_boot_counting_suffix_and_mark_good(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, release: Release
+) -> None:
+    device = make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url)
+    cfg = device.config_dir / "config.toml"
+    cfg.write_text(cfg.read_text().replace("[efiboot]\n", "[efiboot]\nboot_tries = 3\n"))
+    run_update(device)
+    assert device.entries() == ["clipos-5.0.0-alpha.1.efi", "clipos-5.0.0-alpha.3+3.efi"]
+    # systemd-boot decrements the counter when it boots the entry...
+    (device.esp / "clipos-5.0.0-alpha.3+3.efi").rename(device.esp / "clipos-5.0.0-alpha.3+2-1.efi")
+    device.set_running(OFFERED)
+    # ... and the health check blesses it once the system is up.
+    result = run_cli("mark-good", *device.argv()[:2], *device.argv()[6:], "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["entry"] == "clipos-5.0.0-alpha.3.efi"
+    assert device.entries() == ["clipos-5.0.0-alpha.1.efi", "clipos-5.0.0-alpha.3.efi"]
+
+
+def test_stale_counted_entries_are_recognised_and_removed(
+    device: DeviceDirs, release: Release
+) -> None:
+    (device.vg / "core_5.0.0-alpha.2").write_bytes(bytes(1 << 20))
+    (device.esp / "clipos-5.0.0-alpha.2+0-3.efi").write_bytes(b"bad entry")
+    (device.esp / "clipos-5.0.0-alpha.3.efi.new").write_bytes(b"leftover")
+    result = run_update(device)
+    assert sorted(result.removed_entries) == [
+        "clipos-5.0.0-alpha.2+0-3.efi",
+        "clipos-5.0.0-alpha.3.efi.new",
+    ]
+    assert result.slot == "core_5.0.0-alpha.3"
+    assert device.entries() == ["clipos-5.0.0-alpha.1.efi", "clipos-5.0.0-alpha.3.efi"]
+
+
+def test_update_ready_blocks_a_second_run(device: DeviceDirs, release: Release) -> None:
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert (device.run_dir / "update-ready").read_text() == OFFERED + "\n"
+    before = device.state()
+    assert run_update(device).outcome == update.Outcome.PENDING
+    assert device.state() == before
+
+
+def test_verified_download_is_reused(device: DeviceDirs, release: Release, served: Nginx) -> None:
+    run_update(device)
+    reset_ready(device)
+    (device.vg / f"core_{OFFERED}").rename(device.vg / "core_5.0.0-alpha.0")
+    (device.esp / f"{OS}-{OFFERED}.efi").unlink()
+    before = served.access_log().count("/dist/")
+    run_update(device)
+    assert served.access_log().count("/dist/") == before
+    assert_installed(device, release)
+
+
+def test_partial_download_resumes_with_a_range_request(
+    device: DeviceDirs, release: Release, served: Nginx
+) -> None:
+    dev = device.open()
+    device.download.mkdir(parents=True, exist_ok=True)
+    partial = update.payload_path(dev, parse_version(OFFERED), "core")
+    partial.write_bytes(release.core.read_bytes()[:100_000])
+    run_update(device)
+    assert_installed(device, release)
+    log = served.access_log()
+    assert " 206 " in log  # nginx answered the range request with partial content
+
+
+def test_no_boot_entry_for_running_version_is_refused(device: DeviceDirs, release: Release) -> None:
+    (device.esp / f"{OS}-5.0.0-alpha.1.efi").unlink()
+    before = device.state()
+    with pytest.raises(ConflictError, match="no boot entry for the running version"):
+        run_update(device)
+    assert device.state() == before
+
+
+def test_not_enough_space_for_a_new_lv(device: DeviceDirs, release: Release) -> None:
+    cfg = device.config_dir / "config.toml"
+    cfg.write_text(cfg.read_text().replace('capacity = "8M"', 'capacity = "2M"'))
+    before = device.state()
+    with pytest.raises(LocalError, match="not enough free space"):
+        run_update(device)
+    assert device.state() == before
+
+
+def test_core_larger_than_the_lv_is_refused_before_touching_disk(
+    device: DeviceDirs, vendor: KeyPair, served: Nginx, tmp_path: Path
+) -> None:
+    publish(served.root, vendor, make_release(tmp_path / "big", "5.0.0-alpha.5", 2 << 20))
+    before = device.state()
+    with pytest.raises(LocalError, match="does not fit"):
+        run_update(device)
+    assert device.state() == before
+
+
+def test_cli_update_status_and_exit_codes(device: DeviceDirs, release: Release) -> None:
+    result = run_cli("update", *device.argv(), "--json")
+    assert result.code == 20, result.err
+    assert json.loads(result.out)["outcome"] == "updated"
+    result = run_cli("update", *device.argv())
+    assert result.code == 21
+    argv = [*device.argv()[:2], *device.argv()[6:]]  # status takes no remote or download dir
+    result = run_cli("status", *argv, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["running"] == "5.0.0-alpha.1"
+    assert report["update_ready"] == OFFERED
+    assert [s["name"] for s in report["slots"]] == ["core_5.0.0-alpha.1", "core_5.0.0-alpha.3"]
+    assert [e["default"] for e in report["entries"]] == [False, True]
+    text = run_cli("status", *argv).out
+    assert "update ready: 5.0.0-alpha.3" in text
