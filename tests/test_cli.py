@@ -61,7 +61,7 @@ def test_keygen_encrypted_writes_0600_and_never_overwrites(tmp_path: Path) -> No
     assert b"pw" not in sk.read_bytes()
     before = (sk.read_bytes(), pk.read_bytes())
     result = run_cli("keygen", "--secret-key", sk, "--public-key", pk, env=env)
-    assert result.code == 3
+    assert result.code == 4
     assert "already exists" in one_line_error(result.err)
     assert (sk.read_bytes(), pk.read_bytes()) == before
 

@@ -159,3 +159,16 @@ def test_write_new_file_never_overwrites_and_uses_mode(tmp_path: Path) -> None:
 def test_scrypt_parameters_match_libsodium_for_minisign_and_rsign_defaults() -> None:
     assert signing._scrypt_params(33554432, 1073741824) == (1 << 20, 8, 1)
     assert signing._scrypt_params(1 << 20, 1 << 25) == (1 << 15, 8, 1)
+
+
+@pytest.mark.parametrize(("length", "ok"), [(1022, True), (1023, False)])
+def test_comment_line_limit_matches_minisign(length: int, ok: bool) -> None:
+    """minisign reads a comment line into 1024 bytes with fgets: 1022 bytes + newline."""
+    key = signing.generate_secret_key().public_key
+    line = b"untrusted comment: " + b"a" * (length - len(b"untrusted comment: "))
+    data = line + b"\n" + key.to_base64().encode() + b"\n"
+    if ok:
+        assert signing.parse_public_key(data) == key
+    else:
+        with pytest.raises(FormatError, match="longer than 1022 bytes"):
+            signing.parse_public_key(data)

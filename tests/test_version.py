@@ -54,3 +54,8 @@ def test_build_metadata_is_ignored_for_ordering_and_kept_for_display() -> None:
 def test_invalid_versions_are_refused(text: str) -> None:
     with pytest.raises(UsageError):
         parse_version(text)
+
+
+def test_non_ascii_digits_are_not_digits() -> None:
+    with pytest.raises(UsageError):
+        parse_version("1\u0662.0.0")  # ARABIC-INDIC DIGIT TWO

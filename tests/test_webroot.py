@@ -253,3 +253,14 @@ def test_audit_lists_every_problem(
     # every signature fails with another key
     other = webroot.audit(root, other_keypair.key.public_key)
     assert sum("signed by key" in p for p in other) >= 6
+
+
+def test_audit_reports_files_where_directories_belong(tmp_path: Path, keypair: KeyPair) -> None:
+    root = tmp_path / "webroot"
+    root.mkdir()
+    (root / "dist").write_text("not a directory")
+    assert webroot.audit(root, keypair.key.public_key) == [f"{root / 'dist'}: must be a directory"]
+    (root / "dist").unlink()
+    (root / "update/v1/clipos/version").mkdir(parents=True)
+    problems = webroot.audit(root, keypair.key.public_key)
+    assert any("the version file must be a regular file" in p for p in problems)

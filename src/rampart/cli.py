@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from rampart import __version__, signing, webroot
-from rampart.errors import AuditError, LocalError, RampartError, UsageError, VerificationError
+from rampart.errors import (
+    AuditError,
+    ConflictError,
+    LocalError,
+    RampartError,
+    UsageError,
+    VerificationError,
+)
 from rampart.version import parse_version
 
 log = logging.getLogger("rampart")
@@ -71,15 +78,15 @@ def _check_semver(text: str) -> str:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     for path in (args.secret_key, args.public_key):
-        if path.exists():
-            raise LocalError(f"{path}: already exists; refusing to overwrite a key")
+        if path.exists() or path.is_symlink():
+            raise ConflictError(f"{path}: already exists; refusing to overwrite a key")
     password = None if args.unencrypted else _password_source(args.password_env, True)()
     key = signing.generate_secret_key()
     secret = signing.secret_key_to_bytes(key, password)
     signing.write_new_file(args.secret_key, secret, 0o600)
     try:
         signing.write_new_file(args.public_key, key.public_key.to_bytes(), 0o644)
-    except LocalError:
+    except RampartError:
         args.secret_key.unlink()
         raise
     if args.json:
@@ -109,7 +116,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
     signature = signing.sign_file(args.file, key, version)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(signature.to_bytes())
+        with tmp.open("wb") as handle:
+            handle.write(signature.to_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
         tmp.replace(target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from rampart.errors import FormatError, LocalError, VerificationError
+from rampart.errors import ConflictError, FormatError, LocalError, VerificationError
 
 UNTRUSTED_PREFIX = b"untrusted comment: "
 TRUSTED_PREFIX = b"trusted comment: "
@@ -50,12 +50,14 @@ ALG_PREHASHED = b"ED"
 KDF_SCRYPT = b"Sc"
 KDF_NONE = b"\x00\x00"
 CHK_BLAKE2B = b"B2"
-# minisign reads lines with fgets into fixed buffers: a comment line is at
-# most 1024 bytes, a trusted comment line at most 8192, both with the newline.
-COMMENT_LINE_MAX = 1024
-TRUSTED_LINE_MAX = 8192
+# minisign reads lines with fgets into buffers of 1024 and 8192 bytes: a line
+# it reads whole has at most 1022 (comment) or 8190 (trusted comment) bytes
+# before its newline, a CR included. Longer lines make it fail; so do we.
+COMMENT_LINE_MAX = 1022
+TRUSTED_LINE_MAX = 8190
 # Legacy (non-prehashed) signatures cover the raw file, which must be held in
-# memory; minisign refuses files over 1 GiB for them, and so do we.
+# memory: we refuse them for files over 1 GiB (minisign 0.11 accepts larger
+# ones; newer minisign refuses them too). The size is checked before reading.
 LEGACY_MAX_BYTES = 1 << 30
 # libsodium's crypto_pwhash_scryptsalsa208sha256 *_SENSITIVE limits, which
 # minisign uses for new keys.
@@ -78,11 +80,19 @@ def _b64decode(line: bytes, length: int, source: str, what: str) -> bytes:
     return raw
 
 
-def _lines(data: bytes, needed: int, source: str, what: str) -> list[bytes]:
-    """The first `needed` lines of `data`, without their line ends."""
+def _lines(
+    data: bytes, needed: int, source: str, what: str, limits: tuple[int, ...] = ()
+) -> list[bytes]:
+    """The first `needed` lines of `data`, without their line ends.
+
+    `limits[i]`, if given, caps line i's length as minisign does (CR included).
+    """
     lines = data.split(b"\n")
     if len(lines) < needed or (len(lines) == needed and lines[-1] == b"" and needed > 0):
         raise FormatError(f"{source}: truncated {what} (expected {needed} lines)")
+    for index, limit in enumerate(limits):
+        if limit and len(lines[index]) > limit:
+            raise FormatError(f"{source}: line {index + 1} is longer than {limit} bytes")
     return [line.rstrip(b"\r") for line in lines[:needed]]
 
 
@@ -118,9 +128,7 @@ def parse_public_key_base64(text: bytes, source: str) -> PublicKey:
 
 def parse_public_key(data: bytes, source: str = "public key") -> PublicKey:
     """Parse a minisign public key file (comment line, base64 line)."""
-    comment, line = _lines(data, 2, source, "public key")
-    if len(comment) >= COMMENT_LINE_MAX:
-        raise FormatError(f"{source}: comment line longer than {COMMENT_LINE_MAX - 1} bytes")
+    _comment, line = _lines(data, 2, source, "public key", (COMMENT_LINE_MAX,))
     return parse_public_key_base64(line, source)
 
 
@@ -163,19 +171,17 @@ class Signature:
 
 def parse_signature(data: bytes, source: str = "signature") -> Signature:
     """Parse a minisign signature file (4 lines); FormatError if malformed."""
-    untrusted, sig_line, trusted, global_line = _lines(data, 4, source, "signature")
+    untrusted, sig_line, trusted, global_line = _lines(
+        data, 4, source, "signature", (COMMENT_LINE_MAX, 0, TRUSTED_LINE_MAX)
+    )
     if not untrusted.startswith(UNTRUSTED_PREFIX):
         raise FormatError(f"{source}: first line does not start with 'untrusted comment: '")
-    if len(untrusted) >= COMMENT_LINE_MAX:
-        raise FormatError(f"{source}: untrusted comment longer than {COMMENT_LINE_MAX - 1} bytes")
     raw = _b64decode(sig_line, _SIGNATURE_LEN, source, "signature line")
     algorithm = raw[:2]
     if algorithm not in (ALG_LEGACY, ALG_PREHASHED):
         raise FormatError(f"{source}: unsupported signature algorithm {algorithm!r}")
     if not trusted.startswith(TRUSTED_PREFIX):
         raise FormatError(f"{source}: third line does not start with 'trusted comment: '")
-    if len(trusted) >= TRUSTED_LINE_MAX - 1:
-        raise FormatError(f"{source}: trusted comment longer than {TRUSTED_LINE_MAX} bytes")
     comment = trusted[len(TRUSTED_PREFIX) :]
     if b"\x00" in comment:
         raise FormatError(f"{source}: trusted comment contains a NUL byte")
@@ -272,10 +278,15 @@ def _scrypt_params(opslimit: int, memlimit: int) -> tuple[int, int, int]:
     return 1 << n_log2, r, max(p, 1)
 
 
-def _keystream(password: bytes, salt: bytes, opslimit: int, memlimit: int, source: str) -> bytes:
+def _checked_scrypt_params(opslimit: int, memlimit: int, source: str) -> tuple[int, int, int]:
     n, r, p = _scrypt_params(opslimit, memlimit)
     if n > 1 << 22 or p > 16:
         raise FormatError(f"{source}: key derivation parameters are out of range (N={n}, p={p})")
+    return n, r, p
+
+
+def _keystream(password: bytes, salt: bytes, opslimit: int, memlimit: int, source: str) -> bytes:
+    n, r, p = _checked_scrypt_params(opslimit, memlimit, source)
     need = 128 * r * n * p + 128 * r * 256 + (1 << 20)
     try:
         return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=need, dklen=104)
@@ -285,7 +296,7 @@ def _keystream(password: bytes, salt: bytes, opslimit: int, memlimit: int, sourc
 
 def parse_secret_key(data: bytes, source: str, password: Callable[[], bytes]) -> SecretKey:
     """Parse (and decrypt, asking `password` only if needed) a minisign secret key."""
-    _comment, line = _lines(data, 2, source, "secret key")
+    _comment, line = _lines(data, 2, source, "secret key", (COMMENT_LINE_MAX,))
     raw = _b64decode(line.strip(), _SECRET_KEY_LEN, source, "secret key")
     sig_alg, kdf_alg, chk_alg = raw[0:2], raw[2:4], raw[4:6]
     if sig_alg != ALG_LEGACY:
@@ -297,6 +308,7 @@ def parse_secret_key(data: bytes, source: str, password: Callable[[], bytes]) ->
     memlimit = int.from_bytes(raw[46:54], "little")
     sealed = raw[54:]
     if kdf_alg == KDF_SCRYPT:
+        _checked_scrypt_params(opslimit, memlimit, source)  # before asking for a password
         stream = _keystream(password(), salt, opslimit, memlimit, source)
         opened = bytes(a ^ b for a, b in zip(sealed, stream, strict=True))
     elif kdf_alg == KDF_NONE:
@@ -384,7 +396,7 @@ def write_new_file(path: Path, data: bytes, mode: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
-        raise LocalError(f"{path}: already exists; refusing to overwrite a key") from None
+        raise ConflictError(f"{path}: already exists; refusing to overwrite a key") from None
     except OSError as exc:
         raise LocalError(f"{path}: cannot create: {exc.strerror}") from None
     try:
@@ -407,6 +419,10 @@ def message_for(handle: BinaryIO, prehashed: bool, source: str) -> bytes:
         while n := handle.readinto(view):  # type: ignore[attr-defined]
             hasher.update(view[:n])
         return hasher.digest()
+    if os.fstat(handle.fileno()).st_size > LEGACY_MAX_BYTES:
+        raise VerificationError(
+            f"{source}: legacy (non-prehashed) signatures are limited to 1 GiB files"
+        )
     data = handle.read(LEGACY_MAX_BYTES + 1)
     if len(data) > LEGACY_MAX_BYTES:
         raise VerificationError(

@@ -18,7 +18,8 @@ _BUILD_ID = r"[0-9A-Za-z-]+"
 _SEMVER = re.compile(
     rf"(?P<major>{_NUM})\.(?P<minor>{_NUM})\.(?P<patch>{_NUM})"
     rf"(?:-(?P<pre>{_PRE_ID}(?:\.{_PRE_ID})*))?"
-    rf"(?:\+(?P<build>{_BUILD_ID}(?:\.{_BUILD_ID})*))?"
+    rf"(?:\+(?P<build>{_BUILD_ID}(?:\.{_BUILD_ID})*))?",
+    re.ASCII,
 )
 MAX_LENGTH = 128
 

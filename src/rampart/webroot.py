@@ -12,12 +12,15 @@ Crash safety of `publish` rests on this order, each step durable before the next
 2. only then is the channel's version file written to a temporary file, fsynced,
    renamed over the old one, and its directory fsynced.
 A crash leaves either the old version file (and perhaps a complete, unnamed
-release, or hidden temporaries that the next publish removes) or the new one
-naming a complete release. No version file ever names an incomplete release.
+release, or hidden temporaries that the next publish of that release removes,
+and that `webroot check` reports) or the new one naming a complete release.
+No version file ever names an incomplete release. Concurrent publishes into one
+webroot are serialised by an exclusive flock on the webroot directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -118,6 +121,17 @@ def _makedirs(path: Path) -> None:
 
 
 @contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `directory` (serialises publishes into one webroot)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def _temporary(directory: Path, name: str) -> Iterator[Path]:
     """A hidden temporary path in `directory`, removed if still there on exit."""
     tmp = directory / f"{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
@@ -212,21 +226,22 @@ def publish(
         raise LocalError(f"{webroot}: webroot is not a directory")
 
     target = version_file(webroot, os_name, channel)
-    previous = read_version_file(target)
-    if previous is not None and version < previous and not force:
-        raise ConflictError(
-            f"{target}: channel names {previous}, refusing to go back to {version} "
-            "(use --force to roll the channel back)"
-        )
-
     release = release_dir(webroot, version)
     try:
-        _makedirs(release)
-        _clean_temporaries(release)
-        reused = _write_release(release, os_name, payloads, secret_key, version)
-        _makedirs(target.parent)
-        _clean_temporaries(target.parent)
-        _write_durably(target, render_version_file(version))
+        _makedirs(webroot)
+        with _locked(webroot):
+            previous = read_version_file(target)
+            if previous is not None and version < previous and not force:
+                raise ConflictError(
+                    f"{target}: channel names {previous}, refusing to go back to {version} "
+                    "(use --force to roll the channel back)"
+                )
+            _makedirs(release)
+            _clean_temporaries(release)
+            reused = _write_release(release, os_name, payloads, secret_key, version)
+            _makedirs(target.parent)
+            _clean_temporaries(target.parent)
+            _write_durably(target, render_version_file(version))
     except PermissionError as exc:
         raise LocalError(f"{exc.filename or webroot}: permission denied") from None
     except OSError as exc:
@@ -317,9 +332,8 @@ def list_channels(webroot: Path, problems: list[str] | None = None) -> list[Chan
             if not path.is_file():
                 continue
             try:
-                found.append(
-                    Channel(name, os_dir.name, parse_version_file(path.read_bytes(), str(path)))
-                )
+                data = signing.read_file(path, "version file", VERSION_FILE_MAX)
+                found.append(Channel(name, os_dir.name, parse_version_file(data, str(path))))
             except RampartError as exc:
                 if problems is None:
                     raise
@@ -332,6 +346,20 @@ def audit(webroot: Path, public_key: signing.PublicKey) -> list[str]:
     if not webroot.is_dir():
         raise LocalError(f"{webroot}: webroot not found or not a directory")
     problems: list[str] = []
+    for name in ("dist", "update", "channels"):
+        entry = webroot / name
+        if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+            problems.append(f"{entry}: must be a directory")
+    if problems:
+        return problems
+    try:
+        _audit_tree(webroot, public_key, problems)
+    except OSError as exc:
+        problems.append(f"{exc.filename or webroot}: cannot read: {exc.strerror}")
+    return problems
+
+
+def _audit_tree(webroot: Path, public_key: signing.PublicKey, problems: list[str]) -> None:
     expected_top = {"dist", "update", "channels"}
     for entry in sorted(webroot.iterdir()):
         if entry.name not in expected_top:
@@ -358,7 +386,6 @@ def audit(webroot: Path, public_key: signing.PublicKey) -> list[str]:
                 f"{path}: {label} names {channel.version} for {channel.os_name}, "
                 "which is not published (or not completely)"
             )
-    return problems
 
 
 def _audit_version_tree(root: Path, problems: list[str]) -> None:
@@ -378,6 +405,8 @@ def _audit_version_tree(root: Path, problems: list[str]) -> None:
         for entry in sorted(os_dir.iterdir()):
             if entry.name != "version":
                 problems.append(f"{entry}: unexpected file beside the version file")
+            elif entry.is_symlink() or not entry.is_file():
+                problems.append(f"{entry}: the version file must be a regular file")
 
 
 def _audit_dist(

@@ -33,7 +33,7 @@ DEFAULT_RUN_DIR = Path("/run/rampart")
 DEFAULT_OS_RELEASE = Path("/etc/os-release")
 DEFAULT_MACHINE_ID = Path("/etc/machine-id")
 
-_SIZE = re.compile(r"(?P<n>\d+)(?P<unit>[bBkKmMgGtT]?)")
+_SIZE = re.compile(r"(?P<n>\d+)(?P<unit>[bBkKmMgGtT]?)", re.ASCII)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 

@@ -53,7 +53,7 @@ def entry_name(os_name: str, version: Version, tries: int = 0) -> str:
 def parse_entry(os_name: str, path: Path) -> BootEntry | None:
     """The entry a file name stands for, or None if it is not one of `os_name`'s."""
     pattern = rf"{re.escape(os_name)}-(?P<v>[^+/]+)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.efi"
-    match = re.fullmatch(pattern, path.name)
+    match = re.fullmatch(pattern, path.name, re.ASCII)
     if match is None:
         return None
     try:

@@ -151,8 +151,16 @@ class Fetcher:
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 os.close(read_end)
-                _child(transport, jobs, progress, account.pw_uid, account.pw_gid, dir_fd,
-                       write_end, self.download_dir)
+                _child(
+                    transport,
+                    jobs,
+                    progress,
+                    account.pw_uid,
+                    account.pw_gid,
+                    dir_fd,
+                    write_end,
+                    self.download_dir,
+                )
             os.close(write_end)
             write_end = -1
             with os.fdopen(read_end, "rb") as pipe:
@@ -276,8 +284,16 @@ def drop_privileges(uid: int, gid: int) -> None:
         raise OSError("privileges were not dropped")
 
 
-def _child(transport: Transport, jobs: list[Job], progress: Progress | None, uid: int,
-           gid: int, dir_fd: int, reply_fd: int, directory: Path) -> NoReturn:
+def _child(
+    transport: Transport,
+    jobs: list[Job],
+    progress: Progress | None,
+    uid: int,
+    gid: int,
+    dir_fd: int,
+    reply_fd: int,
+    directory: Path,
+) -> NoReturn:
     """The forked child: drop privileges, run the jobs, write one JSON reply, exit."""
     code = 0
     try:
@@ -301,7 +317,7 @@ def _child(transport: Transport, jobs: list[Job], progress: Progress | None, uid
         data = json.dumps(reply).encode()
         view = memoryview(data)
         while view:
-            view = view[os.write(reply_fd, view):]
+            view = view[os.write(reply_fd, view) :]
     except OSError:
         code = 1
     os._exit(code)

@@ -223,7 +223,10 @@ class Transport:
                         f"({expected - have} bytes needed, {free} free)"
                     )
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(dest, flags, 0o600)
+            try:
+                fd = os.open(dest, flags, 0o600)
+            except OSError as exc:
+                raise LocalError(f"{dest}: cannot write the download: {exc.strerror}") from None
             try:
                 if not have:
                     os.ftruncate(fd, 0)

@@ -34,7 +34,7 @@ from typing import Any
 from rampart import run, signing
 from rampart.client import esp as esp_mod
 from rampart.client.config import Backend, DeviceConfig, Identity, RemoteConfig
-from rampart.client.fetch import Fetcher, Job
+from rampart.client.fetch import Fetcher, Job, remove_entry
 from rampart.client.slots import (
     FileBackend,
     LvmBackend,
@@ -223,7 +223,10 @@ def _clean_downloads(device: Device, keep: Version) -> None:
     if not device.download_dir.is_dir():
         return
     for entry in device.download_dir.iterdir():
-        if not entry.name.startswith(prefix):
+        if entry.is_symlink() or not entry.is_file():
+            log.warning("removing %s from the download directory: not a regular file", entry)
+            remove_entry(entry)
+        elif not entry.name.startswith(prefix):
             log.debug("removing stale download %s", entry.name)
             entry.unlink(missing_ok=True)
 

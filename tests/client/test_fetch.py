@@ -1,0 +1,124 @@
+"""Unprivileged network processing: the fetch process really runs without privileges.
+
+These tests need root (to switch to the fetch user), as the client does; CI runs as root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import time
+from pathlib import Path
+
+import pytest
+
+from rampart.client import fetch, update
+from tests.client.conftest import Nginx, Pki, make_device, make_release, publish
+from tests.conftest import KeyPair
+
+FETCH_USER = "rampart-fetch"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+
+@pytest.fixture
+def fetch_account() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(FETCH_USER)
+    except KeyError:
+        pytest.fail(f"user {FETCH_USER} missing: run `make setup`")
+
+
+@needs_root
+def test_fetch_process_runs_without_privileges(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, fetch_account: pwd.struct_passwd
+) -> None:
+    publish(served.root, vendor, make_release(tmp_path / "rel", "5.0.0-alpha.3"))
+    device = make_device(
+        tmp_path / "device", vendor, pki.ca.cert, served.url, fetch_user=FETCH_USER
+    )
+    dev = device.open()
+    fetcher = update.make_fetcher(dev)
+    assert fetcher.user == FETCH_USER
+    result = update.update(dev, fetcher)
+    assert result.outcome == update.Outcome.UPDATED
+    creds = fetcher.last_credentials
+    assert creds["uid"] == creds["euid"] == fetch_account.pw_uid
+    assert creds["gid"] == creds["egid"] == fetch_account.pw_gid
+    assert creds["groups"] == []
+    assert int(creds["cap_eff"], 16) == 0
+    assert int(creds["cap_prm"], 16) == 0
+    assert int(creds["cap_bnd"], 16) == 0
+    assert creds["no_new_privs"] == "1"
+    # After the fetch, root owns the download directory and files again.
+    assert device.download.stat().st_uid == 0
+    for entry in device.download.iterdir():
+        assert entry.stat().st_uid == 0
+        assert entry.stat().st_mode & 0o777 == 0o600
+
+
+@needs_root
+def test_dropped_process_cannot_write_outside_the_download_dir(
+    tmp_path: Path, fetch_account: pwd.struct_passwd
+) -> None:
+    outside = Path("/etc") / "rampart-privsep-probe"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        results = {}
+        try:
+            fetch.drop_privileges(fetch_account.pw_uid, fetch_account.pw_gid)
+            for name, action in (
+                ("write_etc", lambda: outside.write_text("x")),
+                ("setuid_root", lambda: os.setuid(0)),
+                ("read_shadow", lambda: Path("/etc/shadow").read_bytes()),
+            ):
+                try:
+                    action()
+                    results[name] = "allowed"
+                except PermissionError:
+                    results[name] = "denied"
+        finally:
+            os.write(write_end, json.dumps(results).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        results = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert results == {"write_etc": "denied", "setuid_root": "denied", "read_shadow": "denied"}
+    assert not outside.exists()
+
+
+@needs_root
+def test_leftover_processes_of_the_fetch_user_are_killed(
+    fetch_account: pwd.struct_passwd,
+) -> None:
+    pid = os.fork()
+    if pid == 0:
+        os.setresgid(fetch_account.pw_gid, fetch_account.pw_gid, fetch_account.pw_gid)
+        os.setresuid(fetch_account.pw_uid, fetch_account.pw_uid, fetch_account.pw_uid)
+        time.sleep(60)
+        os._exit(0)
+    assert fetch.kill_user_processes(fetch_account.pw_uid) >= 1
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+
+
+@needs_root
+def test_symlink_planted_in_the_download_dir_is_removed(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, fetch_account: pwd.struct_passwd
+) -> None:
+    publish(served.root, vendor, make_release(tmp_path / "rel", "5.0.0-alpha.3"))
+    device = make_device(
+        tmp_path / "device", vendor, pki.ca.cert, served.url, fetch_user=FETCH_USER
+    )
+    device.download.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's file")
+    (device.download / "clipos-5.0.0-alpha.3-core").symlink_to(victim)
+    dev = device.open()
+    update.update(dev, update.make_fetcher(dev))
+    assert victim.read_text() == "root's file"
+    assert not (device.download / "clipos-5.0.0-alpha.3-core").is_symlink()
