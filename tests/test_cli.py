@@ -52,13 +52,13 @@ def test_help_explains_every_verb() -> None:
 
 def test_keygen_encrypted_writes_0600_and_never_overwrites(tmp_path: Path) -> None:
     sk, pk = tmp_path / "k.key", tmp_path / "k.pub"
-    env = {"RAMPART_PASSWORD": "pw"}
+    env = {"RAMPART_PASSWORD": "correct-horse-battery-staple"}  # '-' is not in base64
     result = run_cli("keygen", "--secret-key", sk, "--public-key", pk, "--json", env=env)
     assert result.code == 0, result.err
     info = json.loads(result.out)
     assert info["encrypted"] is True
     assert stat.S_IMODE(sk.stat().st_mode) == 0o600
-    assert b"pw" not in sk.read_bytes()
+    assert b"correct-horse" not in sk.read_bytes()
     before = (sk.read_bytes(), pk.read_bytes())
     result = run_cli("keygen", "--secret-key", sk, "--public-key", pk, env=env)
     assert result.code == 4

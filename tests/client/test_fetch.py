@@ -95,12 +95,17 @@ def test_dropped_process_cannot_write_outside_the_download_dir(
 def test_leftover_processes_of_the_fetch_user_are_killed(
     fetch_account: pwd.struct_passwd,
 ) -> None:
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.setresgid(fetch_account.pw_gid, fetch_account.pw_gid, fetch_account.pw_gid)
         os.setresuid(fetch_account.pw_uid, fetch_account.pw_uid, fetch_account.pw_uid)
+        os.write(ready_w, b"1")
         time.sleep(60)
         os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"  # the child now runs as the fetch user
+    os.close(ready_r)
     assert fetch.kill_user_processes(fetch_account.pw_uid) >= 1
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status)
