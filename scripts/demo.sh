@@ -1,5 +1,8 @@
 #!/bin/sh
-# make demo: keys, two dummy releases published into a webroot, audited.
+# make demo: the whole local flow on embedded defaults.
+#  1. vendor: keys, releases 1.0.0 and 1.0.1 published into a static webroot, audited;
+#  2. server: the webroot served over HTTPS on loopback (nginx, a demo CA);
+#  3. device: a file-backed device running 1.0.0 updates itself to 1.0.1.
 set -eu
 cd "$(dirname "$0")/.."
 RAMPART=.venv/bin/rampart
@@ -46,3 +49,99 @@ echo "== the webroot"
 find "$WORK/webroot" | sort | sed "s|^$WORK/||"
 echo "== update/v1/clipos/version"
 cat "$WORK/webroot/update/v1/clipos/version"
+
+echo
+echo "== a demo CA and a server certificate for localhost"
+PKI="$WORK/pki"
+mkdir -p "$PKI"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+    -subj "/CN=Rampart demo CA" -keyout "$PKI/ca.key" -out "$PKI/ca.pem" \
+    -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$PKI/server.key" -out "$PKI/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > "$PKI/ext"
+openssl x509 -req -in "$PKI/server.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" \
+    -CAcreateserial -days 30 -extfile "$PKI/ext" -out "$PKI/server.pem" 2>/dev/null
+
+echo "== serving the webroot over HTTPS on loopback (nginx)"
+PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+NGINX_DIR="$PWD/$WORK/nginx"
+mkdir -p "$NGINX_DIR"
+USER_LINE=""
+[ "$(id -u)" -eq 0 ] && USER_LINE="user root;"
+cat > "$NGINX_DIR/nginx.conf" <<CONF
+$USER_LINE
+worker_processes 1;
+pid $NGINX_DIR/nginx.pid;
+error_log $NGINX_DIR/error.log warn;
+events { worker_connections 64; }
+http {
+    access_log $NGINX_DIR/access.log;
+    client_body_temp_path $NGINX_DIR/body;
+    proxy_temp_path $NGINX_DIR/proxy;
+    fastcgi_temp_path $NGINX_DIR/fastcgi;
+    uwsgi_temp_path $NGINX_DIR/uwsgi;
+    scgi_temp_path $NGINX_DIR/scgi;
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$PORT ssl;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate $PWD/$PKI/server.pem;
+        ssl_certificate_key $PWD/$PKI/server.key;
+        root $PWD/$WORK/webroot;
+    }
+}
+CONF
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+"$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" 2>/dev/null
+trap '"$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" -s stop 2>/dev/null || true' EXIT
+echo "   https://localhost:$PORT/"
+
+echo "== a device running 1.0.0 (file backend: a directory stands in for the volume group)"
+DEV="$PWD/$WORK/device"
+mkdir -p "$DEV/config" "$DEV/remote" "$DEV/mainvg" "$DEV/esp/EFI/Linux"
+cp "$WORK/vendor.pub" "$DEV/config/pubkey"
+cat > "$DEV/config/config.toml" <<CONF
+os_name = "clipos"
+
+[core]
+backend = "file"
+destination = "$DEV/mainvg"
+size = "1M"
+capacity = "8M"
+
+[efiboot]
+destination = "$DEV/esp/EFI/Linux"
+boot_tries = 3
+CONF
+cat > "$DEV/remote/remote.toml" <<CONF
+update_url = "https://localhost:$PORT/update/v1"
+dist_url = "https://localhost:$PORT/dist"
+CONF
+cp "$PKI/ca.pem" "$DEV/remote/rootca.pem"
+printf 'NAME="CLIP OS"\nID=clipos\nVERSION_ID=1.0.0\n' > "$DEV/os-release"
+.venv/bin/python -c 'import uuid; print(uuid.uuid4().hex)' > "$DEV/machine-id"
+# What the installer would have written: Core 1.0.0 in its LV, its boot entry.
+cp "$WORK/payloads/core-1.0.0" "$DEV/mainvg/core_1.0.0"
+truncate -s 1M "$DEV/mainvg/core_1.0.0"
+truncate -s 1M "$DEV/mainvg/core_state"
+cp "$WORK/payloads/efiboot-1.0.0" "$DEV/esp/EFI/Linux/clipos-1.0.0.efi"
+DEVICE_ARGS="-c $DEV/config --os-release $DEV/os-release --machine-id $DEV/machine-id --run-dir $DEV/run"
+
+echo "== rampart status (before)"
+$RAMPART status $DEVICE_ARGS
+echo
+echo "== rampart update"
+set +e
+$RAMPART update $DEVICE_ARGS -r "$DEV/remote" -t "$DEV/download"
+code=$?
+set -e
+echo "   exit code $code (20: updated, reboot to use it)"
+[ "$code" -eq 20 ]
+echo
+echo "== rampart status (after)"
+$RAMPART status $DEVICE_ARGS
+echo
+echo "== the volume group and the ESP"
+ls -l "$DEV/mainvg" "$DEV/esp/EFI/Linux" | sed "s|$PWD/||"

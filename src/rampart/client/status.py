@@ -74,7 +74,7 @@ def render(report: dict[str, Any]) -> str:
             f"{_mib(report['free'])} free):"
         )
         for slot in report["slots"]:
-            state = "running" if slot["running"] else (slot["busy"] or "unused")
+            state = "running" if slot["running"] else (slot["busy"] or "standby")
             lines.append(f"  {slot['name']:<32} {_mib(slot['size']):>12}  {state}")
     else:
         lines.append(f"slots: {report['slots_error']}")
