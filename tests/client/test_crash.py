@@ -91,8 +91,11 @@ def test_sigkill_at_every_step_leaves_a_bootable_system_and_a_rerun_completes(
     publish(served.root, vendor, release)
     device = make_device(tmp_path / "device", vendor, pki.ca.cert, served.url)
     cfg = device.config_dir / "config.toml"
-    cfg.write_text(cfg.read_text().replace('size = "1M"', 'size = "4M"').replace(
-        'capacity = "8M"', 'capacity = "16M"'))
+    cfg.write_text(
+        cfg.read_text()
+        .replace('size = "1M"', 'size = "4M"')
+        .replace('capacity = "8M"', 'capacity = "16M"')
+    )
     # A previous update left an unused LV and its entry: the normal A/B case.
     (device.vg / "core_5.0.0-alpha.2").write_bytes(OLD_CORE)
     (device.esp / f"{OS}-5.0.0-alpha.2.efi").write_bytes(b"old efi")
