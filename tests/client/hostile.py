@@ -56,9 +56,15 @@ def body(data: bytes, length: int | None = None) -> Behaviour:
 class _Handler(BaseHTTPRequestHandler):
     root: Path
     behaviours: dict[str, Behaviour]
+    posts: list[tuple[str, dict[str, str], bytes]]
 
     def log_message(self, *args: object) -> None:
         return
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.posts.append((self.path, dict(self.headers.items()), self.rfile.read(length)))
+        body(b"{}")(self)
 
     def do_GET(self) -> None:
         behaviour = self.behaviours.get(self.path)
@@ -74,10 +80,21 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def hostile_server(
-    root: Path, cert: Path, key: Path, behaviours: dict[str, Behaviour]
+    root: Path,
+    cert: Path,
+    key: Path,
+    behaviours: dict[str, Behaviour],
+    posts: list[tuple[str, dict[str, str], bytes]] | None = None,
 ) -> Iterator[str]:
-    """Serve `root` over HTTPS on loopback; yield the base URL (https://localhost:PORT)."""
-    handler = type("Handler", (_Handler,), {"root": root, "behaviours": behaviours})
+    """Serve `root` over HTTPS on loopback; yield the base URL (https://localhost:PORT).
+
+    POSTed requests are appended to `posts` as (path, headers, body).
+    """
+    handler = type(
+        "Handler",
+        (_Handler,),
+        {"root": root, "behaviours": behaviours, "posts": [] if posts is None else posts},
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
