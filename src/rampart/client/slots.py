@@ -234,11 +234,11 @@ class LvmBackend:
         raise LocalError(f"lvcreate: {self.vg}/{name} was not created")
 
     def rename(self, slot: Slot, new_name: str) -> Slot:
-        self._lvm("lvrename", self.vg, slot.name, _check_lv_name(new_name))
+        self._lvm("lvrename", self.vg, _check_lv_name(slot.name), _check_lv_name(new_name))
         return Slot(new_name, slot.size, slot.path.with_name(new_name))
 
     def remove(self, slot: Slot) -> None:
-        self._lvm("lvremove", "--yes", f"{self.vg}/{slot.name}")
+        self._lvm("lvremove", "--yes", f"{self.vg}/{_check_lv_name(slot.name)}")
 
 
 def mounted_sources(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:
