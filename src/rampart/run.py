@@ -68,6 +68,6 @@ def run(
     done = Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr or b"")
     if check and proc.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
-        last = lines[-1] if lines else "no error output"
+        last = lines[-1].strip() if lines else "no error output"
         raise LocalError(f"{argv[0]} failed with exit code {proc.returncode}: {last}")
     return done

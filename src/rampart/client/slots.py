@@ -118,13 +118,19 @@ class FileBackend:
         target = self.directory / _check_lv_name(new_name)
         if target.exists():
             raise LocalError(f"{target}: logical volume already exists")
-        os.rename(slot.path, target)
+        try:
+            os.rename(slot.path, target)
+        except OSError as exc:
+            raise LocalError(f"{slot.path}: cannot rename to {new_name}: {exc.strerror}") from None
         _fsync_dir(self.directory)
         log.info("renamed %s to %s", slot.name, new_name)
         return Slot(new_name, slot.size, target)
 
     def remove(self, slot: Slot) -> None:
-        slot.path.unlink()
+        try:
+            slot.path.unlink()
+        except OSError as exc:
+            raise LocalError(f"{slot.path}: cannot remove: {exc.strerror}") from None
         _fsync_dir(self.directory)
 
 
@@ -149,7 +155,7 @@ def _report(stdout: bytes, key: str, command: str) -> list[dict[str, Any]]:
 
 
 def _int(value: object, command: str) -> int:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,20}", value):
         return int(value)
     raise FormatError(f"{command}: expected a byte count, got {value!r}")
 
@@ -177,17 +183,15 @@ class LvmBackend:
         )
         slots = []
         for row in _report(out, "lv", "lvs"):
-            name = str(row.get("lv_name", ""))
+            name = row.get("lv_name")
+            if not isinstance(name, str) or not _LV_NAME.fullmatch(name):
+                raise FormatError(f"lvs: invalid LV name {name!r} in the report")
             attr = str(row.get("lv_attr", ""))
             path = str(row.get("lv_path") or f"/dev/{self.vg}/{name}")
-            slots.append(
-                Slot(
-                    name,
-                    _int(row.get("lv_size"), "lvs"),
-                    Path(path),
-                    open=len(attr) > 5 and attr[5] == "o",
-                )
-            )
+            # lv_attr[5] is 'o' when the device is open, '-' when not; anything
+            # else (LVM's 'X' for unknown) counts as open: never write on a guess.
+            is_open = len(attr) < 6 or attr[5] != "-"
+            slots.append(Slot(name, _int(row.get("lv_size"), "lvs"), Path(path), is_open))
         return slots
 
     def slots(self) -> list[Slot]:
@@ -211,6 +215,7 @@ class LvmBackend:
         return _int(rows[0].get("vg_free"), "vgs")
 
     def create(self, name: str, size: int) -> Slot:
+        _check_lv_name(name)
         free = self.free_space()
         if size > free:
             raise LocalError(
@@ -235,7 +240,7 @@ class LvmBackend:
 
     def rename(self, slot: Slot, new_name: str) -> Slot:
         self._lvm("lvrename", self.vg, _check_lv_name(slot.name), _check_lv_name(new_name))
-        return Slot(new_name, slot.size, slot.path.with_name(new_name))
+        return Slot(new_name, slot.size, slot.path.with_name(new_name), slot.open)
 
     def remove(self, slot: Slot) -> None:
         self._lvm("lvremove", "--yes", f"{self.vg}/{_check_lv_name(slot.name)}")
@@ -246,8 +251,9 @@ def mounted_sources(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:
     sources: set[str] = set()
     try:
         text = mountinfo.read_text(errors="replace")
-    except OSError:
-        return sources
+    except OSError as exc:
+        # Not knowing what is mounted is not "nothing is mounted".
+        raise LocalError(f"{mountinfo}: cannot read: {exc.strerror}") from None
     for line in text.splitlines():
         _, sep, tail = line.partition(" - ")
         fields = tail.split()
@@ -268,7 +274,9 @@ def busy_reason(
     if slot.open:
         return "the logical volume is open"
     sources = mounted_sources(mountinfo)
-    candidates = {str(slot.path), f"/dev/mapper/verity_{slot.name}"}
+    vg = slot.path.parent.name
+    dm_name = f"{vg.replace('-', '--')}-{slot.name.replace('-', '--')}"
+    candidates = {str(slot.path), f"/dev/mapper/{dm_name}", f"/dev/mapper/verity_{slot.name}"}
     if sources & candidates:
         return "it is mounted"
     if (mapper_dir / f"verity_{slot.name}").exists():
