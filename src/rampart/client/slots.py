@@ -67,8 +67,17 @@ class SlotBackend(Protocol):
     def remove(self, slot: Slot) -> None: ...
 
 
+def _valid_lv_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and _LV_NAME.fullmatch(name) is not None
+        and not name.startswith("-")
+        and name not in (".", "..")
+    )
+
+
 def _check_lv_name(name: str) -> str:
-    if not _LV_NAME.fullmatch(name) or name.startswith("-"):
+    if not _valid_lv_name(name):
         raise UsageError(f"invalid logical volume name {name!r}")
     return name
 
@@ -86,7 +95,7 @@ class FileBackend:
         return [
             Slot(p.name, p.stat().st_size, p)
             for p in sorted(self.directory.iterdir())
-            if p.is_file() and _LV_NAME.fullmatch(p.name)
+            if p.is_file() and _valid_lv_name(p.name)
         ]
 
     def slots(self) -> list[Slot]:
@@ -115,11 +124,13 @@ class FileBackend:
         return Slot(name, size, path)
 
     def rename(self, slot: Slot, new_name: str) -> Slot:
+        source = self.directory / _check_lv_name(slot.name)
         target = self.directory / _check_lv_name(new_name)
         if target.exists():
             raise LocalError(f"{target}: logical volume already exists")
         try:
-            os.rename(slot.path, target)
+            # Single writer (the update runs once at a time): check, then rename.
+            os.rename(source, target)
         except OSError as exc:
             raise LocalError(f"{slot.path}: cannot rename to {new_name}: {exc.strerror}") from None
         _fsync_dir(self.directory)
@@ -128,7 +139,7 @@ class FileBackend:
 
     def remove(self, slot: Slot) -> None:
         try:
-            slot.path.unlink()
+            (self.directory / _check_lv_name(slot.name)).unlink()
         except OSError as exc:
             raise LocalError(f"{slot.path}: cannot remove: {exc.strerror}") from None
         _fsync_dir(self.directory)
@@ -178,16 +189,19 @@ class LvmBackend:
             "b",
             "--nosuffix",
             "-o",
-            "lv_name,lv_size,lv_attr,lv_path",
+            "lv_name,lv_size,lv_attr",
             self.vg,
         )
         slots = []
         for row in _report(out, "lv", "lvs"):
             name = row.get("lv_name")
-            if not isinstance(name, str) or not _LV_NAME.fullmatch(name):
+            if not isinstance(name, str) or not _valid_lv_name(name):
                 raise FormatError(f"lvs: invalid LV name {name!r} in the report")
-            attr = str(row.get("lv_attr", ""))
-            path = str(row.get("lv_path") or f"/dev/{self.vg}/{name}")
+            attr = row.get("lv_attr")
+            if not isinstance(attr, str):
+                attr = ""
+            # The device path is derived, never taken from the report.
+            path = f"/dev/{self.vg}/{name}"
             # lv_attr[5] is 'o' when the device is open, '-' when not; anything
             # else (LVM's 'X' for unknown) counts as open: never write on a guess.
             is_open = len(attr) < 6 or attr[5] != "-"
@@ -215,7 +229,7 @@ class LvmBackend:
         return _int(rows[0].get("vg_free"), "vgs")
 
     def create(self, name: str, size: int) -> Slot:
-        _check_lv_name(name)
+        name = _check_lv_name(name)
         free = self.free_space()
         if size > free:
             raise LocalError(
@@ -228,7 +242,7 @@ class LvmBackend:
             "--wipesignatures",
             "y",
             "-n",
-            _check_lv_name(name),
+            name,
             "-L",
             f"{size}b",
             self.vg,
@@ -258,7 +272,8 @@ def mounted_sources(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:
         _, sep, tail = line.partition(" - ")
         fields = tail.split()
         if sep and len(fields) >= 2:
-            sources.add(fields[1].replace("\\040", " "))
+            # mountinfo escapes space, tab, newline and backslash as \ooo.
+            sources.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]))
     return sources
 
 
