@@ -441,8 +441,12 @@ def sign_file(path: Path, key: SecretKey, trusted_comment: str) -> Signature:
     return key.sign_message(digest, trusted_comment.encode(), prehashed=True)
 
 
-def verify_file(path: Path, signature: Signature, public_key: PublicKey) -> None:
-    """Verify `signature` over the file at `path`; VerificationError naming `path` if not."""
+def verify_file(path: Path, signature: Signature, public_key: PublicKey) -> bytes:
+    """Verify `signature` over the file at `path`; VerificationError naming `path` if not.
+
+    Returns the BLAKE2b-512 digest of the bytes verified (whatever the signature's
+    algorithm), so a caller can check that a later copy is the same file.
+    """
     try:
         with path.open("rb") as handle:
             message = message_for(handle, signature.prehashed, str(path))
@@ -454,3 +458,4 @@ def verify_file(path: Path, signature: Signature, public_key: PublicKey) -> None
         verify(public_key, signature, message)
     except VerificationError as exc:
         raise VerificationError(f"{path}: {exc}") from None
+    return message if signature.prehashed else hashlib.blake2b(message).digest()

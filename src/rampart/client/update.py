@@ -170,17 +170,20 @@ def _verified(device: Device, payload: Path, version: Version) -> bool:
     return True
 
 
-def check_payload(device: Device, payload: Path, version: Version) -> signing.Signature:
-    """Verify `payload` with its `.sig` and the pinned key; its version must be `version`."""
+def check_payload(device: Device, payload: Path, version: Version) -> bytes:
+    """Verify `payload` with its `.sig` and the pinned key; its version must be `version`.
+
+    Returns the BLAKE2b-512 digest of the verified bytes.
+    """
     sig_path = payload.with_name(payload.name + ".sig")
     signature = signing.load_signature(sig_path)
-    signing.verify_file(payload, signature, device.config.public_key)
+    digest = signing.verify_file(payload, signature, device.config.public_key)
     comment = signature.trusted_text(str(sig_path))
     if comment != version.core:
         raise VerificationError(
             f"{payload.name}: signed for version {comment[:80]!r}, expected {version.core!r}"
         )
-    return signature
+    return digest
 
 
 def check_latest(device: Device, fetcher: Fetcher) -> Version:
@@ -262,17 +265,12 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     return efiboot, core
 
 
-def write_core(
-    image: Path,
-    slot: Slot,
-    signature: signing.Signature,
-    public_key: signing.PublicKey,
-    checkpoint: Checkpoint,
-) -> None:
-    """Write `image` at the start of `slot`, fsync, read back; both checked against the signature.
+def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint) -> None:
+    """Write `image` at the start of `slot`, fsync, read back; both checked against `verified`.
 
-    The bytes written are hashed as they are read, and that digest must carry
-    the signature; the read-back digest must equal it.
+    `verified` is the BLAKE2b-512 digest of the bytes whose signature was
+    checked. The bytes written are hashed as they are read, and the read-back
+    is hashed again: both digests must equal it.
     """
     size = image.stat().st_size
     if size > slot.size:
@@ -298,7 +296,8 @@ def write_core(
     finally:
         os.close(fd)
     digest = written.digest()
-    signing.verify(public_key, signature, digest)
+    if digest != verified:
+        raise VerificationError(f"{image}: changed after its signature was verified")
     readback = hashlib.blake2b()
     with slot.path.open("rb") as dev:
         left = size
@@ -351,7 +350,7 @@ def update(
         raise LocalError(
             f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
         )
-    core_signature = check_payload(device, core, latest)
+    core_digest = check_payload(device, core, latest)
 
     checkpoint("remove-entries")
     removed = device.esp.remove_all_except(running)
@@ -364,7 +363,7 @@ def update(
         slot = device.slots.rename(slot, new_name)
 
     checkpoint("write-core")
-    write_core(core, slot, core_signature, device.config.public_key, checkpoint)
+    write_core(core, slot, core_digest, checkpoint)
 
     checkpoint("install-entry")
     check_payload(device, efiboot, latest)
