@@ -7,9 +7,12 @@ process forked from the root client, which before running any of it:
 - drops every capability from its bounding set, sets no_new_privs, clears its
   supplementary groups and switches real, effective and saved ids to the
   dedicated fetch user (`rampart-fetch` by default). From then on it holds no
-  capability and can write only into the download directory.
+  capability and can write only where that user can: by design, nowhere but
+  the download directory.
 Forking (rather than exec'ing a helper) means the child needs no access to the
-interpreter or the package files, and nothing new is loaded after the drop.
+package files; the few modules a TLS connection loads lazily (IDNA encoding)
+are imported before the fork, so the child needs no file access but the
+download directory.
 
 The download directory is handed over and taken back around each fetch:
 1. root: the directory (0700) and its regular files chowned to the fetch user,
@@ -24,19 +27,28 @@ The download directory is handed over and taken back around each fetch:
 from __future__ import annotations
 
 import ctypes
+import encodings.idna  # noqa: F401 - imported before any fork: TLS loads it lazily
 import json
 import logging
 import os
 import pwd
 import signal
+import stat
+import stringprep  # noqa: F401 - imported before any fork: encodings.idna needs it
 import tomllib
+import unicodedata  # noqa: F401 - imported before any fork: encodings.idna needs it
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from rampart import errors
 from rampart.client.transport import Limits, Progress, Transport
-from rampart.errors import FormatError, LocalError, RampartError, RemoteDataError
+from rampart.errors import (
+    FormatError,
+    LocalError,
+    RampartError,
+    RemoteDataError,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +197,14 @@ class Fetcher:
             raise LocalError("fetch process sent an unreadable reply")
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            kind = getattr(errors, str(error.get("kind")), None)
-            if not (isinstance(kind, type) and issubclass(kind, RampartError)):
-                kind = RemoteDataError
-            raise kind(str(error.get("message", "fetch failed"))[:500])
+            # The child is not trusted: it may only pick among these classes.
+            kinds: dict[str, type[RampartError]] = {
+                cls.__name__: cls
+                for cls in (TransportError, RemoteDataError, FormatError, LocalError)
+            }
+            kind = kinds.get(str(error.get("kind")), RemoteDataError)
+            message = str(error.get("message", "fetch failed"))[:500]
+            raise kind("".join(c if c.isprintable() else "?" for c in message))
         self.last_credentials = reply.get("credentials") or {}
         results = reply.get("results")
         if not isinstance(results, list) or len(results) != count:
@@ -202,22 +218,34 @@ class Fetcher:
         os.chown(directory, uid, gid, follow_symlinks=False)
         os.chmod(directory, 0o700)
         for entry in directory.iterdir():
-            if entry.is_file() and not entry.is_symlink():
+            if _plain_file(entry):
                 os.chown(entry, uid, gid, follow_symlinks=False)
             else:
                 remove_entry(entry)
 
     def _take_back(self, uid: int) -> None:
         """Kill every process of the fetch user, then chown everything back to root."""
-        kill_user_processes(uid)
+        left = kill_user_processes(uid)
+        if left < 0:
+            raise LocalError(f"processes of uid {uid} keep appearing; refusing to continue")
         directory = self.download_dir
         os.chown(directory, 0, 0, follow_symlinks=False)
+        os.chmod(directory, 0o700)
         for entry in directory.iterdir():
-            if entry.is_symlink() or not entry.is_file():
+            if not _plain_file(entry):
                 remove_entry(entry)
                 continue
             os.chown(entry, 0, 0, follow_symlinks=False)
             os.chmod(entry, 0o600, follow_symlinks=False)
+
+
+def _plain_file(entry: Path) -> bool:
+    """A regular file, not a symlink, with one link (a hard link could be root's file)."""
+    try:
+        info = entry.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
 
 
 def remove_entry(entry: Path) -> None:
@@ -231,31 +259,37 @@ def remove_entry(entry: Path) -> None:
 
 
 def kill_user_processes(uid: int) -> int:
-    """SIGKILL every process whose real or effective uid is `uid`; return how many."""
+    """SIGKILL every live process whose real, effective or saved uid is `uid`.
+
+    Returns how many were killed, or -1 if new ones kept appearing (a fork bomb).
+    Zombies are skipped: they can no longer do anything.
+    """
     killed = 0
-    for _ in range(5):  # a process may fork while we scan: repeat until none is left
+    for _ in range(50):  # a process may fork while we scan: repeat until none is left
         found = 0
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                uids = next(
-                    line.split()[1:3]
+                status = dict(
+                    line.split(":", 1)
                     for line in (proc / "status").read_text().splitlines()
-                    if line.startswith("Uid:")
+                    if ":" in line
                 )
-            except (OSError, StopIteration):
+            except OSError:
                 continue
-            if str(uid) in uids:
-                found += 1
-                try:
-                    os.kill(int(proc.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    continue
+            uids = status.get("Uid", "").split()[:3]
+            if str(uid) not in uids or status.get("State", "").strip().startswith("Z"):
+                continue
+            found += 1
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
         killed += found
         if not found:
-            break
-    return killed
+            return killed
+    return -1
 
 
 # --- the child ------------------------------------------------------------------------
