@@ -33,10 +33,12 @@ log = logging.getLogger("rampart")
 PASSWORD_ENV = "RAMPART_PASSWORD"  # noqa: S105 - the name of a variable, not a secret
 
 EPILOG = """\
-exit codes: 0 success, 1 other error, 2 invalid argument, 3 local problem (missing file,
-permission, wrong password), 4 refused (would overwrite or go backwards), 5 audit found
-problems, 10 malformed key/signature/metadata, 11 signature does not verify.
-See docs/exit-codes.md."""
+exit codes: 0 success (update: up to date), 1 other error, 2 invalid argument, 3 local
+problem (missing file, permission, space, wrong password), 4 refused (would overwrite, go
+backwards, or update while another runs), 5 audit found problems, 10 malformed or oversized
+data, 11 signature does not verify or names another version, 12 network failure (TLS,
+certificate, timeout, HTTP status), 20 update installed (reboot to use it), 21 an update
+already waits for a reboot. See docs/exit-codes.md."""
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -252,7 +254,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     try:
         result = update.update(device, fetcher)
     except RampartError as exc:
-        update.send_report(device, fetcher, None, "failure", str(exc))
+        update.send_report(device, fetcher, device.target, "failure", str(exc))
         raise
     if result.outcome == update.Outcome.UPDATED:
         update.send_report(device, fetcher, result.latest, "success")
@@ -537,6 +539,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"rampart: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a local failure no layer below anticipated
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"rampart: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return LocalError.exit_code
     except KeyboardInterrupt:
         print("rampart: interrupted", file=sys.stderr)
         return 130

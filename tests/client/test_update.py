@@ -178,15 +178,25 @@ def test_update_ready_blocks_a_second_run(device: DeviceDirs, release: Release) 
     assert device.state() == before
 
 
-def test_verified_download_is_reused(device: DeviceDirs, release: Release, served: Nginx) -> None:
-    run_update(device)
-    reset_ready(device)
-    (device.vg / f"core_{OFFERED}").rename(device.vg / "core_5.0.0-alpha.0")
-    (device.esp / f"{OS}-{OFFERED}.efi").unlink()
+def test_verified_download_is_reused_after_a_failed_attempt(
+    device: DeviceDirs, release: Release, served: Nginx
+) -> None:
+    class Interrupted(Exception):
+        pass
+
+    def fail_after_download(step: str) -> None:
+        if step == "remove-entries":
+            raise Interrupted
+
+    dev = device.open()
+    with pytest.raises(Interrupted):
+        update.update(dev, update.make_fetcher(dev), fail_after_download)
     before = served.access_log().count("/dist/")
+    assert before == 4
     run_update(device)
-    assert served.access_log().count("/dist/") == before
+    assert served.access_log().count("/dist/") == before  # nothing fetched again
     assert_installed(device, release)
+    assert list(device.download.iterdir()) == []  # installed: downloads removed
 
 
 def test_partial_download_resumes_with_a_range_request(
@@ -245,3 +255,51 @@ def test_cli_update_status_and_exit_codes(device: DeviceDirs, release: Release) 
     assert [e["default"] for e in report["entries"]] == [False, True]
     text = run_cli("status", *argv).out
     assert "update ready: 5.0.0-alpha.3" in text
+
+
+def test_version_that_failed_to_boot_is_not_installed_again(
+    device: DeviceDirs, release: Release
+) -> None:
+    """After its boot counter ran out and the machine fell back, 5.0.0-alpha.3 stays out."""
+    (device.vg / f"core_{OFFERED}").write_bytes(bytes(1 << 20))
+    (device.esp / f"{OS}-{OFFERED}+0-3.efi").write_bytes(b"failed entry")
+    before = device.state()
+    with pytest.raises(ConflictError, match="already failed to boot"):
+        run_update(device)
+    assert device.state() == before
+
+
+def test_a_second_concurrent_update_is_refused(device: DeviceDirs, release: Release) -> None:
+    import fcntl
+    import os
+
+    device.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(device.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        before = device.state()
+        with pytest.raises(ConflictError, match="another update is running"):
+            run_update(device)
+        assert device.state() == before
+    finally:
+        os.close(fd)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("read_timeout = true", "wrong type"),
+        ("read_timeout = 0", "greater than 0"),
+        ("stall_window = -1", "greater than 0"),
+        ("min_speed = -5", "must not be negative"),
+        ('max_core_size = "lots"', "not a size"),
+    ],
+)
+def test_invalid_download_settings_are_refused(device: DeviceDirs, line: str, message: str) -> None:
+    cfg = device.config_dir / "config.toml"
+    text = cfg.read_text().replace("read_timeout = 5\n", "")
+    cfg.write_text(text.replace("[download]\n", f"[download]\n{line}\n"))
+    result = run_cli("status", *device.argv()[:2], *device.argv()[6:])
+    assert result.code == 10
+    assert message in result.err and str(cfg) in result.err

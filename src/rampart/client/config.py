@@ -109,7 +109,8 @@ def _get(
             raise FormatError(f"{where}: missing required key '{key}'")
         return default
     value = table[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         raise FormatError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
     return value
 
@@ -144,7 +145,7 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
     if not 0 <= boot_tries <= 16:
         raise FormatError(f"{where}: [efiboot] boot_tries must be between 0 and 16")
     pubkey_name = _get(doc, "pubkey", str, where, "pubkey")
-    return DeviceConfig(
+    config = DeviceConfig(
         os_name=os_name,
         public_key=signing.load_public_key(config_dir / pubkey_name),
         backend=backend,
@@ -175,6 +176,26 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
         reboot=_get(update, "reboot", bool, f"{where} [update]", False),
         report=_get(update, "report", bool, f"{where} [update]", True),
     )
+    _check_ranges(config, where)
+    return config
+
+
+def _check_ranges(config: DeviceConfig, where: str) -> None:
+    """Numbers that would make no sense (or divide by zero) are refused."""
+    positive = {
+        "[core] size": config.core_size,
+        "[core] capacity": config.file_capacity,
+        "[download] max_core_size": config.max_core_size,
+        "[download] max_efiboot_size": config.max_efiboot_size,
+        "[download] connect_timeout": config.connect_timeout,
+        "[download] read_timeout": config.read_timeout,
+        "[download] stall_window": config.stall_window,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise FormatError(f"{where}: {name} must be greater than 0")
+    if config.min_speed < 0:
+        raise FormatError(f"{where}: [download] min_speed must not be negative")
 
 
 def _check_https_url(url: str, key: str, where: str) -> str:

@@ -104,16 +104,18 @@ class Esp:
         return None
 
     def remove_all_except(self, keep: Version) -> list[Path]:
-        """Remove every `*.efi` (and leftover `*.efi.new`) but `keep`'s entry; fsync.
+        """Remove every `<os>-*.efi` (and leftover `<os>-*.efi.new`) but `keep`'s entry; fsync.
 
-        This makes every other slot unbootable before it is touched.
+        This makes every other slot unbootable before it is touched. Files of
+        other operating systems sharing the directory are left alone.
         """
         removed = []
         for path in self._files():
             entry = parse_entry(self.os_name, path)
             if entry is not None and entry.version == keep:
                 continue
-            if path.name.endswith(".efi") or path.name.endswith(".efi" + _NEW_SUFFIX):
+            ours = path.name.startswith(f"{self.os_name}-")
+            if ours and (path.name.endswith(".efi") or path.name.endswith(".efi" + _NEW_SUFFIX)):
                 log.info("removing boot entry %s", path.name)
                 try:
                     path.unlink()
@@ -165,6 +167,11 @@ class Esp:
         if not entry.counted:
             return None
         final = entry.path.with_name(entry_name(self.os_name, version))
-        os.replace(entry.path, final)
-        _fsync_dir(self.directory)
+        try:
+            os.replace(entry.path, final)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise LocalError(
+                f"{entry.path}: cannot remove the boot counter: {exc.strerror}"
+            ) from None
         return final

@@ -56,7 +56,7 @@ def tls_context(root_ca: Path) -> ssl.SSLContext:
     try:
         context.load_verify_locations(cafile=str(root_ca))
     except (OSError, ssl.SSLError) as exc:
-        raise TransportError(f"{root_ca}: cannot load the pinned root CA: {exc}") from None
+        raise LocalError(f"{root_ca}: cannot load the pinned root CA: {exc}") from None
     return context
 
 
@@ -76,7 +76,12 @@ class Transport:
         method: str = "GET",
         body: bytes | None = None,
     ) -> Iterator[http.client.HTTPResponse]:
-        """Open `url`, following https-only redirects; yield the final response."""
+        """Open `url`, following https-only redirects (GET only); yield the final response.
+
+        The identification headers go only to the host of the first URL: a
+        redirect to another host gets the request without them.
+        """
+        first_host = urlsplit(url).hostname
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             if parts.scheme != "https" or not parts.hostname:
@@ -94,7 +99,12 @@ class Transport:
                 conn.connect()
                 if conn.sock is not None:
                     conn.sock.settimeout(self.limits.read_timeout)
-                conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
+                sent = (
+                    dict(self.headers)
+                    if parts.hostname == first_host
+                    else {"User-Agent": self.headers["User-Agent"]}
+                )
+                conn.request(method, path, body=body, headers={**sent, **(headers or {})})
                 response = conn.getresponse()
             except ssl.SSLCertVerificationError as exc:
                 conn.close()
@@ -107,7 +117,7 @@ class Transport:
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 raise TransportError(f"{url}: {_describe(exc)}") from None
-            if response.status in (301, 302, 303, 307, 308):
+            if response.status in (301, 302, 303, 307, 308) and method == "GET":
                 location = response.getheader("Location") or ""
                 conn.close()
                 target = urljoin(url, location)

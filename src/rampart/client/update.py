@@ -1,7 +1,7 @@
-"""The update transaction (DESIGN.md, "The update transaction").
+"""The update transaction (docs/client.md, "The transaction").
 
-The order is what makes it safe, atomic and resumable; each step is durable
-(fsync of data and directory) before the next starts:
+The order is what makes it safe, atomic and resumable; each step that writes
+the disk is durable (fsync of data and directory) before the next starts:
 
 1. check     ask for the latest version; stop unless it is newer than the running one
 2. preflight the target slot is not running, open, mounted or mapped; space for it
@@ -13,7 +13,11 @@ The order is what makes it safe, atomic and resumable; each step is durable
              read it back and check it against the signed digest
 6. entry     install the UKI as <name>.new, fsync, rename, fsync the directory:
              only now is the new version bootable
-7. ready     /run/rampart/update-ready; report to the server; reboot if configured
+7. ready     <run-dir>/update-ready (a tmpfs: gone at reboot); downloads removed;
+             report to the server; reboot if configured
+
+Only one transaction runs at a time (an exclusive flock on the run directory).
+A version whose boot entry ran out of boot tries is not installed again.
 
 A crash at any point leaves the running version's entry and LV untouched, and
 every entry on the ESP names a complete, verified LV; a rerun redoes the job.
@@ -21,6 +25,7 @@ every entry on the ESP names a complete, verified LV; a rerun redoes the job.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -103,6 +108,7 @@ class Device:
     esp: esp_mod.Esp
     download_dir: Path
     run_dir: Path
+    target: Version | None = None  # the version being installed, once known (for reports)
 
     @property
     def ready_file(self) -> Path:
@@ -221,15 +227,20 @@ def pick_slot(device: Device, target: Version) -> Slot | None:
     return candidates[0]
 
 
-def _clean_downloads(device: Device, keep: Version) -> None:
-    prefix = f"{device.config.os_name}-{keep.core}-"
+def _clean_downloads(device: Device, keep: Version | None) -> None:
+    """Remove every download but `keep`'s payloads and signatures (all if None)."""
+    wanted = set()
+    if keep is not None:
+        for kind in ("efiboot", "core"):
+            name = payload_path(device, keep, kind).name
+            wanted |= {name, name + ".sig"}
     if not device.download_dir.is_dir():
         return
     for entry in device.download_dir.iterdir():
         if entry.is_symlink() or not entry.is_file():
             log.warning("removing %s from the download directory: not a regular file", entry)
             remove_entry(entry)
-        elif not entry.name.startswith(prefix):
+        elif entry.name not in wanted:
             log.debug("removing stale download %s", entry.name)
             entry.unlink(missing_ok=True)
 
@@ -314,7 +325,32 @@ def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint)
 def update(
     device: Device, fetcher: Fetcher, checkpoint: Checkpoint = _no_checkpoint
 ) -> UpdateResult:
-    """Run the whole transaction once. Raises RampartError subclasses on failure."""
+    """Run the whole transaction once, holding the update lock.
+
+    Raises RampartError subclasses on failure (an unexpected OSError becomes a
+    LocalError naming the file).
+    """
+    try:
+        device.run_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(device.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LocalError(
+            f"{device.run_dir}: cannot use the run directory: {exc.strerror}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(f"{device.run_dir}: another update is running") from None
+        return _update_locked(device, fetcher, checkpoint)
+    except OSError as exc:
+        where = exc.filename or "update"
+        raise LocalError(f"{where}: {exc.strerror or exc}") from None
+    finally:
+        os.close(lock_fd)
+
+
+def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> UpdateResult:
     running = device.identity.version
     if device.ready_file.exists():
         log.info("an update is already installed and waits for a reboot")
@@ -328,6 +364,13 @@ def update(
             log.info("up to date (%s)", running)
         return UpdateResult(Outcome.UP_TO_DATE, running, latest)
     log.info("update available: %s -> %s", running, latest)
+    device.target = latest
+    failed = device.esp.find(latest)
+    if failed is not None and failed.bad:
+        raise ConflictError(
+            f"{failed.path.name}: version {latest.core} already failed to boot on this machine "
+            "(its boot counter ran out); not installing it again until a newer one is offered"
+        )
 
     checkpoint("preflight")
     if device.esp.find(running) is None:
@@ -370,8 +413,8 @@ def update(
     entry = device.esp.install(efiboot, latest, device.config.boot_tries)
 
     checkpoint("ready")
-    device.run_dir.mkdir(parents=True, exist_ok=True)
     device.ready_file.write_text(latest.core + "\n")
+    _clean_downloads(device, None)  # installed: the payloads are no longer needed
     return UpdateResult(
         Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
     )
@@ -393,10 +436,17 @@ def send_report(
     ).encode()
     url = f"{device.remote.update_url}/{device.config.os_name}/report"
     try:
-        fetcher.run([Job("report", url, 1 << 16, body=body.decode())])
+        status = fetcher.run([Job("report", url, 1 << 16, body=body.decode())])[0]
     except RampartError as exc:
         log.info("report not delivered: %s", exc)
+        return
+    if not (isinstance(status, int) and 200 <= status < 300):
+        log.info("report not accepted: %s answered HTTP %s", url, status)
 
 
 def reboot() -> None:
-    run.run(["systemctl", "reboot"], timeout=60)
+    """Ask systemd to reboot; a failure is logged, not raised (the update is installed)."""
+    try:
+        run.run(["systemctl", "reboot"], timeout=60)
+    except RampartError as exc:
+        log.error("update installed, but the reboot failed: %s", exc)
