@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests use (real tools, not mocks).
-DEB_PACKAGES := minisign python3-venv nginx openssl util-linux
+DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium
 
 .PHONY: setup demo test lint typecheck unit bench clean distclean
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml scripts/setup-debian.sh scripts/setup-users.sh
 	sh scripts/setup-users.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,test]'
 	touch $(STAMP)
 
 demo: setup

@@ -496,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_update)
 
+    from rampart.server.commands import add_verbs
+
+    add_verbs(verb, verbs)
+
     p = verb(
         "status",
         "show the running version, slots, boot entries and pending update",

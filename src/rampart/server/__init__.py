@@ -1,0 +1,1 @@
+"""The update server: channels, staged rollouts, client identification, fleet reporting."""

@@ -1,0 +1,229 @@
+"""Fleet administration: the operations behind `rampart channel|machine|fleet` and the
+admin API, with their rules. Both front ends call these and nothing else."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from rampart import webroot as webroot_mod
+from rampart.errors import ConflictError, UsageError
+from rampart.server.rollout import ChannelState, RolloutState
+from rampart.server.store import Store
+from rampart.version import parse_version
+
+DEFAULT_CHANNEL = "stable"
+_MACHINE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
+
+
+def check_machine_id(text: str) -> str:
+    if not _MACHINE_ID.fullmatch(text):
+        raise UsageError(f"machine id {text[:40]!r} is not 32 lowercase hex digits")
+    return text
+
+
+def check_published(webroot: Path, os_name: str, version: str) -> str:
+    """`version`, if the webroot holds a complete release of it for `os_name`."""
+    parsed = parse_version(version)
+    if parsed.build:
+        raise UsageError(f"version {version}: build metadata is not allowed")
+    release = webroot_mod.release_dir(webroot, parsed)
+    for kind in webroot_mod.PAYLOADS:
+        for name in (f"{os_name}-{kind}", f"{os_name}-{kind}.sig"):
+            if not (release / name).is_file():
+                raise UsageError(f"{release / name}: not in the webroot; publish {version} first")
+    return parsed.core
+
+
+def bootstrap(store: Store, webroot: Path) -> list[ChannelState]:
+    """Create channels from the static webroot's version files when the database has none
+    for that OS: the default channel becomes `stable`, named channels keep their names."""
+    known = {c.os for c in store.channels()}
+    created = []
+    for static in webroot_mod.list_channels(webroot, []):
+        if static.os_name in known:  # the database is the truth once it knows the OS
+            continue
+        name = static.name or DEFAULT_CHANNEL
+        if any(c.os == static.os_name and c.name == name for c in store.channels()):
+            continue
+        created.append(
+            store.create_channel(
+                static.os_name, name, static.version.core, default=static.name is None
+            )
+        )
+    return created
+
+
+def create_channel(
+    store: Store, webroot: Path, os_name: str, name: str, version: str | None, default: bool
+) -> ChannelState:
+    webroot_mod.check_name(os_name, "OS name")
+    webroot_mod.check_name(name, "channel name")
+    if version is not None:
+        version = check_published(webroot, os_name, version)
+    return store.create_channel(os_name, name, version, default)
+
+
+def set_version(
+    store: Store, webroot: Path, os_name: str, name: str, version: str, force: bool = False
+) -> ChannelState:
+    """Point a channel at a published version (not backwards unless `force`)."""
+    version = check_published(webroot, os_name, version)
+    current = store.channel_row(os_name, name)
+    if (
+        current["version"]
+        and parse_version(version) < parse_version(current["version"])
+        and not force
+    ):
+        raise ConflictError(
+            f"channel {name} names {current['version']}; refusing to go back to {version} "
+            "(use --force)"
+        )
+    values: dict[str, Any] = {"version": version}
+    if current["rollout_version"] == version:
+        values.update(
+            rollout_version=None, rollout_percent=0.0, rollout_state=RolloutState.NONE.value
+        )
+    return store.update_channel(os_name, name, **values)
+
+
+def _check_percent(percent: float) -> float:
+    if not 0 <= percent <= 100:
+        raise UsageError(f"rollout percentage {percent} must be between 0 and 100")
+    return float(percent)
+
+
+def start_rollout(
+    store: Store,
+    webroot: Path,
+    os_name: str,
+    name: str,
+    version: str,
+    percent: float,
+    failure_threshold: float | None = None,
+    min_reports: int | None = None,
+) -> ChannelState:
+    """Offer `version` to `percent` % of the channel's machines."""
+    version = check_published(webroot, os_name, version)
+    percent = _check_percent(percent)
+    current = store.channel_row(os_name, name)
+    if current["version"] and parse_version(version) <= parse_version(current["version"]):
+        raise ConflictError(
+            f"channel {name} already names {current['version']}; a rollout must be newer"
+        )
+    values: dict[str, Any] = {
+        "rollout_version": version,
+        "rollout_percent": percent,
+        "rollout_state": RolloutState.ACTIVE.value,
+    }
+    if failure_threshold is not None:
+        if not 0 <= failure_threshold <= 1:
+            raise UsageError("failure threshold must be between 0 and 1")
+        values["failure_threshold"] = failure_threshold
+    if min_reports is not None:
+        if min_reports < 1:
+            raise UsageError("minimum number of reports must be at least 1")
+        values["min_reports"] = min_reports
+    if percent >= 100:
+        return _complete(store, os_name, name, version)
+    return store.update_channel(os_name, name, **values)
+
+
+def _complete(store: Store, os_name: str, name: str, version: str) -> ChannelState:
+    return store.update_channel(
+        os_name,
+        name,
+        version=version,
+        rollout_version=None,
+        rollout_percent=0.0,
+        rollout_state=RolloutState.NONE.value,
+    )
+
+
+def raise_rollout(store: Store, os_name: str, name: str, percent: float) -> ChannelState:
+    """Raise (never lower) the share of machines offered the rollout; 100 completes it."""
+    percent = _check_percent(percent)
+    current = store.channel_row(os_name, name)
+    if current["rollout_version"] is None:
+        raise ConflictError(f"channel {name} has no rollout in progress")
+    if percent < current["rollout_percent"]:
+        raise ConflictError(
+            f"rollout is at {current['rollout_percent']} %; lowering it would take the update "
+            "away from machines already offered it (pause the rollout instead)"
+        )
+    if percent >= 100:
+        return _complete(store, os_name, name, current["rollout_version"])
+    return store.update_channel(os_name, name, rollout_percent=percent)
+
+
+def pause_rollout(store: Store, os_name: str, name: str) -> ChannelState:
+    current = store.channel_row(os_name, name)
+    if current["rollout_version"] is None:
+        raise ConflictError(f"channel {name} has no rollout in progress")
+    return store.update_channel(os_name, name, rollout_state=RolloutState.PAUSED.value)
+
+
+def resume_rollout(store: Store, os_name: str, name: str) -> ChannelState:
+    current = store.channel_row(os_name, name)
+    if current["rollout_version"] is None:
+        raise ConflictError(f"channel {name} has no rollout in progress")
+    return store.update_channel(os_name, name, rollout_state=RolloutState.ACTIVE.value)
+
+
+def assign(store: Store, machine_id: str, os_name: str, channel: str | None) -> None:
+    store.assign(check_machine_id(machine_id), channel, os_name)
+
+
+def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> dict[str, Any]:
+    """The fleet view: channels, versions per channel, silent machines, recent failures."""
+    now = time.time() if now is None else now
+    machines = store.machines()
+    silent = [
+        {
+            "machine_id": m["machine_id"],
+            "version": m["version"],
+            "channel": m["channel"],
+            "last_seen": m["last_seen"],
+        }
+        for m in machines
+        if m["last_seen"] is not None and now - m["last_seen"] > silent_days * 86400
+    ]
+    return {
+        "channels": [
+            {
+                k: row[k]
+                for k in (
+                    "os",
+                    "name",
+                    "version",
+                    "is_default",
+                    "rollout_version",
+                    "rollout_percent",
+                    "rollout_state",
+                    "failure_threshold",
+                    "min_reports",
+                )
+            }
+            for row in store.channel_rows()
+        ],
+        "versions": store.versions_per_channel(),
+        "machines": len(machines),
+        "last_seen": [
+            {
+                "machine_id": m["machine_id"],
+                "version": m["version"],
+                "channel": m["channel"],
+                "last_seen": m["last_seen"],
+            }
+            for m in machines[:200]
+        ],
+        "silent_days": silent_days,
+        "silent": silent,
+        "recent_failures": [
+            {k: r[k] for k in ("machine_id", "os", "from_version", "to_version", "error", "at")}
+            for r in store.recent_reports(20, "failure")
+        ],
+        "counts": store.counts(),
+    }

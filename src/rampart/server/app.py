@@ -1,0 +1,491 @@
+"""The update service: an ASGI application (FastAPI on Starlette, run by uvicorn).
+
+Wire-compatible with the CLIP OS client (docs/server.md):
+  GET  /update/v1/{os}/version   per-machine answer `version = "X"` (TOML), recorded
+  POST /update/v1/{os}/report    install report (JSON)
+  GET  /dist/...                 the webroot's payloads, with range requests
+Administration (bearer token, stored hashed): /admin/api/... (OpenAPI schema at
+/admin/openapi.json), the fleet dashboard at /admin/, Prometheus metrics at /metrics.
+
+The version check is the hot path. It answers from in-memory caches (channels,
+machine assignments) that are dropped within a second of any administrative
+change (a generation counter in the database), and it records each check in a
+buffer that a background task writes in batches every `flush_interval`. If the
+database is unreachable the buffer is kept, new checks get 503, and the service
+recovers by itself when the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+
+from rampart.errors import ConflictError, RampartError, UsageError
+from rampart.server import admin
+from rampart.server.rollout import ChannelState, offer
+from rampart.server.store import Check, Report, Store, token_matches
+from rampart.version import parse_version
+
+log = logging.getLogger(__name__)
+
+_MACHINE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
+_OS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
+MAX_VERSION_HEADER = 128
+MAX_REPORT_BODY = 16 * 1024
+MAX_ERROR_TEXT = 2000
+MAX_BUFFER = 200_000
+SESSION_COOKIE = "rampart_admin"
+
+
+class Unavailable(Exception):
+    """The database cannot be reached: answer 503."""
+
+
+def _reason(status: int, reason: str) -> PlainTextResponse:
+    return PlainTextResponse(reason + "\n", status_code=status)
+
+
+# --- caches and the check recorder ---------------------------------------------------------
+
+
+class Fleet:
+    """Channel and assignment caches, invalidated by the database's generation counter."""
+
+    def __init__(self, store: Store, ttl: float = 1.0, max_machines: int = 200_000) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.max_machines = max_machines
+        self.generation = -1
+        self.checked_at = 0.0
+        self.channels: dict[tuple[str, str], ChannelState] = {}
+        self.defaults: dict[str, ChannelState] = {}
+        self.assignments: OrderedDict[str, str | None] = OrderedDict()
+        self.lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.checked_at < self.ttl:
+            return
+        async with self.lock:
+            if time.monotonic() - self.checked_at < self.ttl:
+                return
+            generation = await run_in_threadpool(self.store.generation)
+            if generation != self.generation:
+                channels = await run_in_threadpool(self.store.channels)
+                self.channels = {(c.os, c.name): c for c in channels}
+                self.defaults = {c.os: c for c in channels if c.default}
+                self.assignments.clear()
+                self.generation = generation
+            self.checked_at = time.monotonic()
+
+    async def channel_for(self, os_name: str, machine_id: str | None) -> ChannelState | None:
+        await self.refresh()
+        if machine_id is not None:
+            if machine_id in self.assignments:
+                name = self.assignments[machine_id]
+                self.assignments.move_to_end(machine_id)
+            else:
+                name = await run_in_threadpool(self.store.assignment, machine_id)
+                self.assignments[machine_id] = name
+                if len(self.assignments) > self.max_machines:
+                    self.assignments.popitem(last=False)
+            if name is not None and (os_name, name) in self.channels:
+                return self.channels[(os_name, name)]
+        return self.defaults.get(os_name)
+
+    def known_os(self, os_name: str) -> bool:
+        return os_name in self.defaults
+
+
+class Recorder:
+    """Buffers checks and writes them in batches from a background task."""
+
+    def __init__(self, store: Store, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self.buffer: list[Check] = []
+        self.down = False
+        self.recorded = 0
+
+    def add(self, check: Check) -> None:
+        if self.down or len(self.buffer) >= MAX_BUFFER:
+            raise Unavailable
+        self.buffer.append(check)
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        batch, self.buffer = self.buffer, []
+        try:
+            await run_in_threadpool(self.store.record_checks, batch)
+        except SQLAlchemyError as exc:
+            self.buffer = batch + self.buffer
+            if not self.down:
+                log.error(
+                    "database unavailable, keeping %d checks: %s",
+                    len(self.buffer),
+                    str(exc).splitlines()[0],
+                )
+            self.down = True
+            return
+        if self.down:
+            log.warning("database back; recorded %d buffered checks", len(batch))
+        self.down = False
+        self.recorded += len(batch)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+
+# --- admin API models --------------------------------------------------------------------
+
+
+class ChannelCreate(BaseModel):
+    os: str = Field(max_length=64)
+    name: str = Field(max_length=64)
+    version: str | None = Field(default=None, max_length=128)
+    default: bool = False
+
+
+class VersionSet(BaseModel):
+    version: str = Field(max_length=128)
+    force: bool = False
+
+
+class RolloutStart(BaseModel):
+    version: str = Field(max_length=128)
+    percent: float = Field(ge=0, le=100)
+    failure_threshold: float | None = Field(default=None, ge=0, le=1)
+    min_reports: int | None = Field(default=None, ge=1)
+
+
+class RolloutRaise(BaseModel):
+    percent: float = Field(ge=0, le=100)
+
+
+class Assignment(BaseModel):
+    os: str = Field(max_length=64)
+    channel: str | None = Field(default=None, max_length=64)
+
+
+@dataclass
+class Settings:
+    webroot: Path
+    flush_interval: float = 0.05
+    cache_ttl: float = 1.0
+
+
+def create_app(store: Store, settings: Settings) -> FastAPI:
+    """The application for one webroot and one database (schema already migrated)."""
+    fleet = Fleet(store, settings.cache_ttl)
+    recorder = Recorder(store, settings.flush_interval)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(recorder.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await recorder.flush()
+
+    app = FastAPI(
+        title="Rampart update server",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/admin/openapi.json",
+    )
+    app.state.fleet = fleet
+    app.state.recorder = recorder
+    app.state.store = store
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_down(_: Request, exc: SQLAlchemyError) -> Response:
+        log.error("database error: %s", str(exc).splitlines()[0])
+        return _reason(503, "database unavailable, retry later")
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_: Request, __: Unavailable) -> Response:
+        return _reason(503, "database unavailable, retry later")
+
+    @app.exception_handler(RampartError)
+    async def _rampart_error(_: Request, exc: RampartError) -> Response:
+        status = 409 if isinstance(exc, ConflictError) else 400
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    # --- the CLIP OS protocol -------------------------------------------------------------
+
+    def identify(request: Request) -> tuple[str | None, str | None, Response | None]:
+        machine_id = request.headers.get("clipos-machineid")
+        version = request.headers.get("clipos-version")
+        if machine_id is None and version is None:
+            return None, None, None
+        if machine_id is None or not _MACHINE_ID.fullmatch(machine_id):
+            return None, None, _reason(400, "clipos-machineid must be 32 lowercase hex digits")
+        if version is None or len(version) > MAX_VERSION_HEADER:
+            return None, None, _reason(400, "clipos-version missing or longer than 128 bytes")
+        try:
+            parsed = parse_version(version)
+        except UsageError:
+            return None, None, _reason(400, "clipos-version is not a semantic version")
+        return machine_id, parsed.core, None
+
+    @app.get("/update/v1/{os_name}/version", include_in_schema=False)
+    async def version_check(os_name: str, request: Request) -> Response:
+        if not _OS.fullmatch(os_name):
+            return _reason(404, "unknown os")
+        machine_id, running, error = identify(request)
+        if error is not None:
+            return error
+        channel = await fleet.channel_for(os_name, machine_id)
+        if channel is None:
+            return _reason(404, "unknown os")
+        offered = offer(channel, machine_id)
+        if offered is None:
+            return _reason(404, f"no version published on channel {channel.name}")
+        if machine_id is not None and running is not None:
+            client = request.client
+            recorder.add(
+                Check(
+                    machine_id,
+                    os_name,
+                    running,
+                    channel.name,
+                    offered,
+                    time.time(),
+                    client.host if client else None,
+                )
+            )
+        return Response(f'version = "{offered}"\n', media_type="application/octet-stream")
+
+    @app.post("/update/v1/{os_name}/report", include_in_schema=False)
+    async def install_report(os_name: str, request: Request) -> Response:
+        if not _OS.fullmatch(os_name):
+            return _reason(404, "unknown os")
+        machine_id, _running, error = identify(request)
+        if error is not None:
+            return error
+        if machine_id is None:
+            return _reason(400, "clipos-machineid and clipos-version are required")
+        await fleet.refresh()
+        if not fleet.known_os(os_name):
+            return _reason(404, "unknown os")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_REPORT_BODY):
+            return _reason(413, f"report larger than {MAX_REPORT_BODY} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REPORT_BODY:
+                return _reason(413, f"report larger than {MAX_REPORT_BODY} bytes")
+        parsed = _parse_report(body)
+        if isinstance(parsed, Response):
+            return parsed
+        client = request.client
+        report = Report(
+            machine_id,
+            os_name,
+            parsed["from"],
+            parsed["to"],
+            parsed["outcome"],
+            parsed["error"],
+            time.time(),
+            client.host if client else None,
+        )
+        halted = await run_in_threadpool(store.record_report, report)
+        if halted:
+            log.warning("rollout on channel %s halted: failure rate over threshold", halted)
+        return JSONResponse({"recorded": True})
+
+    dist = settings.webroot / "dist"
+    dist.mkdir(parents=True, exist_ok=True)
+    app.mount("/dist", StaticFiles(directory=dist), name="dist")
+
+    # --- administration ---------------------------------------------------------------
+
+    async def require_admin(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else None
+        if token is None:
+            token = request.cookies.get(SESSION_COOKIE)
+        if not token or len(token) > 256:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        digests = await run_in_threadpool(store.token_digests)
+        if not token_matches(token, digests):
+            raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+
+    router = APIRouter(dependencies=[Depends(require_admin)])
+    webroot = settings.webroot
+
+    def state(channel: ChannelState) -> dict[str, Any]:
+        return {
+            "os": channel.os,
+            "name": channel.name,
+            "version": channel.version,
+            "default": channel.default,
+            "rollout_version": channel.rollout_version,
+            "rollout_percent": channel.rollout_percent,
+            "rollout_state": str(channel.rollout_state),
+        }
+
+    @router.get("/admin/api/channels", tags=["channels"])
+    async def list_channels() -> list[dict[str, Any]]:
+        return await run_in_threadpool(store.channel_rows)
+
+    @router.post("/admin/api/channels", status_code=201, tags=["channels"])
+    async def create_channel(body: ChannelCreate) -> dict[str, Any]:
+        return state(
+            await run_in_threadpool(
+                admin.create_channel, store, webroot, body.os, body.name, body.version, body.default
+            )
+        )
+
+    @router.put("/admin/api/channels/{os_name}/{name}/version", tags=["channels"])
+    async def set_version(os_name: str, name: str, body: VersionSet) -> dict[str, Any]:
+        return state(
+            await run_in_threadpool(
+                admin.set_version, store, webroot, os_name, name, body.version, body.force
+            )
+        )
+
+    @router.post("/admin/api/channels/{os_name}/{name}/rollout", tags=["rollouts"])
+    async def start_rollout(os_name: str, name: str, body: RolloutStart) -> dict[str, Any]:
+        return state(
+            await run_in_threadpool(
+                admin.start_rollout,
+                store,
+                webroot,
+                os_name,
+                name,
+                body.version,
+                body.percent,
+                body.failure_threshold,
+                body.min_reports,
+            )
+        )
+
+    @router.post("/admin/api/channels/{os_name}/{name}/rollout/raise", tags=["rollouts"])
+    async def raise_rollout(os_name: str, name: str, body: RolloutRaise) -> dict[str, Any]:
+        return state(
+            await run_in_threadpool(admin.raise_rollout, store, os_name, name, body.percent)
+        )
+
+    @router.post("/admin/api/channels/{os_name}/{name}/rollout/pause", tags=["rollouts"])
+    async def pause_rollout(os_name: str, name: str) -> dict[str, Any]:
+        return state(await run_in_threadpool(admin.pause_rollout, store, os_name, name))
+
+    @router.post("/admin/api/channels/{os_name}/{name}/rollout/resume", tags=["rollouts"])
+    async def resume_rollout(os_name: str, name: str) -> dict[str, Any]:
+        return state(await run_in_threadpool(admin.resume_rollout, store, os_name, name))
+
+    @router.put("/admin/api/machines/{machine_id}/channel", tags=["machines"])
+    async def assign(machine_id: str, body: Assignment) -> dict[str, Any]:
+        await run_in_threadpool(admin.assign, store, machine_id, body.os, body.channel)
+        return {"machine_id": machine_id, "os": body.os, "channel": body.channel}
+
+    @router.get("/admin/api/machines", tags=["machines"])
+    async def list_machines() -> list[dict[str, Any]]:
+        return await run_in_threadpool(store.machines)
+
+    @router.get("/admin/api/fleet", tags=["fleet"])
+    async def fleet_view(silent_days: float = 7.0) -> dict[str, Any]:
+        return await run_in_threadpool(admin.fleet, store, silent_days)
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        counts = await run_in_threadpool(store.counts)
+        versions = await run_in_threadpool(store.versions_per_channel)
+        lines = [
+            "# HELP rampart_checks_total Version checks recorded.",
+            "# TYPE rampart_checks_total counter",
+            f"rampart_checks_total {counts['checks'] + len(recorder.buffer)}",
+            "# HELP rampart_reports_total Install reports received, by outcome.",
+            "# TYPE rampart_reports_total counter",
+        ]
+        for outcome in ("success", "failure"):
+            total = counts.get("reports_" + outcome, 0)
+            lines.append(f'rampart_reports_total{{outcome="{outcome}"}} {total}')
+        lines += [
+            "# HELP rampart_machines Machines by the version they last reported running.",
+            "# TYPE rampart_machines gauge",
+        ]
+        for row in versions:
+            labels = ",".join(f'{k}="{_label(str(row[k]))}"' for k in ("os", "channel", "version"))
+            lines.append(f"rampart_machines{{{labels}}} {row['machines']}")
+        return PlainTextResponse(
+            "\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    app.include_router(router)
+
+    from rampart.server import dashboard
+
+    dashboard.install(app, store, require_admin)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app for `rampart serve`'s workers: webroot and database from the environment
+    (RAMPART_WEBROOT, RAMPART_DB), schema already migrated by the parent."""
+    import os
+
+    from rampart.server import db
+
+    webroot = Path(os.environ["RAMPART_WEBROOT"])
+    engine = db.make_engine(os.environ.get("RAMPART_DB") or db.default_url(webroot))
+    return create_app(Store(engine), Settings(webroot))
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _parse_report(body: bytes) -> dict[str, Any] | Response:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return _reason(400, "report is not JSON")
+    if not isinstance(doc, dict):
+        return _reason(400, "report must be a JSON object")
+    outcome = doc.get("outcome")
+    if outcome not in ("success", "failure"):
+        return _reason(400, "outcome must be 'success' or 'failure'")
+    result: dict[str, Any] = {"outcome": outcome}
+    for key in ("from", "to"):
+        value = doc.get(key)
+        if value is None:
+            result[key] = None
+            continue
+        if not isinstance(value, str) or len(value) > MAX_VERSION_HEADER:
+            return _reason(400, f"'{key}' must be a version string")
+        try:
+            result[key] = parse_version(value).core
+        except UsageError:
+            return _reason(400, f"'{key}' is not a semantic version")
+    error = doc.get("error", "")
+    if not isinstance(error, str):
+        return _reason(400, "'error' must be a string")
+    result["error"] = error[:MAX_ERROR_TEXT]
+    return result

@@ -1,0 +1,180 @@
+"""The fleet dashboard: one read-only HTML page, behind the admin token.
+
+Per channel its target and rollout, a bar chart of machines per version (inline
+SVG: no script, no external asset), last-seen ages and recent failures. A
+browser signs in by posting a token to /admin/login, which sets an HttpOnly,
+SameSite=Strict cookie holding it; every request checks it like a bearer token.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from rampart.server import admin
+from rampart.server.store import Store, token_matches
+
+COOKIE = "rampart_admin"
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#1d2433;background:#f7f8fa}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
+table{border-collapse:collapse;background:#fff;min-width:40rem}
+th,td{border:1px solid #d5d9e0;padding:.35rem .6rem;text-align:left;font-size:.9rem}
+th{background:#eef1f5}.bad{color:#b42318}.ok{color:#067647}.muted{color:#667085}
+.card{display:inline-block;background:#fff;border:1px solid #d5d9e0;padding:.6rem 1rem;
+margin-right:1rem}.card b{font-size:1.3rem;display:block}
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _age(seconds: float | None, now: float) -> str:
+    if seconds is None:
+        return "never"
+    delta = max(0.0, now - seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if delta >= size:
+            return f"{delta / size:.0f} {unit} ago"
+    return f"{delta:.0f} s ago"
+
+
+def _chart(rows: list[dict[str, Any]]) -> str:
+    """Horizontal bars: machines per (channel, version)."""
+    if not rows:
+        return '<p class="muted">No machine has checked in yet.</p>'
+    width, bar, gap, label = 640, 22, 8, 220
+    top = max(r["machines"] for r in rows) or 1
+    height = len(rows) * (bar + gap) + gap
+    parts = [
+        f'<svg role="img" aria-label="machines per version" width="{width}" '
+        f'height="{height}" xmlns="http://www.w3.org/2000/svg">'
+    ]
+    for i, row in enumerate(rows):
+        y = gap + i * (bar + gap)
+        length = (width - label - 60) * row["machines"] / top
+        parts.append(
+            f'<text x="0" y="{y + 16}" font-size="13">{_e(row["channel"])} · '
+            f"{_e(row['version'])}</text>"
+            f'<rect x="{label}" y="{y}" width="{length:.1f}" height="{bar}" fill="#3b6fd8">'
+            f"<title>{row['machines']} machines</title></rect>"
+            f'<text x="{label + length + 6:.1f}" y="{y + 16}" font-size="13">'
+            f"{row['machines']}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render(view: dict[str, Any], now: float) -> str:
+    """The dashboard page for a fleet view (rampart.server.admin.fleet)."""
+    counts = view["counts"]
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        "<meta name=viewport content='width=device-width'>",
+        f"<title>Rampart fleet</title><style>{_STYLE}</style></head><body>",
+        "<h1>Rampart fleet</h1>",
+        f"<div class=card>machines<b id=machines>{view['machines']}</b></div>",
+        f"<div class=card>checks<b id=checks>{counts.get('checks', 0)}</b></div>",
+        f"<div class=card>successful installs<b class=ok>{counts.get('reports_success', 0)}</b>"
+        "</div>",
+        f"<div class=card>failed installs<b class=bad>{counts.get('reports_failure', 0)}</b></div>",
+        "<h2>Channels</h2><table id=channels><tr><th>os</th><th>channel</th><th>target</th>"
+        "<th>rollout</th></tr>",
+    ]
+    for ch in view["channels"]:
+        rollout = "—"
+        if ch["rollout_version"]:
+            rollout = (
+                f"{_e(ch['rollout_version'])} to {ch['rollout_percent']:g} % "
+                f"({_e(ch['rollout_state'])})"
+            )
+        default = " <span class=muted>(default)</span>" if ch["is_default"] else ""
+        out.append(
+            f"<tr><td>{_e(ch['os'])}</td><td>{_e(ch['name'])}{default}</td>"
+            f"<td>{_e(ch['version'])}</td><td>{rollout}</td></tr>"
+        )
+    out.append("</table><h2>Machines per version</h2>")
+    out.append(_chart(view["versions"]))
+    out.append(
+        "<h2>Last seen</h2><table id=last-seen><tr><th>machine</th><th>channel</th>"
+        "<th>version</th><th>last seen</th></tr>"
+    )
+    silent = {m["machine_id"] for m in view["silent"]}
+    for m in view["last_seen"][:50]:
+        cls = " class=bad" if m["machine_id"] in silent else ""
+        out.append(
+            f"<tr{cls}><td><code>{_e(m['machine_id'])}</code></td>"
+            f"<td>{_e(m['channel'] or 'default')}</td><td>{_e(m['version'])}</td>"
+            f"<td>{_age(m['last_seen'], now)}</td></tr>"
+        )
+    out.append(
+        f"</table><p class=muted>{len(view['silent'])} machine(s) silent for more than "
+        f"{view['silent_days']:g} days.</p>"
+    )
+    out.append(
+        "<h2>Recent failures</h2><table id=failures><tr><th>machine</th><th>update</th>"
+        "<th>error</th><th>when</th></tr>"
+    )
+    for r in view["recent_failures"]:
+        out.append(
+            f"<tr><td><code>{_e(r['machine_id'])}</code></td>"
+            f"<td>{_e(r['from_version'])} → {_e(r['to_version'])}</td>"
+            f"<td class=bad>{_e(r['error'])}</td><td>{_age(r['at'], now)}</td></tr>"
+        )
+    if not view["recent_failures"]:
+        out.append("<tr><td colspan=4 class=muted>none</td></tr>")
+    out.append("</table></body></html>")
+    return "".join(out)
+
+
+_LOGIN = (
+    "<!doctype html><html lang=en><head><meta charset=utf-8><title>Rampart sign in</title>"
+    f"<style>{_STYLE}</style></head><body><h1>Rampart fleet</h1>"
+    "<form method=post action=/admin/login><label>Admin token "
+    "<input type=password name=token autocomplete=off size=50></label> "
+    "<button>Sign in</button></form>{message}</body></html>"
+)
+
+
+def install(
+    app: FastAPI, store: Store, require_admin: Callable[[Request], Awaitable[None]]
+) -> None:
+    @app.get("/admin/login", include_in_schema=False)
+    async def login_form() -> HTMLResponse:
+        return HTMLResponse(_LOGIN.replace("{message}", ""))
+
+    @app.post("/admin/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        body = (await request.body())[:4096]
+        token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
+        digests = await run_in_threadpool(store.token_digests)
+        if not token or not token_matches(token, digests):
+            page = _LOGIN.replace("{message}", "<p class=bad>Invalid token.</p>")
+            return HTMLResponse(page, status_code=401)
+        response = RedirectResponse("/admin/", status_code=303)
+        response.set_cookie(
+            COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return response
+
+    @app.get("/admin/", include_in_schema=False)
+    async def page(request: Request, silent_days: float = 7.0) -> Response:
+        try:
+            await require_admin(request)
+        except HTTPException:
+            return RedirectResponse("/admin/login", status_code=303)
+        view = await run_in_threadpool(admin.fleet, store, silent_days)
+        return HTMLResponse(render(view, time.time()))

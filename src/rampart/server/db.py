@@ -1,0 +1,166 @@
+"""The server's database: schema (SQLAlchemy Core), engines, migrations (Alembic).
+
+SQLite (a file next to the webroot) is the embedded default; PostgreSQL is the
+choice for a fleet. Times are UNIX seconds (floats), the same on both. The
+schema is created or upgraded by `migrate()` when the server starts, before any
+worker runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from rampart.errors import LocalError, UsageError
+
+metadata = MetaData()
+_ID = BigInteger().with_variant(Integer, "sqlite")
+
+channels = Table(
+    "channels",
+    metadata,
+    Column("os", String(64), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("version", String(128), nullable=True),
+    Column("is_default", Boolean, nullable=False, default=False),
+    Column("rollout_version", String(128), nullable=True),
+    Column("rollout_percent", Float, nullable=False, default=0.0),
+    Column("rollout_state", String(16), nullable=False, default="none"),
+    Column("failure_threshold", Float, nullable=False, default=0.2),
+    Column("min_reports", Integer, nullable=False, default=5),
+    Column("updated_at", Float, nullable=False),
+)
+
+machines = Table(
+    "machines",
+    metadata,
+    Column("machine_id", String(32), primary_key=True),
+    Column("os", String(64), nullable=True),
+    Column("channel", String(64), nullable=True),  # assigned by an administrator
+    Column("version", String(128), nullable=True),  # the running version it last reported
+    Column("first_seen", Float, nullable=True),
+    Column("last_seen", Float, nullable=True),
+    Column("address", String(64), nullable=True),
+)
+
+checks = Table(
+    "checks",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("machine_id", String(32), nullable=False),
+    Column("os", String(64), nullable=False),
+    Column("version", String(128), nullable=False),
+    Column("channel", String(64), nullable=False),
+    Column("offered", String(128), nullable=True),
+    Column("at", Float, nullable=False),
+    Column("address", String(64), nullable=True),
+    Index("ix_checks_machine", "machine_id"),
+    Index("ix_checks_at", "at"),
+)
+
+reports = Table(
+    "reports",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("machine_id", String(32), nullable=False),
+    Column("os", String(64), nullable=False),
+    Column("from_version", String(128), nullable=True),
+    Column("to_version", String(128), nullable=True),
+    Column("outcome", String(16), nullable=False),
+    Column("error", Text, nullable=True),
+    Column("at", Float, nullable=False),
+    Column("address", String(64), nullable=True),
+    Index("ix_reports_to", "os", "to_version"),
+    Index("ix_reports_at", "at"),
+)
+
+tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("digest", String(64), nullable=False, unique=True),  # SHA-256 of the token
+    Column("created_at", Float, nullable=False),
+)
+
+server_state = Table(
+    "server_state",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+
+def default_url(webroot: Path) -> str:
+    """SQLite in a file next to the webroot: `<webroot>.sqlite`."""
+    return f"sqlite:///{webroot.resolve()}.sqlite"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url` (sqlite:///PATH or postgresql://...), tuned for the server."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif url.startswith("postgresql+psycopg://"):
+        kwargs.update(
+            pool_pre_ping=True,
+            pool_size=8,
+            max_overflow=4,
+            pool_timeout=5,
+            connect_args={"connect_timeout": 5},
+        )
+    else:
+        raise UsageError(
+            f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:/// or postgresql://"
+        )
+    try:
+        engine = create_engine(url, **kwargs)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise UsageError(f"invalid database URL: {exc}") from None
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Create or upgrade the schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except SQLAlchemyError as exc:
+        raise LocalError(
+            f"database: cannot create or upgrade the schema: {exc.__class__.__name__}"
+            f": {str(exc).splitlines()[0]}"
+        ) from None
