@@ -1,0 +1,121 @@
+"""Server test harness: a published webroot, a migrated database (SQLite, and a real
+PostgreSQL cluster started by the tests), and the app in-process."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rampart import webroot as webroot_mod
+from rampart.server import admin, db
+from rampart.server.app import Settings, create_app
+from rampart.server.store import Store
+from rampart.version import parse_version
+from tests.client.conftest import pki  # noqa: F401 - a fixture for the live tests
+from tests.conftest import KeyPair, make_keypair
+
+OS = "clipos"
+VERSIONS = ("1.0.0", "1.0.1", "1.0.2")
+
+
+def machine_id(n: int) -> str:
+    return f"{n:032x}"
+
+
+def headers(mid: str, version: str = "1.0.0") -> dict[str, str]:
+    return {"clipos-machineid": mid, "clipos-version": version}
+
+
+@pytest.fixture(scope="session")
+def vendor_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    return make_keypair(tmp_path_factory.mktemp("vendor"))
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory: pytest.TempPathFactory, vendor_key: KeyPair) -> Path:
+    """A webroot with 1.0.0, 1.0.1 and 1.0.2 published; the default channel at 1.0.0."""
+    root = tmp_path_factory.mktemp("webroot") / "webroot"
+    payloads = tmp_path_factory.mktemp("payloads")
+    for version in VERSIONS:
+        core, efiboot = payloads / f"core-{version}", payloads / f"efiboot-{version}"
+        core.write_bytes(os.urandom(50_000))
+        efiboot.write_bytes(os.urandom(5_000))
+        webroot_mod.publish(
+            root, OS, parse_version(version), core, efiboot, vendor_key.key, force=True
+        )
+    webroot_mod.publish(
+        root,
+        OS,
+        parse_version("1.0.0"),
+        payloads / "core-1.0.0",
+        payloads / "efiboot-1.0.0",
+        vendor_key.key,
+        force=True,
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A private PostgreSQL cluster for the whole session (tests/server/pg.py)."""
+    from tests.server import pg
+
+    cluster = pg.Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'server.sqlite'}"
+        return
+    cluster = request.getfixturevalue("postgres")
+    name = "t_" + secrets.token_hex(6)
+    cluster.create_database(name)  # type: ignore[attr-defined]
+    try:
+        yield cluster.url_for(name)  # type: ignore[attr-defined]
+    finally:
+        cluster.drop_database(name)  # type: ignore[attr-defined]
+
+
+@dataclass
+class Server:
+    store: Store
+    client: TestClient
+    webroot: Path
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def flush(self) -> None:
+        """Write the buffered checks now."""
+        self.client.portal.call(self.client.app.state.recorder.flush)  # type: ignore[attr-defined,union-attr]
+
+    def check(self, mid: str, version: str = "1.0.0") -> str:
+        response = self.client.get(f"/update/v1/{OS}/version", headers=headers(mid, version))
+        assert response.status_code == 200, response.text
+        return response.text.split('"')[1]
+
+
+@pytest.fixture
+def server(published: Path, db_url: str) -> Iterator[Server]:
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    store = Store(engine)
+    admin.bootstrap(store, published)
+    token = store.create_token("tests")
+    app = create_app(store, Settings(published, flush_interval=0.02, cache_ttl=0.0))
+    with TestClient(app) as client:
+        yield Server(store, client, published, token)
+    engine.dispose()

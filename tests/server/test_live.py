@@ -1,0 +1,135 @@
+"""The Rampart client against a live `rampart serve` over HTTPS (the real processes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.client.conftest import (
+    DeviceDirs,
+    Pki,
+    free_port,
+    make_device,
+    make_release,
+    publish,
+    world_readable_tmp,
+)
+from tests.conftest import KeyPair, make_keypair, run_cli
+
+RAMPART = str(Path(sys.executable).parent / "rampart")
+
+
+@pytest.fixture
+def vendor(tmp_path: Path) -> KeyPair:
+    return make_keypair(tmp_path / "vendor")
+
+
+@pytest.fixture
+def live(tmp_path: Path, vendor: KeyPair, pki: Pki) -> Iterator[tuple[str, Path]]:
+    """`rampart serve` with TLS on loopback, webroot with 1.0.1 (default) and 1.0.2."""
+    webroot = world_readable_tmp() / "webroot"
+    alpha2 = make_release(tmp_path / "r2", "5.0.0-alpha.2")
+    publish(webroot, vendor, alpha2)
+    publish(webroot, vendor, make_release(tmp_path / "r3", "5.0.0-alpha.3"))
+    publish(webroot, vendor, alpha2, force=True)  # the default channel back at alpha.2
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [
+            RAMPART,
+            "serve",
+            "--webroot",
+            str(webroot),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-cert",
+            str(pki.server.cert),
+            "--tls-key",
+            str(pki.server.key),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(log.read_text()) from None
+            time.sleep(0.1)
+    try:
+        yield f"https://localhost:{port}", webroot
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def admin(webroot: Path, *argv: str) -> dict[str, object] | list[object]:
+    result = run_cli(*argv[:2], *argv[2:], "--webroot", str(webroot), "--json")
+    assert result.code == 0, result.err
+    return json.loads(result.out)  # type: ignore[no-any-return]
+
+
+def device(tmp_path: Path, name: str, vendor: KeyPair, pki: Pki, url: str, mid: str) -> DeviceDirs:
+    dev = make_device(tmp_path / name, vendor, pki.ca.cert, url, running="5.0.0-alpha.1")
+    dev.machine_id.write_text(mid + "\n")
+    return dev
+
+
+def test_client_follows_its_channel_and_reports(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, live: tuple[str, Path]
+) -> None:
+    url, webroot = live
+    stable_id, beta_id = "a" * 32, "b" * 32
+    admin(webroot, "channel", "create", "beta", "--os", "clipos", "--version", "5.0.0-alpha.3")
+    admin(webroot, "machine", "assign", beta_id, "--os", "clipos", "--channel", "beta")
+    stable = device(tmp_path, "stable", vendor, pki, url, stable_id)
+    beta = device(tmp_path, "beta", vendor, pki, url, beta_id)
+    time.sleep(1.2)  # admin changes reach the server's caches within a second
+    assert run_cli("update", *stable.argv()).code == 20
+    assert run_cli("update", *beta.argv()).code == 20
+    assert "core_5.0.0-alpha.2" in stable.lvs()
+    assert "core_5.0.0-alpha.3" in beta.lvs()
+    time.sleep(0.3)
+    view = admin(webroot, "fleet")
+    assert isinstance(view, dict)
+    assert view["counts"] == {"checks": 2, "machines": 2, "reports_success": 2}  # type: ignore[comparison-overlap]
+    machines = {m["machine_id"]: m for m in admin(webroot, "machine", "list")}  # type: ignore[index,union-attr]
+    assert machines[beta_id]["channel"] == "beta"
+    assert machines[stable_id]["version"] == "5.0.0-alpha.1"
+
+
+def test_paused_rollout_stops_being_offered(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, live: tuple[str, Path]
+) -> None:
+    url, webroot = live
+    admin(
+        webroot,
+        "channel",
+        "rollout",
+        "start",
+        "stable",
+        "--os",
+        "clipos",
+        "--version",
+        "5.0.0-alpha.3",
+        "--percent",
+        "99.99",
+    )
+    admin(webroot, "channel", "rollout", "pause", "stable", "--os", "clipos")
+    dev = device(tmp_path, "d", vendor, pki, url, "c" * 32)
+    time.sleep(1.2)
+    assert run_cli("update", *dev.argv()).code == 20
+    assert "core_5.0.0-alpha.2" in dev.lvs()  # the channel's version, not the paused rollout
