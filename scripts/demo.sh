@@ -1,8 +1,9 @@
 #!/bin/sh
 # make demo: the whole local flow on embedded defaults.
 #  1. vendor: keys, releases 1.0.0 and 1.0.1 published into a static webroot, audited;
-#  2. server: the webroot served over HTTPS on loopback (nginx, a demo CA);
-#  3. device: a file-backed device running 1.0.0 updates itself to 1.0.1.
+#  2. server: `rampart serve` over HTTPS on loopback (SQLite, a demo CA);
+#  3. device: a file-backed device running 1.0.0 updates itself to 1.0.1;
+#  4. the fleet view: what the server recorded.
 set -eu
 cd "$(dirname "$0")/.."
 RAMPART=.venv/bin/rampart
@@ -64,39 +65,18 @@ printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n
 openssl x509 -req -in "$PKI/server.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" \
     -CAcreateserial -days 30 -extfile "$PKI/ext" -out "$PKI/server.pem" 2>/dev/null
 
-echo "== serving the webroot over HTTPS on loopback (nginx)"
+echo "== serving the webroot over HTTPS on loopback: rampart serve (SQLite next to the webroot)"
 PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-NGINX_DIR="$PWD/$WORK/nginx"
-mkdir -p "$NGINX_DIR"
-USER_LINE=""
-[ "$(id -u)" -eq 0 ] && USER_LINE="user root;"
-cat > "$NGINX_DIR/nginx.conf" <<CONF
-$USER_LINE
-worker_processes 1;
-pid $NGINX_DIR/nginx.pid;
-error_log $NGINX_DIR/error.log warn;
-events { worker_connections 64; }
-http {
-    access_log $NGINX_DIR/access.log;
-    client_body_temp_path $NGINX_DIR/body;
-    proxy_temp_path $NGINX_DIR/proxy;
-    fastcgi_temp_path $NGINX_DIR/fastcgi;
-    uwsgi_temp_path $NGINX_DIR/uwsgi;
-    scgi_temp_path $NGINX_DIR/scgi;
-    default_type application/octet-stream;
-    server {
-        listen 127.0.0.1:$PORT ssl;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_certificate $PWD/$PKI/server.pem;
-        ssl_certificate_key $PWD/$PKI/server.key;
-        root $PWD/$WORK/webroot;
-    }
-}
-CONF
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-"$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" 2>/dev/null
-trap '"$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" -s stop 2>/dev/null || true' EXIT
-echo "   https://localhost:$PORT/"
+$RAMPART serve --webroot "$WORK/webroot" --listen "127.0.0.1:$PORT" \
+    --tls-cert "$PKI/server.pem" --tls-key "$PKI/server.key" 2> "$WORK/serve.log" &
+SERVER_PID=$!
+trap 'kill $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+    .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 0.2)" \
+        2>/dev/null && break
+    sleep 0.1
+done
+echo "   https://localhost:$PORT/  (channels: $($RAMPART channel list --webroot "$WORK/webroot" | tr '\n' ';'))"
 
 echo "== a device running 1.0.0 (file backend: a directory stands in for the volume group)"
 DEV="$PWD/$WORK/device"
@@ -145,3 +125,7 @@ $RAMPART status $DEVICE_ARGS
 echo
 echo "== the volume group and the ESP"
 ls -l "$DEV/mainvg" "$DEV/esp/EFI/Linux" | sed "s|$PWD/||"
+echo
+echo "== the fleet, as the server saw it"
+sleep 0.3
+$RAMPART fleet --webroot "$WORK/webroot"
