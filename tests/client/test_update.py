@@ -6,6 +6,7 @@ with the LV names and ESP contents it expects, then the rest of the flow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from rampart.client import update
-from rampart.errors import ConflictError, LocalError
+from rampart.client.slots import Slot
+from rampart.errors import ConflictError, LocalError, VerificationError
 from rampart.version import parse_version
 from tests.client.conftest import (
     OS,
@@ -303,3 +305,16 @@ def test_invalid_download_settings_are_refused(device: DeviceDirs, line: str, me
     result = run_cli("status", *device.argv()[:2], *device.argv()[6:])
     assert result.code == 10
     assert message in result.err and str(cfg) in result.err
+
+
+def test_core_changed_after_verification_is_caught_by_the_read_back(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "core"
+    image.write_bytes(b"verified bytes")
+    verified = hashlib.blake2b(b"verified bytes").digest()
+    image.write_bytes(b"swapped bytes!")  # changed between verification and write
+    lv = tmp_path / "core_2.0.0"
+    lv.write_bytes(bytes(1024))
+    with pytest.raises(VerificationError, match="does not match the verified payload"):
+        update.write_core(image, Slot("core_2.0.0", 1024, lv), verified, lambda _: None)

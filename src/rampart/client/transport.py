@@ -35,7 +35,8 @@ from rampart.errors import LocalError, RemoteDataError, TransportError
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # bytes written to disk at once
+READ = 1 << 16  # bytes asked of the socket at once (one TLS record is 16 KiB)
 Progress = Callable[[int, int | None], None]
 
 
@@ -149,7 +150,7 @@ class Transport:
         window_bytes = 0
         while True:
             try:
-                chunk = response.read1(CHUNK)
+                chunk = response.read1(READ)
             except (OSError, http.client.HTTPException) as exc:
                 raise TransportError(f"{url}: {_describe(exc)}") from None
             if not chunk:
@@ -242,12 +243,24 @@ class Transport:
                     os.ftruncate(fd, 0)
                 os.lseek(fd, have, os.SEEK_SET)
 
-                def write(chunk: bytes) -> None:
-                    view = memoryview(chunk)
+                pending = bytearray()
+
+                def flush() -> None:
+                    view = memoryview(pending)
                     while view:
                         view = view[os.write(fd, view) :]
+                    view.release()
+                    pending.clear()
 
-                received = self._read_body(url, response, write, cap, have, progress, expected)
+                def write(chunk: bytes) -> None:
+                    pending.extend(chunk)  # TLS records are small: write in 1 MiB blocks
+                    if len(pending) >= CHUNK:
+                        flush()
+
+                try:
+                    received = self._read_body(url, response, write, cap, have, progress, expected)
+                finally:
+                    flush()  # what arrived is kept for resuming
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -245,8 +245,11 @@ def _clean_downloads(device: Device, keep: Version | None) -> None:
             entry.unlink(missing_ok=True)
 
 
-def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path]:
-    """Fetch (or reuse) and verify both payloads of `version`; return (efiboot, core)."""
+def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path, bytes]:
+    """Fetch (or reuse) and verify both payloads of `version`.
+
+    Returns (efiboot, core, BLAKE2b-512 digest of the verified Core).
+    """
     device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     _clean_downloads(device, version)
     base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
@@ -266,29 +269,30 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
         fetcher.run(jobs)
     efiboot = payload_path(device, version, "efiboot")
     core = payload_path(device, version, "core")
+    digests = []
     for payload in (efiboot, core):
         try:
-            check_payload(device, payload, version)
+            digests.append(check_payload(device, payload, version))
         except RampartError:
             # A bad payload is not kept for resuming: the next run fetches afresh.
             payload.unlink(missing_ok=True)
             raise
-    return efiboot, core
+    return efiboot, core, digests[1]
 
 
 def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint) -> None:
-    """Write `image` at the start of `slot`, fsync, read back; both checked against `verified`.
+    """Write `image` at the start of `slot`, fsync, read it back and check it against `verified`.
 
     `verified` is the BLAKE2b-512 digest of the bytes whose signature was
-    checked. The bytes written are hashed as they are read, and the read-back
-    is hashed again: both digests must equal it.
+    checked. The slot is read back from the device after fsync (its page cache
+    dropped) and must hash to it: that one check catches a payload changed
+    after verification as well as a bad write.
     """
     size = image.stat().st_size
     if size > slot.size:
         raise LocalError(
             f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
         )
-    written = hashlib.blake2b()
     buffer = bytearray(signing.CHUNK)
     view = memoryview(buffer)
     fd = os.open(slot.path, os.O_WRONLY | os.O_CLOEXEC)
@@ -296,7 +300,6 @@ def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint)
         with image.open("rb") as src:
             while n := src.readinto(buffer):
                 chunk = view[:n]
-                written.update(chunk)
                 while chunk:
                     chunk = chunk[os.write(fd, chunk) :]
                 checkpoint("write-core-chunk")
@@ -306,9 +309,6 @@ def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint)
         raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
     finally:
         os.close(fd)
-    digest = written.digest()
-    if digest != verified:
-        raise VerificationError(f"{image}: changed after its signature was verified")
     readback = hashlib.blake2b()
     with slot.path.open("rb") as dev:
         left = size
@@ -318,8 +318,8 @@ def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint)
                 break
             readback.update(view[:n])
             left -= n
-    if readback.digest() != digest:
-        raise LocalError(f"{slot.path}: Core read back differs from what was written")
+    if readback.digest() != verified:
+        raise VerificationError(f"{slot.path}: Core read back does not match the verified payload")
 
 
 def update(
@@ -386,14 +386,13 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         )
 
     checkpoint("download")
-    efiboot, core = download(device, fetcher, latest)
+    efiboot, core, core_digest = download(device, fetcher, latest)
     core_size = core.stat().st_size
     target_size = slot.size if slot is not None else device.config.core_size
     if core_size > target_size:
         raise LocalError(
             f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
         )
-    core_digest = check_payload(device, core, latest)
 
     checkpoint("remove-entries")
     removed = device.esp.remove_all_except(running)
