@@ -123,6 +123,18 @@ def test_rollout_halts_itself_when_failures_cross_the_threshold(server: Server) 
         },
     ).raise_for_status()
     outcomes = ["success", "success", "failure", "failure"]
+    # Reports from machines that were never offered the rollout do not count.
+    for n in range(10):
+        server.client.post(
+            f"/update/v1/{OS}/report",
+            headers=headers(machine_id(900 + n)),
+            json={"from": "1.0.0", "to": "1.0.1", "outcome": "failure", "error": "forged"},
+        ).raise_for_status()
+    channel = server.client.get("/admin/api/channels", headers=server.auth).json()[0]
+    assert channel["rollout_state"] == "active"
+    for n in range(len(outcomes)):
+        assert server.check(machine_id(100 + n)) == "1.0.1"
+    server.flush()
     for n, outcome in enumerate(outcomes):
         response = server.client.post(
             f"/update/v1/{OS}/report",
@@ -133,6 +145,14 @@ def test_rollout_halts_itself_when_failures_cross_the_threshold(server: Server) 
     channel = server.client.get("/admin/api/channels", headers=server.auth).json()[0]
     assert channel["rollout_state"] == "halted"
     assert server.check(machine_id(100)) == "1.0.0"
+
+
+def test_deeply_nested_report_is_a_400(server: Server) -> None:
+    body = b"[" * 8000 + b"]" * 8000
+    response = server.client.post(
+        f"/update/v1/{OS}/report", headers=headers(machine_id(1)), content=body
+    )
+    assert response.status_code == 400
 
 
 def test_reports_update_the_fleet_view(server: Server) -> None:
@@ -252,7 +272,8 @@ def test_admin_api_needs_a_valid_token(server: Server) -> None:
 
 
 def test_openapi_schema_lists_the_admin_api(server: Server) -> None:
-    schema = server.client.get("/admin/openapi.json").json()
+    assert server.client.get("/admin/openapi.json").status_code == 401
+    schema = server.client.get("/admin/openapi.json", headers=server.auth).json()
     assert "/admin/api/channels/{os_name}/{name}/rollout" in schema["paths"]
     assert "/update/v1/{os_name}/version" not in schema["paths"]
 

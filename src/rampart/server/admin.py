@@ -113,6 +113,13 @@ def start_rollout(
         raise ConflictError(
             f"channel {name} already names {current['version']}; a rollout must be newer"
         )
+    if current["rollout_version"] is not None:
+        running = parse_version(current["rollout_version"])
+        if parse_version(version) <= running:
+            raise ConflictError(
+                f"channel {name} is rolling out {current['rollout_version']}; raise, pause or "
+                "resume it, or start a newer version"
+            )
     values: dict[str, Any] = {
         "rollout_version": version,
         "rollout_percent": percent,
@@ -179,7 +186,6 @@ def assign(store: Store, machine_id: str, os_name: str, channel: str | None) -> 
 def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> dict[str, Any]:
     """The fleet view: channels, versions per channel, silent machines, recent failures."""
     now = time.time() if now is None else now
-    machines = store.machines()
     silent = [
         {
             "machine_id": m["machine_id"],
@@ -187,9 +193,10 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
             "channel": m["channel"],
             "last_seen": m["last_seen"],
         }
-        for m in machines
-        if m["last_seen"] is not None and now - m["last_seen"] > silent_days * 86400
+        for m in store.machines(limit=1000, seen_before=now - silent_days * 86400)
     ]
+    machines = store.machines(limit=200)
+    counts = store.counts()
     return {
         "channels": [
             {
@@ -209,7 +216,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
             for row in store.channel_rows()
         ],
         "versions": store.versions_per_channel(),
-        "machines": len(machines),
+        "machines": counts["machines"],
         "last_seen": [
             {
                 "machine_id": m["machine_id"],
@@ -217,7 +224,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
                 "channel": m["channel"],
                 "last_seen": m["last_seen"],
             }
-            for m in machines[:200]
+            for m in machines
         ],
         "silent_days": silent_days,
         "silent": silent,
@@ -225,5 +232,5 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
             {k: r[k] for k in ("machine_id", "os", "from_version", "to_version", "error", "at")}
             for r in store.recent_reports(20, "failure")
         ],
-        "counts": store.counts(),
+        "counts": counts,
     }

@@ -33,7 +33,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from rampart.errors import ConflictError, RampartError, UsageError
@@ -50,6 +50,7 @@ MAX_VERSION_HEADER = 128
 MAX_REPORT_BODY = 16 * 1024
 MAX_ERROR_TEXT = 2000
 MAX_BUFFER = 200_000
+MAX_ADMIN_BODY = 64 * 1024
 SESSION_COOKIE = "rampart_admin"
 
 
@@ -134,7 +135,7 @@ class Recorder:
         batch, self.buffer = self.buffer, []
         try:
             await run_in_threadpool(self.store.record_checks, batch)
-        except SQLAlchemyError as exc:
+        except (OperationalError, InterfaceError) as exc:  # the database is unreachable
             self.buffer = batch + self.buffer
             if not self.down:
                 log.error(
@@ -143,6 +144,11 @@ class Recorder:
                     str(exc).splitlines()[0],
                 )
             self.down = True
+            return
+        except SQLAlchemyError as exc:  # a batch that can never be written: drop it, say so
+            log.error(
+                "dropping %d checks the database refused: %s", len(batch), str(exc).splitlines()[0]
+            )
             return
         if self.down:
             log.warning("database back; recorded %d buffered checks", len(batch))
@@ -215,7 +221,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url="/admin/openapi.json",
+        openapi_url=None,
     )
     app.state.fleet = fleet
     app.state.recorder = recorder
@@ -326,6 +332,9 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     # --- administration ---------------------------------------------------------------
 
     async def require_admin(request: Request) -> None:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_ADMIN_BODY):
+            raise HTTPException(413, f"request body larger than {MAX_ADMIN_BODY} bytes")
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else None
         if token is None:
@@ -420,7 +429,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         lines = [
             "# HELP rampart_checks_total Version checks recorded.",
             "# TYPE rampart_checks_total counter",
-            f"rampart_checks_total {counts['checks'] + len(recorder.buffer)}",
+            f"rampart_checks_total {counts['checks']}",
             "# HELP rampart_reports_total Install reports received, by outcome.",
             "# TYPE rampart_reports_total counter",
         ]
@@ -437,6 +446,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         return PlainTextResponse(
             "\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8"
         )
+
+    @router.get("/admin/openapi.json", include_in_schema=False)
+    async def openapi_schema() -> dict[str, Any]:
+        return app.openapi()
 
     app.include_router(router)
 
@@ -465,7 +478,7 @@ def _label(value: str) -> str:
 def _parse_report(body: bytes) -> dict[str, Any] | Response:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return _reason(400, "report is not JSON")
     if not isinstance(doc, dict):
         return _reason(400, "report must be a JSON object")

@@ -100,7 +100,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         limit_concurrency=2048,
-        h11_max_incomplete_event_size=16 * 1024,
     )
     return 0
 

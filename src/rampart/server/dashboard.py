@@ -153,20 +153,29 @@ def install(
 
     @app.post("/admin/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        body = (await request.body())[:4096]
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > 4096:
+                return HTMLResponse(
+                    _LOGIN.replace("{message}", "<p class=bad>Too long.</p>"), status_code=413
+                )
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         digests = await run_in_threadpool(store.token_digests)
         if not token or not token_matches(token, digests):
             page = _LOGIN.replace("{message}", "<p class=bad>Invalid token.</p>")
             return HTMLResponse(page, status_code=401)
         response = RedirectResponse("/admin/", status_code=303)
+        # Secure always: browsers keep Secure cookies for http://localhost too, and
+        # behind a TLS proxy the app itself sees plain HTTP.
         response.set_cookie(
             COOKIE,
             token,
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
-            path="/",
+            secure=True,
+            path="/admin",
+            max_age=8 * 3600,
         )
         return response
 

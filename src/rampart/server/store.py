@@ -150,12 +150,26 @@ class Store:
             ).all()
             for row in rows:
                 # The latest outcome per machine that reported for this version.
+                # Only machines this rollout was offered to count: reports are not
+                # authenticated, and a machine of another channel is not evidence.
+                offered = (
+                    select(db.checks.c.machine_id)
+                    .where(
+                        and_(
+                            db.checks.c.os == report.os,
+                            db.checks.c.channel == row.name,
+                            db.checks.c.offered == report.to_version,
+                        )
+                    )
+                    .distinct()
+                )
                 latest = (
                     select(db.reports.c.machine_id, func.max(db.reports.c.id).label("id"))
                     .where(
                         and_(
                             db.reports.c.os == report.os,
                             db.reports.c.to_version == report.to_version,
+                            db.reports.c.machine_id.in_(offered),
                         )
                     )
                     .group_by(db.reports.c.machine_id)
@@ -269,11 +283,20 @@ class Store:
             conn.execute(stmt)
             self._bump(conn)
 
-    def machines(self, limit: int = 10_000) -> list[dict[str, Any]]:
+    def machines(
+        self, limit: int = 10_000, seen_before: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Machines, most recently seen first (never seen last); only those last seen
+        before `seen_before` if given."""
+        query = (
+            select(db.machines)
+            .order_by(db.machines.c.last_seen.desc().nulls_last(), db.machines.c.machine_id)
+            .limit(limit)
+        )
+        if seen_before is not None:
+            query = query.where(db.machines.c.last_seen < seen_before)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(db.machines).order_by(db.machines.c.last_seen.desc()).limit(limit)
-            ).all()
+            rows = conn.execute(query).all()
         return [dict(r._mapping) for r in rows]
 
     def machine(self, machine_id: str) -> dict[str, Any] | None:

@@ -1,0 +1,384 @@
+"""The deployment of docs/server.md, for real: Debian's nginx terminates TLS, serves
+the webroot's dist/ itself (range requests included) and proxies the rest to a
+`rampart serve` subprocess.
+
+The nginx configuration is the one printed in docs/server.md (the block with
+`upstream rampart`), with loopback addresses, test certificates and temporary
+paths substituted, inside a minimal main configuration whose pid file, logs and
+temporary paths all live in the test's directory.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.client.conftest import make_ca, make_device, make_server_cert
+from tests.conftest import KeyPair, make_keypair, run_cli
+
+RAMPART = str(Path(sys.executable).parent / "rampart")
+DOC = Path(__file__).resolve().parents[2] / "docs" / "server.md"
+OS = "clipos"
+WAIT = 30.0  # seconds: the bound of every wait in this file
+MID = "5" * 32
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rampart(*argv: str | Path) -> str:
+    result = subprocess.run(
+        [RAMPART, *map(str, argv)], capture_output=True, text=True, timeout=WAIT, check=False
+    )
+    assert result.returncode == 0, f"rampart {argv}: {result.stderr}"
+    return result.stdout
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=WAIT)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while True:
+        assert proc.poll() is None, f"{what} exited: {log.read_text(errors='replace')}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"{what} not listening: {log.read_text()}"
+            time.sleep(0.1)
+
+
+# --- the configuration from the documentation ------------------------------------------
+
+
+def documented_config() -> str:
+    blocks = re.findall(r"```nginx\n(.*?)```", DOC.read_text(), re.DOTALL)
+    found = [b for b in blocks if "upstream rampart" in b]
+    assert len(found) == 1, f"{DOC}: expected one ```nginx block with `upstream rampart`"
+    return found[0]
+
+
+def adapt(
+    config: str, *, port: int, app_port: int, cert: Path, key: Path, dist: Path, state: Path
+) -> str:
+    """The documented configuration with this test's addresses and paths."""
+    out: list[str] = []
+    done: dict[str, int] = {}
+    in_upstream = False
+    for line in config.splitlines():
+        words = line.split()
+        directive = words[0] if words else ""
+        indent = line[: len(line) - len(line.lstrip())]
+        if directive == "upstream":
+            in_upstream = True
+        elif in_upstream and directive == "}":
+            in_upstream = False
+        replacement = {
+            "listen": f"listen 127.0.0.1:{port} ssl;",
+            "ssl_certificate": f"ssl_certificate {cert};",
+            "ssl_certificate_key": f"ssl_certificate_key {key};",
+            "alias": f"alias {dist}/;",
+            "access_log": f"access_log {state}/access.log;",
+            "error_log": f"error_log {state}/error.log;",
+        }.get(directive)
+        if in_upstream and directive == "server":
+            if done.get("server"):
+                continue  # one app server here; the others of the example are dropped
+            replacement = f"server 127.0.0.1:{app_port};"
+        if directive == "listen":
+            assert "ssl" in line.rstrip(";").split(), f"the documented listen has no ssl: {line}"
+        if replacement is not None:
+            done[directive] = done.get(directive, 0) + 1
+            line = indent + replacement
+        out.append(line)
+    for directive in ("server", "listen", "ssl_certificate", "ssl_certificate_key", "alias"):
+        assert done.get(directive) == 1, f"the documented config has no single {directive}"
+    return "\n".join(out) + "\n"
+
+
+MAIN_CONF = """\
+{user}
+worker_processes 1;
+pid {state}/nginx.pid;
+error_log {state}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    # What Debian's /etc/nginx/nginx.conf sets around conf.d/*.conf.
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    access_log {state}/other-access.log;
+    client_body_temp_path {state}/body;
+    proxy_temp_path {state}/proxy;
+    fastcgi_temp_path {state}/fastcgi;
+    uwsgi_temp_path {state}/uwsgi;
+    scgi_temp_path {state}/scgi;
+
+{site}
+}}
+"""
+
+
+# --- the fixture: app, certificates, nginx -----------------------------------------------
+
+
+@dataclass
+class Frontend:
+    port: int
+    webroot: Path
+    vendor: KeyPair
+    ca: Path
+    token: str
+    app_log: Path
+    nginx_state: Path
+
+    def connection(self) -> http.client.HTTPSConnection:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        return http.client.HTTPSConnection("localhost", self.port, timeout=WAIT, context=context)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                response.read(),
+            )
+        finally:
+            conn.close()
+
+    def fleet(self) -> dict[str, object]:
+        view: dict[str, object] = json.loads(rampart("fleet", "--webroot", self.webroot, "--json"))
+        return view
+
+    def access_log(self) -> str:
+        return (self.nginx_state / "access.log").read_text()
+
+
+@pytest.fixture
+def frontend(tmp_path: Path) -> Iterator[Frontend]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.fail("nginx is not installed: run make setup")
+
+    # A webroot with 1.0.0 then 1.0.1 published: the default channel names 1.0.1.
+    vendor = make_keypair(tmp_path / "vendor")
+    webroot = tmp_path / "webroot"
+    for version in ("1.0.0", "1.0.1"):
+        core, efiboot = tmp_path / f"core-{version}", tmp_path / f"efiboot-{version}"
+        core.write_bytes(os.urandom(300_000))
+        efiboot.write_bytes(b"MZ" + os.urandom(20_000))
+        rampart(
+            "publish",
+            "--webroot",
+            webroot,
+            "--os",
+            OS,
+            "--version",
+            version,
+            "--core",
+            core,
+            "--efiboot",
+            efiboot,
+            "--secret-key",
+            vendor.secret,
+        )
+    token = json.loads(rampart("token", "create", "ops", "--webroot", webroot, "--json"))["token"]
+
+    pki = tmp_path / "pki"
+    ca, ca_key, ca_cert = make_ca(pki, "rootca")
+    server = make_server_cert(pki, "server", ca_key, ca_cert, ["localhost", "127.0.0.1"])
+
+    app_port, port = free_port(), free_port()
+    app_log = tmp_path / "serve.log"
+    with app_log.open("wb") as out:
+        app = subprocess.Popen(
+            [
+                RAMPART,
+                "serve",
+                "-v",
+                "--webroot",
+                str(webroot),
+                "--listen",
+                f"127.0.0.1:{app_port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_port(app_port, app, app_log, "rampart serve")
+        state = tmp_path / "nginx"
+        state.mkdir()
+        site = adapt(
+            documented_config(),
+            port=port,
+            app_port=app_port,
+            cert=server.cert,
+            key=server.key,
+            dist=webroot / "dist",
+            state=state,
+        )
+        conf = state / "nginx.conf"
+        user = "user root;" if os.geteuid() == 0 else ""  # pytest's tmp dirs are 0700
+        conf.write_text(MAIN_CONF.format(user=user, state=state, site=site))
+        nginx_log = state / "stderr.log"
+        argv = [nginx, "-c", str(conf), "-p", str(state), "-e", str(state / "error.log")]
+        test = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=WAIT)
+        assert test.returncode == 0, f"nginx -t:\n{test.stderr}\n{conf.read_text()}"
+        with nginx_log.open("wb") as out:
+            proxy = subprocess.Popen(
+                [*argv, "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_port(port, proxy, nginx_log, "nginx")
+            yield Frontend(port, webroot, vendor, ca.cert, token, app_log, state)
+        finally:
+            stop(proxy)
+    finally:
+        stop(app)
+
+
+# --- the test ----------------------------------------------------------------------------
+
+
+def test_nginx_serves_dist_and_proxies_the_protocol_to_the_app(
+    tmp_path: Path, frontend: Frontend
+) -> None:
+    # TLS: the test CA's certificate for localhost, TLS 1.2 or newer.
+    conn = frontend.connection()
+    conn.connect()
+    assert conn.sock is not None
+    assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+    conn.close()
+    old = ssl.create_default_context(cafile=str(frontend.ca))
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (
+        socket.create_connection(("127.0.0.1", frontend.port), timeout=WAIT) as raw,
+        old.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.version() == "TLSv1.2"
+
+    # The version check, through nginx to the app: the exact bytes, and recorded.
+    ident = {"clipos-machineid": MID, "clipos-version": "1.0.0"}
+    status, headers, body = frontend.request("GET", f"/update/v1/{OS}/version", headers=ident)
+    assert (status, body) == (200, b'version = "1.0.1"\n')
+    assert headers["content-type"] == "application/octet-stream"
+    deadline = time.monotonic() + WAIT
+    while (view := frontend.fleet())["machines"] != 1:
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    assert view["counts"] == {"checks": 1, "machines": 1}
+    # The app sees nginx as the client (no X-Forwarded-For is read).
+    machine = json.loads(rampart("machine", "show", MID, "--webroot", frontend.webroot, "--json"))
+    assert (machine["version"], machine["address"]) == ("1.0.0", "127.0.0.1")
+
+    # Bad input still gets the app's answers through the proxy.
+    status, _, body = frontend.request(
+        "GET",
+        f"/update/v1/{OS}/version",
+        headers={"clipos-machineid": "X" * 32, "clipos-version": "1.0.0"},
+    )
+    assert (status, body) == (400, b"clipos-machineid must be 32 lowercase hex digits\n")
+    report = json.dumps({"from": "1.0.0", "to": "1.0.1", "outcome": "failure", "error": "x"})
+    status, _, body = frontend.request("POST", f"/update/v1/{OS}/report", report.encode(), ident)
+    assert (status, json.loads(body)) == (200, {"recorded": True})
+    big = json.dumps({"outcome": "failure", "error": "x" * 20_000}).encode()
+    status, _, body = frontend.request("POST", f"/update/v1/{OS}/report", big, ident)
+    assert (status, body) == (413, b"report larger than 16384 bytes\n")
+
+    # The admin side is proxied too.
+    status, headers, _ = frontend.request("GET", "/admin/")
+    assert (status, headers["location"]) == (303, "/admin/login")
+    auth = {"Authorization": f"Bearer {frontend.token}"}
+    status, _, body = frontend.request("GET", "/admin/api/fleet", headers=auth)
+    assert status == 200 and json.loads(body)["machines"] == 1
+
+    # Payloads come from nginx itself: whole files and ranges.
+    core = (frontend.webroot / "dist" / "1.0.1" / f"{OS}-core").read_bytes()
+    status, headers, body = frontend.request(
+        "GET", f"/dist/1.0.1/{OS}-core", headers={"Range": "bytes=1000-1999"}
+    )
+    assert status == 206
+    assert headers["content-range"] == f"bytes 1000-1999/{len(core)}"
+    assert body == core[1000:2000]
+    status, headers, body = frontend.request(
+        "GET", f"/dist/1.0.1/{OS}-core", headers={"Range": f"bytes={len(core) - 10}-"}
+    )
+    assert (status, body) == (206, core[-10:])
+    status, headers, body = frontend.request("GET", f"/dist/1.0.1/{OS}-core.sig")
+    assert status == 200 and body.startswith(b"untrusted comment: ")
+    assert headers["content-type"] == "application/octet-stream"
+    status, _, _ = frontend.request(
+        "GET", f"/dist/1.0.1/{OS}-core", headers={"Range": f"bytes={len(core)}-"}
+    )
+    assert status == 416
+    assert frontend.request("GET", "/dist/1.0.1/")[0] in (403, 404)  # no listing
+
+    # The rampart client, running 1.0.0, updates itself through the front end.
+    device = make_device(
+        tmp_path / "device",
+        frontend.vendor,
+        frontend.ca,
+        f"https://localhost:{frontend.port}",
+        running="1.0.0",
+    )
+    result = run_cli("update", *device.argv())
+    assert result.code == 20, result.err
+    assert "core_1.0.1" in device.lvs()
+    deadline = time.monotonic() + WAIT
+    while (view := frontend.fleet())["machines"] != 2:
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    assert view["counts"] == {
+        "checks": 2,
+        "machines": 2,
+        "reports_failure": 1,
+        "reports_success": 1,
+    }
+
+    # nginx served every payload request; none reached the app.
+    access = frontend.access_log()
+    for name in (f"{OS}-efiboot.sig", f"{OS}-efiboot", f"{OS}-core.sig", f"{OS}-core"):
+        assert re.search(rf'"GET /dist/1\.0\.1/{re.escape(name)} HTTP/1\.1" 200 ', access), name
+    assert re.search(rf'"GET /dist/1\.0\.1/{OS}-core HTTP/1\.1" 206 ', access)
+    assert re.search(r'"GET /update/v1/clipos/version HTTP/1\.1" 200 ', access)
+    app_log = frontend.app_log.read_text()
+    requests = re.findall(r'"([A-Z]+ \S+) HTTP/1\.1" \d{3}', app_log)
+    assert requests, app_log
+    assert not [r for r in requests if "/dist" in r], app_log
+    assert requests.count(f"GET /update/v1/{OS}/version") == 3  # 2 checks and the bad one
+    assert requests.count(f"POST /update/v1/{OS}/report") == 3  # 2 reports and the big one
