@@ -2,8 +2,8 @@
 # every test, ruff and mypy. `make setup` (a dependency of both) installs what a
 # fresh Debian 12 machine lacks; it is idempotent and cheap when nothing is missing.
 
-# Debian's interpreter: the unprivileged fetch process must be able to run it
-# (an interpreter under /root is not readable by the fetch user).
+# Debian's interpreter, as on a device (a venv on an interpreter under /root
+# would not be usable by other users of the machine).
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin

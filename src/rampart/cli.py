@@ -251,13 +251,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         from rampart.client.progress import Bar
 
         fetcher.progress = Bar(sys.stderr, "download ").update
-    try:
-        result = update.update(device, fetcher)
-    except RampartError as exc:
-        update.send_report(device, fetcher, device.target, "failure", str(exc))
-        raise
-    if result.outcome == update.Outcome.UPDATED:
-        update.send_report(device, fetcher, result.latest, "success")
+    result = update.update(device, fetcher)  # reports to the server itself
     if args.json:
         _emit_json(result.to_json())
     elif result.outcome == update.Outcome.UPDATED:

@@ -318,3 +318,19 @@ def test_core_changed_after_verification_is_caught_by_the_read_back(
     lv.write_bytes(bytes(1024))
     with pytest.raises(VerificationError, match="does not match the verified payload"):
         update.write_core(image, Slot("core_2.0.0", 1024, lv), verified, lambda _: None)
+
+
+def test_other_operating_systems_boot_entries_are_left_alone(
+    device: DeviceDirs, release: Release
+) -> None:
+    for name in ("clipos-dev-1.0.0.efi", "debian-12.efi", "clipos-notes.txt"):
+        (device.esp / name).write_bytes(b"not ours")
+    result = run_update(device)
+    assert result.removed_entries == []
+    assert device.entries() == [
+        "clipos-5.0.0-alpha.1.efi",
+        "clipos-5.0.0-alpha.3.efi",
+        "clipos-dev-1.0.0.efi",
+        "clipos-notes.txt",
+        "debian-12.efi",
+    ]

@@ -13,6 +13,7 @@ See docs/client.md for every key.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -192,8 +193,15 @@ def _check_ranges(config: DeviceConfig, where: str) -> None:
         "[download] stall_window": config.stall_window,
     }
     for name, value in positive.items():
-        if value <= 0:
-            raise FormatError(f"{where}: {name} must be greater than 0")
+        if not math.isfinite(value) or value <= 0:
+            raise FormatError(f"{where}: {name} must be a finite number greater than 0")
+    for name, value in (
+        ("connect_timeout", config.connect_timeout),
+        ("read_timeout", config.read_timeout),
+        ("stall_window", config.stall_window),
+    ):
+        if value > 86400:
+            raise FormatError(f"{where}: [download] {name} must be at most 86400 seconds")
     if config.min_speed < 0:
         raise FormatError(f"{where}: [download] min_speed must not be negative")
 
@@ -202,6 +210,10 @@ def _check_https_url(url: str, key: str, where: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise FormatError(f"{where}: {key} must be an https:// URL, not {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise FormatError(f"{where}: {key} has an invalid port") from None
     if parts.username or parts.password or parts.query or parts.fragment:
         raise FormatError(f"{where}: {key} must not carry credentials, a query or a fragment")
     return url.rstrip("/")

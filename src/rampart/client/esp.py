@@ -104,24 +104,25 @@ class Esp:
         return None
 
     def remove_all_except(self, keep: Version) -> list[Path]:
-        """Remove every `<os>-*.efi` (and leftover `<os>-*.efi.new`) but `keep`'s entry; fsync.
+        """Remove every entry of this OS (and leftover `.efi.new`) but `keep`'s; fsync.
 
         This makes every other slot unbootable before it is touched. Files of
         other operating systems sharing the directory are left alone.
         """
         removed = []
         for path in self._files():
-            entry = parse_entry(self.os_name, path)
-            if entry is not None and entry.version == keep:
+            name = path.name.removesuffix(_NEW_SUFFIX)
+            entry = parse_entry(self.os_name, path.with_name(name))
+            if entry is None:  # another OS's image, or not a boot entry at all
                 continue
-            ours = path.name.startswith(f"{self.os_name}-")
-            if ours and (path.name.endswith(".efi") or path.name.endswith(".efi" + _NEW_SUFFIX)):
-                log.info("removing boot entry %s", path.name)
-                try:
-                    path.unlink()
-                except OSError as exc:
-                    raise LocalError(f"{path}: cannot remove boot entry: {exc.strerror}") from None
-                removed.append(path)
+            if entry.version == keep and name == path.name:
+                continue
+            log.info("removing boot entry %s", path.name)
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise LocalError(f"{path}: cannot remove boot entry: {exc.strerror}") from None
+            removed.append(path)
         if removed:
             _fsync_dir(self.directory)
         return removed

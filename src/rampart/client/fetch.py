@@ -15,8 +15,8 @@ are imported before the fork, so the child needs no file access but the
 download directory.
 
 The download directory is handed over and taken back around each fetch:
-1. root: the directory (0700) and its regular files chowned to the fetch user,
-   anything else in it removed;
+1. root: the directory (0700) and its regular files with a single link chowned
+   to the fetch user, anything else in it removed;
 2. child: version check (TOML parsed here), downloads with resume, reports;
    one JSON reply on a pipe, capped;
 3. root: every process of the fetch user is killed, the directory and files are
@@ -271,13 +271,10 @@ def kill_user_processes(uid: int) -> int:
             if not proc.name.isdigit():
                 continue
             try:
-                status = dict(
-                    line.split(":", 1)
-                    for line in (proc / "status").read_text().splitlines()
-                    if ":" in line
-                )
+                text = (proc / "status").read_bytes().decode("utf-8", errors="replace")
             except OSError:
                 continue
+            status = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
             uids = status.get("Uid", "").split()[:3]
             if str(uid) not in uids or status.get("State", "").strip().startswith("Z"):
                 continue

@@ -58,7 +58,11 @@ def collect(config: DeviceConfig, identity: Identity, run_dir: Path) -> dict[str
     except RampartError as exc:
         report["entries_error"] = str(exc)
     ready = run_dir / READY_FILE
-    report["update_ready"] = ready.read_text().strip() if ready.is_file() else None
+    report["update_ready"] = (
+        ready.read_bytes()[:200].decode("utf-8", errors="replace").strip()
+        if ready.is_file()
+        else None
+    )
     return report
 
 

@@ -8,7 +8,8 @@ Every request passes through `Transport.request`, which enforces in one place:
   window (a server that trickles bytes fails instead of holding the client);
 - a hard cap on every body, checked against Content-Length before reading and
   against the bytes actually received while reading;
-- the CLIP OS identification headers on every request.
+- the CLIP OS identification headers on every request to the configured host
+  (not to another host a redirect leads to).
 Every failure becomes TransportError (network) or RemoteDataError (the server
 sent something that breaks a limit). This module imports nothing that parses
 signatures: it runs in the unprivileged fetch process.
@@ -86,10 +87,14 @@ class Transport:
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             if parts.scheme != "https" or not parts.hostname:
-                raise TransportError(f"{url}: refusing a non-HTTPS URL")
+                raise TransportError(f"{url[:200]}: refusing a non-HTTPS URL")
+            try:
+                port = parts.port or 443
+            except ValueError:
+                raise TransportError(f"{url[:200]}: invalid port") from None
             conn = http.client.HTTPSConnection(
                 parts.hostname,
-                parts.port or 443,
+                port,
                 context=self.context,
                 timeout=self.limits.connect_timeout,
             )

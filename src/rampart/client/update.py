@@ -1,4 +1,4 @@
-"""The update transaction (docs/client.md, "The transaction").
+"""The update transaction (docs/client.md, "The update transaction").
 
 The order is what makes it safe, atomic and resumable; each step that writes
 the disk is durable (fsync of data and directory) before the next starts:
@@ -342,10 +342,20 @@ def update(
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConflictError(f"{device.run_dir}: another update is running") from None
-        return _update_locked(device, fetcher, checkpoint)
-    except OSError as exc:
-        where = exc.filename or "update"
-        raise LocalError(f"{where}: {exc.strerror or exc}") from None
+        # Reports are sent while the lock is held: the report's fetch process
+        # must not share the download directory with another run's.
+        try:
+            result = _update_locked(device, fetcher, checkpoint)
+        except OSError as exc:
+            error: RampartError = LocalError(f"{exc.filename or 'update'}: {exc.strerror or exc}")
+            send_report(device, fetcher, device.target, "failure", str(error))
+            raise error from None
+        except RampartError as exc:
+            send_report(device, fetcher, device.target, "failure", str(exc))
+            raise
+        if result.outcome == Outcome.UPDATED:
+            send_report(device, fetcher, result.latest, "success")
+        return result
     finally:
         os.close(lock_fd)
 
@@ -412,8 +422,13 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
     entry = device.esp.install(efiboot, latest, device.config.boot_tries)
 
     checkpoint("ready")
-    device.ready_file.write_text(latest.core + "\n")
-    _clean_downloads(device, None)  # installed: the payloads are no longer needed
+    # The new version is installed and bootable: what follows is housekeeping,
+    # whose failure is logged, not fatal.
+    try:
+        device.ready_file.write_text(latest.core + "\n")
+        _clean_downloads(device, None)  # installed: the payloads are no longer needed
+    except OSError as exc:
+        log.error("update installed, but %s: %s", exc.filename or "cleanup", exc.strerror)
     return UpdateResult(
         Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
     )
@@ -436,7 +451,7 @@ def send_report(
     url = f"{device.remote.update_url}/{device.config.os_name}/report"
     try:
         status = fetcher.run([Job("report", url, 1 << 16, body=body.decode())])[0]
-    except RampartError as exc:
+    except (RampartError, OSError) as exc:
         log.info("report not delivered: %s", exc)
         return
     if not (isinstance(status, int) and 200 <= status < 300):
