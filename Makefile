@@ -42,6 +42,7 @@ test: lint typecheck unit
 bench: setup
 	$(BIN)/python bench/sign_verify.py
 	$(BIN)/python bench/update.py
+	$(BIN)/python bench/server.py
 
 clean:
 	rm -rf build demo-work .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -33,7 +33,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from rampart.errors import ConflictError, RampartError, UsageError
@@ -50,6 +50,7 @@ MAX_VERSION_HEADER = 128
 MAX_REPORT_BODY = 16 * 1024
 MAX_ERROR_TEXT = 2000
 MAX_BUFFER = 200_000
+BATCH = 2_000  # rows per transaction
 MAX_ADMIN_BODY = 64 * 1024
 SESSION_COOKIE = "rampart_admin"
 
@@ -83,6 +84,8 @@ class Fleet:
         now = time.monotonic()
         if now - self.checked_at < self.ttl:
             return
+        if self.lock.locked() and self.generation >= 0:
+            return  # another request is refreshing: answer from the current cache meanwhile
         async with self.lock:
             if time.monotonic() - self.checked_at < self.ttl:
                 return
@@ -123,6 +126,7 @@ class Recorder:
         self.buffer: list[Check] = []
         self.down = False
         self.recorded = 0
+        self.writing = asyncio.Lock()  # one writer at a time: rows leave the buffer once
 
     def add(self, check: Check) -> None:
         if self.down or len(self.buffer) >= MAX_BUFFER:
@@ -130,13 +134,23 @@ class Recorder:
         self.buffer.append(check)
 
     async def flush(self) -> None:
-        if not self.buffer:
-            return
-        batch, self.buffer = self.buffer, []
+        """Write the buffer, BATCH rows per transaction, until it is empty or the database
+        fails (the rows not written are kept)."""
+        async with self.writing:
+            while self.buffer:
+                if not await self._write(self.buffer[:BATCH]):
+                    return
+
+    async def _write(self, batch: list[Check]) -> bool:
         try:
             await run_in_threadpool(self.store.record_checks, batch)
-        except (OperationalError, InterfaceError) as exc:  # the database is unreachable
-            self.buffer = batch + self.buffer
+        except (IntegrityError, DataError) as exc:  # rows that can never be written
+            del self.buffer[: len(batch)]
+            log.error(
+                "dropping %d checks the database refused: %s", len(batch), str(exc).splitlines()[0]
+            )
+            return True
+        except SQLAlchemyError as exc:  # unreachable, timed out, restarting: keep and retry
             if not self.down:
                 log.error(
                     "database unavailable, keeping %d checks: %s",
@@ -144,20 +158,19 @@ class Recorder:
                     str(exc).splitlines()[0],
                 )
             self.down = True
-            return
-        except SQLAlchemyError as exc:  # a batch that can never be written: drop it, say so
-            log.error(
-                "dropping %d checks the database refused: %s", len(batch), str(exc).splitlines()[0]
-            )
-            return
+            return False
+        del self.buffer[: len(batch)]
         if self.down:
-            log.warning("database back; recorded %d buffered checks", len(batch))
+            log.warning("database back; recording the buffered checks")
         self.down = False
         self.recorded += len(batch)
+        return True
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush every `interval` until `stop` is set; a write in progress always completes."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
             await self.flush()
 
 
@@ -206,14 +219,20 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(recorder.run())
+        stop = asyncio.Event()
+        task = asyncio.create_task(recorder.run(stop))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # No cancel: a batch being written must commit before the process exits.
+            stop.set()
+            await task
             await recorder.flush()
+            if recorder.buffer:
+                log.error(
+                    "stopping with %d checks not recorded (database unavailable)",
+                    len(recorder.buffer),
+                )
 
     app = FastAPI(
         title="Rampart update server",

@@ -1,0 +1,953 @@
+"""Load the update server's version check with wrk: rampart on SQLite and on PostgreSQL,
+with one and two workers, and nginx serving the static version file as the baseline.
+
+    .venv/bin/python bench/server.py [--duration 10] [--connections 64] [--threads 2]
+                                     [--workers 1,2] [--rate R] [--json]
+
+Debian packages: wrk, nginx, postgresql (`make setup` installs them). Run as root
+or not: PostgreSQL runs as the `postgres` user when this script is root (it is
+started by tests/server/pg.py, a private cluster on 127.0.0.1).
+
+Set-up, in a work directory under /var/tmp (removed at the end): a vendor key
+(`rampart keygen --unencrypted`), releases 1.0.0 and 1.0.1 published with
+`rampart publish` into a webroot, 1,000 random machine-ids (32 hex digits), and a
+wrk Lua script that sends each request from one of them (picked at random, per
+request) with the headers clipos-machineid and clipos-version: 1.0.0.
+
+Each target is loaded for `--duration` seconds by `wrk -t THREADS -c CONNECTIONS`, as
+fast as it answers (closed loop: the latencies are those of a saturated server), or
+with --rate R paced by wrk's delay() to offer about R requests/s in all:
+- nginx (one worker process, access log on, buffered) serving the webroot;
+- `rampart serve --webroot W --db URL --workers N` for N in --workers, on SQLite
+  (a fresh file) and on PostgreSQL (a fresh database of one cluster, with
+  PostgreSQL's default, durable settings). Before the measured run every
+  machine-id checks in once (a warm-up, so the server's machine cache is in its
+  steady state); the rows it adds are counted and subtracted.
+
+Counting what is recorded: wrk stops by closing its connections, abandoning the
+requests in flight, which the server may or may not have answered and recorded.
+So the script sends identified checks for all but the last second of the run and
+anonymous requests (no headers, answered but never recorded) in the last second:
+every identified check then completes before wrk stops, and the number of
+identified checks wrk sent is the number of checks the server must have recorded.
+After the run the server is stopped with SIGTERM (graceful: its check buffer is
+flushed) and the rows of `checks` are counted.
+
+Reported per target: requests/s (every request wrk completed, over the whole run),
+checks/s (identified checks over the identified part of the run), p50/p90/p99/max
+latency (wrk's histogram, every request), errors (HTTP status >= 400, which wrk
+counts, plus socket connect/read/write errors and timeouts), for rampart the rows
+recorded vs the identified checks sent, CPU seconds used by the server (and by
+PostgreSQL) during the run, and the ratio of requests/s to nginx's.
+
+Targets for rampart: >= 1500 checks/s, p99 < 50 ms, zero errors, recorded ==
+completed. The exit code is 0 whether or not they are met (this is a benchmark,
+not a test) and 1 if the set-up fails or a server does not start or stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OS_NAME = "clipos"
+RUNNING = "1.0.0"
+PATH = f"/update/v1/{OS_NAME}/version"
+MACHINES = 1000
+TAIL_SECONDS = 1.0  # the last second of each run sends anonymous requests
+TARGET_CHECKS_PER_S = 1500.0
+TARGET_P99_MS = 50.0
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+FLUSH_TIMEOUT = 15.0
+WRK_TIMEOUT = "5s"  # wrk's per-request timeout
+DEFAULT_PARENT = Path("/var/tmp")
+
+
+class BenchError(Exception):
+    """The set-up failed or a server misbehaved: exit code 1."""
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _load_pg() -> ModuleType:
+    """tests/server/pg.py (the private PostgreSQL cluster of the tests), by path."""
+    path = ROOT / "tests" / "server" / "pg.py"
+    spec = importlib.util.spec_from_file_location("rampart_bench_pg", path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"{path}: cannot load")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if found is None:
+        raise BenchError(f"{name} not found: run make setup")
+    return found
+
+
+def _rampart() -> str:
+    beside = Path(sys.executable).parent / "rampart"
+    if beside.is_file():
+        return str(beside)
+    return str(ROOT / ".venv" / "bin" / "rampart")
+
+
+def _run(argv: Sequence[str | Path], timeout: float = 120) -> str:
+    try:
+        result = subprocess.run(
+            [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{Path(argv[0]).name} took more than {timeout:g} s") from None
+    if result.returncode != 0:
+        raise BenchError(
+            f"{' '.join(str(a) for a in argv[:3])}...: exit code {result.returncode}: "
+            f"{result.stderr.strip()}"
+        )
+    return result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, headers: dict[str, str] | None = None, timeout: float = 2.0) -> int:
+    """The status of one GET of the version endpoint (0: no answer)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", PATH, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        conn.close()
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    children = [int(p) for p in (task / "children").read_text().split()]
+                    found += children
+                    pending += children
+    return found
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of a process and each live descendant."""
+    return {p: _cpu_seconds(p) for p in [pid, *_descendants(pid)]}
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU used between two tree_cpu() snapshots by the processes alive at the end."""
+    return sum(max(0.0, t - before.get(pid, 0.0)) for pid, t in after.items())
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n  ".join(text[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+                raise BenchError(f"{self.name} did not stop within {timeout:g} s") from None
+        return self.process.returncode
+
+
+class Services:
+    """Everything this script starts, stopped at the end whatever happens."""
+
+    def __init__(self) -> None:
+        self.running: list[Service] = []
+        self.clusters: list[Any] = []
+
+    def start(self, name: str, argv: Sequence[str], log: Path) -> Service:
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        service = Service(name, process, log)
+        self.running.append(service)
+        return service
+
+    def stop_all(self) -> None:
+        for service in reversed(self.running):
+            if service.process.poll() is None:
+                with contextlib.suppress(BenchError):
+                    service.stop(signal.SIGTERM, 10)
+            if service.process.poll() is None:
+                service.process.kill()
+                service.process.wait(10)
+        self.running.clear()
+        for cluster in self.clusters:
+            with contextlib.suppress(Exception):
+                cluster.destroy()
+        self.clusters.clear()
+
+
+def wait_until(what: str, ready: Callable[[], bool], service: Service, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise BenchError(
+                f"{what} exited with {service.process.returncode}:\n  {service.log_tail()}"
+            )
+        if ready():
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{what} not ready after {timeout:g} s:\n  {service.log_tail()}")
+
+
+# --- wrk --------------------------------------------------------------------------------------
+
+LUA = r"""
+-- Generated by bench/server.py: version checks from %(machines)d machine-ids.
+local ids = {
+%(ids)s
+}
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+int clock_gettime(int clk_id, bench_timespec *tp);
+]]
+local ts = ffi.new("bench_timespec")
+local function now()
+  ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) / 1e9
+end
+
+-- setup and done run in their own Lua state; each thread has another.
+local threads = {}
+local count = 0
+function setup(thread)
+  thread:set("tid", count)
+  count = count + 1
+  table.insert(threads, thread)
+end
+
+tid = 0
+identified = 0
+identified_seconds = -1
+local checks = {}
+local anonymous
+local started, switch_at
+local pause_ms = 0
+-- wrk calls request() once on its first thread to check the script, before the run,
+-- and never sends that request: it must not count.
+local checked = true
+function init(args)
+  checked = tid ~= 0
+  pause_ms = tonumber(args[2]) or 0
+  for i, id in ipairs(ids) do
+    local headers = {["clipos-machineid"] = id, ["clipos-version"] = "%(running)s"}
+    checks[i] = wrk.format("GET", nil, headers)
+  end
+  anonymous = wrk.format("GET", nil, {})
+  math.randomseed(7919 * tid + 17)
+  started = now()
+  switch_at = started + (tonumber(args[1]) or 1e9)
+end
+
+if %(paced)s then
+  function delay()
+    return pause_ms
+  end
+end
+
+function request()
+  if not checked then
+    checked = true
+    return anonymous
+  end
+  if switch_at > now() then
+    identified = identified + 1
+    return checks[math.random(#checks)]
+  end
+  if identified_seconds < 0 then identified_seconds = now() - started end
+  return anonymous
+end
+
+function done(summary, latency, requests)
+  local sent, seconds = 0, 0
+  for _, thread in ipairs(threads) do
+    sent = sent + thread:get("identified")
+    local s = thread:get("identified_seconds")
+    if s < 0 then s = summary.duration / 1e6 end
+    seconds = seconds + s / #threads
+  end
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH-RESULT requests=%%d duration_us=%%d identified=%%d identified_s=%%.6f " ..
+    "connect=%%d read=%%d write=%%d status=%%d timeout=%%d " ..
+    "p50_us=%%d p90_us=%%d p99_us=%%d p999_us=%%d max_us=%%d mean_us=%%.1f\n",
+    summary.requests, summary.duration, sent, seconds,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max, latency.mean))
+end
+"""
+
+
+def write_lua(path: Path, machine_ids: Sequence[str], paced: bool = False) -> None:
+    ids = ",\n".join(f'  "{m}"' for m in machine_ids)
+    path.write_text(
+        LUA
+        % {
+            "machines": len(machine_ids),
+            "ids": ids,
+            "running": RUNNING,
+            "paced": "true" if paced else "false",
+        }
+    )
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    duration_s: float
+    identified: int
+    identified_s: float
+    errors: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    mean_ms: float
+    wrk_cpu_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def checks_per_s(self) -> float:
+        return self.identified / self.identified_s if self.identified_s else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def pause_ms(args: argparse.Namespace) -> int:
+    """wrk's delay() per request on each connection so that the offered load is about
+    --rate requests/s (0: no pause, as fast as the server answers)."""
+    if not args.rate:
+        return 0
+    return max(1, int(args.connections * 1000 / args.rate))
+
+
+def run_wrk(args: argparse.Namespace, script: Path, port: int, log: Path) -> WrkResult:
+    phase = max(0.5, args.duration - TAIL_SECONDS)
+    argv = [
+        _tool("wrk"),
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{args.duration}s",
+        f"--timeout={WRK_TIMEOUT}",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{PATH}",
+        "--",
+        f"{phase:.3f}",
+        str(pause_ms(args)),
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            process.wait(10)
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    if process.returncode != 0:
+        raise BenchError(f"wrk exit code {process.returncode}:\n{text}")
+    match = re.search(r"^BENCH-RESULT (.*)$", text, re.MULTILINE)
+    if match is None:
+        raise BenchError(f"wrk printed no result line:\n{text}")
+    values = dict(item.split("=", 1) for item in match.group(1).split())
+
+    def ms(key: str) -> float:
+        return float(values[key]) / 1000
+
+    return WrkResult(
+        requests=int(values["requests"]),
+        duration_s=int(values["duration_us"]) / 1e6,
+        identified=int(values["identified"]),
+        identified_s=float(values["identified_s"]),
+        errors={k: int(values[k]) for k in ("connect", "read", "write", "status", "timeout")},
+        p50_ms=ms("p50_us"),
+        p90_ms=ms("p90_us"),
+        p99_ms=ms("p99_us"),
+        p999_ms=ms("p999_us"),
+        max_ms=ms("max_us"),
+        mean_ms=ms("mean_us"),
+        wrk_cpu_s=usage.ru_utime + usage.ru_stime,
+    )
+
+
+# --- the targets -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    target: str
+    database: str | None
+    workers: int | None
+    wrk: WrkResult
+    server_cpu_s: float = 0.0
+    database_cpu_s: float = 0.0
+    recorded: int | None = None  # rows added to `checks` by the measured run
+    warmup: int = 0
+    paced: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def completed(self) -> int:
+        return self.wrk.identified
+
+    def targets(self) -> dict[str, bool | None]:
+        """Each target: met, not met, or None (not applicable: a paced run's rate is
+        the one it was asked for)."""
+        return {
+            f">= {TARGET_CHECKS_PER_S:g} checks/s": (
+                None if self.paced else self.wrk.checks_per_s >= TARGET_CHECKS_PER_S
+            ),
+            f"p99 < {TARGET_P99_MS:g} ms": self.wrk.p99_ms < TARGET_P99_MS,
+            "zero errors": self.wrk.error_count == 0,
+            "recorded == completed": self.recorded == self.completed,
+        }
+
+    def to_json(self, baseline_rps: float | None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "target": self.target,
+            "database": self.database,
+            "workers": self.workers,
+            "requests": self.wrk.requests,
+            "duration_s": self.wrk.duration_s,
+            "requests_per_s": round(self.wrk.rps, 1),
+            "latency_ms": {
+                "p50": self.wrk.p50_ms,
+                "p90": self.wrk.p90_ms,
+                "p99": self.wrk.p99_ms,
+                "p99.9": self.wrk.p999_ms,
+                "max": self.wrk.max_ms,
+                "mean": self.wrk.mean_ms,
+            },
+            "errors": self.wrk.errors,
+            "cpu_s": {
+                "wrk": round(self.wrk.wrk_cpu_s, 2),
+                "server": round(self.server_cpu_s, 2),
+                "database": round(self.database_cpu_s, 2),
+            },
+            "notes": self.notes,
+        }
+        if baseline_rps:
+            data["ratio_to_nginx"] = round(self.wrk.rps / baseline_rps, 3)
+        if self.target == "rampart":
+            data.update(
+                checks_per_s=round(self.wrk.checks_per_s, 1),
+                identified_checks=self.completed,
+                recorded=self.recorded,
+                warmup_checks=self.warmup,
+                targets=self.targets(),
+            )
+        return data
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path, services: Services) -> None:
+        self.args = args
+        self.work = work
+        self.services = services
+        self.webroot = work / "webroot"
+        self.script = work / "checks.lua"
+        self.machine_ids = sorted({secrets.token_hex(16) for _ in range(MACHINES)})
+        while len(self.machine_ids) < MACHINES:  # pragma: no cover - a 128-bit collision
+            self.machine_ids = sorted({*self.machine_ids, secrets.token_hex(16)})
+        self.cluster: Any = None
+        self.runs = 0
+
+    # set-up
+
+    def publish(self) -> None:
+        rampart = _rampart()
+        keys = self.work / "keys"
+        keys.mkdir()
+        _run(
+            [
+                rampart,
+                "keygen",
+                "--unencrypted",
+                "--secret-key",
+                keys / "vendor.key",
+                "--public-key",
+                keys / "vendor.pub",
+            ]
+        )
+        for version in ("1.0.0", "1.0.1"):
+            core, efiboot = self.work / f"core-{version}", self.work / f"efiboot-{version}"
+            core.write_bytes(os.urandom(64 * 1024))
+            efiboot.write_bytes(os.urandom(16 * 1024))
+            _run(
+                [
+                    rampart,
+                    "publish",
+                    "--webroot",
+                    self.webroot,
+                    "--os",
+                    OS_NAME,
+                    "--version",
+                    version,
+                    "--core",
+                    core,
+                    "--efiboot",
+                    efiboot,
+                    "--secret-key",
+                    keys / "vendor.key",
+                ]
+            )
+        # nginx's workers must read it (and traverse to it) whoever they run as.
+        for path in [self.work, *self.webroot.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        write_lua(self.script, self.machine_ids, paced=bool(self.args.rate))
+
+    # nginx
+
+    def nginx(self) -> Row:
+        d = self.work / "nginx"
+        d.mkdir()
+        port = _free_port()
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = d / "nginx.conf"
+        conf.write_text(
+            f"""{user}
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {d}/access.log combined buffer=256k flush=1s;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {self.webroot};
+    }}
+}}
+"""
+        )
+        argv = [_tool("nginx"), "-c", str(conf), "-p", f"{d}/", "-e", str(d / "error.log")]
+        service = self.services.start("nginx", [*argv, "-g", "daemon off;"], d / "stderr.log")
+        wait_until("nginx", lambda: _get(port) == 200, service, START_TIMEOUT)
+        _log(f"nginx on 127.0.0.1:{port}: wrk for {self.args.duration} s")
+        before = tree_cpu(service.process.pid)
+        result = run_wrk(self.args, self.script, port, d / "wrk.log")
+        server_cpu = cpu_used(before, tree_cpu(service.process.pid))
+        service.stop(signal.SIGQUIT)  # graceful: finish requests, flush the log
+        return Row("nginx", None, None, result, server_cpu_s=server_cpu)
+
+    # rampart
+
+    def database(self, kind: str) -> str:
+        self.runs += 1
+        if kind == "sqlite":
+            return f"sqlite:///{self.work / f'bench-{self.runs}.sqlite'}"
+        if self.cluster is None:
+            pg = _load_pg()
+            _log("starting a private PostgreSQL cluster (tests/server/pg.py)")
+            try:
+                self.cluster = pg.Cluster(None, settings={})
+            except pg.PostgresError as exc:
+                raise BenchError(str(exc)) from None
+            self.services.clusters.append(self.cluster)
+        name = f"bench_{self.runs}"
+        return str(self.cluster.create_database(name))
+
+    def count_checks(self, url: str) -> int:
+        from sqlalchemy import text
+
+        from rampart.server import db
+
+        engine = db.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM checks")).scalar() or 0)
+        finally:
+            engine.dispose()
+
+    def postmaster_cpu(self) -> dict[int, float]:
+        if self.cluster is None:
+            return {}
+        pid = self.cluster.postmaster_pid()
+        return tree_cpu(pid) if pid else {}
+
+    def rampart(self, kind: str, workers: int) -> Row:
+        url = self.database(kind)
+        d = self.work / f"rampart-{kind}-{workers}"
+        d.mkdir()
+        port = _free_port()
+        argv = [
+            _rampart(),
+            "serve",
+            "--webroot",
+            str(self.webroot),
+            "--db",
+            url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+        ]
+        name = f"rampart serve ({kind}, {workers} worker{'s' if workers > 1 else ''})"
+        service = self.services.start(name, argv, d / "serve.log")
+        wait_until(name, lambda: _get(port) == 200, service, START_TIMEOUT)
+        notes = []
+        # Warm-up: every machine checks in once (fills the server's machine cache).
+        warm = 0
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            for machine_id in self.machine_ids:
+                headers = {"clipos-machineid": machine_id, "clipos-version": RUNNING}
+                conn.request("GET", PATH, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                warm += response.status == 200
+        except (OSError, http.client.HTTPException) as exc:
+            raise BenchError(f"{name}: warm-up failed: {exc}\n  {service.log_tail()}") from None
+        finally:
+            conn.close()
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while self.count_checks(url) < warm and time.monotonic() < deadline:
+            time.sleep(0.1)
+        baseline = self.count_checks(url)
+        if baseline != warm:
+            notes.append(f"warm-up: {warm} checks answered 200, {baseline} recorded")
+        _log(f"{name} on 127.0.0.1:{port}: wrk for {self.args.duration} s")
+        before, db_before = tree_cpu(service.process.pid), self.postmaster_cpu()
+        result = run_wrk(self.args, self.script, port, d / "wrk.log")
+        server_cpu = cpu_used(before, tree_cpu(service.process.pid))
+        db_cpu = cpu_used(db_before, self.postmaster_cpu())
+        stopped = time.monotonic()
+        code = service.stop(signal.SIGTERM)
+        if code not in (0, -signal.SIGTERM):
+            notes.append(f"exit code {code} after SIGTERM")
+        notes.append(f"graceful stop took {time.monotonic() - stopped:.2f} s")
+        recorded = self.count_checks(url) - baseline
+        return Row(
+            "rampart",
+            kind,
+            workers,
+            result,
+            server_cpu_s=server_cpu,
+            database_cpu_s=db_cpu,
+            recorded=recorded,
+            warmup=warm,
+            paced=bool(self.args.rate),
+            notes=notes,
+        )
+
+    def run(self) -> list[Row]:
+        _log(f"publishing releases into {self.webroot}")
+        self.publish()
+        rows = [self.nginx()] if not self.args.no_nginx else []
+        for kind in self.args.databases:
+            for workers in self.args.workers:
+                rows.append(self.rampart(kind, workers))
+        return rows
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    def first(argv: list[str]) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            return (result.stdout + result.stderr).strip().splitlines()[0]
+        return "?"
+
+    found = {
+        "wrk": first([_tool("wrk"), "--version"]).split(" [")[0],
+        "nginx": first([_tool("nginx"), "-v"]).removeprefix("nginx version: "),
+        "python": sys.version.split()[0],
+    }
+    with contextlib.suppress(Exception):
+        pg = _load_pg()
+        found["postgresql"] = first([str(pg.find_bindir() / "postgres"), "--version"])
+    return found
+
+
+def print_table(rows: list[Row], args: argparse.Namespace, out: IO[str]) -> None:
+    nginx = next((r for r in rows if r.target == "nginx"), None)
+    base = nginx.wrk.rps if nginx else None
+    cpus = os.cpu_count() or 0
+    print(
+        f"Version checks: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+        f"{MACHINES} machine-ids, "
+        + (f"paced to about {args.rate} requests/s, " if args.rate else "unpaced, ")
+        + f"on {cpus} CPUs (wrk, server and database share them)",
+        file=out,
+    )
+    header = (
+        f"{'target':<28} {'req/s':>8} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'max ms':>7} {'errors':>6} {'recorded':>9} {'completed':>9} {'vs nginx':>8} "
+        f"{'cpu srv/db/wrk s':>17}"
+    )
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in rows:
+        label = (
+            "nginx (static file)"
+            if row.target == "nginx"
+            else (f"rampart {row.database} w={row.workers}")
+        )
+        w = row.wrk
+        checks = f"{w.checks_per_s:9.0f}" if row.target == "rampart" else f"{'-':>9}"
+        recorded = f"{row.recorded:9d}" if row.recorded is not None else f"{'-':>9}"
+        completed = f"{row.completed:9d}" if row.target == "rampart" else f"{'-':>9}"
+        ratio = f"{w.rps / base:8.2f}" if base else f"{'-':>8}"
+        cpu = f"{row.server_cpu_s:.1f}/{row.database_cpu_s:.1f}/{w.wrk_cpu_s:.1f}"
+        print(
+            f"{label:<28} {w.rps:8.0f} {checks} {w.p50_ms:7.2f} {w.p99_ms:7.2f} "
+            f"{w.max_ms:7.1f} {w.error_count:6d} {recorded} {completed} {ratio} {cpu:>17}",
+            file=out,
+        )
+    print(file=out)
+    print("Targets (rampart):", file=out)
+    for row in rows:
+        if row.target != "rampart":
+            continue
+        verdicts = ", ".join(
+            f"{name}: {'n/a (paced run)' if ok is None else 'met' if ok else 'NOT met'}"
+            for name, ok in row.targets().items()
+        )
+        print(f"  {row.database} w={row.workers}: {verdicts}", file=out)
+        errors = {k: v for k, v in row.wrk.errors.items() if v}
+        if errors:
+            print(f"    errors: {errors}", file=out)
+        for note in row.notes:
+            print(f"    {note}", file=out)
+    print(
+        "\nreq/s: every request wrk completed over the whole run; checks/s: identified "
+        f"checks over the run less its last {TAIL_SECONDS:g} s (anonymous requests, not "
+        "recorded); latency: wrk's histogram of every request; recorded: rows added to "
+        "`checks` (after a SIGTERM stop); completed: identified checks sent by wrk.",
+        file=out,
+    )
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
+    return value
+
+
+def worker_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: a comma-separated list of counts") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text}: positive worker counts")
+    return values
+
+
+def database_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in ("sqlite", "postgresql") for v in values):
+        raise argparse.ArgumentTypeError(f"{text}: sqlite and/or postgresql")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Load the version check with wrk: rampart serve on SQLite and PostgreSQL "
+        "(1 and 2 workers) against nginx serving the static version file."
+    )
+    parser.add_argument(
+        "--duration", type=positive_int, default=10, help="seconds per target (default 10)"
+    )
+    parser.add_argument(
+        "--connections", type=positive_int, default=64, help="wrk connections (default 64)"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2, help="wrk threads (default 2)")
+    parser.add_argument(
+        "--workers",
+        type=worker_list,
+        default=[1, 2],
+        metavar="N,M",
+        help="rampart worker counts to try (default 1,2)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="offer about R requests/s in all (each connection pauses CONNECTIONS/R s "
+        "between requests; default: as fast as the server answers)",
+    )
+    parser.add_argument(
+        "--databases",
+        type=database_list,
+        default=["sqlite", "postgresql"],
+        metavar="DB,DB",
+        help="rampart's databases to try: sqlite, postgresql (default both)",
+    )
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx baseline")
+    parser.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs) for a post-mortem"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_PARENT,
+        metavar="DIR",
+        help="create the temporary work directory here (default /var/tmp); removed at the end",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.duration <= TAIL_SECONDS:
+        print(f"bench: error: --duration must exceed {TAIL_SECONDS:g} s", file=sys.stderr)
+        return 1
+    if args.connections < args.threads:
+        print("bench: error: --connections must be at least --threads", file=sys.stderr)
+        return 1
+    try:
+        work = Path(tempfile.mkdtemp(prefix="rampart-server-bench-", dir=args.workdir))
+    except OSError as exc:
+        print(f"bench: error: {args.workdir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    services = Services()
+    try:
+        with _terminate_as_interrupt():
+            tools = versions()
+            rows = Bench(args, work, services).run()
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        services.stop_all()
+        if args.keep:
+            _log(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        nginx = next((r for r in rows if r.target == "nginx"), None)
+        base = nginx.wrk.rps if nginx else None
+        report = {
+            "wrk": {
+                "threads": args.threads,
+                "connections": args.connections,
+                "duration_s": args.duration,
+                "machine_ids": MACHINES,
+                "rate": args.rate,
+            },
+            "cpus": os.cpu_count(),
+            "versions": tools,
+            "targets": {
+                "checks_per_s": TARGET_CHECKS_PER_S,
+                "p99_ms": TARGET_P99_MS,
+                "errors": 0,
+                "recorded_equals_completed": True,
+            },
+            "results": [r.to_json(base) for r in rows],
+        }
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"versions: {', '.join(f'{k} {v}' for k, v in tools.items())}")
+        print_table(rows, args, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
