@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rampart import signing
+from rampart.durable import fsync_dir
 from rampart.errors import (
     AuditError,
     ConflictError,
@@ -100,14 +101,6 @@ def read_version_file(path: Path) -> Version | None:
     return parse_version_file(data, str(path))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _makedirs(path: Path) -> None:
     """mkdir -p, fsyncing each parent whose entry list changed."""
     missing = []
@@ -117,7 +110,7 @@ def _makedirs(path: Path) -> None:
         current = current.parent
     for directory in reversed(missing):
         directory.mkdir()
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
 
 @contextmanager
@@ -150,7 +143,7 @@ def _write_durably(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         tmp.chmod(0o644)
         tmp.replace(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _copy_hashing(source: Path, target: Path) -> bytes:
@@ -287,7 +280,7 @@ def _write_release(
             # under its final name without its signature beside it.
             tmp_sig.replace(final_sig)
             tmp_payload.replace(final)
-        _fsync_dir(release)
+        fsync_dir(release)
     return reused
 
 

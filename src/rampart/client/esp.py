@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rampart.durable import fsync_dir
 from rampart.errors import LocalError, UsageError
 from rampart.version import Version, parse_version
 
@@ -63,14 +64,6 @@ def parse_entry(os_name: str, path: Path) -> BootEntry | None:
     left = None if match["left"] is None else int(match["left"])
     done = None if match["done"] is None else int(match["done"])
     return BootEntry(path, version, left, done)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Esp:
@@ -124,7 +117,7 @@ class Esp:
                 raise LocalError(f"{path}: cannot remove boot entry: {exc.strerror}") from None
             removed.append(path)
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return removed
 
     def free_space(self) -> int:
@@ -148,7 +141,7 @@ class Esp:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise LocalError(f"{final}: cannot install boot entry: {exc.strerror}") from None
@@ -170,7 +163,7 @@ class Esp:
         final = entry.path.with_name(entry_name(self.os_name, version))
         try:
             os.replace(entry.path, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             raise LocalError(
                 f"{entry.path}: cannot remove the boot counter: {exc.strerror}"

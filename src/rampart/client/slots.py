@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rampart import run
+from rampart.durable import fsync_dir
 from rampart.errors import FormatError, LocalError, UsageError
 from rampart.version import Version, parse_version
 
@@ -119,7 +120,7 @@ class FileBackend:
                 os.fsync(handle.fileno())
         except FileExistsError:
             raise LocalError(f"{path}: logical volume already exists") from None
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         log.info("created %s (%d bytes)", name, size)
         return Slot(name, size, path)
 
@@ -133,7 +134,7 @@ class FileBackend:
             os.rename(source, target)
         except OSError as exc:
             raise LocalError(f"{slot.path}: cannot rename to {new_name}: {exc.strerror}") from None
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         log.info("renamed %s to %s", slot.name, new_name)
         return Slot(new_name, slot.size, target)
 
@@ -142,15 +143,7 @@ class FileBackend:
             (self.directory / _check_lv_name(slot.name)).unlink()
         except OSError as exc:
             raise LocalError(f"{slot.path}: cannot remove: {exc.strerror}") from None
-        _fsync_dir(self.directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.directory)
 
 
 def _report(stdout: bytes, key: str, command: str) -> list[dict[str, Any]]:
