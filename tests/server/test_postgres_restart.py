@@ -12,6 +12,7 @@ stop), and none of those answered 503.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import re
@@ -238,7 +239,13 @@ class Load:
                 machine_id = self.run_id + secrets.token_hex(12)
             else:
                 machine_id = ids[sent % IDS_PER_CLIENT]
-            answer = probe(self.port, machine_id, self.phase)
+            phase = self.phase
+            answer = probe(self.port, machine_id, phase)
+            if self.phase != phase:
+                # Began before the phase changed, ended after: it belongs to the transition.
+                answer = dataclasses.replace(
+                    answer, phase="stopping" if phase == "before" else phase
+                )
             sent += 1
             with self.lock:
                 self.answers.append(answer)

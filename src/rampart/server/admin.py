@@ -186,11 +186,12 @@ def assign(store: Store, machine_id: str, os_name: str, channel: str | None) -> 
 def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> dict[str, Any]:
     """The fleet view: channels, versions per channel, silent machines, recent failures."""
     now = time.time() if now is None else now
+    defaults = {c.os: c.name for c in store.channels() if c.default}  # unassigned machines
     silent = [
         {
             "machine_id": m["machine_id"],
             "version": m["version"],
-            "channel": m["channel"],
+            "channel": m["channel"] or defaults.get(m["os"]),
             "last_seen": m["last_seen"],
         }
         for m in store.machines(limit=1000, seen_before=now - silent_days * 86400)
@@ -221,7 +222,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
             {
                 "machine_id": m["machine_id"],
                 "version": m["version"],
-                "channel": m["channel"],
+                "channel": m["channel"] or defaults.get(m["os"]),
                 "last_seen": m["last_seen"],
             }
             for m in machines
