@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests use (real tools, not mocks).
-DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium \
+DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium cryptsetup-bin \
 	curl dbus rauc rauc-service squashfs-tools
 
 .PHONY: setup demo test lint typecheck unit bench clean distclean
@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/sign_verify.py
 	$(BIN)/python bench/update.py
 	$(BIN)/python bench/server.py
+	$(BIN)/python bench/verity.py
 
 clean:
 	rm -rf build demo-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
