@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from rampart.errors import (
     UsageError,
     VerificationError,
 )
+from rampart.image import pe, verity
 from rampart.version import Version, parse_version
 
 log = logging.getLogger(__name__)
@@ -300,10 +302,87 @@ def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
     return hasher.digest()
 
 
-def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint) -> None:
+@dataclass(frozen=True)
+class RootHash:
+    """What the new EFI binary's command line says about the Core it boots."""
+
+    root_hash: str
+    hash_offset: int
+    data_blocks: int | None
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
+def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
+    """The verity root hash the EFI binary will boot with, or None if it carries none.
+
+    Reads `rampart.verity.*` (or CLIP OS's `rd.verity.*`) from the UKI's `.cmdline`.
+    Refuses (VerificationError) an EFI binary built for another LV than `slot`.
+    """
+    data = efiboot.read_bytes()
+    try:
+        line = pe.cmdline(data, efiboot.name)
+    except FormatError:
+        return None  # not a PE file: an EFI binary Rampart did not build
+    if line is None:
+        return None
+    args = dict(word.split("=", 1) for word in line.split() if "=" in word)
+    core = args.get("rampart.core") or args.get("rd.verity.device")
+    if core is not None and not core.endswith("/" + slot):
+        raise VerificationError(
+            f"{efiboot.name}: boots {core}, not the slot {slot} it would be installed with"
+        )
+    root = (args.get("rampart.verity.roothash") or args.get("rd.verity.roothash") or "").lower()
+    if not root:
+        return None
+    offset = args.get("rampart.verity.hashoffset") or args.get("rd.verity.hashoffset") or ""
+    blocks = args.get("rampart.verity.datablocks")
+    if (
+        not _HEX64.fullmatch(root)
+        or not offset.isdigit()
+        or (blocks is not None and not blocks.isdigit())
+    ):
+        raise FormatError(f"{efiboot.name}: malformed verity parameters on its command line")
+    return RootHash(root, int(offset), None if blocks is None else int(blocks))
+
+
+def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
+    """Verify the written slot (data and hash tree) against the EFI binary's root hash."""
+    with slot.path.open("rb") as handle:
+        handle.seek(root.hash_offset)
+        superblock = handle.read(verity.SUPERBLOCK)
+    fields = verity.parse_superblock(superblock, str(slot.path))
+    blocks = root.data_blocks if root.data_blocks is not None else fields["data_blocks"]
+    if fields["data_blocks"] != blocks or blocks * verity.BLOCK > root.hash_offset:
+        raise VerificationError(
+            f"{slot.path}: verity superblock does not match the EFI binary's command line"
+        )
+    params = verity.VerityParams(
+        root_hash=root.root_hash,
+        salt=fields["salt"],
+        data_blocks=blocks,
+        hash_offset=root.hash_offset,
+        uuid=fields["uuid"],
+    )
+    try:
+        verity.verify(slot.path, params)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"Core in {slot.name} does not match the root hash of the new EFI binary ({exc}); "
+            "not installing it"
+        ) from None
+
+
+def write_core(
+    image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint, root: RootHash | None = None
+) -> None:
     """Write `image` at the start of `slot`, fsync, read it back and check it against `verified`.
 
-    `verified` is the BLAKE2b-512 digest of the bytes whose signature was
+    With `root` (the new EFI binary's verity root hash), the slot is verified
+    against it instead: data and hash tree, which also proves that Core and the
+    EFI binary were built together. Otherwise `verified` is the BLAKE2b-512
+    digest of the bytes whose signature was
     checked. The slot is read back from the device after fsync (its page cache
     dropped) and must hash to it: that one check catches a payload changed
     after verification as well as a bad write.
@@ -329,6 +408,9 @@ def write_core(image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint)
         raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
     finally:
         os.close(fd)
+    if root is not None:
+        check_slot_against_root_hash(slot, root)
+        return
     readback = hash_prefix(slot.path, size)
     if readback != verified:
         raise VerificationError(f"{slot.path}: Core read back does not match the verified payload")
@@ -416,6 +498,13 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
             f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
         )
 
+    root = core_root_hash(efiboot, slot_name(latest))
+    if root is None:
+        log.warning(
+            "%s carries no verity root hash: Core is checked against its signature only",
+            efiboot.name,
+        )
+
     checkpoint("remove-entries")
     removed = device.esp.remove_all_except(running)
 
@@ -427,7 +516,7 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         slot = device.slots.rename(slot, new_name)
 
     checkpoint("write-core")
-    write_core(core, slot, core_digest, checkpoint)
+    write_core(core, slot, core_digest, checkpoint, root)
 
     checkpoint("install-entry")
     check_payload(device, efiboot, latest)
