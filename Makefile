@@ -10,18 +10,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests use (real tools, not mocks).
 DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium cryptsetup-bin \
-	curl dbus rauc rauc-service squashfs-tools
+	curl dbus rauc rauc-service squashfs-tools \
+	sbsigntool systemd-boot-efi ovmf qemu-system-x86 binutils \
+	busybox-static
 
 .PHONY: setup demo test lint typecheck unit bench clean distclean
 
-setup: $(STAMP)
+setup: $(STAMP) .cache/kernel/vmlinuz
+
+# The Debian kernel the image tests and the testbed boot (scripts/fetch-kernel.sh).
+.cache/kernel/vmlinuz: scripts/fetch-kernel.sh | $(STAMP)
+	sh scripts/fetch-kernel.sh
 
 $(STAMP): pyproject.toml scripts/setup-debian.sh scripts/setup-users.sh
 	sh scripts/setup-debian.sh $(DEB_PACKAGES)
 	sh scripts/setup-users.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,build,test]'
 	touch $(STAMP)
 
 demo: setup
@@ -49,4 +55,4 @@ clean:
 	rm -rf build demo-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .cache

@@ -46,7 +46,7 @@ def _emit_json(payload: dict[str, Any]) -> None:
     sys.stdout.write("\n")
 
 
-def _password_source(env_name: str, confirm: bool) -> Callable[[], bytes]:
+def password_source(env_name: str, confirm: bool) -> Callable[[], bytes]:
     """A callable giving the key password: from $env_name, else a terminal prompt."""
 
     def get() -> bytes:
@@ -82,7 +82,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     for path in (args.secret_key, args.public_key):
         if path.exists() or path.is_symlink():
             raise ConflictError(f"{path}: already exists; refusing to overwrite a key")
-    password = None if args.unencrypted else _password_source(args.password_env, True)()
+    password = None if args.unencrypted else password_source(args.password_env, True)()
     key = signing.generate_secret_key()
     secret = signing.secret_key_to_bytes(key, password)
     signing.write_new_file(args.secret_key, secret, 0o600)
@@ -114,7 +114,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     target: Path = args.signature or args.file.with_name(args.file.name + ".sig")
     if not args.file.is_file():
         raise LocalError(f"{args.file}: file not found or not a regular file")
-    key = signing.load_secret_key(args.secret_key, _password_source(args.password_env, False))
+    key = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
     signature = signing.sign_file(args.file, key, version)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -181,7 +181,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     webroot.check_name(args.os, "OS name")
     if args.channel is not None:
         webroot.check_name(args.channel, "channel name")
-    key = signing.load_secret_key(args.secret_key, _password_source(args.password_env, False))
+    key = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
     result = webroot.publish(
         args.webroot, args.os, version, args.core, args.efiboot, key, args.channel, args.force
     )
@@ -523,9 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_update)
 
+    from rampart.image.commands import add_verbs as add_image_verbs
     from rampart.server.commands import add_verbs
 
     add_verbs(verb, verbs)
+    add_image_verbs(verb, verbs)
 
     p = verbs.add_parser(
         "verity",
