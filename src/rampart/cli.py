@@ -325,6 +325,8 @@ def cmd_verity_verify(args: argparse.Namespace) -> int:
 def cmd_verity_format(args: argparse.Namespace) -> int:
     from rampart.image import verity
 
+    if args.hash_file is not None and args.hash_file.exists():
+        raise ConflictError(f"{args.hash_file}: already exists; refusing to overwrite")
     params = verity.build(args.data, args.hash_file)
     if args.json:
         _emit_json(params.to_json())

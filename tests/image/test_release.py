@@ -94,3 +94,47 @@ def test_release_with_a_wrong_signing_pair_publishes_nothing(
     code, _, err = release(inputs, vendor, webroot, tmp_path / "build")
     assert code != 0 and len(err.strip().splitlines()) == 1
     assert not webroot.exists() or not any(webroot.rglob("*"))
+
+
+def test_releasing_a_published_version_again_is_refused_before_building(
+    tmp_path: Path, inputs: dict[str, Path]
+) -> None:
+    vendor = make_keypair(tmp_path / "vendor")
+    webroot = tmp_path / "webroot"
+    assert release(inputs, vendor, webroot, tmp_path / "build")[0] == 0
+    code, _, err = release(inputs, vendor, webroot, tmp_path / "build2")
+    assert code == 4 and "already published" in err
+    assert not (tmp_path / "build2").exists()
+
+
+def test_extra_parameters_cannot_undo_the_hardening(
+    tmp_path: Path, inputs: dict[str, Path]
+) -> None:
+    vendor = make_keypair(tmp_path / "vendor")
+    for param in ("mitigations=off", "init_on_free=0", "rdinit=/bin/sh", "lockdown=none"):
+        result = run_cli(
+            "release",
+            inputs["tree"],
+            "--version",
+            "2.0.0",
+            "--os",
+            "clipos",
+            "--kernel",
+            inputs["kernel"],
+            "--initrd",
+            inputs["initrd"],
+            "--sign-key",
+            inputs["db_key"],
+            "--sign-cert",
+            inputs["db_cert"],
+            "--secret-key",
+            vendor.secret,
+            "--webroot",
+            tmp_path / "w",
+            "--out",
+            tmp_path / "out",
+            "--extra-cmdline",
+            param,
+        )
+        assert result.code == 2, (param, result.err)
+        assert not (tmp_path / "out").exists()

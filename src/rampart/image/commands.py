@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rampart.errors import FormatError, LocalError, UsageError
+from rampart.errors import ConflictError, FormatError, LocalError, UsageError
 from rampart.image import secureboot, uki
 from rampart.version import parse_version
 from rampart.webroot import check_name
@@ -224,12 +224,23 @@ def cmd_release(args: argparse.Namespace) -> int:
     password_env = args.password_env
     from rampart.cli import password_source
 
+    # Cheap checks first: nothing is built for a release that cannot be published.
+    for param in args.extra_cmdline:
+        uki.check_extra_param(param)
+    check_name(args.vg, "volume group")
+    if args.channel is not None:
+        check_name(args.channel, "channel name")
+    published = webroot.release_dir(args.webroot, version) / f"{args.os}-core"
+    if published.exists():
+        raise ConflictError(
+            f"{published}: {args.os} {version.core} is already published; release a new version"
+        )
     secret = signing.load_secret_key(args.secret_key, password_source(password_env, False))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = core.build_core(args.rootfs, version, out, args.fec)
     efiboot = out / f"{args.os}-{version.core}.efi"
-    efiboot.unlink(missing_ok=True)  # a rebuild of this release replaces its own output
+    efiboot.unlink(missing_ok=True)  # an unpublished earlier build of this release
     cmdline = uki.kernel_cmdline(
         args.vg,
         version.core,
@@ -248,6 +259,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         os_name=args.os,
         version=version.core,
         cmdline=cmdline,
+        uname=args.uname,
         sign_key=args.sign_key,
         sign_cert=args.sign_cert,
     )
@@ -477,8 +489,24 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
     p.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="where the build products are kept"
     )
-    p.add_argument("--vg", default=DEFAULT_VG, metavar="NAME")
-    p.add_argument("--extra-cmdline", action="append", default=[], metavar="S")
+    p.add_argument(
+        "--vg",
+        default=DEFAULT_VG,
+        metavar="NAME",
+        help=f"volume group of the Core LVs (default {DEFAULT_VG})",
+    )
+    p.add_argument(
+        "--extra-cmdline",
+        action="append",
+        default=[],
+        metavar="S",
+        help="kernel parameter appended to the command line (repeatable)",
+    )
+    p.add_argument(
+        "--uname",
+        metavar="RELEASE",
+        help="kernel release for .uname when the bzImage does not carry it",
+    )
     p.add_argument("--fec", action="store_true")
     p.add_argument("--channel", metavar="C")
     p.add_argument("--force", action="store_true")

@@ -108,6 +108,8 @@ def build_core(rootfs: Path, version: Version, out_dir: Path, fec: bool = False)
     """Build `core-<V>.img` and `core-<V>.json` in `out_dir` from the tree `rootfs`."""
     if not rootfs.is_dir():
         raise UsageError(f"{rootfs}: root tree is not a directory")
+    if version.build:
+        raise UsageError(f"version {version}: build metadata is not allowed in a release")
     if shutil.which("mksquashfs") is None:
         raise LocalError("mksquashfs: command not found (run `make setup`)")
     if fec and shutil.which("veritysetup") is None:

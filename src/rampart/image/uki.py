@@ -77,7 +77,17 @@ _HEX = re.compile(r"(?:[0-9a-f]{2})+", re.ASCII)
 _PARAM = re.compile(r"[\x21-\x7e]+", re.ASCII)  # printable, no space, no quote games
 _UNAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+~-]{0,63}", re.ASCII)
 # Keys the command line sets itself; an extra parameter may not redefine them.
-_OWN_KEYS = ("root", "rootfstype", "rootflags", "ro", "rw", "rd.lvm.vg", "lockdown", "init")
+_OWN_KEYS = (
+    "root",
+    "rootfstype",
+    "rootflags",
+    "ro",
+    "rw",
+    "rd.lvm.vg",
+    "lockdown",
+    "init",
+    "rdinit",
+)
 _OWN_PREFIXES = ("rampart.", "rd.verity.")
 
 # The setup header of the x86 boot protocol (Documentation/arch/x86/boot.rst).
@@ -280,6 +290,13 @@ def check_extra_param(param: str) -> None:
     key = param.split("=", 1)[0]
     if key in _OWN_KEYS or key.startswith(_OWN_PREFIXES):
         raise UsageError(f"kernel parameter {param[:80]!r} would redefine {key!r}; refused")
+    # A later parameter overrides an earlier one: none may undo the hardening set.
+    hardened = {item.split("=", 1)[0] for item in HARDENING}
+    if key in hardened:
+        raise UsageError(
+            f"kernel parameter {param[:80]!r} would override the hardening "
+            f"parameter {key!r}; refused"
+        )
 
 
 def cmdline_params(cmdline: str) -> dict[str, str]:
