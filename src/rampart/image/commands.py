@@ -211,6 +211,20 @@ def cmd_build_core(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_initramfs(args: argparse.Namespace) -> int:
+    from rampart.image import initramfs
+
+    image = initramfs.build_initramfs(args.out, args.kernel_deb)
+    if args.json:
+        _emit(image.to_json())
+    else:
+        print(
+            f"{image.path}: initramfs for kernel {image.kernel_release}, "
+            f"{len(image.modules)} modules, {image.size} bytes, sha256 {image.sha256}"
+        )
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     """Root tree + kernel + initramfs -> Core, signed EFI binary, published release."""
     from rampart import signing, webroot
@@ -459,6 +473,28 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--fec", action="store_true", help="append forward error correction")
     p.set_defaults(func=cmd_build_core)
+
+    p = leaf(
+        build,
+        "initramfs",
+        "build the initramfs that opens Core with dm-verity and switches root",
+        "Write a gzip'ed cpio: busybox, lvm and veritysetup with their libraries, the boot "
+        "kernel modules of the kernel in the Debian package (and their dependencies), and "
+        "an /init that activates the Core LV named on the command line "
+        "(rampart.core=VG/core_V), opens it with dm-verity and the root hash and offsets "
+        "given there, mounts it read-only as /, mounts VG/core_state on /mnt/state and "
+        "switches root; any failure prints one line and powers off. Reproducible; an "
+        "existing --out is replaced atomically.",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    p.add_argument(
+        "--kernel-deb",
+        type=Path,
+        metavar="FILE",
+        help="Debian linux-image package whose modules to include (default: the one "
+        "`make setup` keeps in $RAMPART_CACHE, /var/tmp/rampart-cache)",
+    )
+    p.set_defaults(func=cmd_build_initramfs)
 
     p = verbs.add_parser(
         "release",

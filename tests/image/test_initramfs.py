@@ -1,0 +1,717 @@
+"""The device initramfs (`rampart build initramfs`).
+
+Host tests read the archive back with an independent newc reader and check it
+against the host's own tools: `ldd` for libraries, the ELF interpreter for the
+loader, the modules' own .modinfo `depends=` and the kernel package's
+depmod'ed modules.dep for dependencies, `busybox sh -n` for /init, `cpio` for
+the archive format.
+
+VM tests boot the Debian kernel directly (`-kernel/-initrd`, TCG, no firmware)
+with this initramfs and a virtio disk, every wait bounded:
+- an empty disk: the console shows one `rampart: ...` line and the guest
+  powers off by itself;
+- a disk prepared by the guest itself: a separate setup initramfs (test only,
+  built from the same parts) creates the PV, `mainvg`, `core_1.0.0` (the Core
+  bundle written with dd) and `core_state` (ext4, from e2fsprogs' mke2fs), and
+  powers off; the real initramfs then boots the Core, whose /sbin/init reports
+  that `/` is the dm-verity device, read-only, and /mnt/state is writable;
+- the same disk with a wrong root hash, and with one flipped byte in Core: one
+  line each, and the guest powers off;
+- a command line naming core_state as the Core, with panic=1: one line, and
+  the guest reboots (QEMU -no-reboot exits) instead of powering off.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rampart.errors import RampartError, UsageError
+from rampart.image import core, initramfs, uki
+from rampart.image.cpio import Archive
+from rampart.version import parse_version
+from tests.image import bootkit
+
+VG = "mainvg"
+VERSION = "1.0.0"
+CORE = f"{VG}/core_{VERSION}"
+CORE_MARKER = "RAMPART-CORE-INIT-5c1e"
+SETUP_DONE = "RAMPART-SETUP-DONE-9b2d"
+STATE_NOTE = "written by the setup guest"
+BOOT_TIMEOUT = 120.0  # TCG boots in 10-20 s here; a stuck boot ends the test
+
+
+# --- reading the archive back (independent of rampart.image.cpio) --------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    mode: int
+    data: bytes
+    uid: int
+    gid: int
+    mtime: int
+    rdev: tuple[int, int]
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def read_newc(raw: bytes) -> dict[str, Member]:
+    """Path ("/init") -> member of a newc archive; asserts the format as it goes."""
+    members: dict[str, Member] = {}
+    pos = 0
+    while True:
+        assert raw[pos : pos + 6] == b"070701", f"bad magic at {pos}"
+        fields = [int(raw[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = fields[11], fields[6]
+        name_start = pos + 110
+        name = raw[name_start : name_start + namesize - 1].decode()
+        data_start = name_start + namesize + (-(110 + namesize) % 4)
+        data = raw[data_start : data_start + filesize]
+        pos = data_start + filesize + (-filesize % 4)
+        if name == "TRAILER!!!":
+            break
+        assert name not in members, f"{name} twice"
+        members["/" + name] = Member(
+            fields[1], data, fields[2], fields[3], fields[5], (fields[9], fields[10])
+        )
+    assert not raw[pos:].strip(b"\0"), "data after the trailer"
+    return members
+
+
+def elf_interpreter(data: bytes) -> str:
+    """PT_INTERP of a 64-bit little-endian ELF."""
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1
+    phoff, phentsize, phnum = (
+        struct.unpack_from("<Q", data, 0x20)[0],
+        *struct.unpack_from("<HH", data, 0x36),
+    )
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize
+        )
+        if p_type == 3:
+            return data[p_offset : p_offset + p_filesz].rstrip(b"\0").decode()
+    raise AssertionError("no PT_INTERP")
+
+
+def modinfo(data: bytes) -> dict[str, list[str]]:
+    """The .modinfo section of a kernel module (ELF64 LE): key -> values."""
+    assert data[:4] == b"\x7fELF"
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+        return name, offset, size
+
+    _, str_off, _ = section(shstrndx)
+    for i in range(shnum):
+        name_off, offset, size = section(i)
+        end = data.index(b"\0", str_off + name_off)
+        if data[str_off + name_off : end] == b".modinfo":
+            out: dict[str, list[str]] = {}
+            for item in data[offset : offset + size].split(b"\0"):
+                if b"=" in item:
+                    key, _, value = item.decode(errors="replace").partition("=")
+                    out.setdefault(key, []).append(value)
+            return out
+    raise AssertionError("no .modinfo section")
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+
+def kernel_deb() -> Path:
+    try:
+        return initramfs.default_kernel_deb()
+    except RampartError as exc:
+        pytest.fail(f"no kernel package: {exc} (run make setup)")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> initramfs.Initramfs:
+    out = tmp_path_factory.mktemp("initramfs") / "initrd.img"
+    start = time.monotonic()
+    image = initramfs.build_initramfs(out, kernel_deb())
+    print(f"\nbuild_initramfs: {time.monotonic() - start:.1f} s, {image.size} bytes")
+    return image
+
+
+@pytest.fixture(scope="module")
+def members(built: initramfs.Initramfs) -> dict[str, Member]:
+    return read_newc(gzip.decompress(built.path.read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def kernel_modules(tmp_path_factory: pytest.TempPathFactory) -> initramfs.KernelModules:
+    """The whole kernel package, unpacked and depmod'ed: the reference modules.dep."""
+    return initramfs.unpack_kernel(kernel_deb(), tmp_path_factory.mktemp("kernel"))
+
+
+def _moddir(built: initramfs.Initramfs) -> str:
+    return f"/lib/modules/{built.kernel_release}"
+
+
+# --- the archive ---------------------------------------------------------------------
+
+
+def test_archive_holds_init_busybox_lvm_and_veritysetup(
+    members: dict[str, Member], built: initramfs.Initramfs
+) -> None:
+    for path in ("/init", "/bin/busybox", "/sbin/lvm", "/sbin/veritysetup"):
+        assert members[path].is_file, path
+        assert members[path].mode & 0o111, f"{path} is not executable"
+    assert members["/bin/busybox"].data == Path("/bin/busybox").read_bytes()
+    for name, dest in initramfs.PROGRAMS.items():
+        assert members[dest].data == initramfs.find_program(name).read_bytes()
+    assert members["/init"].data.startswith(b"#!/bin/sh\n")
+    console = members["/dev/console"]
+    assert stat.S_ISCHR(console.mode) and console.rdev == (5, 1)
+    assert b"udev_sync = 0" in members["/etc/lvm/lvm.conf"].data
+    for directory in ("/proc", "/sys", "/dev", "/run", "/newroot"):
+        assert stat.S_ISDIR(members[directory].mode), directory
+    assert built.programs == ("/bin/busybox", "/sbin/lvm", "/sbin/veritysetup")
+
+
+def test_busybox_applets_are_links_to_busybox(members: dict[str, Member]) -> None:
+    listing = subprocess.run(
+        ["/bin/busybox", "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    applets = [a for a in listing if "/" in a and a != "bin/busybox"]
+    assert len(applets) > 200
+    for applet in applets:
+        member = members["/" + applet]
+        assert member.is_link and member.data == b"/bin/busybox", applet
+    for needed in (
+        "/bin/sh",
+        "/sbin/modprobe",
+        "/sbin/switch_root",
+        "/bin/mount",
+        "/sbin/poweroff",
+    ):
+        assert members[needed].is_link, needed
+
+
+def _ldd(program: Path) -> list[str]:
+    out = subprocess.run(["ldd", str(program)], capture_output=True, text=True, check=True).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts:
+            libs.append(parts[parts.index("=>") + 1])
+        elif parts and parts[0].startswith("/"):
+            libs.append(parts[0])
+    return libs
+
+
+@pytest.mark.parametrize("program", ["lvm", "veritysetup"])
+def test_every_library_ldd_lists_is_in_the_archive(
+    members: dict[str, Member], program: str
+) -> None:
+    binary = initramfs.find_program(program)
+    libs = _ldd(binary)
+    assert len(libs) > 5
+    for lib in libs:
+        assert members[lib].is_file, lib
+        assert members[lib].data == Path(lib).read_bytes(), f"{lib} differs from the host's"
+
+
+@pytest.mark.parametrize("path", ["/sbin/lvm", "/sbin/veritysetup"])
+def test_dynamic_loader_is_there_at_the_programs_interpreter_path(
+    members: dict[str, Member], path: str
+) -> None:
+    interpreter = elf_interpreter(members[path].data)
+    assert interpreter == "/lib64/ld-linux-x86-64.so.2"
+    assert members[interpreter].is_file
+    assert members[interpreter].data == Path(interpreter).read_bytes()
+
+
+def test_modules_are_for_the_kernel_in_the_package(
+    members: dict[str, Member], built: initramfs.Initramfs
+) -> None:
+    assert built.kernel_release == uki.bzimage_release(bootkit.kernel())
+    moddir = _moddir(built)
+    kos = [p for p in members if p.endswith(".ko")]
+    assert kos and all(p.startswith(moddir + "/") for p in kos)
+    for path in kos:
+        vermagic = modinfo(members[path].data)["vermagic"][0]
+        assert vermagic.split()[0] == built.kernel_release, path
+    init = members["/init"].data.decode()
+    assert f"KVER='{built.kernel_release}'" in init
+
+
+def test_listed_modules_and_their_dependencies_are_in_the_archive(
+    members: dict[str, Member],
+    built: initramfs.Initramfs,
+    kernel_modules: initramfs.KernelModules,
+) -> None:
+    moddir = _moddir(built)
+    present = {p[len(moddir) + 1 :] for p in members if p.endswith(".ko")}
+    names = {initramfs.module_name(p) for p in present}
+    builtin = {
+        initramfs.module_name(line)
+        for line in members[f"{moddir}/modules.builtin"].data.decode().split()
+    }
+    wanted = [
+        *("dm-mod", "dm-verity", "dm-bufio", "squashfs", "ext4", "jbd2", "mbcache", "crc16"),
+        *("crc32c_generic", "virtio_blk", "virtio_pci", "virtio_scsi", "ahci", "sd_mod"),
+        *("vfat", "fat", "nls_cp437", "nls_iso8859-1", "tpm_tis", "tpm_crb"),
+    ]
+    for name in wanted:
+        norm = initramfs.module_name(name)
+        assert norm in names or norm in builtin, f"{name} is neither in the archive nor built in"
+    assert {"tpm_tis", "tpm_crb"} <= builtin  # Debian 12 builds the TPM drivers in
+    # Against the kernel package's full modules.dep (depmod over every module):
+    for name in (*initramfs.REQUIRED_MODULES, *initramfs.BEST_EFFORT_MODULES):
+        path = kernel_modules.file_of(name)
+        if path is None:
+            continue
+        for dep in kernel_modules.dep[path]:
+            assert dep in present, f"{name} needs {dep} (modules.dep)"
+    # Against each module's own .modinfo: every depends= entry is there.
+    for rel in present:
+        for depends in modinfo(members[f"{moddir}/{rel}"].data).get("depends", []):
+            for dep in filter(None, depends.split(",")):
+                assert initramfs.module_name(dep) in names, f"{rel} depends on {dep}"
+
+
+def test_modules_dep_in_the_archive_names_exactly_its_modules(
+    members: dict[str, Member], built: initramfs.Initramfs
+) -> None:
+    moddir = _moddir(built)
+    dep = initramfs.parse_modules_dep(members[f"{moddir}/modules.dep"].data.decode())
+    present = {p[len(moddir) + 1 :] for p in members if p.endswith(".ko")}
+    assert set(dep) == present
+    for path, needs in dep.items():
+        assert set(needs) <= present, path
+    assert set(built.modules) == present
+    for index in ("modules.dep.bin", "modules.alias", "modules.symbols", "modules.builtin.bin"):
+        assert f"{moddir}/{index}" in members, index
+
+
+def test_init_loads_the_modules_it_carries_and_skips_builtins(
+    members: dict[str, Member], built: initramfs.Initramfs
+) -> None:
+    init = members["/init"].data.decode()
+    required = re.search(r"^REQUIRED_MODULES='([^']*)'$", init, re.M)
+    best = re.search(r"^BEST_EFFORT_MODULES='([^']*)'$", init, re.M)
+    assert required and best
+    assert required.group(1).split() == list(initramfs.REQUIRED_MODULES)
+    assert "tpm_tis" not in best.group(1).split()
+    assert (*best.group(1).split(), *required.group(1).split()) == built.load_order
+
+
+def test_busybox_sh_accepts_init(members: dict[str, Member], tmp_path: Path) -> None:
+    script = tmp_path / "init"
+    script.write_bytes(members["/init"].data)
+    done = subprocess.run(
+        ["/bin/busybox", "sh", "-n", str(script)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "@" not in re.sub(r"dm-devel@|\$@|\"\$@\"", "", members["/init"].data.decode())
+
+
+def test_init_reads_the_parameters_kernel_cmdline_writes(members: dict[str, Member]) -> None:
+    init = members["/init"].data.decode()
+    line = uki.kernel_cmdline(
+        VG, VERSION, roothash="ab" * 32, hash_offset=4096, data_blocks=1, fec_offset=8192,
+        fec_roots=2,
+    )  # fmt: skip
+    for key in uki.cmdline_params(line):
+        if key.startswith("rampart."):
+            assert f"{key}=*)" in init, f"/init does not read {key}"
+    assert "veritysetup open" in init and "switch_root" in init
+    assert "HOOK: the state partition (issue 7)" in init
+
+
+def test_archive_is_reproducible_and_normalised(
+    built: initramfs.Initramfs, members: dict[str, Member], tmp_path: Path
+) -> None:
+    code, out, err = bootkit.image_cli(
+        "build", "initramfs", "--out", tmp_path / "again.img", "--kernel-deb", kernel_deb(),
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert '"kernel_release"' in out
+    again = (tmp_path / "again.img").read_bytes()
+    assert again == built.path.read_bytes()
+    assert hashlib.sha256(again).hexdigest() == built.sha256
+    assert again[3] & 0x08 == 0, "gzip header carries a file name"
+    assert again[4:8] == b"\0\0\0\0", "gzip header carries a timestamp"
+    assert all(m.uid == 0 and m.gid == 0 and m.mtime == 0 for m in members.values())
+    paths = list(members)
+    assert paths == sorted(paths, key=lambda p: p.split("/"))
+
+
+def test_cli_refuses_a_missing_kernel_package(tmp_path: Path) -> None:
+    code, _, err = bootkit.image_cli(
+        "build", "initramfs", "--out", tmp_path / "x.img", "--kernel-deb", tmp_path / "no.deb"
+    )
+    assert code == 3
+    assert "kernel package not found" in err
+    assert not (tmp_path / "x.img").exists()
+
+
+# --- the cpio writer --------------------------------------------------------------
+
+
+def test_cpio_extracts_with_gnu_cpio(tmp_path: Path) -> None:
+    archive = Archive()
+    archive.add_file("/a/b/c.txt", b"hello\n", 0o640)
+    archive.add_symlink("/a/link", "b/c.txt")
+    archive.add_file("/odd", b"x" * 5, 0o755)
+    out = tmp_path / "a.cpio.gz"
+    archive.write_gzip(out)
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(
+        ["cpio", "-id", "--quiet", "--no-absolute-filenames"],
+        input=gzip.decompress(out.read_bytes()),
+        cwd=dest,
+        check=True,
+        capture_output=True,
+    )
+    assert (dest / "a/b/c.txt").read_bytes() == b"hello\n"
+    assert stat.S_IMODE((dest / "a/b/c.txt").stat().st_mode) == 0o640
+    assert (dest / "a/link").readlink() == Path("b/c.txt")
+    assert (dest / "odd").read_bytes() == b"xxxxx"
+    assert archive.paths() == ["/a", "/a/b", "/a/b/c.txt", "/a/link", "/odd"]
+
+
+@pytest.mark.parametrize("path", ["/", "/a/../b", "/./x", "a", "/a//b", "/a/"])
+def test_cpio_refuses_paths_that_are_not_plain(path: str) -> None:
+    with pytest.raises(UsageError):
+        Archive().add_file(path, b"")
+
+
+def test_cpio_refuses_to_replace_a_different_file_silently() -> None:
+    archive = Archive()
+    archive.add_file("/f", b"one")
+    archive.add_file("/f", b"one")  # the same content: fine
+    with pytest.raises(UsageError):
+        archive.add_file("/f", b"two")
+    archive.add_file("/f", b"two", replace=True)
+    with pytest.raises(UsageError):
+        archive.add_file("/f/g", b"")
+
+
+# --- booting it -------------------------------------------------------------------
+
+
+@dataclass
+class Boot:
+    console: str
+    seconds: float
+    exited: bool  # QEMU stopped by itself: the guest powered off
+
+    def lines(self, prefix: str) -> list[str]:
+        text = self.console.replace("\r", "")
+        return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def boot_direct(
+    work: Path, initrd: Path, cmdline: str, disk: Path, timeout: float = BOOT_TIMEOUT
+) -> Boot:
+    """Boot the Debian kernel with `initrd` (TCG, no firmware), `disk` as virtio.
+
+    Returns when the guest powers off or after `timeout` s; QEMU is always
+    killed before returning.
+    """
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing: run make setup")
+    log = work / f"console-{time.monotonic_ns()}.log"
+    log.write_bytes(b"")
+    argv = [
+        "qemu-system-x86_64",
+        "-machine",
+        "q35,accel=tcg",
+        "-m",
+        "512",
+        "-nographic",
+        "-monitor",
+        "none",
+        "-serial",
+        f"file:{log}",
+        "-net",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(bootkit.kernel()),
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
+        "-drive",
+        f"if=virtio,format=raw,file={disk}",
+    ]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    exited = False
+    try:
+        while time.monotonic() - start < timeout:
+            if proc.poll() is not None:
+                exited = True
+                break
+            time.sleep(0.25)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=30)
+    console = log.read_text(errors="replace")
+    if exited and proc.returncode != 0:
+        raise AssertionError(f"qemu failed: {err.decode(errors='replace')[-2000:]}")
+    return Boot(console, time.monotonic() - start, exited)
+
+
+def _cmdline(roothash: str, hash_offset: int, data_blocks: int, *extra: str) -> str:
+    return uki.kernel_cmdline(
+        VG,
+        VERSION,
+        roothash=roothash,
+        hash_offset=hash_offset,
+        data_blocks=data_blocks,
+        extra=["console=ttyS0", *extra],
+        lockdown=None,
+    )
+
+
+def _report(name: str, result: Boot) -> None:
+    print(f"\n{name}: {result.seconds:.1f} s, powered off by itself: {result.exited}")
+
+
+@pytest.mark.vm
+def test_boot_without_the_volume_group_prints_one_line_and_powers_off(
+    built: initramfs.Initramfs, tmp_path: Path
+) -> None:
+    disk = tmp_path / "empty.img"
+    with disk.open("wb") as handle:
+        handle.truncate(64 << 20)
+    # rootdelay=2: how long /init waits for the volume group to appear.
+    result = boot_direct(tmp_path, built.path, _cmdline("ab" * 32, 40960, 10, "rootdelay=2"), disk)
+    _report("no volume group", result)
+    assert result.exited, f"the guest did not power off:\n{result.console[-3000:]}"
+    failures = result.lines("rampart:")
+    assert failures == [
+        f'rampart: cannot activate Core {CORE} with LVM: Volume group "{VG}" not found'
+    ], result.console[-3000:]
+    assert "reboot: Power down" in result.console
+    assert "Kernel panic" not in result.console
+
+
+@pytest.mark.vm
+def test_bad_command_line_with_panic_reboots_after_one_line(
+    built: initramfs.Initramfs, tmp_path: Path
+) -> None:
+    """panic=N turns the stop into `reboot -f` (QEMU's -no-reboot makes that an exit),
+    so boot counting can fall back; the state LV is never accepted as a Core."""
+    disk = tmp_path / "empty.img"
+    with disk.open("wb") as handle:
+        handle.truncate(16 << 20)
+    cmdline = f"console=ttyS0 rampart.core={VG}/core_state panic=1"
+    result = boot_direct(tmp_path, built.path, cmdline, disk)
+    _report("bad command line, panic=1", result)
+    assert result.exited, result.console[-3000:]
+    assert result.lines("rampart:") == [
+        f"rampart: rampart.core={VG}/core_state is not a Core LV"
+    ], result.console[-3000:]
+    assert "reboot: Restarting system" in result.console
+    assert "Power down" not in result.console
+
+
+# The Core's /sbin/init: report what / and /mnt/state are, then power off.
+CORE_INIT = f"""#!/bin/sh
+export PATH=/bin
+root=$(awk '$5 == "/" {{print $3}}' /proc/self/mountinfo | tail -n 1)
+echo "CORE-ROOT-DEV: $root"
+echo "CORE-ROOT-DM: $(cat /sys/dev/block/$root/dm/name) $(cat /sys/dev/block/$root/dm/uuid)"
+echo "CORE-ROOT-MOUNT: $(awk '$2 == "/" {{print $1, $3, $4}}' /proc/mounts | tail -n 1)"
+writable=no
+touch /written 2>/dev/null && writable=yes
+echo "CORE-ROOT-WRITABLE: $writable"
+echo "CORE-STATE-MOUNT: $(awk '$2 == "/mnt/state" {{print $1, $3, $4}}' /proc/mounts)"
+echo "CORE-STATE-NOTE: $(cat /mnt/state/note)"
+if echo ok > /mnt/state/from-core; then echo "CORE-STATE-WRITABLE: yes"; fi
+echo "CORE-PID: $$"
+echo {CORE_MARKER}
+sync
+poweroff -f
+"""
+
+SETUP_INIT = f"""#!/bin/sh
+# Test only: make the disk the device initramfs expects, then power off.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /run
+mkdir -p /run/lvm /run/lock/lvm /mnt
+die() {{ echo "RAMPART-SETUP-FAILED: $*"; poweroff -f; sleep 60; }}
+for m in virtio_pci virtio_blk dm-mod crc32c_generic ext4; do
+    modprobe "$m" || die "modprobe $m"
+done
+[ -b /dev/vda ] || die "no /dev/vda"
+lvm pvcreate -y /dev/vda || die pvcreate
+lvm vgcreate -y {VG} /dev/vda || die vgcreate
+lvm lvcreate -y -W y -L @CORE_MIB@m -n core_{VERSION} {VG} || die "lvcreate core"
+lvm lvcreate -y -W y -L 8m -n core_state {VG} || die "lvcreate state"
+dd if=/core.img of=/dev/{VG}/core_{VERSION} bs=1M conv=fsync 2>/dev/null || die "dd core"
+/sbin/mke2fs -q -F -t ext4 /dev/{VG}/core_state || die mke2fs
+mount -t ext4 /dev/{VG}/core_state /mnt || die "mount state"
+echo "{STATE_NOTE}" > /mnt/note
+umount /mnt || die "umount state"
+lvm vgchange -an {VG} || die vgchange
+sync
+echo {SETUP_DONE}
+poweroff -f
+"""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    disk: Path
+    meta: core.CoreMeta
+    bundle: bytes
+    setup: Boot
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    """A disk with mainvg/core_1.0.0 (a tiny Core) and core_state, made in a guest."""
+    work = tmp_path_factory.mktemp("prepared")
+    tree = work / "rootfs"
+    for directory in ("bin", "sbin", "dev", "proc", "sys", "run", "mnt/state", "tmp"):
+        (tree / directory).mkdir(parents=True)
+    shutil.copyfile("/bin/busybox", tree / "bin/busybox")
+    (tree / "bin/busybox").chmod(0o755)
+    for applet in ("sh", "cat", "echo", "awk", "touch", "tail", "poweroff", "sync"):
+        (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "sbin/init").write_text(CORE_INIT)
+    (tree / "sbin/init").chmod(0o755)
+    meta = core.build_core(tree, parse_version(VERSION), work / "core")
+    bundle = (work / "core" / f"core-{VERSION}.img").read_bytes()
+
+    archive = Archive()
+    initramfs.add_base(archive)
+    initramfs.add_busybox(archive)
+    initramfs.add_program(archive, initramfs.find_program("lvm"), "/sbin/lvm")
+    # e2fsprogs' mke2fs replaces busybox's (ext2 only); /init calls it by path, as
+    # Debian's busybox shell runs its own applets before searching PATH.
+    initramfs.add_program(archive, initramfs.find_program("mke2fs"), "/sbin/mke2fs", replace=True)
+    kernel = initramfs.unpack_kernel(kernel_deb(), work / "kernel")
+    initramfs.add_modules(
+        archive, kernel, (*initramfs.REQUIRED_MODULES, "virtio_pci", "virtio_blk"), work / "kernel"
+    )
+    core_mib = -(-len(bundle) // (4 << 20)) * 4
+    archive.add_file("/init", SETUP_INIT.replace("@CORE_MIB@", str(core_mib)).encode(), 0o755)
+    archive.add_file("/core.img", bundle)
+    setup_initrd = work / "setup.img"
+    archive.write_gzip(setup_initrd)
+
+    disk = work / "disk.img"
+    with disk.open("wb") as handle:
+        handle.truncate(64 << 20)
+    setup = boot_direct(work, setup_initrd, "console=ttyS0 panic=-1", disk)
+    _report("setup guest", setup)
+    assert SETUP_DONE in setup.console, setup.console[-3000:]
+    assert setup.exited
+    return Prepared(disk, meta, bundle, setup)
+
+
+def _disk_copy(prepared: Prepared, work: Path) -> Path:
+    disk = work / "disk.img"
+    shutil.copyfile(prepared.disk, disk)
+    return disk
+
+
+@pytest.mark.vm
+def test_boot_opens_core_with_dm_verity_and_switches_root(
+    built: initramfs.Initramfs, prepared: Prepared, tmp_path: Path
+) -> None:
+    meta = prepared.meta.verity
+    disk = _disk_copy(prepared, tmp_path)
+    result = boot_direct(
+        tmp_path, built.path, _cmdline(meta.root_hash, meta.hash_offset, meta.data_blocks), disk
+    )
+    _report("Core boot", result)
+    console = result.console.replace("\r", "")
+    assert CORE_MARKER in console, console[-4000:]
+    assert result.exited
+    assert result.lines("rampart:") == [
+        f"rampart: booting Core {CORE} (dm-verity root hash {meta.root_hash})"
+    ]
+    dm = result.lines("CORE-ROOT-DM:")[0].split()
+    assert dm[1] == f"verity_core_{VERSION}"
+    assert dm[2].startswith("CRYPT-VERITY-")
+    mount = result.lines("CORE-ROOT-MOUNT:")[0].split()
+    assert mount[1:3] == [f"/dev/mapper/verity_core_{VERSION}", "squashfs"], mount
+    assert mount[3].startswith("ro,"), mount
+    assert result.lines("CORE-ROOT-WRITABLE:") == ["CORE-ROOT-WRITABLE: no"]
+    state = result.lines("CORE-STATE-MOUNT:")[0].split()
+    assert state[1:3] == [f"/dev/{VG}/core_state", "ext4"], state
+    assert state[3].startswith("rw,") and {"nosuid", "nodev"} <= set(state[3].split(","))
+    assert result.lines("CORE-STATE-NOTE:") == [f"CORE-STATE-NOTE: {STATE_NOTE}"]
+    assert result.lines("CORE-STATE-WRITABLE:") == ["CORE-STATE-WRITABLE: yes"]
+    assert result.lines("CORE-PID:") == ["CORE-PID: 1"]
+
+
+@pytest.mark.vm
+def test_boot_with_a_wrong_root_hash_stops_at_verity(
+    built: initramfs.Initramfs, prepared: Prepared, tmp_path: Path
+) -> None:
+    meta = prepared.meta.verity
+    wrong = ("0" if meta.root_hash[0] != "0" else "1") + meta.root_hash[1:]
+    disk = _disk_copy(prepared, tmp_path)
+    result = boot_direct(
+        tmp_path, built.path, _cmdline(wrong, meta.hash_offset, meta.data_blocks), disk
+    )
+    _report("wrong root hash", result)
+    assert result.exited, result.console[-3000:]
+    assert CORE_MARKER not in result.console
+    lines = result.lines("rampart:")
+    assert len(lines) == 1, result.console[-3000:]
+    assert lines[0].startswith(f"rampart: cannot open Core {CORE} with dm-verity: "), lines
+
+
+@pytest.mark.vm
+def test_boot_with_one_flipped_byte_in_core_stops_with_one_line(
+    built: initramfs.Initramfs, prepared: Prepared, tmp_path: Path
+) -> None:
+    meta = prepared.meta.verity
+    disk = _disk_copy(prepared, tmp_path)
+    image = bytearray(disk.read_bytes())
+    at = image.find(prepared.bundle[:4096])
+    assert at >= 0, "Core not found on the disk"
+    # One bit in the inode table (which mount reads for the root inode), past
+    # block 0 (which /init reads right after opening).
+    inode_table = struct.unpack_from("<Q", prepared.bundle, 64)[0]
+    assert inode_table >= 4096
+    image[at + inode_table + 8] ^= 0x01
+    disk.write_bytes(bytes(image))
+    result = boot_direct(
+        tmp_path, built.path, _cmdline(meta.root_hash, meta.hash_offset, meta.data_blocks), disk
+    )
+    _report("flipped byte", result)
+    assert result.exited, result.console[-3000:]
+    assert CORE_MARKER not in result.console
+    lines = result.lines("rampart:")
+    assert len(lines) == 1, result.console[-3000:]
+    assert lines[0].startswith(f"rampart: cannot mount Core {CORE}"), lines
