@@ -22,7 +22,7 @@ setup: $(STAMP) .cache/kernel/vmlinuz
 .cache/kernel/vmlinuz: scripts/fetch-kernel.sh | $(STAMP)
 	sh scripts/fetch-kernel.sh
 
-$(STAMP): pyproject.toml scripts/setup-debian.sh scripts/setup-users.sh
+$(STAMP): pyproject.toml Makefile scripts/setup-debian.sh scripts/setup-users.sh
 	sh scripts/setup-debian.sh $(DEB_PACKAGES)
 	sh scripts/setup-users.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
