@@ -95,6 +95,8 @@ BEST_EFFORT_MODULES = (
     "virtio_pci",
     "virtio_blk",
     "virtio_scsi",
+    "virtio_net",  # the root tree carries no modules: the guest's network comes from here
+    "e1000",
     "ahci",
     "sd_mod",
     "nvme",

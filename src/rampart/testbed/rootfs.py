@@ -1,0 +1,742 @@
+"""The testbed's root tree: Debian bookworm from debootstrap, configured as a CLIP OS
+device running Rampart from this checkout. `rampart build core` turns it into a Core.
+
+Two stages:
+
+1. The base (slow, about a minute): `debootstrap --variant=minbase` with the packages
+   in PACKAGES from the Debian mirror apt uses on this machine, trimmed of
+   documentation, manual pages, translations and apt's caches, with every Python
+   module precompiled in checked-hash mode (Core's timestamps are all 0 and `/` is
+   read-only, so timestamp-checked .pyc files would be recompiled at every start).
+   Cached as `<cache_dir>/rootfs-bookworm-<key>.tar`, where the key is the SHA-256 of
+   the suite, variant, architecture, package list, mirror and this module's source:
+   debootstrap runs once per key.
+2. The device (fast, a few seconds), applied to a fresh copy of the base for each
+   version:
+   - /etc/os-release (-> /usr/lib/os-release) with VERSION_ID and IMAGE_VERSION;
+   - Rampart from the checkout's src/rampart in /usr/lib/python3/dist-packages (with
+     Debian's python3-cryptography; no pip, no virtual environment), /usr/bin/rampart;
+   - /usr/lib/rampart: config.toml (lvm backend, VG mainvg, ESP /efi/EFI/Linux,
+     boot_tries 3), the pubkey when given, and `health-check`, the script
+     rampart-health.service runs before boot-complete.target (HEALTHY by default,
+     FAILING for a version that must roll back: a failure reboots the machine);
+   - /etc/rampart and /etc/machine-id: symlinks into the state partition, which the
+     initramfs mounts on /mnt/state; the first boot's machine ID is written there by
+     rampart-machine-id-commit.service (systemd's own commit needs a writable /etc);
+   - the writable places of a read-only `/`: /tmp is a tmpfs; /var is bound from
+     /mnt/state/var (made by rampart-state-layout.service; the journal persists
+     there); LVM keeps its metadata backups in /run/lvm; the ESP (GPT partition
+     name ESP_PARTLABEL) is mounted on /efi, and the GPT auto-generator and the
+     first-boot prompts are masked;
+   - rampart-update.timer, rampart-mark-good.service and rampart-health.service
+     enabled, the rampart-fetch user created from the sysusers file (at build time:
+     /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled;
+   - root logged in automatically on the serial console ttyS0 with the prompt PROMPT
+     and no password (the test driver's channel); systemd-networkd with DHCP on the
+     Ethernet links (QEMU user networking), its DNS server in resolv.conf.
+
+The tree is built under a temporary name next to its final place and renamed last;
+the cached tarball likewise. Needs root (debootstrap, chroot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from rampart import run
+from rampart.errors import LocalError, UsageError
+from rampart.version import Version, parse_version
+from rampart.webroot import check_name
+
+log = logging.getLogger(__name__)
+
+SUITE = "bookworm"
+VARIANT = "minbase"
+# debootstrap does not resolve virtual packages: python3-cryptography depends on
+# python3-cffi-backend-api-min/-max, which python3-cffi-backend provides.
+PACKAGES = (
+    "python3",
+    "python3-cryptography",
+    "python3-cffi-backend",
+    "systemd-sysv",
+    "lvm2",
+    "cryptsetup-bin",
+    "udev",
+    "tpm2-tools",
+    "ca-certificates",
+)
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_OS_NAME = "clipos"
+VOLUME_GROUP = "mainvg"
+ESP_MOUNT = "/efi"
+ESP_DIRECTORY = f"{ESP_MOUNT}/EFI/Linux"
+ESP_PARTLABEL = "esp"  # the GPT partition name the installer gives the ESP
+STATE_MOUNT = "/mnt/state"
+BOOT_TRIES = 3
+PROMPT = "rampart-guest# "  # root's shell prompt on the serial console
+SERIAL_TTY = "ttyS0"
+QEMU_USER_DNS = "10.0.2.3"  # the DNS server of QEMU's user-mode networking
+
+HEALTHY = """\
+#!/bin/sh
+# The running version's health check (rampart-health.service, before
+# boot-complete.target). Exit 0: healthy, `rampart mark-good` removes the boot
+# counter. Anything else: the machine reboots, and systemd-boot falls back to the
+# previous version once the boot tries are spent.
+exit 0
+"""
+
+FAILING = """\
+#!/bin/sh
+# A deliberately broken version (testbed): its health check always fails, so it is
+# never marked good and systemd-boot falls back to the previous version.
+echo "rampart-health: this version is broken on purpose (testbed)" >&2
+exit 1
+"""
+
+_TMP = ".rampart-build-"
+_UNIT_DIR = "usr/lib/systemd/system"
+_GUEST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8"}
+_TAR_OPTIONS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
+_PROXY_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+# Removed from the base: nothing on a device reads them (copyright files are kept).
+_TRIM_DIRS = ("usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian")
+_TRIM_CONTENTS = ("var/cache/apt/archives", "var/lib/apt/lists", "var/log")
+# Enabled by Debian's packages, wrong on a read-only image: apt and dpkg
+# maintenance, and e2scrub, which would make snapshot LVs in the slots' VG.
+_DISABLED = (
+    "timers.target.wants/apt-daily.timer",
+    "timers.target.wants/apt-daily-upgrade.timer",
+    "timers.target.wants/dpkg-db-backup.timer",
+    "timers.target.wants/e2scrub_all.timer",
+    "timers.target.wants/fstrim.timer",
+    "multi-user.target.wants/e2scrub_reap.service",
+)
+
+HEALTH_UNIT = """\
+# The running version's health check. boot-complete.target is reached only when
+# it succeeds, and only then does rampart-mark-good.service remove the boot
+# entry's counter. A failure reboots: systemd-boot counts the try down and, once
+# the tries are spent, boots the previous version (systemd.special(7)).
+[Unit]
+Description=Rampart: health check of the running version
+Documentation=man:systemd.special(7)
+Before=boot-complete.target
+After=local-fs.target
+FailureAction=reboot
+ConditionPathExists=!/etc/initrd-release
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/lib/rampart/health-check
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+RequiredBy=boot-complete.target
+"""
+
+STATE_LAYOUT_UNIT = f"""\
+# The directories of the state partition that the read-only Core points into
+# (/var is bound from {STATE_MOUNT}/var; /etc/rampart and /etc/machine-id are
+# symlinks into {STATE_MOUNT}/etc). The initramfs mounts the partition.
+[Unit]
+Description=Rampart: directories on the state partition
+DefaultDependencies=no
+RequiresMountsFor={STATE_MOUNT}
+Conflicts=shutdown.target
+Before=shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/mkdir -p {STATE_MOUNT}/var/log/journal {STATE_MOUNT}/etc/rampart
+"""
+
+COMMIT_MACHINE_ID = f"""\
+#!/bin/sh
+# /etc/machine-id is a symlink to the state partition, and /etc is read-only: on the
+# first boot, systemd mounts a transient ID over {STATE_MOUNT}/etc/machine-id and
+# systemd-machine-id-commit.service (which needs a writable /etc) leaves it there.
+# Write it to the state partition, so that the machine keeps its identity.
+set -eu
+file={STATE_MOUNT}/etc/machine-id
+id=$(cat "$file")
+if ! printf '%s' "$id" | grep -Eqx '[0-9a-f]{{32}}'; then
+    echo "rampart: the transient machine ID is not one: $id" >&2
+    exit 1
+fi
+umount "$file"
+printf '%s\\n' "$id" >"$file.tmp"
+chmod 0444 "$file.tmp"
+sync "$file.tmp"
+mv -f "$file.tmp" "$file"
+sync {STATE_MOUNT}/etc
+"""
+
+COMMIT_MACHINE_ID_UNIT = f"""\
+# Keeps the first boot's machine ID on the state partition (see the script).
+[Unit]
+Description=Rampart: commit the machine ID to the state partition
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=shutdown.target
+After=local-fs.target first-boot-complete.target
+RequiresMountsFor={STATE_MOUNT}
+ConditionPathIsMountPoint={STATE_MOUNT}/etc/machine-id
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/libexec/rampart/commit-machine-id
+TimeoutSec=30s
+"""
+
+FSTAB = f"""\
+# Rampart Core: / is the dm-verity device, read-only, mounted by the initramfs,
+# which also opens core_state and mounts it on {STATE_MOUNT}.
+tmpfs  /tmp  tmpfs  mode=1777,nosuid,nodev,size=50%  0 0
+{STATE_MOUNT}/var  /var  none  bind,x-systemd.requires=rampart-state-layout.service  0 0
+PARTLABEL={ESP_PARTLABEL}  {ESP_MOUNT}  vfat  umask=0077,nofail,x-systemd.device-timeout=20s  0 0
+"""
+
+AUTOLOGIN = """\
+# Rampart testbed: root is logged in on the serial console, the test driver's channel.
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
+"""
+
+BASHRC = f"""\
+# Rampart testbed: root's shell on the serial console, driven by a program. A fixed
+# prompt to wait for, no history file (/root is read-only), no line wrapping, no
+# colours or pager in systemd's tools.
+PS1='{PROMPT}'
+PS2='> '
+unset HISTFILE PROMPT_COMMAND
+export SYSTEMD_COLORS=0 SYSTEMD_PAGER= SYSTEMD_URLIFY=0 PAGER=cat
+[ -t 0 ] && stty cols 1000 rows 50 2>/dev/null
+"""
+
+NETWORK = """\
+# QEMU user-mode networking: DHCP on every Ethernet link.
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=ipv4
+"""
+
+LAUNCHER = """\
+#!/usr/bin/python3
+\"\"\"Rampart's command line (installed from a checkout by the testbed).\"\"\"
+
+import sys
+
+from rampart.cli import main
+
+sys.exit(main())
+"""
+
+
+def default_cache_dir() -> Path:
+    """The machine-wide cache the testbed shares between checkouts ($RAMPART_CACHE)."""
+    # /var/tmp survives reboots; ensure_base refuses the directory unless only we can write it.
+    return Path(os.environ.get("RAMPART_CACHE") or "/var/tmp/rampart-cache")  # noqa: S108
+
+
+# --- the mirror ----------------------------------------------------------------------
+
+
+def _one_line_sources(text: str) -> Iterator[tuple[list[str], list[str], list[str], list[str]]]:
+    for raw in text.splitlines():
+        fields = raw.split("#", 1)[0].split()
+        if not fields:
+            continue
+        kind, rest = fields[0], fields[1:]
+        if rest and rest[0].startswith("["):
+            while rest and not rest[0].endswith("]"):
+                rest = rest[1:]
+            rest = rest[1:]
+        if len(rest) >= 2:
+            yield [kind], [rest[0]], [rest[1]], rest[2:]
+
+
+def _deb822_sources(text: str) -> Iterator[tuple[list[str], list[str], list[str], list[str]]]:
+    paragraphs: list[dict[str, str]] = [{}]
+    key = ""
+    for line in text.splitlines():
+        if not line.strip():
+            if paragraphs[-1]:
+                paragraphs.append({})
+            continue
+        if line.startswith("#"):
+            continue
+        if line[0] in " \t" and key:
+            paragraphs[-1][key] += " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            key = name.strip().lower()
+            paragraphs[-1][key] = value.strip()
+    for para in paragraphs:
+        if para.get("enabled", "yes").lower() == "no":
+            continue
+        yield (
+            para.get("types", "").split(),
+            para.get("uris", "").split(),
+            para.get("suites", "").split(),
+            para.get("components", "").split(),
+        )
+
+
+def apt_mirror(apt_dir: Path = Path("/etc/apt"), suite: str = SUITE) -> str:
+    """The Debian mirror apt uses on this machine for `suite` (main): the first http(s)
+    URI of a `deb` entry, in apt's order of files; DEFAULT_MIRROR if there is none."""
+    files = [apt_dir / "sources.list"]
+    parts = apt_dir / "sources.list.d"
+    if parts.is_dir():
+        files += sorted(p for p in parts.iterdir() if p.suffix in (".list", ".sources"))
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue
+        entries = _deb822_sources(text) if path.suffix == ".sources" else _one_line_sources(text)
+        for types, uris, suites, components in entries:
+            if "deb" not in types or suite not in suites or "main" not in components:
+                continue
+            for uri in uris:
+                if urlsplit(uri).scheme in ("http", "https"):
+                    return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+# --- the cached base -----------------------------------------------------------------
+
+
+def cache_key(mirror: str) -> str:
+    """SHA-256 of everything the base depends on, this module's source included."""
+    inputs = {
+        "suite": SUITE,
+        "variant": VARIANT,
+        "arch": platform.machine(),
+        "packages": list(PACKAGES),
+        "mirror": mirror,
+        "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def base_tarball_path(cache_dir: Path, mirror: str) -> Path:
+    return cache_dir / f"rootfs-{SUITE}-{cache_key(mirror)}.tar"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _chroot(tree: Path, *argv: str, timeout: float = 600) -> run.Completed:
+    return run.run(["chroot", str(tree), *argv], env=_GUEST_ENV, timeout=timeout)
+
+
+def _debootstrap(root: Path, mirror: str, log_copy: Path) -> None:
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    env.update({k: v for k, v in os.environ.items() if k in _PROXY_ENV})
+    argv = [
+        "debootstrap",
+        f"--variant={VARIANT}",
+        f"--include={','.join(PACKAGES)}",
+        SUITE,
+        str(root),
+        mirror,
+    ]
+    done = run.run(argv, env=env, check=False, timeout=3600)
+    if done.returncode == 0:
+        return
+    where = ""
+    with contextlib.suppress(OSError):
+        shutil.copyfile(root / "debootstrap/debootstrap.log", log_copy)
+        where = f"; its log is {log_copy}"
+    lines = (done.stderr + done.stdout).decode(errors="replace").strip().splitlines()
+    last = lines[-1].strip() if lines else "no error output"
+    raise LocalError(f"debootstrap failed with exit code {done.returncode}: {last}{where}")
+
+
+def _trim(root: Path) -> None:
+    for rel in _TRIM_DIRS:
+        shutil.rmtree(root / rel, ignore_errors=True)
+    for rel in _TRIM_CONTENTS:
+        directory = root / rel
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            if entry.name in ("partial", "lock"):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    for bin_cache in (root / "var/cache/apt").glob("*.bin"):
+        bin_cache.unlink()
+    doc = root / "usr/share/doc"
+    if doc.is_dir():
+        for path in sorted(doc.rglob("*"), reverse=True):
+            if path.is_symlink() or (path.is_file() and path.name != "copyright"):
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+
+
+def _check_private(directory: Path) -> None:
+    """Refuse a cache another user could write: its base becomes every Core."""
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise LocalError(f"{directory}: the cache is not a directory")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise LocalError(
+            f"{directory}: the cache must belong to uid {os.geteuid()} and be writable by it alone"
+        )
+
+
+def ensure_base(cache_dir: Path, mirror: str) -> Path:
+    """The base tarball for `mirror`, made by debootstrap if it is not in the cache."""
+    cache_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _check_private(cache_dir)
+    key = cache_key(mirror)
+    tarball = base_tarball_path(cache_dir, mirror)
+    with _locked(cache_dir / f".rootfs-{SUITE}.lock"):
+        if tarball.is_file():
+            log.info("testbed rootfs: base from the cache, %s", tarball.name)
+            return tarball
+        started = time.monotonic()
+        log.info("testbed rootfs: debootstrap %s from %s (about a minute)", SUITE, mirror)
+        work = Path(tempfile.mkdtemp(prefix=f"{_TMP}debootstrap-", dir=cache_dir))
+        tmp_tar = cache_dir / f"{_TMP}{tarball.name}"
+        try:
+            root = work / "root"
+            _debootstrap(root, mirror, cache_dir / f"debootstrap-{key[:16]}.log")
+            _trim(root)
+            _chroot(
+                root,
+                "python3",
+                "-m",
+                "compileall",
+                "-q",
+                "-f",
+                "--invalidation-mode",
+                "checked-hash",
+                "/usr/lib/python3",
+                f"/usr/lib/python3.{_guest_python_minor(root)}",
+            )
+            tmp_tar.unlink(missing_ok=True)
+            run.run(
+                ["tar", "--create", f"--file={tmp_tar}", f"--directory={root}", *_TAR_OPTIONS, "."],
+                timeout=1800,
+            )
+            _fsync_file(tmp_tar)
+            os.replace(tmp_tar, tarball)
+            _fsync_dir(cache_dir)
+        finally:
+            tmp_tar.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+        # Older bases (another mirror, an older version of this module) are stale.
+        for stale in cache_dir.glob(f"rootfs-{SUITE}-*.tar"):
+            if stale != tarball:
+                stale.unlink(missing_ok=True)
+        log.info("testbed rootfs: base cached in %.0f s", time.monotonic() - started)
+        return tarball
+
+
+def _guest_python_minor(root: Path) -> int:
+    found = [
+        int(m["minor"])
+        for p in (root / "usr/lib").glob("python3.*")
+        if (m := re.fullmatch(r"python3\.(?P<minor>\d+)", p.name)) and (p / "os.py").is_file()
+    ]
+    if len(found) != 1:
+        raise LocalError(f"{root}: expected one Python 3 standard library, found {len(found)}")
+    return found[0]
+
+
+# --- the device ----------------------------------------------------------------------
+
+
+def _inside(tree: Path, rel: str) -> Path:
+    """tree/rel, its parent made, refusing a parent that resolves outside the tree."""
+    path = tree / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.resolve().is_relative_to(tree.resolve()):
+        raise LocalError(f"{path}: resolves outside the root tree")
+    return path
+
+
+def _write(tree: Path, rel: str, text: str, mode: int = 0o644) -> Path:
+    path = _inside(tree, rel)
+    if path.is_symlink():
+        path.unlink()
+    path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def _symlink(tree: Path, rel: str, target: str) -> None:
+    path = _inside(tree, rel)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _enable(tree: Path, wants: str, unit: str, template: str | None = None) -> None:
+    """Enable `unit` as `systemctl enable` does: a symlink in /etc/systemd/system/<wants>."""
+    unit_file = template or unit
+    if not (tree / _UNIT_DIR / unit_file).is_file():
+        raise LocalError(f"{tree}: no unit {unit_file} to enable")
+    _symlink(tree, f"etc/systemd/system/{wants}/{unit}", f"/{_UNIT_DIR}/{unit_file}")
+
+
+def os_release(os_name: str, version: Version) -> str:
+    return (
+        f'NAME="{os_name}"\n'
+        f"ID={os_name}\n"
+        "ID_LIKE=debian\n"
+        f'VERSION="{version}"\n'
+        f"VERSION_ID={version}\n"
+        f'PRETTY_NAME="{os_name} {version} (Rampart testbed, Debian {SUITE})"\n'
+        f"IMAGE_ID={os_name}\n"
+        f"IMAGE_VERSION={version.core}\n"
+    )
+
+
+def config_toml(os_name: str, version: Version) -> str:
+    return (
+        f"# Rampart device configuration: the testbed's Core, version {version}.\n"
+        f'os_name = "{os_name}"\n'
+        "\n[core]\n"
+        'backend = "lvm"\n'
+        f'destination = "{VOLUME_GROUP}"\n'
+        "\n[efiboot]\n"
+        f'destination = "{ESP_DIRECTORY}"\n'
+        f"boot_tries = {BOOT_TRIES}\n"
+    )
+
+
+def _install_rampart(tree: Path, package: Path) -> None:
+    site = _inside(tree, "usr/lib/python3/dist-packages/rampart")
+    if site.exists():
+        shutil.rmtree(site)
+    shutil.copytree(
+        package,
+        site,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"),
+    )
+    _write(tree, "usr/bin/rampart", LAUNCHER, 0o755)
+    _chroot(
+        tree,
+        "python3",
+        "-m",
+        "compileall",
+        "-q",
+        "--invalidation-mode",
+        "checked-hash",
+        "/usr/lib/python3/dist-packages/rampart",
+    )
+
+
+def _configure_system_dir(
+    tree: Path, os_name: str, version: Version, pubkey: Path | None, health_check: str
+) -> None:
+    _write(tree, "usr/lib/rampart/config.toml", config_toml(os_name, version))
+    _write(tree, "usr/lib/rampart/health-check", health_check, 0o755)
+    if pubkey is not None:
+        shutil.copyfile(pubkey, _inside(tree, "usr/lib/rampart/pubkey"))
+        (tree / "usr/lib/rampart/pubkey").chmod(0o644)
+
+
+def _configure_units(tree: Path, data: Path) -> None:
+    for unit in sorted((data / "systemd").iterdir()):
+        _write(tree, f"{_UNIT_DIR}/{unit.name}", unit.read_text(encoding="utf-8"))
+    _write(tree, f"{_UNIT_DIR}/rampart-health.service", HEALTH_UNIT)
+    _write(tree, f"{_UNIT_DIR}/rampart-state-layout.service", STATE_LAYOUT_UNIT)
+    _write(tree, f"{_UNIT_DIR}/rampart-machine-id-commit.service", COMMIT_MACHINE_ID_UNIT)
+    _write(tree, "usr/libexec/rampart/commit-machine-id", COMMIT_MACHINE_ID, 0o755)
+    for conf in sorted((data / "sysusers.d").iterdir()):
+        _write(tree, f"usr/lib/sysusers.d/{conf.name}", conf.read_text(encoding="utf-8"))
+        # /etc is read-only on the device: systemd-sysusers cannot add users at boot.
+        _chroot(tree, "systemd-sysusers", f"/usr/lib/sysusers.d/{conf.name}")
+    _enable(tree, "timers.target.wants", "rampart-update.timer")
+    _enable(tree, "multi-user.target.wants", "rampart-mark-good.service")
+    _enable(tree, "boot-complete.target.requires", "rampart-health.service")
+    for rel in _DISABLED:
+        (tree / "etc/systemd/system" / rel).unlink(missing_ok=True)
+    # Never on a device: the first-boot prompts, and the generator that would mount
+    # the ESP on /boot by itself (fstab mounts it on /efi).
+    _symlink(tree, "etc/systemd/system/systemd-firstboot.service", "/dev/null")
+    _symlink(tree, "etc/systemd/system-generators/systemd-gpt-auto-generator", "/dev/null")
+
+
+def _configure_read_only_root(tree: Path) -> None:
+    _write(tree, "etc/fstab", FSTAB)
+    for mount_point in ("mnt/state", ESP_MOUNT.lstrip("/")):
+        _inside(tree, mount_point).mkdir(exist_ok=True)
+    _symlink(tree, "etc/rampart", f"{STATE_MOUNT}/etc/rampart")
+    _symlink(tree, "etc/machine-id", f"{STATE_MOUNT}/etc/machine-id")
+    (tree / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    # LVM archives and backs up its metadata on every change: not into a read-only /etc.
+    lvm_conf = tree / "etc/lvm/lvm.conf"
+    text = lvm_conf.read_text(encoding="utf-8")
+    for key, default in (("backup_dir", "backup"), ("archive_dir", "archive")):
+        line = f'\t# {key} = "/etc/lvm/{default}"\n'
+        if line not in text:
+            raise LocalError(f"{lvm_conf}: no {key} line to set")
+        text = text.replace(line, f'\t{key} = "/run/lvm/{default}"\n', 1)
+    _write(tree, "etc/lvm/lvm.conf", text)
+    _enable(tree, "local-fs.target.wants", "rampart-state-layout.service")
+    _enable(tree, "sysinit.target.wants", "rampart-machine-id-commit.service")
+
+
+def _configure_console(tree: Path) -> None:
+    getty = f"serial-getty@{SERIAL_TTY}.service"
+    _write(tree, f"etc/systemd/system/{getty}.d/autologin.conf", AUTOLOGIN)
+    _enable(tree, "getty.target.wants", getty, "serial-getty@.service")
+    shadow = tree / "etc/shadow"
+    lines = shadow.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split(":")
+        if fields[0] == "root":
+            fields[1] = ""  # no password: the serial console logs root in
+            lines[i] = ":".join(fields)
+    _write(tree, "etc/shadow", "\n".join(lines) + "\n", 0o640)
+    _write(tree, "root/.bashrc", BASHRC)
+    _write(tree, "root/.inputrc", "set enable-bracketed-paste off\n")
+    _write(tree, "root/.hushlogin", "")
+
+
+def _configure_network(tree: Path) -> None:
+    _write(tree, "etc/hostname", "rampart\n")
+    _write(tree, "etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\trampart\n::1\tlocalhost\n")
+    _write(tree, "etc/resolv.conf", f"nameserver {QEMU_USER_DNS}\n")
+    _write(tree, "etc/systemd/network/80-rampart-dhcp.network", NETWORK)
+    _enable(tree, "multi-user.target.wants", "systemd-networkd.service")
+    _enable(tree, "sockets.target.wants", "systemd-networkd.socket")
+    _enable(tree, "network-online.target.wants", "systemd-networkd-wait-online.service")
+
+
+def configure(
+    tree: Path,
+    version: Version,
+    checkout: Path,
+    *,
+    os_name: str = DEFAULT_OS_NAME,
+    pubkey: Path | None = None,
+    health_check: str = HEALTHY,
+) -> None:
+    """Make the base tree `tree` a CLIP OS device running Rampart `version` from `checkout`."""
+    package = checkout / "src/rampart"
+    _write(tree, "usr/lib/os-release", os_release(os_name, version))
+    _symlink(tree, "etc/os-release", "../usr/lib/os-release")
+    _install_rampart(tree, package)
+    _configure_system_dir(tree, os_name, version, pubkey, health_check)
+    _configure_units(tree, package / "data")
+    _configure_read_only_root(tree)
+    _configure_console(tree)
+    _configure_network(tree)
+
+
+def build_rootfs(
+    version: Version | str,
+    out_dir: Path,
+    cache_dir: Path,
+    checkout: Path,
+    *,
+    pubkey: Path | None = None,
+    health_check: str = HEALTHY,
+    os_name: str = DEFAULT_OS_NAME,
+    mirror: str | None = None,
+) -> Path:
+    """Build `<out_dir>/rootfs-<version>`, the root tree of Core `version`; return its path.
+
+    `checkout` is the Rampart source tree to install (its src/rampart); `pubkey`, when
+    given, becomes /usr/lib/rampart/pubkey; `health_check` is the text of
+    /usr/lib/rampart/health-check (HEALTHY or FAILING); `mirror` defaults to the one
+    apt uses here. An existing tree of that version is replaced, last.
+    """
+    if isinstance(version, str):
+        version = parse_version(version)
+    check_name(os_name, "OS name")
+    if os.geteuid() != 0:
+        raise LocalError("building the testbed's root tree needs root (debootstrap, chroot)")
+    if not (checkout / "src/rampart/cli.py").is_file():
+        raise UsageError(f"{checkout}: not a Rampart checkout (no src/rampart/cli.py)")
+    if pubkey is not None and not pubkey.is_file():
+        raise LocalError(f"{pubkey}: public key not found")
+    if not health_check.startswith("#!"):
+        raise UsageError("the health check must be a script starting with #!")
+    mirror = mirror or apt_mirror()
+    tarball = ensure_base(cache_dir, mirror)
+
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"rootfs-{version}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP}rootfs-{version}-", dir=out_dir))
+    try:
+        try:
+            run.run(
+                ["tar", "--extract", f"--file={tarball}", f"--directory={tmp}", *_TAR_OPTIONS],
+                timeout=1800,
+            )
+        except LocalError as exc:
+            raise LocalError(f"{tarball}: cannot unpack the cached base: {exc}") from exc
+        tmp.chmod(0o755)
+        configure(tmp, version, checkout, os_name=os_name, pubkey=pubkey, health_check=health_check)
+        if final.exists() or final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f"{_TMP}old-", dir=out_dir))
+            os.replace(final, old / "tree")
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("testbed rootfs: %s configured in %.1f s", final, time.monotonic() - started)
+    return final

@@ -1,0 +1,290 @@
+"""The testbed's root tree: debootstrap once per cache key, then configured per version
+as a CLIP OS device, checked inside the tree with its own tools (chroot)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rampart.client import config as device_config
+from rampart.errors import LocalError
+from rampart.testbed import rootfs
+from rampart.version import parse_version
+from tests.conftest import KeyPair, make_keypair
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+UNITS = "/usr/lib/systemd/system"
+ENABLED = {
+    "timers.target.wants/rampart-update.timer": "rampart-update.timer",
+    "multi-user.target.wants/rampart-mark-good.service": "rampart-mark-good.service",
+    "boot-complete.target.requires/rampart-health.service": "rampart-health.service",
+    "getty.target.wants/serial-getty@ttyS0.service": "serial-getty@.service",
+    "multi-user.target.wants/systemd-networkd.service": "systemd-networkd.service",
+    "local-fs.target.wants/rampart-state-layout.service": "rampart-state-layout.service",
+    "sysinit.target.wants/rampart-machine-id-commit.service": "rampart-machine-id-commit.service",
+}
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap and chroot need root")
+
+
+def chroot(tree: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["chroot", str(tree), *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"},
+        timeout=300,
+    )
+
+
+@dataclass(frozen=True)
+class Built:
+    out: Path
+    first: Path  # 1.0.0, with a public key
+    second: Path  # 1.0.1, from the cached base
+    tarball: Path
+    cache_stat: os.stat_result  # the tarball after the first build
+    key: KeyPair
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    # The machine-wide cache, as `rampart testbed build` uses it: a rerun is warm.
+    cache = rootfs.default_cache_dir()
+    work = tmp_path_factory.mktemp("rootfs")
+    key = make_keypair(work / "keys")
+    out = work / "out"
+    first = rootfs.build_rootfs("1.0.0", out, cache, CHECKOUT, pubkey=key.public)
+    tarball = rootfs.base_tarball_path(cache, rootfs.apt_mirror())
+    cache_stat = tarball.stat()
+    second = rootfs.build_rootfs(parse_version("1.0.1"), out, cache, CHECKOUT)
+    return Built(out, first, second, tarball, cache_stat, key)
+
+
+# --- host-only: the mirror and the cache key ------------------------------------------
+
+
+def test_mirror_is_the_one_apt_uses_for_the_suite(tmp_path: Path) -> None:
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    (apt / "sources.list").write_text(
+        "# deb http://commented.example/debian bookworm main\n"
+        "deb-src http://source.example/debian bookworm main\n"
+        "deb [arch=amd64] http://other-suite.example/debian trixie main\n"
+    )
+    (apt / "sources.list.d/10-off.sources").write_text(
+        "Types: deb\nURIs: http://disabled.example/debian\nSuites: bookworm\n"
+        "Components: main\nEnabled: no\n"
+    )
+    (apt / "sources.list.d/20-debian.sources").write_text(
+        "Types: deb\n"
+        "# http://snapshot.example/archive/debian/20250520T000000Z\n"
+        "URIs: http://mirror.example/debian/\n"
+        "Suites: bookworm bookworm-updates\n"
+        "Components: main\n"
+        "\n"
+        "Types: deb\nURIs: http://security.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n"
+    )
+    (apt / "sources.list.d/30-later.list").write_text(
+        "deb [signed-by=/k.gpg] https://later.example/debian bookworm main\n"
+    )
+    assert rootfs.apt_mirror(apt) == "http://mirror.example/debian"
+    (apt / "sources.list").write_text(
+        "deb [ arch=amd64 signed-by=/k.gpg ] http://first.example/debian bookworm main contrib\n"
+    )
+    assert rootfs.apt_mirror(apt) == "http://first.example/debian"
+    assert rootfs.apt_mirror(tmp_path / "nothing") == rootfs.DEFAULT_MIRROR
+
+
+def test_cache_key_follows_the_inputs() -> None:
+    key = rootfs.cache_key("http://a.example/debian")
+    assert key == rootfs.cache_key("http://a.example/debian")
+    assert key != rootfs.cache_key("http://b.example/debian")
+    assert len(key) == 64 and int(key, 16) >= 0
+
+
+def test_a_cache_others_can_write_is_refused(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    with pytest.raises(LocalError, match="writable by it alone"):
+        rootfs.ensure_base(cache, "http://unused.example/debian")
+    assert sorted(p.name for p in cache.iterdir()) == []
+
+
+# --- the real build (debootstrap, chroot) ---------------------------------------------
+
+
+@pytest.mark.vm
+@needs_root
+def test_os_release_names_the_version(built: Built) -> None:
+    release = built.first / "etc/os-release"
+    assert str(release.readlink()) == "../usr/lib/os-release"
+    text = release.read_text()
+    for line in ("VERSION_ID=1.0.0", "IMAGE_VERSION=1.0.0", "ID=clipos", 'NAME="clipos"'):
+        assert line in text.splitlines()
+    assert "PRETTY_NAME=" in text
+    assert device_config.read_os_release_version(release) == parse_version("1.0.0")
+    assert device_config.read_os_release_version(built.second / "etc/os-release") == (
+        parse_version("1.0.1")
+    )
+
+
+@pytest.mark.vm
+@needs_root
+def test_the_guest_python_runs_rampart_from_the_checkout(built: Built) -> None:
+    site = built.first / "usr/lib/python3/dist-packages/rampart"
+    assert (site / "cli.py").read_bytes() == (CHECKOUT / "src/rampart/cli.py").read_bytes()
+    assert not (built.first / "usr/local/lib").exists() or not any(
+        (built.first / "usr/local/lib").rglob("rampart*")
+    )
+    done = chroot(built.first, "python3", "-c", "import rampart.cli, cryptography")
+    assert done.returncode == 0, done.stderr
+    launcher = built.first / "usr/bin/rampart"
+    assert launcher.read_text().startswith("#!/usr/bin/python3\n")
+    assert os.access(launcher, os.X_OK)
+    done = chroot(built.first, "rampart", "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("rampart ")
+
+
+@pytest.mark.vm
+@needs_root
+def test_the_device_configuration_loads_in_the_guest(built: Built) -> None:
+    assert (built.first / "usr/lib/rampart/pubkey").read_bytes() == built.key.public.read_bytes()
+    assert not (built.second / "usr/lib/rampart/pubkey").exists()
+    script = (
+        "from pathlib import Path\n"
+        "from rampart.client.config import load_device_config\n"
+        "c = load_device_config(Path('/usr/lib/rampart'))\n"
+        "print(c.os_name, c.backend, c.core_destination, c.esp_directory, c.boot_tries)\n"
+    )
+    done = chroot(built.first, "python3", "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["clipos", "lvm", "mainvg", "/efi/EFI/Linux", "3"]
+
+
+@pytest.mark.vm
+@needs_root
+def test_units_are_installed_and_enabled(built: Built) -> None:
+    tree = built.first
+    for name in ("rampart-update.service", "rampart-update.timer", "rampart-mark-good.service"):
+        shipped = CHECKOUT / "src/rampart/data/systemd" / name
+        assert (tree / UNITS.lstrip("/") / name).read_bytes() == shipped.read_bytes()
+    sysusers = CHECKOUT / "src/rampart/data/sysusers.d/rampart.conf"
+    assert (tree / "usr/lib/sysusers.d/rampart.conf").read_bytes() == sysusers.read_bytes()
+    # /etc is read-only on the device: the user exists in the image already.
+    assert any(line.startswith("rampart-fetch:") for line in (tree / "etc/passwd").open())
+    for link, unit in ENABLED.items():
+        path = tree / "etc/systemd/system" / link
+        assert str(path.readlink()) == f"{UNITS}/{unit}", link
+        assert (tree / UNITS.lstrip("/") / unit).is_file()
+    done = chroot(
+        tree,
+        "systemctl",
+        "is-enabled",
+        "rampart-update.timer",
+        "rampart-mark-good.service",
+        "rampart-health.service",
+        "serial-getty@ttyS0.service",
+    )
+    assert done.returncode == 0 and done.stdout.split() == ["enabled"] * 4, done
+    health = (tree / UNITS.lstrip("/") / "rampart-health.service").read_text()
+    for line in (
+        "Before=boot-complete.target",
+        "RequiredBy=boot-complete.target",
+        "ExecStart=/usr/lib/rampart/health-check",
+    ):
+        assert line in health.splitlines()
+    done = chroot(
+        tree,
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        *(f"{UNITS}/{u}" for u in ("rampart-health.service", "rampart-update.timer")),
+        f"{UNITS}/rampart-mark-good.service",
+        f"{UNITS}/rampart-state-layout.service",
+        f"{UNITS}/rampart-machine-id-commit.service",
+    )
+    assert done.returncode == 0, done.stderr
+    assert not (tree / "etc/systemd/system/timers.target.wants/apt-daily.timer").exists()
+
+
+@pytest.mark.vm
+@needs_root
+def test_state_symlinks_console_and_read_only_root(built: Built) -> None:
+    tree = built.first
+    assert str((tree / "etc/rampart").readlink()) == "/mnt/state/etc/rampart"
+    assert str((tree / "etc/machine-id").readlink()) == "/mnt/state/etc/machine-id"
+    # systemd's own commit of the first boot's machine ID needs a writable /etc.
+    assert os.access(tree / "usr/libexec/rampart/commit-machine-id", os.X_OK)
+    assert (tree / "mnt/state").is_dir() and (tree / "efi").is_dir()
+    fstab = (tree / "etc/fstab").read_text()
+    assert "/mnt/state/var  /var  none  bind" in fstab and "tmpfs  /tmp" in fstab
+    dropin = tree / "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf"
+    assert "--autologin root" in dropin.read_text()
+    root = next(line for line in (tree / "etc/shadow").open() if line.startswith("root:"))
+    assert root.split(":")[1] == ""
+    assert f"PS1='{rootfs.PROMPT}'" in (tree / "root/.bashrc").read_text()
+    done = chroot(tree, "bash", "-ic", 'printf "%s" "$PS1"')
+    assert done.stdout.endswith(rootfs.PROMPT), done
+    assert str((tree / "etc/systemd/system/systemd-firstboot.service").readlink()) == "/dev/null"
+    assert 'backup_dir = "/run/lvm/backup"' in (tree / "etc/lvm/lvm.conf").read_text()
+
+
+@pytest.mark.vm
+@needs_root
+def test_the_health_check_passes_by_default(built: Built) -> None:
+    assert chroot(built.first, "/usr/lib/rampart/health-check").returncode == 0
+
+
+@pytest.mark.vm
+@needs_root
+def test_the_second_version_reuses_the_cached_base(built: Built) -> None:
+    after = built.tarball.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        built.cache_stat.st_ino,
+        built.cache_stat.st_mtime_ns,
+        built.cache_stat.st_size,
+    )
+    assert built.first != built.second and built.second.name == "rootfs-1.0.1"
+    # One base per key: nothing else accumulates in the cache.
+    bases = sorted(built.tarball.parent.glob(f"rootfs-{rootfs.SUITE}-*.tar"))
+    assert bases == [built.tarball]
+    assert sorted(p.name for p in built.out.iterdir()) == ["rootfs-1.0.0", "rootfs-1.0.1"]
+
+
+@pytest.mark.vm
+@needs_root
+def test_a_rebuild_replaces_the_tree_and_can_fail_its_health_check(built: Built) -> None:
+    tree = rootfs.build_rootfs(
+        "1.0.1", built.out, rootfs.default_cache_dir(), CHECKOUT, health_check=rootfs.FAILING
+    )
+    assert tree == built.second
+    done = chroot(tree, "/usr/lib/rampart/health-check")
+    assert done.returncode != 0 and "broken on purpose" in done.stderr
+    assert built.tarball.stat().st_mtime_ns == built.cache_stat.st_mtime_ns
+    assert sorted(p.name for p in built.out.iterdir()) == ["rootfs-1.0.0", "rootfs-1.0.1"]
+
+
+@pytest.mark.vm
+@needs_root
+def test_a_failed_build_leaves_nothing_and_keeps_the_old_tree(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = (built.first / "usr/lib/os-release").read_text()
+
+    def broken(tree: Path) -> None:
+        raise LocalError("injected failure")
+
+    monkeypatch.setattr(rootfs, "_configure_network", broken)
+    with pytest.raises(LocalError, match="injected failure"):
+        rootfs.build_rootfs("1.0.0", built.out, rootfs.default_cache_dir(), CHECKOUT)
+    assert sorted(p.name for p in built.out.iterdir()) == ["rootfs-1.0.0", "rootfs-1.0.1"]
+    assert (built.first / "usr/lib/os-release").read_text() == before
