@@ -62,11 +62,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
+
+from common import positive_int, terminate_as_interrupt
 
 ROOT = Path(__file__).resolve().parent.parent
 OS_NAME = "clipos"
@@ -805,25 +807,6 @@ def print_table(rows: list[Row], args: argparse.Namespace, out: IO[str]) -> None
 # --- main -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    def handler(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
-    return value
-
-
 def worker_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -905,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     services = Services()
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             tools = versions()
             rows = Bench(args, work, services).run()
     except BenchError as exc:

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import positive_int
+
 VERSION = "1.0.0"
 CHUNK = 1 << 20
 RATIO_TARGET = 1.2
@@ -361,13 +363,6 @@ def print_table(report: Report) -> None:
             f"of the spawning process ({report.bench_own_peak_rss_mib:.1f} MiB)."
         )
     print(report.verdict())
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

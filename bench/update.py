@@ -63,11 +63,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from common import positive_int, terminate_as_interrupt
 
 OS_NAME = "clipos"
 OLD, NEW = "1.0.0", "1.0.1"
@@ -1212,27 +1214,6 @@ def _unmount_under(directory: Path) -> None:
             subprocess.run(["umount", "-l", fields[1]], check=False, capture_output=True)
 
 
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: services stopped, work directory removed."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Time a whole device update from a large Core over HTTPS: rampart update, "
@@ -1274,7 +1255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     services = Services()
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             report = Bench(args, workdir, services).run()
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
