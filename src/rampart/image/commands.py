@@ -88,6 +88,49 @@ def read_core_meta(path: Path) -> dict[str, Any]:
     }
 
 
+def _build_efiboot(
+    out: Path,
+    meta: dict[str, Any],
+    *,
+    vg: str,
+    version: str,
+    os_name: str,
+    kernel: Path,
+    initrd: Path,
+    extra: list[str],
+    lockdown: str | None = "confidentiality",
+    uname: str | None = None,
+    stub: Path = uki.STUB,
+    sign_key: Path | None = None,
+    sign_cert: Path | None = None,
+) -> uki.Uki:
+    """The UKI booting the Core that `meta` (read_core_meta) describes."""
+    cmdline = uki.kernel_cmdline(
+        vg,
+        version,
+        roothash=meta["roothash"],
+        salt=meta["salt"],
+        hash_offset=meta["hash_offset"],
+        data_blocks=meta["data_blocks"],
+        fec_offset=meta["fec_offset"],
+        fec_roots=meta["fec_roots"],
+        extra=extra,
+        lockdown=lockdown,
+    )
+    return uki.build(
+        out,
+        kernel=kernel,
+        initrd=initrd,
+        os_name=os_name,
+        version=version,
+        cmdline=cmdline,
+        uname=uname,
+        stub=stub,
+        sign_key=sign_key,
+        sign_cert=sign_cert,
+    )
+
+
 def cmd_build_efiboot(args: argparse.Namespace) -> int:
     check_name(args.os, "OS name")
     meta = read_core_meta(args.core_meta)
@@ -98,25 +141,16 @@ def cmd_build_efiboot(args: argparse.Namespace) -> int:
         )
     if bool(args.sign_key) != bool(args.sign_cert):
         raise UsageError("--sign-key and --sign-cert go together")
-    cmdline = uki.kernel_cmdline(
-        args.vg,
-        args.version,
-        roothash=meta["roothash"],
-        salt=meta["salt"],
-        hash_offset=meta["hash_offset"],
-        data_blocks=meta["data_blocks"],
-        fec_offset=meta["fec_offset"],
-        fec_roots=meta["fec_roots"],
-        extra=args.extra_cmdline,
-        lockdown=None if args.lockdown == "none" else args.lockdown,
-    )
-    image = uki.build(
+    image = _build_efiboot(
         args.out,
+        meta,
+        vg=args.vg,
+        version=args.version,
+        os_name=args.os,
         kernel=args.kernel,
         initrd=args.initrd,
-        os_name=args.os,
-        version=args.version,
-        cmdline=cmdline,
+        extra=args.extra_cmdline,
+        lockdown=None if args.lockdown == "none" else args.lockdown,
         uname=args.uname,
         stub=args.stub,
         sign_key=args.sign_key,
@@ -255,24 +289,15 @@ def cmd_release(args: argparse.Namespace) -> int:
     meta = core.build_core(args.rootfs, version, out, args.fec)
     efiboot = out / f"{args.os}-{version.core}.efi"
     efiboot.unlink(missing_ok=True)  # an unpublished earlier build of this release
-    cmdline = uki.kernel_cmdline(
-        args.vg,
-        version.core,
-        roothash=meta.verity.root_hash,
-        salt=meta.verity.salt,
-        hash_offset=meta.verity.hash_offset,
-        data_blocks=meta.verity.data_blocks,
-        fec_offset=meta.fec_offset,
-        fec_roots=meta.fec_roots,
-        extra=args.extra_cmdline,
-    )
-    image = uki.build(
+    image = _build_efiboot(
         efiboot,
+        read_core_meta(out / f"core-{version.core}.json"),
+        vg=args.vg,
+        version=version.core,
+        os_name=args.os,
         kernel=args.kernel,
         initrd=args.initrd,
-        os_name=args.os,
-        version=version.core,
-        cmdline=cmdline,
+        extra=args.extra_cmdline,
         uname=args.uname,
         sign_key=args.sign_key,
         sign_cert=args.sign_cert,
