@@ -12,7 +12,8 @@ STAMP := $(VENV)/.setup-stamp
 DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium cryptsetup-bin \
 	curl dbus rauc rauc-service squashfs-tools \
 	sbsigntool systemd-boot-efi ovmf qemu-system-x86 binutils \
-	busybox-static lvm2 kmod debootstrap e2fsprogs
+	busybox-static lvm2 kmod debootstrap e2fsprogs \
+	swtpm swtpm-tools qemu-utils
 
 .PHONY: setup demo test lint typecheck unit bench clean distclean
 

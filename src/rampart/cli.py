@@ -284,6 +284,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from rampart import installer
+    from rampart.client.config import parse_size
+
+    result = installer.install(
+        args.target,
+        args.payload,
+        config_dir=args.config_dir,
+        os_release=args.os_release,
+        esp_size=parse_size(args.esp_size, "--esp-size"),
+        state_size=parse_size(args.state_size, "--state-size"),
+        wipe=args.wipe,
+    )
+    if args.json:
+        _emit_json(result.to_json())
+    else:
+        print(
+            f"{result.target}: {result.os_name} {result.version} installed "
+            f"({result.volume_group}/{result.core_lv}, root hash {result.root_hash}, "
+            f"machine ID {result.machine_id})"
+        )
+    return 0
+
+
 def cmd_mark_good(args: argparse.Namespace) -> int:
     from rampart.client.esp import Esp
 
@@ -527,9 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rampart.image.commands import add_verbs as add_image_verbs
     from rampart.server.commands import add_verbs
+    from rampart.testbed.commands import add_verbs as add_testbed_verbs
 
     add_verbs(verb, verbs)
     add_image_verbs(verb, verbs)
+    add_testbed_verbs(verbs)
 
     p = verbs.add_parser(
         "verity",
@@ -586,6 +612,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_device_options(p, remote=False)
     p.set_defaults(func=cmd_mark_good)
+
+    p = verb(
+        "install",
+        "install this Core's version on an empty disk (installer, as root)",
+        "Partition DISK (GPT: ESP and LVM), create the volume group with core_<V> and "
+        "core_state, write the running Core's version from the payload directory, check it "
+        "against the root hash of its signed EFI binary, fill the state partition and the "
+        "ESP (last). Reads the layout from the device configuration (-c). Refuses a disk "
+        "that holds anything unless --wipe. The payload directory is described in "
+        "docs/formats.md; the testbed's installer initramfs runs this verb.",
+    )
+    p.add_argument("--target", type=Path, required=True, metavar="DISK", help="e.g. /dev/vda")
+    p.add_argument("--payload", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "-c",
+        "--config-dir",
+        type=Path,
+        default=Path("/usr/lib/rampart"),
+        metavar="DIR",
+        help="system configuration (config.toml); default /usr/lib/rampart",
+    )
+    p.add_argument("--os-release", type=Path, default=Path("/etc/os-release"), metavar="FILE")
+    p.add_argument("--esp-size", default="256M", metavar="SIZE", help="default 256M")
+    p.add_argument("--state-size", default="512M", metavar="SIZE", help="default 512M")
+    p.add_argument("--wipe", action="store_true", help="erase a disk that holds something")
+    p.set_defaults(func=cmd_install)
     return parser
 
 
@@ -593,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # The update verb logs its steps (plain lines for the journal) by default.
-    verbose = getattr(args, "verbose", False) or args.verb == "update"
+    verbose = getattr(args, "verbose", False) or args.verb in ("update", "install")
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO if verbose else logging.WARNING,
         format="rampart: %(message)s",

@@ -3,16 +3,22 @@
 Commands are argv lists (never a shell), stdin is /dev/null unless input is
 given, the environment is reduced to what the tool needs, and a failure
 becomes a `LocalError` naming the command and its last line of stderr.
+
+`run` waits for the command; `spawn` starts a long-running one (a virtual
+machine, a TPM emulator) and returns a `Process` handle, its output appended
+to files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from rampart.errors import LocalError
 
@@ -31,6 +37,14 @@ class Completed:
     stderr: bytes
 
 
+def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
+    full_env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV}
+    full_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    if env:
+        full_env.update(env)
+    return full_env
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -45,10 +59,7 @@ def run(
     With `inherit_stderr`, the command writes to our stderr (progress bars) and
     `Completed.stderr` is empty.
     """
-    full_env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV}
-    full_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-    if env:
-        full_env.update(env)
+    full_env = _environment(env)
     log.debug("+ %s", shlex.join(argv))
     try:
         proc = subprocess.run(
@@ -71,3 +82,84 @@ def run(
         last = lines[-1].strip() if lines else "no error output"
         raise LocalError(f"{argv[0]} failed with exit code {proc.returncode}: {last}")
     return done
+
+
+class Process:
+    """A command started by `spawn`: a thin handle over `subprocess.Popen`.
+
+    Signals are never sent to a process that has already been reaped, so a
+    recycled process ID cannot be hit.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], argv: Sequence[str]) -> None:
+        self._popen = popen
+        self.argv = tuple(argv)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    def poll(self) -> int | None:
+        """The exit code if the process has ended (reaping it), else None."""
+        return self._popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to end and return its exit code (negative: killed by
+        that signal); raise LocalError if it is still running after `timeout` seconds."""
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LocalError(
+                f"{self.argv[0]} (pid {self.pid}) still running after {timeout} s"
+            ) from exc
+
+    def kill(self) -> None:
+        """Send SIGKILL, unless the process has already been reaped."""
+        self._popen.kill()
+
+    def terminate(self) -> None:
+        """Send SIGTERM, unless the process has already been reaped."""
+        self._popen.terminate()
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout_path: Path | None = None,
+    stderr_path: Path | None = None,
+    cwd: Path | None = None,
+) -> Process:
+    """Start `argv` in the background with stdin on /dev/null and the reduced environment.
+
+    Its stdout and stderr are appended to the given files (created if missing),
+    or discarded when no file is given; the caller must reap the process.
+    Raise LocalError if it cannot start.
+    """
+    full_env = _environment(env)
+    log.debug("+ %s &", shlex.join(argv))
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(open(stdout_path, "ab")) if stdout_path else None
+            err = stack.enter_context(open(stderr_path, "ab")) if stderr_path else None
+        except OSError as exc:
+            raise LocalError(
+                f"{argv[0]}: cannot open its output file {exc.filename}: {exc.strerror}"
+            ) from exc
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out if out is not None else subprocess.DEVNULL,
+                stderr=err if err is not None else subprocess.DEVNULL,
+                env=full_env,
+                cwd=cwd,
+            )
+        except FileNotFoundError as exc:
+            if cwd is not None and exc.filename in (cwd, str(cwd)):
+                raise LocalError(f"{argv[0]}: working directory {cwd} does not exist") from exc
+            raise LocalError(f"{argv[0]}: command not found (run `make setup`)") from exc
+        except OSError as exc:
+            raise LocalError(f"{argv[0]}: cannot start: {exc.strerror}") from exc
+    log.debug("%s started as pid %d", argv[0], popen.pid)
+    return Process(popen, argv)

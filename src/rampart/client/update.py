@@ -516,7 +516,9 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         slot = device.slots.rename(slot, new_name)
 
     checkpoint("write-core")
+    log.info("writing Core %s into %s", latest, slot.path)
     write_core(core, slot, core_digest, checkpoint, root)
+    log.info("Core %s written and verified", latest)
 
     checkpoint("install-entry")
     check_payload(device, efiboot, latest)

@@ -248,7 +248,7 @@ def cmd_build_core(args: argparse.Namespace) -> int:
 def cmd_build_initramfs(args: argparse.Namespace) -> int:
     from rampart.image import initramfs
 
-    image = initramfs.build_initramfs(args.out, args.kernel_deb)
+    image = initramfs.build_initramfs(args.out, args.kernel_deb, installer=args.installer)
     if args.json:
         _emit(image.to_json())
     else:
@@ -518,6 +518,13 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         metavar="FILE",
         help="Debian linux-image package whose modules to include (default: the one "
         "`make setup` keeps in $RAMPART_CACHE, /var/tmp/rampart-cache)",
+    )
+    p.add_argument(
+        "--installer",
+        action="store_true",
+        help="the installer's initramfs instead: with the device's command line plus "
+        "rampart.install.target=/dev/DISK and rampart.install.payload=/dev/DISK, it opens "
+        "core-V.img on the payload disk with dm-verity and runs `rampart install` in it",
     )
     p.set_defaults(func=cmd_build_initramfs)
 

@@ -33,7 +33,9 @@ Two stages:
      /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled;
    - root logged in automatically on the serial console ttyS0 with the prompt PROMPT
      and no password (the test driver's channel); systemd-networkd with DHCP on the
-     Ethernet links (QEMU user networking), its DNS server in resolv.conf.
+     Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
+     UPDATE_HOST in /etc/hosts at the host's address as QEMU shows it;
+   - fdisk, dosfstools and e2fsprogs, for `rampart install`.
 
 The tree is built under a temporary name next to its final place and renamed last;
 the cached tarball likewise. Needs root (debootstrap, chroot).
@@ -78,6 +80,10 @@ PACKAGES = (
     "udev",
     "tpm2-tools",
     "ca-certificates",
+    # `rampart install` runs from the Core it installs: sfdisk, mkfs.vfat, mkfs.ext4.
+    "fdisk",
+    "dosfstools",
+    "e2fsprogs",
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_OS_NAME = "clipos"
@@ -90,6 +96,8 @@ BOOT_TRIES = 3
 PROMPT = "rampart-guest# "  # root's shell prompt on the serial console
 SERIAL_TTY = "ttyS0"
 QEMU_USER_DNS = "10.0.2.3"  # the DNS server of QEMU's user-mode networking
+QEMU_USER_HOST = "10.0.2.2"  # the host's loopback, seen from the guest
+UPDATE_HOST = "updates.rampart.test"  # the update server's name in the testbed (/etc/hosts)
 
 HEALTHY = """\
 #!/bin/sh
@@ -653,7 +661,12 @@ def _configure_console(tree: Path) -> None:
 
 def _configure_network(tree: Path) -> None:
     _write(tree, "etc/hostname", "rampart\n")
-    _write(tree, "etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\trampart\n::1\tlocalhost\n")
+    _write(
+        tree,
+        "etc/hosts",
+        "127.0.0.1\tlocalhost\n127.0.1.1\trampart\n::1\tlocalhost\n"
+        f"{QEMU_USER_HOST}\t{UPDATE_HOST}\n",
+    )
     _write(tree, "etc/resolv.conf", f"nameserver {QEMU_USER_DNS}\n")
     _write(tree, "etc/systemd/network/80-rampart-dhcp.network", NETWORK)
     _enable(tree, "multi-user.target.wants", "systemd-networkd.service")

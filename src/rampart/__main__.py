@@ -1,0 +1,7 @@
+"""`python -m rampart`: the command line."""
+
+import sys
+
+from rampart.cli import main
+
+sys.exit(main())

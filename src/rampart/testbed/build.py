@@ -1,0 +1,461 @@
+"""`rampart testbed build`: everything a testbed machine boots, built with the build
+pipeline's own commands and cached by the hash of its inputs.
+
+One directory, `<cache>/testbed-<key>` (the key: SHA-256 of Rampart's source
+tree, the cached Debian base, the kernel package, systemd-boot and its stub,
+the OVMF variables template and the versions below), holds:
+
+    keys/secureboot/          PK, KEK, db (rampart keys secureboot); enrolled
+    keys/other/               another key set: its db signs what the firmware must refuse
+    keys/vendor.key, .pub     the minisign release key (unencrypted: a test rig)
+    pki/                      the update server's CA and certificate (UPDATE_HOST)
+    initramfs.img             rampart build initramfs
+    installer.img             rampart build initramfs --installer
+    releases/<V>/             core-<V>.img, core-<V>.json (rampart build core) and
+                              <os>-<V>.efi (the signed UKI, as `rampart release` builds it)
+    rogue/                    UKIs the firmware must refuse: unsigned.efi, and
+                              other-signed.efi signed by keys/other's db (version ROGUE)
+    esp-skeleton/             rampart build esp, without entries (the installer adds one)
+    ovmf-vars.fd              rampart keys ovmf-vars: Secure Boot enforced
+    payload.img               the installer's payload disk (ext4, docs/formats.md)
+    disk.raw                  the installed disk: 1.0.0, made by `rampart install` in a VM
+    testbed.json              what was built, with timings
+
+VERSIONS are built from one root tree each; BROKEN's health check fails. The
+directory is made under a temporary name and renamed when complete, so an
+interrupted build starts over and a complete one is reused as is. Older
+testbed directories are removed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from rampart import run, signing
+from rampart.errors import LocalError
+from rampart.image import core, initramfs, secureboot, uki
+from rampart.image.commands import _build_efiboot, read_core_meta
+from rampart.testbed import rootfs
+from rampart.version import parse_version
+
+log = logging.getLogger(__name__)
+
+OS_NAME = rootfs.DEFAULT_OS_NAME
+VERSIONS = ("1.0.0", "1.0.1", "1.0.2", "1.0.3")
+INSTALLED = "1.0.0"
+BROKEN = "1.0.3"  # its health check fails: boot counting falls back
+ROGUE = "0.0.1"  # the version of the refused UKIs: never a default boot entry
+SERVER_PORT = 47443  # rampart serve listens here on the host's loopback
+# console: the driver's channel; panic=10: a failed initramfs reboots, so that
+# systemd-boot counts the try down and falls back.
+EXTRA_CMDLINE = ("console=ttyS0,115200", "panic=10")
+DISK_SIZE = 4 << 30
+INSTALL_TIMEOUT = 900.0
+_KEY_FILES = ("vendor.key", "vendor.pub")
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """The paths of one complete testbed build."""
+
+    directory: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.directory / "keys/secureboot"
+
+    @property
+    def other_keys(self) -> Path:
+        return self.directory / "keys/other"
+
+    @property
+    def vendor_key(self) -> Path:
+        return self.directory / "keys/vendor.key"
+
+    @property
+    def vendor_pub(self) -> Path:
+        return self.directory / "keys/vendor.pub"
+
+    @property
+    def pki(self) -> Path:
+        return self.directory / "pki"
+
+    @property
+    def ovmf_vars(self) -> Path:
+        return self.directory / "ovmf-vars.fd"
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.raw"
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    def core(self, version: str) -> Path:
+        return self.directory / f"releases/{version}/core-{version}.img"
+
+    def core_meta(self, version: str) -> Path:
+        return self.directory / f"releases/{version}/core-{version}.json"
+
+    def efiboot(self, version: str) -> Path:
+        return self.directory / f"releases/{version}/{OS_NAME}-{version}.efi"
+
+    def manifest(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads((self.directory / "testbed.json").read_text())
+        return doc
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo") or not path.is_file():
+            continue
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(_file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def cache_key(checkout: Path, base: Path, kernel_deb: Path) -> str:
+    """SHA-256 of every input of the testbed build."""
+    inputs = {
+        "source": _tree_digest(checkout / "src/rampart"),
+        "base": base.name,
+        "kernel_deb": kernel_deb.name,
+        "kernel_size": kernel_deb.stat().st_size,
+        "systemd_boot": _file_digest(secureboot.SYSTEMD_BOOT),
+        "stub": _file_digest(uki.STUB),
+        "ovmf_vars": _file_digest(secureboot.OVMF_VARS_TEMPLATE),
+        "versions": list(VERSIONS),
+        "broken": BROKEN,
+        "installed": INSTALLED,
+        "cmdline": list(EXTRA_CMDLINE),
+        "port": SERVER_PORT,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+# --- the update server's PKI -------------------------------------------------------
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    signing.write_new_file(path, data, 0o600)
+
+
+def make_pki(directory: Path, host: str = rootfs.UPDATE_HOST) -> None:
+    """ca.pem/ca.key and server.pem/server.key for `host`, localhost and 127.0.0.1."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Rampart testbed CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName(host),
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(directory / "ca.key", ca_key)
+    _write_key(directory / "server.key", server_key)
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+
+
+def remote_toml(host: str = rootfs.UPDATE_HOST, port: int = SERVER_PORT) -> str:
+    return (
+        "# The testbed's update server: `rampart serve` on the host's loopback.\n"
+        f'update_url = "https://{host}:{port}/update/v1"\n'
+        f'dist_url = "https://{host}:{port}/dist"\n'
+    )
+
+
+# --- the build -----------------------------------------------------------------------
+
+
+@dataclass
+class _Clock:
+    timings: dict[str, float]
+
+    def __init__(self) -> None:
+        self.timings = {}
+
+    def step(self, name: str, started: float) -> None:
+        self.timings[name] = round(time.monotonic() - started, 1)
+        log.info("testbed build: %s in %.0f s", name, self.timings[name])
+
+
+def _kernel_image(checkout: Path) -> Path:
+    kernel = checkout / ".cache/kernel/vmlinuz"
+    if not kernel.is_file():
+        raise LocalError(f"{kernel}: the guest kernel is missing; run `make setup`")
+    return kernel
+
+
+def _build_release(
+    bed: Testbed, work: Path, checkout: Path, cache_dir: Path, version: str, kernel: Path
+) -> None:
+    health = rootfs.FAILING if version == BROKEN else rootfs.HEALTHY
+    tree = rootfs.build_rootfs(
+        version, work, cache_dir, checkout, pubkey=bed.vendor_pub, health_check=health
+    )
+    out = bed.core(version).parent
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        core.build_core(tree, parse_version(version), out)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    _build_efiboot(
+        bed.efiboot(version),
+        read_core_meta(bed.core_meta(version)),
+        vg=rootfs.VOLUME_GROUP,
+        version=version,
+        os_name=OS_NAME,
+        kernel=kernel,
+        initrd=bed.directory / "initramfs.img",
+        extra=list(EXTRA_CMDLINE),
+        sign_key=bed.keys / "db.key",
+        sign_cert=bed.keys / "db.crt",
+    )
+
+
+def rogue(bed: Testbed, name: str) -> Path:
+    return bed.directory / "rogue" / name
+
+
+def _build_rogue(bed: Testbed) -> None:
+    """An unsigned UKI, and one signed by a db key the firmware does not hold."""
+    bed.directory.joinpath("rogue").mkdir()
+    meta = read_core_meta(bed.core_meta(INSTALLED))
+    for name, keys in (("unsigned.efi", None), ("other-signed.efi", bed.other_keys)):
+        _build_efiboot(
+            rogue(bed, name),
+            meta,
+            vg=rootfs.VOLUME_GROUP,
+            version=ROGUE,
+            os_name=OS_NAME,
+            kernel=bed.kernel,
+            initrd=bed.directory / "initramfs.img",
+            extra=list(EXTRA_CMDLINE),
+            sign_key=None if keys is None else keys / "db.key",
+            sign_cert=None if keys is None else keys / "db.crt",
+        )
+
+
+def _payload_disk(bed: Testbed, work: Path) -> Path:
+    """The installer's payload (docs/formats.md), as an ext4 image made by mke2fs -d."""
+    tree = work / "payload"
+    (tree / "remote").mkdir(parents=True)
+    shutil.copyfile(bed.core(INSTALLED), tree / bed.core(INSTALLED).name)
+    shutil.copyfile(bed.efiboot(INSTALLED), tree / bed.efiboot(INSTALLED).name)
+    shutil.copytree(bed.directory / "esp-skeleton", tree / "esp")
+    (tree / "remote/remote.toml").write_text(remote_toml())
+    shutil.copyfile(bed.pki / "ca.pem", tree / "remote/rootca.pem")
+    used = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    image = bed.directory / "payload.img"
+    size_mib = used // (1 << 20) + 64
+    run.run(
+        [
+            "mke2fs",
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "payload",
+            "-d",
+            str(tree),
+            str(image),
+            f"{size_mib}M",
+        ],
+        timeout=600,
+    )
+    shutil.rmtree(tree)
+    return image
+
+
+def install_cmdline(bed: Testbed) -> str:
+    """The installed version's own command line (from its signed UKI) plus the installer's."""
+    info = uki.inspect(bed.efiboot(INSTALLED))
+    if not info.cmdline:
+        raise LocalError(f"{bed.efiboot(INSTALLED)}: no command line")
+    return f"{info.cmdline} rampart.install.target=/dev/vda rampart.install.payload=/dev/vdb"
+
+
+def _install(bed: Testbed, work: Path) -> float:
+    """Boot the installer (SeaBIOS, direct kernel boot) on a blank disk; return seconds."""
+    from rampart.testbed import machine
+
+    disk = bed.disk
+    with disk.open("wb") as handle:
+        handle.truncate(DISK_SIZE)
+    started = time.monotonic()
+    vm = machine.Machine(
+        work / "install-vm",
+        disks=[
+            machine.Disk(disk, "raw"),
+            machine.Disk(bed.directory / "payload.img", "raw", read_only=True),
+        ],
+        firmware=machine.DirectKernel(
+            kernel=bed.kernel,
+            initrd=bed.directory / "installer.img",
+            append=install_cmdline(bed),
+        ),
+        network=False,
+    )
+    log_copy = bed.directory.parent / "testbed-install.log"
+    with vm:
+        vm.start()
+        try:
+            match = vm.expect(r"rampart-install: (done|failed[^\n]*)", INSTALL_TIMEOUT)
+        except machine.ConsoleError as exc:  # the installer's initramfs stopped (or a timeout)
+            shutil.copyfile(vm.console_log, log_copy)
+            raise LocalError(f"the installer did not finish: {exc} (console: {log_copy})") from None
+        if match.group(1) != "done":
+            shutil.copyfile(vm.console_log, log_copy)
+            raise LocalError(f"the installer {match.group(1)} (console: {log_copy})")
+        if not vm.shutdown_wait(60):
+            raise LocalError("the installer did not power the machine off")
+    return time.monotonic() - started
+
+
+def _stale(cache_dir: Path, keep: Path) -> Iterator[Path]:
+    for path in cache_dir.glob("testbed-*"):
+        if path != keep and path.is_dir():
+            yield path
+
+
+def build(
+    checkout: Path, cache_dir: Path | None = None, *, kernel_deb: Path | None = None
+) -> Testbed:
+    """The testbed for `checkout`, from the cache when its inputs have not changed."""
+    if os.geteuid() != 0:
+        raise LocalError("building the testbed needs root (debootstrap, chroot)")
+    cache_dir = cache_dir or rootfs.default_cache_dir()
+    kernel = _kernel_image(checkout)
+    deb = kernel_deb or initramfs.default_kernel_deb(cache_dir)
+    base = rootfs.ensure_base(cache_dir, rootfs.apt_mirror())
+    key = cache_key(checkout, base, deb)
+    final = cache_dir / f"testbed-{key[:16]}"
+    if (final / "testbed.json").is_file():
+        log.info("testbed build: from the cache, %s", final)
+        return Testbed(final)
+    started = time.monotonic()
+    clock = _Clock()
+    tmp = Path(tempfile.mkdtemp(prefix=".rampart-build-testbed-", dir=cache_dir))
+    bed = Testbed(tmp)
+    work = tmp / "work"
+    work.mkdir()
+    try:
+        step = time.monotonic()
+        (tmp / "keys").mkdir()
+        secureboot.generate_keys(bed.keys, "Rampart testbed")
+        secureboot.generate_keys(bed.other_keys, "Not enrolled")
+        signing_key = signing.generate_secret_key()
+        signing.write_new_file(
+            bed.vendor_key, signing.secret_key_to_bytes(signing_key, None), 0o600
+        )
+        bed.vendor_pub.write_bytes(signing_key.public_key.to_bytes())
+        make_pki(bed.pki)
+        secureboot.ovmf_vars(bed.keys, bed.ovmf_vars)
+        shutil.copyfile(kernel, bed.kernel)
+        clock.step("keys", step)
+
+        step = time.monotonic()
+        initramfs.build_initramfs(tmp / "initramfs.img", deb)
+        initramfs.build_initramfs(tmp / "installer.img", deb, installer=True)
+        clock.step("initramfs", step)
+
+        for version in VERSIONS:
+            step = time.monotonic()
+            _build_release(bed, work, checkout, cache_dir, version, bed.kernel)
+            clock.step(f"release {version}", step)
+
+        step = time.monotonic()
+        _build_rogue(bed)
+        secureboot.build_esp(tmp / "esp-skeleton", bed.keys)
+        _payload_disk(bed, work)
+        clock.step("payload", step)
+
+        step = time.monotonic()
+        _install(bed, work)
+        clock.step("install", step)
+
+        shutil.rmtree(work)
+        manifest = {
+            "key": key,
+            "os_name": OS_NAME,
+            "versions": list(VERSIONS),
+            "installed": INSTALLED,
+            "broken": BROKEN,
+            "port": SERVER_PORT,
+            "update_host": rootfs.UPDATE_HOST,
+            "timings": clock.timings,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        (tmp / "testbed.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in _stale(cache_dir, final):
+        shutil.rmtree(stale, ignore_errors=True)
+    log.info("testbed build: done in %.0f s, %s", time.monotonic() - started, final)
+    return Testbed(final)

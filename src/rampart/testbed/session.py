@@ -1,0 +1,259 @@
+"""A testbed session: the update server on the host, and guests booted from the
+installed disk under Secure Boot with a TPM.
+
+`UpdateServer` publishes the testbed's releases into a webroot of its own and
+runs `rampart serve` over HTTPS on the host's loopback (port build.SERVER_PORT,
+the certificate of build.make_pki), which the guests reach as UPDATE_HOST.
+
+`Guest` is one machine: a copy-on-write overlay of the installed disk (the
+installed image is never written), its own copy of the enrolled OVMF variables
+and its own swtpm state, all in its work directory. It boots through OVMF
+(Secure Boot enforced) and systemd-boot, and is driven over its serial console
+(rampart.testbed.machine): `boot()` and `reboot()` return the Core the
+initramfs opened, `sh()` runs a command in root's shell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rampart import run, signing, webroot
+from rampart.errors import LocalError
+from rampart.testbed import machine, rootfs
+from rampart.testbed.build import OS_NAME, SERVER_PORT, Testbed
+from rampart.version import parse_version
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 420.0  # firmware to shell prompt under TCG, with room for a slow CI machine
+BOOTED = re.compile(
+    r"rampart: booting Core (?P<core>\S+) \(dm-verity root hash (?P<hash>[0-9a-f]+)\)"
+)
+SERVER_START = 60.0
+
+
+def _rampart(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "rampart", *argv]
+
+
+class UpdateServer:
+    """`rampart serve` for the testbed's releases, on 127.0.0.1:SERVER_PORT."""
+
+    def __init__(self, bed: Testbed, work: Path, port: int = SERVER_PORT) -> None:
+        self.bed = bed
+        self.work = work
+        self.port = port
+        self.webroot = work / "webroot"
+        self.webroot.mkdir(parents=True, exist_ok=True)
+        self.log_file = work / "serve.log"
+        self._process: run.Process | None = None
+
+    def publish(self, version: str) -> None:
+        key = signing.load_secret_key(self.bed.vendor_key, lambda: b"")
+        webroot.publish(
+            self.webroot,
+            OS_NAME,
+            parse_version(version),
+            self.bed.core(version),
+            self.bed.efiboot(version),
+            key,
+        )
+
+    def start(self) -> None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                raise LocalError(
+                    f"127.0.0.1:{self.port} is already in use; stop what listens there"
+                )
+        self._process = run.spawn(
+            _rampart(
+                "serve",
+                "--webroot",
+                str(self.webroot),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--tls-cert",
+                str(self.bed.pki / "server.pem"),
+                "--tls-key",
+                str(self.bed.pki / "server.key"),
+                "-v",
+            ),
+            stdout_path=self.log_file,
+            stderr_path=self.log_file,
+        )
+        deadline = time.monotonic() + SERVER_START
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise LocalError(f"rampart serve exited at start; see {self.log_file}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise LocalError(f"rampart serve did not listen on port {self.port}; see {self.log_file}")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(20)
+            except LocalError:
+                self._process.kill()
+                self._process.wait(20)
+            self._process = None
+
+    def fleet(self) -> dict[str, Any]:
+        out = run.run(_rampart("fleet", "--webroot", str(self.webroot), "--json"), timeout=120)
+        doc: dict[str, Any] = json.loads(out.stdout)
+        return doc
+
+    def fleet_text(self) -> str:
+        return run.run(
+            _rampart("fleet", "--webroot", str(self.webroot)), timeout=120
+        ).stdout.decode()
+
+    def machines(self) -> list[dict[str, Any]]:
+        out = run.run(_rampart("machine", "list", "--webroot", str(self.webroot), "--json"))
+        rows: list[dict[str, Any]] = json.loads(out.stdout)
+        return rows
+
+    def __enter__(self) -> UpdateServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@dataclass
+class Boot:
+    core: str  # what the initramfs opened: mainvg/core_<V>
+    seconds: float  # from power-on or reboot to the shell prompt
+
+
+@dataclass
+class Guest:
+    """One testbed machine, booted from an overlay of the installed disk."""
+
+    bed: Testbed
+    work: Path
+    memory: int = 1024
+    boots: list[Boot] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.disk = self.work / "disk.qcow2"
+        if not self.disk.exists():
+            machine.overlay(self.bed.disk, self.disk)
+        self.vars = self.work / "ovmf-vars.fd"
+        if not self.vars.exists():
+            shutil.copyfile(self.bed.ovmf_vars, self.vars)
+        self.tpm = self.work / "tpm"
+        self.tpm.mkdir(mode=0o700, exist_ok=True)
+        self.vm = machine.Machine(
+            self.work / "vm",
+            disks=[machine.Disk(self.disk, "qcow2")],
+            firmware=machine.SecureBoot(self.vars),
+            tpm_state=self.tpm,
+            network=True,
+            memory=self.memory,
+        )
+
+    @property
+    def console_log(self) -> Path:
+        return self.vm.console_log
+
+    def wait_booted(self, timeout: float = BOOT_TIMEOUT) -> Boot:
+        """Wait for the initramfs's line, then the shell; the Core that booted."""
+        started = time.monotonic()
+        match = self.vm.expect(BOOTED, timeout)
+        self.vm.wait_for_shell(max(30.0, timeout - (time.monotonic() - started)))
+        boot = Boot(match.group("core"), round(time.monotonic() - started, 1))
+        self.boots.append(boot)
+        log.info("guest booted %s in %.0f s", boot.core, boot.seconds)
+        return boot
+
+    def boot(self, timeout: float = BOOT_TIMEOUT) -> Boot:
+        self.vm.start()
+        return self.wait_booted(timeout)
+
+    def reboot(self, timeout: float = BOOT_TIMEOUT) -> Boot:
+        self.vm.mark()
+        self.vm.send("systemctl reboot\n")
+        return self.wait_booted(timeout)
+
+    def sh(self, command: str, timeout: float = 120.0) -> str:
+        """Run `command` in the guest; its output. LocalError if it fails."""
+        result = self.vm.shell(command, timeout)
+        if result.returncode != 0:
+            raise LocalError(
+                f"guest: `{command}` failed with exit code {result.returncode}: "
+                f"{result.output.strip()[-2000:]}"
+            )
+        return result.output
+
+    def status(self) -> dict[str, Any]:
+        text = self.sh("rampart status --json")
+        start = text.find("{")
+        doc: dict[str, Any] = json.loads(text[start:])
+        return doc
+
+    def wait_system_up(self, timeout: float = 300.0) -> str:
+        """Wait for systemd to finish starting (health check and mark-good included)."""
+        out = self.vm.shell("systemctl is-system-running --wait", timeout).output
+        return out.strip().splitlines()[-1] if out.strip() else ""
+
+    def run_update_service(self, timeout: float = 900.0) -> int:
+        """Start rampart-update.service as the timer would; its exit status."""
+        self.vm.shell("systemctl start rampart-update.service", timeout)
+        out = self.sh("systemctl show -p ExecMainStatus --value rampart-update.service")
+        return int(out.strip().splitlines()[-1])
+
+    def lvs(self) -> dict[str, str]:
+        """LV name -> LV UUID in mainvg."""
+        out = self.sh(f"lvs --noheadings -o lv_name,lv_uuid {rootfs.VOLUME_GROUP}")
+        rows = [line.split() for line in out.splitlines()]
+        return {r[0]: r[1] for r in rows if len(r) == 2}
+
+    def entries(self) -> list[str]:
+        out = self.sh(f"ls -1 {rootfs.ESP_DIRECTORY}")
+        return sorted(line.strip() for line in out.splitlines() if line.strip().endswith(".efi"))
+
+    def power_cut(self) -> None:
+        self.vm.kill()
+
+    def close(self) -> None:
+        self.vm.close()
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def secure_boot_state(guest: Guest) -> int:
+    """The SecureBoot EFI variable as the guest sees it (1: enforced)."""
+    out = guest.sh(
+        "od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+    )
+    return int(out.split()[-1])

@@ -1,0 +1,594 @@
+"""The testbed's machine runner: argv building, console cleaning and shell marker parsing
+on the host; then real QEMU runs (marked vm) of the Debian kernel with a busybox
+initramfs under SeaBIOS, with swtpm, and of OVMF's Secure Boot build."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rampart import run
+from rampart.errors import ConflictError, LocalError, UsageError
+from rampart.testbed import machine
+from rampart.testbed.machine import (
+    ConsoleBuffer,
+    ConsoleTimeout,
+    DirectKernel,
+    Disk,
+    GuestCommandFailed,
+    Machine,
+    MachineExited,
+    SecureBoot,
+    WorkFiles,
+    clean_console,
+    qemu_argv,
+    shell_line,
+    shell_marker,
+    shell_output,
+    swtpm_argv,
+)
+from rampart.testbed.rootfs import PROMPT
+from tests.image.bootkit import BUSYBOX, OVMF_CODE, cpio, kernel
+
+_S_IFDIR = 0o040000
+_S_IFREG = 0o100000
+_S_IFCHR = 0o020000
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+TOKEN = "0123abcd"
+
+
+# --- console text --------------------------------------------------------------------------
+
+
+def test_clean_console_strips_escapes_and_carriage_returns() -> None:
+    raw = (
+        "\x1b[2J\x1b[01;01H\x1b[=3hBdsDxe: loading\r\n"
+        "\x1b[1m\x1b[33m\x1b[40mShell> \x1b[0m\x1b]0;title\x07done\x1b(B\x1b=\x07\x08\x00\r\n"
+        "\x1b[?25l\ttab\x7f\n"
+    )
+    assert clean_console(raw) == "BdsDxe: loading\nShell> done\n\ttab\n"
+
+
+def test_console_buffer_holds_cut_escape_and_utf8_sequences() -> None:
+    buf = ConsoleBuffer()
+    for chunk in (b"a\x1b[3", b"1mred\x1b", b"[0m \xc3", b"\xa9t\xc3\xa9\r", b"\n\xff!\x1b]0;x"):
+        buf.feed(chunk)
+    assert buf.text == "ared \u00e9t\u00e9\n\ufffd!"
+    buf.feed(b"y\x1b\\ok")
+    assert buf.text.endswith("!ok")
+    buf.feed(b"\x1b[")  # the stream ends inside a sequence: what is left is cleaned
+    buf.flush()
+    assert buf.text.endswith("!ok")
+
+
+def test_console_buffer_searches_from_the_cursor() -> None:
+    buf = ConsoleBuffer()
+    buf.feed(b"login: one\r\nlogin: two\r\n")
+    first = buf.search([re.compile("login: (\\w+)")])
+    assert first is not None and first[1].group(1) == "one"
+    buf.cursor = first[1].end()
+    index, match = buf.search([re.compile("nothing"), re.compile("login: (\\w+)")]) or (-1, None)
+    assert index == 1 and match is not None and match.group(1) == "two"
+    # Of several patterns, the one matching earliest in the text wins.
+    index, match = buf.search([re.compile("two"), re.compile("login")]) or (-1, None)
+    assert index == 1
+    buf.mark()
+    assert buf.search([re.compile("login")]) is None
+    buf.feed(b"\r\n".join(b"line %d" % i for i in range(50)))
+    assert buf.tail(3) == "line 47\nline 48\nline 49"
+
+
+# --- the shell marker ----------------------------------------------------------------------
+
+
+def test_shell_line_and_marker() -> None:
+    line = shell_line("echo hello; false", TOKEN)
+    assert line == f'echo hello; false; echo "__rc_{TOKEN}=$?"\n'
+    marker = shell_marker(TOKEN)
+    assert marker.search(line) is None  # the echoed input cannot match
+    assert marker.search("__rc_0123abcd=12") is None  # more digits may come
+    match = marker.search("__rc_0123abcd=127\nrampart-guest# ")
+    assert match is not None and match.group(1) == "127"
+    assert marker.search("__rc_ffffffff=0\n") is None  # another command's marker
+
+
+def test_shell_output_is_what_follows_the_echoed_line() -> None:
+    echoed = f'{PROMPT}echo hello; false; echo "__rc_{TOKEN}=$?"\n'
+    assert shell_output(echoed + "hello\n", TOKEN) == "hello\n"
+    # A previous prompt, kernel noise, and the line echoed twice (typed ahead while
+    # the shell was busy, then redrawn by line editing).
+    noisy = f"{PROMPT}\n[    3.1] random: crng init done\n{echoed}{echoed}a\nb\n"
+    assert shell_output(noisy, TOKEN) == "a\nb\n"
+    assert shell_output(echoed, TOKEN) == ""
+    # busybox's line editing wraps the echo at 80 columns (CR CR LF, CRs removed).
+    wrapped = f'{PROMPT}printf x; echo "__rc_0123\nabcd=$?"\nx__rc_{TOKEN}=0\n'
+    assert shell_output(wrapped[: wrapped.index("__rc_0123abcd=0")], TOKEN) == "x"
+    assert shell_output("garbled echo\nout\n", TOKEN) == "out\n"
+
+
+# --- command lines ---------------------------------------------------------------------
+
+
+def _pairs(argv: list[str]) -> list[tuple[str, str]]:
+    return [(argv[i], argv[i + 1]) for i in range(len(argv) - 1) if argv[i].startswith("-")]
+
+
+def test_qemu_argv_secure_boot_disks_tpm_network(tmp_path: Path) -> None:
+    files = WorkFiles.in_dir(tmp_path)
+    argv = qemu_argv(
+        firmware=SecureBoot(tmp_path / "vars.fd"),
+        disks=[Disk(tmp_path / "a.qcow2", "qcow2"), Disk(tmp_path / "b.raw", read_only=True)],
+        files=files,
+        memory=2048,
+        cpus=1,
+        tpm=True,
+        network=True,
+    )
+    assert argv[0] == "qemu-system-x86_64"
+    pairs = _pairs(argv)
+    assert ("-machine", "q35,smm=on,accel=tcg") in pairs
+    assert ("-global", "driver=cfi.pflash01,property=secure,value=on") in pairs
+    assert ("-global", "ICH9-LPC.disable_s3=1") in pairs
+    drives = [value for option, value in pairs if option == "-drive"]
+    assert drives == [
+        f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        f"if=pflash,format=raw,unit=1,file={tmp_path}/vars.fd",
+        f"if=none,id=disk0,format=qcow2,file={tmp_path}/a.qcow2",
+        f"if=none,id=disk1,format=raw,file={tmp_path}/b.raw,readonly=on",
+    ]
+    devices = [value for option, value in pairs if option == "-device"]
+    assert devices == [
+        "virtio-blk-pci,drive=disk0",
+        "virtio-blk-pci,drive=disk1",
+        "tpm-tis,tpmdev=tpm0",
+        "virtio-net-pci,netdev=net0",
+    ]
+    assert ("-m", "2048") in pairs and ("-smp", "1") in pairs
+    assert ("-display", "none") in pairs
+    assert ("-netdev", "user,id=net0") in pairs
+    assert ("-tpmdev", "emulator,id=tpm0,chardev=chrtpm") in pairs
+    chardevs = [value for option, value in pairs if option == "-chardev"]
+    assert chardevs == [
+        f"socket,id=ser0,path={files.console_socket},server=on,wait=on,"
+        f"logfile={files.console_log},logappend=on",
+        f"socket,id=qmp0,path={files.qmp_socket},server=on,wait=off",
+        f"socket,id=chrtpm,path={files.tpm_socket}",
+    ]
+    assert ("-serial", "chardev:ser0") in pairs
+    assert ("-mon", "chardev=qmp0,mode=control") in pairs
+    assert "-nodefaults" in argv
+    assert "-no-reboot" not in argv and "-kernel" not in argv
+    assert not any("stdio" in a for a in argv)
+
+
+def test_qemu_argv_direct_kernel_without_tpm_or_network(tmp_path: Path) -> None:
+    work = tmp_path / "odd,dir"
+    argv = qemu_argv(
+        firmware=DirectKernel(Path("/k/vmlinuz"), Path("/k/initrd.img"), "console=ttyS0 quiet"),
+        disks=[Disk(work / "disk.raw")],
+        files=WorkFiles.in_dir(work),
+    )
+    pairs = _pairs(argv)
+    assert ("-machine", "q35,accel=tcg") in pairs
+    assert ("-kernel", "/k/vmlinuz") in pairs and ("-initrd", "/k/initrd.img") in pairs
+    assert ("-append", "console=ttyS0 quiet") in pairs
+    assert ("-m", str(machine.DEFAULT_MEMORY_MIB)) in pairs
+    assert ("-smp", str(machine.DEFAULT_CPUS)) in pairs
+    # A comma in a path is doubled inside QEMU's key=value lists.
+    assert f"if=none,id=disk0,format=raw,file={tmp_path}/odd,,dir/disk.raw" in argv
+    for absent in ("-netdev", "-tpmdev", "pflash", "smm=on", "-no-reboot"):
+        assert not any(absent in a for a in argv), absent
+    no_initrd = qemu_argv(
+        firmware=DirectKernel(Path("/k/vmlinuz")), disks=[], files=WorkFiles.in_dir(tmp_path)
+    )
+    assert "-initrd" not in no_initrd and ("-append", "console=ttyS0") in _pairs(no_initrd)
+
+
+def test_swtpm_argv(tmp_path: Path) -> None:
+    files = WorkFiles.in_dir(tmp_path)
+    assert swtpm_argv(tmp_path / "tpm", files) == [
+        "swtpm",
+        "socket",
+        "--tpm2",
+        "--tpmstate",
+        f"dir={tmp_path}/tpm",
+        "--ctrl",
+        f"type=unixio,path={tmp_path}/swtpm.sock,mode=0600",
+        "--terminate",
+        "--log",
+        f"file={tmp_path}/swtpm.log,level=1",
+    ]
+    with pytest.raises(LocalError, match="comma"):
+        swtpm_argv(tmp_path / "a,b", files)
+
+
+def test_machine_rejects_bad_settings(tmp_path: Path) -> None:
+    firmware = DirectKernel(tmp_path / "vmlinuz")
+    with pytest.raises(LocalError, match="too long for a Unix socket"):
+        Machine(tmp_path / ("x" * 100), firmware=firmware)
+    with pytest.raises(UsageError):
+        Machine(tmp_path, firmware=firmware, cpus=0)
+    with pytest.raises(UsageError):
+        Disk(tmp_path / "d", "vmdk")  # type: ignore[arg-type]
+    with Machine(tmp_path / "vm", firmware=firmware) as vm:
+        with pytest.raises(LocalError, match="vmlinuz does not exist"):
+            vm.start()
+        assert not vm.running
+        with pytest.raises(MachineExited, match="not running"):
+            vm.expect("anything", 5)
+        with pytest.raises(UsageError):
+            vm.shell("echo a\necho b")
+
+
+def test_overlay(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\0" * 1048576)
+    top = machine.overlay(base, tmp_path / "top.qcow2")
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(top)], capture_output=True, text=True, check=True
+    ).stdout
+    assert f'"backing-filename": "{base}"' in info
+    assert '"backing-filename-format": "raw"' in info
+    with pytest.raises(ConflictError):
+        machine.overlay(base, top)
+    with pytest.raises(UsageError, match="absolute"):
+        machine.overlay(Path("base.raw"), tmp_path / "other.qcow2")
+    with pytest.raises(LocalError, match="does not exist"):
+        machine.overlay(tmp_path / "missing.raw", tmp_path / "other.qcow2")
+
+
+def test_spawn_appends_output_and_reaps(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    out.write_text("before\n")
+    proc = run.spawn(["sh", "-c", "echo $0 $HOME_NOT_KEPT; echo err >&2"], stdout_path=out,
+                     stderr_path=out, env={"HOME_NOT_KEPT": "x"}, cwd=tmp_path)  # fmt: skip
+    assert proc.wait(10) == 0
+    assert out.read_text() == "before\nsh x\nerr\n"
+    sleeper = run.spawn(["sleep", "30"])
+    with pytest.raises(LocalError, match="still running"):
+        sleeper.wait(0.1)
+    sleeper.kill()
+    assert sleeper.wait(10) == -9 and sleeper.poll() == -9
+    sleeper.kill()  # reaped: no signal is sent
+    with pytest.raises(LocalError, match="command not found"):
+        run.spawn(["rampart-no-such-tool"])
+
+
+# --- virtual machines ----------------------------------------------------------------------
+
+INIT = f"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s /bin
+export PATH=/bin PS1='{PROMPT}'
+echo "rampart-test-init: ready"
+while true; do setsid cttyhack sh; done
+"""
+
+# TPM2_HierarchyChangeAuth(TPM_RH_OWNER, "abcd") with an empty password session: the
+# owner password lives in the TPM's persistent state. Response code: bytes 6-9.
+CHANGE_OWNER_AUTH = (
+    "80 02 00 00 00 21 00 00 01 29 40 00 00 01 00 00 00 09"
+    " 40 00 00 09 00 00 00 00 00 00 04 61 62 63 64"
+)
+TPM_COMMAND = (
+    "printf '{}' > /tmp/cmd && exec 3<>/dev/tpm0 && dd if=/tmp/cmd bs=33 count=1 >&3"
+    " 2>/dev/null && dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1; exec 3<&-"
+).format("".join(f"\\x{byte}" for byte in CHANGE_OWNER_AUTH.split()))
+
+
+@dataclass
+class Bed:
+    root: Path
+    initrd: Path
+    machines: list[Machine] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+
+
+def _leftovers(bed: Bed) -> list[str]:
+    """qemu or swtpm processes of this module: by the IDs recorded, and by command lines
+    naming the module's directory (other sessions may run their own machines)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if comm not in ("qemu-system-x86", "swtpm"):
+            continue
+        if int(entry.name) in bed.pids or str(bed.root) in cmdline:
+            found.append(f"{entry.name} {comm}: {cmdline[:200]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    for tool in ("qemu-system-x86_64", "swtpm", "qemu-img"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: run make setup")
+    if not BUSYBOX.is_file():
+        pytest.fail(f"{BUSYBOX} is missing: run make setup (busybox-static)")
+    root = tmp_path_factory.mktemp("vm")
+    initrd = root / "initrd.cpio"
+    initrd.write_bytes(
+        cpio(
+            [
+                ("bin", _S_IFDIR | 0o755, b""),
+                ("dev", _S_IFDIR | 0o755, b""),
+                ("dev/console", _S_IFCHR | 0o600, b""),
+                ("bin/busybox", _S_IFREG | 0o755, BUSYBOX.read_bytes()),
+                ("init", _S_IFREG | 0o755, INIT.encode()),
+            ]
+        )
+    )
+    state = Bed(root, initrd)
+    yield state
+    for vm in state.machines:
+        vm.close()
+    assert _leftovers(state) == []
+
+
+@pytest.fixture
+def new_machine(bed: Bed, request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine]]:
+    """Machines for one test, closed after it; TPM and network are keyword options."""
+    made: list[Machine] = []
+
+    def make(*, tpm: bool = False, **options: object) -> Machine:
+        work = bed.root / f"{request.node.name}-{len(made)}"
+        firmware = options.pop("firmware", None) or DirectKernel(
+            kernel(), bed.initrd, "console=ttyS0 panic=-1"
+        )
+        vm = Machine(
+            work / "vm",
+            firmware=firmware,  # type: ignore[arg-type]
+            tpm_state=work / "tpm" if tpm else None,
+            name=request.node.name,
+            **options,  # type: ignore[arg-type]
+        )
+        made.append(vm)
+        bed.machines.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        vm.close()
+        bed.pids.update(pid for pid in (vm.qemu_pid, vm.swtpm_pid) if pid is not None)
+    for vm in made:
+        for timing in vm.timings:
+            print(f"{vm.name}: {timing.label} to prompt in {timing.seconds:.1f} s")
+
+
+def _boot(vm: Machine) -> None:
+    vm.start()
+    vm.expect("rampart-test-init: ready", 60)
+    vm.wait_for_shell(60)
+
+
+@pytest.mark.vm
+def test_vm_shell_expect_and_timeout(new_machine: Callable[..., Machine]) -> None:
+    vm = new_machine()
+    _boot(vm)
+    assert vm.running and not vm.tpm_running
+    assert [t.label for t in vm.timings] == ["start"]
+    result = vm.shell("echo hello; false")
+    assert result.returncode == 1
+    assert "hello\n" in result.output and "__rc_" not in result.output
+    assert vm.shell("echo one; echo two").output.endswith("one\ntwo\n")
+    assert vm.check("cat /proc/cmdline").strip().endswith("console=ttyS0 panic=-1")
+    with pytest.raises(GuestCommandFailed, match="exited with code 3") as failed:
+        vm.check("echo why; exit_code() { return 3; }; exit_code")
+    assert failed.value.returncode == 3 and "why" in failed.value.output
+    assert not vm.shell("ls /sys/class/tpm").output.strip().endswith("tpm0")
+    # expect: a timeout names the pattern and shows the console's tail.
+    started = time.monotonic()
+    with pytest.raises(ConsoleTimeout) as timeout:
+        vm.expect(r"never printed \d+", 1.5)
+    assert 1.5 <= time.monotonic() - started < 5
+    message = str(timeout.value)
+    assert "/never printed \\d+/" in message and "1.5 s" in message
+    assert "hello" in message and PROMPT.strip() in message
+    vm.send("echo marker-$((40+2))\n")
+    index, match = vm.expect_any([r"nope", r"marker-(\d+)"], 30)
+    assert (index, match.group(1)) == (1, "42")
+    vm.mark()
+    with pytest.raises(ConsoleTimeout):
+        vm.expect("marker-42", 0.5)  # consumed, then skipped by mark()
+
+
+@pytest.mark.vm
+def test_vm_interact_on_a_terminal(
+    new_machine: Callable[..., Machine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person at a terminal (a pty here): keys reach the guest, its output is shown
+    raw, Ctrl-] detaches and the machine keeps running."""
+    vm = new_machine(cpus=1)
+    _boot(vm)
+    master, slave = pty.openpty()
+    shown = b""
+
+    def person() -> None:
+        nonlocal shown
+        deadline = time.monotonic() + 30
+        while termios.tcgetattr(slave)[3] & termios.ICANON and time.monotonic() < deadline:
+            time.sleep(0.05)  # raw mode is set with TCSAFLUSH: earlier keys are dropped
+        os.write(master, b"echo inter$((1+1))active\n")
+        while b"inter2active\r\n" not in shown and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                shown += os.read(master, 4096)
+        os.write(master, b"\x1d")
+
+    with (
+        open(slave, "rb", buffering=0) as keyboard,
+        open(os.dup(slave), "wb", buffering=0) as screen,
+    ):
+        monkeypatch.setattr(sys, "stdin", keyboard)
+        monkeypatch.setattr(sys, "stdout", screen)
+        thread = threading.Thread(target=person)
+        thread.start()
+        vm.interact()
+        thread.join()
+        assert termios.tcgetattr(slave)[3] & termios.ICANON  # cooked again
+    os.close(master)
+    assert b"inter2active\r\n" in shown  # raw: carriage returns kept
+    vm.expect("inter2active", 10)
+    assert vm.running
+    assert vm.shell("echo still here").output.endswith("still here\n")
+
+
+@pytest.mark.vm
+def test_vm_power_cut_keeps_tpm_state_and_console_log(new_machine: Callable[..., Machine]) -> None:
+    vm = new_machine(tpm=True)
+    _boot(vm)
+    assert vm.tpm_running
+    assert vm.shell("ls /sys/class/tpm").output.split() == ["tpm0"]
+    first = vm.check(TPM_COMMAND).split()
+    assert first[6:10] == ["00", "00", "00", "00"], first  # the owner password is set
+    qemu, swtpm = vm.qemu_pid, vm.swtpm_pid
+    vm.kill()
+    assert not vm.running and not vm.tpm_running
+    for pid in (qemu, swtpm):
+        assert not Path(f"/proc/{pid}").exists()
+    started = time.monotonic()
+    with pytest.raises(MachineExited, match="QEMU was killed by signal 9"):
+        vm.expect("anything", 30)
+    assert time.monotonic() - started < 1
+    log_after_first = vm.console_log.read_text(errors="replace")
+    assert log_after_first.count("Linux version") == 1
+
+    _boot(vm)
+    assert vm.qemu_pid != qemu and vm.swtpm_pid != swtpm
+    second = vm.check(TPM_COMMAND).split()
+    # TPM_RC_BAD_AUTH (session 1): the empty password no longer authorizes the owner.
+    assert second[6:10] == ["00", "00", "09", "a2"], second
+    log_text = vm.console_log.read_text(errors="replace")
+    assert log_text.startswith(log_after_first) and log_text.count("Linux version") == 2
+    assert [t.label for t in vm.timings] == ["start", "start"]
+
+
+@pytest.mark.vm
+def test_vm_guest_reboot_stays_in_qemu(new_machine: Callable[..., Machine]) -> None:
+    vm = new_machine(tpm=True)
+    _boot(vm)
+    qemu, swtpm = vm.qemu_pid, vm.swtpm_pid
+    vm.mark()
+    vm.start_boot_clock("reboot -f")
+    vm.send("reboot -f\n")
+    vm.expect("Linux version", 60)
+    vm.wait_for_shell(60)
+    assert vm.running and vm.tpm_running
+    assert (vm.qemu_pid, vm.swtpm_pid) == (qemu, swtpm)
+    assert vm.shell("ls /sys/class/tpm").output.split() == ["tpm0"]
+    assert vm.console_log.read_text(errors="replace").count("Linux version") == 2
+    assert [t.label for t in vm.timings] == ["start", "reboot -f"]
+
+
+@pytest.mark.vm
+def test_vm_guest_power_off(new_machine: Callable[..., Machine]) -> None:
+    vm = new_machine(tpm=True, cpus=1, memory=512)
+    _boot(vm)
+    assert not vm.shutdown_wait(0.5)
+    vm.send("poweroff -f\n")
+    with pytest.raises(MachineExited, match="QEMU exited \\(the guest powered off\\)"):
+        vm.expect("never", 60)
+    assert vm.shutdown_wait(60)
+    assert not vm.running and not vm.tpm_running
+    # The driver saw everything from the kernel's first line, as the log file did.
+    assert vm.console_text.startswith("[    0.000000] Linux version")
+    assert vm.console_text == clean_console(vm.console_log.read_bytes().decode(errors="replace"))
+
+
+@pytest.mark.vm
+def test_vm_qemu_error_at_start_is_quoted(
+    new_machine: Callable[..., Machine], tmp_path: Path
+) -> None:
+    not_qcow2 = tmp_path / "disk.raw"
+    not_qcow2.write_bytes(b"\0" * 65536)
+    vm = new_machine(disks=[Disk(not_qcow2, "qcow2")])
+    with pytest.raises(LocalError, match=r"QEMU exited with code 1 at start: .*qcow2") as failed:
+        vm.start()
+    assert "\n" not in str(failed.value)
+    assert not vm.running
+
+
+@pytest.mark.vm
+def test_vm_secure_boot_ovmf_starts(new_machine: Callable[..., Machine], tmp_path: Path) -> None:
+    for path in (OVMF_CODE, OVMF_VARS):
+        if not path.is_file():
+            pytest.fail(f"{path} is missing: run make setup (ovmf)")
+    vars_file = tmp_path / "vars.fd"
+    shutil.copyfile(OVMF_VARS, vars_file)
+    empty = tmp_path / "empty.raw"
+    with empty.open("wb") as f:
+        f.truncate(16 << 20)
+    vm = new_machine(firmware=SecureBoot(vars_file), disks=[Disk(empty)], tpm=True)
+    vm.start()
+    vm.expect_any(["BdsDxe", "UEFI"], 60)
+    vm.kill()
+    assert not vm.running and not vm.tpm_running
+    assert "BdsDxe" in vm.console_log.read_text(errors="replace") or "UEFI" in vm.console_text
+
+
+ABANDON = """
+import sys
+from pathlib import Path
+from rampart.testbed.machine import DirectKernel, Machine
+work, kernel, initrd = map(Path, sys.argv[1:])
+vm = Machine(work / "vm", firmware=DirectKernel(kernel, initrd), tpm_state=work / "tpm")
+vm.start()
+vm.expect("Linux version", 60)
+print(vm.qemu_pid, vm.swtpm_pid, flush=True)
+"""
+
+
+@pytest.mark.vm
+def test_vm_left_running_is_killed_at_exit(bed: Bed) -> None:
+    """A program that forgets to close its machine leaves no process behind."""
+    work = bed.root / "abandoned"
+    done = subprocess.run(
+        [sys.executable, "-c", ABANDON, str(work), str(kernel()), str(bed.initrd)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    bed.pids.update(pids)
+    assert "left running: killed" in done.stderr
+    assert _leftovers(bed) == []
+
+
+def test_leftover_scan_sees_processes(tmp_path: Path) -> None:
+    """The module's final check finds a swtpm of ours (and then none once it is gone)."""
+    state = Bed(tmp_path, tmp_path / "unused")
+    files = WorkFiles.in_dir(tmp_path)
+    (tmp_path / "tpm").mkdir()
+    proc = run.spawn(swtpm_argv(tmp_path / "tpm", files))
+    try:
+        deadline = time.monotonic() + 10
+        while not _leftovers(state) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_leftovers(state)) == 1
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert _leftovers(state) == []

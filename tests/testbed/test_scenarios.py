@@ -1,0 +1,299 @@
+"""The testbed scenarios (issue 6): a real Rampart system, installed by `rampart install`
+in a VM, booted by OVMF with Secure Boot enforced and a TPM from swtpm, updated from
+`rampart serve` on the host through its systemd service, rebooted, rolled back.
+
+One machine goes through scenarios 1 to 6 in order (each starts where the previous
+one left it, as a device in the field would); scenario 7 uses a second machine
+booted from the installed disk. The tests are ordered and depend on each other:
+a failure early makes the later ones fail too (their messages say which state
+they expected). Per-scenario times go to <work>/timings.json and the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rampart.testbed import build, session
+from rampart.testbed.build import Testbed
+
+pytestmark = pytest.mark.vm
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
+TIMINGS: dict[str, float] = {}
+CORE = "mainvg/core_{}"
+LV_PATH = "/dev/mainvg/core_{}"
+
+
+@pytest.fixture(scope="module")
+def bed() -> Testbed:
+    started = time.monotonic()
+    testbed = build.build(CHECKOUT)
+    TIMINGS["build (or cache)"] = round(time.monotonic() - started, 1)
+    return testbed
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("testbed")
+    yield path
+    (path / "timings.json").write_text(json.dumps(TIMINGS, indent=2))
+    log.warning("testbed scenario timings (s): %s", json.dumps(TIMINGS))
+    print(f"\ntestbed scenario timings (s): {json.dumps(TIMINGS)}")
+
+
+@pytest.fixture(scope="module")
+def server(bed: Testbed, work: Path) -> Iterator[session.UpdateServer]:
+    with session.UpdateServer(bed, work / "server") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def guest(bed: Testbed, work: Path) -> Iterator[session.Guest]:
+    with session.Guest(bed, work / "guest") as machine:
+        yield machine
+
+
+def _timed(name: str, started: float) -> None:
+    TIMINGS[name] = round(time.monotonic() - started, 1)
+
+
+def _root_hash(bed: Testbed, version: str) -> str:
+    meta = json.loads(bed.core_meta(version).read_text())
+    return str(meta["root_hash"])
+
+
+def _head_digest(guest: session.Guest, version: str) -> str:
+    out = guest.sh(f"head -c 16777216 {LV_PATH.format(version)} | sha256sum")
+    return out.split()[0]
+
+
+def _entries(guest: session.Guest) -> list[str]:
+    return guest.entries()
+
+
+# --- 1. boot ---------------------------------------------------------------------------
+
+
+def test_1_boots_the_verified_core_under_secure_boot(
+    guest: session.Guest, bed: Testbed, server: session.UpdateServer
+) -> None:
+    started = time.monotonic()
+    booted = guest.boot()
+    assert booted.core == CORE.format("1.0.0")
+    assert session.secure_boot_state(guest) == 1, "Secure Boot is not enforced in the guest"
+    source, fstype, options = guest.sh("findmnt -no SOURCE,FSTYPE,OPTIONS /").split()[:3]
+    assert source == "/dev/mapper/verity_core_1.0.0"
+    assert fstype == "squashfs"
+    assert "ro" in options.split(",")
+    verity = guest.sh("veritysetup status verity_core_1.0.0")
+    assert re.search(r"type:\s+VERITY", verity)
+    assert re.search(rf"root hash:\s+{_root_hash(bed, '1.0.0')}", verity)
+    assert guest.vm.shell("touch /usr/rampart-write-test").returncode != 0
+    guest.sh("echo kept > /mnt/state/scenario-1 && sync")
+    assert guest.wait_system_up() == "running"
+    status = guest.status()
+    assert status["running"] == "1.0.0"
+    assert [s["name"] for s in status["slots"]] == ["core_1.0.0"]
+    assert status["slots"][0]["running"] is True
+    assert [e["name"] for e in status["entries"]] == ["clipos-1.0.0.efi"]
+    assert guest.sh("cat /proc/cmdline").count("lockdown=confidentiality") == 1
+    _timed("1 boot", started)
+
+
+# --- 2. update through the service, reboot ------------------------------------------------
+
+
+def test_2_updates_from_rampart_serve_and_reboots_into_it(
+    guest: session.Guest, server: session.UpdateServer
+) -> None:
+    started = time.monotonic()
+    server.publish("1.0.1")
+    assert guest.run_update_service() == 20  # updated, reboot to use it
+    assert _entries(guest) == ["clipos-1.0.0.efi", "clipos-1.0.1+3.efi"]
+    assert set(guest.lvs()) == {"core_1.0.0", "core_1.0.1", "core_state"}
+    journal = guest.sh("journalctl -b -u rampart-update.service -o cat --no-pager")
+    assert "Core 1.0.1 written and verified" in journal
+    booted = guest.reboot()
+    assert booted.core == CORE.format("1.0.1")
+    assert guest.wait_system_up() == "running"
+    assert guest.status()["running"] == "1.0.1"
+    # The health check passed: rampart mark-good removed the counter.
+    assert _entries(guest) == ["clipos-1.0.0.efi", "clipos-1.0.1.efi"]
+    assert guest.sh("cat /mnt/state/scenario-1").strip() == "kept"
+    assert guest.run_update_service() == 0  # up to date; the check-in tells the server
+    machine_id = guest.sh("cat /etc/machine-id").strip()
+    rows = {row["machine_id"]: row for row in server.machines()}
+    assert rows[machine_id]["version"] == "1.0.1"
+    fleet = server.fleet()
+    assert any(row["version"] == "1.0.1" and row["machines"] == 1 for row in fleet["versions"]), (
+        fleet
+    )
+    _timed("2 update and reboot", started)
+
+
+# --- 3. A/B rotation ---------------------------------------------------------------------
+
+
+def test_3_the_next_update_overwrites_the_older_slot(
+    guest: session.Guest, server: session.UpdateServer
+) -> None:
+    started = time.monotonic()
+    before = guest.lvs()
+    server.publish("1.0.2")
+    assert guest.run_update_service() == 20
+    after = guest.lvs()
+    assert "core_1.0.0" not in after
+    assert after["core_1.0.2"] == before["core_1.0.0"], "1.0.2 was not written into 1.0.0's LV"
+    assert after["core_1.0.1"] == before["core_1.0.1"]
+    assert _entries(guest) == ["clipos-1.0.1.efi", "clipos-1.0.2+3.efi"]
+    booted = guest.reboot()
+    assert booted.core == CORE.format("1.0.2")
+    assert guest.wait_system_up() == "running"
+    assert _entries(guest) == ["clipos-1.0.1.efi", "clipos-1.0.2.efi"]
+    _timed("3 A/B rotation", started)
+
+
+# --- 4. manual rollback ------------------------------------------------------------------
+
+
+def test_4_a_one_shot_boot_runs_the_older_version_and_updates_spare_it(
+    guest: session.Guest,
+) -> None:
+    started = time.monotonic()
+    guest.sh(f"bootctl --esp-path={build.rootfs.ESP_MOUNT} set-oneshot clipos-1.0.1.efi")
+    booted = guest.reboot()
+    assert booted.core == CORE.format("1.0.1")
+    assert guest.wait_system_up() == "running"
+    assert guest.status()["running"] == "1.0.1"
+    lvs = guest.lvs()
+    digest = _head_digest(guest, "1.0.1")
+    # The server still offers 1.0.2: the update goes into 1.0.2's LV, never the running one.
+    assert guest.run_update_service() == 20
+    assert guest.lvs() == lvs
+    assert _head_digest(guest, "1.0.1") == digest
+    assert _entries(guest) == ["clipos-1.0.1.efi", "clipos-1.0.2+3.efi"]
+    booted = guest.reboot()  # no one-shot: the default entry, the newest
+    assert booted.core == CORE.format("1.0.2")
+    assert guest.wait_system_up() == "running"
+    _timed("4 manual rollback", started)
+
+
+# --- 5. automatic rollback ----------------------------------------------------------------
+
+
+def test_5_a_version_that_fails_its_health_check_falls_back_by_itself(
+    guest: session.Guest, server: session.UpdateServer
+) -> None:
+    started = time.monotonic()
+    server.publish(build.BROKEN)
+    assert guest.run_update_service() == 20
+    assert _entries(guest) == ["clipos-1.0.2.efi", "clipos-1.0.3+3.efi"]
+    guest.vm.mark()
+    guest.vm.send("systemctl reboot\n")
+    cores = []
+    while not cores or cores[-1] == CORE.format(build.BROKEN):
+        assert len(cores) <= build.rootfs.BOOT_TRIES, f"no fallback after {cores}"
+        cores.append(guest.vm.expect(session.BOOTED, session.BOOT_TIMEOUT).group("core"))
+    assert cores == [CORE.format(build.BROKEN)] * build.rootfs.BOOT_TRIES + [CORE.format("1.0.2")]
+    guest.vm.wait_for_shell(session.BOOT_TIMEOUT)
+    assert guest.wait_system_up() == "running"
+    assert guest.status()["running"] == "1.0.2"
+    assert _entries(guest) == ["clipos-1.0.2.efi", "clipos-1.0.3+0-3.efi"]
+    console = guest.console_log.read_text(errors="replace")
+    assert console.count("this version is broken on purpose") >= build.rootfs.BOOT_TRIES
+    # The next check refuses the version that failed, and says so to the server.
+    assert guest.run_update_service() == 4
+    failures = server.fleet()["recent_failures"]
+    assert any(
+        f["to_version"] == build.BROKEN and "failed to boot" in f["error"] for f in failures
+    ), failures
+    _timed("5 automatic rollback", started)
+
+
+# --- 6. tampering ------------------------------------------------------------------------
+
+
+def test_6a_a_flipped_byte_in_the_inactive_core_stops_its_boot_at_verity(
+    guest: session.Guest,
+) -> None:
+    started = time.monotonic()
+    lv = LV_PATH.format(build.BROKEN)
+    guest.sh(
+        "python3 -c \"import os; f=os.open('" + lv + "', os.O_RDWR); "
+        'b=os.pread(f, 1, 1000); os.pwrite(f, bytes([b[0] ^ 0x01]), 1000); os.fsync(f)"'
+    )
+    guest.sh(f"bootctl --esp-path={build.rootfs.ESP_MOUNT} set-oneshot clipos-1.0.3.efi")
+    guest.vm.mark()
+    guest.vm.send("systemctl reboot\n")
+    line = guest.vm.expect(r"rampart: cannot open Core \S+ with dm-verity[^\n]*", 300)
+    assert CORE.format(build.BROKEN) in line.group(0)
+    assert "does not match the root hash" in line.group(0)
+    booted = guest.wait_booted()  # panic=10: reboot, and the one-shot is spent
+    assert booted.core == CORE.format("1.0.2")
+    _timed("6a tampered Core", started)
+
+
+@pytest.mark.parametrize("name", ["unsigned.efi", "other-signed.efi"])
+def test_6b_the_firmware_refuses_a_uki_it_cannot_verify(
+    guest: session.Guest, server: session.UpdateServer, bed: Testbed, name: str
+) -> None:
+    started = time.monotonic()
+    dist = server.webroot / "dist/rogue"
+    dist.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(build.rogue(bed, name), dist / name)
+    entry = f"clipos-{build.ROGUE}.efi"
+    esp = build.rootfs.ESP_DIRECTORY
+    url = f"https://{build.rootfs.UPDATE_HOST}:{build.SERVER_PORT}/dist/rogue/{name}"
+    guest.sh(
+        'python3 -c "import ssl, urllib.request; '
+        "c=ssl.create_default_context(cafile='/etc/rampart/rootca.pem'); "
+        f"open('{esp}/{entry}', 'wb').write(urllib.request.urlopen('{url}', context=c).read())\""
+    )
+    guest.sh(f"sync; bootctl --esp-path={build.rootfs.ESP_MOUNT} set-oneshot {entry}")
+    guest.vm.mark()
+    guest.vm.send("systemctl reboot\n")
+    index, match = guest.vm.expect_any(
+        [r"(?i)security violation|access denied", session.BOOTED], session.BOOT_TIMEOUT
+    )
+    assert index == 0, f"the firmware started {name}: {match.group(0)}"
+    guest.power_cut()
+    booted = guest.boot()  # the one-shot is spent: the default entry boots
+    assert booted.core == CORE.format("1.0.2")
+    guest.sh(f"rm {esp}/{entry}")
+    _timed(f"6b refused {name}", started)
+
+
+# --- 7. power cut ------------------------------------------------------------------------
+
+
+def test_7_a_power_cut_while_writing_core_leaves_the_old_version_booting(
+    bed: Testbed, work: Path, server: session.UpdateServer
+) -> None:
+    started = time.monotonic()
+    with session.Guest(bed, work / "guest-power-cut") as second:
+        assert second.boot().core == CORE.format("1.0.0")
+        second.sh("systemctl start --no-block rampart-update.service")
+        second.sh(
+            "until journalctl -u rampart-update.service -o cat | grep -q 'writing Core'; "
+            "do sleep 0.2; done",
+            timeout=600,
+        )
+        second.power_cut()
+        booted = second.boot()
+        assert booted.core == CORE.format("1.0.0")
+        assert second.wait_system_up() == "running"
+        entries = second.entries()
+        assert entries == ["clipos-1.0.0.efi"], entries
+        assert second.run_update_service() == 20
+        assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{build.BROKEN}+3.efi"]
+        assert "core_1.0.0" in second.lvs()
+    _timed("7 power cut", started)
