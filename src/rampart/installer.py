@@ -232,8 +232,11 @@ def _write_state(device: Path, remote: Path, machine_id: str) -> None:
         run.run(["mount", "-t", "ext4", str(device), str(mount_point)])
         try:
             etc = mount_point / "etc"
-            (etc / "rampart").mkdir(parents=True, mode=0o755)
-            (mount_point / "var").mkdir(mode=0o755)
+            # Explicit modes: the installer may run under umask 077, and unprivileged
+            # services (systemd-networkd reads the machine ID) must traverse these.
+            for directory in (etc, etc / "rampart", mount_point / "var"):
+                directory.mkdir(parents=True, exist_ok=True)
+                directory.chmod(0o755)
             for source in sorted(remote.iterdir()):
                 if source.is_file() and not source.is_symlink():
                     shutil.copyfile(source, etc / "rampart" / source.name)

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from rampart.testbed import build, session
-from rampart.testbed.build import Testbed
 
 pytestmark = pytest.mark.vm
 
@@ -34,7 +33,7 @@ LV_PATH = "/dev/mainvg/core_{}"
 
 
 @pytest.fixture(scope="module")
-def bed() -> Testbed:
+def bed() -> build.Testbed:
     started = time.monotonic()
     testbed = build.build(CHECKOUT)
     TIMINGS["build (or cache)"] = round(time.monotonic() - started, 1)
@@ -51,13 +50,13 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(bed: Testbed, work: Path) -> Iterator[session.UpdateServer]:
+def server(bed: build.Testbed, work: Path) -> Iterator[session.UpdateServer]:
     with session.UpdateServer(bed, work / "server") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def guest(bed: Testbed, work: Path) -> Iterator[session.Guest]:
+def guest(bed: build.Testbed, work: Path) -> Iterator[session.Guest]:
     with session.Guest(bed, work / "guest") as machine:
         yield machine
 
@@ -66,7 +65,7 @@ def _timed(name: str, started: float) -> None:
     TIMINGS[name] = round(time.monotonic() - started, 1)
 
 
-def _root_hash(bed: Testbed, version: str) -> str:
+def _root_hash(bed: build.Testbed, version: str) -> str:
     meta = json.loads(bed.core_meta(version).read_text())
     return str(meta["root_hash"])
 
@@ -84,7 +83,7 @@ def _entries(guest: session.Guest) -> list[str]:
 
 
 def test_1_boots_the_verified_core_under_secure_boot(
-    guest: session.Guest, bed: Testbed, server: session.UpdateServer
+    guest: session.Guest, bed: build.Testbed, server: session.UpdateServer
 ) -> None:
     started = time.monotonic()
     booted = guest.boot()
@@ -244,7 +243,7 @@ def test_6a_a_flipped_byte_in_the_inactive_core_stops_its_boot_at_verity(
 
 @pytest.mark.parametrize("name", ["unsigned.efi", "other-signed.efi"])
 def test_6b_the_firmware_refuses_a_uki_it_cannot_verify(
-    guest: session.Guest, server: session.UpdateServer, bed: Testbed, name: str
+    guest: session.Guest, server: session.UpdateServer, bed: build.Testbed, name: str
 ) -> None:
     started = time.monotonic()
     dist = server.webroot / "dist/rogue"
@@ -276,7 +275,7 @@ def test_6b_the_firmware_refuses_a_uki_it_cannot_verify(
 
 
 def test_7_a_power_cut_while_writing_core_leaves_the_old_version_booting(
-    bed: Testbed, work: Path, server: session.UpdateServer
+    bed: build.Testbed, work: Path, server: session.UpdateServer
 ) -> None:
     started = time.monotonic()
     with session.Guest(bed, work / "guest-power-cut") as second:

@@ -105,6 +105,7 @@ BEST_EFFORT_MODULES = (
     "nls_cp437",
     "nls_iso8859-1",
     "nls_utf8",
+    "efivarfs",  # a module in Debian: systemd mounts it, bootctl and the tests read it
     "nls_ascii",  # Debian's FAT_DEFAULT_IOCHARSET: the ESP does not mount without it
     "tpm_tis",
     "tpm_crb",
@@ -386,6 +387,7 @@ in_core /lib/systemd/systemd-udevd --daemon --resolve-names=never >"$LOG" 2>&1 |
 in_core udevadm trigger --type=all --action=add >/dev/null 2>&1
 in_core udevadm settle --timeout=30 >/dev/null 2>&1
 echo "rampart-install: installing ${lv#core_} on $install_target"
+umask 022
 in_core /usr/bin/rampart install --target "$install_target" --payload /run/payload $install_wipe
 rc=$?
 in_core udevadm control --exit >/dev/null 2>&1

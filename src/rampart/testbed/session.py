@@ -68,6 +68,28 @@ class UpdateServer:
             self.bed.efiboot(version),
             key,
         )
+        # The server's database is the truth about channels once it knows the OS:
+        # point its default channel at the new release, as an operator would.
+        listed = run.run(_rampart("channel", "list", "--webroot", str(self.webroot), "--json"))
+        channels = [c for c in json.loads(listed.stdout) if c.get("os") == OS_NAME]
+        channels.sort(key=lambda c: not c.get("is_default"))
+        verb = "set" if channels else "create"
+        extra = [] if channels else ["--default"]
+        name = str(channels[0]["name"]) if channels else "stable"
+        run.run(
+            _rampart(
+                "channel",
+                verb,
+                name,
+                "--webroot",
+                str(self.webroot),
+                "--os",
+                OS_NAME,
+                "--version",
+                version,
+                *extra,
+            )
+        )
 
     def start(self) -> None:
         with socket.socket() as probe:
