@@ -284,6 +284,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_boot_once(args: argparse.Namespace) -> int:
+    from rampart.client import bootonce
+    from rampart.client.esp import Esp
+
+    config, _identity = _device_parts(args)
+    version = parse_version(args.target_version)
+    chosen = bootonce.boot_once(Esp(config.esp_directory, config.os_name), version)
+    if args.json:
+        _emit_json({"version": version.core, "entry": chosen})
+    else:
+        print(f"{chosen}: boots once at the next boot; the default entry is unchanged")
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from rampart import installer
     from rampart.client.config import parse_size
@@ -612,6 +626,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_device_options(p, remote=False)
     p.set_defaults(func=cmd_mark_good)
+
+    p = verb(
+        "boot-once",
+        "boot another installed version at the next boot only (manual rollback)",
+        "Set systemd-boot's one-shot entry (the LoaderEntryOneShot EFI variable) to the "
+        "boot entry of VERSION: the next boot runs it, the boot after that the default "
+        "again. Refuses a version without an entry or whose boot counter ran out.",
+    )
+    p.add_argument("target_version", metavar="VERSION")
+    _add_device_options(p, remote=False)
+    p.set_defaults(func=cmd_boot_once)
 
     p = verb(
         "install",
