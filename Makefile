@@ -15,7 +15,9 @@ DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk ch
 	busybox-static lvm2 kmod debootstrap e2fsprogs \
 	swtpm swtpm-tools qemu-utils
 
-.PHONY: setup demo test lint typecheck unit bench clean distclean
+# The virtual testbed: build (cached), install, boot 1.0.0 under Secure Boot, update to
+# 1.0.1 from rampart serve, reboot into it, show the fleet (docs/testbed.md).
+.PHONY: setup demo testbed test lint typecheck unit bench clean distclean
 
 setup: $(STAMP) .cache/kernel/vmlinuz
 
@@ -33,6 +35,10 @@ $(STAMP): pyproject.toml Makefile scripts/setup-debian.sh scripts/setup-users.sh
 
 demo: setup
 	sh scripts/demo.sh
+
+testbed: setup
+	rm -rf testbed-work
+	$(BIN)/rampart testbed demo --work testbed-work
 
 lint: setup
 	$(BIN)/ruff check src tests bench
@@ -53,7 +59,7 @@ bench: setup
 	$(BIN)/python bench/verity.py
 
 clean:
-	rm -rf build demo-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf build demo-work testbed-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 distclean: clean
 	rm -rf $(VENV) .cache
