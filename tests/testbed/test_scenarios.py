@@ -202,7 +202,7 @@ def test_5_a_flipped_byte_in_the_inactive_core_stops_its_boot_at_verity(
     guest.sh("rampart boot-once 1.0.1")
     guest.vm.mark()
     guest.vm.send("systemctl reboot\n")
-    line = guest.vm.expect(r"rampart: cannot open Core \S+ with dm-verity[^\n]*", 300)
+    line = guest.vm.expect(r"rampart: cannot open Core \S+ with dm-verity[^\n]*\n", 300)
     assert CORE.format("1.0.1") in line.group(0)
     assert "does not match the root hash" in line.group(0)
     booted = guest.wait_booted()  # panic=10: reboot, and the one-shot is spent

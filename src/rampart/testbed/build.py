@@ -364,7 +364,7 @@ def _install(bed: Testbed, work: Path) -> float:
     with vm:
         vm.start()
         try:
-            match = vm.expect(r"rampart-install: (done|failed[^\n]*)", INSTALL_TIMEOUT)
+            match = vm.expect(r"rampart-install: (done|failed[^\n]*)\n", INSTALL_TIMEOUT)
         except machine.ConsoleError as exc:  # the installer's initramfs stopped (or a timeout)
             shutil.copyfile(vm.console_log, log_copy)
             raise LocalError(f"the installer did not finish: {exc} (console: {log_copy})") from None
