@@ -1,0 +1,218 @@
+"""The TPM 2.0 side of trusted boot (issue 7, first part): seal a secret to PCR values,
+unseal it, and the monotonic NV counter that holds the lowest security epoch allowed
+to boot. Through tpm2-tools, which the initramfs uses too; the same calls work on the
+device (`device:/dev/tpmrm0`) and against swtpm on the host (`swtpm:host=H,port=P`).
+
+Layout in the TPM (CLIP OS: the sealed object itself lives on the ESP):
+
+    PRIMARY_HANDLE  0x81000001  an ECC P-256 storage primary key in the owner
+                                hierarchy, persisted (created once, by `ensure_primary`)
+    COUNTER_INDEX   0x01500016  an 8-byte NV counter (TPM_NT_COUNTER): owner read and
+                                write, no dictionary-attack lockout; it only counts up
+
+A sealed object is the pair `sealed.pub`/`sealed.priv` (tpm2_create's TPM2B files):
+a keyed-hash object holding the secret, `fixedtpm|fixedparent|noda`, no user
+authorisation, and the policy `PolicyPCR(sha256:<pcrs>)` computed from the PCR values
+at sealing time. It is useless on another TPM (it is wrapped by that TPM's primary
+key) and unsealable only while the PCRs hold the same values.
+
+Secrets pass through pipes (stdin of tpm2_create, stdout of tpm2_unseal) and are never
+written to disk or logged; session files go to a private temporary directory.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from rampart import run
+from rampart.errors import LocalError, UsageError
+
+PRIMARY_HANDLE = 0x81000001
+COUNTER_INDEX = 0x01500016
+DEFAULT_PCRS = (7,)
+MAX_SECRET = 128  # a keyed-hash object holds at most 128 bytes
+_TIMEOUT = 60.0
+_HEX_VALUE = re.compile(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*$", re.M)
+
+
+class TpmPolicyError(LocalError):
+    """The TPM refused to unseal: the PCRs differ from the sealing time."""
+
+
+def pcr_selection(pcrs: Sequence[int]) -> str:
+    if not pcrs or any(not 0 <= p <= 23 for p in pcrs) or len(set(pcrs)) != len(pcrs):
+        raise UsageError(f"PCR list {list(pcrs)}: give distinct PCR numbers from 0 to 23")
+    return "sha256:" + ",".join(str(p) for p in sorted(pcrs))
+
+
+class Tpm:
+    """One TPM, reached through the TCTI `tcti` (None: tpm2-tools' default, /dev/tpmrm0)."""
+
+    def __init__(self, tcti: str | None = None) -> None:
+        self.env = {} if tcti is None else {"TPM2TOOLS_TCTI": tcti}
+
+    def _tool(self, *argv: str, input: bytes | None = None, check: bool = True) -> run.Completed:
+        return run.run(argv, input=input, env=self.env, check=check, timeout=_TIMEOUT)
+
+    def _flush_transient(self) -> None:
+        self._tool("tpm2_flushcontext", "--transient-object")
+
+    # --- PCRs -----------------------------------------------------------------------
+
+    def pcr_values(self, pcrs: Sequence[int] = DEFAULT_PCRS) -> dict[int, bytes]:
+        out = self._tool("tpm2_pcrread", pcr_selection(pcrs)).stdout.decode()
+        values = {int(m[1]): bytes.fromhex(m[2]) for m in _HEX_VALUE.finditer(out)}
+        if set(values) != set(pcrs):
+            raise LocalError(f"tpm2_pcrread: unexpected output for PCRs {list(pcrs)}")
+        return values
+
+    # --- the primary key --------------------------------------------------------------
+
+    def persistent_handles(self) -> set[int]:
+        out = self._tool("tpm2_getcap", "handles-persistent").stdout.decode()
+        return {int(h, 16) for h in re.findall(r"0x[0-9A-Fa-f]+", out)}
+
+    def ensure_primary(self) -> None:
+        """Create and persist the storage primary key unless it is there."""
+        if PRIMARY_HANDLE in self.persistent_handles():
+            return
+        with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
+            ctx = f"{tmp}/primary.ctx"
+            self._tool(
+                "tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256", "-G", "ecc", "-c", ctx
+            )
+            self._tool("tpm2_evictcontrol", "-Q", "-C", "o", "-c", ctx, hex(PRIMARY_HANDLE))
+        self._flush_transient()
+
+    # --- sealing ----------------------------------------------------------------------
+
+    def seal(
+        self, secret: bytes, pub: Path, priv: Path, pcrs: Sequence[int] = DEFAULT_PCRS
+    ) -> None:
+        """Seal `secret` to the current values of `pcrs`; write the object to pub/priv."""
+        if not 1 <= len(secret) <= MAX_SECRET:
+            raise UsageError(f"a sealed secret holds 1 to {MAX_SECRET} bytes")
+        selection = pcr_selection(pcrs)
+        self.ensure_primary()
+        with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
+            session, policy = f"{tmp}/session.ctx", f"{tmp}/pcr.policy"
+            self._tool("tpm2_startauthsession", "-S", session)
+            try:
+                self._tool("tpm2_policypcr", "-Q", "-S", session, "-l", selection, "-L", policy)
+            finally:
+                self._tool("tpm2_flushcontext", session, check=False)
+            tmp_pub, tmp_priv = f"{tmp}/sealed.pub", f"{tmp}/sealed.priv"
+            self._tool(
+                "tpm2_create",
+                "-Q",
+                "-C",
+                hex(PRIMARY_HANDLE),
+                "-L",
+                policy,
+                "-a",
+                "fixedtpm|fixedparent|noda",
+                "-i",
+                "-",
+                "-u",
+                tmp_pub,
+                "-r",
+                tmp_priv,
+                input=secret,
+            )
+            self._flush_transient()
+            for src, dst in ((tmp_pub, pub), (tmp_priv, priv)):
+                data = Path(src).read_bytes()
+                tmp_dst = dst.with_name(f".{dst.name}.tmp")
+                tmp_dst.write_bytes(data)
+                tmp_dst.chmod(0o600)
+                tmp_dst.replace(dst)
+
+    def unseal(self, pub: Path, priv: Path, pcrs: Sequence[int] = DEFAULT_PCRS) -> bytes:
+        """The sealed secret; TpmPolicyError when the PCRs differ from the sealing time,
+        LocalError when the object does not belong to this TPM."""
+        selection = pcr_selection(pcrs)
+        for path in (pub, priv):
+            if not path.is_file():
+                raise LocalError(f"{path}: sealed object not found")
+        with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
+            obj, session = f"{tmp}/sealed.ctx", f"{tmp}/session.ctx"
+            loaded = self._tool(
+                "tpm2_load",
+                "-Q",
+                "-C",
+                hex(PRIMARY_HANDLE),
+                "-u",
+                str(pub),
+                "-r",
+                str(priv),
+                "-c",
+                obj,
+                check=False,
+            )
+            if loaded.returncode != 0:
+                self._tool("tpm2_flushcontext", "--transient-object", check=False)
+                raise LocalError(
+                    f"{priv}: this TPM cannot load the sealed object (sealed by another TPM, "
+                    "or its primary key was replaced)"
+                )
+            try:
+                self._tool("tpm2_startauthsession", "--policy-session", "-S", session)
+                try:
+                    self._tool("tpm2_policypcr", "-Q", "-S", session, "-l", selection)
+                    done = self._tool(
+                        "tpm2_unseal", "-c", obj, "-p", f"session:{session}", check=False
+                    )
+                finally:
+                    self._tool("tpm2_flushcontext", session, check=False)
+            finally:
+                self._tool("tpm2_flushcontext", "--transient-object", check=False)
+        if done.returncode != 0:
+            raise TpmPolicyError(
+                f"the TPM refuses to unseal {priv.name}: PCR {selection} differs from when it "
+                "was sealed (Secure Boot disabled or its keys changed)"
+            )
+        return done.stdout
+
+    # --- the rollback counter ------------------------------------------------------------
+
+    def counter(self) -> int | None:
+        """The NV counter's value, or None before it is defined or first incremented."""
+        done = self._tool("tpm2_nvread", "-C", "o", "-s", "8", hex(COUNTER_INDEX), check=False)
+        if done.returncode != 0 or len(done.stdout) != 8:
+            return None
+        return int.from_bytes(done.stdout, "big")
+
+    def define_counter(self) -> None:
+        listed = self._tool("tpm2_getcap", "handles-nv-index").stdout.decode()
+        if int(COUNTER_INDEX) in {int(h, 16) for h in re.findall(r"0x[0-9A-Fa-f]+", listed)}:
+            return
+        self._tool(
+            "tpm2_nvdefine",
+            "-Q",
+            hex(COUNTER_INDEX),
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-a",
+            "ownerread|ownerwrite|nt=counter|no_da",
+        )
+
+    def advance_counter(self, epoch: int) -> int:
+        """Raise the counter to at least `epoch` (never lowers it); the new value.
+
+        A TPM counter starts at the highest value any counter of that TPM ever had,
+        so it may already be above `epoch`."""
+        if epoch < 0:
+            raise UsageError(f"epoch {epoch}: must not be negative")
+        self.define_counter()
+        value = self.counter()
+        while value is None or value < epoch:
+            self._tool("tpm2_nvincrement", "-Q", "-C", "o", hex(COUNTER_INDEX))
+            value = self.counter()
+            if value is None:
+                raise LocalError("the TPM NV counter cannot be read after an increment")
+        return value
