@@ -557,3 +557,22 @@ def test_cli_refuses_a_non_bzimage_with_one_line(tmp_path: Path, initrd: Path) -
     assert code == 10
     assert stderr.strip().count("\n") == 0
     assert "not an x86 bzImage" in stderr
+
+
+def test_the_security_epoch_is_pinned_on_the_command_line() -> None:
+    line = cmdline(epoch=2)
+    params = uki.cmdline_params(line)
+    assert params["rampart.epoch"] == "2"
+    assert line.index("rampart.epoch=2") < line.index("slab_nomerge")  # before the extras
+    assert "rampart.epoch" not in uki.cmdline_params(cmdline())
+
+
+@pytest.mark.parametrize("epoch", [-1, 1 << 63])
+def test_an_epoch_out_of_range_is_refused(epoch: int) -> None:
+    with pytest.raises(UsageError, match="epoch"):
+        cmdline(epoch=epoch)
+
+
+def test_an_extra_parameter_cannot_set_the_epoch() -> None:
+    with pytest.raises(UsageError):
+        cmdline(extra=["rampart.epoch=99"])

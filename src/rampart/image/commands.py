@@ -99,6 +99,7 @@ def _build_efiboot(
     initrd: Path,
     extra: list[str],
     lockdown: str | None = "confidentiality",
+    epoch: int | None = None,
     uname: str | None = None,
     stub: Path = uki.STUB,
     sign_key: Path | None = None,
@@ -116,6 +117,7 @@ def _build_efiboot(
         fec_roots=meta["fec_roots"],
         extra=extra,
         lockdown=lockdown,
+        epoch=epoch,
     )
     return uki.build(
         out,
@@ -151,6 +153,7 @@ def cmd_build_efiboot(args: argparse.Namespace) -> int:
         initrd=args.initrd,
         extra=args.extra_cmdline,
         lockdown=None if args.lockdown == "none" else args.lockdown,
+        epoch=args.epoch,
         uname=args.uname,
         stub=args.stub,
         sign_key=args.sign_key,
@@ -298,6 +301,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         kernel=args.kernel,
         initrd=args.initrd,
         extra=args.extra_cmdline,
+        epoch=args.epoch,
         uname=args.uname,
         sign_key=args.sign_key,
         sign_cert=args.sign_cert,
@@ -399,6 +403,14 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         "--uname",
         metavar="RELEASE",
         help="kernel release for .uname when the bzImage header has none",
+    )
+    p.add_argument(
+        "--epoch",
+        type=int,
+        metavar="N",
+        help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
+        "counter is above N refuses to boot or install this version (offline rollback "
+        "protection)",
     )
     p.add_argument(
         "--stub",
@@ -574,6 +586,14 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         "--uname",
         metavar="RELEASE",
         help="kernel release for .uname when the bzImage does not carry it",
+    )
+    p.add_argument(
+        "--epoch",
+        type=int,
+        metavar="N",
+        help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
+        "counter is above N refuses to boot or install this version (offline rollback "
+        "protection)",
     )
     p.add_argument("--fec", action="store_true")
     p.add_argument("--channel", metavar="C")

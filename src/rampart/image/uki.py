@@ -53,6 +53,7 @@ SBAT_COMPONENT = "rampart,1,Rampart,rampart,{version},urn:rampart:uki"
 
 # x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h) is 2048, NUL included.
 MAX_CMDLINE = 2047
+MAX_EPOCH = (1 << 63) - 1  # the TPM NV counter is 64 bits
 
 # Kernel hardening parameters; `kernel_cmdline`'s docstring says why each is there.
 HARDENING = (
@@ -146,6 +147,12 @@ class Uki:
         return params.get("rampart.verity.roothash") or params.get("rd.verity.roothash")
 
     @property
+    def epoch(self) -> int | None:
+        """The security epoch the command line carries (rampart.epoch), if any."""
+        value = cmdline_params(self.cmdline).get("rampart.epoch")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
     def signed(self) -> bool:
         return bool(self.signers)
 
@@ -157,6 +164,7 @@ class Uki:
             "cmdline": self.cmdline,
             "uname": self.uname,
             "root_hash": self.root_hash,
+            "epoch": self.epoch,
             "signed": self.signed,
             "signers": list(self.signers),
             "sections": [s.to_json() for s in self.sections],
@@ -178,6 +186,7 @@ def kernel_cmdline(
     fec_roots: int | None = None,
     extra: Sequence[str] = (),
     lockdown: str | None = "confidentiality",
+    epoch: int | None = None,
 ) -> str:
     """The command line that boots Core `core_<version>` of volume group `vg`.
 
@@ -188,9 +197,11 @@ def kernel_cmdline(
         rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
         [rampart.verity.salt=<hex>] rampart.verity.hashoffset=<bytes>
         rampart.verity.datablocks=<n> [rampart.verity.fecoffset=<bytes>
-        rampart.verity.fecroots=<n>]
+        rampart.verity.fecroots=<n>] [rampart.epoch=<n>]
 
-    then HARDENING, `lockdown=<lockdown>` unless None, and `extra` last. An
+    `rampart.epoch` is the release's security epoch (offline rollback
+    protection: a version whose epoch is below the TPM's counter must not boot).
+    Then HARDENING, `lockdown=<lockdown>` unless None, and `extra` last. An
     extra parameter may not redefine root, the verity parameters, ro/rw, init
     or lockdown: the UKI's signature must pin what it boots. UsageError on any
     invalid value or a line longer than the kernel accepts (2047 bytes).
@@ -251,6 +262,8 @@ def kernel_cmdline(
         raise UsageError(f"FEC offset {fec_offset} is not a non-negative multiple of 512")
     if fec_roots is not None and not 2 <= fec_roots <= 24:
         raise UsageError(f"FEC roots {fec_roots} is outside 2..24")
+    if epoch is not None and not 0 <= epoch <= MAX_EPOCH:
+        raise UsageError(f"epoch {epoch} is outside 0..{MAX_EPOCH}")
     if lockdown is not None and lockdown not in LOCKDOWN_LEVELS:
         raise UsageError(f"lockdown {lockdown!r} is not one of {', '.join(LOCKDOWN_LEVELS)}")
     name = f"core_{version}"
@@ -270,6 +283,8 @@ def kernel_cmdline(
     ]
     if fec_offset is not None:
         params += [f"rampart.verity.fecoffset={fec_offset}", f"rampart.verity.fecroots={fec_roots}"]
+    if epoch is not None:
+        params.append(f"rampart.epoch={epoch}")
     params += HARDENING
     if lockdown is not None:
         params.append(f"lockdown={lockdown}")

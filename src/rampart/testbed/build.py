@@ -61,6 +61,8 @@ OS_NAME = rootfs.DEFAULT_OS_NAME
 VERSIONS = ("1.0.0", "1.0.1", "1.0.2", "1.0.3")
 INSTALLED = "1.0.0"
 BROKEN = "1.0.3"  # its health check fails: boot counting falls back
+# The security epoch of each release (rampart.epoch on its signed command line).
+EPOCHS = {"1.0.0": 0, "1.0.1": 1, "1.0.2": 2, "1.0.3": 3}
 ROGUE = "0.0.1"  # the version of the refused UKIs: never a default boot entry
 SERVER_PORT = 47443  # rampart serve listens here on the host's loopback
 # console: the driver's channel; panic=10: a failed initramfs reboots, so that
@@ -155,6 +157,7 @@ def cache_key(checkout: Path, base: Path, kernel_deb: Path) -> str:
         "broken": BROKEN,
         "installed": INSTALLED,
         "cmdline": list(EXTRA_CMDLINE),
+        "epochs": EPOCHS,
         "port": SERVER_PORT,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -272,6 +275,7 @@ def _build_release(
         kernel=kernel,
         initrd=bed.directory / "initramfs.img",
         extra=list(EXTRA_CMDLINE),
+        epoch=EPOCHS[version],
         sign_key=bed.keys / "db.key",
         sign_cert=bed.keys / "db.crt",
     )
@@ -445,6 +449,7 @@ def build(
             "versions": list(VERSIONS),
             "installed": INSTALLED,
             "broken": BROKEN,
+            "epochs": EPOCHS,
             "port": SERVER_PORT,
             "update_host": rootfs.UPDATE_HOST,
             "timings": clock.timings,
