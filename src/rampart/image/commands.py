@@ -334,6 +334,17 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_epoch(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--epoch",
+        type=int,
+        metavar="N",
+        help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
+        "counter is above N refuses to boot or install this version (offline rollback "
+        "protection)",
+    )
+
+
 def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
     """Register `build`, `inspect` and `keys` and their image leaves.
 
@@ -404,14 +415,7 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         metavar="RELEASE",
         help="kernel release for .uname when the bzImage header has none",
     )
-    p.add_argument(
-        "--epoch",
-        type=int,
-        metavar="N",
-        help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
-        "counter is above N refuses to boot or install this version (offline rollback "
-        "protection)",
-    )
+    _add_epoch(p)
     p.add_argument(
         "--stub",
         type=Path,
@@ -587,14 +591,7 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         metavar="RELEASE",
         help="kernel release for .uname when the bzImage does not carry it",
     )
-    p.add_argument(
-        "--epoch",
-        type=int,
-        metavar="N",
-        help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
-        "counter is above N refuses to boot or install this version (offline rollback "
-        "protection)",
-    )
+    _add_epoch(p)
     p.add_argument("--fec", action="store_true")
     p.add_argument("--channel", metavar="C")
     p.add_argument("--force", action="store_true")
