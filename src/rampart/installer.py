@@ -52,7 +52,7 @@ from typing import Any
 from rampart import run
 from rampart.client import config as device_config
 from rampart.client.esp import Esp
-from rampart.client.slots import LvmBackend, Slot, slot_name
+from rampart.client.slots import LvmBackend, Slot, mounted_sources, slot_name
 from rampart.client.update import core_root_hash, write_core
 from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
@@ -154,20 +154,6 @@ def existing_signature(head: bytes) -> str | None:
     return None
 
 
-def _mounted_devices() -> set[str]:
-    found: set[str] = set()
-    try:
-        text = Path("/proc/self/mountinfo").read_text(errors="replace")
-    except OSError:
-        return found
-    for line in text.splitlines():
-        _, sep, rest = line.partition(" - ")
-        fields = rest.split()
-        if sep and len(fields) >= 2:
-            found.add(fields[1])
-    return found
-
-
 def check_target(target: Path, wipe: bool) -> None:
     """Refuse anything but a whole, unused disk; a used one only with `wipe`."""
     try:
@@ -182,10 +168,9 @@ def check_target(target: Path, wipe: bool) -> None:
     holders = sorted(p.name for p in (sys_dir / "holders").glob("*"))
     if holders:
         raise ConflictError(f"{target}: in use by {', '.join(holders)}")
-    mounted = _mounted_devices()
-    real = os.path.realpath(target)
+    mounted = mounted_sources()
     for path in [target, *sorted(target.parent.glob(target.name + "*"))]:
-        if str(path) in mounted or os.path.realpath(path) in mounted or real in mounted:
+        if str(path) in mounted or os.path.realpath(path) in mounted:
             raise ConflictError(f"{target}: {path} is mounted")
     with target.open("rb") as handle:
         head = handle.read(64 << 10)

@@ -96,7 +96,8 @@ def load_meta(path: Path) -> CoreMeta:
     return meta
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, hex, read in large unbuffered chunks."""
     digest = hashlib.sha256()
     with path.open("rb", buffering=0) as handle:
         while chunk := handle.read(verity.READ):
@@ -150,7 +151,7 @@ def build_core(rootfs: Path, version: Version, out_dir: Path, fec: bool = False)
             with tmp_image.open("r+b") as handle:
                 handle.truncate(data_size)
         # Salt and UUID derived from the content: the same tree, the same bundle.
-        content = _sha256(tmp_image)
+        content = file_sha256(tmp_image)
         salt = hashlib.sha256(b"rampart verity salt\0" + bytes.fromhex(content)).digest()
         volume = str(
             uuid_mod.UUID(
@@ -169,7 +170,7 @@ def build_core(rootfs: Path, version: Version, out_dir: Path, fec: bool = False)
             fec_offset=fec_offset,
             fec_roots=FEC_ROOTS if fec else None,
             bundle_size=tmp_image.stat().st_size,
-            bundle_sha256=_sha256(tmp_image),
+            bundle_sha256=file_sha256(tmp_image),
         )
         tmp_meta.write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
         for tmp in (tmp_image, tmp_meta):

@@ -125,21 +125,13 @@ class Testbed:
         return doc
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tree_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
         if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo") or not path.is_file():
             continue
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(_file_digest(path).encode())
+        digest.update(core.file_sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -150,9 +142,9 @@ def cache_key(checkout: Path, base: Path, kernel_deb: Path) -> str:
         "base": base.name,
         "kernel_deb": kernel_deb.name,
         "kernel_size": kernel_deb.stat().st_size,
-        "systemd_boot": _file_digest(secureboot.SYSTEMD_BOOT),
-        "stub": _file_digest(uki.STUB),
-        "ovmf_vars": _file_digest(secureboot.OVMF_VARS_TEMPLATE),
+        "systemd_boot": core.file_sha256(secureboot.SYSTEMD_BOOT),
+        "stub": core.file_sha256(uki.STUB),
+        "ovmf_vars": core.file_sha256(secureboot.OVMF_VARS_TEMPLATE),
         "versions": list(VERSIONS),
         "broken": BROKEN,
         "installed": INSTALLED,
