@@ -38,6 +38,19 @@ _TIMEOUT = 60.0
 _HEX_VALUE = re.compile(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*$", re.M)
 
 
+# Where the sealed state key lives, relative to the ESP's root (CLIP OS kept it on
+# the ESP too): the TPM2B public and private parts, and the PCR selection it was
+# sealed to ("sha256:7"), which the initramfs passes to tpm2_policypcr.
+SEALED_DIR = "rampart/tpm"
+SEALED_PUB = "state.pub"
+SEALED_PRIV = "state.priv"
+SEALED_PCRS = "state.pcrs"
+# The LUKS2 keyslots of core_state: the TPM-sealed key, and the recovery passphrase.
+TPM_KEYSLOT = 0
+RECOVERY_KEYSLOT = 1
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+
+
 class TpmPolicyError(LocalError):
     """The TPM refused to unseal: the PCRs differ from the sealing time."""
 
@@ -46,6 +59,24 @@ def pcr_selection(pcrs: Sequence[int]) -> str:
     if not pcrs or any(not 0 <= p <= 23 for p in pcrs) or len(set(pcrs)) != len(pcrs):
         raise UsageError(f"PCR list {list(pcrs)}: give distinct PCR numbers from 0 to 23")
     return "sha256:" + ",".join(str(p) for p in sorted(pcrs))
+
+
+def present(tcti: str) -> bool:
+    """False only for a `device:` TCTI whose device node does not exist (no TPM)."""
+    kind, _, where = tcti.partition(":")
+    if kind != "device":
+        return True
+    return Path(where or "/dev/tpmrm0").exists()
+
+
+def device_tpm(tcti: str = DEFAULT_TCTI, *, required: bool = False) -> Tpm | None:
+    """The machine's TPM as configured ([tpm] tcti), or None when it has none and
+    `required` is false; LocalError when it has none and `required` is true."""
+    if present(tcti):
+        return Tpm(tcti)
+    if required:
+        raise LocalError(f"{tcti.partition(':')[2]}: no TPM on this machine, and [tpm] required")
+    return None
 
 
 class Tpm:

@@ -79,6 +79,10 @@ class DeviceConfig:
     # [update]
     reboot: bool
     report: bool
+    # [tpm]
+    tpm_tcti: str = "device:/dev/tpmrm0"  # how tpm2-tools reach the TPM
+    tpm_pcrs: tuple[int, ...] = (7,)  # what the state key is sealed to
+    tpm_required: bool = False  # True: a machine without a TPM is an error
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
     efiboot = _table(doc, "efiboot", where)
     download = _table(doc, "download", where)
     update = _table(doc, "update", where)
+    tpm = _table(doc, "tpm", where)
     backend_name = _get(core, "backend", str, f"{where} [core]", "lvm")
     try:
         backend = Backend(backend_name)
@@ -176,9 +181,22 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
         fetch_user=fetch_user or None,
         reboot=_get(update, "reboot", bool, f"{where} [update]", False),
         report=_get(update, "report", bool, f"{where} [update]", True),
+        tpm_tcti=_get(tpm, "tcti", str, f"{where} [tpm]", "device:/dev/tpmrm0"),
+        tpm_pcrs=_tpm_pcrs(_get(tpm, "pcrs", list, f"{where} [tpm]", [7]), where),
+        tpm_required=_get(tpm, "required", bool, f"{where} [tpm]", False),
     )
     _check_ranges(config, where)
     return config
+
+
+def _tpm_pcrs(value: list[Any], where: str) -> tuple[int, ...]:
+    if (
+        not value
+        or any(isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 23 for p in value)
+        or len(set(value)) != len(value)
+    ):
+        raise FormatError(f"{where}: [tpm] pcrs must list distinct PCR numbers from 0 to 23")
+    return tuple(sorted(value))
 
 
 def _check_ranges(config: DeviceConfig, where: str) -> None:
