@@ -21,16 +21,26 @@ What it does, in order; every step is checked before the next:
 
 1. refuse a target that is not a whole, unmounted disk, or that holds a
    partition table or an LVM label (unless `--wipe`), or a volume group of the
-   same name that already exists;
+   same name that already exists; unless `--no-tpm`, refuse a machine without
+   a TPM, a boot without Secure Boot (the key would be sealed to a PCR 7 the
+   installed system never has), and a TPM whose rollback counter is above the
+   epoch of the version being installed (it would never boot);
 2. GPT: partition 1 the ESP (PARTLABEL `esp`, FAT32), partition 2 LVM
    (PARTLABEL `rampart-lvm`);
 3. the volume group, `core_<V>` (the device's [core] size) and `core_state`;
 4. write Core into `core_<V>`, fsync, and verify the LV with dm-verity's tree
    against the root hash on the signed EFI binary's command line;
-5. `core_state`: ext4 holding etc/rampart (the remote configuration),
-   etc/machine-id (a new random ID) and var/;
-6. the ESP: FAT32 with the skeleton and the EFI binary as
-   EFI/Linux/<os>-<V>.efi (no boot counter: there is nothing to fall back to).
+5. `core_state`: LUKS2 with integrity (rampart.state: keyslot 0 a random
+   key, keyslot 1 a new recovery passphrase), and inside it ext4 holding
+   etc/rampart (the remote configuration), etc/machine-id (a new random ID)
+   and var/;
+6. the ESP: FAT32 with the skeleton, the state key sealed to the TPM under
+   the configured PCRs (rampart/tpm/state.pub, state.priv, state.pcrs) and
+   the EFI binary as EFI/Linux/<os>-<V>.efi (no boot counter: there is
+   nothing to fall back to).
+
+The recovery passphrase is returned to the caller, which shows it once; it is
+never logged or written anywhere.
 
 The ESP is filled last: until it holds a boot entry, the disk does not boot.
 """
@@ -45,17 +55,19 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rampart import run
+from rampart import run, state, tpm
 from rampart.client import config as device_config
 from rampart.client.esp import Esp
 from rampart.client.slots import LvmBackend, Slot, mounted_sources, slot_name
 from rampart.client.update import core_root_hash, write_core
 from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
+from rampart.image import pe, uki
 from rampart.version import Version
 
 log = logging.getLogger(__name__)
@@ -65,6 +77,7 @@ LVM_TYPE = "E6D6D379-F507-44C2-A23C-238F2A3DF928"
 ESP_PARTLABEL = "esp"
 LVM_PARTLABEL = "rampart-lvm"
 STATE_LV = "core_state"
+INSTALL_MAPPER = "rampart-install-state"
 DEFAULT_ESP_SIZE = 256 << 20
 DEFAULT_STATE_SIZE = 512 << 20
 MIN_ESP_SIZE = 64 << 20  # FAT32 needs 65525 clusters; 64 MiB leaves room for two UKIs
@@ -93,6 +106,8 @@ class Installed:
     lvm_partition: Path
     machine_id: str
     root_hash: str
+    recovery_passphrase: str  # shown once to the operator; never logged
+    sealed_to: str | None  # the PCR selection the state key is sealed to; None: no TPM
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +120,8 @@ class Installed:
             "lvm_partition": str(self.lvm_partition),
             "machine_id": self.machine_id,
             "root_hash": self.root_hash,
+            "recovery_passphrase": self.recovery_passphrase,
+            "sealed_to": self.sealed_to,
         }
 
 
@@ -211,6 +228,7 @@ def _partition(target: Path, esp_size: int) -> tuple[Path, Path]:
 
 
 def _write_state(device: Path, remote: Path, machine_id: str) -> None:
+    """ext4 on the opened state volume, holding etc/rampart, etc/machine-id and var/."""
     run.run(["mkfs.ext4", "-q", "-F", "-L", "state", str(device)], timeout=300)
     with tempfile.TemporaryDirectory(prefix="rampart-install-state-") as tmp:
         mount_point = Path(tmp)
@@ -233,8 +251,27 @@ def _write_state(device: Path, remote: Path, machine_id: str) -> None:
             run.run(["umount", str(mount_point)])
 
 
+def _encrypt_state(
+    volume: Path, remote: Path, machine_id: str, key: bytes, passphrase: str
+) -> None:
+    """LUKS2 with integrity on `volume` (keyslot 0 `key`, keyslot 1 `passphrase`),
+    then the state file system inside it."""
+    state.format_volume(volume, key, passphrase)
+    opened = state.activate(volume, key, INSTALL_MAPPER)
+    try:
+        _write_state(opened, remote, machine_id)
+    finally:
+        state.deactivate(INSTALL_MAPPER)
+
+
 def _write_esp(
-    device: Path, skeleton: Path, efiboot: Path, os_name: str, version: Version, esp_dir: str
+    device: Path,
+    skeleton: Path,
+    efiboot: Path,
+    os_name: str,
+    version: Version,
+    esp_dir: str,
+    seal: Callable[[Path], None] | None,
 ) -> None:
     run.run(["mkfs.vfat", "-F", "32", "-n", "ESP", str(device)], timeout=300)
     with tempfile.TemporaryDirectory(prefix="rampart-install-esp-") as tmp:
@@ -244,12 +281,20 @@ def _write_esp(
             shutil.copytree(skeleton, mount_point, dirs_exist_ok=True, copy_function=shutil.copy)
             entries = mount_point / esp_dir
             entries.mkdir(parents=True, exist_ok=True)
+            if seal is not None:
+                seal(mount_point)
             Esp(entries, os_name).install(efiboot, version, 0)
             for directory in sorted(p for p in mount_point.rglob("*") if p.is_dir()):
                 fsync_dir(directory)
             os.sync()
         finally:
             run.run(["umount", str(mount_point)])
+
+
+def esp_root(esp_directory: Path) -> Path:
+    """The ESP's mount point, from the device's ESP directory (/efi/EFI/Linux -> /efi)."""
+    rel = _esp_relative(esp_directory)
+    return Path(*esp_directory.parts[: len(esp_directory.parts) - len(Path(rel).parts)])
 
 
 def _esp_relative(esp_directory: Path) -> str:
@@ -270,6 +315,8 @@ def install(
     esp_size: int = DEFAULT_ESP_SIZE,
     state_size: int = DEFAULT_STATE_SIZE,
     wipe: bool = False,
+    no_tpm: bool = False,
+    efivars: Path = tpm.EFIVARS,
 ) -> Installed:
     """Install the running Core's version on `target` (see the module docstring)."""
     config = device_config.load_device_config(config_dir)
@@ -291,6 +338,7 @@ def install(
             "a Rampart device boots only a verified Core"
         )
     core_size = max(config.core_size, payload.core.stat().st_size)
+    machine_tpm = None if no_tpm else _check_tpm(config, payload.efiboot, efivars)
     check_target(target, wipe)
     vg = config.core_destination
     vgs = run.run(["lvm", "vgs", "--noheadings", "-o", "vg_name"], check=False).stdout.decode()
@@ -315,10 +363,23 @@ def install(
     log.info("install: writing Core %s into %s", version.core, core_slot.path)
     write_core(payload.core, core_slot, b"", lambda _: None, root)
     machine_id = secrets.token_hex(16)
-    log.info("install: state partition %s", state_slot.path)
-    _write_state(state_slot.path, payload.remote, machine_id)
+    key, passphrase = state.new_key(), state.new_recovery_passphrase()
+    log.info(
+        "install: state partition %s (LUKS2, %s with %s)",
+        state_slot.path,
+        state.CIPHER,
+        state.INTEGRITY,
+    )
+    _encrypt_state(state_slot.path, payload.remote, machine_id, key, passphrase)
+    seal = None
+    if machine_tpm is not None:
+        log.info("install: sealing the state key to PCR %s", tpm.pcr_selection(config.tpm_pcrs))
+
+        def seal(esp_root: Path) -> None:
+            state.seal_to_esp(machine_tpm, key, esp_root, config.tpm_pcrs)
+
     log.info("install: ESP %s", esp_part)
-    _write_esp(esp_part, payload.esp, payload.efiboot, config.os_name, version, esp_rel)
+    _write_esp(esp_part, payload.esp, payload.efiboot, config.os_name, version, esp_rel, seal)
     os.sync()
     return Installed(
         target=target,
@@ -330,7 +391,52 @@ def install(
         lvm_partition=lvm_part,
         machine_id=machine_id,
         root_hash=root.root_hash,
+        recovery_passphrase=passphrase,
+        sealed_to=None if machine_tpm is None else tpm.pcr_selection(config.tpm_pcrs),
     )
+
+
+def payload_epoch(efiboot: Path) -> int:
+    """The security epoch on the EFI binary's command line (0 without one)."""
+    line = pe.cmdline(efiboot.read_bytes(), str(efiboot)) or ""
+    value = uki.cmdline_params(line).get("rampart.epoch", "0")
+    if not value.isdigit():
+        raise FormatError(f"{efiboot}: rampart.epoch={value[:20]} is not a number")
+    return int(value)
+
+
+def _mount_efivars(efivars: Path) -> None:
+    """efivarfs, if this EFI machine has not mounted it (the installer's /sys)."""
+    if efivars.is_dir() and not any(efivars.iterdir()):
+        run.run(["mount", "-t", "efivarfs", "efivarfs", str(efivars)], check=False)
+
+
+def _check_tpm(config: device_config.DeviceConfig, efiboot: Path, efivars: Path) -> tpm.Tpm:
+    """The TPM the state key is sealed with, checked before the disk is touched:
+    present, Secure Boot on (else PCR 7 would hold values the installed system
+    never has), and a rollback counter that lets the installed version boot."""
+    machine_tpm = tpm.device_tpm(config.tpm_tcti)
+    if machine_tpm is None:
+        raise LocalError(
+            f"no TPM ({config.tpm_tcti}): the state key cannot be sealed; pass --no-tpm to "
+            "install a state partition that only the recovery passphrase opens"
+        )
+    _mount_efivars(efivars)
+    if 7 in config.tpm_pcrs and not tpm.secure_boot_enabled(efivars):
+        raise LocalError(
+            "Secure Boot is not enabled in this boot: the state key would be sealed to "
+            "PCR 7 values the installed system never has; boot the installer with "
+            "Secure Boot (or pass --no-tpm)"
+        )
+    epoch = payload_epoch(efiboot)
+    counter = machine_tpm.counter() or 0
+    if counter > epoch:
+        raise ConflictError(
+            f"this TPM's rollback counter is {counter}, above the security epoch {epoch} of "
+            f"{efiboot.name}: the installed system would refuse to boot; install a newer "
+            "release (or clear the TPM)"
+        )
+    return machine_tpm
 
 
 def emit(result: Installed) -> str:

@@ -16,7 +16,7 @@ import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +53,13 @@ def run(
     check: bool = True,
     timeout: float | None = None,
     inherit_stderr: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> Completed:
     """Run `argv`; raise LocalError if it cannot start, times out, or fails while `check`.
 
     With `inherit_stderr`, the command writes to our stderr (progress bars) and
-    `Completed.stderr` is empty.
+    `Completed.stderr` is empty. `pass_fds` stay open in the command, under the
+    same numbers (a `secret_file`).
     """
     full_env = _environment(env)
     log.debug("+ %s", shlex.join(argv))
@@ -71,6 +73,7 @@ def run(
             env=full_env,
             timeout=timeout,
             check=False,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as exc:
         raise LocalError(f"{argv[0]}: command not found (run `make setup`)") from exc
@@ -82,6 +85,22 @@ def run(
         last = lines[-1].strip() if lines else "no error output"
         raise LocalError(f"{argv[0]} failed with exit code {proc.returncode}: {last}")
     return done
+
+
+@contextlib.contextmanager
+def secret_file(data: bytes) -> Iterator[tuple[int, str]]:
+    """A secret as a file only in memory (memfd, never on disk), for a command that
+    reads a second secret from a path: yields (fd, "/dev/fd/<fd>") to pass to `run`
+    with `pass_fds=(fd,)`. Closed, and so gone, on exit."""
+    fd = os.memfd_create("rampart-secret", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield fd, f"/dev/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 class Process:

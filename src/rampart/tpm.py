@@ -61,6 +61,22 @@ def pcr_selection(pcrs: Sequence[int]) -> str:
     return "sha256:" + ",".join(str(p) for p in sorted(pcrs))
 
 
+EFIVARS = Path("/sys/firmware/efi/efivars")
+EFI_GLOBAL_GUID = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
+
+
+def secure_boot_enabled(efivars: Path = EFIVARS) -> bool:
+    """True if the firmware says Secure Boot is on (the SecureBoot variable is 1)."""
+    path = efivars / f"SecureBoot-{EFI_GLOBAL_GUID}"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read the Secure Boot state: {exc.strerror}") from None
+    return len(data) == 5 and data[4] == 1
+
+
 def present(tcti: str) -> bool:
     """False only for a `device:` TCTI whose device node does not exist (no TPM)."""
     kind, _, where = tcti.partition(":")

@@ -90,6 +90,7 @@ _OWN_KEYS = (
     "rdinit",
 )
 _OWN_PREFIXES = ("rampart.", "rd.verity.")
+INSTALLER_PREFIX = "rampart.install."
 
 # The setup header of the x86 boot protocol (Documentation/arch/x86/boot.rst).
 _HDRS_OFFSET = 0x202
@@ -303,7 +304,10 @@ def check_extra_param(param: str) -> None:
     if not _PARAM.fullmatch(param) or '"' in param:
         raise UsageError(f"kernel parameter {param[:80]!r}: printable ASCII without quotes only")
     key = param.split("=", 1)[0]
-    if key in _OWN_KEYS or key.startswith(_OWN_PREFIXES):
+    # The installer's own parameters (an installer UKI: the device's command line plus
+    # where to install): only the installer initramfs reads them.
+    installer = key.startswith(INSTALLER_PREFIX)
+    if not installer and (key in _OWN_KEYS or key.startswith(_OWN_PREFIXES)):
         raise UsageError(f"kernel parameter {param[:80]!r} would redefine {key!r}; refused")
     # A later parameter overrides an earlier one: none may undo the hardening set.
     hardened = {item.split("=", 1)[0] for item in HARDENING}

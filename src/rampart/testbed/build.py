@@ -11,6 +11,8 @@ the OVMF variables template and the versions below), holds:
     pki/                      the update server's CA and certificate (UPDATE_HOST)
     initramfs.img             rampart build initramfs
     installer.img             rampart build initramfs --installer
+    installer.efi             the installer UKI: 1.0.0's command line plus
+                              rampart.install.*, with installer.img, signed by db
     releases/<V>/             core-<V>.img, core-<V>.json (rampart build core) and
                               <os>-<V>.efi (the signed UKI, as `rampart release` builds it)
     rogue/                    UKIs the firmware must refuse: unsigned.efi, and
@@ -19,6 +21,11 @@ the OVMF variables template and the versions below), holds:
     ovmf-vars.fd              rampart keys ovmf-vars: Secure Boot enforced
     payload.img               the installer's payload disk (ext4, docs/formats.md)
     disk.raw                  the installed disk: 1.0.0, made by `rampart install` in a VM
+                              booted under Secure Boot with a TPM
+    tpm-state/                that VM's swtpm state: the TPM the state key is sealed
+                              to (each guest boots with a copy: the same machine)
+    recovery-passphrase       the passphrase the installer showed (mode 0600; a test
+                              rig keeps it so that the scenarios can type it)
     testbed.json              what was built, with timings
 
 VERSIONS are built from one root tree each; BROKEN's health check fails. The
@@ -35,6 +42,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -106,6 +114,18 @@ class Testbed:
     @property
     def disk(self) -> Path:
         return self.directory / "disk.raw"
+
+    @property
+    def tpm_state(self) -> Path:
+        return self.directory / "tpm-state"
+
+    @property
+    def installer_uki(self) -> Path:
+        return self.directory / "installer.efi"
+
+    @property
+    def recovery_passphrase(self) -> str:
+        return (self.directory / "recovery-passphrase").read_text().strip()
 
     @property
     def kernel(self) -> Path:
@@ -327,21 +347,41 @@ def _payload_disk(bed: Testbed, work: Path) -> Path:
     return image
 
 
-def install_cmdline(bed: Testbed) -> str:
-    """The installed version's own command line (from its signed UKI) plus the installer's."""
-    info = uki.inspect(bed.efiboot(INSTALLED))
-    if not info.cmdline:
-        raise LocalError(f"{bed.efiboot(INSTALLED)}: no command line")
-    return f"{info.cmdline} rampart.install.target=/dev/vda rampart.install.payload=/dev/vdb"
+INSTALL_PARAMS = ("rampart.install.target=/dev/vda", "rampart.install.payload=/dev/vdb")
+_RECOVERY = re.compile(r"Recovery passphrase of the state partition[^\n]*\n\s*([a-z-]{40,})\s")
+
+
+def _build_installer_uki(bed: Testbed) -> None:
+    """The installer as installation media would carry it: a UKI signed by db, so
+    that it boots under Secure Boot and seals the state key to the PCR 7 value the
+    installed system will have (the same firmware keys, the same signer)."""
+    _build_efiboot(
+        bed.installer_uki,
+        read_core_meta(bed.core_meta(INSTALLED)),
+        vg=rootfs.VOLUME_GROUP,
+        version=INSTALLED,
+        os_name=OS_NAME,
+        kernel=bed.kernel,
+        initrd=bed.directory / "installer.img",
+        extra=[*EXTRA_CMDLINE, *INSTALL_PARAMS],
+        epoch=EPOCHS[INSTALLED],
+        sign_key=bed.keys / "db.key",
+        sign_cert=bed.keys / "db.crt",
+    )
 
 
 def _install(bed: Testbed, work: Path) -> float:
-    """Boot the installer (SeaBIOS, direct kernel boot) on a blank disk; return seconds."""
+    """Boot the installer UKI (OVMF, Secure Boot, swtpm) with a blank disk and the
+    payload disk; keep its TPM state and the recovery passphrase; return seconds."""
     from rampart.testbed import machine
 
     disk = bed.disk
     with disk.open("wb") as handle:
         handle.truncate(DISK_SIZE)
+    vars_copy = work / "install-vars.fd"
+    shutil.copyfile(bed.ovmf_vars, vars_copy)
+    tpm_dir = work / "install-tpm"
+    tpm_dir.mkdir(mode=0o700)
     started = time.monotonic()
     vm = machine.Machine(
         work / "install-vm",
@@ -349,11 +389,8 @@ def _install(bed: Testbed, work: Path) -> float:
             machine.Disk(disk, "raw"),
             machine.Disk(bed.directory / "payload.img", "raw", read_only=True),
         ],
-        firmware=machine.DirectKernel(
-            kernel=bed.kernel,
-            initrd=bed.directory / "installer.img",
-            append=install_cmdline(bed),
-        ),
+        firmware=machine.SecureBoot(vars_copy, kernel=bed.installer_uki),
+        tpm_state=tpm_dir,
         network=False,
     )
     log_copy = bed.directory.parent / "testbed-install.log"
@@ -367,8 +404,16 @@ def _install(bed: Testbed, work: Path) -> float:
         if match.group(1) != "done":
             shutil.copyfile(vm.console_log, log_copy)
             raise LocalError(f"the installer {match.group(1)} (console: {log_copy})")
+        found = _RECOVERY.search(vm.console_text)
+        if found is None:
+            raise LocalError("the installer showed no recovery passphrase")
+        signing.write_new_file(
+            bed.directory / "recovery-passphrase", (found.group(1) + "\n").encode(), 0o600
+        )
         if not vm.shutdown_wait(60):
             raise LocalError("the installer did not power the machine off")
+    shutil.copytree(tpm_dir, bed.tpm_state)
+    bed.tpm_state.chmod(0o700)
     return time.monotonic() - started
 
 
@@ -426,6 +471,7 @@ def build(
 
         step = time.monotonic()
         _build_rogue(bed)
+        _build_installer_uki(bed)
         secureboot.build_esp(tmp / "esp-skeleton", bed.keys)
         _payload_disk(bed, work)
         clock.step("payload", step)

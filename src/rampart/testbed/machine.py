@@ -169,10 +169,12 @@ class Disk:
 class SecureBoot:
     """OVMF's Secure Boot build on q35 with SMM; `vars_file` is the machine's own
     writable copy of a variable store (enrolled keys decide whether Secure Boot is
-    enforced)."""
+    enforced). With `kernel` (a signed UKI), OVMF boots it directly (QEMU's -kernel:
+    the firmware checks its signature like any other image) instead of the disks."""
 
     vars_file: Path
     code: Path = OVMF_CODE
+    kernel: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,8 @@ def qemu_argv(
             "-drive",
             f"if=pflash,format=raw,unit=1,file={_qemu_value(firmware.vars_file.absolute())}",
         ]
+        if firmware.kernel is not None:
+            argv += ["-kernel", str(firmware.kernel.absolute())]
     else:
         argv += ["-machine", "q35,accel=tcg", "-kernel", str(firmware.kernel.absolute())]
         if firmware.initrd is not None:

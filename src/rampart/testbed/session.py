@@ -174,6 +174,9 @@ class Guest:
     bed: Testbed
     work: Path
     memory: int = 1024
+    # False: the machine the disk was installed on (a copy of the installer's TPM);
+    # True: another machine's TPM, which never sealed anything.
+    fresh_tpm: bool = False
     boots: list[Boot] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -185,7 +188,12 @@ class Guest:
         if not self.vars.exists():
             shutil.copyfile(self.bed.ovmf_vars, self.vars)
         self.tpm = self.work / "tpm"
-        self.tpm.mkdir(mode=0o700, exist_ok=True)
+        if not self.tpm.exists():
+            if self.fresh_tpm:
+                self.tpm.mkdir(mode=0o700)
+            else:
+                shutil.copytree(self.bed.tpm_state, self.tpm)
+                self.tpm.chmod(0o700)
         self.vm = machine.Machine(
             self.work / "vm",
             disks=[machine.Disk(self.disk, "qcow2")],
