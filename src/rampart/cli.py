@@ -310,14 +310,120 @@ def cmd_install(args: argparse.Namespace) -> int:
         esp_size=parse_size(args.esp_size, "--esp-size"),
         state_size=parse_size(args.state_size, "--state-size"),
         wipe=args.wipe,
+        no_tpm=args.no_tpm,
     )
     if args.json:
         _emit_json(result.to_json())
     else:
+        sealed = (
+            f"state key sealed to PCR {result.sealed_to}"
+            if result.sealed_to
+            else "no TPM: the recovery passphrase opens the state partition at every boot"
+        )
         print(
             f"{result.target}: {result.os_name} {result.version} installed "
             f"({result.volume_group}/{result.core_lv}, root hash {result.root_hash}, "
-            f"machine ID {result.machine_id})"
+            f"machine ID {result.machine_id}; {sealed})"
+        )
+        print(
+            "Recovery passphrase of the state partition (shown once; keep it offline, it "
+            "opens the state when the TPM does not):\n"
+            f"    {result.recovery_passphrase}",
+            flush=True,
+        )
+    return 0
+
+
+def _state_volume(config: Any) -> Path:
+    from rampart.installer import STATE_LV
+
+    return Path("/dev") / str(config.core_destination) / STATE_LV
+
+
+def _esp_root(config: Any) -> Path:
+    from rampart.installer import esp_root
+
+    root: Path = esp_root(config.esp_directory)
+    return root
+
+
+def _read_passphrase(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.passphrase_file is not None:
+        from rampart import signing
+
+        data = signing.read_file(args.passphrase_file, "passphrase file", 4096)
+        text = data.decode("utf-8", errors="replace").strip()
+    elif sys.stdin.isatty():
+        text = getpass.getpass("Recovery passphrase of the state partition: ").strip()
+    else:
+        text = sys.stdin.readline(4096).strip()
+    if not text:
+        raise UsageError("no recovery passphrase given")
+    return text
+
+
+def cmd_tpm_status(args: argparse.Namespace) -> int:
+    from rampart import state, tpm
+
+    config, _identity = _device_parts(args)
+    machine_tpm = tpm.device_tpm(config.tpm_tcti, required=config.tpm_required)
+    esp = _esp_root(config)
+    pub, priv, pcr_file = state.sealed_paths(esp)
+    report: dict[str, Any] = {
+        "tpm": machine_tpm is not None,
+        "secure_boot": tpm.secure_boot_enabled(),
+        "sealed_object": str(priv) if priv.is_file() and pub.is_file() else None,
+        "sealed_to": pcr_file.read_text().strip() if pcr_file.is_file() else None,
+        "unseals": None,
+        "pcrs": {},
+        "rollback_counter": None,
+    }
+    if machine_tpm is not None:
+        values = machine_tpm.pcr_values(config.tpm_pcrs)
+        report["pcrs"] = {str(n): v.hex() for n, v in sorted(values.items())}
+        report["rollback_counter"] = machine_tpm.counter() or 0
+        if report["sealed_object"] is not None:
+            try:
+                machine_tpm.unseal(pub, priv, config.tpm_pcrs)
+                report["unseals"] = True
+            except LocalError as exc:
+                report["unseals"] = False
+                report["unseal_error"] = str(exc)
+    if args.json:
+        _emit_json(report)
+        return 0
+    print(f"TPM: {'present' if report['tpm'] else 'none'}")
+    print(f"Secure Boot: {'enabled' if report['secure_boot'] else 'disabled'}")
+    for number, value in report["pcrs"].items():
+        print(f"PCR {number} (sha256): {value}")
+    print(f"sealed state key: {report['sealed_object'] or 'none'}", end="")
+    print(f" (sealed to {report['sealed_to']})" if report["sealed_to"] else "")
+    if report["unseals"] is not None:
+        print(f"unseals now: {'yes' if report['unseals'] else 'no: ' + report['unseal_error']}")
+    print(f"rollback counter: {report['rollback_counter']}")
+    return 0
+
+
+def cmd_tpm_reseal(args: argparse.Namespace) -> int:
+    from rampart import state, tpm
+
+    config, _identity = _device_parts(args)
+    machine_tpm = tpm.Tpm(config.tpm_tcti) if tpm.present(config.tpm_tcti) else None
+    if machine_tpm is None:
+        raise LocalError(f"no TPM ({config.tpm_tcti}): there is nothing to seal the key to")
+    volume = args.volume or _state_volume(config)
+    esp = args.esp or _esp_root(config)
+    passphrase = _read_passphrase(args)
+    state.reseal(volume, esp, machine_tpm, passphrase, config.tpm_pcrs)
+    selection = tpm.pcr_selection(config.tpm_pcrs)
+    if args.json:
+        _emit_json({"volume": str(volume), "sealed_to": selection, "keyslot": tpm.TPM_KEYSLOT})
+    else:
+        print(
+            f"{volume}: state key resealed to the current PCR {selection} "
+            f"(keyslot {tpm.TPM_KEYSLOT} replaced); the next boot opens it without a prompt"
         )
     return 0
 
@@ -662,7 +768,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--esp-size", default="256M", metavar="SIZE", help="default 256M")
     p.add_argument("--state-size", default="512M", metavar="SIZE", help="default 512M")
     p.add_argument("--wipe", action="store_true", help="erase a disk that holds something")
+    p.add_argument(
+        "--no-tpm",
+        action="store_true",
+        help="do not seal the state key (a machine without a TPM): every boot asks for the "
+        "recovery passphrase",
+    )
     p.set_defaults(func=cmd_install)
+
+    p = verbs.add_parser(
+        "tpm",
+        help="the TPM side of trusted boot: status, reseal the state key",
+        description="The state partition's key is sealed to the TPM under a policy on PCR 7 "
+        "(the Secure Boot state); the TPM's NV counter holds the lowest security epoch "
+        "allowed to boot. See the README's trust model.",
+    )
+    tpm_verbs = p.add_subparsers(dest="tpm_verb", metavar="VERB", required=True)
+    t = tpm_verbs.add_parser(
+        "status",
+        help="TPM, Secure Boot, PCR values, sealed key, rollback counter",
+        description="Show whether the machine has a TPM, whether Secure Boot is on, the "
+        "configured PCR values, the sealed state key on the ESP and whether the TPM "
+        "unseals it now (the key itself is never shown), and the rollback counter.",
+    )
+    t.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+    _add_device_options(t, remote=False)
+    t.set_defaults(func=cmd_tpm_status)
+    t = tpm_verbs.add_parser(
+        "reseal",
+        help="seal the state key again for the current PCR values (with the passphrase)",
+        description="After a legitimate change of the Secure Boot keys (PCR 7 changed, so "
+        "the boot asked for the recovery passphrase): check the recovery passphrase, seal "
+        "a new random key to the current PCR values, store it on the ESP and replace "
+        "keyslot 0 with it. The passphrase is read from --passphrase-file, the terminal, "
+        "or the first line of stdin. A crash at any point leaves the passphrase working.",
+    )
+    t.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+    t.add_argument("--passphrase-file", type=Path, metavar="FILE")
+    t.add_argument(
+        "--volume", type=Path, metavar="DEV", help="the LUKS2 volume (default /dev/<VG>/core_state)"
+    )
+    t.add_argument("--esp", type=Path, metavar="DIR", help="the ESP's mount point")
+    _add_device_options(t, remote=False)
+    t.set_defaults(func=cmd_tpm_reseal)
     return parser
 
 

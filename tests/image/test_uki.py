@@ -437,6 +437,13 @@ def test_extra_parameters_cannot_redefine_what_the_signature_pins(extra: str) ->
         cmdline(extra=[extra])
 
 
+def test_an_installer_uki_carries_the_installers_parameters() -> None:
+    line = cmdline(extra=["rampart.install.target=/dev/vda", "rampart.install.payload=/dev/vdb"])
+    assert "rampart.install.target=/dev/vda rampart.install.payload=/dev/vdb" in line
+    with pytest.raises(UsageError):
+        cmdline(extra=["rampart.installer=1"])
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [

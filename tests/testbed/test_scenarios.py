@@ -30,6 +30,9 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 log = logging.getLogger(__name__)
 TIMINGS: dict[str, float] = {}
 CORE = "mainvg/core_{}"
+UNLOCKED_TPM = "rampart: state partition unlocked with the TPM"
+UNLOCKED_PASSPHRASE = "rampart: state partition unlocked with the recovery passphrase"
+PROMPT = re.compile(r"rampart: (?P<reason>[^\n]*); enter the recovery passphrase[^\n]*\n")
 LV_PATH = "/dev/mainvg/core_{}"
 
 
@@ -108,6 +111,18 @@ def test_1_boots_the_verified_core_under_secure_boot(
     cmdline = guest.sh("cat /proc/cmdline").split()
     assert cmdline.count("lockdown=confidentiality") == 1
     assert "rampart.epoch=0" in cmdline
+    # Issue 7, scenario 1: the state partition is LUKS2 with integrity, opened by the
+    # TPM with no prompt.
+    console = guest.console_log.read_text(errors="replace")
+    assert UNLOCKED_TPM in console
+    assert "recovery passphrase" not in console
+    assert guest.sh("findmnt -no SOURCE /mnt/state").strip() == "/dev/mapper/state"
+    crypt = guest.sh("cryptsetup status state")
+    assert re.search(r"type:\s+LUKS2", crypt), crypt
+    assert re.search(r"integrity:\s+hmac\(sha256\)", crypt), crypt
+    tpm_status = guest.tpm_status()
+    assert tpm_status["unseals"] is True
+    assert tpm_status["sealed_to"] == "sha256:7"
     _timed("1 boot", started)
 
 
@@ -233,6 +248,8 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
     assert guest.wait_system_up() == "running"
     assert guest.status()["running"] == "1.0.2"
     assert _entries(guest) == ["clipos-1.0.2.efi", "clipos-1.0.3+0-3.efi"]
+    # 1.0.3 is not bootable any more: the rollback counter rises to 1.0.2's epoch.
+    assert guest.tpm_status()["rollback_counter"] == build.EPOCHS["1.0.2"]
     console = guest.console_log.read_text(errors="replace")
     assert console.count("this version is broken on purpose") >= build.rootfs.BOOT_TRIES
     # The next check refuses the version that failed, and says so to the server.
@@ -309,3 +326,96 @@ def test_8_a_power_cut_while_writing_core_leaves_the_old_version_booting(
         assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{build.BROKEN}+3.efi"]
         assert "core_1.0.0" in second.lvs()
     _timed("7 power cut", started)
+
+
+# --- issue 7: trusted boot ------------------------------------------------------------------
+
+
+def test_9_an_old_signed_version_written_back_offline_does_not_boot(
+    guest: session.Guest, server: session.UpdateServer
+) -> None:
+    """Scenario 4: 1.0.2 (epoch 2) is good, 1.0.1 (epoch 1) was replaced by 1.0.3. The
+    attacker writes 1.0.1's validly signed Core and EFI binary back with direct disk
+    access (here: root in the guest writing the LV and the ESP, then a power cycle)."""
+    started = time.monotonic()
+    assert guest.status()["running"] == "1.0.2"
+    counter = guest.tpm_status()["rollback_counter"]
+    assert counter == build.EPOCHS["1.0.2"]
+    esp = build.rootfs.ESP_DIRECTORY
+    base = f"https://{build.rootfs.UPDATE_HOST}:{build.SERVER_PORT}/dist/1.0.1/clipos"
+    old_lv = LV_PATH.format("1.0.1")
+    guest.sh(f"lvrename {build.rootfs.VOLUME_GROUP} core_{build.BROKEN} core_1.0.1")
+    guest.sh(
+        'python3 -c "import shutil, ssl, urllib.request; '
+        "c=ssl.create_default_context(cafile='/etc/rampart/rootca.pem'); "
+        f"shutil.copyfileobj(urllib.request.urlopen('{base}-core', context=c), "
+        f"open('{old_lv}', 'wb'), 1 << 20); "
+        f"open('{esp}/clipos-1.0.1.efi', 'wb').write("
+        f"urllib.request.urlopen('{base}-efiboot', context=c).read())\"",
+        timeout=600,
+    )
+    guest.sh(f"rm -f {esp}/clipos-{build.BROKEN}+0-3.efi && sync")
+    _force_one_shot(guest, "clipos-1.0.1.efi")
+    guest.vm.mark()
+    guest.vm.send("systemctl reboot\n")
+    line = guest.vm.expect(r"rampart: Core \S+ has security epoch[^\n]*\n", 300).group(0)
+    assert CORE.format("1.0.1") in line
+    assert f"epoch {build.EPOCHS['1.0.1']}, below the TPM's rollback counter {counter}" in line
+    booted = guest.wait_booted()  # panic=10 reboots; the one-shot is spent
+    assert booted.core == CORE.format("1.0.2")
+    _timed("9 offline rollback", started)
+
+
+def _type_passphrase(machine: session.Guest, passphrase: str) -> str:
+    """Wait for the initramfs's prompt and type `passphrase`; the reason it gave."""
+    reason = machine.vm.expect(PROMPT, session.BOOT_TIMEOUT).group("reason")
+    machine.vm.expect(r"Enter passphrase", 60)
+    machine.vm.send(passphrase + "\n")
+    return reason
+
+
+def test_10_new_secure_boot_keys_need_the_passphrase_until_resealed(
+    bed: build.Testbed, work: Path
+) -> None:
+    """Scenario 2: another db key enrolled (PCR 7 changes)."""
+    started = time.monotonic()
+    with session.Guest(bed, work / "guest-new-db") as machine:
+        machine.enroll_db(bed.other_keys / "db.crt")
+        machine.vm.start()
+        reason = _type_passphrase(machine, bed.recovery_passphrase)
+        assert "PCR sha256:7 differs" in reason, reason
+        machine.vm.expect(UNLOCKED_PASSPHRASE, 120)
+        assert machine.wait_booted().core == CORE.format("1.0.0")
+        assert machine.tpm_status()["unseals"] is False
+        out = machine.sh(f"printf '%s\\n' '{bed.recovery_passphrase}' | rampart tpm reseal")
+        assert "resealed" in out
+        assert machine.tpm_status()["unseals"] is True
+        machine.vm.mark()
+        machine.vm.send("systemctl reboot\n")
+        index, _ = machine.vm.expect_any([PROMPT, UNLOCKED_TPM], session.BOOT_TIMEOUT)
+        assert index == 1, "the boot after resealing still asked for the passphrase"
+        assert machine.wait_booted().core == CORE.format("1.0.0")
+        assert machine.sh("cat /etc/machine-id").strip()
+    _timed("10 new db key, reseal", started)
+
+
+def test_11_the_disk_in_another_machine_needs_the_passphrase(
+    bed: build.Testbed, work: Path
+) -> None:
+    """Scenario 3: the installed disk booted with another swtpm; a wrong passphrase
+    stops the boot, the right one opens the state."""
+    started = time.monotonic()
+    with session.Guest(bed, work / "guest-other-tpm", fresh_tpm=True) as machine:
+        machine.vm.start()
+        reason = _type_passphrase(machine, "not-the-passphrase")
+        assert "cannot load the sealed state key" in reason, reason
+        machine.vm.expect(
+            r"rampart: the recovery passphrase does not open the state partition "
+            r"mainvg/core_state\n",
+            120,
+        )
+        _type_passphrase(machine, bed.recovery_passphrase)  # panic=10: the next boot
+        machine.vm.expect(UNLOCKED_PASSPHRASE, 120)
+        assert machine.wait_booted().core == CORE.format("1.0.0")
+        assert machine.tpm_status()["unseals"] is False
+    _timed("11 another TPM", started)

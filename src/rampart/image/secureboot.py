@@ -173,7 +173,7 @@ def generate_keys(out_dir: Path, common_name: str = "Rampart") -> KeySet:
     return keys
 
 
-def _virt_fw_vars() -> list[str]:
+def virt_fw_vars() -> list[str]:
     """argv prefix for virt-fw-vars: next to this interpreter (the venv), else on PATH."""
     beside = Path(sys.executable).parent / "virt-fw-vars"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -233,7 +233,7 @@ def read_varstore(path: Path) -> dict[str, object]:
     """An OVMF variable store as `virt-fw-vars --output-json` describes it."""
     with tempfile.TemporaryDirectory(prefix="rampart-vars-") as work:
         out = Path(work) / "vars.json"
-        run.run([*_virt_fw_vars(), "-i", str(path), "--output-json", str(out)], timeout=120)
+        run.run([*virt_fw_vars(), "-i", str(path), "--output-json", str(out)], timeout=120)
         try:
             doc = json.loads(out.read_text())
         except (OSError, ValueError) as exc:
@@ -273,7 +273,7 @@ def ovmf_vars(keys_dir: Path, out: Path, template: Path = OVMF_VARS_TEMPLATE) ->
     try:
         run.run(
             [
-                *_virt_fw_vars(),
+                *virt_fw_vars(),
                 "--input",
                 str(template),
                 "--output",

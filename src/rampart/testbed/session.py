@@ -263,6 +263,31 @@ class Guest:
         out = self.sh(f"ls -1 {rootfs.ESP_DIRECTORY}")
         return sorted(line.strip() for line in out.splitlines() if line.strip().endswith(".efi"))
 
+    def enroll_db(self, cert: Path) -> None:
+        """Add `cert` to the firmware's db (the machine must be off): a change of the
+        Secure Boot keys, which changes PCR 7."""
+        from rampart.image import secureboot
+
+        if self.vm.running:
+            raise LocalError("enroll_db: power the guest off first")
+        guid = secureboot.KeySet(self.bed.keys).owner_guid()
+        run.run(
+            [
+                *secureboot.virt_fw_vars(),
+                "--inplace",
+                str(self.vars),
+                "--add-db",
+                str(guid),
+                str(cert),
+            ],
+            timeout=120,
+        )
+
+    def tpm_status(self) -> dict[str, Any]:
+        text = self.sh("rampart tpm status --json")
+        doc: dict[str, Any] = json.loads(text[text.find("{") :])
+        return doc
+
     def power_cut(self) -> None:
         self.vm.kill()
 
