@@ -8,6 +8,7 @@ integrity format, opening and the boot-time unlock run in the testbed guests
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -125,3 +126,78 @@ def test_secret_file_lives_in_memory_only() -> None:
         assert Path(path).read_bytes() == b"s3cret"
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+# --- the `rampart tpm` verbs --------------------------------------------------------------
+
+
+def _device_files(tmp_path: Path, tcti: str) -> list[str]:
+    from rampart import signing
+
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "pubkey").write_bytes(signing.generate_secret_key().public_key.to_bytes())
+    (config / "config.toml").write_text(
+        'os_name = "clipos"\n'
+        '[core]\ndestination = "mainvg"\n'
+        f'[efiboot]\ndestination = "{tmp_path}/esp/EFI/Linux"\n'
+        f'[tpm]\ntcti = "{tcti}"\npcrs = [7]\n'
+    )
+    (tmp_path / "os-release").write_text("VERSION_ID=1.0.0\n")
+    (tmp_path / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    return [
+        "-c",
+        str(config),
+        "--os-release",
+        str(tmp_path / "os-release"),
+        "--machine-id",
+        str(tmp_path / "machine-id"),
+    ]
+
+
+def _rampart(*argv: str, stdin: bytes = b"") -> run.Completed:
+    import sys
+
+    return run.run([sys.executable, "-m", "rampart", *argv], input=stdin, check=False)
+
+
+def test_tpm_reseal_verb_takes_the_passphrase_on_stdin(
+    chip: tpm.Tpm, tmp_path: Path, volume: tuple[Path, bytes, str]
+) -> None:
+    path, key, passphrase = volume
+    device = _device_files(tmp_path, chip.env["TPM2TOOLS_TCTI"])
+    esp = tmp_path / "esp"
+    state.seal_to_esp(chip, key, esp, (7,))
+    run.run(["tpm2_pcrextend", "7:sha256=" + "22" * 32], env=chip.env)
+
+    before = json.loads(_rampart("tpm", "status", "--json", *device).stdout)
+    assert before["unseals"] is False
+    assert "PCR sha256:7 differs" in before["unseal_error"]
+    assert before["sealed_to"] == "sha256:7"
+
+    wrong = _rampart("tpm", "reseal", "--volume", str(path), *device, stdin=b"nope\n")
+    assert wrong.returncode == 3
+    assert wrong.stderr.decode().strip().splitlines() == [
+        f"rampart: error: {path}: the recovery passphrase does not open the state partition"
+    ]
+    done = _rampart(
+        "tpm", "reseal", "--volume", str(path), *device, stdin=passphrase.encode() + b"\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resealed to the current PCR sha256:7" in done.stdout.decode()
+    after = json.loads(_rampart("tpm", "status", "--json", *device).stdout)
+    assert after["unseals"] is True
+    assert passphrase not in done.stdout.decode() + done.stderr.decode()
+
+
+def test_tpm_status_without_a_tpm_says_so(tmp_path: Path) -> None:
+    device = _device_files(tmp_path, f"device:{tmp_path}/no-such-tpm")
+    done = _rampart("tpm", "status", "--json", *device)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["tpm"] is False
+    assert report["rollback_counter"] is None
+    assert report["sealed_object"] is None
+    reseal = _rampart("tpm", "reseal", "--volume", str(tmp_path / "x"), *device, stdin=b"p\n")
+    assert reseal.returncode == 3
+    assert "no TPM" in reseal.stderr.decode()
