@@ -94,6 +94,11 @@ capacity = "8M"
 [efiboot]
 destination = "$DEV/esp/EFI/Linux"
 boot_tries = 3
+
+[tpm]
+# The demo device has no TPM (the host's is not its): a device node that does
+# not exist means "no TPM", so there is no rollback counter to read or advance.
+tcti = "device:$DEV/no-tpm"
 CONF
 cat > "$DEV/remote/remote.toml" <<CONF
 update_url = "https://localhost:$PORT/update/v1"

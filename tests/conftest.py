@@ -1,19 +1,23 @@
-"""Shared fixtures: keys, a CLI runner, and the real minisign binary."""
+"""Shared fixtures: keys, a CLI runner, the real minisign binary, a real swtpm, and a
+minimal UKI for the code that reads only its command line."""
 
 from __future__ import annotations
 
 import io
 import os
 import shutil
+import socket
+import struct
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from rampart import cli, signing
+from rampart import cli, signing, tpm
 
 
 @dataclass
@@ -106,3 +110,80 @@ def run_tool(
     argv: Sequence[str | os.PathLike[str]], stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([str(a) for a in argv], input=stdin, capture_output=True, check=False)
+
+
+# --- swtpm -------------------------------------------------------------------------------
+
+
+def _free_ports() -> tuple[int, int]:
+    while True:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        if port < 65535:
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port, port + 1
+
+
+def start_swtpm(state: Path) -> Iterator[tpm.Tpm]:
+    """A real swtpm (TPM 2.0 simulator) on a loopback port, state in `state`; yields the
+    Tpm reaching it (TCTI `swtpm:host=127.0.0.1,port=P`), killed on exit."""
+    state.mkdir(parents=True, exist_ok=True)
+    port, ctrl = _free_ports()
+    proc = subprocess.Popen(
+        [
+            "swtpm",
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state}",
+            "--server",
+            f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl",
+            f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+            "--flags",
+            "not-need-init,startup-clear",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"swtpm did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.05)
+        yield tpm.Tpm(f"swtpm:host=127.0.0.1,port={port}")
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def tcti_of(chip: tpm.Tpm) -> str:
+    """The TCTI string of a Tpm, for a [tpm] tcti in a device's config.toml."""
+    return chip.env["TPM2TOOLS_TCTI"]
+
+
+# --- a minimal UKI -------------------------------------------------------------------------
+
+
+def fake_uki(cmdline: str) -> bytes:
+    """A minimal PE file with a `.cmdline` section (what the client reads of a UKI)."""
+    body = cmdline.encode() + b"\0"
+    header = bytearray(0x40)
+    header[:2] = b"MZ"
+    struct.pack_into("<I", header, 0x3C, 0x40)
+    coff = b"PE\0\0" + struct.pack("<HHIIIHH", 0x8664, 1, 0, 0, 0, 0, 0x22)
+    table_end = 0x40 + len(coff) + 40
+    section = struct.pack(
+        "<8sIIIIIIHHI", b".cmdline", len(body), 0x1000, len(body), table_end, 0, 0, 0, 0, 0x40000040
+    )
+    return bytes(header) + coff + section + body

@@ -4,9 +4,7 @@ never decreasing. No VM: swtpm speaks the TPM protocol on a local TCP port."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,56 +12,9 @@ import pytest
 
 from rampart import tpm
 from rampart.errors import LocalError, UsageError
+from tests.conftest import start_swtpm
 
-
-def _free_ports() -> tuple[int, int]:
-    while True:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        if port < 65535:
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port, port + 1
-
-
-def _swtpm(state: Path) -> Iterator[tpm.Tpm]:
-    state.mkdir(parents=True, exist_ok=True)
-    port, ctrl = _free_ports()
-    proc = subprocess.Popen(
-        [
-            "swtpm",
-            "socket",
-            "--tpm2",
-            "--tpmstate",
-            f"dir={state}",
-            "--server",
-            f"type=tcp,port={port},bindaddr=127.0.0.1",
-            "--ctrl",
-            f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-            "--flags",
-            "not-need-init,startup-clear",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"swtpm did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.05)
-        yield tpm.Tpm(f"swtpm:host=127.0.0.1,port={port}")
-    finally:
-        proc.kill()
-        proc.wait(10)
+_swtpm = start_swtpm  # tests/test_state.py imports it under this name
 
 
 @pytest.fixture
@@ -115,6 +66,8 @@ def test_an_object_sealed_by_another_tpm_does_not_load(
 
 
 def test_the_counter_never_decreases(chip: tpm.Tpm) -> None:
+    assert chip.counter() is None
+    assert chip.advance_counter(0) == 0  # epoch 0 needs no increment (the first gives 1)
     assert chip.counter() is None
     assert chip.advance_counter(2) == 2
     assert chip.advance_counter(1) == 2  # asking for less changes nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from rampart import signing, webroot
 from rampart.errors import ConflictError, LocalError, UsageError
 from rampart.version import parse_version
-from tests.conftest import KeyPair, tree_snapshot
+from tests.conftest import KeyPair, fake_uki, run_cli, tree_snapshot
 
 Payloads = dict[str, tuple[Path, Path]]
 
@@ -264,3 +265,93 @@ def test_audit_reports_files_where_directories_belong(tmp_path: Path, keypair: K
     (root / "update/v1/clipos/version").mkdir(parents=True)
     problems = webroot.audit(root, keypair.key.public_key)
     assert any("the version file must be a regular file" in p for p in problems)
+
+
+# --- security epochs -----------------------------------------------------------------------
+
+
+def epoch_payloads(tmp_path: Path, epochs: dict[str, int | None]) -> Payloads:
+    """Releases whose EFI binary carries `rampart.epoch=<epoch>` (None: no epoch)."""
+    result = {}
+    for version, epoch in epochs.items():
+        directory = tmp_path / "epoch-payloads"
+        directory.mkdir(parents=True, exist_ok=True)
+        core, efiboot = directory / f"core-{version}", directory / f"efiboot-{version}"
+        core.write_bytes(os.urandom(10_000) + version.encode())
+        param = "" if epoch is None else f" rampart.epoch={epoch}"
+        efiboot.write_bytes(fake_uki(f"root=/dev/mapper/verity_core_{version}{param} ro"))
+        result[version] = (core, efiboot)
+    return result
+
+
+def publish_cli(
+    root: Path, keypair: KeyPair, payloads: Payloads, version: str, *extra: str
+) -> tuple[int, str, str]:
+    core, efiboot = payloads[version]
+    result = run_cli(
+        "publish",
+        "--webroot",
+        root,
+        "--os",
+        "clipos",
+        "--version",
+        version,
+        "--core",
+        core,
+        "--efiboot",
+        efiboot,
+        "--secret-key",
+        keypair.secret,
+        *extra,
+    )
+    return result.code, result.out, result.err
+
+
+def test_publish_reads_the_epoch_and_checks_an_asserted_one(
+    tmp_path: Path, keypair: KeyPair
+) -> None:
+    payloads = epoch_payloads(tmp_path, {"1.0.0": None, "1.0.1": 3})
+    root = tmp_path / "webroot"
+    core, efiboot = payloads["1.0.0"]
+    version = parse_version("1.0.0")
+    result = webroot.publish(root, "clipos", version, core, efiboot, keypair.key, epoch=0)
+    assert result.epoch == 0  # no rampart.epoch: epoch 0
+
+    before = tree_snapshot(root)
+    with pytest.raises(UsageError, match="has security epoch 3, not the 2 asserted"):
+        publish(root, keypair, payloads, "1.0.1", epoch=2)
+    code, out, err = publish_cli(root, keypair, payloads, "1.0.1", "--epoch", "2")
+    assert (code, out) == (2, "")
+    assert len(err.strip().splitlines()) == 1
+    assert "security epoch 3, not the 2 asserted with --epoch" in err
+    assert tree_snapshot(root) == before
+    assert publish_cli(root, keypair, payloads, "1.0.1", "--epoch", "-1")[0] == 2
+
+    code, out, err = publish_cli(root, keypair, payloads, "1.0.1", "--epoch", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["epoch"] == 3
+    code, out, err = publish_cli(root, keypair, payloads, "1.0.1")  # idempotent, no --epoch
+    assert code == 0, err
+    assert "clipos 1.0.1 (security epoch 3) already published" in out
+
+
+def test_a_channel_never_goes_down_in_epoch_without_force(tmp_path: Path, keypair: KeyPair) -> None:
+    payloads = epoch_payloads(tmp_path, {"1.0.0": 2, "1.0.1": 1, "1.0.2": 2})
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    publish(root, keypair, payloads, "1.0.1", channel="beta")  # another channel: its own
+    before = tree_snapshot(root)
+    with pytest.raises(ConflictError, match=r"names 1\.0\.0 with security epoch 2, refusing to"):
+        publish(root, keypair, payloads, "1.0.1")
+    code, _out, err = publish_cli(root, keypair, payloads, "1.0.1")
+    assert code == ConflictError.exit_code == 4
+    assert "publish 1.0.1 with the lower epoch 1" in err and "--force" in err
+    assert tree_snapshot(root) == before
+    publish(root, keypair, payloads, "1.0.2")  # the same epoch is fine
+    code, out, err = publish_cli(root, keypair, payloads, "1.0.2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["epoch"] == 2
+    code, _out, err = publish_cli(root, keypair, payloads, "1.0.1", "--force")
+    assert code == 0, err
+    assert webroot.read_version_file(root / "update/v1/clipos/version") == parse_version("1.0.1")
+    assert webroot.audit(root, keypair.key.public_key) == []

@@ -75,6 +75,13 @@ def _check_semver(text: str) -> str:
     return text
 
 
+def _epoch(text: str) -> int:
+    """A security epoch on the command line: 0 to 2^63-1."""
+    if not text.isascii() or not text.isdigit() or int(text) >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a security epoch (0 to 2^63-1)")
+    return int(text)
+
+
 # --- verbs -------------------------------------------------------------------------
 
 
@@ -183,7 +190,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
         webroot.check_name(args.channel, "channel name")
     key = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
     result = webroot.publish(
-        args.webroot, args.os, version, args.core, args.efiboot, key, args.channel, args.force
+        args.webroot,
+        args.os,
+        version,
+        args.core,
+        args.efiboot,
+        key,
+        args.channel,
+        args.force,
+        epoch=args.epoch,
     )
     channel = result.channel or "default"
     if args.json:
@@ -196,13 +211,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 "version_file": str(result.version_file),
                 "previous": None if result.previous is None else str(result.previous),
                 "reused_release": result.reused,
+                "epoch": result.epoch,
             }
         )
     else:
         state = "already published" if result.reused else "published"
         before = "" if result.previous is None else f" (was {result.previous})"
         print(
-            f"{result.release}: {result.os_name} {result.version} {state}; "
+            f"{result.release}: {result.os_name} {result.version} (security epoch "
+            f"{result.epoch}) {state}; "
             f"{channel} channel now points at it{before}"
         )
     return 0
@@ -429,18 +446,30 @@ def cmd_tpm_reseal(args: argparse.Namespace) -> int:
 
 
 def cmd_mark_good(args: argparse.Namespace) -> int:
+    from rampart.client import rollback
     from rampart.client.esp import Esp
 
     config, identity = _device_parts(args)
-    blessed = Esp(config.esp_directory, config.os_name).bless(identity.version)
+    esp = Esp(config.esp_directory, config.os_name)
+    blessed = esp.bless(identity.version)  # first, and durable: the counter comes after
+    counter = rollback.protect_after_blessing(config, esp, identity.version)
     if args.json:
         _emit_json(
-            {"version": identity.version.core, "entry": None if blessed is None else blessed.name}
+            {
+                "version": identity.version.core,
+                "entry": None if blessed is None else blessed.name,
+                "rollback_counter": counter,
+            }
         )
-    elif blessed is None:
-        print(f"{identity.version.core}: boot entry has no counter; nothing to do")
+        return 0
+    if blessed is None:
+        print(f"{identity.version.core}: boot entry has no counter; already marked good")
     else:
         print(f"{identity.version.core}: marked good ({blessed.name})")
+    if counter is None:
+        print("rollback counter: none (no TPM on this machine); nothing changes")
+    else:
+        print(f"rollback counter: {counter}")
     return 0
 
 
@@ -618,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Copy and sign the Core and EFI payloads into DIR/dist/V/, then point the channel "
         "at V (update/v1/OS/version, or channels/C/update/v1/OS/version). Atomic: the "
         "version file changes last, by rename. Refuses to move a channel backwards "
+        "(to a lower version, or to a release whose EFI binary has a lower security epoch) "
         "without --force and to change an existing release.",
     )
     p.add_argument("--webroot", type=Path, required=True, metavar="DIR")
@@ -630,7 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="allow pointing the channel at a lower version (a rollback)",
+        help="allow pointing the channel at a lower version or security epoch (a rollback)",
+    )
+    p.add_argument(
+        "--epoch",
+        type=_epoch,
+        metavar="N",
+        help="the security epoch the EFI binary must carry (rampart.epoch=N); else refused",
     )
     _add_password_env(p)
     p.set_defaults(func=cmd_publish)
@@ -728,7 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mark-good",
         "remove the boot counter of the running version's entry",
         "Mark the running version good: remove the +tries counter from its boot entry, as "
-        "systemd-bless-boot does. Run by the health check once the system is up.",
+        "systemd-bless-boot does; then, on a machine with a TPM, raise its rollback counter "
+        "to the lowest security epoch among the installed, bootable versions. Run by the "
+        "health check once the system is up.",
     )
     _add_device_options(p, remote=False)
     p.set_defaults(func=cmd_mark_good)

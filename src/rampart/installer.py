@@ -67,7 +67,7 @@ from rampart.client.slots import LvmBackend, Slot, mounted_sources, slot_name
 from rampart.client.update import core_root_hash, write_core
 from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
-from rampart.image import pe, uki
+from rampart.image import uki
 from rampart.version import Version
 
 log = logging.getLogger(__name__)
@@ -396,15 +396,6 @@ def install(
     )
 
 
-def payload_epoch(efiboot: Path) -> int:
-    """The security epoch on the EFI binary's command line (0 without one)."""
-    line = pe.cmdline(efiboot.read_bytes(), str(efiboot)) or ""
-    value = uki.cmdline_params(line).get("rampart.epoch", "0")
-    if not value.isdigit():
-        raise FormatError(f"{efiboot}: rampart.epoch={value[:20]} is not a number")
-    return int(value)
-
-
 def _mount_efivars(efivars: Path) -> None:
     """efivarfs, if this EFI machine has not mounted it (the installer's /sys)."""
     if efivars.is_dir() and not any(efivars.iterdir()):
@@ -428,7 +419,7 @@ def _check_tpm(config: device_config.DeviceConfig, efiboot: Path, efivars: Path)
             "PCR 7 values the installed system never has; boot the installer with "
             "Secure Boot (or pass --no-tpm)"
         )
-    epoch = payload_epoch(efiboot)
+    epoch = uki.efi_epoch(efiboot)
     counter = machine_tpm.counter() or 0
     if counter > epoch:
         raise ConflictError(

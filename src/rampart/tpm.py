@@ -251,15 +251,20 @@ class Tpm:
     def advance_counter(self, epoch: int) -> int:
         """Raise the counter to at least `epoch` (never lowers it); the new value.
 
-        A TPM counter starts at the highest value any counter of that TPM ever had,
-        so it may already be above `epoch`."""
+        Before its first increment the counter reads as 0, and is left alone for
+        epoch 0. A TPM counter's first increment takes it to one more than the highest
+        value any counter of that TPM ever had, so it may go above `epoch`."""
         if epoch < 0:
             raise UsageError(f"epoch {epoch}: must not be negative")
-        self.define_counter()
         value = self.counter()
-        while value is None or value < epoch:
+        current = 0 if value is None else value
+        if current >= epoch:
+            return current
+        self.define_counter()
+        while current < epoch:
             self._tool("tpm2_nvincrement", "-Q", "-C", "o", hex(COUNTER_INDEX))
             value = self.counter()
             if value is None:
                 raise LocalError("the TPM NV counter cannot be read after an increment")
-        return value
+            current = value
+        return current

@@ -41,6 +41,7 @@ from rampart.errors import (
     RampartError,
     UsageError,
 )
+from rampart.image import uki
 from rampart.version import Version, parse_version
 
 PAYLOADS = ("core", "efiboot")
@@ -186,6 +187,7 @@ class PublishResult:
     version_file: Path
     reused: bool
     previous: Version | None
+    epoch: int = 0  # the security epoch of the EFI binary (rampart.epoch on its command line)
 
 
 def publish(
@@ -197,12 +199,17 @@ def publish(
     secret_key: signing.SecretKey,
     channel: str | None = None,
     force: bool = False,
+    epoch: int | None = None,
 ) -> PublishResult:
     """Publish a release into `webroot` and point `channel` at it (see module docstring).
 
-    Raises UsageError (bad name or version), LocalError (missing payload, unwritable
-    webroot), ConflictError (a different release with this version exists, or the
-    channel names a higher version and `force` is not set).
+    The EFI binary's security epoch (`rampart.epoch` on its command line, 0 without
+    one) must be `epoch` when that is given.
+
+    Raises UsageError (bad name or version, an epoch other than `epoch`), LocalError
+    (missing payload, unwritable webroot), FormatError (a malformed rampart.epoch),
+    ConflictError (a different release with this version exists, or the channel names
+    a higher version, or one whose EFI binary has a higher epoch, and `force` is not set).
     """
     check_name(os_name, "OS name")
     if channel is not None:
@@ -217,6 +224,12 @@ def publish(
             raise LocalError(f"{path}: {kind} payload is not readable")
     if webroot.exists() and not webroot.is_dir():
         raise LocalError(f"{webroot}: webroot is not a directory")
+    release_epoch = uki.efi_epoch(efiboot)
+    if epoch is not None and epoch != release_epoch:
+        raise UsageError(
+            f"{efiboot}: the EFI binary has security epoch {release_epoch}, not the "
+            f"{epoch} asserted with --epoch"
+        )
 
     target = version_file(webroot, os_name, channel)
     release = release_dir(webroot, version)
@@ -229,6 +242,8 @@ def publish(
                     f"{target}: channel names {previous}, refusing to go back to {version} "
                     "(use --force to roll the channel back)"
                 )
+            if previous is not None and not force:
+                _check_epoch_order(webroot, os_name, target, previous, version, release_epoch)
             _makedirs(release)
             _clean_temporaries(release)
             reused = _write_release(release, os_name, payloads, secret_key, version)
@@ -240,7 +255,26 @@ def publish(
     except OSError as exc:
         where = exc.filename or webroot
         raise LocalError(f"{where}: cannot write the webroot: {exc.strerror}") from None
-    return PublishResult(version, os_name, channel, release, target, reused, previous)
+    return PublishResult(
+        version, os_name, channel, release, target, reused, previous, release_epoch
+    )
+
+
+def _check_epoch_order(
+    webroot: Path, os_name: str, target: Path, previous: Version, version: Version, epoch: int
+) -> None:
+    """ConflictError if the channel's current release has a higher security epoch:
+    devices that ran it refuse to install a lower one (and their TPM would not boot it)."""
+    published = release_dir(webroot, previous) / f"{os_name}-efiboot"
+    if not published.is_file():
+        return  # not published (completely): nothing to compare with
+    current = uki.efi_epoch(published)
+    if current > epoch:
+        raise ConflictError(
+            f"{target}: channel names {previous} with security epoch {current}, refusing to "
+            f"publish {version} with the lower epoch {epoch} (devices would refuse it; "
+            "use --force to publish it anyway)"
+        )
 
 
 def _write_release(

@@ -335,6 +335,11 @@ def make_device(
         f'[download]\nfetch_user = "{fetch_user}"\nread_timeout = 5\nconnect_timeout = 5\n'
         f"{extra_config}"
     )
+    if "[tpm]" not in extra_config:
+        # No TPM unless a test gives one: never the host's own (a device node that
+        # does not exist means "no TPM").
+        with (dev.config_dir / "config.toml").open("a") as config:
+            config.write(f'\n[tpm]\ntcti = "device:{root}/no-tpm"\n')
     (dev.remote_dir / "remote.toml").write_text(
         f'update_url = "{server_url}/update/v1"\ndist_url = "{server_url}/dist"\n'
     )

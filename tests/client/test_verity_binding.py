@@ -3,7 +3,6 @@ binary's command line: a Core and an EFI binary not built together never become 
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
@@ -21,23 +20,9 @@ from tests.client.conftest import (
     make_device,
     publish,
 )
-from tests.conftest import KeyPair
+from tests.conftest import KeyPair, fake_uki
 
 OFFERED = "5.0.0-alpha.3"
-
-
-def fake_uki(cmdline: str) -> bytes:
-    """A minimal PE file with a `.cmdline` section (what the client reads of a UKI)."""
-    body = cmdline.encode() + b"\0"
-    header = bytearray(0x40)
-    header[:2] = b"MZ"
-    struct.pack_into("<I", header, 0x3C, 0x40)
-    coff = b"PE\0\0" + struct.pack("<HHIIIHH", 0x8664, 1, 0, 0, 0, 0, 0x22)
-    table_end = 0x40 + len(coff) + 40
-    section = struct.pack(
-        "<8sIIIIIIHHI", b".cmdline", len(body), 0x1000, len(body), table_end, 0, 0, 0, 0, 0x40000040
-    )
-    return bytes(header) + coff + section + body
 
 
 def cmdline_for(meta: core.CoreMeta, version: str, vg: str = "mainvg") -> str:

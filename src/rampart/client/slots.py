@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rampart import run
+from rampart.client.config import Backend, DeviceConfig
 from rampart.durable import fsync_dir
 from rampart.errors import FormatError, LocalError, UsageError
 from rampart.version import Version, parse_version
@@ -290,3 +291,10 @@ def busy_reason(
     if (mapper_dir / f"verity_{slot.name}").exists():
         return f"it is mapped as {mapper_dir / ('verity_' + slot.name)}"
     return None
+
+
+def open_backend(config: DeviceConfig) -> SlotBackend:
+    """The slot backend `config` names: LVM's volume group, or the file backend's directory."""
+    if config.backend == Backend.FILE:
+        return FileBackend(Path(config.core_destination), config.file_capacity)
+    return LvmBackend(config.core_destination)

@@ -1,18 +1,25 @@
-"""`rampart status`: running version, slots, boot entries, pending update."""
+"""`rampart status`: running version, slots, boot entries, pending update, and the
+running security epoch and the TPM's rollback counter."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from rampart.client.config import Backend, DeviceConfig, Identity
+from rampart.client import rollback
+from rampart.client.config import DeviceConfig, Identity
 from rampart.client.esp import Esp
-from rampart.client.slots import FileBackend, LvmBackend, SlotBackend, busy_reason
+from rampart.client.slots import busy_reason, open_backend
 from rampart.client.update import READY_FILE
 from rampart.errors import RampartError
 
 
-def collect(config: DeviceConfig, identity: Identity, run_dir: Path) -> dict[str, Any]:
+def collect(
+    config: DeviceConfig,
+    identity: Identity,
+    run_dir: Path,
+    proc_cmdline: Path = rollback.PROC_CMDLINE,
+) -> dict[str, Any]:
     """The status as a JSON-ready dict."""
     running = identity.version
     report: dict[str, Any] = {
@@ -23,11 +30,7 @@ def collect(config: DeviceConfig, identity: Identity, run_dir: Path) -> dict[str
         "volume_group": config.core_destination,
     }
     try:
-        backend: SlotBackend
-        if config.backend == Backend.FILE:
-            backend = FileBackend(Path(config.core_destination), config.file_capacity)
-        else:
-            backend = LvmBackend(config.core_destination)
+        backend = open_backend(config)
         report["free"] = backend.free_space()
         report["slots"] = [
             {
@@ -57,6 +60,18 @@ def collect(config: DeviceConfig, identity: Identity, run_dir: Path) -> dict[str
         ]
     except RampartError as exc:
         report["entries_error"] = str(exc)
+    try:
+        report["running_epoch"] = rollback.running_epoch(proc_cmdline)
+    except RampartError as exc:
+        report["running_epoch"] = None
+        report["running_epoch_error"] = str(exc)
+    report["rollback_counter"] = None
+    try:
+        chip = rollback.machine_tpm(config)
+        if chip is not None:
+            report["rollback_counter"] = rollback.read_counter(chip)
+    except RampartError as exc:
+        report["rollback_counter_error"] = str(exc)
     ready = run_dir / READY_FILE
     report["update_ready"] = (
         ready.read_bytes()[:200].decode("utf-8", errors="replace").strip()
@@ -95,6 +110,16 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  {entry['name']:<40} {', '.join(notes)}")
     else:
         lines.append(f"boot entries: {report['entries_error']}")
+    if report["running_epoch"] is not None:
+        lines.append(f"security epoch: {report['running_epoch']}")
+    else:
+        lines.append(f"security epoch: {report['running_epoch_error']}")
+    if "rollback_counter_error" in report:
+        lines.append(f"rollback counter: {report['rollback_counter_error']}")
+    elif report["rollback_counter"] is None:
+        lines.append("rollback counter: none (no TPM)")
+    else:
+        lines.append(f"rollback counter: {report['rollback_counter']}")
     ready = report["update_ready"]
     lines.append(f"update ready: {ready} (reboot to use it)" if ready else "update ready: no")
     return "\n".join(lines)

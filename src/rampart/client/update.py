@@ -36,18 +36,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rampart import run, signing
 from rampart.client import esp as esp_mod
-from rampart.client.config import Backend, DeviceConfig, Identity, RemoteConfig
+from rampart.client import rollback
+from rampart.client.config import DeviceConfig, Identity, RemoteConfig
 from rampart.client.fetch import Fetcher, Job, remove_entry
 from rampart.client.slots import (
-    FileBackend,
-    LvmBackend,
     Slot,
     SlotBackend,
     busy_reason,
+    open_backend,
     slot_name,
 )
 from rampart.client.transport import Limits
@@ -60,6 +60,7 @@ from rampart.errors import (
     VerificationError,
 )
 from rampart.image import pe, verity
+from rampart.tpm import Tpm
 from rampart.version import Version, parse_version
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,20 @@ class Device:
     download_dir: Path
     run_dir: Path
     target: Version | None = None  # the version being installed, once known (for reports)
+    # The TPM holding the rollback counter: "config" (the default) opens the one
+    # [tpm] names when it is first needed; None: no TPM (tests inject one).
+    tpm: Tpm | Literal["config"] | None = "config"
+    proc_cmdline: Path = rollback.PROC_CMDLINE  # where the running epoch is read
 
     @property
     def ready_file(self) -> Path:
         return self.run_dir / READY_FILE
+
+    def rollback_tpm(self) -> Tpm | None:
+        """The machine's TPM (None without one; LocalError if [tpm] required is unmet)."""
+        if isinstance(self.tpm, str):
+            self.tpm = rollback.machine_tpm(self.config)
+        return self.tpm
 
     def headers(self) -> dict[str, str]:
         return {
@@ -132,16 +143,11 @@ def open_device(
     run_dir: Path,
 ) -> Device:
     """Bind a configuration to its slot backend and ESP."""
-    slots: SlotBackend
-    if config.backend == Backend.FILE:
-        slots = FileBackend(Path(config.core_destination), config.file_capacity)
-    else:
-        slots = LvmBackend(config.core_destination)
     return Device(
         config,
         remote,
         identity,
-        slots,
+        open_backend(config),
         esp_mod.Esp(config.esp_directory, config.os_name),
         download_dir,
         run_dir,
@@ -504,6 +510,7 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
             "%s carries no verity root hash: Core is checked against its signature only",
             efiboot.name,
         )
+    check_rollback(device, efiboot, latest)
 
     checkpoint("remove-entries")
     removed = device.esp.remove_all_except(running)
@@ -535,6 +542,23 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
     return UpdateResult(
         Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
     )
+
+
+def check_rollback(device: Device, efiboot: Path, version: Version) -> None:
+    """Refuse (VerificationError) an EFI binary whose security epoch is below the TPM's
+    rollback counter (it would never boot) or below the running version's epoch."""
+    epoch = rollback.uki_epoch(efiboot)
+    chip = device.rollback_tpm()
+    counter = None if chip is None else rollback.read_counter(chip)
+    running = rollback.running_epoch(device.proc_cmdline)
+    log.info(
+        "%s has security epoch %d (running epoch %d, rollback counter %s)",
+        version,
+        epoch,
+        running,
+        "none: no TPM" if counter is None else counter,
+    )
+    rollback.check_epoch(version, epoch, counter, running)
 
 
 def send_report(

@@ -327,6 +327,41 @@ def cmdline_params(cmdline: str) -> dict[str, str]:
     return out
 
 
+EPOCH_PARAM = "rampart.epoch"
+_DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
+
+
+def cmdline_epoch(cmdline: str | None, source: str) -> int:
+    """The security epoch a command line carries (`rampart.epoch=N`; the last one, as
+    the kernel reads it), 0 without one. FormatError if N is not 0 to 2^63-1."""
+    value = cmdline_params(cmdline or "").get(EPOCH_PARAM)
+    if value is None:
+        return 0
+    if not _DIGITS.fullmatch(value) or int(value) > MAX_EPOCH:
+        raise FormatError(
+            f"{source}: {EPOCH_PARAM}={value[:24]!r} is not a security epoch (0..{MAX_EPOCH})"
+        )
+    return int(value)
+
+
+def efi_epoch(path: Path) -> int:
+    """The security epoch of an EFI binary: `rampart.epoch` on its `.cmdline`, read
+    with the standard library (`pe.cmdline`, as the device does). 0 without one, and
+    for a file that is not a PE image with a readable `.cmdline` (an EFI binary
+    Rampart did not build): the lowest epoch, the one every check refuses first."""
+    from rampart.image import pe
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read the EFI binary: {exc.strerror}") from None
+    try:
+        line = pe.cmdline(data, path.name)
+    except FormatError:
+        return 0
+    return cmdline_epoch(line, path.name)
+
+
 # --- os-release, SBAT, the kernel -----------------------------------------------------
 
 
