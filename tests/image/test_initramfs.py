@@ -6,19 +6,31 @@ loader, the modules' own .modinfo `depends=` and the kernel package's
 depmod'ed modules.dep for dependencies, `busybox sh -n` for /init, `cpio` for
 the archive format.
 
-VM tests boot the Debian kernel directly (`-kernel/-initrd`, TCG, no firmware)
-with this initramfs and a virtio disk, every wait bounded:
+VM tests boot the Debian kernel directly (`-kernel/-initrd`, TCG, SeaBIOS) with
+this initramfs and a virtio disk, every wait bounded:
 - an empty disk: the console shows one `rampart: ...` line and the guest
   powers off by itself;
-- a disk prepared by the guest itself: a separate setup initramfs (test only,
-  built from the same parts) creates the PV, `mainvg`, `core_1.0.0` (the Core
-  bundle written with dd) and `core_state` (ext4, from e2fsprogs' mke2fs), and
-  powers off; the real initramfs then boots the Core, whose /sbin/init reports
-  that `/` is the dm-verity device, read-only, and /mnt/state is writable;
+- a disk prepared by the guest itself: the host writes a GPT (`esp`, `lvm`)
+  and seals a state key to PCR 23 of a swtpm; a separate setup initramfs (test
+  only, built from the same parts) formats the ESP and copies the sealed key
+  there, creates the PV, `mainvg`, `core_1.0.0` (the Core bundle written with
+  dd) and `core_state` (LUKS2 with integrity, keyslot 0 the key, keyslot 1 a
+  recovery passphrase, ext4 inside), and powers off; the real initramfs then
+  boots the Core with that swtpm as the guest's TPM, unlocking the state with
+  it, and the Core's /sbin/init reports that `/` is the dm-verity device,
+  read-only, and /mnt/state is /dev/mapper/state, writable;
+- the same disk without a TPM: one line says why and the recovery passphrase,
+  typed on the serial console, unlocks the state; with another (empty) TPM
+  and a wrong passphrase: two lines, and the guest powers off;
+- the TPM's rollback counter raised above the command line's rampart.epoch:
+  one line, and the guest powers off;
 - the same disk with a wrong root hash, and with one flipped byte in Core: one
   line each, and the guest powers off;
 - a command line naming core_state as the Core, with panic=1: one line, and
   the guest reboots (QEMU -no-reboot exits) instead of powering off.
+
+The epoch check and the unlock logic are also tested on the host, with fake
+commands and with swtpm: tests/image/test_initramfs_state.py.
 """
 
 from __future__ import annotations
@@ -31,15 +43,21 @@ import stat
 import struct
 import subprocess
 import time
+import uuid
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from rampart import state as rstate
+from rampart import tpm
 from rampart.errors import RampartError, UsageError
 from rampart.image import core, initramfs, uki
 from rampart.image.cpio import Archive
 from rampart.version import parse_version
+from tests.conftest import start_swtpm
 from tests.image import bootkit
 
 VG = "mainvg"
@@ -187,7 +205,52 @@ def test_archive_holds_init_busybox_lvm_and_veritysetup(
     assert b"udev_sync = 0" in members["/etc/lvm/lvm.conf"].data
     for directory in ("/proc", "/sys", "/dev", "/run", "/newroot"):
         assert stat.S_ISDIR(members[directory].mode), directory
-    assert built.programs == ("/bin/busybox", "/sbin/lvm", "/sbin/veritysetup")
+    assert built.programs == (
+        "/bin/busybox",
+        "/sbin/lvm",
+        "/sbin/veritysetup",
+        "/sbin/cryptsetup",
+        "/bin/tpm2",
+    )
+
+
+def test_archive_holds_cryptsetup_tpm2_tools_and_the_device_tcti(
+    members: dict[str, Member], built: initramfs.Initramfs
+) -> None:
+    assert members["/sbin/cryptsetup"].data == Path("/usr/sbin/cryptsetup").read_bytes()
+    assert members["/bin/tpm2"].data == Path("/usr/bin/tpm2").read_bytes()
+    for tool in (
+        "tpm2_load",
+        "tpm2_startauthsession",
+        "tpm2_policypcr",
+        "tpm2_unseal",
+        "tpm2_flushcontext",
+        "tpm2_nvread",
+        "tpm2_pcrread",
+    ):
+        member = members[f"/bin/{tool}"]
+        assert member.is_link and member.data == b"/bin/tpm2", tool
+        # Every tool /init runs is one of them, and the host's tpm2 is multi-call too.
+        assert Path(f"/usr/bin/{tool}").resolve() == Path("/usr/bin/tpm2")
+    init = members["/init"].data.decode()
+    used = set(re.findall(r"\btpm2_[a-z]+", init))
+    assert used <= set(initramfs.TPM2_TOOLS), used
+    # The TCTI tss2-tctildr dlopen()s for device:/dev/tpmrm0, at its soname path
+    # (the loader's default search path: there is no ld.so.cache), with its needs.
+    tcti = "/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0"
+    assert members[tcti].is_file
+    assert members[tcti].data == Path(tcti).resolve().read_bytes()
+    assert tcti in built.libraries
+    for lib in _ldd(Path(tcti)):
+        assert members[lib].data == Path(lib).read_bytes(), lib
+        assert lib in built.libraries
+    assert b"libtss2-tcti-device.so.0" in members["/lib/x86_64-linux-gnu/libtss2-tctildr.so.0"].data
+
+
+def test_missing_dlopened_library_says_run_make_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(initramfs, "LIBRARY_DIRS", ())
+    with pytest.raises(RampartError, match=r"libtss2-nothing\.so\.0: .*run `make setup`"):
+        initramfs.find_library("libtss2-nothing.so.0")
 
 
 def test_busybox_applets_are_links_to_busybox(members: dict[str, Member]) -> None:
@@ -221,7 +284,7 @@ def _ldd(program: Path) -> list[str]:
     return libs
 
 
-@pytest.mark.parametrize("program", ["lvm", "veritysetup"])
+@pytest.mark.parametrize("program", ["lvm", "veritysetup", "cryptsetup", "tpm2"])
 def test_every_library_ldd_lists_is_in_the_archive(
     members: dict[str, Member], program: str
 ) -> None:
@@ -233,7 +296,9 @@ def test_every_library_ldd_lists_is_in_the_archive(
         assert members[lib].data == Path(lib).read_bytes(), f"{lib} differs from the host's"
 
 
-@pytest.mark.parametrize("path", ["/sbin/lvm", "/sbin/veritysetup"])
+@pytest.mark.parametrize(
+    "path", ["/sbin/lvm", "/sbin/veritysetup", "/sbin/cryptsetup", "/bin/tpm2"]
+)
 def test_dynamic_loader_is_there_at_the_programs_interpreter_path(
     members: dict[str, Member], path: str
 ) -> None:
@@ -273,11 +338,17 @@ def test_listed_modules_and_their_dependencies_are_in_the_archive(
         *("dm-mod", "dm-verity", "dm-bufio", "squashfs", "ext4", "jbd2", "mbcache", "crc16"),
         *("crc32c_generic", "virtio_blk", "virtio_pci", "virtio_scsi", "ahci", "sd_mod"),
         *("vfat", "fat", "nls_cp437", "nls_iso8859-1", "tpm_tis", "tpm_crb"),
+        # LUKS2 with integrity: authenc(hmac(sha256),xts(aes)) on dm-crypt over dm-integrity
+        *("dm-crypt", "dm-integrity", "async_xor", "xts", "ecb", "authenc"),
+        *("hmac", "sha256_generic", "aes_generic", "aesni-intel", "algif_skcipher"),
     ]
     for name in wanted:
         norm = initramfs.module_name(name)
         assert norm in names or norm in builtin, f"{name} is neither in the archive nor built in"
     assert {"tpm_tis", "tpm_crb"} <= builtin  # Debian 12 builds the TPM drivers in
+    assert {"hmac", "sha256_generic", "aes_generic"} <= builtin  # and these ciphers
+    for name in ("dm-crypt", "dm-integrity", "xts", "ecb", "authenc"):
+        assert initramfs.module_name(name) in names, f"{name} is not in the archive"
     # Against the kernel package's full modules.dep (depmod over every module):
     for name in (*initramfs.REQUIRED_MODULES, *initramfs.BEST_EFFORT_MODULES):
         path = kernel_modules.file_of(name)
@@ -318,27 +389,43 @@ def test_init_loads_the_modules_it_carries_and_skips_builtins(
     assert (*best.group(1).split(), *required.group(1).split()) == built.load_order
 
 
-def test_busybox_sh_accepts_init(members: dict[str, Member], tmp_path: Path) -> None:
-    script = tmp_path / "init"
-    script.write_bytes(members["/init"].data)
-    done = subprocess.run(
-        ["/bin/busybox", "sh", "-n", str(script)], capture_output=True, text=True, check=False
+def test_busybox_sh_accepts_init(
+    members: dict[str, Member], built: initramfs.Initramfs, tmp_path: Path
+) -> None:
+    installer = initramfs.init_script(
+        built.kernel_release,
+        initramfs.REQUIRED_MODULES,
+        (*initramfs.BEST_EFFORT_MODULES, *initramfs.INSTALLER_MODULES),
+        installer=True,
     )
-    assert done.returncode == 0, done.stderr
-    assert "@" not in re.sub(r"dm-devel@|\$@|\"\$@\"", "", members["/init"].data.decode())
+    for name, text in (("init", members["/init"].data.decode()), ("installer", installer)):
+        script = tmp_path / name
+        script.write_text(text)
+        done = subprocess.run(
+            ["/bin/busybox", "sh", "-n", str(script)], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert "@" not in re.sub(r"dm-devel@|\$@|\"\$@\"", "", text), name
 
 
 def test_init_reads_the_parameters_kernel_cmdline_writes(members: dict[str, Member]) -> None:
     init = members["/init"].data.decode()
     line = uki.kernel_cmdline(
         VG, VERSION, roothash="ab" * 32, hash_offset=4096, data_blocks=1, fec_offset=8192,
-        fec_roots=2,
+        fec_roots=2, epoch=3,
     )  # fmt: skip
+    assert "rampart.epoch=3" in line
     for key in uki.cmdline_params(line):
         if key.startswith("rampart."):
             assert f"{key}=*)" in init, f"/init does not read {key}"
     assert "veritysetup open" in init and "switch_root" in init
-    assert "HOOK: the state partition (issue 7)" in init
+    assert "\nopen_state\n" in init and "\ncheck_epoch\n" in init
+    assert f'[ "$value" \\> {uki.MAX_EPOCH} ]' in init
+    assert f"tpm2_nvread -C o -s 8 0x{tpm.COUNTER_INDEX:08x}" in init
+    assert f"tpm2_load -Q -C 0x{tpm.PRIMARY_HANDLE:08x}" in init
+    assert f"--key-slot {tpm.TPM_KEYSLOT} --key-file=-" in init
+    assert f"--key-slot {tpm.RECOVERY_KEYSLOT} --key-file=-" in init
+    assert f"SEALED={tpm.SEALED_DIR} " in init
 
 
 def test_archive_is_reproducible_and_normalised(
@@ -427,16 +514,26 @@ class Boot:
 
 
 def boot_direct(
-    work: Path, initrd: Path, cmdline: str, disk: Path, timeout: float = BOOT_TIMEOUT
+    work: Path,
+    initrd: Path,
+    cmdline: str,
+    disk: Path,
+    timeout: float = BOOT_TIMEOUT,
+    *,
+    tpm_state: Path | None = None,
+    answers: Sequence[tuple[str, str]] = (),
 ) -> Boot:
     """Boot the Debian kernel with `initrd` (TCG, no firmware), `disk` as virtio.
 
-    Returns when the guest powers off or after `timeout` s; QEMU is always
-    killed before returning.
+    With `tpm_state`, a swtpm with that state directory is the guest's TPM (TIS).
+    `answers` are typed on the serial console in order, each once its text has
+    appeared. Returns when the guest powers off or after `timeout` s; QEMU and
+    swtpm are always killed before returning.
     """
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is missing: run make setup")
-    log = work / f"console-{time.monotonic_ns()}.log"
+    stamp = time.monotonic_ns()
+    log = work / f"console-{stamp}.log"
     log.write_bytes(b"")
     argv = [
         "qemu-system-x86_64",
@@ -444,11 +541,14 @@ def boot_direct(
         "q35,accel=tcg",
         "-m",
         "512",
-        "-nographic",
+        "-display",
+        "none",
         "-monitor",
         "none",
+        "-chardev",
+        f"stdio,id=ser0,signal=off,logfile={log}",
         "-serial",
-        f"file:{log}",
+        "chardev:ser0",
         "-net",
         "none",
         "-no-reboot",
@@ -461,28 +561,73 @@ def boot_direct(
         "-drive",
         f"if=virtio,format=raw,file={disk}",
     ]
+    swtpm = None
+    if tpm_state is not None:
+        socket_path = work / f"swtpm-{stamp}.sock"
+        swtpm = subprocess.Popen(
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={tpm_state}",
+                "--ctrl",
+                f"type=unixio,path={socket_path}",
+                "--terminate",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            if swtpm.poll() is not None or time.monotonic() > deadline:
+                swtpm.kill()
+                pytest.fail(f"swtpm did not start: {swtpm.communicate()[1]!r}")
+            time.sleep(0.05)
+        argv += [
+            "-chardev",
+            f"socket,id=chrtpm,path={socket_path}",
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=chrtpm",
+            "-device",
+            "tpm-tis,tpmdev=tpm0",
+        ]
     start = time.monotonic()
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     exited = False
+    pending, searched = list(answers), 0
     try:
         while time.monotonic() - start < timeout:
             if proc.poll() is not None:
                 exited = True
                 break
+            if pending and proc.stdin is not None:
+                text = log.read_text(errors="replace")
+                at = text.find(pending[0][0], searched)
+                if at >= 0:
+                    proc.stdin.write(pending[0][1].encode())
+                    proc.stdin.flush()
+                    searched = at + len(pending.pop(0)[0])
             time.sleep(0.25)
     finally:
         if proc.poll() is None:
             proc.kill()
         _, err = proc.communicate(timeout=30)
+        if swtpm is not None:
+            swtpm.kill()
+            swtpm.wait(10)
     console = log.read_text(errors="replace")
     if exited and proc.returncode != 0:
         raise AssertionError(f"qemu failed: {err.decode(errors='replace')[-2000:]}")
     return Boot(console, time.monotonic() - start, exited)
 
 
-def _cmdline(roothash: str, hash_offset: int, data_blocks: int, *extra: str) -> str:
+def _cmdline(
+    roothash: str, hash_offset: int, data_blocks: int, *extra: str, epoch: int | None = None
+) -> str:
     return uki.kernel_cmdline(
         VG,
         VERSION,
@@ -491,6 +636,7 @@ def _cmdline(roothash: str, hash_offset: int, data_blocks: int, *extra: str) -> 
         data_blocks=data_blocks,
         extra=["console=ttyS0", *extra],
         lockdown=None,
+        epoch=epoch,
     )
 
 
@@ -557,45 +703,114 @@ poweroff -f
 """
 
 SETUP_INIT = f"""#!/bin/sh
-# Test only: make the disk the device initramfs expects, then power off.
+# Test only: make the disk the device initramfs expects, then power off. The
+# host wrote the GPT (vda1 "esp", vda2 "lvm") and sealed /key to its swtpm.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
-mkdir -p /run/lvm /run/lock/lvm /mnt
+mkdir -p /run/lvm /run/lock/lvm /run/cryptsetup /mnt
 die() {{ echo "RAMPART-SETUP-FAILED: $*"; poweroff -f; sleep 60; }}
-for m in virtio_pci virtio_blk dm-mod crc32c_generic ext4; do
+for m in virtio_pci virtio_blk $(cat /modules) vfat nls_cp437 nls_ascii; do
     modprobe "$m" || die "modprobe $m"
 done
-[ -b /dev/vda ] || die "no /dev/vda"
-lvm pvcreate -y /dev/vda || die pvcreate
-lvm vgcreate -y {VG} /dev/vda || die vgcreate
+[ -b /dev/vda1 ] && [ -b /dev/vda2 ] || die "no /dev/vda1 and /dev/vda2"
+mkdosfs -n ESP /dev/vda1 >/dev/null || die mkdosfs
+mount -t vfat /dev/vda1 /mnt || die "mount ESP"
+mkdir -p /mnt/{tpm.SEALED_DIR} && cp /sealed/* /mnt/{tpm.SEALED_DIR}/ || die "sealed key"
+umount /mnt || die "umount ESP"
+lvm pvcreate -y /dev/vda2 || die pvcreate
+lvm vgcreate -y {VG} /dev/vda2 || die vgcreate
 lvm lvcreate -y -W y -L @CORE_MIB@m -n core_{VERSION} {VG} || die "lvcreate core"
-lvm lvcreate -y -W y -L 8m -n core_state {VG} || die "lvcreate state"
+lvm lvcreate -y -W y -L 40m -n core_state {VG} || die "lvcreate state"
 dd if=/core.img of=/dev/{VG}/core_{VERSION} bs=1M conv=fsync 2>/dev/null || die "dd core"
-/sbin/mke2fs -q -F -t ext4 /dev/{VG}/core_state || die mke2fs
-mount -t ext4 /dev/{VG}/core_state /mnt || die "mount state"
+# As rampart.state.format_volume, with PBKDF2 for the passphrase too (TCG is slow).
+state=/dev/{VG}/core_state
+pbkdf="--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --hash sha256"
+cryptsetup luksFormat --batch-mode --type luks2 --cipher {rstate.CIPHER} \\
+    --key-size {rstate.KEY_BITS} --integrity {rstate.INTEGRITY} $pbkdf \\
+    --key-slot {tpm.TPM_KEYSLOT} --key-file=/key $state || die luksFormat
+cryptsetup luksAddKey --batch-mode $pbkdf --key-slot {tpm.RECOVERY_KEYSLOT} \\
+    --key-file=/key $state /passphrase || die luksAddKey
+cryptsetup open --type luks2 --key-file=/key $state state || die "cryptsetup open"
+/sbin/mke2fs -q -F -t ext4 /dev/mapper/state || die mke2fs
+mount -t ext4 /dev/mapper/state /mnt || die "mount state"
 echo "{STATE_NOTE}" > /mnt/note
 umount /mnt || die "umount state"
+cryptsetup close state || die "cryptsetup close"
 lvm vgchange -an {VG} || die vgchange
 sync
 echo {SETUP_DONE}
 poweroff -f
 """
 
+# GPT partition types: the ESP and Linux LVM.
+ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
+LVM_TYPE = uuid.UUID("e6d6d379-f507-44c2-a23c-238f2a3df928")
+
+
+def write_gpt(disk: Path, parts: Sequence[tuple[str, uuid.UUID, int, int]]) -> None:
+    """A GPT (protective MBR, both headers) on the image `disk`, 512-byte sectors;
+    `parts`: (name, type, first LBA, last LBA). The test has no sfdisk."""
+    sectors = disk.stat().st_size // 512
+    entries = bytearray(128 * 128)
+    for index, (name, kind, first, last) in enumerate(parts):
+        unique = uuid.uuid5(uuid.NAMESPACE_URL, f"rampart-test-partition-{index}")
+        entry = kind.bytes_le + unique.bytes_le + struct.pack("<QQQ", first, last, 0)
+        entries[index * 128 : (index + 1) * 128] = entry + name.encode("utf-16-le").ljust(72, b"\0")
+    guid = uuid.uuid5(uuid.NAMESPACE_URL, "rampart-test-disk")
+
+    def header(current: int, backup: int, table: int) -> bytes:
+        fields = (
+            b"EFI PART",
+            0x00010000,
+            92,
+            0,
+            0,
+            current,
+            backup,
+            34,
+            sectors - 34,
+            guid.bytes_le,
+            table,
+            128,
+            128,
+            zlib.crc32(entries),
+        )
+        raw = struct.pack("<8sIIIIQQQQ16sQIII", *fields)
+        raw = raw[:16] + struct.pack("<I", zlib.crc32(raw)) + raw[20:]
+        return raw.ljust(512, b"\0")
+
+    mbr = bytearray(512)
+    mbr[446:462] = struct.pack(
+        "<B3sB3sII", 0, b"\0\2\0", 0xEE, b"\xff\xff\xff", 1, min(sectors - 1, 0xFFFFFFFF)
+    )
+    mbr[510:512] = b"\x55\xaa"
+    with disk.open("r+b") as handle:
+        handle.write(bytes(mbr) + header(1, sectors - 1, 2) + bytes(entries))
+        handle.seek((sectors - 33) * 512)
+        handle.write(bytes(entries) + header(sectors - 1, 1, sectors - 33))
+
 
 @dataclass(frozen=True)
 class Prepared:
     disk: Path
+    tpm_state: Path  # the swtpm the state key is sealed to (PCR 23)
     meta: core.CoreMeta
     bundle: bytes
+    passphrase: str
     setup: Boot
+
+
+SEALED_PCR = 23  # no firmware or kernel extends it: the same in every guest boot
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
-    """A disk with mainvg/core_1.0.0 (a tiny Core) and core_state, made in a guest."""
+    """A GPT disk: the ESP with the state key sealed to a swtpm, and mainvg with
+    core_1.0.0 (a tiny Core) and core_state (LUKS2 with integrity, ext4 inside),
+    made in a guest; the swtpm's state directory beside it."""
     work = tmp_path_factory.mktemp("prepared")
     tree = work / "rootfs"
     for directory in ("bin", "sbin", "dev", "proc", "sys", "run", "mnt/state", "tmp"):
@@ -609,31 +824,49 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     meta = core.build_core(tree, parse_version(VERSION), work / "core")
     bundle = (work / "core" / f"core-{VERSION}.img").read_bytes()
 
+    # The state key, sealed on the host to PCR 23 of the swtpm the guests get.
+    key, passphrase = rstate.new_key(), rstate.new_recovery_passphrase()
+    tpm_state, sealed = work / "tpm", work / "sealed"
+    sealed.mkdir()
+    for chip in start_swtpm(tpm_state):
+        chip.seal(key, sealed / tpm.SEALED_PUB, sealed / tpm.SEALED_PRIV, (SEALED_PCR,))
+    (sealed / tpm.SEALED_PCRS).write_text(tpm.pcr_selection((SEALED_PCR,)) + "\n")
+
     archive = Archive()
     initramfs.add_base(archive)
     initramfs.add_busybox(archive)
-    initramfs.add_program(archive, initramfs.find_program("lvm"), "/sbin/lvm")
+    for name in ("lvm", "cryptsetup"):
+        initramfs.add_program(archive, initramfs.find_program(name), f"/sbin/{name}")
     # e2fsprogs' mke2fs replaces busybox's (ext2 only); /init calls it by path, as
     # Debian's busybox shell runs its own applets before searching PATH.
     initramfs.add_program(archive, initramfs.find_program("mke2fs"), "/sbin/mke2fs", replace=True)
     kernel = initramfs.unpack_kernel(kernel_deb(), work / "kernel")
-    initramfs.add_modules(
-        archive, kernel, (*initramfs.REQUIRED_MODULES, "virtio_pci", "virtio_blk"), work / "kernel"
-    )
+    extra = ("virtio_pci", "virtio_blk", "vfat", "nls_cp437", "nls_ascii")
+    initramfs.add_modules(archive, kernel, (*initramfs.REQUIRED_MODULES, *extra), work / "kernel")
     core_mib = -(-len(bundle) // (4 << 20)) * 4
     archive.add_file("/init", SETUP_INIT.replace("@CORE_MIB@", str(core_mib)).encode(), 0o755)
+    archive.add_file("/modules", " ".join(initramfs.REQUIRED_MODULES).encode())
     archive.add_file("/core.img", bundle)
+    archive.add_file("/key", key, 0o600)
+    archive.add_file("/passphrase", passphrase.encode(), 0o600)
+    for path in sorted(sealed.iterdir()):
+        archive.add_copy(f"/sealed/{path.name}", path)
     setup_initrd = work / "setup.img"
     archive.write_gzip(setup_initrd)
 
     disk = work / "disk.img"
     with disk.open("wb") as handle:
-        handle.truncate(64 << 20)
-    setup = boot_direct(work, setup_initrd, "console=ttyS0 panic=-1", disk)
+        handle.truncate(128 << 20)
+    esp_end = 2048 + (16 << 20) // 512
+    write_gpt(
+        disk,
+        [("esp", ESP_TYPE, 2048, esp_end - 1), ("lvm", LVM_TYPE, esp_end, (128 << 20) // 512 - 34)],
+    )
+    setup = boot_direct(work, setup_initrd, "console=ttyS0 panic=-1", disk, timeout=300)
     _report("setup guest", setup)
     assert SETUP_DONE in setup.console, setup.console[-3000:]
     assert setup.exited
-    return Prepared(disk, meta, bundle, setup)
+    return Prepared(disk, tpm_state, meta, bundle, passphrase, setup)
 
 
 def _disk_copy(prepared: Prepared, work: Path) -> Path:
@@ -642,22 +875,40 @@ def _disk_copy(prepared: Prepared, work: Path) -> Path:
     return disk
 
 
+def _tpm_copy(prepared: Prepared, work: Path) -> Path:
+    """The swtpm state the state key is sealed to, for one boot."""
+    return Path(shutil.copytree(prepared.tpm_state, work / "tpm"))
+
+
+UNLOCKED_TPM = "rampart: state partition unlocked with the TPM"
+UNLOCKED_PASSPHRASE = "rampart: state partition unlocked with the recovery passphrase"
+ASK = f"; enter the recovery passphrase for {VG}/core_state"
+PASSPHRASE_PROMPT = f"Enter passphrase for /dev/{VG}/core_state: "
+
+
 @pytest.mark.vm
 def test_boot_opens_core_with_dm_verity_and_switches_root(
     built: initramfs.Initramfs, prepared: Prepared, tmp_path: Path
 ) -> None:
+    """With the TPM the key is sealed to: no prompt, the state is the LUKS2 volume."""
     meta = prepared.meta.verity
     disk = _disk_copy(prepared, tmp_path)
     result = boot_direct(
-        tmp_path, built.path, _cmdline(meta.root_hash, meta.hash_offset, meta.data_blocks), disk
+        tmp_path,
+        built.path,
+        _cmdline(meta.root_hash, meta.hash_offset, meta.data_blocks),
+        disk,
+        tpm_state=_tpm_copy(prepared, tmp_path),
     )
     _report("Core boot", result)
     console = result.console.replace("\r", "")
     assert CORE_MARKER in console, console[-4000:]
     assert result.exited
     assert result.lines("rampart:") == [
-        f"rampart: booting Core {CORE} (dm-verity root hash {meta.root_hash})"
+        UNLOCKED_TPM,
+        f"rampart: booting Core {CORE} (dm-verity root hash {meta.root_hash})",
     ]
+    assert "Enter passphrase" not in console
     dm = result.lines("CORE-ROOT-DM:")[0].split()
     assert dm[1] == f"verity_core_{VERSION}"
     assert dm[2].startswith("CRYPT-VERITY-")
@@ -666,11 +917,90 @@ def test_boot_opens_core_with_dm_verity_and_switches_root(
     assert mount[3].startswith("ro,"), mount
     assert result.lines("CORE-ROOT-WRITABLE:") == ["CORE-ROOT-WRITABLE: no"]
     state = result.lines("CORE-STATE-MOUNT:")[0].split()
-    assert state[1:3] == [f"/dev/{VG}/core_state", "ext4"], state
+    assert state[1:3] == ["/dev/mapper/state", "ext4"], state
     assert state[3].startswith("rw,") and {"nosuid", "nodev"} <= set(state[3].split(","))
     assert result.lines("CORE-STATE-NOTE:") == [f"CORE-STATE-NOTE: {STATE_NOTE}"]
     assert result.lines("CORE-STATE-WRITABLE:") == ["CORE-STATE-WRITABLE: yes"]
     assert result.lines("CORE-PID:") == ["CORE-PID: 1"]
+
+
+@pytest.mark.vm
+def test_boot_without_a_tpm_asks_for_the_recovery_passphrase(
+    built: initramfs.Initramfs, prepared: Prepared, tmp_path: Path
+) -> None:
+    meta = prepared.meta.verity
+    disk = _disk_copy(prepared, tmp_path)
+    result = boot_direct(
+        tmp_path,
+        built.path,
+        _cmdline(meta.root_hash, meta.hash_offset, meta.data_blocks),
+        disk,
+        answers=[(PASSPHRASE_PROMPT, prepared.passphrase + "\n")],
+    )
+    _report("no TPM, recovery passphrase", result)
+    console = result.console.replace("\r", "")
+    assert CORE_MARKER in console, console[-4000:]
+    assert result.lines("rampart:") == [
+        f"rampart: no TPM{ASK}",
+        UNLOCKED_PASSPHRASE,
+        f"rampart: booting Core {CORE} (dm-verity root hash {meta.root_hash})",
+    ]
+    assert prepared.passphrase not in console  # not echoed
+    state = result.lines("CORE-STATE-MOUNT:")[0].split()
+    assert state[1:3] == ["/dev/mapper/state", "ext4"], state
+    assert result.lines("CORE-STATE-NOTE:") == [f"CORE-STATE-NOTE: {STATE_NOTE}"]
+
+
+@pytest.mark.vm
+def test_boot_with_another_tpm_and_a_wrong_passphrase_stops_with_one_line(
+    built: initramfs.Initramfs, prepared: Prepared, tmp_path: Path
+) -> None:
+    meta = prepared.meta.verity
+    disk = _disk_copy(prepared, tmp_path)
+    other = tmp_path / "other-tpm"
+    other.mkdir()
+    result = boot_direct(
+        tmp_path,
+        built.path,
+        _cmdline(meta.root_hash, meta.hash_offset, meta.data_blocks),
+        disk,
+        tpm_state=other,
+        answers=[(PASSPHRASE_PROMPT, "not-the-passphrase\n")],
+    )
+    _report("another TPM, wrong passphrase", result)
+    assert result.exited, result.console[-3000:]
+    assert CORE_MARKER not in result.console
+    assert result.lines("rampart:") == [
+        f"rampart: the TPM cannot load the sealed state key (sealed by another TPM?){ASK}",
+        f"rampart: the recovery passphrase does not open the state partition {VG}/core_state",
+    ], result.console[-3000:]
+    assert "reboot: Power down" in result.console
+
+
+@pytest.mark.vm
+def test_boot_of_an_epoch_below_the_tpm_counter_is_refused(
+    built: initramfs.Initramfs, prepared: Prepared, tmp_path: Path
+) -> None:
+    meta = prepared.meta.verity
+    disk = _disk_copy(prepared, tmp_path)
+    tpm_state = _tpm_copy(prepared, tmp_path)
+    for chip in start_swtpm(tpm_state):
+        counter = chip.advance_counter(2)
+    result = boot_direct(
+        tmp_path,
+        built.path,
+        _cmdline(meta.root_hash, meta.hash_offset, meta.data_blocks, epoch=counter - 1),
+        disk,
+        tpm_state=tpm_state,
+    )
+    _report("epoch below the counter", result)
+    assert result.exited, result.console[-3000:]
+    assert CORE_MARKER not in result.console
+    assert result.lines("rampart:") == [
+        f"rampart: Core {CORE} has security epoch {counter - 1}, below the TPM's rollback "
+        f"counter {counter}: refusing to boot an older version"
+    ], result.console[-3000:]
+    assert "reboot: Power down" in result.console
 
 
 @pytest.mark.vm

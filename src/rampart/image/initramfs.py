@@ -1,5 +1,7 @@
-"""The device's initramfs: open the Core named on the kernel command line with
-dm-verity, mount it read-only as `/`, mount the state partition, switch root.
+"""The device's initramfs: refuse a Core older than the TPM's rollback counter,
+open the Core named on the kernel command line with dm-verity, mount it
+read-only as `/`, unlock the LUKS2 state partition with the TPM (or the
+recovery passphrase), mount it, switch root.
 
 `build_initramfs(out, kernel_deb)` writes a gzip'ed newc cpio (`rampart.image.cpio`)
 holding:
@@ -8,6 +10,12 @@ holding:
     /bin/busybox + applets    busybox-static, one symlink per applet
     /sbin/lvm                 from lvm2, with every shared library `ldd` lists
     /sbin/veritysetup         from cryptsetup-bin, likewise
+    /sbin/cryptsetup          from cryptsetup-bin, likewise
+    /bin/tpm2 + TPM2_TOOLS    tpm2-tools' multi-call binary, likewise, and a link
+                              to it for each tool /init runs (tpm2_load, ...)
+    /lib/x86_64-linux-gnu/libtss2-tcti-device.so.0
+                              the TCTI tss2-tctildr dlopen()s for device:/dev/tpmrm0
+                              (ldd does not show it), with its own libraries
     /lib64/ld-linux-x86-64.so.2, /lib/x86_64-linux-gnu/...   the loader and libraries
     /lib/modules/<kver>/      the boot modules (REQUIRED_MODULES, BEST_EFFORT_MODULES)
                               and their dependencies, for the exact kernel in the
@@ -19,7 +27,7 @@ The kernel modules come from the Debian kernel package itself (`dpkg-deb -x`):
 its modules.dep is made by depmod at installation, so `depmod` runs on the
 unpacked tree to find the dependencies, and again on the subset that goes into
 the archive. A module the kernel has built in (modules.builtin: on Debian 12
-tpm_tis and tpm_crb) needs no file.
+tpm_tis, tpm_crb, hmac, sha256_generic, aes_generic) needs no file.
 
 The command line `/init` reads is the one `rampart.image.uki.kernel_cmdline`
 writes (and the UKI's signature pins):
@@ -27,17 +35,26 @@ writes (and the UKI's signature pins):
     rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
     rampart.verity.hashoffset=<bytes> rampart.verity.datablocks=<n>
     [rampart.verity.fecoffset=<bytes> rampart.verity.fecroots=<n>]
-    [root=/dev/mapper/verity_core_<V>] [rootdelay=<s>] [panic=<s>]
+    [rampart.epoch=<n>] [root=/dev/mapper/verity_core_<V>] [rootdelay=<s>] [panic=<s>]
 
-`/init` activates the LV (`lvm lvchange -ay`, retried until `rootdelay` seconds,
+`/init` first compares the Core's security epoch (`rampart.epoch`, 0 when absent,
+read as uki.cmdline_epoch reads it) with the TPM's rollback counter (NV index
+tpm.COUNTER_INDEX, 0 when it is not defined or there is no TPM: without a TPM
+there is no offline rollback protection) and stops when the epoch is lower.
+It activates the LV (`lvm lvchange -ay`, retried until `rootdelay` seconds,
 default ROOT_WAIT, have passed, as disks may appear late), runs `veritysetup
 open` with the root hash and offsets (the superblock at the hash offset gives
 the salt; the root hash binds it), mounts `/dev/mapper/verity_core_<V>`
-read-only, activates `<VG>/core_state` and mounts it on `/mnt/state` (plain
-ext4 for now: the TPM-sealed LUKS2 volume of issue 7 replaces the marked hook
-`open_state`), moves /dev, /proc, /sys and /run into the new root and
-`switch_root`s to `/sbin/init`. `init=` is not honoured: the Core's own
-/sbin/init runs.
+read-only, then opens the state partition: `<VG>/core_state` is LUKS2 (with
+integrity); the sealed state key is read from the ESP (the GPT partition named
+`esp`, preferably on the volume group's disk: `<ESP>/rampart/tpm/state.pub`,
+`state.priv`, `state.pcrs`), unsealed as `rampart.tpm.Tpm.unseal` does and piped
+straight into `cryptsetup open` (keyslot tpm.TPM_KEYSLOT) as
+`/dev/mapper/state`: never into a file. If any step of that fails, one line
+says why and asks for the recovery passphrase (keyslot tpm.RECOVERY_KEYSLOT) on
+the console. The volume is mounted on `/mnt/state`; /dev, /proc, /sys and /run
+move into the new root and `switch_root` runs `/sbin/init`. `init=` is not
+honoured: the Core's own /sbin/init runs.
 
 Any failure prints one line on the console, `rampart: <what failed>: <the
 tool's reason>`, and stops the machine: `poweroff -f` after FAIL_DELAY
@@ -45,6 +62,10 @@ seconds, so nothing unverified ever runs and a test VM ends by itself. With
 `panic=N` (N > 0) on the command line it reboots after N seconds instead (N < 0:
 at once), which lets systemd-boot's boot counting fall back to the other
 version, as the kernel's own `panic=` does for a panic.
+
+The installer's initramfs (`installer=True`, INSTALLER_INIT) carries the same
+programs and modules (the installer formats the LUKS2 volume) but neither
+checks the epoch nor opens the state partition.
 
 The output is reproducible: entries sorted, owner 0:0, mtime 0, gzip without
 name or timestamp; the same inputs give the same bytes.
@@ -62,13 +83,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rampart import run
+from rampart import run, tpm
 from rampart.errors import LocalError, UsageError
 from rampart.image.cpio import Archive
+from rampart.image.uki import MAX_EPOCH
 
 BUSYBOX = Path("/bin/busybox")
 # Program -> where it lives in the archive. The host's binaries are copied.
-PROGRAMS = {"lvm": "/sbin/lvm", "veritysetup": "/sbin/veritysetup"}
+PROGRAMS = {
+    "lvm": "/sbin/lvm",
+    "veritysetup": "/sbin/veritysetup",
+    "cryptsetup": "/sbin/cryptsetup",
+    "tpm2": "/bin/tpm2",  # tpm2-tools' multi-call binary
+}
+# Links to /bin/tpm2: the tools /init runs (tpm2 picks the tool from its name).
+TPM2_TOOLS = (
+    "tpm2_load",
+    "tpm2_startauthsession",
+    "tpm2_policypcr",
+    "tpm2_unseal",
+    "tpm2_flushcontext",
+    "tpm2_nvread",
+    "tpm2_pcrread",
+)
+# tss2-tctildr dlopen()s the TCTI named by TPM2TOOLS_TCTI ("device" ->
+# libtss2-tcti-device.so.0), which ldd does not show. It goes into the archive at
+# its soname path, in a directory the loader searches by default (there is no
+# ld.so.cache in the archive).
+DLOPENED_LIBRARIES = ("libtss2-tcti-device.so.0",)
+LIBRARY_DIRS = (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"))
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Where scripts/fetch-kernel.sh keeps the kernel package (root-owned, not a temp file).
 CACHE = Path(os.environ.get("RAMPART_CACHE", "/var/tmp/rampart-cache"))  # noqa: S108
@@ -77,10 +120,21 @@ CACHE = Path(os.environ.get("RAMPART_CACHE", "/var/tmp/rampart-cache"))  # noqa:
 # come along: dm-verity pulls reed_solomon for FEC, ext4 pulls crc16, mbcache,
 # jbd2. crc32c_generic is loaded before ext4 and jbd2, which need the crc32c
 # transform for metadata checksums (their softdep "pre: crypto-crc32c").
+# The state partition is LUKS2 with integrity: dm-crypt over dm-integrity
+# (which pulls async_xor), cipher aes-xts-plain64 with hmac-sha256 tags, i.e.
+# the AEAD authenc(hmac(sha256),xts(aes)). Debian's kernel builds hmac,
+# sha256_generic and aes_generic in; xts, authenc and ecb are modules (xts(aes)
+# is made of ecb(aes) when no CPU-specific xts-aes is loaded). They are loaded
+# here rather than left to the kernel's request_module, which needs aliases.
 REQUIRED_MODULES = (
     "dm-mod",
     "dm-bufio",
     "dm-verity",
+    "dm-integrity",
+    "dm-crypt",
+    "ecb",
+    "xts",
+    "authenc",
     "squashfs",
     "crc32c_generic",
     "crc16",
@@ -89,8 +143,10 @@ REQUIRED_MODULES = (
     "ext4",
 )
 # Tried, and their failure ignored: disk controllers a machine may not have,
-# a CPU-specific crc32c, the ESP's filesystem and code pages (for the running
-# system), the TPM (built into Debian's kernel; issue 7 uses it here).
+# CPU-specific crc32c and AES (AES-NI), the kernel crypto API for user space
+# (cryptsetup decrypts keyslots with it, else through a temporary dm-crypt
+# device), the ESP's filesystem and code pages (/init reads the sealed state key
+# there; the running system mounts it too), the TPM (built into Debian's kernel).
 BEST_EFFORT_MODULES = (
     "virtio_pci",
     "virtio_blk",
@@ -101,6 +157,8 @@ BEST_EFFORT_MODULES = (
     "sd_mod",
     "nvme",
     "crc32c-intel",
+    "aesni-intel",
+    "algif_skcipher",
     "vfat",
     "nls_cp437",
     "nls_iso8859-1",
@@ -136,8 +194,10 @@ global {
 
 _INIT_HEAD = r"""#!/bin/sh
 # Rampart initramfs /init, generated by rampart.image.initramfs for kernel @KVER@.
-# Opens the Core named on the kernel command line with dm-verity, mounts it
-# read-only as /, mounts the state partition on /mnt/state, switches root.
+# Refuses a Core whose security epoch is below the TPM's rollback counter, opens
+# the Core named on the kernel command line with dm-verity, mounts it read-only
+# as /, unlocks the LUKS2 state partition with the TPM (else the recovery
+# passphrase), mounts it on /mnt/state, switches root.
 # Any failure prints ONE line "rampart: ..." and stops the machine: poweroff -f
 # after @FAIL_DELAY@ s, or with panic=N (N > 0) reboot -f after N s (N < 0: now).
 
@@ -207,6 +267,7 @@ mkdir -p /run/rampart /run/lvm /run/lock/lvm /run/cryptsetup
 # plus rampart.install.*).
 _INIT_CMDLINE = r"""# ---- the command line --------------------------------------------------------
 core= roothash= hashoffset= datablocks= fecoffset= fecroots= root= rootdelay=@ROOT_WAIT@
+epoch=0
 install_target= install_payload= install_wipe=
 for word in $(cat /proc/cmdline); do
     case $word in
@@ -216,6 +277,7 @@ for word in $(cat /proc/cmdline); do
         rampart.verity.datablocks=*) datablocks=${word#*=} ;;
         rampart.verity.fecoffset=*) fecoffset=${word#*=} ;;
         rampart.verity.fecroots=*) fecroots=${word#*=} ;;
+        rampart.epoch=*) epoch=${word#*=} ;;
         root=*) root=${word#*=} ;;
         rootdelay=*) rootdelay=${word#*=} ;;
         panic=*) panic=${word#*=} ;;
@@ -263,6 +325,18 @@ if [ -n "$root" ] && [ "$root" != "/dev/mapper/$name" ]; then
 fi
 # Decimal seconds, at most 7 digits, no leading zero (ash would read 08 as octal).
 case $rootdelay in '' | *[!0-9]* | 0?* | ????????*) rootdelay=@ROOT_WAIT@ ;; esac
+# The security epoch (absent: 0): 1 to 19 decimal digits, at most 2^63-1, as
+# rampart.image.uki.cmdline_epoch reads it. Leading zeros are dropped (ash would
+# read 010 as octal); ash's arithmetic is 64-bit.
+case $epoch in
+    '' | *[!0-9]* | ????????????????????*) fail "rampart.epoch=$epoch is not a number" ;;
+esac
+value=$epoch
+while case $value in 0?*) ;; *) false ;; esac do value=${value#0}; done
+if [ "${#value}" -eq 19 ] && [ "$value" \> @MAX_EPOCH@ ]; then
+    fail "rampart.epoch=$epoch is not a number"
+fi
+epoch=$value
 
 """
 
@@ -278,7 +352,204 @@ done
 
 """
 
-_INIT_DEVICE = r"""# ---- Core: LVM, dm-verity, read-only root ------------------------------------
+# Device only: the functions that check the security epoch and open the state
+# partition (host tests run this section on its own).
+_INIT_STATE = r"""# ---- functions: the rollback counter and the state partition -----------------
+# Host tests run this section on its own with fake commands (and the real
+# tpm2-tools against swtpm): it reads and writes only under $RUN, $ESP_MNT,
+# $SYS_BLOCK and $PRINTK, and reaches the TPM through $TPM2TOOLS_TCTI
+# (default device:/dev/tpmrm0).
+RUN=/run/rampart
+ESP_MNT=/run/esp
+SYS_BLOCK=/sys/class/block
+PRINTK=/proc/sys/kernel/printk
+SEALED=@SEALED_DIR@  # on the ESP: rampart.tpm.SEALED_DIR
+
+# The device node of a device: TCTI; nothing for another TCTI (swtpm).
+tpm_node() {
+    local tcti=${TPM2TOOLS_TCTI:-device:/dev/tpmrm0}
+    case $tcti in
+        device) echo /dev/tpmrm0 ;;
+        device:*) tcti=${tcti#device:}; echo "${tcti:-/dev/tpmrm0}" ;;
+    esac
+}
+
+tpm_present() {
+    local node
+    node=$(tpm_node)
+    [ -z "$node" ] || [ -e "$node" ]
+}
+
+# The TPM's rollback counter (NV index @COUNTER_INDEX@: 8 bytes, big-endian)
+# as 16 hex digits. Zero without a TPM, or when the index is not defined or was
+# never incremented (tpm2_nvread fails), as rampart.tpm.Tpm.counter reads it.
+counter_hex() {
+    local hex=
+    if tpm_present; then
+        hex=$(tpm2_nvread -C o -s 8 @COUNTER_INDEX@ 2>/dev/null | od -An -v -tx1 | tr -d ' \n')
+    fi
+    case $hex in *[!0-9a-f]*) hex= ;; esac
+    [ "${#hex}" -eq 16 ] || hex=0000000000000000
+    echo "$hex"
+}
+
+# Stop unless the Core's security epoch ($epoch, from rampart.epoch) is at least
+# the TPM's rollback counter, which the running system raises once a release is
+# good: an older release, with the vulnerabilities it fixed, must not boot.
+# Without a TPM the counter is 0 (no offline rollback protection).
+check_epoch() {
+    local hex
+    hex=$(counter_hex)
+    case $hex in
+        [0-7]*) [ "$((0x$hex))" -gt "$epoch" ] || return 0 ;;
+    esac
+    # ($hex from 8 up is 2^63 or more: above every epoch.)
+    fail "Core $core has security epoch $epoch, below the TPM's rollback counter" \
+        "$(printf %u "0x$hex"): refusing to boot an older version"
+}
+
+# The whole disk a block device is on: a partition's parent in sysfs, else itself.
+disk_of() {
+    local path
+    path=$(readlink -f "$SYS_BLOCK/$1") || path=$1
+    [ -e "$path/partition" ] && path=${path%/*}
+    echo "${path##*/}"
+}
+
+# The ESP: the GPT partition named "esp" (PARTNAME in sysfs: there is no udev
+# here), preferably on a disk holding a physical volume of $vg. Prints its name.
+find_esp() {
+    local pv disks= uevent name first=
+    for pv in $(lvm pvs --noheadings -o pv_name --select "vg_name=$vg" 2>/dev/null); do
+        disks="$disks $(disk_of "${pv##*/}")"
+    done
+    set +f
+    for uevent in "$SYS_BLOCK"/*/uevent; do
+        grep -qx PARTNAME=esp "$uevent" 2>/dev/null || continue
+        name=${uevent%/uevent}
+        name=${name##*/}
+        case " $disks " in *" $(disk_of "$name") "*) first=$name && break ;; esac
+        [ -n "$first" ] || first=$name
+    done
+    set -f
+    [ -n "$first" ] && echo "$first"
+}
+
+# Copy the sealed state key from the ESP into $RUN (tmpfs); the ESP is mounted
+# read-only for that moment only. Sets $why and fails when it cannot.
+fetch_sealed() {
+    local esp copied=no
+    rm -f "$RUN/state.pub" "$RUN/state.priv" "$RUN/state.pcrs"
+    esp=$(find_esp) || { why="no ESP (no partition named esp)"; return 1; }
+    mkdir -p "$ESP_MNT"
+    if ! mount -t vfat -o ro,nosuid,nodev,noexec "/dev/$esp" "$ESP_MNT" >"$LOG" 2>&1; then
+        why="cannot mount the ESP /dev/$esp: $(reason)"
+        return 1
+    fi
+    cp "$ESP_MNT/$SEALED/state.pub" "$ESP_MNT/$SEALED/state.priv" \
+        "$ESP_MNT/$SEALED/state.pcrs" "$RUN/" >"$LOG" 2>&1 && copied=yes
+    umount "$ESP_MNT" >/dev/null 2>&1
+    [ "$copied" = yes ] && return 0
+    why="no sealed state key on the ESP /dev/$esp ($SEALED/state.pub, state.priv, state.pcrs)"
+    return 1
+}
+
+# Unseal the state key as rampart.tpm.Tpm.unseal does and open the LUKS2 volume
+# $1 with it (keyslot @TPM_KEYSLOT@) as /dev/mapper/state. The key goes from
+# tpm2_unseal's stdout straight into cryptsetup's stdin: never into a file, a
+# variable or an argument. Sets $why and fails when the volume is not open.
+tpm_open_state() {
+    local dev=$1 pcrs status=
+    why=
+    tpm_present || { why="no TPM"; return 1; }
+    fetch_sealed || return 1
+    pcrs=$(cat "$RUN/state.pcrs")
+    case $pcrs in
+        sha256:[0-9]*) case ${pcrs#sha256:} in *[!0-9,]*) pcrs= ;; esac ;;
+        *) pcrs= ;;
+    esac
+    if [ -z "$pcrs" ]; then
+        why="the PCR selection $SEALED/state.pcrs on the ESP is not sha256:<PCRs>"
+        return 1
+    fi
+    if ! tpm2_load -Q -C @PRIMARY_HANDLE@ -u "$RUN/state.pub" -r "$RUN/state.priv" \
+        -c "$RUN/state.ctx" >"$LOG" 2>&1; then
+        tpm2_flushcontext -t >/dev/null 2>&1
+        why="the TPM cannot load the sealed state key (sealed by another TPM?)"
+        return 1
+    fi
+    if ! tpm2_startauthsession --policy-session -S "$RUN/session.ctx" >"$LOG" 2>&1; then
+        why="the TPM cannot start a policy session: $(reason)"
+    elif ! tpm2_policypcr -Q -S "$RUN/session.ctx" -l "$pcrs" >"$LOG" 2>&1; then
+        why="the TPM cannot apply the policy on PCR $pcrs: $(reason)"
+    else
+        # unseal=<its status> on fd 3, then open=<cryptsetup's>, into $status.
+        status=$({
+            { tpm2_unseal -c "$RUN/state.ctx" -p "session:$RUN/session.ctx" 2>/dev/null
+              echo "unseal=$?" >&3; } |
+                cryptsetup open --type luks2 --key-slot @TPM_KEYSLOT@ --key-file=- "$dev" state \
+                    >"$LOG" 2>&1 3>&-
+            echo "open=$?"
+        } 3>&1)
+    fi
+    tpm2_flushcontext "$RUN/session.ctx" >/dev/null 2>&1
+    tpm2_flushcontext -t >/dev/null 2>&1
+    rm -f "$RUN/state.ctx" "$RUN/session.ctx"
+    [ -z "$why" ] || return 1
+    case $status in
+        *unseal=0*open=0*) return 0 ;;
+        *unseal=0*open=2*) why="the unsealed key does not open $vg/core_state" ;;
+        *unseal=0*) why="cannot open $vg/core_state with the unsealed key: $(reason)" ;;
+        *) why="the TPM refuses to unseal the state key: PCR $pcrs differs from when"
+           why="$why it was sealed (Secure Boot disabled or its keys changed)" ;;
+    esac
+    return 1
+}
+
+# Open the state partition $vg/core_state (LUKS2) as /dev/mapper/state: with the
+# key the TPM unseals, else with the recovery passphrase typed on the console
+# (keyslot @RECOVERY_KEYSLOT@), after one line saying why. Sets $state.
+open_state() {
+    local dev=/dev/$vg/core_state pass level
+    activate core_state ||
+        fail "cannot activate the state partition $vg/core_state with LVM: $(reason)"
+    cryptsetup isLuks --type luks2 "$dev" >"$LOG" 2>&1 ||
+        fail "the state partition $vg/core_state is not a LUKS2 volume"
+    if tpm_open_state "$dev"; then
+        echo "rampart: state partition unlocked with the TPM"
+    else
+        level=$(cat "$PRINTK" 2>/dev/null)
+        level=${level%%[!0-9]*}
+        echo 1 >"$PRINTK" 2>/dev/null  # no kernel message inside the prompt
+        echo "rampart: $why; enter the recovery passphrase for $vg/core_state"
+        # Read here, not by cryptsetup: it flushes what was typed before its
+        # prompt, and its own messages would follow the line above. No echo from
+        # before the prompt on.
+        stty -echo 2>/dev/null
+        printf 'Enter passphrase for %s: ' "$dev"
+        IFS= read -rs pass || :  # (at the end of input: what was typed, if any)
+        stty echo 2>/dev/null
+        echo
+        if ! printf %s "$pass" | cryptsetup open --type luks2 --tries=1 \
+            --key-slot @RECOVERY_KEYSLOT@ --key-file=- "$dev" state >"$LOG" 2>&1; then
+            pass=
+            fail "the recovery passphrase does not open the state partition $vg/core_state"
+        fi
+        pass=
+        [ -z "$level" ] || echo "$level" >"$PRINTK" 2>/dev/null
+        echo "rampart: state partition unlocked with the recovery passphrase"
+    fi
+    state=/dev/mapper/state
+}
+# ---- end of functions ---------------------------------------------------------
+
+"""
+
+_INIT_DEVICE = r"""# ---- rollback protection: the security epoch against the TPM's counter ----
+export TPM2TOOLS_TCTI=device:/dev/tpmrm0
+check_epoch
+
+# ---- Core: LVM, dm-verity, read-only root ------------------------------------
 activate "$lv" || fail "cannot activate Core $core with LVM: $(reason)"
 data=/dev/$vg/$lv
 set -- veritysetup open "$data" "$name" "$data" "$roothash" \
@@ -302,18 +573,7 @@ for dir in dev proc sys run mnt/state; do
 done
 [ -e "$NEWROOT/sbin/init" ] || [ -L "$NEWROOT/sbin/init" ] || fail "Core $core has no /sbin/init"
 
-# ---- HOOK: the state partition (issue 7) ------------------------------------
-# For now core_state is plain ext4. Issue 7 replaces open_state: unseal the
-# state key with the TPM (policy on PCR 7), `cryptsetup open` the LUKS2 volume
-# (with integrity) as /dev/mapper/state with the key on a pipe (never on disk),
-# ask for the recovery passphrase when unsealing fails, and set $state to the
-# opened device. A failure must end in `fail`, like everything here.
-open_state() {
-    activate core_state ||
-        fail "cannot activate the state partition $vg/core_state with LVM: $(reason)"
-    state=/dev/$vg/core_state
-}
-# ---- end of HOOK ---------------------------------------------------------------
+# ---- the state partition: LUKS2, unlocked by the TPM or the recovery passphrase
 open_state
 mount -t ext4 -o rw,nosuid,nodev "$state" "$NEWROOT/mnt/state" >"$LOG" 2>&1 ||
     fail "cannot mount the state partition $state on /mnt/state: $(reason)"
@@ -327,7 +587,7 @@ umask 022
 exec switch_root "$NEWROOT" /sbin/init
 """
 
-INIT = _INIT_HEAD + _INIT_COMMON + _INIT_CMDLINE + _INIT_MODULES + _INIT_DEVICE
+INIT = _INIT_HEAD + _INIT_COMMON + _INIT_CMDLINE + _INIT_MODULES + _INIT_STATE + _INIT_DEVICE
 
 _INSTALLER_HEAD = r"""#!/bin/sh
 # Rampart installer initramfs /init, generated by rampart.image.initramfs for
@@ -408,6 +668,7 @@ INSTALLER_INIT = _INSTALLER_HEAD + _INIT_COMMON + _INIT_CMDLINE + _INIT_MODULES 
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
 _LDD_ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)\s+\(0x[0-9a-f]+\)\s*$")
 _LDD_PLAIN = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+_LDCONFIG = re.compile(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(/\S+)\s*$")
 _KVER = re.compile(r"[0-9][0-9A-Za-z._+~-]{0,63}", re.ASCII)
 
 
@@ -480,6 +741,35 @@ def add_program(archive: Archive, program: Path, dest: str, replace: bool = Fals
     archive.add_copy(dest, program, 0o755, replace=replace)
     paths = []
     for lib in shared_libraries(program):
+        archive.add_copy(str(lib), lib, 0o755)
+        paths.append(str(lib))
+    return paths
+
+
+def find_library(soname: str) -> Path:
+    """The host's `soname` (its soname path, a symlink as a rule), as the loader's
+    cache lists it for x86-64 (`ldconfig -p`), else in LIBRARY_DIRS."""
+    ldconfig = shutil.which("ldconfig", path=SEARCH_PATH)
+    if ldconfig is not None:
+        done = run.run([ldconfig, "-p"], check=False, timeout=60)
+        for line in done.stdout.decode(errors="replace").splitlines():
+            match = _LDCONFIG.match(line)
+            if match and match.group(1) == soname and "x86-64" in match.group(2):
+                path = Path(match.group(3))
+                if path.is_file():
+                    return path
+    for directory in LIBRARY_DIRS:
+        if (directory / soname).is_file():
+            return directory / soname
+    raise LocalError(f"{soname}: library not found (run `make setup`)")
+
+
+def add_library(archive: Archive, library: Path) -> list[str]:
+    """Copy a library that is dlopen()ed (which `ldd` of the program does not show)
+    to its soname path, with the libraries it needs. Returns the archive paths."""
+    archive.add_copy(str(library), library, 0o755)
+    paths = [str(library)]
+    for lib in shared_libraries(library):
         archive.add_copy(str(lib), lib, 0o755)
         paths.append(str(lib))
     return paths
@@ -668,6 +958,12 @@ def init_script(
         "@BEST_EFFORT_MODULES@": " ".join(best_effort),
         "@ROOT_WAIT@": str(int(root_wait)),
         "@FAIL_DELAY@": str(int(fail_delay)),
+        "@MAX_EPOCH@": str(MAX_EPOCH),
+        "@SEALED_DIR@": tpm.SEALED_DIR,
+        "@COUNTER_INDEX@": f"0x{tpm.COUNTER_INDEX:08x}",
+        "@PRIMARY_HANDLE@": f"0x{tpm.PRIMARY_HANDLE:08x}",
+        "@TPM_KEYSLOT@": str(tpm.TPM_KEYSLOT),
+        "@RECOVERY_KEYSLOT@": str(tpm.RECOVERY_KEYSLOT),
     }
     template = INSTALLER_INIT if installer else INIT
     text = _PLACEHOLDER.sub(lambda m: values[m.group(0)], template)
@@ -711,6 +1007,10 @@ def build_initramfs(
     for name, dest in PROGRAMS.items():
         libraries.update(add_program(archive, find_program(name), dest))
         programs.append(dest)
+    for tool in TPM2_TOOLS:
+        archive.add_symlink(f"/bin/{tool}", PROGRAMS["tpm2"])
+    for soname in DLOPENED_LIBRARIES:
+        libraries.update(add_library(archive, find_library(soname)))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".rampart-initramfs-", dir=out.parent) as tmp:
         kernel = unpack_kernel(deb, Path(tmp))
