@@ -120,7 +120,7 @@ def test_reseal_with_a_wrong_passphrase_changes_nothing(
 
 def test_secret_file_lives_in_memory_only() -> None:
     with run.secret_file(b"s3cret") as (fd, path):
-        assert path == f"/dev/fd/{fd}"
+        assert path == f"/proc/self/fd/{fd}"
         target = str(Path(f"/proc/self/fd/{fd}").readlink())
         assert target.startswith("/memfd:rampart-secret")
         assert Path(path).read_bytes() == b"s3cret"

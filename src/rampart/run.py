@@ -90,7 +90,7 @@ def run(
 @contextlib.contextmanager
 def secret_file(data: bytes) -> Iterator[tuple[int, str]]:
     """A secret as a file only in memory (memfd, never on disk), for a command that
-    reads a second secret from a path: yields (fd, "/dev/fd/<fd>") to pass to `run`
+    reads a second secret from a path: yields (fd, "/proc/self/fd/<fd>") to pass to `run`
     with `pass_fds=(fd,)`. Closed, and so gone, on exit."""
     fd = os.memfd_create("rampart-secret", os.MFD_CLOEXEC)
     try:
@@ -98,7 +98,7 @@ def secret_file(data: bytes) -> Iterator[tuple[int, str]]:
         while view:
             view = view[os.write(fd, view) :]
         os.lseek(fd, 0, os.SEEK_SET)
-        yield fd, f"/dev/fd/{fd}"
+        yield fd, f"/proc/self/fd/{fd}"  # /dev/fd is a link udev makes; /proc is always there
     finally:
         os.close(fd)
 
