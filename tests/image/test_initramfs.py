@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import re
 import shutil
 import stat
@@ -245,6 +246,78 @@ def test_archive_holds_cryptsetup_tpm2_tools_and_the_device_tcti(
         assert members[lib].data == Path(lib).read_bytes(), lib
         assert lib in built.libraries
     assert b"libtss2-tcti-device.so.0" in members["/lib/x86_64-linux-gnu/libtss2-tctildr.so.0"].data
+
+
+def _unpack(members: dict[str, Member], root: Path) -> None:
+    """The archive's files and links under `root` (device nodes left out)."""
+    for name, member in sorted(members.items()):
+        path = root / name.lstrip("/")
+        if stat.S_ISDIR(member.mode):
+            path.mkdir(parents=True, exist_ok=True)
+        elif member.is_link:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(member.data.decode())
+        elif member.is_file:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(member.data)
+            path.chmod(stat.S_IMODE(member.mode))
+
+
+def test_archived_cryptsetup_derives_the_recovery_passphrase_key(
+    members: dict[str, Member], tmp_path: Path
+) -> None:
+    """The recovery keyslot's argon2id runs in threads that call pthread_exit(), for
+    which glibc dlopen()s libgcc_s.so.1: cryptsetup from the archive, run in a chroot
+    of it, opens a keyslot made like the installer's (a header in a file: no
+    device-mapper needed for --test-passphrase)."""
+    root = tmp_path / "root"
+    _unpack(members, root)
+    for node, minor in (("null", 3), ("random", 8), ("urandom", 9)):  # /init mounts devtmpfs
+        os.mknod(root / "dev" / node, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    header = root / "state.img"
+    with header.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    passphrase = rstate.new_recovery_passphrase()
+    subprocess.run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-memory",
+            "65536",
+            "--pbkdf-parallel",
+            "2",
+            "--pbkdf-force-iterations",
+            "4",
+            "--key-file=-",
+            str(header),
+        ],
+        input=passphrase.encode(),
+        check=True,
+        capture_output=True,
+    )
+    for attempt, expected in ((passphrase, 0), ("not-" + passphrase, 2)):
+        done = subprocess.run(
+            [
+                "chroot",
+                str(root),
+                "/sbin/cryptsetup",
+                "open",
+                "--test-passphrase",
+                "--type",
+                "luks2",
+                "--key-file=-",
+                "/state.img",
+            ],
+            input=attempt.encode(),
+            capture_output=True,
+            text=False,
+        )
+        assert done.returncode == expected, done.stderr.decode()
 
 
 def test_missing_dlopened_library_says_run_make_setup(monkeypatch: pytest.MonkeyPatch) -> None:

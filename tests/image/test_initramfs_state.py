@@ -100,6 +100,7 @@ case $name in
                 got=$(cat; echo .)
                 got=${got%.}
                 printf %s "$got" >"$T/received.$slot"
+                [ -n "$FAKE_OPEN_ABORT" ] && { echo "$FAKE_OPEN_ABORT" >&2; exit 134; }
                 want=$FAKE_PASSPHRASE
                 [ "$slot" = 0 ] && want=$FAKE_SLOT0
                 [ -n "$got" ] && [ "$got" = "$want" ] && exit 0
@@ -517,6 +518,22 @@ def test_a_wrong_passphrase_stops_with_one_line(sh: Shell) -> None:
         f"rampart: the recovery passphrase does not open the state partition {VG}/core_state\n"
     )
     assert (sh.root / "received.1").read_text() == "not-the-passphrase"
+
+
+def test_cryptsetup_failing_on_its_own_is_not_called_a_wrong_passphrase(sh: Shell) -> None:
+    """A crash (here exit 134, SIGABRT as when libgcc_s.so.1 was missing) is told apart
+    from a passphrase that opens no keyslot (exit 2)."""
+    (sh.root / "tpmrm0").unlink()
+    done = sh.run(
+        "open_state; echo unreachable",
+        stdin=f"{PASSPHRASE}\n".encode(),
+        FAKE_OPEN_ABORT="libgcc_s.so.1 must be installed for pthread_exit to work",
+    )
+    assert done.returncode == 3
+    assert done.stdout.endswith(
+        f"rampart: cryptsetup cannot open {VG}/core_state (exit 134): "
+        "libgcc_s.so.1 must be installed for pthread_exit to work\n"
+    ), done.stdout
 
 
 def test_no_passphrase_at_all_stops_with_one_line(sh: Shell) -> None:

@@ -109,8 +109,10 @@ TPM2_TOOLS = (
 # tss2-tctildr dlopen()s the TCTI named by TPM2TOOLS_TCTI ("device" ->
 # libtss2-tcti-device.so.0), which ldd does not show. It goes into the archive at
 # its soname path, in a directory the loader searches by default (there is no
-# ld.so.cache in the archive).
-DLOPENED_LIBRARIES = ("libtss2-tcti-device.so.0",)
+# ld.so.cache in the archive). glibc dlopen()s libgcc_s.so.1 when a thread
+# calls pthread_exit(), which libargon2 does: without it cryptsetup aborts while
+# deriving the recovery passphrase's key (argon2id, 2 threads).
+DLOPENED_LIBRARIES = ("libtss2-tcti-device.so.0", "libgcc_s.so.1")
 LIBRARY_DIRS = (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"))
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Where scripts/fetch-kernel.sh keeps the kernel package (root-owned, not a temp file).
@@ -510,7 +512,7 @@ tpm_open_state() {
 # key the TPM unseals, else with the recovery passphrase typed on the console
 # (keyslot @RECOVERY_KEYSLOT@), after one line saying why. Sets $state.
 open_state() {
-    local dev=/dev/$vg/core_state pass level
+    local dev=/dev/$vg/core_state pass level status
     activate core_state ||
         fail "cannot activate the state partition $vg/core_state with LVM: $(reason)"
     cryptsetup isLuks --type luks2 "$dev" >"$LOG" 2>&1 ||
@@ -530,12 +532,17 @@ open_state() {
         IFS= read -rs pass || :  # (at the end of input: what was typed, if any)
         stty echo 2>/dev/null
         echo
-        if ! printf %s "$pass" | cryptsetup open --type luks2 --tries=1 \
-            --key-slot @RECOVERY_KEYSLOT@ --key-file=- "$dev" state >"$LOG" 2>&1; then
-            pass=
-            fail "the recovery passphrase does not open the state partition $vg/core_state"
-        fi
+        # cryptsetup exits 2 for a passphrase that opens no keyslot; anything else
+        # is a failure of its own, said as such.
+        status=0
+        printf %s "$pass" | cryptsetup open --type luks2 --tries=1 \
+            --key-slot @RECOVERY_KEYSLOT@ --key-file=- "$dev" state >"$LOG" 2>&1 || status=$?
         pass=
+        case $status in
+            0) ;;
+            2) fail "the recovery passphrase does not open the state partition $vg/core_state" ;;
+            *) fail "cryptsetup cannot open $vg/core_state (exit $status): $(reason)" ;;
+        esac
         [ -z "$level" ] || echo "$level" >"$PRINTK" 2>/dev/null
         echo "rampart: state partition unlocked with the recovery passphrase"
     fi
