@@ -8,7 +8,9 @@ docs/exit-codes.md). Messages are one line: what, where, why.
     ├── LocalError               3  the local system or operator: missing file, no permission,
     │   │                           full disk, wrong password
     │   └── ConflictError        4  refused to overwrite or to go backwards (--force)
-    ├── AuditError               5  an audit (webroot check) found problems
+    ├── AuditError               5  an audit (webroot check, gateway check) found problems
+    ├── ConfigError              6  a description file (gateway.toml) is invalid or asks
+    │                               for something refused (a weak suite, IKEv1)
     ├── TransportError          12  the network failed: connection, TLS, timeout, HTTP status
     └── RemoteDataError             data that may come from an attacker
         ├── FormatError         10  a key, signature or metadata file is malformed
@@ -50,6 +52,12 @@ class AuditError(RampartError):
     def __init__(self, message: str, problems: list[str]) -> None:
         super().__init__(message)
         self.problems = problems
+
+
+class ConfigError(RampartError):
+    """A description file is malformed, or asks for something Rampart refuses."""
+
+    exit_code = 6
 
 
 class TransportError(RampartError):

@@ -1,0 +1,596 @@
+"""gateway.toml: the declarative description of an IPsec gateway (or client).
+
+`load(path)` reads and validates it into a `Gateway`; every problem is a
+`ConfigError` with one line: the file, the key, and why. What is refused, and
+stays refused whatever the file says:
+
+- IKEv1 (`ike.version` other than 2);
+- any proposal outside the strict list (`IKE_PROPOSALS`, `ESP_PROPOSALS`):
+  AES-256-GCM-16, or AES-256-CTR with HMAC-SHA-256, PRF SHA-256, Brainpool P-256
+  or NIST P-256, and extended sequence numbers for ESP;
+- a pre-shared key without `ike.allow_psk = true`;
+- overlapping traffic selectors: two peers whose remote subnets overlap, or a
+  peer whose local and remote subnets overlap;
+- a certificate or CA that is missing or not an X.509 PEM certificate, an
+  identity that the certificate does not carry;
+- ports out of 1-65535, unknown keys (a typo in a firewall must not pass unseen).
+
+The format is documented in docs/gateway.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from rampart.errors import ConfigError
+
+# IKE: encryption-[integrity-]PRF-DH. AES-256-GCM needs no integrity algorithm.
+IKE_PROPOSALS = (
+    "aes256gcm16-prfsha256-ecp256bp",
+    "aes256gcm16-prfsha256-ecp256",
+    "aes256ctr-sha256-prfsha256-ecp256bp",
+    "aes256ctr-sha256-prfsha256-ecp256",
+)
+# ESP: the DH group is the PFS group of CHILD_SA rekeyings; "esn" is required.
+ESP_PROPOSALS = (
+    "aes256gcm16-ecp256bp-esn",
+    "aes256gcm16-ecp256-esn",
+    "aes256ctr-sha256-ecp256bp-esn",
+    "aes256ctr-sha256-ecp256-esn",
+)
+DEFAULT_IKE_PROPOSALS = ("aes256gcm16-prfsha256-ecp256bp",)
+DEFAULT_ESP_PROPOSALS = ("aes256gcm16-ecp256bp-esn",)
+
+# Allowed ICMP types, by family; `ping` adds echo-request/echo-reply.
+ICMP_TYPES = ("destination-unreachable", "time-exceeded", "parameter-problem")
+ICMPV6_TYPES = (
+    "destination-unreachable",
+    "packet-too-big",
+    "time-exceeded",
+    "parameter-problem",
+)
+# Neighbour discovery, only on the public side (the XFRM interfaces have no link layer).
+ICMPV6_ND_TYPES = ("nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-advert")
+
+IKE_PORT = 500
+NAT_T_PORT = 4500
+
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,9}", re.ASCII)  # ipsec<N>, file and conn names
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", re.ASCII)  # IFNAMSIZ - 1
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+    re.ASCII,
+)
+# An IKE identity: an FQDN, an e-mail address, an IP address, or a DN; printable
+# ASCII without the characters that end a swanctl value or start a comment.
+_IDENTITY = re.compile(r"[!-~ ]{1,255}", re.ASCII)
+_IDENTITY_FORBIDDEN = set('"#{}\\\n')
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """An X.509 certificate read from a PEM file."""
+
+    path: Path
+    pem: bytes
+    subject: str
+    names: frozenset[str]  # subjectAltNames (DNS, e-mail, IP) and the subject's CN
+
+
+@dataclass(frozen=True)
+class Service:
+    """A flow allowed through the firewall."""
+
+    direction: str  # "in" | "out"
+    protocol: str  # "tcp" | "udp"
+    ports: tuple[int, int]  # first, last (equal for one port)
+    user: str | None  # owning user of the local socket (direction "out")
+    peer: str | None  # tunnel side: only to/from this peer
+    networks: tuple[Network, ...]  # public side: only to/from these networks (empty: any)
+
+    @property
+    def port_text(self) -> str:
+        first, last = self.ports
+        return str(first) if first == last else f"{first}-{last}"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    address: str  # IP address or host name
+    identity: str
+    ca: Certificate
+    local_subnets: tuple[Network, ...]
+    remote_subnets: tuple[Network, ...]
+    if_id: int
+    auth: str  # "pubkey" | "psk"
+    psk_file: Path | None
+
+    @property
+    def interface(self) -> str:
+        return f"ipsec{self.if_id}"
+
+
+@dataclass(frozen=True)
+class Gateway:
+    name: str
+    source: Path
+    # [public]
+    public_interface: str
+    public_addresses: tuple[Address, ...]  # local IKE addresses (empty: any)
+    public_ping: bool
+    public_services: tuple[Service, ...]
+    # [tunnel]
+    namespace: str
+    tunnel_address: Address
+    lan_interface: str | None
+    tunnel_ping: bool
+    tunnel_services: tuple[Service, ...]
+    # [identity]
+    identity: str
+    certificate: Certificate
+    key: Path  # on the device; never read, never copied
+    # [ike]
+    ike_proposals: tuple[str, ...]
+    esp_proposals: tuple[str, ...]
+    allow_psk: bool
+    # [strongswan]
+    user: str
+    # [log]
+    log_level: int
+    log_drops: bool
+    peers: tuple[Peer, ...]
+
+
+class _Table:
+    """One TOML table, read key by key; unknown keys are an error at `done()`."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+        self.seen: set[str] = set()
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def fail(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.where}.{key}: {why}" if self.where else f"{key}: {why}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.raw(key)
+        if value is None:
+            if default is None:
+                raise self.fail(key, "missing (required)")
+            return default
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string, not {_kind(value)}")
+        return value
+
+    def skip(self, key: str) -> None:
+        self.seen.add(key)
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self.raw(key)
+        if value is None:
+            if default is None:
+                raise self.fail(key, "missing (required)")
+            return default
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(key, f"must be an integer, not {_kind(value)}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, not {_kind(value)}")
+        return value
+
+    def texts(self, key: str, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        value = self.raw(key)
+        if value is None:
+            if default is None:
+                raise self.fail(key, "missing (required)")
+            return default
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "must be a string or a list of strings")
+        if not value:
+            raise self.fail(key, "must not be empty")
+        return tuple(value)
+
+    def table(self, key: str) -> _Table:
+        value = self.raw(key)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, not {_kind(value)}")
+        return _Table(value, f"{self.where}.{key}" if self.where else key)
+
+    def tables(self, key: str) -> list[_Table]:
+        value = self.raw(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(key, "must be an array of tables ([[...]])")
+        prefix = f"{self.where}.{key}" if self.where else key
+        return [_Table(v, f"{prefix}[{i}]") for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key")
+
+
+def _kind(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _name(table: _Table, key: str, default: str | None = None) -> str:
+    value = table.text(key, default)
+    if not _NAME.fullmatch(value):
+        raise table.fail(
+            key, f"{value!r} is not a name (a lowercase letter, then up to 9 of a-z 0-9 -)"
+        )
+    return value
+
+
+def _ifname(table: _Table, key: str) -> str:
+    value = table.text(key)
+    if not _IFNAME.fullmatch(value):
+        raise table.fail(key, f"{value!r} is not a network interface name")
+    return value
+
+
+def _user(table: _Table, key: str, default: str | None = None) -> str:
+    value = table.text(key, default)
+    if not _USER.fullmatch(value):
+        raise table.fail(key, f"{value!r} is not a user name")
+    return value
+
+
+def _network(table: _Table, key: str, text: str) -> Network:
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise table.fail(key, f"{text!r} is not a network in CIDR notation ({exc})") from None
+
+
+def _networks(
+    table: _Table, key: str, default: tuple[str, ...] | None = None
+) -> tuple[Network, ...]:
+    return tuple(_network(table, key, text) for text in table.texts(key, default))
+
+
+def _address(table: _Table, key: str, text: str) -> Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise table.fail(key, f"{text!r} is not an IP address") from None
+
+
+def _identity(table: _Table, key: str) -> str:
+    value = table.text(key)
+    if not _IDENTITY.fullmatch(value) or set(value) & _IDENTITY_FORBIDDEN:
+        raise table.fail(key, f'{value!r} is not an IKE identity (printable, no " # {{ }} \\)')
+    return value
+
+
+def _path(table: _Table, key: str, base: Path) -> Path:
+    text = table.text(key)
+    if not text or "\n" in text or '"' in text:
+        raise table.fail(key, f"{text!r} is not a file path")
+    return (base / text) if not text.startswith("/") else Path(text)
+
+
+def read_certificate(table: _Table, key: str, base: Path) -> Certificate:
+    path = _path(table, key, base)
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise table.fail(key, f"{path}: no such file") from None
+    except OSError as exc:
+        raise table.fail(key, f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise table.fail(key, f"{path}: not an X.509 certificate in PEM") from None
+    names: set[str] = set()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names.update(san.get_values_for_type(x509.DNSName))
+        names.update(san.get_values_for_type(x509.RFC822Name))
+        names.update(str(a) for a in san.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        pass
+    for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        names.add(str(attribute.value))
+    return Certificate(path, pem, cert.subject.rfc4514_string(), frozenset(names))
+
+
+def _ports(table: _Table) -> tuple[int, int]:
+    raw = table.raw("port")
+    if raw is None:
+        raise table.fail("port", "missing (required)")
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        first = last = raw
+    elif (
+        isinstance(raw, list)
+        and len(raw) == 2
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in raw)
+    ):
+        first, last = raw
+    else:
+        raise table.fail("port", "must be a port number or [first, last]")
+    for port in (first, last):
+        if not 1 <= port <= 65535:
+            raise table.fail("port", f"{port} is out of range (1-65535)")
+    if first > last:
+        raise table.fail("port", f"[{first}, {last}] is an empty range")
+    return first, last
+
+
+def _service(table: _Table, *, tunnel: bool, peers: set[str]) -> Service:
+    direction = table.text("direction")
+    if direction not in ("in", "out"):
+        raise table.fail("direction", f'{direction!r} is neither "in" nor "out"')
+    protocol = table.text("protocol")
+    if protocol not in ("tcp", "udp"):
+        raise table.fail("protocol", f'{protocol!r} is neither "tcp" nor "udp"')
+    ports = _ports(table)
+    table.skip("user")
+    user = _user(table, "user") if "user" in table.data else None
+    if user is not None and direction != "out":
+        raise table.fail("user", 'only applies to "out" (the owner of a local socket)')
+    peer: str | None = None
+    networks: tuple[Network, ...] = ()
+    if tunnel:
+        if "peer" in table.data:
+            peer = table.text("peer")
+            if peer not in peers:
+                raise table.fail("peer", f"{peer!r} is not a [[peer]] name")
+    elif "networks" in table.data:
+        networks = _networks(table, "networks")
+    if (
+        protocol == "udp"
+        and not tunnel
+        and set(range(ports[0], ports[1] + 1))
+        & {
+            IKE_PORT,
+            NAT_T_PORT,
+        }
+    ):
+        raise table.fail(
+            "port", "UDP 500 and 4500 are IKE and NAT-T, open only to the strongSwan user"
+        )
+    table.done()
+    return Service(direction, protocol, ports, user, peer, networks)
+
+
+def _proposals(
+    table: _Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]
+) -> tuple[str, ...]:
+    values = table.texts(key, default)
+    for value in values:
+        if value not in allowed:
+            raise table.fail(
+                key, f"{value!r} is not one of the allowed suites ({', '.join(allowed)})"
+            )
+    if len(set(values)) != len(values):
+        raise table.fail(key, "lists a suite twice")
+    return values
+
+
+def _peer(
+    table: _Table, base: Path, default_ca: Certificate | None, allow_psk: bool, index: int
+) -> Peer:
+    name = _name(table, "name")
+    address = table.text("address")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(address):
+            raise table.fail(
+                "address", f"{address!r} is neither an IP address nor a host name"
+            ) from None
+    identity = _identity(table, "id")
+    auth = table.text("auth", "pubkey")
+    psk_file: Path | None = None
+    if auth == "psk":
+        if not allow_psk:
+            raise table.fail(
+                "auth", "a pre-shared key needs the explicit opt-in ike.allow_psk = true"
+            )
+        psk_file = _path(table, "psk_file", base)
+    elif auth != "pubkey":
+        raise table.fail("auth", f'{auth!r} is neither "pubkey" nor "psk"')
+    else:
+        table.skip("psk_file")
+        if "psk_file" in table.data:
+            raise table.fail("psk_file", 'only applies to auth = "psk"')
+    if "ca" in table.data:
+        ca = read_certificate(table, "ca", base)
+    elif default_ca is not None:
+        ca = default_ca
+        table.skip("ca")
+    else:
+        raise table.fail("ca", "missing (required when identity.ca is not set)")
+    local = _networks(table, "local_subnets")
+    remote = _networks(table, "remote_subnets")
+    for a in local:
+        for b in remote:
+            if a.version == b.version and a.overlaps(b):
+                raise table.fail("remote_subnets", f"{b} overlaps the local subnet {a}")
+    if_id = table.integer("if_id", index + 1)
+    if not 1 <= if_id <= 0xFFFF:
+        raise table.fail("if_id", f"{if_id} is out of range (1-65535)")
+    table.done()
+    return Peer(name, address, identity, ca, local, remote, if_id, auth, psk_file)
+
+
+def parse(doc: dict[str, Any], source: Path) -> Gateway:
+    """Validate a parsed gateway.toml; relative paths are relative to its directory."""
+    base = source.parent
+    top = _Table(doc, "")
+    name = _name(top, "name")
+
+    ike = top.table("ike")
+    version = ike.integer("version", 2)
+    if version != 2:
+        raise ike.fail("version", f"IKEv{version} is refused: only IKEv2 is supported")
+    ike_proposals = _proposals(ike, "proposals", IKE_PROPOSALS, DEFAULT_IKE_PROPOSALS)
+    esp_proposals = _proposals(ike, "esp_proposals", ESP_PROPOSALS, DEFAULT_ESP_PROPOSALS)
+    allow_psk = ike.flag("allow_psk", False)
+    ike.done()
+
+    ident = top.table("identity")
+    identity = _identity(ident, "id")
+    certificate = read_certificate(ident, "certificate", base)
+    if identity not in certificate.names and identity != certificate.subject:
+        raise ident.fail(
+            "id",
+            f"{identity!r} is neither a subjectAltName nor the subject of "
+            f"{certificate.path} (it has: {', '.join(sorted(certificate.names)) or 'none'})",
+        )
+    key = _path(ident, "key", base)
+    default_ca = read_certificate(ident, "ca", base) if "ca" in ident.data else None
+    ident.skip("ca")
+    ident.done()
+
+    peers: list[Peer] = []
+    for index, table in enumerate(top.tables("peer")):
+        peers.append(_peer(table, base, default_ca, allow_psk, index))
+    if not peers:
+        raise ConfigError("peer: at least one [[peer]] is required")
+    _check_peers(peers)
+
+    public = top.table("public")
+    public_interface = _ifname(public, "interface")
+    public_addresses = tuple(
+        _address(public, "addresses", a) for a in public.texts("addresses", ("",)) if a
+    )
+    public_ping = public.flag("ping", False)
+    public_services = tuple(_service(t, tunnel=False, peers=set()) for t in public.tables("allow"))
+    public.done()
+
+    tunnel = top.table("tunnel")
+    namespace = _name(tunnel, "namespace", "ipsec")
+    tunnel_address = _address(tunnel, "address", tunnel.text("address"))
+    for peer in peers:
+        if not any(tunnel_address in net for net in peer.local_subnets):
+            raise tunnel.fail(
+                "address",
+                f"{tunnel_address} is in none of peer {peer.name!r}'s local_subnets "
+                "(its traffic would match no selector)",
+            )
+    lan_interface = _ifname(tunnel, "lan_interface") if "lan_interface" in tunnel.data else None
+    tunnel.skip("lan_interface")
+    if lan_interface == public_interface:
+        raise tunnel.fail("lan_interface", "is the public interface")
+    tunnel_ping = tunnel.flag("ping", True)
+    names = {p.name for p in peers}
+    tunnel_services = tuple(_service(t, tunnel=True, peers=names) for t in tunnel.tables("allow"))
+    tunnel.done()
+
+    strongswan = top.table("strongswan")
+    user = _user(strongswan, "user", "strongswan")
+    if user == "root":
+        raise strongswan.fail("user", "strongSwan must not run as root")
+    strongswan.done()
+
+    log = top.table("log")
+    log_level = log.integer("level", 1)
+    if not -1 <= log_level <= 4:
+        raise log.fail("level", f"{log_level} is out of range (-1 to 4, strongSwan's levels)")
+    log_drops = log.flag("drops", True)
+    log.done()
+
+    top.done()
+    return Gateway(
+        name=name,
+        source=source,
+        public_interface=public_interface,
+        public_addresses=public_addresses,
+        public_ping=public_ping,
+        public_services=public_services,
+        namespace=namespace,
+        tunnel_address=tunnel_address,
+        lan_interface=lan_interface,
+        tunnel_ping=tunnel_ping,
+        tunnel_services=tunnel_services,
+        identity=identity,
+        certificate=certificate,
+        key=key,
+        ike_proposals=ike_proposals,
+        esp_proposals=esp_proposals,
+        allow_psk=allow_psk,
+        user=user,
+        log_level=log_level,
+        log_drops=log_drops,
+        peers=tuple(peers),
+    )
+
+
+def _check_peers(peers: list[Peer]) -> None:
+    seen_names: set[str] = set()
+    seen_ids: dict[int, str] = {}
+    for i, peer in enumerate(peers):
+        where = f"peer[{i}]"
+        if peer.name in seen_names:
+            raise ConfigError(f"{where}.name: {peer.name!r} is used by another peer")
+        seen_names.add(peer.name)
+        if peer.if_id in seen_ids:
+            raise ConfigError(
+                f"{where}.if_id: {peer.if_id} is also peer {seen_ids[peer.if_id]!r}'s"
+            )
+        seen_ids[peer.if_id] = peer.name
+        for other in peers[:i]:
+            for a in peer.remote_subnets:
+                for b in other.remote_subnets:
+                    if a.version == b.version and a.overlaps(b):
+                        raise ConfigError(
+                            f"{where}.remote_subnets: {a} overlaps {b} of peer {other.name!r}"
+                        )
+
+
+def load(path: Path) -> Gateway:
+    """Read and validate a gateway.toml."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(raw) > 1 << 20:
+        raise ConfigError(f"{path}: larger than 1 MiB")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse(doc, path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
