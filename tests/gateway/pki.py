@@ -31,7 +31,9 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         f.write(data)
 
 
-def make_ca(directory: Path, name: str = "ca") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_ca(
+    directory: Path, name: str = "ca"
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name(
         [
@@ -94,7 +96,9 @@ def make_host(
         .not_valid_after(END)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(fqdn)]), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())

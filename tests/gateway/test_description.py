@@ -85,7 +85,7 @@ def test_every_allowed_suite_is_accepted(keys: Path) -> None:
         # IKEv1
         ("[ike]\nversion = 1\n", r"ike\.version: IKEv1 is refused: only IKEv2 is supported"),
         # unknown key (a typo must not pass)
-        ("[ike]\nproposal = \"x\"\n", r"ike\.proposal: unknown key"),
+        ('[ike]\nproposal = "x"\n', r"ike\.proposal: unknown key"),
     ],
 )
 def test_weak_or_old_ike_is_refused(keys: Path, extra: str, expected: str) -> None:
@@ -97,7 +97,7 @@ def test_psk_without_opt_in_is_refused(keys: Path) -> None:
     text = pki.gateway_toml(extra='auth = "psk"\npsk_file = "gw-b.psk"\n')
     message = _refused(keys, text)
     assert message.endswith(
-        'peer[0].auth: a pre-shared key needs the explicit opt-in ike.allow_psk = true'
+        "peer[0].auth: a pre-shared key needs the explicit opt-in ike.allow_psk = true"
     ), message
 
 
@@ -145,8 +145,7 @@ def test_ike_ports_cannot_be_opened_as_a_public_service(keys: Path) -> None:
     text = pki.gateway_toml().replace("port = 123\n", "port = [400, 600]\n")
     message = _refused(keys, text)
     assert message.endswith(
-        "public.allow[0].port: UDP 500 and 4500 are IKE and NAT-T, open only to the "
-        "strongSwan user"
+        "public.allow[0].port: UDP 500 and 4500 are IKE and NAT-T, open only to the strongSwan user"
     ), message
 
 
@@ -183,8 +182,16 @@ def test_a_tunnel_address_outside_the_selectors_is_refused(keys: Path) -> None:
         ('address = "192.0.2.2"', 'address = "not a host!"', r"peer\[0\]\.address: .* neither"),
         ('remote_subnets = ["10.2.0.0/24"]', 'remote_subnets = ["10.2.0.1/24"]', r"not a network"),
         ('name = "gw-b"', 'name = "Bad_Name"', r"peer\[0\]\.name: 'Bad_Name' is not a name"),
-        ('user = "strongswan"', 'user = "root"', r"strongswan\.user: strongSwan must not run as root"),
-        ('interface = "eth0"', 'interface = "eth0; rm"', r"public\.interface: .* not a network interface"),
+        (
+            'user = "strongswan"',
+            'user = "root"',
+            r"strongswan\.user: strongSwan must not run as root",
+        ),
+        (
+            'interface = "eth0"',
+            'interface = "eth0; rm"',
+            r"public\.interface: .* not a network interface",
+        ),
         ('id = "gw-b.example.org"', 'id = "a\\"b"', r"peer\[0\]\.id: .* is not an IKE identity"),
     ],
 )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rampart import run
 from rampart.errors import AuditError, LocalError
-from rampart.gateway import render
+from rampart.gateway import description, render
 
 CHARON = Path("/usr/lib/ipsec/charon")
 # Directories swanctl reads next to the swanctl.conf given with --file.
@@ -224,6 +224,37 @@ def _wait_for_socket(socket: Path, charon: run.Process, work: Path) -> None:
         time.sleep(0.05)
 
 
+_SETTING = re.compile(r"^\s*(version|proposals|esp_proposals|auth)\s*=\s*(.*?)\s*$")
+
+
+def audit_swanctl(text: str, report: Report) -> None:
+    """The policy, again, on the file itself (an edit after `render` must not slip a
+    weak suite or IKEv1 past charon, which would accept them)."""
+    rel = render.SWANCTL_CONF
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        found = _SETTING.match(line)
+        if not found:
+            continue
+        key, value = found[1], found[2]
+        if key == "version" and value != "2":
+            problems.append(f"{rel}:{number}: version = {value}: only IKEv2 is allowed")
+        elif key in ("proposals", "esp_proposals"):
+            allowed = description.IKE_PROPOSALS if key == "proposals" else description.ESP_PROPOSALS
+            for proposal in value.split(","):
+                if proposal.strip() not in allowed:
+                    problems.append(
+                        f"{rel}:{number}: {key}: {proposal.strip()!r} is not an allowed suite"
+                    )
+        elif key == "auth" and value not in ("pubkey", "psk"):
+            problems.append(f"{rel}:{number}: auth = {value}: only pubkey (or psk) is allowed")
+    if "version = 2" not in text:
+        problems.append(f"{rel}: no connection says version = 2")
+    report.problems += problems
+    if not problems:
+        report.checked.append(f"{rel}: IKEv2 only, allowed suites only")
+
+
 def check(directory: Path) -> Report:
     """Check everything; raise AuditError listing the problems, if any."""
     report = Report(directory)
@@ -249,6 +280,7 @@ def check(directory: Path) -> Report:
     if render.SWANCTL_CONF in present:
         text = (directory / render.SWANCTL_CONF).read_text(errors="replace")
         expected = len(re.findall(r"^        children \{$", text, re.MULTILINE))
+        audit_swanctl(text, report)
         check_swanctl(directory, expected, report)
     else:
         report.problems.append(f"{render.SWANCTL_CONF}: missing")
