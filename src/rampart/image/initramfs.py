@@ -916,16 +916,13 @@ def unpack_kernel(kernel_deb: Path, workdir: Path) -> KernelModules:
 _MODULE_METADATA = ("modules.builtin", "modules.builtin.modinfo", "modules.order")
 
 
-def add_modules(
-    archive: Archive, kernel: KernelModules, names: Sequence[str], workdir: Path
-) -> list[str]:
-    """Put the modules `names` and their dependencies into /lib/modules/<release>/,
-    with modules.dep, modules.alias etc. made by depmod for exactly that set.
-    Returns the module files added (relative paths)."""
+def stage_modules(kernel: KernelModules, names: Sequence[str], base: Path) -> list[str]:
+    """Copy the modules `names` and their dependencies into
+    `base`/lib/modules/<release>/, with modules.dep, modules.alias etc. made by depmod
+    for exactly that set. Returns the module files copied (relative paths)."""
     files = kernel.closure(names)
-    base = workdir / "modules"
     target = base / "lib" / "modules" / kernel.release
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
     for rel in files:
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kernel.directory / rel, target / rel)
@@ -933,6 +930,18 @@ def add_modules(
         if (kernel.directory / meta).is_file():
             shutil.copyfile(kernel.directory / meta, target / meta)
     _depmod(base, kernel.release)
+    return files
+
+
+def add_modules(
+    archive: Archive, kernel: KernelModules, names: Sequence[str], workdir: Path
+) -> list[str]:
+    """Put the modules `names` and their dependencies into /lib/modules/<release>/,
+    with modules.dep, modules.alias etc. made by depmod for exactly that set.
+    Returns the module files added (relative paths)."""
+    base = workdir / "modules"
+    files = stage_modules(kernel, names, base)
+    target = base / "lib" / "modules" / kernel.release
     for path in sorted(target.rglob("*")):
         if path.is_file():
             rel = path.relative_to(base).as_posix()

@@ -266,11 +266,23 @@ def _kernel_image(checkout: Path) -> Path:
 
 
 def _build_release(
-    bed: Testbed, work: Path, checkout: Path, cache_dir: Path, version: str, kernel: Path
+    bed: Testbed,
+    work: Path,
+    checkout: Path,
+    cache_dir: Path,
+    version: str,
+    kernel: Path,
+    modules: initramfs.KernelModules,
 ) -> None:
     health = rootfs.FAILING if version == BROKEN else rootfs.HEALTHY
     tree = rootfs.build_rootfs(
-        version, work, cache_dir, checkout, pubkey=bed.vendor_pub, health_check=health
+        version,
+        work,
+        cache_dir,
+        checkout,
+        pubkey=bed.vendor_pub,
+        health_check=health,
+        kernel=modules,
     )
     out = bed.core(version).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -464,9 +476,10 @@ def build(
         initramfs.build_initramfs(tmp / "installer.img", deb, installer=True)
         clock.step("initramfs", step)
 
+        modules = initramfs.unpack_kernel(deb, work / "kernel")
         for version in VERSIONS:
             step = time.monotonic()
-            _build_release(bed, work, checkout, cache_dir, version, bed.kernel)
+            _build_release(bed, work, checkout, cache_dir, version, bed.kernel, modules)
             clock.step(f"release {version}", step)
 
         step = time.monotonic()

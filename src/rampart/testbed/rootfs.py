@@ -35,7 +35,11 @@ Two stages:
      and no password (the test driver's channel); systemd-networkd with DHCP on the
      Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
      UPDATE_HOST in /etc/hosts at the host's address as QEMU shows it;
-   - fdisk, dosfstools and e2fsprogs, for `rampart install`.
+   - fdisk, dosfstools and e2fsprogs, for `rampart install`;
+   - the IPsec gateway's tools (strongSwan with swanctl and charon-systemd, left
+     disabled, and its user strongswan; nftables; iproute2) and, when the kernel is
+     given, its modules (CORE_MODULES and their dependencies, indexed by depmod) in
+     /lib/modules.
 
 The tree is built under a temporary name next to its final place and renamed last;
 the cached tarball likewise. Needs root (debootstrap, chroot).
@@ -61,6 +65,7 @@ from urllib.parse import urlsplit
 
 from rampart import run
 from rampart.errors import LocalError, UsageError
+from rampart.image import initramfs
 from rampart.version import Version, parse_version
 from rampart.webroot import check_name
 
@@ -84,6 +89,45 @@ PACKAGES = (
     "fdisk",
     "dosfstools",
     "e2fsprogs",
+    # The IPsec gateway (`rampart gateway`): strongSwan with swanctl and charon-systemd,
+    # nftables, iproute2 for namespaces and XFRM interfaces, kmod to load the modules
+    # below. strongswan.service is left disabled (the gateway's units start it).
+    "kmod",
+    "iproute2",
+    "nftables",
+    "strongswan-swanctl",
+    "charon-systemd",
+    "libstrongswan-standard-plugins",
+)
+GATEWAY_SYSUSERS = (
+    "rampart-gateway.conf",
+    'u strongswan - "strongSwan IKE daemon (Rampart gateway)" /nonexistent /usr/sbin/nologin\n',
+)
+# Kernel modules in Core (with their dependencies and depmod's indexes; the initramfs
+# has its own): XFRM interfaces and ESP with AES-GCM or AES-CTR + HMAC-SHA-256 and
+# extended sequence numbers (authencesn), nftables with conntrack, xfrm, socket, limit
+# and log matches, veth for the gateway test's namespaces.
+CORE_MODULES = (
+    "xfrm_interface",
+    "xfrm_user",
+    "esp4",
+    "esp6",
+    "gcm",
+    "ctr",
+    "ghash_generic",
+    "authenc",
+    "authencesn",
+    "seqiv",
+    "echainiv",
+    "nf_tables",
+    "nf_conntrack",
+    "nft_ct",
+    "nft_xfrm",
+    "nft_socket",
+    "nft_limit",
+    "nft_log",
+    "nf_log_syslog",
+    "veth",
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_OS_NAME = "clipos"
@@ -134,6 +178,8 @@ _DISABLED = (
     "timers.target.wants/e2scrub_all.timer",
     "timers.target.wants/fstrim.timer",
     "multi-user.target.wants/e2scrub_reap.service",
+    "multi-user.target.wants/strongswan.service",
+    "multi-user.target.wants/strongswan-starter.service",
 )
 
 HEALTH_UNIT = """\
@@ -611,6 +657,10 @@ def _configure_units(tree: Path, data: Path) -> None:
         _write(tree, f"usr/lib/sysusers.d/{conf.name}", conf.read_text(encoding="utf-8"))
         # /etc is read-only on the device: systemd-sysusers cannot add users at boot.
         _chroot(tree, "systemd-sysusers", f"/usr/lib/sysusers.d/{conf.name}")
+    # The gateway's strongSwan user (what `rampart gateway render` puts in
+    # etc/sysusers.d), made at build time like the others.
+    _write(tree, f"usr/lib/sysusers.d/{GATEWAY_SYSUSERS[0]}", GATEWAY_SYSUSERS[1])
+    _chroot(tree, "systemd-sysusers", f"/usr/lib/sysusers.d/{GATEWAY_SYSUSERS[0]}")
     _enable(tree, "timers.target.wants", "rampart-update.timer")
     _enable(tree, "multi-user.target.wants", "rampart-mark-good.service")
     _enable(tree, "boot-complete.target.requires", "rampart-health.service")
@@ -682,8 +732,10 @@ def configure(
     os_name: str = DEFAULT_OS_NAME,
     pubkey: Path | None = None,
     health_check: str = HEALTHY,
+    kernel: initramfs.KernelModules | None = None,
 ) -> None:
-    """Make the base tree `tree` a CLIP OS device running Rampart `version` from `checkout`."""
+    """Make the base tree `tree` a CLIP OS device running Rampart `version` from `checkout`;
+    with `kernel`, Core carries its CORE_MODULES."""
     package = checkout / "src/rampart"
     _write(tree, "usr/lib/os-release", os_release(os_name, version))
     _symlink(tree, "etc/os-release", "../usr/lib/os-release")
@@ -693,6 +745,8 @@ def configure(
     _configure_read_only_root(tree)
     _configure_console(tree)
     _configure_network(tree)
+    if kernel is not None:
+        initramfs.stage_modules(kernel, CORE_MODULES, tree)
 
 
 def build_rootfs(
@@ -705,6 +759,7 @@ def build_rootfs(
     health_check: str = HEALTHY,
     os_name: str = DEFAULT_OS_NAME,
     mirror: str | None = None,
+    kernel: initramfs.KernelModules | None = None,
 ) -> Path:
     """Build `<out_dir>/rootfs-<version>`, the root tree of Core `version`; return its path.
 
@@ -740,7 +795,15 @@ def build_rootfs(
         except LocalError as exc:
             raise LocalError(f"{tarball}: cannot unpack the cached base: {exc}") from exc
         tmp.chmod(0o755)
-        configure(tmp, version, checkout, os_name=os_name, pubkey=pubkey, health_check=health_check)
+        configure(
+            tmp,
+            version,
+            checkout,
+            os_name=os_name,
+            pubkey=pubkey,
+            health_check=health_check,
+            kernel=kernel,
+        )
         if final.exists() or final.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f"{_TMP}old-", dir=out_dir))
             os.replace(final, old / "tree")
