@@ -136,7 +136,6 @@ name = "{name}"
 [identity]
 id = "{name}.example.org"
 certificate = "{name}.pem"
-key = "/etc/swanctl/private/{name}.key"
 ca = "ca.pem"
 
 [public]

@@ -48,7 +48,6 @@ def test_the_sample_description_loads_with_strict_defaults(keys: Path) -> None:
     assert (peer.name, peer.if_id, peer.interface, peer.auth) == ("gw-b", 1, "ipsec1", "pubkey")
     assert [str(n) for n in peer.remote_subnets] == ["10.2.0.0/24"]
     assert peer.ca.subject == "CN=Rampart test ca,O=Rampart test"
-    assert gw.key == Path("/etc/swanctl/private/gw-a.key")
     assert [(s.direction, s.protocol, s.ports, s.user) for s in gw.tunnel_services] == [
         ("in", "tcp", (7000, 7000), None),
         ("out", "tcp", (7000, 7000), "root"),
@@ -205,6 +204,12 @@ def test_malformed_values_are_refused(keys: Path, old: str, new: str, expected: 
 def test_no_peer_is_refused(keys: Path) -> None:
     text = pki.gateway_toml().split("[[peer]]")[0]
     assert _refused(keys, text).endswith("peer: at least one [[peer]] is required")
+
+
+def test_a_private_key_path_is_refused(keys: Path) -> None:
+    """The key stays in swanctl's private directory; a description never names it."""
+    text = pki.gateway_toml().replace('ca = "ca.pem"', 'ca = "ca.pem"\nkey = "gw-a.key"')
+    assert _refused(keys, text).endswith("identity.key: unknown key")
 
 
 def test_invalid_toml_is_one_line(keys: Path) -> None:

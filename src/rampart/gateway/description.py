@@ -142,7 +142,6 @@ class Gateway:
     # [identity]
     identity: str
     certificate: Certificate
-    key: Path  # on the device; never read, never copied
     # [ike]
     ike_proposals: tuple[str, ...]
     esp_proposals: tuple[str, ...]
@@ -475,7 +474,6 @@ def parse(doc: dict[str, Any], source: Path) -> Gateway:
             f"{identity!r} is neither a subjectAltName nor the subject of "
             f"{certificate.path} (it has: {', '.join(sorted(certificate.names)) or 'none'})",
         )
-    key = _path(ident, "key", base)
     default_ca = read_certificate(ident, "ca", base) if "ca" in ident.data else None
     ident.skip("ca")
     ident.done()
@@ -543,7 +541,6 @@ def parse(doc: dict[str, Any], source: Path) -> Gateway:
         tunnel_services=tunnel_services,
         identity=identity,
         certificate=certificate,
-        key=key,
         ike_proposals=ike_proposals,
         esp_proposals=esp_proposals,
         allow_psk=allow_psk,

@@ -54,14 +54,13 @@ MANIFEST = "MANIFEST"
 VICI_SOCKET = "unix:///run/strongswan/charon.vici"
 # charon's plugins, and nothing else (no stroke, no legacy ipsec.conf, no EAP, no
 # network-facing extras, no plugin that creates its own socket in /run). kdf is
-# required by strongSwan 5.9.8 for PRF_HMAC_SHA2_256.
+# required by strongSwan 5.9.8 for PRF_HMAC_SHA2_256; AES-CTR comes from openssl.
 CHARON_PLUGINS = (
     "random",
     "nonce",
     "openssl",
     "aes",
     "gcm",
-    "ctr",
     "sha2",
     "hmac",
     "kdf",
@@ -118,12 +117,9 @@ def swanctl_conf(gw: Gateway) -> str:
     lines = [f"# {HEADER.format(source=gw.source.name)}", "", "connections {"]
     for peer in gw.peers:
         lines += _connection(gw, peer)
+    # The private key is not named here: swanctl loads every key in swanctl/private
+    # (and ecdsa/, rsa/, pkcs8/), and charon picks the one matching the certificate.
     lines += ["}", "", "secrets {"]
-    lines += [
-        f"    private-{gw.name} {{",
-        f"        file = {_q(str(gw.key))}",
-        "    }",
-    ]
     for peer in gw.peers:
         if peer.psk_file is not None:
             # The file holds `secret = ...` (docs/gateway.md): the key never enters
@@ -214,7 +210,10 @@ def charon_conf(gw: Gateway) -> str:
             "        }",
             "    }",
             "}",
+            # charon-systemd reads its plugin list from its own section.
             "charon-systemd {",
+            "    load_modular = no",
+            f"    load = {' '.join(CHARON_PLUGINS)}",
             "    journal {",
             *log,
             "    }",

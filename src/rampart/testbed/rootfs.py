@@ -94,6 +94,7 @@ PACKAGES = (
     # below. strongswan.service is left disabled (the gateway's units start it).
     "kmod",
     "iproute2",
+    "iputils-ping",
     "nftables",
     "strongswan-swanctl",
     "charon-systemd",
@@ -106,7 +107,7 @@ GATEWAY_SYSUSERS = (
 # Kernel modules in Core (with their dependencies and depmod's indexes; the initramfs
 # has its own): XFRM interfaces and ESP with AES-GCM or AES-CTR + HMAC-SHA-256 and
 # extended sequence numbers (authencesn), nftables with conntrack, xfrm, socket, limit
-# and log matches, veth for the gateway test's namespaces.
+# and log matches, the default RNG, veth for the gateway test's namespaces.
 CORE_MODULES = (
     "xfrm_interface",
     "xfrm_user",
@@ -119,6 +120,10 @@ CORE_MODULES = (
     "authencesn",
     "seqiv",
     "echainiv",
+    # seqiv/echainiv seed their IVs from the default RNG (stdrng): without drbg
+    # every ESP SA fails with ENOENT ("unable to initialize cryptographic operations").
+    "drbg",
+    "jitterentropy_rng",
     "nf_tables",
     "nf_conntrack",
     "nft_ct",
