@@ -337,10 +337,10 @@ def tunnel_nft(gw: Gateway) -> str:
         for peer in targets:
             xfrm = f'"{peer.interface}"'
             if service.direction == "in":
-                head = f"iifname {xfrm} meta ipsec exists"
+                head = f"iifname {xfrm}"
                 ins += _service_rule(service, head, peer.remote_subnets, "saddr")
                 if gw.lan_interface:
-                    head = f'iifname {xfrm} oifname "{gw.lan_interface}" meta ipsec exists'
+                    head = f'iifname {xfrm} oifname "{gw.lan_interface}"'
                     fwd += _service_rule(_without_user(service), head, peer.remote_subnets, "saddr")
             else:
                 ins_head = f"oifname {xfrm}"
@@ -353,7 +353,7 @@ def tunnel_nft(gw: Gateway) -> str:
     for peer in gw.peers:
         xfrm = f'"{peer.interface}"'
         icmp_in += [
-            f"iifname {xfrm} meta ipsec exists {r}"
+            f"iifname {xfrm} {r}"
             for r in _icmp_rules(gw.tunnel_ping, neighbour_discovery=False)
         ]
         icmp_out += [
@@ -361,9 +361,11 @@ def tunnel_nft(gw: Gateway) -> str:
         ]
     lines = [
         f"# {HEADER.format(source=gw.source.name)}",
-        f"# The tunnel namespace {gw.namespace!r}: only its XFRM interfaces and loopback;",
-        "# what arrives must have been decrypted (meta ipsec exists), what leaves goes",
-        "# through an XFRM interface to a peer's subnets.",
+        f"# The tunnel namespace {gw.namespace!r}: only its XFRM interfaces and loopback.",
+        "# A packet arrives on ipsecN only after the public namespace decrypted it with",
+        "# an SA of if_id N and checked it against the inbound policy; crossing into this",
+        "# namespace clears its IPsec metadata (`meta ipsec` cannot match here), so the",
+        "# interface is the proof. What leaves goes through ipsecN to that peer's subnets.",
         f"table inet {NFT_TABLE_TUNNEL}",
         f"delete table inet {NFT_TABLE_TUNNEL}",
         f"table inet {NFT_TABLE_TUNNEL} {{",
