@@ -14,7 +14,7 @@ DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk ch
 	sbsigntool systemd-boot-efi ovmf qemu-system-x86 binutils \
 	busybox-static lvm2 kmod debootstrap e2fsprogs \
 	swtpm swtpm-tools qemu-utils tpm2-tools libtss2-tcti-device0 libtss2-tcti-swtpm0 \
-	nftables strongswan-charon strongswan-swanctl libstrongswan-standard-plugins
+	nftables strongswan-charon strongswan-swanctl libstrongswan-standard-plugins charon-systemd
 
 # The virtual testbed: build (cached), install, boot 1.0.0 under Secure Boot, update to
 # 1.0.1 from rampart serve, reboot into it, show the fleet (docs/testbed.md).

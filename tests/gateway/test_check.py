@@ -137,3 +137,19 @@ def test_a_manifest_path_escaping_the_directory_is_refused(tree: Path) -> None:
     (tree / render.MANIFEST).write_text(f"{'0' * 64}  ../../etc/passwd\n")
     with pytest.raises(LocalError, match=r"MANIFEST:1: not '<sha256>  <relative path>'"):
         check.check(tree)
+
+
+@pytest.mark.parametrize("daemon", ["/usr/lib/ipsec/charon", "/usr/sbin/charon-systemd"])
+def test_check_loads_into_either_daemon(
+    pristine: Path, daemon: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """strongswan-charon's charon, or charon-systemd (all a device with the gateway has)."""
+    monkeypatch.setattr(check, "CHARONS", (Path(daemon),))
+    report = check.check(pristine)
+    assert f"{render.SWANCTL_CONF}: loaded into charon (1 connection)" in report.checked
+
+
+def test_no_charon_at_all_is_one_line(pristine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(check, "CHARONS", (Path("/nonexistent/charon"),))
+    with pytest.raises(LocalError, match=r"no charon here \(/nonexistent/charon\): install"):
+        check.check(pristine)

@@ -138,12 +138,23 @@ def test_rulesets_drop_by_default_and_open_ike_only_to_strongswan(
         hooks = re.findall(r"type filter hook (\w+) priority filter; policy (\w+);", text)
         assert sorted(hooks) == [("forward", "drop"), ("input", "drop"), ("output", "drop")]
     public = (out / render.PUBLIC_NFT).read_text()
-    ike_out = [line.strip() for line in public.splitlines() if "sport { 500, 4500 }" in line]
-    assert ike_out == [
-        f'oifname "{gw.public_interface}" meta skuid "{gw.user}" udp sport {{ 500, 4500 }} '
-        "udp dport { 500, 4500 } accept"
-    ]
-    # Nothing else in the public output chain mentions the IKE ports.
+    ike = [line.strip() for line in public.splitlines() if "{ 500, 4500 }" in line]
+    iface = f'"{gw.public_interface}"'
+    if any(not p.address[0].isdigit() for p in gw.peers):  # a peer by host name: any address
+        assert ike == [
+            f"iifname {iface} udp dport {{ 500, 4500 }} accept",
+            f'oifname {iface} meta skuid "{gw.user}" udp sport {{ 500, 4500 }} '
+            "udp dport { 500, 4500 } accept",
+        ]
+    else:  # every peer by address: IKE pinned to them, both ways
+        peers = sorted(f"{p.address}/32" for p in gw.peers)
+        match = peers[0] if len(peers) == 1 else "{ " + ", ".join(peers) + " }"
+        assert ike == [
+            f"iifname {iface} ip saddr {match} udp dport {{ 500, 4500 }} accept",
+            f'oifname {iface} ip daddr {match} meta skuid "{gw.user}" '
+            "udp sport { 500, 4500 } udp dport { 500, 4500 } accept",
+        ]
+    # Nothing else in the public ruleset mentions the IKE ports.
     assert public.count("4500") == 3  # the comment line, the input rule, the output rule
     # In the tunnel namespace, every accept of new traffic names an XFRM interface.
     tunnel = (out / render.TUNNEL_NFT).read_text()

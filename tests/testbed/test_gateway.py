@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import tarfile
 import time
@@ -140,24 +141,17 @@ def _payload(tmp: Path) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for side, s in SIDES.items():
-            text = (
-                pki.gateway_toml(
-                    s["name"],
-                    s["peer"],
-                    public_interface="pub0",
-                    public_address=s["address"],
-                    peer_address=s["peer_address"],
-                    namespace=f"{side}-tun",
-                    local=s["local"],
-                    remote=s["remote"],
-                    tunnel_address=s["tunnel"],
-                )
-                .replace('user = "systemd-timesync"', 'user = "root"')
-                .replace(
-                    f'key = "/etc/swanctl/private/{s["name"]}.key"',
-                    f'key = "{GUEST_DIR}/{side}/{s["name"]}.key"',
-                )
-            )
+            text = pki.gateway_toml(
+                s["name"],
+                s["peer"],
+                public_interface="pub0",
+                public_address=s["address"],
+                peer_address=s["peer_address"],
+                namespace=f"{side}-tun",
+                local=s["local"],
+                remote=s["remote"],
+                tunnel_address=s["tunnel"],
+            ).replace('user = "systemd-timesync"', 'user = "root"')
             path = keys / f"{side}.toml"
             path.write_text(text)
             out = tmp / side / "tree"
@@ -249,6 +243,16 @@ def test_charon_runs_confined_as_the_strongswan_user(machine: session.Guest) -> 
             f"STRONGSWAN_CONF={GUEST_DIR}/{side}/strongswan.conf swanctl --list-conns 2>/dev/null"
         )
         assert SIDES[side]["peer"] in conns and "IKEv2" in conns, conns
+
+
+def test_gateway_check_passes_on_the_device(machine: session.Guest) -> None:
+    """`rampart gateway check` in the guest: its nft, its charon-systemd, its users."""
+    for side in ("a", "b"):
+        report = json.loads(
+            machine.sh(f"rampart gateway check {GUEST_DIR}/{side}/tree --json", 180)
+        )
+        assert report["ok"] is True and report["problems"] == [], report
+        assert any("loaded into charon" in line for line in report["checked"]), report
 
 
 def test_ping_through_the_tunnel_is_encrypted(machine: session.Guest) -> None:

@@ -30,7 +30,22 @@ from rampart import run
 from rampart.errors import AuditError, LocalError
 from rampart.gateway import description, render
 
-CHARON = Path("/usr/lib/ipsec/charon")
+# The IKE daemon to load swanctl.conf into: Debian's strongswan-charon, else
+# charon-systemd (what a device running the gateway has; it runs in the foreground
+# without systemd too).
+CHARONS = (Path("/usr/lib/ipsec/charon"), Path("/usr/sbin/charon-systemd"))
+
+
+def find_charon() -> Path:
+    for path in CHARONS:
+        if path.is_file():
+            return path
+    raise LocalError(
+        f"no charon here ({', '.join(str(p) for p in CHARONS)}): install strongswan-charon "
+        "or charon-systemd (`make setup` does)"
+    )
+
+
 # Directories swanctl reads next to the swanctl.conf given with --file.
 SWANCTL_DIRS = (
     "x509",
@@ -127,22 +142,28 @@ def check_script(path: Path, rel: str, report: Report) -> None:
 
 def _strongswan_conf(work: Path) -> str:
     socket = f"unix://{work}/run/charon.vici"
+    daemon = [
+        "    load_modular = no",
+        f"    load = {' '.join(render.CHARON_PLUGINS)}",
+        "    install_routes = no",
+        "    plugins {",
+        f"        vici {{ socket = {socket} }}",
+        "    }",
+        "    filelog {",
+        "        check {",
+        f"            path = {work}/charon.log",
+        "            default = 1",
+        "        }",
+        "    }",
+    ]
     return "\n".join(
         [
-            "# rampart gateway check: a throwaway charon",
+            "# rampart gateway check: a throwaway charon (or charon-systemd)",
             "charon {",
-            "    load_modular = no",
-            f"    load = {' '.join(render.CHARON_PLUGINS)}",
-            "    install_routes = no",
-            "    plugins {",
-            f"        vici {{ socket = {socket} }}",
-            "    }",
-            "    filelog {",
-            "        check {",
-            f"            path = {work}/charon.log",
-            "            default = 1",
-            "        }",
-            "    }",
+            *daemon,
+            "}",
+            "charon-systemd {",
+            *daemon,
             "}",
             f"swanctl {{ socket = {socket} }}",
             "pki { plugins { tpm { load = no } } }",
@@ -153,6 +174,7 @@ def _strongswan_conf(work: Path) -> str:
 
 def check_swanctl(directory: Path, expected: int, report: Report) -> None:
     rel = render.SWANCTL_CONF
+    charon_path = find_charon()
     with tempfile.TemporaryDirectory(prefix="rampart-gateway-check-") as tmp:
         work = Path(tmp)
         (work / "run").mkdir()
@@ -174,14 +196,14 @@ def check_swanctl(directory: Path, expected: int, report: Report) -> None:
             [
                 "unshare", "--net", "--mount", "--fork", "--",
                 "sh", "-c", 'mount --bind "$1" /run && exec "$2"', "sh",
-                str(work / "run"), str(CHARON),
+                str(work / "run"), str(charon_path),
             ],
             env=env,
             stdout_path=work / "charon.out",
             stderr_path=work / "charon.out",
         )  # fmt: skip
         try:
-            _wait_for_socket(work / "run/charon.vici", charon, work)
+            _wait_for_socket(work / "run/charon.vici", charon, work, charon_path)
             done = run.run(
                 ["swanctl", "--load-conns", "--file", str(swanctl / "swanctl.conf")],
                 env=env,
@@ -212,15 +234,15 @@ def check_swanctl(directory: Path, expected: int, report: Report) -> None:
         )
 
 
-def _wait_for_socket(socket: Path, charon: run.Process, work: Path) -> None:
+def _wait_for_socket(socket: Path, charon: run.Process, work: Path, path: Path) -> None:
     deadline = time.monotonic() + CHARON_START_TIMEOUT
     while not socket.exists():
         if charon.poll() is not None:
             log = (work / "charon.out").read_text(errors="replace").strip().splitlines()
             last = log[-1] if log else "no output"
-            raise LocalError(f"{CHARON}: exited before it listened for swanctl: {last}")
+            raise LocalError(f"{path}: exited before it listened for swanctl: {last}")
         if time.monotonic() > deadline:
-            raise LocalError(f"{CHARON}: no vici socket after {CHARON_START_TIMEOUT:g} s")
+            raise LocalError(f"{path}: no vici socket after {CHARON_START_TIMEOUT:g} s")
         time.sleep(0.05)
 
 

@@ -14,12 +14,13 @@ The output is a tree to copy onto the root file system (`cp -a OUT/. /`):
     etc/systemd/system/rampart-gateway.service runs tunnel-up/-down and the public ruleset
     etc/systemd/system/strongswan.service.d/50-rampart.conf   confines charon
     etc/sysusers.d/rampart-gateway.conf        the strongSwan user
-    MANIFEST                                   every file with its SHA-256 (for `check`)
+    etc/rampart/gateway/MANIFEST               every file with its SHA-256 (for `check`)
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import tempfile
 from collections.abc import Iterable
@@ -49,7 +50,7 @@ TUNNEL_DOWN = "etc/rampart/gateway/tunnel-down"
 SERVICE = "etc/systemd/system/rampart-gateway.service"
 DROPIN = "etc/systemd/system/strongswan.service.d/50-rampart.conf"
 SYSUSERS = "etc/sysusers.d/rampart-gateway.conf"
-MANIFEST = "MANIFEST"
+MANIFEST = "etc/rampart/gateway/MANIFEST"
 # Where charon listens for swanctl: a directory its unprivileged user owns.
 VICI_SOCKET = "unix:///run/strongswan/charon.vici"
 # charon's plugins, and nothing else (no stroke, no legacy ipsec.conf, no EAP, no
@@ -86,9 +87,8 @@ class Rendered:
     files: dict[str, tuple[bytes, int]]
 
     def write(self, out: Path) -> None:
-        """Write every file under `out` (created if missing); each file is replaced
-        atomically; a file that exists and is not ours is overwritten only if it was
-        listed in a previous MANIFEST there."""
+        """Write every file under `out` (created if missing), each replaced atomically
+        (a temporary file renamed over it); files not in this rendering are left alone."""
         out.mkdir(parents=True, exist_ok=True)
         for rel, (content, mode) in sorted(self.files.items()):
             path = out / rel
@@ -277,6 +277,18 @@ def _drop_log(gw: Gateway, where: str) -> list[str]:
     return [f'limit rate 10/second burst 20 packets log prefix "rampart {where} drop: " level info']
 
 
+def _peer_matches(gw: Gateway, field: str = "saddr") -> list[str]:
+    """`ip <field> <peers> ` (one per family) when every peer is given by address;
+    [""] (any address) when one is a host name, whose address can change."""
+    addresses = []
+    for peer in gw.peers:
+        try:
+            addresses.append(ipaddress.ip_network(peer.address))
+        except ValueError:
+            return [""]
+    return [m + " " for m in _addr_match(field, sorted(set(addresses), key=str))]
+
+
 def public_nft(gw: Gateway) -> str:
     iface = f'"{gw.public_interface}"'
     ike = _set([str(IKE_PORT), str(NAT_T_PORT)])
@@ -302,7 +314,7 @@ def public_nft(gw: Gateway) -> str:
         '        iif "lo" accept',
         *("        " + r for r in _icmp_rules(gw.public_ping, neighbour_discovery=True)),
         "        # IKE and ESP in UDP: charon reads IKE, the kernel decapsulates ESP",
-        f"        iifname {iface} udp dport {ike} accept",
+        *(f"        iifname {iface} {m}udp dport {ike} accept" for m in _peer_matches(gw)),
         *("        " + r for r in ins),
         *("        " + r for r in _drop_log(gw, "public in")),
         "    }",
@@ -312,8 +324,12 @@ def public_nft(gw: Gateway) -> str:
         "        ct state established,related accept",
         '        oif "lo" accept',
         *("        " + r for r in _icmp_rules(gw.public_ping, neighbour_discovery=True)),
-        "        # IKE and NAT-T: only from sockets of the strongSwan user",
-        f'        oifname {iface} meta skuid "{gw.user}" udp sport {ike} udp dport {ike} accept',
+        "        # IKE and NAT-T: only from sockets of the strongSwan user, to the peers",
+        *(
+            f'        oifname {iface} {m}meta skuid "{gw.user}" udp sport {ike} udp dport {ike} '
+            "accept"
+            for m in _peer_matches(gw, "daddr")
+        ),
         *("        " + r for r in outs),
         *("        " + r for r in _drop_log(gw, "public out")),
         "    }",
@@ -353,8 +369,7 @@ def tunnel_nft(gw: Gateway) -> str:
     for peer in gw.peers:
         xfrm = f'"{peer.interface}"'
         icmp_in += [
-            f"iifname {xfrm} {r}"
-            for r in _icmp_rules(gw.tunnel_ping, neighbour_discovery=False)
+            f"iifname {xfrm} {r}" for r in _icmp_rules(gw.tunnel_ping, neighbour_discovery=False)
         ]
         icmp_out += [
             f"oifname {xfrm} {r}" for r in _icmp_rules(gw.tunnel_ping, neighbour_discovery=False)
