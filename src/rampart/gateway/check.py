@@ -165,7 +165,12 @@ def _strongswan_conf(work: Path) -> str:
             "charon-systemd {",
             *daemon,
             "}",
-            f"swanctl {{ socket = {socket} }}",
+            "swanctl {",
+            f"    socket = {socket}",
+            # Only what reading certificates and keys needs (a missing default plugin
+            # is a 'failed to load' line, not a problem of the configuration).
+            "    load = random nonce openssl pem pkcs1 pkcs8 x509 pubkey",
+            "}",
             "pki { plugins { tpm { load = no } } }",
             "",
         ]
@@ -222,7 +227,8 @@ def check_swanctl(directory: Path, expected: int, report: Report) -> None:
     bad = [
         line
         for line in lines
-        if "failed" in line or "syntax error" in line or "invalid config" in line
+        if ("failed" in line or "syntax error" in line or "invalid config" in line)
+        and not line.startswith("plugin '")
     ]
     loaded = _LOADED.search(output)
     if done.returncode != 0 or bad or loaded is None or int(loaded[1]) != expected:
