@@ -501,6 +501,32 @@ def test_vm_guest_reboot_stays_in_qemu(new_machine: Callable[..., Machine]) -> N
 
 
 @pytest.mark.vm
+def test_vm_reset_hang_power_cycles(
+    new_machine: Callable[..., Machine],
+) -> None:
+    """The guest prints the kernel's reset line and then nothing, as when OVMF hangs at
+    a reset: the waiting expect power-cycles the machine and still sees the next boot."""
+    vm = new_machine(tpm=True, cpus=1, reset_hang_after=2.0)
+    _boot(vm)
+    qemu, swtpm = vm.qemu_pid, vm.swtpm_pid
+    vm.mark()
+    vm.check("dmesg -n 1")  # no late kernel message after the line below
+    vm.send("echo '[   29.1] reboot: machine 'restart; sleep 1000\n")
+    vm.expect("rampart-test-init: ready", 60)
+    vm.wait_for_shell(60)
+    assert vm.hang_restarts == 1
+    assert vm.qemu_pid != qemu and vm.swtpm_pid != swtpm
+    assert vm.console_log.read_text(errors="replace").count("Linux version") == 2
+    # Silence after anything else is not a hang: no power cycle while it lasts.
+    vm.mark()
+    vm.check("dmesg -n 1")
+    vm.send("echo 'reboot: machine restart, said 'twice; sleep 4\n")
+    with pytest.raises(ConsoleTimeout):
+        vm.expect("never printed", 3.5)
+    assert vm.hang_restarts == 1 and vm.running
+
+
+@pytest.mark.vm
 def test_vm_guest_power_off(new_machine: Callable[..., Machine]) -> None:
     vm = new_machine(tpm=True, cpus=1, memory=512)
     _boot(vm)

@@ -61,6 +61,16 @@ and output (kernel messages printed meanwhile may be mixed in); `check(...)`
 raises `GuestCommandFailed` when the exit code is not 0. `interact()` attaches
 the terminal to the console (for a person; Ctrl-] detaches).
 
+Firmware hang at reset: rarely (once in some hundred guest reboots under TCG, with
+OVMF's SMM build and two vCPUs), a guest's reset never reaches the firmware: after
+the kernel's "reboot: machine restart" the console stays silent for good. While an
+`expect` waits and the console has been silent for `reset_hang_after` seconds
+(default `RESET_HANG_SECONDS`; None turns it off) right after that line, the machine
+is power-cycled (`kill()` then `start()`: same disks, variables and TPM state, so a
+one-shot boot entry the guest set is still pending), with a warning in the log;
+`hang_restarts` counts them. The OVMF boot manager prints within seconds of a reset,
+so the wait is far above any real boot.
+
 Timing: `start()` starts a boot clock (`start_boot_clock(label)` starts it for a
 reboot the test caused) and the next `wait_for_shell()` records
 `BootTiming(label, seconds)` in `timings`.
@@ -105,6 +115,7 @@ DEFAULT_MEMORY_MIB = 1024
 # in 4.3 s against 3.8 s; the kernel with a busybox shell takes 3.9 s either way.
 DEFAULT_CPUS = 2
 CONSOLE_TAIL_LINES = 30
+RESET_HANG_SECONDS = 90.0  # silence after the kernel's reset line: the firmware hung
 
 DiskFormat: TypeAlias = Literal["raw", "qcow2"]
 _DISK_FORMATS = ("raw", "qcow2")
@@ -114,6 +125,7 @@ _NUDGE_AFTER = 5.0  # wait_for_shell presses Enter after this many silent second
 _UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 _MAX_SHELL_LINE = 4000  # the tty keeps at most 4095 characters of a typed-ahead line
 _RC_PREFIX = "__rc_"
+_RESET_LINE = re.compile(r"reboot: (?:machine restart|Restarting system)\s*\Z")
 _PROMPT = re.compile(re.escape(PROMPT))
 
 # ANSI escape sequences: CSI, OSC (ended by BEL or ST), then any other ESC sequence
@@ -546,6 +558,7 @@ class Machine:
         tpm_state: Path | None = None,
         network: bool = False,
         name: str = "vm",
+        reset_hang_after: float | None = RESET_HANG_SECONDS,
     ) -> None:
         if memory < 64 or cpus < 1:
             raise UsageError(f"{name}: need at least 64 MiB and 1 CPU, not {memory}/{cpus}")
@@ -561,6 +574,9 @@ class Machine:
         self.tpm_state = tpm_state.absolute() if tpm_state is not None else None
         self.network = network
         self.name = name
+        self.reset_hang_after = reset_hang_after
+        self.hang_restarts = 0
+        self._hung_at = -1  # the console text's length when the last hang was handled
         self._children = _Children()
         self._finalizer = weakref.finalize(self, _finalize, self._children)
         self._cond = threading.Condition()
@@ -863,13 +879,42 @@ class Machine:
                         f"{self.name}: no {self._what(patterns)} on the console within "
                         f"{timeout:g} s; last lines:\n{self._buffer.tail()}"
                     )
+                hung = self._reset_hung(now)
                 silent = now - max(self._last_output, last_nudge)
-                if nudge_after is None or silent < nudge_after:
+                if not hung and (nudge_after is None or silent < nudge_after):
                     self._cond.wait(min(deadline - now, 0.5))
                     continue
+            if hung:
+                self._power_cycle_hung()
+                continue
             last_nudge = time.monotonic()
             log.debug("%s: console silent for %.0f s: pressing Enter", self.name, silent)
             self.send("\n")
+
+    def _reset_hung(self, now: float) -> bool:
+        """Whether the guest reset and the firmware has said nothing since, for longer
+        than `reset_hang_after` (call with the lock held)."""
+        limit = self.reset_hang_after
+        if limit is None or now - self._last_output < limit:
+            return False
+        text = self._buffer.text
+        if len(text) == self._hung_at:  # power-cycled already: the new run is starting
+            return False
+        if _RESET_LINE.search(text, max(0, len(text) - 200)) is None:
+            return False
+        self._hung_at = len(text)
+        return True
+
+    def _power_cycle_hung(self) -> None:
+        log.warning(
+            "%s: nothing on the console %g s after the guest's reset: the firmware hung "
+            "(an emulator fault, not the guest's doing); power-cycling the machine",
+            self.name,
+            self.reset_hang_after,
+        )
+        self.hang_restarts += 1
+        self.kill()
+        self.start()
 
     @staticmethod
     def _what(patterns: Sequence[re.Pattern[str]]) -> str:
