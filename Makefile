@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-stamp
 DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium cryptsetup-bin \
 	curl dbus rauc rauc-service squashfs-tools \
 	sbsigntool systemd-boot-efi ovmf qemu-system-x86 binutils \
-	busybox-static lvm2 kmod debootstrap e2fsprogs \
+	busybox-static lvm2 kmod debootstrap e2fsprogs cpio \
 	swtpm swtpm-tools qemu-utils tpm2-tools libtss2-tcti-device0 libtss2-tcti-swtpm0 \
 	nftables strongswan-charon strongswan-swanctl libstrongswan-standard-plugins charon-systemd
 

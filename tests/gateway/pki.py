@@ -146,8 +146,8 @@ ping = true
 [[public.allow]]
 direction = "out"
 protocol = "udp"
-port = 123
-user = "systemd-timesync"
+port = 53
+user = "rampart-fetch"
 
 [tunnel]
 namespace = "{namespace}"

@@ -141,7 +141,7 @@ def test_port_range_is_accepted(keys: Path) -> None:
 
 
 def test_ike_ports_cannot_be_opened_as_a_public_service(keys: Path) -> None:
-    text = pki.gateway_toml().replace("port = 123\n", "port = [400, 600]\n")
+    text = pki.gateway_toml().replace("port = 53\n", "port = [400, 600]\n")
     message = _refused(keys, text)
     assert message.endswith(
         "public.allow[0].port: UDP 500 and 4500 are IKE and NAT-T, open only to the strongSwan user"

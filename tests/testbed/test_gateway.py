@@ -151,7 +151,7 @@ def _payload(tmp: Path) -> bytes:
                 local=s["local"],
                 remote=s["remote"],
                 tunnel_address=s["tunnel"],
-            ).replace('user = "systemd-timesync"', 'user = "root"')
+            ).replace('user = "rampart-fetch"', 'user = "root"')
             path = keys / f"{side}.toml"
             path.write_text(text)
             out = tmp / side / "tree"
