@@ -149,6 +149,27 @@ def test_check_loads_into_either_daemon(
     assert f"{render.SWANCTL_CONF}: loaded into charon (1 connection)" in report.checked
 
 
+def _charons_running() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() in (
+                "charon",
+                "charon-systemd",
+            ):
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_check_leaves_no_charon_running(pristine: Path) -> None:
+    """The throwaway charon is stopped and reaped, not orphaned in its namespaces."""
+    before = _charons_running()
+    check.check(pristine)
+    assert _charons_running() - before == set()
+
+
 def test_no_charon_at_all_is_one_line(pristine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check, "CHARONS", (Path("/nonexistent/charon"),))
     with pytest.raises(LocalError, match=r"no charon here \(/nonexistent/charon\): install"):

@@ -197,9 +197,11 @@ def check_swanctl(directory: Path, expected: int, report: Report) -> None:
         env = {"STRONGSWAN_CONF": str(conf)}
         # Its own network namespace (no port taken on this machine) and mount
         # namespace, where /run is our directory: charon always writes /run/charon.pid.
+        # No --fork: unshare and sh exec into charon, so the process spawned here is
+        # charon itself, and terminating and reaping it leaves nothing behind.
         charon = run.spawn(
             [
-                "unshare", "--net", "--mount", "--fork", "--",
+                "unshare", "--net", "--mount", "--",
                 "sh", "-c", 'mount --bind "$1" /run && exec "$2"', "sh",
                 str(work / "run"), str(charon_path),
             ],
