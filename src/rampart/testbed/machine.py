@@ -880,6 +880,8 @@ class Machine:
                         f"{timeout:g} s; last lines:\n{self._buffer.tail()}"
                     )
                 hung = self._reset_hung(now)
+                if hung:  # once per reset: the new run may take a while to print
+                    self._hung_at = len(self._buffer.text)
                 silent = now - max(self._last_output, last_nudge)
                 if not hung and (nudge_after is None or silent < nudge_after):
                     self._cond.wait(min(deadline - now, 0.5))
@@ -900,10 +902,7 @@ class Machine:
         text = self._buffer.text
         if len(text) == self._hung_at:  # power-cycled already: the new run is starting
             return False
-        if _RESET_LINE.search(text, max(0, len(text) - 200)) is None:
-            return False
-        self._hung_at = len(text)
-        return True
+        return _RESET_LINE.search(text, max(0, len(text) - 200)) is not None
 
     def _power_cycle_hung(self) -> None:
         log.warning(
