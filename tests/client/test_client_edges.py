@@ -509,3 +509,23 @@ def test_resumed_run_hashes_the_cached_core_once(
         dev = device.open()
         assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
     assert hashed.count(f"{OS}-{OFFERED}-core") == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://[::1/update/v1", "not a valid URL"),  # urlsplit raised ValueError
+        ("https://a..b/update/v1", "invalid host name"),
+        ("https://localhost:99999/update/v1", "invalid port"),
+    ],
+)
+def test_remote_url_that_cannot_be_connected_to_is_refused_when_read(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, url: str, why: str
+) -> None:
+    device = make_device(tmp_path / "device", vendor, pki.ca.cert, "https://localhost:1")
+    remote = device.remote_dir / "remote.toml"
+    remote.write_text(f'update_url = "{url}"\ndist_url = "https://localhost:1/dist"\n')
+    result = run_cli("update", *device.argv())
+    assert result.code == 10, result.err
+    [line] = error_lines(result.err)
+    assert f"{remote}: update_url" in line and why in line
