@@ -562,10 +562,9 @@ def check_names(device: Device, version: Version) -> None:
         _check_lv_name(slot_name(version))
     except UsageError as exc:
         raise FormatError(f"{exc}; not installing it") from None
-    names = [esp_mod.entry_name(device.config.os_name, version, device.config.boot_tries)]
-    names[0] += ".new"
-    names += [payload_path(device, version, kind).name + ".sig" for kind in ("efiboot", "core")]
-    for name in names:
+    entry = esp_mod.entry_name(device.config.os_name, version, device.config.boot_tries)
+    signatures = [payload_path(device, version, kind).name + ".sig" for kind in ("efiboot", "core")]
+    for name in (entry + ".new", *signatures):  # the longest name of each file
         if len(os.fsencode(name)) > 255:
             raise FormatError(
                 f"offered version {version.core[:40]}...: the file name {name[:60]}... is longer "
