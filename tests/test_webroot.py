@@ -355,3 +355,26 @@ def test_a_channel_never_goes_down_in_epoch_without_force(tmp_path: Path, keypai
     assert code == 0, err
     assert webroot.read_version_file(root / "update/v1/clipos/version") == parse_version("1.0.1")
     assert webroot.audit(root, keypair.key.public_key) == []
+
+
+def test_publish_refuses_a_version_too_long_for_an_lv_name(
+    tmp_path: Path, keypair: KeyPair
+) -> None:
+    """123 characters: `core_<version>` would be 128, over LVM's 127-character LV names,
+    and every device would fail to install it (the client's side of the limit, 122
+    installing, is in tests/client/test_client_edges.py)."""
+    core, efiboot = tmp_path / "core", tmp_path / "efiboot"
+    core.write_bytes(b"core")
+    efiboot.write_bytes(fake_uki("ro"))
+    too_long = "1.0.0-" + "a" * (127 - len("core_") + 1 - len("1.0.0-"))
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(UsageError, match=r"123 characters.*LVM's 127"):
+        webroot.publish(
+            tmp_path / "w", "clipos", parse_version(too_long), core, efiboot, keypair.key
+        )
+    assert tree_snapshot(tmp_path) == before
+    payloads = {too_long: (core, efiboot)}
+    code, _, err = publish_cli(tmp_path / "w", keypair, payloads, too_long)
+    assert code == 2, err
+    assert "123 characters" in err
+    assert tree_snapshot(tmp_path) == before

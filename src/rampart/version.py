@@ -22,6 +22,8 @@ _SEMVER = re.compile(
     re.ASCII,
 )
 MAX_LENGTH = 128
+# A release's version names its Core LV, core_<version>, and LVM allows 127 characters.
+RELEASE_MAX_LENGTH = 127 - len("core_")
 
 
 @total_ordering
@@ -58,6 +60,17 @@ class Version:
         if not isinstance(other, Version):
             return NotImplemented
         return self._key() < other._key()
+
+
+def check_release_length(version: Version, what: str = "version") -> None:
+    """UsageError unless `version` (without build metadata) can name a release:
+    at most RELEASE_MAX_LENGTH characters, so that core_<version> is a valid LV name."""
+    length = len(version.core)
+    if length > RELEASE_MAX_LENGTH:
+        raise UsageError(
+            f"{what} {version.core[:40]}... is {length} characters; a release version has at "
+            f"most {RELEASE_MAX_LENGTH} (its Core LV core_<version> must fit LVM's 127)"
+        )
 
 
 def parse_version(text: str, what: str = "version") -> Version:

@@ -42,7 +42,7 @@ from rampart.errors import (
     UsageError,
 )
 from rampart.image import uki
-from rampart.version import Version, parse_version
+from rampart.version import Version, check_release_length, parse_version
 
 PAYLOADS = ("core", "efiboot")
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -216,6 +216,7 @@ def publish(
         check_name(channel, "channel name")
     if version.build:
         raise UsageError(f"version {version}: build metadata is not allowed in a release version")
+    check_release_length(version)
     payloads = {"core": core, "efiboot": efiboot}
     for kind, path in payloads.items():
         if not path.is_file():

@@ -225,13 +225,20 @@ def _check_ranges(config: DeviceConfig, where: str) -> None:
 
 
 def _check_https_url(url: str, key: str, where: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)  # raises ValueError on a bad IPv6 literal
+    except ValueError:
+        raise FormatError(f"{where}: {key} is not a valid URL: {url[:200]!r}") from None
     if parts.scheme != "https" or not parts.hostname:
         raise FormatError(f"{where}: {key} must be an https:// URL, not {url!r}")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise FormatError(f"{where}: {key} has an invalid port") from None
+    try:
+        parts.hostname.encode("idna")  # what connecting does: an empty or long label fails
+    except UnicodeError:
+        raise FormatError(f"{where}: {key} has an invalid host name") from None
     if parts.username or parts.password or parts.query or parts.fragment:
         raise FormatError(f"{where}: {key} must not carry credentials, a query or a fragment")
     return url.rstrip("/")

@@ -133,7 +133,7 @@ class Esp:
         if size + ESP_MARGIN > free:
             raise LocalError(
                 f"{self.directory}: not enough space on the ESP for {final.name} "
-                f"({size} bytes needed, {free} free)"
+                f"({size} bytes needed plus {ESP_MARGIN} kept free, {free} free)"
             )
         try:
             with source.open("rb") as src, tmp.open("wb") as dst:

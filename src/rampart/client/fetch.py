@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import signal
 import stat
 import stringprep  # noqa: F401 - imported before any fork: encodings.idna needs it
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 VERSION_CAP = 4096
 REPLY_CAP = 1 << 20
+REPLY_DEPTH = 3  # {"credentials": {"groups": [...]}}: the deepest a valid reply goes
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class Fetcher:
             transport = Transport(self.root_ca, self.headers, self.limits)
             self.last_credentials = credentials()
             return execute(transport, jobs, progress)
-        return self._run_sandboxed(jobs, progress)
+        return check_results(jobs, self._run_sandboxed(jobs, progress))
 
     def _run_sandboxed(self, jobs: list[Job], progress: Progress | None) -> list[Any]:
         try:
@@ -189,26 +191,23 @@ class Fetcher:
         return self._parse_reply(data, len(jobs))
 
     def _parse_reply(self, data: bytes, count: int) -> list[Any]:
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            raise LocalError("fetch process sent an unreadable reply") from None
-        if not isinstance(reply, dict):
-            raise LocalError("fetch process sent an unreadable reply")
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
+        reply = read_reply(data)
+        if not reply["ok"]:
+            error = reply["error"]
             # The child is not trusted: it may only pick among these classes.
             kinds: dict[str, type[RampartError]] = {
                 cls.__name__: cls
                 for cls in (TransportError, RemoteDataError, FormatError, LocalError)
             }
-            kind = kinds.get(str(error.get("kind")), RemoteDataError)
-            message = str(error.get("message", "fetch failed"))[:500]
+            kind = kinds.get(error["kind"], RemoteDataError)
+            message = error["message"][:500]
             raise kind("".join(c if c.isprintable() else "?" for c in message))
-        self.last_credentials = reply.get("credentials") or {}
-        results = reply.get("results")
-        if not isinstance(results, list) or len(results) != count:
-            raise LocalError("fetch process sent an unreadable reply")
+        self.last_credentials = reply["credentials"]
+        results: list[Any] = reply["results"]
+        if len(results) != count:
+            raise LocalError(
+                f"fetch process sent a malformed reply: {len(results)} results for {count} jobs"
+            )
         return results
 
     def _hand_over(self, uid: int, gid: int) -> None:
@@ -237,6 +236,132 @@ class Fetcher:
                 continue
             os.chown(entry, 0, 0, follow_symlinks=False)
             os.chmod(entry, 0o600, follow_symlinks=False)
+
+
+# --- the reply: the child is not trusted, so root parses it by a strict schema ------------
+
+_JSON_NESTING = re.compile(rb'["\\\[\]{}]')
+_INT_MAX = (1 << 63) - 1
+_CREDENTIAL_IDS = ("uid", "euid", "gid", "egid")
+_CREDENTIAL_TEXTS = ("cap_eff", "cap_prm", "cap_bnd", "no_new_privs")
+
+
+class _BadReply(Exception):
+    """Why a reply breaks the schema (becomes a LocalError naming it)."""
+
+
+def _nesting(data: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text `data`, counting up to
+    REPLY_DEPTH + 1 only (the parser must never recurse on a hostile depth)."""
+    depth = deepest = 0
+    in_string = False
+    skip = -1  # the offset of the character a backslash escapes
+    for match in _JSON_NESTING.finditer(data):
+        char, at = match[0], match.start()
+        if at == skip:
+            continue
+        if in_string:
+            if char == b"\\":
+                skip = at + 1
+            elif char == b'"':
+                in_string = False
+        elif char == b'"':
+            in_string = True
+        elif char in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > REPLY_DEPTH:
+                break
+        elif char in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _keys(value: object, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != set(required):
+        raise _BadReply(f"{where} is not an object with exactly {', '.join(required)}")
+    return value
+
+
+def _integer(value: object, where: str, low: int = 0, high: int = _INT_MAX) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _BadReply(f"{where} is not an integer from {low} to {high}")
+    return value
+
+
+def _text(value: object, where: str, cap: int) -> str:
+    if not isinstance(value, str) or len(value) > cap:
+        raise _BadReply(f"{where} is not a string of at most {cap} characters")
+    return value
+
+
+def read_reply(data: bytes) -> dict[str, Any]:
+    """The fetch child's reply, checked against its schema (LocalError if it breaks it):
+
+        {"ok": true, "results": [<int or string>...], "credentials": {...}}
+        {"ok": false, "error": {"kind": <string>, "message": <string>}}
+
+    Size (REPLY_CAP) and nesting (REPLY_DEPTH) are bounded before parsing.
+    """
+    try:
+        if len(data) > REPLY_CAP:
+            raise _BadReply(f"larger than {REPLY_CAP} bytes")
+        if _nesting(data) > REPLY_DEPTH:
+            raise _BadReply(f"nested deeper than {REPLY_DEPTH}")
+        try:
+            reply = json.loads(data)
+        except (ValueError, RecursionError):
+            raise _BadReply("not JSON") from None
+        if not isinstance(reply, dict) or reply.get("ok") not in (True, False):
+            raise _BadReply("no boolean 'ok'")
+        if not reply["ok"]:
+            error = _keys(
+                _keys(reply, "the reply", ("ok", "error"))["error"], "error", ("kind", "message")
+            )
+            _text(error["kind"], "error.kind", 64)
+            _text(error["message"], "error.message", 4096)
+            return reply
+        _keys(reply, "the reply", ("ok", "results", "credentials"))
+        results = reply["results"]
+        if not isinstance(results, list) or len(results) > 64:
+            raise _BadReply("results is not a list of at most 64 items")
+        for number, result in enumerate(results):
+            if isinstance(result, str):
+                _text(result, f"results[{number}]", VERSION_CAP)
+            else:
+                _integer(result, f"results[{number}]")
+        creds = _keys(
+            reply["credentials"], "credentials", (*_CREDENTIAL_IDS, "groups", *_CREDENTIAL_TEXTS)
+        )
+        for key in _CREDENTIAL_IDS:
+            _integer(creds[key], f"credentials.{key}", 0, (1 << 32) - 1)
+        groups = creds["groups"]
+        if not isinstance(groups, list) or len(groups) > 65536:
+            raise _BadReply("credentials.groups is not a list of at most 65536 ids")
+        for group in groups:
+            _integer(group, "a group in credentials.groups", 0, (1 << 32) - 1)
+        for key in _CREDENTIAL_TEXTS:
+            _text(creds[key], f"credentials.{key}", 64)
+        return reply
+    except _BadReply as exc:
+        raise LocalError(f"fetch process sent a malformed reply: {exc}") from None
+
+
+def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:
+    """`results` if each has the type and range its job's operation returns (LocalError if not):
+    a version string, a download's size (at most its cap), a report's HTTP status."""
+    for job, result in zip(jobs, results, strict=True):
+        where = f"the result of {job.op} {job.url[:200]}"
+        try:
+            if job.op == "version":
+                _text(result, where, 128)
+            elif job.op == "download":
+                _integer(result, where, 0, job.cap)
+            else:
+                _integer(result, where, 100, 599)
+        except _BadReply as exc:
+            raise LocalError(f"fetch process sent a malformed reply: {exc}") from None
+    return results
 
 
 def _plain_file(entry: Path) -> bool:

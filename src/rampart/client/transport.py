@@ -8,6 +8,9 @@ Every request passes through `Transport.request`, which enforces in one place:
   window (a server that trickles bytes fails instead of holding the client);
 - a hard cap on every body, checked against Content-Length before reading and
   against the bytes actually received while reading;
+- a download never takes the last `space_margin` bytes of its file system: a
+  body of unannounced length is cut there, and a download stopped for lack of
+  space (there, or ENOSPC) leaves no partial file behind;
 - the CLIP OS identification headers on every request to the configured host
   (not to another host a redirect leads to).
 Every failure becomes TransportError (network) or RemoteDataError (the server
@@ -17,6 +20,7 @@ signatures: it runs in the unprivileged fetch process.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
@@ -28,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from rampart import __version__
 from rampart.errors import LocalError, RemoteDataError, TransportError
@@ -47,6 +51,11 @@ class Limits:
     read_timeout: float = 60.0
     min_speed: int = 1024  # bytes per second, averaged over stall_window
     stall_window: float = 60.0
+    space_margin: int = 16 << 20  # bytes a download leaves free on its file system
+
+
+# A length or offset sent by the server: ASCII digits, at most 19 (below 2^63).
+_NUMBER = r"[0-9]{1,19}"
 
 
 def tls_context(root_ca: Path) -> ssl.SSLContext:
@@ -83,17 +92,11 @@ class Transport:
         The identification headers go only to the host of the first URL: a
         redirect to another host gets the request without them.
         """
-        first_host = urlsplit(url).hostname
+        first_host = _https_target(url)[0].hostname
         for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme != "https" or not parts.hostname:
-                raise TransportError(f"{url[:200]}: refusing a non-HTTPS URL")
-            try:
-                port = parts.port or 443
-            except ValueError:
-                raise TransportError(f"{url[:200]}: invalid port") from None
+            parts, port = _https_target(url)
             conn = http.client.HTTPSConnection(
-                parts.hostname,
+                parts.hostname or "",
                 port,
                 context=self.context,
                 timeout=self.limits.connect_timeout,
@@ -120,15 +123,22 @@ class Transport:
             except ssl.SSLError as exc:
                 conn.close()
                 raise TransportError(f"{url}: TLS handshake failed: {exc.reason or exc}") from None
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, ValueError) as exc:
                 conn.close()
                 raise TransportError(f"{url}: {_describe(exc)}") from None
             if response.status in (301, 302, 303, 307, 308) and method == "GET":
                 location = response.getheader("Location") or ""
                 conn.close()
-                target = urljoin(url, location)
-                if urlsplit(target).scheme != "https":
+                try:
+                    target = urljoin(url, location)
+                    scheme = urlsplit(target).scheme
+                except ValueError:
+                    raise TransportError(
+                        f"{url}: refusing a redirect to an invalid URL {location[:200]!r}"
+                    ) from None
+                if scheme != "https":
                     raise TransportError(f"{url}: refusing a redirect to {target[:200]!r}")
+                _https_target(target, f"{url}: refusing a redirect to ")
                 log.debug("redirected to %s", target)
                 url = target
                 continue
@@ -156,7 +166,7 @@ class Transport:
         while True:
             try:
                 chunk = response.read1(READ)
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise TransportError(f"{url}: {_describe(exc)}") from None
             if not chunk:
                 break
@@ -230,19 +240,22 @@ class Transport:
                 raise RemoteDataError(f"{url}: announced {expected} bytes, the cap is {cap}")
             if have:
                 log.info("%s: resuming at byte %d", url, have)
-            if expected is not None:
-                disk = os.statvfs(dest.parent)
-                free = disk.f_bavail * disk.f_frsize
-                if expected - have > free:
-                    raise LocalError(
-                        f"{dest.parent}: not enough space to download {url.rsplit('/', 1)[-1]} "
-                        f"({expected - have} bytes needed, {free} free)"
-                    )
+            shown = dest.absolute()  # in the fetch process, dest is relative to its cwd
+            disk = os.statvfs(dest.parent)
+            free = disk.f_bavail * disk.f_frsize
+            margin = self.limits.space_margin
+            room = free - margin  # what this download may still write
+            if expected is not None and expected - have > room:
+                raise LocalError(
+                    f"{shown}: not enough space to download {url.rsplit('/', 1)[-1]} "
+                    f"({expected - have} bytes needed, {free} free, {margin} kept free)"
+                )
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
                 fd = os.open(dest, flags, 0o600)
             except OSError as exc:
-                raise LocalError(f"{dest}: cannot write the download: {exc.strerror}") from None
+                raise LocalError(f"{shown}: cannot write the download: {exc.strerror}") from None
+            out_of_space = False  # then the partial file is dropped: it cannot be completed
             try:
                 if not have:
                     os.ftruncate(fd, 0)
@@ -257,19 +270,60 @@ class Transport:
                     view.release()
                     pending.clear()
 
+                written = 0
+
                 def write(chunk: bytes) -> None:
+                    nonlocal written, out_of_space
+                    written += len(chunk)
+                    if written > room:  # only an unannounced length gets here
+                        out_of_space = True
+                        raise LocalError(
+                            f"{shown}: not enough space to download {url.rsplit('/', 1)[-1]} "
+                            f"(no length announced; stopped after {written - len(chunk)} bytes, "
+                            f"{free} were free, {margin} kept free); partial file removed"
+                        )
                     pending.extend(chunk)  # TLS records are small: write in 1 MiB blocks
                     if len(pending) >= CHUNK:
                         flush()
 
                 try:
-                    received = self._read_body(url, response, write, cap, have, progress, expected)
-                finally:
-                    flush()  # what arrived is kept for resuming
-                os.fsync(fd)
+                    try:
+                        received = self._read_body(
+                            url, response, write, cap, have, progress, expected
+                        )
+                    finally:
+                        if not out_of_space:
+                            flush()  # what arrived is kept for resuming
+                    os.fsync(fd)
+                except OSError as exc:
+                    out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    dropped = "; partial file removed" if out_of_space else ""
+                    raise LocalError(
+                        f"{shown}: cannot write the download: {exc.strerror}{dropped}"
+                    ) from None
             finally:
                 os.close(fd)
+                if out_of_space:
+                    dest.unlink(missing_ok=True)
             return have + received
+
+
+def _https_target(url: str, refusal: str = "") -> tuple[SplitResult, int]:
+    """`url` split, with its port; TransportError unless an https:// URL with a valid
+    host name (one IDNA can encode: connecting would fail outside the error tree)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port or 443
+    except ValueError:
+        raise TransportError(f"{refusal}{url[:200]!r}: invalid URL or port") from None
+    if parts.scheme != "https" or not host:
+        raise TransportError(f"{refusal}{url[:200]!r}: refusing a non-HTTPS URL")
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise TransportError(f"{refusal}{url[:200]!r}: invalid host name") from None
+    return parts, port
 
 
 def _describe(exc: BaseException) -> str:
@@ -293,14 +347,14 @@ def _content_length(url: str, response: http.client.HTTPResponse) -> int | None:
     value = response.getheader("Content-Length")
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not re.fullmatch(_NUMBER, value.strip()):
         raise RemoteDataError(f"{url}: invalid Content-Length {value[:40]!r}")
-    return int(value)
+    return int(value.strip())
 
 
 def _content_range(url: str, response: http.client.HTTPResponse) -> tuple[int, int | None]:
     value = response.getheader("Content-Range") or ""
-    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", value.strip())
+    match = re.fullmatch(rf"bytes ({_NUMBER})-({_NUMBER})/({_NUMBER}|\*)", value.strip())
     if match is None:
         raise RemoteDataError(f"{url}: invalid Content-Range {value[:60]!r}")
     total = None if match[3] == "*" else int(match[3])

@@ -46,6 +46,7 @@ from rampart.client.fetch import Fetcher, Job, remove_entry
 from rampart.client.slots import (
     Slot,
     SlotBackend,
+    _check_lv_name,
     busy_reason,
     open_backend,
     slot_name,
@@ -61,7 +62,7 @@ from rampart.errors import (
 )
 from rampart.image import pe, verity
 from rampart.tpm import Tpm
-from rampart.version import Version, parse_version
+from rampart.version import Version, check_release_length, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +173,17 @@ def payload_path(device: Device, version: Version, kind: str) -> Path:
     return device.download_dir / f"{device.config.os_name}-{version.core}-{kind}"
 
 
-def _verified(device: Device, payload: Path, version: Version) -> bool:
-    """True if `payload` and its signature are there and verify for `version`."""
+def _verified(device: Device, payload: Path, version: Version) -> bytes | None:
+    """The digest check_payload returns if `payload` and its signature are there and
+    verify for `version`, else None."""
     sig = payload.with_name(payload.name + ".sig")
     if not payload.is_file() or not sig.is_file():
-        return False
+        return None
     try:
-        check_payload(device, payload, version)
+        return check_payload(device, payload, version)
     except RampartError as exc:
         log.debug("cached %s not usable: %s", payload.name, exc)
-        return False
-    return True
+        return None
 
 
 def check_payload(device: Device, payload: Path, version: Version) -> bytes:
@@ -264,10 +265,13 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
     caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
     jobs = []
+    digests: dict[Path, bytes] = {}  # a reused payload is verified once, not again below
     for kind in ("efiboot", "core"):
         payload = payload_path(device, version, kind)
-        if _verified(device, payload, version):
+        digest = _verified(device, payload, version)
+        if digest is not None:
             log.info("reusing the verified download of %s", payload.name)
+            digests[payload] = digest
             continue
         sig = payload.with_name(payload.name + ".sig")
         sig.unlink(missing_ok=True)
@@ -278,15 +282,16 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
         fetcher.run(jobs)
     efiboot = payload_path(device, version, "efiboot")
     core = payload_path(device, version, "core")
-    digests = []
     for payload in (efiboot, core):
+        if payload in digests:
+            continue
         try:
-            digests.append(check_payload(device, payload, version))
+            digests[payload] = check_payload(device, payload, version)
         except RampartError:
             # A bad payload is not kept for resuming: the next run fetches afresh.
             payload.unlink(missing_ok=True)
             raise
-    return efiboot, core, digests[1]
+    return efiboot, core, digests[core]
 
 
 def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
@@ -434,9 +439,11 @@ def update(
         device.run_dir.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(device.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise LocalError(
-            f"{device.run_dir}: cannot use the run directory: {exc.strerror}"
-        ) from None
+        unusable = LocalError(f"{device.run_dir}: cannot use the run directory: {exc.strerror}")
+        # No run can hold the lock of a run directory that cannot be opened, so this
+        # report's fetch cannot disturb one (unlike a run refused by the lock below).
+        send_report(device, fetcher, None, "failure", str(unusable))
+        raise unusable from None
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -475,6 +482,7 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         return UpdateResult(Outcome.UP_TO_DATE, running, latest)
     log.info("update available: %s -> %s", running, latest)
     device.target = latest
+    check_names(device, latest)
     failed = device.esp.find(latest)
     if failed is not None and failed.bad:
         raise ConflictError(
@@ -535,13 +543,47 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
     # The new version is installed and bootable: what follows is housekeeping,
     # whose failure is logged, not fatal.
     try:
-        device.ready_file.write_text(latest.core + "\n")
+        write_ready(device, latest)
         _clean_downloads(device, None)  # installed: the payloads are no longer needed
     except OSError as exc:
         log.error("update installed, but %s: %s", exc.filename or "cleanup", exc.strerror)
     return UpdateResult(
         Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
     )
+
+
+def check_names(device: Device, version: Version) -> None:
+    """Refuse (FormatError) an offered version that cannot name everything the
+    transaction creates: the LV core_<V> (LVM: 127 characters), the boot entry
+    (with its counter and `.new`) and the downloads (255 bytes each). Checked
+    before anything is changed, so such an offer never costs the fallback entry."""
+    try:
+        check_release_length(version, "offered version")
+        _check_lv_name(slot_name(version))
+    except UsageError as exc:
+        raise FormatError(f"{exc}; not installing it") from None
+    entry = esp_mod.entry_name(device.config.os_name, version, device.config.boot_tries)
+    signatures = [payload_path(device, version, kind).name + ".sig" for kind in ("efiboot", "core")]
+    for name in (entry + ".new", *signatures):  # the longest name of each file
+        if len(os.fsencode(name)) > 255:
+            raise FormatError(
+                f"offered version {version.core[:40]}...: the file name {name[:60]}... is longer "
+                "than 255 bytes; not installing it"
+            )
+
+
+def write_ready(device: Device, version: Version) -> None:
+    """Write the update-ready marker whole or not at all (a temporary file renamed
+    over it; /run is a tmpfs: no fsync). Raises OSError naming the marker, the
+    temporary removed."""
+    temporary = device.ready_file.with_name(f".{READY_FILE}.tmp")
+    try:
+        temporary.write_text(version.core + "\n")
+        os.replace(temporary, device.ready_file)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        reason = f"cannot write the update-ready marker ({exc.strerror})"
+        raise OSError(exc.errno, reason, str(device.ready_file)) from None
 
 
 def check_rollback(device: Device, efiboot: Path, version: Version) -> None:
