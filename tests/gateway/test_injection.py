@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from rampart.errors import ConfigError
-from rampart.gateway import description, render
+from rampart.gateway import check, description, render
 from tests.gateway import pki, structure, twin
 
 # A description with every feature whose values reach a file: IPv4 and IPv6, a peer
@@ -522,3 +522,19 @@ def test_hostile_strings_past_the_description_are_refused_or_change_no_structure
         return
     event("rendered")
     _assert_real_tools_accept(rendered)
+
+
+def test_quotes_past_the_description_stay_inside_their_values_for_charon(
+    clean_gateway: description.Gateway, tmp_path: Path
+) -> None:
+    """The real parser agrees: charon loads exactly the connections there are, with
+    no syntax error, when identities and an address hold quotes, backslashes and
+    braces (escaped by swanctl_string)."""
+    gw = _with_peer(clean_gateway, 0, address='192.0.2.2" proposals = "3des-md5-modp1024')
+    gw = _with_peer(gw, 1, identity='gw-c" } evil { version = 1 remote_addrs = \\"%any')
+    gw = dataclasses.replace(gw, identity='gw-a.example.org" } # \\')
+    rendered = _assert_structure_holds(gw)
+    rendered.write(tmp_path)
+    report = check.check(tmp_path)
+    assert report.problems == []
+    assert f"{render.SWANCTL_CONF}: loaded into charon (3 connections)" in report.checked
