@@ -14,7 +14,6 @@ import ipaddress
 import pwd
 import string
 import subprocess
-import tempfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from rampart import cli
 from rampart.errors import ConfigError
 from rampart.gateway import check, description, render
 from tests.gateway import pki, structure, twin
@@ -176,22 +176,24 @@ def _assert_one_clear_line(error: ConfigError) -> None:
 
 def _assert_real_tools_accept(rendered: render.Rendered) -> None:
     """sh -n on the scripts; nft -c on the rulesets when every user they name
-    exists here (nft resolves `meta skuid` names when it checks)."""
-    with tempfile.TemporaryDirectory(prefix="rampart-injection-") as tmp:
-        out = Path(tmp)
-        rendered.write(out)
-        for rel in (render.TUNNEL_UP, render.TUNNEL_DOWN):
-            done = subprocess.run(["sh", "-n", str(out / rel)], capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr
-        for rel in (render.PUBLIC_NFT, render.TUNNEL_NFT):
-            text = (out / rel).read_text()
-            users = {stmt[i + 2] for stmt in structure.nft(text) for i in range(len(stmt) - 2)
-                     if stmt[i : i + 2] == ("meta", "skuid")}  # fmt: skip
-            if all(_user_exists(u.strip('"')) for u in users):
-                done = subprocess.run(
-                    ["nft", "-c", "-f", str(out / rel)], capture_output=True, text=True
-                )
-                assert done.returncode == 0, done.stderr
+    exists here (nft resolves `meta skuid` names when it checks). Each tool reads
+    both files at once from stdin (each is complete: together they parse too)."""
+    scripts = b"".join(rendered.files[rel][0] for rel in (render.TUNNEL_UP, render.TUNNEL_DOWN))
+    done = subprocess.run(["sh", "-n"], input=scripts, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    rulesets = b"".join(rendered.files[rel][0] for rel in (render.PUBLIC_NFT, render.TUNNEL_NFT))
+    statements = structure.nft(rulesets.decode())
+    users = {
+        stmt[i + 2].strip('"')
+        for stmt in statements
+        for i in range(len(stmt) - 2)
+        if stmt[i : i + 2] == ("meta", "skuid")
+    }
+    if all(_user_exists(u) for u in users):
+        done = subprocess.run(
+            ["nft", "-c", "-f", "/dev/stdin"], input=rulesets, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr
 
 
 def _user_exists(name: str) -> bool:
@@ -538,3 +540,19 @@ def test_quotes_past_the_description_stay_inside_their_values_for_charon(
     report = check.check(tmp_path)
     assert report.problems == []
     assert f"{render.SWANCTL_CONF}: loaded into charon (3 connections)" in report.checked
+
+
+def test_the_reproducer_through_the_cli_is_one_line_exit_6_and_nothing_written(
+    keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = pki.gateway_toml(local="fd00::/64", remote="fd00:2::/64", tunnel_address=PWNED)
+    path = keys / "pwned.toml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert cli.main(["gateway", "render", str(path), "--out", str(out)]) == 6
+    err = capsys.readouterr().err
+    assert err == (
+        f"rampart: error: {path}: tunnel.address: "
+        "'fd00::1%x||true;cd $(dirname $0);id>PWNED;#': IPv6 scope ids (%...) are not allowed\n"
+    )
+    assert not out.exists()
