@@ -515,9 +515,9 @@ def _peer(
             raise table.fail(
                 "auth", "a pre-shared key needs the explicit opt-in ike.allow_psk = true"
             )
-        psk_file = _path(table, "psk_file", base)
-        # A relative psk_file is joined to the description's directory: the result
-        # is what swanctl.conf includes, so it passes the same allow-list.
+        # A relative psk_file is joined to the description's directory, made
+        # absolute: that is what swanctl.conf includes, so it passes the allow-list.
+        psk_file = _path(table, "psk_file", base).absolute()
         _checked_path(table, "psk_file", str(psk_file))
     elif auth != "pubkey":
         raise table.fail("auth", f'{shown(auth)} is neither "pubkey" nor "psk"')
