@@ -556,3 +556,44 @@ def test_the_reproducer_through_the_cli_is_one_line_exit_6_and_nothing_written(
         "'fd00::1%x||true;cd $(dirname $0);id>PWNED;#': IPv6 scope ids (%...) are not allowed\n"
     )
     assert not out.exists()
+
+
+def test_the_structure_parsers_see_what_an_injection_adds() -> None:
+    """The parsers the properties rely on: quoted text is one value, and what a
+    value would add outside its quotes is seen."""
+    conf = (
+        'c {\n    a {\n        id = "x\\" } # \\\\"\n        remote_addrs = 192.0.2.2\n    }\n}\n'
+    )
+    assert structure.swanctl(conf) == (
+        [
+            structure.Setting(2, "id", 'x" } # \\'),
+            structure.Setting(2, "remote_addrs", "192.0.2.2"),
+        ],
+        [(0, "c"), (1, "a")],
+    )
+    injected = conf.replace("192.0.2.2", "192.0.2.2\n        proposals = 3des-md5-modp1024")
+    assert structure.Setting(2, "proposals", "3des-md5-modp1024") in structure.swanctl(injected)[0]
+    with pytest.raises(structure.Unparsable):
+        structure.swanctl(conf.replace("192.0.2.2", '192.0.2.2" x'))
+
+    rule = 'table inet t {\n chain c {\n  iifname "a;b # }" accept\n }\n}\n'
+    assert structure.nft(rule) == [
+        ("table", "inet", "t", "{"),
+        ("chain", "c", "{"),
+        ("iifname", '"a;b # }"', "accept"),
+        ("}",),
+        ("}",),
+    ]
+    assert len(structure.nft(rule.replace('"a;b # }"', '"a" accept; drop'))) == 6
+
+    assert structure.shell("ip link set 'a;b $(id)' up  # x\n") == [
+        structure.Command(("ip", "link", "set", "a;b $(id)", "up"), ())
+    ]
+    assert structure.shell("ip link set a;id>PWNED up\n") == [
+        structure.Command(("ip", "link", "set", "a", "id", "PWNED", "up"), (";", ">"))
+    ]
+    assert structure.shell('here=$(dirname "$(readlink -f "$0")")\n')[0].specials == (
+        "$(",
+        "$(",
+        "$0",
+    )
