@@ -188,7 +188,7 @@ def test_swanctl_conf_is_strict(rendered: tuple[description.Gateway, Path]) -> N
     assert not any("private" in rel or rel.endswith(".key") for rel in _tree(out))
     for peer in gw.peers:
         if peer.psk_file is not None:
-            assert f"include {peer.psk_file}" in text
+            assert f'include "{peer.psk_file}"' in text
             assert "secret =" not in text
 
 

@@ -13,7 +13,15 @@ stays refused whatever the file says:
   peer whose local and remote subnets overlap;
 - a certificate or CA that is missing or not an X.509 PEM certificate, an
   identity that the certificate does not carry;
-- ports out of 1-65535, unknown keys (a typo in a firewall must not pass unseen).
+- ports out of 1-65535, unknown keys (a typo in a firewall must not pass unseen);
+- any value outside its allow-list. Every string that reaches a rendered file
+  (swanctl.conf, the nftables rulesets, the shell scripts, the units) is checked
+  here by character set and length: names, interface names (the kernel's IFNAMSIZ
+  rules, stricter), user names, IKE identities (FQDN, e-mail, IP address or DN),
+  paths, IP addresses and networks without IPv6 scope ids (`%...`, which Python's
+  parser accepts with any character in them), and the description's own file name
+  (it is in every file's header). The renderer quotes each value again for its
+  format (`render`), but this is the primary defence.
 
 The format is documented in docs/gateway.md.
 """
@@ -28,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from rampart.errors import ConfigError
@@ -64,17 +73,49 @@ IKE_PORT = 500
 NAT_T_PORT = 4500
 
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,9}", re.ASCII)  # ipsec<N>, file and conn names
+# Linux accepts 1-15 bytes without "/", ":" or whitespace (dev_valid_name); this is
+# stricter: no leading "-" or "." (an option to `ip`, or "." and ".."), no shell or
+# nft metacharacter, no "*" (a wildcard in nft's iifname).
 _IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", re.ASCII)  # IFNAMSIZ - 1
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
-    re.ASCII,
-)
-# An IKE identity: an FQDN, an e-mail address, an IP address, or a DN; printable
-# ASCII without the characters that end a swanctl value or start a comment.
-_IDENTITY = re.compile(r"[!-~ ]{1,255}", re.ASCII)
-_IDENTITY_FORBIDDEN = set('"#{}\\\n')
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=[^\n]{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*", re.ASCII)
+# IKE identities (what swanctl's `id` says), each a quoted string in swanctl.conf:
+# an FQDN (a host name as above), an e-mail address (local part of letters, digits
+# and . _ + -, then a host name), an IP address (without scope id), or a DN in
+# RFC 4514 order (`CN=gw-a.example.org,O=Example`: attribute types of letters,
+# digits and dots; values of letters, digits, space and . _ - @ : ( ) ', neither
+# starting nor ending with a space), at most 255 characters in all.
+_EMAIL = re.compile(rf"[A-Za-z0-9._+-]{{1,64}}@{_LABEL}(?:\.{_LABEL})*", re.ASCII)
+_RDN_VALUE = r"[A-Za-z0-9._@:()'-](?:[A-Za-z0-9 ._@:()'-]*[A-Za-z0-9._@:()'-])?"
+_RDN = rf"[A-Za-z][A-Za-z0-9.]{{0,31}}={_RDN_VALUE}"
+_DN = re.compile(rf"{_RDN}(?:, ?{_RDN})*", re.ASCII)
+IDENTITY_MAX = 255
+# Paths: letters, digits and . _ - + @ / (no space, quote, glob or escape
+# character: swanctl's `include` takes a glob pattern), at most PATH_MAX - 1 bytes
+# and NAME_MAX per component.
+_PATH = re.compile(r"[A-Za-z0-9._+@/-]{1,4095}", re.ASCII)
+_PATH_COMPONENT_MAX = 255
+# The description's own file name is written into the header comment of every
+# rendered file: printable ASCII without backslash (a line continuation in units).
+_SOURCE_NAME = re.compile(r"[ -\[\]-~]{1,255}", re.ASCII)
+_SHOWN_MAX = 60
+
+
+def shown(value: str) -> str:
+    """`value` for a one-line message: quoted, every character that is not printable
+    escaped (newlines, NUL, escape sequences, Unicode line separators), and cut
+    after 60 characters."""
+    if len(value) > _SHOWN_MAX:
+        return f"{value[:_SHOWN_MAX]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable escaped: a message that
+    names a key or a value from the file stays one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -167,7 +208,8 @@ class _Table:
         return self.data.get(key)
 
     def fail(self, key: str, why: str) -> ConfigError:
-        return ConfigError(f"{self.where}.{key}: {why}" if self.where else f"{key}: {why}")
+        where = f"{self.where}.{key}" if self.where else key
+        return ConfigError(one_line(f"{where}: {why}"))
 
     def text(self, key: str, default: str | None = None) -> str:
         value = self.raw(key)
@@ -252,7 +294,7 @@ def _name(table: _Table, key: str, default: str | None = None) -> str:
     value = table.text(key, default)
     if not _NAME.fullmatch(value):
         raise table.fail(
-            key, f"{value!r} is not a name (a lowercase letter, then up to 9 of a-z 0-9 -)"
+            key, f"{shown(value)} is not a name (a lowercase letter, then up to 9 of a-z 0-9 -)"
         )
     return value
 
@@ -260,22 +302,37 @@ def _name(table: _Table, key: str, default: str | None = None) -> str:
 def _ifname(table: _Table, key: str) -> str:
     value = table.text(key)
     if not _IFNAME.fullmatch(value):
-        raise table.fail(key, f"{value!r} is not a network interface name")
+        raise table.fail(
+            key,
+            f"{shown(value)} is not a network interface name "
+            "(1 to 15 of A-Z a-z 0-9 _ . -, starting with a letter or digit)",
+        )
     return value
 
 
 def _user(table: _Table, key: str, default: str | None = None) -> str:
     value = table.text(key, default)
     if not _USER.fullmatch(value):
-        raise table.fail(key, f"{value!r} is not a user name")
+        raise table.fail(
+            key, f"{shown(value)} is not a user name ([a-z_] then up to 31 of a-z 0-9 _ -)"
+        )
     return value
 
 
+def _scope_id_refused(table: _Table, key: str, text: str) -> None:
+    if "%" in text:
+        raise table.fail(key, f"{shown(text)}: IPv6 scope ids (%...) are not allowed")
+
+
 def _network(table: _Table, key: str, text: str) -> Network:
+    _scope_id_refused(table, key, text)
     try:
-        return ipaddress.ip_network(text, strict=True)
+        network = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
-        raise table.fail(key, f"{text!r} is not a network in CIDR notation ({exc})") from None
+        # ipaddress's reason repeats the value: only for a short one.
+        reason = f" ({one_line(str(exc))})" if len(text) <= _SHOWN_MAX else ""
+        raise table.fail(key, f"{shown(text)} is not a network in CIDR notation{reason}") from None
+    return network
 
 
 def _networks(
@@ -284,24 +341,57 @@ def _networks(
     return tuple(_network(table, key, text) for text in table.texts(key, default))
 
 
-def _address(table: _Table, key: str, text: str) -> Address:
+def _parse_address(text: str) -> Address | None:
+    """An IP address without scope id, or None."""
+    if "%" in text:
+        return None
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise table.fail(key, f"{text!r} is not an IP address") from None
+        return None
+
+
+def _address(table: _Table, key: str, text: str) -> Address:
+    _scope_id_refused(table, key, text)
+    address = _parse_address(text)
+    if address is None:
+        raise table.fail(key, f"{shown(text)} is not an IP address")
+    return address
 
 
 def _identity(table: _Table, key: str) -> str:
     value = table.text(key)
-    if not _IDENTITY.fullmatch(value) or set(value) & _IDENTITY_FORBIDDEN:
-        raise table.fail(key, f'{value!r} is not an IKE identity (printable, no " # {{ }} \\)')
+    if not (
+        len(value) <= IDENTITY_MAX
+        and (
+            _HOSTNAME.fullmatch(value)
+            or _EMAIL.fullmatch(value)
+            or _DN.fullmatch(value)
+            or _parse_address(value) is not None
+        )
+    ):
+        raise table.fail(
+            key,
+            f"{shown(value)} is not an IKE identity (an FQDN, an e-mail address, an IP "
+            "address, or a DN such as CN=host,O=Org; see docs/gateway.md)",
+        )
     return value
+
+
+def _checked_path(table: _Table, key: str, text: str) -> None:
+    if not _PATH.fullmatch(text) or any(
+        len(part) > _PATH_COMPONENT_MAX for part in text.split("/")
+    ):
+        raise table.fail(
+            key,
+            f"{shown(text)} is not a file path (1 to 4095 of A-Z a-z 0-9 . _ - + @ /, "
+            "at most 255 between slashes)",
+        )
 
 
 def _path(table: _Table, key: str, base: Path) -> Path:
     text = table.text(key)
-    if not text or "\n" in text or '"' in text:
-        raise table.fail(key, f"{text!r} is not a file path")
+    _checked_path(table, key, text)
     return (base / text) if not text.startswith("/") else Path(text)
 
 
@@ -327,7 +417,10 @@ def read_certificate(table: _Table, key: str, base: Path) -> Certificate:
         pass
     for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         names.add(str(attribute.value))
-    return Certificate(path, pem, cert.subject.rfc4514_string(), frozenset(names))
+    # What is copied into the output is the certificate re-encoded, not the file:
+    # whatever else the file holds (text, more blocks) does not reach the output.
+    canonical = cert.public_bytes(serialization.Encoding.PEM)
+    return Certificate(path, canonical, cert.subject.rfc4514_string(), frozenset(names))
 
 
 def _ports(table: _Table) -> tuple[int, int]:
@@ -355,10 +448,10 @@ def _ports(table: _Table) -> tuple[int, int]:
 def _service(table: _Table, *, tunnel: bool, peers: set[str]) -> Service:
     direction = table.text("direction")
     if direction not in ("in", "out"):
-        raise table.fail("direction", f'{direction!r} is neither "in" nor "out"')
+        raise table.fail("direction", f'{shown(direction)} is neither "in" nor "out"')
     protocol = table.text("protocol")
     if protocol not in ("tcp", "udp"):
-        raise table.fail("protocol", f'{protocol!r} is neither "tcp" nor "udp"')
+        raise table.fail("protocol", f'{shown(protocol)} is neither "tcp" nor "udp"')
     ports = _ports(table)
     table.skip("user")
     user = _user(table, "user") if "user" in table.data else None
@@ -370,7 +463,7 @@ def _service(table: _Table, *, tunnel: bool, peers: set[str]) -> Service:
         if "peer" in table.data:
             peer = table.text("peer")
             if peer not in peers:
-                raise table.fail("peer", f"{peer!r} is not a [[peer]] name")
+                raise table.fail("peer", f"{shown(peer)} is not a [[peer]] name")
     elif "networks" in table.data:
         networks = _networks(table, "networks")
     if (
@@ -396,7 +489,7 @@ def _proposals(
     for value in values:
         if value not in allowed:
             raise table.fail(
-                key, f"{value!r} is not one of the allowed suites ({', '.join(allowed)})"
+                key, f"{shown(value)} is not one of the allowed suites ({', '.join(allowed)})"
             )
     if len(set(values)) != len(values):
         raise table.fail(key, "lists a suite twice")
@@ -408,13 +501,12 @@ def _peer(
 ) -> Peer:
     name = _name(table, "name")
     address = table.text("address")
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        if not _HOSTNAME.fullmatch(address):
-            raise table.fail(
-                "address", f"{address!r} is neither an IP address nor a host name"
-            ) from None
+    _scope_id_refused(table, "address", address)
+    parsed = _parse_address(address)
+    if parsed is not None:
+        address = str(parsed)
+    elif not _HOSTNAME.fullmatch(address):
+        raise table.fail("address", f"{shown(address)} is neither an IP address nor a host name")
     identity = _identity(table, "id")
     auth = table.text("auth", "pubkey")
     psk_file: Path | None = None
@@ -423,9 +515,12 @@ def _peer(
             raise table.fail(
                 "auth", "a pre-shared key needs the explicit opt-in ike.allow_psk = true"
             )
-        psk_file = _path(table, "psk_file", base)
+        # A relative psk_file is joined to the description's directory, made
+        # absolute: that is what swanctl.conf includes, so it passes the allow-list.
+        psk_file = _path(table, "psk_file", base).absolute()
+        _checked_path(table, "psk_file", str(psk_file))
     elif auth != "pubkey":
-        raise table.fail("auth", f'{auth!r} is neither "pubkey" nor "psk"')
+        raise table.fail("auth", f'{shown(auth)} is neither "pubkey" nor "psk"')
     else:
         table.skip("psk_file")
         if "psk_file" in table.data:
@@ -453,6 +548,11 @@ def _peer(
 def parse(doc: dict[str, Any], source: Path) -> Gateway:
     """Validate a parsed gateway.toml; relative paths are relative to its directory."""
     base = source.parent
+    if not _SOURCE_NAME.fullmatch(source.name):
+        raise ConfigError(
+            f"the file name {shown(source.name)} is not 1 to 255 printable ASCII characters "
+            "without backslash (it is written into the header of every rendered file)"
+        )
     top = _Table(doc, "")
     name = _name(top, "name")
 
@@ -471,8 +571,9 @@ def parse(doc: dict[str, Any], source: Path) -> Gateway:
     if identity not in certificate.names and identity != certificate.subject:
         raise ident.fail(
             "id",
-            f"{identity!r} is neither a subjectAltName nor the subject of "
-            f"{certificate.path} (it has: {', '.join(sorted(certificate.names)) or 'none'})",
+            f"{shown(identity)} is neither a subjectAltName nor the subject of "
+            f"{certificate.path} (it has: "
+            f"{', '.join(one_line(n) for n in sorted(certificate.names)) or 'none'})",
         )
     default_ca = read_certificate(ident, "ca", base) if "ca" in ident.data else None
     ident.skip("ca")
@@ -578,16 +679,16 @@ def load(path: Path) -> Gateway:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        raise ConfigError(one_line(f"{path}: no such file")) from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(one_line(f"{path}: cannot read: {exc.strerror}")) from None
     if len(raw) > 1 << 20:
-        raise ConfigError(f"{path}: larger than 1 MiB")
+        raise ConfigError(one_line(f"{path}: larger than 1 MiB"))
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(one_line(f"{path}: invalid TOML: {exc}")) from None
     try:
         return parse(doc, path)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(one_line(f"{path}: {exc}")) from None
