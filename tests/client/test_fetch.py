@@ -10,6 +10,7 @@ import os
 import pwd
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +52,7 @@ def test_fetch_process_runs_without_privileges(
     assert int(creds["cap_prm"], 16) == 0
     assert int(creds["cap_bnd"], 16) == 0
     assert creds["no_new_privs"] == "1"
+    assert creds["pid"] == 1  # the first process of its own PID namespace
     # After the fetch, root owns the download directory and files again.
     assert device.download.stat().st_uid == 0
     for entry in device.download.iterdir():
@@ -92,23 +94,50 @@ def test_dropped_process_cannot_write_outside_the_download_dir(
 
 
 @needs_root
-def test_leftover_processes_of_the_fetch_user_are_killed(
+def test_leftover_daemon_of_the_fetch_process_is_killed(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
     fetch_account: pwd.struct_passwd,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.setresgid(fetch_account.pw_gid, fetch_account.pw_gid, fetch_account.pw_gid)
-        os.setresuid(fetch_account.pw_uid, fetch_account.pw_uid, fetch_account.pw_uid)
-        os.write(ready_w, b"1")
-        time.sleep(60)
-        os._exit(0)
-    os.close(ready_w)
-    assert os.read(ready_r, 1) == b"1"  # the child now runs as the fetch user
-    os.close(ready_r)
-    assert fetch.kill_user_processes(fetch_account.pw_uid) >= 1
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status)
+    """A daemon the fetch process started (a new session, its parent gone) ends with
+    the fetch: it lived in the fetch process's PID namespace."""
+    publish(served.root, vendor, make_release(tmp_path / "rel", "5.0.0-alpha.3"))
+    device = make_device(
+        tmp_path / "device", vendor, pki.ca.cert, served.url, fetch_user=FETCH_USER
+    )
+    alive_r, alive_w = os.pipe()
+    execute = fetch.execute
+
+    def start_a_daemon_then_execute(*args: Any) -> list[Any]:  # in the fetch process
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.closerange(3, alive_w)
+                os.closerange(alive_w + 1, 65536)
+                time.sleep(120)
+            os._exit(0)
+        return execute(*args)
+
+    monkeypatch.setattr(fetch, "execute", start_a_daemon_then_execute)
+    dev = device.open()
+    url = f"{served.url}/update/v1/clipos/version"
+    try:
+        assert update.make_fetcher(dev).run([fetch.Job("version", url, 4096)]) == ["5.0.0-alpha.3"]
+        os.close(alive_w)
+        alive_w = -1
+        os.set_blocking(alive_r, False)
+        try:
+            gone = os.read(alive_r, 1) == b""  # every holder of the write end is gone
+        except BlockingIOError:
+            gone = False
+        assert gone, "the daemon started by the fetch process still runs"
+    finally:
+        os.close(alive_r)
+        if alive_w >= 0:
+            os.close(alive_w)
 
 
 @needs_root
