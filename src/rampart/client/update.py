@@ -5,10 +5,10 @@ the disk is durable (fsync of data and directory) before the next starts:
 
 1. check     ask for the latest version; stop unless it is newer than the running one
 2. preflight the target slot is not running, open, mounted or mapped; space for it
-3. download  EFI binary and Core with signatures (unprivileged; resumed); each copied
-             once into a directory only root can reach, hashing while copying, and
-             that copy verified, with the version, before the disk is touched; only
-             the copies are used from then on (reused by a later run)
+3. download  EFI binary and Core with signatures (unprivileged; resumed; reused if
+             already there); each copied once into a directory only root can reach,
+             hashing while copying, and that copy verified, with the version, before
+             the disk is touched; only the copies are read from then on
 4. entries   remove every EFI binary but the running one: the slot about to be
              overwritten is unbootable before it is touched
 5. slot      rename the unused LV to core_<new> (or create it); write Core, fsync,
@@ -181,19 +181,6 @@ def payload_path(device: Device, version: Version, kind: str) -> Path:
     return device.download_dir / f"{device.config.os_name}-{version.core}-{kind}"
 
 
-def _verified(device: Device, payload: Path, version: Version) -> bytes | None:
-    """The digest of `payload` if it and its signature are there and verify for
-    `version`, else None."""
-    sig = payload.with_name(payload.name + ".sig")
-    if not payload.is_file() or not sig.is_file():
-        return None
-    try:
-        return check_payload(device, payload, version)
-    except RampartError as exc:
-        log.debug("cached %s not usable: %s", payload.name, exc)
-        return None
-
-
 def check_payload(device: Device, payload: Path, version: Version) -> bytes:
     """Verify `payload` with its `.sig` and the pinned key; its version must be `version`.
 
@@ -250,14 +237,15 @@ def pick_slot(device: Device, target: Version) -> Slot | None:
 
 
 def _clean_downloads(device: Device, keep: Version | None) -> None:
-    """Remove every download and verified copy but `keep`'s payloads and signatures
-    (all if None). Works on directory descriptors and follows no symbolic link."""
+    """Remove every download but `keep`'s payloads and signatures (all if None),
+    and every verified copy (scratch: each run copies again). Works on directory
+    descriptors and follows no symbolic link."""
     wanted = set()
     if keep is not None:
         for kind in ("efiboot", "core"):
             name = payload_path(device, keep, kind).name
             wanted |= {name, name + ".sig"}
-    for directory in (device.download_dir, device.verified_dir):
+    for directory, kept in ((device.download_dir, wanted), (device.verified_dir, set())):
         try:
             dir_fd = open_directory(directory)
         except FileNotFoundError:
@@ -270,8 +258,8 @@ def _clean_downloads(device: Device, keep: Version | None) -> None:
                     remove_entry(dir_fd, name)
                     continue
                 os.close(fd)
-                if name not in wanted:
-                    log.debug("removing stale download %s", name)
+                if name not in kept:
+                    log.debug("removing %s from %s", name, directory)
                     _unlink(dir_fd, name)
         finally:
             os.close(dir_fd)
@@ -291,74 +279,68 @@ def _open_verified_dir(device: Device) -> int:
         fd = open_directory(path)
     except OSError as exc:
         raise LocalError(
-            f"{path}: cannot use the directory of verified downloads: {exc.strerror}"
+            f"{path}: cannot use the directory of verified copies: {exc.strerror}"
         ) from None
     info = os.fstat(fd)
     if info.st_uid != os.geteuid() or info.st_mode & 0o022:
         os.close(fd)
         raise LocalError(
-            f"{path}: the directory of verified downloads must belong to uid {os.geteuid()} "
+            f"{path}: the directory of verified copies must belong to uid {os.geteuid()} "
             "and be writable by no one else"
         )
     os.fchmod(fd, 0o700)
     return fd
 
 
-_PART = ".part"
+def copy_verified(device: Device, version: Version, kind: str, keep_bad: bool) -> bytes:
+    """Copy the downloaded payload of `kind` into the directory of verified copies,
+    reading it once, and verify what was copied; the BLAKE2b-512 digest of the copy.
 
+    The signature and the payload are opened relative to the download directory
+    with O_NOFOLLOW and must be regular files with one link (checked with fstat
+    on the opened file); the payload is hashed while it is copied, and the
+    signature is checked against that hash (a legacy signature against the bytes
+    copied, held in memory). The copy, `<download dir>.verified/<name>`, is new
+    (O_EXCL, 0600) in a directory only this user can reach: what is verified is
+    what every later step reads. It is a scratch copy, not fsynced: a crash only
+    means copying again from the download directory.
 
-def _copy_verified(
-    device: Device,
-    version: Version,
-    kind: str,
-    verified_fd: int,
-    keep_bad: bool,
-) -> bytes:
-    """Copy the downloaded payload of `kind` and its signature from the download
-    directory into the directory of verified copies, reading each once (opened
-    with O_NOFOLLOW, a regular file with one link), hashing the payload while
-    copying it, and verify what was copied. Returns the BLAKE2b-512 digest of the
-    copy. The verified copy is fsynced with its signature, then the downloaded
-    files are removed.
-
-    A payload that fails verification is deleted (the next run fetches it afresh)
-    unless `keep_bad` (a partial download, to resume); RampartError in any case.
+    A payload that fails verification is deleted from the download directory
+    (the next run fetches it afresh) unless `keep_bad` (a partial download, to
+    resume); RampartError in any case, with no copy left.
     """
     name = payload_path(device, version, kind).name
     source = device.download_dir / name
     copy = device.verified_dir / name
+    verified_fd = _open_verified_dir(device)
     try:
         download_fd = open_directory(device.download_dir)
     except OSError as exc:
+        os.close(verified_fd)
         raise LocalError(f"{device.download_dir}: cannot open: {exc.strerror}") from None
     try:
+        signature = signing.parse_signature(
+            _read_download(download_fd, name + ".sig", SIG_CAP, source), f"{source}.sig"
+        )
+        src = open_plain_file(download_fd, name)
+        if src is None:
+            raise LocalError(f"{source}: missing, or not a regular file with one link")
         try:
-            sig_data = _read_download(download_fd, name + ".sig", SIG_CAP, source)
-            signature = signing.parse_signature(sig_data, f"{source}.sig")
-            src = open_plain_file(download_fd, name)
-            if src is None:
-                raise LocalError(f"{source}: missing, or not a regular file with one link")
-            try:
-                digest = _copy_and_verify(device, src, verified_fd, copy, signature)
-            finally:
-                os.close(src)
-            _check_signed_version(signature, source, version)
-            os.rename(name + _PART, name, src_dir_fd=verified_fd, dst_dir_fd=verified_fd)
-            _write_file(verified_fd, name + ".sig", sig_data)
-            os.fsync(verified_fd)
-        except OSError as exc:
-            _unlink(verified_fd, name + _PART)
-            raise LocalError(f"{copy}: cannot copy the download: {exc.strerror}") from None
-        except RampartError:
-            _unlink(verified_fd, name + _PART)
-            _unlink(verified_fd, name)
-            if not keep_bad:
-                _unlink(download_fd, name)  # not kept for resuming: fetched afresh next time
-            raise
-        for done in (name, name + ".sig"):
-            _unlink(download_fd, done)
+            digest = _copy_and_verify(device, src, verified_fd, copy, signature)
+        finally:
+            os.close(src)
+        _check_signed_version(signature, source, version)
+    except OSError as exc:
+        _unlink(verified_fd, name)
+        raise LocalError(f"{copy}: cannot copy the download: {exc.strerror}") from None
+    except RampartError:
+        _unlink(verified_fd, name)
+        if not keep_bad:
+            _unlink(download_fd, name)  # not kept for resuming: fetched afresh next time
+        raise
     finally:
         os.close(download_fd)
+        os.close(verified_fd)
     return digest
 
 
@@ -379,12 +361,11 @@ def _read_download(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
 def _copy_and_verify(
     device: Device, src: int, verified_fd: int, copy: Path, signature: signing.Signature
 ) -> bytes:
-    """Copy `src` into `<copy>.part` (0600, new) while hashing it, then verify
-    `signature` over what was copied; the BLAKE2b-512 digest of the copy."""
-    part = copy.name + _PART
-    _unlink(verified_fd, part)
+    """Copy `src` into `copy` (new, 0600) while hashing it, then verify `signature`
+    over what was copied; the BLAKE2b-512 digest of the copy."""
+    _unlink(verified_fd, copy.name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    dst = os.open(part, flags, 0o600, dir_fd=verified_fd)
+    dst = os.open(copy.name, flags, 0o600, dir_fd=verified_fd)
     hasher = hashlib.blake2b()
     legacy = None if signature.prehashed else bytearray()
     buffer = bytearray(signing.CHUNK)
@@ -400,7 +381,6 @@ def _copy_and_verify(
                 legacy += chunk
             while chunk:
                 chunk = chunk[os.write(dst, chunk) :]
-        os.fsync(dst)
     finally:
         os.close(dst)
     digest = hasher.digest()
@@ -413,75 +393,41 @@ def _copy_and_verify(
     return digest
 
 
-def _write_file(dir_fd: int, name: str, data: bytes) -> None:
-    """Write `name` in `dir_fd` (0600): a temporary name, fsync, rename."""
-    part = name + _PART
-    _unlink(dir_fd, part)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(part, flags, 0o600, dir_fd=dir_fd)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-
-
 def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path, bytes]:
-    """Fetch (or reuse) both payloads of `version`, copy and verify them.
+    """Fetch (or reuse) both payloads of `version`, copy them where only this user
+    can reach them, and verify the copies.
 
-    Returns (efiboot, core, BLAKE2b-512 digest of the verified Core): the verified
-    copies, in a directory only this user can reach. Every later step reads
-    these copies, never the download directory.
+    Returns (efiboot, core, BLAKE2b-512 digest of the verified Core): the paths of
+    the verified copies. Every later step reads these, never the download directory.
     """
     device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    verified_fd = _open_verified_dir(device)
-    try:
-        _clean_downloads(device, version)
-        base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
-        caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
-        digests: dict[str, bytes] = {}
-        jobs = []
-        for kind in ("efiboot", "core"):
-            copy = device.verified_dir / payload_path(device, version, kind).name
-            digest = _verified(device, copy, version)
-            if digest is None:
-                digest = _try_copy(device, version, kind, verified_fd)
-            if digest is not None:
-                log.info("reusing the verified download of %s", copy.name)
-                digests[kind] = digest
+    _clean_downloads(device, version)
+    base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
+    caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
+    digests: dict[str, bytes] = {}
+    jobs = []
+    for kind in ("efiboot", "core"):
+        payload = payload_path(device, version, kind)
+        sig = payload.with_name(payload.name + ".sig")
+        if payload.is_file() and sig.is_file():
+            try:
+                digests[kind] = copy_verified(device, version, kind, keep_bad=True)
+                log.info("reusing the verified download of %s", payload.name)
                 continue
-            payload = payload_path(device, version, kind)
-            sig = payload.with_name(payload.name + ".sig")
-            sig.unlink(missing_ok=True)
-            jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
-            jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
-        if jobs:
-            log.info("downloading %s", ", ".join(j.url.rsplit("/", 1)[-1] for j in jobs))
-            fetcher.run(jobs)
-        for kind in ("efiboot", "core"):
-            if kind not in digests:
-                digests[kind] = _copy_verified(device, version, kind, verified_fd, False)
-    finally:
-        os.close(verified_fd)
+            except RampartError as exc:
+                log.debug("cached %s not usable: %s", payload.name, exc)
+        sig.unlink(missing_ok=True)
+        jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
+        jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
+    if jobs:
+        log.info("downloading %s", ", ".join(j.url.rsplit("/", 1)[-1] for j in jobs))
+        fetcher.run(jobs)
+    for kind in ("efiboot", "core"):
+        if kind not in digests:
+            digests[kind] = copy_verified(device, version, kind, keep_bad=False)
     efiboot = device.verified_dir / payload_path(device, version, "efiboot").name
     core = device.verified_dir / payload_path(device, version, "core").name
     return efiboot, core, digests["core"]
-
-
-def _try_copy(device: Device, version: Version, kind: str, verified_fd: int) -> bytes | None:
-    """The digest of a complete, valid download not yet copied (a run interrupted
-    after its fetch), now copied and verified; None if there is none."""
-    payload = payload_path(device, version, kind)
-    if not payload.is_file() or not payload.with_name(payload.name + ".sig").is_file():
-        return None
-    try:
-        return _copy_verified(device, version, kind, verified_fd, True)
-    except RampartError as exc:
-        log.debug("downloaded %s not usable yet: %s", payload.name, exc)
-        return None
 
 
 def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
