@@ -5,6 +5,7 @@ These tests need root (to switch to the fetch user), as the client does; CI runs
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pwd
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from rampart.client import fetch, update
+from rampart.errors import LocalError
 from tests.client.conftest import Nginx, Pki, make_device, make_release, publish
 from tests.conftest import KeyPair
 
@@ -156,3 +158,65 @@ def test_symlink_planted_in_the_download_dir_is_removed(
     update.update(dev, update.make_fetcher(dev))
     assert victim.read_text() == "root's file"
     assert not (device.download / "clipos-5.0.0-alpha.3-core").is_symlink()
+
+
+_CAP_SYS_ADMIN = 21
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_effective_cap(cap: int) -> None:
+    """Remove `cap` from this process's effective capability set (capset(2), v3)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[cap // 32].effective &= ~(1 << (cap % 32))
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+@needs_root
+def test_fetch_without_a_pid_namespace_is_refused_and_the_directory_taken_back(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, fetch_account: pwd.struct_passwd
+) -> None:
+    """Without CAP_SYS_ADMIN (or under a unit whose RestrictNamespaces= forbids pid)
+    no fetch runs unconfined: one clear error, and the directory is root's again."""
+    publish(served.root, vendor, make_release(tmp_path / "rel", "5.0.0-alpha.3"))
+    device = make_device(
+        tmp_path / "device", vendor, pki.ca.cert, served.url, fetch_user=FETCH_USER
+    )
+    url = f"{served.url}/update/v1/clipos/version"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = "no error"
+        try:
+            _drop_effective_cap(_CAP_SYS_ADMIN)
+            dev = device.open()
+            update.make_fetcher(dev).run([fetch.Job("version", url, 4096)])
+        except LocalError as exc:
+            outcome = str(exc)
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(write_end, outcome.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert outcome.startswith("cannot create a PID namespace for the fetch process: "), outcome
+    assert "RestrictNamespaces" in outcome
+    assert device.download.stat().st_uid == 0
