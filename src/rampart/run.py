@@ -6,15 +6,19 @@ becomes a `LocalError` naming the command and its last line of stderr.
 
 `run` waits for the command; `spawn` starts a long-running one (a virtual
 machine, a TPM emulator) and returns a `Process` handle, its output appended
-to files.
+to files. `fork_pid_namespace` forks a child (no exec) as the first process of
+a new PID namespace, whose whole process tree ends with it: the client's
+unprivileged fetch process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shlex
+import signal
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -182,3 +186,72 @@ def spawn(
             raise LocalError(f"{argv[0]}: cannot start: {exc.strerror}") from exc
     log.debug("%s started as pid %d", argv[0], popen.pid)
     return Process(popen, argv)
+
+
+# --- a child whose whole process tree ends with it ------------------------------------
+
+_CLONE_NEWPID = 0x20000000
+
+
+class PidNamespace:
+    """The first process (PID 1) of a new PID namespace, forked by `fork_pid_namespace`.
+
+    When that process ends, however it ends, the kernel SIGKILLs every other
+    process of the namespace, every thread of each, whatever its state (a
+    zombie leader whose other threads still run included), and reports the
+    first process's end to its parent only once all of them are gone
+    (pid_namespaces(7); kernel/pid_namespace.c, zap_pid_ns_processes). No
+    process can leave a PID namespace, so once `end` returns none of them is
+    left: no scan of /proc is needed to find them.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.status: int | None = None
+
+    def end(self) -> int:
+        """SIGKILL the namespace's first process (a no-op if it already exited), reap
+        it and return its wait status: then no process of the namespace is left.
+
+        A process that already called exit keeps its exit status: a SIGKILL sent to
+        an exiting process is ignored.
+        """
+        if self.status is None:
+            os.kill(self.pid, signal.SIGKILL)  # not reaped yet: the pid is still ours
+            _, self.status = os.waitpid(self.pid, 0)
+        return self.status
+
+
+def fork_pid_namespace() -> PidNamespace | None:
+    """fork() into a new PID namespace: None in the child, which is its PID 1, the
+    handle in the parent, whose later children are born in its own namespace again.
+
+    Needs CAP_SYS_ADMIN, and under systemd `RestrictNamespaces=` must allow
+    `pid`; LocalError if the namespace cannot be created.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    pid = -1
+    try:
+        if libc.unshare(_CLONE_NEWPID) != 0:
+            error = ctypes.get_errno()
+            raise LocalError(
+                f"cannot create a PID namespace for the fetch process: {os.strerror(error)} "
+                "(it needs CAP_SYS_ADMIN, and systemd's RestrictNamespaces= must allow pid)"
+            )
+        try:
+            pid = os.fork()
+        finally:
+            # unshare(CLONE_NEWPID) only changed where this process's next child is
+            # born: back to its own namespace (the child is PID 1 of the new one).
+            if pid != 0 and libc.setns(own, _CLONE_NEWPID) != 0:
+                error = ctypes.get_errno()
+                if pid > 0:
+                    PidNamespace(pid).end()
+                raise LocalError(f"cannot return to the own PID namespace: {os.strerror(error)}")
+    finally:
+        os.close(own)
+    if pid == 0:
+        return None
+    log.debug("forked pid %d as PID 1 of a new PID namespace", pid)
+    return PidNamespace(pid)

@@ -314,6 +314,7 @@ def test_redirect_to_an_invalid_host(
 # --- item 8: a hostile reply from the fetch process ---------------------------------------
 
 CREDENTIALS = {
+    "pid": 1,
     "uid": 999,
     "euid": 999,
     "gid": 999,
@@ -498,14 +499,22 @@ def test_resumed_run_hashes_the_cached_core_once(
         dev = device.open()
         with pytest.raises(Interrupted):
             update.update(dev, update.make_fetcher(dev), stop_after_download)
-        hashed: list[str] = []
+        hashed: list[str] = []  # each pass that hashes a payload: a check or a copy
         verify_file = signing.verify_file
+        copy_and_verify = update._copy_and_verify
 
         def counting(path: Path, *args: object, **kwargs: object) -> bytes:
             hashed.append(Path(path).name)
             return verify_file(path, *args, **kwargs)  # type: ignore[arg-type]
 
+        def counting_copy(
+            dev: update.Device, src: int, fd: int, copy: Path, sig: signing.Signature
+        ) -> bytes:
+            hashed.append(copy.name)
+            return copy_and_verify(dev, src, fd, copy, sig)
+
         monkeypatch.setattr(signing, "verify_file", counting)
+        monkeypatch.setattr(update, "_copy_and_verify", counting_copy)
         dev = device.open()
         assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
     assert hashed.count(f"{OS}-{OFFERED}-core") == 1

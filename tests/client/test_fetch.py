@@ -5,15 +5,18 @@ These tests need root (to switch to the fetch user), as the client does; CI runs
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pwd
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rampart.client import fetch, update
+from rampart.errors import LocalError
 from tests.client.conftest import Nginx, Pki, make_device, make_release, publish
 from tests.conftest import KeyPair
 
@@ -51,6 +54,7 @@ def test_fetch_process_runs_without_privileges(
     assert int(creds["cap_prm"], 16) == 0
     assert int(creds["cap_bnd"], 16) == 0
     assert creds["no_new_privs"] == "1"
+    assert creds["pid"] == 1  # the first process of its own PID namespace
     # After the fetch, root owns the download directory and files again.
     assert device.download.stat().st_uid == 0
     for entry in device.download.iterdir():
@@ -92,23 +96,50 @@ def test_dropped_process_cannot_write_outside_the_download_dir(
 
 
 @needs_root
-def test_leftover_processes_of_the_fetch_user_are_killed(
+def test_leftover_daemon_of_the_fetch_process_is_killed(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
     fetch_account: pwd.struct_passwd,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.setresgid(fetch_account.pw_gid, fetch_account.pw_gid, fetch_account.pw_gid)
-        os.setresuid(fetch_account.pw_uid, fetch_account.pw_uid, fetch_account.pw_uid)
-        os.write(ready_w, b"1")
-        time.sleep(60)
-        os._exit(0)
-    os.close(ready_w)
-    assert os.read(ready_r, 1) == b"1"  # the child now runs as the fetch user
-    os.close(ready_r)
-    assert fetch.kill_user_processes(fetch_account.pw_uid) >= 1
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status)
+    """A daemon the fetch process started (a new session, its parent gone) ends with
+    the fetch: it lived in the fetch process's PID namespace."""
+    publish(served.root, vendor, make_release(tmp_path / "rel", "5.0.0-alpha.3"))
+    device = make_device(
+        tmp_path / "device", vendor, pki.ca.cert, served.url, fetch_user=FETCH_USER
+    )
+    alive_r, alive_w = os.pipe()
+    execute = fetch.execute
+
+    def start_a_daemon_then_execute(*args: Any) -> list[Any]:  # in the fetch process
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.closerange(3, alive_w)
+                os.closerange(alive_w + 1, 65536)
+                time.sleep(120)
+            os._exit(0)
+        return execute(*args)
+
+    monkeypatch.setattr(fetch, "execute", start_a_daemon_then_execute)
+    dev = device.open()
+    url = f"{served.url}/update/v1/clipos/version"
+    try:
+        assert update.make_fetcher(dev).run([fetch.Job("version", url, 4096)]) == ["5.0.0-alpha.3"]
+        os.close(alive_w)
+        alive_w = -1
+        os.set_blocking(alive_r, False)
+        try:
+            gone = os.read(alive_r, 1) == b""  # every holder of the write end is gone
+        except BlockingIOError:
+            gone = False
+        assert gone, "the daemon started by the fetch process still runs"
+    finally:
+        os.close(alive_r)
+        if alive_w >= 0:
+            os.close(alive_w)
 
 
 @needs_root
@@ -127,3 +158,65 @@ def test_symlink_planted_in_the_download_dir_is_removed(
     update.update(dev, update.make_fetcher(dev))
     assert victim.read_text() == "root's file"
     assert not (device.download / "clipos-5.0.0-alpha.3-core").is_symlink()
+
+
+_CAP_SYS_ADMIN = 21
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_effective_cap(cap: int) -> None:
+    """Remove `cap` from this process's effective capability set (capset(2), v3)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[cap // 32].effective &= ~(1 << (cap % 32))
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+@needs_root
+def test_fetch_without_a_pid_namespace_is_refused_and_the_directory_taken_back(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, fetch_account: pwd.struct_passwd
+) -> None:
+    """Without CAP_SYS_ADMIN (or under a unit whose RestrictNamespaces= forbids pid)
+    no fetch runs unconfined: one clear error, and the directory is root's again."""
+    publish(served.root, vendor, make_release(tmp_path / "rel", "5.0.0-alpha.3"))
+    device = make_device(
+        tmp_path / "device", vendor, pki.ca.cert, served.url, fetch_user=FETCH_USER
+    )
+    url = f"{served.url}/update/v1/clipos/version"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = "no error"
+        try:
+            _drop_effective_cap(_CAP_SYS_ADMIN)
+            dev = device.open()
+            update.make_fetcher(dev).run([fetch.Job("version", url, 4096)])
+        except LocalError as exc:
+            outcome = str(exc)
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(write_end, outcome.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert outcome.startswith("cannot create a PID namespace for the fetch process: "), outcome
+    assert "RestrictNamespaces" in outcome
+    assert device.download.stat().st_uid == 0

@@ -36,6 +36,17 @@ def test_update_service_treats_updated_and_pending_as_success() -> None:
     assert "ConditionPathExists=!/run/rampart/update-ready" in text
 
 
+def test_update_service_allows_the_fetch_pid_namespace_and_no_other() -> None:
+    """The fetch process is PID 1 of a new PID namespace (unshare, then setns back):
+    the unit must allow exactly that namespace type, and CAP_SYS_ADMIN and CAP_KILL."""
+    text = (resources.files("rampart") / "data/systemd/rampart-update.service").read_text()
+    settings = [line.split("=", 1) for line in text.splitlines() if "=" in line]
+    restrict = [value for key, value in settings if key == "RestrictNamespaces"]
+    assert restrict == ["pid"]
+    caps = next(value for key, value in settings if key == "CapabilityBoundingSet").split()
+    assert {"CAP_SYS_ADMIN", "CAP_KILL"} <= set(caps)
+
+
 def test_sysusers_declares_the_fetch_user() -> None:
     text = (resources.files("rampart") / "data/sysusers.d/rampart.conf").read_text()
     assert "u rampart-fetch " in text

@@ -14,20 +14,32 @@ package files; the few modules a TLS connection loads lazily (IDNA encoding)
 are imported before the fork, so the child needs no file access but the
 download directory.
 
+The child is forked as PID 1 of a new PID namespace (`run.fork_pid_namespace`):
+whatever it starts (processes, threads, a zombie leader whose other threads
+still run) lives in that namespace, which no process can leave, and dies with
+it. Ending the child therefore ends everything the fetch ever ran, and the
+kernel, not a scan of /proc, guarantees that nothing is left.
+
 The download directory is handed over and taken back around each fetch:
 1. root: the directory (0700) and its regular files with a single link chowned
    to the fetch user, anything else in it removed;
 2. child: version check (TOML parsed here), downloads with resume, reports;
    one JSON reply on a pipe, capped;
-3. root: every process of the fetch user is killed, the directory and files are
-   chowned back to root (files 0600), and only then are signatures verified:
-   no unprivileged process is left that could change a file after verification.
+3. root: the child is SIGKILLed and reaped, which ends its whole PID namespace;
+   only then are the directory and files chowned back to root (files 0600) and
+   anything but a regular file with one link removed. Root then copies each
+   payload once into a directory only root can reach and verifies that copy
+   (`update.download`): no unprivileged process is left that could change a
+   file, and none could reach the copy that is verified and installed.
+Every step inside the download directory works relative to a directory file
+descriptor and never follows a symbolic link (O_NOFOLLOW, dir_fd).
 """
 
 from __future__ import annotations
 
 import ctypes
 import encodings.idna  # noqa: F401 - imported before any fork: TLS loads it lazily
+import errno
 import json
 import logging
 import os
@@ -42,6 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rampart import run
 from rampart.client.transport import Limits, Progress, Transport
 from rampart.errors import (
     FormatError,
@@ -105,6 +118,7 @@ def credentials() -> dict[str, Any]:
     except OSError:
         pass
     return {
+        "pid": os.getpid(),  # 1 in the fetch process: the first of its PID namespace
         "uid": os.getuid(),
         "euid": os.geteuid(),
         "gid": os.getgid(),
@@ -161,31 +175,39 @@ class Fetcher:
         self._hand_over(account.pw_uid, account.pw_gid)
         dir_fd = os.open(self.download_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         read_end, write_end = os.pipe()
+        child: run.PidNamespace | None = None
+        status = -1
         try:
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                os.close(read_end)
-                _child(
-                    transport,
-                    jobs,
-                    progress,
-                    account.pw_uid,
-                    account.pw_gid,
-                    dir_fd,
-                    write_end,
-                    self.download_dir,
-                )
+            child = run.fork_pid_namespace()
+            if child is None:  # the child, PID 1 of its own PID namespace: never returns
+                try:
+                    os.close(read_end)
+                    _child(
+                        transport,
+                        jobs,
+                        progress,
+                        account.pw_uid,
+                        account.pw_gid,
+                        dir_fd,
+                        write_end,
+                        self.download_dir,
+                    )
+                finally:
+                    os._exit(1)
             os.close(write_end)
             write_end = -1
             with os.fdopen(read_end, "rb") as pipe:
                 read_end = -1
                 data = pipe.read(REPLY_CAP + 1)
-            _, status = os.waitpid(pid, 0)
         finally:
             for fd in (read_end, write_end, dir_fd):
                 if fd >= 0:
                     os.close(fd)
-            self._take_back(account.pw_uid)
+            if child is not None:
+                # Killing the namespace's first process kills every process of the
+                # namespace; it is reaped only once all of them are gone.
+                status = child.end()
+            self._take_back()
         if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or len(data) > REPLY_CAP:
             raise LocalError(f"fetch process failed (wait status {status})")
         return self._parse_reply(data, len(jobs))
@@ -212,37 +234,41 @@ class Fetcher:
 
     def _hand_over(self, uid: int, gid: int) -> None:
         """Give the download directory to the fetch user for the fetch."""
-        directory = self.download_dir
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chown(directory, uid, gid, follow_symlinks=False)
-        os.chmod(directory, 0o700)
-        for entry in directory.iterdir():
-            if _plain_file(entry):
-                os.chown(entry, uid, gid, follow_symlinks=False)
-            else:
-                remove_entry(entry)
+        self.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._own(uid, gid, None)
 
-    def _take_back(self, uid: int) -> None:
-        """Kill every process of the fetch user, then chown everything back to root."""
-        left = kill_user_processes(uid)
-        if left < 0:
-            raise LocalError(f"processes of uid {uid} keep appearing; refusing to continue")
-        directory = self.download_dir
-        os.chown(directory, 0, 0, follow_symlinks=False)
-        os.chmod(directory, 0o700)
-        for entry in directory.iterdir():
-            if not _plain_file(entry):
-                remove_entry(entry)
-                continue
-            os.chown(entry, 0, 0, follow_symlinks=False)
-            os.chmod(entry, 0o600, follow_symlinks=False)
+    def _take_back(self) -> None:
+        """Give the download directory back to root, once the fetch process's PID
+        namespace is gone: no process is left that could change it meanwhile."""
+        self._own(0, 0, 0o600)
+
+    def _own(self, uid: int, gid: int, file_mode: int | None) -> None:
+        """chown the directory and its regular files with one link to uid:gid, the
+        directory 0700, the files `file_mode` (None: unchanged); remove anything else."""
+        dir_fd = open_directory(self.download_dir)
+        try:
+            os.fchown(dir_fd, uid, gid)
+            os.fchmod(dir_fd, 0o700)
+            for name in os.listdir(dir_fd):  # noqa: PTH208 - a directory descriptor
+                fd = open_plain_file(dir_fd, name)
+                if fd is None:
+                    remove_entry(dir_fd, name)
+                    continue
+                try:
+                    os.fchown(fd, uid, gid)
+                    if file_mode is not None:
+                        os.fchmod(fd, file_mode)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(dir_fd)
 
 
 # --- the reply: the child is not trusted, so root parses it by a strict schema ------------
 
 _JSON_NESTING = re.compile(rb'["\\\[\]{}]')
 _INT_MAX = (1 << 63) - 1
-_CREDENTIAL_IDS = ("uid", "euid", "gid", "egid")
+_CREDENTIAL_IDS = ("pid", "uid", "euid", "gid", "egid")
 _CREDENTIAL_TEXTS = ("cap_eff", "cap_prm", "cap_bnd", "no_new_privs")
 
 
@@ -364,59 +390,92 @@ def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:
     return results
 
 
-def _plain_file(entry: Path) -> bool:
-    """A regular file, not a symlink, with one link (a hard link could be root's file)."""
+def open_directory(path: Path) -> int:
+    """`path` opened as a directory file descriptor, not through a symbolic link."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def open_plain_file(dir_fd: int, name: str) -> int | None:
+    """A read-only descriptor of `name` in `dir_fd` if it is a regular file with one
+    link (a hard link could be root's file), opened without following a symbolic
+    link; None if it is anything else or missing. The checks are on the opened file."""
     try:
-        info = entry.lstat()
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return False
-    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None  # never opened: a FIFO or a device could block or have effects
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+            return None  # replaced meanwhile
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        return None
+    return fd
 
 
-def remove_entry(entry: Path) -> None:
-    """Remove a file, symlink or directory tree the fetch user left behind."""
-    if entry.is_symlink() or not entry.is_dir():
-        entry.unlink(missing_ok=True)
-        return
-    for child in entry.iterdir():
-        remove_entry(child)
-    entry.rmdir()
+MAX_REMOVAL_DEPTH = 64
 
 
-def kill_user_processes(uid: int) -> int:
-    """SIGKILL every live process whose real, effective or saved uid is `uid`.
+def remove_entry(dir_fd: int, name: str, depth: int = 0) -> None:
+    """Remove `name` from the directory open as `dir_fd`: a file, a symbolic link (the
+    link, never its target) or a directory tree the fetch user left behind.
 
-    Returns how many were killed, or -1 if new ones kept appearing (a fork bomb).
-    Zombies are skipped: they can no longer do anything.
+    Every step is relative to a directory file descriptor opened with O_NOFOLLOW,
+    so an entry replaced by a symbolic link meanwhile (renameat2 RENAME_EXCHANGE)
+    can make a step fail but never lead outside the tree. LocalError for a tree
+    deeper than MAX_REMOVAL_DEPTH or one that keeps changing; OSError otherwise.
     """
-    killed = 0
-    for _ in range(50):  # a process may fork while we scan: repeat until none is left
-        found = 0
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                text = (proc / "status").read_bytes().decode("utf-8", errors="replace")
-            except OSError:
-                continue
-            status = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-            uids = status.get("Uid", "").split()[:3]
-            if str(uid) not in uids or status.get("State", "").strip().startswith("Z"):
-                continue
-            found += 1
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-        killed += found
-        if not found:
-            return killed
-    return -1
+    for _ in range(3):
+        try:
+            os.unlink(name, dir_fd=dir_fd)  # anything but a directory
+            return
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            pass
+        if depth >= MAX_REMOVAL_DEPTH:
+            raise LocalError(
+                f"{name}: a directory tree deeper than {MAX_REMOVAL_DEPTH} levels in the "
+                "download directory; remove it by hand"
+            )
+        try:
+            sub = os.open(
+                name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=dir_fd,
+            )
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                continue  # no longer a directory: unlink it
+            raise
+        try:
+            for child in os.listdir(sub):  # noqa: PTH208 - a directory descriptor
+                remove_entry(sub, child, depth + 1)
+        finally:
+            os.close(sub)
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ENOTEMPTY):
+                raise
+    raise LocalError(f"{name}: keeps changing while it is removed from the download directory")
 
 
 # --- the child ------------------------------------------------------------------------
 
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
 _PR_CAPBSET_DROP = 24
 _CAP_LAST_CAP = Path("/proc/sys/kernel/cap_last_cap")
 
@@ -457,6 +516,9 @@ def _child(
         os.fchdir(dir_fd)
         os.close(dir_fd)
         drop_privileges(uid, gid)
+        # Die with the root process (a changed uid cleared any earlier setting): a
+        # killed client leaves no fetch namespace behind.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         # Paths inside the download directory become relative to it, so the child
         # needs no access to the directories above it.
         local = [

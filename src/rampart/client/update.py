@@ -6,7 +6,9 @@ the disk is durable (fsync of data and directory) before the next starts:
 1. check     ask for the latest version; stop unless it is newer than the running one
 2. preflight the target slot is not running, open, mounted or mapped; space for it
 3. download  EFI binary and Core with signatures (unprivileged; resumed; reused if
-             already verified); both verified, with the version, before the disk is touched
+             already there); each copied once into a directory only root can reach,
+             hashing while copying, and that copy verified, with the version, before
+             the disk is touched; only the copies are read from then on
 4. entries   remove every EFI binary but the running one: the slot about to be
              overwritten is unbootable before it is touched
 5. slot      rename the unused LV to core_<new> (or create it); write Core, fsync,
@@ -25,6 +27,7 @@ every entry on the ESP names a complete, verified LV; a rerun redoes the job.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -42,7 +45,7 @@ from rampart import run, signing
 from rampart.client import esp as esp_mod
 from rampart.client import rollback
 from rampart.client.config import DeviceConfig, Identity, RemoteConfig
-from rampart.client.fetch import Fetcher, Job, remove_entry
+from rampart.client.fetch import Fetcher, Job, open_directory, open_plain_file, remove_entry
 from rampart.client.slots import (
     Slot,
     SlotBackend,
@@ -123,6 +126,12 @@ class Device:
     def ready_file(self) -> Path:
         return self.run_dir / READY_FILE
 
+    @property
+    def verified_dir(self) -> Path:
+        """Where the verified copies of the payloads live: beside the download
+        directory, never handed to the fetch user (`<download dir>.verified`)."""
+        return self.download_dir.with_name(self.download_dir.name + ".verified")
+
     def rollback_tpm(self) -> Tpm | None:
         """The machine's TPM (None without one; LocalError if [tpm] required is unmet)."""
         if isinstance(self.tpm, str):
@@ -173,19 +182,6 @@ def payload_path(device: Device, version: Version, kind: str) -> Path:
     return device.download_dir / f"{device.config.os_name}-{version.core}-{kind}"
 
 
-def _verified(device: Device, payload: Path, version: Version) -> bytes | None:
-    """The digest check_payload returns if `payload` and its signature are there and
-    verify for `version`, else None."""
-    sig = payload.with_name(payload.name + ".sig")
-    if not payload.is_file() or not sig.is_file():
-        return None
-    try:
-        return check_payload(device, payload, version)
-    except RampartError as exc:
-        log.debug("cached %s not usable: %s", payload.name, exc)
-        return None
-
-
 def check_payload(device: Device, payload: Path, version: Version) -> bytes:
     """Verify `payload` with its `.sig` and the pinned key; its version must be `version`.
 
@@ -194,12 +190,16 @@ def check_payload(device: Device, payload: Path, version: Version) -> bytes:
     sig_path = payload.with_name(payload.name + ".sig")
     signature = signing.load_signature(sig_path)
     digest = signing.verify_file(payload, signature, device.config.public_key)
-    comment = signature.trusted_text(str(sig_path))
+    _check_signed_version(signature, payload, version)
+    return digest
+
+
+def _check_signed_version(signature: signing.Signature, payload: Path, version: Version) -> None:
+    comment = signature.trusted_text(f"{payload}.sig")
     if comment != version.core:
         raise VerificationError(
             f"{payload.name}: signed for version {comment[:80]!r}, expected {version.core!r}"
         )
-    return digest
 
 
 def check_latest(device: Device, fetcher: Fetcher) -> Version:
@@ -238,60 +238,197 @@ def pick_slot(device: Device, target: Version) -> Slot | None:
 
 
 def _clean_downloads(device: Device, keep: Version | None) -> None:
-    """Remove every download but `keep`'s payloads and signatures (all if None)."""
+    """Remove every download but `keep`'s payloads and signatures (all if None),
+    and every verified copy (scratch: each run copies again). Works on directory
+    descriptors and follows no symbolic link."""
     wanted = set()
     if keep is not None:
         for kind in ("efiboot", "core"):
             name = payload_path(device, keep, kind).name
             wanted |= {name, name + ".sig"}
-    if not device.download_dir.is_dir():
-        return
-    for entry in device.download_dir.iterdir():
-        if entry.is_symlink() or not entry.is_file():
-            log.warning("removing %s from the download directory: not a regular file", entry)
-            remove_entry(entry)
-        elif entry.name not in wanted:
-            log.debug("removing stale download %s", entry.name)
-            entry.unlink(missing_ok=True)
+    for directory, kept in ((device.download_dir, wanted), (device.verified_dir, set())):
+        try:
+            dir_fd = open_directory(directory)
+        except FileNotFoundError:
+            continue
+        try:
+            for name in os.listdir(dir_fd):  # noqa: PTH208 - a directory descriptor
+                fd = open_plain_file(dir_fd, name)
+                if fd is None:
+                    log.warning("removing %s from %s: not a regular file", name, directory)
+                    remove_entry(dir_fd, name)
+                    continue
+                os.close(fd)
+                if name not in kept:
+                    log.debug("removing %s from %s", name, directory)
+                    _unlink(dir_fd, name)
+        finally:
+            os.close(dir_fd)
+
+
+def _unlink(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _open_verified_dir(device: Device) -> int:
+    """The directory of verified copies (created 0700), opened without following a
+    symbolic link; it must be this user's and writable by no one else, else LocalError."""
+    path = device.verified_dir
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        fd = open_directory(path)
+    except OSError as exc:
+        raise LocalError(
+            f"{path}: cannot use the directory of verified copies: {exc.strerror}"
+        ) from None
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        os.close(fd)
+        raise LocalError(
+            f"{path}: the directory of verified copies must belong to uid {os.geteuid()} "
+            "and be writable by no one else"
+        )
+    os.fchmod(fd, 0o700)
+    return fd
+
+
+def copy_verified(device: Device, version: Version, kind: str, keep_bad: bool) -> bytes:
+    """Copy the downloaded payload of `kind` into the directory of verified copies,
+    reading it once, and verify what was copied; the BLAKE2b-512 digest of the copy.
+
+    The signature and the payload are opened relative to the download directory
+    with O_NOFOLLOW and must be regular files with one link (checked with fstat
+    on the opened file); the payload is hashed while it is copied, and the
+    signature is checked against that hash (a legacy signature against the bytes
+    copied, held in memory). The copy, `<download dir>.verified/<name>`, is new
+    (O_EXCL, 0600) in a directory only this user can reach: what is verified is
+    what every later step reads. It is a scratch copy, not fsynced: a crash only
+    means copying again from the download directory.
+
+    A payload that fails verification is deleted from the download directory
+    (the next run fetches it afresh) unless `keep_bad` (a partial download, to
+    resume); RampartError in any case, with no copy left.
+    """
+    name = payload_path(device, version, kind).name
+    source = device.download_dir / name
+    copy = device.verified_dir / name
+    verified_fd = _open_verified_dir(device)
+    try:
+        download_fd = open_directory(device.download_dir)
+    except OSError as exc:
+        os.close(verified_fd)
+        raise LocalError(f"{device.download_dir}: cannot open: {exc.strerror}") from None
+    try:
+        signature = signing.parse_signature(
+            _read_download(download_fd, name + ".sig", SIG_CAP, source), f"{source}.sig"
+        )
+        src = open_plain_file(download_fd, name)
+        if src is None:
+            raise LocalError(f"{source}: missing, or not a regular file with one link")
+        try:
+            digest = _copy_and_verify(device, src, verified_fd, copy, signature)
+        finally:
+            os.close(src)
+        _check_signed_version(signature, source, version)
+    except OSError as exc:
+        _unlink(verified_fd, name)
+        raise LocalError(f"{copy}: cannot copy the download: {exc.strerror}") from None
+    except RampartError:
+        _unlink(verified_fd, name)
+        if not keep_bad:
+            _unlink(download_fd, name)  # not kept for resuming: fetched afresh next time
+        raise
+    finally:
+        os.close(download_fd)
+        os.close(verified_fd)
+    return digest
+
+
+def _read_download(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
+    """A small downloaded file (a signature), read once."""
+    fd = open_plain_file(dir_fd, name)
+    if fd is None:
+        raise LocalError(f"{payload}.sig: signature not found, or not a regular file")
+    try:
+        data = os.read(fd, cap + 1)
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise FormatError(f"{payload}.sig: signature is larger than {cap} bytes")
+    return data
+
+
+def _copy_and_verify(
+    device: Device, src: int, verified_fd: int, copy: Path, signature: signing.Signature
+) -> bytes:
+    """Copy `src` into `copy` (new, 0600) while hashing it, then verify `signature`
+    over what was copied; the BLAKE2b-512 digest of the copy."""
+    _unlink(verified_fd, copy.name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    dst = os.open(copy.name, flags, 0o600, dir_fd=verified_fd)
+    hasher = hashlib.blake2b()
+    legacy = None if signature.prehashed else bytearray()
+    buffer = bytearray(signing.CHUNK)
+    try:
+        while n := os.readv(src, [buffer]):
+            chunk = memoryview(buffer)[:n]
+            hasher.update(chunk)
+            if legacy is not None:
+                if len(legacy) + n > signing.LEGACY_MAX_BYTES:
+                    raise VerificationError(
+                        f"{copy}: legacy (non-prehashed) signatures are limited to 1 GiB files"
+                    )
+                legacy += chunk
+            while chunk:
+                chunk = chunk[os.write(dst, chunk) :]
+    finally:
+        os.close(dst)
+    digest = hasher.digest()
+    try:
+        signing.verify(
+            device.config.public_key, signature, digest if legacy is None else bytes(legacy)
+        )
+    except VerificationError as exc:
+        raise VerificationError(f"{copy.name}: {exc}") from None
+    return digest
 
 
 def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path, bytes]:
-    """Fetch (or reuse) and verify both payloads of `version`.
+    """Fetch (or reuse) both payloads of `version`, copy them where only this user
+    can reach them, and verify the copies.
 
-    Returns (efiboot, core, BLAKE2b-512 digest of the verified Core).
+    Returns (efiboot, core, BLAKE2b-512 digest of the verified Core): the paths of
+    the verified copies. Every later step reads these, never the download directory.
     """
     device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     _clean_downloads(device, version)
     base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
     caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
+    digests: dict[str, bytes] = {}
     jobs = []
-    digests: dict[Path, bytes] = {}  # a reused payload is verified once, not again below
     for kind in ("efiboot", "core"):
         payload = payload_path(device, version, kind)
-        digest = _verified(device, payload, version)
-        if digest is not None:
-            log.info("reusing the verified download of %s", payload.name)
-            digests[payload] = digest
-            continue
         sig = payload.with_name(payload.name + ".sig")
+        if payload.is_file() and sig.is_file():
+            try:
+                digests[kind] = copy_verified(device, version, kind, keep_bad=True)
+                log.info("reusing the verified download of %s", payload.name)
+                continue
+            except RampartError as exc:
+                log.debug("cached %s not usable: %s", payload.name, exc)
         sig.unlink(missing_ok=True)
         jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
         jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
     if jobs:
         log.info("downloading %s", ", ".join(j.url.rsplit("/", 1)[-1] for j in jobs))
         fetcher.run(jobs)
-    efiboot = payload_path(device, version, "efiboot")
-    core = payload_path(device, version, "core")
-    for payload in (efiboot, core):
-        if payload in digests:
-            continue
-        try:
-            digests[payload] = check_payload(device, payload, version)
-        except RampartError:
-            # A bad payload is not kept for resuming: the next run fetches afresh.
-            payload.unlink(missing_ok=True)
-            raise
-    return efiboot, core, digests[core]
+    for kind in ("efiboot", "core"):
+        if kind not in digests:
+            digests[kind] = copy_verified(device, version, kind, keep_bad=False)
+    efiboot = device.verified_dir / payload_path(device, version, "efiboot").name
+    core = device.verified_dir / payload_path(device, version, "core").name
+    return efiboot, core, digests["core"]
 
 
 def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
@@ -536,7 +673,6 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
     log.info("Core %s written and verified", latest)
 
     checkpoint("install-entry")
-    check_payload(device, efiboot, latest)
     entry = device.esp.install(efiboot, latest, device.config.boot_tries)
 
     checkpoint("ready")
@@ -547,6 +683,8 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         _clean_downloads(device, None)  # installed: the payloads are no longer needed
     except OSError as exc:
         log.error("update installed, but %s: %s", exc.filename or "cleanup", exc.strerror)
+    except RampartError as exc:  # a download directory that keeps changing (remove_entry)
+        log.error("update installed, but %s", exc)
     return UpdateResult(
         Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
     )
