@@ -238,9 +238,7 @@ def test_status_shows_the_running_epoch_and_the_counter(
 
 
 def epoch_release(tmp_path: Path, version: str, epoch: int | None) -> Release:
-    release = make_release(tmp_path / f"rel-{version}", version)
-    uki_file(release.efiboot, epoch)
-    return release
+    return make_release(tmp_path / f"rel-{version}", version, epoch=epoch)
 
 
 @pytest.fixture
