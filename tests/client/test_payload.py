@@ -132,3 +132,23 @@ def test_an_installed_entry_tells_whether_the_device_has_verity(
     assert not payload.pins_root_hash(b"running efi", "b.efi")
     line = uki.inspect(build_payloads(tmp_path, V.core, root_hash=False)[1]).cmdline
     assert not payload.pins_root_hash(fake_uki(line), "c.efi")
+
+
+@pytest.mark.parametrize(
+    ("pin", "accepted"),
+    [
+        ("rampart.core=mainvg/core_2.0.0", True),
+        ("rampart.core=x/mainvg/core_2.0.0", False),
+        ("rampart.core=mainvg/core_2.0.0x", False),
+        ("rd.verity.device=/dev/mainvg/core_2.0.0", True),
+        ("rd.verity.device=/dev/othervg/core_2.0.0", False),
+        ("root=/dev/mainvg/core_2.0.0", False),
+    ],
+)
+def test_only_this_devices_lv_is_pinned(tmp_path: Path, pin: str, accepted: bool) -> None:
+    efi = build_uki(tmp_path / "pin.efi", "clipos", "2.0.0", f"{pin} ro").read_bytes()
+    if accepted:
+        check(efi)
+    else:
+        with pytest.raises(VerificationError, match="its command line boots"):
+            check(efi)

@@ -166,9 +166,16 @@ def check_efiboot(
             f"{source}: its .osrel names version {shown!r}, not {version.core!r}"
         )
     slot = f"core_{version.core}"
-    lv = pinned_lv(line, source)
+    words = line.split()
+    ours = _param(words, "rampart.core", source)  # <vg>/<lv>, exactly
+    clip = _param(words, "rd.verity.device", source)  # a device path ending in /<vg>/<lv>
+    lv = ours or clip
     wanted = slot if vg is None else f"{vg}/{slot}"
-    if lv is None or not (lv == wanted or lv.endswith("/" + wanted)):
+    if ours is not None:
+        pinned = ours == wanted if vg is not None else ours.partition("/")[2] == slot
+    else:
+        pinned = clip is not None and clip.endswith("/" + wanted)
+    if lv is None or not pinned:
         raise VerificationError(
             f"{source}: its command line boots {(lv or 'no Core LV')[:140]}, not {wanted}"
         )

@@ -8,7 +8,9 @@ the ESP changed."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,9 @@ from tests.client.conftest import (
     make_release,
     publish,
     publish_unchecked,
+    world_readable_tmp,
 )
+from tests.client.hostile import hostile_server
 from tests.conftest import KeyPair, fake_uki, run_cli
 from tests.releases import build_payloads
 
@@ -182,3 +186,24 @@ def test_a_verity_device_still_installs_a_real_release(
     assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
     installed = device.esp / f"{OS}-{OFFERED}.efi"
     assert installed.read_bytes() == release.efiboot.read_bytes()
+
+
+def test_swapped_release_is_reported_to_the_server_as_a_failure(
+    tmp_path: Path, vendor: KeyPair, pki: Pki
+) -> None:
+    root = world_readable_tmp() / "webroot"
+    try:
+        release = make_release(tmp_path / "rel", OFFERED)
+        publish_unchecked(root, vendor, OFFERED, release.efiboot, release.core)
+        posts: list[tuple[str, dict[str, str], bytes]] = []
+        with hostile_server(root, pki.server.cert, pki.server.key, {}, posts) as url:
+            device = make_device(tmp_path / "device", vendor, pki.ca.cert, url, RUNNING)
+            before = device.state()
+            result = run_cli("update", *device.argv())
+            assert result.code == 10, result.err
+            assert device.state() == before
+        report = json.loads(posts[-1][2])
+        assert (report["outcome"], report["to"]) == ("failure", OFFERED)
+        assert "refusing it as the EFI binary" in report["error"]
+    finally:
+        shutil.rmtree(root.parent, ignore_errors=True)
