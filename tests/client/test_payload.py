@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,13 @@ def test_a_real_uki_yields_its_facts(release: tuple[bytes, bytes]) -> None:
     core = release[0]
     used = payload.check_core(core[:96], len(core), "core")
     superblock = core[facts.root.hash_offset : facts.root.hash_offset + verity.SUPERBLOCK]
-    blocks = payload.check_core_verity(used, superblock, len(core), facts.root, "core")
-    assert blocks == facts.root.data_blocks
+    params = payload.check_core_verity(used, superblock, len(core), facts.root, "core")
+    assert params.data_blocks == facts.root.data_blocks
+    tree = core[params.hash_start : params.hash_start + verity.tree_size(params.data_blocks)]
+    payload.check_core_tree(tree, params, "core")
+    other = dataclasses.replace(params, root_hash="00" * 32)
+    with pytest.raises(VerificationError, match="were not built together"):
+        payload.check_core_tree(tree, other, "core")
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,24 @@ def test_core_and_efi_binary_from_different_builds_never_become_bootable(
     release_a = make_release(tmp_path / "a", OFFERED, content="NAME=one\n")
     release_b = make_release(tmp_path / "b", OFFERED, content="NAME=two\n")
     publish_unchecked(served.root, vendor, OFFERED, release_a.core, release_b.efiboot)
+    before = device.state()
+    with pytest.raises(VerificationError, match="does not match the root hash of the EFI"):
+        run(device)
+    assert device.state() == before  # refused from the tree, before the disk is touched
+    assert not (device.run_dir / "update-ready").exists()
+
+
+def test_core_whose_data_changed_under_its_own_tree_is_caught_in_the_slot(
+    tmp_path: Path, vendor: KeyPair, served: Nginx, device: DeviceDirs
+) -> None:
+    """Tree and superblock of the right build, one data block changed (signed all the
+    same): only the read-back of the slot against the tree can see it."""
+    release = make_release(tmp_path / "rel", OFFERED)
+    core = bytearray(release.core.read_bytes())
+    core[8192] ^= 0x01
+    changed = tmp_path / "changed-core"
+    changed.write_bytes(bytes(core))
+    publish_unchecked(served.root, vendor, OFFERED, changed, release.efiboot)
     running_entry = (device.esp / f"{OS}-5.0.0-alpha.1.efi").read_bytes()
     with pytest.raises(VerificationError, match="does not match the root hash of the new EFI"):
         run(device)

@@ -18,8 +18,9 @@ disk is touched:
 - Core is a squashfs (`hsqs`, version 4) whose `bytes_used` fits the image;
   with a root hash, the squashfs fits the verity data area, a verity
   superblock sits at the hash offset with the command line's data block
-  count, and the hash tree lies inside the image. (The root hash itself is
-  checked against the whole written slot by `update.check_slot_against_root_hash`.)
+  count, the hash tree lies inside the image and matches the root hash (read
+  whole: 8 MiB for a 1 GiB Core). The data blocks are checked against that tree
+  once written into the slot (`update.check_slot_against_root_hash`).
 
 The checks are pure: bytes in, the verified facts or an exception out
 (FormatError for what is not a UKI or not a squashfs, VerificationError for a
@@ -207,10 +208,11 @@ def check_core(head: bytes, size: int, source: str) -> int:
 
 def check_core_verity(
     bytes_used: int, superblock: bytes, size: int, root: RootHash, source: str
-) -> int:
+) -> verity.VerityParams:
     """Check that Core carries the verity tree `root` describes: the squashfs fits the
     data area, a verity superblock is at the hash offset with the command line's data
-    block count, and the tree lies inside the image. Returns the data block count.
+    block count, and the tree lies inside the image. Returns the verity parameters
+    (`verity.check_tree` then checks the tree against the root hash).
 
     FormatError without a verity superblock there (a Core without verity);
     VerificationError if it does not match the command line.
@@ -242,7 +244,20 @@ def check_core_verity(
             f"{source}: its verity superblock and squashfs do not match the EFI binary's "
             "command line (data blocks, hash offset or sizes)"
         )
-    return blocks
+    return params
+
+
+def check_core_tree(tree: bytes, params: verity.VerityParams, source: str) -> None:
+    """Check Core's hash tree (read at `params.hash_start`) against the EFI binary's root
+    hash: a Core of another build is refused before anything is written. (Its data
+    blocks are checked against the tree once written into the slot.)"""
+    try:
+        verity.check_tree(tree, params, source)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"{source}: Core's verity tree does not match the root hash of the EFI binary "
+            f"({exc}); Core and EFI binary were not built together"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -291,7 +306,10 @@ def check_release(
     used = check_core(head, size, str(core))
     if facts.root is not None:
         superblock = read_at(core, facts.root.hash_offset, verity.SUPERBLOCK, "verity superblock")
-        check_core_verity(used, superblock, size, facts.root, str(core))
+        params = check_core_verity(used, superblock, size, facts.root, str(core))
+        tree_size = verity.tree_size(params.data_blocks)
+        tree = read_at(core, params.hash_start, tree_size, "verity hash tree")
+        check_core_tree(tree, params, str(core))
     return Checked(facts, size)
 
 
