@@ -47,7 +47,15 @@ def root(tmp_path: Path, keypair: KeyPair, payloads: Payloads) -> Path:
     """A webroot whose default channel names 1.0.0."""
     webroot = tmp_path / "webroot"
     core, efiboot = payloads["1.0.0"]
-    argv = ["publish", "--webroot", webroot, "--os", "clipos", "--version", "1.0.0"]
+    argv: list[str | Path] = [
+        "publish",
+        "--webroot",
+        webroot,
+        "--os",
+        "clipos",
+        "--version",
+        "1.0.0",
+    ]
     result = run_cli(*argv, "--core", core, "--efiboot", efiboot, "--secret-key", keypair.secret)
     assert result.code == 0, result.err
     return webroot
