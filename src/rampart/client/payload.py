@@ -115,6 +115,13 @@ def root_hash(cmdline: str, source: str) -> RootHash | None:
     return RootHash(root, int(offset), None if blocks is None else int(blocks))
 
 
+def device_vg(backend: str, destination: str) -> str:
+    """The volume group a device's EFI binaries name: the LVM backend's volume group
+    (`[core] destination`), or the file backend's directory name (`.../mainvg` stands
+    in for `mainvg`)."""
+    return Path(destination).name if backend == "file" else destination
+
+
 def pinned_lv(cmdline: str, source: str) -> str | None:
     """The LV the command line boots (`rampart.core=`, or `rd.verity.device=`)."""
     words = cmdline.split()

@@ -41,9 +41,8 @@ from rampart import run, signing
 from rampart.client import esp as esp_mod
 from rampart.client import payload as payload_mod
 from rampart.client import rollback
-from rampart.client.config import Backend, DeviceConfig, Identity, RemoteConfig
+from rampart.client.config import DeviceConfig, Identity, RemoteConfig
 from rampart.client.fetch import Fetcher, Job, remove_entry
-from rampart.client.payload import RootHash
 from rampart.client.slots import (
     Slot,
     SlotBackend,
@@ -309,6 +308,9 @@ def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
     return hasher.digest()
 
 
+RootHash = payload_mod.RootHash  # what the new EFI binary's command line pins
+
+
 def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
     """The verity root hash the EFI binary will boot with, or None if it carries none.
 
@@ -326,14 +328,6 @@ def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
             f"{efiboot.name}: boots {core}, not the slot {slot} it would be installed with"
         )
     return payload_mod.root_hash(line, efiboot.name)
-
-
-def device_vg(config: DeviceConfig) -> str:
-    """The volume group the device's EFI binaries name: the LVM backend's volume group,
-    or the file backend's directory name (`.../mainvg` stands in for `mainvg`)."""
-    if config.backend is Backend.FILE:
-        return Path(config.core_destination).name
-    return config.core_destination
 
 
 def verity_device(device: Device) -> bool:
@@ -366,7 +360,7 @@ def check_release(device: Device, efiboot: Path, core: Path, version: Version) -
         core,
         os_name=device.config.os_name,
         version=version,
-        vg=device_vg(device.config),
+        vg=payload_mod.device_vg(device.config.backend, device.config.core_destination),
         require_root_hash=verity_device(device),
     )
     return checked.efiboot.root
