@@ -42,7 +42,7 @@ from rampart.errors import (
     UsageError,
     VerificationError,
 )
-from rampart.image import uki, verity
+from rampart.image import uki
 from rampart.version import Version, parse_version
 
 PAYLOADS = ("core", "efiboot")
@@ -270,6 +270,7 @@ def check_payloads(os_name: str, version: Version, core: Path, efiboot: Path) ->
     a payload of the wrong kind (swapped), VerificationError for another OS, version
     or Core."""
     from rampart.client import payload
+    from rampart.image import verity
 
     checked = payload.check_release(efiboot, core, os_name=os_name, version=version, vg=None)
     root = checked.efiboot.root
