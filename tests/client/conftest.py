@@ -192,6 +192,16 @@ class Nginx:
     def access_log(self) -> str:
         return (self.state / "access.log").read_text()
 
+    def logged(self, text: str, timeout: float = 30.0) -> bool:
+        """Whether the access log shows `text` within `timeout` seconds: nginx writes a
+        request's line after sending the response, so the client may be done first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.access_log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
