@@ -9,10 +9,11 @@ or not: PostgreSQL runs as the `postgres` user when this script is root (it is
 started by tests/server/pg.py, a private cluster on 127.0.0.1).
 
 Set-up, in a work directory under /var/tmp (removed at the end): a vendor key
-(`rampart keygen --unencrypted`), releases 1.0.0 and 1.0.1 published with
-`rampart publish` into a webroot, 1,000 random machine-ids (32 hex digits), and a
-wrk Lua script that sends each request from one of them (picked at random, per
-request) with the headers clipos-machineid and clipos-version: 1.0.0.
+(`rampart keygen --unencrypted`), releases 1.0.0 and 1.0.1 (built by `rampart build
+core|efiboot`) published with `rampart publish` into a webroot, 1,000 random
+machine-ids (32 hex digits), and a wrk Lua script that sends each request from one
+of them (picked at random, per request) with the headers clipos-machineid and
+clipos-version: 1.0.0.
 
 Each target is loaded for `--duration` seconds by `wrk -t THREADS -c CONNECTIONS`, as
 fast as it answers (closed loop: the latencies are those of a saturated server), or
@@ -68,7 +69,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
-from common import positive_int, terminate_as_interrupt
+from common import build_release, positive_int, terminate_as_interrupt
 
 ROOT = Path(__file__).resolve().parent.parent
 OS_NAME = "clipos"
@@ -549,9 +550,7 @@ class Bench:
             ]
         )
         for version in ("1.0.0", "1.0.1"):
-            core, efiboot = self.work / f"core-{version}", self.work / f"efiboot-{version}"
-            core.write_bytes(os.urandom(64 * 1024))
-            efiboot.write_bytes(os.urandom(16 * 1024))
+            core, efiboot = build_release(rampart, self.work, OS_NAME, version, 0)
             _run(
                 [
                     rampart,

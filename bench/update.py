@@ -8,8 +8,9 @@ mounts its bundle on a loop device. Debian packages: nginx, openssl, curl,
 minisign, dbus, and for RAUC rauc, rauc-service and squashfs-tools.
 
 Set-up, in a work directory under /var/tmp (removed at the end):
-- a webroot with releases 1.0.0 and 1.0.1 (a Core of SIZE MiB of random data and
-  a 20 MiB efiboot each) published with an unencrypted vendor key, served by nginx
+- a webroot with releases 1.0.0 and 1.0.1 (a Core built by `rampart build core` from
+  SIZE MiB of random data, and an unsigned UKI from `rampart build efiboot` with a 20
+  MiB initrd, each) published with an unencrypted vendor key, served by nginx
   over HTTPS on 127.0.0.1 with a throwaway CA, as scripts/demo.sh does;
 - a device running 1.0.0 on the file slot backend (`[core] backend = "file"`);
 - for RAUC: a bundle of the same Core 1.0.1 image (one raw `[image.rootfs]`,
@@ -69,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from common import positive_int, terminate_as_interrupt
+from common import build_release, positive_int, terminate_as_interrupt
 
 OS_NAME = "clipos"
 OLD, NEW = "1.0.0", "1.0.1"
@@ -388,14 +389,6 @@ def _port_open(port: int) -> bool:
 
 
 # --- files ---------------------------------------------------------------------------
-
-
-def make_random_file(path: Path, size_mib: int) -> None:
-    with path.open("xb") as handle:
-        for _ in range(size_mib):
-            handle.write(os.urandom(CHUNK))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def warm_up(*paths: Path) -> None:
@@ -816,10 +809,10 @@ class Bench:
         payloads = self.work / "payloads"
         payloads.mkdir()
         for version in (OLD, NEW):
-            core, efiboot = payloads / f"core-{version}", payloads / f"efiboot-{version}"
-            _log(f"writing {self.args.size_mib} MiB of random data for Core {version}")
-            make_random_file(core, self.args.size_mib)
-            make_random_file(efiboot, self.args.efiboot_mib)
+            _log(f"building Core {version} ({self.args.size_mib} MiB of random data) and its UKI")
+            core, efiboot = build_release(
+                t.rampart, payloads, OS_NAME, version, self.args.size_mib, self.args.efiboot_mib
+            )
             _log(f"publishing {OS_NAME} {version}")
             run_quiet(
                 [t.rampart, "publish", "--webroot", str(self.webroot), "--os", OS_NAME,
@@ -828,7 +821,7 @@ class Bench:
             )  # fmt: skip
             core.unlink()  # the webroot has its copy; keep the disk footprint down
             efiboot.unlink()
-        payloads.rmdir()
+        shutil.rmtree(payloads)
 
     def dist(self, version: str, kind: str) -> Path:
         return self.webroot / "dist" / version / f"{OS_NAME}-{kind}"
@@ -1223,7 +1216,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--size-mib", type=positive_int, default=1024, help="Core size in MiB (default 1024)"
     )
     parser.add_argument(
-        "--efiboot-mib", type=positive_int, default=20, help="efiboot size in MiB (default 20)"
+        "--efiboot-mib",
+        type=positive_int,
+        default=20,
+        help="MiB of the UKI's (never booted) initrd; the kernel adds ~8 MiB (default 20)",
     )
     parser.add_argument("--runs", type=positive_int, default=3, help="runs per method (default 3)")
     parser.add_argument("--json", action="store_true", help="print a JSON report on stdout")

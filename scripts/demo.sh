@@ -1,6 +1,8 @@
 #!/bin/sh
 # make demo: the whole local flow on embedded defaults.
-#  1. vendor: keys, releases 1.0.0 and 1.0.1 published into a static webroot, audited;
+#  1. vendor: keys, real releases 1.0.0 and 1.0.1 (a squashfs Core with its verity tree
+#     and an unsigned UKI booting it, built by `rampart build core|efiboot` with the
+#     kernel `make setup` fetched) published into a static webroot, audited;
 #  2. server: `rampart serve` over HTTPS on loopback (SQLite, a demo CA);
 #  3. device: a file-backed device running 1.0.0 updates itself to 1.0.1;
 #  4. the fleet view: what the server recorded.
@@ -18,23 +20,42 @@ export RAMPART_PASSWORD
 echo "== generating a vendor key pair (scrypt with minisign's parameters: a few seconds)"
 $RAMPART keygen --secret-key "$WORK/vendor.key" --public-key "$WORK/vendor.pub"
 
+KERNEL=.cache/kernel/vmlinuz
+# A stand-in initramfs (the demo never boots these UKIs; `rampart build initramfs`
+# builds the real one from a kernel package).
+mkdir -p "$WORK/initrd-root"
+printf '#!/bin/sh\necho "rampart demo initramfs"\n' > "$WORK/initrd-root/init"
+(cd "$WORK/initrd-root" && echo init | cpio --quiet -o -H newc) > "$WORK/payloads/initrd.cpio"
+
 for v in 1.0.0 1.0.1; do
-    head -c 65536 /dev/urandom > "$WORK/payloads/core-$v"
-    head -c 16384 /dev/urandom > "$WORK/payloads/efiboot-$v"
+    echo "== building clipos $v: Core (squashfs + dm-verity) and its EFI binary (UKI)"
+    mkdir -p "$WORK/rootfs-$v/etc"
+    printf 'NAME="CLIP OS"\nID=clipos\nVERSION_ID=%s\n' "$v" > "$WORK/rootfs-$v/etc/os-release"
+    $RAMPART build core "$WORK/rootfs-$v" --version "$v" --out "$WORK/payloads"
+    $RAMPART build efiboot --kernel "$KERNEL" --initrd "$WORK/payloads/initrd.cpio" \
+        --os clipos --version "$v" --core-meta "$WORK/payloads/core-$v.json" \
+        --out "$WORK/payloads/clipos-$v.efi"
     echo "== publishing clipos $v"
     $RAMPART publish --webroot "$WORK/webroot" --os clipos --version "$v" \
-        --core "$WORK/payloads/core-$v" --efiboot "$WORK/payloads/efiboot-$v" \
+        --core "$WORK/payloads/core-$v.img" --efiboot "$WORK/payloads/clipos-$v.efi" \
         --secret-key "$WORK/vendor.key"
 done
 
 echo "== publishing 1.0.1 to the beta channel as well"
 $RAMPART publish --webroot "$WORK/webroot" --os clipos --version 1.0.1 --channel beta \
-    --core "$WORK/payloads/core-1.0.1" --efiboot "$WORK/payloads/efiboot-1.0.1" \
+    --core "$WORK/payloads/core-1.0.1.img" --efiboot "$WORK/payloads/clipos-1.0.1.efi" \
     --secret-key "$WORK/vendor.key"
+
+echo "== trying to publish 1.0.2 with Core and the EFI binary swapped (refused)"
+if $RAMPART publish --webroot "$WORK/webroot" --os clipos --version 1.0.2 \
+    --core "$WORK/payloads/clipos-1.0.1.efi" --efiboot "$WORK/payloads/core-1.0.1.img" \
+    --secret-key "$WORK/vendor.key"; then
+    echo "demo: swapped payloads were accepted" >&2; exit 1
+fi
 
 echo "== trying to move the default channel back to 1.0.0 (refused)"
 if $RAMPART publish --webroot "$WORK/webroot" --os clipos --version 1.0.0 \
-    --core "$WORK/payloads/core-1.0.0" --efiboot "$WORK/payloads/efiboot-1.0.0" \
+    --core "$WORK/payloads/core-1.0.0.img" --efiboot "$WORK/payloads/clipos-1.0.0.efi" \
     --secret-key "$WORK/vendor.key"; then
     echo "demo: a downgrade was accepted" >&2; exit 1
 fi
@@ -108,10 +129,10 @@ cp "$PKI/ca.pem" "$DEV/remote/rootca.pem"
 printf 'NAME="CLIP OS"\nID=clipos\nVERSION_ID=1.0.0\n' > "$DEV/os-release"
 .venv/bin/python -c 'import uuid; print(uuid.uuid4().hex)' > "$DEV/machine-id"
 # What the installer would have written: Core 1.0.0 in its LV, its boot entry.
-cp "$WORK/payloads/core-1.0.0" "$DEV/mainvg/core_1.0.0"
+cp "$WORK/payloads/core-1.0.0.img" "$DEV/mainvg/core_1.0.0"
 truncate -s 1M "$DEV/mainvg/core_1.0.0"
 truncate -s 1M "$DEV/mainvg/core_state"
-cp "$WORK/payloads/efiboot-1.0.0" "$DEV/esp/EFI/Linux/clipos-1.0.0.efi"
+cp "$WORK/payloads/clipos-1.0.0.efi" "$DEV/esp/EFI/Linux/clipos-1.0.0.efi"
 DEVICE_ARGS="-c $DEV/config --os-release $DEV/os-release --machine-id $DEV/machine-id --run-dir $DEV/run"
 
 echo "== rampart status (before)"

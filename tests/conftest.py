@@ -74,16 +74,13 @@ def other_keypair(tmp_path: Path) -> KeyPair:
 
 @pytest.fixture
 def payloads(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
-    """Two dummy releases: version -> (core, efiboot)."""
-    result = {}
-    for version in ("1.0.0", "1.0.1", "1.0.2"):
-        core = tmp_path / "payloads" / f"core-{version}"
-        efiboot = tmp_path / "payloads" / f"efiboot-{version}"
-        core.parent.mkdir(parents=True, exist_ok=True)
-        core.write_bytes(os.urandom(100_000) + version.encode())
-        efiboot.write_bytes(os.urandom(10_000) + version.encode())
-        result[version] = (core, efiboot)
-    return result
+    """Three real releases of clipos (tests/releases.py): version -> (core, efiboot)."""
+    from tests.releases import build_payloads
+
+    return {
+        version: build_payloads(tmp_path / "payloads", version)
+        for version in ("1.0.0", "1.0.1", "1.0.2")
+    }
 
 
 def tree_snapshot(root: Path) -> dict[str, bytes | None]:

@@ -202,6 +202,7 @@ def test_failed_publish_leaves_the_webroot_as_it_was(
     elif breakage == "downgrade":
         args[args.index("--version") + 1] = "1.0.0"
         args[args.index("--core") + 1] = str(payloads["1.0.0"][0])
+        args[args.index("--efiboot") + 1] = str(payloads["1.0.0"][1])
         expected = 4
     elif breakage == "not-semver":
         args[args.index("--version") + 1] = "1.0.2.1"

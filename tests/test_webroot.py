@@ -11,8 +11,10 @@ import pytest
 
 from rampart import signing, webroot
 from rampart.errors import ConflictError, LocalError, UsageError
+from rampart.image import verity
 from rampart.version import parse_version
-from tests.conftest import KeyPair, fake_uki, run_cli, tree_snapshot
+from tests.conftest import KeyPair, run_cli, tree_snapshot
+from tests.releases import build_payloads
 
 Payloads = dict[str, tuple[Path, Path]]
 
@@ -98,11 +100,9 @@ def test_existing_release_with_other_content_is_never_overwritten(
     root = tmp_path / "webroot"
     publish(root, keypair, payloads, "1.0.0")
     before = tree_snapshot(root)
-    core, _ = payloads["1.0.1"]
+    core, efiboot = build_payloads(tmp_path / "rebuilt", "1.0.0", content="rebuilt\n")
     with pytest.raises(ConflictError, match="already exists with different content"):
-        webroot.publish(
-            root, "clipos", parse_version("1.0.0"), core, payloads["1.0.0"][1], keypair.key
-        )
+        webroot.publish(root, "clipos", parse_version("1.0.0"), core, efiboot, keypair.key)
     assert tree_snapshot(root) == before
 
 
@@ -148,10 +148,8 @@ def test_version_file_only_names_complete_releases(
 def test_large_payload_is_streamed_not_loaded(
     tmp_path: Path, keypair: KeyPair, payloads: Payloads, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No read of a payload asks for more than one chunk."""
-    big = tmp_path / "big-core"
-    with big.open("wb") as handle:
-        handle.truncate(64 * signing.CHUNK + 123)  # sparse, 64 MiB
+    """No read of a payload asks for more than one chunk (the verity check's 4 MiB)."""
+    big, big_efiboot = build_payloads(tmp_path / "big", "1.0.0", core_size=64 * signing.CHUNK)
     sizes: list[int] = []
     real_open = Path.open
 
@@ -186,10 +184,10 @@ def test_large_payload_is_streamed_not_loaded(
         "clipos",
         parse_version("1.0.0"),
         big,
-        payloads["1.0.0"][1],
+        big_efiboot,
         keypair.key,
     )
-    assert sizes and max(sizes) <= signing.CHUNK and -1 not in sizes
+    assert sizes and max(sizes) <= max(signing.CHUNK, verity.READ) and -1 not in sizes
 
 
 @pytest.mark.parametrize("name", ["CLIPOS", "-x", "a/b", "..", "", "a" * 65, "é"])
@@ -272,16 +270,10 @@ def test_audit_reports_files_where_directories_belong(tmp_path: Path, keypair: K
 
 def epoch_payloads(tmp_path: Path, epochs: dict[str, int | None]) -> Payloads:
     """Releases whose EFI binary carries `rampart.epoch=<epoch>` (None: no epoch)."""
-    result = {}
-    for version, epoch in epochs.items():
-        directory = tmp_path / "epoch-payloads"
-        directory.mkdir(parents=True, exist_ok=True)
-        core, efiboot = directory / f"core-{version}", directory / f"efiboot-{version}"
-        core.write_bytes(os.urandom(10_000) + version.encode())
-        param = "" if epoch is None else f" rampart.epoch={epoch}"
-        efiboot.write_bytes(fake_uki(f"root=/dev/mapper/verity_core_{version}{param} ro"))
-        result[version] = (core, efiboot)
-    return result
+    return {
+        version: build_payloads(tmp_path / "epoch-payloads", version, epoch=epoch)
+        for version, epoch in epochs.items()
+    }
 
 
 def publish_cli(

@@ -40,6 +40,7 @@ from rampart.errors import (
     LocalError,
     RampartError,
     UsageError,
+    VerificationError,
 )
 from rampart.image import uki
 from rampart.version import Version, check_release_length, parse_version
@@ -225,6 +226,7 @@ def publish(
             raise LocalError(f"{path}: {kind} payload is not readable")
     if webroot.exists() and not webroot.is_dir():
         raise LocalError(f"{webroot}: webroot is not a directory")
+    check_payloads(os_name, version, core, efiboot)
     release_epoch = uki.efi_epoch(efiboot)
     if epoch is not None and epoch != release_epoch:
         raise UsageError(
@@ -259,6 +261,39 @@ def publish(
     return PublishResult(
         version, os_name, channel, release, target, reused, previous, release_epoch
     )
+
+
+def check_payloads(os_name: str, version: Version, core: Path, efiboot: Path) -> None:
+    """Refuse payloads a device would refuse (client/payload.py): an EFI binary that is
+    not a UKI of `os_name` `version` booting `core_<version>`, a Core that is not a
+    squashfs carrying the verity tree the EFI binary's root hash pins (checked
+    block by block here, once: the vendor's machine can afford it). FormatError for
+    a payload of the wrong kind (swapped), VerificationError for another OS, version
+    or Core."""
+    from rampart.client import payload
+    from rampart.image import verity
+
+    checked = payload.check_release(efiboot, core, os_name=os_name, version=version, vg=None)
+    root = checked.efiboot.root
+    if root is None:
+        return
+    superblock = verity.parse_superblock(
+        payload.read_at(core, root.hash_offset, verity.SUPERBLOCK, "verity superblock"),
+        str(core),
+    )
+    params = verity.VerityParams(
+        root_hash=root.root_hash,
+        salt=superblock["salt"],
+        data_blocks=superblock["data_blocks"],
+        hash_offset=root.hash_offset,
+        uuid=superblock["uuid"],
+    )
+    try:
+        verity.verify(core, params)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"{core}: Core does not match the root hash of the EFI binary {efiboot.name} ({exc})"
+        ) from None
 
 
 def _check_epoch_order(

@@ -4,8 +4,8 @@ loopback, and devices on the file backend."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
-import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -26,6 +27,7 @@ from rampart.client import config as device_config
 from rampart.client import update
 from rampart.version import parse_version
 from tests.conftest import KeyPair, make_keypair
+from tests.releases import build_payloads
 
 OS = "clipos"
 
@@ -189,6 +191,16 @@ class Nginx:
 
     def access_log(self) -> str:
         return (self.state / "access.log").read_text()
+
+    def logged(self, text: str, timeout: float = 30.0) -> bool:
+        """Whether the access log shows `text` within `timeout` seconds: nginx writes a
+        request's line after sending the response, so the client may be done first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.access_log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def stop(self) -> None:
         self.process.terminate()
@@ -360,12 +372,10 @@ class Release:
     efiboot: Path
 
 
-def make_release(directory: Path, version: str, core_size: int = 300_000) -> Release:
-    directory.mkdir(parents=True, exist_ok=True)
-    core = directory / f"core-{version}"
-    efiboot = directory / f"efiboot-{version}"
-    core.write_bytes(os.urandom(core_size))
-    efiboot.write_bytes(b"MZ" + os.urandom(20_000) + version.encode())
+def make_release(directory: Path, version: str, core_size: int = 300_000, **kw: Any) -> Release:
+    """A real release (squashfs Core with verity, a UKI booting it; tests/releases.py);
+    `kw` goes to `build_payloads` (epoch, os_name, root_hash, content)."""
+    core, efiboot = build_payloads(directory, version, core_size=core_size, **kw)
     return Release(version, core, efiboot)
 
 
@@ -379,6 +389,26 @@ def publish(root: Path, keypair: KeyPair, release: Release, force: bool = False)
         keypair.key,
         force=force,
     )
+
+
+def publish_unchecked(
+    root: Path, keypair: KeyPair, version: str, core: Path, efiboot: Path, os_name: str = OS
+) -> None:
+    """Sign `core` and `efiboot` for `version` with `keypair` and serve them under
+    `os_name`'s names, with none of `rampart publish`'s checks of what they are: what
+    an attacker serves with payloads the vendor's key signed for another purpose (another
+    OS, or another kind), since the signatures bind only the version."""
+    release = root / "dist" / version
+    release.mkdir(parents=True, exist_ok=True)
+    for kind, source in (("core", core), ("efiboot", efiboot)):
+        data = source.read_bytes()
+        digest = hashlib.blake2b(data).digest()
+        signature = keypair.key.sign_message(digest, version.encode(), prehashed=True)
+        (release / f"{os_name}-{kind}").write_bytes(data)
+        (release / f"{os_name}-{kind}.sig").write_bytes(signature.to_bytes())
+    version_file = webroot.version_file(root, os_name)
+    version_file.parent.mkdir(parents=True, exist_ok=True)
+    version_file.write_text(f'version = "{version}"\n')
 
 
 @pytest.fixture

@@ -9,41 +9,21 @@ import pytest
 
 from rampart.client import update
 from rampart.errors import VerificationError
-from rampart.image import core, pe
-from rampart.version import parse_version
+from rampart.image import pe, uki
 from tests.client.conftest import (
     OS,
     DeviceDirs,
     Nginx,
     Pki,
-    Release,
     make_device,
+    make_release,
     publish,
+    publish_unchecked,
 )
 from tests.conftest import KeyPair, fake_uki
+from tests.releases import build_uki
 
 OFFERED = "5.0.0-alpha.3"
-
-
-def cmdline_for(meta: core.CoreMeta, version: str, vg: str = "mainvg") -> str:
-    return (
-        f"root=/dev/mapper/verity_core_{version} rampart.core={vg}/core_{version} "
-        f"rampart.verity.roothash={meta.verity.root_hash} "
-        f"rampart.verity.hashoffset={meta.verity.hash_offset} "
-        f"rampart.verity.datablocks={meta.verity.data_blocks} quiet"
-    )
-
-
-def built_release(
-    tmp_path: Path, name: str, content: bytes, version: str = OFFERED
-) -> tuple[Release, core.CoreMeta]:
-    tree = tmp_path / name / "tree"
-    (tree / "etc").mkdir(parents=True)
-    (tree / "etc/os-release").write_bytes(content)
-    meta = core.build_core(tree, parse_version(version), tmp_path / name)
-    efiboot = tmp_path / name / "efiboot"
-    efiboot.write_bytes(fake_uki(cmdline_for(meta, version)))
-    return Release(version, tmp_path / name / f"core-{version}.img", efiboot), meta
 
 
 @pytest.fixture
@@ -63,7 +43,7 @@ def test_pe_cmdline_reads_back() -> None:
 def test_core_built_with_its_efi_binary_installs_and_is_verified_by_root_hash(
     tmp_path: Path, vendor: KeyPair, served: Nginx, device: DeviceDirs
 ) -> None:
-    release, _meta = built_release(tmp_path, "rel", b"NAME=one\n")
+    release = make_release(tmp_path / "rel", OFFERED)
     publish(served.root, vendor, release)
     assert run(device).outcome == update.Outcome.UPDATED
     assert f"{OS}-{OFFERED}.efi" in device.entries()
@@ -72,11 +52,29 @@ def test_core_built_with_its_efi_binary_installs_and_is_verified_by_root_hash(
 def test_core_and_efi_binary_from_different_builds_never_become_bootable(
     tmp_path: Path, vendor: KeyPair, served: Nginx, device: DeviceDirs
 ) -> None:
-    """Both validly signed for the same version, but built from different trees."""
-    release_a, _ = built_release(tmp_path, "a", b"NAME=one\n")
-    release_b, _ = built_release(tmp_path, "b", b"NAME=two\n")
-    mixed = Release(OFFERED, release_a.core, release_b.efiboot)
-    publish(served.root, vendor, mixed)
+    """Both validly signed for the same version, but built from different trees (of the
+    same size: the verity superblock matches, only the root hash differs)."""
+    release_a = make_release(tmp_path / "a", OFFERED, content="NAME=one\n")
+    release_b = make_release(tmp_path / "b", OFFERED, content="NAME=two\n")
+    publish_unchecked(served.root, vendor, OFFERED, release_a.core, release_b.efiboot)
+    before = device.state()
+    with pytest.raises(VerificationError, match="does not match the root hash of the EFI"):
+        run(device)
+    assert device.state() == before  # refused from the tree, before the disk is touched
+    assert not (device.run_dir / "update-ready").exists()
+
+
+def test_core_whose_data_changed_under_its_own_tree_is_caught_in_the_slot(
+    tmp_path: Path, vendor: KeyPair, served: Nginx, device: DeviceDirs
+) -> None:
+    """Tree and superblock of the right build, one data block changed (signed all the
+    same): only the read-back of the slot against the tree can see it."""
+    release = make_release(tmp_path / "rel", OFFERED)
+    core = bytearray(release.core.read_bytes())
+    core[8192] ^= 0x01
+    changed = tmp_path / "changed-core"
+    changed.write_bytes(bytes(core))
+    publish_unchecked(served.root, vendor, OFFERED, changed, release.efiboot)
     running_entry = (device.esp / f"{OS}-5.0.0-alpha.1.efi").read_bytes()
     with pytest.raises(VerificationError, match="does not match the root hash of the new EFI"):
         run(device)
@@ -88,10 +86,11 @@ def test_core_and_efi_binary_from_different_builds_never_become_bootable(
 def test_efi_binary_built_for_another_lv_is_refused_before_touching_disk(
     tmp_path: Path, vendor: KeyPair, served: Nginx, device: DeviceDirs
 ) -> None:
-    release, meta = built_release(tmp_path, "rel", b"NAME=one\n")
-    release.efiboot.write_bytes(fake_uki(cmdline_for(meta, "9.9.9")))
-    publish(served.root, vendor, release)
+    release = make_release(tmp_path / "rel", OFFERED)
+    line = uki.inspect(release.efiboot).cmdline.replace(f"core_{OFFERED}", "core_9.9.9")
+    other = build_uki(tmp_path / "other.efi", OS, OFFERED, line)
+    publish_unchecked(served.root, vendor, OFFERED, release.core, other)
     before = device.state()
-    with pytest.raises(VerificationError, match=r"not the slot core_5\.0\.0-alpha\.3"):
+    with pytest.raises(VerificationError, match=r"not mainvg/core_5\.0\.0-alpha\.3"):
         run(device)
     assert device.state() == before

@@ -3,7 +3,6 @@ PostgreSQL cluster started by the tests), and the app in-process."""
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from rampart.server.store import Store
 from rampart.version import parse_version
 from tests.client.conftest import pki  # noqa: F401 - a fixture for the live tests
 from tests.conftest import KeyPair, make_keypair
+from tests.releases import build_payloads
 
 OS = "clipos"
 VERSIONS = ("1.0.0", "1.0.1", "1.0.2")
@@ -43,9 +43,7 @@ def published(tmp_path_factory: pytest.TempPathFactory, vendor_key: KeyPair) -> 
     root = tmp_path_factory.mktemp("webroot") / "webroot"
     payloads = tmp_path_factory.mktemp("payloads")
     for version in VERSIONS:
-        core, efiboot = payloads / f"core-{version}", payloads / f"efiboot-{version}"
-        core.write_bytes(os.urandom(50_000))
-        efiboot.write_bytes(os.urandom(5_000))
+        core, efiboot = build_payloads(payloads, version, core_size=50_000)
         webroot_mod.publish(
             root, OS, parse_version(version), core, efiboot, vendor_key.key, force=True
         )

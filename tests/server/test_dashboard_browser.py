@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from rampart.server.rollout import in_rollout
+from tests.releases import build_payloads
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
 CHROMIUM = "/usr/bin/chromium"
@@ -120,9 +121,7 @@ def make_webroot(directory: Path) -> Path:
     rampart("keygen", "--unencrypted", "--secret-key", key, "--public-key", pub)
     webroot = directory / "webroot"
     for version, channel in (("1.0.0", None), ("1.0.1", "beta")):
-        core, efiboot = directory / f"core-{version}", directory / f"efiboot-{version}"
-        core.write_bytes(os.urandom(200_000))
-        efiboot.write_bytes(os.urandom(20_000))
+        core, efiboot = build_payloads(directory, version, core_size=200_000)
         argv: list[str | Path] = ["publish", "--webroot", webroot, "--os", OS]
         argv += ["--version", version, "--core", core, "--efiboot", efiboot, "--secret-key", key]
         if channel:

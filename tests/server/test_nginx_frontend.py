@@ -29,6 +29,7 @@ import pytest
 
 from tests.client.conftest import make_ca, make_device, make_server_cert
 from tests.conftest import KeyPair, make_keypair, run_cli
+from tests.releases import build_payloads
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
 DOC = Path(__file__).resolve().parents[2] / "docs" / "server.md"
@@ -199,9 +200,7 @@ def frontend(tmp_path: Path) -> Iterator[Frontend]:
     vendor = make_keypair(tmp_path / "vendor")
     webroot = tmp_path / "webroot"
     for version in ("1.0.0", "1.0.1"):
-        core, efiboot = tmp_path / f"core-{version}", tmp_path / f"efiboot-{version}"
-        core.write_bytes(os.urandom(300_000))
-        efiboot.write_bytes(b"MZ" + os.urandom(20_000))
+        core, efiboot = build_payloads(tmp_path, version)
         rampart(
             "publish",
             "--webroot",

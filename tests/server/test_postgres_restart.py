@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
-import os
 import re
 import secrets
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.releases import build_payloads
 from tests.server import pg
 
 OS = "clipos"
@@ -89,9 +89,7 @@ def cli_webroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
         work / "vendor.pub",
     )
     for version in ("1.0.0", "1.0.1"):
-        core, efiboot = work / f"core-{version}", work / f"efiboot-{version}"
-        core.write_bytes(os.urandom(4096))
-        efiboot.write_bytes(os.urandom(1024))
+        core, efiboot = build_payloads(work, version, core_size=4096)
         _run(
             rampart,
             "publish",

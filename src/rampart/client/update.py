@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any, Literal
 
 from rampart import run, signing
 from rampart.client import esp as esp_mod
+from rampart.client import payload as payload_mod
 from rampart.client import rollback
 from rampart.client.config import DeviceConfig, Identity, RemoteConfig
 from rampart.client.fetch import Fetcher, Job, open_directory, open_plain_file, remove_entry
@@ -450,49 +450,62 @@ def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
     return hasher.digest()
 
 
-@dataclass(frozen=True)
-class RootHash:
-    """What the new EFI binary's command line says about the Core it boots."""
-
-    root_hash: str
-    hash_offset: int
-    data_blocks: int | None
-
-
-_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+RootHash = payload_mod.RootHash  # what the new EFI binary's command line pins
 
 
 def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
     """The verity root hash the EFI binary will boot with, or None if it carries none.
 
     Reads `rampart.verity.*` (or CLIP OS's `rd.verity.*`) from the UKI's `.cmdline`.
-    Refuses (VerificationError) an EFI binary built for another LV than `slot`.
+    Refuses (VerificationError) an EFI binary built for another LV than `slot`, and
+    (FormatError) one that is not a PE image.
     """
     data = efiboot.read_bytes()
-    try:
-        line = pe.cmdline(data, efiboot.name)
-    except FormatError:
-        return None  # not a PE file: an EFI binary Rampart did not build
+    line = pe.cmdline(data, efiboot.name)
     if line is None:
         return None
-    args = dict(word.split("=", 1) for word in line.split() if "=" in word)
-    core = args.get("rampart.core") or args.get("rd.verity.device")
+    core = payload_mod.pinned_lv(line, efiboot.name)
     if core is not None and not core.endswith("/" + slot):
         raise VerificationError(
             f"{efiboot.name}: boots {core}, not the slot {slot} it would be installed with"
         )
-    root = (args.get("rampart.verity.roothash") or args.get("rd.verity.roothash") or "").lower()
-    if not root:
-        return None
-    offset = args.get("rampart.verity.hashoffset") or args.get("rd.verity.hashoffset") or ""
-    blocks = args.get("rampart.verity.datablocks")
-    if (
-        not _HEX64.fullmatch(root)
-        or not offset.isdigit()
-        or (blocks is not None and not blocks.isdigit())
-    ):
-        raise FormatError(f"{efiboot.name}: malformed verity parameters on its command line")
-    return RootHash(root, int(offset), None if blocks is None else int(blocks))
+    return payload_mod.root_hash(line, efiboot.name)
+
+
+def verity_device(device: Device) -> bool:
+    """Whether this device's Cores carry verity: the running kernel or an installed EFI
+    binary of this OS pins a verity root hash."""
+    try:
+        running = device.proc_cmdline.read_bytes()[: 1 << 16].decode("utf-8", "replace")
+    except OSError:
+        running = ""
+    if payload_mod.root_hash(running, str(device.proc_cmdline)) is not None:
+        return True
+    for entry in device.esp.entries():
+        try:
+            data = entry.path.read_bytes()
+        except OSError as exc:
+            raise LocalError(f"{entry.path}: cannot read the boot entry: {exc.strerror}") from None
+        if payload_mod.pins_root_hash(data, entry.path.name):
+            return True
+    return False
+
+
+def check_release(device: Device, efiboot: Path, core: Path, version: Version) -> RootHash | None:
+    """Check what the verified payloads are (client/payload.py): the UKI of this OS and
+    `version` booting `core_<version>` on this device's volume group, with a root hash
+    on a verity device, and a squashfs Core carrying the tree that root hash pins.
+    Called on the verified payload files, before the disk is touched; returns the root
+    hash the written slot is checked against."""
+    checked = payload_mod.check_release(
+        efiboot,
+        core,
+        os_name=device.config.os_name,
+        version=version,
+        vg=payload_mod.device_vg(device.config.backend, device.config.core_destination),
+        require_root_hash=verity_device(device),
+    )
+    return checked.efiboot.root
 
 
 def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
@@ -649,7 +662,7 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
             f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
         )
 
-    root = core_root_hash(efiboot, slot_name(latest))
+    root = check_release(device, efiboot, core, latest)
     if root is None:
         log.warning(
             "%s carries no verity root hash: Core is checked against its signature only",

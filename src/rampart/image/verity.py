@@ -225,28 +225,7 @@ def verify(
             tree = tree_file.read(sum(sizes) * BLOCK)
     except OSError as exc:
         raise LocalError(f"{source}: cannot read the hash tree: {exc.strerror}") from None
-    if len(tree) != sum(sizes) * BLOCK:
-        raise VerificationError(f"{source}: hash tree truncated")
-    # Levels on disk: top first. Split them, level 0 first.
-    levels: list[bytes] = []
-    end = len(tree)
-    for blocks in sizes:
-        levels.append(tree[end - blocks * BLOCK : end])
-        end -= blocks * BLOCK
-    if _root(salted, levels[-1][:BLOCK]) != params.root_hash.lower():
-        raise VerificationError(
-            f"{source}: top hash block does not match the root hash (tree or root hash wrong)"
-        )
-    for level in range(len(levels) - 1, 0, -1):
-        computed = bytearray()
-        _hash_blocks(salted, memoryview(levels[level - 1]), computed)
-        expected = levels[level][: len(computed)]
-        if computed != expected:
-            bad = _first_difference(computed, expected) // DIGEST
-            raise VerificationError(
-                f"{source}: hash block {bad} of level {level - 1} is corrupted "
-                f"(byte {params.hash_start + _level_offset(sizes, level - 1) + bad * BLOCK})"
-            )
+    levels = check_tree(tree, params, str(source))
     # The data, against level 0, in 4 MiB reads.
     level0 = levels[0]
     buffer = bytearray(READ)
@@ -273,6 +252,37 @@ def verify(
                     progress(done, size)
     except OSError as exc:
         raise LocalError(f"{image}: cannot read: {exc.strerror}") from None
+
+
+def check_tree(tree: bytes, params: VerityParams, source: str) -> list[bytes]:
+    """Check the hash area `tree` (the levels, top first, as read from `hash_start`)
+    against the root hash: the top block, then each level against the one above.
+    Returns the levels, level 0 first. VerificationError naming the first bad block."""
+    salted = hashlib.sha256(bytes.fromhex(params.salt))
+    sizes = level_sizes(params.data_blocks)
+    if len(tree) != sum(sizes) * BLOCK:
+        raise VerificationError(f"{source}: hash tree truncated")
+    # Levels on disk: top first. Split them, level 0 first.
+    levels: list[bytes] = []
+    end = len(tree)
+    for blocks in sizes:
+        levels.append(tree[end - blocks * BLOCK : end])
+        end -= blocks * BLOCK
+    if _root(salted, levels[-1][:BLOCK]) != params.root_hash.lower():
+        raise VerificationError(
+            f"{source}: top hash block does not match the root hash (tree or root hash wrong)"
+        )
+    for level in range(len(levels) - 1, 0, -1):
+        computed = bytearray()
+        _hash_blocks(salted, memoryview(levels[level - 1]), computed)
+        expected = levels[level][: len(computed)]
+        if computed != expected:
+            bad = _first_difference(computed, expected) // DIGEST
+            raise VerificationError(
+                f"{source}: hash block {bad} of level {level - 1} is corrupted "
+                f"(byte {params.hash_start + _level_offset(sizes, level - 1) + bad * BLOCK})"
+            )
+    return levels
 
 
 def _level_offset(sizes: list[int], level: int) -> int:
