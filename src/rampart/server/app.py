@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from rampart.errors import ConflictError, RampartError, UsageError
 from rampart.server import admin, guard
@@ -252,6 +253,12 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, __: Unavailable) -> Response:
         return _reason(503, "database unavailable, retry later")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, __: ClientDisconnect) -> Response:
+        # The client closed the connection, or missed the body deadline
+        # (rampart.server.connections): nobody to answer, nothing to log.
+        return Response(status_code=400)
 
     @app.exception_handler(RampartError)
     async def _rampart_error(_: Request, exc: RampartError) -> Response:

@@ -139,8 +139,11 @@ class GuardedProtocol(HttpToolsProtocol):
         tls.connection_made(transport)
 
     def _handshake_done(self, handshake: asyncio.Future[None]) -> None:
-        if handshake.cancelled() or handshake.exception() is not None:
-            self._release()  # the SSL protocol closes the connection; no connection_lost
+        # Success calls connection_made (which clears self.raw) before this; a failed or
+        # lost handshake never reaches connection_made nor connection_lost.
+        failed = handshake.cancelled() or handshake.exception() is not None
+        if failed or self.raw is not None:
+            self._release()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
