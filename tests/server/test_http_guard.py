@@ -361,3 +361,19 @@ def test_database_and_its_wal_are_private_to_the_server(tmp_path: Path) -> None:
     database.chmod(0o644)
     db.make_engine(db.default_url(webroot)).dispose()
     assert stat.S_IMODE(database.stat().st_mode) == 0o600
+
+
+def test_unloadable_tls_key_is_one_line_and_exit_3(tmp_path: Path, pki: Pki) -> None:
+    webroot = make_webroot(tmp_path)
+    argv = [RAMPART, "serve", "--webroot", str(webroot), "--listen", f"127.0.0.1:{free_port()}"]
+    argv += ["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.other_server.key)]
+    result = subprocess.run(  # a key that is not the certificate's
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "created from the webroot" not in line]
+    assert len(lines) == 1 and "cannot load" in lines[0], result.stderr
