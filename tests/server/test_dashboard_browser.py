@@ -474,7 +474,7 @@ def test_dashboard_in_chromium(tmp_path: Path, live: Live, browser: DevTools) ->
         c["name"]: c for c in page.call("Network.getCookies", urls=[base + "/admin/"])["cookies"]
     }
     cookie = cookies["rampart_admin"]
-    assert cookie["value"] == live.token
+    assert cookie["value"].startswith("rps_") and live.token not in cookie["value"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/admin"
     assert page.eval("document.cookie") == ""  # HttpOnly: no script sees it
 

@@ -84,7 +84,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--tls-cert and --tls-key go together")
     os.environ["RAMPART_WEBROOT"] = str(args.webroot.resolve())
     os.environ["RAMPART_DB"] = args.db or ""
-    import ssl
+    from rampart.server import connections
+
+    # The workers read the limits and the TLS files from the environment; the parent
+    # loads the chain once first, so a bad file is one line and exit 3, not a traceback.
+    limits = connections.Limits(
+        per_address=args.max_connections_per_address,
+        handshake_timeout=args.tls_handshake_timeout,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+    )
+    os.environ[connections.LIMITS_ENV] = limits.to_env()
+    if args.tls_cert:
+        connections.tls_context(str(args.tls_cert), str(args.tls_key))
+        os.environ[connections.CERT_ENV] = str(args.tls_cert.resolve())
+        os.environ[connections.KEY_ENV] = str(args.tls_key.resolve())
+    else:
+        os.environ.pop(connections.CERT_ENV, None)
+        os.environ.pop(connections.KEY_ENV, None)
 
     uvicorn.run(
         "rampart.server.app:app_from_environment",
@@ -92,9 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=host.strip("[]"),
         port=int(port),
         workers=args.workers,
-        ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
-        ssl_keyfile=str(args.tls_key) if args.tls_key else None,
-        ssl_version=ssl.PROTOCOL_TLS_SERVER,
+        http="rampart.server.connections:GuardedProtocol",  # TLS is done there too
         log_level="warning" if not args.verbose else "info",
         access_log=args.verbose,
         proxy_headers=False,
@@ -179,6 +194,22 @@ def cmd_machine(args: argparse.Namespace) -> int:
                 f"{row['channel'] or 'default':<12} {_ago(row['last_seen'])}"
             )
     return 0
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 to 3600 seconds")
+    return value
 
 
 def _ago(at: float | None) -> str:
@@ -305,6 +336,35 @@ def add_verbs(verb: Verb, verbs: Any) -> None:
     p.add_argument("--tls-key", type=Path, metavar="FILE")
     p.add_argument(
         "--workers", type=int, default=1, metavar="N", help="worker processes (default 1)"
+    )
+    p.add_argument(
+        "--max-connections-per-address",
+        type=_count,
+        default=64,
+        metavar="N",
+        help="open connections one client address may hold per worker; more are reset "
+        "(default 64, 0: no limit; behind a proxy, every connection is the proxy's)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's headers (default 10, 0: none)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds a client has to send a request's body after its headers (default 30)",
+    )
+    p.add_argument(
+        "--tls-handshake-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to complete the TLS handshake (default 10)",
     )
     p.set_defaults(func=cmd_serve)
 

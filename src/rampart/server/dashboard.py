@@ -2,8 +2,10 @@
 
 Per channel its target and rollout, a bar chart of machines per version (inline
 SVG: no script, no external asset), last-seen ages and recent failures. A
-browser signs in by posting a token to /admin/login, which sets an HttpOnly,
-SameSite=Strict cookie holding it; every request checks it like a bearer token.
+browser signs in by posting a token to /admin/login, which opens a session
+(rampart.server.sessions) and sets an HttpOnly, SameSite=Strict cookie holding the
+session's id, never the token; /admin/logout closes it. The guard
+(rampart.server.guard) checks the cookie and the Origin of every request.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from rampart.server import admin
-from rampart.server.store import Store, token_matches
+from rampart.server import admin, sessions
+from rampart.server.guard import COOKIE
+from rampart.server.store import Store
 
-COOKIE = "rampart_admin"
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#1d2433;background:#f7f8fa}
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
@@ -131,7 +133,10 @@ def render(view: dict[str, Any], now: float) -> str:
         )
     if not view["recent_failures"]:
         out.append("<tr><td colspan=4 class=muted>none</td></tr>")
-    out.append("</table></body></html>")
+    out.append(
+        "</table><form method=post action=/admin/logout><button id=logout>Sign out</button>"
+        "</form></body></html>"
+    )
     return "".join(out)
 
 
@@ -153,16 +158,10 @@ def install(
 
     @app.post("/admin/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > 4096:
-                return HTMLResponse(
-                    _LOGIN.replace("{message}", "<p class=bad>Too long.</p>"), status_code=413
-                )
+        body = await request.body()  # at most guard.MAX_FORM_BODY bytes
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
-        digests = await run_in_threadpool(store.token_digests)
-        if not token or not token_matches(token, digests):
+        session_id = await run_in_threadpool(sessions.open_session, store.engine, token)
+        if session_id is None:
             page = _LOGIN.replace("{message}", "<p class=bad>Invalid token.</p>")
             return HTMLResponse(page, status_code=401)
         response = RedirectResponse("/admin/", status_code=303)
@@ -170,13 +169,22 @@ def install(
         # behind a TLS proxy the app itself sees plain HTTP.
         response.set_cookie(
             COOKIE,
-            token,
+            session_id,
             httponly=True,
             samesite="strict",
             secure=True,
             path="/admin",
-            max_age=8 * 3600,
+            max_age=int(sessions.LIFETIME),
         )
+        return response
+
+    @app.post("/admin/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        session_id = request.cookies.get(COOKIE)
+        if session_id:
+            await run_in_threadpool(sessions.close_session, store.engine, session_id)
+        response = RedirectResponse("/admin/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/admin", secure=True, httponly=True, samesite="strict")
         return response
 
     @app.get("/admin/", include_in_schema=False)

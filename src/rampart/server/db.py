@@ -8,6 +8,9 @@ worker runs.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    make_url,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -99,6 +103,19 @@ tokens = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# Dashboard sign-ins: the SHA-256 of a random session id (the cookie holds the id), and
+# the digest of the token it was opened with; a session counts only while that token
+# exists and until it expires (rampart.server.sessions).
+sessions = Table(
+    "admin_sessions",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("token_digest", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_admin_sessions_token", "token_digest"),
+)
+
 server_state = Table(
     "server_state",
     metadata,
@@ -119,6 +136,7 @@ def make_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        _private_sqlite_files(url)
     elif url.startswith("postgresql+psycopg://"):
         kwargs.update(
             pool_pre_ping=True,
@@ -146,6 +164,33 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
     return engine
+
+
+def _private_sqlite_files(url: str) -> None:
+    """Create the SQLite file mode 0600 (SQLite gives its -wal and -shm files the mode of
+    the database file) and tighten the mode of files made before: they hold the digests
+    of the admin tokens and sessions. An existing file is changed by path, never opened:
+    closing a descriptor of a database this process has open would drop SQLite's locks."""
+    try:
+        database = make_url(url).database
+    except (SQLAlchemyError, ValueError) as exc:
+        raise UsageError(f"invalid database URL: {exc}") from None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    with contextlib.suppress(FileExistsError):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise LocalError(f"{path}: cannot create the database: {exc.strerror}") from None
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            info = name.lstat()
+            mine = stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
+            if mine and stat.S_IMODE(info.st_mode) != 0o600:
+                name.chmod(0o600)
 
 
 def migrate(engine: Engine) -> None:
