@@ -51,6 +51,8 @@ AFTER_MAX_SECONDS = 20.0
 QUIET_BEFORE_STOP = 0.5  # seconds: several flush intervals (50 ms)
 SERVER_START_TIMEOUT = 30.0
 SERVER_STOP_TIMEOUT = 20.0
+# Every machine-id of these loads comes from 127.0.0.1: no limit on new ones.
+ONE_ADDRESS = ("--new-machines-per-hour", "0")
 
 
 def _rampart() -> Path:
@@ -142,7 +144,7 @@ class ServerProcess:
             )
 
 
-def start_server(webroot: Path, url: str, log: Path) -> ServerProcess:
+def start_server(webroot: Path, url: str, log: Path, *options: str) -> ServerProcess:
     port = pg.free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -155,6 +157,7 @@ def start_server(webroot: Path, url: str, log: Path) -> ServerProcess:
                 url,
                 "--listen",
                 f"127.0.0.1:{port}",
+                *options,
             ],
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -322,7 +325,7 @@ def test_postgres_outage_gives_503_and_recovers(
     """`fast`: an administrator stops PostgreSQL; `immediate`: it crashes (no checkpoint,
     backends killed mid-transaction, crash recovery at the next start)."""
     url = cluster.create_database(f"restart_{mode}")
-    server = start_server(cli_webroot, url, tmp_path / "serve.log")
+    server = start_server(cli_webroot, url, tmp_path / "serve.log", *ONE_ADDRESS)
     try:
         with Load(server.port) as load:
             load.run_for(BEFORE_SECONDS)
@@ -481,7 +484,7 @@ def test_graceful_stop_under_load_records_every_check(
         url = f"sqlite:///{tmp_path / 'stop.sqlite'}"
     else:
         url = cluster.create_database("graceful_stop")
-    server = start_server(cli_webroot, url, tmp_path / "serve.log")
+    server = start_server(cli_webroot, url, tmp_path / "serve.log", *ONE_ADDRESS)
     script = tmp_path / "checks.lua"
     script.write_text(WRK_LUA)
     prefix = secrets.token_hex(4)
