@@ -694,6 +694,7 @@ http {{
             f"127.0.0.1:{port}",
             "--workers",
             str(workers),
+            *_one_address_options(None),
         ]
         name = f"rampart serve ({kind}, {workers} worker{'s' if workers > 1 else ''})"
         service = self.services.start(name, argv, d / "serve.log")
@@ -832,6 +833,14 @@ class ReportRow:
         }
 
 
+def _one_address_options(env: dict[str, str] | None) -> list[str]:
+    """Every request of the bench comes from 127.0.0.1: no limit on new machine-ids (for
+    a `rampart serve` that has the option)."""
+    if "--new-machines-per-hour" in _run([_rampart(), "serve", "--help"], env=env):
+        return ["--new-machines-per-hour", "0"]
+    return []
+
+
 def _post_report(conn: http.client.HTTPConnection, machine_id: str) -> int:
     body = json.dumps({"from": RUNNING, "to": "1.0.1", "outcome": "success", "error": ""})
     headers = {
@@ -962,7 +971,8 @@ class ReportBench:
         if reference is not None:
             env = dict(os.environ, PYTHONPATH=str(reference))
         url = bench.database(kind)
-        machine_ids = sorted({secrets.token_hex(16) for _ in range(self.args.reports)})
+        count = self.args.reference_reports if reference else self.args.reports
+        machine_ids = sorted({secrets.token_hex(16) for _ in range(count)})
         what = f"{kind}, {workers} worker(s){', reference' if reference else ''}"
         _log(f"reports ({what}): {self.args.history} old checks")
         top = self.fill(url, machine_ids, env)
@@ -981,8 +991,7 @@ class ReportBench:
             "--workers",
             str(workers),
         ]
-        if "--new-machines-per-hour" in _run([_rampart(), "serve", "--help"], env=env):
-            argv += ["--new-machines-per-hour", "0"]  # every request comes from 127.0.0.1
+        argv += _one_address_options(env)
         name = f"rampart serve (reports, {what})"
         service = bench.services.start(name, argv, d / "serve.log", env=env)
         wait_until(name, lambda: _get(port) == 200, service, START_TIMEOUT)
@@ -1100,13 +1109,13 @@ def print_reports(rows: list[ReportRow], out: IO[str]) -> None:
     if not rows:
         return
     print(
-        f"\nInstall reports during a rollout: {rows[0].reports} reports "
-        f"({REPORT_THREADS} connections) over {rows[0].history} old checks, "
+        f"\nInstall reports during a rollout ({REPORT_THREADS} connections) over "
+        f"{rows[0].history} old checks, "
         f"with about {CHECKS_PER_S_DURING_REPORTS:g} checks/s beside them",
         file=out,
     )
     header = (
-        f"{'target':<28} {'reports/s':>9} {'p50 ms':>7} {'p99 ms':>8} {'max ms':>8} "
+        f"{'target':<32} {'reports':>7} {'reports/s':>9} {'p50 ms':>7} {'p99 ms':>8} {'max ms':>8} "
         f"{'errors':>6} {'checks':>7} {'recorded':>8} {'worst lag s':>11} {'cpu srv/db s':>13}"
     )
     print(header, file=out)
@@ -1114,7 +1123,7 @@ def print_reports(rows: list[ReportRow], out: IO[str]) -> None:
     for row in rows:
         label = f"rampart {row.database} w={row.workers}"
         print(
-            f"{label:<28} {row.reports_per_s:9.0f} {row.percentile(50):7.2f} "
+            f"{label:<32} {row.reports:7d} {row.reports_per_s:9.0f} {row.percentile(50):7.2f} "
             f"{row.percentile(99):8.2f} {max(row.latencies_ms, default=0):8.1f} "
             f"{row.errors:6d} {row.checks_answered:7d} {row.checks_recorded:8d} "
             f"{row.worst_lag_s:11.2f} {row.server_cpu_s:6.1f}/{row.database_cpu_s:.1f}",
@@ -1292,6 +1301,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SRC",
         help="also run the report load, first, against the rampart in this source tree "
         "(e.g. `git archive 692479c src | tar -x -C /tmp/ref`, then /tmp/ref/src)",
+    )
+    parser.add_argument(
+        "--reference-reports",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="reports sent to the reference (default 1000: 692479c takes ~0.1 s per report "
+        "over 200,000 checks)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     parser.add_argument(

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, insert
+from sqlalchemy import Engine, event, func, insert, select
 
 from rampart.server import admin, db
 from rampart.server.rollout import in_rollout
@@ -191,3 +191,34 @@ def test_upgrade_keeps_the_evidence_of_a_rollout_in_progress(db_url: str) -> Non
     assert [(t.channel, t.version, t.machines, t.failures) for t in tallies] == [
         ("stable", VERSION, 1, 0)
     ]
+
+
+def test_checks_older_than_the_retention_are_pruned(db_url: str, published: Path) -> None:
+    """At start (and then every hour) each worker deletes the checks older than
+    --check-retention-days, in chunks; newer checks, machines and offers stay."""
+    from fastapi.testclient import TestClient
+
+    from rampart.server.app import Settings, create_app
+
+    engine, store, inside = _rollout(db_url, published)
+    _history(engine, 2_500)  # at 1970 + 11 days: older than any retention
+    deleted = store.prune_checks(before=1_011_000.0, chunk=300)  # the first 1,000, in chunks
+    assert deleted == 1_000
+    with engine.connect() as conn:
+        left = conn.execute(select(func.count()).select_from(db.checks)).scalar()
+    assert left == 40 + len(inside) + 1_500
+    app = create_app(store, Settings(published, check_retention_days=90))
+    with TestClient(app):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                left = conn.execute(select(func.count()).select_from(db.checks)).scalar()
+            if left == 40 + len(inside):
+                break
+            time.sleep(0.1)
+    with engine.connect() as conn:
+        machines = conn.execute(select(func.count()).select_from(db.machines)).scalar()
+        offers = conn.execute(select(func.count()).select_from(db.offers)).scalar()
+    engine.dispose()
+    assert left == 40 + len(inside)  # the recent checks of the rollout's machines
+    assert (machines, offers) == (40, len(inside))

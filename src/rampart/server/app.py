@@ -163,7 +163,7 @@ class Recorder:
 
     async def record(self, check: Check) -> None:
         """Return once `check` is committed; Unavailable if it cannot be."""
-        if self.down or len(self.pending) >= MAX_BUFFER:
+        if self.down or self.stopping or len(self.pending) >= MAX_BUFFER:
             raise Unavailable
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append((check, future))
