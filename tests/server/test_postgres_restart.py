@@ -526,7 +526,9 @@ def test_graceful_stop_under_load_records_every_check(
     result = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
     answered = result["requests"] - result["status"]
     assert code in (0, -signal.SIGTERM), f"exit code {code}\n{server.log_tail()}"
-    assert answered > 1000, f"too little load to mean anything: {result}"
+    # Checks are answered once committed: on a busy machine with PostgreSQL commits
+    # this can be a few hundred a second; the count must still match.
+    assert answered > 300, f"too little load to mean anything: {result}"
     from sqlalchemy import text
 
     from rampart.server import db

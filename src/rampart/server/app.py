@@ -24,10 +24,10 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -54,6 +54,7 @@ from rampart.server.store import (
 from rampart.version import parse_version
 
 log = logging.getLogger(__name__)
+Row = TypeVar("Row", Check, Report)
 
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 _OS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
@@ -145,28 +146,29 @@ class Fleet:
         return os_name in self.defaults
 
 
-class Recorder:
-    """Writes each check before it is answered. Checks that arrive while a batch is being
-    written wait for the next one, so a busy server writes many per transaction (BATCH at
-    most) and an idle one writes each at once. A check answered 200 is committed: a
-    SIGKILL loses none."""
+class Recorder(Generic[Row]):
+    """Writes each check (or report) before it is answered. Rows that arrive while a batch
+    is being written wait for the next one, so a busy server writes many per transaction
+    (BATCH at most) and an idle one writes each at once. A row answered 200 is
+    committed: a SIGKILL loses none."""
 
-    def __init__(self, store: Store, interval: float) -> None:
+    def __init__(self, store: Store, interval: float, write: Callable[[list[Row]], object]) -> None:
         self.store = store
+        self.write: Callable[[list[Row]], object] = write  # one transaction for them all
         self.interval = interval  # while the database cannot be written: probe this often
-        self.pending: list[tuple[Check, asyncio.Future[None]]] = []
+        self.pending: list[tuple[Row, asyncio.Future[None]]] = []
         self.down = False
         self.recorded = 0
         self.stopping = False
         self.wake = asyncio.Event()
         self.writing = asyncio.Lock()  # one writer at a time
 
-    async def record(self, check: Check) -> None:
-        """Return once `check` is committed; Unavailable if it cannot be."""
+    async def record(self, row: Row) -> None:
+        """Return once `row` is committed; Unavailable if it cannot be."""
         if self.down or self.stopping or len(self.pending) >= MAX_BUFFER:
             raise Unavailable
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending.append((check, future))
+        self.pending.append((row, future))
         self.wake.set()
         await future
 
@@ -179,11 +181,11 @@ class Recorder:
                 del self.pending[:BATCH]
                 await self._write(batch)
 
-    async def _write(self, batch: list[tuple[Check, asyncio.Future[None]]]) -> None:
+    async def _write(self, batch: list[tuple[Row, asyncio.Future[None]]]) -> None:
         try:
-            await run_in_threadpool(self.store.record_checks, [c for c, _ in batch])
+            await run_in_threadpool(self.write, [c for c, _ in batch])
         except (IntegrityError, DataError) as exc:  # rows that can never be written
-            log.error("the database refused %d checks: %s", len(batch), str(exc).splitlines()[0])
+            log.error("the database refused %d rows: %s", len(batch), str(exc).splitlines()[0])
             if len(batch) > 1:  # write the others; only the refused rows get 503
                 for one in batch:
                     await self._write([one])
@@ -192,7 +194,7 @@ class Recorder:
             return
         except SQLAlchemyError as exc:  # unreachable, read-only, restarting: 503
             if not self.down:
-                log.error("database unavailable, checks answered 503: %s", str(exc).splitlines()[0])
+                log.error("database unavailable, answering 503: %s", str(exc).splitlines()[0])
             self.down = True
             pending, self.pending = self.pending, []
             _settle(batch + pending, Unavailable())
@@ -205,7 +207,7 @@ class Recorder:
             await run_in_threadpool(self.store.probe_write)
         except SQLAlchemyError:
             return
-        log.warning("database back; recording checks again")
+        log.warning("database back; recording again")
         self.down = False
 
     async def run(self) -> None:
@@ -229,7 +231,7 @@ class Recorder:
         self.wake.set()
 
 
-def _settle(batch: list[tuple[Check, asyncio.Future[None]]], error: Exception | None) -> None:
+def _settle(batch: list[tuple[Any, asyncio.Future[None]]], error: Exception | None) -> None:
     for _, future in batch:
         if not future.done():  # a request that was cancelled meanwhile
             if error is None:
@@ -297,11 +299,20 @@ class Settings:
 def create_app(store: Store, settings: Settings) -> FastAPI:
     """The application for one webroot and one database (schema already migrated)."""
     fleet = Fleet(store, settings.cache_ttl, new_machines_per_hour=settings.new_machines_per_hour)
-    recorder = Recorder(store, settings.flush_interval)
+    recorder = Recorder(store, settings.flush_interval, store.record_checks)
+
+    def write_reports(batch: list[Report]) -> None:
+        for name in store.record_reports(batch):
+            log.warning("rollout on channel %s halted: failure rate over threshold", name)
+
+    # Reports too are committed in batches: one commit (and, with PostgreSQL, one turn
+    # of the rollout's tally lock) for all the reports that arrived meanwhile.
+    reports = Recorder(store, settings.flush_interval, write_reports)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(recorder.run())
+        reports_task = asyncio.create_task(reports.run())
         pruner = asyncio.create_task(
             prune_checks(store, settings.check_retention_days, settings.prune_every)
         )
@@ -311,7 +322,9 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             pruner.cancel()
             # No cancel: a batch being written must commit before the process exits.
             recorder.close()
+            reports.close()
             await task
+            await reports_task
             with contextlib.suppress(asyncio.CancelledError):
                 await pruner
 
@@ -418,9 +431,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             time.time(),
             client.host if client else None,
         )
-        halted = await run_in_threadpool(store.record_report, report)
-        if halted:
-            log.warning("rollout on channel %s halted: failure rate over threshold", halted)
+        await reports.record(report)
         return JSONResponse({"recorded": True})
 
     dist = settings.webroot / "dist"

@@ -199,39 +199,53 @@ class Store:
                 )
 
     def record_report(self, report: Report) -> str | None:
-        """Store an install report; halt the rollout it belongs to if it fails too often.
+        """Store one report (record_reports); the channel it halted, if any."""
+        halted = self.record_reports([report])
+        return halted[0] if halted else None
 
-        The report counts for an active rollout of its `to` version on a channel only if
+    def record_reports(self, batch: Sequence[Report]) -> list[str]:
+        """Store install reports, in one transaction; halt the rollouts they belong to if
+        they fail too often.
+
+        A report counts for an active rollout of its `to` version on a channel only if
         its machine was first seen before the rollout started and that channel offered
         it the version before the report (reports are not authenticated: a machine-id
         minted during the rollout, or never offered it, is no evidence). The machine's
         latest counted outcome and the rollout's totals are kept up to date here: a
         report reads and writes a few rows by primary key, whatever the number of
         checks and reports stored (six statements, prepared once).
-        Returns the name of a channel whose rollout was halted, if any.
+        Returns the names of the channels whose rollout was halted.
         """
+        halted: list[str] = []
         with self._writing() as conn:
-            conn.execute(_SQL_REPORT, report.__dict__)
-            if report.to_version is None:
-                return None
-            key = {"os": report.os, "version": report.to_version, "mid": report.machine_id}
-            for row in conn.execute(_SQL_ROLLOUTS, key).all():
-                started = row.rollout_started_at
-                if row.first_seen is None or (started is not None and row.first_seen >= started):
-                    continue  # a machine-id first seen during the rollout
-                if row.offered_at is None or row.offered_at > report.at:
-                    continue  # never offered this version before this report
-                machines, failures = self._count(conn, dict(key, channel=row.name), report)
-                if should_halt(
-                    machines, failures, row.failure_threshold, row.min_reports, row.min_failing
-                ):
-                    conn.execute(
-                        update(db.channels)
-                        .where(and_(db.channels.c.os == report.os, db.channels.c.name == row.name))
-                        .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
-                    )
-                    self._bump(conn)
-                    return str(row.name)
+            for report in batch:
+                name = self._record_report(conn, report)
+                if name is not None:
+                    halted.append(name)
+        return halted
+
+    def _record_report(self, conn: Any, report: Report) -> str | None:
+        conn.execute(_SQL_REPORT, report.__dict__)
+        if report.to_version is None:
+            return None
+        key = {"os": report.os, "version": report.to_version, "mid": report.machine_id}
+        for row in conn.execute(_SQL_ROLLOUTS, key).all():
+            started = row.rollout_started_at
+            if row.first_seen is None or (started is not None and row.first_seen >= started):
+                continue  # a machine-id first seen during the rollout
+            if row.offered_at is None or row.offered_at > report.at:
+                continue  # never offered this version before this report
+            machines, failures = self._count(conn, dict(key, channel=row.name), report)
+            if should_halt(
+                machines, failures, row.failure_threshold, row.min_reports, row.min_failing
+            ):
+                conn.execute(
+                    update(db.channels)
+                    .where(and_(db.channels.c.os == report.os, db.channels.c.name == row.name))
+                    .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
+                )
+                self._bump(conn)
+                return str(row.name)
         return None
 
     def _count(self, conn: Any, key: dict[str, str], report: Report) -> tuple[int, int]:
