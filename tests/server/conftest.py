@@ -113,7 +113,10 @@ def server(published: Path, db_url: str) -> Iterator[Server]:
     store = Store(engine)
     admin.bootstrap(store, published)
     token = store.create_token("tests")
-    app = create_app(store, Settings(published, flush_interval=0.02, cache_ttl=0.0))
+    # One client address introduces hundreds of machines here: no newcomer limit.
+    settings = Settings(published, flush_interval=0.02, cache_ttl=0.0)
+    settings.new_machines_per_hour = 0
+    app = create_app(store, settings)
     with TestClient(app) as client:
         yield Server(store, client, published, token)
     engine.dispose()

@@ -112,6 +112,9 @@ def test_staged_rollout_offers_the_new_version_to_the_chosen_share(server: Serve
 
 
 def test_rollout_halts_itself_when_failures_cross_the_threshold(server: Server) -> None:
+    outcomes = ["success", "success", "failure", "failure"]
+    for n in range(len(outcomes)):  # known before the rollout: their reports count
+        assert server.check(machine_id(100 + n)) == "1.0.0"
     server.client.post(
         f"/admin/api/channels/{OS}/stable/rollout",
         headers=server.auth,
@@ -119,10 +122,10 @@ def test_rollout_halts_itself_when_failures_cross_the_threshold(server: Server) 
             "version": "1.0.1",
             "percent": 100 - 0.01,
             "min_reports": 4,
+            "min_failing": 2,
             "failure_threshold": 0.25,
         },
     ).raise_for_status()
-    outcomes = ["success", "success", "failure", "failure"]
     # Reports from machines that were never offered the rollout do not count.
     for n in range(10):
         server.client.post(

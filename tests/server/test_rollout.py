@@ -6,6 +6,7 @@ import secrets
 
 from rampart.server.rollout import (
     ChannelState,
+    NewMachineLimit,
     RolloutState,
     bucket,
     in_rollout,
@@ -61,6 +62,27 @@ def test_offer_follows_the_rollout_state() -> None:
 
 
 def test_halt_needs_enough_reports_and_a_failure_rate_over_the_threshold() -> None:
-    assert not should_halt(4, 4, 0.2, 5)
-    assert not should_halt(10, 2, 0.2, 5)
-    assert should_halt(10, 3, 0.2, 5)
+    assert not should_halt(4, 4, 0.2, 5, 1)
+    assert not should_halt(10, 2, 0.2, 5, 1)
+    assert should_halt(10, 3, 0.2, 5, 1)
+
+
+def test_halt_needs_a_minimum_of_distinct_failing_machines() -> None:
+    assert not should_halt(5, 4, 0.2, 5)  # 80 % failed, but only 4 machines (default 5)
+    assert should_halt(5, 5, 0.2, 5)
+    assert should_halt(20, 5, 0.2, 5)
+    assert not should_halt(25, 5, 0.2, 5)  # 5 of 25 is not over 20 %
+
+
+def test_new_machine_ids_are_limited_per_address_and_ipv6_per_64() -> None:
+    limit = NewMachineLimit(per_hour=3)
+    assert [limit.admit("192.0.2.1", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert limit.admit("192.0.2.2", 0.0)  # another address has its own budget
+    assert limit.admit("::ffff:192.0.2.2", 0.0)  # the same IPv4 host, mapped
+    assert limit.admit("192.0.2.2", 0.0)
+    assert not limit.admit("::ffff:192.0.2.2", 0.0)  # its budget of 3 is spent
+    assert [limit.admit(f"2001:db8::{n:x}", 0.0) for n in range(4)] == [True] * 3 + [False]
+    assert limit.admit("2001:db8:0:1::1", 0.0)  # another /64
+    assert not limit.admit("192.0.2.1", 1199.0)  # refilled evenly: 1 per 1200 s
+    assert limit.admit("192.0.2.1", 1201.0)
+    assert NewMachineLimit(per_hour=0).admit("192.0.2.1", 0.0)  # 0: no limit

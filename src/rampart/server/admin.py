@@ -15,6 +15,7 @@ from rampart.server.store import Store
 from rampart.version import parse_version
 
 DEFAULT_CHANNEL = "stable"
+SILENT_LISTED = 1000  # silent machines listed in the fleet view (all are counted)
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 
 
@@ -104,6 +105,7 @@ def start_rollout(
     percent: float,
     failure_threshold: float | None = None,
     min_reports: int | None = None,
+    min_failing: int | None = None,
 ) -> ChannelState:
     """Offer `version` to `percent` % of the channel's machines."""
     version = check_published(webroot, os_name, version)
@@ -124,6 +126,7 @@ def start_rollout(
         "rollout_version": version,
         "rollout_percent": percent,
         "rollout_state": RolloutState.ACTIVE.value,
+        "rollout_started_at": time.time(),
     }
     if failure_threshold is not None:
         if not 0 <= failure_threshold <= 1:
@@ -133,6 +136,10 @@ def start_rollout(
         if min_reports < 1:
             raise UsageError("minimum number of reports must be at least 1")
         values["min_reports"] = min_reports
+    if min_failing is not None:
+        if min_failing < 1:
+            raise UsageError("minimum number of failing machines must be at least 1")
+        values["min_failing"] = min_failing
     if percent >= 100:
         return _complete(store, os_name, name, version)
     return store.update_channel(os_name, name, **values)
@@ -187,6 +194,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
     """The fleet view: channels, versions per channel, silent machines, recent failures."""
     now = time.time() if now is None else now
     defaults = {c.os: c.name for c in store.channels() if c.default}  # unassigned machines
+    silent_before = now - silent_days * 86400
     silent = [
         {
             "machine_id": m["machine_id"],
@@ -194,7 +202,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
             "channel": m["channel"] or defaults.get(m["os"]),
             "last_seen": m["last_seen"],
         }
-        for m in store.machines(limit=1000, seen_before=now - silent_days * 86400)
+        for m in store.machines(limit=SILENT_LISTED, seen_before=silent_before)
     ]
     machines = store.machines(limit=200)
     counts = store.counts()
@@ -212,6 +220,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
                     "rollout_state",
                     "failure_threshold",
                     "min_reports",
+                    "min_failing",
                 )
             }
             for row in store.channel_rows()
@@ -228,6 +237,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
             for m in machines
         ],
         "silent_days": silent_days,
+        "silent_count": store.count_machines(seen_before=silent_before),
         "silent": silent,
         "recent_failures": [
             {k: r[k] for k in ("machine_id", "os", "from_version", "to_version", "error", "at")}

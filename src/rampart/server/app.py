@@ -9,10 +9,10 @@ Administration (bearer token, stored hashed): /admin/api/... (OpenAPI schema at
 
 The version check is the hot path. It answers from in-memory caches (channels,
 machine assignments) that are dropped within a second of any administrative
-change (a generation counter in the database), and it records each check in a
-buffer that a background task writes in batches every `flush_interval`. If the
-database is unreachable the buffer is kept, new checks get 503, and the service
-recovers by itself when the database is back.
+change (a generation counter in the database), and it answers 200 only once the
+check is committed: concurrent checks are written together, in one transaction per
+batch, by a background task. If the database cannot be written, checks get 503 and
+the service recovers by itself when a probe write succeeds again.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -39,11 +39,17 @@ from starlette.requests import ClientDisconnect
 
 from rampart.errors import ConflictError, RampartError, UsageError
 from rampart.server import admin, guard
-from rampart.server.rollout import ChannelState, offer
-from rampart.server.store import Check, Report, Store
+from rampart.server.rollout import (
+    DEFAULT_NEW_MACHINES_PER_HOUR,
+    ChannelState,
+    NewMachineLimit,
+    offer,
+)
+from rampart.server.store import DEFAULT_CHECK_RETENTION_DAYS, Check, Report, Store
 from rampart.version import parse_version
 
 log = logging.getLogger(__name__)
+Row = TypeVar("Row", Check, Report)
 
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 _OS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
@@ -58,6 +64,10 @@ class Unavailable(Exception):
     """The database cannot be reached: answer 503."""
 
 
+class TooManyNewMachines(Exception):
+    """A client address introduced more new machine-ids than its budget: answer 429."""
+
+
 def _reason(status: int, reason: str) -> PlainTextResponse:
     return PlainTextResponse(reason + "\n", status_code=status)
 
@@ -68,8 +78,15 @@ def _reason(status: int, reason: str) -> PlainTextResponse:
 class Fleet:
     """Channel and assignment caches, invalidated by the database's generation counter."""
 
-    def __init__(self, store: Store, ttl: float = 1.0, max_machines: int = 200_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ttl: float = 1.0,
+        max_machines: int = 200_000,
+        new_machines_per_hour: int = DEFAULT_NEW_MACHINES_PER_HOUR,
+    ) -> None:
         self.store = store
+        self.newcomers = NewMachineLimit(new_machines_per_hour)
         self.ttl = ttl
         self.max_machines = max_machines
         self.generation = -1
@@ -97,14 +114,20 @@ class Fleet:
                 self.generation = generation
             self.checked_at = time.monotonic()
 
-    async def channel_for(self, os_name: str, machine_id: str | None) -> ChannelState | None:
+    async def channel_for(
+        self, os_name: str, machine_id: str | None, address: str | None = None
+    ) -> ChannelState | None:
+        """The machine's channel; TooManyNewMachines for a machine-id never seen before
+        from an address over its budget (minted machine-ids must not flood rollouts)."""
         await self.refresh()
         if machine_id is not None:
             if machine_id in self.assignments:
                 name = self.assignments[machine_id]
                 self.assignments.move_to_end(machine_id)
             else:
-                name = await run_in_threadpool(self.store.assignment, machine_id)
+                known, name = await run_in_threadpool(self.store.assignment, machine_id)
+                if not known and not self.newcomers.admit(address, time.monotonic()):
+                    raise TooManyNewMachines
                 self.assignments[machine_id] = name
                 if len(self.assignments) > self.max_machines:
                     self.assignments.popitem(last=False)
@@ -116,61 +139,112 @@ class Fleet:
         return os_name in self.defaults
 
 
-class Recorder:
-    """Buffers checks and writes them in batches from a background task."""
+class Recorder(Generic[Row]):
+    """Writes each check (or report) before it is answered. Rows that arrive while a batch
+    is being written wait for the next one, so a busy server writes many per transaction
+    (BATCH at most) and an idle one writes each at once. A row answered 200 is
+    committed: a SIGKILL loses none."""
 
-    def __init__(self, store: Store, interval: float) -> None:
+    def __init__(self, store: Store, interval: float, write: Callable[[list[Row]], object]) -> None:
         self.store = store
-        self.interval = interval
-        self.buffer: list[Check] = []
+        self.write: Callable[[list[Row]], object] = write  # one transaction for them all
+        self.interval = interval  # while the database cannot be written: probe this often
+        self.pending: list[tuple[Row, asyncio.Future[None]]] = []
         self.down = False
         self.recorded = 0
-        self.writing = asyncio.Lock()  # one writer at a time: rows leave the buffer once
+        self.stopping = False
+        self.wake = asyncio.Event()
+        self.writing = asyncio.Lock()  # one writer at a time
 
-    def add(self, check: Check) -> None:
-        if self.down or len(self.buffer) >= MAX_BUFFER:
+    async def record(self, row: Row) -> None:
+        """Return once `row` is committed; Unavailable if it cannot be."""
+        if self.down or self.stopping or len(self.pending) >= MAX_BUFFER:
             raise Unavailable
-        self.buffer.append(check)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((row, future))
+        self.wake.set()
+        await future
 
     async def flush(self) -> None:
-        """Write the buffer, BATCH rows per transaction, until it is empty or the database
-        fails (the rows not written are kept)."""
+        """Write what is pending, BATCH rows per transaction, until nothing is (a failed
+        write fails every pending check: they are answered 503, not kept)."""
         async with self.writing:
-            while self.buffer:
-                if not await self._write(self.buffer[:BATCH]):
-                    return
+            while self.pending:
+                batch = self.pending[:BATCH]
+                del self.pending[:BATCH]
+                await self._write(batch)
 
-    async def _write(self, batch: list[Check]) -> bool:
+    async def _write(self, batch: list[tuple[Row, asyncio.Future[None]]]) -> None:
         try:
-            await run_in_threadpool(self.store.record_checks, batch)
+            await run_in_threadpool(self.write, [c for c, _ in batch])
         except (IntegrityError, DataError) as exc:  # rows that can never be written
-            del self.buffer[: len(batch)]
-            log.error(
-                "dropping %d checks the database refused: %s", len(batch), str(exc).splitlines()[0]
-            )
-            return True
-        except SQLAlchemyError as exc:  # unreachable, timed out, restarting: keep and retry
+            log.error("the database refused %d rows: %s", len(batch), str(exc).splitlines()[0])
+            if len(batch) > 1:  # write the others; only the refused rows get 503
+                for one in batch:
+                    await self._write([one])
+            else:
+                _settle(batch, Unavailable())
+            return
+        except SQLAlchemyError as exc:  # unreachable, read-only, restarting: 503
             if not self.down:
-                log.error(
-                    "database unavailable, keeping %d checks: %s",
-                    len(self.buffer),
-                    str(exc).splitlines()[0],
-                )
+                log.error("database unavailable, answering 503: %s", str(exc).splitlines()[0])
             self.down = True
-            return False
-        del self.buffer[: len(batch)]
-        if self.down:
-            log.warning("database back; recording the buffered checks")
-        self.down = False
+            pending, self.pending = self.pending, []
+            _settle(batch + pending, Unavailable())
+            return
         self.recorded += len(batch)
-        return True
+        _settle(batch, None)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Flush every `interval` until `stop` is set; a write in progress always completes."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
+    async def _probe(self) -> None:
+        try:
+            await run_in_threadpool(self.store.probe_write)
+        except SQLAlchemyError:
+            return
+        log.warning("database back; recording again")
+        self.down = False
+
+    async def run(self) -> None:
+        """Write checks as they come until close(); while the database cannot be
+        written, probe it every `interval` instead."""
+        while not self.stopping:
+            if self.down:
+                await self._probe()
+                if self.down:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), self.interval)
+                    self.wake.clear()
+                continue
+            await self.wake.wait()
+            self.wake.clear()
             await self.flush()
+        await self.flush()
+
+    def close(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+
+def _settle(batch: list[tuple[Any, asyncio.Future[None]]], error: Exception | None) -> None:
+    for _, future in batch:
+        if not future.done():  # a request that was cancelled meanwhile
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+async def prune_checks(store: Store, retention_days: float, every: float) -> None:
+    """Delete checks older than the retention, every `every` seconds (cancelled at stop)."""
+    while True:
+        try:
+            deleted = await run_in_threadpool(
+                store.prune_checks, time.time() - retention_days * 86400
+            )
+            if deleted:
+                log.info("pruned %d checks older than %g days", deleted, retention_days)
+        except SQLAlchemyError as exc:
+            log.error("cannot prune old checks: %s", str(exc).splitlines()[0])
+        await asyncio.sleep(every)
 
 
 # --- admin API models --------------------------------------------------------------------
@@ -193,6 +267,7 @@ class RolloutStart(BaseModel):
     percent: float = Field(ge=0, le=100)
     failure_threshold: float | None = Field(default=None, ge=0, le=1)
     min_reports: int | None = Field(default=None, ge=1)
+    min_failing: int | None = Field(default=None, ge=1)
 
 
 class RolloutRaise(BaseModel):
@@ -207,31 +282,44 @@ class Assignment(BaseModel):
 @dataclass
 class Settings:
     webroot: Path
-    flush_interval: float = 0.05
+    flush_interval: float = 0.05  # while the database cannot be written: probe interval
     cache_ttl: float = 1.0
+    new_machines_per_hour: int = DEFAULT_NEW_MACHINES_PER_HOUR  # per address; 0: no limit
+    check_retention_days: float = DEFAULT_CHECK_RETENTION_DAYS
+    prune_every: float = 3600.0
 
 
 def create_app(store: Store, settings: Settings) -> FastAPI:
     """The application for one webroot and one database (schema already migrated)."""
-    fleet = Fleet(store, settings.cache_ttl)
-    recorder = Recorder(store, settings.flush_interval)
+    fleet = Fleet(store, settings.cache_ttl, new_machines_per_hour=settings.new_machines_per_hour)
+    recorder = Recorder(store, settings.flush_interval, store.record_checks)
+
+    def write_reports(batch: list[Report]) -> None:
+        for name in store.record_reports(batch):
+            log.warning("rollout on channel %s halted: failure rate over threshold", name)
+
+    # Reports too are committed in batches: one commit (and, with PostgreSQL, one turn
+    # of the rollout's tally lock) for all the reports that arrived meanwhile.
+    reports = Recorder(store, settings.flush_interval, write_reports)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        stop = asyncio.Event()
-        task = asyncio.create_task(recorder.run(stop))
+        task = asyncio.create_task(recorder.run())
+        reports_task = asyncio.create_task(reports.run())
+        pruner = asyncio.create_task(
+            prune_checks(store, settings.check_retention_days, settings.prune_every)
+        )
         try:
             yield
         finally:
+            pruner.cancel()
             # No cancel: a batch being written must commit before the process exits.
-            stop.set()
+            recorder.close()
+            reports.close()
             await task
-            await recorder.flush()
-            if recorder.buffer:
-                log.error(
-                    "stopping with %d checks not recorded (database unavailable)",
-                    len(recorder.buffer),
-                )
+            await reports_task
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
 
     app = FastAPI(
         title="Rampart update server",
@@ -259,6 +347,10 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         # The client closed the connection, or missed the body deadline
         # (rampart.server.connections): nobody to answer, nothing to log.
         return Response(status_code=400)
+
+    @app.exception_handler(TooManyNewMachines)
+    async def _too_many_new(_: Request, __: TooManyNewMachines) -> Response:
+        return _reason(429, "too many new machine ids from this address, retry later")
 
     @app.exception_handler(RampartError)
     async def _rampart_error(_: Request, exc: RampartError) -> Response:
@@ -289,24 +381,18 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
         machine_id, running, error = identify(request)
         if error is not None:
             return error
-        channel = await fleet.channel_for(os_name, machine_id)
+        client = request.client
+        address = client.host if client else None
+        channel = await fleet.channel_for(os_name, machine_id, address)
         if channel is None:
             return _reason(404, "unknown os")
         offered = offer(channel, machine_id)
         if offered is None:
             return _reason(404, f"no version published on channel {channel.name}")
         if machine_id is not None and running is not None:
-            client = request.client
-            recorder.add(
-                Check(
-                    machine_id,
-                    os_name,
-                    running,
-                    channel.name,
-                    offered,
-                    time.time(),
-                    client.host if client else None,
-                )
+            # Recorded before it is answered: a 200 is never lost (docs/server.md).
+            await recorder.record(
+                Check(machine_id, os_name, running, channel.name, offered, time.time(), address)
             )
         return Response(f'version = "{offered}"\n', media_type="application/octet-stream")
 
@@ -344,9 +430,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             time.time(),
             client.host if client else None,
         )
-        halted = await run_in_threadpool(store.record_report, report)
-        if halted:
-            log.warning("rollout on channel %s halted: failure rate over threshold", halted)
+        await reports.record(report)
         return JSONResponse({"recorded": True})
 
     dist = settings.webroot / "dist"
@@ -408,6 +492,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
                 body.percent,
                 body.failure_threshold,
                 body.min_reports,
+                body.min_failing,
             )
         )
 
@@ -483,9 +568,34 @@ def app_from_environment() -> FastAPI:
 
     from rampart.server import db
 
+    _end_with_supervisor()
     webroot = Path(os.environ["RAMPART_WEBROOT"])
     engine = db.make_engine(os.environ.get("RAMPART_DB") or db.default_url(webroot))
-    return create_app(Store(engine), Settings(webroot))
+    settings = Settings(webroot)
+    if os.environ.get("RAMPART_NEW_MACHINES_PER_HOUR"):
+        settings.new_machines_per_hour = int(os.environ["RAMPART_NEW_MACHINES_PER_HOUR"])
+    if os.environ.get("RAMPART_CHECK_RETENTION_DAYS"):
+        settings.check_retention_days = float(os.environ["RAMPART_CHECK_RETENTION_DAYS"])
+    return create_app(Store(engine), settings)
+
+
+def _end_with_supervisor() -> None:
+    """In a worker of `--workers N`: be sent SIGTERM (a graceful stop) when uvicorn's
+    supervisor dies, even by SIGKILL, so that no orphaned worker keeps serving and
+    holding the port. Nothing to do in a single process (no supervisor)."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+    import sys
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent.pid:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _label(value: str) -> str:

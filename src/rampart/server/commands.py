@@ -102,6 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         os.environ.pop(connections.CERT_ENV, None)
         os.environ.pop(connections.KEY_ENV, None)
+    if args.new_machines_per_hour < 0 or args.check_retention_days <= 0:
+        raise UsageError("--new-machines-per-hour must be >= 0, --check-retention-days > 0")
+    os.environ["RAMPART_NEW_MACHINES_PER_HOUR"] = str(args.new_machines_per_hour)
+    os.environ["RAMPART_CHECK_RETENTION_DAYS"] = str(args.check_retention_days)
 
     uvicorn.run(
         "rampart.server.app:app_from_environment",
@@ -150,6 +154,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
                 args.percent,
                 args.failure_threshold,
                 args.min_reports,
+                args.min_failing,
             )
         elif step == "raise":
             state = admin.raise_rollout(store, args.os, args.name, args.percent)
@@ -251,7 +256,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     print("versions per channel:")
     for row in view["versions"]:
         print(f"  {row['os']}/{row['channel']} {row['version']}: {row['machines']}")
-    print(f"silent for more than {view['silent_days']:g} days: {len(view['silent'])}")
+    print(f"silent for more than {view['silent_days']:g} days: {view['silent_count']}")
     for m in view["silent"]:
         print(f"  {m['machine_id']} {m['version']} last seen {_ago(m['last_seen'])}")
     print(f"recent failures: {len(view['recent_failures'])}")
@@ -366,6 +371,21 @@ def add_verbs(verb: Verb, verbs: Any) -> None:
         metavar="S",
         help="seconds a client has to complete the TLS handshake (default 10)",
     )
+    p.add_argument(
+        "--new-machines-per-hour",
+        type=int,
+        default=60,
+        metavar="N",
+        help="machine ids never seen before that one client address (IPv6: /64) may "
+        "introduce per hour and worker; more get 429 (default 60, 0: no limit)",
+    )
+    p.add_argument(
+        "--check-retention-days",
+        type=float,
+        default=90.0,
+        metavar="D",
+        help="delete recorded checks older than this (default 90)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = group(
@@ -403,6 +423,12 @@ def add_verbs(verb: Verb, verbs: Any) -> None:
         type=int,
         metavar="N",
         help="reports needed before the threshold applies (default 5)",
+    )
+    s.add_argument(
+        "--min-failing",
+        type=int,
+        metavar="M",
+        help="distinct failing machines needed before a halt (default 5)",
     )
     s = leaf(steps, "raise", "offer it to more machines (100 completes it)")
     s.add_argument("name")

@@ -118,8 +118,8 @@ def render(view: dict[str, Any], now: float) -> str:
             f"<td>{_age(m['last_seen'], now)}</td></tr>"
         )
     out.append(
-        f"</table><p class=muted>{len(view['silent'])} machine(s) silent for more than "
-        f"{view['silent_days']:g} days.</p>"
+        f"</table><p class=muted><span id=silent>{view['silent_count']}</span> machine(s) "
+        f"silent for more than {view['silent_days']:g} days.</p>"
     )
     out.append(
         "<h2>Recent failures</h2><table id=failures><tr><th>machine</th><th>update</th>"

@@ -50,6 +50,10 @@ channels = Table(
     Column("failure_threshold", Float, nullable=False, default=0.2),
     Column("min_reports", Integer, nullable=False, default=5),
     Column("updated_at", Float, nullable=False),
+    # Distinct machines whose latest counted report failed, needed before an auto-halt.
+    Column("min_failing", Integer, nullable=False, default=5, server_default="5"),
+    # When the rollout of rollout_version started: only machines seen before count.
+    Column("rollout_started_at", Float, nullable=True),
 )
 
 machines = Table(
@@ -62,6 +66,7 @@ machines = Table(
     Column("first_seen", Float, nullable=True),
     Column("last_seen", Float, nullable=True),
     Column("address", String(64), nullable=True),
+    Index("ix_machines_last_seen", "last_seen"),
 )
 
 checks = Table(
@@ -116,6 +121,42 @@ sessions = Table(
     Index("ix_admin_sessions_token", "token_digest"),
 )
 
+# Which machine was first offered which version, on which channel, and when: one row
+# per (channel, version, machine), written with the checks. A report counts for a
+# rollout only if its machine was offered the version before it reported.
+offers = Table(
+    "offers",
+    metadata,
+    Column("os", String(64), primary_key=True),
+    Column("channel", String(64), primary_key=True),
+    Column("version", String(128), primary_key=True),
+    Column("machine_id", String(32), primary_key=True),
+    Column("at", Float, nullable=False),
+)
+
+# The latest counted outcome of each machine for a rollout (channel, version), and
+# their running totals: the auto-halt reads one row, whatever the size of `checks`.
+rollout_outcomes = Table(
+    "rollout_outcomes",
+    metadata,
+    Column("os", String(64), primary_key=True),
+    Column("channel", String(64), primary_key=True),
+    Column("version", String(128), primary_key=True),
+    Column("machine_id", String(32), primary_key=True),
+    Column("outcome", String(16), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+rollout_tallies = Table(
+    "rollout_tallies",
+    metadata,
+    Column("os", String(64), primary_key=True),
+    Column("channel", String(64), primary_key=True),
+    Column("version", String(128), primary_key=True),
+    Column("machines", Integer, nullable=False),  # machines with a counted report
+    Column("failures", Integer, nullable=False),  # of which the latest report failed
+)
+
 server_state = Table(
     "server_state",
     metadata,
@@ -163,6 +204,16 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
+    @event.listens_for(engine, "handle_error")
+    def _read_only_is_a_disconnect(context: Any) -> None:
+        # A connection opened while the database was read-only (a PostgreSQL standby
+        # or default_transaction_read_only, an SQLite file that could not be opened for
+        # writing) stays read-only after the database is writable again. Treated as a
+        # disconnect, it invalidates the whole pool: every connection opened before is
+        # replaced at its next use, instead of failing one write each after recovery.
+        if read_only_error(context.original_exception):
+            context.is_disconnect = True
+
     return engine
 
 
@@ -191,6 +242,18 @@ def _private_sqlite_files(url: str) -> None:
             mine = stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
             if mine and stat.S_IMODE(info.st_mode) != 0o600:
                 name.chmod(0o600)
+
+
+def read_only_error(exc: BaseException | None) -> bool:
+    """True for a database's refusal to write because it (or the connection) is read-only."""
+    if exc is None:
+        return False
+    if getattr(exc, "sqlstate", None) == "25006":  # PostgreSQL: read_only_sql_transaction
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == 8:  # SQLITE_READONLY and its extended codes
+        return True
+    return "readonly database" in str(exc)
 
 
 def migrate(engine: Engine) -> None:

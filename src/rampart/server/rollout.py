@@ -13,6 +13,8 @@ the channel's version.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -59,6 +61,59 @@ def offer(channel: ChannelState, machine_id: str | None) -> str | None:
     return channel.version
 
 
-def should_halt(reports: int, failures: int, threshold: float, min_reports: int) -> bool:
-    """True when the failure rate among machines that reported crosses `threshold`."""
-    return reports >= min_reports and failures / reports > threshold
+DEFAULT_MIN_FAILING = 5
+
+
+def should_halt(
+    reports: int,
+    failures: int,
+    threshold: float,
+    min_reports: int,
+    min_failing: int = DEFAULT_MIN_FAILING,
+) -> bool:
+    """True when at least `min_reports` machines reported, at least `min_failing` of them
+    failed, and their failure rate crosses `threshold` (counts of distinct machines,
+    each by its latest counted report)."""
+    return reports >= min_reports and failures >= min_failing and failures / reports > threshold
+
+
+DEFAULT_NEW_MACHINES_PER_HOUR = 60
+
+
+def address_key(address: str | None) -> str:
+    """The unit a client address is limited by: the address (IPv4), its /64 (IPv6:
+    one host usually holds a whole /64)."""
+    if address is None:
+        return "?"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
+
+
+class NewMachineLimit:
+    """How many machine-ids never seen before each client address may introduce: a
+    token bucket of `per_hour` tokens per address (IPv6: per /64), refilled evenly over
+    the hour; 0 disables the limit. Time is an argument; one instance per worker."""
+
+    def __init__(self, per_hour: int, max_addresses: int = 100_000) -> None:
+        self.per_hour = per_hour
+        self.max_addresses = max_addresses
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def admit(self, address: str | None, now: float) -> bool:
+        if self.per_hour <= 0:
+            return True
+        key = address_key(address)
+        tokens, at = self.buckets.pop(key, (float(self.per_hour), now))
+        tokens = min(float(self.per_hour), tokens + max(0.0, now - at) * self.per_hour / 3600)
+        admitted = tokens >= 1
+        self.buckets[key] = (tokens - 1 if admitted else tokens, now)
+        if len(self.buckets) > self.max_addresses:
+            self.buckets.popitem(last=False)
+        return admitted

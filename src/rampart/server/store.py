@@ -7,22 +7,26 @@ its caches, so a change is visible to every worker within a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from rampart.errors import ConflictError, UsageError
 from rampart.server import db
-from rampart.server.rollout import ChannelState, RolloutState, should_halt
+from rampart.server.rollout import DEFAULT_MIN_FAILING, ChannelState, RolloutState, should_halt
 
 GENERATION = "generation"
+DEFAULT_CHECK_RETENTION_DAYS = 90.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,40 @@ def _channel(row: Any) -> ChannelState:
     )
 
 
+# The statements of a report (text: built once, nothing to compile per report).
+_SQL_REPORT = text(
+    "INSERT INTO reports (machine_id, os, from_version, to_version, outcome, error, at, address) "
+    "VALUES (:machine_id, :os, :from_version, :to_version, :outcome, :error, :at, :address)"
+)
+_SQL_ROLLOUTS = text(
+    "SELECT c.name, c.failure_threshold, c.min_reports, c.min_failing, c.rollout_started_at, "
+    "m.first_seen, o.at AS offered_at FROM channels c "
+    "LEFT JOIN machines m ON m.machine_id = :mid "
+    "LEFT JOIN offers o ON o.os = c.os AND o.channel = c.name AND o.version = :version "
+    "AND o.machine_id = :mid "
+    "WHERE c.os = :os AND c.rollout_version = :version AND c.rollout_state = 'active'"
+)
+_SQL_TALLY_LOCK = text(
+    "INSERT INTO rollout_tallies (os, channel, version, machines, failures) "
+    "VALUES (:os, :channel, :version, 0, 0) ON CONFLICT (os, channel, version) "
+    "DO UPDATE SET machines = rollout_tallies.machines RETURNING machines, failures"
+)
+_SQL_OUTCOME = text(
+    "SELECT outcome FROM rollout_outcomes "
+    "WHERE os = :os AND channel = :channel AND version = :version AND machine_id = :mid"
+)
+_SQL_OUTCOME_SET = text(
+    "INSERT INTO rollout_outcomes (os, channel, version, machine_id, outcome, at) "
+    "VALUES (:os, :channel, :version, :mid, :outcome, :at) "
+    "ON CONFLICT (os, channel, version, machine_id) "
+    "DO UPDATE SET outcome = excluded.outcome, at = excluded.at"
+)
+_SQL_TALLY_SET = text(
+    "UPDATE rollout_tallies SET machines = :machines, failures = :failures "
+    "WHERE os = :os AND channel = :channel AND version = :version"
+)
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -69,6 +107,18 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # SQLite has one writer at a time: the threads of a worker queue here, handed
+        # the lock at once, instead of sleeping in SQLite's busy handler (its back-off
+        # of up to 100 ms per try cut a report storm to tens per second).
+        self._writer: AbstractContextManager[Any] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """A write transaction of the hot path (checks, reports, pruning)."""
+        with self._writer, self.engine.begin() as conn:
+            yield conn
 
     def _insert(self, table: Any) -> Any:
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
@@ -87,23 +137,31 @@ class Store:
         with self.engine.connect() as conn:
             return [_channel(r) for r in conn.execute(select(db.channels)).all()]
 
-    def assignment(self, machine_id: str) -> str | None:
+    def assignment(self, machine_id: str) -> tuple[bool, str | None]:
+        """(whether the machine is known, the channel it was assigned to)."""
         with self.engine.connect() as conn:
-            value = conn.execute(
+            row = conn.execute(
                 select(db.machines.c.channel).where(db.machines.c.machine_id == machine_id)
-            ).scalar()
-        return None if value is None else str(value)
+            ).first()
+        if row is None:
+            return False, None
+        return True, None if row.channel is None else str(row.channel)
 
     # --- writes from clients -----------------------------------------------------------
 
     def record_checks(self, batch: Sequence[Check]) -> None:
-        """Insert the checks and update each machine's last-seen state, in one transaction."""
+        """Insert the checks, update each machine's last-seen state and note the first
+        offer of each update to each machine, in one transaction."""
         if not batch:
             return
         latest: dict[str, Check] = {}
+        offered: dict[tuple[str, str, str, str], float] = {}
         for check in batch:
             latest[check.machine_id] = check
-        with self.engine.begin() as conn:
+            if check.offered is not None and check.offered != check.version:
+                key = (check.os, check.channel, check.offered, check.machine_id)
+                offered.setdefault(key, check.at)
+        with self._writing() as conn:
             conn.execute(insert(db.checks), [c.__dict__ for c in batch])
             stmt = self._insert(db.machines)
             stmt = stmt.on_conflict_do_update(
@@ -111,6 +169,8 @@ class Store:
                 set_={
                     "os": stmt.excluded.os,
                     "version": stmt.excluded.version,
+                    # a machine assigned before its first check has none yet
+                    "first_seen": func.coalesce(db.machines.c.first_seen, stmt.excluded.first_seen),
                     "last_seen": stmt.excluded.last_seen,
                     "address": stmt.excluded.address,
                 },
@@ -129,69 +189,99 @@ class Store:
                     for c in sorted(latest.values(), key=lambda c: c.machine_id)
                 ],
             )
+            if offered:
+                conn.execute(
+                    self._insert(db.offers).on_conflict_do_nothing(),
+                    [
+                        {"os": k[0], "channel": k[1], "version": k[2], "machine_id": k[3], "at": t}
+                        for k, t in sorted(offered.items())
+                    ],
+                )
 
     def record_report(self, report: Report) -> str | None:
-        """Store an install report; halt the rollout it belongs to if it fails too often.
+        """Store one report (record_reports); the channel it halted, if any."""
+        halted = self.record_reports([report])
+        return halted[0] if halted else None
 
-        Returns the name of a channel whose rollout was halted, if any.
+    def record_reports(self, batch: Sequence[Report]) -> list[str]:
+        """Store install reports, in one transaction; halt the rollouts they belong to if
+        they fail too often.
+
+        A report counts for an active rollout of its `to` version on a channel only if
+        its machine was first seen before the rollout started and that channel offered
+        it the version before the report (reports are not authenticated: a machine-id
+        minted during the rollout, or never offered it, is no evidence). The machine's
+        latest counted outcome and the rollout's totals are kept up to date here: a
+        report reads and writes a few rows by primary key, whatever the number of
+        checks and reports stored (six statements, prepared once).
+        Returns the names of the channels whose rollout was halted.
         """
-        with self.engine.begin() as conn:
-            conn.execute(insert(db.reports), [report.__dict__])
-            if report.to_version is None:
-                return None
-            rows = conn.execute(
-                select(db.channels).where(
-                    and_(
-                        db.channels.c.os == report.os,
-                        db.channels.c.rollout_version == report.to_version,
-                        db.channels.c.rollout_state == RolloutState.ACTIVE.value,
-                    )
+        halted: list[str] = []
+        with self._writing() as conn:
+            for report in batch:
+                name = self._record_report(conn, report)
+                if name is not None:
+                    halted.append(name)
+        return halted
+
+    def _record_report(self, conn: Any, report: Report) -> str | None:
+        conn.execute(_SQL_REPORT, report.__dict__)
+        if report.to_version is None:
+            return None
+        key = {"os": report.os, "version": report.to_version, "mid": report.machine_id}
+        for row in conn.execute(_SQL_ROLLOUTS, key).all():
+            started = row.rollout_started_at
+            if row.first_seen is None or (started is not None and row.first_seen >= started):
+                continue  # a machine-id first seen during the rollout
+            if row.offered_at is None or row.offered_at > report.at:
+                continue  # never offered this version before this report
+            machines, failures = self._count(conn, dict(key, channel=row.name), report)
+            if should_halt(
+                machines, failures, row.failure_threshold, row.min_reports, row.min_failing
+            ):
+                conn.execute(
+                    update(db.channels)
+                    .where(and_(db.channels.c.os == report.os, db.channels.c.name == row.name))
+                    .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
                 )
-            ).all()
-            for row in rows:
-                # The latest outcome per machine that reported for this version.
-                # Only machines this rollout was offered to count: reports are not
-                # authenticated, and a machine of another channel is not evidence.
-                offered = (
-                    select(db.checks.c.machine_id)
-                    .where(
-                        and_(
-                            db.checks.c.os == report.os,
-                            db.checks.c.channel == row.name,
-                            db.checks.c.offered == report.to_version,
-                        )
-                    )
-                    .distinct()
-                )
-                latest = (
-                    select(db.reports.c.machine_id, func.max(db.reports.c.id).label("id"))
-                    .where(
-                        and_(
-                            db.reports.c.os == report.os,
-                            db.reports.c.to_version == report.to_version,
-                            db.reports.c.machine_id.in_(offered),
-                        )
-                    )
-                    .group_by(db.reports.c.machine_id)
-                    .subquery()
-                )
-                outcomes = (
-                    conn.execute(
-                        select(db.reports.c.outcome).join(latest, db.reports.c.id == latest.c.id)
-                    )
-                    .scalars()
-                    .all()
-                )
-                failures = sum(1 for o in outcomes if o == "failure")
-                if should_halt(len(outcomes), failures, row.failure_threshold, row.min_reports):
-                    conn.execute(
-                        update(db.channels)
-                        .where(and_(db.channels.c.os == row.os, db.channels.c.name == row.name))
-                        .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
-                    )
-                    self._bump(conn)
-                    return str(row.name)
+                self._bump(conn)
+                return str(row.name)
         return None
+
+    def _count(self, conn: Any, key: dict[str, str], report: Report) -> tuple[int, int]:
+        """Make `report` its machine's latest outcome for the rollout `key`; the rollout's
+        (machines, failures) after it."""
+        # The upsert creates or locks the rollout's tally row: concurrent reports of one
+        # rollout (PostgreSQL) take turns from here, so a machine is counted once.
+        tally = conn.execute(_SQL_TALLY_LOCK, key).one()
+        previous = conn.execute(_SQL_OUTCOME, key).scalar()
+        conn.execute(_SQL_OUTCOME_SET, dict(key, outcome=report.outcome, at=report.at))
+        machines = int(tally.machines) + (previous is None)
+        failures = int(tally.failures) + (report.outcome == "failure") - (previous == "failure")
+        conn.execute(_SQL_TALLY_SET, dict(key, machines=machines, failures=failures))
+        return machines, failures
+
+    def prune_checks(self, before: float, chunk: int = 10_000) -> int:
+        """Delete the checks recorded before `before` (UNIX time), `chunk` rows per
+        transaction so that no write waits long behind it; the number deleted."""
+        deleted = 0
+        while True:
+            with self._writing() as conn:
+                old = select(db.checks.c.id).where(db.checks.c.at < before).limit(chunk)
+                doomed = delete(db.checks).where(db.checks.c.id.in_(old.scalar_subquery()))
+                n = int(conn.execute(doomed).rowcount)
+            deleted += n
+            if n < chunk:
+                return deleted
+
+    def probe_write(self) -> None:
+        """A write that changes nothing: raises if the database cannot be written."""
+        with self._writing() as conn:
+            conn.execute(
+                update(db.server_state)
+                .where(db.server_state.c.key == GENERATION)
+                .values(value=db.server_state.c.value)
+            )
 
     # --- administration ----------------------------------------------------------------
 
@@ -242,6 +332,7 @@ class Store:
                     rollout_state="none",
                     failure_threshold=0.2,
                     min_reports=5,
+                    min_failing=DEFAULT_MIN_FAILING,
                     updated_at=time.time(),
                 )
             )
@@ -298,6 +389,14 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [dict(r._mapping) for r in rows]
+
+    def count_machines(self, seen_before: float | None = None) -> int:
+        """How many machines there are (last seen before `seen_before`, if given)."""
+        query = select(func.count()).select_from(db.machines)
+        if seen_before is not None:
+            query = query.where(db.machines.c.last_seen < seen_before)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
 
     def machine(self, machine_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

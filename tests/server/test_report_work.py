@@ -1,0 +1,224 @@
+"""An install report to a version with an active rollout costs the same whatever the
+size of the `checks` and `reports` tables (on 692479c each report scanned `checks`
+under the write lock: reports fell from 768/s to 5-12/s on a large table)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event, func, insert, select
+
+from rampart.server import admin, db
+from rampart.server.rollout import in_rollout
+from rampart.server.store import Check, Report, Store
+from tests.server.conftest import OS, machine_id
+
+VERSION = "1.0.1"
+HISTORY = 40_000  # checks added between the two measurements
+
+
+def _rollout(url: str, published: Path) -> tuple[Engine, Store, list[str]]:
+    """A migrated database, a 50 % rollout of 1.0.1, 40 machines known before it and
+    offered it; the machines in the rollout."""
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    store = Store(engine)
+    admin.bootstrap(store, published)
+    machines = [machine_id(n) for n in range(40)]
+    now = time.time()
+    store.record_checks(
+        [Check(m, OS, "1.0.0", "stable", "1.0.0", now - 10, None) for m in machines]
+    )
+    admin.start_rollout(store, published, OS, "stable", VERSION, 50, min_reports=1000)
+    inside = [m for m in machines if in_rollout(m, VERSION, 50)]
+    store.record_checks(
+        [Check(m, OS, "1.0.0", "stable", VERSION, time.time(), None) for m in inside]
+    )
+    return engine, store, inside
+
+
+def _history(engine: Engine, n: int) -> None:
+    """`n` old checks (and reports) of other machines, as a long-running fleet has."""
+    rows = [
+        {
+            "machine_id": f"{i:032x}",
+            "os": OS,
+            "version": "1.0.0",
+            "channel": "stable",
+            "offered": VERSION if i % 2 else "1.0.0",
+            "at": 1_000_000.0 + i,
+            "address": "192.0.2.1",
+        }
+        for i in range(10_000, 10_000 + n)
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(db.checks), rows)
+        conn.execute(
+            insert(db.reports),
+            [
+                {
+                    "machine_id": r["machine_id"],
+                    "os": OS,
+                    "from_version": "1.0.0",
+                    "to_version": VERSION,
+                    "outcome": "success",
+                    "error": "",
+                    "at": r["at"],
+                    "address": None,
+                }
+                for r in rows[: n // 4]
+            ],
+        )
+
+
+class Statements:
+    """The SQL statements an engine runs while recording."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.seen: list[str] = []
+        event.listen(engine, "before_cursor_execute", self._record)
+
+    def _record(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self.seen.append(" ".join(statement.split()))
+
+
+def test_report_does_not_read_the_checks_or_reports_tables(db_url: str, published: Path) -> None:
+    """On SQLite and PostgreSQL: no statement of a report reads `checks` or `reports`
+    (only the report's own INSERT touches `reports`), and their number is constant."""
+    engine, store, inside = _rollout(db_url, published)
+    try:
+        statements = Statements(engine)
+        store.record_report(
+            Report(inside[0], OS, "1.0.0", VERSION, "failure", "x", time.time(), None)
+        )
+        small = list(statements.seen)
+        _history(engine, 5_000)
+        statements.seen.clear()
+        store.record_report(
+            Report(inside[1], OS, "1.0.0", VERSION, "failure", "x", time.time(), None)
+        )
+        large = list(statements.seen)
+    finally:
+        engine.dispose()
+    assert len(small) == len(large), (small, large)
+    for statement in large:
+        assert not re.search(r"\bchecks\b", statement), statement
+        if re.search(r"\breports\b", statement):
+            assert statement.startswith("INSERT INTO reports"), statement
+
+
+def test_report_work_does_not_grow_with_the_checks_table(tmp_path: Path, published: Path) -> None:
+    """SQLite's own count of the virtual-machine instructions one report executes, before
+    and after 40,000 more checks (and 10,000 reports) are stored: about the same."""
+    engine, store, inside = _rollout(f"sqlite:///{tmp_path / 'work.sqlite'}", published)
+    steps = [0]
+
+    def install(dbapi_connection: Any, _record: Any) -> None:
+        def tick() -> int:
+            steps[0] += 1
+            return 0
+
+        dbapi_connection.set_progress_handler(tick, 100)  # every 100 instructions
+
+    engine.dispose()  # new connections get the handler
+    event.listen(engine, "connect", install)
+
+    def work(mid: str) -> int:
+        steps[0] = 0
+        store.record_report(Report(mid, OS, "1.0.0", VERSION, "failure", "x", time.time(), None))
+        return steps[0] * 100
+
+    try:
+        work(inside[0])  # warm: schema read, statement cache
+        small = work(inside[1])
+        _history(engine, HISTORY)
+        large = work(inside[2])
+    finally:
+        engine.dispose()
+    assert large < 2 * small + 2_000, (
+        f"one report: {small} SQLite instructions with the small table, {large} with "
+        f"{HISTORY} more checks"
+    )
+
+
+def test_upgrade_keeps_the_evidence_of_a_rollout_in_progress(db_url: str) -> None:
+    """A database of revision 0001 with a rollout in progress: after the upgrade, the
+    offers, each machine's latest report after its offer, and the totals are there."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = db.make_engine(db_url)
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    a, b, c = (machine_id(n) for n in (1, 2, 3))
+    check = {"os": OS, "version": "1.0.0", "channel": "stable", "address": None}
+    report = {"os": OS, "from_version": "1.0.0", "to_version": VERSION, "error": ""}
+    with engine.begin() as conn:
+        conn.execute(
+            insert(db.checks),
+            [
+                dict(check, machine_id=a, offered=VERSION, at=10.0),
+                dict(check, machine_id=a, offered=VERSION, at=30.0),
+                dict(check, machine_id=b, offered=VERSION, at=10.0),
+                dict(check, machine_id=c, offered="1.0.0", at=10.0),  # not offered
+            ],
+        )
+        conn.execute(
+            insert(db.reports).values(),
+            [
+                dict(report, machine_id=a, outcome="failure", at=20.0),
+                dict(report, machine_id=a, outcome="success", at=40.0),  # its latest
+                dict(report, machine_id=b, outcome="failure", at=5.0),  # before its offer
+                dict(report, machine_id=c, outcome="failure", at=20.0),  # never offered
+            ],
+        )
+    try:
+        db.migrate(engine)
+        with engine.connect() as conn:
+            offers = conn.execute(db.offers.select()).all()
+            outcomes = conn.execute(db.rollout_outcomes.select()).all()
+            tallies = conn.execute(db.rollout_tallies.select()).all()
+    finally:
+        engine.dispose()
+    assert sorted((o.machine_id, o.at) for o in offers) == [(a, 10.0), (b, 10.0)]
+    assert [(o.machine_id, o.outcome) for o in outcomes] == [(a, "success")]
+    assert [(t.channel, t.version, t.machines, t.failures) for t in tallies] == [
+        ("stable", VERSION, 1, 0)
+    ]
+
+
+def test_checks_older_than_the_retention_are_pruned(db_url: str, published: Path) -> None:
+    """At start (and then every hour) each worker deletes the checks older than
+    --check-retention-days, in chunks; newer checks, machines and offers stay."""
+    from fastapi.testclient import TestClient
+
+    from rampart.server.app import Settings, create_app
+
+    engine, store, inside = _rollout(db_url, published)
+    _history(engine, 2_500)  # at 1970 + 11 days: older than any retention
+    deleted = store.prune_checks(before=1_011_000.0, chunk=300)  # the first 1,000, in chunks
+    assert deleted == 1_000
+    with engine.connect() as conn:
+        left = conn.execute(select(func.count()).select_from(db.checks)).scalar()
+    assert left == 40 + len(inside) + 1_500
+    app = create_app(store, Settings(published, check_retention_days=90))
+    with TestClient(app):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                left = conn.execute(select(func.count()).select_from(db.checks)).scalar()
+            if left == 40 + len(inside):
+                break
+            time.sleep(0.1)
+    with engine.connect() as conn:
+        machines = conn.execute(select(func.count()).select_from(db.machines)).scalar()
+        offers = conn.execute(select(func.count()).select_from(db.offers)).scalar()
+    engine.dispose()
+    assert left == 40 + len(inside)  # the recent checks of the rollout's machines
+    assert (machines, offers) == (40, len(inside))
