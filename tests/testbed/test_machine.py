@@ -215,6 +215,32 @@ def test_swtpm_argv(tmp_path: Path) -> None:
         swtpm_argv(tmp_path / "a,b", files)
 
 
+def test_busy_host_time_factor_is_the_reference_boot_time_ratio_clamped() -> None:
+    """A busy host boots the reference guest slower: every wait scales with the ratio,
+    never below 1 (a fast host keeps the timeouts) nor above MAX_TIME_FACTOR."""
+    reference = machine.REFERENCE_BOOT_SECONDS
+    assert machine.time_factor(reference / 3) == 1.0
+    assert machine.time_factor(reference) == 1.0
+    assert machine.time_factor(reference * 2.34) == 2.3
+    assert machine.time_factor(reference * 100) == machine.MAX_TIME_FACTOR
+    assert machine.time_factor(30.0, reference=10.0) == 3.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UsageError):
+            machine.time_factor(bad)
+
+
+def test_busy_host_every_wait_of_a_machine_scales(tmp_path: Path) -> None:
+    firmware = DirectKernel(tmp_path / "vmlinuz")
+    for bad in (0.5, machine.MAX_TIME_FACTOR + 0.1):
+        with pytest.raises(UsageError, match="time factor"):
+            Machine(tmp_path / "vm", firmware=firmware, time_factor=bad)
+    vm = Machine(tmp_path / "vm", firmware=firmware, time_factor=2.5)
+    assert vm.scaled(420) == 1050
+    # A timeout's message gives the wait and what it was scaled from.
+    assert vm._waited(1.5) == "3.75 s (1.5 s x time factor 2.5)"
+    assert Machine(tmp_path / "vm", firmware=firmware)._waited(1.5) == "1.5 s"
+
+
 def test_machine_rejects_bad_settings(tmp_path: Path) -> None:
     firmware = DirectKernel(tmp_path / "vmlinuz")
     with pytest.raises(LocalError, match="too long for a Unix socket"):
@@ -347,8 +373,11 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
 
 
 @pytest.fixture
-def new_machine(bed: Bed, request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine]]:
-    """Machines for one test, closed after it; TPM and network are keyword options."""
+def new_machine(
+    bed: Bed, request: pytest.FixtureRequest, time_factor: float
+) -> Iterator[Callable[..., Machine]]:
+    """Machines for one test, closed after it; TPM and network are keyword options. Their
+    waits are multiplied by the run's time factor (tests/testbed/conftest.py)."""
     made: list[Machine] = []
 
     def make(*, tpm: bool = False, **options: object) -> Machine:
@@ -361,6 +390,7 @@ def new_machine(bed: Bed, request: pytest.FixtureRequest) -> Iterator[Callable[.
             firmware=firmware,  # type: ignore[arg-type]
             tpm_state=work / "tpm" if tpm else None,
             name=request.node.name,
+            time_factor=time_factor,
             **options,  # type: ignore[arg-type]
         )
         made.append(vm)
@@ -401,7 +431,8 @@ def test_vm_shell_expect_and_timeout(new_machine: Callable[..., Machine]) -> Non
     started = time.monotonic()
     with pytest.raises(ConsoleTimeout) as timeout:
         vm.expect(r"never printed \d+", 1.5)
-    assert 1.5 <= time.monotonic() - started < 5
+    factor = vm.time_factor  # the wait is scaled: 1.5 s on an idle host
+    assert 1.5 * factor <= time.monotonic() - started < 5 * factor
     message = str(timeout.value)
     assert "/never printed \\d+/" in message and "1.5 s" in message
     assert "hello" in message and PROMPT.strip() in message
