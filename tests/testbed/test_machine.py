@@ -4,6 +4,7 @@ initramfs under SeaBIOS, with swtpm, and of OVMF's Secure Boot build."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import pty
 import re
@@ -557,6 +558,27 @@ def test_vm_reset_hang_power_cycles(
     assert vm.hang_restarts == 1 and vm.running
 
 
+def _less_repeats(logged: str, seen: str) -> bool:
+    """Whether `seen` is `logged` with some characters that repeat the one before them
+    removed (QEMU's log writes a retried byte twice)."""
+    i = 0
+    for char in seen:
+        while i < len(logged) and logged[i] != char and i > 0 and logged[i] == logged[i - 1]:
+            i += 1
+        if i >= len(logged) or logged[i] != char:
+            return False
+        i += 1
+    return all(logged[k] == logged[k - 1] for k in range(max(i, 1), len(logged)))
+
+
+def test_less_repeats_accepts_only_doubled_bytes() -> None:
+    assert _less_repeats("[    0.0000000] a--b..\n\nc", "[    0.000000] a-b.\nc")
+    assert _less_repeats("same", "same")
+    assert not _less_repeats("0.123", "0.13")  # a byte lost from the log: not a repeat
+    assert not _less_repeats("abc", "abcd")  # the socket saw more than was logged
+    assert not _less_repeats("abcx", "abc")  # the socket missed the end
+
+
 @pytest.mark.vm
 def test_vm_guest_power_off(new_machine: Callable[..., Machine]) -> None:
     vm = new_machine(tpm=True, cpus=1, memory=512)
@@ -569,13 +591,20 @@ def test_vm_guest_power_off(new_machine: Callable[..., Machine]) -> None:
     assert not vm.running and not vm.tpm_running
     # The driver saw everything from the kernel's first line, as the log file did.
     assert vm.console_text.startswith("[    0.000000] Linux version")
-    # QEMU's chardev log is written separately from the socket and, rarely, one byte
-    # differs between the two (seen once in CI: "1.2302667]" on the socket, "1.230267]"
-    # in the log); the lines must match, allowing one such line.
-    logged = clean_console(vm.console_log.read_bytes().decode(errors="replace")).splitlines()
-    seen = vm.console_text.splitlines()
-    assert len(seen) == len(logged)
-    assert sum(a != b for a, b in zip(seen, logged, strict=True)) <= 1
+    # QEMU's chardev log is written separately from the socket, and when the socket is
+    # full (the serial port writes byte by byte: a few hundred unread bytes fill it, as
+    # when the reader is slow on a busy host) QEMU retries the write and logs a byte
+    # twice ("0.0000000]" in the log, "0.000000]" on the socket; seen in CI, and in
+    # dozens of lines of one boot with both cores busy). The socket's text must be the
+    # log's, less such repeats.
+    logged = clean_console(vm.console_log.read_bytes().decode(errors="replace"))
+    seen = vm.console_text
+    diff = "\n".join(
+        difflib.unified_diff(
+            logged.splitlines(), seen.splitlines(), "console.log", "socket", n=1, lineterm=""
+        )
+    )
+    assert _less_repeats(logged, seen), diff
 
 
 @pytest.mark.vm
