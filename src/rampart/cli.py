@@ -75,6 +75,17 @@ def _check_semver(text: str) -> str:
     return text
 
 
+def _seconds(text: str) -> float:
+    """A duration on the command line: seconds, 0 or more, finite."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def _epoch(text: str) -> int:
     """A security epoch on the command line: 0 to 2^63-1."""
     if not text.isascii() or not text.isdigit() or int(text) >= 1 << 63:
@@ -493,9 +504,13 @@ def cmd_tpm_reseal(args: argparse.Namespace) -> int:
 
 def cmd_mark_good(args: argparse.Namespace) -> int:
     from rampart.client import rollback
-    from rampart.client.esp import Esp
+    from rampart.client.esp import Esp, wait_for_directory
 
     config, identity = _device_parts(args)
+    if args.wait_esp:
+        waited = wait_for_directory(config.esp_directory, args.wait_esp)
+        if waited >= 1:
+            log.info("%s: the ESP came after %.0f s", config.esp_directory, waited)
     esp = Esp(config.esp_directory, config.os_name)
     blessed = esp.bless(identity.version)  # first, and durable: the counter comes after
     counter = rollback.protect_after_blessing(config, esp, identity.version)
@@ -815,6 +830,14 @@ def build_parser() -> argparse.ArgumentParser:
         "health check once the system is up.",
     )
     _add_device_options(p, remote=False)
+    p.add_argument(
+        "--wait-esp",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the ESP directory to appear (a slow boot mounts the "
+        "ESP late; rampart-mark-good.service waits 300); default: do not wait",
+    )
     p.set_defaults(func=cmd_mark_good)
 
     p = verb(

@@ -189,17 +189,17 @@ def _sa_packets(machine: session.Guest, side: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def bed() -> build.Testbed:
-    return build.build(CHECKOUT)
+def bed(time_factor: float) -> build.Testbed:
+    return build.build(CHECKOUT, time_factor=time_factor)
 
 
 @pytest.fixture(scope="module")
 def machine(
-    bed: build.Testbed, tmp_path_factory: pytest.TempPathFactory
+    bed: build.Testbed, tmp_path_factory: pytest.TempPathFactory, time_factor: float
 ) -> Iterator[session.Guest]:
     work = tmp_path_factory.mktemp("gateway")
     payload = _payload(work / "payload")
-    with session.Guest(bed, work / "guest") as guest:
+    with session.Guest(bed, work / "guest", time_factor=time_factor) as guest:
         guest.boot()
         guest.wait_system_up()
         put_payload(guest, payload)

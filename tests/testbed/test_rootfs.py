@@ -4,6 +4,7 @@ as a CLIP OS device, checked inside the tree with its own tools (chroot)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,89 @@ def chroot(tree: Path, *argv: str) -> subprocess.CompletedProcess[str]:
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"},
         timeout=300,
     )
+
+
+FSTAB_GENERATOR = Path("/usr/lib/systemd/system-generators/systemd-fstab-generator")
+
+
+def _microseconds(span: str) -> int:
+    """A systemd time span in microseconds, as systemd itself parses it."""
+    out = subprocess.run(
+        ["systemd-analyze", "timespan", span], capture_output=True, text=True, check=True
+    ).stdout
+    return int(next(line for line in out.splitlines() if "μs:" in line).split()[-1])
+
+
+def test_slow_boot_loses_esp_unless_its_device_timeout_allows_slow_media(tmp_path: Path) -> None:
+    """The fault: on a busy host the guest's udev made /dev/disk/by-partlabel/esp later
+    than the fstab's 20 s device timeout, the ESP stayed unmounted for the whole boot,
+    mark-good could not bless the entry and the boot ended `degraded`. systemd's own
+    fstab generator, run on Core's fstab, must give the ESP's device a wait sized for
+    slow media (5 minutes: far beyond the slowest boot seen, and systemd's 90 s
+    default), keep the mount `nofail` (a boot without an ESP still comes up), and its
+    mount unit must be one rampart-mark-good.service is ordered after."""
+    fstab = tmp_path / "fstab"
+    fstab.write_text(rootfs.FSTAB)
+    out = tmp_path / "generated"
+    out.mkdir()
+    done = subprocess.run(
+        [str(FSTAB_GENERATOR), str(out), str(out), str(out)],
+        env={"SYSTEMD_FSTAB": str(fstab), "SYSTEMD_PROC_CMDLINE": "", "PATH": os.defpath},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    escape = ["systemd-escape", "--path"]
+    device = subprocess.run(
+        [*escape, "--suffix=device", f"/dev/disk/by-partlabel/{rootfs.ESP_PARTLABEL}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    mount = subprocess.run(
+        [*escape, "--suffix=mount", rootfs.ESP_MOUNT], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dropin = (out / f"{device}.d/50-device-timeout.conf").read_text()
+    (timeout,) = [
+        line.partition("=")[2] for line in dropin.splitlines() if line.startswith("JobRunning")
+    ]
+    assert _microseconds(timeout) >= _microseconds("5min"), dropin
+    assert (out / "local-fs.target.wants" / mount).exists()  # nofail: wanted, not required
+    assert not (out / "local-fs.target.requires" / mount).exists()
+    mark_good = (CHECKOUT / "src/rampart/data/systemd/rampart-mark-good.service").read_text()
+    after = [
+        unit
+        for line in mark_good.splitlines()
+        if line.startswith("After=")
+        for unit in line.partition("=")[2].split()
+    ]
+    assert mount in after, after
+    # The generated mount and the unit ordered after it pass systemd's checker together.
+    units = tmp_path / "units"
+    units.mkdir()
+    shutil.copyfile(out / mount, units / mount)
+    (units / "rampart-mark-good.service").write_text(
+        mark_good.replace("/usr/bin/rampart", shutil.which("true") or "/bin/true")
+    )
+    done = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            str(units / mount),
+            str(units / "rampart-mark-good.service"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problems = [
+        line
+        for line in done.stderr.splitlines()
+        if ("rampart" in line or mount in line) and "Unit configured to use BPF" not in line
+    ]
+    assert done.returncode == 0 and not problems, done.stderr
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _NEW_SUFFIX = ".new"
 ESP_MARGIN = 1 << 20  # keep 1 MiB free on the ESP for firmware and loader state
+WAIT_POLL = 0.5  # seconds between two looks for the ESP directory
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,35 @@ def parse_entry(os_name: str, path: Path) -> BootEntry | None:
     left = None if match["left"] is None else int(match["left"])
     done = None if match["done"] is None else int(match["done"])
     return BootEntry(path, version, left, done)
+
+
+def wait_for_directory(
+    directory: Path,
+    timeout: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Wait up to `timeout` seconds for the ESP directory to exist, and return the
+    seconds waited. On a slow boot the ESP is mounted late (a `nofail` mount is not
+    ordered before local-fs.target, and its device may take long to appear), and
+    until then the directory is missing: `mark-good` waits rather than fail the boot.
+
+    LocalError when it is still missing at the deadline (or is not a directory).
+    """
+    started = clock()
+    deadline = started + timeout
+    while True:
+        if directory.is_dir():
+            return clock() - started
+        now = clock()
+        if now >= deadline:
+            what = "is not a directory" if directory.exists() else "not found"
+            raise LocalError(
+                f"{directory}: ESP directory {what} after waiting {timeout:g} s "
+                "(is the ESP mounted?)"
+            )
+        sleep(min(WAIT_POLL, deadline - now))
 
 
 class Esp:

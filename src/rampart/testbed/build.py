@@ -382,9 +382,10 @@ def _build_installer_uki(bed: Testbed) -> None:
     )
 
 
-def _install(bed: Testbed, work: Path) -> float:
+def _install(bed: Testbed, work: Path, time_factor: float = 1.0) -> float:
     """Boot the installer UKI (OVMF, Secure Boot, swtpm) with a blank disk and the
-    payload disk; keep its TPM state and the recovery passphrase; return seconds."""
+    payload disk; keep its TPM state and the recovery passphrase; return seconds.
+    `time_factor` multiplies the waits (a busy host: rampart.testbed.machine)."""
     from rampart.testbed import machine
 
     disk = bed.disk
@@ -404,6 +405,7 @@ def _install(bed: Testbed, work: Path) -> float:
         firmware=machine.SecureBoot(vars_copy, kernel=bed.installer_uki),
         tpm_state=tpm_dir,
         network=False,
+        time_factor=time_factor,
     )
     log_copy = bed.directory.parent / "testbed-install.log"
     with vm:
@@ -436,9 +438,14 @@ def _stale(cache_dir: Path, keep: Path) -> Iterator[Path]:
 
 
 def build(
-    checkout: Path, cache_dir: Path | None = None, *, kernel_deb: Path | None = None
+    checkout: Path,
+    cache_dir: Path | None = None,
+    *,
+    kernel_deb: Path | None = None,
+    time_factor: float = 1.0,
 ) -> Testbed:
-    """The testbed for `checkout`, from the cache when its inputs have not changed."""
+    """The testbed for `checkout`, from the cache when its inputs have not changed;
+    `time_factor` multiplies the installation's waits (a busy host)."""
     if os.geteuid() != 0:
         raise LocalError("building the testbed needs root (debootstrap, chroot)")
     cache_dir = cache_dir or rootfs.default_cache_dir()
@@ -490,7 +497,7 @@ def build(
         clock.step("payload", step)
 
         step = time.monotonic()
-        _install(bed, work)
+        _install(bed, work, time_factor)
         clock.step("install", step)
 
         shutil.rmtree(work)

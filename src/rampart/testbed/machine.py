@@ -71,6 +71,15 @@ one-shot boot entry the guest set is still pending), with a warning in the log;
 `hang_restarts` counts them. The OVMF boot manager prints within seconds of a reset,
 so the wait is far above any real boot.
 
+Time factor: a busy host runs a TCG guest slower, and so every wait of the driver
+(each `expect` and `wait_for_shell` timeout, hence each `shell` and `check`, the
+reset-hang silence, QEMU's and swtpm's start, `shutdown_wait`) is multiplied by
+the machine's `time_factor` (default 1). `time_factor(seconds)` derives it from
+how long this host took to boot the reference guest (the kernel and a busybox
+initramfs, to the marker its /init prints; REFERENCE_BOOT_SECONDS on an idle
+2-core host), clamped to [1, MAX_TIME_FACTOR]: the tests measure it once per run
+and give it to every machine. A timeout's message shows both values.
+
 Timing: `start()` starts a boot clock (`start_boot_clock(label)` starts it for a
 reboot the test caused) and the next `wait_for_shell()` records
 `BootTiming(label, seconds)` in `timings`.
@@ -116,6 +125,13 @@ DEFAULT_MEMORY_MIB = 1024
 DEFAULT_CPUS = 2
 CONSOLE_TAIL_LINES = 30
 RESET_HANG_SECONDS = 90.0  # silence after the kernel's reset line: the firmware hung
+# The reference guest (DirectKernel: the Debian kernel and a busybox initramfs, 2 vCPUs)
+# from start() to the marker its /init prints, on an idle 2-core host (AMD EPYC, QEMU
+# 7.2 TCG). Measured as the CPU time QEMU spends on that boot, which a busy host does
+# not change (10.9 to 11.3 s in six runs at load 3 to 8, whose wall times were 16 to
+# 34 s), about 9 s of it on the first vCPU, which the boot waits for: idle, 10 s.
+REFERENCE_BOOT_SECONDS = 10.0
+MAX_TIME_FACTOR = 4.0  # beyond this the host is too busy for the tests to mean much
 
 DiskFormat: TypeAlias = Literal["raw", "qcow2"]
 _DISK_FORMATS = ("raw", "qcow2")
@@ -345,6 +361,14 @@ def swtpm_argv(state_dir: Path, files: WorkFiles) -> list[str]:
     ]
 
 
+def time_factor(boot_seconds: float, reference: float = REFERENCE_BOOT_SECONDS) -> float:
+    """How many times slower than the reference this host booted the reference guest,
+    clamped to [1, MAX_TIME_FACTOR] (rounded to 0.1): what every wait is multiplied by."""
+    if not boot_seconds > 0 or not reference > 0:
+        raise UsageError(f"a boot time must be positive, not {boot_seconds} / {reference}")
+    return round(min(max(boot_seconds / reference, 1.0), MAX_TIME_FACTOR), 1)
+
+
 def clean_console(text: str) -> str:
     """`text` without escape sequences, carriage returns and other control characters."""
     return _ESCAPE.sub("", text)
@@ -559,9 +583,14 @@ class Machine:
         network: bool = False,
         name: str = "vm",
         reset_hang_after: float | None = RESET_HANG_SECONDS,
+        time_factor: float = 1.0,
     ) -> None:
         if memory < 64 or cpus < 1:
             raise UsageError(f"{name}: need at least 64 MiB and 1 CPU, not {memory}/{cpus}")
+        if not 1.0 <= time_factor <= MAX_TIME_FACTOR:
+            raise UsageError(
+                f"{name}: time factor {time_factor} is not in [1, {MAX_TIME_FACTOR:g}]"
+            )
         self.work_dir = work_dir.absolute()
         self.files = WorkFiles.in_dir(self.work_dir)
         for sock in self.files.sockets:
@@ -575,6 +604,7 @@ class Machine:
         self.network = network
         self.name = name
         self.reset_hang_after = reset_hang_after
+        self.time_factor = time_factor
         self.hang_restarts = 0
         self._hung_at = -1  # the console text's length when the last hang was handled
         self._children = _Children()
@@ -587,6 +617,16 @@ class Machine:
         self._timings: list[BootTiming] = []
         self._qemu_log_offset = 0
         self._tap: Callable[[bytes], None] | None = None  # interact(): raw output
+
+    def scaled(self, seconds: float) -> float:
+        """`seconds` of an idle host, on this one: times `time_factor`."""
+        return seconds * self.time_factor
+
+    def _waited(self, seconds: float) -> str:
+        """A timeout as a message shows it: the wait, and what it was scaled from."""
+        if self.time_factor == 1.0:
+            return f"{seconds:g} s"
+        return f"{self.scaled(seconds):.3g} s ({seconds:g} s x time factor {self.time_factor:g})"
 
     # --- lifecycle ---
 
@@ -660,7 +700,7 @@ class Machine:
         qemu = self._children.qemu
         if qemu is None:
             return True
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.scaled(timeout)
         while (code := qemu.poll()) is None:
             if time.monotonic() >= deadline:
                 return False
@@ -693,14 +733,16 @@ class Machine:
             stderr_path=self.files.tpm_log,
         )
         self._children.swtpm = swtpm
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + self.scaled(_START_TIMEOUT)
         while not _listening(self.files.tpm_socket):
             code = swtpm.poll()
             if code is not None:
                 last = _last_error_line(self.files.tpm_log, offset)
                 raise LocalError(f"{self.name}: swtpm exited with code {code} at start: {last}")
             if time.monotonic() >= deadline:
-                raise LocalError(f"{self.name}: swtpm not listening after {_START_TIMEOUT:g} s")
+                raise LocalError(
+                    f"{self.name}: swtpm not listening after {self._waited(_START_TIMEOUT)}"
+                )
             time.sleep(0.02)
         log.debug("%s: swtpm listening (pid %d)", self.name, swtpm.pid)
 
@@ -718,7 +760,7 @@ class Machine:
         )
         qemu = run.spawn(argv, stdout_path=self.files.qemu_log, stderr_path=self.files.qemu_log)
         self._children.qemu = qemu
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + self.scaled(_START_TIMEOUT)
         conn = _Connection(self._connect(self.files.console_socket, deadline))
         conn.thread = threading.Thread(
             target=self._read_console, args=(conn,), name=f"{self.name}-console", daemon=True
@@ -739,7 +781,7 @@ class Machine:
                     greeting += data
             except TimeoutError:
                 raise LocalError(
-                    f"{self.name}: QEMU not ready after {_START_TIMEOUT:g} s"
+                    f"{self.name}: QEMU not ready after {self._waited(_START_TIMEOUT)}"
                 ) from None
             except OSError:  # reset: QEMU is exiting
                 pass
@@ -772,7 +814,9 @@ class Machine:
             if qemu is None or qemu.poll() is not None:
                 raise self._qemu_failed()
             if time.monotonic() >= deadline:
-                raise LocalError(f"{self.name}: no QEMU socket {path} after {_START_TIMEOUT:g} s")
+                raise LocalError(
+                    f"{self.name}: no QEMU socket {path} after {self._waited(_START_TIMEOUT)}"
+                )
             time.sleep(0.02)
 
     def _stop(self) -> None:
@@ -863,7 +907,7 @@ class Machine:
         nudge_after: float | None = None,
     ) -> tuple[int, re.Match[str]]:
         started = time.monotonic()
-        deadline = started + timeout
+        deadline = started + self.scaled(timeout)
         last_nudge = started
         while True:
             with self._cond:
@@ -877,7 +921,7 @@ class Machine:
                 if now >= deadline:
                     raise ConsoleTimeout(
                         f"{self.name}: no {self._what(patterns)} on the console within "
-                        f"{timeout:g} s; last lines:\n{self._buffer.tail()}"
+                        f"{self._waited(timeout)}; last lines:\n{self._buffer.tail()}"
                     )
                 hung = self._reset_hung(now)
                 if hung:  # once per reset: the new run may take a while to print
@@ -895,9 +939,9 @@ class Machine:
 
     def _reset_hung(self, now: float) -> bool:
         """Whether the guest reset and the firmware has said nothing since, for longer
-        than `reset_hang_after` (call with the lock held)."""
+        than `reset_hang_after` times the time factor (call with the lock held)."""
         limit = self.reset_hang_after
-        if limit is None or now - self._last_output < limit:
+        if limit is None or now - self._last_output < self.scaled(limit):
             return False
         text = self._buffer.text
         if len(text) == self._hung_at:  # power-cycled already: the new run is starting
@@ -906,10 +950,10 @@ class Machine:
 
     def _power_cycle_hung(self) -> None:
         log.warning(
-            "%s: nothing on the console %g s after the guest's reset: the firmware hung "
+            "%s: nothing on the console %s after the guest's reset: the firmware hung "
             "(an emulator fault, not the guest's doing); power-cycling the machine",
             self.name,
-            self.reset_hang_after,
+            self._waited(self.reset_hang_after or 0.0),
         )
         self.hang_restarts += 1
         self.kill()

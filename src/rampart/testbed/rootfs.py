@@ -26,8 +26,9 @@ Two stages:
    - the writable places of a read-only `/`: /tmp is a tmpfs; /var is bound from
      /mnt/state/var (made by rampart-state-layout.service; the journal persists
      there); LVM keeps its metadata backups in /run/lvm; the ESP (GPT partition
-     name ESP_PARTLABEL) is mounted on /efi, and the GPT auto-generator and the
-     first-boot prompts are masked;
+     name ESP_PARTLABEL) is mounted on /efi (nofail, waiting up to ESP_DEVICE_TIMEOUT
+     for its device), and the GPT auto-generator and the first-boot prompts are
+     masked;
    - rampart-update.timer, rampart-mark-good.service and rampart-health.service
      enabled, the rampart-fetch user created from the sysusers file (at build time:
      /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled;
@@ -267,12 +268,24 @@ ExecStart=/usr/libexec/rampart/commit-machine-id
 TimeoutSec=30s
 """
 
+# How long systemd waits for the ESP's device (/dev/disk/by-partlabel/<ESP_PARTLABEL>)
+# before it gives up on mounting it. The device shows up once udev's coldplug, after
+# the switch to Core, has probed the disk: seconds on an idle machine, but more than
+# the 20 s this once was under TCG on a busy host, and the ESP then stayed unmounted
+# for the whole boot (mark-good could not bless the entry). `nofail` keeps the wait
+# off the boot's critical path, so the timeout only ends a wait for an ESP that is
+# really missing: sized for slow media.
+ESP_DEVICE_TIMEOUT = "5min"
+ESP_OPTIONS = f"umask=0077,nofail,x-systemd.device-timeout={ESP_DEVICE_TIMEOUT}"
+
 FSTAB = f"""\
 # Rampart Core: / is the dm-verity device, read-only, mounted by the initramfs,
-# which also opens core_state and mounts it on {STATE_MOUNT}.
+# which also opens core_state and mounts it on {STATE_MOUNT}. The ESP is nofail (a
+# boot without it still comes up), with a device timeout for slow media;
+# rampart-mark-good.service is ordered after its mount.
 tmpfs  /tmp  tmpfs  mode=1777,nosuid,nodev,size=50%  0 0
 {STATE_MOUNT}/var  /var  none  bind,x-systemd.requires=rampart-state-layout.service  0 0
-PARTLABEL={ESP_PARTLABEL}  {ESP_MOUNT}  vfat  umask=0077,nofail,x-systemd.device-timeout=20s  0 0
+PARTLABEL={ESP_PARTLABEL}  {ESP_MOUNT}  vfat  {ESP_OPTIONS}  0 0
 """
 
 AUTOLOGIN = """\

@@ -10,7 +10,9 @@ installed image is never written), its own copy of the enrolled OVMF variables
 and its own swtpm state, all in its work directory. It boots through OVMF
 (Secure Boot enforced) and systemd-boot, and is driven over its serial console
 (rampart.testbed.machine): `boot()` and `reboot()` return the Core the
-initramfs opened, `sh()` runs a command in root's shell.
+initramfs opened, `sh()` runs a command in root's shell, `ensure_shell()` brings
+a guest in an unknown state (off, in the middle of a boot) to its shell. Its
+`time_factor` multiplies every wait (see rampart.testbed.machine).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from rampart.version import parse_version
 
 log = logging.getLogger(__name__)
 
-BOOT_TIMEOUT = 420.0  # firmware to shell prompt under TCG, with room for a slow CI machine
+# Firmware to shell prompt under TCG, with room for a slow CI machine; times the
+# guest's time factor on a busy host, as every wait below.
+BOOT_TIMEOUT = 420.0
 BOOTED = re.compile(
     r"rampart: booting Core (?P<core>\S+) \(dm-verity root hash (?P<hash>[0-9a-f]+)\)"
 )
@@ -59,6 +63,8 @@ class UpdateServer:
         self._process: run.Process | None = None
 
     def publish(self, version: str) -> None:
+        """Publish `version` (again: the same release is accepted as it is) and point the
+        default channel at it."""
         key = signing.load_secret_key(self.bed.vendor_key, lambda: b"")
         webroot.publish(
             self.webroot,
@@ -90,6 +96,36 @@ class UpdateServer:
                 *extra,
             )
         )
+
+    def ensure_release(self, version: str) -> Path:
+        """The directory of `version`'s published release in the webroot, made when it
+        is missing without changing what any channel offers (published into a scratch
+        webroot, then copied)."""
+        release = webroot.release_dir(self.webroot, parse_version(version))
+        if release.is_dir():
+            return release
+        scratch = self.work / f"scratch-{version}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        key = signing.load_secret_key(self.bed.vendor_key, lambda: b"")
+        webroot.publish(
+            scratch,
+            OS_NAME,
+            parse_version(version),
+            self.bed.core(version),
+            self.bed.efiboot(version),
+            key,
+        )
+        shutil.copytree(webroot.release_dir(scratch, parse_version(version)), release)
+        shutil.rmtree(scratch)
+        return release
+
+    def offered(self) -> str | None:
+        """The version the default channel of the testbed's OS offers, or None."""
+        listed = run.run(_rampart("channel", "list", "--webroot", str(self.webroot), "--json"))
+        for channel in json.loads(listed.stdout):
+            if channel.get("os") == OS_NAME and channel.get("is_default"):
+                return str(channel["version"])
+        return None
 
     def start(self) -> None:
         with socket.socket() as probe:
@@ -177,6 +213,7 @@ class Guest:
     # False: the machine the disk was installed on (a copy of the installer's TPM);
     # True: another machine's TPM, which never sealed anything.
     fresh_tpm: bool = False
+    time_factor: float = 1.0  # every wait is multiplied by it (a busy host)
     boots: list[Boot] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -201,6 +238,7 @@ class Guest:
             tpm_state=self.tpm,
             network=True,
             memory=self.memory,
+            time_factor=self.time_factor,
         )
 
     @property
@@ -211,7 +249,8 @@ class Guest:
         """Wait for the initramfs's line, then the shell; the Core that booted."""
         started = time.monotonic()
         match = self.vm.expect(BOOTED, timeout)
-        self.vm.wait_for_shell(max(30.0, timeout - (time.monotonic() - started)))
+        spent = (time.monotonic() - started) / self.vm.time_factor  # as the timeout counts
+        self.vm.wait_for_shell(max(30.0, timeout - spent))
         boot = Boot(match.group("core"), round(time.monotonic() - started, 1))
         self.boots.append(boot)
         log.info("guest booted %s in %.0f s", boot.core, boot.seconds)
@@ -225,6 +264,33 @@ class Guest:
         self.vm.mark()
         self.vm.send("systemctl reboot\n")
         return self.wait_booted(timeout)
+
+    def ensure_shell(self, timeout: float = BOOT_TIMEOUT) -> str:
+        """Bring the guest to its root shell, whatever state an earlier step left it in:
+        boot it if it is off; if its shell does not answer (a boot under way, a command
+        still running), wait for the prompt, and power-cycle it if none comes. Returns
+        what it did ("" when the shell answered at once), for the caller to report."""
+        if not self.vm.running:
+            self.boot(timeout)
+            return "was off: booted it"
+        try:
+            self.vm.shell("true", 30.0)
+            return ""
+        except machine.ConsoleError:
+            log.warning("guest: its shell does not answer; waiting for the prompt")
+        try:
+            self.vm.wait_for_shell(timeout)
+            self.vm.shell("true", 30.0)
+            return "shell did not answer: waited for its prompt"
+        except machine.ConsoleError:
+            log.warning("guest: no shell prompt: power-cycling it")
+        self.power_cut()
+        self.boot(timeout)
+        return "no shell prompt: power-cycled it"
+
+    def failed_units(self) -> list[str]:
+        out = self.sh("systemctl list-units --failed --plain --no-legend --no-pager")
+        return [line.split()[0] for line in out.splitlines() if line.strip()]
 
     def sh(self, command: str, timeout: float = 120.0) -> str:
         """Run `command` in the guest; its output. LocalError if it fails."""
