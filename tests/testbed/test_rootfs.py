@@ -261,6 +261,8 @@ def test_units_are_installed_and_enabled(built: Built) -> None:
     for name in ("rampart-update.service", "rampart-update.timer", "rampart-mark-good.service"):
         shipped = CHECKOUT / "src/rampart/data/systemd" / name
         assert (tree / UNITS.lstrip("/") / name).read_bytes() == shipped.read_bytes()
+    # The update server's unit is shipped in the same package but not on a device.
+    assert not (tree / UNITS.lstrip("/") / "rampart-server.service").exists()
     sysusers = CHECKOUT / "src/rampart/data/sysusers.d/rampart.conf"
     assert (tree / "usr/lib/sysusers.d/rampart.conf").read_bytes() == sysusers.read_bytes()
     # /etc is read-only on the device: the user exists in the image already.

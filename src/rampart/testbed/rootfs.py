@@ -654,6 +654,10 @@ def _install_rampart(tree: Path, package: Path) -> None:
     )
 
 
+# Units in rampart/data/systemd that belong to the update server, not to a device.
+SERVER_UNITS = frozenset({"rampart-server.service"})
+
+
 def _configure_system_dir(
     tree: Path, os_name: str, version: Version, pubkey: Path | None, health_check: str
 ) -> None:
@@ -666,6 +670,8 @@ def _configure_system_dir(
 
 def _configure_units(tree: Path, data: Path) -> None:
     for unit in sorted((data / "systemd").iterdir()):
+        if unit.name in SERVER_UNITS:
+            continue  # the update server's unit: not a device's
         _write(tree, f"{_UNIT_DIR}/{unit.name}", unit.read_text(encoding="utf-8"))
     _write(tree, f"{_UNIT_DIR}/rampart-health.service", HEALTH_UNIT)
     _write(tree, f"{_UNIT_DIR}/rampart-state-layout.service", STATE_LAYOUT_UNIT)
