@@ -184,3 +184,27 @@ def fake_uki(cmdline: str) -> bytes:
         "<8sIIIIIIHHI", b".cmdline", len(body), 0x1000, len(body), table_end, 0, 0, 0, 0, 0x40000040
     )
     return bytes(header) + coff + section + body
+
+
+# Each version's (Core, EFI binary) files.
+Payloads = dict[str, tuple[Path, Path]]
+
+
+def publish_args(root: Path, keypair: KeyPair, payloads: Payloads, version: str) -> list[object]:
+    """The argv of `rampart publish` for `version` of `payloads` into `root`."""
+    core, efiboot = payloads[version]
+    return [
+        "publish",
+        "--webroot",
+        root,
+        "--os",
+        "clipos",
+        "--version",
+        version,
+        "--core",
+        core,
+        "--efiboot",
+        efiboot,
+        "--secret-key",
+        keypair.secret,
+    ]

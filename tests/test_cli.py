@@ -11,28 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KeyPair, run_cli, tree_snapshot
-
-Payloads = dict[str, tuple[Path, Path]]
-
-
-def publish_args(root: Path, keypair: KeyPair, payloads: Payloads, version: str) -> list[object]:
-    core, efiboot = payloads[version]
-    return [
-        "publish",
-        "--webroot",
-        root,
-        "--os",
-        "clipos",
-        "--version",
-        version,
-        "--core",
-        core,
-        "--efiboot",
-        efiboot,
-        "--secret-key",
-        keypair.secret,
-    ]
+from tests.conftest import KeyPair, Payloads, publish_args, run_cli, tree_snapshot
 
 
 def one_line_error(err: str) -> str:

@@ -13,10 +13,8 @@ from rampart import signing, webroot
 from rampart.errors import ConflictError, LocalError, UsageError
 from rampart.image import verity
 from rampart.version import parse_version
-from tests.conftest import KeyPair, run_cli, tree_snapshot
+from tests.conftest import KeyPair, Payloads, publish_args, run_cli, tree_snapshot
 from tests.releases import build_payloads
-
-Payloads = dict[str, tuple[Path, Path]]
 
 
 def publish(root: Path, keypair: KeyPair, payloads: Payloads, version: str, **kw: object) -> None:
@@ -279,23 +277,7 @@ def epoch_payloads(tmp_path: Path, epochs: dict[str, int | None]) -> Payloads:
 def publish_cli(
     root: Path, keypair: KeyPair, payloads: Payloads, version: str, *extra: str
 ) -> tuple[int, str, str]:
-    core, efiboot = payloads[version]
-    result = run_cli(
-        "publish",
-        "--webroot",
-        root,
-        "--os",
-        "clipos",
-        "--version",
-        version,
-        "--core",
-        core,
-        "--efiboot",
-        efiboot,
-        "--secret-key",
-        keypair.secret,
-        *extra,
-    )
+    result = run_cli(*publish_args(root, keypair, payloads, version), *extra)
     return result.code, result.out, result.err
 
 

@@ -11,31 +11,15 @@ from pathlib import Path
 import pytest
 
 from rampart.image import uki
-from tests.conftest import KeyPair, run_cli, tree_snapshot
+from tests.conftest import KeyPair, Payloads, publish_args, run_cli, tree_snapshot
 from tests.releases import build_payloads, build_uki
-
-Payloads = dict[str, tuple[Path, Path]]
 
 
 def refused(
     root: Path, keypair: KeyPair, version: str, core: Path, efiboot: Path, code: int, text: str
 ) -> None:
     before = tree_snapshot(root)
-    result = run_cli(
-        "publish",
-        "--webroot",
-        root,
-        "--os",
-        "clipos",
-        "--version",
-        version,
-        "--core",
-        core,
-        "--efiboot",
-        efiboot,
-        "--secret-key",
-        keypair.secret,
-    )
+    result = run_cli(*publish_args(root, keypair, {version: (core, efiboot)}, version))
     assert result.code == code, result.err
     assert result.err.count("\n") == 1, result.err
     assert text in result.err
