@@ -8,6 +8,7 @@ as root, as the client does).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -187,6 +188,37 @@ def test_enospc_mid_download_names_the_file(
         assert device.state() == before
     [report] = reports(posts)
     assert "No space left on device" in str(report["error"])
+
+
+@pytest.mark.parametrize("fetch_user", ["", FETCH_USER])
+def test_power_cut_while_writing_core_leaves_no_room_for_a_second_core_copy(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, webroot_dir: Path, fetch_user: str
+) -> None:
+    """Testbed scenario 8 (a power cut while writing Core, then the next update) ended
+    in ENOSPC: the verified copy of Core was made beside its download, and the state
+    partition could not hold two Cores. The copy now consumes the download from its
+    end: a download file system with room for one Core and the download margin is
+    enough (24 MiB Core, 16 MiB margin, 44 MiB file system)."""
+    release = make_release(tmp_path / "rel", OFFERED, core_size=24 << 20)
+    assert 2 * release.core.stat().st_size > 40 << 20  # two copies cannot fit
+    publish(webroot_dir, vendor, release)
+    with (
+        tmpfs(tmp_path / "state", "44m") as state,
+        hostile_server(webroot_dir, pki.server.cert, pki.server.key, {}) as url,
+    ):
+        device = make_device(tmp_path / "device", vendor, pki.ca.cert, url, fetch_user=fetch_user)
+        config = device.config_dir / "config.toml"
+        config.write_text(
+            config.read_text().replace(
+                'size = "1M"\ncapacity = "8M"', 'size = "32M"\ncapacity = "64M"'
+            )
+        )
+        device = dataclasses.replace(device, download=state / "download")
+        result = run_cli("update", *device.argv())
+        assert result.code == 20, result.err
+        core = (device.vg / f"core_{OFFERED}").read_bytes()
+        assert core[: release.core.stat().st_size] == release.core.read_bytes()
+        assert sorted(p.name for p in state.rglob("*") if p.is_file()) == []
 
 
 def publish_unchecked(root: Path, keypair: KeyPair, version: str, tmp_path: Path) -> None:
@@ -499,22 +531,20 @@ def test_resumed_run_hashes_the_cached_core_once(
         dev = device.open()
         with pytest.raises(Interrupted):
             update.update(dev, update.make_fetcher(dev), stop_after_download)
-        hashed: list[str] = []  # each pass that hashes a payload: a check or a copy
+        hashed: list[str] = []  # each pass that hashes a payload: a check or a copy's
         verify_file = signing.verify_file
-        copy_and_verify = update._copy_and_verify
+        verify_fd = update._verify_fd
 
         def counting(path: Path, *args: object, **kwargs: object) -> bytes:
             hashed.append(Path(path).name)
             return verify_file(path, *args, **kwargs)  # type: ignore[arg-type]
 
-        def counting_copy(
-            dev: update.Device, src: int, fd: int, copy: Path, sig: signing.Signature
-        ) -> bytes:
-            hashed.append(copy.name)
-            return copy_and_verify(dev, src, fd, copy, sig)
+        def counting_fd(dev: update.Device, fd: int, path: Path, sig: signing.Signature) -> bytes:
+            hashed.append(path.name)
+            return verify_fd(dev, fd, path, sig)
 
         monkeypatch.setattr(signing, "verify_file", counting)
-        monkeypatch.setattr(update, "_copy_and_verify", counting_copy)
+        monkeypatch.setattr(update, "_verify_fd", counting_fd)
         dev = device.open()
         assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
     assert hashed.count(f"{OS}-{OFFERED}-core") == 1

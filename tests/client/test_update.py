@@ -180,6 +180,37 @@ def test_update_ready_blocks_a_second_run(device: DeviceDirs, release: Release) 
     assert device.state() == before
 
 
+def test_complete_download_left_by_a_crash_is_not_fetched_again(
+    device: DeviceDirs, release: Release, served: Nginx
+) -> None:
+    """A Core fully downloaded before a crash (here: put there): its resumed request
+    gets 416 with `Content-Range: bytes */<its size>`, which means it is all there.
+    (It was restarted from byte 0 as a partial file that did not fit.)"""
+    device.download.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (device.download / f"{OS}-{OFFERED}-core").write_bytes(release.core.read_bytes())
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    log = served.access_log()
+    assert f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 416' in log
+    assert f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 200' not in log
+    assert_installed(device, release)
+
+
+def test_corrupt_download_left_by_a_crash_is_fetched_again_once(
+    device: DeviceDirs, release: Release, served: Nginx
+) -> None:
+    """A Core of the right size but with a flipped byte left by an earlier run: 416
+    says it is complete, its copy does not verify, and it is fetched once more."""
+    device.download.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = bytearray(release.core.read_bytes())
+    data[len(data) // 2] ^= 1
+    (device.download / f"{OS}-{OFFERED}-core").write_bytes(data)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    log = served.access_log()
+    assert log.count(f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 416') == 1
+    assert log.count(f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 200') == 1
+    assert_installed(device, release)
+
+
 def test_verified_download_is_reused_after_a_failed_attempt(
     device: DeviceDirs, release: Release, served: Nginx
 ) -> None:

@@ -395,19 +395,20 @@ def open_directory(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def open_plain_file(dir_fd: int, name: str) -> int | None:
-    """A read-only descriptor of `name` in `dir_fd` if it is a regular file with one
-    link (a hard link could be root's file), opened without following a symbolic
-    link; None if it is anything else or missing. The checks are on the opened file."""
+def open_plain_file(dir_fd: int, name: str, writable: bool = False) -> int | None:
+    """A descriptor of `name` in `dir_fd` (read-only, or read-write if `writable`) if
+    it is a regular file with one link (a hard link could be root's file), opened
+    without following a symbolic link; None if it is anything else or missing. The
+    checks are on the opened file."""
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(info.st_mode):
         return None  # never opened: a FIFO or a device could block or have effects
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        fd = os.open(name, flags | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
             return None  # replaced meanwhile

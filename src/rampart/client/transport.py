@@ -222,8 +222,11 @@ class Transport:
         headers = {"Range": f"bytes={have}-"} if have else {}
         with self.request(url, headers) as response:
             if response.status == 416 and have:
-                log.info("%s: cached partial file does not fit the server's, restarting", url)
                 response.read(0)
+                if _unsatisfied_range(response) == have:  # `bytes */<have>`: all there
+                    log.info("%s: already downloaded (%d bytes)", url, have)
+                    return have
+                log.info("%s: cached partial file does not fit the server's, restarting", url)
                 dest.unlink()
                 return self.download(url, dest, cap, progress)
             _check_status(url, response, (200, 206))
@@ -350,6 +353,14 @@ def _content_length(url: str, response: http.client.HTTPResponse) -> int | None:
     if not re.fullmatch(_NUMBER, value.strip()):
         raise RemoteDataError(f"{url}: invalid Content-Length {value[:40]!r}")
     return int(value.strip())
+
+
+def _unsatisfied_range(response: http.client.HTTPResponse) -> int | None:
+    """The length a 416 answer gives (`Content-Range: bytes */<length>`, RFC 9110
+    14.4), or None."""
+    value = response.getheader("Content-Range") or ""
+    match = re.fullmatch(rf"bytes \*/({_NUMBER})", value.strip())
+    return None if match is None else int(match[1])
 
 
 def _content_range(url: str, response: http.client.HTTPResponse) -> tuple[int, int | None]:

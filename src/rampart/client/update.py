@@ -5,10 +5,11 @@ the disk is durable (fsync of data and directory) before the next starts:
 
 1. check     ask for the latest version; stop unless it is newer than the running one
 2. preflight the target slot is not running, open, mounted or mapped; space for it
-3. download  EFI binary and Core with signatures (unprivileged; resumed; reused if
-             already there); each copied once into a directory only root can reach,
-             hashing while copying, and that copy verified, with the version, before
-             the disk is touched; only the copies are read from then on
+3. download  EFI binary and Core with signatures (unprivileged; resumed if an
+             earlier run left them); each moved by copying it once, from its end,
+             into a directory only root can reach, and that copy verified, with
+             the version, before the disk is touched; only the copies are read
+             from then on
 4. entries   remove every EFI binary but the running one: the slot about to be
              overwritten is unbootable before it is touched
 5. slot      rename the unused LV to core_<new> (or create it); write Core, fsync,
@@ -238,15 +239,14 @@ def pick_slot(device: Device, target: Version) -> Slot | None:
 
 
 def _clean_downloads(device: Device, keep: Version | None) -> None:
-    """Remove every download but `keep`'s payloads and signatures (all if None),
-    and every verified copy (scratch: each run copies again). Works on directory
-    descriptors and follows no symbolic link."""
+    """Remove every download and verified copy but `keep`'s payloads and signatures
+    (all if None). Works on directory descriptors and follows no symbolic link."""
     wanted = set()
     if keep is not None:
         for kind in ("efiboot", "core"):
             name = payload_path(device, keep, kind).name
             wanted |= {name, name + ".sig"}
-    for directory, kept in ((device.download_dir, wanted), (device.verified_dir, set())):
+    for directory, kept in ((device.download_dir, wanted), (device.verified_dir, wanted)):
         try:
             dir_fd = open_directory(directory)
         except FileNotFoundError:
@@ -293,22 +293,25 @@ def _open_verified_dir(device: Device) -> int:
     return fd
 
 
-def copy_verified(device: Device, version: Version, kind: str, keep_bad: bool) -> bytes:
-    """Copy the downloaded payload of `kind` into the directory of verified copies,
-    reading it once, and verify what was copied; the BLAKE2b-512 digest of the copy.
+def copy_verified(device: Device, version: Version, kind: str) -> bytes:
+    """Move the downloaded payload of `kind` into the directory of verified copies
+    by copying it once, and verify the copy; the BLAKE2b-512 digest of the copy.
 
     The signature and the payload are opened relative to the download directory
     with O_NOFOLLOW and must be regular files with one link (checked with fstat
-    on the opened file); the payload is hashed while it is copied, and the
-    signature is checked against that hash (a legacy signature against the bytes
-    copied, held in memory). The copy, `<download dir>.verified/<name>`, is new
-    (O_EXCL, 0600) in a directory only this user can reach: what is verified is
-    what every later step reads. It is a scratch copy, not fsynced: a crash only
-    means copying again from the download directory.
+    on the opened file). The payload is read once, from its end, and truncated
+    behind what was copied, so the copy needs no more space than the download it
+    replaces (a Core can be most of the state partition). The copy,
+    `<download dir>.verified/<name>`, is new (O_EXCL, 0600) in a directory only
+    this user can reach; it is then hashed and its signature checked: what is
+    verified is what every later step reads. It is a scratch copy, not fsynced:
+    a crash only means downloading again.
 
-    A payload that fails verification is deleted from the download directory
-    (the next run fetches it afresh) unless `keep_bad` (a partial download, to
-    resume); RampartError in any case, with no copy left.
+    The download is gone afterwards, whether the copy verifies or not. If the
+    copy fails part-way (a write error), the download keeps its first part, to
+    resume. The signature is kept beside a copy that verified, so that a later
+    run can reuse the copy (reuse_verified). RampartError on any failure, with no
+    copy left.
     """
     name = payload_path(device, version, kind).name
     source = device.download_dir / name
@@ -320,29 +323,75 @@ def copy_verified(device: Device, version: Version, kind: str, keep_bad: bool) -
         os.close(verified_fd)
         raise LocalError(f"{device.download_dir}: cannot open: {exc.strerror}") from None
     try:
-        signature = signing.parse_signature(
-            _read_download(download_fd, name + ".sig", SIG_CAP, source), f"{source}.sig"
-        )
-        src = open_plain_file(download_fd, name)
+        raw_signature = _read_download(download_fd, name + ".sig", SIG_CAP, source)
+        signature = signing.parse_signature(raw_signature, f"{source}.sig")
+        src = open_plain_file(download_fd, name, writable=True)
         if src is None:
             raise LocalError(f"{source}: missing, or not a regular file with one link")
         try:
             digest = _copy_and_verify(device, src, verified_fd, copy, signature)
         finally:
             os.close(src)
+        _unlink(download_fd, name)  # empty now
         _check_signed_version(signature, source, version)
+        _write_new(verified_fd, name + ".sig", raw_signature)
+        _unlink(download_fd, name + ".sig")
     except OSError as exc:
         _unlink(verified_fd, name)
         raise LocalError(f"{copy}: cannot copy the download: {exc.strerror}") from None
     except RampartError:
         _unlink(verified_fd, name)
-        if not keep_bad:
-            _unlink(download_fd, name)  # not kept for resuming: fetched afresh next time
+        _unlink(download_fd, name)  # consumed, or not worth resuming: fetched afresh
         raise
     finally:
         os.close(download_fd)
         os.close(verified_fd)
     return digest
+
+
+def reuse_verified(device: Device, version: Version, kind: str) -> bytes | None:
+    """The BLAKE2b-512 digest of the verified copy of `kind` an earlier run left, if
+    it still verifies with the signature kept beside it (a crash may have cut a copy
+    that was never fsynced), else None, with the copy removed. These files are this
+    user's, in a directory only this user can reach."""
+    name = payload_path(device, version, kind).name
+    copy = device.verified_dir / name
+    if not copy.exists():
+        return None
+    verified_fd = _open_verified_dir(device)
+    try:
+        signature = signing.parse_signature(
+            _read_download(verified_fd, name + ".sig", SIG_CAP, copy), f"{copy}.sig"
+        )
+        fd = open_plain_file(verified_fd, name)
+        if fd is None:
+            raise LocalError(f"{copy}: not a regular file with one link")
+        try:
+            digest = _verify_fd(device, fd, copy, signature)
+        finally:
+            os.close(fd)
+        _check_signed_version(signature, copy, version)
+    except RampartError as exc:
+        log.info("not reusing %s: %s", copy, exc)
+        _unlink(verified_fd, name)
+        _unlink(verified_fd, name + ".sig")
+        return None
+    finally:
+        os.close(verified_fd)
+    return digest
+
+
+def _write_new(dir_fd: int, name: str, data: bytes) -> None:
+    """`data` into `name`, a new file (0600) in `dir_fd` (an old one replaced)."""
+    _unlink(dir_fd, name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _read_download(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
@@ -362,70 +411,113 @@ def _read_download(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
 def _copy_and_verify(
     device: Device, src: int, verified_fd: int, copy: Path, signature: signing.Signature
 ) -> bytes:
-    """Copy `src` into `copy` (new, 0600) while hashing it, then verify `signature`
-    over what was copied; the BLAKE2b-512 digest of the copy."""
+    """Copy `src` (writable) into `copy` (new, 0600) from its end, truncating `src`
+    behind each chunk copied, then hash the copy and verify `signature` over it; the
+    BLAKE2b-512 digest of the copy."""
+    size = os.fstat(src).st_size
+    if not signature.prehashed and size > signing.LEGACY_MAX_BYTES:
+        raise VerificationError(
+            f"{copy}: legacy (non-prehashed) signatures are limited to 1 GiB files"
+        )
     _unlink(verified_fd, copy.name)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     dst = os.open(copy.name, flags, 0o600, dir_fd=verified_fd)
+    try:
+        os.ftruncate(dst, size)  # sparse: blocks are allocated as the chunks arrive
+        end = size
+        while end > 0:
+            start = (end - 1) // signing.CHUNK * signing.CHUNK
+            data = os.pread(src, end - start, start)
+            if len(data) != end - start:
+                raise VerificationError(f"{copy.name}: the download changed while copied")
+            view = memoryview(data)
+            offset = start
+            while view:
+                written = os.pwrite(dst, view, offset)
+                view, offset = view[written:], offset + written
+            os.ftruncate(src, start)
+            end = start
+        return _verify_fd(device, dst, copy, signature)
+    finally:
+        os.close(dst)
+
+
+def _verify_fd(device: Device, fd: int, path: Path, signature: signing.Signature) -> bytes:
+    """Hash the file open as `fd` from its start and verify `signature` over it; its
+    BLAKE2b-512 digest. (A legacy signature covers the bytes, held in memory.)"""
     hasher = hashlib.blake2b()
     legacy = None if signature.prehashed else bytearray()
     buffer = bytearray(signing.CHUNK)
-    try:
-        while n := os.readv(src, [buffer]):
-            chunk = memoryview(buffer)[:n]
-            hasher.update(chunk)
-            if legacy is not None:
-                if len(legacy) + n > signing.LEGACY_MAX_BYTES:
-                    raise VerificationError(
-                        f"{copy}: legacy (non-prehashed) signatures are limited to 1 GiB files"
-                    )
-                legacy += chunk
-            while chunk:
-                chunk = chunk[os.write(dst, chunk) :]
-    finally:
-        os.close(dst)
+    os.lseek(fd, 0, os.SEEK_SET)
+    while n := os.readv(fd, [buffer]):
+        chunk = memoryview(buffer)[:n]
+        hasher.update(chunk)
+        if legacy is not None:
+            if len(legacy) + n > signing.LEGACY_MAX_BYTES:
+                raise VerificationError(
+                    f"{path}: legacy (non-prehashed) signatures are limited to 1 GiB files"
+                )
+            legacy += chunk
     digest = hasher.digest()
     try:
         signing.verify(
             device.config.public_key, signature, digest if legacy is None else bytes(legacy)
         )
     except VerificationError as exc:
-        raise VerificationError(f"{copy.name}: {exc}") from None
+        raise VerificationError(f"{path.name}: {exc}") from None
     return digest
 
 
 def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path, bytes]:
-    """Fetch (or reuse) both payloads of `version`, copy them where only this user
-    can reach them, and verify the copies.
+    """Fetch both payloads of `version` (resuming what an earlier run left in the
+    download directory), move them by copying where only this user can reach them,
+    and verify the copies.
 
     Returns (efiboot, core, BLAKE2b-512 digest of the verified Core): the paths of
     the verified copies. Every later step reads these, never the download directory.
+    A payload left by an earlier run that does not verify is fetched once more.
     """
     device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     _clean_downloads(device, version)
     base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
     caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
     digests: dict[str, bytes] = {}
-    jobs = []
+    kinds = ["efiboot", "core"]
     for kind in ("efiboot", "core"):
-        payload = payload_path(device, version, kind)
-        sig = payload.with_name(payload.name + ".sig")
-        if payload.is_file() and sig.is_file():
-            try:
-                digests[kind] = copy_verified(device, version, kind, keep_bad=True)
-                log.info("reusing the verified download of %s", payload.name)
-                continue
-            except RampartError as exc:
-                log.debug("cached %s not usable: %s", payload.name, exc)
-        sig.unlink(missing_ok=True)
-        jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
-        jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
-    if jobs:
+        reused = reuse_verified(device, version, kind)
+        if reused is not None:
+            log.info(
+                "reusing the verified download of %s", payload_path(device, version, kind).name
+            )
+            digests[kind] = reused
+            kinds.remove(kind)
+    for attempt in (1, 2):
+        if not kinds:
+            break
+        jobs = []
+        cached = []
+        for kind in kinds:
+            payload = payload_path(device, version, kind)
+            sig = payload.with_name(payload.name + ".sig")
+            if payload.exists():
+                cached.append(kind)
+            sig.unlink(missing_ok=True)  # small: always fetched with its payload
+            jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
+            jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
         log.info("downloading %s", ", ".join(j.url.rsplit("/", 1)[-1] for j in jobs))
         fetcher.run(jobs)
-    for kind in ("efiboot", "core"):
-        if kind not in digests:
-            digests[kind] = copy_verified(device, version, kind, keep_bad=False)
+        retry = []
+        for kind in kinds:
+            try:
+                digests[kind] = copy_verified(device, version, kind)
+            except VerificationError as exc:
+                if attempt == 2 or kind not in cached:
+                    raise
+                log.info("%s left by an earlier run: %s; fetching it again", kind, exc)
+                retry.append(kind)
+        if not retry:
+            break
+        kinds = retry
     efiboot = device.verified_dir / payload_path(device, version, "efiboot").name
     core = device.verified_dir / payload_path(device, version, "core").name
     return efiboot, core, digests["core"]

@@ -319,6 +319,11 @@ class Guest:
         out = self.sh("systemctl show -p ExecMainStatus --value rampart-update.service")
         return int(out.strip().splitlines()[-1])
 
+    def update_journal(self, lines: int = 40) -> str:
+        """The last lines rampart-update.service logged in this boot (for a failure message)."""
+        unit = "rampart-update.service"
+        return self.sh(f"journalctl -b -u {unit} -o cat --no-pager | tail -n {lines}")
+
     def lvs(self) -> dict[str, str]:
         """LV name -> LV UUID in mainvg."""
         out = self.sh(f"lvs --noheadings -o lv_name,lv_uuid {rootfs.VOLUME_GROUP}")
