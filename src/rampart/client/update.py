@@ -323,7 +323,7 @@ def copy_verified(device: Device, version: Version, kind: str) -> bytes:
         os.close(verified_fd)
         raise LocalError(f"{device.download_dir}: cannot open: {exc.strerror}") from None
     try:
-        raw_signature = _read_download(download_fd, name + ".sig", SIG_CAP, source)
+        raw_signature = _read_signature(download_fd, name + ".sig", SIG_CAP, source)
         signature = signing.parse_signature(raw_signature, f"{source}.sig")
         src = open_plain_file(download_fd, name, writable=True)
         if src is None:
@@ -361,7 +361,7 @@ def reuse_verified(device: Device, version: Version, kind: str) -> bytes | None:
     verified_fd = _open_verified_dir(device)
     try:
         signature = signing.parse_signature(
-            _read_download(verified_fd, name + ".sig", SIG_CAP, copy), f"{copy}.sig"
+            _read_signature(verified_fd, name + ".sig", SIG_CAP, copy), f"{copy}.sig"
         )
         fd = open_plain_file(verified_fd, name)
         if fd is None:
@@ -381,11 +381,17 @@ def reuse_verified(device: Device, version: Version, kind: str) -> bytes | None:
     return digest
 
 
+def _new_file(dir_fd: int, name: str) -> int:
+    """A read-write descriptor of `name`, created new (O_EXCL, 0600, no symbolic link
+    followed) in `dir_fd`, an old file of that name removed first."""
+    _unlink(dir_fd, name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
 def _write_new(dir_fd: int, name: str, data: bytes) -> None:
     """`data` into `name`, a new file (0600) in `dir_fd` (an old one replaced)."""
-    _unlink(dir_fd, name)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    fd = _new_file(dir_fd, name)
     try:
         view = memoryview(data)
         while view:
@@ -394,8 +400,8 @@ def _write_new(dir_fd: int, name: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _read_download(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
-    """A small downloaded file (a signature), read once."""
+def _read_signature(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
+    """A signature file in `dir_fd`, read once (at most `cap` bytes)."""
     fd = open_plain_file(dir_fd, name)
     if fd is None:
         raise LocalError(f"{payload}.sig: signature not found, or not a regular file")
@@ -415,13 +421,8 @@ def _copy_and_verify(
     behind each chunk copied, then hash the copy and verify `signature` over it; the
     BLAKE2b-512 digest of the copy."""
     size = os.fstat(src).st_size
-    if not signature.prehashed and size > signing.LEGACY_MAX_BYTES:
-        raise VerificationError(
-            f"{copy}: legacy (non-prehashed) signatures are limited to 1 GiB files"
-        )
-    _unlink(verified_fd, copy.name)
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    dst = os.open(copy.name, flags, 0o600, dir_fd=verified_fd)
+    _check_legacy_size(signature, size, copy)  # before the download is consumed
+    dst = _new_file(verified_fd, copy.name)
     try:
         os.ftruncate(dst, size)  # sparse: blocks are allocated as the chunks arrive
         end = size
@@ -442,9 +443,18 @@ def _copy_and_verify(
         os.close(dst)
 
 
+def _check_legacy_size(signature: signing.Signature, size: int, path: Path) -> None:
+    if not signature.prehashed and size > signing.LEGACY_MAX_BYTES:
+        raise VerificationError(
+            f"{path}: legacy (non-prehashed) signatures are limited to 1 GiB files"
+        )
+
+
 def _verify_fd(device: Device, fd: int, path: Path, signature: signing.Signature) -> bytes:
-    """Hash the file open as `fd` from its start and verify `signature` over it; its
+    """Hash the file open as `fd` (this user's, in a directory only this user can
+    reach: its size holds) from its start and verify `signature` over it; its
     BLAKE2b-512 digest. (A legacy signature covers the bytes, held in memory.)"""
+    _check_legacy_size(signature, os.fstat(fd).st_size, path)
     hasher = hashlib.blake2b()
     legacy = None if signature.prehashed else bytearray()
     buffer = bytearray(signing.CHUNK)
@@ -453,10 +463,6 @@ def _verify_fd(device: Device, fd: int, path: Path, signature: signing.Signature
         chunk = memoryview(buffer)[:n]
         hasher.update(chunk)
         if legacy is not None:
-            if len(legacy) + n > signing.LEGACY_MAX_BYTES:
-                raise VerificationError(
-                    f"{path}: legacy (non-prehashed) signatures are limited to 1 GiB files"
-                )
             legacy += chunk
     digest = hasher.digest()
     try:
@@ -482,7 +488,6 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
     caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
     digests: dict[str, bytes] = {}
-    kinds = ["efiboot", "core"]
     for kind in ("efiboot", "core"):
         reused = reuse_verified(device, version, kind)
         if reused is not None:
@@ -490,7 +495,7 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
                 "reusing the verified download of %s", payload_path(device, version, kind).name
             )
             digests[kind] = reused
-            kinds.remove(kind)
+    kinds = [kind for kind in ("efiboot", "core") if kind not in digests]
     for attempt in (1, 2):
         if not kinds:
             break
