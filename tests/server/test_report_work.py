@@ -20,9 +20,11 @@ VERSION = "1.0.1"
 HISTORY = 40_000  # checks added between the two measurements
 
 
-def _rollout(url: str, published: Path) -> tuple[Engine, Store, list[str]]:
-    """A migrated database, a 50 % rollout of 1.0.1, 40 machines known before it and
-    offered it; the machines in the rollout."""
+def _rollout(
+    url: str, published: Path, min_reports: int = 1000, **limits: Any
+) -> tuple[Engine, Store, list[str]]:
+    """A migrated database, a 50 % rollout of 1.0.1 (halting after `min_reports` and
+    `limits`), 40 machines known before it and offered it; the machines in the rollout."""
     engine = db.make_engine(url)
     db.migrate(engine)
     store = Store(engine)
@@ -32,7 +34,9 @@ def _rollout(url: str, published: Path) -> tuple[Engine, Store, list[str]]:
     store.record_checks(
         [Check(m, OS, "1.0.0", "stable", "1.0.0", now - 10, None) for m in machines]
     )
-    admin.start_rollout(store, published, OS, "stable", VERSION, 50, min_reports=1000)
+    admin.start_rollout(
+        store, published, OS, "stable", VERSION, 50, min_reports=min_reports, **limits
+    )
     inside = [m for m in machines if in_rollout(m, VERSION, 50)]
     store.record_checks(
         [Check(m, OS, "1.0.0", "stable", VERSION, time.time(), None) for m in inside]
@@ -108,6 +112,54 @@ def test_report_does_not_read_the_checks_or_reports_tables(db_url: str, publishe
         assert not re.search(r"\bchecks\b", statement), statement
         if re.search(r"\breports\b", statement):
             assert statement.startswith("INSERT INTO reports"), statement
+
+
+def test_a_batch_of_reports_counts_in_its_order_as_one_by_one(db_url: str, published: Path) -> None:
+    """One transaction for a batch: a machine reporting twice counts once (its latest
+    outcome), a machine-id first seen during the rollout does not count, and the report
+    that halts the rollout is the last one counted for it."""
+    engine, store, inside = _rollout(
+        db_url, published, min_reports=4, failure_threshold=0.5, min_failing=2
+    )
+    minted = machine_id(999)
+    store.record_checks([Check(minted, OS, "1.0.0", "stable", VERSION, time.time(), None)])
+    at = time.time() + 1
+
+    def report(mid: str, outcome: str) -> Report:
+        return Report(mid, OS, "1.0.0", VERSION, outcome, "", at, None)
+
+    batch = [
+        report(inside[0], "failure"),
+        report(inside[0], "success"),
+        report(minted, "failure"),
+        report(inside[1], "failure"),
+        report(inside[2], "failure"),
+        report(inside[3], "failure"),  # 3 of 4 machines failed: halts
+        report(inside[4], "success"),  # after the halt: not counted
+    ]
+    try:
+        halted = store.record_reports(batch)
+        with engine.connect() as conn:
+            outcomes = dict(
+                conn.execute(
+                    select(db.rollout_outcomes.c.machine_id, db.rollout_outcomes.c.outcome)
+                ).all()
+            )
+            tally = conn.execute(select(db.rollout_tallies)).one()
+            stored = conn.execute(select(func.count()).select_from(db.reports)).scalar()
+        state = store.channel_row(OS, "stable")["rollout_state"]
+    finally:
+        engine.dispose()
+    assert halted == ["stable"]
+    assert state == "halted"
+    assert outcomes == {
+        inside[0]: "success",
+        inside[1]: "failure",
+        inside[2]: "failure",
+        inside[3]: "failure",
+    }
+    assert (tally.machines, tally.failures) == (4, 3)
+    assert stored == len(batch)
 
 
 def test_report_work_does_not_grow_with_the_checks_table(tmp_path: Path, published: Path) -> None:

@@ -70,21 +70,14 @@ _SQL_REPORT = text(
     "VALUES (:machine_id, :os, :from_version, :to_version, :outcome, :error, :at, :address)"
 )
 _SQL_ROLLOUTS = text(
-    "SELECT c.name, c.failure_threshold, c.min_reports, c.min_failing, c.rollout_started_at, "
-    "m.first_seen, o.at AS offered_at FROM channels c "
-    "LEFT JOIN machines m ON m.machine_id = :mid "
-    "LEFT JOIN offers o ON o.os = c.os AND o.channel = c.name AND o.version = :version "
-    "AND o.machine_id = :mid "
-    "WHERE c.os = :os AND c.rollout_version = :version AND c.rollout_state = 'active'"
+    "SELECT name, failure_threshold, min_reports, min_failing, rollout_started_at "
+    "FROM channels WHERE os = :os AND rollout_version = :version AND rollout_state = 'active' "
+    "ORDER BY name"
 )
 _SQL_TALLY_LOCK = text(
     "INSERT INTO rollout_tallies (os, channel, version, machines, failures) "
     "VALUES (:os, :channel, :version, 0, 0) ON CONFLICT (os, channel, version) "
     "DO UPDATE SET machines = rollout_tallies.machines RETURNING machines, failures"
-)
-_SQL_OUTCOME = text(
-    "SELECT outcome FROM rollout_outcomes "
-    "WHERE os = :os AND channel = :channel AND version = :version AND machine_id = :mid"
 )
 _SQL_OUTCOME_SET = text(
     "INSERT INTO rollout_outcomes (os, channel, version, machine_id, outcome, at) "
@@ -92,6 +85,7 @@ _SQL_OUTCOME_SET = text(
     "ON CONFLICT (os, channel, version, machine_id) "
     "DO UPDATE SET outcome = excluded.outcome, at = excluded.at"
 )
+_CHUNK = 500  # machine-ids per IN (...) list
 _SQL_TALLY_SET = text(
     "UPDATE rollout_tallies SET machines = :machines, failures = :failures "
     "WHERE os = :os AND channel = :channel AND version = :version"
@@ -211,55 +205,116 @@ class Store:
         its machine was first seen before the rollout started and that channel offered
         it the version before the report (reports are not authenticated: a machine-id
         minted during the rollout, or never offered it, is no evidence). The machine's
-        latest counted outcome and the rollout's totals are kept up to date here: a
-        report reads and writes a few rows by primary key, whatever the number of
-        checks and reports stored (six statements, prepared once).
-        Returns the names of the channels whose rollout was halted.
+        latest counted outcome and the rollout's totals are kept up to date here. The
+        work is set-based: one INSERT for the batch, then for each rollout the batch
+        touches a few statements that read and write rows by primary key, whatever the
+        number of reports in the batch or of checks and reports stored. Reports count in
+        the batch's order; once one halts a rollout, the later ones no longer count for
+        it (as if each were written alone). Returns the channels whose rollout halted.
         """
+        if not batch:
+            return []
         halted: list[str] = []
         with self._writing() as conn:
+            conn.execute(_SQL_REPORT, [r.__dict__ for r in batch])
+            targets: dict[tuple[str, str], list[Report]] = {}
             for report in batch:
-                name = self._record_report(conn, report)
-                if name is not None:
-                    halted.append(name)
+                if report.to_version is not None:
+                    targets.setdefault((report.os, report.to_version), []).append(report)
+            for (os_name, version), reports in sorted(targets.items()):
+                rollouts = conn.execute(_SQL_ROLLOUTS, {"os": os_name, "version": version})
+                rows = rollouts.all()
+                if not rows:
+                    continue
+                mids = sorted({r.machine_id for r in reports})
+                first_seen = self._by_machine(
+                    conn, db.machines.c.machine_id, db.machines.c.first_seen, mids
+                )
+                for row in rows:  # in name order: concurrent writers lock tallies alike
+                    if self._count_rollout(conn, os_name, version, row, reports, first_seen):
+                        halted.append(str(row.name))
         return halted
 
-    def _record_report(self, conn: Any, report: Report) -> str | None:
-        conn.execute(_SQL_REPORT, report.__dict__)
-        if report.to_version is None:
-            return None
-        key = {"os": report.os, "version": report.to_version, "mid": report.machine_id}
-        for row in conn.execute(_SQL_ROLLOUTS, key).all():
-            started = row.rollout_started_at
-            if row.first_seen is None or (started is not None and row.first_seen >= started):
+    @staticmethod
+    def _by_machine(
+        conn: Any, key: Any, value: Any, mids: Sequence[str], *where: Any
+    ) -> dict[str, Any]:
+        """{machine_id: value} of the rows whose `key` is one of `mids` (read in chunks,
+        far below SQLite's limit on bound parameters)."""
+        found: dict[str, Any] = {}
+        for i in range(0, len(mids), _CHUNK):
+            stmt = select(key, value).where(key.in_(mids[i : i + _CHUNK]), *where)
+            found.update((str(k), v) for k, v in conn.execute(stmt).all())
+        return found
+
+    def _count_rollout(
+        self,
+        conn: Any,
+        os_name: str,
+        version: str,
+        row: Any,
+        reports: Sequence[Report],
+        first_seen: dict[str, Any],
+    ) -> bool:
+        """Count `reports` for the rollout `row` of `version`; whether they halted it."""
+        started = row.rollout_started_at
+        key = {"os": os_name, "channel": row.name, "version": version}
+        # The upsert creates or locks the rollout's tally row: concurrent batches of one
+        # rollout (PostgreSQL) take turns from here, so a machine is counted once.
+        tally = conn.execute(_SQL_TALLY_LOCK, key).one()
+        machines, failures = int(tally.machines), int(tally.failures)
+        mids = sorted({r.machine_id for r in reports})
+        offers, outcomes_table = db.offers.c, db.rollout_outcomes.c
+        offered = self._by_machine(
+            conn,
+            offers.machine_id,
+            offers.at,
+            mids,
+            offers.os == os_name,
+            offers.channel == row.name,
+            offers.version == version,
+        )
+        outcomes = self._by_machine(
+            conn,
+            outcomes_table.machine_id,
+            outcomes_table.outcome,
+            mids,
+            outcomes_table.os == os_name,
+            outcomes_table.channel == row.name,
+            outcomes_table.version == version,
+        )
+        changed: dict[str, dict[str, Any]] = {}
+        halts = False
+        for report in reports:
+            seen = first_seen.get(report.machine_id)
+            if seen is None or (started is not None and seen >= started):
                 continue  # a machine-id first seen during the rollout
-            if row.offered_at is None or row.offered_at > report.at:
+            at = offered.get(report.machine_id)
+            if at is None or at > report.at:
                 continue  # never offered this version before this report
-            machines, failures = self._count(conn, dict(key, channel=row.name), report)
+            previous = outcomes.get(report.machine_id)
+            machines += previous is None
+            failures += (report.outcome == "failure") - (previous == "failure")
+            outcomes[report.machine_id] = report.outcome
+            changed[report.machine_id] = dict(
+                key, mid=report.machine_id, outcome=report.outcome, at=report.at
+            )
             if should_halt(
                 machines, failures, row.failure_threshold, row.min_reports, row.min_failing
             ):
-                conn.execute(
-                    update(db.channels)
-                    .where(and_(db.channels.c.os == report.os, db.channels.c.name == row.name))
-                    .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
-                )
-                self._bump(conn)
-                return str(row.name)
-        return None
-
-    def _count(self, conn: Any, key: dict[str, str], report: Report) -> tuple[int, int]:
-        """Make `report` its machine's latest outcome for the rollout `key`; the rollout's
-        (machines, failures) after it."""
-        # The upsert creates or locks the rollout's tally row: concurrent reports of one
-        # rollout (PostgreSQL) take turns from here, so a machine is counted once.
-        tally = conn.execute(_SQL_TALLY_LOCK, key).one()
-        previous = conn.execute(_SQL_OUTCOME, key).scalar()
-        conn.execute(_SQL_OUTCOME_SET, dict(key, outcome=report.outcome, at=report.at))
-        machines = int(tally.machines) + (previous is None)
-        failures = int(tally.failures) + (report.outcome == "failure") - (previous == "failure")
-        conn.execute(_SQL_TALLY_SET, dict(key, machines=machines, failures=failures))
-        return machines, failures
+                halts = True
+                break
+        if changed:
+            conn.execute(_SQL_OUTCOME_SET, list(changed.values()))
+            conn.execute(_SQL_TALLY_SET, dict(key, machines=machines, failures=failures))
+        if halts:
+            conn.execute(
+                update(db.channels)
+                .where(and_(db.channels.c.os == os_name, db.channels.c.name == row.name))
+                .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
+            )
+            self._bump(conn)
+        return halts
 
     def prune_checks(self, before: float, chunk: int = 10_000) -> int:
         """Delete the checks recorded before `before` (UNIX time), `chunk` rows per
