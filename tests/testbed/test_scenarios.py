@@ -300,7 +300,7 @@ def test_5_a_flipped_byte_in_the_inactive_core_stops_its_boot_at_verity(
     assert "does not match the root hash" in line.group(0)
     booted = guest.wait_booted()  # panic=10: reboot, and the one-shot is spent
     assert booted.core == CORE.format("1.0.2")
-    _timed("6 tampered Core", started)
+    _timed("5 tampered Core", started)
 
 
 # --- 5. automatic rollback ----------------------------------------------------------------
@@ -345,7 +345,7 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
     assert any(
         f["to_version"] == build.BROKEN and "failed to boot" in f["error"] for f in failures
     ), failures
-    _timed("5 automatic rollback", started)
+    _timed("6 automatic rollback", started)
 
 
 def _force_one_shot(guest: session.Guest, entry: str) -> None:
@@ -396,7 +396,7 @@ def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
     booted = guest.boot()  # the one-shot is spent: the default entry boots
     assert booted.core == CORE.format(defaults[0])
     guest.sh(f"rm {esp}/{entry}")
-    _timed(f"6 refused {name}", started)
+    _timed(f"7 refused {name}", started)
 
 
 # --- 7. power cut ------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def test_8_a_power_cut_while_writing_core_leaves_the_old_version_booting(
         assert status == 20, second.update_journal()
         assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{offered}+3.efi"]
         assert "core_1.0.0" in second.lvs()
-    _timed("7 power cut", started)
+    _timed("8 power cut", started)
 
 
 # --- issue 7: trusted boot ------------------------------------------------------------------
