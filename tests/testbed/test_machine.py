@@ -533,6 +533,29 @@ def test_vm_guest_reboot_stays_in_qemu(new_machine: Callable[..., Machine]) -> N
     assert [t.label for t in vm.timings] == ["start", "reboot -f"]
 
 
+_SHUTDOWN_TAIL = """\
+[  198.615911] systemd-shutdown[1]: Unmounting file systems.
+[  198.631382] systemd-shutdown[1]: All filesystems unmounted.
+[  198.652512] systemd-shutdown[1]: Detaching DM devices.
+[  198.757315] systemd-shutdown[1]: Could not detach DM /dev/dm-0: Device or resource busy
+[  198.763124] systemd-shutdown[1]: Detaching DM devices.
+"""
+
+
+def test_a_guest_silent_after_unmounting_everything_hung_at_shutdown() -> None:
+    """Scenario 3 once waited 420 s on a guest whose console ended in systemd-shutdown's
+    third "Detaching DM devices." (file systems unmounted, no reset line): that is a hang
+    to power-cycle, like silence after the reset line; silence anywhere else is not."""
+    boot = "[    0.000000] Linux version 6.1.0-57-amd64\n"
+    assert machine.hang_point(boot + _SHUTDOWN_TAIL) == "shutdown"
+    assert machine.hang_point(boot + "[   72.99] reboot: machine restart\n") == "reset"
+    # before the unmount (processes may take their 90 s to stop), or in a later boot
+    before = boot + "[  198.5] systemd-shutdown[1]: Sending SIGTERM to remaining processes...\n"
+    assert machine.hang_point(before) is None
+    assert machine.hang_point(_SHUTDOWN_TAIL + boot + "[    1.0] systemd-shutdown[1]: x\n") is None
+    assert machine.hang_point(boot + _SHUTDOWN_TAIL + "rampart-guest# ") is None
+
+
 @pytest.mark.vm
 def test_vm_reset_hang_power_cycles(
     new_machine: Callable[..., Machine],

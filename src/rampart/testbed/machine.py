@@ -69,7 +69,9 @@ the kernel's "reboot: machine restart" the console stays silent for good. While 
 is power-cycled (`kill()` then `start()`: same disks, variables and TPM state, so a
 one-shot boot entry the guest set is still pending), with a warning in the log;
 `hang_restarts` counts them. The OVMF boot manager prints within seconds of a reset,
-so the wait is far above any real boot.
+so the wait is far above any real boot. The same holds for a guest silent after a
+line of systemd-shutdown printed once every file system is unmounted (seen once: it
+never finished detaching device-mapper devices); `hang_point(text)` says which.
 
 Time factor: a busy host runs a TCG guest slower, and so every wait of the driver
 (each `expect` and `wait_for_shell` timeout, hence each `shell` and `check`, the
@@ -142,6 +144,12 @@ _UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 _MAX_SHELL_LINE = 4000  # the tty keeps at most 4095 characters of a typed-ahead line
 _RC_PREFIX = "__rc_"
 _RESET_LINE = re.compile(r"reboot: (?:machine restart|Restarting system)\s*\Z")
+# The last line is systemd-shutdown's, once it has unmounted every file system: a
+# guest that then stays silent hung on its way to the reset (seen once: the third
+# round of "Detaching DM devices" never finished), and a power cut loses nothing.
+_SHUTDOWN_LINE = re.compile(r"systemd-shutdown\[1\]: [^\n]*\s*\Z")
+_UNMOUNTED = "systemd-shutdown[1]: All filesystems unmounted."
+_BOOT_LINE = "Linux version"
 _PROMPT = re.compile(re.escape(PROMPT))
 
 # ANSI escape sequences: CSI, OSC (ended by BEL or ST), then any other ESC sequence
@@ -367,6 +375,19 @@ def time_factor(boot_seconds: float, reference: float = REFERENCE_BOOT_SECONDS) 
     if not boot_seconds > 0 or not reference > 0:
         raise UsageError(f"a boot time must be positive, not {boot_seconds} / {reference}")
     return round(min(max(boot_seconds / reference, 1.0), MAX_TIME_FACTOR), 1)
+
+
+def hang_point(text: str) -> str | None:
+    """Where a guest whose console ends with `text` and then stays silent has hung:
+    "reset" (the kernel's reset line: the firmware never ran), "shutdown" (a line of
+    systemd-shutdown after it unmounted every file system), or None (silence after
+    anything else is no hang)."""
+    tail = text[-200:]
+    if _RESET_LINE.search(tail):
+        return "reset"
+    if _SHUTDOWN_LINE.search(tail) and text.rfind(_UNMOUNTED) > text.rfind(_BOOT_LINE):
+        return "shutdown"
+    return None
 
 
 def clean_console(text: str) -> str:
@@ -946,14 +967,16 @@ class Machine:
         text = self._buffer.text
         if len(text) == self._hung_at:  # power-cycled already: the new run is starting
             return False
-        return _RESET_LINE.search(text, max(0, len(text) - 200)) is not None
+        return hang_point(text) is not None
 
     def _power_cycle_hung(self) -> None:
         log.warning(
-            "%s: nothing on the console %s after the guest's reset: the firmware hung "
-            "(an emulator fault, not the guest's doing); power-cycling the machine",
+            "%s: nothing on the console %s after the guest's %s line: it hung on its "
+            "way to the firmware (file systems already unmounted); power-cycling the "
+            "machine",
             self.name,
             self._waited(self.reset_hang_after or 0.0),
+            hang_point(self._buffer.text),
         )
         self.hang_restarts += 1
         self.kill()
