@@ -293,8 +293,7 @@ def test_5_a_flipped_byte_in_the_inactive_core_stops_its_boot_at_verity(
         'b=os.pread(f, 1, 1000); os.pwrite(f, bytes([b[0] ^ 0x01]), 1000); os.fsync(f)"'
     )
     guest.sh("rampart boot-once 1.0.1")
-    guest.vm.mark()
-    guest.vm.send("systemctl reboot\n")
+    guest.restart()
     line = guest.vm.expect(r"rampart: cannot open Core \S+ with dm-verity[^\n]*\n", 300)
     assert CORE.format("1.0.1") in line.group(0)
     assert "does not match the root hash" in line.group(0)
@@ -321,8 +320,7 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
     server.publish(build.BROKEN)
     assert guest.run_update_service() == 20
     assert _entries(guest) == ["clipos-1.0.2.efi", "clipos-1.0.3+3.efi"]
-    guest.vm.mark()
-    guest.vm.send("systemctl reboot\n")
+    guest.restart()
     cores = []
     while not cores or cores[-1] == CORE.format(build.BROKEN):
         assert len(cores) <= build.rootfs.BOOT_TRIES, f"no fallback after {cores}"
@@ -386,8 +384,7 @@ def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
         f"open('{esp}/{entry}', 'wb').write(urllib.request.urlopen('{url}', context=c).read())\""
     )
     _force_one_shot(guest, entry)
-    guest.vm.mark()
-    guest.vm.send("systemctl reboot\n")
+    guest.restart()
     index, match = guest.vm.expect_any(
         [r"(?i)security violation|access denied", session.BOOTED], session.BOOT_TIMEOUT
     )
@@ -474,8 +471,7 @@ def test_9_an_old_signed_version_written_back_offline_does_not_boot(
     )
     guest.sh(f"rm -f {esp}/clipos-{build.BROKEN}+0-3.efi && sync")
     _force_one_shot(guest, "clipos-1.0.1.efi")
-    guest.vm.mark()
-    guest.vm.send("systemctl reboot\n")
+    guest.restart()
     line = guest.vm.expect(r"rampart: Core \S+ has security epoch[^\n]*\n", 300).group(0)
     assert CORE.format("1.0.1") in line
     assert f"epoch {build.EPOCHS['1.0.1']}, below the TPM's rollback counter {counter}" in line
@@ -508,8 +504,7 @@ def test_10_new_secure_boot_keys_need_the_passphrase_until_resealed(
         out = machine.sh(f"printf '%s\\n' '{bed.recovery_passphrase}' | rampart tpm reseal")
         assert "resealed" in out
         assert machine.tpm_status()["unseals"] is True
-        machine.vm.mark()
-        machine.vm.send("systemctl reboot\n")
+        machine.restart()
         index, _ = machine.vm.expect_any([PROMPT, UNLOCKED_TPM], session.BOOT_TIMEOUT)
         assert index == 1, "the boot after resealing still asked for the passphrase"
         assert machine.wait_booted().core == CORE.format("1.0.0")
