@@ -11,8 +11,9 @@ and its own swtpm state, all in its work directory. It boots through OVMF
 (Secure Boot enforced) and systemd-boot, and is driven over its serial console
 (rampart.testbed.machine): `boot()` and `reboot()` return the Core the
 initramfs opened (`reboot()`, like `restart()`, shuts the guest down and powers it
-on again: a cold boot reaches the kernel 35-45 s sooner than a warm reset), `sh()` runs a command in root's shell, `ensure_shell()` brings
-a guest in an unknown state (off, in the middle of a boot) to its shell. Its
+on again: a cold boot reaches the kernel 35-45 s sooner than a warm reset), `sh()`
+runs a command in root's shell, `ensure_shell()` brings a guest in an unknown state
+(off, in the middle of a boot) to its shell. Its
 `time_factor` multiplies every wait (see rampart.testbed.machine).
 """
 
