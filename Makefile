@@ -48,8 +48,11 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Two pytest-xdist workers: the testbed scenarios in order in one, every other test in
+# the other (tests/conftest.py groups them); TEST_WORKERS=0 runs everything in-process.
+TEST_WORKERS ?= 2
 unit: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test: lint typecheck unit
 

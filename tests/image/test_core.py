@@ -73,6 +73,51 @@ def test_bundle_layout_checks_with_veritysetup_and_unsquashfs(tree: Path, tmp_pa
     assert core.load_meta(tmp_path / "out/core-1.0.0.json") == meta
 
 
+def test_a_compressed_core_is_smaller_reproducible_and_checks_with_veritysetup(
+    tree: Path, tmp_path: Path
+) -> None:
+    (tree / "usr/share").mkdir()
+    (tree / "usr/share/text").write_bytes(b"compressible line\n" * 50_000)
+    plain = core.build_core(tree, V, tmp_path / "plain")
+    meta = core.build_core(tree, V, tmp_path / "a", compression="zstd")
+    again = core.build_core(tree, V, tmp_path / "b", compression="zstd")
+    image = tmp_path / "a/core-1.0.0.img"
+    assert meta == again and image.read_bytes() == (tmp_path / "b/core-1.0.0.img").read_bytes()
+    assert meta.data_size < plain.data_size
+    stat = subprocess.run(
+        ["unsquashfs", "-s", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Compression zstd" in stat
+    done = subprocess.run(
+        [
+            "veritysetup",
+            "verify",
+            "--hash-offset",
+            str(meta.data_size),
+            "--data-blocks",
+            str(meta.verity.data_blocks),
+            str(image),
+            str(image),
+            meta.verity.root_hash,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "x"
+    subprocess.run(["unsquashfs", "-q", "-d", str(out), str(image)], check=True)
+    assert (out / "usr/share/text").read_bytes() == (tree / "usr/share/text").read_bytes()
+
+
+def test_an_unknown_compression_is_refused_before_anything_is_written(
+    tree: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(UsageError, match="compression 'brotli': not one of"):
+        core.build_core(tree, V, tmp_path / "out", compression="brotli")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fec_bundle_checks_with_veritysetup(tree: Path, tmp_path: Path) -> None:
     meta = core.build_core(tree, V, tmp_path / "out", fec=True)
     image = tmp_path / "out/core-1.0.0.img"

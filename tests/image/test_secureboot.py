@@ -209,6 +209,16 @@ def test_esp_layout_with_signed_systemd_boot(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["esp"]
 
 
+def test_esp_menu_timeout_is_chosen_and_a_negative_one_is_refused(
+    tmp_path: Path, keys: secureboot.KeySet
+) -> None:
+    esp = secureboot.build_esp(tmp_path / "esp", keys.directory, menu_timeout=0)
+    assert "timeout 0" in (esp / "loader" / "loader.conf").read_text().splitlines()
+    with pytest.raises(UsageError, match="menu timeout -1: must be 0 or more"):
+        secureboot.build_esp(tmp_path / "bad", keys.directory, menu_timeout=-1)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_esp_refuses_an_unsigned_uki_unless_allowed(
     tmp_path: Path, keys: secureboot.KeySet, signed_uki: Path
 ) -> None:

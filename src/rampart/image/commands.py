@@ -217,6 +217,7 @@ def cmd_build_esp(args: argparse.Namespace) -> int:
         args.ukis,
         systemd_boot=args.systemd_boot,
         require_signed=not args.allow_unsigned,
+        menu_timeout=args.menu_timeout,
     )
     entries = [f"EFI/Linux/{p.name}" for p in args.ukis]
     if args.json:
@@ -237,7 +238,9 @@ def cmd_build_esp(args: argparse.Namespace) -> int:
 def cmd_build_core(args: argparse.Namespace) -> int:
     from rampart.image import core
 
-    meta = core.build_core(args.rootfs, parse_version(args.version), args.out, args.fec)
+    meta = core.build_core(
+        args.rootfs, parse_version(args.version), args.out, args.fec, args.compress
+    )
     if args.json:
         _emit(meta.to_json())
     else:
@@ -289,7 +292,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     secret = signing.load_secret_key(args.secret_key, password_source(password_env, False))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    meta = core.build_core(args.rootfs, version, out, args.fec)
+    meta = core.build_core(args.rootfs, version, out, args.fec, args.compress)
     efiboot = out / f"{args.os}-{version.core}.efi"
     efiboot.unlink(missing_ok=True)  # an unpublished earlier build of this release
     image = _build_efiboot(
@@ -342,6 +345,19 @@ def _add_epoch(p: argparse.ArgumentParser) -> None:
         help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
         "counter is above N refuses to boot or install this version (offline rollback "
         "protection)",
+    )
+
+
+def _add_compress(p: argparse.ArgumentParser) -> None:
+    from rampart.image.core import COMPRESSIONS
+
+    p.add_argument(
+        "--compress",
+        choices=sorted(COMPRESSIONS),
+        metavar="ALGO",
+        help="compress the squashfs (" + ", ".join(sorted(COMPRESSIONS)) + "): a smaller "
+        "Core to download and write, for CPU at every read on the device; default: none, "
+        "as CLIP OS",
     )
 
 
@@ -433,7 +449,7 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         "esp",
         "lay out an ESP tree: signed systemd-boot, loader.conf, UKIs",
         "Create DIR with EFI/BOOT/BOOTX64.EFI (systemd-boot signed with KEYS/db), "
-        "loader/loader.conf (editor no, timeout 3, auto-firmware no) and the given UKIs in "
+        "loader/loader.conf (editor no, --menu-timeout, auto-firmware no) and the given UKIs in "
         "EFI/Linux/. Each UKI must verify with KEYS/db.crt unless --allow-unsigned. DIR "
         "must not exist; it appears complete or not at all.",
     )
@@ -451,6 +467,14 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         "--allow-unsigned",
         action="store_true",
         help="copy UKIs that db does not sign (to test that firmware refuses them)",
+    )
+    p.add_argument(
+        "--menu-timeout",
+        type=int,
+        default=secureboot.MENU_TIMEOUT,
+        metavar="S",
+        help=f"seconds systemd-boot shows its menu (default {secureboot.MENU_TIMEOUT}; 0 hides "
+        "it unless a key is held at boot)",
     )
     p.set_defaults(func=cmd_build_esp)
 
@@ -504,8 +528,9 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         build,
         "core",
         "build the verity-protected Core image from a root tree",
-        "Make an uncompressed, reproducible squashfs of ROOTFS and append its dm-verity hash "
-        "tree (and, with --fec, Reed-Solomon parity), as CLIP OS bundles Core. Writes "
+        "Make a reproducible squashfs of ROOTFS (uncompressed unless --compress) and append "
+        "its dm-verity hash tree (and, with --fec, Reed-Solomon parity), as CLIP OS bundles "
+        "Core. Writes "
         "DIR/core-V.img and DIR/core-V.json (root hash, salt, offsets, sizes, SHA-256) under "
         "temporary names, renamed last.",
     )
@@ -513,6 +538,7 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
     p.add_argument("--version", required=True, metavar="V")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--fec", action="store_true", help="append forward error correction")
+    _add_compress(p)
     p.set_defaults(func=cmd_build_core)
 
     p = leaf(
@@ -593,6 +619,7 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
     )
     _add_epoch(p)
     p.add_argument("--fec", action="store_true")
+    _add_compress(p)
     p.add_argument("--channel", metavar="C")
     p.add_argument("--force", action="store_true")
     p.add_argument("--password-env", default="RAMPART_PASSWORD", metavar="VAR")

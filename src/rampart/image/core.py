@@ -1,14 +1,17 @@
-"""The Core image: an uncompressed, reproducible squashfs of a root tree with its
-dm-verity hash tree appended (optionally followed by forward error correction),
-in the layout CLIP OS bundles and `veritysetup` reads (docs/formats.md, "Core").
+"""The Core image: a reproducible squashfs of a root tree (uncompressed by default)
+with its dm-verity hash tree appended (optionally followed by forward error
+correction), in the layout CLIP OS bundles and `veritysetup` reads (docs/formats.md,
+"Core").
 
     core-<V>.img   squashfs ‖ verity superblock + hash tree [‖ FEC parity]
     core-<V>.json  the metadata: version, root hash, salt, sizes, offsets, SHA-256
 
-Reproducible: mksquashfs with fixed timestamps, sorted entries and no
-compression; the verity salt and UUID are derived from the squashfs bytes, so the
-same tree gives the same bundle, byte for byte. Outputs are written under
-temporary names and renamed last: a failure leaves nothing behind.
+Reproducible: mksquashfs with fixed timestamps and sorted entries, uncompressed
+unless a compression is asked for (`COMPRESSIONS`: a smaller Core to move and
+write, for some CPU at every read on the device); the verity salt and UUID are
+derived from the squashfs bytes, so the same tree gives the same bundle, byte for
+byte. Outputs are written under temporary names and renamed last: a failure leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ from rampart.image import verity
 from rampart.version import Version
 
 FEC_ROOTS = 2
+# squashfs compressions a Core may use, with mksquashfs's options for each: every one
+# is readable by the kernels Rampart boots (CONFIG_SQUASHFS_<NAME>=y in Debian's).
+COMPRESSIONS: dict[str, tuple[str, ...]] = {
+    "zstd": ("-comp", "zstd", "-Xcompression-level", "6"),
+    "lz4": ("-comp", "lz4"),
+    "xz": ("-comp", "xz"),
+    "gzip": ("-comp", "gzip"),
+}
+_UNCOMPRESSED = ("-noI", "-noD", "-noF", "-noX")
 _TMP = ".rampart-build-"
 
 
@@ -105,8 +117,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_core(rootfs: Path, version: Version, out_dir: Path, fec: bool = False) -> CoreMeta:
-    """Build `core-<V>.img` and `core-<V>.json` in `out_dir` from the tree `rootfs`."""
+def build_core(
+    rootfs: Path,
+    version: Version,
+    out_dir: Path,
+    fec: bool = False,
+    compression: str | None = None,
+) -> CoreMeta:
+    """Build `core-<V>.img` and `core-<V>.json` in `out_dir` from the tree `rootfs`,
+    uncompressed or with one of `COMPRESSIONS`."""
+    if compression is not None and compression not in COMPRESSIONS:
+        raise UsageError(
+            f"compression {compression!r}: not one of {', '.join(sorted(COMPRESSIONS))}"
+        )
+    squash = _UNCOMPRESSED if compression is None else COMPRESSIONS[compression]
     if not rootfs.is_dir():
         raise UsageError(f"{rootfs}: root tree is not a directory")
     if version.build:
@@ -131,10 +155,7 @@ def build_core(rootfs: Path, version: Version, out_dir: Path, fec: bool = False)
                 "-noappend",
                 "-no-progress",
                 "-quiet",
-                "-noI",
-                "-noD",
-                "-noF",
-                "-noX",
+                *squash,
                 "-all-time",
                 "0",
                 "-mkfs-time",

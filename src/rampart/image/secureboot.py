@@ -52,7 +52,16 @@ VALIDITY_DAYS = 20 * 365  # firmware ignores validity; sbverify and tools do not
 
 # systemd-boot's menu: no editing of the command line (it would bypass the
 # signed one), a short timeout, no "reboot into firmware" entry.
-LOADER_CONF = "timeout 3\neditor no\nauto-firmware no\n"
+MENU_TIMEOUT = 3
+
+
+def loader_conf(timeout: int = MENU_TIMEOUT) -> str:
+    """loader.conf: the menu shown for `timeout` seconds (0: hidden, a key held at
+    boot shows it), no editor, no firmware entry."""
+    if timeout < 0:
+        raise UsageError(f"menu timeout {timeout}: must be 0 or more seconds")
+    return f"timeout {timeout}\neditor no\nauto-firmware no\n"
+
 
 _EFI_CERT_X509_GUID = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072")
 _BLS_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-_.")
@@ -328,17 +337,19 @@ def build_esp(
     *,
     systemd_boot: Path = SYSTEMD_BOOT,
     require_signed: bool = True,
+    menu_timeout: int = MENU_TIMEOUT,
 ) -> Path:
     """Lay out an ESP tree in `out_dir` (which must not exist):
 
         EFI/BOOT/BOOTX64.EFI   systemd-boot, signed with db
-        loader/loader.conf     editor no, timeout 3, auto-firmware no
+        loader/loader.conf     editor no, timeout `menu_timeout`, auto-firmware no
         EFI/Linux/<name>.efi   each UKI, copied
 
     With `require_signed`, each UKI must verify with db.crt (VerificationError
     otherwise). Built in a temporary sibling directory renamed last: a failure
     leaves nothing. ConflictError if `out_dir` exists.
     """
+    conf = loader_conf(menu_timeout)
     keys = KeySet(keys_dir)
     keys.check(names=("db",))
     if out_dir.exists() or out_dir.is_symlink():
@@ -369,7 +380,7 @@ def build_esp(
             raise FormatError(f"{systemd_boot}: already signed; give the unsigned systemd-boot")
         uki.sign(loader, keys.key("db"), keys.cert("db"))
         uki.verify_signature(loader, keys.cert("db"))
-        (tmp / "loader" / "loader.conf").write_text(LOADER_CONF)
+        (tmp / "loader" / "loader.conf").write_text(conf)
         for path in ukis:
             shutil.copyfile(path, tmp / "EFI" / "Linux" / path.name)
         for directory in (tmp / "EFI" / "BOOT", tmp / "EFI" / "Linux", tmp / "loader"):

@@ -421,7 +421,9 @@ def base_tarball_path(cache_dir: Path, mirror: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the lock file `path` (created if missing): builds
+    into one cache wait for each other instead of doing the same work twice."""
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -515,7 +517,7 @@ def ensure_base(cache_dir: Path, mirror: str) -> Path:
     _check_private(cache_dir)
     key = cache_key(mirror)
     tarball = base_tarball_path(cache_dir, mirror)
-    with _locked(cache_dir / f".rootfs-{SUITE}.lock"):
+    with locked(cache_dir / f".rootfs-{SUITE}.lock"):
         if tarball.is_file():
             log.info("testbed rootfs: base from the cache, %s", tarball.name)
             return tarball
