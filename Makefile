@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests use (real tools, not mocks).
 DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium cryptsetup-bin \
-	curl dbus rauc rauc-service squashfs-tools \
+	curl dbus rauc rauc-service squashfs-tools shellcheck \
 	sbsigntool systemd-boot-efi ovmf qemu-system-x86 binutils \
 	busybox-static lvm2 kmod debootstrap e2fsprogs cpio \
 	swtpm swtpm-tools qemu-utils tpm2-tools libtss2-tcti-device0 libtss2-tcti-swtpm0 \
@@ -42,17 +42,17 @@ testbed: setup
 	$(BIN)/rampart testbed demo --work testbed-work
 
 lint: setup
+	shellcheck --severity=warning scripts/*.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
 typecheck: setup
 	$(BIN)/mypy
 
-# Two pytest-xdist workers: the testbed scenarios in order in one, every other test in
-# the other (tests/conftest.py groups them); TEST_WORKERS=0 runs everything in-process.
-TEST_WORKERS ?= 2
+# The testbed scenarios beside every other test, two pytest processes
+# (scripts/test.sh); TEST_PARALLEL=0 runs one pytest over everything.
 unit: setup
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	sh scripts/test.sh $(BIN)/pytest -q
 
 test: lint typecheck unit
 

@@ -1,12 +1,5 @@
 """Shared fixtures: keys, a CLI runner, the real minisign binary, a real swtpm, and a
-minimal UKI for the code that reads only its command line.
-
-Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), the tests form two
-groups, each run in order by one worker: tests/testbed/test_scenarios.py (one guest
-through scenarios 1 to 9, the update server on its fixed port) and all the others
-(host tests and the other VM tests, whose guests are independent of it). The two
-workers share the testbed build (a lock: the second waits, then reads the cache).
-A run takes about as long as its longer group, not their sum."""
+minimal UKI for the code that reads only its command line."""
 
 from __future__ import annotations
 
@@ -25,17 +18,6 @@ from pathlib import Path
 import pytest
 
 from rampart import cli, signing, tpm
-
-SCENARIOS_GROUP = "scenarios"
-OTHER_GROUP = "other"
-SCENARIOS = "tests/testbed/test_scenarios.py"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        group = SCENARIOS_GROUP if item.nodeid.startswith(SCENARIOS) else OTHER_GROUP
-        item.add_marker(pytest.mark.xdist_group(group))
-
 
 @dataclass
 class Result:

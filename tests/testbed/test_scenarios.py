@@ -6,8 +6,8 @@ One machine goes through scenarios 1 to 7 and 9 in order (each starts where the
 previous one left it, as a device in the field would); 8 uses a machine of its own
 booted from the installed disk. Scenarios 10 and 11 (trusted boot, machines of their
 own, no update server) are in test_trusted_boot.py: `make test` runs them in its
-other pytest-xdist worker, beside these. Each scenario first checks the state it
-starts from (`_given`): the guest is brought to its shell whatever an earlier
+other pytest process, beside these (scripts/test.sh). Each scenario first checks the
+state it starts from (`_given`): the guest is brought to its shell whatever an earlier
 failure left it in, the update server is made to offer what the scenario needs, and
 anything else that differs from what the previous scenario leaves fails the
 scenario at once with what differs, naming that scenario. Every wait is multiplied
