@@ -19,6 +19,7 @@ import pytest
 
 from rampart import cli, signing, tpm
 
+
 @dataclass
 class Result:
     code: int
