@@ -251,7 +251,13 @@ def test_the_device_configuration_loads_in_the_guest(built: Built) -> None:
     )
     done = chroot(built.first, "python3", "-c", script)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["clipos", "lvm", "mainvg", "/efi/EFI/Linux", "3"]
+    assert done.stdout.split() == [
+        "clipos",
+        "lvm",
+        "mainvg",
+        "/efi/EFI/Linux",
+        str(rootfs.BOOT_TRIES),
+    ]
 
 
 @pytest.mark.vm

@@ -2,11 +2,12 @@
 in a VM, booted by OVMF with Secure Boot enforced and a TPM from swtpm, updated from
 `rampart serve` on the host through its systemd service, rebooted, rolled back.
 
-One machine goes through scenarios 1 to 7 and 9 in order (each starts where the
+One machine goes through scenarios 1 to 6 and 9 in order (each starts where the
 previous one left it, as a device in the field would); 8 uses a machine of its own
-booted from the installed disk. Scenarios 10 and 11 (trusted boot, machines of their
-own, no update server) are in test_trusted_boot.py: `make test` runs them in its
-other pytest process, beside these (scripts/test.sh). Each scenario first checks the
+booted from the installed disk. Scenarios 7 (the firmware refuses UKIs it cannot
+verify), 10 and 11 (trusted boot) need no update server and use machines of their
+own: they are in test_refused_uki.py and test_trusted_boot.py, which `make test`
+runs in its other pytest process, beside these (scripts/test.sh). Each scenario first checks the
 state it starts from (`_given`): the guest is brought to its shell whatever an earlier
 failure left it in, the update server is made to offer what the scenario needs, and
 anything else that differs from what the previous scenario leaves fails the
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +28,8 @@ from typing import Any
 
 import pytest
 
-from rampart.client import bootonce
 from rampart.testbed import build, session
-from tests.testbed.lines import CORE, UNLOCKED_TPM
+from tests.testbed.kit import CORE, UNLOCKED_TPM, force_one_shot
 
 pytestmark = pytest.mark.vm
 
@@ -38,6 +37,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 log = logging.getLogger(__name__)
 TIMINGS: dict[str, float] = {}
 LV_PATH = "/dev/mainvg/core_{}"
+TRIES = build.rootfs.BOOT_TRIES  # the "+N" of a new boot entry
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_2_updates_from_rampart_serve_and_reboots_into_it(
     guest.sh("echo kept > /mnt/state/scenario-2 && sync")
     server.publish("1.0.1")
     assert guest.run_update_service() == 20  # updated, reboot to use it
-    assert _entries(guest) == ["clipos-1.0.0.efi", "clipos-1.0.1+3.efi"]
+    assert _entries(guest) == ["clipos-1.0.0.efi", f"clipos-1.0.1+{TRIES}.efi"]
     assert set(guest.lvs()) == {"core_1.0.0", "core_1.0.1", "core_state"}
     journal = guest.sh("journalctl -b -u rampart-update.service -o cat --no-pager")
     assert "Core 1.0.1 written and verified" in journal
@@ -229,7 +229,7 @@ def test_3_the_next_update_overwrites_the_older_slot(
     assert "core_1.0.0" not in after
     assert after["core_1.0.2"] == before["core_1.0.0"], "1.0.2 was not written into 1.0.0's LV"
     assert after["core_1.0.1"] == before["core_1.0.1"]
-    assert _entries(guest) == ["clipos-1.0.1.efi", "clipos-1.0.2+3.efi"]
+    assert _entries(guest) == ["clipos-1.0.1.efi", f"clipos-1.0.2+{TRIES}.efi"]
     booted = guest.reboot()
     assert booted.core == CORE.format("1.0.2")
     assert guest.wait_system_up() == "running"
@@ -264,7 +264,7 @@ def test_4_a_one_shot_boot_runs_the_older_version_and_updates_spare_it(
     assert guest.run_update_service() == 20
     assert guest.lvs() == lvs
     assert _head_digest(guest, "1.0.1") == digest
-    assert _entries(guest) == ["clipos-1.0.1.efi", "clipos-1.0.2+3.efi"]
+    assert _entries(guest) == ["clipos-1.0.1.efi", f"clipos-1.0.2+{TRIES}.efi"]
     booted = guest.reboot()  # no one-shot: the default entry, the newest
     assert booted.core == CORE.format("1.0.2")
     assert guest.wait_system_up() == "running"
@@ -318,7 +318,7 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
     )
     server.publish(build.BROKEN)
     assert guest.run_update_service() == 20
-    assert _entries(guest) == ["clipos-1.0.2.efi", "clipos-1.0.3+3.efi"]
+    assert _entries(guest) == ["clipos-1.0.2.efi", f"clipos-1.0.3+{TRIES}.efi"]
     guest.restart()
     cores = []
     while not cores or cores[-1] == CORE.format(build.BROKEN):
@@ -331,7 +331,7 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
     state = guest.wait_system_up()
     assert state == "running", f"the fallback boot is {state}: failed {guest.failed_units()}"
     assert guest.status()["running"] == "1.0.2"
-    assert _entries(guest) == ["clipos-1.0.2.efi", "clipos-1.0.3+0-3.efi"]
+    assert _entries(guest) == ["clipos-1.0.2.efi", f"clipos-1.0.3+0-{TRIES}.efi"]
     # 1.0.3 is not bootable any more: the rollback counter rises to 1.0.2's epoch.
     assert guest.tpm_status()["rollback_counter"] == build.EPOCHS["1.0.2"]
     console = guest.console_log.read_text(errors="replace")
@@ -343,56 +343,6 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
         f["to_version"] == build.BROKEN and "failed to boot" in f["error"] for f in failures
     ), failures
     _timed("6 automatic rollback", started)
-
-
-def _force_one_shot(guest: session.Guest, entry: str) -> None:
-    """Write systemd-boot's LoaderEntryOneShot by hand, as an attacker with root could
-    (`rampart boot-once` only takes entries systemd-boot listed at this boot)."""
-    var = f"/sys/firmware/efi/efivars/LoaderEntryOneShot-{bootonce.LOADER_GUID}"
-    guest.sh(
-        'sync; python3 -c "import struct; '
-        f"open('{var}', 'wb').write(struct.pack('<I', 7) + '{entry}\\0'.encode('utf-16-le'))\""
-    )
-
-
-@pytest.mark.parametrize("name", ["unsigned.efi", "other-signed.efi"])
-def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
-    guest: session.Guest, server: session.UpdateServer, bed: build.Testbed, name: str
-) -> None:
-    started = time.monotonic()
-    # Any version will do, as long as the guest is at its shell with the ESP mounted:
-    # after the refusal, the next power-on boots the default entry.
-    status = _given(
-        guest,
-        f"the {name} scenario",
-        "the automatic rollback scenario",
-        running=None,
-        settled=False,
-    )
-    defaults = [e["version"] for e in status["entries"] if e["default"]]
-    assert len(defaults) == 1, f"no default boot entry to come back to: {status['entries']}"
-    dist = server.webroot / "dist/rogue"
-    dist.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(build.rogue(bed, name), dist / name)
-    entry = f"clipos-{build.ROGUE}.efi"
-    esp = build.rootfs.ESP_DIRECTORY
-    url = f"https://{build.rootfs.UPDATE_HOST}:{build.SERVER_PORT}/dist/rogue/{name}"
-    guest.sh(
-        'python3 -c "import ssl, urllib.request; '
-        "c=ssl.create_default_context(cafile='/etc/rampart/rootca.pem'); "
-        f"open('{esp}/{entry}', 'wb').write(urllib.request.urlopen('{url}', context=c).read())\""
-    )
-    _force_one_shot(guest, entry)
-    guest.restart()
-    index, match = guest.vm.expect_any(
-        [r"(?i)security violation|access denied", session.BOOTED], session.BOOT_TIMEOUT
-    )
-    assert index == 0, f"the firmware started {name}: {match.group(0)}"
-    guest.power_cut()
-    booted = guest.boot()  # the one-shot is spent: the default entry boots
-    assert booted.core == CORE.format(defaults[0])
-    guest.sh(f"rm {esp}/{entry}")
-    _timed(f"7 refused {name}", started)
 
 
 # --- 7. power cut ------------------------------------------------------------------------
@@ -425,7 +375,7 @@ def test_8_a_power_cut_while_writing_core_leaves_the_old_version_booting(
         assert entries == ["clipos-1.0.0.efi"], entries
         status = second.run_update_service()
         assert status == 20, second.update_journal()
-        assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{offered}+3.efi"]
+        assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{offered}+{TRIES}.efi"]
         assert "core_1.0.0" in second.lvs()
     _timed("8 power cut", started)
 
@@ -470,8 +420,8 @@ def test_9_an_old_signed_version_written_back_offline_does_not_boot(
         f"urllib.request.urlopen('{base}-efiboot', context=c).read())\"",
         timeout=600,
     )
-    guest.sh(f"rm -f {esp}/clipos-{build.BROKEN}+0-3.efi && sync")
-    _force_one_shot(guest, "clipos-1.0.1.efi")
+    guest.sh(f"rm -f {esp}/clipos-{build.BROKEN}+0-{TRIES}.efi && sync")
+    force_one_shot(guest, "clipos-1.0.1.efi")
     guest.restart()
     line = guest.vm.expect(r"rampart: Core \S+ has security epoch[^\n]*\n", 300).group(0)
     assert CORE.format("1.0.1") in line

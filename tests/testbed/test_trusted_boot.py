@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rampart.testbed import build, session
-from tests.testbed.lines import CORE, PROMPT, UNLOCKED_PASSPHRASE, UNLOCKED_TPM
+from tests.testbed.kit import CORE, PROMPT, UNLOCKED_PASSPHRASE, UNLOCKED_TPM
 
 pytestmark = pytest.mark.vm
 

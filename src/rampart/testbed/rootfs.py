@@ -17,7 +17,7 @@ Two stages:
    - Rampart from the checkout's src/rampart in /usr/lib/python3/dist-packages (with
      Debian's python3-cryptography; no pip, no virtual environment), /usr/bin/rampart;
    - /usr/lib/rampart: config.toml (lvm backend, VG mainvg, ESP /efi/EFI/Linux,
-     boot_tries 3), the pubkey when given, and `health-check`, the script
+     boot_tries BOOT_TRIES), the pubkey when given, and `health-check`, the script
      rampart-health.service runs before boot-complete.target (HEALTHY by default,
      FAILING for a version that must roll back: a failure reboots the machine);
    - /etc/rampart and /etc/machine-id: symlinks into the state partition, which the
@@ -142,7 +142,9 @@ ESP_MOUNT = "/efi"
 ESP_DIRECTORY = f"{ESP_MOUNT}/EFI/Linux"
 ESP_PARTLABEL = "esp"  # the GPT partition name the installer gives the ESP
 STATE_MOUNT = "/mnt/state"
-BOOT_TRIES = 3
+# Two tries (systemd's default is three): the fallback is the same, and each try of
+# the broken version is a whole boot of the automatic rollback scenario.
+BOOT_TRIES = 2
 PROMPT = "rampart-guest# "  # root's shell prompt on the serial console
 SERIAL_TTY = "ttyS0"
 QEMU_USER_DNS = "10.0.2.3"  # the DNS server of QEMU's user-mode networking

@@ -218,6 +218,9 @@ class Guest:
     # True: another machine's TPM, which never sealed anything.
     fresh_tpm: bool = False
     time_factor: float = 1.0  # every wait is multiplied by it (a busy host)
+    # Disks after the installed one (/dev/vdb...): files handed to the guest without
+    # a network, e.g. the refused UKIs.
+    extra_disks: tuple[machine.Disk, ...] = ()
     boots: list[Boot] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -237,7 +240,7 @@ class Guest:
                 self.tpm.chmod(0o700)
         self.vm = machine.Machine(
             self.work / "vm",
-            disks=[machine.Disk(self.disk, "qcow2")],
+            disks=[machine.Disk(self.disk, "qcow2"), *self.extra_disks],
             firmware=machine.SecureBoot(self.vars),
             tpm_state=self.tpm,
             network=True,

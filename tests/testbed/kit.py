@@ -1,0 +1,24 @@
+"""What the scenarios share: the lines the testbed's guests print that they wait for
+(the initramfs's), and what an attacker with root in the guest does to its boot."""
+
+from __future__ import annotations
+
+import re
+
+from rampart.client import bootonce
+from rampart.testbed import session
+
+CORE = "mainvg/core_{}"
+UNLOCKED_TPM = "rampart: state partition unlocked with the TPM"
+UNLOCKED_PASSPHRASE = "rampart: state partition unlocked with the recovery passphrase"
+PROMPT = re.compile(r"rampart: (?P<reason>[^\n]*); enter the recovery passphrase[^\n]*\n")
+
+
+def force_one_shot(guest: session.Guest, entry: str) -> None:
+    """Write systemd-boot's LoaderEntryOneShot by hand, as an attacker with root could
+    (`rampart boot-once` only takes entries systemd-boot listed at this boot)."""
+    var = f"/sys/firmware/efi/efivars/LoaderEntryOneShot-{bootonce.LOADER_GUID}"
+    guest.sh(
+        'sync; python3 -c "import struct; '
+        f"open('{var}', 'wb').write(struct.pack('<I', 7) + '{entry}\\0'.encode('utf-16-le'))\""
+    )
