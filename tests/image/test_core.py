@@ -18,6 +18,26 @@ from rampart.version import parse_version
 V = parse_version("1.0.0")
 
 
+def _veritysetup_verify(image: Path, meta: core.CoreMeta) -> subprocess.CompletedProcess[str]:
+    """`veritysetup verify` of a bundle's appended tree against its root hash."""
+    return subprocess.run(
+        [
+            "veritysetup",
+            "verify",
+            "--hash-offset",
+            str(meta.data_size),
+            "--data-blocks",
+            str(meta.verity.data_blocks),
+            str(image),
+            str(image),
+            meta.verity.root_hash,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "rootfs"
@@ -49,22 +69,7 @@ def test_bundle_layout_checks_with_veritysetup_and_unsquashfs(tree: Path, tmp_pa
     doc = json.loads((tmp_path / "out/core-1.0.0.json").read_text())
     assert doc["root_hash"] == meta.verity.root_hash and doc["hash_offset"] == meta.data_size
     assert doc["bundle_size"] == image.stat().st_size
-    done = subprocess.run(
-        [
-            "veritysetup",
-            "verify",
-            "--hash-offset",
-            str(meta.data_size),
-            "--data-blocks",
-            str(meta.verity.data_blocks),
-            str(image),
-            str(image),
-            meta.verity.root_hash,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = _veritysetup_verify(image, meta)
     assert done.returncode == 0, done.stderr
     listing = subprocess.run(
         ["unsquashfs", "-l", str(image)], capture_output=True, text=True, check=True
@@ -88,22 +93,7 @@ def test_a_compressed_core_is_smaller_reproducible_and_checks_with_veritysetup(
         ["unsquashfs", "-s", str(image)], capture_output=True, text=True, check=True
     ).stdout
     assert "Compression zstd" in stat
-    done = subprocess.run(
-        [
-            "veritysetup",
-            "verify",
-            "--hash-offset",
-            str(meta.data_size),
-            "--data-blocks",
-            str(meta.verity.data_blocks),
-            str(image),
-            str(image),
-            meta.verity.root_hash,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = _veritysetup_verify(image, meta)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "x"
     subprocess.run(["unsquashfs", "-q", "-d", str(out), str(image)], check=True)

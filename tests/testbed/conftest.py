@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rampart.testbed import machine
+from rampart.testbed import build, machine
 from tests.image.bootkit import MARKER, busybox_initrd, kernel
 
 log = logging.getLogger(__name__)
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def reference_boot_seconds(work: Path) -> float:
@@ -45,3 +46,10 @@ def time_factor(tmp_path_factory: pytest.TempPathFactory) -> float:
     log.warning("%s", message)
     print(f"\n{message}")
     return factor
+
+
+@pytest.fixture(scope="module")
+def bed(time_factor: float) -> build.Testbed:
+    """The testbed of this checkout (built once per cache; test_scenarios.py has its
+    own, which also times the build)."""
+    return build.build(CHECKOUT, time_factor=time_factor)

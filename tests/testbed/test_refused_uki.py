@@ -23,16 +23,10 @@ from tests.testbed.kit import CORE, force_one_shot
 
 pytestmark = pytest.mark.vm
 
-CHECKOUT = Path(__file__).resolve().parents[2]
 ROGUES = ("unsigned.efi", "other-signed.efi")
 ALIGN = 1 << 20
 log = logging.getLogger(__name__)
 TIMINGS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def bed(time_factor: float) -> build.Testbed:
-    return build.build(CHECKOUT, time_factor=time_factor)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,8 @@ from tests.testbed.kit import CORE, PROMPT, UNLOCKED_PASSPHRASE, UNLOCKED_TPM
 
 pytestmark = pytest.mark.vm
 
-CHECKOUT = Path(__file__).resolve().parents[2]
 log = logging.getLogger(__name__)
 TIMINGS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def bed(time_factor: float) -> build.Testbed:
-    return build.build(CHECKOUT, time_factor=time_factor)
 
 
 @pytest.fixture(scope="module")
