@@ -175,6 +175,15 @@ def test_qemu_argv_secure_boot_disks_tpm_network(tmp_path: Path) -> None:
     assert not any("stdio" in a for a in argv)
 
 
+def test_qemu_argv_no_reboot(tmp_path: Path) -> None:
+    files = WorkFiles.in_dir(tmp_path)
+    plain = qemu_argv(firmware=DirectKernel(Path("/k/vmlinuz")), disks=[], files=files)
+    cold = qemu_argv(
+        firmware=DirectKernel(Path("/k/vmlinuz")), disks=[], files=files, no_reboot=True
+    )
+    assert cold.count("-no-reboot") == 1 and [a for a in cold if a != "-no-reboot"] == plain
+
+
 def test_qemu_argv_direct_kernel_without_tpm_or_network(tmp_path: Path) -> None:
     work = tmp_path / "odd,dir"
     argv = qemu_argv(
@@ -531,6 +540,34 @@ def test_vm_guest_reboot_stays_in_qemu(new_machine: Callable[..., Machine]) -> N
     assert vm.shell("ls /sys/class/tpm").output.split() == ["tpm0"]
     assert vm.console_log.read_text(errors="replace").count("Linux version") == 2
     assert [t.label for t in vm.timings] == ["start", "reboot -f"]
+
+
+@pytest.mark.vm
+def test_vm_cold_reboot_powers_on_again(new_machine: Callable[..., Machine]) -> None:
+    """With cold_reboot, the guest's reset ends QEMU and the next expect starts it again
+    (a new QEMU and swtpm, the test's boot clock still running); a kernel panic resets
+    too; a power-off still ends the machine."""
+    vm = new_machine(tpm=True, cold_reboot=True)
+    _boot(vm)
+    qemu, swtpm = vm.qemu_pid, vm.swtpm_pid
+    vm.mark()
+    vm.start_boot_clock("reboot -f")
+    vm.send("reboot -f\n")
+    vm.expect("Linux version", 60)
+    vm.wait_for_shell(60)
+    assert vm.running and vm.tpm_running and vm.cold_reboots == 1
+    assert vm.qemu_pid != qemu and vm.swtpm_pid != swtpm
+    assert vm.shell("ls /sys/class/tpm").output.split() == ["tpm0"]
+    assert [t.label for t in vm.timings] == ["start", "reboot -f"]
+    # panic=-1: the kernel resets at once, without the reset line of a reboot
+    vm.send("echo c > /proc/sysrq-trigger\n")
+    vm.expect("Linux version", 60)
+    vm.wait_for_shell(60)
+    assert vm.cold_reboots == 2 and vm.hang_restarts == 0
+    vm.send("poweroff -f\n")
+    with pytest.raises(MachineExited, match="QEMU exited \\(the guest powered off\\)"):
+        vm.expect("never printed", 60)
+    assert vm.cold_reboots == 2 and not vm.running
 
 
 _SHUTDOWN_TAIL = """\

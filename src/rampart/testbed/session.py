@@ -246,6 +246,7 @@ class Guest:
             network=True,
             memory=self.memory,
             time_factor=self.time_factor,
+            cold_reboot=True,  # a reset is a power cycle: OVMF comes back faster
         )
 
     @property
