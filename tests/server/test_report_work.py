@@ -114,6 +114,43 @@ def test_report_does_not_read_the_checks_or_reports_tables(db_url: str, publishe
             assert statement.startswith("INSERT INTO reports"), statement
 
 
+def test_a_report_batch_takes_six_statements_whatever_its_size(
+    db_url: str, published: Path
+) -> None:
+    """A batch of reports to a version rolled out on one channel runs six statements,
+    one report or all of the rollout's machines: the INSERT, the rollouts' read, then
+    the tally's lock, one read of what the batch's machines were offered, when they
+    were first seen and what counted for them, and the two writes. (With PostgreSQL
+    each is a round trip; the reads were three statements.)"""
+    engine, store, inside = _rollout(db_url, published)
+    try:
+        statements = Statements(engine)
+        seen = []
+        for machines in (inside[:1], inside):
+            statements.seen.clear()
+            store.record_reports(
+                [
+                    Report(m, OS, "1.0.0", VERSION, "success", "", time.time(), None)
+                    for m in machines
+                ]
+            )
+            seen.append([s for s in statements.seen if s.split()[0] not in ("BEGIN", "COMMIT")])
+        with engine.connect() as conn:
+            tally = conn.execute(select(db.rollout_tallies)).one()
+    finally:
+        engine.dispose()
+    assert len(inside) > 10 and (tally.machines, tally.failures) == (len(inside), 0)
+    for batch in seen:
+        assert [s.split()[0] for s in batch] == [
+            "INSERT",
+            "SELECT",
+            "INSERT",
+            "SELECT",
+            "INSERT",
+            "UPDATE",
+        ], batch
+
+
 def test_a_batch_of_reports_counts_in_its_order_as_one_by_one(db_url: str, published: Path) -> None:
     """One transaction for a batch: a machine reporting twice counts once (its latest
     outcome), a machine-id first seen during the rollout does not count, and the report

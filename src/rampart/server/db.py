@@ -180,7 +180,12 @@ def make_engine(url: str) -> Engine:
         _private_sqlite_files(url)
     elif url.startswith("postgresql+psycopg://"):
         kwargs.update(
-            pool_pre_ping=True,
+            # No ping before each use (a round trip per transaction, a tenth of a
+            # report batch's): a connection that died (PostgreSQL restarted) fails its
+            # statement, the pool drops every connection older than that, and the
+            # request gets 503 like any other in an outage (tests/server/
+            # test_postgres_restart.py).
+            pool_pre_ping=False,
             pool_size=8,
             max_overflow=4,
             pool_timeout=5,

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, select, text, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from rampart.errors import ConflictError, UsageError
@@ -86,6 +86,17 @@ _SQL_OUTCOME_SET = text(
     "DO UPDATE SET outcome = excluded.outcome, at = excluded.at"
 )
 _CHUNK = 500  # machine-ids per IN (...) list
+# What counting a batch for a rollout needs of each of its machines, in one round trip:
+# when the channel offered it the version, when it was first seen, and the outcome
+# already counted for it (NULL: none). A machine never offered, or unknown, has no row.
+_SQL_COUNTABLE = text(
+    "SELECT o.machine_id, o.at, m.first_seen, r.outcome FROM offers o "
+    "JOIN machines m ON m.machine_id = o.machine_id "
+    "LEFT JOIN rollout_outcomes r ON r.os = o.os AND r.channel = o.channel "
+    "AND r.version = o.version AND r.machine_id = o.machine_id "
+    "WHERE o.os = :os AND o.channel = :channel AND o.version = :version "
+    "AND o.machine_id IN :mids"
+).bindparams(bindparam("mids", expanding=True))
 _SQL_TALLY_SET = text(
     "UPDATE rollout_tallies SET machines = :machines, failures = :failures "
     "WHERE os = :os AND channel = :channel AND version = :version"
@@ -208,7 +219,8 @@ class Store:
         latest counted outcome and the rollout's totals are kept up to date here. The
         work is set-based: one INSERT for the batch, then for each rollout the batch
         touches a few statements that read and write rows by primary key, whatever the
-        number of reports in the batch or of checks and reports stored. Reports count in
+        number of reports in the batch or of checks and reports stored (on PostgreSQL,
+        each statement is a round trip: a batch takes seven). Reports count in
         the batch's order; once one halts a rollout, the later ones no longer count for
         it (as if each were written alone). Returns the channels whose rollout halted.
         """
@@ -224,28 +236,10 @@ class Store:
             for (os_name, version), reports in sorted(targets.items()):
                 rollouts = conn.execute(_SQL_ROLLOUTS, {"os": os_name, "version": version})
                 rows = rollouts.all()
-                if not rows:
-                    continue
-                mids = sorted({r.machine_id for r in reports})
-                first_seen = self._by_machine(
-                    conn, db.machines.c.machine_id, db.machines.c.first_seen, mids
-                )
                 for row in rows:  # in name order: concurrent writers lock tallies alike
-                    if self._count_rollout(conn, os_name, version, row, reports, first_seen):
+                    if self._count_rollout(conn, os_name, version, row, reports):
                         halted.append(str(row.name))
         return halted
-
-    @staticmethod
-    def _by_machine(
-        conn: Any, key: Any, value: Any, mids: Sequence[str], *where: Any
-    ) -> dict[str, Any]:
-        """{machine_id: value} of the rows whose `key` is one of `mids` (read in chunks,
-        far below SQLite's limit on bound parameters)."""
-        found: dict[str, Any] = {}
-        for i in range(0, len(mids), _CHUNK):
-            stmt = select(key, value).where(key.in_(mids[i : i + _CHUNK]), *where)
-            found.update((str(k), v) for k, v in conn.execute(stmt).all())
-        return found
 
     def _count_rollout(
         self,
@@ -254,7 +248,6 @@ class Store:
         version: str,
         row: Any,
         reports: Sequence[Report],
-        first_seen: dict[str, Any],
     ) -> bool:
         """Count `reports` for the rollout `row` of `version`; whether they halted it."""
         started = row.rollout_started_at
@@ -264,25 +257,13 @@ class Store:
         tally = conn.execute(_SQL_TALLY_LOCK, key).one()
         machines, failures = int(tally.machines), int(tally.failures)
         mids = sorted({r.machine_id for r in reports})
-        offers, outcomes_table = db.offers.c, db.rollout_outcomes.c
-        offered = self._by_machine(
-            conn,
-            offers.machine_id,
-            offers.at,
-            mids,
-            offers.os == os_name,
-            offers.channel == row.name,
-            offers.version == version,
-        )
-        outcomes = self._by_machine(
-            conn,
-            outcomes_table.machine_id,
-            outcomes_table.outcome,
-            mids,
-            outcomes_table.os == os_name,
-            outcomes_table.channel == row.name,
-            outcomes_table.version == version,
-        )
+        offered: dict[str, float] = {}
+        first_seen: dict[str, float | None] = {}
+        outcomes: dict[str, str | None] = {}
+        for i in range(0, len(mids), _CHUNK):
+            chunk = dict(key, mids=mids[i : i + _CHUNK])
+            for mid, at, seen, outcome in conn.execute(_SQL_COUNTABLE, chunk).all():
+                offered[mid], first_seen[mid], outcomes[mid] = at, seen, outcome
         changed: dict[str, dict[str, Any]] = {}
         halts = False
         for report in reports:
