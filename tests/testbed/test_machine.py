@@ -184,6 +184,20 @@ def test_qemu_argv_no_reboot(tmp_path: Path) -> None:
     assert cold.count("-no-reboot") == 1 and [a for a in cold if a != "-no-reboot"] == plain
 
 
+def test_swtpm_setup_argv_makes_a_sha256_only_tpm(tmp_path: Path) -> None:
+    argv = machine.swtpm_setup_argv(tmp_path / "tpm")
+    assert argv == [
+        "swtpm_setup",
+        "--tpm2",
+        "--tpmstate",
+        str(tmp_path / "tpm"),
+        "--pcr-banks",
+        "sha256",
+    ]
+    with pytest.raises(LocalError, match="comma"):
+        machine.swtpm_setup_argv(tmp_path / "a,b")
+
+
 def test_qemu_argv_direct_kernel_without_tpm_or_network(tmp_path: Path) -> None:
     work = tmp_path / "odd,dir"
     argv = qemu_argv(
@@ -558,6 +572,9 @@ def test_vm_cold_reboot_powers_on_again(new_machine: Callable[..., Machine]) -> 
     assert vm.running and vm.tpm_running and vm.cold_reboots == 1
     assert vm.qemu_pid != qemu and vm.swtpm_pid != swtpm
     assert vm.shell("ls /sys/class/tpm").output.split() == ["tpm0"]
+    # a new TPM has one PCR bank: the firmware and the kernel hash what they measure once
+    banks = vm.check("ls -d /sys/class/tpm/tpm0/pcr-*").split()
+    assert banks == ["/sys/class/tpm/tpm0/pcr-sha256"], banks
     assert [t.label for t in vm.timings] == ["start", "reboot -f"]
     # panic=-1: the kernel resets at once, without the reset line of a reboot
     vm.send("echo c > /proc/sysrq-trigger\n")
