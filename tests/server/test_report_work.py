@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, func, insert, select
+from sqlalchemy import Engine, bindparam, event, func, insert, select, text
 
 from rampart.server import admin, db
 from rampart.server.rollout import in_rollout
@@ -149,6 +149,62 @@ def test_a_report_batch_takes_six_statements_whatever_its_size(
             "INSERT",
             "UPDATE",
         ], batch
+
+
+def _plan_rows(node: dict[str, Any], seen: dict[str, int]) -> None:
+    """Add up, per table, the rows each scan of a PostgreSQL plan (EXPLAIN ANALYZE,
+    JSON) read: those it returned and those its filters removed, over all its loops."""
+    table = node.get("Relation Name")
+    if table is not None:
+        removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Join Filter", 0)
+        seen[table] = seen.get(table, 0) + (node["Actual Rows"] + removed) * node["Actual Loops"]
+    for child in node.get("Plans", []):
+        _plan_rows(child, seen)
+
+
+def test_report_batch_on_a_new_postgresql_table_reads_only_its_machines(
+    db_url: str, published: Path
+) -> None:
+    """Counting a batch reads the rows of the batch's machines only, found by their whole
+    key, before the database has any statistics of the tables (a new rollout). On
+    PostgreSQL the planner took `machine_id IN (...)` as a filter over every offer and
+    outcome of the rollout: a batch of 16 read all 18,000 offers (55 ms)."""
+    engine, store, inside = _rollout(db_url, published)
+    try:
+        with engine.begin() as conn:  # more offers of the rollout, of other machines
+            conn.execute(
+                insert(db.offers),
+                [
+                    {
+                        "os": OS,
+                        "channel": "stable",
+                        "version": VERSION,
+                        "machine_id": f"{i:032x}",
+                        "at": 1.0,
+                    }
+                    for i in range(10_000, 13_000)
+                ],
+            )
+        mids = inside[:8]
+        params = {"os": OS, "channel": "stable", "version": VERSION, "mids": mids}
+        postgresql = engine.dialect.name == "postgresql"
+        prefix = "EXPLAIN (ANALYZE, FORMAT JSON) " if postgresql else "EXPLAIN QUERY PLAN "
+        explain = text(prefix + store._countable.text)
+        if "IN :mids" in store._countable.text:
+            explain = explain.bindparams(bindparam("mids", expanding=True))
+        with engine.connect() as conn:
+            if postgresql:
+                plan = conn.execute(explain, params).scalar()
+                seen: dict[str, int] = {}
+                _plan_rows(plan[0]["Plan"], seen)
+                assert seen == {"offers": 8, "machines": 8, "rollout_outcomes": 0}, seen
+            else:
+                steps = [row[3] for row in conn.execute(explain, params)]
+                for table in ("o", "m", "r"):
+                    assert any(s.startswith(f"SEARCH {table} USING") for s in steps), steps
+                assert not any(s.startswith("SCAN") for s in steps), steps
+    finally:
+        engine.dispose()
 
 
 def test_a_batch_of_reports_counts_in_its_order_as_one_by_one(db_url: str, published: Path) -> None:
