@@ -3,6 +3,7 @@ as a CLIP OS device, checked inside the tree with its own tools (chroot)."""
 
 from __future__ import annotations
 
+import configparser
 import os
 import shutil
 import subprocess
@@ -52,6 +53,20 @@ def _microseconds(span: str) -> int:
         ["systemd-analyze", "timespan", span], capture_output=True, text=True, check=True
     ).stdout
     return int(next(line for line in out.splitlines() if "μs:" in line).split()[-1])
+
+
+def test_slow_boot_loses_the_serial_console_unless_devices_wait_for_slow_media() -> None:
+    """The fault: on a host kept busy beside the tests, the guest's udev started 40 s
+    after systemd, /dev/ttyS0's device job timed out at systemd's default 90 s and
+    serial-getty@ttyS0 failed ("Dependency failed"): no console shell for the whole
+    boot. Core's systemd configuration must give every device a wait sized for slow
+    media, as the ESP's mount has (5 minutes)."""
+    config = configparser.ConfigParser()
+    config.read_string(rootfs.SYSTEM_CONF)
+    timeout = config["Manager"]["DefaultDeviceTimeoutSec"]
+    assert _microseconds(timeout) >= _microseconds("5min") > _microseconds("90s")
+    assert rootfs.SYSTEM_CONF_PATH.startswith("usr/lib/systemd/system.conf.d/")
+    assert rootfs.SYSTEM_CONF_PATH.endswith(".conf")
 
 
 def test_slow_boot_loses_esp_unless_its_device_timeout_allows_slow_media(tmp_path: Path) -> None:
@@ -328,6 +343,8 @@ def test_state_symlinks_console_and_read_only_root(built: Built) -> None:
     assert done.stdout.endswith(rootfs.PROMPT), done
     assert str((tree / "etc/systemd/system/systemd-firstboot.service").readlink()) == "/dev/null"
     assert 'backup_dir = "/run/lvm/backup"' in (tree / "etc/lvm/lvm.conf").read_text()
+    done = chroot(tree, "systemd-analyze", "cat-config", "systemd/system.conf")
+    assert f"DefaultDeviceTimeoutSec={rootfs.DEVICE_TIMEOUT}" in done.stdout.splitlines(), done
 
 
 @pytest.mark.vm

@@ -28,7 +28,7 @@ Two stages:
      there); LVM keeps its metadata backups in /run/lvm; the ESP (GPT partition
      name ESP_PARTLABEL) is mounted on /efi (nofail, waiting up to ESP_DEVICE_TIMEOUT
      for its device), and the GPT auto-generator and the first-boot prompts are
-     masked;
+     masked; every device gets DEVICE_TIMEOUT to show up (systemd.conf.d), not 90 s;
    - rampart-update.timer, rampart-mark-good.service and rampart-health.service
      enabled, the rampart-fetch user created from the sysusers file (at build time:
      /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled;
@@ -279,6 +279,19 @@ TimeoutSec=30s
 # really missing: sized for slow media.
 ESP_DEVICE_TIMEOUT = "5min"
 ESP_OPTIONS = f"umask=0077,nofail,x-systemd.device-timeout={ESP_DEVICE_TIMEOUT}"
+
+# How long systemd waits for any device before it fails the units bound to it (90 s by
+# default). On a busy host the guest's udev started 40 s after systemd and its
+# coldplug ran past 90 s: /dev/ttyS0's job timed out, serial-getty@ttyS0 (the test
+# driver's shell, a person's console) failed for the whole boot. Sized for slow media
+# like the ESP's own timeout; a device that never comes still fails, later.
+DEVICE_TIMEOUT = "5min"
+SYSTEM_CONF = f"""\
+# Rampart Core: devices may show up late on slow media or a busy host.
+[Manager]
+DefaultDeviceTimeoutSec={DEVICE_TIMEOUT}
+"""
+SYSTEM_CONF_PATH = "usr/lib/systemd/system.conf.d/50-rampart.conf"
 
 FSTAB = f"""\
 # Rampart Core: / is the dm-verity device, read-only, mounted by the initramfs,
@@ -678,6 +691,7 @@ def _configure_units(tree: Path, data: Path) -> None:
             continue  # the update server's unit: not a device's
         _write(tree, f"{_UNIT_DIR}/{unit.name}", unit.read_text(encoding="utf-8"))
     _write(tree, f"{_UNIT_DIR}/rampart-health.service", HEALTH_UNIT)
+    _write(tree, SYSTEM_CONF_PATH, SYSTEM_CONF)
     _write(tree, f"{_UNIT_DIR}/rampart-state-layout.service", STATE_LAYOUT_UNIT)
     _write(tree, f"{_UNIT_DIR}/rampart-machine-id-commit.service", COMMIT_MACHINE_ID_UNIT)
     _write(tree, "usr/libexec/rampart/commit-machine-id", COMMIT_MACHINE_ID, 0o755)
