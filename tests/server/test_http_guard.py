@@ -32,6 +32,8 @@ from tests.server.conftest import OS, Server
 from tests.server.test_dashboard_browser import RAMPART, free_port, make_webroot, rampart
 
 WAIT = 30.0  # seconds: the bound of every wait in this file
+# `rampart serve`'s documented default (--max-connections-per-address, docs/server.md)
+DEFAULT_PER_ADDRESS = 64
 VERSION_CHECK = (
     b"GET /update/v1/clipos/version HTTP/1.1\r\nHost: localhost\r\n"
     b"clipos-machineid: " + b"a" * 32 + b"\r\nclipos-version: 1.0.0\r\n\r\n"
@@ -186,6 +188,48 @@ def test_one_address_cannot_take_every_connection(tmp_path: Path, tls: Pki | Non
         finally:
             for sock in held:
                 sock.close()
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether the server has not closed `sock` (a plain socket that sent nothing)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(WAIT)
+
+
+def test_slow_clients_do_not_starve_a_server_on_its_default_settings(
+    tmp_path: Path, tls: Pki | None
+) -> None:
+    """The review's attack on a `rampart serve` started with no flag: silent connections
+    held open from one address. The defaults must hold: the address gets its per-address
+    share and no more, other clients are served, and a silent connection is cut at the
+    default header (or TLS handshake) deadline. A server so slow that it cut some of the
+    held connections at that deadline before the next one came is tried again."""
+    with serve(tmp_path, tls) as server:
+        for _ in range(3):
+            held = [
+                server.connect("127.0.0.2", handshake=False) for _ in range(DEFAULT_PER_ADDRESS)
+            ]
+            try:
+                if server.status(VERSION_CHECK, "127.0.0.2") == 0:
+                    break  # reset: the address had its share
+                assert not all(still_open(sock) for sock in held), (
+                    f"a connection beyond {DEFAULT_PER_ADDRESS} from one address was served"
+                )
+            finally:
+                for sock in held:
+                    sock.close()
+        else:
+            pytest.fail("the held connections were cut before the next one came, 3 times")
+        assert server.status(VERSION_CHECK, "127.0.0.1") == 200
+        with server.connect("127.0.0.3", handshake=False) as silent:
+            assert closed_by_server(silent, None), "a silent connection was kept"
 
 
 # --- bodies before authentication (issue 13, item 6) -------------------------------------
