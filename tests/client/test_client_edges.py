@@ -222,8 +222,9 @@ def test_power_cut_while_writing_core_leaves_no_room_for_a_second_core_copy(
 
 
 def publish_unchecked(root: Path, keypair: KeyPair, version: str, tmp_path: Path) -> None:
-    """A release as a publisher without the length rule would have written it."""
-    release = make_release(tmp_path / "long", "1.0.0")
+    """A release as a publisher without the length rule would have written it: a real
+    Core and EFI binary built for `version`, whose command line names core_<version>."""
+    release = make_release(tmp_path / "long", version)
     parsed = parse_version(version)
     directory = webroot.release_dir(root, parsed)
     directory.mkdir(parents=True)
@@ -251,10 +252,10 @@ def test_version_too_long_for_an_lv_name_keeps_the_fallback_entry(
         before = device.state()
         for _ in range(2):  # every run, not only the first
             result = run_cli("update", *device.argv())
+            assert device.state() == before, f"the device changed: {result.err}"
             assert result.code == 10, result.err
             [line] = error_lines(result.err)
             assert "123 characters" in line and "LVM" in line
-            assert device.state() == before
     assert not any("/dist/" in path for path, _, _ in posts)
     assert [r["outcome"] for r in reports(posts)] == ["failure", "failure"]
 
