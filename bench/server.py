@@ -1145,7 +1145,9 @@ class ReportBench:
                     ],
                 )
             with engine.connect() as conn:
-                return int(conn.execute(text("SELECT coalesce(max(id), 0) FROM checks")).scalar())
+                return int(
+                    conn.execute(text("SELECT coalesce(max(id), 0) FROM checks")).scalar_one()
+                )
         finally:
             engine.dispose()
 
@@ -1189,7 +1191,7 @@ class ReportBench:
         wait_until(name, lambda: _get(port) == 200, service, START_TIMEOUT)
         # The webroot's version file names the last release published (1.0.1): the
         # channel goes back to 1.0.0, then 1.0.1 is rolled out.
-        common = ["--os", OS_NAME, "--webroot", bench.webroot, "--db", url]
+        common: list[str | Path] = ["--os", OS_NAME, "--webroot", bench.webroot, "--db", url]
         _run(
             [_rampart(), "channel", "set", "stable", "--version", RUNNING, "--force", *common],
             env=env,

@@ -156,7 +156,8 @@ def start_swtpm(state: Path) -> Iterator[tpm.Tpm]:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"swtpm did not start: {proc.stderr.read() if proc.stderr else ''}")
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                pytest.fail(f"swtpm did not start: {err}")
             time.sleep(0.05)
         yield tpm.Tpm(f"swtpm:host=127.0.0.1,port={port}")
     finally:
@@ -190,7 +191,9 @@ def fake_uki(cmdline: str) -> bytes:
 Payloads = dict[str, tuple[Path, Path]]
 
 
-def publish_args(root: Path, keypair: KeyPair, payloads: Payloads, version: str) -> list[object]:
+def publish_args(
+    root: Path, keypair: KeyPair, payloads: Payloads, version: str
+) -> list[str | os.PathLike[str]]:
     """The argv of `rampart publish` for `version` of `payloads` into `root`."""
     core, efiboot = payloads[version]
     return [

@@ -62,7 +62,7 @@ def test_minisign_signature_verifies_with_rampart(
     minisign_keys: tuple[Path, Path], payload: Path, minisign: str, legacy: bool
 ) -> None:
     pub, key = minisign_keys
-    argv = [minisign, "-S", "-s", key, "-m", payload, "-t", "1.0.1"]
+    argv: list[str | Path] = [minisign, "-S", "-s", key, "-m", payload, "-t", "1.0.1"]
     if legacy:
         argv.insert(2, "-l")
     done = run_tool(argv)

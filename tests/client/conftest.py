@@ -248,7 +248,8 @@ def start_nginx(
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"nginx exited: {process.stderr.read() if process.stderr else ''}")
+            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise RuntimeError(f"nginx exited: {err}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return Nginx(port, root, state, process)

@@ -107,7 +107,7 @@ def lvm(monkeypatch: pytest.MonkeyPatch) -> FakeLvm:
     # slots.py does `from rampart import run` and calls `run.run(...)`: the
     # attribute is looked up on the rampart.run module at call time, so
     # patching it there is what LvmBackend sees.
-    assert slots_module.run is run_module
+    assert vars(slots_module)["run"] is run_module
     monkeypatch.setattr(run_module, "run", fake)
     return fake
 

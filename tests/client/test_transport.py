@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ LIMITS = Limits(connect_timeout=5, read_timeout=5, min_speed=1, stall_window=5)
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Path:
+def site(tmp_path: Path) -> Iterator[Path]:
     root = world_readable_tmp() / "site"
     (root / "update/v1/clipos").mkdir(parents=True)
     (root / "update/v1/clipos/version").write_text('version = "1.0.0"\n')

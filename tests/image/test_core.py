@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rampart.errors import FormatError, LocalError, UsageError, VerificationError
-from rampart.image import core
+from rampart.image import core, verity
 from rampart.version import parse_version
 
 V = parse_version("1.0.0")
@@ -173,7 +173,7 @@ def test_failed_build_leaves_no_partial_output(
     def broken(*_: object, **__: object) -> object:
         raise FormatError("simulated failure while hashing")
 
-    monkeypatch.setattr(core.verity, "build", broken)
+    monkeypatch.setattr(verity, "build", broken)
     with pytest.raises(FormatError):
         core.build_core(tree, V, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []

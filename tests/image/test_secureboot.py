@@ -63,7 +63,9 @@ def test_keys_are_rsa2048_self_signed_with_secrets_0600(keys: secureboot.KeySet)
         cert = x509.load_pem_x509_certificate(keys.cert(name).read_bytes())
         assert cert.subject == cert.issuer
         assert cert.subject.rfc4514_string() == f"O=Rampart,CN=Rampart {name}"
-        assert cert.public_key().public_numbers() == secret.public_key().public_numbers()
+        public = cert.public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        assert public.public_numbers() == secret.public_key().public_numbers()
         cert.verify_directly_issued_by(cert)
     serials = {
         x509.load_pem_x509_certificate(keys.cert(n).read_bytes()).serial_number

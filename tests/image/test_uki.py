@@ -14,6 +14,7 @@ from pathlib import Path
 import pefile
 import pytest
 
+from rampart import run as run_module
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError, VerificationError
 from rampart.image import secureboot, uki
 from tests.image import bootkit
@@ -318,7 +319,7 @@ def test_nothing_is_left_when_signing_fails_after_objcopy(
 def test_nothing_is_left_when_objcopy_fails(
     tmp_path: Path, initrd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_run = uki.run.run
+    real_run = run_module.run
 
     def failing(argv: list[str], **kw: object) -> object:
         if argv[0] == "objcopy":
@@ -326,7 +327,7 @@ def test_nothing_is_left_when_objcopy_fails(
             raise LocalError("objcopy failed with exit code 1: injected")
         return real_run(argv, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(uki.run, "run", failing)
+    monkeypatch.setattr(run_module, "run", failing)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(LocalError, match="injected"):

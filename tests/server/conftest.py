@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from rampart import webroot as webroot_mod
@@ -78,11 +79,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     cluster = request.getfixturevalue("postgres")
     name = "t_" + secrets.token_hex(6)
-    cluster.create_database(name)  # type: ignore[attr-defined]
+    cluster.create_database(name)
     try:
-        yield cluster.url_for(name)  # type: ignore[attr-defined]
+        yield cluster.url_for(name)
     finally:
-        cluster.drop_database(name)  # type: ignore[attr-defined]
+        cluster.drop_database(name)
 
 
 @dataclass
@@ -98,12 +99,14 @@ class Server:
 
     def flush(self) -> None:
         """Write the buffered checks now."""
-        self.client.portal.call(self.client.app.state.recorder.flush)  # type: ignore[attr-defined,union-attr]
+        portal, app = self.client.portal, self.client.app
+        assert portal is not None and isinstance(app, FastAPI)
+        portal.call(app.state.recorder.flush)
 
     def check(self, mid: str, version: str = "1.0.0") -> str:
         response = self.client.get(f"/update/v1/{OS}/version", headers=headers(mid, version))
         assert response.status_code == 200, response.text
-        return response.text.split('"')[1]
+        return str(response.text.split('"')[1])
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,8 @@ def cli(webroot: Path, *argv: str) -> tuple[int, str, str]:
     return result.code, result.out, result.err
 
 
-def js(webroot: Path, *argv: str) -> object:
+def js(webroot: Path, *argv: str) -> Any:
+    """The parsed --json output of a command that must succeed."""
     code, out, err = cli(webroot, *argv, "--json")
     assert code == 0, err
     return json.loads(out)
@@ -38,7 +40,7 @@ def test_channels_start_from_the_static_webroot(webroot: Path) -> None:
     code, _, _ = cli(webroot, "serve", "--listen", "bad")  # bootstraps, then refuses --listen
     assert code == 2
     channels = js(webroot, "channel", "list")
-    assert [(c["name"], c["version"], c["is_default"]) for c in channels] == [  # type: ignore[union-attr,index]
+    assert [(c["name"], c["version"], c["is_default"]) for c in channels] == [
         ("stable", "1.0.0", True)
     ]
     assert (webroot.parent / "webroot.sqlite").exists()
@@ -69,23 +71,23 @@ def test_channel_lifecycle(webroot: Path) -> None:
         "--percent",
         "10",
     )
-    assert state["rollout_state"] == "active"  # type: ignore[index]
+    assert state["rollout_state"] == "active"
     assert (
         js(webroot, "channel", "rollout", "raise", "stable", "--os", OS, "--percent", "50")[
             "rollout_percent"
         ]
         == 50
-    )  # type: ignore[index]
+    )
     assert (
         js(webroot, "channel", "rollout", "pause", "stable", "--os", OS)["rollout_state"]
         == "paused"
-    )  # type: ignore[index]
+    )
     assert (
         js(webroot, "channel", "rollout", "resume", "stable", "--os", OS)["rollout_state"]
         == "active"
-    )  # type: ignore[index]
+    )
     done = js(webroot, "channel", "rollout", "raise", "stable", "--os", OS, "--percent", "100")
-    assert (done["version"], done["rollout_version"]) == ("1.0.2", None)  # type: ignore[index]
+    assert (done["version"], done["rollout_version"]) == ("1.0.2", None)
     code, out, _ = cli(webroot, "channel", "list")
     assert code == 0 and "clipos/stable: 1.0.2 (default)" in out
 
@@ -160,12 +162,12 @@ def test_channel_never_goes_back_without_force(webroot: Path) -> None:
             "version"
         ]
         == "1.0.1"
-    )  # type: ignore[index]
+    )
 
 
 def test_tokens_are_shown_once_and_stored_hashed(webroot: Path) -> None:
     created = js(webroot, "token", "create", "ops")
-    token = created["token"]  # type: ignore[index]
+    token = created["token"]
     assert token.startswith("rpt_") and len(token) > 40
     store = Store(db.make_engine(db.default_url(webroot)))
     assert token not in store.token_digests()
@@ -180,11 +182,11 @@ def test_machine_assign_show_and_fleet(webroot: Path) -> None:
     js(webroot, "channel", "create", "beta", "--os", OS, "--version", "1.0.1")
     mid = "c" * 32
     js(webroot, "machine", "assign", mid, "--os", OS, "--channel", "beta")
-    assert js(webroot, "machine", "show", mid)["channel"] == "beta"  # type: ignore[index]
+    assert js(webroot, "machine", "show", mid)["channel"] == "beta"
     js(webroot, "machine", "assign", mid, "--os", OS, "--default")
-    assert js(webroot, "machine", "show", mid)["channel"] is None  # type: ignore[index]
+    assert js(webroot, "machine", "show", mid)["channel"] is None
     view = js(webroot, "fleet", "--silent-days", "3")
-    assert view["machines"] == 1 and view["silent_days"] == 3  # type: ignore[index]
+    assert view["machines"] == 1 and view["silent_days"] == 3
     code, out, _ = cli(webroot, "fleet")
     assert code == 0 and "clipos/beta: 1.0.1" in out
 

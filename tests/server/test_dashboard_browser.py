@@ -394,7 +394,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def pick(version: str, percent: float, inside: bool, count: int, prefix: str) -> list[str]:
     """`count` machine ids that are (or are not) in a rollout of `version` at `percent`."""
-    found = []
+    found: list[str] = []
     n = 0
     while len(found) < count:
         mid = f"{prefix}{n:030x}"

@@ -81,7 +81,7 @@ def documented_config() -> str:
     blocks = re.findall(r"```nginx\n(.*?)```", DOC.read_text(), re.DOTALL)
     found = [b for b in blocks if "upstream rampart" in b]
     assert len(found) == 1, f"{DOC}: expected one ```nginx block with `upstream rampart`"
-    return found[0]
+    return str(found[0])
 
 
 def adapt(

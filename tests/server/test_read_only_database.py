@@ -50,7 +50,7 @@ def test_no_second_burst_of_503_after_a_read_only_database_recovers(
 
     def check(n: int) -> int:
         mid = f"{n:032x}"
-        return client.get(f"/update/v1/{OS}/version", headers=headers(mid)).status_code
+        return int(client.get(f"/update/v1/{OS}/version", headers=headers(mid)).status_code)
 
     n = 0
     try:

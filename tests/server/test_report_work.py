@@ -198,7 +198,7 @@ def test_report_batch_on_a_new_postgresql_table_reads_only_its_machines(
             explain = explain.bindparams(bindparam("mids", expanding=True))
         with engine.connect() as conn:
             if postgresql:
-                plan = conn.execute(explain, params).scalar()
+                plan = conn.execute(explain, params).scalar_one()
                 seen: dict[str, int] = {}
                 _plan_rows(plan[0]["Plan"], seen)
                 assert seen == {"offers": 8, "machines": 8, "rollout_outcomes": 0}, seen

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.testbed import build, machine, session
+from rampart.testbed import build, machine, rootfs, session
 from tests.testbed.kit import CORE, force_one_shot
 
 pytestmark = pytest.mark.vm
@@ -78,7 +78,7 @@ def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
     assert len(defaults) == 1, f"no default boot entry to come back to: {status['entries']}"
     offset, size = rogue_disk[1][name]
     entry = f"clipos-{build.ROGUE}.efi"
-    target = f"{build.rootfs.ESP_DIRECTORY}/{entry}"
+    target = f"{rootfs.ESP_DIRECTORY}/{entry}"
     guest.sh(
         f"python3 -c \"f = open('/dev/vdb', 'rb'); f.seek({offset}); "
         f"open('{target}', 'wb').write(f.read({size}))\""

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from rampart.testbed import build, session
+from rampart.testbed import build, rootfs, session
 from tests.testbed.kit import CORE, UNLOCKED_TPM, force_one_shot
 
 pytestmark = pytest.mark.vm
@@ -37,7 +37,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 log = logging.getLogger(__name__)
 TIMINGS: dict[str, float] = {}
 LV_PATH = "/dev/mainvg/core_{}"
-TRIES = build.rootfs.BOOT_TRIES  # the "+N" of a new boot entry
+TRIES = rootfs.BOOT_TRIES  # the "+N" of a new boot entry
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def _given(
     if settled and state != "running":
         failed = ", ".join(guest.failed_units()) or "none"
         problems.append(f"its boot is {state!r} (failed units: {failed})")
-    esp = build.rootfs.ESP_MOUNT
+    esp = rootfs.ESP_MOUNT
     mounted = guest.vm.shell(f"mountpoint -q {esp}").returncode == 0
     if not mounted:
         problems.append(f"the ESP is not mounted on {esp}")
@@ -320,11 +320,11 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
     assert guest.run_update_service() == 20
     assert _entries(guest) == ["clipos-1.0.2.efi", f"clipos-1.0.3+{TRIES}.efi"]
     guest.restart()
-    cores = []
+    cores: list[str] = []
     while not cores or cores[-1] == CORE.format(build.BROKEN):
-        assert len(cores) <= build.rootfs.BOOT_TRIES, f"no fallback after {cores}"
+        assert len(cores) <= rootfs.BOOT_TRIES, f"no fallback after {cores}"
         cores.append(guest.vm.expect(session.BOOTED, session.BOOT_TIMEOUT).group("core"))
-    assert cores == [CORE.format(build.BROKEN)] * build.rootfs.BOOT_TRIES + [CORE.format("1.0.2")]
+    assert cores == [CORE.format(build.BROKEN)] * rootfs.BOOT_TRIES + [CORE.format("1.0.2")]
     guest.vm.wait_for_shell(session.BOOT_TIMEOUT)
     # The fallback boot comes up whole: the ESP mounted, mark-good done (the fault of
     # a busy host: the ESP's device came after its timeout and the boot was degraded).
@@ -335,7 +335,7 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
     # 1.0.3 is not bootable any more: the rollback counter rises to 1.0.2's epoch.
     assert guest.tpm_status()["rollback_counter"] == build.EPOCHS["1.0.2"]
     console = guest.console_log.read_text(errors="replace")
-    assert console.count("this version is broken on purpose") >= build.rootfs.BOOT_TRIES
+    assert console.count("this version is broken on purpose") >= rootfs.BOOT_TRIES
     # The next check refuses the version that failed, and says so to the server.
     assert guest.run_update_service() == 4
     failures = server.fleet()["recent_failures"]
@@ -407,10 +407,10 @@ def test_9_an_old_signed_version_written_back_offline_does_not_boot(
             pytrace=False,
         )
     server.ensure_release("1.0.1")  # published by scenario 2
-    esp = build.rootfs.ESP_DIRECTORY
-    base = f"https://{build.rootfs.UPDATE_HOST}:{build.SERVER_PORT}/dist/1.0.1/clipos"
+    esp = rootfs.ESP_DIRECTORY
+    base = f"https://{rootfs.UPDATE_HOST}:{build.SERVER_PORT}/dist/1.0.1/clipos"
     old_lv = LV_PATH.format("1.0.1")
-    guest.sh(f"lvrename {build.rootfs.VOLUME_GROUP} core_{build.BROKEN} core_1.0.1")
+    guest.sh(f"lvrename {rootfs.VOLUME_GROUP} core_{build.BROKEN} core_1.0.1")
     guest.sh(
         'python3 -c "import shutil, ssl, urllib.request; '
         "c=ssl.create_default_context(cafile='/etc/rampart/rootca.pem'); "
