@@ -50,7 +50,7 @@ KEYGEN_SNIPPET = """\
 import sys
 from pathlib import Path
 
-from rampart import signing
+from rampart.contracts import signing
 
 key = signing.generate_secret_key()
 signing.write_new_file(Path(sys.argv[1]), signing.secret_key_to_bytes(key, None), 0o600)

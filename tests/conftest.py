@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from rampart import cli, signing, tpm
+from rampart import cli
+from rampart.contracts import signing
+from rampart.device import tpm
 
 
 @dataclass

@@ -22,8 +22,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from rampart.image import core, uki
-from rampart.version import parse_version
+from rampart.contracts.version import parse_version
+from rampart.vendor import core, uki
 
 OS = "clipos"
 VG = "mainvg"
@@ -59,7 +59,7 @@ def fake_kernel(path: Path) -> Path:
 
 
 def _initrd(path: Path) -> Path:
-    from tests.image import bootkit
+    from tests.vendor import bootkit
 
     return bootkit.tiny_initrd(path)
 

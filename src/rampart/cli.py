@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rampart import __version__, signing, webroot
+from rampart import __version__
+from rampart.contracts import signing, wire
+from rampart.contracts.version import parse_version
 from rampart.errors import (
     AuditError,
     ConflictError,
@@ -26,7 +28,7 @@ from rampart.errors import (
     UsageError,
     VerificationError,
 )
-from rampart.version import parse_version
+from rampart.vendor import webroot
 
 log = logging.getLogger("rampart")
 
@@ -196,9 +198,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     version = parse_version(_check_semver(args.version))
-    webroot.check_name(args.os, "OS name")
+    wire.check_name(args.os, "OS name")
     if args.channel is not None:
-        webroot.check_name(args.channel, "channel name")
+        wire.check_name(args.channel, "channel name")
     key = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
     result = webroot.publish(
         args.webroot,
@@ -242,7 +244,7 @@ def cmd_webroot_check(args: argparse.Namespace) -> int:
     if args.json:
         channels = [
             {"channel": c.name or "default", "os": c.os_name, "version": str(c.version)}
-            for c in webroot.list_channels(args.dir, [])
+            for c in wire.list_channels(args.dir, [])
         ]
         _emit_json(
             {
@@ -306,7 +308,7 @@ def cmd_gateway_check(args: argparse.Namespace) -> int:
 
 
 def _device_parts(args: argparse.Namespace) -> tuple[Any, Any]:
-    from rampart.client import config as device_config
+    from rampart.device import config as device_config
 
     config = device_config.load_device_config(args.config)
     identity = device_config.load_identity(args.os_release, args.machine_id)
@@ -314,15 +316,15 @@ def _device_parts(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from rampart.client import config as device_config
-    from rampart.client import update
+    from rampart.device import config as device_config
+    from rampart.device import update
 
     config, identity = _device_parts(args)
     remote = device_config.load_remote_config(args.remote)
     device = update.open_device(config, remote, identity, args.tmp, args.run_dir)
     fetcher = update.make_fetcher(device)
     if sys.stderr.isatty() and not args.json:
-        from rampart.client.progress import Bar
+        from rampart.device.progress import Bar
 
         fetcher.progress = Bar(sys.stderr, "download ").update
     result = update.update(device, fetcher)  # reports to the server itself
@@ -347,7 +349,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rampart.client import status
+    from rampart.device import status
 
     config, identity = _device_parts(args)
     report = status.collect(config, identity, args.run_dir)
@@ -359,8 +361,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_boot_once(args: argparse.Namespace) -> int:
-    from rampart.client import bootonce
-    from rampart.client.esp import Esp
+    from rampart.device import bootonce
+    from rampart.device.esp import Esp
 
     config, _identity = _device_parts(args)
     version = parse_version(args.target_version)
@@ -373,8 +375,8 @@ def cmd_boot_once(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from rampart import installer
-    from rampart.client.config import parse_size
+    from rampart.device import installer
+    from rampart.device.config import parse_size
 
     result = installer.install(
         args.target,
@@ -409,13 +411,13 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _state_volume(config: Any) -> Path:
-    from rampart.installer import STATE_LV
+    from rampart.device.installer import STATE_LV
 
     return Path("/dev") / str(config.core_destination) / STATE_LV
 
 
 def _esp_root(config: Any) -> Path:
-    from rampart.installer import esp_root
+    from rampart.device.installer import esp_root
 
     root: Path = esp_root(config.esp_directory)
     return root
@@ -425,7 +427,7 @@ def _read_passphrase(args: argparse.Namespace) -> str:
     import getpass
 
     if args.passphrase_file is not None:
-        from rampart import signing
+        from rampart.contracts import signing
 
         data = signing.read_file(args.passphrase_file, "passphrase file", 4096)
         text = data.decode("utf-8", errors="replace").strip()
@@ -439,7 +441,7 @@ def _read_passphrase(args: argparse.Namespace) -> str:
 
 
 def cmd_tpm_status(args: argparse.Namespace) -> int:
-    from rampart import state, tpm
+    from rampart.device import state, tpm
 
     config, _identity = _device_parts(args)
     machine_tpm = tpm.device_tpm(config.tpm_tcti, required=config.tpm_required)
@@ -481,7 +483,7 @@ def cmd_tpm_status(args: argparse.Namespace) -> int:
 
 
 def cmd_tpm_reseal(args: argparse.Namespace) -> int:
-    from rampart import state, tpm
+    from rampart.device import state, tpm
 
     config, _identity = _device_parts(args)
     machine_tpm = tpm.Tpm(config.tpm_tcti) if tpm.present(config.tpm_tcti) else None
@@ -503,8 +505,8 @@ def cmd_tpm_reseal(args: argparse.Namespace) -> int:
 
 
 def cmd_mark_good(args: argparse.Namespace) -> int:
-    from rampart.client import rollback
-    from rampart.client.esp import Esp, wait_for_directory
+    from rampart.device import rollback
+    from rampart.device.esp import Esp, wait_for_directory
 
     config, identity = _device_parts(args)
     if args.wait_esp:
@@ -538,7 +540,7 @@ def cmd_mark_good(args: argparse.Namespace) -> int:
 
 
 def cmd_verity_verify(args: argparse.Namespace) -> int:
-    from rampart.image import core
+    from rampart.vendor import core
 
     meta = core.load_meta(args.meta)
     core.verify_core(args.image, meta)
@@ -557,7 +559,7 @@ def cmd_verity_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_verity_format(args: argparse.Namespace) -> int:
-    from rampart.image import verity
+    from rampart.contracts import verity
 
     if args.hash_file is not None and args.hash_file.exists():
         raise ConflictError(f"{args.hash_file}: already exists; refusing to overwrite")
@@ -573,7 +575,7 @@ def cmd_verity_format(args: argparse.Namespace) -> int:
 
 
 def _add_device_options(parser: argparse.ArgumentParser, remote: bool) -> None:
-    from rampart.client import config as c
+    from rampart.device import config as c
 
     parser.add_argument(
         "-c",
@@ -766,9 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_update)
 
-    from rampart.image.commands import add_verbs as add_image_verbs
-    from rampart.server.commands import add_verbs
-    from rampart.testbed.commands import add_verbs as add_testbed_verbs
+    from rampart.commands.server import add_verbs
+    from rampart.commands.testbed import add_verbs as add_testbed_verbs
+    from rampart.commands.vendor import add_verbs as add_image_verbs
 
     add_verbs(verb, verbs)
     add_image_verbs(verb, verbs)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rampart import signing, webroot
+from rampart.contracts import signing
+from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, VerificationError
-from rampart.version import parse_version
+from rampart.vendor import webroot
 from tests.conftest import KeyPair, run_cli
 
 Payloads = dict[str, tuple[Path, Path]]

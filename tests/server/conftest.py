@@ -12,13 +12,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from rampart import webroot as webroot_mod
+from rampart.contracts.version import parse_version
 from rampart.server import admin, db
 from rampart.server.app import Settings, create_app
 from rampart.server.store import Store
-from rampart.version import parse_version
-from tests.client.conftest import pki  # noqa: F401 - a fixture for the live tests
+from rampart.vendor import webroot as webroot_mod
 from tests.conftest import KeyPair, make_keypair
+from tests.device.conftest import pki  # noqa: F401 - a fixture for the live tests
 from tests.releases import build_payloads
 
 OS = "clipos"

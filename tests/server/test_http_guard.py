@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import select, update
 
 from rampart.server import db
-from tests.client.conftest import Pki
+from tests.device.conftest import Pki
 from tests.server.conftest import OS, Server
 from tests.server.test_dashboard_browser import RAMPART, free_port, make_webroot, rampart
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.client.conftest import (
+from tests.conftest import KeyPair, make_keypair, run_cli
+from tests.device.conftest import (
     DeviceDirs,
     Pki,
     free_port,
@@ -23,7 +24,6 @@ from tests.client.conftest import (
     publish,
     world_readable_tmp,
 )
-from tests.conftest import KeyPair, make_keypair, run_cli
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.client.conftest import make_ca, make_device, make_server_cert
 from tests.conftest import KeyPair, make_keypair, run_cli
+from tests.device.conftest import make_ca, make_device, make_server_cert
 from tests.releases import build_payloads
 
 RAMPART = str(Path(sys.executable).parent / "rampart")

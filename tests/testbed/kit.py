@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from rampart.client import bootonce
+from rampart.device import bootonce
 from rampart.testbed import session
 
 CORE = "mainvg/core_{}"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from rampart.client import config as device_config
+from rampart.contracts.version import parse_version
+from rampart.device import config as device_config
 from rampart.errors import LocalError
 from rampart.testbed import rootfs
-from rampart.version import parse_version
 from tests.conftest import KeyPair, make_keypair
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -260,7 +260,7 @@ def test_the_device_configuration_loads_in_the_guest(built: Built) -> None:
     assert not (built.second / "usr/lib/rampart/pubkey").exists()
     script = (
         "from pathlib import Path\n"
-        "from rampart.client.config import load_device_config\n"
+        "from rampart.device.config import load_device_config\n"
         "c = load_device_config(Path('/usr/lib/rampart'))\n"
         "print(c.os_name, c.backend, c.core_destination, c.esp_directory, c.boot_tries)\n"
     )

@@ -3,26 +3,18 @@ admin API, with their rules. Both front ends call these and nothing else."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from rampart import webroot as webroot_mod
+from rampart.contracts import wire
+from rampart.contracts.version import parse_version
 from rampart.errors import ConflictError, UsageError
 from rampart.server.rollout import ChannelState, RolloutState
 from rampart.server.store import Store
-from rampart.version import parse_version
 
 DEFAULT_CHANNEL = "stable"
 SILENT_LISTED = 1000  # silent machines listed in the fleet view (all are counted)
-_MACHINE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
-
-
-def check_machine_id(text: str) -> str:
-    if not _MACHINE_ID.fullmatch(text):
-        raise UsageError(f"machine id {text[:40]!r} is not 32 lowercase hex digits")
-    return text
 
 
 def check_published(webroot: Path, os_name: str, version: str) -> str:
@@ -30,8 +22,8 @@ def check_published(webroot: Path, os_name: str, version: str) -> str:
     parsed = parse_version(version)
     if parsed.build:
         raise UsageError(f"version {version}: build metadata is not allowed")
-    release = webroot_mod.release_dir(webroot, parsed)
-    for kind in webroot_mod.PAYLOADS:
+    release = wire.release_dir(webroot, parsed)
+    for kind in wire.PAYLOADS:
         for name in (f"{os_name}-{kind}", f"{os_name}-{kind}.sig"):
             if not (release / name).is_file():
                 raise UsageError(f"{release / name}: not in the webroot; publish {version} first")
@@ -43,7 +35,7 @@ def bootstrap(store: Store, webroot: Path) -> list[ChannelState]:
     for that OS: the default channel becomes `stable`, named channels keep their names."""
     known = {c.os for c in store.channels()}
     created = []
-    for static in webroot_mod.list_channels(webroot, []):
+    for static in wire.list_channels(webroot, []):
         if static.os_name in known:  # the database is the truth once it knows the OS
             continue
         name = static.name or DEFAULT_CHANNEL
@@ -60,8 +52,8 @@ def bootstrap(store: Store, webroot: Path) -> list[ChannelState]:
 def create_channel(
     store: Store, webroot: Path, os_name: str, name: str, version: str | None, default: bool
 ) -> ChannelState:
-    webroot_mod.check_name(os_name, "OS name")
-    webroot_mod.check_name(name, "channel name")
+    wire.check_name(os_name, "OS name")
+    wire.check_name(name, "channel name")
     if version is not None:
         version = check_published(webroot, os_name, version)
     return store.create_channel(os_name, name, version, default)
@@ -187,7 +179,7 @@ def resume_rollout(store: Store, os_name: str, name: str) -> ChannelState:
 
 
 def assign(store: Store, machine_id: str, os_name: str, channel: str | None) -> None:
-    store.assign(check_machine_id(machine_id), channel, os_name)
+    store.assign(wire.check_machine_id(machine_id), channel, os_name)
 
 
 def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> dict[str, Any]:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +35,7 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from rampart.contracts import wire
 from rampart.errors import ConflictError, RampartError, UsageError
 from rampart.server import admin, guard
 from rampart.server.rollout import (
@@ -46,16 +45,12 @@ from rampart.server.rollout import (
     offer,
 )
 from rampart.server.store import DEFAULT_CHECK_RETENTION_DAYS, Check, Report, Store
-from rampart.version import parse_version
 
 log = logging.getLogger(__name__)
 Row = TypeVar("Row", Check, Report)
 
-_MACHINE_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
-_OS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
-MAX_VERSION_HEADER = 128
-MAX_REPORT_BODY = 16 * 1024
-MAX_ERROR_TEXT = 2000
+MAX_VERSION_HEADER = wire.MAX_VERSION_HEADER
+MAX_REPORT_BODY = wire.REPORT_MAX
 MAX_BUFFER = 200_000
 BATCH = 2_000  # rows per transaction
 
@@ -360,23 +355,19 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     # --- the CLIP OS protocol -------------------------------------------------------------
 
     def identify(request: Request) -> tuple[str | None, str | None, Response | None]:
-        machine_id = request.headers.get("clipos-machineid")
-        version = request.headers.get("clipos-version")
+        machine_id = request.headers.get(wire.MACHINE_ID_HEADER)
+        version = request.headers.get(wire.VERSION_HEADER)
         if machine_id is None and version is None:
             return None, None, None
-        if machine_id is None or not _MACHINE_ID.fullmatch(machine_id):
-            return None, None, _reason(400, "clipos-machineid must be 32 lowercase hex digits")
-        if version is None or len(version) > MAX_VERSION_HEADER:
-            return None, None, _reason(400, "clipos-version missing or longer than 128 bytes")
         try:
-            parsed = parse_version(version)
-        except UsageError:
-            return None, None, _reason(400, "clipos-version is not a semantic version")
+            machine_id, parsed = wire.parse_identity(machine_id, version)
+        except UsageError as exc:
+            return None, None, _reason(400, str(exc))
         return machine_id, parsed.core, None
 
     @app.get("/update/v1/{os_name}/version", include_in_schema=False)
     async def version_check(os_name: str, request: Request) -> Response:
-        if not _OS.fullmatch(os_name):
+        if not wire.NAME.fullmatch(os_name):
             return _reason(404, "unknown os")
         machine_id, running, error = identify(request)
         if error is not None:
@@ -394,11 +385,13 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             await recorder.record(
                 Check(machine_id, os_name, running, channel.name, offered, time.time(), address)
             )
-        return Response(f'version = "{offered}"\n', media_type="application/octet-stream")
+        return Response(
+            wire.render_version_document(offered), media_type="application/octet-stream"
+        )
 
     @app.post("/update/v1/{os_name}/report", include_in_schema=False)
     async def install_report(os_name: str, request: Request) -> Response:
-        if not _OS.fullmatch(os_name):
+        if not wire.NAME.fullmatch(os_name):
             return _reason(404, "unknown os")
         machine_id, _running, error = identify(request)
         if error is not None:
@@ -416,17 +409,18 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
             body += chunk
             if len(body) > MAX_REPORT_BODY:
                 return _reason(413, f"report larger than {MAX_REPORT_BODY} bytes")
-        parsed = _parse_report(body)
-        if isinstance(parsed, Response):
-            return parsed
+        try:
+            parsed = wire.parse_report(body)
+        except UsageError as exc:
+            return _reason(400, str(exc))
         client = request.client
         report = Report(
             machine_id,
             os_name,
-            parsed["from"],
-            parsed["to"],
-            parsed["outcome"],
-            parsed["error"],
+            parsed.from_version,
+            parsed.to_version,
+            parsed.outcome,
+            parsed.error,
             time.time(),
             client.host if client else None,
         )
@@ -600,32 +594,3 @@ def _end_with_supervisor() -> None:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _parse_report(body: bytes) -> dict[str, Any] | Response:
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return _reason(400, "report is not JSON")
-    if not isinstance(doc, dict):
-        return _reason(400, "report must be a JSON object")
-    outcome = doc.get("outcome")
-    if outcome not in ("success", "failure"):
-        return _reason(400, "outcome must be 'success' or 'failure'")
-    result: dict[str, Any] = {"outcome": outcome}
-    for key in ("from", "to"):
-        value = doc.get(key)
-        if value is None:
-            result[key] = None
-            continue
-        if not isinstance(value, str) or len(value) > MAX_VERSION_HEADER:
-            return _reason(400, f"'{key}' must be a version string")
-        try:
-            result[key] = parse_version(value).core
-        except UsageError:
-            return _reason(400, f"'{key}' is not a semantic version")
-    error = doc.get("error", "")
-    if not isinstance(error, str):
-        return _reason(400, "'error' must be a string")
-    result["error"] = error[:MAX_ERROR_TEXT]
-    return result

@@ -56,12 +56,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from rampart import run, signing
+from rampart import run
+from rampart.commands.vendor import _build_efiboot, read_core_meta
+from rampart.contracts import signing
+from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
-from rampart.image import core, initramfs, secureboot, uki
-from rampart.image.commands import _build_efiboot, read_core_meta
 from rampart.testbed import rootfs
-from rampart.version import parse_version
+from rampart.vendor import core, initramfs, secureboot, uki
 
 log = logging.getLogger(__name__)
 

@@ -65,10 +65,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from rampart import run
+from rampart.contracts.version import Version, parse_version
+from rampart.contracts.wire import check_name
 from rampart.errors import LocalError, UsageError
-from rampart.image import initramfs
-from rampart.version import Version, parse_version
-from rampart.webroot import check_name
+from rampart.vendor import initramfs
 
 log = logging.getLogger(__name__)
 

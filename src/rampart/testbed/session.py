@@ -31,11 +31,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from rampart import run, signing, webroot
+from rampart import run
+from rampart.contracts import signing, wire
+from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.testbed import machine, rootfs
 from rampart.testbed.build import OS_NAME, SERVER_PORT, Testbed
-from rampart.version import parse_version
+from rampart.vendor import webroot
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class UpdateServer:
         """The directory of `version`'s published release in the webroot, made when it
         is missing without changing what any channel offers (published into a scratch
         webroot, then copied)."""
-        release = webroot.release_dir(self.webroot, parse_version(version))
+        release = wire.release_dir(self.webroot, parse_version(version))
         if release.is_dir():
             return release
         scratch = self.work / f"scratch-{version}"
@@ -119,7 +121,7 @@ class UpdateServer:
             self.bed.efiboot(version),
             key,
         )
-        shutil.copytree(webroot.release_dir(scratch, parse_version(version)), release)
+        shutil.copytree(wire.release_dir(scratch, parse_version(version)), release)
         shutil.rmtree(scratch)
         return release
 
@@ -367,7 +369,7 @@ class Guest:
     def enroll_db(self, cert: Path) -> None:
         """Add `cert` to the firmware's db (the machine must be off): a change of the
         Secure Boot keys, which changes PCR 7."""
-        from rampart.image import secureboot
+        from rampart.vendor import secureboot
 
         if self.vm.running:
             raise LocalError("enroll_db: power the guest off first")

@@ -1,1 +1,0 @@
-"""The device side: configuration, transport, slots, boot entries, the update transaction."""

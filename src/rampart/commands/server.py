@@ -1,0 +1,480 @@
+"""The server's verbs: `rampart serve`, `channel`, `machine`, `fleet`, `token`.
+
+Each opens the database given by --db (default: SQLite next to the webroot),
+upgrades its schema, and calls one function of rampart.server.admin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rampart.contracts import wire
+from rampart.errors import LocalError, UsageError
+
+Verb = Callable[[str, str, str], argparse.ArgumentParser]
+
+
+def _emit(payload: Any) -> None:
+    json.dump(payload, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from rampart.server import db
+    from rampart.server.store import Store
+
+    webroot: Path = args.webroot
+    if not webroot.is_dir():
+        raise LocalError(f"{webroot}: webroot not found or not a directory")
+    engine = db.make_engine(args.db or db.default_url(webroot))
+    db.migrate(engine)
+    return Store(engine)
+
+
+def _channel_text(state: Any) -> str:
+    text = f"{state.os}/{state.name}: {state.version or '(no version)'}"
+    if state.default:
+        text += " (default)"
+    if state.rollout_version:
+        text += (
+            f", rollout of {state.rollout_version} at {state.rollout_percent:g} % "
+            f"({state.rollout_state})"
+        )
+    return text
+
+
+def _print_channel(args: argparse.Namespace, state: Any) -> int:
+    if args.json:
+        _emit(
+            {
+                "os": state.os,
+                "name": state.name,
+                "version": state.version,
+                "default": state.default,
+                "rollout_version": state.rollout_version,
+                "rollout_percent": state.rollout_percent,
+                "rollout_state": str(state.rollout_state),
+            }
+        )
+    else:
+        print(_channel_text(state))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rampart.server import admin
+
+    store = _store(args)
+    for channel in admin.bootstrap(store, args.webroot):
+        print(
+            f"rampart: channel {_channel_text(channel)} created from the webroot", file=sys.stderr
+        )
+    host, _, port = args.listen.rpartition(":")
+    if not port.isdigit() or not host:
+        raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    os.environ["RAMPART_WEBROOT"] = str(args.webroot.resolve())
+    os.environ["RAMPART_DB"] = args.db or ""
+    from rampart.server import connections
+
+    # The workers read the limits and the TLS files from the environment; the parent
+    # loads the chain once first, so a bad file is one line and exit 3, not a traceback.
+    limits = connections.Limits(
+        per_address=args.max_connections_per_address,
+        handshake_timeout=args.tls_handshake_timeout,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+    )
+    os.environ[connections.LIMITS_ENV] = limits.to_env()
+    if args.tls_cert:
+        connections.tls_context(str(args.tls_cert), str(args.tls_key))
+        os.environ[connections.CERT_ENV] = str(args.tls_cert.resolve())
+        os.environ[connections.KEY_ENV] = str(args.tls_key.resolve())
+    else:
+        os.environ.pop(connections.CERT_ENV, None)
+        os.environ.pop(connections.KEY_ENV, None)
+    if args.new_machines_per_hour < 0 or args.check_retention_days <= 0:
+        raise UsageError("--new-machines-per-hour must be >= 0, --check-retention-days > 0")
+    os.environ["RAMPART_NEW_MACHINES_PER_HOUR"] = str(args.new_machines_per_hour)
+    os.environ["RAMPART_CHECK_RETENTION_DAYS"] = str(args.check_retention_days)
+
+    uvicorn.run(
+        "rampart.server.app:app_from_environment",
+        factory=True,
+        host=host.strip("[]"),
+        port=int(port),
+        workers=args.workers,
+        http="rampart.server.connections:GuardedProtocol",  # TLS is done there too
+        log_level="warning" if not args.verbose else "info",
+        access_log=args.verbose,
+        proxy_headers=False,
+        server_header=False,
+        limit_concurrency=2048,
+    )
+    return 0
+
+
+def cmd_channel(args: argparse.Namespace) -> int:
+    from rampart.server import admin
+
+    store = _store(args)
+    action = args.channel_verb
+    if action == "list":
+        rows = store.channel_rows()
+        if args.json:
+            _emit(rows)
+        else:
+            for state in store.channels():
+                print(_channel_text(state))
+        return 0
+    if action == "create":
+        state = admin.create_channel(
+            store, args.webroot, args.os, args.name, args.version, args.default
+        )
+    elif action == "set":
+        state = admin.set_version(store, args.webroot, args.os, args.name, args.version, args.force)
+    else:
+        step = args.rollout_verb
+        if step == "start":
+            state = admin.start_rollout(
+                store,
+                args.webroot,
+                args.os,
+                args.name,
+                args.version,
+                args.percent,
+                args.failure_threshold,
+                args.min_reports,
+                args.min_failing,
+            )
+        elif step == "raise":
+            state = admin.raise_rollout(store, args.os, args.name, args.percent)
+        elif step == "pause":
+            state = admin.pause_rollout(store, args.os, args.name)
+        else:
+            state = admin.resume_rollout(store, args.os, args.name)
+    return _print_channel(args, state)
+
+
+def cmd_machine(args: argparse.Namespace) -> int:
+    from rampart.server import admin
+
+    store = _store(args)
+    if args.machine_verb == "assign":
+        channel = None if args.default else args.channel
+        if channel is None and not args.default:
+            raise UsageError("give --channel C or --default")
+        admin.assign(store, args.machine_id, args.os, channel)
+        if args.json:
+            _emit({"machine_id": args.machine_id, "os": args.os, "channel": channel})
+        else:
+            print(f"{args.machine_id}: {'default channel' if channel is None else channel}")
+        return 0
+    if args.machine_verb == "show":
+        row = store.machine(wire.check_machine_id(args.machine_id))
+        if row is None:
+            raise LocalError(f"machine {args.machine_id} has never checked in nor been assigned")
+        if args.json:
+            _emit(row)
+        else:
+            for key, value in row.items():
+                print(f"{key}: {value}")
+        return 0
+    rows = store.machines()
+    if args.json:
+        _emit(rows)
+    else:
+        for row in rows:
+            print(
+                f"{row['machine_id']}  {row['version'] or '-':<16} "
+                f"{row['channel'] or 'default':<12} {_ago(row['last_seen'])}"
+            )
+    return 0
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 to 3600 seconds")
+    return value
+
+
+def _ago(at: float | None) -> str:
+    if at is None:
+        return "never seen"
+    delta = time.time() - at
+    if delta < 120:
+        return f"{delta:.0f} s ago"
+    if delta < 7200:
+        return f"{delta / 60:.0f} min ago"
+    if delta < 172800:
+        return f"{delta / 3600:.0f} h ago"
+    return f"{delta / 86400:.0f} d ago"
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from rampart.server import admin
+
+    view = admin.fleet(_store(args), args.silent_days)
+    if args.json:
+        _emit(view)
+        return 0
+    counts = view["counts"]
+    print(
+        f"{view['machines']} machines, {counts.get('checks', 0)} checks, "
+        f"{counts.get('reports_success', 0)} successful and "
+        f"{counts.get('reports_failure', 0)} failed installs"
+    )
+    print("channels:")
+    for ch in view["channels"]:
+        rollout = ""
+        if ch["rollout_version"]:
+            rollout = (
+                f", rollout {ch['rollout_version']} at {ch['rollout_percent']:g} % "
+                f"({ch['rollout_state']})"
+            )
+        default = " (default)" if ch["is_default"] else ""
+        print(f"  {ch['os']}/{ch['name']}{default}: {ch['version']}{rollout}")
+    print("versions per channel:")
+    for row in view["versions"]:
+        print(f"  {row['os']}/{row['channel']} {row['version']}: {row['machines']}")
+    print(f"silent for more than {view['silent_days']:g} days: {view['silent_count']}")
+    for m in view["silent"]:
+        print(f"  {m['machine_id']} {m['version']} last seen {_ago(m['last_seen'])}")
+    print(f"recent failures: {len(view['recent_failures'])}")
+    for r in view["recent_failures"]:
+        print(f"  {r['machine_id']} {r['from_version']} -> {r['to_version']}: {r['error']}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.token_verb == "create":  # noqa: S105 - a verb name, not a password
+        token = store.create_token(args.name)
+        if args.json:
+            _emit({"name": args.name, "token": token})
+        else:
+            print(token)
+            print(
+                f"rampart: token {args.name!r} created; it is shown only now (the server "
+                "keeps its SHA-256)",
+                file=sys.stderr,
+            )
+        return 0
+    store.revoke_token(args.name)
+    print(f"token {args.name!r} revoked")
+    return 0
+
+
+def add_verbs(verb: Verb, verbs: Any) -> None:
+    """Register the server verbs on the CLI's subparsers."""
+
+    def group(name: str, help_text: str, description: str) -> Any:
+        parser = verbs.add_parser(name, help=help_text, description=description)
+        return parser
+
+    def leaf(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text
+        )
+        server_options(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+        return parser
+
+    def server_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--webroot",
+            type=Path,
+            required=True,
+            metavar="DIR",
+            help="the static webroot (releases under dist/)",
+        )
+        p.add_argument(
+            "--db",
+            metavar="URL",
+            help="sqlite:///PATH or postgresql://USER@HOST/DB "
+            "(default: sqlite in DIR.sqlite, next to the webroot)",
+        )
+        p.add_argument("-v", "--verbose", action="store_true", help="log each request")
+
+    p = verb(
+        "serve",
+        "run the update server",
+        "Serve the CLIP OS update protocol for WEBROOT: per-machine version checks (channels "
+        "and staged rollouts), install reports, the payloads under dist/, the admin API "
+        "(/admin/api, OpenAPI at /admin/openapi.json), the fleet dashboard (/admin/) and "
+        "Prometheus metrics (/metrics). Channels are created from the webroot's version "
+        "files the first time an OS is seen.",
+    )
+    server_options(p)
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8443",
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:8443)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this "
+        "certificate chain (clients require HTTPS; omit only behind a TLS proxy)",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="FILE")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="worker processes (default 1)"
+    )
+    p.add_argument(
+        "--max-connections-per-address",
+        type=_count,
+        default=64,
+        metavar="N",
+        help="open connections one client address may hold per worker; more are reset "
+        "(default 64, 0: no limit; behind a proxy, every connection is the proxy's)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's headers (default 10, 0: none)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds a client has to send a request's body after its headers (default 30)",
+    )
+    p.add_argument(
+        "--tls-handshake-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to complete the TLS handshake (default 10)",
+    )
+    p.add_argument(
+        "--new-machines-per-hour",
+        type=int,
+        default=60,
+        metavar="N",
+        help="machine ids never seen before that one client address (IPv6: /64) may "
+        "introduce per hour and worker; more get 429 (default 60, 0: no limit)",
+    )
+    p.add_argument(
+        "--check-retention-days",
+        type=float,
+        default=90.0,
+        metavar="D",
+        help="delete recorded checks older than this (default 90)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = group(
+        "channel",
+        "manage update channels and staged rollouts",
+        "Create channels, point them at published versions, and run staged rollouts.",
+    )
+    sub = p.add_subparsers(dest="channel_verb", metavar="ACTION", required=True)
+    c = leaf(sub, "list", "list channels")
+    c = leaf(sub, "create", "create a channel")
+    c.add_argument("name")
+    c.add_argument("--os", required=True)
+    c.add_argument("--version", help="a version published in the webroot")
+    c.add_argument("--default", action="store_true", help="make it the default channel")
+    c = leaf(sub, "set", "point a channel at a published version")
+    c.add_argument("name")
+    c.add_argument("--os", required=True)
+    c.add_argument("--version", required=True)
+    c.add_argument("--force", action="store_true", help="allow going back to a lower version")
+    c = sub.add_parser("rollout", help="start, raise, pause or resume a staged rollout")
+    steps = c.add_subparsers(dest="rollout_verb", metavar="STEP", required=True)
+    s = leaf(steps, "start", "offer a newer version to a share of the machines")
+    s.add_argument("name")
+    s.add_argument("--os", required=True)
+    s.add_argument("--version", required=True)
+    s.add_argument("--percent", type=float, required=True)
+    s.add_argument(
+        "--failure-threshold",
+        type=float,
+        metavar="F",
+        help="halt when more than this share of reporting machines failed (default 0.2)",
+    )
+    s.add_argument(
+        "--min-reports",
+        type=int,
+        metavar="N",
+        help="reports needed before the threshold applies (default 5)",
+    )
+    s.add_argument(
+        "--min-failing",
+        type=int,
+        metavar="M",
+        help="distinct failing machines needed before a halt (default 5)",
+    )
+    s = leaf(steps, "raise", "offer it to more machines (100 completes it)")
+    s.add_argument("name")
+    s.add_argument("--os", required=True)
+    s.add_argument("--percent", type=float, required=True)
+    for name, text in (("pause", "stop offering the rollout"), ("resume", "offer it again")):
+        s = leaf(steps, name, text)
+        s.add_argument("name")
+        s.add_argument("--os", required=True)
+    p.set_defaults(func=cmd_channel)
+
+    p = group(
+        "machine",
+        "assign machines to channels, show them",
+        "Assign a machine to a channel (or back to the default), show or list machines.",
+    )
+    sub = p.add_subparsers(dest="machine_verb", metavar="ACTION", required=True)
+    c = leaf(sub, "assign", "put a machine on a channel")
+    c.add_argument("machine_id")
+    c.add_argument("--os", required=True)
+    c.add_argument("--channel")
+    c.add_argument("--default", action="store_true", help="back to the default channel")
+    c = leaf(sub, "show", "one machine")
+    c.add_argument("machine_id")
+    leaf(sub, "list", "every machine, most recently seen first")
+    p.set_defaults(func=cmd_machine)
+
+    p = verb(
+        "fleet",
+        "the fleet view: versions per channel, silent machines, failures",
+        "Channels and rollouts, machines per version and channel, machines silent for N "
+        "days, recent failed installs.",
+    )
+    server_options(p)
+    p.add_argument("--silent-days", type=float, default=7.0, metavar="N")
+    p.set_defaults(func=cmd_fleet)
+
+    p = group(
+        "token",
+        "create or revoke admin API tokens",
+        "Create an admin token (printed once; only its SHA-256 is stored) or revoke one.",
+    )
+    sub = p.add_subparsers(dest="token_verb", metavar="ACTION", required=True)
+    c = leaf(sub, "create", "a new token")
+    c.add_argument("name")
+    c = leaf(sub, "revoke", "revoke a token")
+    c.add_argument("name")
+    p.set_defaults(func=cmd_token)

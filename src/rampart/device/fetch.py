@@ -1,0 +1,530 @@
+"""Unprivileged network processing.
+
+Everything that talks to the network and parses what it sends runs in a child
+process forked from the root client, which before running any of it:
+- opens what it needs as root (the pinned CA into a TLS context, the download
+  directory as a file descriptor, then fchdir into it);
+- drops every capability from its bounding set, sets no_new_privs, clears its
+  supplementary groups and switches real, effective and saved ids to the
+  dedicated fetch user (`rampart-fetch` by default). From then on it holds no
+  capability and can write only where that user can: by design, nowhere but
+  the download directory.
+Forking (rather than exec'ing a helper) means the child needs no access to the
+package files; the few modules a TLS connection loads lazily (IDNA encoding)
+are imported before the fork, so the child needs no file access but the
+download directory.
+
+The child is forked as PID 1 of a new PID namespace (`run.fork_pid_namespace`):
+whatever it starts (processes, threads, a zombie leader whose other threads
+still run) lives in that namespace, which no process can leave, and dies with
+it. Ending the child therefore ends everything the fetch ever ran, and the
+kernel, not a scan of /proc, guarantees that nothing is left.
+
+The download directory is handed over and taken back around each fetch:
+1. root: the directory (0700) and its regular files with a single link chowned
+   to the fetch user, anything else in it removed;
+2. child: version check (TOML parsed here), downloads with resume, reports;
+   one JSON reply on a pipe, capped;
+3. root: the child is SIGKILLed and reaped, which ends its whole PID namespace;
+   only then are the directory and files chowned back to root (files 0600) and
+   anything but a regular file with one link removed. Root then copies each
+   payload once into a directory only root can reach and verifies that copy
+   (`update.download`): no unprivileged process is left that could change a
+   file, and none could reach the copy that is verified and installed.
+Every step inside the download directory works relative to a directory file
+descriptor and never follows a symbolic link (O_NOFOLLOW, dir_fd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import encodings.idna  # noqa: F401 - imported before any fork: TLS loads it lazily
+import errno
+import json
+import logging
+import os
+import pwd
+import re
+import signal
+import stat
+import stringprep  # noqa: F401 - imported before any fork: encodings.idna needs it
+import unicodedata  # noqa: F401 - imported before any fork: encodings.idna needs it
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rampart import run
+from rampart.contracts import wire
+from rampart.device.transport import Limits, Progress, Transport
+from rampart.errors import (
+    FormatError,
+    LocalError,
+    RampartError,
+    RemoteDataError,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+VERSION_CAP = wire.VERSION_DOCUMENT_MAX
+REPLY_CAP = 1 << 20
+REPLY_DEPTH = 3  # {"credentials": {"groups": [...]}}: the deepest a valid reply goes
+
+
+@dataclass(frozen=True)
+class Job:
+    op: str  # "version", "download" or "report"
+    url: str
+    cap: int
+    dest: str = ""
+    body: str = ""
+
+
+def execute(transport: Transport, jobs: list[Job], progress: Progress | None) -> list[Any]:
+    """Run the jobs in this process; the result of each, in order."""
+    results: list[Any] = []
+    for job in jobs:
+        if job.op == "version":
+            data = transport.get_small(job.url, min(job.cap, VERSION_CAP))
+            results.append(str(wire.parse_version_document(data, job.url)))
+        elif job.op == "download":
+            results.append(transport.download(job.url, Path(job.dest), job.cap, progress))
+        elif job.op == "report":
+            results.append(transport.post(job.url, job.body.encode(), "application/json"))
+        else:
+            raise LocalError(f"unknown fetch operation {job.op!r}")
+    return results
+
+
+def credentials() -> dict[str, Any]:
+    """What this process may do: ids, groups, capabilities, no_new_privs."""
+    status: dict[str, str] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    except OSError:
+        pass
+    return {
+        "pid": os.getpid(),  # 1 in the fetch process: the first of its PID namespace
+        "uid": os.getuid(),
+        "euid": os.geteuid(),
+        "gid": os.getgid(),
+        "egid": os.getegid(),
+        "groups": os.getgroups(),
+        "cap_eff": status.get("CapEff", ""),
+        "cap_prm": status.get("CapPrm", ""),
+        "cap_bnd": status.get("CapBnd", ""),
+        "no_new_privs": status.get("NoNewPrivs", ""),
+    }
+
+
+# --- the parent ----------------------------------------------------------------------
+
+
+class Fetcher:
+    """Runs fetch jobs: in a sandboxed child when `user` is set, else in-process."""
+
+    def __init__(
+        self,
+        root_ca: Path,
+        headers: dict[str, str],
+        limits: Limits,
+        user: str | None,
+        download_dir: Path,
+    ) -> None:
+        self.root_ca = root_ca
+        self.headers = headers
+        self.limits = limits
+        self.user = user
+        self.download_dir = download_dir
+        self.progress: Progress | None = None  # a progress bar, when interactive
+        self.last_credentials: dict[str, Any] = {}
+
+    def run(self, jobs: list[Job]) -> list[Any]:
+        progress = self.progress
+        if self.user is None:
+            transport = Transport(self.root_ca, self.headers, self.limits)
+            self.last_credentials = credentials()
+            return execute(transport, jobs, progress)
+        return check_results(jobs, self._run_sandboxed(jobs, progress))
+
+    def _run_sandboxed(self, jobs: list[Job], progress: Progress | None) -> list[Any]:
+        try:
+            account = pwd.getpwnam(self.user or "")
+        except KeyError:
+            raise LocalError(
+                f"fetch user {self.user!r} does not exist (create it with systemd-sysusers, "
+                'or set [download] fetch_user = "" to fetch without privilege separation)'
+            ) from None
+        if account.pw_uid == 0:
+            raise LocalError(f"fetch user {self.user!r} is root; use an unprivileged account")
+        transport = Transport(self.root_ca, self.headers, self.limits)  # CA read as root
+        self._hand_over(account.pw_uid, account.pw_gid)
+        dir_fd = os.open(self.download_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        read_end, write_end = os.pipe()
+        child: run.PidNamespace | None = None
+        status = -1
+        try:
+            child = run.fork_pid_namespace()
+            if child is None:  # the child, PID 1 of its own PID namespace: never returns
+                try:
+                    os.close(read_end)
+                    _child(
+                        transport,
+                        jobs,
+                        progress,
+                        account.pw_uid,
+                        account.pw_gid,
+                        dir_fd,
+                        write_end,
+                        self.download_dir,
+                    )
+                finally:
+                    os._exit(1)
+            os.close(write_end)
+            write_end = -1
+            with os.fdopen(read_end, "rb") as pipe:
+                read_end = -1
+                data = pipe.read(REPLY_CAP + 1)
+        finally:
+            for fd in (read_end, write_end, dir_fd):
+                if fd >= 0:
+                    os.close(fd)
+            if child is not None:
+                # Killing the namespace's first process kills every process of the
+                # namespace; it is reaped only once all of them are gone.
+                status = child.end()
+            self._take_back()
+        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or len(data) > REPLY_CAP:
+            raise LocalError(f"fetch process failed (wait status {status})")
+        return self._parse_reply(data, len(jobs))
+
+    def _parse_reply(self, data: bytes, count: int) -> list[Any]:
+        reply = read_reply(data)
+        if not reply["ok"]:
+            error = reply["error"]
+            # The child is not trusted: it may only pick among these classes.
+            kinds: dict[str, type[RampartError]] = {
+                cls.__name__: cls
+                for cls in (TransportError, RemoteDataError, FormatError, LocalError)
+            }
+            kind = kinds.get(error["kind"], RemoteDataError)
+            message = error["message"][:500]
+            raise kind("".join(c if c.isprintable() else "?" for c in message))
+        self.last_credentials = reply["credentials"]
+        results: list[Any] = reply["results"]
+        if len(results) != count:
+            raise LocalError(
+                f"fetch process sent a malformed reply: {len(results)} results for {count} jobs"
+            )
+        return results
+
+    def _hand_over(self, uid: int, gid: int) -> None:
+        """Give the download directory to the fetch user for the fetch."""
+        self.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._own(uid, gid, None)
+
+    def _take_back(self) -> None:
+        """Give the download directory back to root, once the fetch process's PID
+        namespace is gone: no process is left that could change it meanwhile."""
+        self._own(0, 0, 0o600)
+
+    def _own(self, uid: int, gid: int, file_mode: int | None) -> None:
+        """chown the directory and its regular files with one link to uid:gid, the
+        directory 0700, the files `file_mode` (None: unchanged); remove anything else."""
+        dir_fd = open_directory(self.download_dir)
+        try:
+            os.fchown(dir_fd, uid, gid)
+            os.fchmod(dir_fd, 0o700)
+            for name in os.listdir(dir_fd):  # noqa: PTH208 - a directory descriptor
+                fd = open_plain_file(dir_fd, name)
+                if fd is None:
+                    remove_entry(dir_fd, name)
+                    continue
+                try:
+                    os.fchown(fd, uid, gid)
+                    if file_mode is not None:
+                        os.fchmod(fd, file_mode)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(dir_fd)
+
+
+# --- the reply: the child is not trusted, so root parses it by a strict schema ------------
+
+_JSON_NESTING = re.compile(rb'["\\\[\]{}]')
+_INT_MAX = (1 << 63) - 1
+_CREDENTIAL_IDS = ("pid", "uid", "euid", "gid", "egid")
+_CREDENTIAL_TEXTS = ("cap_eff", "cap_prm", "cap_bnd", "no_new_privs")
+
+
+class _BadReply(Exception):
+    """Why a reply breaks the schema (becomes a LocalError naming it)."""
+
+
+def _nesting(data: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text `data`, counting up to
+    REPLY_DEPTH + 1 only (the parser must never recurse on a hostile depth)."""
+    depth = deepest = 0
+    in_string = False
+    skip = -1  # the offset of the character a backslash escapes
+    for match in _JSON_NESTING.finditer(data):
+        char, at = match[0], match.start()
+        if at == skip:
+            continue
+        if in_string:
+            if char == b"\\":
+                skip = at + 1
+            elif char == b'"':
+                in_string = False
+        elif char == b'"':
+            in_string = True
+        elif char in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > REPLY_DEPTH:
+                break
+        elif char in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _keys(value: object, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != set(required):
+        raise _BadReply(f"{where} is not an object with exactly {', '.join(required)}")
+    return value
+
+
+def _integer(value: object, where: str, low: int = 0, high: int = _INT_MAX) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _BadReply(f"{where} is not an integer from {low} to {high}")
+    return value
+
+
+def _text(value: object, where: str, cap: int) -> str:
+    if not isinstance(value, str) or len(value) > cap:
+        raise _BadReply(f"{where} is not a string of at most {cap} characters")
+    return value
+
+
+def read_reply(data: bytes) -> dict[str, Any]:
+    """The fetch child's reply, checked against its schema (LocalError if it breaks it):
+
+        {"ok": true, "results": [<int or string>...], "credentials": {...}}
+        {"ok": false, "error": {"kind": <string>, "message": <string>}}
+
+    Size (REPLY_CAP) and nesting (REPLY_DEPTH) are bounded before parsing.
+    """
+    try:
+        if len(data) > REPLY_CAP:
+            raise _BadReply(f"larger than {REPLY_CAP} bytes")
+        if _nesting(data) > REPLY_DEPTH:
+            raise _BadReply(f"nested deeper than {REPLY_DEPTH}")
+        try:
+            reply = json.loads(data)
+        except (ValueError, RecursionError):
+            raise _BadReply("not JSON") from None
+        if not isinstance(reply, dict) or reply.get("ok") not in (True, False):
+            raise _BadReply("no boolean 'ok'")
+        if not reply["ok"]:
+            error = _keys(
+                _keys(reply, "the reply", ("ok", "error"))["error"], "error", ("kind", "message")
+            )
+            _text(error["kind"], "error.kind", 64)
+            _text(error["message"], "error.message", 4096)
+            return reply
+        _keys(reply, "the reply", ("ok", "results", "credentials"))
+        results = reply["results"]
+        if not isinstance(results, list) or len(results) > 64:
+            raise _BadReply("results is not a list of at most 64 items")
+        for number, result in enumerate(results):
+            if isinstance(result, str):
+                _text(result, f"results[{number}]", VERSION_CAP)
+            else:
+                _integer(result, f"results[{number}]")
+        creds = _keys(
+            reply["credentials"], "credentials", (*_CREDENTIAL_IDS, "groups", *_CREDENTIAL_TEXTS)
+        )
+        for key in _CREDENTIAL_IDS:
+            _integer(creds[key], f"credentials.{key}", 0, (1 << 32) - 1)
+        groups = creds["groups"]
+        if not isinstance(groups, list) or len(groups) > 65536:
+            raise _BadReply("credentials.groups is not a list of at most 65536 ids")
+        for group in groups:
+            _integer(group, "a group in credentials.groups", 0, (1 << 32) - 1)
+        for key in _CREDENTIAL_TEXTS:
+            _text(creds[key], f"credentials.{key}", 64)
+        return reply
+    except _BadReply as exc:
+        raise LocalError(f"fetch process sent a malformed reply: {exc}") from None
+
+
+def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:
+    """`results` if each has the type and range its job's operation returns (LocalError if not):
+    a version string, a download's size (at most its cap), a report's HTTP status."""
+    for job, result in zip(jobs, results, strict=True):
+        where = f"the result of {job.op} {job.url[:200]}"
+        try:
+            if job.op == "version":
+                _text(result, where, 128)
+            elif job.op == "download":
+                _integer(result, where, 0, job.cap)
+            else:
+                _integer(result, where, 100, 599)
+        except _BadReply as exc:
+            raise LocalError(f"fetch process sent a malformed reply: {exc}") from None
+    return results
+
+
+def open_directory(path: Path) -> int:
+    """`path` opened as a directory file descriptor, not through a symbolic link."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def open_plain_file(dir_fd: int, name: str, writable: bool = False) -> int | None:
+    """A descriptor of `name` in `dir_fd` (read-only, or read-write if `writable`) if
+    it is a regular file with one link (a hard link could be root's file), opened
+    without following a symbolic link; None if it is anything else or missing. The
+    checks are on the opened file."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None  # never opened: a FIFO or a device could block or have effects
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(name, flags | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+            return None  # replaced meanwhile
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        return None
+    return fd
+
+
+MAX_REMOVAL_DEPTH = 64
+
+
+def remove_entry(dir_fd: int, name: str, depth: int = 0) -> None:
+    """Remove `name` from the directory open as `dir_fd`: a file, a symbolic link (the
+    link, never its target) or a directory tree the fetch user left behind.
+
+    Every step is relative to a directory file descriptor opened with O_NOFOLLOW,
+    so an entry replaced by a symbolic link meanwhile (renameat2 RENAME_EXCHANGE)
+    can make a step fail but never lead outside the tree. LocalError for a tree
+    deeper than MAX_REMOVAL_DEPTH or one that keeps changing; OSError otherwise.
+    """
+    for _ in range(3):
+        try:
+            os.unlink(name, dir_fd=dir_fd)  # anything but a directory
+            return
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            pass
+        if depth >= MAX_REMOVAL_DEPTH:
+            raise LocalError(
+                f"{name}: a directory tree deeper than {MAX_REMOVAL_DEPTH} levels in the "
+                "download directory; remove it by hand"
+            )
+        try:
+            sub = os.open(
+                name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=dir_fd,
+            )
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                continue  # no longer a directory: unlink it
+            raise
+        try:
+            for child in os.listdir(sub):  # noqa: PTH208 - a directory descriptor
+                remove_entry(sub, child, depth + 1)
+        finally:
+            os.close(sub)
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ENOTEMPTY):
+                raise
+    raise LocalError(f"{name}: keeps changing while it is removed from the download directory")
+
+
+# --- the child ------------------------------------------------------------------------
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_CAP_LAST_CAP = Path("/proc/sys/kernel/cap_last_cap")
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Empty the capability bounding set, set no_new_privs, become uid:gid with no groups."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        last = int(_CAP_LAST_CAP.read_text())
+    except (OSError, ValueError):
+        last = 40
+    for cap in range(last + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid or os.getegid() != gid:
+        raise OSError("privileges were not dropped")
+
+
+def _child(
+    transport: Transport,
+    jobs: list[Job],
+    progress: Progress | None,
+    uid: int,
+    gid: int,
+    dir_fd: int,
+    reply_fd: int,
+    directory: Path,
+) -> NoReturn:
+    """The forked child: drop privileges, run the jobs, write one JSON reply, exit."""
+    code = 0
+    try:
+        os.umask(0o077)
+        os.fchdir(dir_fd)
+        os.close(dir_fd)
+        drop_privileges(uid, gid)
+        # Die with the root process (a changed uid cleared any earlier setting): a
+        # killed client leaves no fetch namespace behind.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Paths inside the download directory become relative to it, so the child
+        # needs no access to the directories above it.
+        local = [
+            replace(job, dest=os.path.relpath(job.dest, directory)) if job.dest else job
+            for job in jobs
+        ]
+        results = execute(transport, local, progress)
+        reply: dict[str, Any] = {"ok": True, "results": results, "credentials": credentials()}
+    except RampartError as exc:
+        reply = {"ok": False, "error": {"kind": type(exc).__name__, "message": str(exc)}}
+    except Exception as exc:
+        reply = {"ok": False, "error": {"kind": "LocalError", "message": f"fetch: {exc}"}}
+    try:
+        data = json.dumps(reply).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(reply_fd, view) :]
+    except OSError:
+        code = 1
+    os._exit(code)

@@ -1,0 +1,874 @@
+"""The update transaction (docs/client.md, "The update transaction").
+
+The order is what makes it safe, atomic and resumable; each step that writes
+the disk is durable (fsync of data and directory) before the next starts:
+
+1. check     ask for the latest version; stop unless it is newer than the running one
+2. preflight the target slot is not running, open, mounted or mapped; space for it
+3. download  EFI binary and Core with signatures (unprivileged; resumed if an
+             earlier run left them); each moved by copying it once, from its end,
+             into a directory only root can reach, and that copy verified, with
+             the version, before the disk is touched; only the copies are read
+             from then on
+4. entries   remove every EFI binary but the running one: the slot about to be
+             overwritten is unbootable before it is touched
+5. slot      rename the unused LV to core_<new> (or create it); write Core, fsync,
+             read it back and check it against the signed digest
+6. entry     install the UKI as <name>.new, fsync, rename, fsync the directory:
+             only now is the new version bootable
+7. ready     <run-dir>/update-ready (a tmpfs: gone at reboot); downloads removed;
+             report to the server; reboot if configured
+
+Only one transaction runs at a time (an exclusive flock on the run directory).
+A version whose boot entry ran out of boot tries is not installed again.
+
+A crash at any point leaves the running version's entry and LV untouched, and
+every entry on the ESP names a complete, verified LV; a rerun redoes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from rampart import run
+from rampart.contracts import payload as payload_mod
+from rampart.contracts import pe, signing, verity, wire
+from rampart.contracts.version import Version, check_release_length, parse_version
+from rampart.device import esp as esp_mod
+from rampart.device import rollback
+from rampart.device.config import DeviceConfig, Identity, RemoteConfig
+from rampart.device.fetch import Fetcher, Job, open_directory, open_plain_file, remove_entry
+from rampart.device.slots import (
+    Slot,
+    SlotBackend,
+    _check_lv_name,
+    busy_reason,
+    open_backend,
+    slot_name,
+)
+from rampart.device.tpm import Tpm
+from rampart.device.transport import Limits
+from rampart.errors import (
+    ConflictError,
+    FormatError,
+    LocalError,
+    RampartError,
+    UsageError,
+    VerificationError,
+)
+
+log = logging.getLogger(__name__)
+
+SIG_CAP = 1 << 16
+READY_FILE = "update-ready"
+Checkpoint = Callable[[str], None]
+
+
+class Outcome(StrEnum):
+    UP_TO_DATE = "up-to-date"
+    UPDATED = "updated"
+    PENDING = "pending-reboot"
+
+
+# Exit codes of `rampart update` besides the error tree's (docs/exit-codes.md).
+EXIT_UPDATED = 20
+EXIT_PENDING = 21
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    outcome: Outcome
+    running: Version
+    latest: Version | None = None
+    slot: str | None = None
+    entry: str | None = None
+    removed_entries: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "outcome": str(self.outcome),
+            "running": self.running.core,
+            "latest": None if self.latest is None else self.latest.core,
+            "slot": self.slot,
+            "entry": self.entry,
+            "removed_entries": self.removed_entries,
+        }
+
+
+@dataclass
+class Device:
+    """One device: its configuration, identity, slots, ESP and working directories."""
+
+    config: DeviceConfig
+    remote: RemoteConfig
+    identity: Identity
+    slots: SlotBackend
+    esp: esp_mod.Esp
+    download_dir: Path
+    run_dir: Path
+    target: Version | None = None  # the version being installed, once known (for reports)
+    # The TPM holding the rollback counter: "config" (the default) opens the one
+    # [tpm] names when it is first needed; None: no TPM (tests inject one).
+    tpm: Tpm | Literal["config"] | None = "config"
+    proc_cmdline: Path = rollback.PROC_CMDLINE  # where the running epoch is read
+
+    @property
+    def ready_file(self) -> Path:
+        return self.run_dir / READY_FILE
+
+    @property
+    def verified_dir(self) -> Path:
+        """Where the verified copies of the payloads live: beside the download
+        directory, never handed to the fetch user (`<download dir>.verified`)."""
+        return self.download_dir.with_name(self.download_dir.name + ".verified")
+
+    def rollback_tpm(self) -> Tpm | None:
+        """The machine's TPM (None without one; LocalError if [tpm] required is unmet)."""
+        if isinstance(self.tpm, str):
+            self.tpm = rollback.machine_tpm(self.config)
+        return self.tpm
+
+    def headers(self) -> dict[str, str]:
+        return wire.identity_headers(self.identity.machine_id, self.identity.version)
+
+
+def open_device(
+    config: DeviceConfig,
+    remote: RemoteConfig,
+    identity: Identity,
+    download_dir: Path,
+    run_dir: Path,
+) -> Device:
+    """Bind a configuration to its slot backend and ESP."""
+    return Device(
+        config,
+        remote,
+        identity,
+        open_backend(config),
+        esp_mod.Esp(config.esp_directory, config.os_name),
+        download_dir,
+        run_dir,
+    )
+
+
+def make_fetcher(device: Device) -> Fetcher:
+    """The fetcher for `device`: sandboxed as the fetch user when running as root."""
+    config = device.config
+    user = config.fetch_user if os.geteuid() == 0 else None
+    limits = Limits(
+        config.connect_timeout, config.read_timeout, config.min_speed, config.stall_window
+    )
+    return Fetcher(device.remote.root_ca, device.headers(), limits, user, device.download_dir)
+
+
+def _no_checkpoint(_: str) -> None:
+    return None
+
+
+def payload_path(device: Device, version: Version, kind: str) -> Path:
+    return device.download_dir / f"{device.config.os_name}-{version.core}-{kind}"
+
+
+def check_payload(device: Device, payload: Path, version: Version) -> bytes:
+    """Verify `payload` with its `.sig` and the pinned key; its version must be `version`.
+
+    Returns the BLAKE2b-512 digest of the verified bytes.
+    """
+    sig_path = payload.with_name(payload.name + ".sig")
+    signature = signing.load_signature(sig_path)
+    digest = signing.verify_file(payload, signature, device.config.public_key)
+    _check_signed_version(signature, payload, version)
+    return digest
+
+
+def _check_signed_version(signature: signing.Signature, payload: Path, version: Version) -> None:
+    comment = signature.trusted_text(f"{payload}.sig")
+    if comment != version.core:
+        raise VerificationError(
+            f"{payload.name}: signed for version {comment[:80]!r}, expected {version.core!r}"
+        )
+
+
+def check_latest(device: Device, fetcher: Fetcher) -> Version:
+    url = wire.version_url(device.remote.update_url, device.config.os_name)
+    text = fetcher.run([Job("version", url, wire.VERSION_DOCUMENT_MAX)])[0]
+    if not isinstance(text, str):
+        raise FormatError(f"{url}: unreadable version")
+    try:
+        return parse_version(text, f"{url}: version")
+    except UsageError as exc:
+        raise FormatError(str(exc)) from None
+
+
+def pick_slot(device: Device, target: Version) -> Slot | None:
+    """The LV to overwrite: an existing core_* LV that is not in use, or None to create one.
+
+    Prefers the LV already named for the target (a resumed update), then the
+    lowest other version; never the running one.
+    """
+    running = device.identity.version
+    candidates = []
+    for slot in device.slots.slots():
+        if slot.version is None:
+            log.warning("ignoring LV %s: not core_<version>", slot.name)
+            continue
+        reason = busy_reason(slot, running)
+        if reason is not None:
+            if slot.version != running:
+                log.warning("not using %s: %s", slot.name, reason)
+            continue
+        candidates.append(slot)
+    if not candidates:
+        return None
+    candidates.sort(key=lambda s: (s.version != target, s.version))
+    return candidates[0]
+
+
+def _clean_downloads(device: Device, keep: Version | None) -> None:
+    """Remove every download and verified copy but `keep`'s payloads and signatures
+    (all if None). Works on directory descriptors and follows no symbolic link."""
+    wanted = set()
+    if keep is not None:
+        for kind in ("efiboot", "core"):
+            name = payload_path(device, keep, kind).name
+            wanted |= {name, name + ".sig"}
+    for directory, kept in ((device.download_dir, wanted), (device.verified_dir, wanted)):
+        try:
+            dir_fd = open_directory(directory)
+        except FileNotFoundError:
+            continue
+        try:
+            for name in os.listdir(dir_fd):  # noqa: PTH208 - a directory descriptor
+                fd = open_plain_file(dir_fd, name)
+                if fd is None:
+                    log.warning("removing %s from %s: not a regular file", name, directory)
+                    remove_entry(dir_fd, name)
+                    continue
+                os.close(fd)
+                if name not in kept:
+                    log.debug("removing %s from %s", name, directory)
+                    _unlink(dir_fd, name)
+        finally:
+            os.close(dir_fd)
+
+
+def _unlink(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _open_verified_dir(device: Device) -> int:
+    """The directory of verified copies (created 0700), opened without following a
+    symbolic link; it must be this user's and writable by no one else, else LocalError."""
+    path = device.verified_dir
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        fd = open_directory(path)
+    except OSError as exc:
+        raise LocalError(
+            f"{path}: cannot use the directory of verified copies: {exc.strerror}"
+        ) from None
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        os.close(fd)
+        raise LocalError(
+            f"{path}: the directory of verified copies must belong to uid {os.geteuid()} "
+            "and be writable by no one else"
+        )
+    os.fchmod(fd, 0o700)
+    return fd
+
+
+def copy_verified(device: Device, version: Version, kind: str) -> bytes:
+    """Move the downloaded payload of `kind` into the directory of verified copies
+    by copying it once, and verify the copy; the BLAKE2b-512 digest of the copy.
+
+    The signature and the payload are opened relative to the download directory
+    with O_NOFOLLOW and must be regular files with one link (checked with fstat
+    on the opened file). The payload is read once, from its end, and truncated
+    behind what was copied, so the copy needs no more space than the download it
+    replaces (a Core can be most of the state partition). The copy,
+    `<download dir>.verified/<name>`, is new (O_EXCL, 0600) in a directory only
+    this user can reach; it is then hashed and its signature checked: what is
+    verified is what every later step reads. It is a scratch copy, not fsynced:
+    a crash only means downloading again.
+
+    The download is gone afterwards, whether the copy verifies or not. If the
+    copy fails part-way (a write error), the download keeps its first part, to
+    resume. The signature is kept beside a copy that verified, so that a later
+    run can reuse the copy (reuse_verified). RampartError on any failure, with no
+    copy left.
+    """
+    name = payload_path(device, version, kind).name
+    source = device.download_dir / name
+    copy = device.verified_dir / name
+    verified_fd = _open_verified_dir(device)
+    try:
+        download_fd = open_directory(device.download_dir)
+    except OSError as exc:
+        os.close(verified_fd)
+        raise LocalError(f"{device.download_dir}: cannot open: {exc.strerror}") from None
+    try:
+        raw_signature = _read_signature(download_fd, name + ".sig", SIG_CAP, source)
+        signature = signing.parse_signature(raw_signature, f"{source}.sig")
+        src = open_plain_file(download_fd, name, writable=True)
+        if src is None:
+            raise LocalError(f"{source}: missing, or not a regular file with one link")
+        try:
+            digest = _copy_and_verify(device, src, verified_fd, copy, signature)
+        finally:
+            os.close(src)
+        _unlink(download_fd, name)  # empty now
+        _check_signed_version(signature, source, version)
+        _write_new(verified_fd, name + ".sig", raw_signature)
+        _unlink(download_fd, name + ".sig")
+    except OSError as exc:
+        _unlink(verified_fd, name)
+        raise LocalError(f"{copy}: cannot copy the download: {exc.strerror}") from None
+    except RampartError:
+        _unlink(verified_fd, name)
+        _unlink(download_fd, name)  # consumed, or not worth resuming: fetched afresh
+        raise
+    finally:
+        os.close(download_fd)
+        os.close(verified_fd)
+    return digest
+
+
+def reuse_verified(device: Device, version: Version, kind: str) -> bytes | None:
+    """The BLAKE2b-512 digest of the verified copy of `kind` an earlier run left, if
+    it still verifies with the signature kept beside it (a crash may have cut a copy
+    that was never fsynced), else None, with the copy removed. These files are this
+    user's, in a directory only this user can reach."""
+    name = payload_path(device, version, kind).name
+    copy = device.verified_dir / name
+    if not copy.exists():
+        return None
+    verified_fd = _open_verified_dir(device)
+    try:
+        signature = signing.parse_signature(
+            _read_signature(verified_fd, name + ".sig", SIG_CAP, copy), f"{copy}.sig"
+        )
+        fd = open_plain_file(verified_fd, name)
+        if fd is None:
+            raise LocalError(f"{copy}: not a regular file with one link")
+        try:
+            digest = _verify_fd(device, fd, copy, signature)
+        finally:
+            os.close(fd)
+        _check_signed_version(signature, copy, version)
+    except RampartError as exc:
+        log.info("not reusing %s: %s", copy, exc)
+        _unlink(verified_fd, name)
+        _unlink(verified_fd, name + ".sig")
+        return None
+    finally:
+        os.close(verified_fd)
+    return digest
+
+
+def _new_file(dir_fd: int, name: str) -> int:
+    """A read-write descriptor of `name`, created new (O_EXCL, 0600, no symbolic link
+    followed) in `dir_fd`, an old file of that name removed first."""
+    _unlink(dir_fd, name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
+def _write_new(dir_fd: int, name: str, data: bytes) -> None:
+    """`data` into `name`, a new file (0600) in `dir_fd` (an old one replaced)."""
+    fd = _new_file(dir_fd, name)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _read_signature(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
+    """A signature file in `dir_fd`, read once (at most `cap` bytes)."""
+    fd = open_plain_file(dir_fd, name)
+    if fd is None:
+        raise LocalError(f"{payload}.sig: signature not found, or not a regular file")
+    try:
+        data = os.read(fd, cap + 1)
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise FormatError(f"{payload}.sig: signature is larger than {cap} bytes")
+    return data
+
+
+def _copy_and_verify(
+    device: Device, src: int, verified_fd: int, copy: Path, signature: signing.Signature
+) -> bytes:
+    """Copy `src` (writable) into `copy` (new, 0600) from its end, truncating `src`
+    behind each chunk copied, then hash the copy and verify `signature` over it; the
+    BLAKE2b-512 digest of the copy."""
+    size = os.fstat(src).st_size
+    _check_legacy_size(signature, size, copy)  # before the download is consumed
+    dst = _new_file(verified_fd, copy.name)
+    try:
+        os.ftruncate(dst, size)  # sparse: blocks are allocated as the chunks arrive
+        end = size
+        while end > 0:
+            start = (end - 1) // signing.CHUNK * signing.CHUNK
+            data = os.pread(src, end - start, start)
+            if len(data) != end - start:
+                raise VerificationError(f"{copy.name}: the download changed while copied")
+            view = memoryview(data)
+            offset = start
+            while view:
+                written = os.pwrite(dst, view, offset)
+                view, offset = view[written:], offset + written
+            os.ftruncate(src, start)
+            end = start
+        return _verify_fd(device, dst, copy, signature)
+    finally:
+        os.close(dst)
+
+
+def _check_legacy_size(signature: signing.Signature, size: int, path: Path) -> None:
+    if not signature.prehashed and size > signing.LEGACY_MAX_BYTES:
+        raise VerificationError(
+            f"{path}: legacy (non-prehashed) signatures are limited to 1 GiB files"
+        )
+
+
+def _verify_fd(device: Device, fd: int, path: Path, signature: signing.Signature) -> bytes:
+    """Hash the file open as `fd` (this user's, in a directory only this user can
+    reach: its size holds) from its start and verify `signature` over it; its
+    BLAKE2b-512 digest. (A legacy signature covers the bytes, held in memory.)"""
+    _check_legacy_size(signature, os.fstat(fd).st_size, path)
+    hasher = hashlib.blake2b()
+    legacy = None if signature.prehashed else bytearray()
+    buffer = bytearray(signing.CHUNK)
+    os.lseek(fd, 0, os.SEEK_SET)
+    while n := os.readv(fd, [buffer]):
+        chunk = memoryview(buffer)[:n]
+        hasher.update(chunk)
+        if legacy is not None:
+            legacy += chunk
+    digest = hasher.digest()
+    try:
+        signing.verify(
+            device.config.public_key, signature, digest if legacy is None else bytes(legacy)
+        )
+    except VerificationError as exc:
+        raise VerificationError(f"{path.name}: {exc}") from None
+    return digest
+
+
+def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path, bytes]:
+    """Fetch both payloads of `version` (resuming what an earlier run left in the
+    download directory), move them by copying where only this user can reach them,
+    and verify the copies.
+
+    Returns (efiboot, core, BLAKE2b-512 digest of the verified Core): the paths of
+    the verified copies. Every later step reads these, never the download directory.
+    A payload left by an earlier run that does not verify is fetched once more.
+    """
+    device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _clean_downloads(device, version)
+    base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
+    caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
+    digests: dict[str, bytes] = {}
+    for kind in ("efiboot", "core"):
+        reused = reuse_verified(device, version, kind)
+        if reused is not None:
+            log.info(
+                "reusing the verified download of %s", payload_path(device, version, kind).name
+            )
+            digests[kind] = reused
+    kinds = [kind for kind in ("efiboot", "core") if kind not in digests]
+    for attempt in (1, 2):
+        if not kinds:
+            break
+        jobs = []
+        cached = []
+        for kind in kinds:
+            payload = payload_path(device, version, kind)
+            sig = payload.with_name(payload.name + ".sig")
+            if payload.exists():
+                cached.append(kind)
+            sig.unlink(missing_ok=True)  # small: always fetched with its payload
+            jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
+            jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
+        log.info("downloading %s", ", ".join(j.url.rsplit("/", 1)[-1] for j in jobs))
+        fetcher.run(jobs)
+        retry = []
+        for kind in kinds:
+            try:
+                digests[kind] = copy_verified(device, version, kind)
+            except VerificationError as exc:
+                if attempt == 2 or kind not in cached:
+                    raise
+                log.info("%s left by an earlier run: %s; fetching it again", kind, exc)
+                retry.append(kind)
+        if not retry:
+            break
+        kinds = retry
+    efiboot = device.verified_dir / payload_path(device, version, "efiboot").name
+    core = device.verified_dir / payload_path(device, version, "core").name
+    return efiboot, core, digests["core"]
+
+
+def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
+    """BLAKE2b-512 of the first `size` bytes of `path`, reading the next chunk in a
+    thread while this one is hashed (both release the GIL): the read-back of a
+    slot costs about one pass instead of two."""
+    hasher = hashlib.blake2b()
+    with path.open("rb", buffering=0) as device, ThreadPoolExecutor(1) as reader:
+        left = size
+        pending = reader.submit(device.read, min(chunk, left))
+        while left > 0:
+            data = pending.result()
+            if not data:
+                break
+            left -= len(data)
+            if left > 0:
+                pending = reader.submit(device.read, min(chunk, left))
+            hasher.update(data)
+    return hasher.digest()
+
+
+RootHash = payload_mod.RootHash  # what the new EFI binary's command line pins
+
+
+def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
+    """The verity root hash the EFI binary will boot with, or None if it carries none.
+
+    Reads `rampart.verity.*` (or CLIP OS's `rd.verity.*`) from the UKI's `.cmdline`.
+    Refuses (VerificationError) an EFI binary built for another LV than `slot`, and
+    (FormatError) one that is not a PE image.
+    """
+    data = efiboot.read_bytes()
+    line = pe.cmdline(data, efiboot.name)
+    if line is None:
+        return None
+    core = payload_mod.pinned_lv(line, efiboot.name)
+    if core is not None and not core.endswith("/" + slot):
+        raise VerificationError(
+            f"{efiboot.name}: boots {core}, not the slot {slot} it would be installed with"
+        )
+    return payload_mod.root_hash(line, efiboot.name)
+
+
+def verity_device(device: Device) -> bool:
+    """Whether this device's Cores carry verity: the running kernel or an installed EFI
+    binary of this OS pins a verity root hash."""
+    try:
+        running = device.proc_cmdline.read_bytes()[: 1 << 16].decode("utf-8", "replace")
+    except OSError:
+        running = ""
+    if payload_mod.root_hash(running, str(device.proc_cmdline)) is not None:
+        return True
+    for entry in device.esp.entries():
+        try:
+            data = entry.path.read_bytes()
+        except OSError as exc:
+            raise LocalError(f"{entry.path}: cannot read the boot entry: {exc.strerror}") from None
+        if payload_mod.pins_root_hash(data, entry.path.name):
+            return True
+    return False
+
+
+def check_release(device: Device, efiboot: Path, core: Path, version: Version) -> RootHash | None:
+    """Check what the verified payloads are (client/payload.py): the UKI of this OS and
+    `version` booting `core_<version>` on this device's volume group, with a root hash
+    on a verity device, and a squashfs Core carrying the tree that root hash pins.
+    Called on the verified payload files, before the disk is touched; returns the root
+    hash the written slot is checked against."""
+    checked = payload_mod.check_release(
+        efiboot,
+        core,
+        os_name=device.config.os_name,
+        version=version,
+        vg=payload_mod.device_vg(device.config.backend, device.config.core_destination),
+        require_root_hash=verity_device(device),
+    )
+    return checked.efiboot.root
+
+
+def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
+    """Verify the written slot (data and hash tree) against the EFI binary's root hash."""
+    with slot.path.open("rb") as handle:
+        handle.seek(root.hash_offset)
+        superblock = handle.read(verity.SUPERBLOCK)
+    fields = verity.parse_superblock(superblock, str(slot.path))
+    blocks = root.data_blocks if root.data_blocks is not None else fields["data_blocks"]
+    if fields["data_blocks"] != blocks or blocks * verity.BLOCK > root.hash_offset:
+        raise VerificationError(
+            f"{slot.path}: verity superblock does not match the EFI binary's command line"
+        )
+    params = verity.VerityParams(
+        root_hash=root.root_hash,
+        salt=fields["salt"],
+        data_blocks=blocks,
+        hash_offset=root.hash_offset,
+        uuid=fields["uuid"],
+    )
+    try:
+        verity.verify(slot.path, params)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"Core in {slot.name} does not match the root hash of the new EFI binary ({exc}); "
+            "not installing it"
+        ) from None
+
+
+def write_core(
+    image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint, root: RootHash | None = None
+) -> None:
+    """Write `image` at the start of `slot`, fsync, read it back and check it against `verified`.
+
+    With `root` (the new EFI binary's verity root hash), the slot is verified
+    against it instead: data and hash tree, which also proves that Core and the
+    EFI binary were built together. Otherwise `verified` is the BLAKE2b-512
+    digest of the bytes whose signature was
+    checked. The slot is read back from the device after fsync (its page cache
+    dropped) and must hash to it: that one check catches a payload changed
+    after verification as well as a bad write.
+    """
+    size = image.stat().st_size
+    if size > slot.size:
+        raise LocalError(
+            f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
+        )
+    buffer = bytearray(signing.CHUNK)
+    view = memoryview(buffer)
+    fd = os.open(slot.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with image.open("rb") as src:
+            while n := src.readinto(buffer):
+                chunk = view[:n]
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk) :]
+                checkpoint("write-core-chunk")
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as exc:
+        raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if root is not None:
+        check_slot_against_root_hash(slot, root)
+        return
+    readback = hash_prefix(slot.path, size)
+    if readback != verified:
+        raise VerificationError(f"{slot.path}: Core read back does not match the verified payload")
+
+
+def update(
+    device: Device, fetcher: Fetcher, checkpoint: Checkpoint = _no_checkpoint
+) -> UpdateResult:
+    """Run the whole transaction once, holding the update lock.
+
+    Raises RampartError subclasses on failure (an unexpected OSError becomes a
+    LocalError naming the file).
+    """
+    try:
+        device.run_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(device.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        unusable = LocalError(f"{device.run_dir}: cannot use the run directory: {exc.strerror}")
+        # No run can hold the lock of a run directory that cannot be opened, so this
+        # report's fetch cannot disturb one (unlike a run refused by the lock below).
+        send_report(device, fetcher, None, "failure", str(unusable))
+        raise unusable from None
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(f"{device.run_dir}: another update is running") from None
+        # Reports are sent while the lock is held: the report's fetch process
+        # must not share the download directory with another run's.
+        try:
+            result = _update_locked(device, fetcher, checkpoint)
+        except OSError as exc:
+            error: RampartError = LocalError(f"{exc.filename or 'update'}: {exc.strerror or exc}")
+            send_report(device, fetcher, device.target, "failure", str(error))
+            raise error from None
+        except RampartError as exc:
+            send_report(device, fetcher, device.target, "failure", str(exc))
+            raise
+        if result.outcome == Outcome.UPDATED:
+            send_report(device, fetcher, result.latest, "success")
+        return result
+    finally:
+        os.close(lock_fd)
+
+
+def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> UpdateResult:
+    running = device.identity.version
+    if device.ready_file.exists():
+        log.info("an update is already installed and waits for a reboot")
+        return UpdateResult(Outcome.PENDING, running)
+    checkpoint("check")
+    latest = check_latest(device, fetcher)
+    if latest <= running:
+        if latest < running:
+            log.warning("server offers %s, older than the running %s: ignored", latest, running)
+        else:
+            log.info("up to date (%s)", running)
+        return UpdateResult(Outcome.UP_TO_DATE, running, latest)
+    log.info("update available: %s -> %s", running, latest)
+    device.target = latest
+    check_names(device, latest)
+    failed = device.esp.find(latest)
+    if failed is not None and failed.bad:
+        raise ConflictError(
+            f"{failed.path.name}: version {latest.core} already failed to boot on this machine "
+            "(its boot counter ran out); not installing it again until a newer one is offered"
+        )
+
+    checkpoint("preflight")
+    if device.esp.find(running) is None:
+        raise ConflictError(
+            f"{device.esp.directory}: no boot entry for the running version {running.core}; "
+            "refusing to update a system that could not boot back"
+        )
+    slot = pick_slot(device, latest)
+    if slot is None and device.slots.free_space() < device.config.core_size:
+        raise LocalError(
+            f"{device.config.core_destination}: not enough free space for a new Core LV "
+            f"({device.config.core_size} bytes needed, {device.slots.free_space()} free)"
+        )
+
+    checkpoint("download")
+    efiboot, core, core_digest = download(device, fetcher, latest)
+    core_size = core.stat().st_size
+    target_size = slot.size if slot is not None else device.config.core_size
+    if core_size > target_size:
+        raise LocalError(
+            f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
+        )
+
+    root = check_release(device, efiboot, core, latest)
+    if root is None:
+        log.warning(
+            "%s carries no verity root hash: Core is checked against its signature only",
+            efiboot.name,
+        )
+    check_rollback(device, efiboot, latest)
+
+    checkpoint("remove-entries")
+    removed = device.esp.remove_all_except(running)
+
+    checkpoint("take-slot")
+    new_name = slot_name(latest)
+    if slot is None:
+        slot = device.slots.create(new_name, device.config.core_size)
+    elif slot.name != new_name:
+        slot = device.slots.rename(slot, new_name)
+
+    checkpoint("write-core")
+    log.info("writing Core %s into %s", latest, slot.path)
+    write_core(core, slot, core_digest, checkpoint, root)
+    log.info("Core %s written and verified", latest)
+
+    checkpoint("install-entry")
+    entry = device.esp.install(efiboot, latest, device.config.boot_tries)
+
+    checkpoint("ready")
+    # The new version is installed and bootable: what follows is housekeeping,
+    # whose failure is logged, not fatal.
+    try:
+        write_ready(device, latest)
+        _clean_downloads(device, None)  # installed: the payloads are no longer needed
+    except OSError as exc:
+        log.error("update installed, but %s: %s", exc.filename or "cleanup", exc.strerror)
+    except RampartError as exc:  # a download directory that keeps changing (remove_entry)
+        log.error("update installed, but %s", exc)
+    return UpdateResult(
+        Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
+    )
+
+
+def check_names(device: Device, version: Version) -> None:
+    """Refuse (FormatError) an offered version that cannot name everything the
+    transaction creates: the LV core_<V> (LVM: 127 characters), the boot entry
+    (with its counter and `.new`) and the downloads (255 bytes each). Checked
+    before anything is changed, so such an offer never costs the fallback entry."""
+    try:
+        check_release_length(version, "offered version")
+        _check_lv_name(slot_name(version))
+    except UsageError as exc:
+        raise FormatError(f"{exc}; not installing it") from None
+    entry = esp_mod.entry_name(device.config.os_name, version, device.config.boot_tries)
+    signatures = [payload_path(device, version, kind).name + ".sig" for kind in ("efiboot", "core")]
+    for name in (entry + ".new", *signatures):  # the longest name of each file
+        if len(os.fsencode(name)) > 255:
+            raise FormatError(
+                f"offered version {version.core[:40]}...: the file name {name[:60]}... is longer "
+                "than 255 bytes; not installing it"
+            )
+
+
+def write_ready(device: Device, version: Version) -> None:
+    """Write the update-ready marker whole or not at all (a temporary file renamed
+    over it; /run is a tmpfs: no fsync). Raises OSError naming the marker, the
+    temporary removed."""
+    temporary = device.ready_file.with_name(f".{READY_FILE}.tmp")
+    try:
+        temporary.write_text(version.core + "\n")
+        os.replace(temporary, device.ready_file)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        reason = f"cannot write the update-ready marker ({exc.strerror})"
+        raise OSError(exc.errno, reason, str(device.ready_file)) from None
+
+
+def check_rollback(device: Device, efiboot: Path, version: Version) -> None:
+    """Refuse (VerificationError) an EFI binary whose security epoch is below the TPM's
+    rollback counter (it would never boot) or below the running version's epoch."""
+    epoch = rollback.uki_epoch(efiboot)
+    chip = device.rollback_tpm()
+    counter = None if chip is None else rollback.read_counter(chip)
+    running = rollback.running_epoch(device.proc_cmdline)
+    log.info(
+        "%s has security epoch %d (running epoch %d, rollback counter %s)",
+        version,
+        epoch,
+        running,
+        "none: no TPM" if counter is None else counter,
+    )
+    rollback.check_epoch(version, epoch, counter, running)
+
+
+def send_report(
+    device: Device, fetcher: Fetcher, target: Version | None, outcome: str, error: str = ""
+) -> None:
+    """Tell the server how an attempt ended (best effort: a failure is only logged)."""
+    if not device.config.report:
+        return
+    body = wire.InstallReport(
+        device.identity.version.core, None if target is None else target.core, outcome, error
+    ).render()
+    url = wire.report_url(device.remote.update_url, device.config.os_name)
+    try:
+        status = fetcher.run([Job("report", url, 1 << 16, body=body.decode())])[0]
+    except (RampartError, OSError) as exc:
+        log.info("report not delivered: %s", exc)
+        return
+    if not (isinstance(status, int) and 200 <= status < 300):
+        log.info("report not accepted: %s answered HTTP %s", url, status)
+
+
+def reboot() -> None:
+    """Ask systemd to reboot; a failure is logged, not raised (the update is installed)."""
+    try:
+        run.run(["systemctl", "reboot"], timeout=60)
+    except RampartError as exc:
+        log.error("update installed, but the reboot failed: %s", exc)

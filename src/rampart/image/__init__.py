@@ -1,1 +1,0 @@
-"""Build products: the verity-protected Core image and the Secure Boot-signed EFI binary."""

@@ -1,0 +1,460 @@
+"""The static update webroot (wire protocol v1, docs/formats.md "Webroot").
+
+    webroot/
+      dist/<version>/<os>-core, <os>-core.sig, <os>-efiboot, <os>-efiboot.sig
+      update/v1/<os>/version                         default channel
+      channels/<channel>/update/v1/<os>/version      other channels
+
+Crash safety of `publish` rests on this order, each step durable before the next:
+1. each payload is copied to a hidden temporary file inside `dist/<version>/`
+   while being hashed, and signed from that one read; payload and signature are
+   fsynced, renamed to their final names, and the directory is fsynced;
+2. only then is the channel's version file written to a temporary file, fsynced,
+   renamed over the old one, and its directory fsynced.
+A crash leaves either the old version file (and perhaps a complete, unnamed
+release, or hidden temporaries that the next publish of that release removes,
+and that `webroot check` reports) or the new one naming a complete release.
+No version file ever names an incomplete release. Concurrent publishes into one
+webroot are serialised by an exclusive flock on the webroot directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rampart.contracts import signing
+from rampart.contracts.version import Version, check_release_length, parse_version
+from rampart.contracts.wire import (
+    NAME,
+    PAYLOADS,
+    check_name,
+    list_channels,
+    read_version_file,
+    release_dir,
+    render_version_document,
+    version_file,
+)
+from rampart.durable import fsync_dir
+from rampart.errors import (
+    AuditError,
+    ConflictError,
+    LocalError,
+    RampartError,
+    UsageError,
+    VerificationError,
+)
+from rampart.vendor import uki
+
+_TMP_PREFIX = ".rampart-tmp-"
+
+
+def _makedirs(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry list changed."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir()
+        fsync_dir(directory.parent)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `directory` (serialises publishes into one webroot)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _temporary(directory: Path, name: str) -> Iterator[Path]:
+    """A hidden temporary path in `directory`, removed if still there on exit."""
+    tmp = directory / f"{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` atomically: temporary file, fsync, rename, fsync dir."""
+    with _temporary(path.parent, path.name) as tmp:
+        with tmp.open("xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def _copy_hashing(source: Path, target: Path) -> bytes:
+    """Copy `source` to new file `target`, fsynced; return its BLAKE2b-512 (one read)."""
+    blake = hashlib.blake2b()
+    buffer = bytearray(signing.CHUNK)
+    view = memoryview(buffer)
+    with source.open("rb") as src, target.open("xb") as dst:
+        while n := src.readinto(buffer):
+            chunk = view[:n]
+            blake.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    target.chmod(0o644)
+    return blake.digest()
+
+
+def _sha256(path: Path) -> bytes:
+    sha = hashlib.sha256()
+    buffer = bytearray(signing.CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb") as handle:
+        while n := handle.readinto(buffer):
+            sha.update(view[:n])
+    return sha.digest()
+
+
+def _clean_temporaries(directory: Path) -> None:
+    for leftover in directory.glob(f"{_TMP_PREFIX}*"):
+        leftover.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: Version
+    os_name: str
+    channel: str | None
+    release: Path
+    version_file: Path
+    reused: bool
+    previous: Version | None
+    epoch: int = 0  # the security epoch of the EFI binary (rampart.epoch on its command line)
+
+
+def publish(
+    webroot: Path,
+    os_name: str,
+    version: Version,
+    core: Path,
+    efiboot: Path,
+    secret_key: signing.SecretKey,
+    channel: str | None = None,
+    force: bool = False,
+    epoch: int | None = None,
+) -> PublishResult:
+    """Publish a release into `webroot` and point `channel` at it (see module docstring).
+
+    The EFI binary's security epoch (`rampart.epoch` on its command line, 0 without
+    one) must be `epoch` when that is given.
+
+    Raises UsageError (bad name or version, an epoch other than `epoch`), LocalError
+    (missing payload, unwritable webroot), FormatError (a malformed rampart.epoch),
+    ConflictError (a different release with this version exists, or the channel names
+    a higher version, or one whose EFI binary has a higher epoch, and `force` is not set).
+    """
+    check_name(os_name, "OS name")
+    if channel is not None:
+        check_name(channel, "channel name")
+    if version.build:
+        raise UsageError(f"version {version}: build metadata is not allowed in a release version")
+    check_release_length(version)
+    payloads = {"core": core, "efiboot": efiboot}
+    for kind, path in payloads.items():
+        if not path.is_file():
+            raise LocalError(f"{path}: {kind} payload not found or not a regular file")
+        if not os.access(path, os.R_OK):
+            raise LocalError(f"{path}: {kind} payload is not readable")
+    if webroot.exists() and not webroot.is_dir():
+        raise LocalError(f"{webroot}: webroot is not a directory")
+    check_payloads(os_name, version, core, efiboot)
+    release_epoch = uki.efi_epoch(efiboot)
+    if epoch is not None and epoch != release_epoch:
+        raise UsageError(
+            f"{efiboot}: the EFI binary has security epoch {release_epoch}, not the "
+            f"{epoch} asserted with --epoch"
+        )
+
+    target = version_file(webroot, os_name, channel)
+    release = release_dir(webroot, version)
+    try:
+        _makedirs(webroot)
+        with _locked(webroot):
+            previous = read_version_file(target)
+            if previous is not None and version < previous and not force:
+                raise ConflictError(
+                    f"{target}: channel names {previous}, refusing to go back to {version} "
+                    "(use --force to roll the channel back)"
+                )
+            if previous is not None and not force:
+                _check_epoch_order(webroot, os_name, target, previous, version, release_epoch)
+            _makedirs(release)
+            _clean_temporaries(release)
+            reused = _write_release(release, os_name, payloads, secret_key, version)
+            _makedirs(target.parent)
+            _clean_temporaries(target.parent)
+            _write_durably(target, render_version_document(version))
+    except PermissionError as exc:
+        raise LocalError(f"{exc.filename or webroot}: permission denied") from None
+    except OSError as exc:
+        where = exc.filename or webroot
+        raise LocalError(f"{where}: cannot write the webroot: {exc.strerror}") from None
+    return PublishResult(
+        version, os_name, channel, release, target, reused, previous, release_epoch
+    )
+
+
+def check_payloads(os_name: str, version: Version, core: Path, efiboot: Path) -> None:
+    """Refuse payloads a device would refuse (client/payload.py): an EFI binary that is
+    not a UKI of `os_name` `version` booting `core_<version>`, a Core that is not a
+    squashfs carrying the verity tree the EFI binary's root hash pins (checked
+    block by block here, once: the vendor's machine can afford it). FormatError for
+    a payload of the wrong kind (swapped), VerificationError for another OS, version
+    or Core."""
+    from rampart.contracts import payload, verity
+
+    checked = payload.check_release(efiboot, core, os_name=os_name, version=version, vg=None)
+    root = checked.efiboot.root
+    if root is None:
+        return
+    superblock = verity.parse_superblock(
+        payload.read_at(core, root.hash_offset, verity.SUPERBLOCK, "verity superblock"),
+        str(core),
+    )
+    params = verity.VerityParams(
+        root_hash=root.root_hash,
+        salt=superblock["salt"],
+        data_blocks=superblock["data_blocks"],
+        hash_offset=root.hash_offset,
+        uuid=superblock["uuid"],
+    )
+    try:
+        verity.verify(core, params)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"{core}: Core does not match the root hash of the EFI binary {efiboot.name} ({exc})"
+        ) from None
+
+
+def _check_epoch_order(
+    webroot: Path, os_name: str, target: Path, previous: Version, version: Version, epoch: int
+) -> None:
+    """ConflictError if the channel's current release has a higher security epoch:
+    devices that ran it refuse to install a lower one (and their TPM would not boot it)."""
+    published = release_dir(webroot, previous) / f"{os_name}-efiboot"
+    if not published.is_file():
+        return  # not published (completely): nothing to compare with
+    current = uki.efi_epoch(published)
+    if current > epoch:
+        raise ConflictError(
+            f"{target}: channel names {previous} with security epoch {current}, refusing to "
+            f"publish {version} with the lower epoch {epoch} (devices would refuse it; "
+            "use --force to publish it anyway)"
+        )
+
+
+def _write_release(
+    release: Path,
+    os_name: str,
+    payloads: dict[str, Path],
+    secret_key: signing.SecretKey,
+    version: Version,
+) -> bool:
+    """Write and sign each payload not yet in `release`; return True if all were there.
+
+    A payload already published must be byte-identical and validly signed for
+    this version, else ConflictError: a release, once published, never changes.
+    A release left incomplete by a crash is completed.
+    """
+    comment = version.core.encode()
+    reused = True
+    for kind in PAYLOADS:
+        final = release / f"{os_name}-{kind}"
+        final_sig = final.with_name(final.name + ".sig")
+        if final.exists():
+            _check_same_payload(final, payloads[kind], secret_key, version)
+            continue
+        reused = False
+        with (
+            _temporary(release, final.name) as tmp_payload,
+            _temporary(release, final_sig.name) as tmp_sig,
+        ):
+            digest = _copy_hashing(payloads[kind], tmp_payload)
+            signature = secret_key.sign_message(digest, comment, prehashed=True)
+            with tmp_sig.open("xb") as handle:
+                handle.write(signature.to_bytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp_sig.chmod(0o644)
+            # The signature lands before its payload: a payload never sits
+            # under its final name without its signature beside it.
+            tmp_sig.replace(final_sig)
+            tmp_payload.replace(final)
+        fsync_dir(release)
+    return reused
+
+
+def _check_same_payload(
+    published: Path, candidate: Path, secret_key: signing.SecretKey, version: Version
+) -> None:
+    if _sha256(published) != _sha256(candidate):
+        raise ConflictError(
+            f"{published}: release {version.core} already exists with different content; "
+            "publish under a new version"
+        )
+    sig_path = published.with_name(published.name + ".sig")
+    signature = signing.load_signature(sig_path)
+    signing.verify_file(published, signature, secret_key.public_key)
+    if signature.trusted_text(str(sig_path)) != version.core:
+        raise ConflictError(f"{sig_path}: signed for another version than {version.core}")
+
+
+# --- audit -------------------------------------------------------------------------
+
+
+def audit(webroot: Path, public_key: signing.PublicKey) -> list[str]:
+    """Everything wrong with `webroot`, one line each; an empty list if it is sound."""
+    if not webroot.is_dir():
+        raise LocalError(f"{webroot}: webroot not found or not a directory")
+    problems: list[str] = []
+    for name in ("dist", "update", "channels"):
+        entry = webroot / name
+        if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+            problems.append(f"{entry}: must be a directory")
+    if problems:
+        return problems
+    try:
+        _audit_tree(webroot, public_key, problems)
+    except OSError as exc:
+        problems.append(f"{exc.filename or webroot}: cannot read: {exc.strerror}")
+    return problems
+
+
+def _audit_tree(webroot: Path, public_key: signing.PublicKey, problems: list[str]) -> None:
+    expected_top = {"dist", "update", "channels"}
+    for entry in sorted(webroot.iterdir()):
+        if entry.name not in expected_top:
+            problems.append(f"{entry}: unexpected entry at the top of the webroot")
+    _audit_version_tree(webroot, problems)
+    channels_dir = webroot / "channels"
+    if channels_dir.exists():
+        for entry in sorted(channels_dir.iterdir()):
+            if not entry.is_dir() or not NAME.fullmatch(entry.name):
+                problems.append(f"{entry}: not a valid channel directory")
+                continue
+            for sub in sorted(entry.iterdir()):
+                if sub.name != "update":
+                    problems.append(f"{sub}: unexpected entry in a channel directory")
+            _audit_version_tree(entry, problems)
+    releases = _audit_dist(webroot, public_key, problems)
+    for channel in list_channels(webroot, problems):
+        label = "default channel" if channel.name is None else f"channel {channel.name}"
+        path = version_file(webroot, channel.os_name, channel.name)
+        if channel.version.build:
+            problems.append(f"{path}: names {channel.version}, which carries build metadata")
+        if (channel.version.core, channel.os_name) not in releases:
+            problems.append(
+                f"{path}: {label} names {channel.version} for {channel.os_name}, "
+                "which is not published (or not completely)"
+            )
+
+
+def _audit_version_tree(root: Path, problems: list[str]) -> None:
+    update = root / "update"
+    if not update.exists():
+        return
+    for entry in sorted(update.iterdir()):
+        if entry.name != "v1" or not entry.is_dir():
+            problems.append(f"{entry}: unexpected entry (only update/v1/ is defined)")
+    v1 = update / "v1"
+    if not v1.is_dir():
+        return
+    for os_dir in sorted(v1.iterdir()):
+        if not os_dir.is_dir() or not NAME.fullmatch(os_dir.name):
+            problems.append(f"{os_dir}: not a valid OS directory")
+            continue
+        for entry in sorted(os_dir.iterdir()):
+            if entry.name != "version":
+                problems.append(f"{entry}: unexpected file beside the version file")
+            elif entry.is_symlink() or not entry.is_file():
+                problems.append(f"{entry}: the version file must be a regular file")
+
+
+def _audit_dist(
+    webroot: Path, public_key: signing.PublicKey, problems: list[str]
+) -> set[tuple[str, str]]:
+    """Check every release; return the complete (version, os) pairs."""
+    complete: set[tuple[str, str]] = set()
+    dist = webroot / "dist"
+    if not dist.exists():
+        return complete
+    for release in sorted(dist.iterdir()):
+        if not release.is_dir():
+            problems.append(f"{release}: unexpected file in dist/")
+            continue
+        try:
+            version = parse_version(release.name, "release directory")
+        except UsageError:
+            problems.append(f"{release}: directory name is not a semantic version")
+            continue
+        if version.build:
+            problems.append(f"{release}: release directory carries build metadata")
+        oses: dict[str, set[str]] = {}
+        for entry in sorted(release.iterdir()):
+            match = re.fullmatch(r"(?P<os>.+)-(?P<kind>core|efiboot)(?P<sig>\.sig)?", entry.name)
+            if match is None or not entry.is_file() or not NAME.fullmatch(match["os"]):
+                problems.append(f"{entry}: unexpected entry in a release directory")
+                continue
+            oses.setdefault(match["os"], set()).add(entry.name)
+        for os_name, present in sorted(oses.items()):
+            ok = True
+            for kind in PAYLOADS:
+                payload = release / f"{os_name}-{kind}"
+                for needed in (payload.name, payload.name + ".sig"):
+                    if needed not in present:
+                        problems.append(f"{release / needed}: missing")
+                        ok = False
+                if payload.name in present and payload.name + ".sig" in present:
+                    ok = _audit_payload(payload, version, public_key, problems) and ok
+            if ok:
+                complete.add((release.name, os_name))
+    return complete
+
+
+def _audit_payload(
+    payload: Path, version: Version, public_key: signing.PublicKey, problems: list[str]
+) -> bool:
+    sig_path = payload.with_name(payload.name + ".sig")
+    try:
+        signature = signing.load_signature(sig_path)
+        signing.verify_file(payload, signature, public_key)
+        comment = signature.trusted_text(str(sig_path))
+    except RampartError as exc:
+        problems.append(str(exc))
+        return False
+    if comment != version.core:
+        problems.append(
+            f"{sig_path}: trusted comment is {comment[:80]!r}, expected the release version "
+            f"{version.core!r}"
+        )
+        return False
+    return True
+
+
+def check(webroot: Path, public_key: signing.PublicKey) -> None:
+    """Raise AuditError listing every problem of `webroot`."""
+    problems = audit(webroot, public_key)
+    if problems:
+        raise AuditError(f"{webroot}: {len(problems)} problem(s) found", problems)
