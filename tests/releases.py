@@ -1,7 +1,7 @@
 """Real, small release payloads for the tests: a Core built by `rampart build core`'s
 `core.build_core` (an uncompressed squashfs with its dm-verity tree appended) and an
 unsigned UKI assembled by `uki.build` on systemd's stub, with the command line
-`rampart build efiboot` writes (`uki.kernel_cmdline`).
+`rampart build efiboot` writes (`kernel_cmdline`).
 
 The UKI's kernel is a tiny stand-in bzImage (the x86 setup header `uki.build`
 checks, and no code): the tests never boot these UKIs, and the real 8 MiB kernel
@@ -22,6 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from rampart.contracts.cmdline import kernel_cmdline
 from rampart.contracts.version import parse_version
 from rampart.vendor import core, uki
 
@@ -82,7 +83,7 @@ def _build(
     (tree / "payload").write_bytes(hashlib.shake_256(seed).digest(core_size))
     meta = core.build_core(tree, parse_version(version), work)
     if root_hash:
-        cmdline = uki.kernel_cmdline(
+        cmdline = kernel_cmdline(
             vg,
             version,
             roothash=meta.verity.root_hash,

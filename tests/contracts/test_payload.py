@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.contracts import payload, verity
+from rampart.contracts import cmdline, payload, verity
 from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, VerificationError
 from rampart.vendor import uki
@@ -104,7 +104,7 @@ def test_a_core_without_its_tree_is_refused(release: tuple[bytes, bytes]) -> Non
 def test_a_superblock_for_another_data_size_is_refused(release: tuple[bytes, bytes]) -> None:
     facts = check(release[1])
     assert facts.root is not None and facts.root.data_blocks is not None
-    other = payload.RootHash(facts.root.root_hash, facts.root.hash_offset, 1)
+    other = cmdline.RootHash(facts.root.root_hash, facts.root.hash_offset, 1)
     core = release[0]
     superblock = core[facts.root.hash_offset : facts.root.hash_offset + verity.SUPERBLOCK]
     with pytest.raises(VerificationError, match="do not match the EFI binary's command line"):
@@ -128,7 +128,7 @@ def test_no_root_hash_is_refused_only_where_required(tmp_path: Path) -> None:
 
 def test_malformed_verity_parameters_are_refused() -> None:
     with pytest.raises(FormatError, match="malformed verity parameters"):
-        payload.root_hash("rampart.verity.roothash=xyz rampart.verity.hashoffset=1", "c")
+        cmdline.root_hash("rampart.verity.roothash=xyz rampart.verity.hashoffset=1", "c")
 
 
 def test_an_installed_entry_tells_whether_the_device_has_verity(

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from rampart.contracts import cmdline
 from rampart.device import config as device_config
 from rampart.device import rollback, status, tpm, update
 from rampart.device.esp import Esp
 from rampart.device.slots import open_backend
 from rampart.errors import FormatError, LocalError, VerificationError
-from rampart.vendor import uki
 from tests.conftest import KeyPair, fake_uki, run_cli, start_swtpm, tcti_of
 from tests.device.conftest import (
     OS,
@@ -74,16 +74,16 @@ def mark_good(device: DeviceDirs, *extra: str) -> tuple[int, str, str]:
 
 
 def test_epochs_are_read_from_the_command_line(tmp_path: Path) -> None:
-    assert uki.cmdline_epoch("root=x rampart.epoch=7 quiet", "x") == 7
-    assert uki.cmdline_epoch("rampart.epoch=1 rampart.epoch=4", "x") == 4  # the kernel's rule
-    assert uki.cmdline_epoch("root=x quiet", "x") == 0
-    assert uki.cmdline_epoch(None, "x") == 0
-    assert uki.cmdline_epoch(f"rampart.epoch={uki.MAX_EPOCH}", "x") == uki.MAX_EPOCH
+    assert cmdline.cmdline_epoch("root=x rampart.epoch=7 quiet", "x") == 7
+    assert cmdline.cmdline_epoch("rampart.epoch=1 rampart.epoch=4", "x") == 4  # the kernel's rule
+    assert cmdline.cmdline_epoch("root=x quiet", "x") == 0
+    assert cmdline.cmdline_epoch(None, "x") == 0
+    assert cmdline.cmdline_epoch(f"rampart.epoch={cmdline.MAX_EPOCH}", "x") == cmdline.MAX_EPOCH
     for bad in ("rampart.epoch=", "rampart.epoch=-1", "rampart.epoch=x1", "rampart.epoch=0x10"):
         with pytest.raises(FormatError, match="is not a security epoch"):
-            uki.cmdline_epoch(bad, "x")
+            cmdline.cmdline_epoch(bad, "x")
     with pytest.raises(FormatError):
-        uki.cmdline_epoch(f"rampart.epoch={uki.MAX_EPOCH + 1}", "x")
+        cmdline.cmdline_epoch(f"rampart.epoch={cmdline.MAX_EPOCH + 1}", "x")
     assert rollback.uki_epoch(uki_file(tmp_path / "a.efi", 3)) == 3
     assert rollback.uki_epoch(uki_file(tmp_path / "b.efi", None)) == 0
     (tmp_path / "c.efi").write_bytes(b"MZ not a PE file")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rampart.contracts.version import parse_version
-from rampart.device import update
+from rampart.device import slots, update
 from rampart.device.slots import Slot
 from rampart.errors import ConflictError, LocalError, VerificationError
 from tests.conftest import KeyPair, run_cli
@@ -348,7 +348,7 @@ def test_core_changed_after_verification_is_caught_by_the_read_back(
     lv = tmp_path / "core_2.0.0"
     lv.write_bytes(bytes(1024))
     with pytest.raises(VerificationError, match="does not match the verified payload"):
-        update.write_core(image, Slot("core_2.0.0", 1024, lv), verified, lambda _: None)
+        slots.write_core(image, Slot("core_2.0.0", 1024, lv), verified, lambda _: None)
 
 
 def test_other_operating_systems_boot_entries_are_left_alone(

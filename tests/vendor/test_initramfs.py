@@ -52,6 +52,7 @@ from pathlib import Path
 
 import pytest
 
+from rampart.contracts import cmdline
 from rampart.contracts.version import parse_version
 from rampart.device import state as rstate
 from rampart.device import tpm
@@ -483,17 +484,17 @@ def test_busybox_sh_accepts_init(
 
 def test_init_reads_the_parameters_kernel_cmdline_writes(members: dict[str, Member]) -> None:
     init = members["/init"].data.decode()
-    line = uki.kernel_cmdline(
+    line = cmdline.kernel_cmdline(
         VG, VERSION, roothash="ab" * 32, hash_offset=4096, data_blocks=1, fec_offset=8192,
         fec_roots=2, epoch=3,
     )  # fmt: skip
     assert "rampart.epoch=3" in line
-    for key in uki.cmdline_params(line):
+    for key in cmdline.cmdline_params(line):
         if key.startswith("rampart."):
             assert f"{key}=*)" in init, f"/init does not read {key}"
     assert "veritysetup open" in init and "switch_root" in init
     assert "\nopen_state\n" in init and "\ncheck_epoch\n" in init
-    assert f'[ "$value" \\> {uki.MAX_EPOCH} ]' in init
+    assert f'[ "$value" \\> {cmdline.MAX_EPOCH} ]' in init
     assert f"tpm2_nvread -C o -s 8 0x{tpm.COUNTER_INDEX:08x}" in init
     assert f"tpm2_load -Q -C 0x{tpm.PRIMARY_HANDLE:08x}" in init
     assert f"--key-slot {tpm.TPM_KEYSLOT} --key-file=-" in init
@@ -701,7 +702,7 @@ def boot_direct(
 def _cmdline(
     roothash: str, hash_offset: int, data_blocks: int, *extra: str, epoch: int | None = None
 ) -> str:
-    return uki.kernel_cmdline(
+    return cmdline.kernel_cmdline(
         VG,
         VERSION,
         roothash=roothash,

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from rampart.contracts import cmdline
 from rampart.device import state, tpm
-from rampart.vendor import initramfs, uki
+from rampart.vendor import initramfs
 from tests.conftest import start_swtpm, tcti_of
 
 VG = "mainvg"
@@ -277,35 +278,35 @@ def run_cmdline(tmp_path: Path, line: str) -> subprocess.CompletedProcess[str]:
 
 
 def _line(epoch: int | None) -> str:
-    return uki.kernel_cmdline(
+    return cmdline.kernel_cmdline(
         VG, "1.0.0", roothash="ab" * 32, hash_offset=4096, data_blocks=1, epoch=epoch
     )
 
 
-@pytest.mark.parametrize("epoch", [None, 0, 1, 7, 123456789, 1234567890, uki.MAX_EPOCH])
+@pytest.mark.parametrize("epoch", [None, 0, 1, 7, 123456789, 1234567890, cmdline.MAX_EPOCH])
 def test_init_reads_the_epoch_kernel_cmdline_writes(tmp_path: Path, epoch: int | None) -> None:
     done = run_cmdline(tmp_path, _line(epoch))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout == f"epoch={epoch or 0}\n"
 
 
-@pytest.mark.parametrize("value", ["010", "00", "0" * 18 + "9", "0" + str(uki.MAX_EPOCH)[1:]])
+@pytest.mark.parametrize("value", ["010", "00", "0" * 18 + "9", "0" + str(cmdline.MAX_EPOCH)[1:]])
 def test_init_reads_an_epoch_as_the_update_client_does(tmp_path: Path, value: str) -> None:
-    """Leading zeros: decimal, as uki.cmdline_epoch reads it (ash would say octal)."""
+    """Leading zeros: decimal, as cmdline.cmdline_epoch reads it (ash would say octal)."""
     done = run_cmdline(tmp_path, f"{_line(None)} rampart.epoch={value}")
-    assert done.stdout == f"epoch={uki.cmdline_epoch(f'rampart.epoch={value}', 'test')}\n"
+    assert done.stdout == f"epoch={cmdline.cmdline_epoch(f'rampart.epoch={value}', 'test')}\n"
 
 
 @pytest.mark.parametrize(
     "value",
-    ["", "-1", "1x", "0x10", "+1", "1.0", str(uki.MAX_EPOCH + 1), "1" + "0" * 19, "0" * 20],
+    ["", "-1", "1x", "0x10", "+1", "1.0", str(cmdline.MAX_EPOCH + 1), "1" + "0" * 19, "0" * 20],
 )
 def test_init_refuses_an_epoch_that_is_not_a_number(tmp_path: Path, value: str) -> None:
     done = run_cmdline(tmp_path, f"{_line(None)} rampart.epoch={value}")
     assert done.returncode == 3
     assert done.stdout == f"rampart: rampart.epoch={value} is not a number\n"
     with pytest.raises(Exception, match="is not a security epoch"):
-        uki.cmdline_epoch(f"rampart.epoch={value}", "test")  # the build refuses them too
+        cmdline.cmdline_epoch(f"rampart.epoch={value}", "test")  # the build refuses them too
 
 
 # --- the rollback counter and the epoch check ---------------------------------------
@@ -319,9 +320,9 @@ def test_init_refuses_an_epoch_that_is_not_a_number(tmp_path: Path, value: str) 
         (r"\000\000\000\000\000\000\000\003", 2, True),
         (r"\000\000\000\000\000\000\001\000", 255, True),  # 256: big-endian
         (r"\000\000\000\000\000\000\001\000", 256, False),
-        (r"\177\377\377\377\377\377\377\377", uki.MAX_EPOCH, False),
-        (r"\177\377\377\377\377\377\377\377", uki.MAX_EPOCH - 1, True),
-        (r"\200\000\000\000\000\000\000\000", uki.MAX_EPOCH, True),  # 2^63: above all
+        (r"\177\377\377\377\377\377\377\377", cmdline.MAX_EPOCH, False),
+        (r"\177\377\377\377\377\377\377\377", cmdline.MAX_EPOCH - 1, True),
+        (r"\200\000\000\000\000\000\000\000", cmdline.MAX_EPOCH, True),  # 2^63: above all
         (r"\000\012\000\012\000\012\000\012", 0, True),  # bytes that are newlines
     ],
 )

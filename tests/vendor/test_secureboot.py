@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from rampart.contracts import cmdline
 from rampart.errors import ConflictError, LocalError, UsageError, VerificationError
 from rampart.vendor import secureboot, uki
 from tests.vendor import bootkit
@@ -37,7 +38,7 @@ def signed_uki(tmp_path_factory: pytest.TempPathFactory, keys: secureboot.KeySet
         initrd=bootkit.tiny_initrd(work / "initrd"),
         os_name="clipos",
         version="1.0.0",
-        cmdline=uki.kernel_cmdline("mainvg", "1.0.0", roothash="ab" * 32, hash_offset=0,
+        cmdline=cmdline.kernel_cmdline("mainvg", "1.0.0", roothash="ab" * 32, hash_offset=0,
                                    data_blocks=1),
         sign_key=keys.key("db"),
         sign_cert=keys.cert("db"),

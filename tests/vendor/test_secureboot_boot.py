@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rampart.contracts.cmdline import kernel_cmdline
 from rampart.vendor import secureboot, uki
 from tests.vendor import bootkit
 
@@ -41,7 +42,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _uki(rig: dict[str, Path], name: str, signer: Path | None) -> Path:
     out_dir = rig["work"] / name
     out_dir.mkdir()
-    cmdline = uki.kernel_cmdline(
+    cmdline = kernel_cmdline(
         "mainvg",
         VERSION,
         roothash="ab" * 32,

@@ -15,6 +15,8 @@ import pefile
 import pytest
 
 from rampart import run as run_module
+from rampart.contracts import osrel
+from rampart.contracts.cmdline import HARDENING, cmdline_params, kernel_cmdline
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError, VerificationError
 from rampart.vendor import secureboot, uki
 from tests.vendor import bootkit
@@ -32,7 +34,7 @@ def cmdline(**kw: object) -> str:
         "salt": SALT,
     }
     args.update(kw)
-    return uki.kernel_cmdline("mainvg", VERSION, **args)  # type: ignore[arg-type]
+    return kernel_cmdline("mainvg", VERSION, **args)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def build_unsigned(directory: Path, initrd: Path, **kw: object) -> Path:
 def test_sections_hold_exactly_their_inputs(signed: uki.Uki, initrd: Path, tmp_path: Path) -> None:
     sections = bootkit.pe_sections(signed.path)
     kernel = bootkit.kernel().read_bytes()
-    assert sections[".osrel"][4] == uki.os_release("clipos", VERSION).encode()
+    assert sections[".osrel"][4] == osrel.os_release("clipos", VERSION).encode()
     assert sections[".cmdline"][4] == cmdline().encode()
     assert sections[".initrd"][4] == initrd.read_bytes()
     assert sections[".linux"][4] == kernel
@@ -377,7 +379,7 @@ def test_inspect_refuses_what_is_not_a_uki(tmp_path: Path) -> None:
 
 
 def test_cmdline_names_the_core_and_pins_its_root_hash() -> None:
-    line = uki.kernel_cmdline(
+    line = kernel_cmdline(
         "mainvg", VERSION, roothash=ROOTHASH.upper(), hash_offset=8192, data_blocks=2
     )
     assert line.split()[:8] == [
@@ -390,8 +392,8 @@ def test_cmdline_names_the_core_and_pins_its_root_hash() -> None:
         "rampart.verity.hashoffset=8192",
         "rampart.verity.datablocks=2",
     ]
-    params = uki.cmdline_params(line)
-    for flag in uki.HARDENING:
+    params = cmdline_params(line)
+    for flag in HARDENING:
         assert flag in line.split()
     assert params["lockdown"] == "confidentiality"
     assert "rampart.verity.salt" not in params
@@ -399,7 +401,7 @@ def test_cmdline_names_the_core_and_pins_its_root_hash() -> None:
 
 
 def test_cmdline_with_salt_fec_and_extras_in_order() -> None:
-    line = uki.kernel_cmdline(
+    line = kernel_cmdline(
         "vg0",
         "1.2.3",
         roothash=ROOTHASH,
@@ -411,7 +413,7 @@ def test_cmdline_with_salt_fec_and_extras_in_order() -> None:
         extra=["console=ttyS0 quiet", "loglevel=3"],
         lockdown=None,
     )
-    params = uki.cmdline_params(line)
+    params = cmdline_params(line)
     assert params["rampart.verity.salt"] == SALT
     assert params["rampart.verity.fecoffset"] == "8192"
     assert params["rampart.verity.fecroots"] == "2"
@@ -470,7 +472,7 @@ def test_invalid_cmdline_values_are_refused(kw: dict[str, object], message: str)
 )
 def test_invalid_names_are_refused(vg: str, version: str) -> None:
     with pytest.raises(UsageError):
-        uki.kernel_cmdline(vg, version, roothash=ROOTHASH, hash_offset=0, data_blocks=1)
+        kernel_cmdline(vg, version, roothash=ROOTHASH, hash_offset=0, data_blocks=1)
 
 
 # --- the CLI ----------------------------------------------------------------------------
@@ -569,10 +571,10 @@ def test_cli_refuses_a_non_bzimage_with_one_line(tmp_path: Path, initrd: Path) -
 
 def test_the_security_epoch_is_pinned_on_the_command_line() -> None:
     line = cmdline(epoch=2)
-    params = uki.cmdline_params(line)
+    params = cmdline_params(line)
     assert params["rampart.epoch"] == "2"
     assert line.index("rampart.epoch=2") < line.index("slab_nomerge")  # before the extras
-    assert "rampart.epoch" not in uki.cmdline_params(cmdline())
+    assert "rampart.epoch" not in cmdline_params(cmdline())
 
 
 @pytest.mark.parametrize("epoch", [-1, 1 << 63])

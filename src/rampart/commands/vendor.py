@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rampart.contracts import wire
+from rampart.contracts.cmdline import check_extra_param, kernel_cmdline
 from rampart.contracts.version import parse_version
 from rampart.contracts.wire import check_name
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
@@ -107,7 +108,7 @@ def _build_efiboot(
     sign_cert: Path | None = None,
 ) -> uki.Uki:
     """The UKI booting the Core that `meta` (read_core_meta) describes."""
-    cmdline = uki.kernel_cmdline(
+    cmdline = kernel_cmdline(
         vg,
         version,
         roothash=meta["roothash"],
@@ -281,7 +282,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     # Cheap checks first: nothing is built for a release that cannot be published.
     for param in args.extra_cmdline:
-        uki.check_extra_param(param)
+        check_extra_param(param)
     check_name(args.vg, "volume group")
     if args.channel is not None:
         check_name(args.channel, "channel name")

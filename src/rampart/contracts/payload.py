@@ -20,7 +20,7 @@ disk is touched:
   superblock sits at the hash offset with the command line's data block
   count, the hash tree lies inside the image and matches the root hash (read
   whole: 8 MiB for a 1 GiB Core). The data blocks are checked against that tree
-  once written into the slot (`update.check_slot_against_root_hash`).
+  once written into the slot (`slots.check_slot_against_root_hash`).
 
 The checks are pure: bytes in, the verified facts or an exception out
 (FormatError for what is not a UKI or not a squashfs, VerificationError for a
@@ -30,42 +30,18 @@ payload of another OS, version or kind). `rampart publish` runs the same checks
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from rampart.contracts import pe, verity
+from rampart.contracts import cmdline, osrel, pe, verity
 from rampart.contracts.version import Version
 from rampart.errors import FormatError, LocalError, VerificationError
-from rampart.vendor import uki
 
 UKI_SECTIONS = (".linux", ".initrd", ".cmdline", ".osrel")
 SQUASHFS_MAGIC = b"hsqs"
 SQUASHFS_SUPERBLOCK = 96
 _SQUASHFS_MAJOR = 4
-# The parameters that say what the EFI binary boots: each may appear once (the kernel
-# and the initramfs may read another occurrence than the one checked here).
-_PINNING = (
-    "rampart.core",
-    "rd.verity.device",
-    "rampart.verity.roothash",
-    "rd.verity.roothash",
-    "rampart.verity.hashoffset",
-    "rd.verity.hashoffset",
-    "rampart.verity.datablocks",
-)
-_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
-_DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
-
-
-@dataclass(frozen=True)
-class RootHash:
-    """What the new EFI binary's command line says about the Core it boots."""
-
-    root_hash: str
-    hash_offset: int
-    data_blocks: int | None
 
 
 @dataclass(frozen=True)
@@ -75,45 +51,8 @@ class EfiBinary:
     os_id: str
     version: str
     core: str  # the LV its command line boots, as written there
-    root: RootHash | None
+    root: cmdline.RootHash | None
     epoch: int
-
-
-def _param(words: list[str], key: str, source: str) -> str | None:
-    values = [w.partition("=")[2] for w in words if w.partition("=")[0] == key]
-    if len(values) > 1:
-        raise VerificationError(f"{source}: its command line sets {key}= {len(values)} times")
-    return values[0] if values else None
-
-
-def root_hash(cmdline: str, source: str) -> RootHash | None:
-    """The verity parameters of a command line, None without a root hash.
-
-    FormatError if they are malformed, VerificationError if one is repeated."""
-    words = cmdline.split()
-    for key in _PINNING:
-        _param(words, key, source)
-    root = (
-        _param(words, "rampart.verity.roothash", source)
-        or _param(words, "rd.verity.roothash", source)
-        or ""
-    ).lower()
-    if not root:
-        return None
-    offset = (
-        _param(words, "rampart.verity.hashoffset", source)
-        or _param(words, "rd.verity.hashoffset", source)
-        or ""
-    )
-    blocks = _param(words, "rampart.verity.datablocks", source)
-    if (
-        not _HEX64.fullmatch(root)
-        or not _DIGITS.fullmatch(offset)
-        or int(offset) % 512
-        or (blocks is not None and (not _DIGITS.fullmatch(blocks) or int(blocks) == 0))
-    ):
-        raise FormatError(f"{source}: malformed verity parameters on its command line")
-    return RootHash(root, int(offset), None if blocks is None else int(blocks))
 
 
 def device_vg(backend: str, destination: str) -> str:
@@ -121,12 +60,6 @@ def device_vg(backend: str, destination: str) -> str:
     (`[core] destination`), or the file backend's directory name (`.../mainvg` stands
     in for `mainvg`)."""
     return Path(destination).name if backend == "file" else destination
-
-
-def pinned_lv(cmdline: str, source: str) -> str | None:
-    """The LV the command line boots (`rampart.core=`, or `rd.verity.device=`)."""
-    words = cmdline.split()
-    return _param(words, "rampart.core", source) or _param(words, "rd.verity.device", source)
 
 
 def check_efiboot(
@@ -158,26 +91,26 @@ def check_efiboot(
         )
     osrel_raw = pe.section_data(data, ".osrel", source) or b""
     try:
-        osrel = uki.parse_os_release(osrel_raw.decode("utf-8"))
+        release = osrel.parse_os_release(osrel_raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise FormatError(f"{source}: .osrel is not UTF-8") from None
     line = pe.cmdline(data, source) or ""
-    image = uki.Uki(path=Path(source), os_release=osrel, cmdline=line, uname=None, signers=())
-    os_id = osrel.get("ID", "")
+    os_id = release.get("ID", "")
+    shown_version = osrel.sort_version(release)
     if os_id != os_name:
         raise VerificationError(
             f"{source}: its .osrel names the OS {os_id[:64]!r}, not {os_name!r}; "
             "refusing another OS's release"
         )
-    if image.version != version.core:
-        shown = (image.version or "")[:80]
+    if shown_version != version.core:
+        shown = (shown_version or "")[:80]
         raise VerificationError(
             f"{source}: its .osrel names version {shown!r}, not {version.core!r}"
         )
     slot = f"core_{version.core}"
     words = line.split()
-    ours = _param(words, "rampart.core", source)  # <vg>/<lv>, exactly
-    clip = _param(words, "rd.verity.device", source)  # a device path ending in /<vg>/<lv>
+    ours = cmdline.param(words, "rampart.core", source)  # <vg>/<lv>, exactly
+    clip = cmdline.param(words, "rd.verity.device", source)  # a device path ending in /<vg>/<lv>
     lv = ours or clip
     wanted = slot if vg is None else f"{vg}/{slot}"
     if ours is not None:
@@ -188,13 +121,13 @@ def check_efiboot(
         raise VerificationError(
             f"{source}: its command line boots {(lv or 'no Core LV')[:140]}, not {wanted}"
         )
-    root = root_hash(line, source)
+    root = cmdline.root_hash(line, source)
     if root is None and require_root_hash:
         raise VerificationError(
             f"{source}: its command line pins no verity root hash, and this device's Cores "
             "carry verity; refusing an EFI binary that would boot an unverified Core"
         )
-    return EfiBinary(os_id, version.core, lv, root, uki.cmdline_epoch(line, source))
+    return EfiBinary(os_id, version.core, lv, root, cmdline.cmdline_epoch(line, source))
 
 
 def check_core(head: bytes, size: int, source: str) -> int:
@@ -215,7 +148,7 @@ def check_core(head: bytes, size: int, source: str) -> int:
 
 
 def check_core_verity(
-    bytes_used: int, superblock: bytes, size: int, root: RootHash, source: str
+    bytes_used: int, superblock: bytes, size: int, root: cmdline.RootHash, source: str
 ) -> verity.VerityParams:
     """Check that Core carries the verity tree `root` describes: the squashfs fits the
     data area, a verity superblock is at the hash offset with the command line's data
@@ -328,4 +261,4 @@ def pins_root_hash(data: bytes, source: str) -> bool:
         line = pe.cmdline(data, source)
     except FormatError:
         return False
-    return bool(line) and uki.Uki(Path(source), {}, line or "", None, ()).root_hash is not None
+    return bool(line) and cmdline.pinned_root_hash(line or "") is not None

@@ -61,15 +61,21 @@ from pathlib import Path
 from typing import Any
 
 from rampart import run
+from rampart.contracts import cmdline, layout
 from rampart.contracts.version import Version
 from rampart.device import config as device_config
 from rampart.device import state, tpm
 from rampart.device.esp import Esp
-from rampart.device.slots import LvmBackend, Slot, mounted_sources, slot_name
-from rampart.device.update import core_root_hash, write_core
+from rampart.device.slots import (
+    LvmBackend,
+    Slot,
+    core_root_hash,
+    mounted_sources,
+    slot_name,
+    write_core,
+)
 from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
-from rampart.vendor import uki
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,7 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LVM_TYPE = "E6D6D379-F507-44C2-A23C-238F2A3DF928"
 ESP_PARTLABEL = "esp"
 LVM_PARTLABEL = "rampart-lvm"
-STATE_LV = "core_state"
+STATE_LV = layout.STATE_LV
 INSTALL_MAPPER = "rampart-install-state"
 DEFAULT_ESP_SIZE = 256 << 20
 DEFAULT_STATE_SIZE = 512 << 20
@@ -420,7 +426,7 @@ def _check_tpm(config: device_config.DeviceConfig, efiboot: Path, efivars: Path)
             "PCR 7 values the installed system never has; boot the installer with "
             "Secure Boot (or pass --no-tpm)"
         )
-    epoch = uki.efi_epoch(efiboot)
+    epoch = cmdline.efi_epoch(efiboot)
     counter = machine_tpm.counter() or 0
     if counter > epoch:
         raise ConflictError(

@@ -18,13 +18,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from rampart.contracts import cmdline
 from rampart.contracts.version import Version
 from rampart.device import tpm
 from rampart.device.config import DeviceConfig
 from rampart.device.esp import Esp
 from rampart.device.slots import SlotBackend, open_backend, slot_name
 from rampart.errors import LocalError, RampartError, VerificationError
-from rampart.vendor import uki
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ PROC_CMDLINE = Path("/proc/cmdline")
 
 def uki_epoch(path: Path) -> int:
     """The security epoch of the UKI `path` (0 without `rampart.epoch`)."""
-    return uki.efi_epoch(path)
+    return cmdline.efi_epoch(path)
 
 
 def running_epoch(proc_cmdline: Path = PROC_CMDLINE) -> int:
@@ -44,7 +44,7 @@ def running_epoch(proc_cmdline: Path = PROC_CMDLINE) -> int:
         raise LocalError(
             f"{proc_cmdline}: cannot read the kernel command line: {exc.strerror}"
         ) from None
-    return uki.cmdline_epoch(line, str(proc_cmdline))
+    return cmdline.cmdline_epoch(line, str(proc_cmdline))
 
 
 @dataclass(frozen=True)

@@ -9,24 +9,29 @@ Two backends behind one interface:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from rampart import run
+from rampart.contracts import cmdline, layout, pe, signing, verity
+from rampart.contracts.cmdline import RootHash
 from rampart.contracts.version import Version, parse_version
 from rampart.device.config import Backend, DeviceConfig
 from rampart.durable import fsync_dir
-from rampart.errors import FormatError, LocalError, UsageError
+from rampart.errors import FormatError, LocalError, UsageError, VerificationError
 
 log = logging.getLogger(__name__)
 
-SLOT_PREFIX = "core_"
-RESERVED = {"core_state", "core_swap"}
+SLOT_PREFIX = layout.SLOT_PREFIX
+RESERVED = layout.RESERVED_LVS
 _LV_NAME = re.compile(r"[A-Za-z0-9+_.-]{1,127}")
 
 
@@ -298,3 +303,115 @@ def open_backend(config: DeviceConfig) -> SlotBackend:
     if config.backend == Backend.FILE:
         return FileBackend(Path(config.core_destination), config.file_capacity)
     return LvmBackend(config.core_destination)
+
+
+# --- writing and checking a slot ------------------------------------------------------
+
+Checkpoint = Callable[[str], None]  # called at each step a crash test may stop at
+
+
+def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
+    """BLAKE2b-512 of the first `size` bytes of `path`, reading the next chunk in a
+    thread while this one is hashed (both release the GIL): the read-back of a
+    slot costs about one pass instead of two."""
+    hasher = hashlib.blake2b()
+    with path.open("rb", buffering=0) as device, ThreadPoolExecutor(1) as reader:
+        left = size
+        pending = reader.submit(device.read, min(chunk, left))
+        while left > 0:
+            data = pending.result()
+            if not data:
+                break
+            left -= len(data)
+            if left > 0:
+                pending = reader.submit(device.read, min(chunk, left))
+            hasher.update(data)
+    return hasher.digest()
+
+
+def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
+    """The verity root hash the EFI binary will boot with, or None if it carries none.
+
+    Reads `rampart.verity.*` (or CLIP OS's `rd.verity.*`) from the UKI's `.cmdline`.
+    Refuses (VerificationError) an EFI binary built for another LV than `slot`, and
+    (FormatError) one that is not a PE image.
+    """
+    data = efiboot.read_bytes()
+    line = pe.cmdline(data, efiboot.name)
+    if line is None:
+        return None
+    core = cmdline.pinned_lv(line, efiboot.name)
+    if core is not None and not core.endswith("/" + slot):
+        raise VerificationError(
+            f"{efiboot.name}: boots {core}, not the slot {slot} it would be installed with"
+        )
+    return cmdline.root_hash(line, efiboot.name)
+
+
+def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
+    """Verify the written slot (data and hash tree) against the EFI binary's root hash."""
+    with slot.path.open("rb") as handle:
+        handle.seek(root.hash_offset)
+        superblock = handle.read(verity.SUPERBLOCK)
+    fields = verity.parse_superblock(superblock, str(slot.path))
+    blocks = root.data_blocks if root.data_blocks is not None else fields["data_blocks"]
+    if fields["data_blocks"] != blocks or blocks * verity.BLOCK > root.hash_offset:
+        raise VerificationError(
+            f"{slot.path}: verity superblock does not match the EFI binary's command line"
+        )
+    params = verity.VerityParams(
+        root_hash=root.root_hash,
+        salt=fields["salt"],
+        data_blocks=blocks,
+        hash_offset=root.hash_offset,
+        uuid=fields["uuid"],
+    )
+    try:
+        verity.verify(slot.path, params)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"Core in {slot.name} does not match the root hash of the new EFI binary ({exc}); "
+            "not installing it"
+        ) from None
+
+
+def write_core(
+    image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint, root: RootHash | None = None
+) -> None:
+    """Write `image` at the start of `slot`, fsync, read it back and check it against `verified`.
+
+    With `root` (the new EFI binary's verity root hash), the slot is verified
+    against it instead: data and hash tree, which also proves that Core and the
+    EFI binary were built together. Otherwise `verified` is the BLAKE2b-512
+    digest of the bytes whose signature was
+    checked. The slot is read back from the device after fsync (its page cache
+    dropped) and must hash to it: that one check catches a payload changed
+    after verification as well as a bad write.
+    """
+    size = image.stat().st_size
+    if size > slot.size:
+        raise LocalError(
+            f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
+        )
+    buffer = bytearray(signing.CHUNK)
+    view = memoryview(buffer)
+    fd = os.open(slot.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with image.open("rb") as src:
+            while n := src.readinto(buffer):
+                chunk = view[:n]
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk) :]
+                checkpoint("write-core-chunk")
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as exc:
+        raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if root is not None:
+        check_slot_against_root_hash(slot, root)
+        return
+    readback = hash_prefix(slot.path, size)
+    if readback != verified:
+        raise VerificationError(f"{slot.path}: Core read back does not match the verified payload")

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rampart import run
+from rampart.contracts import layout
 from rampart.device import tpm
 from rampart.durable import fsync_dir
 from rampart.errors import LocalError, UsageError
@@ -40,7 +41,7 @@ CIPHER = "aes-xts-plain64"
 KEY_BITS = 512
 INTEGRITY = "hmac-sha256"
 KEY_BYTES = 32
-MAPPER = "state"  # /dev/mapper/state, as the initramfs names it
+MAPPER = layout.STATE_MAPPER  # /dev/mapper/state, as the initramfs names it
 # The recovery passphrase: modhex letters (unambiguous on any keyboard layout).
 MODHEX = "cbdefghijklnrtuv"
 RECOVERY_GROUPS = 8

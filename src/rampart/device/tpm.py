@@ -28,26 +28,36 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rampart import run
+from rampart.contracts.layout import (
+    COUNTER_INDEX,
+    DEFAULT_PCRS,
+    PRIMARY_HANDLE,
+    RECOVERY_KEYSLOT,
+    SEALED_DIR,
+    SEALED_PCRS,
+    SEALED_PRIV,
+    SEALED_PUB,
+    TPM_KEYSLOT,
+)
 from rampart.errors import LocalError, UsageError
 
-PRIMARY_HANDLE = 0x81000001
-COUNTER_INDEX = 0x01500016
-DEFAULT_PCRS = (7,)
+__all__ = [
+    "COUNTER_INDEX",
+    "DEFAULT_PCRS",
+    "PRIMARY_HANDLE",
+    "RECOVERY_KEYSLOT",
+    "SEALED_DIR",
+    "SEALED_PCRS",
+    "SEALED_PRIV",
+    "SEALED_PUB",
+    "TPM_KEYSLOT",
+]
+
 MAX_SECRET = 128  # a keyed-hash object holds at most 128 bytes
 _TIMEOUT = 60.0
 _HEX_VALUE = re.compile(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*$", re.M)
 
 
-# Where the sealed state key lives, relative to the ESP's root (CLIP OS kept it on
-# the ESP too): the TPM2B public and private parts, and the PCR selection it was
-# sealed to ("sha256:7"), which the initramfs passes to tpm2_policypcr.
-SEALED_DIR = "rampart/tpm"
-SEALED_PUB = "state.pub"
-SEALED_PRIV = "state.priv"
-SEALED_PCRS = "state.pcrs"
-# The LUKS2 keyslots of core_state: the TPM-sealed key, and the recovery passphrase.
-TPM_KEYSLOT = 0
-RECOVERY_KEYSLOT = 1
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 
 

@@ -33,28 +33,28 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 from rampart import run
+from rampart.contracts import cmdline, signing, wire
 from rampart.contracts import payload as payload_mod
-from rampart.contracts import pe, signing, verity, wire
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.device import esp as esp_mod
 from rampart.device import rollback
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
 from rampart.device.fetch import Fetcher, Job, open_directory, open_plain_file, remove_entry
 from rampart.device.slots import (
+    Checkpoint,
     Slot,
     SlotBackend,
     _check_lv_name,
     busy_reason,
     open_backend,
     slot_name,
+    write_core,
 )
 from rampart.device.tpm import Tpm
 from rampart.device.transport import Limits
@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 
 SIG_CAP = 1 << 16
 READY_FILE = "update-ready"
-Checkpoint = Callable[[str], None]
 
 
 class Outcome(StrEnum):
@@ -524,45 +523,7 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     return efiboot, core, digests["core"]
 
 
-def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
-    """BLAKE2b-512 of the first `size` bytes of `path`, reading the next chunk in a
-    thread while this one is hashed (both release the GIL): the read-back of a
-    slot costs about one pass instead of two."""
-    hasher = hashlib.blake2b()
-    with path.open("rb", buffering=0) as device, ThreadPoolExecutor(1) as reader:
-        left = size
-        pending = reader.submit(device.read, min(chunk, left))
-        while left > 0:
-            data = pending.result()
-            if not data:
-                break
-            left -= len(data)
-            if left > 0:
-                pending = reader.submit(device.read, min(chunk, left))
-            hasher.update(data)
-    return hasher.digest()
-
-
-RootHash = payload_mod.RootHash  # what the new EFI binary's command line pins
-
-
-def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
-    """The verity root hash the EFI binary will boot with, or None if it carries none.
-
-    Reads `rampart.verity.*` (or CLIP OS's `rd.verity.*`) from the UKI's `.cmdline`.
-    Refuses (VerificationError) an EFI binary built for another LV than `slot`, and
-    (FormatError) one that is not a PE image.
-    """
-    data = efiboot.read_bytes()
-    line = pe.cmdline(data, efiboot.name)
-    if line is None:
-        return None
-    core = payload_mod.pinned_lv(line, efiboot.name)
-    if core is not None and not core.endswith("/" + slot):
-        raise VerificationError(
-            f"{efiboot.name}: boots {core}, not the slot {slot} it would be installed with"
-        )
-    return payload_mod.root_hash(line, efiboot.name)
+RootHash = cmdline.RootHash  # what the new EFI binary's command line pins
 
 
 def verity_device(device: Device) -> bool:
@@ -572,7 +533,7 @@ def verity_device(device: Device) -> bool:
         running = device.proc_cmdline.read_bytes()[: 1 << 16].decode("utf-8", "replace")
     except OSError:
         running = ""
-    if payload_mod.root_hash(running, str(device.proc_cmdline)) is not None:
+    if cmdline.root_hash(running, str(device.proc_cmdline)) is not None:
         return True
     for entry in device.esp.entries():
         try:
@@ -599,75 +560,6 @@ def check_release(device: Device, efiboot: Path, core: Path, version: Version) -
         require_root_hash=verity_device(device),
     )
     return checked.efiboot.root
-
-
-def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
-    """Verify the written slot (data and hash tree) against the EFI binary's root hash."""
-    with slot.path.open("rb") as handle:
-        handle.seek(root.hash_offset)
-        superblock = handle.read(verity.SUPERBLOCK)
-    fields = verity.parse_superblock(superblock, str(slot.path))
-    blocks = root.data_blocks if root.data_blocks is not None else fields["data_blocks"]
-    if fields["data_blocks"] != blocks or blocks * verity.BLOCK > root.hash_offset:
-        raise VerificationError(
-            f"{slot.path}: verity superblock does not match the EFI binary's command line"
-        )
-    params = verity.VerityParams(
-        root_hash=root.root_hash,
-        salt=fields["salt"],
-        data_blocks=blocks,
-        hash_offset=root.hash_offset,
-        uuid=fields["uuid"],
-    )
-    try:
-        verity.verify(slot.path, params)
-    except VerificationError as exc:
-        raise VerificationError(
-            f"Core in {slot.name} does not match the root hash of the new EFI binary ({exc}); "
-            "not installing it"
-        ) from None
-
-
-def write_core(
-    image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint, root: RootHash | None = None
-) -> None:
-    """Write `image` at the start of `slot`, fsync, read it back and check it against `verified`.
-
-    With `root` (the new EFI binary's verity root hash), the slot is verified
-    against it instead: data and hash tree, which also proves that Core and the
-    EFI binary were built together. Otherwise `verified` is the BLAKE2b-512
-    digest of the bytes whose signature was
-    checked. The slot is read back from the device after fsync (its page cache
-    dropped) and must hash to it: that one check catches a payload changed
-    after verification as well as a bad write.
-    """
-    size = image.stat().st_size
-    if size > slot.size:
-        raise LocalError(
-            f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
-        )
-    buffer = bytearray(signing.CHUNK)
-    view = memoryview(buffer)
-    fd = os.open(slot.path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        with image.open("rb") as src:
-            while n := src.readinto(buffer):
-                chunk = view[:n]
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
-                checkpoint("write-core-chunk")
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError as exc:
-        raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if root is not None:
-        check_slot_against_root_hash(slot, root)
-        return
-    readback = hash_prefix(slot.path, size)
-    if readback != verified:
-        raise VerificationError(f"{slot.path}: Core read back does not match the verified payload")
 
 
 def update(

@@ -29,7 +29,7 @@ unpacked tree to find the dependencies, and again on the subset that goes into
 the archive. A module the kernel has built in (modules.builtin: on Debian 12
 tpm_tis, tpm_crb, hmac, sha256_generic, aes_generic) needs no file.
 
-The command line `/init` reads is the one `rampart.vendor.uki.kernel_cmdline`
+The command line `/init` reads is the one `rampart.vendor.cmdline.kernel_cmdline`
 writes (and the UKI's signature pins):
 
     rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
@@ -38,8 +38,8 @@ writes (and the UKI's signature pins):
     [rampart.epoch=<n>] [root=/dev/mapper/verity_core_<V>] [rootdelay=<s>] [panic=<s>]
 
 `/init` first compares the Core's security epoch (`rampart.epoch`, 0 when absent,
-read as uki.cmdline_epoch reads it) with the TPM's rollback counter (NV index
-tpm.COUNTER_INDEX, 0 when it is not defined or there is no TPM: without a TPM
+read as cmdline.cmdline_epoch reads it) with the TPM's rollback counter (NV index
+layout.COUNTER_INDEX, 0 when it is not defined or there is no TPM: without a TPM
 there is no offline rollback protection) and stops when the epoch is lower.
 It activates the LV (`lvm lvchange -ay`, retried until `rootdelay` seconds,
 default ROOT_WAIT, have passed, as disks may appear late), runs `veritysetup
@@ -49,9 +49,9 @@ read-only, then opens the state partition: `<VG>/core_state` is LUKS2 (with
 integrity); the sealed state key is read from the ESP (the GPT partition named
 `esp`, preferably on the volume group's disk: `<ESP>/rampart/tpm/state.pub`,
 `state.priv`, `state.pcrs`), unsealed as `rampart.device.tpm.Tpm.unseal` does and piped
-straight into `cryptsetup open` (keyslot tpm.TPM_KEYSLOT) as
+straight into `cryptsetup open` (keyslot layout.TPM_KEYSLOT) as
 `/dev/mapper/state`: never into a file. If any step of that fails, one line
-says why and asks for the recovery passphrase (keyslot tpm.RECOVERY_KEYSLOT) on
+says why and asks for the recovery passphrase (keyslot layout.RECOVERY_KEYSLOT) on
 the console. The volume is mounted on `/mnt/state`; /dev, /proc, /sys and /run
 move into the new root and `switch_root` runs `/sbin/init`. `init=` is not
 honoured: the Core's own /sbin/init runs.
@@ -84,10 +84,10 @@ from pathlib import Path
 from typing import Any
 
 from rampart import run
-from rampart.device import tpm
+from rampart.contracts import layout
+from rampart.contracts.cmdline import MAX_EPOCH
 from rampart.errors import LocalError, UsageError
 from rampart.vendor.cpio import Archive
-from rampart.vendor.uki import MAX_EPOCH
 
 BUSYBOX = Path("/bin/busybox")
 # Program -> where it lives in the archive. The host's binaries are copied.
@@ -329,7 +329,7 @@ fi
 # Decimal seconds, at most 7 digits, no leading zero (ash would read 08 as octal).
 case $rootdelay in '' | *[!0-9]* | 0?* | ????????*) rootdelay=@ROOT_WAIT@ ;; esac
 # The security epoch (absent: 0): 1 to 19 decimal digits, at most 2^63-1, as
-# rampart.vendor.uki.cmdline_epoch reads it. Leading zeros are dropped (ash would
+# rampart.vendor.cmdline.cmdline_epoch reads it. Leading zeros are dropped (ash would
 # read 010 as octal); ash's arithmetic is 64-bit.
 case $epoch in
     '' | *[!0-9]* | ????????????????????*) fail "rampart.epoch=$epoch is not a number" ;;
@@ -366,7 +366,7 @@ RUN=/run/rampart
 ESP_MNT=/run/esp
 SYS_BLOCK=/sys/class/block
 PRINTK=/proc/sys/kernel/printk
-SEALED=@SEALED_DIR@  # on the ESP: rampart.device.tpm.SEALED_DIR
+SEALED=@SEALED_DIR@  # on the ESP: rampart.device.layout.SEALED_DIR
 
 # The device node of a device: TCTI; nothing for another TCTI (swtpm).
 tpm_node() {
@@ -976,11 +976,11 @@ def init_script(
         "@ROOT_WAIT@": str(int(root_wait)),
         "@FAIL_DELAY@": str(int(fail_delay)),
         "@MAX_EPOCH@": str(MAX_EPOCH),
-        "@SEALED_DIR@": tpm.SEALED_DIR,
-        "@COUNTER_INDEX@": f"0x{tpm.COUNTER_INDEX:08x}",
-        "@PRIMARY_HANDLE@": f"0x{tpm.PRIMARY_HANDLE:08x}",
-        "@TPM_KEYSLOT@": str(tpm.TPM_KEYSLOT),
-        "@RECOVERY_KEYSLOT@": str(tpm.RECOVERY_KEYSLOT),
+        "@SEALED_DIR@": layout.SEALED_DIR,
+        "@COUNTER_INDEX@": f"0x{layout.COUNTER_INDEX:08x}",
+        "@PRIMARY_HANDLE@": f"0x{layout.PRIMARY_HANDLE:08x}",
+        "@TPM_KEYSLOT@": str(layout.TPM_KEYSLOT),
+        "@RECOVERY_KEYSLOT@": str(layout.RECOVERY_KEYSLOT),
     }
     template = INSTALLER_INIT if installer else INIT
     text = _PLACEHOLDER.sub(lambda m: values[m.group(0)], template)

@@ -33,13 +33,13 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rampart import __version__, run
-from rampart.contracts.version import parse_version
+from rampart.contracts.cmdline import MAX_CMDLINE, declared_epoch, pinned_root_hash
+from rampart.contracts.osrel import os_release, parse_os_release, sort_version
 from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError, VerificationError
 
@@ -50,47 +50,6 @@ SBAT_HEADER = "sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/ma
 # UKIs assembled by Rampart had to be revoked as a class. The project has no
 # public URL; a URN stands in (shim does not interpret the field).
 SBAT_COMPONENT = "rampart,1,Rampart,rampart,{version},urn:rampart:uki"
-
-# x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h) is 2048, NUL included.
-MAX_CMDLINE = 2047
-MAX_EPOCH = (1 << 63) - 1  # the TPM NV counter is 64 bits
-
-# Kernel hardening parameters; `kernel_cmdline`'s docstring says why each is there.
-HARDENING = (
-    "slab_nomerge",
-    "slub_debug=FZ",
-    "page_alloc.shuffle=1",
-    "init_on_alloc=1",
-    "init_on_free=1",
-    "pti=on",
-    "mitigations=auto,nosmt",
-    "iommu=force",
-    "intel_iommu=on",
-    "amd_iommu=force_isolation",
-    "vsyscall=none",
-    "debugfs=off",
-    "oops=panic",
-)
-LOCKDOWN_LEVELS = ("integrity", "confidentiality")
-
-_VG = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}", re.ASCII)
-_HEX = re.compile(r"(?:[0-9a-f]{2})+", re.ASCII)
-_PARAM = re.compile(r"[\x21-\x7e]+", re.ASCII)  # printable, no space, no quote games
-_UNAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+~-]{0,63}", re.ASCII)
-# Keys the command line sets itself; an extra parameter may not redefine them.
-_OWN_KEYS = (
-    "root",
-    "rootfstype",
-    "rootflags",
-    "ro",
-    "rw",
-    "rd.lvm.vg",
-    "lockdown",
-    "init",
-    "rdinit",
-)
-_OWN_PREFIXES = ("rampart.", "rd.verity.")
-INSTALLER_PREFIX = "rampart.install."
 
 # The setup header of the x86 boot protocol (Documentation/arch/x86/boot.rst).
 _HDRS_OFFSET = 0x202
@@ -135,23 +94,18 @@ class Uki:
 
     @property
     def version(self) -> str | None:
-        """The version systemd-boot sorts by: IMAGE_VERSION, then VERSION, VERSION_ID."""
-        for key in ("IMAGE_VERSION", "VERSION", "VERSION_ID", "BUILD_ID"):
-            if self.os_release.get(key):
-                return self.os_release[key]
-        return None
+        """The version systemd-boot sorts by (`osrel.sort_version`)."""
+        return sort_version(self.os_release)
 
     @property
     def root_hash(self) -> str | None:
         """The verity root hash the command line pins (ours, or CLIP OS's rd.verity)."""
-        params = cmdline_params(self.cmdline)
-        return params.get("rampart.verity.roothash") or params.get("rd.verity.roothash")
+        return pinned_root_hash(self.cmdline)
 
     @property
     def epoch(self) -> int | None:
         """The security epoch the command line carries (rampart.epoch), if any."""
-        value = cmdline_params(self.cmdline).get("rampart.epoch")
-        return int(value) if value is not None and value.isdigit() else None
+        return declared_epoch(self.cmdline)
 
     @property
     def signed(self) -> bool:
@@ -172,230 +126,7 @@ class Uki:
         }
 
 
-# --- the command line ----------------------------------------------------------------
-
-
-def kernel_cmdline(
-    vg: str,
-    version: str,
-    *,
-    roothash: str,
-    hash_offset: int,
-    data_blocks: int,
-    salt: str | None = None,
-    fec_offset: int | None = None,
-    fec_roots: int | None = None,
-    extra: Sequence[str] = (),
-    lockdown: str | None = "confidentiality",
-    epoch: int | None = None,
-) -> str:
-    """The command line that boots Core `core_<version>` of volume group `vg`.
-
-    As CLIP OS's (FORMATS.md §7), with Rampart's own parameter names for its
-    initramfs (CLIP OS's `rd.verity.*` were its own dracut module's, too):
-
-        root=/dev/mapper/verity_core_<V> rootfstype=squashfs ro rd.lvm.vg=<VG>
-        rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
-        [rampart.verity.salt=<hex>] rampart.verity.hashoffset=<bytes>
-        rampart.verity.datablocks=<n> [rampart.verity.fecoffset=<bytes>
-        rampart.verity.fecroots=<n>] [rampart.epoch=<n>]
-
-    `rampart.epoch` is the release's security epoch (offline rollback
-    protection: a version whose epoch is below the TPM's counter must not boot).
-    Then HARDENING, `lockdown=<lockdown>` unless None, and `extra` last. An
-    extra parameter may not redefine root, the verity parameters, ro/rw, init
-    or lockdown: the UKI's signature must pin what it boots. UsageError on any
-    invalid value or a line longer than the kernel accepts (2047 bytes).
-
-    HARDENING is in the spirit of CLIP OS's hardened kernel. FORMATS.md and
-    DESIGN.md record only CLIP OS's verity parameters, not its hardening line,
-    so this set follows the kernel's and the KSPP's documented recommendations,
-    keeping what Debian 12's 6.1 kernel understands and what still boots (the
-    Secure Boot smoke test boots with all of it):
-
-        slab_nomerge            no slab cache merging: an overflow in one cache
-                                cannot reach objects of another type
-        slub_debug=FZ           sanity checks (F) and red zones (Z) on slab
-                                objects; no poisoning (P): init_on_free does that
-        page_alloc.shuffle=1    randomise the page allocator's free lists
-        init_on_alloc=1         zero pages and slab objects on allocation...
-        init_on_free=1          ...and on free: no stale data survives
-        pti=on                  page-table isolation even on CPUs claiming
-                                immunity to Meltdown
-        mitigations=auto,nosmt  every CPU-vulnerability mitigation, and SMT off
-                                where a vulnerability needs it
-        iommu=force intel_iommu=on amd_iommu=force_isolation
-                                DMA isolation: devices see only what is mapped
-        vsyscall=none           no legacy vsyscall page (a fixed-address gadget)
-        debugfs=off             no debugfs: a large, unaudited kernel interface
-        oops=panic              an oops (possible memory corruption) stops the
-                                machine rather than running a damaged kernel;
-                                that boot is never blessed, so once a watchdog
-                                or panic=N restarts it, boot counting falls back
-
-    `lockdown=confidentiality` is the default: under Secure Boot, Debian's
-    kernel already enforces "integrity" (no unsigned code into the kernel);
-    "confidentiality" also keeps root from reading kernel memory (/dev/mem,
-    kprobes, BPF reads, hibernation). Nothing the boot chain needs (dm-verity,
-    LUKS2, the TPM) is affected. Developer images may pass lockdown=None or
-    "integrity". Not included: `module.sig_enforce=1` (lockdown already
-    requires signed modules) and `panic=N` (a fleet decision: reboot or stay).
-    """
-    if not _VG.fullmatch(vg) or vg in (".", ".."):
-        raise UsageError(f"volume group {vg!r} is invalid: use letters, digits, '+_.-'")
-    parsed = parse_version(version)
-    if parsed.build or str(parsed) != version:
-        raise UsageError(f"version {version!r}: build metadata is not allowed in a boot entry")
-    roothash = roothash.lower()
-    if len(roothash) != 64 or not _HEX.fullmatch(roothash):
-        raise UsageError(f"root hash {roothash[:80]!r} is not 64 hexadecimal digits (SHA-256)")
-    if salt is not None and salt != "":
-        salt = salt.lower()
-        if not _HEX.fullmatch(salt) or len(salt) > 512:
-            raise UsageError(f"verity salt {salt[:80]!r} is not at most 256 bytes of hex")
-    if hash_offset < 0 or hash_offset % 512:
-        raise UsageError(f"hash offset {hash_offset} is not a non-negative multiple of 512")
-    if data_blocks <= 0:
-        raise UsageError(f"data blocks {data_blocks} must be positive")
-    if (fec_offset is None) != (fec_roots is None):
-        raise UsageError("the FEC offset and the FEC roots go together")
-    if fec_offset is not None and (fec_offset < 0 or fec_offset % 512):
-        raise UsageError(f"FEC offset {fec_offset} is not a non-negative multiple of 512")
-    if fec_roots is not None and not 2 <= fec_roots <= 24:
-        raise UsageError(f"FEC roots {fec_roots} is outside 2..24")
-    if epoch is not None and not 0 <= epoch <= MAX_EPOCH:
-        raise UsageError(f"epoch {epoch} is outside 0..{MAX_EPOCH}")
-    if lockdown is not None and lockdown not in LOCKDOWN_LEVELS:
-        raise UsageError(f"lockdown {lockdown!r} is not one of {', '.join(LOCKDOWN_LEVELS)}")
-    name = f"core_{version}"
-    params = [
-        f"root=/dev/mapper/verity_{name}",
-        "rootfstype=squashfs",
-        "ro",
-        f"rd.lvm.vg={vg}",
-        f"rampart.core={vg}/{name}",
-        f"rampart.verity.roothash={roothash}",
-    ]
-    if salt:
-        params.append(f"rampart.verity.salt={salt}")
-    params += [
-        f"rampart.verity.hashoffset={hash_offset}",
-        f"rampart.verity.datablocks={data_blocks}",
-    ]
-    if fec_offset is not None:
-        params += [f"rampart.verity.fecoffset={fec_offset}", f"rampart.verity.fecroots={fec_roots}"]
-    if epoch is not None:
-        params.append(f"rampart.epoch={epoch}")
-    params += HARDENING
-    if lockdown is not None:
-        params.append(f"lockdown={lockdown}")
-    for item in extra:
-        for param in item.split():
-            check_extra_param(param)
-            params.append(param)
-    line = " ".join(params)
-    if len(line) > MAX_CMDLINE:
-        raise UsageError(f"kernel command line is {len(line)} bytes; the kernel takes 2047")
-    return line
-
-
-def check_extra_param(param: str) -> None:
-    """UsageError if `param` is not printable or redefines what the command line pins."""
-    if not _PARAM.fullmatch(param) or '"' in param:
-        raise UsageError(f"kernel parameter {param[:80]!r}: printable ASCII without quotes only")
-    key = param.split("=", 1)[0]
-    # The installer's own parameters (an installer UKI: the device's command line plus
-    # where to install): only the installer initramfs reads them.
-    installer = key.startswith(INSTALLER_PREFIX)
-    if not installer and (key in _OWN_KEYS or key.startswith(_OWN_PREFIXES)):
-        raise UsageError(f"kernel parameter {param[:80]!r} would redefine {key!r}; refused")
-    # A later parameter overrides an earlier one: none may undo the hardening set.
-    hardened = {item.split("=", 1)[0] for item in HARDENING}
-    if key in hardened:
-        raise UsageError(
-            f"kernel parameter {param[:80]!r} would override the hardening "
-            f"parameter {key!r}; refused"
-        )
-
-
-def cmdline_params(cmdline: str) -> dict[str, str]:
-    """`key=value` parameters of a command line (a bare flag maps to "")."""
-    out: dict[str, str] = {}
-    for token in cmdline.split():
-        key, _, value = token.partition("=")
-        out[key] = value
-    return out
-
-
-EPOCH_PARAM = "rampart.epoch"
-_DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
-
-
-def cmdline_epoch(cmdline: str | None, source: str) -> int:
-    """The security epoch a command line carries (`rampart.epoch=N`; the last one, as
-    the kernel reads it), 0 without one. FormatError if N is not 0 to 2^63-1."""
-    value = cmdline_params(cmdline or "").get(EPOCH_PARAM)
-    if value is None:
-        return 0
-    if not _DIGITS.fullmatch(value) or int(value) > MAX_EPOCH:
-        raise FormatError(
-            f"{source}: {EPOCH_PARAM}={value[:24]!r} is not a security epoch (0..{MAX_EPOCH})"
-        )
-    return int(value)
-
-
-def efi_epoch(path: Path) -> int:
-    """The security epoch of an EFI binary: `rampart.epoch` on its `.cmdline`, read
-    with the standard library (`pe.cmdline`, as the device does). 0 without one, and
-    for a file that is not a PE image with a readable `.cmdline` (an EFI binary
-    Rampart did not build): the lowest epoch, the one every check refuses first."""
-    from rampart.contracts import pe
-
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot read the EFI binary: {exc.strerror}") from None
-    try:
-        line = pe.cmdline(data, path.name)
-    except FormatError:
-        return 0
-    return cmdline_epoch(line, path.name)
-
-
 # --- os-release, SBAT, the kernel -----------------------------------------------------
-
-
-def os_release(os_name: str, version: str) -> str:
-    """The `.osrel` text: ID is the OS name; IMAGE_VERSION is what systemd-boot sorts by."""
-    from rampart.contracts.wire import check_name
-
-    check_name(os_name, "OS name")
-    parsed = parse_version(version)
-    if parsed.build or str(parsed) != version:
-        raise UsageError(f"version {version!r}: build metadata is not allowed in a boot entry")
-    return (
-        f'NAME="{os_name}"\n'
-        f"ID={os_name}\n"
-        f"VERSION_ID={version}\n"
-        f'PRETTY_NAME="{os_name} {version}"\n'
-        f"IMAGE_VERSION={version}\n"
-    )
-
-
-def parse_os_release(text: str) -> dict[str, str]:
-    """KEY=value lines of an os-release file; values unquoted, bad lines skipped."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
-            continue
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        out[key] = value
-    return out
 
 
 def sbat(stub_sbat: bytes) -> str:
@@ -443,6 +174,9 @@ def bzimage_release(kernel: Path) -> str | None:
     words = head[start:end].split()
     release = words[0].decode("ascii", errors="replace") if words else ""
     return release if _UNAME.fullmatch(release) else None
+
+
+_UNAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+~-]{0,63}", re.ASCII)
 
 
 # --- PE helpers -----------------------------------------------------------------------

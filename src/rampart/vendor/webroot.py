@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rampart.contracts import signing
+from rampart.contracts import cmdline, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
     NAME,
@@ -51,7 +51,6 @@ from rampart.errors import (
     UsageError,
     VerificationError,
 )
-from rampart.vendor import uki
 
 _TMP_PREFIX = ".rampart-tmp-"
 
@@ -180,7 +179,7 @@ def publish(
     if webroot.exists() and not webroot.is_dir():
         raise LocalError(f"{webroot}: webroot is not a directory")
     check_payloads(os_name, version, core, efiboot)
-    release_epoch = uki.efi_epoch(efiboot)
+    release_epoch = cmdline.efi_epoch(efiboot)
     if epoch is not None and epoch != release_epoch:
         raise UsageError(
             f"{efiboot}: the EFI binary has security epoch {release_epoch}, not the "
@@ -256,7 +255,7 @@ def _check_epoch_order(
     published = release_dir(webroot, previous) / f"{os_name}-efiboot"
     if not published.is_file():
         return  # not published (completely): nothing to compare with
-    current = uki.efi_epoch(published)
+    current = cmdline.efi_epoch(published)
     if current > epoch:
         raise ConflictError(
             f"{target}: channel names {previous} with security epoch {current}, refusing to "

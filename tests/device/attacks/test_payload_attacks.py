@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rampart.contracts import cmdline
 from rampart.device import update
 from rampart.errors import FormatError, RampartError, VerificationError
 from rampart.vendor import uki
@@ -161,7 +162,7 @@ def test_core_without_verity_under_an_efi_binary_pinning_a_root_hash(
     tree; the client wrote it and removed the fallback entry before noticing."""
     release = make_release(tmp_path / "rel", OFFERED)
     root = uki.inspect(release.efiboot)
-    offset = int(uki.cmdline_params(root.cmdline)["rampart.verity.hashoffset"])
+    offset = int(cmdline.cmdline_params(root.cmdline)["rampart.verity.hashoffset"])
     bare = tmp_path / "bare-core"
     bare.write_bytes(release.core.read_bytes()[:offset])
     publish_unchecked(served.root, vendor, OFFERED, bare, release.efiboot)

@@ -1,0 +1,329 @@
+"""The kernel command line of a Rampart UKI: one writer (`kernel_cmdline`) and the
+parsers every reader uses (the device's update and rollback checks, `publish`,
+`inspect`); the initramfs's `/init` is generated with the same parameter names.
+
+    root=/dev/mapper/verity_core_<V> rootfstype=squashfs ro rd.lvm.vg=<VG>
+    rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
+    [rampart.verity.salt=<hex>] rampart.verity.hashoffset=<bytes>
+    rampart.verity.datablocks=<n> [rampart.verity.fecoffset=<bytes>
+    rampart.verity.fecroots=<n>] [rampart.epoch=<n>]
+    <hardening> [lockdown=<level>] [extra...]
+
+CLIP OS's own names (`rd.verity.roothash`, `rd.verity.hashoffset`,
+`rd.verity.device=…/<VG>/core_<V>`) are read too, never written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rampart.contracts import pe
+from rampart.contracts.version import parse_version
+from rampart.errors import FormatError, LocalError, UsageError, VerificationError
+
+# x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h) is 2048, NUL included.
+MAX_CMDLINE = 2047
+MAX_EPOCH = (1 << 63) - 1  # the TPM NV counter is 64 bits
+
+# Kernel hardening parameters; `kernel_cmdline`'s docstring says why each is there.
+HARDENING = (
+    "slab_nomerge",
+    "slub_debug=FZ",
+    "page_alloc.shuffle=1",
+    "init_on_alloc=1",
+    "init_on_free=1",
+    "pti=on",
+    "mitigations=auto,nosmt",
+    "iommu=force",
+    "intel_iommu=on",
+    "amd_iommu=force_isolation",
+    "vsyscall=none",
+    "debugfs=off",
+    "oops=panic",
+)
+LOCKDOWN_LEVELS = ("integrity", "confidentiality")
+
+_VG = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}", re.ASCII)
+_HEX = re.compile(r"(?:[0-9a-f]{2})+", re.ASCII)
+_PARAM = re.compile(r"[\x21-\x7e]+", re.ASCII)  # printable, no space, no quote games
+# Keys the command line sets itself; an extra parameter may not redefine them.
+_OWN_KEYS = (
+    "root",
+    "rootfstype",
+    "rootflags",
+    "ro",
+    "rw",
+    "rd.lvm.vg",
+    "lockdown",
+    "init",
+    "rdinit",
+)
+_OWN_PREFIXES = ("rampart.", "rd.verity.")
+INSTALLER_PREFIX = "rampart.install."
+
+
+# The parameters that say what the EFI binary boots: each may appear once (the kernel
+# and the initramfs may read another occurrence than the one checked here).
+_PINNING = (
+    "rampart.core",
+    "rd.verity.device",
+    "rampart.verity.roothash",
+    "rd.verity.roothash",
+    "rampart.verity.hashoffset",
+    "rd.verity.hashoffset",
+    "rampart.verity.datablocks",
+)
+_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
+
+
+def kernel_cmdline(
+    vg: str,
+    version: str,
+    *,
+    roothash: str,
+    hash_offset: int,
+    data_blocks: int,
+    salt: str | None = None,
+    fec_offset: int | None = None,
+    fec_roots: int | None = None,
+    extra: Sequence[str] = (),
+    lockdown: str | None = "confidentiality",
+    epoch: int | None = None,
+) -> str:
+    """The command line that boots Core `core_<version>` of volume group `vg`.
+
+    As CLIP OS's (FORMATS.md §7), with Rampart's own parameter names for its
+    initramfs (CLIP OS's `rd.verity.*` were its own dracut module's, too):
+
+        root=/dev/mapper/verity_core_<V> rootfstype=squashfs ro rd.lvm.vg=<VG>
+        rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
+        [rampart.verity.salt=<hex>] rampart.verity.hashoffset=<bytes>
+        rampart.verity.datablocks=<n> [rampart.verity.fecoffset=<bytes>
+        rampart.verity.fecroots=<n>] [rampart.epoch=<n>]
+
+    `rampart.epoch` is the release's security epoch (offline rollback
+    protection: a version whose epoch is below the TPM's counter must not boot).
+    Then HARDENING, `lockdown=<lockdown>` unless None, and `extra` last. An
+    extra parameter may not redefine root, the verity parameters, ro/rw, init
+    or lockdown: the UKI's signature must pin what it boots. UsageError on any
+    invalid value or a line longer than the kernel accepts (2047 bytes).
+
+    HARDENING is in the spirit of CLIP OS's hardened kernel. FORMATS.md and
+    DESIGN.md record only CLIP OS's verity parameters, not its hardening line,
+    so this set follows the kernel's and the KSPP's documented recommendations,
+    keeping what Debian 12's 6.1 kernel understands and what still boots (the
+    Secure Boot smoke test boots with all of it):
+
+        slab_nomerge            no slab cache merging: an overflow in one cache
+                                cannot reach objects of another type
+        slub_debug=FZ           sanity checks (F) and red zones (Z) on slab
+                                objects; no poisoning (P): init_on_free does that
+        page_alloc.shuffle=1    randomise the page allocator's free lists
+        init_on_alloc=1         zero pages and slab objects on allocation...
+        init_on_free=1          ...and on free: no stale data survives
+        pti=on                  page-table isolation even on CPUs claiming
+                                immunity to Meltdown
+        mitigations=auto,nosmt  every CPU-vulnerability mitigation, and SMT off
+                                where a vulnerability needs it
+        iommu=force intel_iommu=on amd_iommu=force_isolation
+                                DMA isolation: devices see only what is mapped
+        vsyscall=none           no legacy vsyscall page (a fixed-address gadget)
+        debugfs=off             no debugfs: a large, unaudited kernel interface
+        oops=panic              an oops (possible memory corruption) stops the
+                                machine rather than running a damaged kernel;
+                                that boot is never blessed, so once a watchdog
+                                or panic=N restarts it, boot counting falls back
+
+    `lockdown=confidentiality` is the default: under Secure Boot, Debian's
+    kernel already enforces "integrity" (no unsigned code into the kernel);
+    "confidentiality" also keeps root from reading kernel memory (/dev/mem,
+    kprobes, BPF reads, hibernation). Nothing the boot chain needs (dm-verity,
+    LUKS2, the TPM) is affected. Developer images may pass lockdown=None or
+    "integrity". Not included: `module.sig_enforce=1` (lockdown already
+    requires signed modules) and `panic=N` (a fleet decision: reboot or stay).
+    """
+    if not _VG.fullmatch(vg) or vg in (".", ".."):
+        raise UsageError(f"volume group {vg!r} is invalid: use letters, digits, '+_.-'")
+    parsed = parse_version(version)
+    if parsed.build or str(parsed) != version:
+        raise UsageError(f"version {version!r}: build metadata is not allowed in a boot entry")
+    roothash = roothash.lower()
+    if len(roothash) != 64 or not _HEX.fullmatch(roothash):
+        raise UsageError(f"root hash {roothash[:80]!r} is not 64 hexadecimal digits (SHA-256)")
+    if salt is not None and salt != "":
+        salt = salt.lower()
+        if not _HEX.fullmatch(salt) or len(salt) > 512:
+            raise UsageError(f"verity salt {salt[:80]!r} is not at most 256 bytes of hex")
+    if hash_offset < 0 or hash_offset % 512:
+        raise UsageError(f"hash offset {hash_offset} is not a non-negative multiple of 512")
+    if data_blocks <= 0:
+        raise UsageError(f"data blocks {data_blocks} must be positive")
+    if (fec_offset is None) != (fec_roots is None):
+        raise UsageError("the FEC offset and the FEC roots go together")
+    if fec_offset is not None and (fec_offset < 0 or fec_offset % 512):
+        raise UsageError(f"FEC offset {fec_offset} is not a non-negative multiple of 512")
+    if fec_roots is not None and not 2 <= fec_roots <= 24:
+        raise UsageError(f"FEC roots {fec_roots} is outside 2..24")
+    if epoch is not None and not 0 <= epoch <= MAX_EPOCH:
+        raise UsageError(f"epoch {epoch} is outside 0..{MAX_EPOCH}")
+    if lockdown is not None and lockdown not in LOCKDOWN_LEVELS:
+        raise UsageError(f"lockdown {lockdown!r} is not one of {', '.join(LOCKDOWN_LEVELS)}")
+    name = f"core_{version}"
+    params = [
+        f"root=/dev/mapper/verity_{name}",
+        "rootfstype=squashfs",
+        "ro",
+        f"rd.lvm.vg={vg}",
+        f"rampart.core={vg}/{name}",
+        f"rampart.verity.roothash={roothash}",
+    ]
+    if salt:
+        params.append(f"rampart.verity.salt={salt}")
+    params += [
+        f"rampart.verity.hashoffset={hash_offset}",
+        f"rampart.verity.datablocks={data_blocks}",
+    ]
+    if fec_offset is not None:
+        params += [f"rampart.verity.fecoffset={fec_offset}", f"rampart.verity.fecroots={fec_roots}"]
+    if epoch is not None:
+        params.append(f"rampart.epoch={epoch}")
+    params += HARDENING
+    if lockdown is not None:
+        params.append(f"lockdown={lockdown}")
+    for item in extra:
+        for param in item.split():
+            check_extra_param(param)
+            params.append(param)
+    line = " ".join(params)
+    if len(line) > MAX_CMDLINE:
+        raise UsageError(f"kernel command line is {len(line)} bytes; the kernel takes 2047")
+    return line
+
+
+def check_extra_param(param: str) -> None:
+    """UsageError if `param` is not printable or redefines what the command line pins."""
+    if not _PARAM.fullmatch(param) or '"' in param:
+        raise UsageError(f"kernel parameter {param[:80]!r}: printable ASCII without quotes only")
+    key = param.split("=", 1)[0]
+    # The installer's own parameters (an installer UKI: the device's command line plus
+    # where to install): only the installer initramfs reads them.
+    installer = key.startswith(INSTALLER_PREFIX)
+    if not installer and (key in _OWN_KEYS or key.startswith(_OWN_PREFIXES)):
+        raise UsageError(f"kernel parameter {param[:80]!r} would redefine {key!r}; refused")
+    # A later parameter overrides an earlier one: none may undo the hardening set.
+    hardened = {item.split("=", 1)[0] for item in HARDENING}
+    if key in hardened:
+        raise UsageError(
+            f"kernel parameter {param[:80]!r} would override the hardening "
+            f"parameter {key!r}; refused"
+        )
+
+
+def cmdline_params(cmdline: str) -> dict[str, str]:
+    """`key=value` parameters of a command line (a bare flag maps to "")."""
+    out: dict[str, str] = {}
+    for token in cmdline.split():
+        key, _, value = token.partition("=")
+        out[key] = value
+    return out
+
+
+EPOCH_PARAM = "rampart.epoch"
+
+
+def cmdline_epoch(cmdline: str | None, source: str) -> int:
+    """The security epoch a command line carries (`rampart.epoch=N`; the last one, as
+    the kernel reads it), 0 without one. FormatError if N is not 0 to 2^63-1."""
+    value = cmdline_params(cmdline or "").get(EPOCH_PARAM)
+    if value is None:
+        return 0
+    if not _DIGITS.fullmatch(value) or int(value) > MAX_EPOCH:
+        raise FormatError(
+            f"{source}: {EPOCH_PARAM}={value[:24]!r} is not a security epoch (0..{MAX_EPOCH})"
+        )
+    return int(value)
+
+
+def efi_epoch(path: Path) -> int:
+    """The security epoch of an EFI binary: `rampart.epoch` on its `.cmdline`, read
+    with the standard library (`pe.cmdline`, as the device does). 0 without one, and
+    for a file that is not a PE image with a readable `.cmdline` (an EFI binary
+    Rampart did not build): the lowest epoch, the one every check refuses first."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read the EFI binary: {exc.strerror}") from None
+    try:
+        line = pe.cmdline(data, path.name)
+    except FormatError:
+        return 0
+    return cmdline_epoch(line, path.name)
+
+
+@dataclass(frozen=True)
+class RootHash:
+    """What the new EFI binary's command line says about the Core it boots."""
+
+    root_hash: str
+    hash_offset: int
+    data_blocks: int | None
+
+
+def param(words: list[str], key: str, source: str) -> str | None:
+    values = [w.partition("=")[2] for w in words if w.partition("=")[0] == key]
+    if len(values) > 1:
+        raise VerificationError(f"{source}: its command line sets {key}= {len(values)} times")
+    return values[0] if values else None
+
+
+def root_hash(cmdline: str, source: str) -> RootHash | None:
+    """The verity parameters of a command line, None without a root hash.
+
+    FormatError if they are malformed, VerificationError if one is repeated."""
+    words = cmdline.split()
+    for key in _PINNING:
+        param(words, key, source)
+    root = (
+        param(words, "rampart.verity.roothash", source)
+        or param(words, "rd.verity.roothash", source)
+        or ""
+    ).lower()
+    if not root:
+        return None
+    offset = (
+        param(words, "rampart.verity.hashoffset", source)
+        or param(words, "rd.verity.hashoffset", source)
+        or ""
+    )
+    blocks = param(words, "rampart.verity.datablocks", source)
+    if (
+        not _HEX64.fullmatch(root)
+        or not _DIGITS.fullmatch(offset)
+        or int(offset) % 512
+        or (blocks is not None and (not _DIGITS.fullmatch(blocks) or int(blocks) == 0))
+    ):
+        raise FormatError(f"{source}: malformed verity parameters on its command line")
+    return RootHash(root, int(offset), None if blocks is None else int(blocks))
+
+
+def pinned_lv(cmdline: str, source: str) -> str | None:
+    """The LV the command line boots (`rampart.core=`, or `rd.verity.device=`)."""
+    words = cmdline.split()
+    return param(words, "rampart.core", source) or param(words, "rd.verity.device", source)
+
+
+def pinned_root_hash(cmdline: str) -> str | None:
+    """The verity root hash a command line pins (ours, or CLIP OS's `rd.verity`), as
+    the kernel reads a repeated key (the last one); not checked."""
+    params = cmdline_params(cmdline)
+    return params.get("rampart.verity.roothash") or params.get("rd.verity.roothash")
+
+
+def declared_epoch(cmdline: str) -> int | None:
+    """The security epoch a command line carries, if any, without checking it."""
+    value = cmdline_params(cmdline).get(EPOCH_PARAM)
+    return int(value) if value is not None and value.isdigit() else None

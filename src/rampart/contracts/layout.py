@@ -1,0 +1,35 @@
+"""Where a Rampart device keeps things: the names that the device's code, the
+installer and the initramfs builder (which writes them into `/init`) must agree on.
+
+Volume group: one LV per Core, `core_<V>`, beside the encrypted state partition
+`core_state` (and `core_swap`, reserved); the state opens as `/dev/mapper/state`.
+On the ESP, below its root: the boot entries (`EFI/Linux/<os>-<V>[+T[-D]].efi`,
+the Boot Loader Specification's type #2 with boot counting) and the TPM-sealed
+state key (`rampart/tpm/state.{pub,priv,pcrs}`).
+TPM: the storage primary key at a persistent handle, the rollback counter at an
+NV index; LUKS2 keyslot 0 is the sealed key, keyslot 1 the recovery passphrase.
+"""
+
+from __future__ import annotations
+
+SLOT_PREFIX = "core_"  # a Core's LV is core_<version>
+STATE_LV = "core_state"
+SWAP_LV = "core_swap"
+RESERVED_LVS = frozenset({STATE_LV, SWAP_LV})  # never a slot
+STATE_MAPPER = "state"  # /dev/mapper/state
+
+# The TPM objects (TCG's ranges: owner persistent handles, owner NV indexes).
+PRIMARY_HANDLE = 0x81000001
+COUNTER_INDEX = 0x01500016
+DEFAULT_PCRS = (7,)
+
+# Where the sealed state key lives, relative to the ESP's root (CLIP OS kept it on
+# the ESP too): the TPM2B public and private parts, and the PCR selection it was
+# sealed to ("sha256:7"), which the initramfs passes to tpm2_policypcr.
+SEALED_DIR = "rampart/tpm"
+SEALED_PUB = "state.pub"
+SEALED_PRIV = "state.priv"
+SEALED_PCRS = "state.pcrs"
+# The LUKS2 keyslots of core_state: the TPM-sealed key, and the recovery passphrase.
+TPM_KEYSLOT = 0
+RECOVERY_KEYSLOT = 1
