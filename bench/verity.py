@@ -23,7 +23,7 @@ from pathlib import Path
 
 PYTHON = sys.executable
 BUILD = (
-    "import sys, json; from pathlib import Path; from rampart.image import verity; "
+    "import sys, json; from pathlib import Path; from rampart.contracts import verity; "
     "p = verity.build(Path(sys.argv[1]), Path(sys.argv[2]), salt=bytes(32), "
     "uuid='00000000-0000-4000-8000-000000000000'); print(json.dumps(p.to_json()))"
 )
@@ -117,8 +117,9 @@ def main() -> int:
                 )
             )
             verify_py = (
-                "import sys; from pathlib import Path; from rampart.image import core, verity; "
-                "m = core.load_meta(Path(sys.argv[3])); "
+                "import sys; from pathlib import Path; "
+                "from rampart.contracts import coremeta, verity; "
+                "m = coremeta.load(Path(sys.argv[3])); "
                 "verity.verify(Path(sys.argv[1]), m.verity, Path(sys.argv[2]))"
             )
             for name, argv in (

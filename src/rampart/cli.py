@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rampart import __version__
-from rampart.contracts import signing, wire
+from rampart.commands.common import PASSWORD_ENV, password_source
+from rampart.contracts import coremeta, signing, wire
 from rampart.contracts.version import parse_version
 from rampart.errors import (
     AuditError,
@@ -32,7 +33,6 @@ from rampart.vendor import webroot
 
 log = logging.getLogger("rampart")
 
-PASSWORD_ENV = "RAMPART_PASSWORD"  # noqa: S105 - the name of a variable, not a secret
 
 EPILOG = """\
 exit codes: 0 success (update: up to date), 1 other error, 2 invalid argument, 3 local
@@ -46,27 +46,6 @@ already waits for a reboot. See docs/exit-codes.md."""
 def _emit_json(payload: dict[str, Any]) -> None:
     json.dump(payload, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
-
-
-def password_source(env_name: str, confirm: bool) -> Callable[[], bytes]:
-    """A callable giving the key password: from $env_name, else a terminal prompt."""
-
-    def get() -> bytes:
-        value = os.environ.get(env_name)
-        if value:
-            return value.encode()
-        if not sys.stdin.isatty():
-            raise LocalError(
-                f"no password: set ${env_name} or run on a terminal (or use --unencrypted)"
-            )
-        first = getpass.getpass("Password: ")
-        if confirm and getpass.getpass("Password (again): ") != first:
-            raise LocalError("the two passwords differ")
-        if not first:
-            raise LocalError("empty password (use --unencrypted for a key without one)")
-        return first.encode()
-
-    return get
 
 
 def _check_semver(text: str) -> str:
@@ -424,7 +403,6 @@ def _esp_root(config: Any) -> Path:
 
 
 def _read_passphrase(args: argparse.Namespace) -> str:
-    import getpass
 
     if args.passphrase_file is not None:
         from rampart.contracts import signing
@@ -542,7 +520,7 @@ def cmd_mark_good(args: argparse.Namespace) -> int:
 def cmd_verity_verify(args: argparse.Namespace) -> int:
     from rampart.vendor import core
 
-    meta = core.load_meta(args.meta)
+    meta = coremeta.load(args.meta)
     core.verify_core(args.image, meta)
     if args.json:
         _emit_json(

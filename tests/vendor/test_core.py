@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.contracts import verity
+from rampart.contracts import coremeta, verity
 from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, LocalError, UsageError, VerificationError
 from rampart.vendor import core
@@ -19,7 +19,7 @@ from rampart.vendor import core
 V = parse_version("1.0.0")
 
 
-def _veritysetup_verify(image: Path, meta: core.CoreMeta) -> subprocess.CompletedProcess[str]:
+def _veritysetup_verify(image: Path, meta: coremeta.CoreMeta) -> subprocess.CompletedProcess[str]:
     """`veritysetup verify` of a bundle's appended tree against its root hash."""
     return subprocess.run(
         [
@@ -76,7 +76,7 @@ def test_bundle_layout_checks_with_veritysetup_and_unsquashfs(tree: Path, tmp_pa
         ["unsquashfs", "-l", str(image)], capture_output=True, text=True, check=True
     ).stdout
     assert "squashfs-root/usr/bin/tool" in listing
-    assert core.load_meta(tmp_path / "out/core-1.0.0.json") == meta
+    assert coremeta.load(tmp_path / "out/core-1.0.0.json") == meta
 
 
 def test_a_compressed_core_is_smaller_reproducible_and_checks_with_veritysetup(
@@ -184,5 +184,5 @@ def test_metadata_that_is_not_json_is_a_format_error(tmp_path: Path) -> None:
     bad = tmp_path / "meta.json"
     bad.write_text("{not json")
     with pytest.raises(FormatError, match="not a Core metadata file"):
-        core.load_meta(bad)
+        coremeta.load(bad)
     assert shutil.which("mksquashfs"), "run make setup"

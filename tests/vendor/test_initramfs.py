@@ -52,7 +52,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.contracts import cmdline
+from rampart.contracts import cmdline, coremeta
 from rampart.contracts.version import parse_version
 from rampart.device import state as rstate
 from rampart.device import tpm
@@ -871,7 +871,7 @@ def write_gpt(disk: Path, parts: Sequence[tuple[str, uuid.UUID, int, int]]) -> N
 class Prepared:
     disk: Path
     tpm_state: Path  # the swtpm the state key is sealed to (PCR 23)
-    meta: core.CoreMeta
+    meta: coremeta.CoreMeta
     bundle: bytes
     passphrase: str
     setup: Boot

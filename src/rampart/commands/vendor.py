@@ -16,17 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rampart.contracts import wire
-from rampart.contracts.cmdline import check_extra_param, kernel_cmdline
+from rampart.contracts import coremeta, wire
+from rampart.contracts.cmdline import check_extra_param
 from rampart.contracts.version import parse_version
 from rampart.contracts.wire import check_name
-from rampart.errors import ConflictError, FormatError, LocalError, UsageError
+from rampart.errors import ConflictError, UsageError
 from rampart.vendor import secureboot, uki
 
 Verb = Callable[[str, str, str], argparse.ArgumentParser]
 
 DEFAULT_VG = "mainvg"
-_META_LIMIT = 1 << 20
 
 
 def _emit(payload: Any) -> None:
@@ -34,118 +33,17 @@ def _emit(payload: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _int_field(doc: dict[str, Any], key: str, path: Path, required: bool) -> int | None:
-    value = doc.get(key)
-    if value is None:
-        if required:
-            raise FormatError(f"{path}: Core metadata lacks {key!r}")
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FormatError(f"{path}: Core metadata {key!r} is not an integer")
-    return value
-
-
-def read_core_meta(path: Path) -> dict[str, Any]:
-    """The verity parameters of a Core metadata file (`rampart build core`'s JSON).
-
-    Needs roothash (or root_hash), hash_offset and data_blocks; salt, version,
-    fec_offset and fec_roots are optional. The keys may also sit under a
-    "verity" object. FormatError if they are missing or of the wrong type.
-    """
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(_META_LIMIT + 1)
-    except FileNotFoundError:
-        raise LocalError(f"{path}: Core metadata file not found") from None
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > _META_LIMIT:
-        raise FormatError(f"{path}: Core metadata larger than 1 MiB")
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"{path}: Core metadata is not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path}: Core metadata is not a JSON object")
-    nested = doc.get("verity")
-    if isinstance(nested, dict):
-        doc = {**doc, **nested}
-    roothash = doc.get("roothash", doc.get("root_hash"))
-    if not isinstance(roothash, str):
-        raise FormatError(f"{path}: Core metadata lacks the verity root hash ('roothash')")
-    salt = doc.get("salt")
-    if salt is not None and not isinstance(salt, str):
-        raise FormatError(f"{path}: Core metadata 'salt' is not a string")
-    version = doc.get("version")
-    if version is not None and not isinstance(version, str):
-        raise FormatError(f"{path}: Core metadata 'version' is not a string")
-    return {
-        "version": version,
-        "roothash": roothash,
-        "salt": salt,
-        "hash_offset": _int_field(doc, "hash_offset", path, True),
-        "data_blocks": _int_field(doc, "data_blocks", path, True),
-        "fec_offset": _int_field(doc, "fec_offset", path, False),
-        "fec_roots": _int_field(doc, "fec_roots", path, False),
-    }
-
-
-def _build_efiboot(
-    out: Path,
-    meta: dict[str, Any],
-    *,
-    vg: str,
-    version: str,
-    os_name: str,
-    kernel: Path,
-    initrd: Path,
-    extra: list[str],
-    lockdown: str | None = "confidentiality",
-    epoch: int | None = None,
-    uname: str | None = None,
-    stub: Path = uki.STUB,
-    sign_key: Path | None = None,
-    sign_cert: Path | None = None,
-) -> uki.Uki:
-    """The UKI booting the Core that `meta` (read_core_meta) describes."""
-    cmdline = kernel_cmdline(
-        vg,
-        version,
-        roothash=meta["roothash"],
-        salt=meta["salt"],
-        hash_offset=meta["hash_offset"],
-        data_blocks=meta["data_blocks"],
-        fec_offset=meta["fec_offset"],
-        fec_roots=meta["fec_roots"],
-        extra=extra,
-        lockdown=lockdown,
-        epoch=epoch,
-    )
-    return uki.build(
-        out,
-        kernel=kernel,
-        initrd=initrd,
-        os_name=os_name,
-        version=version,
-        cmdline=cmdline,
-        uname=uname,
-        stub=stub,
-        sign_key=sign_key,
-        sign_cert=sign_cert,
-    )
-
-
 def cmd_build_efiboot(args: argparse.Namespace) -> int:
     check_name(args.os, "OS name")
-    meta = read_core_meta(args.core_meta)
-    if meta["version"] is not None and meta["version"] != args.version:
+    meta = coremeta.read_pins(args.core_meta)
+    if meta.version is not None and meta.version != args.version:
         raise UsageError(
-            f"{args.core_meta}: Core version {meta['version']!r} is not --version "
+            f"{args.core_meta}: Core version {meta.version!r} is not --version "
             f"{args.version!r}; a UKI must boot its own Core"
         )
     if bool(args.sign_key) != bool(args.sign_cert):
         raise UsageError("--sign-key and --sign-cert go together")
-    image = _build_efiboot(
+    image = uki.build_efiboot(
         args.out,
         meta,
         vg=args.vg,
@@ -278,7 +176,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     check_name(args.os, "OS name")
     uki.check_signing_pair(args.sign_key, args.sign_cert)
     password_env = args.password_env
-    from rampart.cli import password_source
+    from rampart.commands.common import password_source
 
     # Cheap checks first: nothing is built for a release that cannot be published.
     for param in args.extra_cmdline:
@@ -297,9 +195,9 @@ def cmd_release(args: argparse.Namespace) -> int:
     meta = core.build_core(args.rootfs, version, out, args.fec, args.compress)
     efiboot = out / f"{args.os}-{version.core}.efi"
     efiboot.unlink(missing_ok=True)  # an unpublished earlier build of this release
-    image = _build_efiboot(
+    image = uki.build_efiboot(
         efiboot,
-        read_core_meta(out / f"core-{version.core}.json"),
+        coremeta.read_pins(out / f"core-{version.core}.json"),
         vg=args.vg,
         version=version.core,
         os_name=args.os,

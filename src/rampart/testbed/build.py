@@ -57,8 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from rampart import run
-from rampart.commands.vendor import _build_efiboot, read_core_meta
-from rampart.contracts import signing
+from rampart.contracts import coremeta, signing
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.testbed import rootfs
@@ -299,9 +298,9 @@ def _build_release(
         core.build_core(tree, parse_version(version), out, compression=CORE_COMPRESSION)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
-    _build_efiboot(
+    uki.build_efiboot(
         bed.efiboot(version),
-        read_core_meta(bed.core_meta(version)),
+        coremeta.read_pins(bed.core_meta(version)),
         vg=rootfs.VOLUME_GROUP,
         version=version,
         os_name=OS_NAME,
@@ -321,9 +320,9 @@ def rogue(bed: Testbed, name: str) -> Path:
 def _build_rogue(bed: Testbed) -> None:
     """An unsigned UKI, and one signed by a db key the firmware does not hold."""
     bed.directory.joinpath("rogue").mkdir()
-    meta = read_core_meta(bed.core_meta(INSTALLED))
+    meta = coremeta.read_pins(bed.core_meta(INSTALLED))
     for name, keys in (("unsigned.efi", None), ("other-signed.efi", bed.other_keys)):
-        _build_efiboot(
+        uki.build_efiboot(
             rogue(bed, name),
             meta,
             vg=rootfs.VOLUME_GROUP,
@@ -376,9 +375,9 @@ def _build_installer_uki(bed: Testbed) -> None:
     """The installer as installation media would carry it: a UKI signed by db, so
     that it boots under Secure Boot and seals the state key to the PCR 7 value the
     installed system will have (the same firmware keys, the same signer)."""
-    _build_efiboot(
+    uki.build_efiboot(
         bed.installer_uki,
-        read_core_meta(bed.core_meta(INSTALLED)),
+        coremeta.read_pins(bed.core_meta(INSTALLED)),
         vg=rootfs.VOLUME_GROUP,
         version=INSTALLED,
         os_name=OS_NAME,

@@ -21,14 +21,13 @@ import json
 import os
 import shutil
 import uuid as uuid_mod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rampart import run
 from rampart.contracts import verity
+from rampart.contracts.coremeta import CoreMeta
 from rampart.contracts.version import Version
-from rampart.errors import FormatError, LocalError, UsageError
+from rampart.errors import LocalError, UsageError
 
 FEC_ROOTS = 2
 # squashfs compressions a Core may use, with mksquashfs's options for each: every one
@@ -41,71 +40,6 @@ COMPRESSIONS: dict[str, tuple[str, ...]] = {
 }
 _UNCOMPRESSED = ("-noI", "-noD", "-noF", "-noX")
 _TMP = ".rampart-build-"
-
-
-@dataclass(frozen=True)
-class CoreMeta:
-    version: str
-    verity: verity.VerityParams
-    data_size: int  # the squashfs, padded to 4096
-    fec_offset: int | None
-    fec_roots: int | None
-    bundle_size: int
-    bundle_sha256: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "root_hash": self.verity.root_hash,
-            "salt": self.verity.salt,
-            "uuid": self.verity.uuid,
-            "hash_algorithm": self.verity.hash_algorithm,
-            "data_block_size": self.verity.data_block_size,
-            "hash_block_size": self.verity.hash_block_size,
-            "data_blocks": self.verity.data_blocks,
-            "data_size": self.data_size,
-            "hash_offset": self.verity.hash_offset,
-            "fec_offset": self.fec_offset,
-            "fec_roots": self.fec_roots,
-            "bundle_size": self.bundle_size,
-            "bundle_sha256": self.bundle_sha256,
-        }
-
-
-def load_meta(path: Path) -> CoreMeta:
-    """Read a metadata file written by `build_core`; FormatError if it is not one."""
-    try:
-        doc = json.loads(path.read_bytes()[: 1 << 16])
-        params = verity.VerityParams(
-            root_hash=str(doc["root_hash"]),
-            salt=str(doc["salt"]),
-            data_blocks=int(doc["data_blocks"]),
-            hash_offset=int(doc["hash_offset"]),
-            uuid=str(doc["uuid"]),
-            hash_algorithm=str(doc["hash_algorithm"]),
-            data_block_size=int(doc["data_block_size"]),
-            hash_block_size=int(doc["hash_block_size"]),
-        )
-        meta = CoreMeta(
-            version=str(doc["version"]),
-            verity=params,
-            data_size=int(doc["data_size"]),
-            fec_offset=None if doc.get("fec_offset") is None else int(doc["fec_offset"]),
-            fec_roots=None if doc.get("fec_roots") is None else int(doc["fec_roots"]),
-            bundle_size=int(doc["bundle_size"]),
-            bundle_sha256=str(doc["bundle_sha256"]),
-        )
-    except FileNotFoundError:
-        raise LocalError(f"{path}: metadata file not found") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"{path}: not a Core metadata file ({exc})") from None
-    if (
-        params.hash_algorithm != "sha256"
-        or params.data_block_size != verity.BLOCK
-        or params.hash_block_size != verity.BLOCK
-    ):
-        raise FormatError(f"{path}: only sha256 with 4096-byte blocks is supported")
-    return meta
 
 
 def file_sha256(path: Path) -> str:

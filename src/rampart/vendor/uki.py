@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from rampart import __version__, run
-from rampart.contracts.cmdline import MAX_CMDLINE, declared_epoch, pinned_root_hash
+from rampart.contracts.cmdline import MAX_CMDLINE, declared_epoch, kernel_cmdline, pinned_root_hash
+from rampart.contracts.coremeta import CorePins
 from rampart.contracts.osrel import os_release, parse_os_release, sort_version
 from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError, VerificationError
@@ -563,4 +564,49 @@ def inspect(path: Path) -> Uki:
         uname=None if uname_raw is None else uname_raw.decode("ascii", errors="replace"),
         signers=signers(path),
         sections=sections,
+    )
+
+
+def build_efiboot(
+    out: Path,
+    pins: CorePins,
+    *,
+    vg: str,
+    version: str,
+    os_name: str,
+    kernel: Path,
+    initrd: Path,
+    extra: list[str],
+    lockdown: str | None = "confidentiality",
+    epoch: int | None = None,
+    uname: str | None = None,
+    stub: Path = STUB,
+    sign_key: Path | None = None,
+    sign_cert: Path | None = None,
+) -> Uki:
+    """The UKI booting the Core whose metadata `pins` is (`coremeta.read_pins`)."""
+    cmdline = kernel_cmdline(
+        vg,
+        version,
+        roothash=pins.root_hash,
+        salt=pins.salt,
+        hash_offset=pins.hash_offset,
+        data_blocks=pins.data_blocks,
+        fec_offset=pins.fec_offset,
+        fec_roots=pins.fec_roots,
+        extra=extra,
+        lockdown=lockdown,
+        epoch=epoch,
+    )
+    return build(
+        out,
+        kernel=kernel,
+        initrd=initrd,
+        os_name=os_name,
+        version=version,
+        cmdline=cmdline,
+        uname=uname,
+        stub=stub,
+        sign_key=sign_key,
+        sign_cert=sign_cert,
     )
