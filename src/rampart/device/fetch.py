@@ -49,12 +49,14 @@ import signal
 import stat
 import stringprep  # noqa: F401 - imported before any fork: encodings.idna needs it
 import unicodedata  # noqa: F401 - imported before any fork: encodings.idna needs it
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from rampart import run
 from rampart.contracts import wire
+from rampart.contracts.version import Version, parse_version
 from rampart.device.transport import Limits, Progress, Transport
 from rampart.errors import (
     FormatError,
@@ -62,6 +64,7 @@ from rampart.errors import (
     RampartError,
     RemoteDataError,
     TransportError,
+    UsageError,
 )
 
 log = logging.getLogger(__name__)
@@ -73,11 +76,23 @@ REPLY_DEPTH = 3  # {"credentials": {"groups": [...]}}: the deepest a valid reply
 
 @dataclass(frozen=True)
 class Job:
+    """One operation of the fetch process, as it crosses to the child and back: the
+    protocol between the two processes. Callers use the Fetcher's typed methods."""
+
     op: str  # "version", "download" or "report"
     url: str
     cap: int
     dest: str = ""
     body: str = ""
+
+
+@dataclass(frozen=True)
+class Download:
+    """A file to fetch into the download directory (resumed if part of it is there)."""
+
+    url: str
+    dest: Path
+    cap: int  # the most bytes it may have
 
 
 def execute(transport: Transport, jobs: list[Job], progress: Progress | None) -> list[Any]:
@@ -141,7 +156,28 @@ class Fetcher:
         self.progress: Progress | None = None  # a progress bar, when interactive
         self.last_credentials: dict[str, Any] = {}
 
+    def latest_version(self, url: str) -> Version:
+        """The version the server's version document at `url` names."""
+        [text] = self.run([Job("version", url, VERSION_CAP)])
+        try:
+            return parse_version(text, f"{url}: version")
+        except UsageError as exc:
+            raise FormatError(str(exc)) from None
+
+    def download(self, files: Sequence[Download]) -> list[int]:
+        """Fetch `files` in one fetch process; the size of each."""
+        jobs = [Job("download", f.url, f.cap, str(f.dest)) for f in files]
+        sizes: list[int] = self.run(jobs)
+        return sizes
+
+    def report(self, url: str, body: bytes) -> int:
+        """POST an install report; the HTTP status the server answered."""
+        [status] = self.run([Job("report", url, wire.REPORT_MAX, body=body.decode())])
+        return int(status)
+
     def run(self, jobs: list[Job]) -> list[Any]:
+        """Run `jobs` (sandboxed when a fetch user is set); each result checked for
+        its operation's type and range (check_results)."""
         progress = self.progress
         if self.user is None:
             transport = Transport(self.root_ca, self.headers, self.limits)

@@ -83,7 +83,7 @@ def _valid_lv_name(name: object) -> bool:
     )
 
 
-def _check_lv_name(name: str) -> str:
+def check_lv_name(name: str) -> str:
     if not _valid_lv_name(name):
         raise UsageError(f"invalid logical volume name {name!r}")
     return name
@@ -114,7 +114,7 @@ class FileBackend:
         return max(0, min(self.capacity - used, disk.f_bavail * disk.f_frsize))
 
     def create(self, name: str, size: int) -> Slot:
-        path = self.directory / _check_lv_name(name)
+        path = self.directory / check_lv_name(name)
         if size > self.free_space():
             raise LocalError(
                 f"{self.directory}: not enough free space for {name} "
@@ -131,8 +131,8 @@ class FileBackend:
         return Slot(name, size, path)
 
     def rename(self, slot: Slot, new_name: str) -> Slot:
-        source = self.directory / _check_lv_name(slot.name)
-        target = self.directory / _check_lv_name(new_name)
+        source = self.directory / check_lv_name(slot.name)
+        target = self.directory / check_lv_name(new_name)
         if target.exists():
             raise LocalError(f"{target}: logical volume already exists")
         try:
@@ -146,7 +146,7 @@ class FileBackend:
 
     def remove(self, slot: Slot) -> None:
         try:
-            (self.directory / _check_lv_name(slot.name)).unlink()
+            (self.directory / check_lv_name(slot.name)).unlink()
         except OSError as exc:
             raise LocalError(f"{slot.path}: cannot remove: {exc.strerror}") from None
         fsync_dir(self.directory)
@@ -174,7 +174,7 @@ class LvmBackend:
     """The volume group `vg`, driven by the LVM command-line tools."""
 
     def __init__(self, vg: str) -> None:
-        self.vg = _check_lv_name(vg)
+        self.vg = check_lv_name(vg)
 
     def _lvm(self, *argv: str) -> bytes:
         return run.run(argv, timeout=120).stdout
@@ -228,7 +228,7 @@ class LvmBackend:
         return _int(rows[0].get("vg_free"), "vgs")
 
     def create(self, name: str, size: int) -> Slot:
-        name = _check_lv_name(name)
+        name = check_lv_name(name)
         free = self.free_space()
         if size > free:
             raise LocalError(
@@ -252,11 +252,11 @@ class LvmBackend:
         raise LocalError(f"lvcreate: {self.vg}/{name} was not created")
 
     def rename(self, slot: Slot, new_name: str) -> Slot:
-        self._lvm("lvrename", self.vg, _check_lv_name(slot.name), _check_lv_name(new_name))
+        self._lvm("lvrename", self.vg, check_lv_name(slot.name), check_lv_name(new_name))
         return Slot(new_name, slot.size, slot.path.with_name(new_name), slot.open)
 
     def remove(self, slot: Slot) -> None:
-        self._lvm("lvremove", "--yes", f"{self.vg}/{_check_lv_name(slot.name)}")
+        self._lvm("lvremove", "--yes", f"{self.vg}/{check_lv_name(slot.name)}")
 
 
 def mounted_sources(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:

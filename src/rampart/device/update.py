@@ -41,17 +41,23 @@ from typing import Any, Literal
 from rampart import run
 from rampart.contracts import cmdline, signing, wire
 from rampart.contracts import payload as payload_mod
-from rampart.contracts.version import Version, check_release_length, parse_version
+from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
 from rampart.device import rollback
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
-from rampart.device.fetch import Fetcher, Job, open_directory, open_plain_file, remove_entry
+from rampart.device.fetch import (
+    Download,
+    Fetcher,
+    open_directory,
+    open_plain_file,
+    remove_entry,
+)
 from rampart.device.slots import (
     Checkpoint,
     Slot,
     SlotBackend,
-    _check_lv_name,
     busy_reason,
+    check_lv_name,
     open_backend,
     slot_name,
     write_core,
@@ -199,14 +205,7 @@ def _check_signed_version(signature: signing.Signature, payload: Path, version: 
 
 
 def check_latest(device: Device, fetcher: Fetcher) -> Version:
-    url = wire.version_url(device.remote.update_url, device.config.os_name)
-    text = fetcher.run([Job("version", url, wire.VERSION_DOCUMENT_MAX)])[0]
-    if not isinstance(text, str):
-        raise FormatError(f"{url}: unreadable version")
-    try:
-        return parse_version(text, f"{url}: version")
-    except UsageError as exc:
-        raise FormatError(str(exc)) from None
+    return fetcher.latest_version(wire.version_url(device.remote.update_url, device.config.os_name))
 
 
 def pick_slot(device: Device, target: Version) -> Slot | None:
@@ -480,7 +479,7 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     """
     device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     _clean_downloads(device, version)
-    base = f"{device.remote.dist_url}/{version.core}/{device.config.os_name}"
+    release = f"{device.remote.dist_url}/{version.core}"
     caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
     digests: dict[str, bytes] = {}
     for kind in ("efiboot", "core"):
@@ -494,7 +493,7 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     for attempt in (1, 2):
         if not kinds:
             break
-        jobs = []
+        files: list[Download] = []
         cached = []
         for kind in kinds:
             payload = payload_path(device, version, kind)
@@ -502,10 +501,11 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
             if payload.exists():
                 cached.append(kind)
             sig.unlink(missing_ok=True)  # small: always fetched with its payload
-            jobs.append(Job("download", f"{base}-{kind}.sig", SIG_CAP, str(sig)))
-            jobs.append(Job("download", f"{base}-{kind}", caps[kind], str(payload)))
-        log.info("downloading %s", ", ".join(j.url.rsplit("/", 1)[-1] for j in jobs))
-        fetcher.run(jobs)
+            url = f"{release}/{wire.payload_name(device.config.os_name, kind)}"
+            files.append(Download(url + wire.SIGNATURE_SUFFIX, sig, SIG_CAP))
+            files.append(Download(url, payload, caps[kind]))
+        log.info("downloading %s", ", ".join(f.url.rsplit("/", 1)[-1] for f in files))
+        fetcher.download(files)
         retry = []
         for kind in kinds:
             try:
@@ -695,7 +695,7 @@ def check_names(device: Device, version: Version) -> None:
     before anything is changed, so such an offer never costs the fallback entry."""
     try:
         check_release_length(version, "offered version")
-        _check_lv_name(slot_name(version))
+        check_lv_name(slot_name(version))
     except UsageError as exc:
         raise FormatError(f"{exc}; not installing it") from None
     entry = esp_mod.entry_name(device.config.os_name, version, device.config.boot_tries)
@@ -750,11 +750,11 @@ def send_report(
     ).render()
     url = wire.report_url(device.remote.update_url, device.config.os_name)
     try:
-        status = fetcher.run([Job("report", url, 1 << 16, body=body.decode())])[0]
+        status = fetcher.report(url, body)
     except (RampartError, OSError) as exc:
         log.info("report not delivered: %s", exc)
         return
-    if not (isinstance(status, int) and 200 <= status < 300):
+    if not 200 <= status < 300:
         log.info("report not accepted: %s answered HTTP %s", url, status)
 
 
