@@ -365,36 +365,42 @@ def read_reply(data: bytes) -> dict[str, Any]:
         if not isinstance(reply, dict) or reply.get("ok") not in (True, False):
             raise _BadReply("no boolean 'ok'")
         if not reply["ok"]:
-            error = _keys(
-                _keys(reply, "the reply", ("ok", "error"))["error"], "error", ("kind", "message")
-            )
-            _text(error["kind"], "error.kind", 64)
-            _text(error["message"], "error.message", 4096)
-            return reply
-        _keys(reply, "the reply", ("ok", "results", "credentials"))
-        results = reply["results"]
-        if not isinstance(results, list) or len(results) > 64:
-            raise _BadReply("results is not a list of at most 64 items")
-        for number, result in enumerate(results):
-            if isinstance(result, str):
-                _text(result, f"results[{number}]", VERSION_CAP)
-            else:
-                _integer(result, f"results[{number}]")
-        creds = _keys(
-            reply["credentials"], "credentials", (*_CREDENTIAL_IDS, "groups", *_CREDENTIAL_TEXTS)
-        )
-        for key in _CREDENTIAL_IDS:
-            _integer(creds[key], f"credentials.{key}", 0, (1 << 32) - 1)
-        groups = creds["groups"]
-        if not isinstance(groups, list) or len(groups) > 65536:
-            raise _BadReply("credentials.groups is not a list of at most 65536 ids")
-        for group in groups:
-            _integer(group, "a group in credentials.groups", 0, (1 << 32) - 1)
-        for key in _CREDENTIAL_TEXTS:
-            _text(creds[key], f"credentials.{key}", 64)
+            _check_error(reply)
+        else:
+            _check_results_and_credentials(reply)
         return reply
     except _BadReply as exc:
         raise LocalError(f"fetch process sent a malformed reply: {exc}") from None
+
+
+def _check_error(reply: dict[str, Any]) -> None:
+    error = _keys(_keys(reply, "the reply", ("ok", "error"))["error"], "error", ("kind", "message"))
+    _text(error["kind"], "error.kind", 64)
+    _text(error["message"], "error.message", 4096)
+
+
+def _check_results_and_credentials(reply: dict[str, Any]) -> None:
+    _keys(reply, "the reply", ("ok", "results", "credentials"))
+    results = reply["results"]
+    if not isinstance(results, list) or len(results) > 64:
+        raise _BadReply("results is not a list of at most 64 items")
+    for number, result in enumerate(results):
+        if isinstance(result, str):
+            _text(result, f"results[{number}]", VERSION_CAP)
+        else:
+            _integer(result, f"results[{number}]")
+    creds = _keys(
+        reply["credentials"], "credentials", (*_CREDENTIAL_IDS, "groups", *_CREDENTIAL_TEXTS)
+    )
+    for key in _CREDENTIAL_IDS:
+        _integer(creds[key], f"credentials.{key}", 0, (1 << 32) - 1)
+    groups = creds["groups"]
+    if not isinstance(groups, list) or len(groups) > 65536:
+        raise _BadReply("credentials.groups is not a list of at most 65536 ids")
+    for group in groups:
+        _integer(group, "a group in credentials.groups", 0, (1 << 32) - 1)
+    for key in _CREDENTIAL_TEXTS:
+        _text(creds[key], f"credentials.{key}", 64)
 
 
 def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:

@@ -229,86 +229,118 @@ class Transport:
                 log.info("%s: cached partial file does not fit the server's, restarting", url)
                 dest.unlink()
                 return self.download(url, dest, cap, progress)
-            _check_status(url, response, (200, 206))
-            length = _content_length(url, response)
-            if response.status == 206:
-                start, total = _content_range(url, response)
-                if start != have:
-                    raise RemoteDataError(f"{url}: server resumed at {start}, asked for {have}")
-                expected = total
-            else:
-                have = 0
-                expected = length
-            if expected is not None and expected > cap:
-                raise RemoteDataError(f"{url}: announced {expected} bytes, the cap is {cap}")
-            if have:
-                log.info("%s: resuming at byte %d", url, have)
-            shown = dest.absolute()  # in the fetch process, dest is relative to its cwd
-            disk = os.statvfs(dest.parent)
-            free = disk.f_bavail * disk.f_frsize
-            margin = self.limits.space_margin
-            room = free - margin  # what this download may still write
-            if expected is not None and expected - have > room:
-                raise LocalError(
-                    f"{shown}: not enough space to download {url.rsplit('/', 1)[-1]} "
-                    f"({expected - have} bytes needed, {free} free, {margin} kept free)"
+            have, expected = _resumed(url, response, have, cap)
+            sink = _Sink(dest, url, have, expected, self.limits.space_margin)
+            try:
+                received = sink.fill(
+                    lambda write: self._read_body(
+                        url, response, write, cap, have, progress, expected
+                    )
                 )
-            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                fd = os.open(dest, flags, 0o600)
-            except OSError as exc:
-                raise LocalError(f"{shown}: cannot write the download: {exc.strerror}") from None
-            out_of_space = False  # then the partial file is dropped: it cannot be completed
-            try:
-                if not have:
-                    os.ftruncate(fd, 0)
-                os.lseek(fd, have, os.SEEK_SET)
-
-                pending = bytearray()
-
-                def flush() -> None:
-                    view = memoryview(pending)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    view.release()
-                    pending.clear()
-
-                written = 0
-
-                def write(chunk: bytes) -> None:
-                    nonlocal written, out_of_space
-                    written += len(chunk)
-                    if written > room:  # only an unannounced length gets here
-                        out_of_space = True
-                        raise LocalError(
-                            f"{shown}: not enough space to download {url.rsplit('/', 1)[-1]} "
-                            f"(no length announced; stopped after {written - len(chunk)} bytes, "
-                            f"{free} were free, {margin} kept free); partial file removed"
-                        )
-                    pending.extend(chunk)  # TLS records are small: write in 1 MiB blocks
-                    if len(pending) >= CHUNK:
-                        flush()
-
-                try:
-                    try:
-                        received = self._read_body(
-                            url, response, write, cap, have, progress, expected
-                        )
-                    finally:
-                        if not out_of_space:
-                            flush()  # what arrived is kept for resuming
-                    os.fsync(fd)
-                except OSError as exc:
-                    out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                    dropped = "; partial file removed" if out_of_space else ""
-                    raise LocalError(
-                        f"{shown}: cannot write the download: {exc.strerror}{dropped}"
-                    ) from None
             finally:
-                os.close(fd)
-                if out_of_space:
-                    dest.unlink(missing_ok=True)
+                sink.close()
             return have + received
+
+
+def _resumed(
+    url: str, response: http.client.HTTPResponse, have: int, cap: int
+) -> tuple[int, int | None]:
+    """Where the response resumes (0 for a whole file) and the size it announces.
+    RemoteDataError if it resumes elsewhere than asked or announces more than `cap`."""
+    _check_status(url, response, (200, 206))
+    length = _content_length(url, response)
+    if response.status == 206:
+        start, total = _content_range(url, response)
+        if start != have:
+            raise RemoteDataError(f"{url}: server resumed at {start}, asked for {have}")
+        expected = total
+    else:
+        have = 0
+        expected = length
+    if expected is not None and expected > cap:
+        raise RemoteDataError(f"{url}: announced {expected} bytes, the cap is {cap}")
+    if have:
+        log.info("%s: resuming at byte %d", url, have)
+    return have, expected
+
+
+class _Sink:
+    """The download's file: opened at the resume point after a free-space check,
+    written in CHUNK blocks, fsynced. A failure keeps what arrived for resuming,
+    unless the disk is full: then the partial file cannot be completed and goes."""
+
+    def __init__(self, dest: Path, url: str, have: int, expected: int | None, margin: int):
+        self.dest = dest
+        self.name = url.rsplit("/", 1)[-1]
+        self.shown = dest.absolute()  # in the fetch process, dest is relative to its cwd
+        disk = os.statvfs(dest.parent)
+        self.free = disk.f_bavail * disk.f_frsize
+        self.margin = margin
+        self.room = self.free - margin  # what this download may still write
+        if expected is not None and expected - have > self.room:
+            raise LocalError(
+                f"{self.shown}: not enough space to download {self.name} "
+                f"({expected - have} bytes needed, {self.free} free, {margin} kept free)"
+            )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self.fd = os.open(dest, flags, 0o600)
+        except OSError as exc:
+            raise LocalError(f"{self.shown}: cannot write the download: {exc.strerror}") from None
+        self.out_of_space = False
+        self.pending = bytearray()
+        self.written = 0
+        try:
+            if not have:
+                os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, have, os.SEEK_SET)
+        except BaseException:
+            self.close()
+            raise
+
+    def fill(self, read_body: Callable[[Callable[[bytes], None]], int]) -> int:
+        """Run `read_body` with this file's write function; what it received, fsynced."""
+        try:
+            try:
+                received = read_body(self.write)
+            finally:
+                if not self.out_of_space:
+                    self.flush()  # what arrived is kept for resuming
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            dropped = "; partial file removed" if self.out_of_space else ""
+            raise LocalError(
+                f"{self.shown}: cannot write the download: {exc.strerror}{dropped}"
+            ) from None
+        return received
+
+    def write(self, chunk: bytes) -> None:
+        self.written += len(chunk)
+        if self.written > self.room:  # only an unannounced length gets here
+            self.out_of_space = True
+            raise LocalError(
+                f"{self.shown}: not enough space to download {self.name} "
+                f"(no length announced; stopped after {self.written - len(chunk)} bytes, "
+                f"{self.free} were free, {self.margin} kept free); partial file removed"
+            )
+        self.pending.extend(chunk)  # TLS records are small: write in 1 MiB blocks
+        if len(self.pending) >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        view = memoryview(self.pending)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        view.release()
+        self.pending.clear()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.out_of_space:
+            self.dest.unlink(missing_ok=True)
 
 
 def _https_target(url: str, refusal: str = "") -> tuple[SplitResult, int]:

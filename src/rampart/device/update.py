@@ -617,6 +617,37 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         return UpdateResult(Outcome.UP_TO_DATE, running, latest)
     log.info("update available: %s -> %s", running, latest)
     device.target = latest
+    slot = _preflight(device, latest, checkpoint)
+
+    checkpoint("download")
+    efiboot, core, core_digest = download(device, fetcher, latest)
+    root = _check_download(device, efiboot, core, latest, slot)
+
+    checkpoint("remove-entries")
+    removed = device.esp.remove_all_except(running)
+
+    checkpoint("take-slot")
+    slot = _take_slot(device, slot, latest)
+
+    checkpoint("write-core")
+    log.info("writing Core %s into %s", latest, slot.path)
+    write_core(core, slot, core_digest, checkpoint, root)
+    log.info("Core %s written and verified", latest)
+
+    checkpoint("install-entry")
+    entry = device.esp.install(efiboot, latest, device.config.boot_tries)
+
+    checkpoint("ready")
+    _mark_ready(device, latest)
+    return UpdateResult(
+        Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
+    )
+
+
+def _preflight(device: Device, latest: Version, checkpoint: Checkpoint) -> Slot | None:
+    """Refuse what would fail or cost the fallback before anything is fetched or
+    changed; the slot to overwrite (None: one is created)."""
+    running = device.identity.version
     check_names(device, latest)
     failed = device.esp.find(latest)
     if failed is not None and failed.bad:
@@ -637,16 +668,20 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
             f"{device.config.core_destination}: not enough free space for a new Core LV "
             f"({device.config.core_size} bytes needed, {device.slots.free_space()} free)"
         )
+    return slot
 
-    checkpoint("download")
-    efiboot, core, core_digest = download(device, fetcher, latest)
+
+def _check_download(
+    device: Device, efiboot: Path, core: Path, latest: Version, slot: Slot | None
+) -> RootHash | None:
+    """Check the verified payloads before the disk is touched: Core fits the slot, they
+    are this device's release of `latest`, and its epoch may boot; the root hash."""
     core_size = core.stat().st_size
     target_size = slot.size if slot is not None else device.config.core_size
     if core_size > target_size:
         raise LocalError(
             f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
         )
-
     root = check_release(device, efiboot, core, latest)
     if root is None:
         log.warning(
@@ -654,28 +689,22 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
             efiboot.name,
         )
     check_rollback(device, efiboot, latest)
+    return root
 
-    checkpoint("remove-entries")
-    removed = device.esp.remove_all_except(running)
 
-    checkpoint("take-slot")
+def _take_slot(device: Device, slot: Slot | None, latest: Version) -> Slot:
+    """The slot named for `latest`: created, or the picked one renamed."""
     new_name = slot_name(latest)
     if slot is None:
-        slot = device.slots.create(new_name, device.config.core_size)
-    elif slot.name != new_name:
-        slot = device.slots.rename(slot, new_name)
+        return device.slots.create(new_name, device.config.core_size)
+    if slot.name != new_name:
+        return device.slots.rename(slot, new_name)
+    return slot
 
-    checkpoint("write-core")
-    log.info("writing Core %s into %s", latest, slot.path)
-    write_core(core, slot, core_digest, checkpoint, root)
-    log.info("Core %s written and verified", latest)
 
-    checkpoint("install-entry")
-    entry = device.esp.install(efiboot, latest, device.config.boot_tries)
-
-    checkpoint("ready")
-    # The new version is installed and bootable: what follows is housekeeping,
-    # whose failure is logged, not fatal.
+def _mark_ready(device: Device, latest: Version) -> None:
+    """The new version is installed and bootable: what follows is housekeeping,
+    whose failure is logged, not fatal."""
     try:
         write_ready(device, latest)
         _clean_downloads(device, None)  # installed: the payloads are no longer needed
@@ -683,9 +712,6 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         log.error("update installed, but %s: %s", exc.filename or "cleanup", exc.strerror)
     except RampartError as exc:  # a download directory that keeps changing (remove_entry)
         log.error("update installed, but %s", exc)
-    return UpdateResult(
-        Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
-    )
 
 
 def check_names(device: Device, version: Version) -> None:
