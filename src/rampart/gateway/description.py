@@ -500,38 +500,10 @@ def _peer(
     table: _Table, base: Path, default_ca: Certificate | None, allow_psk: bool, index: int
 ) -> Peer:
     name = _name(table, "name")
-    address = table.text("address")
-    _scope_id_refused(table, "address", address)
-    parsed = _parse_address(address)
-    if parsed is not None:
-        address = str(parsed)
-    elif not _HOSTNAME.fullmatch(address):
-        raise table.fail("address", f"{shown(address)} is neither an IP address nor a host name")
+    address = _peer_address(table)
     identity = _identity(table, "id")
-    auth = table.text("auth", "pubkey")
-    psk_file: Path | None = None
-    if auth == "psk":
-        if not allow_psk:
-            raise table.fail(
-                "auth", "a pre-shared key needs the explicit opt-in ike.allow_psk = true"
-            )
-        # A relative psk_file is joined to the description's directory, made
-        # absolute: that is what swanctl.conf includes, so it passes the allow-list.
-        psk_file = _path(table, "psk_file", base).absolute()
-        _checked_path(table, "psk_file", str(psk_file))
-    elif auth != "pubkey":
-        raise table.fail("auth", f'{shown(auth)} is neither "pubkey" nor "psk"')
-    else:
-        table.skip("psk_file")
-        if "psk_file" in table.data:
-            raise table.fail("psk_file", 'only applies to auth = "psk"')
-    if "ca" in table.data:
-        ca = read_certificate(table, "ca", base)
-    elif default_ca is not None:
-        ca = default_ca
-        table.skip("ca")
-    else:
-        raise table.fail("ca", "missing (required when identity.ca is not set)")
+    auth, psk_file = _peer_auth(table, base, allow_psk)
+    ca = _peer_ca(table, base, default_ca)
     local = _networks(table, "local_subnets")
     remote = _networks(table, "remote_subnets")
     for a in local:
@@ -545,6 +517,46 @@ def _peer(
     return Peer(name, address, identity, ca, local, remote, if_id, auth, psk_file)
 
 
+def _peer_address(table: _Table) -> str:
+    address = table.text("address")
+    _scope_id_refused(table, "address", address)
+    parsed = _parse_address(address)
+    if parsed is not None:
+        return str(parsed)
+    if not _HOSTNAME.fullmatch(address):
+        raise table.fail("address", f"{shown(address)} is neither an IP address nor a host name")
+    return address
+
+
+def _peer_auth(table: _Table, base: Path, allow_psk: bool) -> tuple[str, Path | None]:
+    auth = table.text("auth", "pubkey")
+    if auth == "psk":
+        if not allow_psk:
+            raise table.fail(
+                "auth", "a pre-shared key needs the explicit opt-in ike.allow_psk = true"
+            )
+        # A relative psk_file is joined to the description's directory, made
+        # absolute: that is what swanctl.conf includes, so it passes the allow-list.
+        psk_file = _path(table, "psk_file", base).absolute()
+        _checked_path(table, "psk_file", str(psk_file))
+        return auth, psk_file
+    if auth != "pubkey":
+        raise table.fail("auth", f'{shown(auth)} is neither "pubkey" nor "psk"')
+    table.skip("psk_file")
+    if "psk_file" in table.data:
+        raise table.fail("psk_file", 'only applies to auth = "psk"')
+    return auth, None
+
+
+def _peer_ca(table: _Table, base: Path, default_ca: Certificate | None) -> Certificate:
+    if "ca" in table.data:
+        return read_certificate(table, "ca", base)
+    if default_ca is not None:
+        table.skip("ca")
+        return default_ca
+    raise table.fail("ca", "missing (required when identity.ca is not set)")
+
+
 def parse(doc: dict[str, Any], source: Path) -> Gateway:
     """Validate a parsed gateway.toml; relative paths are relative to its directory."""
     base = source.parent
@@ -555,17 +567,47 @@ def parse(doc: dict[str, Any], source: Path) -> Gateway:
         )
     top = _Table(doc, "")
     name = _name(top, "name")
+    ike = _ike_section(top.table("ike"))
+    identity, certificate, default_ca = _identity_section(top.table("identity"), base)
+    peers: list[Peer] = []
+    for index, table in enumerate(top.tables("peer")):
+        peers.append(_peer(table, base, default_ca, ike["allow_psk"], index))
+    if not peers:
+        raise ConfigError("peer: at least one [[peer]] is required")
+    _check_peers(peers)
+    public = _public_section(top.table("public"))
+    tunnel = _tunnel_section(top.table("tunnel"), peers, public["public_interface"])
+    user = _strongswan_section(top.table("strongswan"))
+    log = _log_section(top.table("log"))
+    top.done()
+    return Gateway(
+        name=name,
+        source=source,
+        identity=identity,
+        certificate=certificate,
+        user=user,
+        peers=tuple(peers),
+        **public,
+        **tunnel,
+        **ike,
+        **log,
+    )
 
-    ike = top.table("ike")
+
+def _ike_section(ike: _Table) -> dict[str, Any]:
     version = ike.integer("version", 2)
     if version != 2:
         raise ike.fail("version", f"IKEv{version} is refused: only IKEv2 is supported")
-    ike_proposals = _proposals(ike, "proposals", IKE_PROPOSALS, DEFAULT_IKE_PROPOSALS)
-    esp_proposals = _proposals(ike, "esp_proposals", ESP_PROPOSALS, DEFAULT_ESP_PROPOSALS)
-    allow_psk = ike.flag("allow_psk", False)
+    found = {
+        "ike_proposals": _proposals(ike, "proposals", IKE_PROPOSALS, DEFAULT_IKE_PROPOSALS),
+        "esp_proposals": _proposals(ike, "esp_proposals", ESP_PROPOSALS, DEFAULT_ESP_PROPOSALS),
+        "allow_psk": ike.flag("allow_psk", False),
+    }
     ike.done()
+    return found
 
-    ident = top.table("identity")
+
+def _identity_section(ident: _Table, base: Path) -> tuple[str, Certificate, Certificate | None]:
     identity = _identity(ident, "id")
     certificate = read_certificate(ident, "certificate", base)
     if identity not in certificate.names and identity != certificate.subject:
@@ -578,24 +620,25 @@ def parse(doc: dict[str, Any], source: Path) -> Gateway:
     default_ca = read_certificate(ident, "ca", base) if "ca" in ident.data else None
     ident.skip("ca")
     ident.done()
+    return identity, certificate, default_ca
 
-    peers: list[Peer] = []
-    for index, table in enumerate(top.tables("peer")):
-        peers.append(_peer(table, base, default_ca, allow_psk, index))
-    if not peers:
-        raise ConfigError("peer: at least one [[peer]] is required")
-    _check_peers(peers)
 
-    public = top.table("public")
-    public_interface = _ifname(public, "interface")
-    public_addresses = tuple(
-        _address(public, "addresses", a) for a in public.texts("addresses", ("",)) if a
-    )
-    public_ping = public.flag("ping", False)
-    public_services = tuple(_service(t, tunnel=False, peers=set()) for t in public.tables("allow"))
+def _public_section(public: _Table) -> dict[str, Any]:
+    found = {
+        "public_interface": _ifname(public, "interface"),
+        "public_addresses": tuple(
+            _address(public, "addresses", a) for a in public.texts("addresses", ("",)) if a
+        ),
+        "public_ping": public.flag("ping", False),
+        "public_services": tuple(
+            _service(t, tunnel=False, peers=set()) for t in public.tables("allow")
+        ),
+    }
     public.done()
+    return found
 
-    tunnel = top.table("tunnel")
+
+def _tunnel_section(tunnel: _Table, peers: list[Peer], public_interface: str) -> dict[str, Any]:
     namespace = _name(tunnel, "namespace", "ipsec")
     tunnel_address = _address(tunnel, "address", tunnel.text("address"))
     for peer in peers:
@@ -613,43 +656,30 @@ def parse(doc: dict[str, Any], source: Path) -> Gateway:
     names = {p.name for p in peers}
     tunnel_services = tuple(_service(t, tunnel=True, peers=names) for t in tunnel.tables("allow"))
     tunnel.done()
+    return {
+        "namespace": namespace,
+        "tunnel_address": tunnel_address,
+        "lan_interface": lan_interface,
+        "tunnel_ping": tunnel_ping,
+        "tunnel_services": tunnel_services,
+    }
 
-    strongswan = top.table("strongswan")
+
+def _strongswan_section(strongswan: _Table) -> str:
     user = _user(strongswan, "user", "strongswan")
     if user == "root":
         raise strongswan.fail("user", "strongSwan must not run as root")
     strongswan.done()
+    return user
 
-    log = top.table("log")
+
+def _log_section(log: _Table) -> dict[str, Any]:
     log_level = log.integer("level", 1)
     if not -1 <= log_level <= 4:
         raise log.fail("level", f"{log_level} is out of range (-1 to 4, strongSwan's levels)")
     log_drops = log.flag("drops", True)
     log.done()
-
-    top.done()
-    return Gateway(
-        name=name,
-        source=source,
-        public_interface=public_interface,
-        public_addresses=public_addresses,
-        public_ping=public_ping,
-        public_services=public_services,
-        namespace=namespace,
-        tunnel_address=tunnel_address,
-        lan_interface=lan_interface,
-        tunnel_ping=tunnel_ping,
-        tunnel_services=tunnel_services,
-        identity=identity,
-        certificate=certificate,
-        ike_proposals=ike_proposals,
-        esp_proposals=esp_proposals,
-        allow_psk=allow_psk,
-        user=user,
-        log_level=log_level,
-        log_drops=log_drops,
-        peers=tuple(peers),
-    )
+    return {"log_level": log_level, "log_drops": log_drops}
 
 
 def _check_peers(peers: list[Peer]) -> None:
