@@ -330,6 +330,21 @@ def check_entry_name(name: str) -> str:
     return name
 
 
+def _check_ukis(ukis: Sequence[Path], keys: KeySet, require_signed: bool) -> None:
+    """Each UKI has a unique entry name and a version (and verifies with db, if asked)."""
+    names: set[str] = set()
+    for path in ukis:
+        name = check_entry_name(path.name)
+        if name in names:
+            raise UsageError(f"two UKIs are named {name}")
+        names.add(name)
+        info = uki.inspect(path)
+        if require_signed:
+            uki.verify_signature(path, keys.cert("db"))
+        if info.version is None:
+            raise FormatError(f"{path}: .osrel has no version; systemd-boot would skip it")
+
+
 def build_esp(
     out_dir: Path,
     keys_dir: Path,
@@ -358,17 +373,7 @@ def build_esp(
         raise LocalError(f"{out_dir.parent}: parent directory not found")
     if not systemd_boot.is_file():
         raise LocalError(f"{systemd_boot}: systemd-boot not found (install systemd-boot-efi)")
-    names: set[str] = set()
-    for path in ukis:
-        name = check_entry_name(path.name)
-        if name in names:
-            raise UsageError(f"two UKIs are named {name}")
-        names.add(name)
-        info = uki.inspect(path)
-        if require_signed:
-            uki.verify_signature(path, keys.cert("db"))
-        if info.version is None:
-            raise FormatError(f"{path}: .osrel has no version; systemd-boot would skip it")
+    _check_ukis(ukis, keys, require_signed)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     try:
         (tmp / "EFI" / "BOOT").mkdir(parents=True)

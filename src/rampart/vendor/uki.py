@@ -313,6 +313,17 @@ def _objdump_sections(path: Path) -> dict[str, tuple[int, int, int]]:
     return found
 
 
+@dataclass(frozen=True)
+class _StubLayout:
+    """What adding sections to the stub needs to know of it."""
+
+    alignment: int  # SectionAlignment
+    file_alignment: int
+    image_base: int
+    end: int  # where its last section ends (RVA)
+    sbat: bytes  # its own .sbat
+
+
 def build(
     out: Path,
     *,
@@ -348,29 +359,11 @@ def build(
         raise UsageError(f"{kernel}: no kernel release in the bzImage header; give it (--uname)")
     if not _UNAME.fullmatch(release):
         raise UsageError(f"kernel release {release!r} is invalid")
-    pe = _load_pe(stub)
+    layout = _stub_layout(stub)
     try:
-        if _certificate_table(pe)[1]:
-            raise FormatError(
-                f"{stub}: the stub is already signed; sections cannot be added to a signed "
-                "image (use the unsigned linuxx64.efi.stub)"
-            )
-        if not pe.sections:
-            raise FormatError(f"{stub}: a PE image without sections is not systemd's stub")
-        if int(pe.OPTIONAL_HEADER.Subsystem) != 10:
-            raise FormatError(f"{stub}: not an EFI application (PE subsystem is not 10)")
-        alignment = int(pe.OPTIONAL_HEADER.SectionAlignment)
-        file_alignment = int(pe.OPTIONAL_HEADER.FileAlignment)
-        image_base = int(pe.OPTIONAL_HEADER.ImageBase)
-        stub_end = max(int(s.VirtualAddress) + int(s.Misc_VirtualSize) for s in pe.sections)
-        stub_sbat = _section_data(pe, ".sbat") or b""
-    finally:
-        pe.close()
-    try:
-        sbat_text = sbat(stub_sbat)
+        sbat_text = sbat(layout.sbat)
     except UnicodeDecodeError:
         raise FormatError(f"{stub}: the stub's .sbat section is not ASCII") from None
-
     contents: list[tuple[str, Path | bytes]] = [
         (".osrel", osrel.encode()),
         (".cmdline", cmdline.strip("\n").encode()),
@@ -382,29 +375,7 @@ def build(
     tmp = _tmp_name(out, "tmp")
     signed_tmp = _tmp_name(out, "signed")
     try:
-        with tempfile.TemporaryDirectory(prefix="rampart-uki-") as work:
-            argv = ["objcopy", "--remove-section", ".sbat"]
-            expected: dict[str, tuple[int, int, str]] = {}  # name -> (vma, size, sha256)
-            vma = stub_end
-            for name, source in contents:
-                if isinstance(source, Path):
-                    data = _read_input(source, "kernel" if name == ".linux" else "initrd")
-                    if not data:
-                        raise LocalError(f"{source}: empty file")
-                    path = source
-                else:
-                    data = source
-                    path = Path(work) / name.lstrip(".")
-                    path.write_bytes(data)
-                vma = -(-vma // alignment) * alignment
-                expected[name] = (vma, len(data), hashlib.sha256(data).hexdigest())
-                argv += ["--add-section", f"{name}={path}"]
-                argv += ["--change-section-vma", f"{name}={image_base + vma:#x}"]
-                vma += len(data)
-            argv += ["--set-section-flags", ".linux=contents,alloc,load,readonly,code"]
-            argv += [str(stub), str(tmp)]
-            run.run(argv, timeout=300)
-        _check_layout(tmp, expected, image_base, alignment, file_alignment)
+        _objcopy(stub, layout, contents, tmp)
         final = tmp
         if sign_key is not None and sign_cert is not None:
             _sbsign(tmp, signed_tmp, sign_key, sign_cert)
@@ -416,6 +387,60 @@ def build(
         tmp.unlink(missing_ok=True)
         signed_tmp.unlink(missing_ok=True)
     return inspect(out)
+
+
+def _stub_layout(stub: Path) -> _StubLayout:
+    """The unsigned EFI stub's layout; FormatError for a signed or a non-EFI PE."""
+    pe = _load_pe(stub)
+    try:
+        if _certificate_table(pe)[1]:
+            raise FormatError(
+                f"{stub}: the stub is already signed; sections cannot be added to a signed "
+                "image (use the unsigned linuxx64.efi.stub)"
+            )
+        if not pe.sections:
+            raise FormatError(f"{stub}: a PE image without sections is not systemd's stub")
+        if int(pe.OPTIONAL_HEADER.Subsystem) != 10:
+            raise FormatError(f"{stub}: not an EFI application (PE subsystem is not 10)")
+        return _StubLayout(
+            alignment=int(pe.OPTIONAL_HEADER.SectionAlignment),
+            file_alignment=int(pe.OPTIONAL_HEADER.FileAlignment),
+            image_base=int(pe.OPTIONAL_HEADER.ImageBase),
+            end=max(int(s.VirtualAddress) + int(s.Misc_VirtualSize) for s in pe.sections),
+            sbat=_section_data(pe, ".sbat") or b"",
+        )
+    finally:
+        pe.close()
+
+
+def _objcopy(
+    stub: Path, layout: _StubLayout, contents: list[tuple[str, Path | bytes]], tmp: Path
+) -> None:
+    """Write the stub with `contents` appended as sections into `tmp`, and check the
+    result's layout against what was asked."""
+    with tempfile.TemporaryDirectory(prefix="rampart-uki-") as work:
+        argv = ["objcopy", "--remove-section", ".sbat"]
+        expected: dict[str, tuple[int, int, str]] = {}  # name -> (vma, size, sha256)
+        vma = layout.end
+        for name, source in contents:
+            if isinstance(source, Path):
+                data = _read_input(source, "kernel" if name == ".linux" else "initrd")
+                if not data:
+                    raise LocalError(f"{source}: empty file")
+                path = source
+            else:
+                data = source
+                path = Path(work) / name.lstrip(".")
+                path.write_bytes(data)
+            vma = -(-vma // layout.alignment) * layout.alignment
+            expected[name] = (vma, len(data), hashlib.sha256(data).hexdigest())
+            argv += ["--add-section", f"{name}={path}"]
+            argv += ["--change-section-vma", f"{name}={layout.image_base + vma:#x}"]
+            vma += len(data)
+        argv += ["--set-section-flags", ".linux=contents,alloc,load,readonly,code"]
+        argv += [str(stub), str(tmp)]
+        run.run(argv, timeout=300)
+    _check_layout(tmp, expected, layout.image_base, layout.alignment, layout.file_alignment)
 
 
 def _check_layout(

@@ -35,8 +35,10 @@ from rampart.contracts.version import Version, check_release_length, parse_versi
 from rampart.contracts.wire import (
     NAME,
     PAYLOADS,
+    SIGNATURE_SUFFIX,
     check_name,
     list_channels,
+    payload_name,
     read_version_file,
     release_dir,
     render_version_document,
@@ -400,36 +402,62 @@ def _audit_dist(
     if not dist.exists():
         return complete
     for release in sorted(dist.iterdir()):
-        if not release.is_dir():
-            problems.append(f"{release}: unexpected file in dist/")
+        version = _release_version(release, problems)
+        if version is None:
             continue
-        try:
-            version = parse_version(release.name, "release directory")
-        except UsageError:
-            problems.append(f"{release}: directory name is not a semantic version")
-            continue
-        if version.build:
-            problems.append(f"{release}: release directory carries build metadata")
-        oses: dict[str, set[str]] = {}
-        for entry in sorted(release.iterdir()):
-            match = re.fullmatch(r"(?P<os>.+)-(?P<kind>core|efiboot)(?P<sig>\.sig)?", entry.name)
-            if match is None or not entry.is_file() or not NAME.fullmatch(match["os"]):
-                problems.append(f"{entry}: unexpected entry in a release directory")
-                continue
-            oses.setdefault(match["os"], set()).add(entry.name)
-        for os_name, present in sorted(oses.items()):
-            ok = True
-            for kind in PAYLOADS:
-                payload = release / f"{os_name}-{kind}"
-                for needed in (payload.name, payload.name + ".sig"):
-                    if needed not in present:
-                        problems.append(f"{release / needed}: missing")
-                        ok = False
-                if payload.name in present and payload.name + ".sig" in present:
-                    ok = _audit_payload(payload, version, public_key, problems) and ok
-            if ok:
+        for os_name, present in sorted(_release_files(release, problems).items()):
+            if _audit_release(release, os_name, present, version, public_key, problems):
                 complete.add((release.name, os_name))
     return complete
+
+
+def _release_version(release: Path, problems: list[str]) -> Version | None:
+    """The version a dist/ entry is the release of; None (a problem) if it is none."""
+    if not release.is_dir():
+        problems.append(f"{release}: unexpected file in dist/")
+        return None
+    try:
+        version = parse_version(release.name, "release directory")
+    except UsageError:
+        problems.append(f"{release}: directory name is not a semantic version")
+        return None
+    if version.build:
+        problems.append(f"{release}: release directory carries build metadata")
+    return version
+
+
+def _release_files(release: Path, problems: list[str]) -> dict[str, set[str]]:
+    """The payload and signature file names of a release directory, by OS."""
+    oses: dict[str, set[str]] = {}
+    for entry in sorted(release.iterdir()):
+        match = re.fullmatch(r"(?P<os>.+)-(?P<kind>core|efiboot)(?P<sig>\.sig)?", entry.name)
+        if match is None or not entry.is_file() or not NAME.fullmatch(match["os"]):
+            problems.append(f"{entry}: unexpected entry in a release directory")
+            continue
+        oses.setdefault(match["os"], set()).add(entry.name)
+    return oses
+
+
+def _audit_release(
+    release: Path,
+    os_name: str,
+    present: set[str],
+    version: Version,
+    public_key: signing.PublicKey,
+    problems: list[str],
+) -> bool:
+    """Whether one OS's release is complete and each payload's signature verifies."""
+    ok = True
+    for kind in PAYLOADS:
+        payload = release / payload_name(os_name, kind)
+        signature = payload.name + SIGNATURE_SUFFIX
+        for needed in (payload.name, signature):
+            if needed not in present:
+                problems.append(f"{release / needed}: missing")
+                ok = False
+        if payload.name in present and signature in present:
+            ok = _audit_payload(payload, version, public_key, problems) and ok
+    return ok
 
 
 def _audit_payload(
