@@ -18,7 +18,7 @@ DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk ch
 
 # The virtual testbed: build (cached), install, boot 1.0.0 under Secure Boot, update to
 # 1.0.1 from rampart serve, reboot into it, show the fleet (docs/testbed.md).
-.PHONY: setup demo testbed test lint typecheck unit bench clean distclean
+.PHONY: setup demo testbed test check unit vm bench clean distclean
 
 setup: $(STAMP) .cache/kernel/vmlinuz
 
@@ -41,20 +41,36 @@ testbed: setup
 	rm -rf testbed-work
 	$(BIN)/rampart testbed demo --work testbed-work
 
-lint: setup
+# Static checks: shell, ruff (lint, format, complexity), mypy --strict on src, tests and
+# bench, and the import contracts of docs/architecture.md. No root, no apt, no network:
+# it runs the tools `make setup` put in the virtual environment and says so if they
+# are missing.
+check:
+	@for tool in $(BIN)/ruff $(BIN)/mypy $(BIN)/lint-imports; do test -x $$tool || \
+		{ echo "make check: $$tool is missing; run 'make setup' once (root, network)" >&2; exit 2; }; done
+	@command -v shellcheck >/dev/null || \
+		{ echo "make check: shellcheck is missing; run 'make setup' once (root, network)" >&2; exit 2; }
 	shellcheck --severity=warning scripts/*.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
-
-typecheck: setup
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
-# The testbed scenarios beside every other test, two pytest processes
-# (scripts/test.sh); TEST_PARALLEL=0 runs one pytest over everything.
+# Every test that boots no virtual machine.
 unit: setup
-	sh scripts/test.sh $(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not vm"
 
-test: lint typecheck unit
+# The virtual-machine tests: the testbed scenarios beside the other VM tests
+# (scripts/test.sh).
+vm: setup
+	sh scripts/test.sh $(BIN)/pytest -q -m vm
+
+# check, then unit and vm together: the testbed scenarios in one pytest process
+# beside every other test in another (scripts/test.sh); TEST_PARALLEL=0 runs one
+# pytest over everything.
+test: setup
+	$(MAKE) check
+	sh scripts/test.sh $(BIN)/pytest -q
 
 bench: setup
 	$(BIN)/python bench/sign_verify.py
