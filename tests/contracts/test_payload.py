@@ -1,4 +1,4 @@
-"""The pure payload checks (client/payload.py): bytes of real UKIs and Cores built by
+"""The pure payload checks (contracts/payload.py): bytes of real UKIs and Cores built by
 `uki.build` and `core.build_core` in, facts or one-line errors out."""
 
 from __future__ import annotations

@@ -546,7 +546,7 @@ def verity_device(device: Device) -> bool:
 
 
 def check_release(device: Device, efiboot: Path, core: Path, version: Version) -> RootHash | None:
-    """Check what the verified payloads are (client/payload.py): the UKI of this OS and
+    """Check what the verified payloads are (contracts/payload.py): the UKI of this OS and
     `version` booting `core_<version>` on this device's volume group, with a root hash
     on a verity device, and a squashfs Core carrying the tree that root hash pins.
     Called on the verified payload files, before the disk is touched; returns the root

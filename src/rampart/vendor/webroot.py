@@ -218,7 +218,7 @@ def publish(
 
 
 def check_payloads(os_name: str, version: Version, core: Path, efiboot: Path) -> None:
-    """Refuse payloads a device would refuse (client/payload.py): an EFI binary that is
+    """Refuse payloads a device would refuse (contracts/payload.py): an EFI binary that is
     not a UKI of `os_name` `version` booting `core_<version>`, a Core that is not a
     squashfs carrying the verity tree the EFI binary's root hash pins (checked
     block by block here, once: the vendor's machine can afford it). FormatError for
