@@ -21,225 +21,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from rampart.contracts import wire
 from rampart.errors import ConflictError, RampartError, UsageError
 from rampart.server import admin, guard
-from rampart.server.rollout import (
-    DEFAULT_NEW_MACHINES_PER_HOUR,
-    ChannelState,
-    NewMachineLimit,
-    offer,
-)
+from rampart.server.fleet import Fleet, TooManyNewMachines
+from rampart.server.recorder import Recorder, Unavailable, prune_checks
+from rampart.server.rollout import DEFAULT_NEW_MACHINES_PER_HOUR, ChannelState, offer
 from rampart.server.store import DEFAULT_CHECK_RETENTION_DAYS, Check, Report, Store
 
 log = logging.getLogger(__name__)
-Row = TypeVar("Row", Check, Report)
 
 MAX_VERSION_HEADER = wire.MAX_VERSION_HEADER
 MAX_REPORT_BODY = wire.REPORT_MAX
-MAX_BUFFER = 200_000
-BATCH = 2_000  # rows per transaction
-
-
-class Unavailable(Exception):
-    """The database cannot be reached: answer 503."""
-
-
-class TooManyNewMachines(Exception):
-    """A client address introduced more new machine-ids than its budget: answer 429."""
 
 
 def _reason(status: int, reason: str) -> PlainTextResponse:
     return PlainTextResponse(reason + "\n", status_code=status)
-
-
-# --- caches and the check recorder ---------------------------------------------------------
-
-
-class Fleet:
-    """Channel and assignment caches, invalidated by the database's generation counter."""
-
-    def __init__(
-        self,
-        store: Store,
-        ttl: float = 1.0,
-        max_machines: int = 200_000,
-        new_machines_per_hour: int = DEFAULT_NEW_MACHINES_PER_HOUR,
-    ) -> None:
-        self.store = store
-        self.newcomers = NewMachineLimit(new_machines_per_hour)
-        self.ttl = ttl
-        self.max_machines = max_machines
-        self.generation = -1
-        self.checked_at = 0.0
-        self.channels: dict[tuple[str, str], ChannelState] = {}
-        self.defaults: dict[str, ChannelState] = {}
-        self.assignments: OrderedDict[str, str | None] = OrderedDict()
-        self.lock = asyncio.Lock()
-
-    async def refresh(self) -> None:
-        now = time.monotonic()
-        if now - self.checked_at < self.ttl:
-            return
-        if self.lock.locked() and self.generation >= 0:
-            return  # another request is refreshing: answer from the current cache meanwhile
-        async with self.lock:
-            if time.monotonic() - self.checked_at < self.ttl:
-                return
-            generation = await run_in_threadpool(self.store.generation)
-            if generation != self.generation:
-                channels = await run_in_threadpool(self.store.channels)
-                self.channels = {(c.os, c.name): c for c in channels}
-                self.defaults = {c.os: c for c in channels if c.default}
-                self.assignments.clear()
-                self.generation = generation
-            self.checked_at = time.monotonic()
-
-    async def channel_for(
-        self, os_name: str, machine_id: str | None, address: str | None = None
-    ) -> ChannelState | None:
-        """The machine's channel; TooManyNewMachines for a machine-id never seen before
-        from an address over its budget (minted machine-ids must not flood rollouts)."""
-        await self.refresh()
-        if machine_id is not None:
-            if machine_id in self.assignments:
-                name = self.assignments[machine_id]
-                self.assignments.move_to_end(machine_id)
-            else:
-                known, name = await run_in_threadpool(self.store.assignment, machine_id)
-                if not known and not self.newcomers.admit(address, time.monotonic()):
-                    raise TooManyNewMachines
-                self.assignments[machine_id] = name
-                if len(self.assignments) > self.max_machines:
-                    self.assignments.popitem(last=False)
-            if name is not None and (os_name, name) in self.channels:
-                return self.channels[(os_name, name)]
-        return self.defaults.get(os_name)
-
-    def known_os(self, os_name: str) -> bool:
-        return os_name in self.defaults
-
-
-class Recorder(Generic[Row]):
-    """Writes each check (or report) before it is answered. Rows that arrive while a batch
-    is being written wait for the next one, so a busy server writes many per transaction
-    (BATCH at most) and an idle one writes each at once. A row answered 200 is
-    committed: a SIGKILL loses none."""
-
-    def __init__(self, store: Store, interval: float, write: Callable[[list[Row]], object]) -> None:
-        self.store = store
-        self.write: Callable[[list[Row]], object] = write  # one transaction for them all
-        self.interval = interval  # while the database cannot be written: probe this often
-        self.pending: list[tuple[Row, asyncio.Future[None]]] = []
-        self.down = False
-        self.recorded = 0
-        self.stopping = False
-        self.wake = asyncio.Event()
-        self.writing = asyncio.Lock()  # one writer at a time
-
-    async def record(self, row: Row) -> None:
-        """Return once `row` is committed; Unavailable if it cannot be."""
-        if self.down or self.stopping or len(self.pending) >= MAX_BUFFER:
-            raise Unavailable
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending.append((row, future))
-        self.wake.set()
-        await future
-
-    async def flush(self) -> None:
-        """Write what is pending, BATCH rows per transaction, until nothing is (a failed
-        write fails every pending check: they are answered 503, not kept)."""
-        async with self.writing:
-            while self.pending:
-                batch = self.pending[:BATCH]
-                del self.pending[:BATCH]
-                await self._write(batch)
-
-    async def _write(self, batch: list[tuple[Row, asyncio.Future[None]]]) -> None:
-        try:
-            await run_in_threadpool(self.write, [c for c, _ in batch])
-        except (IntegrityError, DataError) as exc:  # rows that can never be written
-            log.error("the database refused %d rows: %s", len(batch), str(exc).splitlines()[0])
-            if len(batch) > 1:  # write the others; only the refused rows get 503
-                for one in batch:
-                    await self._write([one])
-            else:
-                _settle(batch, Unavailable())
-            return
-        except SQLAlchemyError as exc:  # unreachable, read-only, restarting: 503
-            if not self.down:
-                log.error("database unavailable, answering 503: %s", str(exc).splitlines()[0])
-            self.down = True
-            pending, self.pending = self.pending, []
-            _settle(batch + pending, Unavailable())
-            return
-        self.recorded += len(batch)
-        _settle(batch, None)
-
-    async def _probe(self) -> None:
-        try:
-            await run_in_threadpool(self.store.probe_write)
-        except SQLAlchemyError:
-            return
-        log.warning("database back; recording again")
-        self.down = False
-
-    async def run(self) -> None:
-        """Write checks as they come until close(); while the database cannot be
-        written, probe it every `interval` instead."""
-        while not self.stopping:
-            if self.down:
-                await self._probe()
-                if self.down:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wake.wait(), self.interval)
-                    self.wake.clear()
-                continue
-            await self.wake.wait()
-            self.wake.clear()
-            await self.flush()
-        await self.flush()
-
-    def close(self) -> None:
-        self.stopping = True
-        self.wake.set()
-
-
-def _settle(batch: list[tuple[Any, asyncio.Future[None]]], error: Exception | None) -> None:
-    for _, future in batch:
-        if not future.done():  # a request that was cancelled meanwhile
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
-
-
-async def prune_checks(store: Store, retention_days: float, every: float) -> None:
-    """Delete checks older than the retention, every `every` seconds (cancelled at stop)."""
-    while True:
-        try:
-            deleted = await run_in_threadpool(
-                store.prune_checks, time.time() - retention_days * 86400
-            )
-            if deleted:
-                log.info("pruned %d checks older than %g days", deleted, retention_days)
-        except SQLAlchemyError as exc:
-            log.error("cannot prune old checks: %s", str(exc).splitlines()[0])
-        await asyncio.sleep(every)
 
 
 # --- admin API models --------------------------------------------------------------------
