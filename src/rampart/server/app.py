@@ -13,6 +13,12 @@ change (a generation counter in the database), and it answers 200 only once the
 check is committed: concurrent checks are written together, in one transaction per
 batch, by a background task. If the database cannot be written, checks get 503 and
 the service recovers by itself when a probe write succeeds again.
+
+Here the application is only assembled: the routes are module-level functions on
+routers (rampart.server.protocol, rampart.server.admin_api, rampart.server.dashboard)
+that reach the app's objects through one ServerState on `app.state.server`
+(rampart.server.state); the caches are rampart.server.fleet's, the recorders
+rampart.server.recorder's.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from rampart.server import admin_api, dashboard, guard, protocol
 from rampart.server.fleet import TooManyNewMachines
 from rampart.server.protocol import reason
 from rampart.server.recorder import Unavailable
-from rampart.server.state import ServerState, Settings, require_admin
+from rampart.server.state import ServerState, Settings
 from rampart.server.store import Store
 
 __all__ = ["ServerState", "Settings", "app_from_environment", "create_app"]
@@ -67,7 +73,7 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     dist.mkdir(parents=True, exist_ok=True)
     app.mount("/dist", StaticFiles(directory=dist), name="dist")
     app.include_router(admin_api.router)
-    dashboard.install(app, store, require_admin)
+    app.include_router(dashboard.router)
     app.add_middleware(guard.AdminGuard, store=store)
     return app
 
