@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from rampart.contracts import wire
 from rampart.errors import UsageError
 from rampart.server.rollout import offer
-from rampart.server.state import Server
+from rampart.server.state import state_of
 from rampart.server.store import Check, Report
 
 MAX_REPORT_BODY = wire.REPORT_MAX
@@ -48,7 +48,8 @@ def identify(request: Request) -> tuple[str | None, str | None, Response | None]
 
 
 @router.get("/update/v1/{os_name}/version", include_in_schema=False)
-async def version_check(os_name: str, request: Request, server: Server) -> Response:
+async def version_check(os_name: str, request: Request) -> Response:
+    server = state_of(request)  # not a dependency: this is the hot path
     if not wire.NAME.fullmatch(os_name):
         return reason(404, "unknown os")
     machine_id, running, error = identify(request)
@@ -70,7 +71,8 @@ async def version_check(os_name: str, request: Request, server: Server) -> Respo
 
 
 @router.post("/update/v1/{os_name}/report", include_in_schema=False)
-async def install_report(os_name: str, request: Request, server: Server) -> Response:
+async def install_report(os_name: str, request: Request) -> Response:
+    server = state_of(request)
     if not wire.NAME.fullmatch(os_name):
         return reason(404, "unknown os")
     machine_id, _running, error = identify(request)
