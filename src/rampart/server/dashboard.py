@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from rampart.server import admin, sessions
 from rampart.server.guard import COOKIE
-from rampart.server.store import Store
+from rampart.server.state import Server, require_admin
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#1d2433;background:#f7f8fa}
@@ -149,49 +148,52 @@ _LOGIN = (
 )
 
 
-def install(
-    app: FastAPI, store: Store, require_admin: Callable[[Request], Awaitable[None]]
-) -> None:
-    @app.get("/admin/login", include_in_schema=False)
-    async def login_form() -> HTMLResponse:
-        return HTMLResponse(_LOGIN.replace("{message}", ""))
+router = APIRouter()
 
-    @app.post("/admin/login", include_in_schema=False)
-    async def login(request: Request) -> Response:
-        body = await request.body()  # at most guard.MAX_FORM_BODY bytes
-        token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
-        session_id = await run_in_threadpool(sessions.open_session, store.engine, token)
-        if session_id is None:
-            page = _LOGIN.replace("{message}", "<p class=bad>Invalid token.</p>")
-            return HTMLResponse(page, status_code=401)
-        response = RedirectResponse("/admin/", status_code=303)
-        # Secure always: browsers keep Secure cookies for http://localhost too, and
-        # behind a TLS proxy the app itself sees plain HTTP.
-        response.set_cookie(
-            COOKIE,
-            session_id,
-            httponly=True,
-            samesite="strict",
-            secure=True,
-            path="/admin",
-            max_age=int(sessions.LIFETIME),
-        )
-        return response
 
-    @app.post("/admin/logout", include_in_schema=False)
-    async def logout(request: Request) -> Response:
-        session_id = request.cookies.get(COOKIE)
-        if session_id:
-            await run_in_threadpool(sessions.close_session, store.engine, session_id)
-        response = RedirectResponse("/admin/login", status_code=303)
-        response.delete_cookie(COOKIE, path="/admin", secure=True, httponly=True, samesite="strict")
-        return response
+@router.get("/admin/login", include_in_schema=False)
+async def login_form() -> HTMLResponse:
+    return HTMLResponse(_LOGIN.replace("{message}", ""))
 
-    @app.get("/admin/", include_in_schema=False)
-    async def page(request: Request, silent_days: float = 7.0) -> Response:
-        try:
-            await require_admin(request)
-        except HTTPException:
-            return RedirectResponse("/admin/login", status_code=303)
-        view = await run_in_threadpool(admin.fleet, store, silent_days)
-        return HTMLResponse(render(view, time.time()))
+
+@router.post("/admin/login", include_in_schema=False)
+async def login(request: Request, server: Server) -> Response:
+    body = await request.body()  # at most guard.MAX_FORM_BODY bytes
+    token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
+    session_id = await run_in_threadpool(sessions.open_session, server.store.engine, token)
+    if session_id is None:
+        page = _LOGIN.replace("{message}", "<p class=bad>Invalid token.</p>")
+        return HTMLResponse(page, status_code=401)
+    response = RedirectResponse("/admin/", status_code=303)
+    # Secure always: browsers keep Secure cookies for http://localhost too, and
+    # behind a TLS proxy the app itself sees plain HTTP.
+    response.set_cookie(
+        COOKIE,
+        session_id,
+        httponly=True,
+        samesite="strict",
+        secure=True,
+        path="/admin",
+        max_age=int(sessions.LIFETIME),
+    )
+    return response
+
+
+@router.post("/admin/logout", include_in_schema=False)
+async def logout(request: Request, server: Server) -> Response:
+    session_id = request.cookies.get(COOKIE)
+    if session_id:
+        await run_in_threadpool(sessions.close_session, server.store.engine, session_id)
+    response = RedirectResponse("/admin/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/admin", secure=True, httponly=True, samesite="strict")
+    return response
+
+
+@router.get("/admin/", include_in_schema=False)
+async def page(request: Request, server: Server, silent_days: float = 7.0) -> Response:
+    try:
+        await require_admin(request)
+    except HTTPException:
+        return RedirectResponse("/admin/login", status_code=303)
+    view = await run_in_threadpool(admin.fleet, server.store, silent_days)
+    return HTMLResponse(render(view, time.time()))

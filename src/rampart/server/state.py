@@ -1,0 +1,113 @@
+"""The per-app objects that the routes reach: the settings, and one ServerState kept on
+`app.state.server`, handed to a route by the `Server` dependency.
+
+One process may hold several apps (the tests do), so nothing here is a module global:
+each app builds its own ServerState, whose lifespan runs the background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+
+from rampart.server import guard
+from rampart.server.fleet import Fleet
+from rampart.server.recorder import Recorder, prune_checks
+from rampart.server.rollout import DEFAULT_NEW_MACHINES_PER_HOUR
+from rampart.server.store import DEFAULT_CHECK_RETENTION_DAYS, Check, Report, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    webroot: Path
+    flush_interval: float = 0.05  # while the database cannot be written: probe interval
+    cache_ttl: float = 1.0
+    new_machines_per_hour: int = DEFAULT_NEW_MACHINES_PER_HOUR  # per address; 0: no limit
+    check_retention_days: float = DEFAULT_CHECK_RETENTION_DAYS
+    prune_every: float = 3600.0
+
+
+@dataclass
+class ServerState:
+    """What one app's routes share: the store, the caches and the two recorders."""
+
+    store: Store
+    settings: Settings
+    fleet: Fleet
+    checks: Recorder[Check]
+    reports: Recorder[Report]
+
+    @classmethod
+    def build(cls, store: Store, settings: Settings) -> ServerState:
+        fleet = Fleet(
+            store, settings.cache_ttl, new_machines_per_hour=settings.new_machines_per_hour
+        )
+        checks = Recorder(store, settings.flush_interval, store.record_checks)
+        # Reports too are committed in batches: one commit (and, with PostgreSQL, one turn
+        # of the rollout's tally lock) for all the reports that arrived meanwhile.
+        reports: Recorder[Report] = Recorder(
+            store, settings.flush_interval, lambda batch: _write_reports(store, batch)
+        )
+        return cls(store, settings, fleet, checks, reports)
+
+    @property
+    def webroot(self) -> Path:
+        return self.settings.webroot
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        """The app's lifespan: the recorders and the pruner run while it serves."""
+        settings = self.settings
+        checks_task = asyncio.create_task(self.checks.run())
+        reports_task = asyncio.create_task(self.reports.run())
+        pruner = asyncio.create_task(
+            prune_checks(self.store, settings.check_retention_days, settings.prune_every)
+        )
+        try:
+            yield
+        finally:
+            pruner.cancel()
+            # No cancel: a batch being written must commit before the process exits.
+            self.checks.close()
+            self.reports.close()
+            await checks_task
+            await reports_task
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
+
+
+def _write_reports(store: Store, batch: list[Report]) -> None:
+    for name in store.record_reports(batch):
+        log.warning("rollout on channel %s halted: failure rate over threshold", name)
+
+
+def state_of(request: Request) -> ServerState:
+    """The app's ServerState."""
+    server: ServerState = request.app.state.server
+    return server
+
+
+async def server_state(request: Request) -> ServerState:
+    """The dependency: the app's ServerState (async, so no thread-pool hop). The
+    version check calls state_of itself: solving a dependency costs it about a third
+    more time in the framework."""
+    return state_of(request)
+
+
+Server = Annotated[ServerState, Depends(server_state)]
+
+
+async def require_admin(request: Request) -> None:
+    # The guard (rampart.server.guard) authenticates every administrative request
+    # before its body is read; this only refuses a route it did not guard.
+    if not guard.admitted(request.scope):
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
