@@ -51,8 +51,8 @@ check:
 	@command -v shellcheck >/dev/null || \
 		{ echo "make check: shellcheck is missing; run 'make setup' once (root, network)" >&2; exit 2; }
 	shellcheck --severity=warning scripts/*.sh
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -113,9 +113,7 @@ def main() -> int:
         "lines_per_package": dict(sorted(lines.items(), key=lambda kv: -kv[1])),
         "total_lines": sum(lines.values()),
         "modules": len(modules),
-        "longest_functions": [
-            {"lines": n, "where": w} for n, w in functions[: args.longest]
-        ],
+        "longest_functions": [{"lines": n, "where": w} for n, w in functions[: args.longest]],
         "import_edges": sum(len(t) for t in graph.values()),
         "cycles": found,
     }
