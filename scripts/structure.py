@@ -15,6 +15,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -109,7 +110,7 @@ def main() -> int:
 
     functions.sort(key=lambda item: (-item[0], item[1]))
     found = cycles(graph)
-    result = {
+    result: dict[str, Any] = {
         "lines_per_package": dict(sorted(lines.items(), key=lambda kv: -kv[1])),
         "total_lines": sum(lines.values()),
         "modules": len(modules),
