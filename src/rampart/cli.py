@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rampart import __version__
-from rampart.commands.common import PASSWORD_ENV, password_source
+from rampart.commands import gateway, testbed
+from rampart.commands.common import PASSWORD_ENV, password_source, register
 from rampart.contracts import coremeta, signing, wire
 from rampart.contracts.version import parse_version
 from rampart.errors import (
@@ -237,52 +238,6 @@ def cmd_webroot_check(args: argparse.Namespace) -> int:
     if problems:
         raise AuditError(f"{args.dir}: {len(problems)} problem(s) found", problems)
     print(f"{args.dir}: webroot is consistent")
-    return 0
-
-
-def cmd_gateway_render(args: argparse.Namespace) -> int:
-    from rampart.gateway import description, render
-
-    gw = description.load(args.description)
-    rendered = render.write(gw, args.out)
-    files = sorted(rendered.files)
-    if args.json:
-        _emit_json(
-            {
-                "description": str(args.description),
-                "out": str(args.out),
-                "name": gw.name,
-                "peers": [p.name for p in gw.peers],
-                "files": files,
-            }
-        )
-        return 0
-    for rel in files:
-        print(f"{args.out / rel}")
-    print(
-        f"rampart: rendered gateway {gw.name!r} ({len(gw.peers)} peer(s)) into {args.out}; "
-        f"check it with `rampart gateway check {args.out}`",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def cmd_gateway_check(args: argparse.Namespace) -> int:
-    from rampart.gateway import check
-
-    try:
-        report = check.check(args.dir)
-    except AuditError as exc:
-        if args.json:
-            _emit_json({"directory": str(args.dir), "ok": False, "problems": exc.problems})
-            return exc.exit_code
-        raise
-    if args.json:
-        _emit_json(report.as_json())
-        return 0
-    for line in report.checked:
-        print(f"ok  {line}")
-    print(f"{args.dir}: the rendered gateway passes nft and charon")
     return 0
 
 
@@ -747,12 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_update)
 
     from rampart.commands.server import add_verbs
-    from rampart.commands.testbed import add_verbs as add_testbed_verbs
     from rampart.commands.vendor import add_verbs as add_image_verbs
 
     add_verbs(verb, verbs)
     add_image_verbs(verb, verbs)
-    add_testbed_verbs(verbs)
+    register(verbs, testbed.VERBS)
 
     p = verbs.add_parser(
         "verity",
@@ -899,40 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(t, remote=False)
     t.set_defaults(func=cmd_tpm_reseal)
 
-    p = verbs.add_parser(
-        "gateway",
-        help="IPsec gateway: render gateway.toml into strongSwan, nftables and units; check",
-        description="An IPsec gateway (or client) from one declarative gateway.toml: strict "
-        "IKEv2 strongSwan connections with XFRM interfaces in a tunnel network namespace, "
-        "default-drop nftables rulesets for the public side and the tunnel namespace, the "
-        "units that set them up, a drop-in that confines charon. See docs/gateway.md.",
-    )
-    gateway_verbs = p.add_subparsers(dest="gateway_verb", metavar="VERB", required=True)
-    g = gateway_verbs.add_parser(
-        "render",
-        help="validate gateway.toml and write the files (deterministic)",
-        description="Validate DESCRIPTION (weak suites, IKEv1, PSK without ike.allow_psk, "
-        "overlapping selectors, missing certificates and out-of-range ports are refused "
-        "with one line, exit 6) and write the files into --out, a tree to copy onto the "
-        "root file system, with a MANIFEST of SHA-256 sums. The same description always "
-        "gives the same bytes. The private key is referenced, never read or copied.",
-    )
-    g.add_argument("description", type=Path, metavar="DESCRIPTION", help="the gateway.toml")
-    g.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
-    g.add_argument("--json", action="store_true", help="print a JSON object on stdout")
-    g.set_defaults(func=cmd_gateway_render)
-    g = gateway_verbs.add_parser(
-        "check",
-        help="check rendered files with nft and a throwaway charon (root)",
-        description="Check DIR (the output of `gateway render`): the MANIFEST sums, "
-        "`nft -c -f` and a real load into a scratch network namespace for every ruleset, "
-        "`sh -n` for the scripts, and swanctl.conf loaded into a throwaway charon in its "
-        "own namespaces. Exit 5 lists every problem. Needs root, nft, swanctl and charon; "
-        "the users the rulesets name must exist here.",
-    )
-    g.add_argument("dir", type=Path, metavar="DIR", help="a directory `gateway render` wrote")
-    g.add_argument("--json", action="store_true", help="print a JSON object on stdout")
-    g.set_defaults(func=cmd_gateway_check)
+    register(verbs, gateway.VERBS)
     return parser
 
 
