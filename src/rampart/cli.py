@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rampart import __version__
-from rampart.commands import gateway, testbed
+from rampart.commands import gateway, server, testbed
 from rampart.commands.common import PASSWORD_ENV, password_source, register
 from rampart.contracts import coremeta, signing, wire
 from rampart.contracts.version import parse_version
@@ -701,10 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_update)
 
-    from rampart.commands.server import add_verbs
     from rampart.commands.vendor import add_verbs as add_image_verbs
 
-    add_verbs(verb, verbs)
+    register(verbs, server.VERBS)
     add_image_verbs(verb, verbs)
     register(verbs, testbed.VERBS)
 
