@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rampart.contracts.version import parse_version
@@ -77,7 +77,7 @@ class Verb:
     help: str
     description: str | None
     func: Func | None = None
-    args: tuple[Arg, ...] = field(default=())
+    args: tuple[Arg, ...] = ()
     exit_codes: bool = False
 
 
