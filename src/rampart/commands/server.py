@@ -7,23 +7,19 @@ upgrades its schema, and calls one function of rampart.server.admin.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rampart.commands.common import JSON, Arg, Group, Verb, arg, count, print_json, timeout
 from rampart.contracts import wire
 from rampart.errors import LocalError, UsageError
 
-Verb = Callable[[str, str, str], argparse.ArgumentParser]
-
 
 def _emit(payload: Any) -> None:
-    json.dump(payload, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    print_json(payload, default=str)  # what JSON has no type for is printed as text
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -202,22 +198,6 @@ def cmd_machine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 to 3600 seconds")
-    return value
-
-
 def _ago(at: float | None) -> str:
     if at is None:
         return "never seen"
@@ -285,196 +265,215 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_verbs(verb: Verb, verbs: Any) -> None:
-    """Register the server verbs on the CLI's subparsers."""
+# --- the verbs ----------------------------------------------------------------------
 
-    def group(name: str, help_text: str, description: str) -> Any:
-        parser = verbs.add_parser(name, help=help_text, description=description)
-        return parser
+SERVER_OPTIONS = (
+    arg(
+        "--webroot",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the static webroot (releases under dist/)",
+    ),
+    arg(
+        "--db",
+        metavar="URL",
+        help="sqlite:///PATH or postgresql://USER@HOST/DB "
+        "(default: sqlite in DIR.sqlite, next to the webroot)",
+    ),
+    arg("-v", "--verbose", action="store_true", help="log each request"),
+)
+ADMIN_JSON = arg("--json", action="store_true", help="print JSON on stdout")
+NAME = arg("name")
+OS = arg("--os", required=True)
 
-    def leaf(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = sub.add_parser(
-            name, help=help_text, description=help_text
-        )
-        server_options(parser)
-        parser.add_argument("--json", action="store_true", help="print JSON on stdout")
-        return parser
 
-    def server_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--webroot",
-            type=Path,
-            required=True,
-            metavar="DIR",
-            help="the static webroot (releases under dist/)",
-        )
-        p.add_argument(
-            "--db",
-            metavar="URL",
-            help="sqlite:///PATH or postgresql://USER@HOST/DB "
-            "(default: sqlite in DIR.sqlite, next to the webroot)",
-        )
-        p.add_argument("-v", "--verbose", action="store_true", help="log each request")
+def leaf(path: tuple[str, ...], help_text: str, *args: Arg) -> Verb:
+    """An admin verb under a group: the server options, --json, then its own."""
+    return Verb(path, help_text, help_text, None, (*SERVER_OPTIONS, ADMIN_JSON, *args))
 
-    p = verb(
-        "serve",
+
+VERBS: list[Group | Verb] = [
+    Verb(
+        ("serve",),
         "run the update server",
         "Serve the CLIP OS update protocol for WEBROOT: per-machine version checks (channels "
         "and staged rollouts), install reports, the payloads under dist/, the admin API "
         "(/admin/api, OpenAPI at /admin/openapi.json), the fleet dashboard (/admin/) and "
         "Prometheus metrics (/metrics). Channels are created from the webroot's version "
         "files the first time an OS is seen.",
-    )
-    server_options(p)
-    p.add_argument(
-        "--listen",
-        default="127.0.0.1:8443",
-        metavar="HOST:PORT",
-        help="address to listen on (default 127.0.0.1:8443)",
-    )
-    p.add_argument(
-        "--tls-cert",
-        type=Path,
-        metavar="FILE",
-        help="serve HTTPS with this "
-        "certificate chain (clients require HTTPS; omit only behind a TLS proxy)",
-    )
-    p.add_argument("--tls-key", type=Path, metavar="FILE")
-    p.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="worker processes (default 1)"
-    )
-    p.add_argument(
-        "--max-connections-per-address",
-        type=_count,
-        default=64,
-        metavar="N",
-        help="open connections one client address may hold per worker; more are reset "
-        "(default 64, 0: no limit; behind a proxy, every connection is the proxy's)",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="seconds a client has to send a request's headers (default 10, 0: none)",
-    )
-    p.add_argument(
-        "--body-timeout",
-        type=_seconds,
-        default=30.0,
-        metavar="S",
-        help="seconds a client has to send a request's body after its headers (default 30)",
-    )
-    p.add_argument(
-        "--tls-handshake-timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="seconds a client has to complete the TLS handshake (default 10)",
-    )
-    p.add_argument(
-        "--new-machines-per-hour",
-        type=int,
-        default=60,
-        metavar="N",
-        help="machine ids never seen before that one client address (IPv6: /64) may "
-        "introduce per hour and worker; more get 429 (default 60, 0: no limit)",
-    )
-    p.add_argument(
-        "--check-retention-days",
-        type=float,
-        default=90.0,
-        metavar="D",
-        help="delete recorded checks older than this (default 90)",
-    )
-    p.set_defaults(func=cmd_serve)
-
-    p = group(
-        "channel",
+        cmd_serve,
+        (
+            JSON,
+            *SERVER_OPTIONS,
+            arg(
+                "--listen",
+                default="127.0.0.1:8443",
+                metavar="HOST:PORT",
+                help="address to listen on (default 127.0.0.1:8443)",
+            ),
+            arg(
+                "--tls-cert",
+                type=Path,
+                metavar="FILE",
+                help="serve HTTPS with this "
+                "certificate chain (clients require HTTPS; omit only behind a TLS proxy)",
+            ),
+            arg("--tls-key", type=Path, metavar="FILE"),
+            arg("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)"),
+            arg(
+                "--max-connections-per-address",
+                type=count,
+                default=64,
+                metavar="N",
+                help="open connections one client address may hold per worker; more are reset "
+                "(default 64, 0: no limit; behind a proxy, every connection is the proxy's)",
+            ),
+            arg(
+                "--header-timeout",
+                type=timeout,
+                default=10.0,
+                metavar="S",
+                help="seconds a client has to send a request's headers (default 10, 0: none)",
+            ),
+            arg(
+                "--body-timeout",
+                type=timeout,
+                default=30.0,
+                metavar="S",
+                help="seconds a client has to send a request's body after its headers (default 30)",
+            ),
+            arg(
+                "--tls-handshake-timeout",
+                type=timeout,
+                default=10.0,
+                metavar="S",
+                help="seconds a client has to complete the TLS handshake (default 10)",
+            ),
+            arg(
+                "--new-machines-per-hour",
+                type=int,
+                default=60,
+                metavar="N",
+                help="machine ids never seen before that one client address (IPv6: /64) may "
+                "introduce per hour and worker; more get 429 (default 60, 0: no limit)",
+            ),
+            arg(
+                "--check-retention-days",
+                type=float,
+                default=90.0,
+                metavar="D",
+                help="delete recorded checks older than this (default 90)",
+            ),
+        ),
+        exit_codes=True,
+    ),
+    Group(
+        ("channel",),
         "manage update channels and staged rollouts",
         "Create channels, point them at published versions, and run staged rollouts.",
-    )
-    sub = p.add_subparsers(dest="channel_verb", metavar="ACTION", required=True)
-    c = leaf(sub, "list", "list channels")
-    c = leaf(sub, "create", "create a channel")
-    c.add_argument("name")
-    c.add_argument("--os", required=True)
-    c.add_argument("--version", help="a version published in the webroot")
-    c.add_argument("--default", action="store_true", help="make it the default channel")
-    c = leaf(sub, "set", "point a channel at a published version")
-    c.add_argument("name")
-    c.add_argument("--os", required=True)
-    c.add_argument("--version", required=True)
-    c.add_argument("--force", action="store_true", help="allow going back to a lower version")
-    c = sub.add_parser("rollout", help="start, raise, pause or resume a staged rollout")
-    steps = c.add_subparsers(dest="rollout_verb", metavar="STEP", required=True)
-    s = leaf(steps, "start", "offer a newer version to a share of the machines")
-    s.add_argument("name")
-    s.add_argument("--os", required=True)
-    s.add_argument("--version", required=True)
-    s.add_argument("--percent", type=float, required=True)
-    s.add_argument(
-        "--failure-threshold",
-        type=float,
-        metavar="F",
-        help="halt when more than this share of reporting machines failed (default 0.2)",
-    )
-    s.add_argument(
-        "--min-reports",
-        type=int,
-        metavar="N",
-        help="reports needed before the threshold applies (default 5)",
-    )
-    s.add_argument(
-        "--min-failing",
-        type=int,
-        metavar="M",
-        help="distinct failing machines needed before a halt (default 5)",
-    )
-    s = leaf(steps, "raise", "offer it to more machines (100 completes it)")
-    s.add_argument("name")
-    s.add_argument("--os", required=True)
-    s.add_argument("--percent", type=float, required=True)
-    for name, text in (("pause", "stop offering the rollout"), ("resume", "offer it again")):
-        s = leaf(steps, name, text)
-        s.add_argument("name")
-        s.add_argument("--os", required=True)
-    p.set_defaults(func=cmd_channel)
-
-    p = group(
-        "machine",
+        dest="channel_verb",
+        metavar="ACTION",
+        func=cmd_channel,
+    ),
+    leaf(("channel", "list"), "list channels"),
+    leaf(
+        ("channel", "create"),
+        "create a channel",
+        NAME,
+        OS,
+        arg("--version", help="a version published in the webroot"),
+        arg("--default", action="store_true", help="make it the default channel"),
+    ),
+    leaf(
+        ("channel", "set"),
+        "point a channel at a published version",
+        NAME,
+        OS,
+        arg("--version", required=True),
+        arg("--force", action="store_true", help="allow going back to a lower version"),
+    ),
+    Group(
+        ("channel", "rollout"),
+        "start, raise, pause or resume a staged rollout",
+        None,
+        dest="rollout_verb",
+        metavar="STEP",
+    ),
+    leaf(
+        ("channel", "rollout", "start"),
+        "offer a newer version to a share of the machines",
+        NAME,
+        OS,
+        arg("--version", required=True),
+        arg("--percent", type=float, required=True),
+        arg(
+            "--failure-threshold",
+            type=float,
+            metavar="F",
+            help="halt when more than this share of reporting machines failed (default 0.2)",
+        ),
+        arg(
+            "--min-reports",
+            type=int,
+            metavar="N",
+            help="reports needed before the threshold applies (default 5)",
+        ),
+        arg(
+            "--min-failing",
+            type=int,
+            metavar="M",
+            help="distinct failing machines needed before a halt (default 5)",
+        ),
+    ),
+    leaf(
+        ("channel", "rollout", "raise"),
+        "offer it to more machines (100 completes it)",
+        NAME,
+        OS,
+        arg("--percent", type=float, required=True),
+    ),
+    leaf(("channel", "rollout", "pause"), "stop offering the rollout", NAME, OS),
+    leaf(("channel", "rollout", "resume"), "offer it again", NAME, OS),
+    Group(
+        ("machine",),
         "assign machines to channels, show them",
         "Assign a machine to a channel (or back to the default), show or list machines.",
-    )
-    sub = p.add_subparsers(dest="machine_verb", metavar="ACTION", required=True)
-    c = leaf(sub, "assign", "put a machine on a channel")
-    c.add_argument("machine_id")
-    c.add_argument("--os", required=True)
-    c.add_argument("--channel")
-    c.add_argument("--default", action="store_true", help="back to the default channel")
-    c = leaf(sub, "show", "one machine")
-    c.add_argument("machine_id")
-    leaf(sub, "list", "every machine, most recently seen first")
-    p.set_defaults(func=cmd_machine)
-
-    p = verb(
-        "fleet",
+        dest="machine_verb",
+        metavar="ACTION",
+        func=cmd_machine,
+    ),
+    leaf(
+        ("machine", "assign"),
+        "put a machine on a channel",
+        arg("machine_id"),
+        OS,
+        arg("--channel"),
+        arg("--default", action="store_true", help="back to the default channel"),
+    ),
+    leaf(("machine", "show"), "one machine", arg("machine_id")),
+    leaf(("machine", "list"), "every machine, most recently seen first"),
+    Verb(
+        ("fleet",),
         "the fleet view: versions per channel, silent machines, failures",
         "Channels and rollouts, machines per version and channel, machines silent for N "
         "days, recent failed installs.",
-    )
-    server_options(p)
-    p.add_argument("--silent-days", type=float, default=7.0, metavar="N")
-    p.set_defaults(func=cmd_fleet)
-
-    p = group(
-        "token",
+        cmd_fleet,
+        (
+            JSON,
+            *SERVER_OPTIONS,
+            arg("--silent-days", type=float, default=7.0, metavar="N"),
+        ),
+        exit_codes=True,
+    ),
+    Group(
+        ("token",),
         "create or revoke admin API tokens",
         "Create an admin token (printed once; only its SHA-256 is stored) or revoke one.",
-    )
-    sub = p.add_subparsers(dest="token_verb", metavar="ACTION", required=True)
-    c = leaf(sub, "create", "a new token")
-    c.add_argument("name")
-    c = leaf(sub, "revoke", "revoke a token")
-    c.add_argument("name")
-    p.set_defaults(func=cmd_token)
+        dest="token_verb",
+        metavar="ACTION",
+        func=cmd_token,
+    ),
+    leaf(("token", "create"), "a new token", NAME),
+    leaf(("token", "revoke"), "revoke a token", NAME),
+]

@@ -1,14 +1,18 @@
-"""The `rampart testbed` verbs: build, run, demo."""
+"""The `rampart testbed` verbs: build, run, demo.
+
+The testbed's modules (QEMU, debootstrap, the update server) are imported when a
+verb runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from rampart.commands.common import JSON, Group, Verb, arg, print_json
 from rampart.errors import LocalError, UsageError
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     bed = build.build(_checkout(args), args.cache)
     manifest = bed.manifest()
     if args.json:
-        print(json.dumps({"directory": str(bed.directory), **manifest}, indent=2, sort_keys=True))
+        print_json({"directory": str(bed.directory), **manifest})
     else:
         print(f"{bed.directory}: testbed for {', '.join(manifest['versions'])}")
         for step, seconds in manifest["timings"].items():
@@ -121,63 +125,66 @@ def demo(checkout: Path, work: Path, cache: Path | None) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> int:
     result = demo(_checkout(args), args.work, args.cache)
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print_json(result)
     return 0
 
 
-def add_verbs(verbs: Any) -> None:
-    p = verbs.add_parser(
-        "testbed",
-        help="build and boot the virtual testbed (QEMU, OVMF Secure Boot, swtpm)",
-        description="The virtual testbed: a real Rampart system installed on a virtual disk "
+# --- the verbs ----------------------------------------------------------------------
+
+COMMON = (
+    arg("--checkout", type=Path, metavar="DIR", help="the Rampart source tree"),
+    arg(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="the build cache (default $RAMPART_CACHE, /var/tmp/rampart-cache)",
+    ),
+    JSON,
+)
+WORK = arg("--work", type=Path, default=Path("testbed-work"), metavar="DIR")
+
+VERBS: list[Group | Verb] = [
+    Group(
+        ("testbed",),
+        "build and boot the virtual testbed (QEMU, OVMF Secure Boot, swtpm)",
+        "The virtual testbed: a real Rampart system installed on a virtual disk "
         "and booted under Secure Boot with a TPM, updated from `rampart serve` on the host. "
         "Needs root (debootstrap, chroot) and the packages of `make setup`.",
-    )
-    sub = p.add_subparsers(dest="testbed_verb", metavar="VERB", required=True)
-
-    def common(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--checkout", type=Path, metavar="DIR", help="the Rampart source tree")
-        c.add_argument(
-            "--cache",
-            type=Path,
-            metavar="DIR",
-            help="the build cache (default $RAMPART_CACHE, /var/tmp/rampart-cache)",
-        )
-        c.add_argument("--json", action="store_true", help="print a JSON object on stdout")
-
-    c = sub.add_parser(
-        "build",
-        help="build (or reuse) the testbed's images",
-        description="Build the testbed: a Debian root tree per version (1.0.0 to 1.0.3, "
+        dest="testbed_verb",
+    ),
+    Verb(
+        ("testbed", "build"),
+        "build (or reuse) the testbed's images",
+        "Build the testbed: a Debian root tree per version (1.0.0 to 1.0.3, "
         "1.0.3 deliberately broken), Cores, signed UKIs, the ESP, the enrolled OVMF "
         "variables, and the disk installed with 1.0.0 by `rampart install` in a VM. Cached "
         "by the hash of its inputs: a rerun with nothing changed takes a second.",
-    )
-    common(c)
-    c.set_defaults(func=cmd_build)
-
-    c = sub.add_parser(
-        "run",
-        help="boot a testbed machine",
-        description="Boot a machine from a copy-on-write overlay of the installed disk, "
+        cmd_build,
+        COMMON,
+    ),
+    Verb(
+        ("testbed", "run"),
+        "boot a testbed machine",
+        "Boot a machine from a copy-on-write overlay of the installed disk, "
         "with the update server running on the host, and print `rampart status` (or, with "
         "--interactive, attach the serial console).",
-    )
-    common(c)
-    c.add_argument("--work", type=Path, default=Path("testbed-work"), metavar="DIR")
-    c.add_argument("--resume", action="store_true", help="boot the machine in --work again")
-    c.add_argument(
-        "--serve", action="append", default=[], metavar="V", help="publish version V first"
-    )
-    c.add_argument("--interactive", action="store_true", help="attach the serial console")
-    c.set_defaults(func=cmd_run)
-
-    c = sub.add_parser(
-        "demo",
-        help="install, boot 1.0.0, update to 1.0.1 from rampart serve, reboot (make testbed)",
-        description="What `make testbed` shows: build, boot 1.0.0 under Secure Boot, serve "
+        cmd_run,
+        (
+            *COMMON,
+            WORK,
+            arg("--resume", action="store_true", help="boot the machine in --work again"),
+            arg(
+                "--serve", action="append", default=[], metavar="V", help="publish version V first"
+            ),
+            arg("--interactive", action="store_true", help="attach the serial console"),
+        ),
+    ),
+    Verb(
+        ("testbed", "demo"),
+        "install, boot 1.0.0, update to 1.0.1 from rampart serve, reboot (make testbed)",
+        "What `make testbed` shows: build, boot 1.0.0 under Secure Boot, serve "
         "1.0.1, update through the real systemd service, reboot into 1.0.1, show the fleet.",
-    )
-    common(c)
-    c.add_argument("--work", type=Path, default=Path("testbed-work"), metavar="DIR")
-    c.set_defaults(func=cmd_demo)
+        cmd_demo,
+        (*COMMON, WORK),
+    ),
+]

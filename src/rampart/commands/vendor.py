@@ -1,40 +1,222 @@
-"""The build machine's image verbs: `rampart build efiboot|esp`, `rampart inspect
-efiboot`, `rampart keys secureboot|ovmf-vars`.
+"""The vendor's verbs: keys and signatures, the webroot, release artefacts, dm-verity.
 
-Registered on the CLI's subparsers by `add_verbs`, which returns the group
-subparsers (`{"build": ..., "inspect": ..., "keys": ...}`) so other modules can
-add verbs to the same groups (`rampart build core`). The `build` extra (pefile,
-virt-firmware), which a device does not have, is only imported when a verb runs.
+`rampart keygen|sign|verify|publish`, `webroot check`, `build efiboot|esp|core|initramfs`,
+`inspect efiboot`, `keys secureboot|ovmf-vars`, `release`, `verity verify|format`.
+The `build` extra (pefile, virt-firmware), which a device does not have, is only
+imported when a verb runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from collections.abc import Callable
+import os
 from pathlib import Path
-from typing import Any
 
-from rampart.contracts import coremeta, wire
+from rampart.commands.common import (
+    JSON,
+    PASSWORD_ENV,
+    PASSWORD_ENV_ARG,
+    Group,
+    SubParsers,
+    Verb,
+    arg,
+    check_semver,
+    epoch,
+    password_source,
+    print_json,
+    register,
+)
+from rampart.contracts import coremeta, signing, wire
 from rampart.contracts.cmdline import check_extra_param
 from rampart.contracts.version import parse_version
-from rampart.contracts.wire import check_name
-from rampart.errors import ConflictError, UsageError
-from rampart.vendor import secureboot, uki
-
-Verb = Callable[[str, str, str], argparse.ArgumentParser]
+from rampart.errors import (
+    AuditError,
+    ConflictError,
+    LocalError,
+    RampartError,
+    UsageError,
+    VerificationError,
+)
+from rampart.vendor import secureboot, uki, webroot
+from rampart.vendor.core import COMPRESSIONS
 
 DEFAULT_VG = "mainvg"
 
 
-def _emit(payload: Any) -> None:
-    json.dump(payload, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+# --- keys and signatures ------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    for path in (args.secret_key, args.public_key):
+        if path.exists() or path.is_symlink():
+            raise ConflictError(f"{path}: already exists; refusing to overwrite a key")
+    password = None if args.unencrypted else password_source(args.password_env, True)()
+    key = signing.generate_secret_key()
+    secret = signing.secret_key_to_bytes(key, password)
+    signing.write_new_file(args.secret_key, secret, 0o600)
+    try:
+        signing.write_new_file(args.public_key, key.public_key.to_bytes(), 0o644)
+    except RampartError:
+        args.secret_key.unlink()
+        raise
+    if args.json:
+        print_json(
+            {
+                "key_id": key.public_key.key_id,
+                "public_key": str(args.public_key),
+                "secret_key": str(args.secret_key),
+                "encrypted": password is not None,
+                "public_key_base64": key.public_key.to_base64(),
+            }
+        )
+    else:
+        print(
+            f"key {key.public_key.key_id}: secret key {args.secret_key} (mode 0600), "
+            f"public key {args.public_key}"
+        )
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    version = check_semver(args.version)
+    target: Path = args.signature or args.file.with_name(args.file.name + ".sig")
+    if not args.file.is_file():
+        raise LocalError(f"{args.file}: file not found or not a regular file")
+    key = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
+    signature = signing.sign_file(args.file, key, version)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(signature.to_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LocalError(f"{target}: cannot write the signature: {exc.strerror}") from None
+    if args.json:
+        print_json(
+            {
+                "file": str(args.file),
+                "signature": str(target),
+                "version": version,
+                "key_id": key.public_key.key_id,
+            }
+        )
+    else:
+        print(f"{target}: signed {args.file} as version {version} with key {key.public_key.key_id}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.version is not None:
+        check_semver(args.version)
+    sig_path: Path = args.signature or args.file.with_name(args.file.name + ".sig")
+    if args.signature is None and not sig_path.exists():
+        minisig = args.file.with_name(args.file.name + ".minisig")
+        if minisig.exists():
+            sig_path = minisig
+    public_key = signing.load_public_key(args.public_key)
+    signature = signing.load_signature(sig_path)
+    signing.verify_file(args.file, signature, public_key)
+    comment = signature.trusted_text(str(sig_path))
+    if args.version is not None and comment != args.version:
+        raise VerificationError(
+            f"{sig_path}: signed for version {comment[:80]!r}, not {args.version!r}"
+        )
+    if args.json:
+        try:
+            semver = str(parse_version(comment)) == comment
+        except UsageError:
+            semver = False
+        print_json(
+            {
+                "file": str(args.file),
+                "signature": str(sig_path),
+                "version": comment,
+                "semver": semver,
+                "key_id": signature.key_id,
+                "algorithm": "prehashed" if signature.prehashed else "legacy",
+            }
+        )
+    else:
+        print(comment)
+    return 0
+
+
+# --- the webroot --------------------------------------------------------------------
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    version = parse_version(check_semver(args.version))
+    wire.check_name(args.os, "OS name")
+    if args.channel is not None:
+        wire.check_name(args.channel, "channel name")
+    key = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
+    result = webroot.publish(
+        args.webroot,
+        args.os,
+        version,
+        args.core,
+        args.efiboot,
+        key,
+        args.channel,
+        args.force,
+        epoch=args.epoch,
+    )
+    channel = result.channel or "default"
+    if args.json:
+        print_json(
+            {
+                "os": result.os_name,
+                "version": str(result.version),
+                "channel": channel,
+                "release": str(result.release),
+                "version_file": str(result.version_file),
+                "previous": None if result.previous is None else str(result.previous),
+                "reused_release": result.reused,
+                "epoch": result.epoch,
+            }
+        )
+    else:
+        state = "already published" if result.reused else "published"
+        before = "" if result.previous is None else f" (was {result.previous})"
+        print(
+            f"{result.release}: {result.os_name} {result.version} (security epoch "
+            f"{result.epoch}) {state}; "
+            f"{channel} channel now points at it{before}"
+        )
+    return 0
+
+
+def cmd_webroot_check(args: argparse.Namespace) -> int:
+    public_key = signing.load_public_key(args.public_key)
+    problems = webroot.audit(args.dir, public_key)
+    if args.json:
+        channels = [
+            {"channel": c.name or "default", "os": c.os_name, "version": str(c.version)}
+            for c in wire.list_channels(args.dir, [])
+        ]
+        print_json(
+            {
+                "webroot": str(args.dir),
+                "ok": not problems,
+                "problems": problems,
+                "channels": channels,
+            }
+        )
+        return AuditError.exit_code if problems else 0
+    if problems:
+        raise AuditError(f"{args.dir}: {len(problems)} problem(s) found", problems)
+    print(f"{args.dir}: webroot is consistent")
+    return 0
+
+
+# --- release artefacts --------------------------------------------------------------
 
 
 def cmd_build_efiboot(args: argparse.Namespace) -> int:
-    check_name(args.os, "OS name")
+    wire.check_name(args.os, "OS name")
     meta = coremeta.read_pins(args.core_meta)
     if meta.version is not None and meta.version != args.version:
         raise UsageError(
@@ -60,7 +242,7 @@ def cmd_build_efiboot(args: argparse.Namespace) -> int:
         sign_cert=args.sign_cert,
     )
     if args.json:
-        _emit(image.to_json())
+        print_json(image.to_json())
     else:
         state = "signed by " + ", ".join(image.signers) if image.signed else "unsigned"
         print(f"{image.path}: {args.os} {image.version} (kernel {image.uname}), {state}")
@@ -70,7 +252,7 @@ def cmd_build_efiboot(args: argparse.Namespace) -> int:
 def cmd_inspect_efiboot(args: argparse.Namespace) -> int:
     image = uki.inspect(args.file)
     if args.json:
-        _emit(image.to_json())
+        print_json(image.to_json())
         return 0
     print(f"file:      {image.path}")
     print(f"os:        {image.os_release.get('PRETTY_NAME') or image.os_release.get('ID', '-')}")
@@ -86,7 +268,7 @@ def cmd_keys_secureboot(args: argparse.Namespace) -> int:
     keys = secureboot.generate_keys(args.out, args.common_name)
     files = [str(p) for p in keys.files()]
     if args.json:
-        _emit(
+        print_json(
             {
                 "directory": str(keys.directory),
                 "owner_guid": str(keys.owner_guid()),
@@ -104,7 +286,7 @@ def cmd_keys_secureboot(args: argparse.Namespace) -> int:
 def cmd_keys_ovmf_vars(args: argparse.Namespace) -> int:
     out = secureboot.ovmf_vars(args.keys, args.out, args.template)
     if args.json:
-        _emit({"vars": str(out), "template": str(args.template), "secure_boot": True})
+        print_json({"vars": str(out), "template": str(args.template), "secure_boot": True})
     else:
         print(f"{out}: OVMF variables with PK, KEK and db from {args.keys}; Secure Boot on")
     return 0
@@ -121,7 +303,7 @@ def cmd_build_esp(args: argparse.Namespace) -> int:
     )
     entries = [f"EFI/Linux/{p.name}" for p in args.ukis]
     if args.json:
-        _emit(
+        print_json(
             {
                 "esp": str(out),
                 "loader": "EFI/BOOT/BOOTX64.EFI",
@@ -142,7 +324,7 @@ def cmd_build_core(args: argparse.Namespace) -> int:
         args.rootfs, parse_version(args.version), args.out, args.fec, args.compress
     )
     if args.json:
-        _emit(meta.to_json())
+        print_json(meta.to_json())
     else:
         print(
             f"{args.out}/core-{meta.version}.img: {meta.bundle_size} bytes, verity root hash "
@@ -156,7 +338,7 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
 
     image = initramfs.build_initramfs(args.out, args.kernel_deb, installer=args.installer)
     if args.json:
-        _emit(image.to_json())
+        print_json(image.to_json())
     else:
         print(
             f"{image.path}: initramfs for kernel {image.kernel_release}, "
@@ -167,29 +349,25 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     """Root tree + kernel + initramfs -> Core, signed EFI binary, published release."""
-    from rampart.contracts import signing
-    from rampart.vendor import core, webroot
+    from rampart.vendor import core
 
     version = parse_version(args.version)
     if version.build:
         raise UsageError(f"version {args.version}: build metadata is not allowed in a release")
-    check_name(args.os, "OS name")
+    wire.check_name(args.os, "OS name")
     uki.check_signing_pair(args.sign_key, args.sign_cert)
-    password_env = args.password_env
-    from rampart.commands.common import password_source
-
     # Cheap checks first: nothing is built for a release that cannot be published.
     for param in args.extra_cmdline:
         check_extra_param(param)
-    check_name(args.vg, "volume group")
+    wire.check_name(args.vg, "volume group")
     if args.channel is not None:
-        check_name(args.channel, "channel name")
+        wire.check_name(args.channel, "channel name")
     published = wire.release_dir(args.webroot, version) / f"{args.os}-core"
     if published.exists():
         raise ConflictError(
             f"{published}: {args.os} {version.core} is already published; release a new version"
         )
-    secret = signing.load_secret_key(args.secret_key, password_source(password_env, False))
+    secret = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = core.build_core(args.rootfs, version, out, args.fec, args.compress)
@@ -220,7 +398,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         args.force,
     )
     if args.json:
-        _emit(
+        print_json(
             {
                 "version": version.core,
                 "core": meta.to_json(),
@@ -237,213 +415,362 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_epoch(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--epoch",
-        type=int,
-        metavar="N",
-        help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
-        "counter is above N refuses to boot or install this version (offline rollback "
-        "protection)",
-    )
+# --- dm-verity ----------------------------------------------------------------------
 
 
-def _add_compress(p: argparse.ArgumentParser) -> None:
-    from rampart.vendor.core import COMPRESSIONS
+def cmd_verity_verify(args: argparse.Namespace) -> int:
+    from rampart.vendor import core
 
-    p.add_argument(
-        "--compress",
-        choices=sorted(COMPRESSIONS),
-        metavar="ALGO",
-        help="compress the squashfs (" + ", ".join(sorted(COMPRESSIONS)) + "): a smaller "
-        "Core to download and write, for CPU at every read on the device; default: none, "
-        "as CLIP OS",
-    )
-
-
-def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
-    """Register `build`, `inspect` and `keys` and their image leaves.
-
-    Returns the groups' subparsers actions by name, for other modules to add
-    leaves to (`build core`). `verb` is unused: every verb here is a group.
-    """
-    del verb
-
-    def group(name: str, help_text: str, dest: str) -> Any:
-        parser = verbs.add_parser(name, help=help_text, description=help_text)
-        return parser.add_subparsers(dest=dest, metavar="WHAT", required=True)
-
-    def leaf(sub: Any, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = sub.add_parser(
-            name, help=help_text, description=description
+    meta = coremeta.load(args.meta)
+    core.verify_core(args.image, meta)
+    if args.json:
+        print_json(
+            {
+                "image": str(args.image),
+                "version": meta.version,
+                "root_hash": meta.verity.root_hash,
+                "ok": True,
+            }
         )
-        parser.add_argument("--json", action="store_true", help="print a JSON object on stdout")
-        return parser
+    else:
+        print(f"{args.image}: verity tree and data match root hash {meta.verity.root_hash}")
+    return 0
 
-    build = group("build", "build release artefacts (vendor side)", "build_verb")
-    inspect = group("inspect", "show what a release artefact contains", "inspect_verb")
-    keys = group("keys", "create Secure Boot keys and firmware variable stores", "keys_verb")
 
-    p = leaf(
-        build,
-        "efiboot",
+def cmd_verity_format(args: argparse.Namespace) -> int:
+    from rampart.contracts import verity
+
+    if args.hash_file is not None and args.hash_file.exists():
+        raise ConflictError(f"{args.hash_file}: already exists; refusing to overwrite")
+    params = verity.build(args.data, args.hash_file)
+    if args.json:
+        print_json(params.to_json())
+    else:
+        print(
+            f"{args.data}: root hash {params.root_hash}, salt {params.salt}, "
+            f"hash offset {params.hash_offset}"
+        )
+    return 0
+
+
+# --- the verbs ----------------------------------------------------------------------
+
+EPOCH_ARG = arg(
+    "--epoch",
+    type=int,
+    metavar="N",
+    help="security epoch (rampart.epoch=N on the command line): a device whose TPM "
+    "counter is above N refuses to boot or install this version (offline rollback "
+    "protection)",
+)
+COMPRESS_ARG = arg(
+    "--compress",
+    choices=sorted(COMPRESSIONS),
+    metavar="ALGO",
+    help="compress the squashfs (" + ", ".join(sorted(COMPRESSIONS)) + "): a smaller "
+    "Core to download and write, for CPU at every read on the device; default: none, "
+    "as CLIP OS",
+)
+
+VERBS: list[Group | Verb] = [
+    # keys and signatures
+    Verb(
+        ("keygen",),
+        "create a minisign key pair",
+        "Create a minisign key pair. The secret key is encrypted with a password as "
+        "minisign does (scrypt, libsodium's sensitive limits: about 1 GiB of memory and "
+        "a few seconds) unless --unencrypted. Existing files are never overwritten; the "
+        "secret key is written with mode 0600.",
+        cmd_keygen,
+        (
+            JSON,
+            arg("--secret-key", type=Path, required=True, metavar="FILE"),
+            arg("--public-key", type=Path, required=True, metavar="FILE"),
+            arg(
+                "--unencrypted",
+                action="store_true",
+                help="store the secret key without a password (for automated test rigs)",
+            ),
+            PASSWORD_ENV_ARG,
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("sign",),
+        "sign a file; the trusted comment is its version",
+        "Write FILE.sig, a prehashed (ED) minisign signature whose trusted comment is "
+        "exactly VERSION. `minisign -V` verifies it.",
+        cmd_sign,
+        (
+            JSON,
+            arg("file", type=Path, metavar="FILE"),
+            arg("--secret-key", type=Path, required=True, metavar="FILE"),
+            arg("--version", required=True, metavar="V", help="semantic version, e.g. 1.0.1"),
+            arg("--signature", type=Path, metavar="FILE", help="default: FILE.sig"),
+            PASSWORD_ENV_ARG,
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("verify",),
+        "verify a file's minisign signature and print its version",
+        "Verify FILE against FILE.sig (or FILE.minisig) with a minisign public key and "
+        "print the trusted comment. Prehashed and legacy signatures are accepted, from "
+        "rampart, minisign or rsign2. With --version, the trusted comment must equal it.",
+        cmd_verify,
+        (
+            JSON,
+            arg("file", type=Path, metavar="FILE"),
+            arg("--public-key", type=Path, required=True, metavar="FILE"),
+            arg("--version", metavar="V", help="require this version in the trusted comment"),
+            arg(
+                "--signature",
+                type=Path,
+                metavar="FILE",
+                help="default: FILE.sig, else FILE.minisig",
+            ),
+        ),
+        exit_codes=True,
+    ),
+    # the webroot
+    Verb(
+        ("publish",),
+        "publish a signed release into a static webroot",
+        "Copy and sign the Core and EFI payloads into DIR/dist/V/, then point the channel "
+        "at V (update/v1/OS/version, or channels/C/update/v1/OS/version). Atomic: the "
+        "version file changes last, by rename. Refuses to move a channel backwards "
+        "(to a lower version, or to a release whose EFI binary has a lower security epoch) "
+        "without --force and to change an existing release.",
+        cmd_publish,
+        (
+            JSON,
+            arg("--webroot", type=Path, required=True, metavar="DIR"),
+            arg("--os", required=True, metavar="NAME", help="OS name, e.g. clipos"),
+            arg("--version", required=True, metavar="V"),
+            arg("--core", type=Path, required=True, metavar="FILE"),
+            arg("--efiboot", type=Path, required=True, metavar="FILE"),
+            arg("--secret-key", type=Path, required=True, metavar="FILE"),
+            arg("--channel", metavar="C", help="a named channel (default: the default one)"),
+            arg(
+                "--force",
+                action="store_true",
+                help="allow pointing the channel at a lower version or security epoch (a rollback)",
+            ),
+            arg(
+                "--epoch",
+                type=epoch,
+                metavar="N",
+                help="the security epoch the EFI binary must carry (rampart.epoch=N); else refused",
+            ),
+            PASSWORD_ENV_ARG,
+        ),
+        exit_codes=True,
+    ),
+    Group(
+        ("webroot",),
+        "inspect a static webroot",
+        "Inspect a static webroot.",
+        dest="webroot_verb",
+    ),
+    Verb(
+        ("webroot", "check"),
+        "audit a webroot",
+        "Audit a webroot: every version file names a complete published release; "
+        "every payload's signature verifies with the public key and carries its release's "
+        "version; nothing is missing or extra. Lists every problem; exit code 5 if any.",
+        cmd_webroot_check,
+        (
+            arg("dir", type=Path, metavar="DIR"),
+            arg("--public-key", type=Path, required=True, metavar="FILE"),
+            JSON,
+        ),
+        exit_codes=True,
+    ),
+    # release artefacts
+    Group(
+        ("build",),
+        "build release artefacts (vendor side)",
+        "build release artefacts (vendor side)",
+        dest="build_verb",
+        metavar="WHAT",
+    ),
+    Group(
+        ("inspect",),
+        "show what a release artefact contains",
+        "show what a release artefact contains",
+        dest="inspect_verb",
+        metavar="WHAT",
+    ),
+    Group(
+        ("keys",),
+        "create Secure Boot keys and firmware variable stores",
+        "create Secure Boot keys and firmware variable stores",
+        dest="keys_verb",
+        metavar="WHAT",
+    ),
+    Verb(
+        ("build", "efiboot"),
         "build the Unified Kernel Image that boots one Core",
         "Assemble a Unified Kernel Image on systemd's EFI stub: .osrel (IMAGE_VERSION=V), "
         ".cmdline (the Core LV and its verity root hash, offsets and the hardening "
         "parameters), .uname, .sbat, .initrd and .linux (an x86 bzImage). Signed for "
         "Secure Boot with --sign-key/--sign-cert (sbsign). Written under a temporary name "
         "and renamed last; an existing --out is never overwritten.",
-    )
-    p.add_argument("--kernel", type=Path, required=True, metavar="FILE", help="x86 bzImage")
-    p.add_argument("--initrd", type=Path, required=True, metavar="FILE", help="initramfs")
-    p.add_argument("--os", required=True, metavar="NAME", help="OS name, e.g. clipos")
-    p.add_argument("--version", required=True, metavar="V", help="semantic version of Core")
-    p.add_argument(
-        "--core-meta",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="Core metadata JSON from `rampart build core` (roothash, hash_offset, "
-        "data_blocks; salt, fec_offset, fec_roots when present)",
-    )
-    p.add_argument(
-        "--vg",
-        default=DEFAULT_VG,
-        metavar="NAME",
-        help=f"volume group holding the Core LVs (default {DEFAULT_VG})",
-    )
-    p.add_argument(
-        "--extra-cmdline",
-        action="append",
-        default=[],
-        metavar="S",
-        help="kernel parameters appended to the command line (repeatable), e.g. "
-        "console=ttyS0; may not redefine root, ro, init, lockdown or the verity parameters",
-    )
-    p.add_argument(
-        "--lockdown",
-        choices=("confidentiality", "integrity", "none"),
-        default="confidentiality",
-        help="kernel lockdown level on the command line (default confidentiality)",
-    )
-    p.add_argument(
-        "--uname",
-        metavar="RELEASE",
-        help="kernel release for .uname when the bzImage header has none",
-    )
-    _add_epoch(p)
-    p.add_argument(
-        "--stub",
-        type=Path,
-        default=uki.STUB,
-        metavar="FILE",
-        help="unsigned systemd EFI stub (default: Debian's systemd-boot-efi)",
-    )
-    p.add_argument("--sign-key", type=Path, metavar="FILE", help="db key (PEM) to sign with")
-    p.add_argument("--sign-cert", type=Path, metavar="FILE", help="db certificate (PEM)")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE")
-    p.set_defaults(func=cmd_build_efiboot)
-
-    p = leaf(
-        build,
-        "esp",
+        cmd_build_efiboot,
+        (
+            JSON,
+            arg("--kernel", type=Path, required=True, metavar="FILE", help="x86 bzImage"),
+            arg("--initrd", type=Path, required=True, metavar="FILE", help="initramfs"),
+            arg("--os", required=True, metavar="NAME", help="OS name, e.g. clipos"),
+            arg("--version", required=True, metavar="V", help="semantic version of Core"),
+            arg(
+                "--core-meta",
+                type=Path,
+                required=True,
+                metavar="FILE",
+                help="Core metadata JSON from `rampart build core` (roothash, hash_offset, "
+                "data_blocks; salt, fec_offset, fec_roots when present)",
+            ),
+            arg(
+                "--vg",
+                default=DEFAULT_VG,
+                metavar="NAME",
+                help=f"volume group holding the Core LVs (default {DEFAULT_VG})",
+            ),
+            arg(
+                "--extra-cmdline",
+                action="append",
+                default=[],
+                metavar="S",
+                help="kernel parameters appended to the command line (repeatable), e.g. "
+                "console=ttyS0; may not redefine root, ro, init, lockdown or the verity "
+                "parameters",
+            ),
+            arg(
+                "--lockdown",
+                choices=("confidentiality", "integrity", "none"),
+                default="confidentiality",
+                help="kernel lockdown level on the command line (default confidentiality)",
+            ),
+            arg(
+                "--uname",
+                metavar="RELEASE",
+                help="kernel release for .uname when the bzImage header has none",
+            ),
+            EPOCH_ARG,
+            arg(
+                "--stub",
+                type=Path,
+                default=uki.STUB,
+                metavar="FILE",
+                help="unsigned systemd EFI stub (default: Debian's systemd-boot-efi)",
+            ),
+            arg("--sign-key", type=Path, metavar="FILE", help="db key (PEM) to sign with"),
+            arg("--sign-cert", type=Path, metavar="FILE", help="db certificate (PEM)"),
+            arg("--out", type=Path, required=True, metavar="FILE"),
+        ),
+    ),
+    Verb(
+        ("build", "esp"),
         "lay out an ESP tree: signed systemd-boot, loader.conf, UKIs",
         "Create DIR with EFI/BOOT/BOOTX64.EFI (systemd-boot signed with KEYS/db), "
-        "loader/loader.conf (editor no, --menu-timeout, auto-firmware no) and the given UKIs in "
-        "EFI/Linux/. Each UKI must verify with KEYS/db.crt unless --allow-unsigned. DIR "
+        "loader/loader.conf (editor no, --menu-timeout, auto-firmware no) and the given UKIs "
+        "in EFI/Linux/. Each UKI must verify with KEYS/db.crt unless --allow-unsigned. DIR "
         "must not exist; it appears complete or not at all.",
-    )
-    p.add_argument("ukis", type=Path, nargs="*", metavar="UKI")
-    p.add_argument("--keys", type=Path, required=True, metavar="DIR")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument(
-        "--systemd-boot",
-        type=Path,
-        default=secureboot.SYSTEMD_BOOT,
-        metavar="FILE",
-        help="unsigned systemd-boot (default: Debian's systemd-boot-efi)",
-    )
-    p.add_argument(
-        "--allow-unsigned",
-        action="store_true",
-        help="copy UKIs that db does not sign (to test that firmware refuses them)",
-    )
-    p.add_argument(
-        "--menu-timeout",
-        type=int,
-        default=secureboot.MENU_TIMEOUT,
-        metavar="S",
-        help=f"seconds systemd-boot shows its menu (default {secureboot.MENU_TIMEOUT}; 0 hides "
-        "it unless a key is held at boot)",
-    )
-    p.set_defaults(func=cmd_build_esp)
-
-    p = leaf(
-        inspect,
-        "efiboot",
+        cmd_build_esp,
+        (
+            JSON,
+            arg("ukis", type=Path, nargs="*", metavar="UKI"),
+            arg("--keys", type=Path, required=True, metavar="DIR"),
+            arg("--out", type=Path, required=True, metavar="DIR"),
+            arg(
+                "--systemd-boot",
+                type=Path,
+                default=secureboot.SYSTEMD_BOOT,
+                metavar="FILE",
+                help="unsigned systemd-boot (default: Debian's systemd-boot-efi)",
+            ),
+            arg(
+                "--allow-unsigned",
+                action="store_true",
+                help="copy UKIs that db does not sign (to test that firmware refuses them)",
+            ),
+            arg(
+                "--menu-timeout",
+                type=int,
+                default=secureboot.MENU_TIMEOUT,
+                metavar="S",
+                help=f"seconds systemd-boot shows its menu (default {secureboot.MENU_TIMEOUT}; "
+                "0 hides it unless a key is held at boot)",
+            ),
+        ),
+    ),
+    Verb(
+        ("inspect", "efiboot"),
         "show a UKI's version, command line, root hash and signer",
         "Read a Unified Kernel Image: its .osrel version, .cmdline, the verity root hash "
         "the command line pins, .uname, and the subjects of the certificates that signed it.",
-    )
-    p.add_argument("file", type=Path, metavar="FILE")
-    p.set_defaults(func=cmd_inspect_efiboot)
-
-    p = leaf(
-        keys,
-        "secureboot",
+        cmd_inspect_efiboot,
+        (JSON, arg("file", type=Path, metavar="FILE")),
+    ),
+    Verb(
+        ("keys", "secureboot"),
         "create PK, KEK and db keys and certificates",
         "Create RSA 2048 keys and self-signed X.509 certificates for PK, KEK and db, and "
         "an owner GUID, in DIR: PK.key PK.crt KEK.key KEK.crt db.key db.crt owner.guid. "
         "Keys are mode 0600; nothing is written if any of these files exists.",
-    )
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument(
-        "--common-name",
-        default="Rampart",
-        metavar="CN",
-        help="prefix of the certificates' common names (default Rampart)",
-    )
-    p.set_defaults(func=cmd_keys_secureboot)
-
-    p = leaf(
-        keys,
-        "ovmf-vars",
+        cmd_keys_secureboot,
+        (
+            JSON,
+            arg("--out", type=Path, required=True, metavar="DIR"),
+            arg(
+                "--common-name",
+                default="Rampart",
+                metavar="CN",
+                help="prefix of the certificates' common names (default Rampart)",
+            ),
+        ),
+    ),
+    Verb(
+        ("keys", "ovmf-vars"),
         "an OVMF variable store enrolling the keys, Secure Boot on",
         "Copy the empty OVMF variable store and enroll DIR's PK, KEK and db (no Microsoft "
         "keys) with virt-fw-vars --sb. The result is checked before it is renamed to VARS; "
         "an existing VARS is never overwritten.",
-    )
-    p.add_argument("--keys", type=Path, required=True, metavar="DIR")
-    p.add_argument("--out", type=Path, required=True, metavar="VARS")
-    p.add_argument(
-        "--template",
-        type=Path,
-        default=secureboot.OVMF_VARS_TEMPLATE,
-        metavar="FILE",
-        help="empty variable store (default /usr/share/OVMF/OVMF_VARS_4M.fd)",
-    )
-    p.set_defaults(func=cmd_keys_ovmf_vars)
-
-    p = leaf(
-        build,
-        "core",
+        cmd_keys_ovmf_vars,
+        (
+            JSON,
+            arg("--keys", type=Path, required=True, metavar="DIR"),
+            arg("--out", type=Path, required=True, metavar="VARS"),
+            arg(
+                "--template",
+                type=Path,
+                default=secureboot.OVMF_VARS_TEMPLATE,
+                metavar="FILE",
+                help="empty variable store (default /usr/share/OVMF/OVMF_VARS_4M.fd)",
+            ),
+        ),
+    ),
+    Verb(
+        ("build", "core"),
         "build the verity-protected Core image from a root tree",
         "Make a reproducible squashfs of ROOTFS (uncompressed unless --compress) and append "
         "its dm-verity hash tree (and, with --fec, Reed-Solomon parity), as CLIP OS bundles "
         "Core. Writes "
         "DIR/core-V.img and DIR/core-V.json (root hash, salt, offsets, sizes, SHA-256) under "
         "temporary names, renamed last.",
-    )
-    p.add_argument("rootfs", type=Path, metavar="ROOTFS")
-    p.add_argument("--version", required=True, metavar="V")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--fec", action="store_true", help="append forward error correction")
-    _add_compress(p)
-    p.set_defaults(func=cmd_build_core)
-
-    p = leaf(
-        build,
-        "initramfs",
+        cmd_build_core,
+        (
+            JSON,
+            arg("rootfs", type=Path, metavar="ROOTFS"),
+            arg("--version", required=True, metavar="V"),
+            arg("--out", type=Path, required=True, metavar="DIR"),
+            arg("--fec", action="store_true", help="append forward error correction"),
+            COMPRESS_ARG,
+        ),
+    ),
+    Verb(
+        ("build", "initramfs"),
         "build the initramfs that opens Core with dm-verity and switches root",
         "Write a gzip'ed cpio: busybox, lvm and veritysetup with their libraries, the boot "
         "kernel modules of the kernel in the Debian package (and their dependencies), and "
@@ -452,77 +779,135 @@ def add_verbs(verb: Verb, verbs: Any) -> dict[str, Any]:
         "given there, mounts it read-only as /, mounts VG/core_state on /mnt/state and "
         "switches root; any failure prints one line and powers off. Reproducible; an "
         "existing --out is replaced atomically.",
-    )
-    p.add_argument("--out", type=Path, required=True, metavar="FILE")
-    p.add_argument(
-        "--kernel-deb",
-        type=Path,
-        metavar="FILE",
-        help="Debian linux-image package whose modules to include (default: the one "
-        "`make setup` keeps in $RAMPART_CACHE, /var/tmp/rampart-cache)",
-    )
-    p.add_argument(
-        "--installer",
-        action="store_true",
-        help="the installer's initramfs instead: with the device's command line plus "
-        "rampart.install.target=/dev/DISK and rampart.install.payload=/dev/DISK, it opens "
-        "core-V.img on the payload disk with dm-verity and runs `rampart install` in it",
-    )
-    p.set_defaults(func=cmd_build_initramfs)
-
-    p = verbs.add_parser(
-        "release",
-        help="build Core and the signed EFI binary from a root tree, and publish them",
-        description="From a root tree, a kernel and an initramfs: build Core (`build core`), "
+        cmd_build_initramfs,
+        (
+            JSON,
+            arg("--out", type=Path, required=True, metavar="FILE"),
+            arg(
+                "--kernel-deb",
+                type=Path,
+                metavar="FILE",
+                help="Debian linux-image package whose modules to include (default: the one "
+                "`make setup` keeps in $RAMPART_CACHE, /var/tmp/rampart-cache)",
+            ),
+            arg(
+                "--installer",
+                action="store_true",
+                help="the installer's initramfs instead: with the device's command line plus "
+                "rampart.install.target=/dev/DISK and rampart.install.payload=/dev/DISK, it "
+                "opens core-V.img on the payload disk with dm-verity and runs "
+                "`rampart install` in it",
+            ),
+        ),
+    ),
+    Verb(
+        ("release",),
+        "build Core and the signed EFI binary from a root tree, and publish them",
+        "From a root tree, a kernel and an initramfs: build Core (`build core`), "
         "the Secure Boot-signed Unified Kernel Image that boots it (`build efiboot`), and "
         "publish both into the webroot (`publish`), in one command.",
-    )
-    p.add_argument("rootfs", type=Path, metavar="ROOTFS")
-    p.add_argument("--version", required=True, metavar="V")
-    p.add_argument("--os", required=True, metavar="NAME")
-    p.add_argument("--kernel", type=Path, required=True, metavar="FILE")
-    p.add_argument("--initrd", type=Path, required=True, metavar="FILE")
-    p.add_argument(
-        "--sign-key", type=Path, required=True, metavar="FILE", help="Secure Boot db key"
-    )
-    p.add_argument(
-        "--sign-cert", type=Path, required=True, metavar="FILE", help="Secure Boot db certificate"
-    )
-    p.add_argument(
-        "--secret-key",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="minisign key that signs the release",
-    )
-    p.add_argument("--webroot", type=Path, required=True, metavar="DIR")
-    p.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="where the build products are kept"
-    )
-    p.add_argument(
-        "--vg",
-        default=DEFAULT_VG,
-        metavar="NAME",
-        help=f"volume group of the Core LVs (default {DEFAULT_VG})",
-    )
-    p.add_argument(
-        "--extra-cmdline",
-        action="append",
-        default=[],
-        metavar="S",
-        help="kernel parameter appended to the command line (repeatable)",
-    )
-    p.add_argument(
-        "--uname",
-        metavar="RELEASE",
-        help="kernel release for .uname when the bzImage does not carry it",
-    )
-    _add_epoch(p)
-    p.add_argument("--fec", action="store_true")
-    _add_compress(p)
-    p.add_argument("--channel", metavar="C")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--password-env", default="RAMPART_PASSWORD", metavar="VAR")
-    p.add_argument("--json", action="store_true", help="print a JSON object on stdout")
-    p.set_defaults(func=cmd_release)
-    return {"build": build, "inspect": inspect, "keys": keys}
+        cmd_release,
+        (
+            arg("rootfs", type=Path, metavar="ROOTFS"),
+            arg("--version", required=True, metavar="V"),
+            arg("--os", required=True, metavar="NAME"),
+            arg("--kernel", type=Path, required=True, metavar="FILE"),
+            arg("--initrd", type=Path, required=True, metavar="FILE"),
+            arg("--sign-key", type=Path, required=True, metavar="FILE", help="Secure Boot db key"),
+            arg(
+                "--sign-cert",
+                type=Path,
+                required=True,
+                metavar="FILE",
+                help="Secure Boot db certificate",
+            ),
+            arg(
+                "--secret-key",
+                type=Path,
+                required=True,
+                metavar="FILE",
+                help="minisign key that signs the release",
+            ),
+            arg("--webroot", type=Path, required=True, metavar="DIR"),
+            arg(
+                "--out",
+                type=Path,
+                required=True,
+                metavar="DIR",
+                help="where the build products are kept",
+            ),
+            arg(
+                "--vg",
+                default=DEFAULT_VG,
+                metavar="NAME",
+                help=f"volume group of the Core LVs (default {DEFAULT_VG})",
+            ),
+            arg(
+                "--extra-cmdline",
+                action="append",
+                default=[],
+                metavar="S",
+                help="kernel parameter appended to the command line (repeatable)",
+            ),
+            arg(
+                "--uname",
+                metavar="RELEASE",
+                help="kernel release for .uname when the bzImage does not carry it",
+            ),
+            EPOCH_ARG,
+            arg("--fec", action="store_true"),
+            COMPRESS_ARG,
+            arg("--channel", metavar="C"),
+            arg("--force", action="store_true"),
+            arg("--password-env", default=PASSWORD_ENV, metavar="VAR"),
+            JSON,
+        ),
+    ),
+    # dm-verity
+    Group(
+        ("verity",),
+        "dm-verity hash trees (no device-mapper needed)",
+        "Build and check dm-verity hash trees in pure Python.",
+        dest="verity_verb",
+    ),
+    Verb(
+        ("verity", "verify"),
+        "check an image against its root hash",
+        "Check a Core bundle (data and appended hash tree) against the root hash "
+        "in its metadata file, reading the image once; names the first bad block. Exit 11 if "
+        "anything differs.",
+        cmd_verity_verify,
+        (
+            arg("image", type=Path, metavar="IMAGE"),
+            arg(
+                "--meta",
+                type=Path,
+                required=True,
+                metavar="FILE",
+                help="the metadata file written by `rampart build core`",
+            ),
+            JSON,
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("verity", "format"),
+        "append (or write) a hash tree",
+        "Compute the dm-verity tree of DATA (a multiple of 4096 bytes) as "
+        "`veritysetup format` does, and append it to DATA (or write it to --hash-file).",
+        cmd_verity_format,
+        (
+            arg("data", type=Path, metavar="DATA"),
+            arg("--hash-file", type=Path, metavar="FILE"),
+            JSON,
+        ),
+        exit_codes=True,
+    ),
+]
+
+
+def add_verbs(verb: object, verbs: SubParsers) -> None:
+    """Register this area's verbs alone on `verbs`, a parser's subcommands (a test
+    rig's parser). `verb` is not used: the area declares its own verbs."""
+    del verb
+    register(verbs, VERBS)

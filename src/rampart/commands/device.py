@@ -1,0 +1,459 @@
+"""The device's verbs, run as root on the updated machine: `rampart update`, `status`,
+`mark-good`, `boot-once`, `install`, `tpm status|reseal`.
+
+Only the standard library and `cryptography` are imported to declare them; the
+device modules that do the work are imported when a verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rampart.commands.common import JSON, Arg, Group, Verb, arg, print_json, seconds
+from rampart.contracts.version import parse_version
+from rampart.device import config as device_config
+from rampart.errors import LocalError, UsageError
+
+log = logging.getLogger("rampart")
+
+
+def _device_parts(args: argparse.Namespace) -> tuple[Any, Any]:
+    config = device_config.load_device_config(args.config)
+    identity = device_config.load_identity(args.os_release, args.machine_id)
+    return config, identity
+
+
+# --- update, status, boot-once, install ---------------------------------------------
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from rampart.device import update
+
+    config, identity = _device_parts(args)
+    remote = device_config.load_remote_config(args.remote)
+    device = update.open_device(config, remote, identity, args.tmp, args.run_dir)
+    fetcher = update.make_fetcher(device)
+    if sys.stderr.isatty() and not args.json:
+        from rampart.device.progress import Bar
+
+        fetcher.progress = Bar(sys.stderr, "download ").update
+    result = update.update(device, fetcher)  # reports to the server itself
+    if args.json:
+        print_json(result.to_json())
+    elif result.outcome == update.Outcome.UPDATED:
+        print(
+            f"updated {result.running.core} -> {result.latest}: {result.slot} and "
+            f"{result.entry} installed; reboot to use it"
+        )
+    elif result.outcome == update.Outcome.PENDING:
+        print("an update is already installed; reboot to use it")
+    else:
+        print(f"up to date ({result.running.core})")
+    if result.outcome == update.Outcome.UPDATED:
+        if config.reboot and not args.no_reboot:
+            update.reboot()
+        return update.EXIT_UPDATED
+    if result.outcome == update.Outcome.PENDING:
+        return update.EXIT_PENDING
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rampart.device import status
+
+    config, identity = _device_parts(args)
+    report = status.collect(config, identity, args.run_dir)
+    if args.json:
+        print_json(report)
+    else:
+        print(status.render(report))
+    return 0
+
+
+def cmd_boot_once(args: argparse.Namespace) -> int:
+    from rampart.device import bootonce
+    from rampart.device.esp import Esp
+
+    config, _identity = _device_parts(args)
+    version = parse_version(args.target_version)
+    chosen = bootonce.boot_once(Esp(config.esp_directory, config.os_name), version)
+    if args.json:
+        print_json({"version": version.core, "entry": chosen})
+    else:
+        print(f"{chosen}: boots once at the next boot; the default entry is unchanged")
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from rampart.device import installer
+
+    result = installer.install(
+        args.target,
+        args.payload,
+        config_dir=args.config_dir,
+        os_release=args.os_release,
+        esp_size=device_config.parse_size(args.esp_size, "--esp-size"),
+        state_size=device_config.parse_size(args.state_size, "--state-size"),
+        wipe=args.wipe,
+        no_tpm=args.no_tpm,
+    )
+    if args.json:
+        print_json(result.to_json())
+    else:
+        sealed = (
+            f"state key sealed to PCR {result.sealed_to}"
+            if result.sealed_to
+            else "no TPM: the recovery passphrase opens the state partition at every boot"
+        )
+        print(
+            f"{result.target}: {result.os_name} {result.version} installed "
+            f"({result.volume_group}/{result.core_lv}, root hash {result.root_hash}, "
+            f"machine ID {result.machine_id}; {sealed})"
+        )
+        print(
+            "Recovery passphrase of the state partition (shown once; keep it offline, it "
+            "opens the state when the TPM does not):\n"
+            f"    {result.recovery_passphrase}",
+            flush=True,
+        )
+    return 0
+
+
+# --- the TPM ------------------------------------------------------------------------
+
+
+def _state_volume(config: Any) -> Path:
+    from rampart.device.installer import STATE_LV
+
+    return Path("/dev") / str(config.core_destination) / STATE_LV
+
+
+def _esp_root(config: Any) -> Path:
+    from rampart.device.installer import esp_root
+
+    root: Path = esp_root(config.esp_directory)
+    return root
+
+
+def _read_passphrase(args: argparse.Namespace) -> str:
+    if args.passphrase_file is not None:
+        from rampart.contracts import signing
+
+        data = signing.read_file(args.passphrase_file, "passphrase file", 4096)
+        text = data.decode("utf-8", errors="replace").strip()
+    elif sys.stdin.isatty():
+        text = getpass.getpass("Recovery passphrase of the state partition: ").strip()
+    else:
+        text = sys.stdin.readline(4096).strip()
+    if not text:
+        raise UsageError("no recovery passphrase given")
+    return text
+
+
+def _tpm_report(config: Any) -> dict[str, Any]:
+    """What `tpm status` shows: the TPM, Secure Boot, PCRs, the sealed key, the counter."""
+    from rampart.device import state, tpm
+
+    machine_tpm = tpm.device_tpm(config.tpm_tcti, required=config.tpm_required)
+    esp = _esp_root(config)
+    pub, priv, pcr_file = state.sealed_paths(esp)
+    report: dict[str, Any] = {
+        "tpm": machine_tpm is not None,
+        "secure_boot": tpm.secure_boot_enabled(),
+        "sealed_object": str(priv) if priv.is_file() and pub.is_file() else None,
+        "sealed_to": pcr_file.read_text().strip() if pcr_file.is_file() else None,
+        "unseals": None,
+        "pcrs": {},
+        "rollback_counter": None,
+    }
+    if machine_tpm is not None:
+        values = machine_tpm.pcr_values(config.tpm_pcrs)
+        report["pcrs"] = {str(n): v.hex() for n, v in sorted(values.items())}
+        report["rollback_counter"] = machine_tpm.counter() or 0
+        if report["sealed_object"] is not None:
+            try:
+                machine_tpm.unseal(pub, priv, config.tpm_pcrs)
+                report["unseals"] = True
+            except LocalError as exc:
+                report["unseals"] = False
+                report["unseal_error"] = str(exc)
+    return report
+
+
+def cmd_tpm_status(args: argparse.Namespace) -> int:
+    config, _identity = _device_parts(args)
+    report = _tpm_report(config)
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"TPM: {'present' if report['tpm'] else 'none'}")
+    print(f"Secure Boot: {'enabled' if report['secure_boot'] else 'disabled'}")
+    for number, value in report["pcrs"].items():
+        print(f"PCR {number} (sha256): {value}")
+    print(f"sealed state key: {report['sealed_object'] or 'none'}", end="")
+    print(f" (sealed to {report['sealed_to']})" if report["sealed_to"] else "")
+    if report["unseals"] is not None:
+        print(f"unseals now: {'yes' if report['unseals'] else 'no: ' + report['unseal_error']}")
+    print(f"rollback counter: {report['rollback_counter']}")
+    return 0
+
+
+def cmd_tpm_reseal(args: argparse.Namespace) -> int:
+    from rampart.device import state, tpm
+
+    config, _identity = _device_parts(args)
+    machine_tpm = tpm.Tpm(config.tpm_tcti) if tpm.present(config.tpm_tcti) else None
+    if machine_tpm is None:
+        raise LocalError(f"no TPM ({config.tpm_tcti}): there is nothing to seal the key to")
+    volume = args.volume or _state_volume(config)
+    esp = args.esp or _esp_root(config)
+    passphrase = _read_passphrase(args)
+    state.reseal(volume, esp, machine_tpm, passphrase, config.tpm_pcrs)
+    selection = tpm.pcr_selection(config.tpm_pcrs)
+    if args.json:
+        print_json({"volume": str(volume), "sealed_to": selection, "keyslot": tpm.TPM_KEYSLOT})
+    else:
+        print(
+            f"{volume}: state key resealed to the current PCR {selection} "
+            f"(keyslot {tpm.TPM_KEYSLOT} replaced); the next boot opens it without a prompt"
+        )
+    return 0
+
+
+def cmd_mark_good(args: argparse.Namespace) -> int:
+    from rampart.device import rollback
+    from rampart.device.esp import Esp, wait_for_directory
+
+    config, identity = _device_parts(args)
+    if args.wait_esp:
+        waited = wait_for_directory(config.esp_directory, args.wait_esp)
+        if waited >= 1:
+            log.info("%s: the ESP came after %.0f s", config.esp_directory, waited)
+    esp = Esp(config.esp_directory, config.os_name)
+    blessed = esp.bless(identity.version)  # first, and durable: the counter comes after
+    counter = rollback.protect_after_blessing(config, esp, identity.version)
+    if args.json:
+        print_json(
+            {
+                "version": identity.version.core,
+                "entry": None if blessed is None else blessed.name,
+                "rollback_counter": counter,
+            }
+        )
+        return 0
+    if blessed is None:
+        print(f"{identity.version.core}: boot entry has no counter; already marked good")
+    else:
+        print(f"{identity.version.core}: marked good ({blessed.name})")
+    if counter is None:
+        print("rollback counter: none (no TPM on this machine); nothing changes")
+    else:
+        print(f"rollback counter: {counter}")
+    return 0
+
+
+# --- the verbs ----------------------------------------------------------------------
+
+
+def device_options(remote: bool) -> tuple[Arg, ...]:
+    """Where a device verb finds its configuration, identity and runtime state."""
+    c = device_config
+    config = arg(
+        "-c",
+        "--config",
+        type=Path,
+        default=c.DEFAULT_CONFIG_DIR,
+        metavar="DIR",
+        help=f"system config dir: config.toml, pubkey (default {c.DEFAULT_CONFIG_DIR})",
+    )
+    remote_options = (
+        arg(
+            "-r",
+            "--remote",
+            type=Path,
+            default=c.DEFAULT_REMOTE_DIR,
+            metavar="DIR",
+            help=f"remote config dir: remote.toml, rootca.pem (default {c.DEFAULT_REMOTE_DIR})",
+        ),
+        arg(
+            "-t",
+            "--tmp",
+            type=Path,
+            default=c.DEFAULT_DOWNLOAD_DIR,
+            metavar="DIR",
+            help=f"download directory (default {c.DEFAULT_DOWNLOAD_DIR})",
+        ),
+    )
+    return (
+        config,
+        *(remote_options if remote else ()),
+        arg(
+            "--os-release",
+            type=Path,
+            default=c.DEFAULT_OS_RELEASE,
+            metavar="FILE",
+            help=f"where VERSION_ID is read (default {c.DEFAULT_OS_RELEASE})",
+        ),
+        arg(
+            "--machine-id",
+            type=Path,
+            default=c.DEFAULT_MACHINE_ID,
+            metavar="FILE",
+            help=f"the machine identity (default {c.DEFAULT_MACHINE_ID})",
+        ),
+        arg(
+            "--run-dir",
+            type=Path,
+            default=c.DEFAULT_RUN_DIR,
+            metavar="DIR",
+            help=f"runtime state, update-ready marker (default {c.DEFAULT_RUN_DIR})",
+        ),
+        arg("-v", "--verbose", action="store_true", help="log each step"),
+    )
+
+
+LOCAL = device_options(remote=False)
+
+VERBS: list[Group | Verb] = [
+    Verb(
+        ("update",),
+        "check for, download and install an update (device side, as root)",
+        "Run the update transaction once: ask the server for the latest version, download "
+        "and verify the EFI binary and Core (in an unprivileged process), remove stale boot "
+        "entries, write Core into the unused slot, install the boot entry last, and mark "
+        "the update ready. Safe to interrupt at any point; a rerun completes the job. "
+        "Exit codes: 0 up to date, 20 updated (reboot to use it), 21 an update already "
+        "waits for a reboot, otherwise an error code below.",
+        cmd_update,
+        (
+            JSON,
+            *device_options(remote=True),
+            arg(
+                "--no-reboot",
+                action="store_true",
+                help="do not reboot even if config.toml asks for it",
+            ),
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("status",),
+        "show the running version, slots, boot entries and pending update",
+        "Show the running version, the Core slots, the boot entries on the ESP (with boot "
+        "counters) and whether an update waits for a reboot.",
+        cmd_status,
+        (JSON, *LOCAL),
+        exit_codes=True,
+    ),
+    Verb(
+        ("mark-good",),
+        "remove the boot counter of the running version's entry",
+        "Mark the running version good: remove the +tries counter from its boot entry, as "
+        "systemd-bless-boot does; then, on a machine with a TPM, raise its rollback counter "
+        "to the lowest security epoch among the installed, bootable versions. Run by the "
+        "health check once the system is up.",
+        cmd_mark_good,
+        (
+            JSON,
+            *LOCAL,
+            arg(
+                "--wait-esp",
+                type=seconds,
+                default=0.0,
+                metavar="SECONDS",
+                help="wait up to SECONDS for the ESP directory to appear (a slow boot mounts "
+                "the ESP late; rampart-mark-good.service waits 300); default: do not wait",
+            ),
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("boot-once",),
+        "boot another installed version at the next boot only (manual rollback)",
+        "Set systemd-boot's one-shot entry (the LoaderEntryOneShot EFI variable) to the "
+        "boot entry of VERSION: the next boot runs it, the boot after that the default "
+        "again. Refuses a version without an entry or whose boot counter ran out.",
+        cmd_boot_once,
+        (JSON, arg("target_version", metavar="VERSION"), *LOCAL),
+        exit_codes=True,
+    ),
+    Verb(
+        ("install",),
+        "install this Core's version on an empty disk (installer, as root)",
+        "Partition DISK (GPT: ESP and LVM), create the volume group with core_<V> and "
+        "core_state, write the running Core's version from the payload directory, check it "
+        "against the root hash of its signed EFI binary, fill the state partition and the "
+        "ESP (last). Reads the layout from the device configuration (-c). Refuses a disk "
+        "that holds anything unless --wipe. The payload directory is described in "
+        "docs/formats.md; the testbed's installer initramfs runs this verb.",
+        cmd_install,
+        (
+            JSON,
+            arg("--target", type=Path, required=True, metavar="DISK", help="e.g. /dev/vda"),
+            arg("--payload", type=Path, required=True, metavar="DIR"),
+            arg(
+                "-c",
+                "--config-dir",
+                type=Path,
+                default=Path("/usr/lib/rampart"),
+                metavar="DIR",
+                help="system configuration (config.toml); default /usr/lib/rampart",
+            ),
+            arg("--os-release", type=Path, default=Path("/etc/os-release"), metavar="FILE"),
+            arg("--esp-size", default="256M", metavar="SIZE", help="default 256M"),
+            arg("--state-size", default="512M", metavar="SIZE", help="default 512M"),
+            arg("--wipe", action="store_true", help="erase a disk that holds something"),
+            arg(
+                "--no-tpm",
+                action="store_true",
+                help="do not seal the state key (a machine without a TPM): every boot asks "
+                "for the recovery passphrase",
+            ),
+        ),
+        exit_codes=True,
+    ),
+    Group(
+        ("tpm",),
+        "the TPM side of trusted boot: status, reseal the state key",
+        "The state partition's key is sealed to the TPM under a policy on PCR 7 "
+        "(the Secure Boot state); the TPM's NV counter holds the lowest security epoch "
+        "allowed to boot. See the README's trust model.",
+        dest="tpm_verb",
+    ),
+    Verb(
+        ("tpm", "status"),
+        "TPM, Secure Boot, PCR values, sealed key, rollback counter",
+        "Show whether the machine has a TPM, whether Secure Boot is on, the "
+        "configured PCR values, the sealed state key on the ESP and whether the TPM "
+        "unseals it now (the key itself is never shown), and the rollback counter.",
+        cmd_tpm_status,
+        (JSON, *LOCAL),
+    ),
+    Verb(
+        ("tpm", "reseal"),
+        "seal the state key again for the current PCR values (with the passphrase)",
+        "After a legitimate change of the Secure Boot keys (PCR 7 changed, so "
+        "the boot asked for the recovery passphrase): check the recovery passphrase, seal "
+        "a new random key to the current PCR values, store it on the ESP and replace "
+        "keyslot 0 with it. The passphrase is read from --passphrase-file, the terminal, "
+        "or the first line of stdin. A crash at any point leaves the passphrase working.",
+        cmd_tpm_reseal,
+        (
+            JSON,
+            arg("--passphrase-file", type=Path, metavar="FILE"),
+            arg(
+                "--volume",
+                type=Path,
+                metavar="DEV",
+                help="the LUKS2 volume (default /dev/<VG>/core_state)",
+            ),
+            arg("--esp", type=Path, metavar="DIR", help="the ESP's mount point"),
+            *LOCAL,
+        ),
+    ),
+]
