@@ -86,8 +86,7 @@ from pathlib import Path
 from typing import Any
 
 from rampart import run
-from rampart.contracts import layout
-from rampart.contracts.cmdline import MAX_EPOCH
+from rampart.contracts import cmdline, layout
 from rampart.errors import LocalError, UsageError
 from rampart.vendor.cpio import Archive
 
@@ -528,6 +527,53 @@ def add_modules(
 # --- /init ---------------------------------------------------------------------------
 
 
+def _key(name: str, prefix: str) -> str:
+    """A parameter's name after its prefix: "hashoffset" of rampart.verity.hashoffset."""
+    if not name.startswith(prefix) or name == prefix:
+        raise AssertionError(f"{name} is not below {prefix}")
+    return name[len(prefix) :]
+
+
+# What /init shares with Python, by placeholder: the command line's parameter names and
+# limits (contracts.cmdline) and the device layout (contracts.layout).
+CONTRACT_VALUES = {
+    "@CORE_PARAM@": cmdline.CORE_PARAM,
+    "@VERITY_PREFIX@": cmdline.VERITY_PREFIX,
+    "@ROOTHASH_PARAM@": cmdline.ROOTHASH_PARAM,
+    "@HASHOFFSET_PARAM@": cmdline.HASHOFFSET_PARAM,
+    "@HASHOFFSET_KEY@": _key(cmdline.HASHOFFSET_PARAM, cmdline.VERITY_PREFIX),
+    "@DATABLOCKS_PARAM@": cmdline.DATABLOCKS_PARAM,
+    "@DATABLOCKS_KEY@": _key(cmdline.DATABLOCKS_PARAM, cmdline.VERITY_PREFIX),
+    "@FECOFFSET_PARAM@": cmdline.FECOFFSET_PARAM,
+    "@FECROOTS_PARAM@": cmdline.FECROOTS_PARAM,
+    "@FECROOTS_KEY@": _key(cmdline.FECROOTS_PARAM, cmdline.VERITY_PREFIX),
+    "@EPOCH_PARAM@": cmdline.EPOCH_PARAM,
+    "@MAX_EPOCH@": str(cmdline.MAX_EPOCH),
+    "@INSTALLER_PREFIX@": cmdline.INSTALLER_PREFIX,
+    "@INSTALL_TARGET_PARAM@": cmdline.INSTALL_TARGET_PARAM,
+    "@INSTALL_TARGET_KEY@": _key(cmdline.INSTALL_TARGET_PARAM, cmdline.INSTALLER_PREFIX),
+    "@INSTALL_PAYLOAD_PARAM@": cmdline.INSTALL_PAYLOAD_PARAM,
+    "@INSTALL_PAYLOAD_KEY@": _key(cmdline.INSTALL_PAYLOAD_PARAM, cmdline.INSTALLER_PREFIX),
+    "@INSTALL_WIPE_PARAM@": cmdline.INSTALL_WIPE_PARAM,
+    "@SLOT_PREFIX@": layout.SLOT_PREFIX,
+    "@STATE_LV@": layout.STATE_LV,
+    "@SWAP_LV@": layout.SWAP_LV,
+    "@STATE_MAPPER@": layout.STATE_MAPPER,
+    "@STATE_MOUNT@": layout.STATE_MOUNT,
+    "@STATE_MOUNT_DIR@": layout.STATE_MOUNT.lstrip("/"),  # below the new root
+    "@VERITY_MAPPER_PREFIX@": layout.VERITY_MAPPER_PREFIX,
+    "@ESP_PARTLABEL@": layout.ESP_PARTLABEL,
+    "@SEALED_DIR@": layout.SEALED_DIR,
+    "@SEALED_PUB@": layout.SEALED_PUB,
+    "@SEALED_PRIV@": layout.SEALED_PRIV,
+    "@SEALED_PCRS@": layout.SEALED_PCRS,
+    "@COUNTER_INDEX@": f"0x{layout.COUNTER_INDEX:08x}",
+    "@PRIMARY_HANDLE@": f"0x{layout.PRIMARY_HANDLE:08x}",
+    "@TPM_KEYSLOT@": str(layout.TPM_KEYSLOT),
+    "@RECOVERY_KEYSLOT@": str(layout.RECOVERY_KEYSLOT),
+}
+
+
 def placeholders(
     kernel_release: str,
     required: Sequence[str],
@@ -549,12 +595,7 @@ def placeholders(
         "@BEST_EFFORT_MODULES@": " ".join(best_effort),
         "@ROOT_WAIT@": str(int(root_wait)),
         "@FAIL_DELAY@": str(int(fail_delay)),
-        "@MAX_EPOCH@": str(MAX_EPOCH),
-        "@SEALED_DIR@": layout.SEALED_DIR,
-        "@COUNTER_INDEX@": f"0x{layout.COUNTER_INDEX:08x}",
-        "@PRIMARY_HANDLE@": f"0x{layout.PRIMARY_HANDLE:08x}",
-        "@TPM_KEYSLOT@": str(layout.TPM_KEYSLOT),
-        "@RECOVERY_KEYSLOT@": str(layout.RECOVERY_KEYSLOT),
+        **CONTRACT_VALUES,
     }
 
 

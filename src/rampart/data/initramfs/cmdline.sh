@@ -4,54 +4,54 @@ epoch=0
 install_target= install_payload= install_wipe=
 for word in $(cat /proc/cmdline); do
     case $word in
-        rampart.core=*) core=${word#*=} ;;
-        rampart.verity.roothash=*) roothash=${word#*=} ;;
-        rampart.verity.hashoffset=*) hashoffset=${word#*=} ;;
-        rampart.verity.datablocks=*) datablocks=${word#*=} ;;
-        rampart.verity.fecoffset=*) fecoffset=${word#*=} ;;
-        rampart.verity.fecroots=*) fecroots=${word#*=} ;;
-        rampart.epoch=*) epoch=${word#*=} ;;
+        @CORE_PARAM@=*) core=${word#*=} ;;
+        @ROOTHASH_PARAM@=*) roothash=${word#*=} ;;
+        @HASHOFFSET_PARAM@=*) hashoffset=${word#*=} ;;
+        @DATABLOCKS_PARAM@=*) datablocks=${word#*=} ;;
+        @FECOFFSET_PARAM@=*) fecoffset=${word#*=} ;;
+        @FECROOTS_PARAM@=*) fecroots=${word#*=} ;;
+        @EPOCH_PARAM@=*) epoch=${word#*=} ;;
         root=*) root=${word#*=} ;;
         rootdelay=*) rootdelay=${word#*=} ;;
         panic=*) panic=${word#*=} ;;
-        rampart.install.target=*) install_target=${word#*=} ;;  # the installer's
-        rampart.install.payload=*) install_payload=${word#*=} ;;
-        rampart.install.wipe=1) install_wipe=--wipe ;;
+        @INSTALL_TARGET_PARAM@=*) install_target=${word#*=} ;;  # the installer's
+        @INSTALL_PAYLOAD_PARAM@=*) install_payload=${word#*=} ;;
+        @INSTALL_WIPE_PARAM@=1) install_wipe=--wipe ;;
     esac
 done
 
-[ -n "$core" ] || fail "the kernel command line names no Core (rampart.core=<VG>/core_<version>)"
+[ -n "$core" ] || fail "the kernel command line names no Core (@CORE_PARAM@=<VG>/@SLOT_PREFIX@<version>)"
 vg=${core%%/*}
 lv=${core#*/}
 case $core in
-    */*/* | */) fail "rampart.core=$core is not <VG>/core_<version>" ;;
+    */*/* | */) fail "@CORE_PARAM@=$core is not <VG>/@SLOT_PREFIX@<version>" ;;
     */*) ;;
-    *) fail "rampart.core=$core is not <VG>/core_<version>" ;;
+    *) fail "@CORE_PARAM@=$core is not <VG>/@SLOT_PREFIX@<version>" ;;
 esac
 case $vg in
-    '' | . | .. | -* | *[!A-Za-z0-9+_.-]*) fail "rampart.core=$core: invalid volume group name" ;;
+    '' | . | .. | -* | *[!A-Za-z0-9+_.-]*) fail "@CORE_PARAM@=$core: invalid volume group name" ;;
 esac
 case $lv in
-    core_state | core_swap | *[!A-Za-z0-9+_.-]*) fail "rampart.core=$core is not a Core LV" ;;
-    core_?*) ;;
-    *) fail "rampart.core=$core is not a Core LV (core_<version>)" ;;
+    @STATE_LV@ | @SWAP_LV@ | *[!A-Za-z0-9+_.-]*) fail "@CORE_PARAM@=$core is not a Core LV" ;;
+    @SLOT_PREFIX@?*) ;;
+    *) fail "@CORE_PARAM@=$core is not a Core LV (@SLOT_PREFIX@<version>)" ;;
 esac
-name=verity_$lv
+name=@VERITY_MAPPER_PREFIX@$lv
 case $roothash in
-    '') fail "the kernel command line lacks rampart.verity.roothash for Core $core" ;;
-    *[!0-9a-f]*) fail "rampart.verity.roothash is not lowercase hexadecimal" ;;
+    '') fail "the kernel command line lacks @ROOTHASH_PARAM@ for Core $core" ;;
+    *[!0-9a-f]*) fail "@ROOTHASH_PARAM@ is not lowercase hexadecimal" ;;
 esac
-[ "${#roothash}" -eq 64 ] || fail "rampart.verity.roothash is not 64 hexadecimal digits"
-for pair in "hashoffset:$hashoffset" "datablocks:$datablocks"; do
+[ "${#roothash}" -eq 64 ] || fail "@ROOTHASH_PARAM@ is not 64 hexadecimal digits"
+for pair in "@HASHOFFSET_KEY@:$hashoffset" "@DATABLOCKS_KEY@:$datablocks"; do
     case ${pair#*:} in
-        '') fail "the kernel command line lacks rampart.verity.${pair%%:*} for Core $core" ;;
-        *[!0-9]*) fail "rampart.verity.${pair%%:*}=${pair#*:} is not a number" ;;
+        '') fail "the kernel command line lacks @VERITY_PREFIX@${pair%%:*} for Core $core" ;;
+        *[!0-9]*) fail "@VERITY_PREFIX@${pair%%:*}=${pair#*:} is not a number" ;;
     esac
 done
 case $fecoffset:$fecroots in
     :) ;;
-    *:'' | :*) fail "rampart.verity.fecoffset and rampart.verity.fecroots go together" ;;
-    *[!0-9:]*) fail "rampart.verity.fecoffset or fecroots is not a number" ;;
+    *:'' | :*) fail "@FECOFFSET_PARAM@ and @FECROOTS_PARAM@ go together" ;;
+    *[!0-9:]*) fail "@FECOFFSET_PARAM@ or @FECROOTS_KEY@ is not a number" ;;
 esac
 if [ -n "$root" ] && [ "$root" != "/dev/mapper/$name" ]; then
     fail "root=$root is not the Core's verity device /dev/mapper/$name"
@@ -62,11 +62,11 @@ case $rootdelay in '' | *[!0-9]* | 0?* | ????????*) rootdelay=@ROOT_WAIT@ ;; esa
 # rampart.vendor.cmdline.cmdline_epoch reads it. Leading zeros are dropped (ash would
 # read 010 as octal); ash's arithmetic is 64-bit.
 case $epoch in
-    '' | *[!0-9]* | ????????????????????*) fail "rampart.epoch=$epoch is not a number" ;;
+    '' | *[!0-9]* | ????????????????????*) fail "@EPOCH_PARAM@=$epoch is not a number" ;;
 esac
 value=$epoch
 while case $value in 0?*) ;; *) false ;; esac do value=${value#0}; done
 if [ "${#value}" -eq 19 ] && [ "$value" \> @MAX_EPOCH@ ]; then
-    fail "rampart.epoch=$epoch is not a number"
+    fail "@EPOCH_PARAM@=$epoch is not a number"
 fi
 epoch=$value

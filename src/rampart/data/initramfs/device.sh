@@ -21,15 +21,15 @@ dd "if=/dev/mapper/$name" of=/dev/null bs=4096 count=1 >"$LOG" 2>&1 ||
 mkdir -p "$NEWROOT"
 mount -t squashfs -o ro "/dev/mapper/$name" "$NEWROOT" >"$LOG" 2>&1 ||
     fail "cannot mount Core $core (squashfs on dm-verity): $(reason)"
-for dir in dev proc sys run mnt/state; do
+for dir in dev proc sys run @STATE_MOUNT_DIR@; do
     [ -d "$NEWROOT/$dir" ] || fail "Core $core has no /$dir directory"
 done
 [ -e "$NEWROOT/sbin/init" ] || [ -L "$NEWROOT/sbin/init" ] || fail "Core $core has no /sbin/init"
 
 # ---- the state partition: LUKS2, unlocked by the TPM or the recovery passphrase
 open_state
-mount -t ext4 -o rw,nosuid,nodev "$state" "$NEWROOT/mnt/state" >"$LOG" 2>&1 ||
-    fail "cannot mount the state partition $state on /mnt/state: $(reason)"
+mount -t ext4 -o rw,nosuid,nodev "$state" "$NEWROOT@STATE_MOUNT@" >"$LOG" 2>&1 ||
+    fail "cannot mount the state partition $state on @STATE_MOUNT@: $(reason)"
 
 # ---- switch root ------------------------------------------------------------------
 echo "rampart: booting Core $core (dm-verity root hash $roothash)"

@@ -1,7 +1,7 @@
 # ---- the payload disk and the Core that installs itself ------------------------
 panic=  # a failed installation powers off (the device's panic= would loop it)
-for pair in "target:$install_target" "payload:$install_payload"; do
-    param=rampart.install.${pair%%:*} disk=${pair#*:}
+for pair in "@INSTALL_TARGET_KEY@:$install_target" "@INSTALL_PAYLOAD_KEY@:$install_payload"; do
+    param=@INSTALLER_PREFIX@${pair%%:*} disk=${pair#*:}
     case $disk in
         '') fail "the installer needs $param=/dev/<disk> on the kernel command line" ;;
         /dev/*/* | /dev/ | *[!a-z0-9/]*) fail "$param=$disk is not /dev/<disk>" ;;
@@ -19,8 +19,8 @@ done
 mkdir -p /payload "$NEWROOT"
 mount -t ext4 -o ro,nosuid,nodev,noexec "$install_payload" /payload >"$LOG" 2>&1 ||
     fail "cannot mount the payload disk $install_payload: $(reason)"
-image=/payload/core-${lv#core_}.img
-[ -f "$image" ] || fail "the payload disk has no core-${lv#core_}.img"
+image=/payload/core-${lv#@SLOT_PREFIX@}.img
+[ -f "$image" ] || fail "the payload disk has no core-${lv#@SLOT_PREFIX@}.img"
 set -- veritysetup open "$image" "$name" "$image" "$roothash" \
     "--hash-offset=$hashoffset" "--data-blocks=$datablocks"
 if [ -n "$fecoffset" ]; then
@@ -43,7 +43,7 @@ in_core /lib/systemd/systemd-udevd --daemon --resolve-names=never >"$LOG" 2>&1 |
     fail "cannot start udevd in the installer: $(reason)"
 in_core udevadm trigger --type=all --action=add >/dev/null 2>&1
 in_core udevadm settle --timeout=30 >/dev/null 2>&1
-echo "rampart-install: installing ${lv#core_} on $install_target"
+echo "rampart-install: installing ${lv#@SLOT_PREFIX@} on $install_target"
 umask 022
 in_core /usr/bin/rampart install --target "$install_target" --payload /run/payload $install_wipe
 rc=$?

@@ -69,7 +69,7 @@ find_esp() {
     done
     set +f
     for uevent in "$SYS_BLOCK"/*/uevent; do
-        grep -qx PARTNAME=esp "$uevent" 2>/dev/null || continue
+        grep -qx PARTNAME=@ESP_PARTLABEL@ "$uevent" 2>/dev/null || continue
         name=${uevent%/uevent}
         name=${name##*/}
         case " $disks " in *" $(disk_of "$name") "*) first=$name && break ;; esac
@@ -83,18 +83,18 @@ find_esp() {
 # read-only for that moment only. Sets $why and fails when it cannot.
 fetch_sealed() {
     local esp copied=no
-    rm -f "$RUN/state.pub" "$RUN/state.priv" "$RUN/state.pcrs"
-    esp=$(find_esp) || { why="no ESP (no partition named esp)"; return 1; }
+    rm -f "$RUN/@SEALED_PUB@" "$RUN/@SEALED_PRIV@" "$RUN/@SEALED_PCRS@"
+    esp=$(find_esp) || { why="no ESP (no partition named @ESP_PARTLABEL@)"; return 1; }
     mkdir -p "$ESP_MNT"
     if ! mount -t vfat -o ro,nosuid,nodev,noexec "/dev/$esp" "$ESP_MNT" >"$LOG" 2>&1; then
         why="cannot mount the ESP /dev/$esp: $(reason)"
         return 1
     fi
-    cp "$ESP_MNT/$SEALED/state.pub" "$ESP_MNT/$SEALED/state.priv" \
-        "$ESP_MNT/$SEALED/state.pcrs" "$RUN/" >"$LOG" 2>&1 && copied=yes
+    cp "$ESP_MNT/$SEALED/@SEALED_PUB@" "$ESP_MNT/$SEALED/@SEALED_PRIV@" \
+        "$ESP_MNT/$SEALED/@SEALED_PCRS@" "$RUN/" >"$LOG" 2>&1 && copied=yes
     umount "$ESP_MNT" >/dev/null 2>&1
     [ "$copied" = yes ] && return 0
-    why="no sealed state key on the ESP /dev/$esp ($SEALED/state.pub, state.priv, state.pcrs)"
+    why="no sealed state key on the ESP /dev/$esp ($SEALED/@SEALED_PUB@, @SEALED_PRIV@, @SEALED_PCRS@)"
     return 1
 }
 
@@ -107,16 +107,16 @@ tpm_open_state() {
     why=
     tpm_present || { why="no TPM"; return 1; }
     fetch_sealed || return 1
-    pcrs=$(cat "$RUN/state.pcrs")
+    pcrs=$(cat "$RUN/@SEALED_PCRS@")
     case $pcrs in
         sha256:[0-9]*) case ${pcrs#sha256:} in *[!0-9,]*) pcrs= ;; esac ;;
         *) pcrs= ;;
     esac
     if [ -z "$pcrs" ]; then
-        why="the PCR selection $SEALED/state.pcrs on the ESP is not sha256:<PCRs>"
+        why="the PCR selection $SEALED/@SEALED_PCRS@ on the ESP is not sha256:<PCRs>"
         return 1
     fi
-    if ! tpm2_load -Q -C @PRIMARY_HANDLE@ -u "$RUN/state.pub" -r "$RUN/state.priv" \
+    if ! tpm2_load -Q -C @PRIMARY_HANDLE@ -u "$RUN/@SEALED_PUB@" -r "$RUN/@SEALED_PRIV@" \
         -c "$RUN/state.ctx" >"$LOG" 2>&1; then
         tpm2_flushcontext -t >/dev/null 2>&1
         why="the TPM cannot load the sealed state key (sealed by another TPM?)"
@@ -131,7 +131,7 @@ tpm_open_state() {
         status=$({
             { tpm2_unseal -c "$RUN/state.ctx" -p "session:$RUN/session.ctx" 2>/dev/null
               echo "unseal=$?" >&3; } |
-                cryptsetup open --type luks2 --key-slot @TPM_KEYSLOT@ --key-file=- "$dev" state \
+                cryptsetup open --type luks2 --key-slot @TPM_KEYSLOT@ --key-file=- "$dev" @STATE_MAPPER@ \
                     >"$LOG" 2>&1 3>&-
             echo "open=$?"
         } 3>&1)
@@ -142,8 +142,8 @@ tpm_open_state() {
     [ -z "$why" ] || return 1
     case $status in
         *unseal=0*open=0*) return 0 ;;
-        *unseal=0*open=2*) why="the unsealed key does not open $vg/core_state" ;;
-        *unseal=0*) why="cannot open $vg/core_state with the unsealed key: $(reason)" ;;
+        *unseal=0*open=2*) why="the unsealed key does not open $vg/@STATE_LV@" ;;
+        *unseal=0*) why="cannot open $vg/@STATE_LV@ with the unsealed key: $(reason)" ;;
         *) why="the TPM refuses to unseal the state key: PCR $pcrs differs from when"
            why="$why it was sealed (Secure Boot disabled or its keys changed)" ;;
     esac
@@ -154,18 +154,18 @@ tpm_open_state() {
 # key the TPM unseals, else with the recovery passphrase typed on the console
 # (keyslot @RECOVERY_KEYSLOT@), after one line saying why. Sets $state.
 open_state() {
-    local dev=/dev/$vg/core_state pass level status
-    activate core_state ||
-        fail "cannot activate the state partition $vg/core_state with LVM: $(reason)"
+    local dev=/dev/$vg/@STATE_LV@ pass level status
+    activate @STATE_LV@ ||
+        fail "cannot activate the state partition $vg/@STATE_LV@ with LVM: $(reason)"
     cryptsetup isLuks --type luks2 "$dev" >"$LOG" 2>&1 ||
-        fail "the state partition $vg/core_state is not a LUKS2 volume"
+        fail "the state partition $vg/@STATE_LV@ is not a LUKS2 volume"
     if tpm_open_state "$dev"; then
         echo "rampart: state partition unlocked with the TPM"
     else
         level=$(cat "$PRINTK" 2>/dev/null)
         level=${level%%[!0-9]*}
         echo 1 >"$PRINTK" 2>/dev/null  # no kernel message inside the prompt
-        echo "rampart: $why; enter the recovery passphrase for $vg/core_state"
+        echo "rampart: $why; enter the recovery passphrase for $vg/@STATE_LV@"
         # Read here, not by cryptsetup: it flushes what was typed before its
         # prompt, and its own messages would follow the line above. No echo from
         # before the prompt on.
@@ -178,16 +178,16 @@ open_state() {
         # is a failure of its own, said as such.
         status=0
         printf %s "$pass" | cryptsetup open --type luks2 --tries=1 \
-            --key-slot @RECOVERY_KEYSLOT@ --key-file=- "$dev" state >"$LOG" 2>&1 || status=$?
+            --key-slot @RECOVERY_KEYSLOT@ --key-file=- "$dev" @STATE_MAPPER@ >"$LOG" 2>&1 || status=$?
         pass=
         case $status in
             0) ;;
-            2) fail "the recovery passphrase does not open the state partition $vg/core_state" ;;
-            *) fail "cryptsetup cannot open $vg/core_state (exit $status): $(reason)" ;;
+            2) fail "the recovery passphrase does not open the state partition $vg/@STATE_LV@" ;;
+            *) fail "cryptsetup cannot open $vg/@STATE_LV@ (exit $status): $(reason)" ;;
         esac
         [ -z "$level" ] || echo "$level" >"$PRINTK" 2>/dev/null
         echo "rampart: state partition unlocked with the recovery passphrase"
     fi
-    state=/dev/mapper/state
+    state=/dev/mapper/@STATE_MAPPER@
 }
 # ---- end of functions ---------------------------------------------------------
