@@ -230,7 +230,7 @@ INSTALLER_PIECES = (
     "modules.sh",
     "installer.sh",
 )
-_DIRECTIVE = re.compile(r"^# shellcheck [^\n]*\n", re.M)
+_DIRECTIVE = re.compile(r"^[ \t]*# shellcheck [^\n]*\n", re.M)
 
 
 def piece(name: str) -> str:
@@ -238,10 +238,11 @@ def piece(name: str) -> str:
     return (resources.files("rampart") / "data" / "initramfs" / name).read_text(encoding="utf-8")
 
 
-def template(pieces: Sequence[str]) -> str:
-    """The pieces joined by a blank line, without their shellcheck directives: the text
-    `init_script` fills in."""
-    return _DIRECTIVE.sub("", "\n".join(piece(name) for name in pieces))
+def template(pieces: Sequence[str], *, directives: bool = False) -> str:
+    """The pieces joined by a blank line: the text `init_script` fills in, without the
+    shellcheck directives unless `directives` (to check the whole script)."""
+    text = "\n".join(piece(name) for name in pieces)
+    return text if directives else _DIRECTIVE.sub("", text)
 
 
 INIT = template(INIT_PIECES)

@@ -1,7 +1,11 @@
+# shellcheck shell=dash
 # ---- the command line --------------------------------------------------------
+# shellcheck disable=SC1007  # empty values, several to a line
 core= roothash= hashoffset= datablocks= fecoffset= fecroots= root= rootdelay=@ROOT_WAIT@
 epoch=0
+# shellcheck disable=SC1007
 install_target= install_payload= install_wipe=
+# shellcheck disable=SC2013,SC2034  # words, as the kernel splits; install_*: installer.sh's
 for word in $(cat /proc/cmdline); do
     case $word in
         @CORE_PARAM@=*) core=${word#*=} ;;
@@ -66,6 +70,7 @@ case $epoch in
 esac
 value=$epoch
 while case $value in 0?*) ;; *) false ;; esac do value=${value#0}; done
+# shellcheck disable=SC2071  # 19 digits each: as strings, as numbers, no overflow
 if [ "${#value}" -eq 19 ] && [ "$value" \> @MAX_EPOCH@ ]; then
     fail "@EPOCH_PARAM@=$epoch is not a number"
 fi

@@ -1,3 +1,4 @@
+# shellcheck shell=dash
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 umask 077
 set -f  # command-line words are never globbed

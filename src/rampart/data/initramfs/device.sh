@@ -1,3 +1,4 @@
+# shellcheck shell=dash
 # ---- rollback protection: the security epoch against the TPM's counter ----
 export TPM2TOOLS_TCTI=device:/dev/tpmrm0
 check_epoch

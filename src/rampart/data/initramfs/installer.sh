@@ -1,3 +1,4 @@
+# shellcheck shell=dash
 # ---- the payload disk and the Core that installs itself ------------------------
 panic=  # a failed installation powers off (the device's panic= would loop it)
 for pair in "@INSTALL_TARGET_KEY@:$install_target" "@INSTALL_PAYLOAD_KEY@:$install_payload"; do
@@ -45,6 +46,7 @@ in_core udevadm trigger --type=all --action=add >/dev/null 2>&1
 in_core udevadm settle --timeout=30 >/dev/null 2>&1
 echo "rampart-install: installing ${lv#@SLOT_PREFIX@} on $install_target"
 umask 022
+# shellcheck disable=SC2086  # $install_wipe: no word at all, or --wipe
 in_core /usr/bin/rampart install --target "$install_target" --payload /run/payload $install_wipe
 rc=$?
 in_core udevadm control --exit >/dev/null 2>&1

@@ -1,3 +1,4 @@
+# shellcheck shell=dash
 # ---- kernel modules ------------------------------------------------------
 [ "$(uname -r)" = "$KVER" ] ||
     fail "this initramfs has kernel modules for $KVER, but the kernel is $(uname -r)"

@@ -1,3 +1,4 @@
+# shellcheck shell=dash
 # ---- mounts ----------------------------------------------------------------
 panic=
 mkdir -p /proc /sys /dev /run

@@ -1,3 +1,4 @@
+# shellcheck shell=dash
 # ---- functions: the rollback counter and the state partition -----------------
 # Host tests run this section on its own with fake commands (and the real
 # tpm2-tools against swtpm): it reads and writes only under $RUN, $ESP_MNT,
@@ -63,6 +64,7 @@ disk_of() {
 # The ESP: the GPT partition named "esp" (PARTNAME in sysfs: there is no udev
 # here), preferably on a disk holding a physical volume of $vg. Prints its name.
 find_esp() {
+    # shellcheck disable=SC1007  # empty values
     local pv disks= uevent name first=
     for pv in $(lvm pvs --noheadings -o pv_name --select "vg_name=$vg" 2>/dev/null); do
         disks="$disks $(disk_of "${pv##*/}")"
@@ -171,6 +173,7 @@ open_state() {
         # before the prompt on.
         stty -echo 2>/dev/null
         printf 'Enter passphrase for %s: ' "$dev"
+        # shellcheck disable=SC3045  # busybox ash's read has -s (dash's has not)
         IFS= read -rs pass || :  # (at the end of input: what was typed, if any)
         stty echo 2>/dev/null
         echo
