@@ -30,7 +30,7 @@ unpacked tree to find the dependencies, and again on the subset that goes into
 the archive. A module the kernel has built in (modules.builtin: on Debian 12
 tpm_tis, tpm_crb, hmac, sha256_generic, aes_generic) needs no file.
 
-The command line `/init` reads is the one `rampart.vendor.cmdline.kernel_cmdline`
+The command line `/init` reads is the one `rampart.contracts.cmdline.kernel_cmdline`
 writes (and the UKI's signature pins):
 
     rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
