@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from rampart.device import config as device_config
 from rampart.errors import LocalError
 from rampart.testbed import rootfs
 from tests.conftest import KeyPair, make_keypair
+from tests.device.test_units import verify_units
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 UNITS = "/usr/lib/systemd/system"
@@ -139,6 +142,41 @@ def test_slow_boot_loses_esp_unless_its_device_timeout_allows_slow_media(tmp_pat
         if ("rampart" in line or mount in line) and "Unit configured to use BPF" not in line
     ]
     assert done.returncode == 0 and not problems, done.stderr
+
+
+def test_testbed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The testbed's own units (rampart/data/testbed), filled in, pass systemd's checker
+    as they are installed: the serial console's drop-in on serial-getty@ttyS0.service.
+    tests/device/test_units.py says what the check finds and what it cannot."""
+    data = resources.files("rampart") / "data" / "testbed"
+    assert sorted(entry.name for entry in data.iterdir()) == sorted(rootfs.TESTBED_UNITS)
+    names = []
+    for name, rel in rootfs.TESTBED_UNITS.items():
+        text = rootfs.testbed_unit(name)
+        assert not re.search(r"@[A-Z_]+@", text), name
+        where = Path(rel)
+        if where.parent.name.endswith(".d"):  # a drop-in: <unit>.d/<name> beside the units
+            (tmp_path / where.parent.name).mkdir()
+            (tmp_path / where.parent.name / name).write_text(text)
+            names.append(where.parent.name.removesuffix(".d"))
+        else:
+            assert where.parent == Path("usr/lib/systemd/system"), rel
+            (tmp_path / name).write_text(text)
+            names.append(name)
+    assert f"serial-getty@{rootfs.SERIAL_TTY}.service" in names
+    assert verify_units(tmp_path, names) == []
+    state_layout = rootfs.testbed_unit("rampart-state-layout.service")
+    assert f"RequiresMountsFor={rootfs.STATE_MOUNT}\n" in state_layout
+
+
+def test_a_broken_testbed_drop_in_is_found(tmp_path: Path) -> None:
+    """The drop-in is checked, not merely present: a misspelt key in it is found."""
+    getty = f"serial-getty@{rootfs.SERIAL_TTY}.service"
+    (tmp_path / f"{getty}.d").mkdir()
+    text = rootfs.testbed_unit("autologin.conf").replace("ExecStart=-", "ExecStrat=-")
+    (tmp_path / f"{getty}.d/autologin.conf").write_text(text)
+    problems = verify_units(tmp_path, [getty])
+    assert any("Unknown key 'ExecStrat'" in line for line in problems), problems
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The device /init's security-epoch check and state-partition unlock, on the host.
 
-/init keeps this logic in one section of shell functions (between FUNCTIONS_BEGIN
-and FUNCTIONS_END), which these tests run on their own with `busybox sh`:
+/init keeps this logic in one file of shell functions, rampart/data/initramfs/state.sh,
+which these tests source with `busybox sh` (after common.sh, /init's settings and
+helpers), both filled in as `rampart build initramfs` fills them in:
 
 - with fake commands first in PATH (tpm2_*, cryptsetup, lvm) that record their
   arguments, a fake sysfs for the ESP lookup, and `mount`/`umount` as shell
@@ -14,8 +15,8 @@ and FUNCTIONS_END), which these tests run on their own with `busybox sh`:
   falls back to the recovery passphrase; the real NV counter refuses an older
   epoch.
 
-The command-line parsing of `rampart.epoch` runs the same way, from the
-command-line section with a file in place of /proc/cmdline.
+The command-line parsing of `rampart.epoch` runs the same way, sourcing cmdline.sh
+with a file in place of /proc/cmdline.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ CORE = f"{VG}/core_1.0.0"
 DEV = f"/dev/{VG}/core_state"
 KEY = "k3y-0f-the-state-partition-32by!"  # printable: the fakes handle it in sh
 PASSPHRASE = "cbdefghi-jklnrtuv-cbdefghi-jklnrtuv"
+KVER = "6.1.0-99-amd64"
 FUNCTIONS_BEGIN = "# ---- functions: the rollback counter and the state partition"
-FUNCTIONS_END = "# ---- end of functions"
 ASK = f"; enter the recovery passphrase for {VG}/core_state"
 PROMPT = f"Enter passphrase for {DEV}: \n"
 UNLOCKED_TPM = "rampart: state partition unlocked with the TPM"
@@ -51,21 +52,10 @@ REFUSED_PCR = (
 )
 
 
-def device_init() -> str:
-    return initramfs.init_script(
-        "6.1.0-99-amd64", initramfs.REQUIRED_MODULES, initramfs.BEST_EFFORT_MODULES
-    )
-
-
-def functions_section(init: str) -> str:
-    start, end = init.index(FUNCTIONS_BEGIN), init.index(FUNCTIONS_END)
-    return init[start:end]
-
-
-def shell_function(init: str, name: str) -> str:
-    match = re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", init, re.M | re.S)
-    assert match, f"/init has no function {name}"
-    return match.group(0)
+def rendered(name: str) -> str:
+    """The shell file `name` of rampart/data/initramfs, filled in as the device's /init."""
+    values = initramfs.placeholders(KVER, initramfs.REQUIRED_MODULES, initramfs.BEST_EFFORT_MODULES)
+    return initramfs.render(initramfs.piece(name), values)
 
 
 # The fakes: one busybox sh script, dispatching on its name, recording its argv.
@@ -123,7 +113,11 @@ FAKE_NAMES = (
 )
 
 # After the functions: the test's directories, and what needs root or a device.
+# (common.sh's PATH has no fakes: the test's PATH comes back; its `fail` stops the
+# machine: the test's exits.)
 OVERRIDES = r"""
+PATH=$TEST_PATH
+fail() { echo "rampart: $*"; exit 3; }
 RUN=$T/run ESP_MNT=$T/esp SYS_BLOCK=$T/sys/class/block PRINTK=$T/printk
 LOG=$RUN/log
 vg=@VG@ core=@CORE@ epoch=${EPOCH:-0}
@@ -157,22 +151,22 @@ class Shell:
         return path.read_text().splitlines() if path.exists() else []
 
     def run(self, body: str, stdin: bytes = b"", **env: str) -> subprocess.CompletedProcess[str]:
-        init = device_init()
+        for name in ("common.sh", "state.sh"):
+            (self.root / name).write_text(rendered(name))
         script = self.root / "script.sh"
         script.write_text(
-            "set -f\n"
-            'fail() { echo "rampart: $*"; exit 3; }\n'
-            + shell_function(init, "reason")
-            + functions_section(init)
+            f'. "{self.root}/common.sh"\n'
+            f'. "{self.root}/state.sh"\n'
             + OVERRIDES.replace("@VG@", VG).replace("@CORE@", CORE)
             + body
             + "\n"
         )
         (self.root / "calls").unlink(missing_ok=True)
+        full_env = {**self.env, **env}
         done = subprocess.run(
             ["/bin/busybox", "sh", str(script)],
             input=stdin.decode(),
-            env={**self.env, **env},
+            env={**full_env, "TEST_PATH": full_env["PATH"]},
             capture_output=True,
             text=True,
             timeout=120,
@@ -257,15 +251,17 @@ def no_file_holds(directory: Path, secret: bytes) -> None:
 
 
 def run_cmdline(tmp_path: Path, line: str) -> subprocess.CompletedProcess[str]:
-    init = device_init()
-    start, end = init.index("# ---- the command line"), init.index("# ---- kernel modules")
-    section = init[start:end].replace("$(cat /proc/cmdline)", '$(cat "$CMDLINE")')
-    assert "$CMDLINE" in section
+    """Source cmdline.sh, reading the command line from a file instead of /proc."""
+    text = rendered("cmdline.sh")
+    assert text.count("$(cat /proc/cmdline)") == 1
+    (tmp_path / "cmdline.sh").write_text(text.replace("$(cat /proc/cmdline)", '$(cat "$CMDLINE")'))
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(line + "\n")
-    script = tmp_path / "cmdline.sh"
+    script = tmp_path / "script.sh"
     script.write_text(
-        'set -f\nfail() { echo "rampart: $*"; exit 3; }\n' + section + 'echo "epoch=$epoch"\n'
+        'set -f\nfail() { echo "rampart: $*"; exit 3; }\n'
+        f'. "{tmp_path}/cmdline.sh"\n'
+        'echo "epoch=$epoch"\n'
     )
     return subprocess.run(
         ["/bin/busybox", "sh", str(script)],
@@ -372,11 +368,13 @@ def test_without_a_tpm_the_counter_is_zero_and_not_read(sh: Shell) -> None:
 
 
 def test_the_device_checks_the_epoch_before_the_core(sh: Shell) -> None:
-    init = device_init()
-    device = init[init.index(FUNCTIONS_END) :]
+    device = rendered("device.sh")
     assert device.index("export TPM2TOOLS_TCTI=device:/dev/tpmrm0") < device.index("check_epoch")
     assert device.index("check_epoch") < device.index('activate "$lv"')
-    installer = initramfs.init_script("6.1.0-99-amd64", (), (), installer=True)
+    pieces = initramfs.INIT_PIECES
+    assert pieces.index("state.sh") < pieces.index("device.sh")
+    assert "state.sh" not in initramfs.INSTALLER_PIECES
+    installer = initramfs.init_script(KVER, (), (), installer=True)
     assert "check_epoch" not in installer and FUNCTIONS_BEGIN not in installer
 
 
@@ -421,7 +419,7 @@ def test_unsealed_key_opens_the_state_on_a_pipe(sh: Shell) -> None:
 
 
 def test_the_key_never_touches_a_file_in_the_script() -> None:
-    section = functions_section(device_init())
+    section = rendered("state.sh")
     # tpm2_unseal's stdout is the pipe into cryptsetup's stdin (only its exit
     # status goes to fd 3); no other line names tpm2_unseal.
     pipe = re.search(

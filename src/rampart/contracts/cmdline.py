@@ -20,13 +20,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rampart.contracts import pe
+from rampart.contracts import layout, pe
 from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, LocalError, UsageError, VerificationError
 
 # x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h) is 2048, NUL included.
 MAX_CMDLINE = 2047
 MAX_EPOCH = (1 << 63) - 1  # the TPM NV counter is 64 bits
+
+# The parameter names: Rampart's own, which the initramfs's /init reads too (it is
+# generated with these, rampart.vendor.initramfs), and CLIP OS's, read, never written.
+PARAM_PREFIX = "rampart."
+CORE_PARAM = f"{PARAM_PREFIX}core"  # <VG>/core_<V>
+VERITY_PREFIX = f"{PARAM_PREFIX}verity."
+ROOTHASH_PARAM = f"{VERITY_PREFIX}roothash"
+SALT_PARAM = f"{VERITY_PREFIX}salt"
+HASHOFFSET_PARAM = f"{VERITY_PREFIX}hashoffset"
+DATABLOCKS_PARAM = f"{VERITY_PREFIX}datablocks"
+FECOFFSET_PARAM = f"{VERITY_PREFIX}fecoffset"
+FECROOTS_PARAM = f"{VERITY_PREFIX}fecroots"
+EPOCH_PARAM = f"{PARAM_PREFIX}epoch"
+# The installer's own (an installer UKI's command line is the device's plus these).
+INSTALLER_PREFIX = f"{PARAM_PREFIX}install."
+INSTALL_TARGET_PARAM = f"{INSTALLER_PREFIX}target"  # /dev/<disk>
+INSTALL_PAYLOAD_PARAM = f"{INSTALLER_PREFIX}payload"  # /dev/<disk>
+INSTALL_WIPE_PARAM = f"{INSTALLER_PREFIX}wipe"  # =1
+CLIP_PREFIX = "rd.verity."
+CLIP_DEVICE_PARAM = f"{CLIP_PREFIX}device"  # .../<VG>/core_<V>
+CLIP_ROOTHASH_PARAM = f"{CLIP_PREFIX}roothash"
+CLIP_HASHOFFSET_PARAM = f"{CLIP_PREFIX}hashoffset"
 
 # Kernel hardening parameters; `kernel_cmdline`'s docstring says why each is there.
 HARDENING = (
@@ -61,20 +83,19 @@ _OWN_KEYS = (
     "init",
     "rdinit",
 )
-_OWN_PREFIXES = ("rampart.", "rd.verity.")
-INSTALLER_PREFIX = "rampart.install."
+_OWN_PREFIXES = (PARAM_PREFIX, CLIP_PREFIX)
 
 
 # The parameters that say what the EFI binary boots: each may appear once (the kernel
 # and the initramfs may read another occurrence than the one checked here).
 _PINNING = (
-    "rampart.core",
-    "rd.verity.device",
-    "rampart.verity.roothash",
-    "rd.verity.roothash",
-    "rampart.verity.hashoffset",
-    "rd.verity.hashoffset",
-    "rampart.verity.datablocks",
+    CORE_PARAM,
+    CLIP_DEVICE_PARAM,
+    ROOTHASH_PARAM,
+    CLIP_ROOTHASH_PARAM,
+    HASHOFFSET_PARAM,
+    CLIP_HASHOFFSET_PARAM,
+    DATABLOCKS_PARAM,
 )
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
@@ -172,25 +193,25 @@ def kernel_cmdline(
         raise UsageError(f"epoch {epoch} is outside 0..{MAX_EPOCH}")
     if lockdown is not None and lockdown not in LOCKDOWN_LEVELS:
         raise UsageError(f"lockdown {lockdown!r} is not one of {', '.join(LOCKDOWN_LEVELS)}")
-    name = f"core_{version}"
+    name = f"{layout.SLOT_PREFIX}{version}"
     params = [
-        f"root=/dev/mapper/verity_{name}",
+        f"root=/dev/mapper/{layout.VERITY_MAPPER_PREFIX}{name}",
         "rootfstype=squashfs",
         "ro",
         f"rd.lvm.vg={vg}",
-        f"rampart.core={vg}/{name}",
-        f"rampart.verity.roothash={roothash}",
+        f"{CORE_PARAM}={vg}/{name}",
+        f"{ROOTHASH_PARAM}={roothash}",
     ]
     if salt:
-        params.append(f"rampart.verity.salt={salt}")
+        params.append(f"{SALT_PARAM}={salt}")
     params += [
-        f"rampart.verity.hashoffset={hash_offset}",
-        f"rampart.verity.datablocks={data_blocks}",
+        f"{HASHOFFSET_PARAM}={hash_offset}",
+        f"{DATABLOCKS_PARAM}={data_blocks}",
     ]
     if fec_offset is not None:
-        params += [f"rampart.verity.fecoffset={fec_offset}", f"rampart.verity.fecroots={fec_roots}"]
+        params += [f"{FECOFFSET_PARAM}={fec_offset}", f"{FECROOTS_PARAM}={fec_roots}"]
     if epoch is not None:
-        params.append(f"rampart.epoch={epoch}")
+        params.append(f"{EPOCH_PARAM}={epoch}")
     params += HARDENING
     if lockdown is not None:
         params.append(f"lockdown={lockdown}")
@@ -230,9 +251,6 @@ def cmdline_params(cmdline: str) -> dict[str, str]:
         key, _, value = token.partition("=")
         out[key] = value
     return out
-
-
-EPOCH_PARAM = "rampart.epoch"
 
 
 def cmdline_epoch(cmdline: str | None, source: str) -> int:
@@ -288,18 +306,14 @@ def root_hash(cmdline: str, source: str) -> RootHash | None:
     for key in _PINNING:
         param(words, key, source)
     root = (
-        param(words, "rampart.verity.roothash", source)
-        or param(words, "rd.verity.roothash", source)
-        or ""
+        param(words, ROOTHASH_PARAM, source) or param(words, CLIP_ROOTHASH_PARAM, source) or ""
     ).lower()
     if not root:
         return None
     offset = (
-        param(words, "rampart.verity.hashoffset", source)
-        or param(words, "rd.verity.hashoffset", source)
-        or ""
+        param(words, HASHOFFSET_PARAM, source) or param(words, CLIP_HASHOFFSET_PARAM, source) or ""
     )
-    blocks = param(words, "rampart.verity.datablocks", source)
+    blocks = param(words, DATABLOCKS_PARAM, source)
     if (
         not _HEX64.fullmatch(root)
         or not _DIGITS.fullmatch(offset)
@@ -313,14 +327,14 @@ def root_hash(cmdline: str, source: str) -> RootHash | None:
 def pinned_lv(cmdline: str, source: str) -> str | None:
     """The LV the command line boots (`rampart.core=`, or `rd.verity.device=`)."""
     words = cmdline.split()
-    return param(words, "rampart.core", source) or param(words, "rd.verity.device", source)
+    return param(words, CORE_PARAM, source) or param(words, CLIP_DEVICE_PARAM, source)
 
 
 def pinned_root_hash(cmdline: str) -> str | None:
     """The verity root hash a command line pins (ours, or CLIP OS's `rd.verity`), as
     the kernel reads a repeated key (the last one); not checked."""
     params = cmdline_params(cmdline)
-    return params.get("rampart.verity.roothash") or params.get("rd.verity.roothash")
+    return params.get(ROOTHASH_PARAM) or params.get(CLIP_ROOTHASH_PARAM)
 
 
 def declared_epoch(cmdline: str) -> int | None:

@@ -2,10 +2,11 @@
 installer and the initramfs builder (which writes them into `/init`) must agree on.
 
 Volume group: one LV per Core, `core_<V>`, beside the encrypted state partition
-`core_state` (and `core_swap`, reserved); the state opens as `/dev/mapper/state`.
-On the ESP, below its root: the boot entries (`EFI/Linux/<os>-<V>[+T[-D]].efi`,
-the Boot Loader Specification's type #2 with boot counting) and the TPM-sealed
-state key (`rampart/tpm/state.{pub,priv,pcrs}`).
+`core_state` (and `core_swap`, reserved); the state opens as `/dev/mapper/state`,
+mounted on `/mnt/state` in Core; Core `core_<V>` opens as `/dev/mapper/verity_core_<V>`.
+On the ESP (the GPT partition named `esp`), below its root: the boot entries
+(`EFI/Linux/<os>-<V>[+T[-D]].efi`, the Boot Loader Specification's type #2 with boot
+counting) and the TPM-sealed state key (`rampart/tpm/state.{pub,priv,pcrs}`).
 TPM: the storage primary key at a persistent handle, the rollback counter at an
 NV index; LUKS2 keyslot 0 is the sealed key, keyslot 1 the recovery passphrase.
 """
@@ -17,6 +18,10 @@ STATE_LV = "core_state"
 SWAP_LV = "core_swap"
 RESERVED_LVS = frozenset({STATE_LV, SWAP_LV})  # never a slot
 STATE_MAPPER = "state"  # /dev/mapper/state
+STATE_MOUNT = "/mnt/state"  # where the initramfs mounts it, in Core's tree
+VERITY_MAPPER_PREFIX = "verity_"  # Core core_<V> opens as /dev/mapper/verity_core_<V>
+# The GPT partition name of the ESP: the installer gives it, the initramfs looks for it.
+ESP_PARTLABEL = "esp"
 
 # The TPM objects (TCG's ranges: owner persistent handles, owner NV indexes).
 PRIMARY_HANDLE = 0x81000001

@@ -31,7 +31,9 @@ Two stages:
      masked; every device gets DEVICE_TIMEOUT to show up (systemd.conf.d), not 90 s;
    - rampart-update.timer, rampart-mark-good.service and rampart-health.service
      enabled, the rampart-fetch user created from the sysusers file (at build time:
-     /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled;
+     /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled. The
+     device's units come from the checkout's rampart/data/systemd, the testbed's own
+     (TESTBED_UNITS) from rampart/data/testbed;
    - root logged in automatically on the serial console ttyS0 with the prompt PROMPT
      and no password (the test driver's channel); systemd-networkd with DHCP on the
      Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
@@ -61,10 +63,12 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from rampart import run
+from rampart.contracts import layout
 from rampart.contracts.version import Version, parse_version
 from rampart.contracts.wire import check_name
 from rampart.errors import LocalError, UsageError
@@ -140,8 +144,8 @@ DEFAULT_OS_NAME = "clipos"
 VOLUME_GROUP = "mainvg"
 ESP_MOUNT = "/efi"
 ESP_DIRECTORY = f"{ESP_MOUNT}/EFI/Linux"
-ESP_PARTLABEL = "esp"  # the GPT partition name the installer gives the ESP
-STATE_MOUNT = "/mnt/state"
+ESP_PARTLABEL = layout.ESP_PARTLABEL  # the GPT partition name the installer gives the ESP
+STATE_MOUNT = layout.STATE_MOUNT  # where the initramfs mounts the state partition
 # Two tries (systemd's default is three): the fallback is the same, and each try of
 # the broken version is a whole boot of the automatic rollback scenario.
 BOOT_TRIES = 2
@@ -190,46 +194,26 @@ _DISABLED = (
     "multi-user.target.wants/strongswan-starter.service",
 )
 
-HEALTH_UNIT = """\
-# The running version's health check. boot-complete.target is reached only when
-# it succeeds, and only then does rampart-mark-good.service remove the boot
-# entry's counter. A failure reboots: systemd-boot counts the try down and, once
-# the tries are spent, boots the previous version (systemd.special(7)).
-[Unit]
-Description=Rampart: health check of the running version
-Documentation=man:systemd.special(7)
-Before=boot-complete.target
-After=local-fs.target
-FailureAction=reboot
-ConditionPathExists=!/etc/initrd-release
+# The testbed's own systemd units, in rampart/data/testbed (package data): file ->
+# where it goes in the tree. `@NAME@` placeholders in them are filled from UNIT_VALUES.
+TESTBED_UNITS = {
+    # The running version's health check, before boot-complete.target.
+    "rampart-health.service": f"{_UNIT_DIR}/rampart-health.service",
+    # The state partition's directories that Core points into.
+    "rampart-state-layout.service": f"{_UNIT_DIR}/rampart-state-layout.service",
+    # Runs COMMIT_MACHINE_ID (below) on the first boot.
+    "rampart-machine-id-commit.service": f"{_UNIT_DIR}/rampart-machine-id-commit.service",
+    # A drop-in: root logged in on the serial console, the test driver's channel.
+    "autologin.conf": f"etc/systemd/system/serial-getty@{SERIAL_TTY}.service.d/autologin.conf",
+}
+UNIT_VALUES = {"@STATE_MOUNT@": STATE_MOUNT}
 
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/lib/rampart/health-check
-StandardOutput=journal+console
-StandardError=journal+console
 
-[Install]
-RequiredBy=boot-complete.target
-"""
+def testbed_unit(name: str) -> str:
+    """The unit file `name` of rampart/data/testbed, filled in (UNIT_VALUES)."""
+    text = (resources.files("rampart") / "data" / "testbed" / name).read_text(encoding="utf-8")
+    return initramfs.render(text, UNIT_VALUES)
 
-STATE_LAYOUT_UNIT = f"""\
-# The directories of the state partition that the read-only Core points into
-# (/var is bound from {STATE_MOUNT}/var; /etc/rampart and /etc/machine-id are
-# symlinks into {STATE_MOUNT}/etc). The initramfs mounts the partition.
-[Unit]
-Description=Rampart: directories on the state partition
-DefaultDependencies=no
-RequiresMountsFor={STATE_MOUNT}
-Conflicts=shutdown.target
-Before=shutdown.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/bin/mkdir -p {STATE_MOUNT}/var/log/journal {STATE_MOUNT}/etc/rampart
-"""
 
 COMMIT_MACHINE_ID = f"""\
 #!/bin/sh
@@ -250,24 +234,6 @@ chmod 0444 "$file.tmp"
 sync "$file.tmp"
 mv -f "$file.tmp" "$file"
 sync {STATE_MOUNT}/etc
-"""
-
-COMMIT_MACHINE_ID_UNIT = f"""\
-# Keeps the first boot's machine ID on the state partition (see the script).
-[Unit]
-Description=Rampart: commit the machine ID to the state partition
-DefaultDependencies=no
-Conflicts=shutdown.target
-Before=shutdown.target
-After=local-fs.target first-boot-complete.target
-RequiresMountsFor={STATE_MOUNT}
-ConditionPathIsMountPoint={STATE_MOUNT}/etc/machine-id
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/libexec/rampart/commit-machine-id
-TimeoutSec=30s
 """
 
 # How long systemd waits for the ESP's device (/dev/disk/by-partlabel/<ESP_PARTLABEL>)
@@ -301,13 +267,6 @@ FSTAB = f"""\
 tmpfs  /tmp  tmpfs  mode=1777,nosuid,nodev,size=50%  0 0
 {STATE_MOUNT}/var  /var  none  bind,x-systemd.requires=rampart-state-layout.service  0 0
 PARTLABEL={ESP_PARTLABEL}  {ESP_MOUNT}  vfat  {ESP_OPTIONS}  0 0
-"""
-
-AUTOLOGIN = """\
-# Rampart testbed: root is logged in on the serial console, the test driver's channel.
-[Service]
-ExecStart=
-ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
 """
 
 BASHRC = f"""\
@@ -690,10 +649,9 @@ def _configure_units(tree: Path, data: Path) -> None:
         if unit.name in SERVER_UNITS:
             continue  # the update server's unit: not a device's
         _write(tree, f"{_UNIT_DIR}/{unit.name}", unit.read_text(encoding="utf-8"))
-    _write(tree, f"{_UNIT_DIR}/rampart-health.service", HEALTH_UNIT)
+    for name, rel in TESTBED_UNITS.items():
+        _write(tree, rel, testbed_unit(name))
     _write(tree, SYSTEM_CONF_PATH, SYSTEM_CONF)
-    _write(tree, f"{_UNIT_DIR}/rampart-state-layout.service", STATE_LAYOUT_UNIT)
-    _write(tree, f"{_UNIT_DIR}/rampart-machine-id-commit.service", COMMIT_MACHINE_ID_UNIT)
     _write(tree, "usr/libexec/rampart/commit-machine-id", COMMIT_MACHINE_ID, 0o755)
     for conf in sorted((data / "sysusers.d").iterdir()):
         _write(tree, f"usr/lib/sysusers.d/{conf.name}", conf.read_text(encoding="utf-8"))
@@ -716,7 +674,7 @@ def _configure_units(tree: Path, data: Path) -> None:
 
 def _configure_read_only_root(tree: Path) -> None:
     _write(tree, "etc/fstab", FSTAB)
-    for mount_point in ("mnt/state", ESP_MOUNT.lstrip("/")):
+    for mount_point in (STATE_MOUNT.lstrip("/"), ESP_MOUNT.lstrip("/")):
         _inside(tree, mount_point).mkdir(exist_ok=True)
     _symlink(tree, "etc/rampart", f"{STATE_MOUNT}/etc/rampart")
     _symlink(tree, "etc/machine-id", f"{STATE_MOUNT}/etc/machine-id")
@@ -735,8 +693,7 @@ def _configure_read_only_root(tree: Path) -> None:
 
 
 def _configure_console(tree: Path) -> None:
-    getty = f"serial-getty@{SERIAL_TTY}.service"
-    _write(tree, f"etc/systemd/system/{getty}.d/autologin.conf", AUTOLOGIN)
+    getty = f"serial-getty@{SERIAL_TTY}.service"  # autologin.conf: TESTBED_UNITS
     _enable(tree, "getty.target.wants", getty, "serial-getty@.service")
     shadow = tree / "etc/shadow"
     lines = shadow.read_text(encoding="utf-8").splitlines()
