@@ -172,23 +172,8 @@ def kernel_cmdline(
     parsed = parse_version(version)
     if parsed.build or str(parsed) != version:
         raise UsageError(f"version {version!r}: build metadata is not allowed in a boot entry")
-    roothash = roothash.lower()
-    if len(roothash) != 64 or not _HEX.fullmatch(roothash):
-        raise UsageError(f"root hash {roothash[:80]!r} is not 64 hexadecimal digits (SHA-256)")
-    if salt is not None and salt != "":
-        salt = salt.lower()
-        if not _HEX.fullmatch(salt) or len(salt) > 512:
-            raise UsageError(f"verity salt {salt[:80]!r} is not at most 256 bytes of hex")
-    if hash_offset < 0 or hash_offset % 512:
-        raise UsageError(f"hash offset {hash_offset} is not a non-negative multiple of 512")
-    if data_blocks <= 0:
-        raise UsageError(f"data blocks {data_blocks} must be positive")
-    if (fec_offset is None) != (fec_roots is None):
-        raise UsageError("the FEC offset and the FEC roots go together")
-    if fec_offset is not None and (fec_offset < 0 or fec_offset % 512):
-        raise UsageError(f"FEC offset {fec_offset} is not a non-negative multiple of 512")
-    if fec_roots is not None and not 2 <= fec_roots <= 24:
-        raise UsageError(f"FEC roots {fec_roots} is outside 2..24")
+    roothash, salt = _check_hashes(roothash, salt)
+    _check_offsets(hash_offset, data_blocks, fec_offset, fec_roots)
     if epoch is not None and not 0 <= epoch <= MAX_EPOCH:
         raise UsageError(f"epoch {epoch} is outside 0..{MAX_EPOCH}")
     if lockdown is not None and lockdown not in LOCKDOWN_LEVELS:
@@ -223,6 +208,34 @@ def kernel_cmdline(
     if len(line) > MAX_CMDLINE:
         raise UsageError(f"kernel command line is {len(line)} bytes; the kernel takes 2047")
     return line
+
+
+def _check_hashes(roothash: str, salt: str | None) -> tuple[str, str | None]:
+    """The root hash and salt, lowercased; UsageError unless hexadecimal of the right size."""
+    roothash = roothash.lower()
+    if len(roothash) != 64 or not _HEX.fullmatch(roothash):
+        raise UsageError(f"root hash {roothash[:80]!r} is not 64 hexadecimal digits (SHA-256)")
+    if salt is not None and salt != "":
+        salt = salt.lower()
+        if not _HEX.fullmatch(salt) or len(salt) > 512:
+            raise UsageError(f"verity salt {salt[:80]!r} is not at most 256 bytes of hex")
+    return roothash, salt
+
+
+def _check_offsets(
+    hash_offset: int, data_blocks: int, fec_offset: int | None, fec_roots: int | None
+) -> None:
+    """UsageError unless the verity and FEC offsets are sector-aligned and in range."""
+    if hash_offset < 0 or hash_offset % 512:
+        raise UsageError(f"hash offset {hash_offset} is not a non-negative multiple of 512")
+    if data_blocks <= 0:
+        raise UsageError(f"data blocks {data_blocks} must be positive")
+    if (fec_offset is None) != (fec_roots is None):
+        raise UsageError("the FEC offset and the FEC roots go together")
+    if fec_offset is not None and (fec_offset < 0 or fec_offset % 512):
+        raise UsageError(f"FEC offset {fec_offset} is not a non-negative multiple of 512")
+    if fec_roots is not None and not 2 <= fec_roots <= 24:
+        raise UsageError(f"FEC roots {fec_roots} is outside 2..24")
 
 
 def check_extra_param(param: str) -> None:
