@@ -1,4 +1,4 @@
-"""Mix-ups `rampart publish` must refuse (issue 13, item 2): the signature binds only
+"""Mix-ups `rampart publish` must refuse: the signature binds only
 the version, so a release with the wrong payloads would be signed and served. Each
 test runs the CLI, asserts one line on stderr, the documented exit code, and that
 the webroot was not touched."""

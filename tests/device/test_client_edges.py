@@ -1,4 +1,4 @@
-"""Edges of the update client that a review broke (issue 13, items 8 and 10): full
+"""Edges of the update client that a review broke: full
 download file systems, names too long for LVM, hostile headers and redirects, a
 hostile reply from the fetch process, reports, the update-ready marker.
 
@@ -93,7 +93,7 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("rampart: error:")]
 
 
-# --- item 8: download file systems, long versions, hostile headers and redirects ------
+# --- download file systems, long versions, hostile headers and redirects ------
 
 
 @pytest.mark.parametrize("fetch_user", ["", FETCH_USER])
@@ -344,7 +344,7 @@ def test_redirect_to_an_invalid_host(
     assert "refusing a redirect" in str(report["error"])
 
 
-# --- item 8: a hostile reply from the fetch process ---------------------------------------
+# --- a hostile reply from the fetch process -----------------------------------------------
 
 CREDENTIALS = {
     "pid": 1,
@@ -423,7 +423,7 @@ def test_valid_reply_from_the_fetch_process_is_accepted(tmp_path: Path, pki: Pki
         got._parse_reply(json.dumps(error).encode(), 1)
 
 
-# --- item 10: reports, the update-ready marker, ENOSPC, the ESP margin, hashing -------
+# --- reports, the update-ready marker, ENOSPC, the ESP margin, hashing -------
 
 
 def test_uncreatable_run_dir_reports_the_failure(

@@ -142,7 +142,7 @@ def tls(request: pytest.FixtureRequest, pki: Pki) -> Pki | None:
     return pki if request.param == "https" else None
 
 
-# --- slow clients (issue 13, item 5) ----------------------------------------------------
+# --- slow clients ------------------------------------------------------------------------
 
 
 def test_slowloris_connection_is_cut_at_the_header_deadline(
@@ -232,7 +232,7 @@ def test_slow_clients_do_not_starve_a_server_on_its_default_settings(
             assert closed_by_server(silent, None), "a silent connection was kept"
 
 
-# --- bodies before authentication (issue 13, item 6) -------------------------------------
+# --- bodies before authentication --------------------------------------------------------
 
 
 def test_anonymous_300_mib_chunked_body_is_refused_unread(tmp_path: Path) -> None:
@@ -289,7 +289,7 @@ def test_over_cap_content_length_is_413_before_the_body(tmp_path: Path) -> None:
         assert head.startswith(b"HTTP/1.1 413 "), head
 
 
-# --- the dashboard's cookie and the database file (issue 13, item 7) ----------------------
+# --- the dashboard's cookie and the database file ----------------------------------------
 
 
 def sign_in(server: Server) -> str:

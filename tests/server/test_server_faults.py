@@ -1,4 +1,4 @@
-"""Faults of the server found by a fault-injection run (issue 13, item 10): the
+"""Faults of the server found by a fault-injection run: the
 silent-machine count, a SIGKILL of the server, a SIGKILL of uvicorn's supervisor."""
 
 from __future__ import annotations

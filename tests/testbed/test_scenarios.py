@@ -1,4 +1,4 @@
-"""The testbed scenarios (issue 6): a real Rampart system, installed by `rampart install`
+"""The testbed scenarios: a real Rampart system, installed by `rampart install`
 in a VM, booted by OVMF with Secure Boot enforced and a TPM from swtpm, updated from
 `rampart serve` on the host through its systemd service, rebooted, rolled back.
 
@@ -159,7 +159,7 @@ def test_1_boots_the_verified_core_under_secure_boot(
     cmdline = guest.sh("cat /proc/cmdline").split()
     assert cmdline.count("lockdown=confidentiality") == 1
     assert "rampart.epoch=0" in cmdline
-    # Issue 7, scenario 1: the state partition is LUKS2 with integrity, opened by the
+    # Trusted boot: the state partition is LUKS2 with integrity, opened by the
     # TPM with no prompt.
     console = guest.console_log.read_text(errors="replace")
     assert UNLOCKED_TPM in console
@@ -380,7 +380,7 @@ def test_8_a_power_cut_while_writing_core_leaves_the_old_version_booting(
     _timed("8 power cut", started)
 
 
-# --- issue 7: trusted boot ------------------------------------------------------------------
+# --- trusted boot ---------------------------------------------------------------------------
 
 
 def test_9_an_old_signed_version_written_back_offline_does_not_boot(

@@ -1,4 +1,4 @@
-"""Testbed scenarios 10 and 11 (issue 7, trusted boot): the installed disk booted after
+"""Testbed scenarios 10 and 11 (trusted boot): the installed disk booted after
 a change of the Secure Boot keys, and in a machine with another TPM. Each uses a
 machine of its own, booted from the installed disk, and no update server, so `make
 test` runs them in its other pytest process (scripts/test.sh) while the machine of

@@ -117,7 +117,7 @@ def kernel_cmdline(
 ) -> str:
     """The command line that boots Core `core_<version>` of volume group `vg`.
 
-    As CLIP OS's (FORMATS.md §7), with Rampart's own parameter names for its
+    As CLIP OS's (docs/build.md, "The kernel command line"), with Rampart's own parameter names for its
     initramfs (CLIP OS's `rd.verity.*` were its own dracut module's, too):
 
         root=/dev/mapper/verity_core_<V> rootfstype=squashfs ro rd.lvm.vg=<VG>
@@ -133,8 +133,8 @@ def kernel_cmdline(
     or lockdown: the UKI's signature must pin what it boots. UsageError on any
     invalid value or a line longer than the kernel accepts (2047 bytes).
 
-    HARDENING is in the spirit of CLIP OS's hardened kernel. FORMATS.md and
-    DESIGN.md record only CLIP OS's verity parameters, not its hardening line,
+    HARDENING is in the spirit of CLIP OS's hardened kernel. What is known of
+    CLIP OS's command line is its verity parameters, not its hardening line,
     so this set follows the kernel's and the KSPP's documented recommendations,
     keeping what Debian 12's 6.1 kernel understands and what still boots (the
     Secure Boot smoke test boots with all of it):

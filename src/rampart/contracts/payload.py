@@ -1,4 +1,4 @@
-"""What a release's payloads must be before the device installs them (issue 13, item 2).
+"""What a release's payloads must be before the device installs them.
 
 The signatures bind each payload to a version only, not to a name or a kind:
 another OS's release signed with the same key, or a release whose Core and EFI

@@ -1,5 +1,5 @@
 """dm-verity hash trees in pure Python, in the format `veritysetup` writes and reads
-(docs/formats.md, "dm-verity"; FORMATS.md §2, cryptsetup 2.6.1).
+(docs/formats.md, "dm-verity"; as cryptsetup 2.6.1 writes it).
 
 Format 1, SHA-256, 4096-byte data and hash blocks: each hash is
 SHA-256(salt ‖ block); a hash block holds 128 of them, zero-padded; level 0

@@ -1,4 +1,4 @@
-"""Offline-rollback protection on the device (issue 7, part 4; docs/client.md).
+"""Offline-rollback protection on the device (docs/client.md).
 
 Each release carries a security epoch, `rampart.epoch=N` on its signed UKI's
 command line (none: epoch 0). The TPM's NV counter (`rampart.device.tpm`) holds the

@@ -1,4 +1,4 @@
-"""The encrypted state partition (issue 7): LUKS2 with integrity, its key sealed to
+"""The encrypted state partition: LUKS2 with integrity, its key sealed to
 the TPM, a recovery passphrase beside it.
 
 `core_state` is a LUKS2 volume, aes-xts-plain64 with a 512-bit key and

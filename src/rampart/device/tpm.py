@@ -1,4 +1,4 @@
-"""The TPM 2.0 side of trusted boot (issue 7, first part): seal a secret to PCR values,
+"""The TPM 2.0 side of trusted boot: seal a secret to PCR values,
 unseal it, and the monotonic NV counter that holds the lowest security epoch allowed
 to boot. Through tpm2-tools, which the initramfs uses too; the same calls work on the
 device (`device:/dev/tpmrm0`) and against swtpm on the host (`swtpm:host=H,port=P`).

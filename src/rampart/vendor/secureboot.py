@@ -1,5 +1,5 @@
 """Secure Boot keys, an OVMF variable store that enrolls them, and the ESP tree
-(FORMATS.md §4 and §6; DESIGN.md "The device").
+(docs/build.md, "Secure Boot keys" and "The ESP").
 
 The three keys of the UEFI hierarchy, each an RSA 2048 key and a self-signed
 X.509 certificate made with `cryptography`:

@@ -1,4 +1,5 @@
-"""Unified Kernel Images on systemd's EFI stub (FORMATS.md §4; UAPI "Unified Kernel Image").
+"""Unified Kernel Images on systemd's EFI stub (docs/build.md; the UAPI group's
+"Unified Kernel Image" specification).
 
 A UKI is the stub (`linuxx64.efi.stub`, systemd-boot-efi 252 on Debian 12)
 with these sections appended, in this layout order:

@@ -1,4 +1,4 @@
-"""Attacks that swap what a validly signed payload is (issue 13, item 2).
+"""Attacks that swap what a validly signed payload is.
 
 The signatures bind only the version: files signed by the vendor's key for another
 OS, or for the other kind of payload, verify. Each test serves such a release with
