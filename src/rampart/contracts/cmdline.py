@@ -117,8 +117,9 @@ def kernel_cmdline(
 ) -> str:
     """The command line that boots Core `core_<version>` of volume group `vg`.
 
-    As CLIP OS's (docs/build.md, "The kernel command line"), with Rampart's own parameter names for its
-    initramfs (CLIP OS's `rd.verity.*` were its own dracut module's, too):
+    As CLIP OS's (docs/build.md, "The kernel command line"), with Rampart's own
+    parameter names for its initramfs (CLIP OS's `rd.verity.*` were its own dracut
+    module's, too):
 
         root=/dev/mapper/verity_core_<V> rootfstype=squashfs ro rd.lvm.vg=<VG>
         rampart.core=<VG>/core_<V> rampart.verity.roothash=<hex>
