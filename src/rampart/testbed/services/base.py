@@ -110,7 +110,25 @@ def log_tail(paths: Sequence[Path], lines: int = 20) -> str:
 # --- a long-running process ----------------------------------------------------------
 
 
-class Service:
+class Closing:
+    """A context manager whose exit is `close()`, which ends everything it started."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Service(Closing):
     """`argv` started in a new session (its own process group), stdin on /dev/null,
     stdout and stderr appended to `log`; ready once `ready()` is true.
 
@@ -188,11 +206,14 @@ class Service:
             self._process.send_signal(sig)
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
-        """Wait for the main process to end; its exit code (negative: the signal that
-        ended it). ServiceError if it still runs after `timeout` seconds."""
+        """Wait for the main process to end and reap it, leaving the rest of its group
+        alone (see what outlives it; stop or close ends them); its exit code (negative:
+        the signal that ended it). ServiceError if it still runs after `timeout` s."""
         if not self._exited(timeout):
             raise ServiceError(f"{self.name} still running after {timeout:g} s{self.log_tail()}")
-        return self._reap()
+        if self.returncode is None:
+            self.returncode = self._process.wait()
+        return self.returncode
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Send `sig` (SIGTERM: a graceful stop), wait up to `timeout` seconds for the
@@ -203,7 +224,7 @@ class Service:
                 f"{self.name} did not stop within {timeout:g} s of "
                 f"{signal.Signals(sig).name}: killed{self.log_tail()}"
             )
-        return self._reap()
+        return int(self._process.returncode)  # reaped by _end
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop with SIGTERM, killing it if need be; never raises (a clean-up)."""
@@ -250,14 +271,3 @@ class Service:
         ended = self._exited(timeout)
         self._reap()
         return ended
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -36,9 +36,8 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from rampart.testbed.services.base import ServiceError, free_port, port_open
+from rampart.testbed.services.base import Closing, ServiceError, free_port, port_open
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
 SYSTEM_USER = "postgres"
@@ -97,7 +96,7 @@ def _pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-class Cluster:
+class Cluster(Closing):
     """One private PostgreSQL cluster, started on construction."""
 
     def __init__(
@@ -418,15 +417,8 @@ class Cluster:
                 self._kill(pid)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """destroy(): a cluster is thrown away when its `with` ends."""
         self.destroy()
 
     # --- databases -----------------------------------------------------------------

@@ -33,7 +33,7 @@ def rampart_command() -> list[str]:
 class RampartServe(Service):
     """`rampart serve --webroot WEBROOT --listen 127.0.0.1:PORT` (a free port unless
     `port` is given), with `--db`, `--tls-cert/--tls-key`, `--workers` when given and
-    then `options`; its output appended to `log`."""
+    then `options`; its output appended to `log`; `name` in its errors."""
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class RampartServe(Service):
         ready_path: str = "/admin/login",
         ready_headers: Mapping[str, str] | None = None,
         timeout: float = START_TIMEOUT,
+        name: str = "rampart serve",
     ) -> None:
         self.webroot = webroot
         self.port = port or free_port()
@@ -74,7 +75,7 @@ class RampartServe(Service):
             status = http_status(self.port, ready_path, headers=ready_headers, tls=tls is not None)
             return status == 200
 
-        super().__init__("rampart serve", argv, log, ready=ready, timeout=timeout, env=env)
+        super().__init__(name, argv, log, ready=ready, timeout=timeout, env=env)
 
     @property
     def url(self) -> str:
