@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common import positive_int, terminate_as_interrupt
+from common import build_release, positive_int, terminate_as_interrupt
 from rampart.testbed import services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,9 +231,8 @@ class Bench:
     def setup(self) -> None:
         key, pub = self.work / "vendor.key", self.work / "vendor.pub"
         _run([self.rampart, "keygen", "--unencrypted", "--secret-key", key, "--public-key", pub])
-        core, efiboot = self.work / "core", self.work / "efiboot"
-        core.write_bytes(os.urandom(64 * 1024))
-        efiboot.write_bytes(os.urandom(16 * 1024))
+        # A real release (`rampart publish` refuses random bytes as a Core or a UKI).
+        core, efiboot = build_release(self.rampart, self.work, OS_NAME, "1.0.0", 0)
         publish: list[str | Path] = [self.rampart, "publish", "--webroot", self.webroot]
         publish += ["--os", OS_NAME, "--version", "1.0.0", "--core", core, "--efiboot", efiboot]
         _run([*publish, "--secret-key", key])
