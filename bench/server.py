@@ -6,7 +6,7 @@ with one and two workers, and nginx serving the static version file as the basel
 
 Debian packages: wrk, nginx, postgresql (`make setup` installs them). Run as root
 or not: PostgreSQL runs as the `postgres` user when this script is root (it is
-started by tests/server/pg.py, a private cluster on 127.0.0.1).
+started by rampart.testbed.services, a private cluster on 127.0.0.1).
 
 Set-up, in a work directory under /var/tmp (removed at the end): a vendor key
 (`rampart keygen --unencrypted`), releases 1.0.0 and 1.0.1 (built by `rampart build
@@ -71,25 +71,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import importlib.util
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any
 
 from common import build_release, positive_int, terminate_as_interrupt
+from rampart.testbed import services
 
 ROOT = Path(__file__).resolve().parent.parent
 OS_NAME = "clipos"
@@ -118,18 +117,6 @@ class BenchError(Exception):
 
 def _log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def _load_pg() -> ModuleType:
-    """tests/server/pg.py (the private PostgreSQL cluster of the tests), by path."""
-    path = ROOT / "tests" / "server" / "pg.py"
-    spec = importlib.util.spec_from_file_location("rampart_bench_pg", path)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"{path}: cannot load")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tool(name: str) -> str:
@@ -168,26 +155,6 @@ def _run(
     return result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(port: int, headers: dict[str, str] | None = None, timeout: float = 2.0) -> int:
-    """The status of one GET of the version endpoint (0: no answer)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", PATH, headers=headers or {})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except (OSError, http.client.HTTPException):
-        return 0
-    finally:
-        conn.close()
-
-
 # --- processes ------------------------------------------------------------------------------
 
 
@@ -222,77 +189,6 @@ def tree_cpu(pid: int) -> dict[int, float]:
 def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
     """CPU used between two tree_cpu() snapshots by the processes alive at the end."""
     return sum(max(0.0, t - before.get(pid, 0.0)) for pid, t in after.items())
-
-
-@dataclass
-class Service:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n  ".join(text[-lines:])
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-                raise BenchError(f"{self.name} did not stop within {timeout:g} s") from None
-        return self.process.returncode
-
-
-class Services:
-    """Everything this script starts, stopped at the end whatever happens."""
-
-    def __init__(self) -> None:
-        self.running: list[Service] = []
-        self.clusters: list[Any] = []
-
-    def start(
-        self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None
-    ) -> Service:
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        service = Service(name, process, log)
-        self.running.append(service)
-        return service
-
-    def stop_all(self) -> None:
-        for service in reversed(self.running):
-            if service.process.poll() is None:
-                with contextlib.suppress(BenchError):
-                    service.stop(signal.SIGTERM, 10)
-            if service.process.poll() is None:
-                service.process.kill()
-                service.process.wait(10)
-        self.running.clear()
-        for cluster in self.clusters:
-            with contextlib.suppress(Exception):
-                cluster.destroy()
-        self.clusters.clear()
-
-
-def wait_until(what: str, ready: Callable[[], bool], service: Service, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise BenchError(
-                f"{what} exited with {service.process.returncode}:\n  {service.log_tail()}"
-            )
-        if ready():
-            return
-        time.sleep(0.1)
-    raise BenchError(f"{what} not ready after {timeout:g} s:\n  {service.log_tail()}")
 
 
 # --- wrk --------------------------------------------------------------------------------------
@@ -742,16 +638,16 @@ class Row:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, work: Path, services: Services) -> None:
+    def __init__(self, args: argparse.Namespace, work: Path, running: ExitStack) -> None:
         self.args = args
         self.work = work
-        self.services = services
+        self.running = running  # the services started, stopped in reverse order at its end
         self.webroot = work / "webroot"
         self.script = work / "checks.lua"
         self.machine_ids = sorted({secrets.token_hex(16) for _ in range(MACHINES)})
         while len(self.machine_ids) < MACHINES:  # pragma: no cover - a 128-bit collision
             self.machine_ids = sorted({*self.machine_ids, secrets.token_hex(16)})
-        self.cluster: Any = None
+        self.cluster: services.Cluster | None = None
         self.runs = 0
 
     # set-up
@@ -799,40 +695,19 @@ class Bench:
     # nginx
 
     def nginx(self) -> Row:
-        d = self.work / "nginx"
-        d.mkdir()
-        port = _free_port()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = d / "nginx.conf"
-        conf.write_text(
-            f"""{user}
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {d}/access.log combined buffer=256k flush=1s;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port};
-        root {self.webroot};
-    }}
-}}
-"""
+        nginx = services.Nginx.static(
+            self.work / "nginx",
+            self.webroot,
+            access_log="combined buffer=256k flush=1s",
+            connections=1024,
+            timeout=START_TIMEOUT,
         )
-        argv = [_tool("nginx"), "-c", str(conf), "-p", f"{d}/", "-e", str(d / "error.log")]
-        service = self.services.start("nginx", [*argv, "-g", "daemon off;"], d / "stderr.log")
-        wait_until("nginx", lambda: _get(port) == 200, service, START_TIMEOUT)
-        _log(f"nginx on 127.0.0.1:{port}: wrk for {self.args.duration} s")
-        before = tree_cpu(service.process.pid)
-        result = run_wrk(self.args, self.script, port, d / "wrk.log")
-        server_cpu = cpu_used(before, tree_cpu(service.process.pid))
-        service.stop(signal.SIGQUIT)  # graceful: finish requests, flush the log
+        self.running.enter_context(nginx)
+        _log(f"nginx on 127.0.0.1:{nginx.port}: wrk for {self.args.duration} s")
+        before = tree_cpu(nginx.pid)
+        result = run_wrk(self.args, self.script, nginx.port, nginx.state / "wrk.log")
+        server_cpu = cpu_used(before, tree_cpu(nginx.pid))
+        nginx.stop(signal.SIGQUIT, STOP_TIMEOUT)  # graceful: finish requests, flush the log
         return Row("nginx", None, None, result, server_cpu_s=server_cpu)
 
     # rampart
@@ -842,13 +717,8 @@ http {{
         if kind == "sqlite":
             return f"sqlite:///{self.work / f'bench-{self.runs}.sqlite'}"
         if self.cluster is None:
-            pg = _load_pg()
-            _log("starting a private PostgreSQL cluster (tests/server/pg.py)")
-            try:
-                self.cluster = pg.Cluster(None, settings={})
-            except pg.PostgresError as exc:
-                raise BenchError(str(exc)) from None
-            self.services.clusters.append(self.cluster)
+            _log("starting a private PostgreSQL cluster (rampart.testbed.services)")
+            self.cluster = self.running.enter_context(services.Cluster(None, settings={}))
         name = f"bench_{self.runs}"
         return str(self.cluster.create_database(name))
 
@@ -870,27 +740,33 @@ http {{
         pid = self.cluster.postmaster_pid()
         return tree_cpu(pid) if pid else {}
 
+    def serve(
+        self, name: str, url: str, workers: int, log: Path, env: dict[str, str] | None = None
+    ) -> services.RampartServe:
+        """`rampart serve` on the database `url` (with `env`: another tree's), stopped at
+        the end of the run at the latest; ready once it answers an anonymous check."""
+        return self.running.enter_context(
+            services.RampartServe(
+                self.webroot,
+                log,
+                db=url,
+                workers=workers,
+                options=_one_address_options(env),
+                command=[_rampart()],
+                env=env,
+                ready_path=PATH,
+                timeout=START_TIMEOUT,
+                name=name,
+            )
+        )
+
     def rampart(self, kind: str, workers: int) -> Row:
         url = self.database(kind)
         d = self.work / f"rampart-{kind}-{workers}"
         d.mkdir()
-        port = _free_port()
-        argv = [
-            _rampart(),
-            "serve",
-            "--webroot",
-            str(self.webroot),
-            "--db",
-            url,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            *_one_address_options(None),
-        ]
         name = f"rampart serve ({kind}, {workers} worker{'s' if workers > 1 else ''})"
-        service = self.services.start(name, argv, d / "serve.log")
-        wait_until(name, lambda: _get(port) == 200, service, START_TIMEOUT)
+        service = self.serve(name, url, workers, d / "serve.log")
+        port = service.port
         notes = []
         # Warm-up: every machine checks in once (fills the server's machine cache).
         warm = 0
@@ -913,12 +789,12 @@ http {{
         if baseline != warm:
             notes.append(f"warm-up: {warm} checks answered 200, {baseline} recorded")
         _log(f"{name} on 127.0.0.1:{port}: wrk for {self.args.duration} s")
-        before, db_before = tree_cpu(service.process.pid), self.postmaster_cpu()
+        before, db_before = tree_cpu(service.pid), self.postmaster_cpu()
         result = run_wrk(self.args, self.script, port, d / "wrk.log")
-        server_cpu = cpu_used(before, tree_cpu(service.process.pid))
+        server_cpu = cpu_used(before, tree_cpu(service.pid))
         db_cpu = cpu_used(db_before, self.postmaster_cpu())
         stopped = time.monotonic()
-        code = service.stop(signal.SIGTERM)
+        code = service.stop(signal.SIGTERM, STOP_TIMEOUT)
         if code not in (0, -signal.SIGTERM):
             notes.append(f"exit code {code} after SIGTERM")
         notes.append(f"graceful stop took {time.monotonic() - stopped:.2f} s")
@@ -1172,23 +1048,9 @@ class ReportBench:
         top = self.fill(url, machine_ids, env)
         d = bench.work / f"reports-{kind}-{workers}-{'ref' if reference else 'new'}"
         d.mkdir()
-        port = _free_port()
-        argv = [
-            _rampart(),
-            "serve",
-            "--webroot",
-            str(bench.webroot),
-            "--db",
-            url,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-        ]
-        argv += _one_address_options(env)
         name = f"rampart serve (reports, {what})"
-        service = bench.services.start(name, argv, d / "serve.log", env=env)
-        wait_until(name, lambda: _get(port) == 200, service, START_TIMEOUT)
+        service = bench.serve(name, url, workers, d / "serve.log", env)
+        port = service.port
         # The webroot's version file names the last release published (1.0.1): the
         # channel goes back to 1.0.0, then 1.0.1 is rolled out.
         common: list[str | Path] = ["--os", OS_NAME, "--webroot", bench.webroot, "--db", url]
@@ -1254,7 +1116,7 @@ class ReportBench:
                 time.sleep(SAMPLE_EVERY)
 
         helpers = [threading.Thread(target=checker), threading.Thread(target=sampler)]
-        before, db_before = tree_cpu(service.process.pid), bench.postmaster_cpu()
+        before, db_before = tree_cpu(service.pid), bench.postmaster_cpu()
         for thread in helpers:
             thread.start()
         started, client_before = time.monotonic(), time.process_time()
@@ -1276,7 +1138,7 @@ class ReportBench:
         done.set()
         for thread in helpers:
             thread.join()
-        server_cpu = cpu_used(before, tree_cpu(service.process.pid))
+        server_cpu = cpu_used(before, tree_cpu(service.pid))
         db_cpu = cpu_used(db_before, bench.postmaster_cpu())
         # Then until every answered check is recorded (or FLUSH_TIMEOUT).
         deadline = time.monotonic() + FLUSH_TIMEOUT
@@ -1287,7 +1149,7 @@ class ReportBench:
             time.sleep(SAMPLE_EVERY)
         final = samples[-1][1]
         engine.dispose()
-        service.stop(signal.SIGTERM)
+        service.stop(signal.SIGTERM, STOP_TIMEOUT)
         # The worst lag: at each sample, how long ago the oldest check not yet recorded
         # was answered.
         worst = 0.0
@@ -1374,9 +1236,8 @@ def versions() -> dict[str, str]:
         "nginx": first([_tool("nginx"), "-v"]).removeprefix("nginx version: "),
         "python": sys.version.split()[0],
     }
-    with contextlib.suppress(Exception):
-        pg = _load_pg()
-        found["postgresql"] = first([str(pg.find_bindir() / "postgres"), "--version"])
+    with contextlib.suppress(services.ServiceError):
+        found["postgresql"] = first([str(services.postgres_bindir() / "postgres"), "--version"])
     return found
 
 
@@ -1558,21 +1419,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"bench: error: {args.workdir}: {exc.strerror}", file=sys.stderr)
         return 1
-    services = Services()
     try:
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(), ExitStack() as running:
             tools = versions()
-            bench = Bench(args, work, services)
+            bench = Bench(args, work, running)
             rows = bench.run()
             report_rows = bench.reports()
-    except BenchError as exc:
+    except (BenchError, services.ServiceError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
-        services.stop_all()
         if args.keep:
             _log(f"work directory kept: {work}")
         else:

@@ -7,11 +7,12 @@ slowloris connections are held, with this tree's server and with a reference com
                                                   [--silent-share 0.5]
 
 Set-up, in a work directory under /var/tmp (removed at the end): a vendor key and
-release 1.0.0 published with `rampart publish`; a self-signed certificate for
-127.0.0.1 (Python's `cryptography`); the reference commit's `src/` extracted with
-`git archive` (run with this tree's virtual environment). Each server runs with one
-worker on 127.0.0.1 and a fresh SQLite database, with its default settings (this
-tree's: 64 connections per address, 10 s header and handshake deadlines, 30 s body).
+release 1.0.0 published with `rampart publish`; a throwaway CA and its certificate for
+127.0.0.1 (rampart.testbed.services, with Python's `cryptography`); the reference
+commit's `src/` extracted with `git archive` (run with this tree's virtual environment).
+Each server runs with one worker on 127.0.0.1 and a fresh SQLite database, with its
+default settings (this tree's: 64 connections per address, 10 s header and handshake
+deadlines, 30 s body).
 
 For each server (reference, this tree) and each scheme (http, https), `--slow`
 connections are held from `--addresses` loopback addresses (127.0.0.2 and up) for
@@ -38,12 +39,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -56,7 +54,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common import positive_int, terminate_as_interrupt
+from common import build_release, positive_int, terminate_as_interrupt
+from rampart.testbed import services
 
 ROOT = Path(__file__).resolve().parent.parent
 OS_NAME = "clipos"
@@ -64,10 +63,11 @@ GOAL = 0.99
 RAMP = 5.0  # seconds of attack before the legitimate checks are counted
 TRICKLE = 2.0  # seconds between two header lines of a slow connection
 RECONNECT = 0.5  # seconds before a closed slow connection is opened again
+CHECK_HEADERS = {"clipos-machineid": "0123456789abcdef0123456789abcdef", "clipos-version": "1.0.0"}
 CHECK = (
     b"GET /update/v1/clipos/version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    b"clipos-machineid: 0123456789abcdef0123456789abcdef\r\nclipos-version: 1.0.0\r\n"
-    b"Connection: close\r\n\r\n"
+    + b"".join(f"{k}: {v}\r\n".encode() for k, v in CHECK_HEADERS.items())
+    + b"Connection: close\r\n\r\n"
 )
 
 
@@ -86,48 +86,6 @@ def _run(argv: Sequence[str | Path], env: dict[str, str] | None = None) -> str:
     if result.returncode != 0:
         raise BenchError(f"{' '.join(map(str, argv[:3]))}...: {result.stderr.strip()}")
     return result.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 @dataclass
@@ -273,13 +231,13 @@ class Bench:
     def setup(self) -> None:
         key, pub = self.work / "vendor.key", self.work / "vendor.pub"
         _run([self.rampart, "keygen", "--unencrypted", "--secret-key", key, "--public-key", pub])
-        core, efiboot = self.work / "core", self.work / "efiboot"
-        core.write_bytes(os.urandom(64 * 1024))
-        efiboot.write_bytes(os.urandom(16 * 1024))
+        # A real release (`rampart publish` refuses random bytes as a Core or a UKI).
+        core, efiboot = build_release(self.rampart, self.work, OS_NAME, "1.0.0", 0)
         publish: list[str | Path] = [self.rampart, "publish", "--webroot", self.webroot]
         publish += ["--os", OS_NAME, "--version", "1.0.0", "--core", core, "--efiboot", efiboot]
         _run([*publish, "--secret-key", key])
-        self.cert, self.key = make_certificate(self.work)
+        ca = services.make_ca(self.work, "ca", valid=services.validity(1))
+        self.cert = services.make_cert(self.work, "server", ca, ["127.0.0.1"])
         reference = self.work / "reference"
         reference.mkdir()
         git = subprocess.Popen(
@@ -295,40 +253,26 @@ class Bench:
             raise BenchError(f"git archive {self.args.reference}: {error.decode().strip()}")
         self.reference_src = reference / "src"
 
-    def serve(self, code: str, scheme: str, run: int) -> tuple[subprocess.Popen[bytes], int]:
-        port = _free_port()
+    def serve(self, code: str, scheme: str, run: int) -> services.RampartServe:
         env = dict(os.environ)
-        argv = [sys.executable, "-m", "rampart", "serve", "--webroot", str(self.webroot)]
-        argv += ["--db", f"sqlite:///{self.work}/run-{run}.sqlite", "--listen", f"127.0.0.1:{port}"]
-        if scheme == "https":
-            argv += ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
         env["PYTHONPATH"] = str(self.reference_src if code != "this tree" else ROOT / "src")
-        log = self.work / f"serve-{run}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"{code} server exited: {log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
-                    sock = context.wrap_socket(raw) if scheme == "https" else raw
-                    sock.sendall(CHECK)
-                    if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                        return proc, port
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise BenchError(f"{code} server not ready: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+        return services.RampartServe(
+            self.webroot,
+            self.work / f"serve-{run}.log",
+            db=f"sqlite:///{self.work}/run-{run}.sqlite",
+            tls=self.cert if scheme == "https" else None,
+            command=[sys.executable, "-m", "rampart"],
+            env=env,
+            ready_path="/update/v1/clipos/version",
+            ready_headers=CHECK_HEADERS,
+            timeout=60,
+            name=f"{code} server",
+        )
 
     def run(self, code: str, scheme: str, run: int) -> Result:
         args = self.args
-        proc, port = self.serve(code, scheme, run)
+        server = self.serve(code, scheme, run)
+        port = server.port
         result = Result(code, scheme, args.slow)
         try:
             began = time.monotonic()
@@ -347,12 +291,7 @@ class Bench:
             asyncio.run(attack.run(samples))
             thread.join()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            server.close(timeout=60)
         latencies = sorted(float(o.split()[1]) for o in outcomes if o.startswith("200 "))
         result.sent = len(outcomes)
         result.ok = len(latencies)
@@ -430,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run += 1
                     _log(f"{code}, {scheme}: {args.slow} slow connections for {args.hold} s")
                     results.append(bench.run(code, scheme, run))
-    except BenchError as exc:
+    except (BenchError, services.ServiceError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

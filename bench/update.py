@@ -65,12 +65,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from common import build_release, positive_int, terminate_as_interrupt
+from rampart.testbed import services
 
 OS_NAME = "clipos"
 OLD, NEW = "1.0.0", "1.0.1"
@@ -309,83 +310,6 @@ def run_quiet(argv: Sequence[str], env: dict[str, str] | None = None) -> str:
 
 def first_line(text: str) -> str:
     return text.splitlines()[0].strip() if text else ""
-
-
-# --- services: started here, stopped here -------------------------------------------
-
-
-class Services:
-    """The long-running processes this script starts, stopped in reverse order."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(
-        self,
-        name: str,
-        argv: Sequence[str],
-        log: Path,
-        env: dict[str, str] | None = None,
-        pipe_stdout: bool = False,
-    ) -> subprocess.Popen[bytes]:
-        """Start a service; its output goes to `log` (stdout to a pipe if `pipe_stdout`)."""
-        with log.open("ab") as handle:
-            try:
-                proc = subprocess.Popen(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE if pipe_stdout else handle,
-                    stderr=handle,
-                    env=env,
-                    start_new_session=True,  # a Ctrl-C reaches this script, not the services
-                )
-            except OSError as exc:
-                raise BenchError(f"{argv[0]}: cannot start: {exc.strerror}") from None
-        self.procs.append((name, proc))
-        return proc
-
-    def stop_all(self) -> None:
-        while self.procs:
-            name, proc = self.procs.pop()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    _log(f"{name} (pid {proc.pid}) did not stop on SIGTERM: killing it")
-                    proc.kill()
-                    proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-
-def _wait_until(what: str, ready: Any, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            text = log.read_text(errors="replace").strip().splitlines()
-            raise BenchError(
-                f"{what} exited with code {proc.returncode}: {text[-1] if text else 'no output'}"
-            )
-        if ready():
-            return
-        time.sleep(0.05)
-    raise BenchError(f"{what} not ready after {START_TIMEOUT:.0f} s (see {log})")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 # --- files ---------------------------------------------------------------------------
@@ -748,10 +672,10 @@ def find_tools(skip_rauc: bool) -> Tools:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, services: Services) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, running: ExitStack) -> None:
         self.args = args
         self.work = workdir
-        self.services = services
+        self.running = running  # the services started, stopped in reverse order at its end
         self.lv_size = (args.size_mib + LV_MARGIN_MIB) * CHUNK
         self.tools = find_tools(args.skip_rauc)
         self.pki = workdir / "pki"
@@ -767,37 +691,21 @@ class Bench:
 
     # set-up
 
-    def openssl(self, *argv: str) -> None:
-        run_quiet([self.tools.openssl, *argv])
-
     def make_pki(self) -> None:
         """A throwaway CA; from it a server certificate and a RAUC signing certificate."""
-        p = self.pki
-        p.mkdir()
-        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-        self.openssl(
-            "req", "-x509", *ec, "-days", "365", "-subj", "/CN=Rampart bench CA",
-            "-keyout", str(p / "ca.key"), "-out", str(p / "ca.pem"),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
-        extensions = {
-            "server": "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-            "signer": "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
-        }
-        for name, ext in extensions.items():
-            subject = "/CN=localhost" if name == "server" else "/CN=Rampart bench RAUC signer"
-            self.openssl(
-                "req", *ec, "-subj", subject,
-                "-keyout", str(p / f"{name}.key"), "-out", str(p / f"{name}.csr"),
-            )  # fmt: skip
-            (p / f"{name}.ext").write_text(ext)
-            self.openssl(
-                "x509", "-req", "-in", str(p / f"{name}.csr"), "-CA", str(p / "ca.pem"),
-                "-CAkey", str(p / "ca.key"), "-CAcreateserial", "-days", "365",
-                "-extfile", str(p / f"{name}.ext"), "-out", str(p / f"{name}.pem"),
-            )  # fmt: skip
+        valid = services.validity(365)
+        ca = services.make_ca(self.pki, "ca", common_name="Rampart bench CA", valid=valid)
+        self.server_cert = services.make_cert(
+            self.pki, "server", ca, ["localhost", "127.0.0.1"], valid=valid
+        )
+        services.make_cert(
+            self.pki,
+            "signer",
+            ca,
+            usage="signer",
+            common_name="Rampart bench RAUC signer",
+            valid=valid,
+        )
 
     def publish(self) -> None:
         t = self.tools
@@ -827,39 +735,12 @@ class Bench:
         return self.webroot / "dist" / version / f"{OS_NAME}-{kind}"
 
     def start_nginx(self) -> None:
-        self.port = free_port()
-        d = self.work / "nginx"
-        d.mkdir()
-        conf = d / "nginx.conf"
-        conf.write_text(
-            f"""user root;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{self.port} ssl;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_certificate {self.pki}/server.pem;
-        ssl_certificate_key {self.pki}/server.key;
-        root {self.webroot};
-    }}
-}}
-"""
+        nginx = services.Nginx.static(
+            self.work / "nginx", self.webroot, self.server_cert, timeout=START_TIMEOUT
         )
-        log = d / "stderr.log"
-        argv = [self.tools.nginx, "-c", str(conf), "-p", f"{d}/", "-e", str(d / "error.log")]
-        proc = self.services.start("nginx", [*argv, "-g", "daemon off;"], log)
-        _wait_until("nginx", lambda: _port_open(self.port), proc, log)
-        _log(f"nginx serves the webroot on https://localhost:{self.port}/")
+        self.running.enter_context(nginx)
+        self.port = nginx.port
+        _log(f"nginx serves the webroot on {nginx.url}/")
 
     def make_device(self) -> None:
         dev = self.dev
@@ -939,21 +820,22 @@ bootname=B
 """
         )
         self.start_bus()
-        log = r / "service.log"
-        proc = self.services.start(
-            "rauc service",
-            [self.tools.rauc, "service", f"--conf={r / 'system.conf'}", "--override-boot-slot=A"],
-            log,
-            env=self.rauc_env,
-        )
-        self.rauc_service_pid = proc.pid
         status_argv = [self.tools.rauc, "status", f"--conf={r / 'system.conf'}"]
 
         def ready() -> bool:
             done = subprocess.run(status_argv, env=self.rauc_env, capture_output=True, check=False)
             return done.returncode == 0
 
-        _wait_until("rauc service", ready, proc, log)
+        service = services.Service(
+            "rauc service",
+            [self.tools.rauc, "service", f"--conf={r / 'system.conf'}", "--override-boot-slot=A"],
+            r / "service.log",
+            env=self.rauc_env,
+            ready=ready,
+            timeout=START_TIMEOUT,
+        )
+        self.running.enter_context(service)
+        self.rauc_service_pid = service.pid
         status = run_quiet(status_argv, env=self.rauc_env)
         if "rootfs.0" not in status or "Booted from: rootfs.0" not in status:
             raise BenchError(f"rauc status: unexpected booted slot:\n{status}")
@@ -990,21 +872,24 @@ bootname=B
 </busconfig>
 """
         )
-        log = r / "bus.log"
-        proc = self.services.start(
+        bus = r / "bus.sock"
+
+        def ready() -> bool:
+            with suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(bus))
+                return True
+            return False
+
+        daemon = services.Service(
             "dbus-daemon",
-            [self.tools.dbus_daemon, f"--config-file={conf}", "--nofork", "--nopidfile",
-             "--print-address=1"],
-            log,
+            [self.tools.dbus_daemon, f"--config-file={conf}", "--nofork", "--nopidfile"],
+            r / "bus.log",
             env=self.env,
-            pipe_stdout=True,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        address = proc.stdout.readline().decode(errors="replace").strip()
-        if not address:
-            proc.wait(timeout=5)
-            raise BenchError(f"dbus-daemon printed no address (see {log})")
-        self.rauc_env = {**self.env, "DBUS_SYSTEM_BUS_ADDRESS": address}
+            ready=ready,
+            timeout=START_TIMEOUT,
+        )
+        self.running.enter_context(daemon)
+        self.rauc_env = {**self.env, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={bus}"}
 
     # one measured run of each method
 
@@ -1249,18 +1134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"bench: error: {args.workdir}: {exc.strerror}", file=sys.stderr)
         return 1
-    services = Services()
     try:
-        with terminate_as_interrupt():
-            report = Bench(args, workdir, services).run()
-    except BenchError as exc:
+        with terminate_as_interrupt(), ExitStack() as running:
+            report = Bench(args, workdir, running).run()
+    except (BenchError, services.ServiceError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
-        services.stop_all()
         _unmount_under(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:

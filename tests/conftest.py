@@ -1,15 +1,13 @@
-"""Shared fixtures: keys, a CLI runner, the real minisign binary, a real swtpm, and a
-minimal UKI for the code that reads only its command line."""
+"""Shared fixtures: keys, a CLI runner, the real minisign binary, the test PKI, a real
+swtpm, and a minimal UKI for the code that reads only its command line."""
 
 from __future__ import annotations
 
 import io
 import os
 import shutil
-import socket
 import struct
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import pytest
 from rampart import cli
 from rampart.contracts import signing
 from rampart.device import tpm
+from rampart.testbed import services
 
 
 @dataclass
@@ -111,60 +110,21 @@ def run_tool(
     return subprocess.run([str(a) for a in argv], input=stdin, capture_output=True, check=False)
 
 
-# --- swtpm -------------------------------------------------------------------------------
+# --- real services (rampart.testbed.services) -------------------------------------------
 
 
-def _free_ports() -> tuple[int, int]:
-    while True:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        if port < 65535:
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port, port + 1
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> services.Pki:
+    """The test PKI: a CA and its server certificate for localhost and 127.0.0.1, one
+    for another host name, and another CA with its own localhost certificate."""
+    return services.make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def start_swtpm(state: Path) -> Iterator[tpm.Tpm]:
     """A real swtpm (TPM 2.0 simulator) on a loopback port, state in `state`; yields the
-    Tpm reaching it (TCTI `swtpm:host=127.0.0.1,port=P`), killed on exit."""
-    state.mkdir(parents=True, exist_ok=True)
-    port, ctrl = _free_ports()
-    proc = subprocess.Popen(
-        [
-            "swtpm",
-            "socket",
-            "--tpm2",
-            "--tpmstate",
-            f"dir={state}",
-            "--server",
-            f"type=tcp,port={port},bindaddr=127.0.0.1",
-            "--ctrl",
-            f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-            "--flags",
-            "not-need-init,startup-clear",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                pytest.fail(f"swtpm did not start: {err}")
-            time.sleep(0.05)
-        yield tpm.Tpm(f"swtpm:host=127.0.0.1,port={port}")
-    finally:
-        proc.kill()
-        proc.wait(10)
+    Tpm reaching it (TCTI `swtpm:host=127.0.0.1,port=P`), stopped on exit."""
+    with services.Swtpm(state) as swtpm:
+        yield swtpm.tpm
 
 
 def tcti_of(chip: tpm.Tpm) -> str:

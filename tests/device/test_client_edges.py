@@ -29,15 +29,9 @@ from rampart.device import esp as esp_mod
 from rampart.device import fetch, update
 from rampart.device.transport import Limits
 from rampart.errors import LocalError, RemoteDataError, TransportError
+from rampart.testbed.services import Pki, world_readable_tmp
 from tests.conftest import KeyPair, run_cli
-from tests.device.conftest import (
-    OS,
-    Pki,
-    make_device,
-    make_release,
-    publish,
-    world_readable_tmp,
-)
+from tests.device.conftest import OS, make_device, make_release, publish
 from tests.device.hostile import Behaviour, endless, hostile_server
 
 OFFERED = "5.0.0-alpha.3"

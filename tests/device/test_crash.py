@@ -12,17 +12,9 @@ import pytest
 
 from rampart.device import update
 from rampart.device.esp import Esp
+from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
-from tests.device.conftest import (
-    OS,
-    DeviceDirs,
-    Nginx,
-    Pki,
-    Release,
-    make_device,
-    make_release,
-    publish,
-)
+from tests.device.conftest import OS, DeviceDirs, Release, make_device, make_release, publish
 
 OFFERED = "5.0.0-alpha.3"
 STEPS = [

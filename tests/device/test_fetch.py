@@ -17,8 +17,9 @@ import pytest
 
 from rampart.device import fetch, update
 from rampart.errors import LocalError
+from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
-from tests.device.conftest import Nginx, Pki, make_device, make_release, publish
+from tests.device.conftest import make_device, make_release, publish
 
 FETCH_USER = "rampart-fetch"
 

@@ -10,8 +10,9 @@ import pytest
 
 from rampart.device import update
 from rampart.errors import TransportError
+from rampart.testbed.services import Pki, world_readable_tmp
 from tests.conftest import KeyPair, make_keypair, run_cli
-from tests.device.conftest import OS, Pki, make_device, make_release, publish, world_readable_tmp
+from tests.device.conftest import OS, make_device, make_release, publish
 from tests.device.hostile import hostile_server
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,25 +17,12 @@ from rampart.device import rollback, status, tpm, update
 from rampart.device.esp import Esp
 from rampart.device.slots import open_backend
 from rampart.errors import FormatError, LocalError, VerificationError
-from tests.conftest import KeyPair, fake_uki, run_cli, start_swtpm, tcti_of
-from tests.device.conftest import (
-    OS,
-    DeviceDirs,
-    Nginx,
-    Pki,
-    Release,
-    make_device,
-    make_release,
-    publish,
-)
+from rampart.testbed.services import Nginx, Pki
+from tests.conftest import KeyPair, fake_uki, run_cli, tcti_of
+from tests.device.conftest import OS, DeviceDirs, Release, make_device, make_release, publish
 
 RUNNING = "5.0.0-alpha.1"
 OFFERED = "5.0.0-alpha.3"
-
-
-@pytest.fixture
-def chip(tmp_path: Path) -> Iterator[tpm.Tpm]:
-    yield from start_swtpm(tmp_path / "tpm")
 
 
 def tpm_config(tcti: str, required: bool = False) -> str:
@@ -178,7 +164,7 @@ def test_mark_good_without_a_tpm_changes_nothing(tmp_path: Path, vendor: KeyPair
 def test_a_tpm_failure_after_blessing_says_the_entry_was_blessed(
     tmp_path: Path, vendor: KeyPair
 ) -> None:
-    from tests.device.conftest import free_port
+    from rampart.testbed.services import free_port
 
     dead = f"swtpm:host=127.0.0.1,port={free_port()}"  # nothing listens there
     device = local_device(tmp_path, vendor, tpm_config(dead))
@@ -344,7 +330,7 @@ def test_a_required_tpm_that_is_missing_fails_the_update_before_the_disk(
 def test_an_unreachable_tpm_fails_the_update_before_the_disk(
     tmp_path: Path, vendor: KeyPair, served: Nginx, device: DeviceDirs
 ) -> None:
-    from tests.device.conftest import free_port
+    from rampart.testbed.services import free_port
 
     publish(served.root, vendor, epoch_release(tmp_path, OFFERED, 3))
     before = device.state()

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,6 @@ import pytest
 from rampart import run
 from rampart.device import state, tpm
 from rampart.errors import LocalError
-from tests.device.test_tpm import _swtpm
-
-
-@pytest.fixture
-def chip(tmp_path: Path) -> Iterator[tpm.Tpm]:
-    yield from _swtpm(tmp_path / "tpm")
 
 
 @pytest.fixture

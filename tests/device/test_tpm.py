@@ -14,17 +14,10 @@ from rampart.device import tpm
 from rampart.errors import LocalError, UsageError
 from tests.conftest import start_swtpm
 
-_swtpm = start_swtpm  # tests/device/test_state.py imports it under this name
-
-
-@pytest.fixture
-def chip(tmp_path: Path) -> Iterator[tpm.Tpm]:
-    yield from _swtpm(tmp_path / "tpm")
-
 
 @pytest.fixture
 def other_chip(tmp_path: Path) -> Iterator[tpm.Tpm]:
-    yield from _swtpm(tmp_path / "other-tpm")
+    yield from start_swtpm(tmp_path / "other-tpm")
 
 
 def _seal(chip: tpm.Tpm, tmp_path: Path, secret: bytes) -> tuple[Path, Path]:

@@ -11,7 +11,8 @@ import pytest
 
 from rampart.device.transport import Limits, Transport, tls_context
 from rampart.errors import TransportError
-from tests.device.conftest import Nginx, Pki, start_nginx, world_readable_tmp
+from rampart.testbed.services import Nginx, Pki, world_readable_tmp
+from tests.device.conftest import start_nginx
 
 LIMITS = Limits(connect_timeout=5, read_timeout=5, min_speed=1, stall_window=5)
 
@@ -132,7 +133,7 @@ def test_http_error_status_is_a_transport_error(tmp_path: Path, site: Path, pki:
 
 
 def test_connection_refused(pki: Pki) -> None:
-    from tests.device.conftest import free_port
+    from rampart.testbed.services import free_port
 
     with pytest.raises(TransportError, match="connection refused"):
         transport(pki.ca.cert).get_small(f"https://localhost:{free_port()}/v", 4096)

@@ -18,17 +18,9 @@ from rampart.contracts.version import parse_version
 from rampart.device import slots, update
 from rampart.device.slots import Slot
 from rampart.errors import ConflictError, LocalError, VerificationError
+from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair, run_cli
-from tests.device.conftest import (
-    OS,
-    DeviceDirs,
-    Nginx,
-    Pki,
-    Release,
-    make_device,
-    make_release,
-    publish,
-)
+from tests.device.conftest import OS, DeviceDirs, Release, make_device, make_release, publish
 
 OFFERED = "5.0.0-alpha.3"
 

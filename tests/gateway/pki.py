@@ -1,5 +1,6 @@
-"""A test CA and ECDSA P-256 certificates for gateways, made with `cryptography`
-(the same library the description uses to read them), and gateway.toml writers.
+"""A test CA and ECDSA P-256 certificates for gateways (rampart.testbed.services, made
+with `cryptography`, the same library the description uses to read them), and
+gateway.toml writers.
 
 `make_pki(directory, names)` writes ca.pem, ca.key and, per name, <name>.pem and
 <name>.key (mode 0600) with subjectAltName DNS:<name>.example.org.
@@ -8,107 +9,39 @@
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from rampart.testbed import services
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 END = datetime.datetime(2036, 1, 1, tzinfo=datetime.UTC)
+ORGANIZATION = "Rampart test"
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+def make_ca(directory: Path, name: str = "ca") -> services.Authority:
+    return services.make_ca(
+        directory,
+        name,
+        common_name=f"{ORGANIZATION} {name}",
+        organization=ORGANIZATION,
+        valid=(START, END),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
-def make_ca(
-    directory: Path, name: str = "ca"
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Rampart test"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"Rampart test {name}"),
-        ]
+def make_host(directory: Path, name: str, ca: services.Authority) -> None:
+    """<name>.pem and <name>.key: a server and client certificate for <name>.example.org."""
+    services.make_cert(
+        directory,
+        name,
+        ca,
+        [f"{name}.example.org"],
+        usage="peer",
+        organization=ORGANIZATION,
+        valid=(START, END),
     )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(START)
-        .not_valid_after(END)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(directory / f"{name}.key", key)
-    return cert, key
-
-
-def make_host(
-    directory: Path,
-    name: str,
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-) -> None:
-    ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    fqdn = f"{name}.example.org"
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Rampart test"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, fqdn),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(START)
-        .not_valid_after(END)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(fqdn)]), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(directory / f"{name}.key", key)
 
 
 def make_pki(directory: Path, names: tuple[str, ...] = ("gw-a", "gw-b")) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     ca = make_ca(directory)
     for name in names:
         make_host(directory, name, ca)

@@ -16,9 +16,9 @@ from rampart.contracts.version import parse_version
 from rampart.server import admin, db
 from rampart.server.app import Settings, create_app
 from rampart.server.store import Store
+from rampart.testbed import services
 from rampart.vendor import webroot as webroot_mod
 from tests.conftest import KeyPair, make_keypair
-from tests.device.conftest import pki  # noqa: F401 - a fixture for the live tests
 from tests.releases import build_payloads
 
 OS = "clipos"
@@ -61,15 +61,10 @@ def published(tmp_path_factory: pytest.TempPathFactory, vendor_key: KeyPair) -> 
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[object]:
-    """A private PostgreSQL cluster for the whole session (tests/server/pg.py)."""
-    from tests.server import pg
-
-    cluster = pg.Cluster()
-    try:
+def postgres() -> Iterator[services.Cluster]:
+    """A private PostgreSQL cluster for the whole session (rampart.testbed.services)."""
+    with services.Cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

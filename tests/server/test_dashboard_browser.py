@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from rampart.server.rollout import in_rollout
+from rampart.testbed import services
 from tests.releases import build_payloads
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
@@ -40,12 +41,6 @@ CHROMIUM = "/usr/bin/chromium"
 OS = "clipos"
 WAIT = 30.0  # seconds: the bound of every wait in this file
 FAILURE_TEXT = "efiboot: signature does not verify (key id 4F1A)"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rampart(*argv: str | Path) -> str:
@@ -134,36 +129,11 @@ def make_webroot(directory: Path) -> Path:
 def live(tmp_path: Path) -> Iterator[Live]:
     webroot = make_webroot(tmp_path)
     token = json.loads(rampart("token", "create", "ops", "--webroot", webroot, "--json"))["token"]
-    port = free_port()
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [RAMPART, "serve", "--webroot", str(webroot), "--listen", f"127.0.0.1:{port}"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Live(port, webroot, token, log)
-    try:
-        # Ready when it answers; the login page touches no cache (a version check
-        # would load the channel cache before the test changes the channels).
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert proc.poll() is None, f"rampart serve exited: {log.read_text()}"
-            try:
-                if server.request("GET", "/admin/login")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"rampart serve not ready: {log.read_text()}"
-            time.sleep(0.1)
-        yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=WAIT)
+    # Ready when it answers; the login page touches no cache (a version check would
+    # load the channel cache before the test changes the channels).
+    with services.RampartServe(webroot, log, ready_path="/admin/login", timeout=WAIT) as server:
+        yield Live(server.port, webroot, token, log)
 
 
 # --- a minimal Chrome DevTools Protocol client (RFC 6455 WebSocket, text frames) -------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import signal
 import socket
 import ssl
 import stat
@@ -27,9 +26,9 @@ import pytest
 from sqlalchemy import select, update
 
 from rampart.server import db
-from tests.device.conftest import Pki
+from rampart.testbed.services import Pki, RampartServe, free_port
 from tests.server.conftest import OS, Server
-from tests.server.test_dashboard_browser import RAMPART, free_port, make_webroot, rampart
+from tests.server.test_dashboard_browser import RAMPART, make_webroot, rampart
 
 WAIT = 30.0  # seconds: the bound of every wait in this file
 # `rampart serve`'s documented default (--max-connections-per-address, docs/server.md)
@@ -111,30 +110,11 @@ def closed_by_server(sock: socket.socket, trickle: bytes | None) -> bool:
 def serve(tmp_path: Path, pki: Pki | None, *flags: str) -> Iterator[Serve]:
     webroot = make_webroot(tmp_path)
     token = json.loads(rampart("token", "create", "ops", "--webroot", webroot, "--json"))["token"]
-    port = free_port()
-    argv = [RAMPART, "serve", "--webroot", str(webroot), "--listen", f"127.0.0.1:{port}"]
-    context = None
-    if pki is not None:
-        argv += ["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)]
-        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+    tls = None if pki is None else pki.server
+    context = None if pki is None else ssl.create_default_context(cafile=str(pki.ca.cert))
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([*argv, *flags], stdout=out, stderr=subprocess.STDOUT)
-    server = Serve(port, proc.pid, token, context, log)
-    try:
-        deadline = time.monotonic() + WAIT
-        while server.status(b"GET /admin/login HTTP/1.1\r\nHost: localhost\r\n\r\n") != 200:
-            assert proc.poll() is None, f"rampart serve exited: {log.read_text()}"
-            assert time.monotonic() < deadline, f"rampart serve not ready: {log.read_text()}"
-            time.sleep(0.1)
-        yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=WAIT)
+    with RampartServe(webroot, log, tls=tls, options=flags, timeout=WAIT) as process:
+        yield Serve(process.port, process.pid, token, context, log)
 
 
 @pytest.fixture(params=["http", "https"])

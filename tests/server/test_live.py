@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,18 +10,9 @@ from typing import Any
 
 import pytest
 
+from rampart.testbed.services import Pki, RampartServe, world_readable_tmp
 from tests.conftest import KeyPair, make_keypair, run_cli
-from tests.device.conftest import (
-    DeviceDirs,
-    Pki,
-    free_port,
-    make_device,
-    make_release,
-    publish,
-    world_readable_tmp,
-)
-
-RAMPART = str(Path(sys.executable).parent / "rampart")
+from tests.device.conftest import DeviceDirs, make_device, make_release, publish
 
 
 @pytest.fixture
@@ -41,40 +28,9 @@ def live(tmp_path: Path, vendor: KeyPair, pki: Pki) -> Iterator[tuple[str, Path]
     publish(webroot, vendor, alpha2)
     publish(webroot, vendor, make_release(tmp_path / "r3", "5.0.0-alpha.3"))
     publish(webroot, vendor, alpha2, force=True)  # the default channel back at alpha.2
-    port = free_port()
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [
-            RAMPART,
-            "serve",
-            "--webroot",
-            str(webroot),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--tls-cert",
-            str(pki.server.cert),
-            "--tls-key",
-            str(pki.server.key),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(log.read_text()) from None
-            time.sleep(0.1)
-    try:
-        yield f"https://localhost:{port}", webroot
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+    with RampartServe(webroot, tmp_path / "serve.log", tls=pki.server, timeout=20) as server:
+        yield server.url, webroot
+        server.stop()
 
 
 def admin(webroot: Path, *argv: str) -> Any:

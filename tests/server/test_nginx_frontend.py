@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -27,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from rampart.testbed import services
 from tests.conftest import KeyPair, make_keypair, run_cli
-from tests.device.conftest import make_ca, make_device, make_server_cert
+from tests.device.conftest import make_device
 from tests.releases import build_payloads
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
@@ -38,40 +36,12 @@ WAIT = 30.0  # seconds: the bound of every wait in this file
 MID = "5" * 32
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def rampart(*argv: str | Path) -> str:
     result = subprocess.run(
         [RAMPART, *map(str, argv)], capture_output=True, text=True, timeout=WAIT, check=False
     )
     assert result.returncode == 0, f"rampart {argv}: {result.stderr}"
     return result.stdout
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=WAIT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=WAIT)
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while True:
-        assert proc.poll() is None, f"{what} exited: {log.read_text(errors='replace')}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, f"{what} not listening: {log.read_text()}"
-            time.sleep(0.1)
 
 
 # --- the configuration from the documentation ------------------------------------------
@@ -122,27 +92,17 @@ def adapt(
     return "\n".join(out) + "\n"
 
 
-MAIN_CONF = """\
-{user}
-worker_processes 1;
-pid {state}/nginx.pid;
-error_log {state}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    # What Debian's /etc/nginx/nginx.conf sets around conf.d/*.conf.
+# What Debian's /etc/nginx/nginx.conf sets around conf.d/*.conf (the rest of the main
+# configuration, with the pid file, logs and temporary paths in the test's directory, is
+# rampart.testbed.services.Nginx's).
+HTTP = """\
     include /etc/nginx/mime.types;
     default_type application/octet-stream;
     sendfile on;
     tcp_nopush on;
     access_log {state}/other-access.log;
-    client_body_temp_path {state}/body;
-    proxy_temp_path {state}/proxy;
-    fastcgi_temp_path {state}/fastcgi;
-    uwsgi_temp_path {state}/uwsgi;
-    scgi_temp_path {state}/scgi;
 
 {site}
-}}
 """
 
 
@@ -192,10 +152,6 @@ class Frontend:
 
 @pytest.fixture
 def frontend(tmp_path: Path) -> Iterator[Frontend]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.fail("nginx is not installed: run make setup")
-
     # A webroot with 1.0.0 then 1.0.1 published: the default channel names 1.0.1.
     vendor = make_keypair(tmp_path / "vendor")
     webroot = tmp_path / "webroot"
@@ -219,56 +175,25 @@ def frontend(tmp_path: Path) -> Iterator[Frontend]:
     token = json.loads(rampart("token", "create", "ops", "--webroot", webroot, "--json"))["token"]
 
     pki = tmp_path / "pki"
-    ca, ca_key, ca_cert = make_ca(pki, "rootca")
-    server = make_server_cert(pki, "server", ca_key, ca_cert, ["localhost", "127.0.0.1"])
+    ca = services.make_ca(pki, "rootca")
+    server = services.make_cert(pki, "server", ca, ["localhost", "127.0.0.1"])
 
-    app_port, port = free_port(), free_port()
     app_log = tmp_path / "serve.log"
-    with app_log.open("wb") as out:
-        app = subprocess.Popen(
-            [
-                RAMPART,
-                "serve",
-                "-v",
-                "--webroot",
-                str(webroot),
-                "--listen",
-                f"127.0.0.1:{app_port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_port(app_port, app, app_log, "rampart serve")
+    with services.RampartServe(webroot, app_log, options=["-v"], timeout=WAIT) as app:
         state = tmp_path / "nginx"
-        state.mkdir()
+        port = services.free_port()
         site = adapt(
             documented_config(),
             port=port,
-            app_port=app_port,
+            app_port=app.port,
             cert=server.cert,
             key=server.key,
             dist=webroot / "dist",
             state=state,
         )
-        conf = state / "nginx.conf"
-        user = "user root;" if os.geteuid() == 0 else ""  # pytest's tmp dirs are 0700
-        conf.write_text(MAIN_CONF.format(user=user, state=state, site=site))
-        nginx_log = state / "stderr.log"
-        argv = [nginx, "-c", str(conf), "-p", str(state), "-e", str(state / "error.log")]
-        test = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=WAIT)
-        assert test.returncode == 0, f"nginx -t:\n{test.stderr}\n{conf.read_text()}"
-        with nginx_log.open("wb") as out:
-            proxy = subprocess.Popen(
-                [*argv, "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT
-            )
-        try:
-            wait_port(port, proxy, nginx_log, "nginx")
+        http = HTTP.format(state=state, site=site)
+        with services.Nginx(state, http, port, root=webroot, check=True, timeout=WAIT):
             yield Frontend(port, webroot, vendor, ca.cert, token, app_log, state)
-        finally:
-            stop(proxy)
-    finally:
-        stop(app)
 
 
 # --- the test ----------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from rampart.testbed import services
 from tests.releases import build_payloads
-from tests.server import pg
 
 OS = "clipos"
 PATH = f"/update/v1/{OS}/version"
@@ -70,9 +70,9 @@ def _run(*argv: str | Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[pg.Cluster]:
+def cluster() -> Iterator[services.Cluster]:
     """A private cluster: this test stops and starts it, so it shares it with nobody."""
-    with pg.Cluster(None) as c:
+    with services.Cluster(None) as c:
         yield c
 
 
@@ -114,66 +114,17 @@ def cli_webroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- the server process ------------------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-    def stop(self) -> int:
-        """SIGTERM (a graceful stop: the check buffer is flushed); the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(SERVER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            pytest.fail(
-                f"rampart serve did not stop within {SERVER_STOP_TIMEOUT:g} s of SIGTERM\n"
-                + self.log_tail()
-            )
-
-
-def start_server(webroot: Path, url: str, log: Path, *options: str) -> ServerProcess:
-    port = pg.free_port()
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                str(_rampart()),
-                "serve",
-                "--webroot",
-                str(webroot),
-                "--db",
-                url,
-                "--listen",
-                f"127.0.0.1:{port}",
-                *options,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(process, port, log)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"rampart serve exited with {process.returncode}\n{server.log_tail()}")
-        # An anonymous request: answered from the channels, not recorded.
-        answer = probe(port, None, timeout=2.0)
-        if answer.status == 200:
-            return server
-        time.sleep(0.1)
-    server.process.kill()
-    server.process.wait(10)
-    pytest.fail(f"rampart serve not ready after {SERVER_START_TIMEOUT:g} s\n{server.log_tail()}")
+def start_server(webroot: Path, url: str, log: Path, *options: str) -> services.RampartServe:
+    """`rampart serve` on the database `url`, ready once it answers an anonymous request
+    (answered from the channels, not recorded)."""
+    return services.RampartServe(
+        webroot,
+        log,
+        db=url,
+        options=options,
+        ready_path=PATH,
+        timeout=SERVER_START_TIMEOUT,
+    )
 
 
 # --- clients -------------------------------------------------------------------------------
@@ -318,7 +269,7 @@ def _s(value: float | None) -> str:
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_postgres_outage_gives_503_and_recovers(
-    cluster: pg.Cluster, cli_webroot: Path, tmp_path: Path, mode: str
+    cluster: services.Cluster, cli_webroot: Path, tmp_path: Path, mode: str
 ) -> None:
     """`fast`: an administrator stops PostgreSQL; `immediate`: it crashes (no checkpoint,
     backends killed mid-transaction, crash recovery at the next start)."""
@@ -352,16 +303,15 @@ def test_postgres_outage_gives_503_and_recovers(
         # Let the last batch be written before the stop: this test is about the outage;
         # a stop in the middle of a write is test_graceful_stop_under_load's business.
         time.sleep(QUIET_BEFORE_STOP)
-        code = server.stop()
+        code = server.stop(timeout=SERVER_STOP_TIMEOUT)
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(10)
+        if server.running():
+            server.kill()
         cluster.start()  # whatever happened, leave it running for the teardown
 
     report = summary(answers, stopped_at, restarting_at, started_at)
     print("\n" + report)  # shown with pytest -s, and in the failure messages below
-    context = f"\n{report}\nserver log:\n{server.log_tail()}"
+    context = f"\n{report}\nserver log:\n{server.log_tail(30)}"
 
     # uvicorn re-raises the signal once it has shut down gracefully (the lifespan's
     # shutdown ran, and with it the last flush): -SIGTERM is a clean exit here.
@@ -468,7 +418,7 @@ end
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_graceful_stop_under_load_records_every_check(
-    cluster: pg.Cluster, cli_webroot: Path, tmp_path: Path, database: str
+    cluster: services.Cluster, cli_webroot: Path, tmp_path: Path, database: str
 ) -> None:
     """SIGTERM while wrk loads the server: every check it answered (200) is in `checks`.
 
@@ -508,7 +458,7 @@ def test_graceful_stop_under_load_records_every_check(
         try:
             time.sleep(STOP_AFTER)
             stopping = time.monotonic()
-            code = server.stop()
+            code = server.stop(timeout=SERVER_STOP_TIMEOUT)
             stop_seconds = time.monotonic() - stopping
             output = process.communicate(timeout=WRK_SECONDS + 30)[0]
         finally:
@@ -516,14 +466,13 @@ def test_graceful_stop_under_load_records_every_check(
                 process.kill()
                 process.wait(10)
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(10)
+        if server.running():
+            server.kill()
     match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
     assert match is not None, f"wrk printed no result:\n{output}"
     result = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
     answered = result["requests"] - result["status"]
-    assert code in (0, -signal.SIGTERM), f"exit code {code}\n{server.log_tail()}"
+    assert code in (0, -signal.SIGTERM), f"exit code {code}\n{server.log_tail(30)}"
     # Checks are answered once committed: on a busy machine with PostgreSQL commits
     # this can be a few hundred a second; the count must still match.
     assert answered > 300, f"too little load to mean anything: {result}"
@@ -543,5 +492,5 @@ def test_graceful_stop_under_load_records_every_check(
     assert recorded == answered, (
         f"{database}: wrk read {answered} answers (2xx) before the stop, {recorded} checks are "
         f"recorded ({answered - int(recorded or 0)} lost); SIGTERM at {STOP_AFTER:g} s, the "
-        f"server took {stop_seconds:.2f} s to stop; wrk: {result}\n{server.log_tail()}"
+        f"server took {stop_seconds:.2f} s to stop; wrk: {result}\n{server.log_tail(30)}"
     )

@@ -25,8 +25,9 @@ import pytest
 from rampart.server import admin, db
 from rampart.server.rollout import in_rollout
 from rampart.server.store import Store
+from rampart.testbed.services import RampartServe
 from tests.server.conftest import OS
-from tests.server.test_postgres_restart import ServerProcess, start_server
+from tests.server.test_postgres_restart import start_server
 
 VERSION = "1.0.1"
 PERCENT = 5.0
@@ -35,7 +36,7 @@ FLEET = 200  # real machines, each from its own address, known before the rollou
 
 @dataclass
 class Rollout:
-    server: ServerProcess
+    server: RampartServe
     store: Store
     webroot: Path
 
@@ -112,7 +113,7 @@ def rollout(published: Path, tmp_path: Path) -> Iterator[tuple[Rollout, list[str
             time.sleep(0.2)
         yield live, inside
     finally:
-        assert server.stop() in (0, -15), server.log_tail()
+        assert server.stop() in (0, -15), server.log_tail(30)
         engine.dispose()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,8 +14,9 @@ import pytest
 from sqlalchemy import insert, text
 
 from rampart.server import db
+from rampart.testbed.services import RampartServe
 from tests.server.conftest import OS, Server, headers
-from tests.server.test_postgres_restart import _rampart, probe, start_server
+from tests.server.test_postgres_restart import PATH, probe, start_server
 
 SILENT = 1_500  # more than the 1,000 the fleet view used to count
 
@@ -72,15 +72,13 @@ def test_sigkill_of_the_server_loses_no_check_answered_200(tmp_path: Path, publi
         for thread in threads:
             thread.start()
         time.sleep(3.0)
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait(30)
+        server.send_signal(signal.SIGKILL)
+        server.wait(30)
     finally:
         stop.set()
         for thread in threads:
             thread.join(30)
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(10)
+        server.kill()
     total = sum(len(a) for a in answered)
     assert total > 100, f"too little load to mean anything: {total} checks answered"
     engine = db.make_engine(url)
@@ -125,15 +123,15 @@ def test_sigkill_of_the_supervisor_ends_its_workers(tmp_path: Path, published: P
             # that run the server are the children that are not its resource tracker.
             workers = [
                 p
-                for p in _children(server.process.pid)
+                for p in _children(server.pid)
                 if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()
             ]
             if len(workers) == 2:
                 break
             time.sleep(0.2)
-        assert len(workers) == 2, f"workers: {workers}\n{server.log_tail()}"
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait(30)
+        assert len(workers) == 2, f"workers: {workers}\n{server.log_tail(30)}"
+        server.send_signal(signal.SIGKILL)
+        server.wait(30)
         deadline = time.monotonic() + 30
         while any(_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -143,34 +141,18 @@ def test_sigkill_of_the_supervisor_ends_its_workers(tmp_path: Path, published: P
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        server.close()  # what else is left of its process group (the resource tracker)
     assert not alive, f"workers {alive} outlived their supervisor (port answers {answer.status})"
     # The port is free: a new server starts on it.
-    again = subprocess.Popen(
-        [
-            str(_rampart()),
-            "serve",
-            "--webroot",
-            str(published),
-            "--db",
-            url,
-            "--listen",
-            f"127.0.0.1:{server.port}",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "again.log").open("wb"),
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and again.poll() is None:
-            if probe(server.port, None, timeout=2.0).status == 200:
-                break
-            time.sleep(0.2)
-        assert again.poll() is None, (tmp_path / "again.log").read_text()
+    with RampartServe(
+        published,
+        tmp_path / "again.log",
+        db=url,
+        port=server.port,
+        ready_path=PATH,
+        timeout=30,
+    ):
         assert probe(server.port, None, timeout=5.0).status == 200
-    finally:
-        again.terminate()
-        again.wait(30)
 
 
 def test_a_check_is_answered_only_once_committed(server: Server) -> None:

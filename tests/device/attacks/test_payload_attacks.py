@@ -18,18 +18,16 @@ import pytest
 from rampart.contracts import cmdline
 from rampart.device import update
 from rampart.errors import FormatError, RampartError, VerificationError
+from rampart.testbed.services import Nginx, Pki, world_readable_tmp
 from rampart.vendor import uki
 from tests.conftest import KeyPair, fake_uki, run_cli
 from tests.device.conftest import (
     OS,
     DeviceDirs,
-    Nginx,
-    Pki,
     make_device,
     make_release,
     publish,
     publish_unchecked,
-    world_readable_tmp,
 )
 from tests.device.hostile import hostile_server
 from tests.releases import build_payloads

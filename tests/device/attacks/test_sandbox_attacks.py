@@ -28,8 +28,9 @@ from rampart.device import update
 from rampart.device.esp import Esp
 from rampart.device.fetch import Job
 from rampart.errors import LocalError
+from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
-from tests.device.conftest import OS, DeviceDirs, Nginx, Pki, make_device, make_release, publish
+from tests.device.conftest import OS, DeviceDirs, make_device, make_release, publish
 
 FETCH_USER = "rampart-fetch"
 OFFERED = "5.0.0-alpha.3"

@@ -11,16 +11,9 @@ import pytest
 
 from rampart.device import update
 from rampart.errors import FormatError, RemoteDataError, TransportError, VerificationError
+from rampart.testbed.services import Pki, world_readable_tmp
 from tests.conftest import KeyPair, make_keypair
-from tests.device.conftest import (
-    OS,
-    DeviceDirs,
-    Pki,
-    make_device,
-    make_release,
-    publish,
-    world_readable_tmp,
-)
+from tests.device.conftest import OS, DeviceDirs, make_device, make_release, publish
 from tests.device.hostile import Behaviour, body, endless, hostile_server, trickle
 
 OFFERED = "5.0.0-alpha.3"

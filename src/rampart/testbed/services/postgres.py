@@ -15,8 +15,9 @@ version is used. initdb refuses to run as root, so when this process is root
 the server's commands run as the `postgres` system user that the package
 creates (through runuser or setpriv), and the data directory belongs to it.
 
-No pytest here: plain functions and a class, usable from a benchmark too. Every
-wait has a timeout; a failure raises PostgresError with the server log's tail.
+Unlike the other services, pg_ctl starts the server as a daemon (not a child of
+this process): stop() asks pg_ctl, then kills the postmaster's process group.
+Every wait has a timeout; a failure raises PostgresError with the server log's tail.
 """
 
 from __future__ import annotations
@@ -28,19 +29,21 @@ import pwd
 import re
 import shutil
 import signal
-import socket
-import subprocess
+
+# A test rig; see base.py.
+import subprocess  # noqa: TID251
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+
+from rampart.testbed.services.base import Closing, ServiceError, free_port, port_open
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
 SYSTEM_USER = "postgres"
 SUPERUSER = "postgres"  # the role initdb creates (--username)
 DEFAULT_DATABASE = "rampart"
-DEFAULT_PARENT = Path("/var/tmp")
+DEFAULT_PARENT = Path("/var/tmp")  # noqa: S108 - mkdtemp makes the directory
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 60.0
@@ -53,11 +56,11 @@ _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}", re.ASCII)
 FAST_SETTINGS: Mapping[str, str] = {"fsync": "off", "full_page_writes": "off"}
 
 
-class PostgresError(RuntimeError):
+class PostgresError(ServiceError):
     """The cluster could not be set up, started, stopped or queried."""
 
 
-def find_bindir() -> Path:
+def postgres_bindir() -> Path:
     """The newest /usr/lib/postgresql/VERSION/bin holding initdb, pg_ctl and postgres."""
     candidates = []
     for path in Path("/").glob(BIN_GLOB.lstrip("/")):
@@ -69,19 +72,6 @@ def find_bindir() -> Path:
     if not candidates:
         raise PostgresError(SETUP_HINT)
     return max(candidates)[1]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the OS's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
 
 
 def check_name(name: str) -> str:
@@ -106,7 +96,7 @@ def _pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-class Cluster:
+class Cluster(Closing):
     """One private PostgreSQL cluster, started on construction."""
 
     def __init__(
@@ -118,7 +108,7 @@ class Cluster:
         host: str = "127.0.0.1",
         start_timeout: float = START_TIMEOUT,
     ) -> None:
-        self.bindir = find_bindir()
+        self.bindir = postgres_bindir()
         self.host = host
         self.start_timeout = start_timeout
         self.as_root = os.geteuid() == 0
@@ -270,7 +260,7 @@ class Cluster:
             **{k: str(v) for k, v in settings.items()},
         }
         with (self.datadir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# tests/server/pg.py\n")
+            conf.write("\n# rampart.testbed.services.postgres\n")
             for key, value in config.items():
                 conf.write(f"{key} = {value}\n")
 
@@ -286,8 +276,7 @@ class Cluster:
                 last = exc
                 if "already in use" not in str(exc) and "could not bind" not in str(exc):
                     raise
-        assert last is not None
-        raise last
+        raise last or PostgresError("no free port")
 
     def start(self) -> None:
         """Start the cluster (after stop()) on the same port; wait until it accepts
@@ -296,7 +285,7 @@ class Cluster:
             raise PostgresError("the cluster was destroyed")
         if self.running():
             return
-        if port_open(self.host, self.port):
+        if port_open(self.port, self.host):
             raise PostgresError(f"port {self.port} on {self.host} is taken by another process")
         self._server_command(
             [
@@ -385,8 +374,12 @@ class Cluster:
         return not _pid_alive(pid)
 
     def _kill(self, pid: int) -> None:
-        """SIGQUIT (immediate shutdown), then SIGKILL the postmaster and its children."""
+        """SIGQUIT (immediate shutdown), then SIGKILL the postmaster, its children and
+        what is left of its process group (pg_ctl makes it a group leader)."""
         children = self._children(pid)
+        group = None
+        with contextlib.suppress(OSError):
+            group = pid if os.getpgid(pid) == pid else None
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGQUIT)
         if not self._wait_gone(pid, 5.0):
@@ -396,6 +389,9 @@ class Cluster:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+        if group is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
 
     @staticmethod
     def _children(pid: int) -> list[int]:
@@ -421,15 +417,8 @@ class Cluster:
                 self._kill(pid)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """destroy(): a cluster is thrown away when its `with` ends."""
         self.destroy()
 
     # --- databases -----------------------------------------------------------------
