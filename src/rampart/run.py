@@ -58,6 +58,7 @@ def run(
     timeout: float | None = None,
     inherit_stderr: bool = False,
     pass_fds: Sequence[int] = (),
+    cwd: Path | None = None,
 ) -> Completed:
     """Run `argv`; raise LocalError if it cannot start, times out, or fails while `check`.
 
@@ -78,8 +79,11 @@ def run(
             timeout=timeout,
             check=False,
             pass_fds=tuple(pass_fds),
+            cwd=cwd,
         )
     except FileNotFoundError as exc:
+        if cwd is not None and exc.filename in (cwd, str(cwd)):
+            raise LocalError(f"{argv[0]}: working directory {cwd} does not exist") from exc
         raise LocalError(f"{argv[0]}: command not found (run `make setup`)") from exc
     except subprocess.TimeoutExpired as exc:
         raise LocalError(f"{argv[0]}: timed out after {timeout} s") from exc
@@ -136,6 +140,15 @@ class Process:
                 f"{self.argv[0]} (pid {self.pid}) still running after {timeout} s"
             ) from exc
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process has been reaped (by poll or wait), else None."""
+        return self._popen.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send `sig`, unless the process has already been reaped."""
+        self._popen.send_signal(sig)
+
     def kill(self) -> None:
         """Send SIGKILL, unless the process has already been reaped."""
         self._popen.kill()
@@ -152,19 +165,27 @@ def spawn(
     stdout_path: Path | None = None,
     stderr_path: Path | None = None,
     cwd: Path | None = None,
+    new_session: bool = False,
+    inherit_env: bool = False,
 ) -> Process:
-    """Start `argv` in the background with stdin on /dev/null and the reduced environment.
+    """Start `argv` in the background with stdin on /dev/null and the reduced environment
+    (with `inherit_env`, this process's whole environment; `env` is added either way).
 
-    Its stdout and stderr are appended to the given files (created if missing),
-    or discarded when no file is given; the caller must reap the process.
-    Raise LocalError if it cannot start.
+    Its stdout and stderr are appended to the given files (created if missing; the
+    same file for both if the paths are equal), or discarded when no file is given;
+    with `new_session` it leads a new session and process group (its whole group can
+    then be signalled with os.killpg). The caller must reap the process. Raise
+    LocalError if it cannot start.
     """
-    full_env = _environment(env)
+    full_env = {**os.environ, **(env or {})} if inherit_env else _environment(env)
     log.debug("+ %s &", shlex.join(argv))
     with contextlib.ExitStack() as stack:
         try:
             out = stack.enter_context(open(stdout_path, "ab")) if stdout_path else None
-            err = stack.enter_context(open(stderr_path, "ab")) if stderr_path else None
+            if stderr_path is not None and stderr_path == stdout_path:
+                err = out
+            else:
+                err = stack.enter_context(open(stderr_path, "ab")) if stderr_path else None
         except OSError as exc:
             raise LocalError(
                 f"{argv[0]}: cannot open its output file {exc.filename}: {exc.strerror}"
@@ -177,6 +198,7 @@ def spawn(
                 stderr=err if err is not None else subprocess.DEVNULL,
                 env=full_env,
                 cwd=cwd,
+                start_new_session=new_session,
             )
         except FileNotFoundError as exc:
             if cwd is not None and exc.filename in (cwd, str(cwd)):

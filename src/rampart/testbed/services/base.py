@@ -16,16 +16,15 @@ import os
 import signal
 import socket
 import ssl
-
-# A test rig, never shipped to a device: it needs what rampart.run does not offer (a
-# process group per service, the caller's whole environment, a working directory).
-import subprocess  # noqa: TID251
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from rampart import run
+from rampart.errors import LocalError
 
 START_TIMEOUT = 30.0  # seconds for a service to become ready
 STOP_TIMEOUT = 20.0  # seconds for a service to end after its stop signal
@@ -154,19 +153,18 @@ class Service(Closing):
         self.logs = (log, *logs)
         self.returncode: int | None = None
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
-            try:
-                self._process = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=None if env is None else dict(env),
-                    cwd=cwd,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise ServiceError(f"{name}: cannot start {self.argv[0]}: {exc.strerror}") from None
+        try:
+            self._process = run.spawn(
+                self.argv,
+                env=env,
+                inherit_env=env is None,
+                stdout_path=log,
+                stderr_path=log,
+                cwd=cwd,
+                new_session=True,
+            )
+        except LocalError as exc:
+            raise ServiceError(f"{name}: {exc}") from None
         if ready is not None:
             self.wait_ready(ready, timeout)
 
@@ -224,7 +222,7 @@ class Service(Closing):
                 f"{self.name} did not stop within {timeout:g} s of "
                 f"{signal.Signals(sig).name}: killed{self.log_tail()}"
             )
-        return int(self._process.returncode)  # reaped by _end
+        return self._reap()  # reaped by _end: only its exit code is read
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop with SIGTERM, killing it if need be; never raises (a clean-up)."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess  # noqa: TID251 - `nginx -t`; see base.py
 import time
 from pathlib import Path
 
+from rampart import run
 from rampart.testbed.services.base import (
     START_TIMEOUT,
     Service,
@@ -103,11 +103,10 @@ class Nginx(Service):
         )
         argv = [binary, "-c", str(self.conf), "-p", f"{state}/", "-e", str(state / "error.log")]
         if check:
-            test = subprocess.run(
-                [*argv, "-t"], capture_output=True, text=True, timeout=timeout, check=False
-            )
+            test = run.run([*argv, "-t"], timeout=timeout, check=False)
             if test.returncode != 0:
-                raise ServiceError(f"nginx -t:\n{test.stderr}\n{self.conf.read_text()}")
+                errors = test.stderr.decode(errors="replace")
+                raise ServiceError(f"nginx -t:\n{errors}\n{self.conf.read_text()}")
         super().__init__(
             "nginx",
             [*argv, "-g", "daemon off;"],

@@ -29,14 +29,14 @@ import pwd
 import re
 import shutil
 import signal
-
-# A test rig; see base.py.
-import subprocess  # noqa: TID251
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from rampart import run
+from rampart.errors import LocalError
 from rampart.testbed.services.base import Closing, ServiceError, free_port, port_open
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -54,6 +54,15 @@ _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}", re.ASCII)
 # of it and survives a crash of PostgreSQL itself (`stop(mode="immediate")`): tests that
 # crash the server and count rows rely on it.
 FAST_SETTINGS: Mapping[str, str] = {"fsync": "off", "full_page_writes": "off"}
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a PostgreSQL tool printed, as text."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 class PostgresError(ServiceError):
@@ -188,31 +197,24 @@ class Cluster(Closing):
 
     def _server_command(
         self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> Output:
         """Run a server-side tool (initdb, pg_ctl) as the cluster's owner."""
         return self._run([*self._drop, *argv], timeout, check, self._env())
 
     def _run(
         self, argv: Sequence[str], timeout: float, check: bool, env: Mapping[str, str]
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> Output:
         tool = next((Path(a).name for a in argv if a.startswith(str(self.bindir))), argv[0])
         try:
-            result = subprocess.run(
-                list(argv),
-                cwd=self.root,  # readable by the owner: pg_ctl wants a usable cwd
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise PostgresError(
-                f"{tool} did not finish within {timeout:g} s{self._log_tail()}"
-            ) from None
-        except FileNotFoundError as exc:
-            raise PostgresError(f"{exc.filename}: not found: run make setup") from None
+            # cwd readable by the owner: pg_ctl wants a usable cwd
+            done = run.run(argv, env=env, timeout=timeout, check=False, cwd=self.root)
+        except LocalError as exc:
+            raise PostgresError(f"{tool}: {exc}{self._log_tail()}") from None
+        result = Output(
+            done.returncode,
+            done.stdout.decode(errors="replace"),
+            done.stderr.decode(errors="replace"),
+        )
         if check and result.returncode != 0:
             output = (result.stderr or result.stdout).strip()
             raise PostgresError(
@@ -425,7 +427,7 @@ class Cluster(Closing):
 
     def _psql(
         self, database: str, sql: str, check: bool = True, timeout: float = COMMAND_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> Output:
         env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "PGCONNECT_TIMEOUT": "5"}
         return self._run(
             [
