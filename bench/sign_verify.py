@@ -50,11 +50,12 @@ KEYGEN_SNIPPET = """\
 import sys
 from pathlib import Path
 
+from rampart import files
 from rampart.contracts import signing
 
 key = signing.generate_secret_key()
-signing.write_new_file(Path(sys.argv[1]), signing.secret_key_to_bytes(key, None), 0o600)
-signing.write_new_file(Path(sys.argv[2]), key.public_key.to_bytes(), 0o644)
+files.write_new_file(Path(sys.argv[1]), signing.secret_key_to_bytes(key, None), 0o600)
+files.write_new_file(Path(sys.argv[2]), key.public_key.to_bytes(), 0o644)
 """
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart import cli
+from rampart import cli, files
 from rampart.contracts import signing
 from rampart.device import tpm
 from rampart.testbed import services
@@ -58,7 +58,7 @@ def make_keypair(directory: Path, name: str = "vendor") -> KeyPair:
     key = signing.generate_secret_key()
     secret = directory / f"{name}.key"
     public = directory / f"{name}.pub"
-    signing.write_new_file(secret, signing.secret_key_to_bytes(key, None), 0o600)
+    files.write_new_file(secret, signing.secret_key_to_bytes(key, None), 0o600)
     public.write_bytes(key.public_key.to_bytes())
     return KeyPair(secret, public, key)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rampart import files
 from rampart.contracts import signing
 from rampart.errors import FormatError, LocalError, VerificationError
 from tests.conftest import KeyPair
@@ -149,10 +150,10 @@ def test_non_utf8_trusted_comment_is_refused_when_read_as_text() -> None:
 
 def test_write_new_file_never_overwrites_and_uses_mode(tmp_path: Path) -> None:
     path = tmp_path / "secret"
-    signing.write_new_file(path, b"a", 0o600)
+    files.write_new_file(path, b"a", 0o600)
     assert path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(LocalError, match="already exists"):
-        signing.write_new_file(path, b"b", 0o600)
+        files.write_new_file(path, b"b", 0o600)
     assert path.read_bytes() == b"a"
 
 

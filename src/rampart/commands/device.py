@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rampart import files
 from rampart.commands.common import JSON, Arg, Group, Verb, arg, print_json, seconds
 from rampart.contracts.version import parse_version
 from rampart.device import config as device_config
@@ -142,9 +143,7 @@ def _esp_root(config: Any) -> Path:
 
 def _read_passphrase(args: argparse.Namespace) -> str:
     if args.passphrase_file is not None:
-        from rampart.contracts import signing
-
-        data = signing.read_file(args.passphrase_file, "passphrase file", 4096)
+        data = files.read_small(args.passphrase_file, "passphrase file", 4096)
         text = data.decode("utf-8", errors="replace").strip()
     elif sys.stdin.isatty():
         text = getpass.getpass("Recovery passphrase of the state partition: ").strip()

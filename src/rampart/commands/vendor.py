@@ -12,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from rampart import files
 from rampart.commands.common import (
     JSON,
     PASSWORD_ENV,
@@ -53,9 +54,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     password = None if args.unencrypted else password_source(args.password_env, True)()
     key = signing.generate_secret_key()
     secret = signing.secret_key_to_bytes(key, password)
-    signing.write_new_file(args.secret_key, secret, 0o600)
+    files.write_new_file(args.secret_key, secret, 0o600)
     try:
-        signing.write_new_file(args.public_key, key.public_key.to_bytes(), 0o644)
+        files.write_new_file(args.public_key, key.public_key.to_bytes(), 0o644)
     except RampartError:
         args.secret_key.unlink()
         raise

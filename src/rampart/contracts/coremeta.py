@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rampart.contracts import verity
-from rampart.errors import FormatError, LocalError
+from rampart.errors import FormatError
+from rampart.files import read_small
 
 LIMIT = 1 << 20
 
@@ -79,15 +80,7 @@ class CoreMeta:
 
 
 def _document(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(LIMIT + 1)
-    except FileNotFoundError:
-        raise LocalError(f"{path}: Core metadata file not found") from None
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > LIMIT:
-        raise FormatError(f"{path}: Core metadata larger than 1 MiB")
+    raw = read_small(path, "Core metadata file", LIMIT)
     try:
         doc = json.loads(raw)
     except ValueError as exc:

@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from rampart.errors import ConflictError, FormatError, LocalError, VerificationError
+from rampart.errors import FormatError, LocalError, VerificationError
+from rampart.files import read_small
 
 UNTRUSTED_PREFIX = b"untrusted comment: "
 TRUSTED_PREFIX = b"trusted comment: "
@@ -363,51 +364,16 @@ def secret_key_to_bytes(
 # --- files -------------------------------------------------------------------------
 
 
-def read_file(path: Path, what: str, limit: int = 1 << 16) -> bytes:
-    """Read a small file (key, signature) whole, with a size cap."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
-    except FileNotFoundError:
-        raise LocalError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise LocalError(f"{path}: {what} is a directory") from None
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise FormatError(f"{path}: {what} is larger than {limit} bytes")
-    return data
-
-
 def load_public_key(path: Path) -> PublicKey:
-    return parse_public_key(read_file(path, "public key"), str(path))
+    return parse_public_key(read_small(path, "public key"), str(path))
 
 
 def load_signature(path: Path) -> Signature:
-    return parse_signature(read_file(path, "signature"), str(path))
+    return parse_signature(read_small(path, "signature"), str(path))
 
 
 def load_secret_key(path: Path, password: Callable[[], bytes]) -> SecretKey:
-    return parse_secret_key(read_file(path, "secret key"), str(path), password)
-
-
-def write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` with `mode` (never overwriting), write, fsync; LocalError on failure."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        raise ConflictError(f"{path}: already exists; refusing to overwrite a key") from None
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot create: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise LocalError(f"{path}: cannot write: {exc.strerror}") from None
-    os.close(fd)
+    return parse_secret_key(read_small(path, "secret key"), str(path), password)
 
 
 def message_for(handle: BinaryIO, prehashed: bool, source: str) -> bytes:

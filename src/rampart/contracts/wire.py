@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from rampart.contracts import signing
+from rampart import files
 from rampart.contracts.version import Version, parse_version
 from rampart.errors import FormatError, LocalError, RampartError, UsageError
 
@@ -125,7 +125,7 @@ def parse_version_document(data: bytes, source: str) -> Version:
 def read_version_file(path: Path) -> Version | None:
     """The version a version file names, or None if there is no such file."""
     try:
-        data = signing.read_file(path, "version file", VERSION_DOCUMENT_MAX)
+        data = files.read_small(path, "version file", VERSION_DOCUMENT_MAX)
     except LocalError:
         if not path.exists():
             return None
@@ -156,7 +156,7 @@ def list_channels(webroot: Path, problems: list[str] | None = None) -> list[Chan
             if not path.is_file():
                 continue
             try:
-                data = signing.read_file(path, "version file", VERSION_DOCUMENT_MAX)
+                data = files.read_small(path, "version file", VERSION_DOCUMENT_MAX)
                 found.append(Channel(name, os_dir.name, parse_version_document(data, str(path))))
             except RampartError as exc:
                 if problems is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from rampart import files
 from rampart.contracts import signing
 from rampart.contracts.version import Version, parse_version
 from rampart.contracts.wire import check_name
@@ -99,7 +100,7 @@ class Identity:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    data = signing.read_file(path, "configuration file", 1 << 20)
+    data = files.read_small(path, "configuration file", 1 << 20)
     try:
         return tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -260,7 +261,7 @@ def load_remote_config(remote_dir: Path) -> RemoteConfig:
 
 def read_os_release_version(path: Path) -> Version:
     """VERSION_ID of an os-release file (semver; build metadata kept but ignored)."""
-    data = signing.read_file(path, "os-release", 1 << 16).decode("utf-8", errors="replace")
+    data = files.read_small(path, "os-release", 1 << 16).decode("utf-8", errors="replace")
     for line in data.splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip() == "VERSION_ID":
@@ -275,7 +276,7 @@ def read_os_release_version(path: Path) -> Version:
 
 
 def read_machine_id(path: Path) -> str:
-    text = signing.read_file(path, "machine-id", 4096).decode("ascii", errors="replace").strip()
+    text = files.read_small(path, "machine-id", 4096).decode("ascii", errors="replace").strip()
     if not re.fullmatch(r"[0-9a-f]{32}", text):
         raise FormatError(f"{path}: not a machine id (32 lowercase hex digits)")
     return text

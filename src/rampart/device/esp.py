@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rampart.contracts.version import Version, parse_version
-from rampart.durable import fsync_dir
 from rampart.errors import LocalError, UsageError
+from rampart.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

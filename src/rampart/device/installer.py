@@ -74,8 +74,8 @@ from rampart.device.slots import (
     slot_name,
     write_core,
 )
-from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
+from rampart.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from rampart.contracts import cmdline, layout, pe, signing, verity
 from rampart.contracts.cmdline import RootHash
 from rampart.contracts.version import Version, parse_version
 from rampart.device.config import Backend, DeviceConfig
-from rampart.durable import fsync_dir
 from rampart.errors import FormatError, LocalError, UsageError, VerificationError
+from rampart.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

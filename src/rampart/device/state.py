@@ -32,8 +32,8 @@ from pathlib import Path
 from rampart import run
 from rampart.contracts import layout
 from rampart.device import tpm
-from rampart.durable import fsync_dir
 from rampart.errors import LocalError, UsageError
+from rampart.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from rampart import run
+from rampart import files, run
 from rampart.contracts import coremeta, signing
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
@@ -192,7 +192,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    signing.write_new_file(path, data, 0o600)
+    files.write_new_file(path, data, 0o600)
 
 
 def make_pki(directory: Path, host: str = rootfs.UPDATE_HOST) -> None:
@@ -429,7 +429,7 @@ def _install(bed: Testbed, work: Path, time_factor: float = 1.0) -> float:
         found = _RECOVERY.search(vm.console_text)
         if found is None:
             raise LocalError("the installer showed no recovery passphrase")
-        signing.write_new_file(
+        files.write_new_file(
             bed.directory / "recovery-passphrase", (found.group(1) + "\n").encode(), 0o600
         )
         if not vm.shutdown_wait(60):
@@ -492,9 +492,7 @@ def _build_locked(
         secureboot.generate_keys(bed.keys, "Rampart testbed")
         secureboot.generate_keys(bed.other_keys, "Not enrolled")
         signing_key = signing.generate_secret_key()
-        signing.write_new_file(
-            bed.vendor_key, signing.secret_key_to_bytes(signing_key, None), 0o600
-        )
+        files.write_new_file(bed.vendor_key, signing.secret_key_to_bytes(signing_key, None), 0o600)
         bed.vendor_pub.write_bytes(signing_key.public_key.to_bytes())
         make_pki(bed.pki)
         secureboot.ovmf_vars(bed.keys, bed.ovmf_vars)

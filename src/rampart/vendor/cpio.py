@@ -17,8 +17,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rampart.durable import fsync_dir
 from rampart.errors import LocalError, UsageError
+from rampart.files import fsync_dir
 
 _MAGIC = b"070701"
 _TRAILER = "TRAILER!!!"

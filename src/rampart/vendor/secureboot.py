@@ -38,9 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from rampart import run
-from rampart.contracts.signing import write_new_file
-from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
+from rampart.files import fsync_dir, write_new_file
 from rampart.vendor import uki
 
 KEY_NAMES = ("PK", "KEK", "db")

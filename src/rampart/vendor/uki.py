@@ -42,8 +42,8 @@ from rampart import __version__, run
 from rampart.contracts.cmdline import MAX_CMDLINE, declared_epoch, kernel_cmdline, pinned_root_hash
 from rampart.contracts.coremeta import CorePins
 from rampart.contracts.osrel import os_release, parse_os_release, sort_version
-from rampart.durable import fsync_dir
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError, VerificationError
+from rampart.files import fsync_dir
 
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
 SBAT_HEADER = "sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/main/SBAT.md"

@@ -44,7 +44,6 @@ from rampart.contracts.wire import (
     render_version_document,
     version_file,
 )
-from rampart.durable import fsync_dir
 from rampart.errors import (
     AuditError,
     ConflictError,
@@ -53,6 +52,7 @@ from rampart.errors import (
     UsageError,
     VerificationError,
 )
+from rampart.files import fsync_dir
 
 _TMP_PREFIX = ".rampart-tmp-"
 

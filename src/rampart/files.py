@@ -1,0 +1,54 @@
+"""Local files: small ones read whole with a cap and a one-line error, new ones that
+never overwrite, and what makes a rename or a new file survive a power cut."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rampart.errors import ConflictError, FormatError, LocalError
+
+
+def read_small(path: Path, what: str, limit: int = 1 << 16) -> bytes:
+    """A small file (key, signature, configuration) whole, at most `limit` bytes:
+    LocalError if it cannot be read (naming it as `what`), FormatError if larger."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise LocalError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise LocalError(f"{path}: {what} is a directory") from None
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise FormatError(f"{path}: {what} is larger than {limit} bytes")
+    return data
+
+
+def write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` with `mode` (never overwriting), write, fsync; LocalError on failure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise ConflictError(f"{path}: already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot create: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise LocalError(f"{path}: cannot write: {exc.strerror}") from None
+    os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the entries created, renamed or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
