@@ -18,6 +18,7 @@ from rampart.contracts.version import parse_version
 from rampart.device import config as device_config
 from rampart.errors import LocalError
 from rampart.testbed import rootfs
+from rampart.vendor import initramfs
 from tests.conftest import KeyPair, make_keypair
 from tests.device.test_units import verify_units
 
@@ -192,7 +193,7 @@ class Built:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     # The machine-wide cache, as `rampart testbed build` uses it: a rerun is warm.
-    cache = rootfs.default_cache_dir()
+    cache = initramfs.default_cache_dir()
     work = tmp_path_factory.mktemp("rootfs")
     key = make_keypair(work / "keys")
     out = work / "out"
@@ -411,7 +412,7 @@ def test_the_second_version_reuses_the_cached_base(built: Built) -> None:
 @needs_root
 def test_a_rebuild_replaces_the_tree_and_can_fail_its_health_check(built: Built) -> None:
     tree = rootfs.build_rootfs(
-        "1.0.1", built.out, rootfs.default_cache_dir(), CHECKOUT, health_check=rootfs.FAILING
+        "1.0.1", built.out, initramfs.default_cache_dir(), CHECKOUT, health_check=rootfs.FAILING
     )
     assert tree == built.second
     done = chroot(tree, "/usr/lib/rampart/health-check")
@@ -432,6 +433,6 @@ def test_a_failed_build_leaves_nothing_and_keeps_the_old_tree(
 
     monkeypatch.setattr(rootfs, "_configure_network", broken)
     with pytest.raises(LocalError, match="injected failure"):
-        rootfs.build_rootfs("1.0.0", built.out, rootfs.default_cache_dir(), CHECKOUT)
+        rootfs.build_rootfs("1.0.0", built.out, initramfs.default_cache_dir(), CHECKOUT)
     assert sorted(p.name for p in built.out.iterdir()) == ["rootfs-1.0.0", "rootfs-1.0.1"]
     assert (built.first / "usr/lib/os-release").read_text() == before

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rampart import files
-from rampart.contracts import signing
+from rampart.contracts import osrel, signing
 from rampart.contracts.version import Version, parse_version
 from rampart.contracts.wire import check_name
 from rampart.errors import FormatError, LocalError, UsageError
@@ -262,17 +262,13 @@ def load_remote_config(remote_dir: Path) -> RemoteConfig:
 def read_os_release_version(path: Path) -> Version:
     """VERSION_ID of an os-release file (semver; build metadata kept but ignored)."""
     data = files.read_small(path, "os-release", 1 << 16).decode("utf-8", errors="replace")
-    for line in data.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() == "VERSION_ID":
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            try:
-                return parse_version(value, f"{path}: VERSION_ID")
-            except UsageError as exc:
-                raise FormatError(str(exc)) from None
-    raise FormatError(f"{path}: no VERSION_ID")
+    value = osrel.parse_os_release(data).get("VERSION_ID")
+    if value is None:
+        raise FormatError(f"{path}: no VERSION_ID")
+    try:
+        return parse_version(value.strip(), f"{path}: VERSION_ID")
+    except UsageError as exc:
+        raise FormatError(str(exc)) from None
 
 
 def read_machine_id(path: Path) -> str:

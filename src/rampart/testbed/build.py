@@ -456,14 +456,14 @@ def build(
     `time_factor` multiplies the installation's waits (a busy host)."""
     if os.geteuid() != 0:
         raise LocalError("building the testbed needs root (debootstrap, chroot)")
-    cache_dir = cache_dir or rootfs.default_cache_dir()
+    cache_dir = cache_dir or initramfs.default_cache_dir()
     kernel = _kernel_image(checkout)
     deb = kernel_deb or initramfs.default_kernel_deb(cache_dir)
     base = rootfs.ensure_base(cache_dir, rootfs.apt_mirror())
     key = cache_key(checkout, base, deb)
     # One build per cache at a time: a second caller (a parallel test worker, another
     # `rampart testbed build`) waits and then finds the testbed in the cache.
-    with rootfs.locked(cache_dir / ".testbed.lock"):
+    with files.locked(cache_dir / ".testbed.lock"):
         return _build_locked(checkout, cache_dir, kernel, deb, base, key, time_factor)
 
 

@@ -51,7 +51,6 @@ the cached tarball likewise. Needs root (debootstrap, chroot).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -67,7 +66,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rampart import run
+from rampart import files, run
 from rampart.contracts import layout
 from rampart.contracts.version import Version, parse_version
 from rampart.contracts.wire import check_name
@@ -301,12 +300,6 @@ sys.exit(main())
 """
 
 
-def default_cache_dir() -> Path:
-    """The machine-wide cache the testbed shares between checkouts ($RAMPART_CACHE)."""
-    # /var/tmp survives reboots; ensure_base refuses the directory unless only we can write it.
-    return Path(os.environ.get("RAMPART_CACHE") or "/var/tmp/rampart-cache")  # noqa: S108
-
-
 # --- the mirror ----------------------------------------------------------------------
 
 
@@ -394,34 +387,6 @@ def base_tarball_path(cache_dir: Path, mirror: str) -> Path:
     return cache_dir / f"rootfs-{SUITE}-{cache_key(mirror)}.tar"
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on the lock file `path` (created if missing): builds
-    into one cache wait for each other instead of doing the same work twice."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _chroot(tree: Path, *argv: str, timeout: float = 600) -> run.Completed:
     return run.run(["chroot", str(tree), *argv], env=_GUEST_ENV, timeout=timeout)
 
@@ -491,7 +456,7 @@ def ensure_base(cache_dir: Path, mirror: str) -> Path:
     _check_private(cache_dir)
     key = cache_key(mirror)
     tarball = base_tarball_path(cache_dir, mirror)
-    with locked(cache_dir / f".rootfs-{SUITE}.lock"):
+    with files.locked(cache_dir / f".rootfs-{SUITE}.lock"):
         if tarball.is_file():
             log.info("testbed rootfs: base from the cache, %s", tarball.name)
             return tarball
@@ -520,9 +485,9 @@ def ensure_base(cache_dir: Path, mirror: str) -> Path:
                 ["tar", "--create", f"--file={tmp_tar}", f"--directory={root}", *_TAR_OPTIONS, "."],
                 timeout=1800,
             )
-            _fsync_file(tmp_tar)
+            files.fsync_file(tmp_tar)
             os.replace(tmp_tar, tarball)
-            _fsync_dir(cache_dir)
+            files.fsync_dir(cache_dir)
         finally:
             tmp_tar.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)

@@ -118,7 +118,13 @@ DLOPENED_LIBRARIES = ("libtss2-tcti-device.so.0", "libgcc_s.so.1")
 LIBRARY_DIRS = (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"))
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Where scripts/fetch-kernel.sh keeps the kernel package (root-owned, not a temp file).
-CACHE = Path(os.environ.get("RAMPART_CACHE", "/var/tmp/rampart-cache"))  # noqa: S108
+
+
+def default_cache_dir() -> Path:
+    """The machine-wide cache of build inputs that checkouts share ($RAMPART_CACHE, else
+    /var/tmp/rampart-cache, which survives reboots): the kernel package, the testbed."""
+    return Path(os.environ.get("RAMPART_CACHE") or "/var/tmp/rampart-cache")  # noqa: S108
+
 
 # Loaded in this order; a failure stops the boot. Dependencies (modules.dep)
 # come along: dm-verity pulls reed_solomon for FEC, ext4 pulls crc16, mbcache,
@@ -626,8 +632,9 @@ def init_script(
 # --- the whole thing --------------------------------------------------------------------
 
 
-def default_kernel_deb(cache: Path = CACHE) -> Path:
+def default_kernel_deb(cache: Path | None = None) -> Path:
     """The one Debian kernel package `make setup` left in the cache (RAMPART_CACHE)."""
+    cache = cache or default_cache_dir()
     debs = sorted(cache.glob("linux-image-*-amd64_*.deb"))
     if not debs:
         raise LocalError(f"no kernel package in {cache}: run `make setup` or pass --kernel-deb")

@@ -20,7 +20,6 @@ webroot are serialised by an exclusive flock on the webroot directory.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from rampart import files
 from rampart.contracts import cmdline, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
@@ -67,17 +67,6 @@ def _makedirs(path: Path) -> None:
     for directory in reversed(missing):
         directory.mkdir()
         fsync_dir(directory.parent)
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `directory` (serialises publishes into one webroot)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -192,7 +181,7 @@ def publish(
     release = release_dir(webroot, version)
     try:
         _makedirs(webroot)
-        with _locked(webroot):
+        with files.locked(webroot):
             previous = read_version_file(target)
             if previous is not None and version < previous and not force:
                 raise ConflictError(
