@@ -24,10 +24,10 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     return core.read_bytes(), efiboot.read_bytes()
 
 
-def check(data: bytes, **kw: object) -> payload.EfiBinary:
+def check(data: bytes, **kw: object) -> payload.CheckedUki:
     args: dict[str, object] = {"os_name": "clipos", "version": V, "vg": "mainvg"}
     args.update(kw)
-    return payload.check_efiboot(data, "x.efi", **args)  # type: ignore[arg-type]
+    return payload.check_uki(data, "x.efi", **args)  # type: ignore[arg-type]
 
 
 def test_a_real_uki_yields_its_facts(release: tuple[bytes, bytes]) -> None:

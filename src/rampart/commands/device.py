@@ -323,7 +323,7 @@ VERBS: list[Group | Verb] = [
         ("update",),
         "check for, download and install an update (device side, as root)",
         "Run the update transaction once: ask the server for the latest version, download "
-        "and verify the EFI binary and Core (in an unprivileged process), remove stale boot "
+        "and verify the UKI and Core (in an unprivileged process), remove stale boot "
         "entries, write Core into the unused slot, install the boot entry last, and mark "
         "the update ready. Safe to interrupt at any point; a rerun completes the job. "
         "Exit codes: 0 up to date, 20 updated (reboot to use it), 21 an update already "
@@ -386,7 +386,7 @@ VERBS: list[Group | Verb] = [
         "install this Core's version on an empty disk (installer, as root)",
         "Partition DISK (GPT: ESP and LVM), create the volume group with core_<V> and "
         "core_state, write the running Core's version from the payload directory, check it "
-        "against the root hash of its signed EFI binary, fill the state partition and the "
+        "against the root hash of its signed UKI, fill the state partition and the "
         "ESP (last). Reads the layout from the device configuration (-c). Refuses a disk "
         "that holds anything unless --wipe. The payload directory is described in "
         "docs/formats.md; the testbed's installer initramfs runs this verb.",

@@ -349,7 +349,7 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    """Root tree + kernel + initramfs -> Core, signed EFI binary, published release."""
+    """Root tree + kernel + initramfs -> Core, signed UKI, published release."""
     from rampart.vendor import core
 
     version = parse_version(args.version)
@@ -411,7 +411,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     else:
         print(
             f"{result.release}: {args.os} {version.core} built and published (root hash "
-            f"{meta.verity.root_hash}, EFI binary signed by {', '.join(image.signers)})"
+            f"{meta.verity.root_hash}, UKI signed by {', '.join(image.signers)})"
         )
     return 0
 
@@ -540,7 +540,7 @@ VERBS: list[Group | Verb] = [
         "Copy and sign the Core and EFI payloads into DIR/dist/V/, then point the channel "
         "at V (update/v1/OS/version, or channels/C/update/v1/OS/version). Atomic: the "
         "version file changes last, by rename. Refuses to move a channel backwards "
-        "(to a lower version, or to a release whose EFI binary has a lower security epoch) "
+        "(to a lower version, or to a release whose UKI has a lower security epoch) "
         "without --force and to change an existing release.",
         cmd_publish,
         (
@@ -561,7 +561,7 @@ VERBS: list[Group | Verb] = [
                 "--epoch",
                 type=epoch,
                 metavar="N",
-                help="the security epoch the EFI binary must carry (rampart.epoch=N); else refused",
+                help="the security epoch the UKI must carry (rampart.epoch=N); else refused",
             ),
             PASSWORD_ENV_ARG,
         ),
@@ -803,7 +803,7 @@ VERBS: list[Group | Verb] = [
     ),
     Verb(
         ("release",),
-        "build Core and the signed EFI binary from a root tree, and publish them",
+        "build Core and the signed UKI from a root tree, and publish them",
         "From a root tree, a kernel and an initramfs: build Core (`build core`), "
         "the Secure Boot-signed Unified Kernel Image that boots it (`build efiboot`), and "
         "publish both into the webroot (`publish`), in one command.",

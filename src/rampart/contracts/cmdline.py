@@ -86,7 +86,7 @@ _OWN_KEYS = (
 _OWN_PREFIXES = (PARAM_PREFIX, CLIP_PREFIX)
 
 
-# The parameters that say what the EFI binary boots: each may appear once (the kernel
+# The parameters that say what the UKI boots: each may appear once (the kernel
 # and the initramfs may read another occurrence than the one checked here).
 _PINNING = (
     CORE_PARAM,
@@ -281,14 +281,14 @@ def cmdline_epoch(cmdline: str | None, source: str) -> int:
 
 
 def efi_epoch(path: Path) -> int:
-    """The security epoch of an EFI binary: `rampart.epoch` on its `.cmdline`, read
+    """The security epoch of a UKI: `rampart.epoch` on its `.cmdline`, read
     with the standard library (`pe.cmdline`, as the device does). 0 without one, and
-    for a file that is not a PE image with a readable `.cmdline` (an EFI binary
+    for a file that is not a PE image with a readable `.cmdline` (a UKI
     Rampart did not build): the lowest epoch, the one every check refuses first."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise LocalError(f"{path}: cannot read the EFI binary: {exc.strerror}") from None
+        raise LocalError(f"{path}: cannot read the UKI: {exc.strerror}") from None
     try:
         line = pe.cmdline(data, path.name)
     except FormatError:
@@ -298,7 +298,7 @@ def efi_epoch(path: Path) -> int:
 
 @dataclass(frozen=True)
 class RootHash:
-    """What the new EFI binary's command line says about the Core it boots."""
+    """What the new UKI's command line says about the Core it boots."""
 
     root_hash: str
     hash_offset: int

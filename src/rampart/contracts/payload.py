@@ -6,7 +6,7 @@ binary are swapped, verifies. Until signed metadata binds names and kinds, the
 device checks what it installs, after the signatures verified and before the
 disk is touched:
 
-- the EFI binary is a PE image with the UKI sections `.linux`, `.initrd`,
+- the UKI is a PE image with the UKI sections `.linux`, `.initrd`,
   `.cmdline` and `.osrel`; its `.osrel` has `ID=<os_name>` and the version
   systemd-boot sorts by (IMAGE_VERSION, else VERSION, VERSION_ID, BUILD_ID) is
   the one being installed; its command line pins `core_<V>` on this device's
@@ -14,7 +14,7 @@ disk is touched:
   `rd.verity.device=…/<vg>/core_<V>`), each pinning parameter once;
 - with a verity root hash on that command line, its offsets are sane;
   without one, the device must not be a verity device (one whose installed
-  EFI binaries or running kernel pin a root hash);
+  UKIs or running kernel pin a root hash);
 - Core is a squashfs (`hsqs`, version 4) whose `bytes_used` fits the image;
   with a root hash, the squashfs fits the verity data area, a verity
   superblock sits at the hash offset with the command line's data block
@@ -25,7 +25,7 @@ disk is touched:
 The checks are pure: bytes in, the verified facts or an exception out
 (FormatError for what is not a UKI or not a squashfs, VerificationError for a
 payload of another OS, version or kind). `rampart publish` runs the same checks
-(`check_efiboot` with no volume group, `check_core`) before signing anything.
+(`check_uki` with no volume group, `check_core`) before signing anything.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ _SQUASHFS_MAJOR = 4
 
 
 @dataclass(frozen=True)
-class EfiBinary:
-    """The verified facts of an EFI binary about to be installed or published."""
+class CheckedUki:
+    """The verified facts of a UKI about to be installed or published."""
 
     os_id: str
     version: str
@@ -56,13 +56,13 @@ class EfiBinary:
 
 
 def device_vg(backend: str, destination: str) -> str:
-    """The volume group a device's EFI binaries name: the LVM backend's volume group
+    """The volume group a device's UKIs name: the LVM backend's volume group
     (`[core] destination`), or the file backend's directory name (`.../mainvg` stands
     in for `mainvg`)."""
     return Path(destination).name if backend == "file" else destination
 
 
-def check_efiboot(
+def check_uki(
     data: bytes,
     source: str,
     *,
@@ -70,7 +70,7 @@ def check_efiboot(
     version: Version,
     vg: str | None,
     require_root_hash: bool = False,
-) -> EfiBinary:
+) -> CheckedUki:
     """Check that `data` is the UKI of `os_name` `version` booting `core_<version>`.
 
     `vg` is this device's volume group (None: any, as `publish` does not know it).
@@ -87,7 +87,7 @@ def check_efiboot(
     if missing:
         raise FormatError(
             f"{source}: not a Unified Kernel Image (no {', '.join(missing)} section); "
-            "refusing to install it as the EFI binary"
+            "refusing to install it as the UKI"
         )
     osrel_raw = pe.section_data(data, ".osrel", source) or b""
     try:
@@ -125,15 +125,15 @@ def check_efiboot(
     if root is None and require_root_hash:
         raise VerificationError(
             f"{source}: its command line pins no verity root hash, and this device's Cores "
-            "carry verity; refusing an EFI binary that would boot an unverified Core"
+            "carry verity; refusing a UKI that would boot an unverified Core"
         )
-    return EfiBinary(os_id, version.core, lv, root, cmdline.cmdline_epoch(line, source))
+    return CheckedUki(os_id, version.core, lv, root, cmdline.cmdline_epoch(line, source))
 
 
 def check_core(head: bytes, size: int, source: str) -> int:
     """Check that a Core image of `size` bytes starting with `head` is a squashfs.
 
-    Returns the squashfs' `bytes_used`. FormatError otherwise (an EFI binary in
+    Returns the squashfs' `bytes_used`. FormatError otherwise (a UKI in
     Core's place, random bytes, another file system).
     """
     if len(head) < SQUASHFS_SUPERBLOCK or head[:4] != SQUASHFS_MAGIC:
@@ -189,15 +189,15 @@ def check_core_verity(
 
 
 def check_core_tree(tree: bytes, params: verity.VerityParams, source: str) -> None:
-    """Check Core's hash tree (read at `params.hash_start`) against the EFI binary's root
+    """Check Core's hash tree (read at `params.hash_start`) against the UKI's root
     hash: a Core of another build is refused before anything is written. (Its data
     blocks are checked against the tree once written into the slot.)"""
     try:
         verity.check_tree(tree, params, source)
     except VerificationError as exc:
         raise VerificationError(
-            f"{source}: Core's verity tree does not match the root hash of the EFI binary "
-            f"({exc}); Core and EFI binary were not built together"
+            f"{source}: Core's verity tree does not match the root hash of the UKI "
+            f"({exc}); Core and UKI were not built together"
         ) from None
 
 
@@ -205,7 +205,7 @@ def check_core_tree(tree: bytes, params: verity.VerityParams, source: str) -> No
 class Checked:
     """Both payloads of a release, checked together."""
 
-    efiboot: EfiBinary
+    efiboot: CheckedUki
     core_size: int
 
 
@@ -227,15 +227,15 @@ def check_release(
     vg: str | None,
     require_root_hash: bool = False,
 ) -> Checked:
-    """Run `check_efiboot` and `check_core` (and `check_core_verity` when the EFI binary
+    """Run `check_uki` and `check_core` (and `check_core_verity` when the UKI
     pins a root hash) on the files `efiboot` and `core`: the only I/O here is reading
-    the EFI binary, Core's first 96 bytes and the 512 at its hash offset."""
+    the UKI, Core's first 96 bytes and the 512 at its hash offset."""
     try:
         data = efiboot.read_bytes()
         size = core.stat().st_size
     except OSError as exc:
         raise LocalError(f"{exc.filename}: cannot read the payload: {exc.strerror}") from None
-    facts = check_efiboot(
+    facts = check_uki(
         data,
         str(efiboot),
         os_name=os_name,
@@ -255,7 +255,7 @@ def check_release(
 
 
 def pins_root_hash(data: bytes, source: str) -> bool:
-    """Whether an installed EFI binary's command line pins a verity root hash (False
+    """Whether an installed UKI's command line pins a verity root hash (False
     for a file that is not a PE image: it says nothing about the device)."""
     try:
         line = pe.cmdline(data, source)

@@ -25,7 +25,7 @@ class Section:
     raw_size: int
 
 
-def sections(data: bytes, source: str = "EFI binary") -> list[Section]:
+def sections(data: bytes, source: str = "UKI") -> list[Section]:
     """The section table of a PE file."""
     if len(data) < 0x40 or data[:2] != b"MZ":
         raise FormatError(f"{source}: not a PE file (no MZ header)")
@@ -48,7 +48,7 @@ def sections(data: bytes, source: str = "EFI binary") -> list[Section]:
     return result
 
 
-def section_data(data: bytes, name: str, source: str = "EFI binary") -> bytes | None:
+def section_data(data: bytes, name: str, source: str = "UKI") -> bytes | None:
     """The content of section `name` (its virtual size, NULs trimmed), or None if absent."""
     for section in sections(data, source):
         if section.name == name:
@@ -60,7 +60,7 @@ def section_data(data: bytes, name: str, source: str = "EFI binary") -> bytes | 
     return None
 
 
-def cmdline(data: bytes, source: str = "EFI binary") -> str | None:
+def cmdline(data: bytes, source: str = "UKI") -> str | None:
     """The kernel command line of a UKI (`.cmdline`), or None if it has none."""
     raw = section_data(data, ".cmdline", source)
     if raw is None:

@@ -7,7 +7,7 @@ imports them from here and none writes them again (docs/formats.md "Webroot" and
     GET  <update_url>/<os>/version         `version = "<V>"` (TOML), at most 4 KiB
     POST <update_url>/<os>/report          an install report (JSON, at most 16 KiB)
     GET  <base>/dist/<V>/<os>-core[.sig]   the Core image and its minisign signature
-    GET  <base>/dist/<V>/<os>-efiboot[.sig] the signed EFI binary (a UKI) and its signature
+    GET  <base>/dist/<V>/<os>-efiboot[.sig] the signed UKI and its signature
 
 Every request but the payloads' carries `clipos-machineid` (32 lowercase hex
 digits) and `clipos-version` (the running version's core, at most 128 bytes).

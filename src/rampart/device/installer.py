@@ -10,7 +10,7 @@ name, volume group, Core LV size, ESP directory and boot tries come from
 The payload directory (docs/formats.md, "Installation payload"):
 
     core-<V>.img        the Core of the running version (squashfs + verity tree)
-    <os>-<V>.efi        its signed EFI binary; its command line's verity root
+    <os>-<V>.efi        its signed UKI; its command line's verity root
                         hash is what the written Core is checked against
     esp/                the ESP's skeleton: EFI/BOOT/BOOTX64.EFI (signed
                         systemd-boot) and loader/loader.conf (`rampart build esp`)
@@ -29,14 +29,14 @@ What it does, in order; every step is checked before the next:
    (PARTLABEL `rampart-lvm`);
 3. the volume group, `core_<V>` (the device's [core] size) and `core_state`;
 4. write Core into `core_<V>`, fsync, and verify the LV with dm-verity's tree
-   against the root hash on the signed EFI binary's command line;
+   against the root hash on the signed UKI's command line;
 5. `core_state`: LUKS2 with integrity (rampart.device.state: keyslot 0 a random
    key, keyslot 1 a new recovery passphrase), and inside it ext4 holding
    etc/rampart (the remote configuration), etc/machine-id (a new random ID)
    and var/;
 6. the ESP: FAT32 with the skeleton, the state key sealed to the TPM under
    the configured PCRs (rampart/tpm/state.pub, state.priv, state.pcrs) and
-   the EFI binary as EFI/Linux/<os>-<V>.efi (no boot counter: there is
+   the UKI as EFI/Linux/<os>-<V>.efi (no boot counter: there is
    nothing to fall back to).
 
 The recovery passphrase is returned to the caller, which shows it once; it is
@@ -143,7 +143,7 @@ def find_payload(directory: Path, os_name: str, version: Version) -> Payload:
     )
     for path, what in (
         (payload.core, "the Core image"),
-        (payload.efiboot, "the signed EFI binary"),
+        (payload.efiboot, "the signed UKI"),
         (payload.esp / "EFI/BOOT/BOOTX64.EFI", "the ESP skeleton's boot loader"),
         (payload.remote / "remote.toml", "the remote configuration"),
         (payload.remote / "rootca.pem", "the update server's root CA"),

@@ -330,10 +330,10 @@ def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
 
 
 def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
-    """The verity root hash the EFI binary will boot with, or None if it carries none.
+    """The verity root hash the UKI will boot with, or None if it carries none.
 
     Reads `rampart.verity.*` (or CLIP OS's `rd.verity.*`) from the UKI's `.cmdline`.
-    Refuses (VerificationError) an EFI binary built for another LV than `slot`, and
+    Refuses (VerificationError) a UKI built for another LV than `slot`, and
     (FormatError) one that is not a PE image.
     """
     data = efiboot.read_bytes()
@@ -349,7 +349,7 @@ def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
 
 
 def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
-    """Verify the written slot (data and hash tree) against the EFI binary's root hash."""
+    """Verify the written slot (data and hash tree) against the UKI's root hash."""
     with slot.path.open("rb") as handle:
         handle.seek(root.hash_offset)
         superblock = handle.read(verity.SUPERBLOCK)
@@ -357,7 +357,7 @@ def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
     blocks = root.data_blocks if root.data_blocks is not None else fields["data_blocks"]
     if fields["data_blocks"] != blocks or blocks * verity.BLOCK > root.hash_offset:
         raise VerificationError(
-            f"{slot.path}: verity superblock does not match the EFI binary's command line"
+            f"{slot.path}: verity superblock does not match the UKI's command line"
         )
     params = verity.VerityParams(
         root_hash=root.root_hash,
@@ -370,7 +370,7 @@ def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
         verity.verify(slot.path, params)
     except VerificationError as exc:
         raise VerificationError(
-            f"Core in {slot.name} does not match the root hash of the new EFI binary ({exc}); "
+            f"Core in {slot.name} does not match the root hash of the new UKI ({exc}); "
             "not installing it"
         ) from None
 
@@ -380,9 +380,9 @@ def write_core(
 ) -> None:
     """Write `image` at the start of `slot`, fsync, read it back and check it against `verified`.
 
-    With `root` (the new EFI binary's verity root hash), the slot is verified
+    With `root` (the new UKI's verity root hash), the slot is verified
     against it instead: data and hash tree, which also proves that Core and the
-    EFI binary were built together. Otherwise `verified` is the BLAKE2b-512
+    UKI were built together. Otherwise `verified` is the BLAKE2b-512
     digest of the bytes whose signature was
     checked. The slot is read back from the device after fsync (its page cache
     dropped) and must hash to it: that one check catches a payload changed

@@ -5,12 +5,12 @@ the disk is durable (fsync of data and directory) before the next starts:
 
 1. check     ask for the latest version; stop unless it is newer than the running one
 2. preflight the target slot is not running, open, mounted or mapped; space for it
-3. download  EFI binary and Core with signatures (unprivileged; resumed if an
+3. download  UKI and Core with signatures (unprivileged; resumed if an
              earlier run left them); each moved by copying it once, from its end,
              into a directory only root can reach, and that copy verified, with
              the version, before the disk is touched; only the copies are read
              from then on
-4. entries   remove every EFI binary but the running one: the slot about to be
+4. entries   remove every UKI but the running one: the slot about to be
              overwritten is unbootable before it is touched
 5. slot      rename the unused LV to core_<new> (or create it); write Core, fsync,
              read it back and check it against the signed digest
@@ -523,7 +523,7 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     return efiboot, core, digests["core"]
 
 
-RootHash = cmdline.RootHash  # what the new EFI binary's command line pins
+RootHash = cmdline.RootHash  # what the new UKI's command line pins
 
 
 def verity_device(device: Device) -> bool:
@@ -749,7 +749,7 @@ def write_ready(device: Device, version: Version) -> None:
 
 
 def check_rollback(device: Device, efiboot: Path, version: Version) -> None:
-    """Refuse (VerificationError) an EFI binary whose security epoch is below the TPM's
+    """Refuse (VerificationError) a UKI whose security epoch is below the TPM's
     rollback counter (it would never boot) or below the running version's epoch."""
     epoch = rollback.uki_epoch(efiboot)
     chip = device.rollback_tpm()

@@ -131,7 +131,7 @@ class PublishResult:
     version_file: Path
     reused: bool
     previous: Version | None
-    epoch: int = 0  # the security epoch of the EFI binary (rampart.epoch on its command line)
+    epoch: int = 0  # the security epoch of the UKI (rampart.epoch on its command line)
 
 
 def publish(
@@ -147,13 +147,13 @@ def publish(
 ) -> PublishResult:
     """Publish a release into `webroot` and point `channel` at it (see module docstring).
 
-    The EFI binary's security epoch (`rampart.epoch` on its command line, 0 without
+    The UKI's security epoch (`rampart.epoch` on its command line, 0 without
     one) must be `epoch` when that is given.
 
     Raises UsageError (bad name or version, an epoch other than `epoch`), LocalError
     (missing payload, unwritable webroot), FormatError (a malformed rampart.epoch),
     ConflictError (a different release with this version exists, or the channel names
-    a higher version, or one whose EFI binary has a higher epoch, and `force` is not set).
+    a higher version, or one whose UKI has a higher epoch, and `force` is not set).
     """
     check_name(os_name, "OS name")
     if channel is not None:
@@ -173,7 +173,7 @@ def publish(
     release_epoch = cmdline.efi_epoch(efiboot)
     if epoch is not None and epoch != release_epoch:
         raise UsageError(
-            f"{efiboot}: the EFI binary has security epoch {release_epoch}, not the "
+            f"{efiboot}: the UKI has security epoch {release_epoch}, not the "
             f"{epoch} asserted with --epoch"
         )
 
@@ -207,9 +207,9 @@ def publish(
 
 
 def check_payloads(os_name: str, version: Version, core: Path, efiboot: Path) -> None:
-    """Refuse payloads a device would refuse (contracts/payload.py): an EFI binary that is
+    """Refuse payloads a device would refuse (contracts/payload.py): a UKI that is
     not a UKI of `os_name` `version` booting `core_<version>`, a Core that is not a
-    squashfs carrying the verity tree the EFI binary's root hash pins (checked
+    squashfs carrying the verity tree the UKI's root hash pins (checked
     block by block here, once: the vendor's machine can afford it). FormatError for
     a payload of the wrong kind (swapped), VerificationError for another OS, version
     or Core."""
@@ -234,7 +234,7 @@ def check_payloads(os_name: str, version: Version, core: Path, efiboot: Path) ->
         verity.verify(core, params)
     except VerificationError as exc:
         raise VerificationError(
-            f"{core}: Core does not match the root hash of the EFI binary {efiboot.name} ({exc})"
+            f"{core}: Core does not match the root hash of the UKI {efiboot.name} ({exc})"
         ) from None
 
 
