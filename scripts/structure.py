@@ -109,6 +109,15 @@ def main() -> int:
                 graph[name].add(target)
 
     functions.sort(key=lambda item: (-item[0], item[1]))
+
+    def package_of(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else parts[0]
+
+    package_edges = sorted(
+        {(package_of(a), package_of(b)) for a, targets in graph.items() for b in targets}
+        - {(x, x) for x in map(package_of, graph)}
+    )
     found = cycles(graph)
     result: dict[str, Any] = {
         "lines_per_package": dict(sorted(lines.items(), key=lambda kv: -kv[1])),
@@ -116,22 +125,31 @@ def main() -> int:
         "modules": len(modules),
         "longest_functions": [{"lines": n, "where": w} for n, w in functions[: args.longest]],
         "import_edges": sum(len(t) for t in graph.values()),
+        "package_edges": [f"{a} -> {b}" for a, b in package_edges],
         "cycles": found,
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    show(result, args.longest)
+    return 0
+
+
+def show(result: dict[str, Any], longest: int) -> None:
     print(f"{result['total_lines']} lines in {result['modules']} modules")
     for package, count in result["lines_per_package"].items():
         print(f"  {count:6d}  {package}")
-    print(f"the {args.longest} longest functions:")
+    print(f"the {longest} longest functions:")
     for item in result["longest_functions"]:
         print(f"  {item['lines']:5d}  {item['where']}")
     print(f"import edges between modules: {result['import_edges']}")
-    print(f"import cycles: {len(found)}")
-    for component in found:
+    edges = result["package_edges"]
+    print(f"import edges between packages (top-level modules count as one): {len(edges)}")
+    for edge in edges:
+        print(f"  {edge}")
+    print(f"import cycles: {len(result['cycles'])}")
+    for component in result["cycles"]:
         print("  " + " <-> ".join(component))
-    return 0
 
 
 if __name__ == "__main__":
