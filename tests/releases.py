@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rampart.contracts.cmdline import kernel_cmdline
 from rampart.contracts.version import parse_version
-from rampart.vendor import core, uki
+from rampart.release import core, uki
 
 OS = "clipos"
 VG = "mainvg"
@@ -60,7 +60,7 @@ def fake_kernel(path: Path) -> Path:
 
 
 def _initrd(path: Path) -> Path:
-    from tests.vendor import bootkit
+    from tests.release import bootkit
 
     return bootkit.tiny_initrd(path)
 

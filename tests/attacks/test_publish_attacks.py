@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.vendor import uki
+from rampart.release import uki
 from tests.conftest import KeyPair, Payloads, publish_args, run_cli, tree_snapshot
 from tests.releases import build_payloads, build_uki
 

@@ -11,7 +11,7 @@ import pytest
 from rampart.contracts import signing
 from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, VerificationError
-from rampart.vendor import webroot
+from rampart.release import webroot
 from tests.conftest import KeyPair, run_cli
 
 Payloads = dict[str, tuple[Path, Path]]

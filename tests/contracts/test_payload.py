@@ -11,7 +11,7 @@ import pytest
 from rampart.contracts import cmdline, payload, verity
 from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, VerificationError
-from rampart.vendor import uki
+from rampart.release import uki
 from tests.conftest import fake_uki
 from tests.releases import build_payloads, build_uki
 

@@ -17,8 +17,8 @@ from rampart.contracts import wire
 from rampart.contracts.version import parse_version
 from rampart.device import config as device_config
 from rampart.device import tpm, update
+from rampart.release import webroot
 from rampart.testbed import services
-from rampart.vendor import webroot
 from tests.conftest import KeyPair, make_keypair, start_swtpm
 from tests.releases import build_payloads
 

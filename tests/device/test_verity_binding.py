@@ -10,8 +10,8 @@ import pytest
 from rampart.contracts import pe
 from rampart.device import update
 from rampart.errors import VerificationError
+from rampart.release import uki
 from rampart.testbed.services import Nginx, Pki
-from rampart.vendor import uki
 from tests.conftest import KeyPair, fake_uki
 from tests.device.conftest import (
     OS,

@@ -13,11 +13,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from rampart.contracts.version import parse_version
+from rampart.release import webroot as webroot_mod
 from rampart.server import admin, db
 from rampart.server.app import Settings, create_app
 from rampart.server.store import Store
 from rampart.testbed import services
-from rampart.vendor import webroot as webroot_mod
 from tests.conftest import KeyPair, make_keypair
 from tests.releases import build_payloads
 

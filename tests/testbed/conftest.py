@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rampart.testbed import build, machine
-from tests.vendor.bootkit import MARKER, busybox_initrd, kernel
+from tests.release.bootkit import MARKER, busybox_initrd, kernel
 
 log = logging.getLogger(__name__)
 CHECKOUT = Path(__file__).resolve().parents[2]

@@ -42,7 +42,7 @@ from rampart.testbed.machine import (
     swtpm_argv,
 )
 from rampart.testbed.rootfs import PROMPT
-from tests.vendor.bootkit import BUSYBOX, OVMF_CODE, cpio, kernel
+from tests.release.bootkit import BUSYBOX, OVMF_CODE, cpio, kernel
 
 _S_IFDIR = 0o040000
 _S_IFREG = 0o100000

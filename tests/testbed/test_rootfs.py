@@ -17,8 +17,8 @@ import pytest
 from rampart.contracts.version import parse_version
 from rampart.device import config as device_config
 from rampart.errors import LocalError
+from rampart.release import initramfs
 from rampart.testbed import rootfs
-from rampart.vendor import initramfs
 from tests.conftest import KeyPair, make_keypair
 from tests.device.test_units import verify_units
 

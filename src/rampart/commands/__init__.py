@@ -1,6 +1,6 @@
 """The `rampart` command line's verbs, one module per area.
 
-vendor (keys, signatures, the webroot, release artefacts, dm-verity), device
+release (the vendor's: keys, signatures, the webroot, release artefacts, dm-verity), device
 (update, status, the TPM...), server (serve and its administration), testbed and
 gateway each declare their verbs as data (commands.common's `Group` and `Verb`);
 `build_parser` assembles them. Declaring a verb imports only the standard library,
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from rampart import __version__
-from rampart.commands import device, gateway, server, testbed, vendor
+from rampart.commands import device, gateway, release, server, testbed
 from rampart.commands.common import EPILOG, Group, Verb, register
 
 # The order of `rampart --help`: top-level verbs and groups, whichever area they are in.
@@ -43,7 +43,7 @@ LISTING = (
     "gateway",
 )
 
-AREAS = (vendor.VERBS, device.VERBS, server.VERBS, testbed.VERBS, gateway.VERBS)
+AREAS = (release.VERBS, device.VERBS, server.VERBS, testbed.VERBS, gateway.VERBS)
 
 
 def declarations() -> list[Group | Verb]:

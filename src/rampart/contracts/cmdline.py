@@ -29,7 +29,7 @@ MAX_CMDLINE = 2047
 MAX_EPOCH = (1 << 63) - 1  # the TPM NV counter is 64 bits
 
 # The parameter names: Rampart's own, which the initramfs's /init reads too (it is
-# generated with these, rampart.vendor.initramfs), and CLIP OS's, read, never written.
+# generated with these, rampart.release.initramfs), and CLIP OS's, read, never written.
 PARAM_PREFIX = "rampart."
 CORE_PARAM = f"{PARAM_PREFIX}core"  # <VG>/core_<V>
 VERITY_PREFIX = f"{PARAM_PREFIX}verity."

@@ -60,8 +60,8 @@ from rampart import files, run
 from rampart.contracts import coremeta, signing
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
+from rampart.release import core, initramfs, secureboot, uki
 from rampart.testbed import rootfs
-from rampart.vendor import core, initramfs, secureboot, uki
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ from rampart.contracts import layout
 from rampart.contracts.version import Version, parse_version
 from rampart.contracts.wire import check_name
 from rampart.errors import LocalError, UsageError
-from rampart.vendor import initramfs
+from rampart.release import initramfs
 
 log = logging.getLogger(__name__)
 

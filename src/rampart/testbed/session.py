@@ -35,9 +35,9 @@ from rampart import run
 from rampart.contracts import signing, wire
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
+from rampart.release import webroot
 from rampart.testbed import machine, rootfs
 from rampart.testbed.build import OS_NAME, SERVER_PORT, Testbed
-from rampart.vendor import webroot
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ class Guest:
     def enroll_db(self, cert: Path) -> None:
         """Add `cert` to the firmware's db (the machine must be off): a change of the
         Secure Boot keys, which changes PCR 7."""
-        from rampart.vendor import secureboot
+        from rampart.release import secureboot
 
         if self.vm.running:
             raise LocalError("enroll_db: power the guest off first")

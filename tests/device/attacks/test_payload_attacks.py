@@ -18,8 +18,8 @@ import pytest
 from rampart.contracts import cmdline
 from rampart.device import update
 from rampart.errors import FormatError, RampartError, VerificationError
+from rampart.release import uki
 from rampart.testbed.services import Nginx, Pki, world_readable_tmp
-from rampart.vendor import uki
 from tests.conftest import KeyPair, fake_uki, run_cli
 from tests.device.conftest import (
     OS,

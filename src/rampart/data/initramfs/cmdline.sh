@@ -63,7 +63,7 @@ fi
 # Decimal seconds, at most 7 digits, no leading zero (ash would read 08 as octal).
 case $rootdelay in '' | *[!0-9]* | 0?* | ????????*) rootdelay=@ROOT_WAIT@ ;; esac
 # The security epoch (absent: 0): 1 to 19 decimal digits, at most 2^63-1, as
-# rampart.vendor.cmdline.cmdline_epoch reads it. Leading zeros are dropped (ash would
+# rampart.release.cmdline.cmdline_epoch reads it. Leading zeros are dropped (ash would
 # read 010 as octal); ash's arithmetic is 64-bit.
 case $epoch in
     '' | *[!0-9]* | ????????????????????*) fail "@EPOCH_PARAM@=$epoch is not a number" ;;

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from rampart.contracts import cmdline
 from rampart.errors import ConflictError, LocalError, UsageError, VerificationError
-from rampart.vendor import secureboot, uki
-from tests.vendor import bootkit
+from rampart.release import secureboot, uki
+from tests.release import bootkit
 
 VIRT_FW_VARS = str(Path(sys.executable).parent / "virt-fw-vars")
 

@@ -40,7 +40,7 @@ from cryptography.x509.oid import NameOID
 from rampart import run
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
 from rampart.files import fsync_dir, write_new_file
-from rampart.vendor import uki
+from rampart.release import uki
 
 KEY_NAMES = ("PK", "KEK", "db")
 OWNER_GUID_FILE = "owner.guid"

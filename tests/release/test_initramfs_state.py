@@ -32,7 +32,7 @@ import pytest
 
 from rampart.contracts import cmdline
 from rampart.device import state, tpm
-from rampart.vendor import initramfs
+from rampart.release import initramfs
 from tests.conftest import start_swtpm, tcti_of
 
 VG = "mainvg"

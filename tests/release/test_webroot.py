@@ -12,7 +12,7 @@ import pytest
 from rampart.contracts import signing, verity, wire
 from rampart.contracts.version import parse_version
 from rampart.errors import ConflictError, LocalError, UsageError
-from rampart.vendor import webroot
+from rampart.release import webroot
 from tests.conftest import KeyPair, Payloads, publish_args, run_cli, tree_snapshot
 from tests.releases import build_payloads
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rampart.contracts.cmdline import kernel_cmdline
-from rampart.vendor import secureboot, uki
-from tests.vendor import bootkit
+from rampart.release import secureboot, uki
+from tests.release import bootkit
 
 pytestmark = pytest.mark.vm
 

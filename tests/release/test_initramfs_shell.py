@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from rampart.contracts import cmdline, layout
-from rampart.vendor import initramfs
+from rampart.release import initramfs
 
 KVER = "6.1.0-99-amd64"
 DATA = resources.files("rampart") / "data" / "initramfs"

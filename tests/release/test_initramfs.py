@@ -30,7 +30,7 @@ this initramfs and a virtio disk, every wait bounded:
   the guest reboots (QEMU -no-reboot exits) instead of powering off.
 
 The epoch check and the unlock logic are also tested on the host, with fake
-commands and with swtpm: tests/vendor/test_initramfs_state.py.
+commands and with swtpm: tests/release/test_initramfs_state.py.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ from rampart.contracts.version import parse_version
 from rampart.device import state as rstate
 from rampart.device import tpm
 from rampart.errors import RampartError, UsageError
-from rampart.vendor import core, initramfs, uki
-from rampart.vendor.cpio import Archive
+from rampart.release import core, initramfs, uki
+from rampart.release.cpio import Archive
 from tests.conftest import start_swtpm
-from tests.vendor import bootkit
+from tests.release import bootkit
 
 VG = "mainvg"
 VERSION = "1.0.0"
@@ -71,7 +71,7 @@ STATE_NOTE = "written by the setup guest"
 BOOT_TIMEOUT = 120.0  # TCG boots in 10-20 s here; a stuck boot ends the test
 
 
-# --- reading the archive back (independent of rampart.vendor.cpio) --------------------
+# --- reading the archive back (independent of rampart.release.cpio) --------------------
 
 
 @dataclass(frozen=True)

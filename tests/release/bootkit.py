@@ -221,7 +221,7 @@ def image_cli(*argv: str | Path) -> tuple[int, str, str]:
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
-    from rampart.commands.vendor import add_verbs
+    from rampart.commands.release import add_verbs
     from rampart.errors import RampartError
 
     parser = argparse.ArgumentParser(prog="rampart")

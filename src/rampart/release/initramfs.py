@@ -3,7 +3,7 @@ open the Core named on the kernel command line with dm-verity, mount it
 read-only as `/`, unlock the LUKS2 state partition with the TPM (or the
 recovery passphrase), mount it, switch root.
 
-`build_initramfs(out, kernel_deb)` writes a gzip'ed newc cpio (`rampart.vendor.cpio`)
+`build_initramfs(out, kernel_deb)` writes a gzip'ed newc cpio (`rampart.release.cpio`)
 holding:
 
     /init                     busybox sh script (`INIT`, from the shell files in
@@ -88,7 +88,7 @@ from typing import Any
 from rampart import run
 from rampart.contracts import cmdline, layout
 from rampart.errors import LocalError, UsageError
-from rampart.vendor.cpio import Archive
+from rampart.release.cpio import Archive
 
 BUSYBOX = Path("/bin/busybox")
 # Program -> where it lives in the archive. The host's binaries are copied.
@@ -217,7 +217,7 @@ global {
 #
 # `@NAME@` placeholders are filled by `init_script` (`placeholders`): the names and
 # numbers the shell shares with Python come from the contract modules. Lines that are
-# `# shellcheck ...` directives are for the checker (tests/vendor/test_initramfs_shell.py)
+# `# shellcheck ...` directives are for the checker (tests/release/test_initramfs_shell.py)
 # and left out of /init.
 INIT_PIECES = (
     "head.sh",

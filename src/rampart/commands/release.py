@@ -38,8 +38,8 @@ from rampart.errors import (
     UsageError,
     VerificationError,
 )
-from rampart.vendor import secureboot, uki, webroot
-from rampart.vendor.core import COMPRESSIONS
+from rampart.release import secureboot, uki, webroot
+from rampart.release.core import COMPRESSIONS
 
 DEFAULT_VG = "mainvg"
 
@@ -319,7 +319,7 @@ def cmd_build_esp(args: argparse.Namespace) -> int:
 
 
 def cmd_build_core(args: argparse.Namespace) -> int:
-    from rampart.vendor import core
+    from rampart.release import core
 
     meta = core.build_core(
         args.rootfs, parse_version(args.version), args.out, args.fec, args.compress
@@ -335,7 +335,7 @@ def cmd_build_core(args: argparse.Namespace) -> int:
 
 
 def cmd_build_initramfs(args: argparse.Namespace) -> int:
-    from rampart.vendor import initramfs
+    from rampart.release import initramfs
 
     image = initramfs.build_initramfs(args.out, args.kernel_deb, installer=args.installer)
     if args.json:
@@ -350,7 +350,7 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     """Root tree + kernel + initramfs -> Core, signed UKI, published release."""
-    from rampart.vendor import core
+    from rampart.release import core
 
     version = parse_version(args.version)
     if version.build:
@@ -420,7 +420,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_verity_verify(args: argparse.Namespace) -> int:
-    from rampart.vendor import core
+    from rampart.release import core
 
     meta = coremeta.load(args.meta)
     core.verify_core(args.image, meta)

@@ -18,8 +18,8 @@ from rampart import run as run_module
 from rampart.contracts import osrel
 from rampart.contracts.cmdline import HARDENING, cmdline_params, kernel_cmdline
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError, VerificationError
-from rampart.vendor import secureboot, uki
-from tests.vendor import bootkit
+from rampart.release import secureboot, uki
+from tests.release import bootkit
 
 ROOTHASH = "5e1f" * 16
 SALT = "9a" * 32

@@ -14,7 +14,7 @@ import pytest
 from rampart.contracts import coremeta, verity
 from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, LocalError, UsageError, VerificationError
-from rampart.vendor import core
+from rampart.release import core
 
 V = parse_version("1.0.0")
 

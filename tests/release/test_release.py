@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from rampart.contracts import pe
-from rampart.vendor import secureboot
+from rampart.release import secureboot
 from tests.conftest import KeyPair, make_keypair, run_cli
-from tests.vendor import bootkit
+from tests.release import bootkit
 
 
 @pytest.fixture
