@@ -196,8 +196,8 @@ def check_core_tree(tree: bytes, params: verity.VerityParams, source: str) -> No
         verity.check_tree(tree, params, source)
     except VerificationError as exc:
         raise VerificationError(
-            f"{source}: Core's verity tree does not match the root hash of the UKI "
-            f"({exc}); Core and UKI were not built together"
+            f"{source}: Core's verity tree does not match the root hash of the EFI binary "
+            f"({exc}); Core and EFI binary were not built together"
         ) from None
 
 

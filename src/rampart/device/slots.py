@@ -370,7 +370,7 @@ def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
         verity.verify(slot.path, params)
     except VerificationError as exc:
         raise VerificationError(
-            f"Core in {slot.name} does not match the root hash of the new UKI ({exc}); "
+            f"Core in {slot.name} does not match the root hash of the new EFI binary ({exc}); "
             "not installing it"
         ) from None
 
