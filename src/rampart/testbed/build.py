@@ -36,9 +36,7 @@ testbed directories are removed.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -51,17 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from rampart import files, run
 from rampart.contracts import coremeta, signing
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.release import core, initramfs, secureboot, uki
-from rampart.testbed import rootfs
+from rampart.testbed import rootfs, services
 
 log = logging.getLogger(__name__)
 
@@ -186,61 +179,12 @@ def cache_key(checkout: Path, base: Path, kernel_deb: Path) -> str:
 # --- the update server's PKI -------------------------------------------------------
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    files.write_new_file(path, data, 0o600)
-
-
 def make_pki(directory: Path, host: str = rootfs.UPDATE_HOST) -> None:
-    """ca.pem/ca.key and server.pem/server.key for `host`, localhost and 127.0.0.1."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Rampart testbed CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName(host),
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write_key(directory / "ca.key", ca_key)
-    _write_key(directory / "server.key", server_key)
-    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    """ca.pem/ca.key and server.pem/server.key for `host`, localhost and 127.0.0.1,
+    valid ten years (a cached testbed is used for long)."""
+    valid = services.validity(3650)
+    ca = services.make_ca(directory, "ca", common_name="Rampart testbed CA", valid=valid)
+    services.make_cert(directory, "server", ca, [host, "localhost", "127.0.0.1"], valid=valid)
 
 
 def remote_toml(host: str = rootfs.UPDATE_HOST, port: int = SERVER_PORT) -> str:

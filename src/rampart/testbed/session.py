@@ -23,7 +23,6 @@ import json
 import logging
 import re
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from rampart.contracts import signing, wire
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.release import webroot
-from rampart.testbed import machine, rootfs
+from rampart.testbed import machine, rootfs, services
 from rampart.testbed.build import OS_NAME, SERVER_PORT, Testbed
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ class UpdateServer:
         self.webroot = work / "webroot"
         self.webroot.mkdir(parents=True, exist_ok=True)
         self.log_file = work / "serve.log"
-        self._process: run.Process | None = None
+        self._server: services.RampartServe | None = None
 
     def publish(self, version: str) -> None:
         """Publish `version` (again: the same release is accepted as it is) and point the
@@ -134,46 +133,25 @@ class UpdateServer:
         return None
 
     def start(self) -> None:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                raise LocalError(
-                    f"127.0.0.1:{self.port} is already in use; stop what listens there"
-                )
-        self._process = run.spawn(
-            _rampart(
-                "serve",
-                "--webroot",
-                str(self.webroot),
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--tls-cert",
-                str(self.bed.pki / "server.pem"),
-                "--tls-key",
-                str(self.bed.pki / "server.key"),
-                "-v",
-            ),
-            stdout_path=self.log_file,
-            stderr_path=self.log_file,
-        )
-        deadline = time.monotonic() + SERVER_START
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise LocalError(f"rampart serve exited at start; see {self.log_file}")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise LocalError(f"rampart serve did not listen on port {self.port}; see {self.log_file}")
+        if services.port_open(self.port):
+            raise LocalError(f"127.0.0.1:{self.port} is already in use; stop what listens there")
+        try:
+            self._server = services.RampartServe(
+                self.webroot,
+                self.log_file,
+                tls=services.Cert(self.bed.pki / "server.pem", self.bed.pki / "server.key"),
+                options=["-v"],
+                port=self.port,
+                command=_rampart(),
+                timeout=SERVER_START,
+            )
+        except services.ServiceError as exc:
+            raise LocalError(f"rampart serve did not start: {exc}") from None
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(20)
-            except LocalError:
-                self._process.kill()
-                self._process.wait(20)
-            self._process = None
+        if self._server is not None:
+            self._server.close(timeout=20)
+            self._server = None
 
     def fleet(self) -> dict[str, Any]:
         out = run.run(_rampart("fleet", "--webroot", str(self.webroot), "--json"), timeout=120)
