@@ -207,10 +207,12 @@ def vendor(tmp_path: Path) -> KeyPair:
 def served(tmp_path: Path, pki: services.Pki) -> Iterator[services.Nginx]:
     """nginx serving an (initially empty) webroot over HTTPS on loopback."""
     root = services.world_readable_tmp()
-    with start_nginx(tmp_path / "nginx", root / "webroot", pki.server) as server:
-        (root / "webroot").mkdir()
-        yield server
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        with start_nginx(tmp_path / "nginx", root / "webroot", pki.server) as server:
+            (root / "webroot").mkdir()
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

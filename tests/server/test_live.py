@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,16 @@ def vendor(tmp_path: Path) -> KeyPair:
 def live(tmp_path: Path, vendor: KeyPair, pki: Pki) -> Iterator[tuple[str, Path]]:
     """`rampart serve` with TLS on loopback, webroot with 1.0.1 (default) and 1.0.2."""
     webroot = world_readable_tmp() / "webroot"
-    alpha2 = make_release(tmp_path / "r2", "5.0.0-alpha.2")
-    publish(webroot, vendor, alpha2)
-    publish(webroot, vendor, make_release(tmp_path / "r3", "5.0.0-alpha.3"))
-    publish(webroot, vendor, alpha2, force=True)  # the default channel back at alpha.2
-    with RampartServe(webroot, tmp_path / "serve.log", tls=pki.server, timeout=20) as server:
-        yield server.url, webroot
-        server.stop()
+    try:
+        alpha2 = make_release(tmp_path / "r2", "5.0.0-alpha.2")
+        publish(webroot, vendor, alpha2)
+        publish(webroot, vendor, make_release(tmp_path / "r3", "5.0.0-alpha.3"))
+        publish(webroot, vendor, alpha2, force=True)  # the default channel back at alpha.2
+        with RampartServe(webroot, tmp_path / "serve.log", tls=pki.server, timeout=20) as server:
+            yield server.url, webroot
+            server.stop()
+    finally:
+        shutil.rmtree(webroot.parent, ignore_errors=True)
 
 
 def admin(webroot: Path, *argv: str) -> Any:
