@@ -48,7 +48,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from rampart import files
-from rampart.contracts import cmdline, wire
+from rampart.contracts import cmdline, pe, wire
 from rampart.contracts.version import Version
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
 
@@ -240,26 +240,25 @@ def target_path(os_name: str, version: Version, kind: str) -> str:
     return f"{wire.release_path(version)}/{wire.payload_name(os_name, kind)}"
 
 
-def payload_fields(os_name: str, version: Version, kind: str, uki: Path) -> dict[str, Any]:
-    """What a target binds beyond its bytes: OS, kind, version, the UKI's security epoch,
-    and for a Core the verity parameters its UKI pins."""
+def payload_fields(
+    os_name: str, version: Version, kind: str, line: str, source: str
+) -> dict[str, Any]:
+    """What a target binds beyond its bytes: OS, kind, version, the security epoch of the
+    release's UKI, and for a Core the verity parameters it pins (`line`: the UKI's
+    command line, `source` its name for errors)."""
     fields: dict[str, Any] = {
         "os": os_name,
         "kind": kind,
         "version": version.core,
-        "epoch": cmdline.efi_epoch(uki),
+        "epoch": cmdline.cmdline_epoch(line, source),
     }
-    if kind == "core":
-        from rampart.contracts import pe
-
-        line = pe.cmdline(files.read_small(uki, "UKI", 1 << 30), uki.name) or ""
-        root = cmdline.root_hash(line, uki.name)
-        if root is not None:
-            fields["verity"] = {
-                "root_hash": root.root_hash,
-                "hash_offset": root.hash_offset,
-                "data_blocks": root.data_blocks,
-            }
+    root = cmdline.root_hash(line, source) if kind == "core" else None
+    if root is not None:
+        fields["verity"] = {
+            "root_hash": root.root_hash,
+            "hash_offset": root.hash_offset,
+            "data_blocks": root.data_blocks,
+        }
     return fields
 
 
@@ -277,6 +276,7 @@ def add_release(
     targets_md: Metadata[Targets] = _latest(directory, Targets.type)
     release = wire.release_dir(webroot, version)
     uki = release / wire.payload_name(os_name, "efiboot")
+    line = pe.cmdline(files.read_small(uki, "UKI", 1 << 30), uki.name) or ""
     for kind in wire.PAYLOADS:
         path = target_path(os_name, version, kind)
         payload = webroot / path
@@ -285,7 +285,9 @@ def add_release(
         if path in targets_md.signed.targets:
             raise ConflictError(f"{path}: already a target; a release never changes")
         target = TargetFile.from_file(path, str(payload), ["sha256"])
-        target.unrecognized_fields["custom"] = {CUSTOM: payload_fields(os_name, version, kind, uki)}
+        target.unrecognized_fields["custom"] = {
+            CUSTOM: payload_fields(os_name, version, kind, line, uki.name)
+        }
         targets_md.signed.targets[path] = target
     targets_md.signed.version += 1
     targets_md.signed.expires = _expiry(Targets.type)
