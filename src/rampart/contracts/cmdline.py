@@ -19,8 +19,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from rampart.contracts import layout, pe
+from rampart.contracts import layout, pe, verity
 from rampart.contracts.version import parse_version
 from rampart.errors import FormatError, LocalError, UsageError, VerificationError
 
@@ -303,6 +304,19 @@ class RootHash:
     root_hash: str
     hash_offset: int
     data_blocks: int | None
+
+    def verity_params(self, superblock: dict[str, Any]) -> verity.VerityParams:
+        """The verity parameters of the Core this pins: the root hash and offset from
+        the command line, the rest from its superblock (`verity.parse_superblock`); the
+        data block count from the command line when it gives one."""
+        blocks = self.data_blocks
+        return verity.VerityParams(
+            root_hash=self.root_hash,
+            salt=superblock["salt"],
+            data_blocks=int(superblock["data_blocks"]) if blocks is None else blocks,
+            hash_offset=self.hash_offset,
+            uuid=superblock["uuid"],
+        )
 
 
 def param(words: list[str], key: str, source: str) -> str | None:

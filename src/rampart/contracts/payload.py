@@ -164,14 +164,8 @@ def check_core_verity(
             f"(the image has {size} bytes); refusing a Core without verity"
         )
     fields = verity.parse_superblock(superblock, source)
-    blocks = root.data_blocks if root.data_blocks is not None else int(fields["data_blocks"])
-    params = verity.VerityParams(
-        root_hash=root.root_hash,
-        salt=fields["salt"],
-        data_blocks=blocks,
-        hash_offset=root.hash_offset,
-        uuid=fields["uuid"],
-    )
+    params = root.verity_params(fields)
+    blocks = params.data_blocks
     if (
         fields["data_blocks"] != blocks
         or fields["hash_algorithm"] != "sha256"

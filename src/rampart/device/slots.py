@@ -354,18 +354,11 @@ def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
         handle.seek(root.hash_offset)
         superblock = handle.read(verity.SUPERBLOCK)
     fields = verity.parse_superblock(superblock, str(slot.path))
-    blocks = root.data_blocks if root.data_blocks is not None else fields["data_blocks"]
-    if fields["data_blocks"] != blocks or blocks * verity.BLOCK > root.hash_offset:
+    params = root.verity_params(fields)
+    if fields["data_blocks"] != params.data_blocks or params.data_size > root.hash_offset:
         raise VerificationError(
             f"{slot.path}: verity superblock does not match the UKI's command line"
         )
-    params = verity.VerityParams(
-        root_hash=root.root_hash,
-        salt=fields["salt"],
-        data_blocks=blocks,
-        hash_offset=root.hash_offset,
-        uuid=fields["uuid"],
-    )
     try:
         verity.verify(slot.path, params)
     except VerificationError as exc:
