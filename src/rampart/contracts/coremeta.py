@@ -66,18 +66,6 @@ class CoreMeta:
             "bundle_sha256": self.bundle_sha256,
         }
 
-    @property
-    def pins(self) -> CorePins:
-        return CorePins(
-            root_hash=self.verity.root_hash,
-            hash_offset=self.verity.hash_offset,
-            data_blocks=self.verity.data_blocks,
-            salt=self.verity.salt,
-            version=self.version,
-            fec_offset=self.fec_offset,
-            fec_roots=self.fec_roots,
-        )
-
 
 def _document(path: Path) -> dict[str, Any]:
     raw = read_small(path, "Core metadata file", LIMIT)
