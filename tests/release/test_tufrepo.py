@@ -15,7 +15,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Targets, Timestamp
 from tuf.ngclient import Updater, UpdaterConfig
 
-from rampart.contracts import cmdline, pe
+from rampart.contracts import cmdline, pe, tuf
 from rampart.contracts.version import parse_version
 from rampart.errors import ConflictError
 from rampart.release import tufrepo
@@ -28,7 +28,8 @@ Repository = tuple[Path, dict[str, list[Signer]]]  # the webroot, the signers by
 
 
 def make_keys(directory: Path) -> tuple[tufrepo.Keys, dict[str, list[Signer]]]:
-    """Three root keys (threshold 2), one targets key, one online key."""
+    """Three root keys (threshold 2), one targets key, one online key (snapshot,
+    timestamp and channels); the signers by role ("root": the first two)."""
     directory.mkdir()
     signers: dict[str, list[Signer]] = {}
     public: dict[str, list[Any]] = {}
@@ -43,7 +44,10 @@ def make_keys(directory: Path) -> tuple[tufrepo.Keys, dict[str, list[Signer]]]:
         snapshot=public["online"],
         timestamp=public["online"],
         root_threshold=2,
+        channels=public["online"],
     )
+    for role in ("snapshot", "timestamp", tuf.CHANNELS_ROLE):
+        signers[role] = signers["online"]
     return keys, signers
 
 
@@ -53,8 +57,8 @@ def repository(tmp_path: Path, keypair: KeyPair) -> Repository:
     webroot = tmp_path / "webroot"
     publish(webroot, keypair, make_release(tmp_path / "r1", "1.0.0"))
     keys, signers = make_keys(tmp_path / "tuf-keys")
-    tufrepo.create(webroot, keys, signers["root"][:2], signers["targets"], signers["online"])
-    tufrepo.add_release(webroot, OS, parse_version("1.0.0"), signers["targets"], signers["online"])
+    tufrepo.create(webroot, keys, {**signers, "root": signers["root"][:2]})
+    tufrepo.add_release(webroot, OS, parse_version("1.0.0"), signers)
     return webroot, signers
 
 
@@ -87,20 +91,20 @@ def test_python_tuf_ngclient_downloads_every_target_of_a_rampart_repository(
         )
         updater.refresh()
         for kind in ("core", "efiboot"):
-            path = tufrepo.target_path(OS, parse_version("1.0.0"), kind)
+            path = tuf.payload_target(OS, parse_version("1.0.0"), kind)
             info = updater.get_targetinfo(path)
             assert info is not None, path
-            fields = info.custom[tufrepo.CUSTOM]
+            fields = info.custom[tuf.CUSTOM]
             assert (fields["os"], fields["kind"], fields["version"]) == (OS, kind, "1.0.0")
             downloaded = Path(updater.download_target(info))
             assert downloaded.read_bytes() == (webroot / path).read_bytes()
     # The Core's target binds the verity root hash its UKI pins.
-    uki = webroot / tufrepo.target_path(OS, parse_version("1.0.0"), "efiboot")
+    uki = webroot / tuf.payload_target(OS, parse_version("1.0.0"), "efiboot")
     pinned = cmdline.root_hash(pe.cmdline(uki.read_bytes(), uki.name) or "", uki.name)
     assert pinned is not None
-    core = updater.get_targetinfo(tufrepo.target_path(OS, parse_version("1.0.0"), "core"))
+    core = updater.get_targetinfo(tuf.payload_target(OS, parse_version("1.0.0"), "core"))
     assert core is not None
-    assert core.custom[tufrepo.CUSTOM]["verity"]["root_hash"] == pinned.root_hash
+    assert core.custom[tuf.CUSTOM]["verity"]["root_hash"] == pinned.root_hash
 
 
 def test_metadata_round_trips_through_the_metadata_api_verification(
@@ -135,9 +139,7 @@ def test_a_release_never_changes_once_it_is_a_target(
 ) -> None:
     webroot, signers = repository
     with pytest.raises(ConflictError, match="already a target"):
-        tufrepo.add_release(
-            webroot, OS, parse_version("1.0.0"), signers["targets"], signers["online"]
-        )
+        tufrepo.add_release(webroot, OS, parse_version("1.0.0"), signers)
 
 
 def test_refreshing_the_timestamp_signs_a_new_version_that_expires_in_a_day(
@@ -146,7 +148,7 @@ def test_refreshing_the_timestamp_signs_a_new_version_that_expires_in_a_day(
     webroot, signers = repository
     path = tufrepo.metadata_dir(webroot) / "timestamp.json"
     before = Metadata[Timestamp].from_file(str(path)).signed
-    after = tufrepo.refresh_timestamp(webroot, signers["online"])
+    after = tufrepo.refresh_timestamp(webroot, signers)
     assert after.version == before.version + 1
     assert after.snapshot_meta.version == before.snapshot_meta.version
     left = after.expires - datetime.datetime.now(datetime.UTC)

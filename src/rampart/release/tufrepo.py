@@ -27,40 +27,50 @@ never overwritten.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
+from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
     Metadata,
-    MetaFile,
     Root,
     Snapshot,
     TargetFile,
     Targets,
     Timestamp,
 )
-from tuf.api.serialization.json import JSONSerializer
 
 from rampart import files
-from rampart.contracts import cmdline, pe, wire
+from rampart.contracts import cmdline, pe, tuf, wire
+from rampart.contracts.tufrepo import (
+    Signers,
+    expiry,
+    latest,
+    metadata_dir,
+    publish_snapshot,
+    refresh_timestamp,
+    sign,
+    write,
+)
 from rampart.contracts.version import Version
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
 
-TOP_ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
-DEFAULT_EXPIRY = {
-    Root.type: datetime.timedelta(days=365),
-    Targets.type: datetime.timedelta(days=365),
-    Snapshot.type: datetime.timedelta(days=7),
-    Timestamp.type: datetime.timedelta(days=1),
-}
-CUSTOM = "rampart"  # the key of Rampart's fields in a target's `custom`
-_SERIALIZER = JSONSerializer(compact=False)
+__all__ = [
+    "Keys",
+    "Signers",
+    "add_release",
+    "create",
+    "generate_key",
+    "load_signer",
+    "metadata_dir",
+    "payload_fields",
+    "refresh_timestamp",
+]
 
 
 # --- keys ----------------------------------------------------------------------------
@@ -98,55 +108,24 @@ def load_signer(path: Path, password: bytes | None) -> CryptoSigner:
 # --- the repository ------------------------------------------------------------------
 
 
-def metadata_dir(webroot: Path) -> Path:
-    return webroot / "tuf"
-
-
-def _expiry(role: str, now: datetime.datetime | None = None) -> datetime.datetime:
-    start = now or datetime.datetime.now(datetime.UTC)
-    return (start + DEFAULT_EXPIRY[role]).replace(microsecond=0)
-
-
-def _write(directory: Path, md: Metadata[Any], name: str) -> Path:
-    """Write `md` as `name` under a temporary name and rename it in place, durably."""
-    path = directory / name
-    tmp = directory / f".{name}.tmp"
-    md.to_file(str(tmp), _SERIALIZER)
-    files.fsync_file(tmp)
-    tmp.replace(path)
-    files.fsync_dir(directory)
-    return path
-
-
-def _file_name(md: Metadata[Any]) -> str:
-    role = md.signed.type
-    if role == Timestamp.type:
-        return "timestamp.json"
-    return f"{md.signed.version}.{role}.json"
-
-
 @dataclass(frozen=True)
 class Keys:
-    """The public keys of each top-level role, and the root threshold."""
+    """The public keys of each role, and the root threshold. `channels`: the online
+    key(s) of the delegated channels role (none: no channels role)."""
 
     root: Sequence[SSlibKey]
     targets: Sequence[SSlibKey]
     snapshot: Sequence[SSlibKey]
     timestamp: Sequence[SSlibKey]
     root_threshold: int = 1
+    channels: Sequence[SSlibKey] = ()
 
 
-def create(
-    webroot: Path,
-    keys: Keys,
-    root_signers: Sequence[Signer],
-    targets_signers: Sequence[Signer],
-    online_signers: Sequence[Signer],
-) -> None:
-    """A new, empty repository in `webroot`/tuf: root version 1 (signed by
-    `root_signers`, at least its threshold), an empty targets role, a snapshot and a
-    timestamp (signed by `online_signers`: the snapshot and timestamp keys).
-    ConflictError if the webroot already has one."""
+def create(webroot: Path, keys: Keys, signers: Signers) -> None:
+    """A new, empty repository in `webroot`/tuf: root version 1 (signed by the `root`
+    signers, at least its threshold), targets version 1 delegating `channels/*/*` to the
+    channels keys (when there are any), an empty channels role, a snapshot and a
+    timestamp. ConflictError if the webroot already has one."""
     directory = metadata_dir(webroot)
     if (directory / "1.root.json").exists():
         raise ConflictError(f"{directory}: a TUF repository is already there")
@@ -155,7 +134,7 @@ def create(
             f"root threshold {keys.root_threshold} must be from 1 to the {len(keys.root)} root keys"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    root = Root(expires=_expiry(Root.type), consistent_snapshot=True)
+    root = Root(expires=expiry(Root.type), consistent_snapshot=True)
     for role, role_keys in (
         (Root.type, keys.root),
         (Targets.type, keys.targets),
@@ -166,132 +145,76 @@ def create(
             root.add_key(key, role)
     root.roles[Root.type].threshold = keys.root_threshold
     root_md = Metadata(root)
-    _sign(root_md, root_signers)
-    _write(directory, root_md, "1.root.json")
-    targets_md = Metadata(Targets(expires=_expiry(Targets.type)))
-    _sign(targets_md, targets_signers)
-    _write(directory, targets_md, _file_name(targets_md))
-    _publish_snapshot(directory, targets_md.signed.version, online_signers)
-
-
-def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> None:
-    md.signatures.clear()
-    for signer in signers:
-        md.sign(signer, append=True)
-
-
-def _latest(directory: Path, role: str) -> Metadata[Any]:
-    versions = sorted(
-        int(p.name.split(".", 1)[0])
-        for p in directory.glob(f"*.{role}.json")
-        if p.name.split(".", 1)[0].isdigit()
-    )
-    if not versions:
-        raise LocalError(f"{directory}: no {role} metadata (create the repository first)")
-    return Metadata.from_file(str(directory / f"{versions[-1]}.{role}.json"))
-
-
-def _publish_snapshot(
-    directory: Path, targets_version: int, online_signers: Sequence[Signer]
-) -> None:
-    """A new snapshot naming `targets_version`, then a new timestamp naming it."""
-    try:
-        previous = _latest(directory, Snapshot.type)
-        version = previous.signed.version + 1
-    except LocalError:
-        version = 1
-    snapshot = Snapshot(
-        version=version,
-        expires=_expiry(Snapshot.type),
-        meta={"targets.json": MetaFile(version=targets_version)},
-    )
-    snapshot_md = Metadata(snapshot)
-    _sign(snapshot_md, online_signers)
-    _write(directory, snapshot_md, _file_name(snapshot_md))
-    refresh_timestamp(directory.parent, online_signers, snapshot_version=version)
-
-
-def refresh_timestamp(
-    webroot: Path, online_signers: Sequence[Signer], snapshot_version: int | None = None
-) -> Timestamp:
-    """Re-sign the timestamp (a new version and expiry), naming the latest snapshot:
-    what `rampart serve` does before the timestamp expires."""
-    directory = metadata_dir(webroot)
-    if snapshot_version is None:
-        snapshot_version = _latest(directory, Snapshot.type).signed.version
-    path = directory / "timestamp.json"
-    version = Metadata[Timestamp].from_file(str(path)).signed.version + 1 if path.exists() else 1
-    timestamp = Timestamp(
-        version=version,
-        expires=_expiry(Timestamp.type),
-        snapshot_meta=MetaFile(version=snapshot_version),
-    )
-    md = Metadata(timestamp)
-    _sign(md, online_signers)
-    _write(directory, md, "timestamp.json")
-    return timestamp
+    sign(root_md, signers[Root.type])
+    write(directory, root_md)
+    targets = Targets(expires=expiry(Targets.type))
+    if keys.channels:
+        targets.delegations = Delegations(
+            keys={key.keyid: key for key in keys.channels},
+            roles={
+                tuf.CHANNELS_ROLE: DelegatedRole(
+                    name=tuf.CHANNELS_ROLE,
+                    keyids=[key.keyid for key in keys.channels],
+                    threshold=1,
+                    terminating=True,
+                    paths=[tuf.CHANNEL_PATTERN],
+                )
+            },
+        )
+        channels_md = Metadata(Targets(expires=expiry(tuf.CHANNELS_ROLE)))
+        sign(channels_md, signers[tuf.CHANNELS_ROLE])
+        write(directory, channels_md, tuf.CHANNELS_ROLE)
+    targets_md = Metadata(targets)
+    sign(targets_md, signers[Targets.type])
+    write(directory, targets_md)
+    publish_snapshot(webroot, signers)
 
 
 # --- releases ------------------------------------------------------------------------
 
 
-def target_path(os_name: str, version: Version, kind: str) -> str:
-    """A payload's target path: its path below the webroot (`dist/<V>/<os>-<kind>`)."""
-    return f"{wire.release_path(version)}/{wire.payload_name(os_name, kind)}"
-
-
 def payload_fields(
     os_name: str, version: Version, kind: str, line: str, source: str
-) -> dict[str, Any]:
+) -> tuf.PayloadFields:
     """What a target binds beyond its bytes: OS, kind, version, the security epoch of the
     release's UKI, and for a Core the verity parameters it pins (`line`: the UKI's
     command line, `source` its name for errors)."""
-    fields: dict[str, Any] = {
-        "os": os_name,
-        "kind": kind,
-        "version": version.core,
-        "epoch": cmdline.cmdline_epoch(line, source),
-    }
     root = cmdline.root_hash(line, source) if kind == "core" else None
-    if root is not None:
-        fields["verity"] = {
-            "root_hash": root.root_hash,
-            "hash_offset": root.hash_offset,
-            "data_blocks": root.data_blocks,
-        }
-    return fields
+    return tuf.PayloadFields(
+        os_name,
+        kind,
+        version.core,
+        cmdline.cmdline_epoch(line, source),
+        root.root_hash if root else None,
+        root.hash_offset if root else None,
+        root.data_blocks if root else None,
+    )
 
 
-def add_release(
-    webroot: Path,
-    os_name: str,
-    version: Version,
-    targets_signers: Sequence[Signer],
-    online_signers: Sequence[Signer],
-) -> Targets:
+def add_release(webroot: Path, os_name: str, version: Version, signers: Signers) -> Targets:
     """Add the published release `version` of `os_name` (its `dist/` payloads) to the
     targets role, with their custom fields; sign a new targets version with the release
     keys, then a new snapshot and timestamp with the online keys."""
     directory = metadata_dir(webroot)
-    targets_md: Metadata[Targets] = _latest(directory, Targets.type)
+    targets_md: Metadata[Targets] = latest(directory, Targets.type)
     release = wire.release_dir(webroot, version)
     uki = release / wire.payload_name(os_name, "efiboot")
     line = pe.cmdline(files.read_small(uki, "UKI", 1 << 30), uki.name) or ""
     for kind in wire.PAYLOADS:
-        path = target_path(os_name, version, kind)
+        path = tuf.payload_target(os_name, version, kind)
         payload = webroot / path
         if not payload.is_file():
             raise LocalError(f"{payload}: not published (run `rampart publish` first)")
         if path in targets_md.signed.targets:
             raise ConflictError(f"{path}: already a target; a release never changes")
-        target = TargetFile.from_file(path, str(payload), ["sha256"])
-        target.unrecognized_fields["custom"] = {
-            CUSTOM: payload_fields(os_name, version, kind, line, uki.name)
-        }
+        target = TargetFile.from_file(path, str(payload), list(tuf.HASHES))
+        target.unrecognized_fields["custom"] = payload_fields(
+            os_name, version, kind, line, uki.name
+        ).to_custom()
         targets_md.signed.targets[path] = target
     targets_md.signed.version += 1
-    targets_md.signed.expires = _expiry(Targets.type)
-    _sign(targets_md, targets_signers)
-    _write(directory, targets_md, _file_name(targets_md))
-    _publish_snapshot(directory, targets_md.signed.version, online_signers)
+    targets_md.signed.expires = expiry(Targets.type)
+    sign(targets_md, signers[Targets.type])
+    write(directory, targets_md)
+    publish_snapshot(webroot, signers)
     return targets_md.signed

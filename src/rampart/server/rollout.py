@@ -12,20 +12,14 @@ the channel's version.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
-from enum import StrEnum
 
-BUCKETS = 10_000  # 0.01 % resolution
+# The bucket rule and the rollout states are the channel contract a device shares.
+from rampart.contracts.tuf import BUCKETS, RolloutState, bucket, in_rollout
 
-
-class RolloutState(StrEnum):
-    NONE = "none"
-    ACTIVE = "active"
-    PAUSED = "paused"  # by an administrator
-    HALTED = "halted"  # by itself: too many failures reported
+__all__ = ["BUCKETS", "ChannelState", "RolloutState", "bucket", "in_rollout", "offer"]
 
 
 @dataclass(frozen=True)
@@ -37,16 +31,6 @@ class ChannelState:
     rollout_percent: float = 0.0
     rollout_state: RolloutState = RolloutState.NONE
     default: bool = False
-
-
-def bucket(machine_id: str, version: str) -> int:
-    """A stable number in [0, BUCKETS) for this machine and version."""
-    digest = hashlib.sha256(f"{machine_id}\x00{version}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % BUCKETS
-
-
-def in_rollout(machine_id: str, version: str, percent: float) -> bool:
-    return bucket(machine_id, version) < round(percent * BUCKETS / 100)
 
 
 def offer(channel: ChannelState, machine_id: str | None) -> str | None:

@@ -1,0 +1,275 @@
+"""The TUF repository's contract, written once: where its files live, which roles it
+has, and what Rampart's targets and channel heads say beyond their bytes (the
+`custom` fields). The vendor's tools write it (`release/tufrepo.py`), the server
+signs the channel heads and the timestamp (`server/signer.py`), the device reads it
+(`device/trust.py`); docs/formats.md "TUF repository" describes the same bytes.
+
+    <webroot>/tuf/<N>.root.json          root: k-of-n offline keys
+    <webroot>/tuf/<N>.targets.json       targets: the release keys (offline)
+    <webroot>/tuf/<N>.channels.json      channels: delegated by targets, online
+    <webroot>/tuf/<N>.snapshot.json      snapshot: online
+    <webroot>/tuf/timestamp.json         timestamp: online, short-lived
+    <webroot>/dist/<V>/<os>-<kind>       a payload target (`targets` signs it)
+    <webroot>/channels/<os>/<c>.json     a channel head (`channels` signs it)
+
+Target paths are relative to the webroot; the metadata is at `<webroot>/tuf/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from rampart.contracts import wire
+from rampart.contracts.version import Version, parse_version
+from rampart.errors import RemoteDataError, UsageError
+
+METADATA_DIR = "tuf"
+CHANNELS_ROLE = "channels"
+CHANNEL_PATTERN = "channels/*/*"  # the only paths the channels role may sign
+CUSTOM = "rampart"  # the key of Rampart's fields in a target's `custom`
+# The hashes of every target: BLAKE2b-512 is what the device computes as it copies
+# a payload (as for a minisign signature); SHA-256 is there for every other client.
+HASHES = ("blake2b", "sha256")
+DEVICE_HASH = "blake2b"
+
+# --- target paths ----------------------------------------------------------------------
+
+
+def payload_target(os_name: str, version: Version, kind: str) -> str:
+    """A payload's target path: its path below the webroot (`dist/<V>/<os>-<kind>`)."""
+    return f"{wire.release_path(version)}/{wire.payload_name(os_name, kind)}"
+
+
+def channel_target(os_name: str, channel: str) -> str:
+    """A channel head's target path (`channels/<os>/<channel>.json`)."""
+    return f"channels/{os_name}/{channel}.json"
+
+
+# --- what a payload target binds -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PayloadFields:
+    """A payload target's custom fields: the OS, the kind, the version, the security
+    epoch of the release's UKI, and for a Core the verity parameters the UKI pins."""
+
+    os: str
+    kind: str
+    version: str
+    epoch: int
+    root_hash: str | None = None
+    hash_offset: int | None = None
+    data_blocks: int | None = None
+
+    def to_custom(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "os": self.os,
+            "kind": self.kind,
+            "version": self.version,
+            "epoch": self.epoch,
+        }
+        if self.root_hash is not None:
+            fields["verity"] = {
+                "root_hash": self.root_hash,
+                "hash_offset": self.hash_offset,
+                "data_blocks": self.data_blocks,
+            }
+        return {CUSTOM: fields}
+
+    @classmethod
+    def from_custom(cls, custom: object, where: str) -> PayloadFields:
+        """Parse a target's `custom` (RemoteDataError if it is not Rampart's)."""
+        fields = _fields(custom, where, {"os", "kind", "version", "epoch"}, {"verity"})
+        verity = fields.get("verity")
+        root_hash = hash_offset = data_blocks = None
+        if verity is not None:
+            verity = _object(
+                verity, f"{where}: verity", {"root_hash", "hash_offset", "data_blocks"}
+            )
+            root_hash = _string(verity["root_hash"], f"{where}: verity.root_hash", 128)
+            hash_offset = _integer(verity["hash_offset"], f"{where}: verity.hash_offset")
+            data_blocks = _integer(verity["data_blocks"], f"{where}: verity.data_blocks")
+        return cls(
+            _string(fields["os"], f"{where}: os", 64),
+            _string(fields["kind"], f"{where}: kind", 64),
+            _string(fields["version"], f"{where}: version", 128),
+            _integer(fields["epoch"], f"{where}: epoch"),
+            root_hash,
+            hash_offset,
+            data_blocks,
+        )
+
+    def check(self, os_name: str, kind: str, version: Version, where: str) -> None:
+        """RemoteDataError unless this target is `kind` of `os_name`'s `version`: a signed
+        payload moved to another OS, relabelled as another kind or version."""
+        for name, signed, wanted in (
+            ("OS", self.os, os_name),
+            ("kind", self.kind, kind),
+            ("version", self.version, version.core),
+        ):
+            if signed != wanted:
+                raise RemoteDataError(
+                    f"{where}: its signed {name} is {signed[:64]!r}, not {wanted!r} "
+                    "(wrong software: a payload moved or relabelled)"
+                )
+
+
+# --- what a channel head says -------------------------------------------------------------
+
+BUCKETS = 10_000  # 0.01 % resolution
+BUCKET_RULE = "sha256(machine-id NUL version)[0:8] big-endian mod 10000 < percent * 100"
+
+
+class RolloutState(StrEnum):
+    NONE = "none"
+    ACTIVE = "active"
+    PAUSED = "paused"  # by an administrator
+    HALTED = "halted"  # by itself: too many failures reported
+
+
+def bucket(machine_id: str, version: str) -> int:
+    """A stable number in [0, BUCKETS) for this machine and version (BUCKET_RULE)."""
+    digest = hashlib.sha256(f"{machine_id}\x00{version}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def in_rollout(machine_id: str, version: str, percent: float) -> bool:
+    return bucket(machine_id, version) < round(percent * BUCKETS / 100)
+
+
+@dataclass(frozen=True)
+class ChannelHead:
+    """A channel's head, as the channels role signs it: the version the channel points
+    at, and the rollout of a newer one (its version, percentage and state). A device
+    computes its own bucket from it (`offer`)."""
+
+    os: str
+    channel: str
+    version: str | None
+    rollout_version: str | None = None
+    rollout_percent: float = 0.0
+    rollout_state: RolloutState = RolloutState.NONE
+
+    def offer(self, machine_id: str) -> str | None:
+        """The version this channel offers `machine_id`."""
+        if (
+            self.rollout_version is not None
+            and self.rollout_state == RolloutState.ACTIVE
+            and in_rollout(machine_id, self.rollout_version, self.rollout_percent)
+        ):
+            return self.rollout_version
+        return self.version
+
+    def allowed(self) -> set[str]:
+        """Every version the channel may offer some machine."""
+        versions = {self.version} if self.version else set()
+        if self.rollout_version is not None and self.rollout_state == RolloutState.ACTIVE:
+            versions.add(self.rollout_version)
+        return versions
+
+    def to_custom(self) -> dict[str, Any]:
+        rollout = None
+        if self.rollout_version is not None:
+            rollout = {
+                "version": self.rollout_version,
+                "percent": self.rollout_percent,
+                "state": str(self.rollout_state),
+                "bucket": BUCKET_RULE,
+            }
+        return {
+            CUSTOM: {
+                "os": self.os,
+                "channel": self.channel,
+                "version": self.version,
+                "rollout": rollout,
+            }
+        }
+
+    def document(self) -> bytes:
+        """The channel head's file (`channels/<os>/<c>.json`): its custom fields."""
+        return json.dumps(self.to_custom(), sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_custom(cls, custom: object, where: str) -> ChannelHead:
+        fields = _fields(custom, where, {"os", "channel", "version", "rollout"}, set())
+        version = fields["version"]
+        if version is not None:
+            version = _version(version, f"{where}: version")
+        rollout = fields["rollout"]
+        if rollout is None:
+            return cls(_name(fields["os"], where), _name(fields["channel"], where), version)
+        rollout = _object(rollout, f"{where}: rollout", {"version", "percent", "state", "bucket"})
+        if rollout["bucket"] != BUCKET_RULE:
+            raise RemoteDataError(f"{where}: unknown rollout bucket rule {rollout['bucket']!r}")
+        percent = rollout["percent"]
+        if (
+            not isinstance(percent, int | float)
+            or isinstance(percent, bool)
+            or not math.isfinite(percent)
+            or not 0 <= percent <= 100
+        ):
+            raise RemoteDataError(f"{where}: rollout percent is not a number from 0 to 100")
+        try:
+            state = RolloutState(rollout["state"])
+        except ValueError:
+            raise RemoteDataError(f"{where}: unknown rollout state") from None
+        return cls(
+            _name(fields["os"], where),
+            _name(fields["channel"], where),
+            version,
+            _version(rollout["version"], f"{where}: rollout.version"),
+            float(percent),
+            state,
+        )
+
+
+# --- strict parsing of signed fields (signed is not the same as well-formed) ---------------
+
+
+def _object(value: object, where: str, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != keys:
+        raise RemoteDataError(f"{where}: not an object with exactly {', '.join(sorted(keys))}")
+    return value
+
+
+def _fields(custom: object, where: str, required: set[str], optional: set[str]) -> dict[str, Any]:
+    if not isinstance(custom, dict) or not isinstance(custom.get(CUSTOM), dict):
+        raise RemoteDataError(f"{where}: no '{CUSTOM}' custom fields")
+    fields: dict[str, Any] = custom[CUSTOM]
+    if not required <= set(fields) <= required | optional:
+        raise RemoteDataError(
+            f"{where}: custom fields are not {', '.join(sorted(required))}"
+            + (f" (and optionally {', '.join(sorted(optional))})" if optional else "")
+        )
+    return fields
+
+
+def _string(value: object, where: str, cap: int) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= cap:
+        raise RemoteDataError(f"{where}: not a string of 1 to {cap} characters")
+    return value
+
+
+def _integer(value: object, where: str) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 63:
+        raise RemoteDataError(f"{where}: not a non-negative integer")
+    return value
+
+
+def _name(value: object, where: str) -> str:
+    try:
+        return wire.check_name(_string(value, where, 64), "name")
+    except UsageError as exc:
+        raise RemoteDataError(f"{where}: {exc}") from None
+
+
+def _version(value: object, where: str) -> str:
+    try:
+        return parse_version(_string(value, where, 128), where).core
+    except UsageError as exc:
+        raise RemoteDataError(str(exc)) from None
