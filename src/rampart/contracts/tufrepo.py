@@ -11,11 +11,14 @@ reader sees the old file or the new one. Metadata uses consistent snapshots:
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from securesystemslib.signer import Signer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -29,7 +32,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from rampart import files
 from rampart.contracts import tuf
-from rampart.errors import LocalError
+from rampart.errors import FormatError, LocalError
 
 Signers = Mapping[str, Sequence[Signer]]  # the signers at hand, by role
 
@@ -42,6 +45,31 @@ DEFAULT_EXPIRY = {
     Timestamp.type: datetime.timedelta(days=1),
 }
 SERIALIZER = JSONSerializer(compact=False)
+PASSWORD_ENV = "RAMPART_TUF_PASSWORD"  # noqa: S105 - the name of a variable: a key file's password, for scripts and services
+
+
+def load_signer(path: Path, password: bytes | None) -> CryptoSigner:
+    """The signer of a key file `release.tufrepo.generate_key` wrote; LocalError if the
+    file cannot be read or the password is wrong, FormatError if it is not Ed25519."""
+    pem = files.read_small(path, "TUF key", 64 << 10)
+    try:
+        private = serialization.load_pem_private_key(pem, password or None)
+    except (TypeError, ValueError) as exc:
+        raise LocalError(f"{path}: cannot open the TUF key ({exc})") from None
+    if not isinstance(private, Ed25519PrivateKey):
+        raise FormatError(f"{path}: not an Ed25519 key")
+    return CryptoSigner(private)
+
+
+def read_password(path: Path | None) -> bytes | None:
+    """A key file's password: the first line of `path` (a file only its owner may
+    read), else the environment's RAMPART_TUF_PASSWORD, else None (unencrypted)."""
+    if path is not None:
+        if path.stat().st_mode & 0o077:
+            raise LocalError(f"{path}: a password file must be readable by its owner only (0600)")
+        return files.read_small(path, "password file", 4096).splitlines()[0]
+    value = os.environ.get(PASSWORD_ENV)
+    return value.encode() if value else None
 
 
 def metadata_dir(webroot: Path) -> Path:

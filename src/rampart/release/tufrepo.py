@@ -33,7 +33,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from securesystemslib.signer import SSlibKey
 from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
@@ -51,6 +51,7 @@ from rampart.contracts.tufrepo import (
     Signers,
     expiry,
     latest,
+    load_signer,
     metadata_dir,
     publish_snapshot,
     refresh_timestamp,
@@ -58,7 +59,7 @@ from rampart.contracts.tufrepo import (
     write,
 )
 from rampart.contracts.version import Version
-from rampart.errors import ConflictError, FormatError, LocalError, UsageError
+from rampart.errors import ConflictError, LocalError, UsageError
 
 __all__ = [
     "Keys",
@@ -90,19 +91,6 @@ def generate_key(path: Path, password: bytes | None) -> SSlibKey:
     )
     files.write_new_file(path, pem, 0o600)
     return SSlibKey.from_crypto(private.public_key())
-
-
-def load_signer(path: Path, password: bytes | None) -> CryptoSigner:
-    """The signer of a key file `generate_key` wrote; LocalError if the file cannot be
-    read or the password is wrong, FormatError if it is not an Ed25519 key."""
-    pem = files.read_small(path, "TUF key", 64 << 10)
-    try:
-        private = serialization.load_pem_private_key(pem, password or None)
-    except (TypeError, ValueError) as exc:
-        raise LocalError(f"{path}: cannot open the TUF key ({exc})") from None
-    if not isinstance(private, Ed25519PrivateKey):
-        raise FormatError(f"{path}: not an Ed25519 key")
-    return CryptoSigner(private)
 
 
 # --- the repository ------------------------------------------------------------------
