@@ -15,6 +15,11 @@ docs/exit-codes.md). Messages are one line: what, where, why.
     └── RemoteDataError             data that may come from an attacker
         ├── FormatError         10  a key, signature or metadata file is malformed
         └── VerificationError   11  a signature does not verify, or carries the wrong version
+            ├── FreezeError     13  signed update metadata has expired: the server or a
+            │                       mirror may be freezing this device on old metadata
+            ├── RollbackAttackError 14  signed update metadata went back to an older version
+            └── OfferError      15  the server offers a version its signed channel does
+                                    not allow
 """
 
 from __future__ import annotations
@@ -82,3 +87,22 @@ class VerificationError(RemoteDataError):
     """A signature does not verify, or verifies but names the wrong version."""
 
     exit_code = 11
+
+
+class FreezeError(VerificationError):
+    """Signed update metadata has expired: the server or a mirror may be freezing
+    this device on an old view of the repository (TUF's indefinite freeze attack)."""
+
+    exit_code = 13
+
+
+class RollbackAttackError(VerificationError):
+    """Signed update metadata is older than what this device already trusts."""
+
+    exit_code = 14
+
+
+class OfferError(VerificationError):
+    """The server offers a version that its signed channel head does not allow."""
+
+    exit_code = 15

@@ -37,7 +37,9 @@ def cmd_update(args: argparse.Namespace) -> int:
 
     config, identity = _device_parts(args)
     remote = device_config.load_remote_config(args.remote)
-    device = update.open_device(config, remote, identity, args.tmp, args.run_dir)
+    # A pinned TUF root: the one `rampart install` wrote, else the one Core carries.
+    pinned = (args.remote / "root.json", args.config / "root.json")
+    device = update.open_device(config, remote, identity, args.tmp, args.run_dir, pinned)
     fetcher = update.make_fetcher(device)
     if sys.stderr.isatty() and not args.json:
         from rampart.device.progress import Bar

@@ -34,9 +34,17 @@ DEFAULT_DOWNLOAD_DIR = Path("/var/lib/rampart/download")
 DEFAULT_RUN_DIR = Path("/run/rampart")
 DEFAULT_OS_RELEASE = Path("/etc/os-release")
 DEFAULT_MACHINE_ID = Path("/etc/machine-id")
+DEFAULT_TUF_DIR = Path("/var/lib/rampart/tuf")
+DEFAULT_CHANNEL = "stable"
 
 _SIZE = re.compile(r"(?P<n>\d+)(?P<unit>[bBkKmMgGtT]?)", re.ASCII)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class TrustMode(StrEnum):
+    AUTO = "auto"  # TUF when a root is there, else minisign (CLIP OS webroots)
+    TUF = "tuf"
+    MINISIGN = "minisign"
 
 
 class Backend(StrEnum):
@@ -84,6 +92,9 @@ class DeviceConfig:
     tpm_tcti: str = "device:/dev/tpmrm0"  # how tpm2-tools reach the TPM
     tpm_pcrs: tuple[int, ...] = (7,)  # what the state key is sealed to
     tpm_required: bool = False  # True: a machine without a TPM is an error
+    # [trust]
+    trust_mode: TrustMode = TrustMode.AUTO
+    tuf_dir: Path = DEFAULT_TUF_DIR  # the TUF metadata this device verified
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class RemoteConfig:
     update_url: str
     dist_url: str
     root_ca: Path
+    tuf_url: str = ""  # the TUF metadata (<webroot>/tuf); "" when dist_url has no /dist
+    channel: str = DEFAULT_CHANNEL  # the channel a device in TUF mode follows
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,11 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
     download = _table(doc, "download", where)
     update = _table(doc, "update", where)
     tpm = _table(doc, "tpm", where)
+    trust = _table(doc, "trust", where)
+    try:
+        trust_mode = TrustMode(_get(trust, "mode", str, f"{where} [trust]", "auto"))
+    except ValueError:
+        raise FormatError(f"{where}: [trust] mode must be 'auto', 'tuf' or 'minisign'") from None
     backend_name = _get(core, "backend", str, f"{where} [core]", "lvm")
     try:
         backend = Backend(backend_name)
@@ -185,6 +203,8 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
         tpm_tcti=_get(tpm, "tcti", str, f"{where} [tpm]", "device:/dev/tpmrm0"),
         tpm_pcrs=_tpm_pcrs(_get(tpm, "pcrs", list, f"{where} [tpm]", [7]), where),
         tpm_required=_get(tpm, "required", bool, f"{where} [tpm]", False),
+        trust_mode=trust_mode,
+        tuf_dir=Path(_get(trust, "metadata_dir", str, f"{where} [trust]", str(DEFAULT_TUF_DIR))),
     )
     _check_ranges(config, where)
     return config
@@ -252,10 +272,21 @@ def load_remote_config(remote_dir: Path) -> RemoteConfig:
     root_ca = remote_dir / "rootca.pem"
     if not root_ca.is_file():
         raise LocalError(f"{root_ca}: pinned root CA not found")
+    dist_url = _check_https_url(_get(doc, "dist_url", str, where), "dist_url", where)
+    # The TUF repository sits beside dist/ in the webroot, unless tuf_url says otherwise.
+    default_tuf = dist_url.removesuffix("/dist") + "/tuf" if dist_url.endswith("/dist") else ""
+    tuf_url = _get(doc, "tuf_url", str, where, default_tuf or "")
+    channel = _get(doc, "channel", str, where, DEFAULT_CHANNEL)
+    try:
+        check_name(channel, "channel")
+    except UsageError as exc:
+        raise FormatError(f"{where}: {exc}") from None
     return RemoteConfig(
         update_url=_check_https_url(_get(doc, "update_url", str, where), "update_url", where),
-        dist_url=_check_https_url(_get(doc, "dist_url", str, where), "dist_url", where),
+        dist_url=dist_url,
         root_ca=root_ca,
+        tuf_url=_check_https_url(tuf_url, "tuf_url", where) if tuf_url else "",
+        channel=channel,
     )
 
 

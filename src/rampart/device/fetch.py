@@ -57,7 +57,7 @@ from typing import Any, NoReturn
 from rampart import run
 from rampart.contracts import wire
 from rampart.contracts.version import Version, parse_version
-from rampart.device.transport import Limits, Progress, Transport
+from rampart.device.transport import MISSING, Limits, Progress, Transport
 from rampart.errors import (
     FormatError,
     LocalError,
@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 VERSION_CAP = wire.VERSION_DOCUMENT_MAX
 REPLY_CAP = 1 << 20
+DOCUMENT = "document"  # the download directory's file for a fetched document
 REPLY_DEPTH = 3  # {"credentials": {"groups": [...]}}: the deepest a valid reply goes
 
 
@@ -79,7 +80,7 @@ class Job:
     """One operation of the fetch process, as it crosses to the child and back: the
     protocol between the two processes. Callers use the Fetcher's typed methods."""
 
-    op: str  # "version", "download" or "report"
+    op: str  # "version", "download", "document" or "report"
     url: str
     cap: int
     dest: str = ""
@@ -104,11 +105,24 @@ def execute(transport: Transport, jobs: list[Job], progress: Progress | None) ->
             results.append(str(wire.parse_version_document(data, job.url)))
         elif job.op == "download":
             results.append(transport.download(job.url, Path(job.dest), job.cap, progress))
+        elif job.op == "document":
+            status, data = transport.get_document(job.url, job.cap)
+            if status == 200:
+                _write_document(Path(job.dest), data)
+            results.append(status)
         elif job.op == "report":
             results.append(transport.post(job.url, job.body.encode(), "application/json"))
         else:
             raise LocalError(f"unknown fetch operation {job.op!r}")
     return results
+
+
+def _write_document(dest: Path, data: bytes) -> None:
+    """A fetched document into `dest` (created new: an old one is removed first)."""
+    dest.unlink(missing_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def credentials() -> dict[str, Any]:
@@ -169,6 +183,33 @@ class Fetcher:
         jobs = [Job("download", f.url, f.cap, str(f.dest)) for f in files]
         sizes: list[int] = self.run(jobs)
         return sizes
+
+    def document(self, url: str, cap: int) -> tuple[int, bytes]:
+        """GET a small document (signed metadata, at most `cap` bytes) through the fetch
+        process: (200, its bytes), or (403 or 404, b"") if the server has none. The bytes
+        are read back by this process from the download directory, once the fetch
+        process is gone; they are not trusted (the caller verifies them)."""
+        dest = self.download_dir / DOCUMENT
+        dest.unlink(missing_ok=True)
+        [status] = self.run([Job("document", url, cap, str(dest))])
+        if status != 200:
+            return int(status), b""
+        dir_fd = open_directory(self.download_dir)
+        try:
+            fd = open_plain_file(dir_fd, DOCUMENT)
+            if fd is None:
+                raise LocalError(f"{dest}: the fetched document is missing")
+            try:
+                with os.fdopen(fd, "rb", closefd=False) as document:
+                    data = document.read(cap + 1)
+            finally:
+                os.close(fd)
+            os.unlink(DOCUMENT, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        if len(data) > cap:
+            raise RemoteDataError(f"{url}: larger than the cap of {cap} bytes")
+        return 200, data
 
     def report(self, url: str, body: bytes) -> int:
         """POST an install report; the HTTP status the server answered."""
@@ -413,6 +454,9 @@ def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:
                 _text(result, where, 128)
             elif job.op == "download":
                 _integer(result, where, 0, job.cap)
+            elif job.op == "document":
+                if _integer(result, where, 200, 404) not in (200, *MISSING):
+                    raise _BadReply(f"{where} is not 200, 403 or 404")
             else:
                 _integer(result, where, 100, 599)
         except _BadReply as exc:

@@ -71,6 +71,9 @@ def tls_context(root_ca: Path) -> ssl.SSLContext:
     return context
 
 
+MISSING = (403, 404)  # what a server answers for a document it does not have
+
+
 class Transport:
     """An HTTPS client bound to one pinned CA and one machine identity."""
 
@@ -203,6 +206,21 @@ class Transport:
             parts: list[bytes] = []
             self._read_body(url, response, parts.append, cap, expected=length)
             return b"".join(parts)
+
+    def get_document(self, url: str, cap: int) -> tuple[int, bytes]:
+        """GET a small document (signed metadata) in memory, at most `cap` bytes: (200,
+        its bytes), or (403 or 404, b"") when the server has no such document."""
+        with self.request(url) as response:
+            if response.status in MISSING:
+                self._read_body(url, response, lambda _: None, 1 << 16)
+                return response.status, b""
+            _check_status(url, response, (200,))
+            length = _content_length(url, response)
+            if length is not None and length > cap:
+                raise RemoteDataError(f"{url}: announced {length} bytes, the cap is {cap}")
+            parts: list[bytes] = []
+            self._read_body(url, response, parts.append, cap, expected=length)
+            return 200, b"".join(parts)
 
     def post(self, url: str, body: bytes, content_type: str) -> int:
         """POST `body`; return the status (the response body is read up to 64 KiB, dropped)."""

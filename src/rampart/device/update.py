@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import logging
 import os
 from dataclasses import dataclass, field
@@ -43,8 +44,8 @@ from rampart.contracts import cmdline, signing, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
-from rampart.device import rollback
-from rampart.device.config import DeviceConfig, Identity, RemoteConfig
+from rampart.device import rollback, trust
+from rampart.device.config import DeviceConfig, Identity, RemoteConfig, TrustMode
 from rampart.device.fetch import (
     Download,
     Fetcher,
@@ -126,6 +127,9 @@ class Device:
     # [tpm] names when it is first needed; None: no TPM (tests inject one).
     tpm: Tpm | Literal["config"] | None = "config"
     proc_cmdline: Path = rollback.PROC_CMDLINE  # where the running epoch is read
+    tuf: trust.TufSettings | None = None  # None: minisign mode
+    # TUF mode: what each payload of the version being installed must be, by kind
+    targets: dict[str, trust.ExpectedTarget] = field(default_factory=dict)
 
     @property
     def ready_file(self) -> Path:
@@ -153,8 +157,23 @@ def open_device(
     identity: Identity,
     download_dir: Path,
     run_dir: Path,
+    pinned_roots: tuple[Path, ...] = (),
 ) -> Device:
-    """Bind a configuration to its slot backend and ESP."""
+    """Bind a configuration to its slot backend, its ESP and its trust (`pinned_roots`:
+    where a pinned TUF root may be, in order of preference)."""
+    tuf_settings = None
+    if config.trust_mode != TrustMode.MINISIGN:
+        if not remote.tuf_url:
+            if config.trust_mode == TrustMode.TUF:
+                raise FormatError("trust mode is tuf, but remote.toml has no tuf_url")
+        else:
+            tuf_settings = trust.settings(
+                config.trust_mode,
+                config.tuf_dir,
+                list(pinned_roots),
+                remote.tuf_url,
+                remote.channel,
+            )
     return Device(
         config,
         remote,
@@ -163,6 +182,7 @@ def open_device(
         esp_mod.Esp(config.esp_directory, config.os_name),
         download_dir,
         run_dir,
+        tuf=tuf_settings,
     )
 
 
@@ -205,7 +225,31 @@ def _check_signed_version(signature: signing.Signature, payload: Path, version: 
 
 
 def check_latest(device: Device, fetcher: Fetcher) -> Version:
-    return fetcher.latest_version(wire.version_url(device.remote.update_url, device.config.os_name))
+    """The version to install: the server's answer (minisign mode), or what this
+    machine's signed channel head offers it (TUF mode: check_trust)."""
+    url = wire.version_url(device.remote.update_url, device.config.os_name)
+    offered = fetcher.latest_version(url)
+    if device.tuf is None:
+        return offered
+    return check_trust(device, device.tuf, fetcher, offered, url)
+
+
+def check_trust(
+    device: Device, settings: trust.TufSettings, fetcher: Fetcher, offered: Version, url: str
+) -> Version:
+    """TUF mode: refresh the signed metadata (a freeze, a rollback, a mix-and-match or
+    an unsigned file is refused here, up to date or not), choose the version the signed
+    channel head offers this machine, and if it is newer than the running one, note what
+    each of its payloads must be (`device.targets`)."""
+    client = trust.TufClient(settings, fetcher)
+    client.refresh()
+    head = client.channel_head(device.config.os_name)
+    chosen = trust.choose(head, offered, device.identity.machine_id, url)
+    if chosen > device.identity.version:
+        device.targets = {
+            kind: client.payload(device.config.os_name, chosen, kind) for kind in wire.PAYLOADS
+        }
+    return chosen
 
 
 def pick_slot(device: Device, target: Version) -> Slot | None:
@@ -317,19 +361,25 @@ def copy_verified(device: Device, version: Version, kind: str) -> bytes:
         os.close(verified_fd)
         raise LocalError(f"{device.download_dir}: cannot open: {exc.strerror}") from None
     try:
-        raw_signature = _read_signature(download_fd, name + ".sig", SIG_CAP, source)
-        signature = signing.parse_signature(raw_signature, f"{source}.sig")
+        target = device.targets.get(kind)
+        raw_signature = b""
+        if target is None:
+            raw_signature = _read_signature(download_fd, name + ".sig", SIG_CAP, source)
+            evidence = _Evidence(signing.parse_signature(raw_signature, f"{source}.sig"))
+        else:
+            evidence = _Evidence(target=target)
         src = open_plain_file(download_fd, name, writable=True)
         if src is None:
             raise LocalError(f"{source}: missing, or not a regular file with one link")
         try:
-            digest = _copy_and_verify(device, src, verified_fd, copy, signature)
+            digest = _copy_and_verify(device, src, verified_fd, copy, evidence)
         finally:
             os.close(src)
         _unlink(download_fd, name)  # empty now
-        _check_signed_version(signature, source, version)
-        _write_new(verified_fd, name + ".sig", raw_signature)
-        _unlink(download_fd, name + ".sig")
+        if evidence.signature is not None:
+            _check_signed_version(evidence.signature, source, version)
+            _write_new(verified_fd, name + ".sig", raw_signature)
+            _unlink(download_fd, name + ".sig")
     except OSError as exc:
         _unlink(verified_fd, name)
         raise LocalError(f"{copy}: cannot copy the download: {exc.strerror}") from None
@@ -354,17 +404,24 @@ def reuse_verified(device: Device, version: Version, kind: str) -> bytes | None:
         return None
     verified_fd = _open_verified_dir(device)
     try:
-        signature = signing.parse_signature(
-            _read_signature(verified_fd, name + ".sig", SIG_CAP, copy), f"{copy}.sig"
-        )
+        target = device.targets.get(kind)
+        if target is None:
+            evidence = _Evidence(
+                signing.parse_signature(
+                    _read_signature(verified_fd, name + ".sig", SIG_CAP, copy), f"{copy}.sig"
+                )
+            )
+        else:
+            evidence = _Evidence(target=target)
         fd = open_plain_file(verified_fd, name)
         if fd is None:
             raise LocalError(f"{copy}: not a regular file with one link")
         try:
-            digest = _verify_fd(device, fd, copy, signature)
+            digest = _verify_fd(device, fd, copy, evidence)
         finally:
             os.close(fd)
-        _check_signed_version(signature, copy, version)
+        if evidence.signature is not None:
+            _check_signed_version(evidence.signature, copy, version)
     except RampartError as exc:
         log.info("not reusing %s: %s", copy, exc)
         _unlink(verified_fd, name)
@@ -408,14 +465,54 @@ def _read_signature(dir_fd: int, name: str, cap: int, payload: Path) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class _Evidence:
+    """What a payload's copy is checked against: its minisign signature (minisign
+    mode), or the target the release keys signed (TUF mode: its length and digest)."""
+
+    signature: signing.Signature | None = None
+    target: trust.ExpectedTarget | None = None
+
+    @property
+    def needs_bytes(self) -> bool:
+        """A legacy minisign signature covers the bytes themselves, not a digest."""
+        return self.signature is not None and not self.signature.prehashed
+
+    def check_size(self, size: int, path: Path) -> None:
+        if self.signature is not None:
+            _check_legacy_size(self.signature, size, path)
+        elif self.target is not None and size != self.target.length:
+            raise VerificationError(
+                f"{path.name}: {size} bytes, but the signed target {self.target.path} "
+                f"has {self.target.length}"
+            )
+
+    def verify(self, device: Device, digest: bytes, data: bytes | None, path: Path) -> None:
+        if self.target is not None:
+            if not hmac.compare_digest(digest, self.target.digest):
+                raise VerificationError(
+                    f"{path.name}: its BLAKE2b-512 digest is not the one the release keys "
+                    f"signed for {self.target.path}"
+                )
+            return
+        if self.signature is None:
+            raise LocalError(f"{path.name}: nothing to check it against")
+        try:
+            signing.verify(
+                device.config.public_key, self.signature, digest if data is None else data
+            )
+        except VerificationError as exc:
+            raise VerificationError(f"{path.name}: {exc}") from None
+
+
 def _copy_and_verify(
-    device: Device, src: int, verified_fd: int, copy: Path, signature: signing.Signature
+    device: Device, src: int, verified_fd: int, copy: Path, evidence: _Evidence
 ) -> bytes:
     """Copy `src` (writable) into `copy` (new, 0600) from its end, truncating `src`
-    behind each chunk copied, then hash the copy and verify `signature` over it; the
+    behind each chunk copied, then hash the copy and check it against `evidence`; the
     BLAKE2b-512 digest of the copy."""
     size = os.fstat(src).st_size
-    _check_legacy_size(signature, size, copy)  # before the download is consumed
+    evidence.check_size(size, copy)  # before the download is consumed
     dst = _new_file(verified_fd, copy.name)
     try:
         os.ftruncate(dst, size)  # sparse: blocks are allocated as the chunks arrive
@@ -432,7 +529,7 @@ def _copy_and_verify(
                 view, offset = view[written:], offset + written
             os.ftruncate(src, start)
             end = start
-        return _verify_fd(device, dst, copy, signature)
+        return _verify_fd(device, dst, copy, evidence)
     finally:
         os.close(dst)
 
@@ -444,13 +541,13 @@ def _check_legacy_size(signature: signing.Signature, size: int, path: Path) -> N
         )
 
 
-def _verify_fd(device: Device, fd: int, path: Path, signature: signing.Signature) -> bytes:
+def _verify_fd(device: Device, fd: int, path: Path, evidence: _Evidence) -> bytes:
     """Hash the file open as `fd` (this user's, in a directory only this user can
-    reach: its size holds) from its start and verify `signature` over it; its
+    reach: its size holds) from its start and check it against `evidence`; its
     BLAKE2b-512 digest. (A legacy signature covers the bytes, held in memory.)"""
-    _check_legacy_size(signature, os.fstat(fd).st_size, path)
+    evidence.check_size(os.fstat(fd).st_size, path)
     hasher = hashlib.blake2b()
-    legacy = None if signature.prehashed else bytearray()
+    legacy = bytearray() if evidence.needs_bytes else None
     buffer = bytearray(signing.CHUNK)
     os.lseek(fd, 0, os.SEEK_SET)
     while n := os.readv(fd, [buffer]):
@@ -459,12 +556,7 @@ def _verify_fd(device: Device, fd: int, path: Path, signature: signing.Signature
         if legacy is not None:
             legacy += chunk
     digest = hasher.digest()
-    try:
-        signing.verify(
-            device.config.public_key, signature, digest if legacy is None else bytes(legacy)
-        )
-    except VerificationError as exc:
-        raise VerificationError(f"{path.name}: {exc}") from None
+    evidence.verify(device, digest, None if legacy is None else bytes(legacy), path)
     return digest
 
 
@@ -502,8 +594,10 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
                 cached.append(kind)
             sig.unlink(missing_ok=True)  # small: always fetched with its payload
             url = f"{release}/{wire.payload_name(device.config.os_name, kind)}"
-            files.append(Download(url + wire.SIGNATURE_SUFFIX, sig, SIG_CAP))
-            files.append(Download(url, payload, caps[kind]))
+            target = device.targets.get(kind)
+            if target is None:
+                files.append(Download(url + wire.SIGNATURE_SUFFIX, sig, SIG_CAP))
+            files.append(Download(url, payload, caps[kind] if target is None else target.length))
         log.info("downloading %s", ", ".join(f.url.rsplit("/", 1)[-1] for f in files))
         fetcher.download(files)
         retry = []
@@ -683,6 +777,8 @@ def _check_download(
             f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
         )
     root = check_release(device, efiboot, core, latest)
+    if device.targets:
+        check_signed_fields(device, efiboot, root)
     if root is None:
         log.warning(
             "%s carries no verity root hash: Core is checked against its signature only",
@@ -690,6 +786,29 @@ def _check_download(
         )
     check_rollback(device, efiboot, latest)
     return root
+
+
+def check_signed_fields(device: Device, efiboot: Path, root: RootHash | None) -> None:
+    """TUF mode: the release's UKI says what its signed targets say: the security epoch,
+    and the verity parameters of its Core (VerificationError otherwise: a release whose
+    UKI and Core were signed for another pairing)."""
+    epoch = rollback.uki_epoch(efiboot)
+    for target in device.targets.values():
+        if target.fields.epoch != epoch:
+            raise VerificationError(
+                f"{target.path}: signed for security epoch {target.fields.epoch}, "
+                f"but {efiboot.name} has epoch {epoch}"
+            )
+    core = device.targets["core"].fields
+    signed = (
+        None if core.root_hash is None else (core.root_hash, core.hash_offset, core.data_blocks)
+    )
+    pinned = None if root is None else (root.root_hash, root.hash_offset, root.data_blocks)
+    if signed != pinned:
+        raise VerificationError(
+            f"{device.targets['core'].path}: signed with other verity parameters than "
+            f"{efiboot.name} pins (another root hash)"
+        )
 
 
 def _take_slot(device: Device, slot: Slot | None, latest: Version) -> Slot:
