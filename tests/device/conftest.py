@@ -86,7 +86,8 @@ class DeviceDirs:
         config = device_config.load_device_config(self.config_dir)
         remote = device_config.load_remote_config(self.remote_dir)
         identity = device_config.load_identity(self.os_release, self.machine_id)
-        return update.open_device(config, remote, identity, self.download, self.run_dir)
+        pinned = (self.remote_dir / "root.json", self.config_dir / "root.json")
+        return update.open_device(config, remote, identity, self.download, self.run_dir, pinned)
 
     def argv(self) -> list[str]:
         return [
@@ -134,6 +135,10 @@ def make_device(
         f'[download]\nfetch_user = "{fetch_user}"\nread_timeout = 5\nconnect_timeout = 5\n'
         f"{extra_config}"
     )
+    if "[trust]" not in extra_config:
+        # TUF metadata under the test's directory: never the host's /var/lib/rampart.
+        with (dev.config_dir / "config.toml").open("a") as config:
+            config.write(f'\n[trust]\nmetadata_dir = "{root}/tuf"\n')
     if "[tpm]" not in extra_config:
         # No TPM unless a test gives one: never the host's own (a device node that
         # does not exist means "no TPM").

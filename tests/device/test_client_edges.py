@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -534,9 +535,9 @@ def test_resumed_run_hashes_the_cached_core_once(
             hashed.append(Path(path).name)
             return verify_file(path, *args, **kwargs)  # type: ignore[arg-type]
 
-        def counting_fd(dev: update.Device, fd: int, path: Path, sig: signing.Signature) -> bytes:
+        def counting_fd(dev: update.Device, fd: int, path: Path, evidence: Any) -> bytes:
             hashed.append(path.name)
-            return verify_fd(dev, fd, path, sig)
+            return verify_fd(dev, fd, path, evidence)
 
         monkeypatch.setattr(signing, "verify_file", counting)
         monkeypatch.setattr(update, "_verify_fd", counting_fd)

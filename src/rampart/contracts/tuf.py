@@ -26,7 +26,7 @@ from typing import Any
 
 from rampart.contracts import wire
 from rampart.contracts.version import Version, parse_version
-from rampart.errors import RemoteDataError, UsageError
+from rampart.errors import RemoteDataError, UsageError, VerificationError
 
 METADATA_DIR = "tuf"
 CHANNELS_ROLE = "channels"
@@ -105,15 +105,15 @@ class PayloadFields:
         )
 
     def check(self, os_name: str, kind: str, version: Version, where: str) -> None:
-        """RemoteDataError unless this target is `kind` of `os_name`'s `version`: a signed
-        payload moved to another OS, relabelled as another kind or version."""
+        """VerificationError unless this target is `kind` of `os_name`'s `version`: a
+        signed payload moved to another OS, relabelled as another kind or version."""
         for name, signed, wanted in (
             ("OS", self.os, os_name),
             ("kind", self.kind, kind),
             ("version", self.version, version.core),
         ):
             if signed != wanted:
-                raise RemoteDataError(
+                raise VerificationError(
                     f"{where}: its signed {name} is {signed[:64]!r}, not {wanted!r} "
                     "(wrong software: a payload moved or relabelled)"
                 )

@@ -189,6 +189,7 @@ class Fetcher:
         process: (200, its bytes), or (403 or 404, b"") if the server has none. The bytes
         are read back by this process from the download directory, once the fetch
         process is gone; they are not trusted (the caller verifies them)."""
+        self.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         dest = self.download_dir / DOCUMENT
         dest.unlink(missing_ok=True)
         [status] = self.run([Job("document", url, cap, str(dest))])

@@ -133,7 +133,8 @@ def _refused(exc: Exception, what: str) -> NoReturn:
         ) from None
     if isinstance(exc, tuf_errors.BadVersionNumberError):
         raise RollbackAttackError(
-            f"{what}: {reason} (rollback: metadata older than what this device trusts)"
+            f"{what}: {reason} (rollback or mix-and-match: metadata of another version "
+            "than this device trusts, or than the snapshot names)"
         ) from None
     if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
         raise VerificationError(
@@ -150,7 +151,7 @@ def _refused(exc: Exception, what: str) -> NoReturn:
     if isinstance(exc, tuf_errors.RepositoryError):
         raise VerificationError(f"{what}: {reason}") from None
     if isinstance(exc, OSError):
-        raise LocalError(f"{what}: {exc.strerror or exc}") from None
+        raise LocalError(f"{exc.filename or what}: {exc.strerror or exc}") from None
     if isinstance(exc, ValueError):
         raise FormatError(f"{what}: {reason}") from None
     raise exc
