@@ -86,7 +86,7 @@ class TufRepo:
             channel,
             version,
             rollout,
-            percent,
+            tuf.buckets_of(percent),
             state if rollout is not None else tuf.RolloutState.NONE,
         )
         repo.sign_channels(self.webroot, self.heads.values(), self.signers)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -122,7 +121,9 @@ class PayloadFields:
 # --- what a channel head says -------------------------------------------------------------
 
 BUCKETS = 10_000  # 0.01 % resolution
-BUCKET_RULE = "sha256(machine-id NUL version)[0:8] big-endian mod 10000 < percent * 100"
+# Signed metadata holds no floats (canonical JSON): a rollout's share is a count of
+# buckets, 0 to 10000 (percent * 100).
+BUCKET_RULE = "sha256(machine-id NUL version)[0:8] big-endian mod 10000 < buckets"
 
 
 class RolloutState(StrEnum):
@@ -138,8 +139,13 @@ def bucket(machine_id: str, version: str) -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
+def buckets_of(percent: float) -> int:
+    """How many of the BUCKETS a rollout to `percent` % covers."""
+    return round(percent * BUCKETS / 100)
+
+
 def in_rollout(machine_id: str, version: str, percent: float) -> bool:
-    return bucket(machine_id, version) < round(percent * BUCKETS / 100)
+    return bucket(machine_id, version) < buckets_of(percent)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class ChannelHead:
     channel: str
     version: str | None
     rollout_version: str | None = None
-    rollout_percent: float = 0.0
+    rollout_buckets: int = 0  # of BUCKETS: buckets_of(percent)
     rollout_state: RolloutState = RolloutState.NONE
 
     def offer(self, machine_id: str) -> str | None:
@@ -160,7 +166,7 @@ class ChannelHead:
         if (
             self.rollout_version is not None
             and self.rollout_state == RolloutState.ACTIVE
-            and in_rollout(machine_id, self.rollout_version, self.rollout_percent)
+            and bucket(machine_id, self.rollout_version) < self.rollout_buckets
         ):
             return self.rollout_version
         return self.version
@@ -177,7 +183,7 @@ class ChannelHead:
         if self.rollout_version is not None:
             rollout = {
                 "version": self.rollout_version,
-                "percent": self.rollout_percent,
+                "buckets": self.rollout_buckets,
                 "state": str(self.rollout_state),
                 "bucket": BUCKET_RULE,
             }
@@ -203,17 +209,12 @@ class ChannelHead:
         rollout = fields["rollout"]
         if rollout is None:
             return cls(_name(fields["os"], where), _name(fields["channel"], where), version)
-        rollout = _object(rollout, f"{where}: rollout", {"version", "percent", "state", "bucket"})
+        rollout = _object(rollout, f"{where}: rollout", {"version", "buckets", "state", "bucket"})
         if rollout["bucket"] != BUCKET_RULE:
             raise RemoteDataError(f"{where}: unknown rollout bucket rule {rollout['bucket']!r}")
-        percent = rollout["percent"]
-        if (
-            not isinstance(percent, int | float)
-            or isinstance(percent, bool)
-            or not math.isfinite(percent)
-            or not 0 <= percent <= 100
-        ):
-            raise RemoteDataError(f"{where}: rollout percent is not a number from 0 to 100")
+        buckets = rollout["buckets"]
+        if type(buckets) is not int or not 0 <= buckets <= BUCKETS:
+            raise RemoteDataError(f"{where}: rollout buckets is not an integer from 0 to {BUCKETS}")
         try:
             state = RolloutState(rollout["state"])
         except ValueError:
@@ -223,7 +224,7 @@ class ChannelHead:
             _name(fields["channel"], where),
             version,
             _version(rollout["version"], f"{where}: rollout.version"),
-            float(percent),
+            buckets,
             state,
         )
 

@@ -15,7 +15,9 @@ The payload directory (docs/formats.md, "Installation payload"):
     esp/                the ESP's skeleton: EFI/BOOT/BOOTX64.EFI (signed
                         systemd-boot) and loader/loader.conf (`rampart build esp`)
     remote/             the remote configuration, copied to /etc/rampart on the
-                        state partition (remote.toml, rootca.pem)
+                        state partition (remote.toml, rootca.pem, and root.json:
+                        the TUF root a device in TUF mode pins, checked here to
+                        be a root signed by its own threshold)
 
 What it does, in order; every step is checked before the next:
 
@@ -60,11 +62,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rampart import run
+from rampart import files, run
 from rampart.contracts import cmdline, layout
 from rampart.contracts.version import Version
 from rampart.device import config as device_config
-from rampart.device import state, tpm
+from rampart.device import state, tpm, trust
 from rampart.device.esp import Esp
 from rampart.device.slots import (
     LvmBackend,
@@ -150,6 +152,9 @@ def find_payload(directory: Path, os_name: str, version: Version) -> Payload:
     ):
         if not path.is_file():
             raise LocalError(f"{path}: {what} is missing from the installation payload")
+    pinned = payload.remote / "root.json"
+    if pinned.exists():
+        trust.check_root(files.read_small(pinned, "TUF root", trust.ROOT_CAP), str(pinned))
     return payload
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
@@ -87,6 +88,18 @@ def settings(
             f"{metadata_dir / ROOT_FILE} nor {' nor '.join(str(p) for p in pinned)}"
         )
     return None
+
+
+def check_root(data: bytes, where: str) -> None:
+    """FormatError unless `data` is a TUF root signed by a threshold of its own root
+    keys (what a device may pin)."""
+    try:
+        root = Metadata[Root].from_bytes(data)
+        if root.signed.type != Root.type:
+            raise ValueError(f"a {root.signed.type} metadata, not a root")
+        root.verify_delegate(Root.type, root)
+    except (DeserializationError, tuf_errors.RepositoryError, ValueError, TypeError) as exc:
+        raise FormatError(f"{where}: not a TUF root signed by its own keys: {exc}") from None
 
 
 @dataclass(frozen=True)
