@@ -10,7 +10,7 @@ signs the channel heads and the timestamp (`server/signer.py`), the device reads
     <webroot>/tuf/<N>.snapshot.json      snapshot: online
     <webroot>/tuf/timestamp.json         timestamp: online, short-lived
     <webroot>/dist/<V>/<os>-<kind>       a payload target (`targets` signs it)
-    <webroot>/channels/<os>/<c>.json     a channel head (`channels` signs it)
+    <webroot>/heads/<os>/<c>.json        a channel head (`channels` signs it)
 
 Target paths are relative to the webroot; the metadata is at `<webroot>/tuf/`.
 """
@@ -29,7 +29,9 @@ from rampart.errors import RemoteDataError, UsageError, VerificationError
 
 METADATA_DIR = "tuf"
 CHANNELS_ROLE = "channels"
-CHANNEL_PATTERN = "channels/*/*"  # the only paths the channels role may sign
+# The only paths the channels role may sign. Not `channels/`: a static webroot keeps
+# its channels' version files there (`channels/<c>/update/v1/<os>/version`).
+CHANNEL_PATTERN = "heads/*/*"
 CUSTOM = "rampart"  # the key of Rampart's fields in a target's `custom`
 # The hashes of every target: BLAKE2b-512 is what the device computes as it copies
 # a payload (as for a minisign signature); SHA-256 is there for every other client.
@@ -45,8 +47,8 @@ def payload_target(os_name: str, version: Version, kind: str) -> str:
 
 
 def channel_target(os_name: str, channel: str) -> str:
-    """A channel head's target path (`channels/<os>/<channel>.json`)."""
-    return f"channels/{os_name}/{channel}.json"
+    """A channel head's target path (`heads/<os>/<channel>.json`)."""
+    return f"heads/{os_name}/{channel}.json"
 
 
 # --- what a payload target binds -----------------------------------------------------------
@@ -197,7 +199,7 @@ class ChannelHead:
         }
 
     def document(self) -> bytes:
-        """The channel head's file (`channels/<os>/<c>.json`): its custom fields."""
+        """The channel head's file (`heads/<os>/<c>.json`): its custom fields."""
         return json.dumps(self.to_custom(), sort_keys=True, indent=1).encode() + b"\n"
 
     @classmethod

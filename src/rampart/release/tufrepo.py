@@ -111,7 +111,7 @@ class Keys:
 
 def create(webroot: Path, keys: Keys, signers: Signers) -> None:
     """A new, empty repository in `webroot`/tuf: root version 1 (signed by the `root`
-    signers, at least its threshold), targets version 1 delegating `channels/*/*` to the
+    signers, at least its threshold), targets version 1 delegating `heads/*/*` to the
     channels keys (when there are any), an empty channels role, a snapshot and a
     timestamp. ConflictError if the webroot already has one."""
     directory = metadata_dir(webroot)

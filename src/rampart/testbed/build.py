@@ -172,6 +172,10 @@ def cache_key(checkout: Path, base: Path, kernel_deb: Path) -> str:
         "cmdline": list(EXTRA_CMDLINE),
         "epochs": EPOCHS,
         "port": SERVER_PORT,
+        # The device's libraries copied into Core (rootfs.DEVICE_LIBRARIES).
+        "libraries": {
+            name: _tree_digest(rootfs.library_dir(name)) for name in rootfs.DEVICE_LIBRARIES
+        },
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 

@@ -15,7 +15,9 @@ Two stages:
    version:
    - /etc/os-release (-> /usr/lib/os-release) with VERSION_ID and IMAGE_VERSION;
    - Rampart from the checkout's src/rampart in /usr/lib/python3/dist-packages (with
-     Debian's python3-cryptography; no pip, no virtual environment), /usr/bin/rampart;
+     Debian's python3-cryptography; no pip, no virtual environment), /usr/bin/rampart,
+     and its pure-Python dependencies Debian 12 lacks (python-tuf, securesystemslib,
+     urllib3: DEVICE_LIBRARIES), copied from the interpreter that builds the testbed;
    - /usr/lib/rampart: config.toml (lvm backend, VG mainvg, ESP /efi/EFI/Linux,
      boot_tries BOOT_TRIES), the pubkey when given, and `health-check`, the script
      rampart-health.service runs before boot-complete.target (HEALTHY by default,
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -572,16 +575,35 @@ def config_toml(os_name: str, version: Version) -> str:
     )
 
 
+# The device client's dependencies that Debian 12 does not ship (or ships too old):
+# pure Python, copied from the interpreter that runs the build (pyproject.toml pins them).
+DEVICE_LIBRARIES = ("tuf", "securesystemslib", "urllib3")
+
+
+def library_dir(name: str) -> Path:
+    """The package directory of `name` in this interpreter; LocalError if it is missing
+    or not pure Python (a compiled module would not match the guest's Python)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalError(f"Python package {name} is not installed here: run `make setup`")
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    if any(directory.rglob("*.so")):
+        raise LocalError(f"{directory}: {name} is not pure Python; cannot copy it into Core")
+    return directory
+
+
 def _install_rampart(tree: Path, package: Path) -> None:
-    site = _inside(tree, "usr/lib/python3/dist-packages/rampart")
-    if site.exists():
-        shutil.rmtree(site)
-    shutil.copytree(
-        package,
-        site,
-        symlinks=True,
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"),
-    )
+    sources = [(package, "rampart")] + [(library_dir(n), n) for n in DEVICE_LIBRARIES]
+    for source, name in sources:
+        site = _inside(tree, f"usr/lib/python3/dist-packages/{name}")
+        if site.exists():
+            shutil.rmtree(site)
+        shutil.copytree(
+            source,
+            site,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"),
+        )
     _write(tree, "usr/bin/rampart", LAUNCHER, 0o755)
     _chroot(
         tree,
@@ -591,7 +613,7 @@ def _install_rampart(tree: Path, package: Path) -> None:
         "-q",
         "--invalidation-mode",
         "checked-hash",
-        "/usr/lib/python3/dist-packages/rampart",
+        *(f"/usr/lib/python3/dist-packages/{name}" for _, name in sources),
     )
 
 
