@@ -334,3 +334,23 @@ def test_metadata_is_fetched_by_the_unprivileged_fetch_process(
     assert update.update(dev, fetcher).outcome == update.Outcome.UPDATED
     assert fetcher.last_credentials["uid"] != 0
     assert fetcher.last_credentials["cap_eff"].strip("0") == ""
+
+
+def test_status_shows_the_trusted_root_and_the_timestamp_expiry(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, repository: TufRepo
+) -> None:
+    device = tuf_device(tmp_path, vendor, pki, served, repository)
+    argv = [*device.argv()[:2], *device.argv()[6:]]  # status takes no -r or -t
+    before = run_cli("status", "--json", *argv)
+    assert json.loads(before.out)["trust"] == {
+        "mode": "tuf",
+        "metadata_dir": str(tmp_path / "device" / "tuf"),
+        "root_version": None,
+    }
+    assert run(device).outcome == update.Outcome.UPDATED
+    after = run_cli("status", "--json", *argv)
+    state = json.loads(after.out)["trust"]
+    assert (state["root_version"], state["expired"]) == (1, False)
+    assert state["timestamp_version"] >= 1
+    text = run_cli("status", *argv).out
+    assert "trust: tuf, TUF root 1, timestamp" in text

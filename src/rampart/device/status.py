@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rampart.device import rollback
+from rampart.device import rollback, trust
 from rampart.device.config import DeviceConfig, Identity
 from rampart.device.esp import Esp
 from rampart.device.slots import busy_reason, open_backend
@@ -78,11 +78,24 @@ def collect(
         if ready.is_file()
         else None
     )
+    report["trust"] = {"mode": str(config.trust_mode), **trust.local_state(config.tuf_dir)}
     return report
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def _render_trust(state: dict[str, Any]) -> str:
+    if state.get("root_version") is None:
+        return f"trust: {state['mode']} (no verified TUF metadata)"
+    expires = state.get("timestamp_expires")
+    fresh = "EXPIRED" if state.get("expired") else "fresh"
+    return f"trust: {state['mode']}, TUF root {state['root_version']}, " + (
+        f"timestamp {state['timestamp_version']} {fresh} until {expires}"
+        if expires
+        else "no timestamp yet"
+    )
 
 
 def render(report: dict[str, Any]) -> str:
@@ -122,4 +135,5 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"rollback counter: {report['rollback_counter']}")
     ready = report["update_ready"]
     lines.append(f"update ready: {ready} (reboot to use it)" if ready else "update ready: no")
+    lines.append(_render_trust(report["trust"]))
     return "\n".join(lines)

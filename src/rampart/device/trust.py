@@ -22,10 +22,10 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
@@ -100,6 +100,27 @@ def check_root(data: bytes, where: str) -> None:
         root.verify_delegate(Root.type, root)
     except (DeserializationError, tuf_errors.RepositoryError, ValueError, TypeError) as exc:
         raise FormatError(f"{where}: not a TUF root signed by its own keys: {exc}") from None
+
+
+def local_state(metadata_dir: Path) -> dict[str, Any]:
+    """What the metadata this device verified says (for `rampart status`): the trusted
+    root's version, the timestamp's version and expiry, and whether it has expired.
+    Read, not verified again; nothing if there is none."""
+    state: dict[str, Any] = {"metadata_dir": str(metadata_dir), "root_version": None}
+    try:
+        root = Metadata[Root].from_bytes(
+            files.read_small(metadata_dir / ROOT_FILE, "TUF root", ROOT_CAP)
+        )
+        state["root_version"] = root.signed.version
+        timestamp = Metadata[Timestamp].from_bytes(
+            files.read_small(metadata_dir / "timestamp.json", "TUF timestamp", 1 << 16)
+        )
+    except (RampartError, tuf_errors.RepositoryError, OSError, ValueError):
+        return state
+    state["timestamp_version"] = timestamp.signed.version
+    state["timestamp_expires"] = timestamp.signed.expires.isoformat()
+    state["expired"] = timestamp.signed.is_expired()
+    return state
 
 
 @dataclass(frozen=True)
