@@ -18,9 +18,11 @@ wrong. Per-scenario times and the factor go to <work>/timings.json and the log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from rampart import run
 from rampart.testbed import build, rootfs, session
 from tests.testbed.kit import CORE, UNLOCKED_TPM, force_one_shot
 
@@ -429,3 +432,148 @@ def test_9_an_old_signed_version_written_back_offline_does_not_boot(
     booted = guest.wait_booted()  # panic=10 reboots; the one-shot is spent
     assert booted.core == CORE.format("1.0.2")
     _timed("9 offline rollback", started)
+
+
+# --- 12. TUF: a root rotation, a revoked release key, a frozen server ------------------------
+
+TUF_CHANNEL = "lts"  # the channel the device follows in TUF mode, held at 1.0.2
+
+
+def _tuf(password: Path, *argv: str) -> dict[str, Any]:
+    """`rampart tuf ARGV --json` on the host, the keys' password in `password`."""
+    out = run.run(
+        [sys.executable, "-m", "rampart", "tuf", *argv, "--password-file", str(password), "--json"],
+        timeout=300,
+    )
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def _server_cli(server: session.UpdateServer, *argv: str) -> None:
+    run.run([sys.executable, "-m", "rampart", *argv, "--webroot", str(server.webroot)])
+
+
+def _pin_root(guest: session.Guest, server: session.UpdateServer) -> None:
+    """Put root 1 where `rampart install` would have written it (/etc/rampart/root.json),
+    fetched by the guest from the server and checked against the host's copy, and make
+    the device follow TUF_CHANNEL."""
+    root = server.webroot / "tuf" / "1.root.json"
+    url = f"https://{rootfs.UPDATE_HOST}:{build.SERVER_PORT}/tuf/1.root.json"
+    guest.sh(
+        'python3 -c "import ssl, urllib.request; '
+        "c=ssl.create_default_context(cafile='/etc/rampart/rootca.pem'); "
+        "open('/etc/rampart/root.json', 'wb')"
+        f".write(urllib.request.urlopen('{url}', context=c).read())\""
+    )
+    digest = guest.sh("sha256sum /etc/rampart/root.json").split()[0]
+    assert digest == hashlib.sha256(root.read_bytes()).hexdigest()
+    guest.sh(f"echo 'channel = \"{TUF_CHANNEL}\"' >> /etc/rampart/remote.toml && sync")
+
+
+def _trust(guest: session.Guest) -> dict[str, Any]:
+    state: dict[str, Any] = guest.status()["trust"]
+    return state
+
+
+def _forge_targets(
+    server: session.UpdateServer, stolen: Path, online: Path, password: bytes
+) -> None:
+    """What a thief holding the stolen targets key and the server's online keys does:
+    a new targets version signed by the stolen key, a snapshot and a timestamp naming it."""
+    from rampart.contracts import tufrepo
+
+    directory = tufrepo.metadata_dir(server.webroot)
+    targets = tufrepo.latest(directory, "targets")
+    targets.signed.version += 1
+    tufrepo.sign(targets, [tufrepo.load_signer(stolen, password)])
+    tufrepo.write(directory, targets)
+    signer = [tufrepo.load_signer(online, password)]
+    tufrepo.publish_snapshot(
+        server.webroot, {"snapshot": signer, "timestamp": signer, "channels": signer}
+    )
+
+
+def test_12_tuf_a_root_rotation_a_revoked_release_key_and_a_frozen_server(
+    guest: session.Guest, server: session.UpdateServer, work: Path
+) -> None:
+    """The device moves to TUF mode, follows a root rotation with the fleet, refuses what
+    a stolen and revoked release key signs, and reports a freeze when its server stops
+    re-signing the timestamp: nothing reinstalled, nothing written to its slots."""
+    started = time.monotonic()
+    status = _given(
+        guest,
+        "scenario 12",
+        "the offline rollback scenario",
+        running="1.0.2",
+        settled=False,
+    )
+    # The vendor's ceremony: a 2-of-3 root, a release key, an online key for the server.
+    keys = work / "tuf-keys"
+    keys.mkdir()
+    password = keys / "password"
+    password.write_text("testbed tuf keys\n")
+    password.chmod(0o600)
+    key = {
+        n: str(keys / f"{n}.key") for n in ("a", "b", "c", "d", "targets", "targets-2", "online")
+    }
+    ids = {n: _tuf(password, "keygen", path)["keyid"] for n, path in key.items()}
+    webroot = str(server.webroot)
+    _tuf(
+        password, "init", webroot, "--root-key", key["a"], "--root-key", key["b"],
+        "--root-key", key["c"], "--threshold", "2", "--targets-key", key["targets"],
+        "--online-key", key["online"],
+    )  # fmt: skip
+    for version in ("1.0.0", "1.0.1", "1.0.2"):
+        server.ensure_release(version)
+        _tuf(password, "add-release", webroot, version, "--os", rootfs.DEFAULT_OS_NAME,
+             "--targets-key", key["targets"], "--online-key", key["online"])  # fmt: skip
+    # The server holds the online key; the device's channel is held at 1.0.2.
+    machine_id = status["machine_id"]
+    _server_cli(server, "channel", "create", TUF_CHANNEL, "--os", rootfs.DEFAULT_OS_NAME,
+                "--version", "1.0.2")  # fmt: skip
+    _server_cli(server, "machine", "assign", machine_id, "--os", rootfs.DEFAULT_OS_NAME,
+                "--channel", TUF_CHANNEL)  # fmt: skip
+    tuf_options = ["--tuf-key", key["online"], "--tuf-password-file", str(password),
+                   "--tuf-timestamp-expiry", "40", "--tuf-interval", "1"]  # fmt: skip
+    server.restart(tuf_options)
+    _pin_root(guest, server)
+    before = (guest.lvs(), _entries(guest))
+
+    # TUF mode: up to date, root 1, a fresh timestamp.
+    assert guest.run_update_service() == 0, guest.update_journal()
+    trust = _trust(guest)
+    assert (trust["mode"], trust["root_version"], trust["expired"]) == ("auto", 1, False)
+
+    # 1. The root keys rotate (a -> d, signed by two old and two new keys): the device
+    # fetches root 2 at its next check.
+    _tuf(password, "key", "rotate", webroot, "root", ids["a"], key["d"],
+         "--key", key["a"], "--key", key["b"], "--key", key["c"], "--key", key["d"])  # fmt: skip
+    assert guest.run_update_service() == 0, guest.update_journal()
+    assert _trust(guest)["root_version"] == 2
+
+    # 2. The release key is stolen; the vendor revokes it (root 3). What the thief then
+    # signs with it, served by a server whose online keys it also holds, is refused.
+    _tuf(password, "key", "rotate", webroot, "targets", ids["targets"], key["targets-2"],
+         "--key", key["b"], "--key", key["c"], "--key", key["d"], "--key", key["targets-2"],
+         "--key", key["online"])  # fmt: skip
+    _forge_targets(server, Path(key["targets"]), Path(key["online"]), b"testbed tuf keys")
+    assert guest.run_update_service() == 11
+    journal = guest.update_journal()
+    assert "threshold" in journal, journal
+    assert _trust(guest)["root_version"] == 3
+    # The vendor signs its targets again with the new key: the device is content.
+    _tuf(password, "add-release", webroot, build.BROKEN, "--os", rootfs.DEFAULT_OS_NAME,
+         "--targets-key", key["targets-2"], "--online-key", key["online"])  # fmt: skip
+    assert guest.run_update_service() == 0, guest.update_journal()
+
+    # 3. The server stops re-signing (a frozen server or mirror): once the timestamp
+    # expires, the device refuses to trust it and says so to the server.
+    server.restart()
+    time.sleep(41)
+    assert guest.run_update_service() == 13
+    assert "indefinite freeze" in guest.update_journal()
+    failures = server.fleet()["recent_failures"]
+    assert any("indefinite freeze" in f["error"] for f in failures), failures
+    assert (guest.lvs(), _entries(guest)) == before
+    server.restart()
+    _timed("12 TUF", started)

@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -132,7 +133,8 @@ class UpdateServer:
                 return str(channel["version"])
         return None
 
-    def start(self) -> None:
+    def start(self, options: Sequence[str] = ()) -> None:
+        """Start `rampart serve -v` with `options` (as --tuf-key ...)."""
         if services.port_open(self.port):
             raise LocalError(f"127.0.0.1:{self.port} is already in use; stop what listens there")
         try:
@@ -140,7 +142,7 @@ class UpdateServer:
                 self.webroot,
                 self.log_file,
                 tls=services.Cert(self.bed.pki / "server.pem", self.bed.pki / "server.key"),
-                options=["-v"],
+                options=["-v", *options],
                 port=self.port,
                 command=_rampart(),
                 timeout=SERVER_START,
@@ -152,6 +154,11 @@ class UpdateServer:
         if self._server is not None:
             self._server.close(timeout=20)
             self._server = None
+
+    def restart(self, options: Sequence[str] = ()) -> None:
+        """Stop the server and start it again with `options`."""
+        self.stop()
+        self.start(options)
 
     def fleet(self) -> dict[str, Any]:
         out = run.run(_rampart("fleet", "--webroot", str(self.webroot), "--json"), timeout=120)
