@@ -16,7 +16,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from rampart.contracts import tuf
 from rampart.contracts import tufrepo as repo
 from rampart.contracts.version import parse_version
-from rampart.device import installer, trust, update
+from rampart.device import installer, tufclient, update
 from rampart.errors import (
     FormatError,
     FreezeError,
@@ -140,8 +140,8 @@ def test_install_refuses_a_pinned_root_not_signed_by_its_own_keys(
     root.signatures.clear()
     root.sign(repository.signers["root"][0])  # one of a threshold of 2
     with pytest.raises(FormatError, match="not a TUF root signed by its own keys"):
-        trust.check_root(root.to_bytes(), "remote/root.json")
-    trust.check_root(repository.root(), "remote/root.json")  # the real one is accepted
+        tufclient.check_root(root.to_bytes(), "remote/root.json")
+    tufclient.check_root(repository.root(), "remote/root.json")  # the real one is accepted
     assert installer.find_payload.__doc__  # the installer checks remote/root.json with it
 
 
@@ -354,3 +354,17 @@ def test_status_shows_the_trusted_root_and_the_timestamp_expiry(
     assert state["timestamp_version"] >= 1
     text = run_cli("status", *argv).out
     assert "trust: tuf, TUF root 1, timestamp" in text
+
+
+def test_a_minisign_device_never_loads_python_tuf() -> None:
+    """python-tuf is imported only in TUF mode (device/tufclient.py): the update, status
+    and command modules a minisign device runs load none of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rampart.device.update, rampart.device.status, rampart.commands.device; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tuf', 'securesystemslib')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

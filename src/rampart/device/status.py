@@ -78,8 +78,18 @@ def collect(
         if ready.is_file()
         else None
     )
-    report["trust"] = {"mode": str(config.trust_mode), **trust.local_state(config.tuf_dir)}
+    report["trust"] = {"mode": str(config.trust_mode), **_trust_state(config)}
     return report
+
+
+def _trust_state(config: DeviceConfig) -> dict[str, Any]:
+    """What the TUF metadata this device verified says; python-tuf is loaded only when
+    there is some."""
+    if not (config.tuf_dir / trust.ROOT_FILE).exists():
+        return {"metadata_dir": str(config.tuf_dir), "root_version": None}
+    from rampart.device.tufclient import local_state
+
+    return local_state(config.tuf_dir)
 
 
 def _mib(n: int) -> str:

@@ -241,7 +241,9 @@ def check_trust(
     an unsigned file is refused here, up to date or not), choose the version the signed
     channel head offers this machine, and if it is newer than the running one, note what
     each of its payloads must be (`device.targets`)."""
-    client = trust.TufClient(settings, fetcher)
+    from rampart.device.tufclient import TufClient  # python-tuf: TUF mode only
+
+    client = TufClient(settings, fetcher)
     client.refresh()
     head = client.channel_head(device.config.os_name)
     chosen = trust.choose(head, offered, device.identity.machine_id, url)
