@@ -77,6 +77,7 @@ bench: setup
 	$(BIN)/python bench/update.py
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/verity.py
+	$(BIN)/python bench/tuf.py
 
 clean:
 	rm -rf build demo-work testbed-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
