@@ -71,6 +71,7 @@ from rampart.contracts.tufrepo import (
     is_stale,
     latest,
     load_signer,
+    locked,
     metadata_dir,
     publish_snapshot,
     read_metadata,
@@ -106,6 +107,7 @@ __all__ = [
     "discard",
     "generate_key",
     "load_signer",
+    "locked",
     "metadata_dir",
     "payload_fields",
     "publish",
@@ -299,12 +301,10 @@ def payload_fields(
     )
 
 
-def add_release(webroot: Path, os_name: str, version: Version, signers: Signers) -> Targets:
-    """Add the published release `version` of `os_name` (its `dist/` payloads) to the
-    targets role, with their custom fields; sign a new targets version with the release
-    keys, then a new snapshot and timestamp with the online keys. ConflictError while a
-    ceremony has a new targets version staged; IncompleteError (before anything is
-    written) if the signers do not meet the thresholds."""
+def check_release_signers(webroot: Path, signers: Signers) -> None:
+    """What `add_release` checks before it writes: ConflictError while a ceremony has a new
+    targets version staged, IncompleteError unless the signers meet the thresholds of
+    targets, snapshot and timestamp."""
     directory = metadata_dir(webroot)
     pending = staged(webroot)
     if pending is not None and pending.targets is not None:
@@ -313,9 +313,20 @@ def add_release(webroot: Path, os_name: str, version: Version, signers: Signers)
             f"{pending.targets.signed.version} staged; publish it (rampart tuf sign import) "
             "or discard it (rampart tuf sign discard) before adding a release"
         )
-    targets_md: Metadata[Targets] = latest(directory, Targets.type)
     root: Root = latest(directory, Root.type).signed
-    require(root, targets_md.signed, signers, (Targets.type, Snapshot.type, Timestamp.type))
+    targets: Targets = latest(directory, Targets.type).signed
+    require(root, targets, signers, (Targets.type, Snapshot.type, Timestamp.type))
+
+
+def add_release(webroot: Path, os_name: str, version: Version, signers: Signers) -> Targets:
+    """Add the published release `version` of `os_name` (its `dist/` payloads) to the
+    targets role, with their custom fields; sign a new targets version with the release
+    keys, then a new snapshot and timestamp with the online keys. ConflictError while a
+    ceremony has a new targets version staged; IncompleteError (before anything is
+    written) if the signers do not meet the thresholds."""
+    directory = metadata_dir(webroot)
+    check_release_signers(webroot, signers)
+    targets_md: Metadata[Targets] = latest(directory, Targets.type)
     release = wire.release_dir(webroot, version)
     uki = release / wire.payload_name(os_name, "efiboot")
     line = pe.cmdline(files.read_small(uki, "UKI", 1 << 30), uki.name) or ""
