@@ -550,11 +550,13 @@ def add_release(
 
     parsed = parse_version(version)
     with tufrepo.locked(webroot):
+        by_role = tufrepo.signers_for(webroot, pool)
+        tufrepo.check_release_signers(webroot, by_role)
         current: Targets = latest(tufrepo.metadata_dir(webroot), "targets").signed
         paths = [tuf.payload_target(os_name, parsed, kind) for kind in wire.PAYLOADS]
         if all(path in current.targets for path in paths):
             return {"targets": paths, "targets_version": current.version, "added": False}
-        signed = tufrepo.add_release(webroot, os_name, parsed, tufrepo.signers_for(webroot, pool))
+        signed = tufrepo.add_release(webroot, os_name, parsed, by_role)
     return {"targets": paths, "targets_version": signed.version, "added": True}
 
 
@@ -897,7 +899,8 @@ VERBS: list[Group | Verb] = [
     Verb(
         ("tuf", "sign", "discard"),
         "discard the staged ceremony",
-        "Remove WEBROOT/tuf/staged/ and what it holds (a ceremony abandoned).",
+        "Remove WEBROOT/tuf/staged/ and the ceremony it holds, with the signatures "
+        "collected so far: a ceremony abandoned. The published metadata is unchanged.",
         cmd_sign_discard,
         (WEBROOT, JSON),
         exit_codes=True,

@@ -327,14 +327,16 @@ def add_release(webroot: Path, os_name: str, version: Version, signers: Signers)
     directory = metadata_dir(webroot)
     check_release_signers(webroot, signers)
     targets_md: Metadata[Targets] = latest(directory, Targets.type)
+    for kind in wire.PAYLOADS:
+        payload = webroot / tuf.payload_target(os_name, version, kind)
+        if not payload.is_file():
+            raise LocalError(f"{payload}: not published (run `rampart publish` first)")
     release = wire.release_dir(webroot, version)
     uki = release / wire.payload_name(os_name, "efiboot")
     line = pe.cmdline(files.read_small(uki, "UKI", 1 << 30), uki.name) or ""
     for kind in wire.PAYLOADS:
         path = tuf.payload_target(os_name, version, kind)
         payload = webroot / path
-        if not payload.is_file():
-            raise LocalError(f"{payload}: not published (run `rampart publish` first)")
         if path in targets_md.signed.targets:
             raise ConflictError(f"{path}: already a target; a release never changes")
         target = TargetFile.from_file(path, str(payload), list(tuf.HASHES))
