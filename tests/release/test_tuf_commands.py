@@ -19,9 +19,11 @@ from rampart.commands import build_parser
 from rampart.contracts import tuf
 from rampart.contracts.tufrepo import PASSWORD_ENV
 from rampart.contracts.version import parse_version
+from rampart.release import secureboot
 from tests.conftest import KeyPair, make_keypair, run_cli
 from tests.device.conftest import OS, make_release
 from tests.device.test_units import verify_units
+from tests.release import bootkit
 from tests.release.tufkit import PASSWORD, Repo, make_repository, mode, one_line, tree
 
 VERBS = [
@@ -471,3 +473,33 @@ def test_tuf_timestamp_service_runs_the_verb_and_is_sandboxed(tmp_path: Path) ->
     assert float(match.group(1)) <= 1.0, proc.stdout
     timer = _unit(UNITS[1])
     assert "OnCalendar=hourly" in timer and "Persistent=true" in timer
+
+
+def test_release_adds_the_tuf_targets_too(repo: Repo, keypair: KeyPair, tmp_path: Path) -> None:
+    """`rampart release` with the TUF keys: built, published, and a TUF target a device's
+    client downloads."""
+    tree_dir = tmp_path / "rootfs"
+    (tree_dir / "etc").mkdir(parents=True)
+    (tree_dir / "etc/os-release").write_text('NAME="CLIP OS"\nID=clipos\nVERSION_ID=2.0.0\n')
+    keys = secureboot.generate_keys(tmp_path / "sb")
+    inputs = {
+        "tree": tree_dir,
+        "kernel": bootkit.kernel(),
+        "initrd": bootkit.tiny_initrd(tmp_path / "initrd.img"),
+        "db_key": keys.key("db"),
+        "db_cert": keys.cert("db"),
+    }
+    result = repo.run(
+        "release", inputs["tree"], "--version", "2.0.0", "--os", OS,
+        "--kernel", inputs["kernel"], "--initrd", inputs["initrd"],
+        "--sign-key", inputs["db_key"], "--sign-cert", inputs["db_cert"],
+        "--secret-key", keypair.secret, "--webroot", repo.webroot, "--out", tmp_path / "build",
+        "--tuf-targets-key", repo.key("t0"), "--tuf-online-key", repo.key("o0"), "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["tuf"] == {
+        "added": True,
+        "targets": [f"dist/2.0.0/{OS}-{kind}" for kind in ("core", "efiboot")],
+        "targets_version": 3,
+    }
+    repo.client().download("2.0.0")
