@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from rampart.commands import build_parser
+from rampart.commands import tuf as tuf_verbs
 from rampart.contracts import tuf
 from rampart.contracts.tufrepo import PASSWORD_ENV
 from rampart.contracts.version import parse_version
@@ -50,6 +52,7 @@ def repo(tmp_path: Path, keypair: KeyPair) -> Repo:
 
 @pytest.mark.parametrize("verb", VERBS, ids=" ".join)
 def test_help_explains_every_tuf_verb(verb: tuple[str, ...]) -> None:
+    assert tuf_verbs.PASSWORD_ENV == PASSWORD_ENV  # the help names the variable read
     result = run_cli("tuf", *verb, "--help")
     assert result.code == 0
     assert "exit codes" in result.out and "7 TUF metadata short of" in result.out
@@ -85,7 +88,7 @@ def test_keygen_without_a_password_source_writes_nothing_unless_no_password(
     tmp_path: Path,
 ) -> None:
     key = tmp_path / "k.key"
-    env = {k: v for k, v in __import__("os").environ.items() if k != PASSWORD_ENV}
+    env = {k: v for k, v in os.environ.items() if k != PASSWORD_ENV}
     done = subprocess.run(
         [sys.executable, "-m", "rampart", "tuf", "keygen", str(key)],
         stdin=subprocess.DEVNULL,
@@ -503,3 +506,54 @@ def test_release_adds_the_tuf_targets_too(repo: Repo, keypair: KeyPair, tmp_path
         "targets_version": 3,
     }
     repo.client().download("2.0.0")
+
+
+def test_init_needs_the_root_threshold_of_private_keys_and_writes_nothing_without(
+    tmp_path: Path, keypair: KeyPair
+) -> None:
+    repo = make_repository(tmp_path / "first", keypair)  # for its keys
+    webroot = tmp_path / "webroot"
+    webroot.mkdir()
+    key, pub = repo.key, repo.pub
+    common = ["--targets-key", key("t0"), "--online-key", key("o0"), "--json"]
+    result = repo.run(
+        "tuf", "init", webroot, "--root-key", key("r0"), "--root-key", pub("r1"),
+        "--threshold", "2", *common,
+    )  # fmt: skip
+    assert result.code == 7
+    assert "root: 1 more signature(s) of the root keys" in one_line(result)
+    assert list(webroot.iterdir()) == []
+    result = repo.run(
+        "tuf", "init", webroot, "--root-key", key("r0"), "--root-key", pub("r1"),
+        "--threshold", "1", "--targets-key", key("t0"), "--online-key", key("r0"),
+    )  # fmt: skip
+    assert result.code == 2
+    assert "an online key must be its own" in one_line(result)
+    assert list(webroot.iterdir()) == []
+    done = repo.ok(
+        "tuf", "init", webroot, "--root-key", key("r0"), "--root-key", pub("r1"),
+        "--threshold", "1", *common[:-1],
+    )  # fmt: skip
+    assert done["roles"]["root"] == {
+        "keyids": [repo.keyid("r0"), repo.keyid("r1")],
+        "threshold": 1,
+    }
+    assert repo.run("tuf", "status", webroot).code == 0
+
+
+def test_sign_add_signs_only_offline_metadata_with_private_keys(repo: Repo, tmp_path: Path) -> None:
+    snapshot = repo.metadata / "2.snapshot.json"
+    result = repo.run("tuf", "sign", "add", snapshot, "--key", repo.key("r0"))
+    assert result.code == 2
+    assert "signed online" in one_line(result)
+    repo.ok("tuf", "root", "rotate", repo.webroot, "--stage")
+    copy = tmp_path / "root.json"
+    repo.ok("tuf", "sign", "export", repo.webroot, "root", "--out", copy)
+    exported = copy.read_bytes()
+    result = repo.run("tuf", "sign", "add", copy, "--key", repo.pub("r0"))
+    assert result.code == 2
+    assert "a public key cannot sign" in one_line(result)
+    assert copy.read_bytes() == exported
+    shown = repo.run("tuf", "sign", "add", copy, "--key", repo.key("r0"))
+    assert shown.code == 0
+    assert "root version 2" in shown.out and "root      2 of 3" in shown.out

@@ -140,7 +140,7 @@ def make_repository(tmp_path: Path, keypair: KeyPair) -> Repo:
     `tuf add-release` of 1.0.0."""
     webroot = tmp_path / "webroot"
     keys = tmp_path / "tuf-keys"
-    keys.mkdir()
+    keys.mkdir(parents=True)
     repo = Repo(webroot, keys)
     for name in ("r0", "r1", "r2", "r3", "t0", "t1", "o0", "o1"):
         repo.keyids[name] = repo.ok("tuf", "keygen", repo.key(name))["keyid"]
