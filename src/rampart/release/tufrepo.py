@@ -302,9 +302,9 @@ def payload_fields(
 
 
 def check_release_signers(webroot: Path, signers: Signers) -> None:
-    """What `add_release` checks before it writes: ConflictError while a ceremony has a new
-    targets version staged, IncompleteError unless the signers meet the thresholds of
-    targets, snapshot and timestamp."""
+    """What a release verb checks before `add_release` writes: ConflictError while a
+    ceremony has a new targets version staged, IncompleteError unless the signers meet
+    the thresholds of targets, snapshot and timestamp."""
     directory = metadata_dir(webroot)
     pending = staged(webroot)
     if pending is not None and pending.targets is not None:
@@ -321,11 +321,10 @@ def check_release_signers(webroot: Path, signers: Signers) -> None:
 def add_release(webroot: Path, os_name: str, version: Version, signers: Signers) -> Targets:
     """Add the published release `version` of `os_name` (its `dist/` payloads) to the
     targets role, with their custom fields; sign a new targets version with the release
-    keys, then a new snapshot and timestamp with the online keys. ConflictError while a
-    ceremony has a new targets version staged; IncompleteError (before anything is
-    written) if the signers do not meet the thresholds."""
+    keys, then a new snapshot and timestamp with the online keys. It signs with the
+    signers it is given, whoever they are (an attack test forges with it): the verbs
+    call `check_release_signers` first."""
     directory = metadata_dir(webroot)
-    check_release_signers(webroot, signers)
     targets_md: Metadata[Targets] = latest(directory, Targets.type)
     for kind in wire.PAYLOADS:
         payload = webroot / tuf.payload_target(os_name, version, kind)
