@@ -35,6 +35,7 @@ from rampart.commands.common import (
     print_json,
 )
 from rampart.contracts import wire
+from rampart.contracts.tuf import CHANNEL_PATTERN
 from rampart.contracts.version import parse_version
 from rampart.errors import (
     AuditError,
@@ -710,8 +711,8 @@ VERBS: list[Group | Verb] = [
         "create the TUF repository of a webroot",
         "Create WEBROOT/tuf/: root version 1 (the --root-key keys, signed by at least "
         "--threshold of them), targets (the release keys), the channels role targets "
-        "delegates channels/*/* to, snapshot and timestamp; each role's first version signed "
-        "by its keys. A key file is a private key (KEYFILE) or, for a root key held "
+        f"delegates {CHANNEL_PATTERN} to, snapshot and timestamp; each role's first version "
+        "signed by its keys. A key file is a private key (KEYFILE) or, for a root key held "
         "elsewhere, its public key (KEYFILE.pub). An online key (snapshot, timestamp, "
         "channels) may not be a root or targets key.",
         cmd_init,
