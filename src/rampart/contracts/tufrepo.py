@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ DEFAULT_EXPIRY = {
     Timestamp.type: datetime.timedelta(days=1),
 }
 SERIALIZER = JSONSerializer(compact=False)
+LOCK_FILE = ".lock"  # in the metadata directory; see `locked`
 PASSWORD_ENV = "RAMPART_TUF_PASSWORD"  # noqa: S105 - the name of a variable: a key file's password, for scripts and services
 
 
@@ -265,7 +267,29 @@ def sign_channels(
     return md.signed
 
 
-# --- reading, locking, and who may sign what ------------------------------------------------
+@contextlib.contextmanager
+def locked(webroot: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the repository's write lock for the `with` block: an exclusive flock on
+    `tuf/.lock` (created if missing), so that two writers never number two files alike
+    nor interleave a snapshot and its timestamp. Yields True once held; with
+    `wait=False`, False at once (nothing held) if another writer holds it."""
+    path = metadata_dir(webroot) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot open the repository's lock: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+# --- reading, and who may sign what ----------------------------------------------------------
 
 
 def read_metadata(path: Path) -> Metadata[Any]:
@@ -276,18 +300,6 @@ def read_metadata(path: Path) -> Metadata[Any]:
         return Metadata.from_bytes(data)
     except DeserializationError as exc:
         raise FormatError(f"{path}: not TUF metadata ({exc})") from None
-
-
-@contextlib.contextmanager
-def locked(webroot: Path) -> Iterator[None]:
-    """Hold the repository's lock (a `flock` on `<webroot>/tuf`) for the `with` block, so
-    that two writers (a ceremony, a timer, a release) never interleave their versions.
-    Not re-entrant: take it once, around a whole operation."""
-    directory = metadata_dir(webroot)
-    if not directory.is_dir():
-        raise LocalError(f"{directory}: no TUF repository here (rampart tuf init)")
-    with files.locked(directory):
-        yield
 
 
 def role_keys(root: Root, targets: Targets | None, role: str) -> tuple[list[str], int]:
