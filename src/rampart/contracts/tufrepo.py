@@ -41,10 +41,10 @@ from rampart.errors import FormatError, IncompleteError, LocalError, UsageError
 Signers = Mapping[str, Sequence[Signer]]  # the signers at hand, by role
 
 TOP_ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
-# Keys held offline (the vendor's ceremonies) and online (the server, a timer): a key is
-# never both, so that a server's compromise never reaches root or the release keys.
+# The roles whose keys are held offline (the vendor's ceremonies); the others' keys are
+# online (the server, a timer). A key is never both, so that a server's compromise never
+# reaches root or the release keys.
 OFFLINE_ROLES = (Root.type, Targets.type)
-ONLINE_ROLES = (tuf.CHANNELS_ROLE, Snapshot.type, Timestamp.type)
 MAX_METADATA = 32 << 20  # a metadata file read whole (targets grows with the releases)
 DEFAULT_EXPIRY = {
     Root.type: datetime.timedelta(days=365),
