@@ -11,6 +11,8 @@ docs/exit-codes.md). Messages are one line: what, where, why.
     ├── AuditError               5  an audit (webroot check, gateway check) found problems
     ├── ConfigError              6  a description file (gateway.toml) is invalid or asks
     │                               for something refused (a weak suite, IKEv1)
+    ├── IncompleteError          7  TUF metadata lacks signatures to meet a threshold: not
+    │                               published (a ceremony's signatures wait in staged/)
     ├── TransportError          12  the network failed: connection, TLS, timeout, HTTP status
     └── RemoteDataError             data that may come from an attacker
         ├── FormatError         10  a key, signature or metadata file is malformed
@@ -63,6 +65,13 @@ class ConfigError(RampartError):
     """A description file is malformed, or asks for something Rampart refuses."""
 
     exit_code = 6
+
+
+class IncompleteError(RampartError):
+    """Metadata is short of the signatures a threshold needs: nothing was published
+    (what a key ceremony collected so far waits in the repository's staged/)."""
+
+    exit_code = 7
 
 
 class TransportError(RampartError):

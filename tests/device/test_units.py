@@ -35,6 +35,7 @@ import pytest
 
 SHIPPED = resources.files("rampart") / "data" / "systemd"
 DEVICE_UNITS = ("rampart-update.service", "rampart-update.timer", "rampart-mark-good.service")
+TUF_UNITS = ("rampart-tuf-timestamp.service", "rampart-tuf-timestamp.timer")
 EXEC_KEYS = frozenset(
     {
         "ExecCondition",
@@ -110,7 +111,7 @@ def shipped(directory: Path) -> list[str]:
 
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     names = shipped(tmp_path)
-    assert {*DEVICE_UNITS, "rampart-server.service"} <= set(names)
+    assert {*DEVICE_UNITS, "rampart-server.service", *TUF_UNITS} <= set(names)
     assert verify_units(tmp_path, names) == []
 
 

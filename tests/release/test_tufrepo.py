@@ -16,12 +16,15 @@ from tuf.api.metadata import Metadata, Root, Targets, Timestamp
 from tuf.ngclient import Updater, UpdaterConfig
 
 from rampart.contracts import cmdline, pe, tuf
+from rampart.contracts.tufrepo import publish_snapshot, refresh
 from rampart.contracts.version import parse_version
 from rampart.errors import ConflictError
-from rampart.release import tufrepo
+from rampart.release import tufrepo, tufstatus
 from rampart.testbed import services
 from tests.conftest import KeyPair
 from tests.device.conftest import OS, make_release, publish
+from tests.release.tufkit import PASSWORD as KIT_PASSWORD
+from tests.release.tufkit import Repo, make_repository, one_line, tree
 
 PASSWORD = b"correct horse"
 Repository = tuple[Path, dict[str, list[Signer]]]  # the webroot, the signers by role
@@ -154,3 +157,311 @@ def test_refreshing_the_timestamp_signs_a_new_version_that_expires_in_a_day(
     left = after.expires - datetime.datetime.now(datetime.UTC)
     assert datetime.timedelta(hours=23) < left <= datetime.timedelta(days=1)
     assert Metadata[Timestamp].from_file(str(path)).signed.version == after.version
+
+
+# --- key ceremonies, judged by python-tuf's own client ---------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path: Path, keypair: KeyPair) -> Repo:
+    return make_repository(tmp_path, keypair)
+
+
+def test_every_ceremony_through_the_verbs_leaves_a_repository_python_tuf_accepts(
+    repo: Repo, keypair: KeyPair
+) -> None:
+    """Each key ceremony of every role, one after the other; after each one a device
+    that has followed along and a new one bootstrapped with root 1 both accept the
+    repository and download a release, and `rampart tuf status` finds nothing wrong."""
+    device, webroot = repo.client("follower"), repo.webroot
+    device.download("1.0.0")
+    roots = [1]
+
+    def accepted(version: str = "1.0.0") -> None:
+        device.download(version)
+        repo.client(f"new-{len(roots)}").download(version)
+        assert repo.run("tuf", "status", webroot).code == 0
+        roots.append(device.trusted("root"))
+
+    root_keys = ("--key", repo.key("r0"), "--key", repo.key("r1"))
+    online = ("--key", repo.key("o0"))
+    # targets: a second release key, then the first one revoked (targets re-signed by t1)
+    done = repo.ok("tuf", "key", "add", webroot, "targets", repo.key("t1"), *root_keys)
+    assert done["published"] and done["versions"] == {"root": 2}
+    accepted()
+    t1 = ("--key", repo.key("t1"))
+    done = repo.ok(
+        "tuf", "key", "revoke", webroot, "targets", repo.keyid("t0")[:12], *root_keys, *online, *t1
+    )
+    assert done["versions"] == {"root": 3, "targets": 3, "snapshot": 3, "timestamp": 3}
+    targets = Metadata[Targets].from_file(str(repo.metadata / "3.targets.json"))
+    assert set(targets.signatures) == {repo.keyid("t1")}
+    accepted()
+    # the online roles: each of o0's roles moves to o1 (re-signed by it)
+    new_online = ("--key", repo.key("o1"))
+    for role in ("snapshot", "timestamp", "channels"):
+        keys = (*root_keys, *online, *new_online, "--key", repo.key("t1"))
+        done = repo.ok(
+            "tuf", "key", "rotate", webroot, role, repo.keyid("o0"), repo.key("o1"), *keys
+        )
+        assert role in done["versions"], done
+        accepted()
+    channels = Metadata[Targets].from_file(str(repo.metadata / "2.channels.json"))
+    assert set(channels.signatures) == {repo.keyid("o1")}
+    # root: r2 replaced by r3, then a new root version with threshold 3 of 3
+    done = repo.ok(
+        "tuf", "key", "rotate", webroot, "root", repo.keyid("r2"), repo.key("r3"), *root_keys
+    )
+    assert done["versions"] == {"root": 6}
+    accepted()
+    done = repo.ok(
+        "tuf", "root", "rotate", webroot, "--threshold", "3", "--expires", "60",
+        *root_keys, "--key", repo.key("r3"),
+    )  # fmt: skip
+    assert done["versions"] == {"root": 7}
+    root = Metadata[Root].from_file(str(repo.metadata / "7.root.json")).signed
+    assert root.roles["root"].threshold == 3
+    assert root.roles["root"].keyids == [repo.keyid(n) for n in ("r0", "r1", "r3")]
+    accepted()
+    # the timer's verb, and a release signed by the new keys only
+    done = repo.ok("tuf", "timestamp", webroot, "--online-key", repo.key("o1"))
+    assert set(done["signed"]) == {"timestamp"}
+    accepted()
+    repo.publish("1.0.1", keypair)
+    repo.ok(
+        "tuf", "add-release", webroot, "1.0.1", "--os", OS,
+        "--targets-key", repo.key("t1"), "--online-key", repo.key("o1"),
+    )  # fmt: skip
+    accepted("1.0.1")
+    assert roots == [1, 2, 3, 4, 5, 5, 6, 7, 7, 7]  # channels' keys are in targets
+    assert not (repo.metadata / "staged").exists()
+
+
+def test_offline_signing_by_key_holders_who_never_share_keys(repo: Repo) -> None:
+    """A root key rotated with no root key at hand: the ceremony is staged, exported, each
+    holder signs a copy on their own machine, the copies are imported one by one; the
+    first is not enough (exit 7, its signature kept), the second publishes."""
+    webroot = repo.webroot
+    device = repo.client()
+    device.refresh()
+    staged = repo.ok(
+        "tuf", "key", "rotate", webroot, "root", repo.keyid("r2"), repo.pub("r3"),
+        "--key", repo.key("o0"), "--stage",
+    )  # fmt: skip
+    assert (staged["published"], staged["staged"]) == (False, ["2.root.json"])
+    assert [s["missing"] for s in staged["missing"]] == [2, 2]
+    before = tree(repo.metadata)
+    copies = {}
+    for holder in ("r0", "r1", "r3"):
+        machine = webroot.parent / f"machine-{holder}"
+        machine.mkdir()
+        copies[holder] = machine / "root.json"
+        out = repo.ok("tuf", "sign", "export", webroot, "root", "--out", copies[holder])
+        assert out["version"] == 2 and out["signed_by"] == []
+        # the holder's machine: no webroot, only the copy and the key
+        added = repo.ok("tuf", "sign", "add", copies[holder], "--key", repo.key(holder))
+        assert added["added"] == [repo.keyid(holder)]
+    result = repo.run("tuf", "sign", "import", webroot, copies["r0"], "--key", repo.key("o0"))
+    assert result.code == 7
+    assert "1 more signature(s) of the root keys of root 1" in one_line(result)
+    assert tree(repo.metadata) != before  # r0's signature kept in staged/
+    assert not (repo.metadata / "2.root.json").exists()
+    done = repo.ok(
+        "tuf", "sign", "import", webroot, copies["r1"], copies["r3"], "--key", repo.key("o0")
+    )
+    assert done["versions"] == {"root": 2}
+    assert set(done["merged"]) == {repo.keyid("r1"), repo.keyid("r3")}
+    root = Metadata[Root].from_file(str(repo.metadata / "2.root.json"))
+    assert set(root.signatures) == {repo.keyid(n) for n in ("r0", "r1", "r3")}
+    device.download("1.0.0")
+    assert device.trusted("root") == 2
+    repo.client("new").download("1.0.0")
+
+
+def test_key_compromise_root_rotation_signed_by_old_keys_only_is_refused(repo: Repo) -> None:
+    """Two old root keys (r0, r2) sign a root whose new key set they do not control to
+    a threshold: the verb refuses it with nothing written, and a device refuses the same
+    root written into the webroot by hand."""
+    webroot = repo.webroot
+    device = repo.client()
+    device.refresh()
+    before = tree(repo.metadata)
+    result = repo.run(
+        "tuf", "key", "rotate", webroot, "root", repo.keyid("r2"), repo.pub("r3"),
+        "--key", repo.key("r0"), "--key", repo.key("r2"), "--key", repo.key("o0"),
+    )  # fmt: skip
+    assert result.code == 7
+    assert "1 more signature(s) of the root keys of root 2" in one_line(result)
+    assert tree(repo.metadata) == before
+    # The same root, staged and then written where a device fetches it.
+    repo.ok(
+        "tuf", "key", "rotate", webroot, "root", repo.keyid("r2"), repo.pub("r3"),
+        "--key", repo.key("r0"), "--key", repo.key("r2"), "--stage",
+    )  # fmt: skip
+    forged = repo.metadata / "staged" / "2.root.json"
+    forged.rename(repo.metadata / "2.root.json")
+    with pytest.raises(UnsignedMetadataError):
+        device.refresh()
+    assert device.trusted("root") == 1
+    status = repo.run("tuf", "status", webroot)
+    assert status.code == 5
+    assert "root 2: signed by 2 of the 2 needed keys of root 1 and 1 of the 2" in status.err
+
+
+def test_key_compromise_root_rotation_signed_by_new_keys_only_is_refused(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """A root signed by a threshold of its own keys but not of root 1's (r0 alone of the
+    old, r0 and r3 of the new) is refused; so is an attacker's root 2 listing only keys
+    they made, signed by those keys."""
+    webroot = repo.webroot
+    device = repo.client()
+    device.refresh()
+    before = tree(repo.metadata)
+    result = repo.run(
+        "tuf", "key", "rotate", webroot, "root", repo.keyid("r2"), repo.key("r3"),
+        "--key", repo.key("r0"), "--key", repo.key("o0"),
+    )  # fmt: skip
+    assert result.code == 7
+    assert "1 more signature(s) of the root keys of root 1" in one_line(result)
+    assert tree(repo.metadata) == before
+    # The attacker's own root: their keys in every role, signed by them.
+    attacker = [tufrepo.generate_key(tmp_path / f"a{n}.key", None) for n in range(3)]
+    forged = Metadata[Root].from_file(str(repo.metadata / "1.root.json"))
+    forged.signed.version = 2
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        for keyid in list(forged.signed.roles[role].keyids):
+            forged.signed.revoke_key(keyid, role)
+        for key in attacker:
+            forged.signed.add_key(key, role)
+    forged.signatures.clear()
+    for n in range(3):
+        forged.sign(tufrepo.load_signer(tmp_path / f"a{n}.key", None), append=True)
+    forged.to_file(str(repo.metadata / "2.root.json"))
+    with pytest.raises(UnsignedMetadataError):
+        device.refresh()
+    assert device.trusted("root") == 1
+
+
+def test_a_revoked_targets_key_signature_no_longer_counts(repo: Repo, tmp_path: Path) -> None:
+    """t0 revoked (t1 in its place): targets signed by t0, even with snapshot and
+    timestamp naming it (the online key stolen too), is refused by a device."""
+    webroot = repo.webroot
+    repo.ok(
+        "tuf", "key", "rotate", webroot, "targets", repo.keyid("t0"), repo.key("t1"),
+        "--key", repo.key("r0"), "--key", repo.key("r1"), "--key", repo.key("o0"),
+    )  # fmt: skip
+    device = repo.client()
+    device.download("1.0.0")
+    t0 = tufrepo.load_signer(repo.key("t0"), KIT_PASSWORD.encode())
+    o0 = tufrepo.load_signer(repo.key("o0"), KIT_PASSWORD.encode())
+    forged = Metadata[Targets].from_file(str(repo.metadata / "3.targets.json"))
+    forged.signed.version += 1
+    forged.sign(t0)
+    forged.to_file(str(repo.metadata / "4.targets.json"))
+    publish_snapshot(webroot, {"snapshot": [o0], "timestamp": [o0]})
+    with pytest.raises(UnsignedMetadataError):
+        device.refresh()
+    assert device.trusted("targets") == 3
+    status = repo.run("tuf", "status", webroot)
+    assert status.code == 5
+    assert "targets 4: signed by 0 of the 1 keys needed" in status.err
+
+
+def test_a_crash_while_publishing_a_ceremony_is_finished_by_import(
+    repo: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power lost after the new root and targets were written, before the snapshot: the
+    ceremony is still in staged/, and `sign import` finishes it."""
+    webroot = repo.webroot
+    pool = [
+        tufrepo.load_signer(repo.key(name), KIT_PASSWORD.encode()) for name in ("r0", "r1", "t1")
+    ]
+    online = tufrepo.load_signer(repo.key("o0"), KIT_PASSWORD.encode())
+    ceremony = tufrepo.change_keys(
+        webroot, "targets", add=[pool[2].public_key], revoke=[repo.keyid("t0")]
+    )
+    tufrepo.sign_ceremony(webroot, ceremony, pool)
+
+    def power_cut(*args: object, **kwargs: object) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(tufrepo, "sign_snapshot", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        tufrepo.publish(webroot, ceremony, [*pool, online])
+    monkeypatch.undo()
+    assert (repo.metadata / "2.root.json").exists() and (repo.metadata / "3.targets.json").exists()
+    assert not (repo.metadata / "3.snapshot.json").exists()
+    assert sorted(p.name for p in (repo.metadata / "staged").iterdir()) == [
+        "2.root.json",
+        "3.targets.json",
+    ]
+    assert repo.run("tuf", "status", webroot).code == 5  # the snapshot names targets 2
+    done = repo.ok("tuf", "sign", "import", webroot, "--key", repo.key("o0"))
+    assert done["versions"] == {"snapshot": 3, "timestamp": 3}
+    repo.client().download("1.0.0")
+    assert repo.run("tuf", "status", webroot).code == 0
+
+
+def test_python_tuf_ngclient_over_nginx_follows_a_root_rotation(tmp_path: Path, repo: Repo) -> None:
+    """Served by nginx as devices get it: a client that only knows root 1 follows a root
+    key rotation and a targets key rotation to the new keys."""
+    webroot = repo.webroot
+    keys = ("--key", repo.key("r0"), "--key", repo.key("r1"), "--key", repo.key("o0"))
+    repo.ok("tuf", "key", "rotate", webroot, "root", repo.keyid("r2"), repo.key("r3"), *keys)
+    repo.ok("tuf", "key", "rotate", webroot, "targets", repo.keyid("t0"), repo.key("t1"), *keys)
+    client = tmp_path / "client"
+    (client / "metadata").mkdir(parents=True)
+    (client / "targets").mkdir()
+    with services.Nginx.static(tmp_path / "nginx", webroot) as nginx:
+        updater = Updater(
+            metadata_dir=str(client / "metadata"),
+            metadata_base_url=f"{nginx.url}/tuf/",
+            target_dir=str(client / "targets"),
+            target_base_url=f"{nginx.url}/",
+            bootstrap=(repo.metadata / "1.root.json").read_bytes(),
+            config=UpdaterConfig(prefix_targets_with_hash=False),
+        )
+        updater.refresh()
+        info = updater.get_targetinfo(tuf.payload_target(OS, parse_version("1.0.0"), "core"))
+        assert info is not None
+        updater.download_target(info)
+    root = json.loads((client / "metadata" / "root.json").read_bytes())
+    assert root["signed"]["version"] == 3
+    assert repo.keyid("r3") in root["signed"]["roles"]["root"]["keyids"]
+
+
+def test_the_timer_resigns_snapshot_and_channels_within_half_their_lifetime(
+    repo: Repo,
+) -> None:
+    """`refresh` at day 0 signs only the timestamp; at day 4 (of 7) also the channels
+    metadata and the snapshot, which then names the new channels version."""
+    webroot = repo.webroot
+    online = tufrepo.load_signer(repo.key("o0"), KIT_PASSWORD.encode())
+    signers = {role: [online] for role in ("snapshot", "timestamp", "channels")}
+    now = datetime.datetime.now(datetime.UTC)
+    done = refresh(webroot, signers, datetime.timedelta(hours=2), now)
+    assert (done.snapshot, done.channels) == (None, None)
+    assert done.timestamp.expires - now < datetime.timedelta(hours=2, seconds=1)
+    later = now + datetime.timedelta(days=4)
+    done = refresh(webroot, signers, now=later)
+    assert done.channels is not None and done.snapshot is not None
+    assert done.snapshot.meta["channels.json"].version == done.channels.version
+    assert done.timestamp.snapshot_meta.version == done.snapshot.version
+    assert tufstatus.status(webroot, later).problems == []
+    # A day later (the timer stopped), the timestamp has expired: status says so.
+    problems = tufstatus.status(webroot, later + datetime.timedelta(days=1)).problems
+    assert any("timestamp" in p and "expired" in p for p in problems), problems
+
+
+def test_status_warns_before_a_role_expires(repo: Repo) -> None:
+    webroot = repo.webroot
+    now = datetime.datetime.now(datetime.UTC)
+    assert tufstatus.status(webroot, now).problems == []
+    problems = tufstatus.status(webroot, now + datetime.timedelta(hours=19)).problems
+    assert problems == [p for p in problems if p.startswith("timestamp")] != []
+    problems = tufstatus.status(webroot, now, warn=datetime.timedelta(days=400)).problems
+    assert {p.split()[0] for p in problems} == {"root", "targets"}
+    result = repo.run("tuf", "status", webroot, "--warn-days", "400", "--json")
+    assert result.code == 5
+    assert json.loads(result.out)["ok"] is False

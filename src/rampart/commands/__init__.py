@@ -1,6 +1,7 @@
 """The `rampart` command line's verbs, one module per area.
 
-release (the vendor's: keys, signatures, the webroot, release artefacts, dm-verity), device
+release (the vendor's: keys, signatures, the webroot, release artefacts, dm-verity), tuf
+(the vendor's TUF repository and its key ceremonies), device
 (update, status, the TPM...), server (serve and its administration), testbed and
 gateway each declare their verbs as data (commands.common's `Group` and `Verb`);
 `build_parser` assembles them. Declaring a verb imports only the standard library,
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from rampart import __version__
-from rampart.commands import device, gateway, release, server, testbed
+from rampart.commands import device, gateway, release, server, testbed, tuf
 from rampart.commands.common import EPILOG, Group, Verb, register
 
 # The order of `rampart --help`: top-level verbs and groups, whichever area they are in.
@@ -23,6 +24,7 @@ LISTING = (
     "verify",
     "publish",
     "webroot",
+    "tuf",
     "update",
     "serve",
     "channel",
@@ -43,7 +45,7 @@ LISTING = (
     "gateway",
 )
 
-AREAS = (release.VERBS, device.VERBS, server.VERBS, testbed.VERBS, gateway.VERBS)
+AREAS = (release.VERBS, tuf.VERBS, device.VERBS, server.VERBS, testbed.VERBS, gateway.VERBS)
 
 
 def declarations() -> list[Group | Verb]:

@@ -25,10 +25,11 @@ PASSWORD_ENV = "RAMPART_PASSWORD"  # noqa: S105 - the name of a variable, not a 
 EPILOG = """\
 exit codes: 0 success (update: up to date), 1 other error, 2 invalid argument, 3 local
 problem (missing file, permission, space, wrong password), 4 refused (would overwrite, go
-backwards, or update while another runs), 5 audit found problems, 10 malformed or oversized
-data, 11 signature does not verify or names another version, 12 network failure (TLS,
-certificate, timeout, HTTP status), 20 update installed (reboot to use it), 21 an update
-already waits for a reboot. See docs/exit-codes.md."""
+backwards, or update while another runs), 5 audit found problems, 7 TUF metadata short of
+a signature threshold (not published), 10 malformed or oversized data, 11 signature does
+not verify or names another version, 12 network failure (TLS, certificate, timeout, HTTP
+status), 20 update installed (reboot to use it), 21 an update already waits for a reboot.
+See docs/exit-codes.md."""
 
 Func = Callable[[argparse.Namespace], int]
 

@@ -1,4 +1,5 @@
-"""The vendor's verbs: keys and signatures, the webroot, release artefacts, dm-verity.
+"""The vendor's verbs: keys and signatures, the webroot, release artefacts, dm-verity
+(the TUF repository's are in commands/tuf.py; `publish` and `release` take its hook).
 
 `rampart keygen|sign|verify|publish`, `webroot check`, `build efiboot|esp|core|initramfs`,
 `inspect efiboot`, `keys secureboot|ovmf-vars`, `release`, `verity verify|format`.
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 from rampart import files
+from rampart.commands import tuf as tuf_verbs
 from rampart.commands.common import (
     JSON,
     PASSWORD_ENV,
@@ -154,6 +156,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.channel is not None:
         wire.check_name(args.channel, "channel name")
     key = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
+    add_to_tuf = tuf_verbs.hook_prepare(args)
     result = webroot.publish(
         args.webroot,
         args.os,
@@ -165,6 +168,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.force,
         epoch=args.epoch,
     )
+    tuf_targets = add_to_tuf()
     channel = result.channel or "default"
     if args.json:
         print_json(
@@ -177,6 +181,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 "previous": None if result.previous is None else str(result.previous),
                 "reused_release": result.reused,
                 "epoch": result.epoch,
+                "tuf": tuf_targets,
             }
         )
     else:
@@ -187,6 +192,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
             f"{result.epoch}) {state}; "
             f"{channel} channel now points at it{before}"
         )
+        if tuf_targets is not None:
+            print(f"{args.webroot / 'tuf'}: targets {tuf_targets['targets_version']} signs it")
     return 0
 
 
@@ -369,6 +376,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             f"{published}: {args.os} {version.core} is already published; release a new version"
         )
     secret = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
+    add_to_tuf = tuf_verbs.hook_prepare(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = core.build_core(args.rootfs, version, out, args.fec, args.compress)
@@ -398,6 +406,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         args.channel,
         args.force,
     )
+    tuf_targets = add_to_tuf()
     if args.json:
         print_json(
             {
@@ -406,6 +415,7 @@ def cmd_release(args: argparse.Namespace) -> int:
                 "efiboot": image.to_json(),
                 "release": str(result.release),
                 "version_file": str(result.version_file),
+                "tuf": tuf_targets,
             }
         )
     else:
@@ -413,6 +423,8 @@ def cmd_release(args: argparse.Namespace) -> int:
             f"{result.release}: {args.os} {version.core} built and published (root hash "
             f"{meta.verity.root_hash}, UKI signed by {', '.join(image.signers)})"
         )
+        if tuf_targets is not None:
+            print(f"{args.webroot / 'tuf'}: targets {tuf_targets['targets_version']} signs it")
     return 0
 
 
@@ -541,7 +553,9 @@ VERBS: list[Group | Verb] = [
         "at V (update/v1/OS/version, or channels/C/update/v1/OS/version). Atomic: the "
         "version file changes last, by rename. Refuses to move a channel backwards "
         "(to a lower version, or to a release whose UKI has a lower security epoch) "
-        "without --force and to change an existing release.",
+        "without --force and to change an existing release. With --tuf-targets-key and "
+        "--tuf-online-key, the release is also added to the webroot's TUF repository "
+        "(`rampart tuf add-release`); the keys are read before anything is published.",
         cmd_publish,
         (
             JSON,
@@ -564,6 +578,7 @@ VERBS: list[Group | Verb] = [
                 help="the security epoch the UKI must carry (rampart.epoch=N); else refused",
             ),
             PASSWORD_ENV_ARG,
+            *tuf_verbs.hook_args(),
         ),
         exit_codes=True,
     ),
@@ -861,6 +876,7 @@ VERBS: list[Group | Verb] = [
             arg("--channel", metavar="C"),
             arg("--force", action="store_true"),
             arg("--password-env", default=PASSWORD_ENV, metavar="VAR"),
+            *tuf_verbs.hook_args(),
             JSON,
         ),
     ),
