@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from securesystemslib.signer import Signer
@@ -25,33 +24,9 @@ from tests.conftest import KeyPair
 from tests.device.conftest import OS, make_release, publish
 from tests.release.tufkit import PASSWORD as KIT_PASSWORD
 from tests.release.tufkit import Repo, make_repository, one_line, tree
+from tests.tufkit import PASSWORD, make_keys
 
-PASSWORD = b"correct horse"
 Repository = tuple[Path, dict[str, list[Signer]]]  # the webroot, the signers by role
-
-
-def make_keys(directory: Path) -> tuple[tufrepo.Keys, dict[str, list[Signer]]]:
-    """Three root keys (threshold 2), one targets key, one online key (snapshot,
-    timestamp and channels); the signers by role ("root": the first two)."""
-    directory.mkdir()
-    signers: dict[str, list[Signer]] = {}
-    public: dict[str, list[Any]] = {}
-    for role, count in (("root", 3), ("targets", 1), ("online", 1)):
-        for n in range(count):
-            path = directory / f"{role}-{n}.key"
-            public.setdefault(role, []).append(tufrepo.generate_key(path, PASSWORD))
-            signers.setdefault(role, []).append(tufrepo.load_signer(path, PASSWORD))
-    keys = tufrepo.Keys(
-        root=public["root"],
-        targets=public["targets"],
-        snapshot=public["online"],
-        timestamp=public["online"],
-        root_threshold=2,
-        channels=public["online"],
-    )
-    for role in ("snapshot", "timestamp", tuf.CHANNELS_ROLE):
-        signers[role] = signers["online"]
-    return keys, signers
 
 
 @pytest.fixture
