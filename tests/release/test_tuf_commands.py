@@ -19,7 +19,7 @@ import pytest
 from rampart.commands import build_parser
 from rampart.commands import tuf as tuf_verbs
 from rampart.contracts import tuf
-from rampart.contracts.tufrepo import PASSWORD_ENV
+from rampart.contracts.tufrepo import PASSWORD_ENV, load_signer, sign_channels
 from rampart.contracts.version import parse_version
 from rampart.release import secureboot
 from tests.conftest import KeyPair, make_keypair, run_cli
@@ -557,3 +557,34 @@ def test_sign_add_signs_only_offline_metadata_with_private_keys(repo: Repo, tmp_
     shown = repo.run("tuf", "sign", "add", copy, "--key", repo.key("r0"))
     assert shown.code == 0
     assert "root version 2" in shown.out and "root      2 of 3" in shown.out
+
+
+def test_prune_keeps_the_newest_releases_and_those_a_channel_head_names(
+    tmp_path: Path, keypair: KeyPair
+) -> None:
+    """The targets metadata grows by about 1 kB a release and a device fetches it whole
+    after each one: `tuf prune` bounds it, never dropping what a channel offers."""
+    repo = make_repository(tmp_path, keypair)
+    keys = ("--targets-key", repo.key("t0"), "--online-key", repo.key("o0"))
+    for version in ("1.0.1", "1.0.2", "1.0.3"):
+        repo.publish(version, keypair)
+        repo.ok("tuf", "add-release", repo.webroot, version, "--os", OS, *keys)
+    online = load_signer(repo.key("o0"), PASSWORD.encode())
+    signers = {"snapshot": [online], "timestamp": [online], "channels": [online]}
+    sign_channels(repo.webroot, [tuf.ChannelHead(OS, "lts", "1.0.0")], signers)
+    client = repo.client()
+    client.refresh()
+    before = tree(repo.webroot / "dist")
+    done = repo.ok("tuf", "prune", repo.webroot, "--os", OS, "--keep", "2", *keys)
+    assert done["removed"] == ["1.0.1"]
+    updater = repo.client("fresh").refresh()
+    for version, listed in (("1.0.0", True), ("1.0.1", False), ("1.0.2", True), ("1.0.3", True)):
+        path = tuf.payload_target(OS, parse_version(version), "core")
+        assert (updater.get_targetinfo(path) is not None) is listed, version
+    client.refresh()  # a device that followed along accepts the new targets too
+    assert tree(repo.webroot / "dist") == before  # the files stay
+    again = repo.ok("tuf", "prune", repo.webroot, "--os", OS, "--keep", "2", *keys)
+    assert again == {**again, "removed": [], "targets_version": None}
+    refused = repo.run("tuf", "prune", repo.webroot, "--os", OS, "--keep", "0", *keys)
+    assert refused.code == 2
+    assert "keep at least the newest release" in one_line(refused)

@@ -577,6 +577,32 @@ def cmd_add_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from rampart.release import tufrepo
+
+    wire.check_name(args.os, "OS name")
+    repository(args.webroot)
+    pool = add_release_keys(args.targets_key, args.online_key, args.password_file)
+    with tufrepo.locked(args.webroot):
+        by_role = tufrepo.signers_for(args.webroot, pool)
+        tufrepo.check_release_signers(args.webroot, by_role)
+        removed, signed = tufrepo.prune_releases(args.webroot, args.os, args.keep, by_role)
+    if args.json:
+        print_json(
+            {
+                "webroot": str(args.webroot),
+                "os": args.os,
+                "removed": removed,
+                "targets_version": None if signed is None else signed.version,
+            }
+        )
+    elif removed and signed is not None:
+        print(f"{args.os}: targets {signed.version} no longer lists {', '.join(removed)}")
+    else:
+        print(f"{args.os}: nothing to prune")
+    return 0
+
+
 def cmd_timestamp(args: argparse.Namespace) -> int:
     from rampart.contracts.tufrepo import refresh
     from rampart.release import tufrepo
@@ -918,6 +944,47 @@ VERBS: list[Group | Verb] = [
             WEBROOT,
             arg("version", metavar="VERSION"),
             arg("--os", required=True, metavar="NAME", help="OS name, e.g. clipos"),
+            arg(
+                "--targets-key",
+                type=Path,
+                action="append",
+                required=True,
+                metavar="FILE",
+                help="a release key (repeatable)",
+            ),
+            arg(
+                "--online-key",
+                type=Path,
+                action="append",
+                required=True,
+                metavar="FILE",
+                help="the snapshot and timestamp key(s)",
+            ),
+            PASSWORD_FILE,
+            JSON,
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("tuf", "prune"),
+        "keep only the newest releases as targets",
+        "Remove from the targets role every release of --os but the --keep newest and those "
+        "a signed channel head names (its version or its rollout): a device fetches the whole "
+        "targets metadata after each release (about 1 kB a release), so it must stay bounded. "
+        "The payload files stay in the webroot; a device refuses a pruned version as software "
+        "the release keys did not sign. Signed like add-release: a new targets version with "
+        "the release keys, then a snapshot and a timestamp with the online keys.",
+        cmd_prune,
+        (
+            WEBROOT,
+            arg("--os", required=True, metavar="NAME", help="OS name, e.g. clipos"),
+            arg(
+                "--keep",
+                type=int,
+                required=True,
+                metavar="N",
+                help="how many of the newest releases stay targets (at least 1)",
+            ),
             arg(
                 "--targets-key",
                 type=Path,

@@ -66,6 +66,8 @@ from rampart.contracts.tufrepo import (
     Shortfall,
     Signers,
     assign,
+    channel_heads,
+    delegated_roles,
     expiry,
     incomplete,
     is_stale,
@@ -87,11 +89,12 @@ from rampart.contracts.tufrepo import (
     versions,
     write,
 )
-from rampart.contracts.version import Version
+from rampart.contracts.version import Version, parse_version
 from rampart.errors import (
     ConflictError,
     FormatError,
     LocalError,
+    RemoteDataError,
     UsageError,
     VerificationError,
 )
@@ -349,6 +352,46 @@ def add_release(webroot: Path, os_name: str, version: Version, signers: Signers)
     write(directory, targets_md)
     publish_snapshot(webroot, signers)
     return targets_md.signed
+
+
+def prune_releases(
+    webroot: Path, os_name: str, keep: int, signers: Signers
+) -> tuple[list[str], Targets | None]:
+    """Remove from the targets role every release of `os_name` but the `keep` newest and
+    those a signed channel head names (its version or its rollout's): the targets
+    metadata a device fetches after each release stays bounded (about 1 kB a release).
+    The payload files stay in the webroot. The versions removed, and the new targets
+    (None, nothing written, when there is nothing to remove)."""
+    if keep < 1:
+        raise UsageError(f"--keep {keep}: keep at least the newest release")
+    directory = metadata_dir(webroot)
+    targets_md: Metadata[Targets] = latest(directory, Targets.type)
+    versions: dict[str, list[str]] = {}
+    for path, target in targets_md.signed.targets.items():
+        try:
+            fields = tuf.PayloadFields.from_custom(target.custom, path)
+        except RemoteDataError:
+            continue
+        if fields.os == os_name:
+            versions.setdefault(fields.version, []).append(path)
+    named: set[str] = set()
+    if tuf.CHANNELS_ROLE in delegated_roles(directory):
+        for head in channel_heads(webroot).values():
+            if head.os == os_name:
+                named |= {v for v in (head.version, head.rollout_version) if v is not None}
+    newest = sorted(versions, key=parse_version, reverse=True)[:keep]
+    removed = sorted(set(versions) - set(newest) - named, key=parse_version)
+    if not removed:
+        return [], None
+    for version in removed:
+        for path in versions[version]:
+            del targets_md.signed.targets[path]
+    targets_md.signed.version += 1
+    targets_md.signed.expires = expiry(Targets.type)
+    sign(targets_md, signers[Targets.type])
+    write(directory, targets_md)
+    publish_snapshot(webroot, signers)
+    return removed, targets_md.signed
 
 
 # --- key ceremonies ------------------------------------------------------------------------
