@@ -18,6 +18,17 @@ from rampart.contracts import wire
 from rampart.errors import LocalError, UsageError
 
 
+def seconds(text: str) -> float:
+    """A duration on the command line: a number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds above 0")
+    return value
+
+
 def _emit(payload: Any) -> None:
     print_json(payload, default=str)  # what JSON has no type for is printed as text
 
@@ -64,11 +75,40 @@ def _print_channel(args: argparse.Namespace, state: Any) -> int:
     return 0
 
 
+def _tuf_options(args: argparse.Namespace) -> None:
+    """Check the --tuf-* options and the keys against the webroot's repository, and pass
+    them to the workers (in the environment); without --tuf-key, clear them there."""
+    from rampart.server import signer
+
+    for name in signer.ENVIRONMENT:
+        os.environ.pop(name, None)
+    extra = (args.tuf_password_file, args.tuf_timestamp_expiry, args.tuf_interval)
+    if not args.tuf_key:
+        if any(value is not None for value in extra):
+            raise UsageError(
+                "--tuf-password-file, --tuf-timestamp-expiry and --tuf-interval need --tuf-key"
+            )
+        return
+    options = signer.Options(
+        tuple(signer.KeySpec.parse(text) for text in args.tuf_key),
+        args.tuf_password_file,
+        signer.DEFAULT_TIMESTAMP_EXPIRY
+        if args.tuf_timestamp_expiry is None
+        else args.tuf_timestamp_expiry,
+        signer.DEFAULT_INTERVAL if args.tuf_interval is None else args.tuf_interval,
+    )
+    options.load(args.webroot)  # the keys open and are the repository's, or one line
+    os.environ.update(options.to_environment())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from rampart.server import admin
 
+    if not args.webroot.is_dir():
+        raise LocalError(f"{args.webroot}: webroot not found or not a directory")
+    _tuf_options(args)
     store = _store(args)
     for channel in admin.bootstrap(store, args.webroot):
         print(
@@ -301,7 +341,9 @@ VERBS: list[Group | Verb] = [
         "and staged rollouts), install reports, the payloads under dist/, the admin API "
         "(/admin/api, OpenAPI at /admin/openapi.json), the fleet dashboard (/admin/) and "
         "Prometheus metrics (/metrics). Channels are created from the webroot's version "
-        "files the first time an OS is seen.",
+        "files the first time an OS is seen. With --tuf-key, it also holds the online keys "
+        "of the webroot's TUF repository: it keeps tuf/ signed and fresh, signs each "
+        "channel's head (channels/<os>/<c>.json) as the database changes, and serves both.",
         cmd_serve,
         (
             JSON,
@@ -364,6 +406,36 @@ VERBS: list[Group | Verb] = [
                 default=90.0,
                 metavar="D",
                 help="delete recorded checks older than this (default 90)",
+            ),
+            arg(
+                "--tuf-key",
+                action="append",
+                metavar="[ROLE=]PATH",
+                help="an online key of the webroot's TUF repository (tuf/): the server keeps "
+                "the metadata signed and the channels role in step with the database. ROLE: "
+                "snapshot, timestamp or channels; without it the key serves all three. "
+                "Repeatable",
+            ),
+            arg(
+                "--tuf-password-file",
+                type=Path,
+                metavar="FILE",
+                help="the keys' password: the first line of FILE, mode 0600 (default: the "
+                "environment's RAMPART_TUF_PASSWORD, else unencrypted keys)",
+            ),
+            arg(
+                "--tuf-timestamp-expiry",
+                type=seconds,
+                metavar="S",
+                help="lifetime of each timestamp signed, in seconds (default 86400); it is "
+                "re-signed at half its lifetime",
+            ),
+            arg(
+                "--tuf-interval",
+                type=seconds,
+                metavar="S",
+                help="seconds between two signing rounds (default 60); a change to a channel "
+                "is signed within about a second",
             ),
         ),
         exit_codes=True,

@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from rampart.server import admin
+from rampart.server import admin, signer
 from rampart.server.rollout import ChannelState
 from rampart.server.state import Server, require_admin
 
@@ -169,6 +169,8 @@ async def metrics(server: Server) -> Response:
     for row in versions:
         labels = ",".join(f'{k}="{_label(str(row[k]))}"' for k in ("os", "channel", "version"))
         lines.append(f"rampart_machines{{{labels}}} {row['machines']}")
+    if server.signer is not None:
+        lines += await run_in_threadpool(signer.metric_lines, server.webroot)
     return PlainTextResponse(
         "\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8"
     )

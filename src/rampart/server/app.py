@@ -4,6 +4,8 @@ Wire-compatible with the CLIP OS client (docs/server.md):
   GET  /update/v1/{os}/version   per-machine answer `version = "X"` (TOML), recorded
   POST /update/v1/{os}/report    install report (JSON)
   GET  /dist/...                 the webroot's payloads, with range requests
+  GET  /tuf/..., /channels/...   with --tuf-key: the TUF metadata and the channel heads,
+                                 which rampart.server.signer keeps signed
 Administration (bearer token, stored hashed): /admin/api/... (OpenAPI schema at
 /admin/openapi.json), the fleet dashboard at /admin/, Prometheus metrics at /metrics.
 
@@ -33,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
 from rampart.errors import ConflictError, RampartError
-from rampart.server import admin_api, dashboard, guard, protocol
+from rampart.server import admin_api, dashboard, guard, protocol, signer, tuffiles
 from rampart.server.fleet import TooManyNewMachines
 from rampart.server.protocol import reason
 from rampart.server.recorder import Unavailable
@@ -72,6 +74,8 @@ def create_app(store: Store, settings: Settings) -> FastAPI:
     dist = settings.webroot / "dist"
     dist.mkdir(parents=True, exist_ok=True)
     app.mount("/dist", StaticFiles(directory=dist), name="dist")
+    if settings.tuf is not None:
+        app.include_router(tuffiles.router)
     app.include_router(admin_api.router)
     app.include_router(dashboard.router)
     app.add_middleware(guard.AdminGuard, store=store)
@@ -120,6 +124,9 @@ def app_from_environment() -> FastAPI:
         settings.new_machines_per_hour = int(os.environ["RAMPART_NEW_MACHINES_PER_HOUR"])
     if os.environ.get("RAMPART_CHECK_RETENTION_DAYS"):
         settings.check_retention_days = float(os.environ["RAMPART_CHECK_RETENTION_DAYS"])
+    options = signer.Options.from_environment(os.environ)
+    if options is not None:  # checked by the parent; read again here, in each worker
+        settings.tuf = options.load(webroot)
     return create_app(Store(engine), settings)
 
 

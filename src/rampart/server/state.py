@@ -21,6 +21,7 @@ from rampart.server import guard
 from rampart.server.fleet import Fleet
 from rampart.server.recorder import Recorder, prune_checks
 from rampart.server.rollout import DEFAULT_NEW_MACHINES_PER_HOUR
+from rampart.server.signer import RepositorySigner, TufSettings
 from rampart.server.store import DEFAULT_CHECK_RETENTION_DAYS, Check, Report, Store
 
 log = logging.getLogger(__name__)
@@ -34,17 +35,20 @@ class Settings:
     new_machines_per_hour: int = DEFAULT_NEW_MACHINES_PER_HOUR  # per address; 0: no limit
     check_retention_days: float = DEFAULT_CHECK_RETENTION_DAYS
     prune_every: float = 3600.0
+    tuf: TufSettings | None = None  # the online keys (--tuf-key); None: no signing
 
 
 @dataclass
 class ServerState:
-    """What one app's routes share: the store, the caches and the two recorders."""
+    """What one app's routes share: the store, the caches, the two recorders and the
+    TUF signer (with --tuf-key)."""
 
     store: Store
     settings: Settings
     fleet: Fleet
     checks: Recorder[Check]
     reports: Recorder[Report]
+    signer: RepositorySigner | None = None
 
     @classmethod
     def build(cls, store: Store, settings: Settings) -> ServerState:
@@ -57,7 +61,10 @@ class ServerState:
         reports: Recorder[Report] = Recorder(
             store, settings.flush_interval, lambda batch: _write_reports(store, batch)
         )
-        return cls(store, settings, fleet, checks, reports)
+        signer = None
+        if settings.tuf is not None:
+            signer = RepositorySigner(settings.webroot, store, settings.tuf)
+        return cls(store, settings, fleet, checks, reports, signer)
 
     @property
     def webroot(self) -> Path:
@@ -65,17 +72,22 @@ class ServerState:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        """The app's lifespan: the recorders and the pruner run while it serves."""
+        """The app's lifespan: the recorders, the pruner and the signer run while it
+        serves."""
         settings = self.settings
         checks_task = asyncio.create_task(self.checks.run())
         reports_task = asyncio.create_task(self.reports.run())
         pruner = asyncio.create_task(
             prune_checks(self.store, settings.check_retention_days, settings.prune_every)
         )
+        signer_task = asyncio.create_task(self.signer.run()) if self.signer else None
         try:
             yield
         finally:
             pruner.cancel()
+            if self.signer is not None and signer_task is not None:
+                self.signer.stop()  # a round in progress completes: no half-signed repository
+                await signer_task
             # No cancel: a batch being written must commit before the process exits.
             self.checks.close()
             self.reports.close()
