@@ -250,7 +250,7 @@ def channel_head(channel: ChannelState) -> tuf.ChannelHead:
         channel.name,
         version,
         parse_version(channel.rollout_version).core,
-        float(channel.rollout_percent),
+        tuf.buckets_of(channel.rollout_percent),
         RolloutState(channel.rollout_state),
     )
 
@@ -266,39 +266,58 @@ class Round:
 
 
 def sign_round(webroot: Path, store: Store, settings: TufSettings) -> Round:
-    """One round (blocking): under the repository's lock, sign what is due. An error
-    is counted in the state file and raised."""
+    """One round (blocking): under the repository's lock, sign what is due. The channel
+    heads come first; the snapshot and the timestamp are kept fresh even when they
+    cannot be signed (the database is down: devices keep the heads signed last). An
+    error is counted in the state file, then raised."""
     with tufrepo.locked(webroot, wait=False) as held:
         if not held:
             return Round(False)
+        now = datetime.datetime.now(datetime.UTC)
+        error: Exception | None = None
+        generation: int | None = None
+        signed: tuple[str, ...] = ()
         try:
-            generation, signed = _sign(webroot, store, settings)
+            generation, signed = _sign_heads(webroot, store, settings, now)
+        except Exception as exc:  # raised below, once the timestamp is fresh
+            error = exc
+        try:
+            signed += _keep_fresh(webroot, settings, now)
         except Exception:
-            _record(webroot, failed=True)
+            _record(webroot, signed=bool(signed), failed=True)
             raise
-        if signed:
-            _record(webroot, failed=False)
-        return Round(True, generation, signed)
+        _record(webroot, signed=bool(signed), failed=error is not None)
+        if error is not None:
+            raise error
+        return Round(True, generation, tuple(dict.fromkeys(signed)))
 
 
-def _sign(webroot: Path, store: Store, settings: TufSettings) -> tuple[int, tuple[str, ...]]:
-    directory = tufrepo.metadata_dir(webroot)
-    now = datetime.datetime.now(datetime.UTC)
-    # The generation first: a change committed while this round reads is signed by the next.
+def _sign_heads(
+    webroot: Path, store: Store, settings: TufSettings, now: datetime.datetime
+) -> tuple[int, tuple[str, ...]]:
+    """The database's channels as the channels role's heads (and, if they changed, a
+    snapshot and a timestamp); the generation read first, so that a change committed
+    meanwhile is signed by the next round."""
     generation = store.generation()
     heads = [channel_head(channel) for channel in store.channels()]
-    signed: list[str] = []
-    channels, _ = _read(directory, tuf.CHANNELS_ROLE)
+    channels, _ = _read(tufrepo.metadata_dir(webroot), tuf.CHANNELS_ROLE)
     force = _half_gone(channels.signed.expires, tufrepo.DEFAULT_EXPIRY[tuf.CHANNELS_ROLE], now)
-    if tufrepo.sign_channels(webroot, heads, settings.signers, force=force) is not None:
-        signed += [tuf.CHANNELS_ROLE, Snapshot.type, Timestamp.type]
+    if tufrepo.sign_channels(webroot, heads, settings.signers, force=force) is None:
+        return generation, ()
+    return generation, (tuf.CHANNELS_ROLE, Snapshot.type, Timestamp.type)
+
+
+def _keep_fresh(webroot: Path, settings: TufSettings, now: datetime.datetime) -> tuple[str, ...]:
+    """A new snapshot, a new timestamp, when due; the roles signed."""
+    directory = tufrepo.metadata_dir(webroot)
+    signed: tuple[str, ...] = ()
     if _snapshot_due(directory, now):
         tufrepo.publish_snapshot(webroot, settings.signers)
-        signed += [Snapshot.type, Timestamp.type]
+        signed += (Snapshot.type, Timestamp.type)
     if _timestamp_due(directory, settings.timestamp_lifetime, now):
         tufrepo.refresh_timestamp(webroot, settings.signers, lifetime=settings.timestamp_lifetime)
-        signed.append(Timestamp.type)
-    return generation, tuple(dict.fromkeys(signed))
+        signed += (Timestamp.type,)
+    return signed
 
 
 def _half_gone(
@@ -352,12 +371,14 @@ def read_state(webroot: Path) -> dict[str, float]:
     return state
 
 
-def _record(webroot: Path, *, failed: bool) -> None:
-    """Note a signing or a failure in the state file (under the lock)."""
+def _record(webroot: Path, *, signed: bool, failed: bool) -> None:
+    """Note a round that signed or failed in the state file (under the lock)."""
+    if not signed and not failed:
+        return
     state = read_state(webroot)
     if failed:
         state["failures"] += 1
-    else:
+    if signed:
         state["last_signed"] = time.time()
     path = tufrepo.metadata_dir(webroot) / STATE_FILE
     tmp = path.with_name(f"{STATE_FILE}.tmp")
