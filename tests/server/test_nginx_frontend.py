@@ -10,6 +10,7 @@ temporary paths all live in the test's directory.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import re
@@ -19,15 +20,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tuf.ngclient import Updater, UpdaterConfig
 
+from rampart.contracts import tuf
 from rampart.testbed import services
 from tests.conftest import KeyPair, make_keypair, run_cli
 from tests.device.conftest import make_device
 from tests.releases import build_payloads
+from tests.tufkit import PASSWORD, TufRepo
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
 DOC = Path(__file__).resolve().parents[2] / "docs" / "server.md"
@@ -74,6 +79,7 @@ def adapt(
             "ssl_certificate": f"ssl_certificate {cert};",
             "ssl_certificate_key": f"ssl_certificate_key {key};",
             "alias": f"alias {dist}/;",
+            "root": f"root {dist.parent};",
             "access_log": f"access_log {state}/access.log;",
             "error_log": f"error_log {state}/error.log;",
         }.get(directive)
@@ -89,6 +95,7 @@ def adapt(
         out.append(line)
     for directive in ("server", "listen", "ssl_certificate", "ssl_certificate_key", "alias"):
         assert done.get(directive) == 1, f"the documented config has no single {directive}"
+    assert done.get("root") == 3, "the documented config serves tuf/ and channels/ from the root"
     return "\n".join(out) + "\n"
 
 
@@ -150,9 +157,11 @@ class Frontend:
         return (self.nginx_state / "access.log").read_text()
 
 
-@pytest.fixture
-def frontend(tmp_path: Path) -> Iterator[Frontend]:
-    # A webroot with 1.0.0 then 1.0.1 published: the default channel names 1.0.1.
+@contextmanager
+def start_frontend(tmp_path: Path, *, tuf_keys: bool = False) -> Iterator[Frontend]:
+    """A webroot with 1.0.0 then 1.0.1 published (the default channel names 1.0.1), the
+    app, nginx in front; with `tuf_keys`, a TUF repository in the webroot and the app
+    holding its online key."""
     vendor = make_keypair(tmp_path / "vendor")
     webroot = tmp_path / "webroot"
     for version in ("1.0.0", "1.0.1"):
@@ -173,13 +182,25 @@ def frontend(tmp_path: Path) -> Iterator[Frontend]:
             vendor.secret,
         )
     token = json.loads(rampart("token", "create", "ops", "--webroot", webroot, "--json"))["token"]
+    options = ["-v"]
+    if tuf_keys:
+        TufRepo.create(webroot, tmp_path / "tuf-keys")
+        password = tmp_path / "tuf-password"
+        password.write_bytes(PASSWORD + b"\n")
+        password.chmod(0o600)
+        options += [
+            "--tuf-key",
+            str(tmp_path / "tuf-keys" / "online-0.key"),
+            "--tuf-password-file",
+            str(password),
+        ]
 
     pki = tmp_path / "pki"
     ca = services.make_ca(pki, "rootca")
     server = services.make_cert(pki, "server", ca, ["localhost", "127.0.0.1"])
 
     app_log = tmp_path / "serve.log"
-    with services.RampartServe(webroot, app_log, options=["-v"], timeout=WAIT) as app:
+    with services.RampartServe(webroot, app_log, options=options, timeout=WAIT) as app:
         state = tmp_path / "nginx"
         port = services.free_port()
         site = adapt(
@@ -194,6 +215,12 @@ def frontend(tmp_path: Path) -> Iterator[Frontend]:
         http = HTTP.format(state=state, site=site)
         with services.Nginx(state, http, port, root=webroot, check=True, timeout=WAIT):
             yield Frontend(port, webroot, vendor, ca.cert, token, app_log, state)
+
+
+@pytest.fixture
+def frontend(tmp_path: Path) -> Iterator[Frontend]:
+    with start_frontend(tmp_path) as running:
+        yield running
 
 
 # --- the test ----------------------------------------------------------------------------
@@ -306,3 +333,69 @@ def test_nginx_serves_dist_and_proxies_the_protocol_to_the_app(
     assert not [r for r in requests if "/dist" in r], app_log
     assert requests.count(f"GET /update/v1/{OS}/version") == 3  # 2 checks and the bad one
     assert requests.count(f"POST /update/v1/{OS}/report") == 3  # 2 reports and the big one
+
+
+def test_nginx_serves_the_tuf_metadata_and_channel_heads_the_app_signs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `rampart serve --tuf-key` behind the documented nginx: nginx serves tuf/ and
+    channels/ itself (the timestamp and the heads with no-cache, only metadata names),
+    python-tuf's client reads the signed head through it, and an administrative change
+    made through it is signed and served within seconds."""
+    with start_frontend(tmp_path, tuf_keys=True) as frontend:
+        webroot = frontend.webroot
+        head = f"/channels/{OS}/stable.json"
+        deadline = time.monotonic() + WAIT
+        while not (webroot / head.lstrip("/")).exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for path, cached in (
+            ("/tuf/timestamp.json", False),
+            ("/tuf/1.root.json", True),
+            ("/tuf/1.targets.json", True),
+            (head, False),
+        ):
+            status, headers, body = frontend.request("GET", path)
+            assert (status, body) == (200, (webroot / path.lstrip("/")).read_bytes()), path
+            assert headers["content-type"] == "application/json"
+            assert ("cache-control" not in headers) == cached, path
+            if not cached:
+                assert headers["cache-control"] == "no-cache"
+        for path in ("/tuf/", "/tuf/.lock", "/tuf/.signer.json", f"/channels/{OS}/", "/channels/"):
+            assert frontend.request("GET", path)[0] == 404, path
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(frontend.ca))  # ngclient's urllib3 trusts it
+        (tmp_path / "client").mkdir()
+        updater = Updater(
+            metadata_dir=str(tmp_path / "client"),
+            metadata_base_url=f"https://localhost:{frontend.port}/tuf/",
+            target_dir=str(tmp_path / "client"),
+            target_base_url=f"https://localhost:{frontend.port}/",
+            bootstrap=(webroot / "tuf" / "1.root.json").read_bytes(),
+            config=UpdaterConfig(prefix_targets_with_hash=False),
+        )
+        updater.refresh()
+        info = updater.get_targetinfo(head.lstrip("/"))
+        assert info is not None
+        signed = tuf.ChannelHead.from_custom(info.custom, head)
+        assert signed == tuf.ChannelHead(OS, "stable", "1.0.1")
+        assert Path(updater.download_target(info)).read_bytes() == signed.document()
+
+        auth = {"Authorization": f"Bearer {frontend.token}", "Content-Type": "application/json"}
+        body = json.dumps({"os": OS, "name": "beta", "version": "1.0.0"}).encode()
+        status, _, answer = frontend.request("POST", "/admin/api/channels", body, auth)
+        assert status == 201, answer
+        deadline = time.monotonic() + 5
+        while frontend.request("GET", f"/channels/{OS}/beta.json")[0] != 200:
+            assert time.monotonic() < deadline, "the new channel was not signed within 5 s"
+            time.sleep(0.05)
+
+        # nginx served the metadata itself; the app only saw what nginx does not serve.
+        access = frontend.access_log()
+        for path in ("/tuf/timestamp.json", "/tuf/1.root.json", head):
+            assert re.search(rf'"GET {re.escape(path)} HTTP/1\.1" 200 ', access), path
+        app_log = frontend.app_log.read_text()
+        served = re.findall(r'"GET (\S+) HTTP/1\.1" 200', app_log)
+        assert not [p for p in served if p.startswith(("/tuf/", "/channels/"))], app_log
+        del updater
+        gc.collect()  # its connections close: the app's graceful stop is not held up
