@@ -78,6 +78,7 @@ bench: setup
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/verity.py
 	$(BIN)/python bench/tuf.py
+	$(BIN)/python bench/tuf_sign.py
 
 clean:
 	rm -rf build demo-work testbed-work .pytest_cache .mypy_cache .ruff_cache .hypothesis
