@@ -660,6 +660,10 @@ def test_a_wrong_key_refuses_to_start(
         "--tuf-password-file", wrong_password,
     )  # fmt: skip
     assert (result.code, "cannot open the TUF key" in result.err) == (3, True), result.err
+    (tuf_repo.directory / ".lock").mkdir()  # where the lock file must be: not writable
+    code, err = serve("--tuf-key", online_key(tuf_repo))
+    assert (code, "cannot open the repository's lock" in err) == (3, True), err
+    (tuf_repo.directory / ".lock").rmdir()
     result = run_cli("serve", "--webroot", webroot, "--db", db_url, "--tuf-interval", "5")
     assert (result.code, "need --tuf-key" in result.err) == (2, True), result.err
     assert no_uvicorn == []  # nothing was started

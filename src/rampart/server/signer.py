@@ -18,14 +18,17 @@ database's generation counter, which every change and every auto-halt bumps):
 4. re-signs the timestamp when it has less than half the configured lifetime left,
    more than that lifetime, or names an older snapshot than the newest one.
 
-A round that fails is logged as one line and retried at the next round; the server
+Steps 3 and 4 run even when step 2 fails (the database is down: the heads signed
+last stay valid, and fresh). A round that fails is logged as one line and retried at
+the next round; the server
 keeps serving. What the rounds did (the last signing time, the failures) is kept in
 `tuf/.signer.json`, for /metrics, whatever worker answers the scrape.
 
 The parent process (`rampart serve`) checks the keys before any worker starts
-(`Options.load`): the webroot must hold a repository, and each key must be one the
-root metadata (snapshot, timestamp) or the targets metadata (channels) lists for its
-role. The workers read the same options from the environment (`Options.to_environment`).
+(`Options.load`): the webroot must hold a repository whose lock opens, and each key
+must be one the root metadata (snapshot, timestamp) or the targets metadata
+(channels) lists for its role. The workers read the same options from the
+environment (`Options.to_environment`) and load the keys again.
 """
 
 from __future__ import annotations
@@ -133,11 +136,15 @@ class Options:
             raise UsageError("--tuf-timestamp-expiry must be at most a year")
 
     def load(self, webroot: Path) -> TufSettings:
-        """The signers, checked against the repository in `webroot` (LocalError)."""
+        """The signers, checked against the repository in `webroot`, whose lock must open
+        (LocalError)."""
         self.check()
         password = tufrepo.read_password(self.password_file)
+        signers = load_signers(webroot, self.keys, password)
+        with tufrepo.locked(webroot, wait=False):  # LocalError: the directory is read-only
+            pass
         return TufSettings(
-            load_signers(webroot, self.keys, password),
+            signers,
             datetime.timedelta(seconds=self.timestamp_expiry),
             self.interval,
             min(WATCH, self.interval),
