@@ -95,7 +95,7 @@ def adapt(
         out.append(line)
     for directive in ("server", "listen", "ssl_certificate", "ssl_certificate_key", "alias"):
         assert done.get(directive) == 1, f"the documented config has no single {directive}"
-    assert done.get("root") == 3, "the documented config serves tuf/ and channels/ from the root"
+    assert done.get("root") == 3, "the documented config serves tuf/ and heads/ from the root"
     return "\n".join(out) + "\n"
 
 
@@ -339,12 +339,12 @@ def test_nginx_serves_the_tuf_metadata_and_channel_heads_the_app_signs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With `rampart serve --tuf-key` behind the documented nginx: nginx serves tuf/ and
-    channels/ itself (the timestamp and the heads with no-cache, only metadata names),
+    heads/ itself (the timestamp and the heads with no-cache, only metadata names),
     python-tuf's client reads the signed head through it, and an administrative change
     made through it is signed and served within seconds."""
     with start_frontend(tmp_path, tuf_keys=True) as frontend:
         webroot = frontend.webroot
-        head = f"/channels/{OS}/stable.json"
+        head = f"/{tuf.channel_target(OS, 'stable')}"
         deadline = time.monotonic() + WAIT
         while not (webroot / head.lstrip("/")).exists():
             assert time.monotonic() < deadline
@@ -361,7 +361,7 @@ def test_nginx_serves_the_tuf_metadata_and_channel_heads_the_app_signs(
             assert ("cache-control" not in headers) == cached, path
             if not cached:
                 assert headers["cache-control"] == "no-cache"
-        for path in ("/tuf/", "/tuf/.lock", "/tuf/.signer.json", f"/channels/{OS}/", "/channels/"):
+        for path in ("/tuf/", "/tuf/.lock", "/tuf/.signer.json", f"/heads/{OS}/", "/heads/"):
             assert frontend.request("GET", path)[0] == 404, path
 
         monkeypatch.setenv("SSL_CERT_FILE", str(frontend.ca))  # ngclient's urllib3 trusts it
@@ -386,7 +386,7 @@ def test_nginx_serves_the_tuf_metadata_and_channel_heads_the_app_signs(
         status, _, answer = frontend.request("POST", "/admin/api/channels", body, auth)
         assert status == 201, answer
         deadline = time.monotonic() + 5
-        while frontend.request("GET", f"/channels/{OS}/beta.json")[0] != 200:
+        while frontend.request("GET", f"/{tuf.channel_target(OS, 'beta')}")[0] != 200:
             assert time.monotonic() < deadline, "the new channel was not signed within 5 s"
             time.sleep(0.05)
 
@@ -396,6 +396,6 @@ def test_nginx_serves_the_tuf_metadata_and_channel_heads_the_app_signs(
             assert re.search(rf'"GET {re.escape(path)} HTTP/1\.1" 200 ', access), path
         app_log = frontend.app_log.read_text()
         served = re.findall(r'"GET (\S+) HTTP/1\.1" 200', app_log)
-        assert not [p for p in served if p.startswith(("/tuf/", "/channels/"))], app_log
+        assert not [p for p in served if p.startswith(("/tuf/", "/heads/"))], app_log
         del updater
         gc.collect()  # its connections close: the app's graceful stop is not held up

@@ -50,7 +50,7 @@ from tests.tufkit import PASSWORD, TufRepo
 
 WAIT = 30.0  # seconds: the bound of every wait for a process
 SIGNED_WITHIN = 5.0  # seconds: an administrative change is signed within this
-HEAD = f"channels/{OS}/stable.json"
+HEAD = tuf.channel_target(OS, "stable")  # heads/clipos/stable.json
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = WAIT) -> float:
@@ -255,7 +255,7 @@ def test_a_channel_change_is_signed_within_seconds(
             "--webroot", webroot, "--db", server.db_url,
         )  # fmt: skip
         assert result.code == 0, result.err
-        beta = f"channels/{OS}/beta.json"
+        beta = tuf.channel_target(OS, "beta")
         signed({HEAD: head("1.0.1", "1.0.2", 40), beta: head("1.0.2", channel="beta")})
 
         # An auto-halt, written by the report recorder.
@@ -715,7 +715,7 @@ def test_compromised_server_channels_key_cannot_sign_payloads(
 ) -> None:
     """Whoever holds the server (its online keys and its webroot) signs channels metadata
     that lists payloads: a release's Core replaced by other bytes, and a release the
-    vendor never signed. The channels role is trusted for channels/*/* only: python-tuf's
+    vendor never signed. The channels role is trusted for heads/*/* only: python-tuf's
     client takes a payload's target from the targets role (the vendor's offline key),
     never from the channels metadata, and the replaced Core fails its hashes."""
     webroot, directory = tuf_repo.webroot, tuf_repo.directory
@@ -732,7 +732,7 @@ def test_compromised_server_channels_key_cannot_sign_payloads(
     unsigned = tuf.payload_target(OS, parse_version("9.9.9"), "core")
     stolen = tuf_repo.signers["online"]  # the server's online key: channels, snapshot, timestamp
     channels: Metadata[Targets] = repo.latest(directory, tuf.CHANNELS_ROLE)
-    for path in (core, unsigned, "dist/x", f"channels/{OS}/../../{core}"):
+    for path in (core, unsigned, "dist/x", f"heads/{OS}/../../{core}"):
         channels.signed.targets[path] = TargetFile.from_data(path, evil, ["sha256"])
     channels.signed.version += 1
     repo.sign(channels, stolen)
@@ -807,12 +807,14 @@ def test_metadata_and_heads_are_served_as_files_and_nothing_else(
             "/tuf/..%2F..%2Fserver.sqlite",
             "/tuf/%2e%2e",
             "/tuf/1.root.json.tmp",
-            "/channels/",
-            f"/channels/{OS}/",
-            f"/channels/{OS}/stable",
-            f"/channels/{OS}/nope.json",
-            f"/channels/{OS}/..%2F..%2Ftuf%2F1.root.json",
-            "/channels/..%2Ftuf/1.root.json",
+            "/heads/",
+            f"/heads/{OS}/",
+            f"/heads/{OS}/stable",
+            f"/heads/{OS}/nope.json",
+            f"/heads/{OS}/..%2F..%2Ftuf%2F1.root.json",
+            "/heads/..%2Ftuf/1.root.json",
+            f"/heads/{OS}/.stable.json.tmp",
+            f"/channels/{OS}/stable.json",
             "/channels/stable/update/v1/clipos/version",
         ):
             assert client.get(path).status_code == 404, path

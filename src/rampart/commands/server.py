@@ -343,7 +343,7 @@ VERBS: list[Group | Verb] = [
         "Prometheus metrics (/metrics). Channels are created from the webroot's version "
         "files the first time an OS is seen. With --tuf-key, it also holds the online keys "
         "of the webroot's TUF repository: it keeps tuf/ signed and fresh, signs each "
-        "channel's head (channels/<os>/<c>.json) as the database changes, and serves both.",
+        "channel's head (heads/<os>/<c>.json) as the database changes, and serves both.",
         cmd_serve,
         (
             JSON,

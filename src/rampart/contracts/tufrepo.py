@@ -36,7 +36,13 @@ from tuf.api.serialization.json import JSONSerializer
 
 from rampart import files
 from rampart.contracts import tuf
-from rampart.errors import FormatError, IncompleteError, LocalError, UsageError
+from rampart.errors import (
+    FormatError,
+    IncompleteError,
+    LocalError,
+    RemoteDataError,
+    UsageError,
+)
 
 Signers = Mapping[str, Sequence[Signer]]  # the signers at hand, by role
 
@@ -248,10 +254,13 @@ def sign_channels(
     directory = metadata_dir(webroot)
     wanted = {tuf.channel_target(head.os, head.channel): head for head in heads}
     md: Metadata[Targets] = latest(directory, tuf.CHANNELS_ROLE)
-    current = {
-        path: tuf.ChannelHead.from_custom(target.custom, path)
-        for path, target in md.signed.targets.items()
-    }
+    try:
+        current: dict[str, tuf.ChannelHead] | None = {
+            path: tuf.ChannelHead.from_custom(target.custom, path)
+            for path, target in md.signed.targets.items()
+        }
+    except RemoteDataError:  # not a channel head (another key's work): replaced
+        current = None
     if current == wanted:
         return None
     md.signed.targets = {}

@@ -4,7 +4,7 @@ Wire-compatible with the CLIP OS client (docs/server.md):
   GET  /update/v1/{os}/version   per-machine answer `version = "X"` (TOML), recorded
   POST /update/v1/{os}/report    install report (JSON)
   GET  /dist/...                 the webroot's payloads, with range requests
-  GET  /tuf/..., /channels/...   with --tuf-key: the TUF metadata and the channel heads,
+  GET  /tuf/..., /heads/...      with --tuf-key: the TUF metadata and the channel heads,
                                  which rampart.server.signer keeps signed
 Administration (bearer token, stored hashed): /admin/api/... (OpenAPI schema at
 /admin/openapi.json), the fleet dashboard at /admin/, Prometheus metrics at /metrics.

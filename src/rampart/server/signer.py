@@ -48,11 +48,10 @@ from typing import Any
 from securesystemslib.signer import Signer
 from starlette.concurrency import run_in_threadpool
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
-from tuf.api.serialization import DeserializationError
 
 from rampart.contracts import tuf, tufrepo
 from rampart.contracts.version import parse_version
-from rampart.errors import FormatError, LocalError, RampartError, UsageError
+from rampart.errors import LocalError, RampartError, UsageError
 from rampart.server.rollout import ChannelState, RolloutState
 from rampart.server.store import Store
 
@@ -177,16 +176,13 @@ class Options:
 
 
 def _read(directory: Path, role: str) -> tuple[Metadata[Any], str]:
-    """The newest metadata of `role` and its file name (LocalError: none; FormatError:
-    unreadable)."""
+    """The newest metadata of `role` and its file name (LocalError: none, or unreadable;
+    FormatError: not TUF metadata)."""
     found = tufrepo.versions(directory, role)
     if not found:
         raise LocalError(f"{directory}: no {role} metadata: not a TUF repository")
     name = f"{found[-1]}.{role}.json"
-    try:
-        return Metadata.from_file(str(directory / name)), name
-    except DeserializationError as exc:
-        raise FormatError(f"{directory / name}: not TUF metadata ({exc})") from None
+    return tufrepo.read_metadata(directory / name), name
 
 
 def listed_keys(webroot: Path) -> dict[str, tuple[set[str], int, str]]:
@@ -195,21 +191,17 @@ def listed_keys(webroot: Path) -> dict[str, tuple[set[str], int, str]]:
     directory = tufrepo.metadata_dir(webroot)
     if not (directory / "1.root.json").is_file():
         raise LocalError(
-            f"{directory}: no TUF repository (1.root.json); create one before --tuf-key"
+            f"{directory}: no TUF repository (1.root.json); `rampart tuf init` makes one"
         )
     root, root_name = _read(directory, Root.type)
-    listed = {}
-    for role in (Snapshot.type, Timestamp.type):
-        entry = root.signed.roles[role]
-        listed[role] = (set(entry.keyids), entry.threshold, root_name)
     targets, targets_name = _read(directory, Targets.type)
-    delegations = targets.signed.delegations
-    channels = None
-    if delegations is not None and delegations.roles is not None:
-        channels = delegations.roles.get(tuf.CHANNELS_ROLE)
-    if channels is None:
+    if tuf.CHANNELS_ROLE not in tufrepo.roles_of(targets.signed):
         raise LocalError(f"{directory / targets_name}: delegates no {tuf.CHANNELS_ROLE} role")
-    listed[tuf.CHANNELS_ROLE] = (set(channels.keyids), channels.threshold, targets_name)
+    listed = {}
+    for role in ONLINE_ROLES:
+        keyids, threshold = tufrepo.role_keys(root.signed, targets.signed, role)
+        source = targets_name if role == tuf.CHANNELS_ROLE else root_name
+        listed[role] = (set(keyids), threshold, source)
     _read(directory, tuf.CHANNELS_ROLE)
     _read(directory, Snapshot.type)
     return listed
@@ -303,15 +295,18 @@ def _sign_heads(
     webroot: Path, store: Store, settings: TufSettings, now: datetime.datetime
 ) -> tuple[int, tuple[str, ...]]:
     """The database's channels as the channels role's heads (and, if they changed, a
-    snapshot and a timestamp); the generation read first, so that a change committed
+    snapshot and a timestamp); the same heads again when the channels metadata expires
+    within half its lifetime. The generation is read first, so that a change committed
     meanwhile is signed by the next round."""
     generation = store.generation()
     heads = [channel_head(channel) for channel in store.channels()]
+    if tufrepo.sign_channels(webroot, heads, settings.signers) is not None:
+        return generation, (tuf.CHANNELS_ROLE, Snapshot.type, Timestamp.type)
     channels, _ = _read(tufrepo.metadata_dir(webroot), tuf.CHANNELS_ROLE)
-    force = _half_gone(channels.signed.expires, tufrepo.DEFAULT_EXPIRY[tuf.CHANNELS_ROLE], now)
-    if tufrepo.sign_channels(webroot, heads, settings.signers, force=force) is None:
+    if not tufrepo.expiring(channels.signed, tuf.CHANNELS_ROLE, now):
         return generation, ()
-    return generation, (tuf.CHANNELS_ROLE, Snapshot.type, Timestamp.type)
+    tufrepo.resign_channels(webroot, settings.signers, now)
+    return generation, (tuf.CHANNELS_ROLE,)  # the snapshot follows (it names an older one)
 
 
 def _keep_fresh(webroot: Path, settings: TufSettings, now: datetime.datetime) -> tuple[str, ...]:
@@ -319,25 +314,20 @@ def _keep_fresh(webroot: Path, settings: TufSettings, now: datetime.datetime) ->
     directory = tufrepo.metadata_dir(webroot)
     signed: tuple[str, ...] = ()
     if _snapshot_due(directory, now):
-        tufrepo.publish_snapshot(webroot, settings.signers)
-        signed += (Snapshot.type, Timestamp.type)
+        tufrepo.sign_snapshot(webroot, settings.signers, now)
+        signed += (Snapshot.type,)
     if _timestamp_due(directory, settings.timestamp_lifetime, now):
-        tufrepo.refresh_timestamp(webroot, settings.signers, lifetime=settings.timestamp_lifetime)
+        lifetime = settings.timestamp_lifetime
+        tufrepo.sign_timestamp(webroot, settings.signers, lifetime=lifetime, now=now)
         signed += (Timestamp.type,)
     return signed
-
-
-def _half_gone(
-    expires: datetime.datetime, lifetime: datetime.timedelta, now: datetime.datetime
-) -> bool:
-    return expires - now < lifetime / 2
 
 
 def _snapshot_due(directory: Path, now: datetime.datetime) -> bool:
     """The snapshot has less than half its lifetime left, or names an older version of
     a role than the newest on disk (a writer stopped between the two)."""
     snapshot, _ = _read(directory, Snapshot.type)
-    if _half_gone(snapshot.signed.expires, tufrepo.DEFAULT_EXPIRY[Snapshot.type], now):
+    if tufrepo.expiring(snapshot.signed, Snapshot.type, now):
         return True
     for role in (Targets.type, *tufrepo.delegated_roles(directory)):
         found = tufrepo.versions(directory, role)
@@ -353,7 +343,7 @@ def _timestamp_due(directory: Path, lifetime: datetime.timedelta, now: datetime.
     path = directory / "timestamp.json"
     if not path.exists():
         return True
-    timestamp = Metadata[Timestamp].from_file(str(path)).signed
+    timestamp = tufrepo.read_metadata(path).signed
     left = timestamp.expires - now
     newest = tufrepo.versions(directory, Snapshot.type)[-1:]
     return left < lifetime / 2 or left > lifetime or [timestamp.snapshot_meta.version] != newest
@@ -410,10 +400,10 @@ def metric_lines(webroot: Path) -> list[str]:
     for role in (Timestamp.type, Snapshot.type, tuf.CHANNELS_ROLE):
         try:
             if role == Timestamp.type:
-                md: Metadata[Any] = Metadata.from_file(str(directory / "timestamp.json"))
+                md = tufrepo.read_metadata(directory / "timestamp.json")
             else:
                 md, _ = _read(directory, role)
-        except (OSError, RampartError, DeserializationError):
+        except RampartError:
             continue
         expires = md.signed.expires.timestamp()
         lines.append(f'rampart_tuf_expiry_timestamp_seconds{{role="{role}"}} {expires:.0f}')

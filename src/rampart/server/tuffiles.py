@@ -2,7 +2,7 @@
 `--tuf-key` only; docs/server.md "Signing the TUF metadata"):
 
     GET /tuf/<N>.<role>.json, /tuf/timestamp.json   <webroot>/tuf/
-    GET /channels/<os>/<channel>.json               <webroot>/channels/<os>/
+    GET /heads/<os>/<channel>.json                  <webroot>/heads/<os>/
 
 Only names of that shape are served: no directory listing, no other file of those
 directories (the signer's lock and state files), no way out of them. Each file is read
@@ -60,7 +60,7 @@ async def metadata(name: str, request: Request) -> Response:
     return _answer(data, no_cache=name == "timestamp.json")
 
 
-@router.api_route("/channels/{os_name}/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+@router.api_route("/heads/{os_name}/{name}", methods=["GET", "HEAD"], include_in_schema=False)
 async def channel_head(os_name: str, name: str, request: Request) -> Response:
     channel = name.removesuffix(".json")
     if channel == name or not wire.NAME.fullmatch(os_name) or not wire.NAME.fullmatch(channel):
