@@ -31,18 +31,24 @@ command fails.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/tuf.py has python-tuf's name: run as a script, this directory comes first on
+# sys.path and would shadow the `tuf` package. It goes last (a stable sort): `common` is
+# still found there.
+sys.path.sort(key=lambda entry: Path(entry or ".").resolve() == Path(__file__).resolve().parent)
+
 import argparse
 import datetime
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Signer
