@@ -437,6 +437,7 @@ def test_9_an_old_signed_version_written_back_offline_does_not_boot(
 # --- 12. TUF: a root rotation, a revoked release key, a frozen server ------------------------
 
 TUF_CHANNEL = "lts"  # the channel the device follows in TUF mode, held at 1.0.2
+TUF_EXPIRY = 30  # seconds: the server's timestamps, re-signed every 15 s
 
 
 def _tuf(password: Path, *argv: str) -> dict[str, Any]:
@@ -483,14 +484,15 @@ def _forge_targets(
     from rampart.contracts import tufrepo
 
     directory = tufrepo.metadata_dir(server.webroot)
-    targets = tufrepo.latest(directory, "targets")
-    targets.signed.version += 1
-    tufrepo.sign(targets, [tufrepo.load_signer(stolen, password)])
-    tufrepo.write(directory, targets)
     signer = [tufrepo.load_signer(online, password)]
-    tufrepo.publish_snapshot(
-        server.webroot, {"snapshot": signer, "timestamp": signer, "channels": signer}
-    )
+    with tufrepo.locked(server.webroot):
+        targets = tufrepo.latest(directory, "targets")
+        targets.signed.version += 1
+        tufrepo.sign(targets, [tufrepo.load_signer(stolen, password)])
+        tufrepo.write(directory, targets)
+        tufrepo.publish_snapshot(
+            server.webroot, {"snapshot": signer, "timestamp": signer, "channels": signer}
+        )
 
 
 def test_12_tuf_a_root_rotation_a_revoked_release_key_and_a_frozen_server(
@@ -534,7 +536,7 @@ def test_12_tuf_a_root_rotation_a_revoked_release_key_and_a_frozen_server(
     _server_cli(server, "machine", "assign", machine_id, "--os", rootfs.DEFAULT_OS_NAME,
                 "--channel", TUF_CHANNEL)  # fmt: skip
     tuf_options = ["--tuf-key", key["online"], "--tuf-password-file", str(password),
-                   "--tuf-timestamp-expiry", "40", "--tuf-interval", "1"]  # fmt: skip
+                   "--tuf-timestamp-expiry", str(TUF_EXPIRY), "--tuf-interval", "1"]  # fmt: skip
     server.restart(tuf_options)
     _pin_root(guest, server)
     before = (guest.lvs(), _entries(guest))
@@ -566,11 +568,14 @@ def test_12_tuf_a_root_rotation_a_revoked_release_key_and_a_frozen_server(
          "--targets-key", key["targets-2"], "--online-key", key["online"])  # fmt: skip
     assert guest.run_update_service() == 0, guest.update_journal()
 
-    # 3. The server stops re-signing (a frozen server or mirror): once the timestamp
-    # expires, the device refuses to trust it and says so to the server.
-    server.restart()
-    time.sleep(41)
-    assert guest.run_update_service() == 13
+    # 3. The server stops re-signing (its signer stuck: here the repository's lock is
+    # held) and keeps serving the last timestamp: once it expires, the device refuses to
+    # trust it and says so to the server.
+    from rampart.contracts import tufrepo
+
+    with tufrepo.locked(server.webroot):
+        time.sleep(TUF_EXPIRY + 2)
+        assert guest.run_update_service() == 13, guest.update_journal()
     assert "indefinite freeze" in guest.update_journal()
     failures = server.fleet()["recent_failures"]
     assert any("indefinite freeze" in f["error"] for f in failures), failures
