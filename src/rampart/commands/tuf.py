@@ -665,6 +665,24 @@ PASSWORD_FILE = arg(
     help=f"the keys' password: the first line of FILE (mode 0600); else ${PASSWORD_ENV}; "
     "else asked on the terminal for each encrypted key",
 )
+RELEASE_KEYS = (
+    arg(
+        "--targets-key",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a release key (repeatable)",
+    ),
+    arg(
+        "--online-key",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="the snapshot and timestamp key(s)",
+    ),
+)
 WEBROOT = arg(
     "webroot", type=Path, metavar="WEBROOT", help="the webroot (its repository: WEBROOT/tuf)"
 )
@@ -944,22 +962,7 @@ VERBS: list[Group | Verb] = [
             WEBROOT,
             arg("version", metavar="VERSION"),
             arg("--os", required=True, metavar="NAME", help="OS name, e.g. clipos"),
-            arg(
-                "--targets-key",
-                type=Path,
-                action="append",
-                required=True,
-                metavar="FILE",
-                help="a release key (repeatable)",
-            ),
-            arg(
-                "--online-key",
-                type=Path,
-                action="append",
-                required=True,
-                metavar="FILE",
-                help="the snapshot and timestamp key(s)",
-            ),
+            *RELEASE_KEYS,
             PASSWORD_FILE,
             JSON,
         ),
@@ -985,22 +988,7 @@ VERBS: list[Group | Verb] = [
                 metavar="N",
                 help="how many of the newest releases stay targets (at least 1)",
             ),
-            arg(
-                "--targets-key",
-                type=Path,
-                action="append",
-                required=True,
-                metavar="FILE",
-                help="a release key (repeatable)",
-            ),
-            arg(
-                "--online-key",
-                type=Path,
-                action="append",
-                required=True,
-                metavar="FILE",
-                help="the snapshot and timestamp key(s)",
-            ),
+            *RELEASE_KEYS,
             PASSWORD_FILE,
             JSON,
         ),

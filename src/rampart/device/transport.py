@@ -198,20 +198,18 @@ class Transport:
 
     def get_small(self, url: str, cap: int) -> bytes:
         """GET a small document (a version file) in memory, at most `cap` bytes."""
-        with self.request(url) as response:
-            _check_status(url, response, (200,))
-            length = _content_length(url, response)
-            if length is not None and length > cap:
-                raise RemoteDataError(f"{url}: announced {length} bytes, the cap is {cap}")
-            parts: list[bytes] = []
-            self._read_body(url, response, parts.append, cap, expected=length)
-            return b"".join(parts)
+        return self._get(url, cap, ())[1]
 
     def get_document(self, url: str, cap: int) -> tuple[int, bytes]:
         """GET a small document (signed metadata) in memory, at most `cap` bytes: (200,
         its bytes), or (403 or 404, b"") when the server has no such document."""
+        return self._get(url, cap, MISSING)
+
+    def _get(self, url: str, cap: int, missing: tuple[int, ...]) -> tuple[int, bytes]:
+        """GET `url` in memory, at most `cap` bytes: (200, its bytes), or (status, b"")
+        for a status in `missing`; any other status is a TransportError."""
         with self.request(url) as response:
-            if response.status in MISSING:
+            if response.status in missing:
                 self._read_body(url, response, lambda _: None, 1 << 16)
                 return response.status, b""
             _check_status(url, response, (200,))
