@@ -51,9 +51,13 @@ table above and the reports below), per database and worker count, all against o
 holding a TUF repository made by the vendor's verbs (`rampart tuf keygen
 --no-password`, `tuf init` with one root key, `tuf add-release` of both releases); its
 signer runs as in production (a round at start, which signs the channel heads, then
-every 60 s and within a second of a change). After the warm-up above, three loads, in
-this order, saturating (as fast as answered) and then paced (--tuf-rate R checks/s
-offered, the same for the three):
+every 60 s and within a second of a change). After the warm-up above and 3 s of each
+load below, paced, not measured (so that no measured load is the first after the
+start: thread pools start on first use, and the warm-up's one connection warmed one
+worker's machine cache), three loads, in this order, paced (--tuf-rate R checks/s
+offered, the same for the three, on a database that has had little more than the
+warm-up's writes, so that none follows the saturating loads' background work) and then
+saturating (as fast as answered):
 - today: the version GET alone, with the identity headers (what bench/server.py's
   table measures, with this section's client);
 - tuf: a device's check-in in TUF mode when nothing changed: the version GET, then
@@ -68,10 +72,16 @@ A check is issued as the device issues it: its requests in turn, each once the
 previous one is answered, on one keep-alive connection (a device opens an HTTPS
 connection per document; that cost is in none of these loads). wrk's Lua state is per
 thread, so wrk runs one connection per thread (-t and -c both --connections), the
-same for the three loads; with pacing, each connection pauses CONNECTIONS/R s before
-each check. A check is complete when its last answer is in; its latency is from its
-first request's sending to that answer (a histogram of 0.5 % buckets in the script).
-The last second sends anonymous check-ins, as above. Reported per load: checks/s
+same for the three loads. Paced, the load is wrk2's rather than the table's above: each
+connection starts a check every CONNECTIONS/R s on a fixed schedule from a random
+phase (with a pause after each answer instead, as above, the connections start
+together and stay in step: their checks arrive in bursts of CONNECTIONS, which made
+most of the paced latency in a first version of this section: today's p50 was 5 ms at
+500 checks/s, 1.4 ms on a schedule). A check is complete when its last answer is in;
+its latency is from its first request's sending to that answer, or from when it was
+due if it started late (wrk2's correction of coordinated omission); a histogram of
+0.5 % buckets in the script. Each load follows 2 idle seconds. The last second sends
+anonymous check-ins, as above. Reported per load: checks/s
 (identified checks completed within the identified phase, over it), requests/s,
 p50/p90/p99/max latency of identified checks, errors (an answer with another status
 than 200, 404, 200, socket errors, timeouts), rows added to `checks` against
@@ -1304,6 +1314,8 @@ DOCS = ROOT / "docs" / "server.md"
 PER_E = 200
 BUCKETS = 3600
 CHECKIN_LOADS = ("today", "tuf", "tuf+nginx")
+SETTLE_S = 2.0  # idle seconds before each check-in load
+PRIME_S = 3  # seconds of each check-in load, paced, before the measured ones
 
 CHECKINS_LUA = (
     r"""
@@ -1312,7 +1324,10 @@ CHECKINS_LUA = (
 -- wrk runs one connection per thread, so this state is one connection's: a check's
 -- requests go in turn, each once the previous one is answered, and a check is complete
 -- when its last answer is in. Identified checks (the identity headers on each request)
--- for the first args[1] seconds, then anonymous ones (answered, never recorded).
+-- for the first args[1] seconds, then anonymous ones (answered, never recorded). Paced
+-- (args[2]: ms between a connection's checks), a connection starts its checks on a
+-- fixed schedule from a random phase, and a check that starts late counts its latency
+-- from when it was due (wrk2's correction of coordinated omission).
 """
     + _LUA_IDS_AND_CLOCK
     + r"""
@@ -1341,17 +1356,19 @@ local current
 local identified_check = false
 local check_started = 0
 local started, switch_at
-local pause_ms = 0
+local period = 0  -- s between two checks of this connection (paced), 0: none
+local due = 0     -- when the next check is due (paced)
 -- wrk calls request() once on its first thread to check the script, before the run,
 -- and never sends that request: it must not count.
 local checked = true
 function init(args)
   checked = tid ~= 0
-  pause_ms = tonumber(args[2]) or 0
+  period = (tonumber(args[2]) or 0) / 1000
   for s, path in ipairs(paths) do anonymous[s] = wrk.format("GET", path, {}) end
   math.randomseed(7919 * tid + 17)
   started = now()
   switch_at = started + (tonumber(args[1]) or 1e9)
+  due = started + math.random() * period
 end
 
 -- A machine's requests, formatted on first use: init stays short, so that the threads
@@ -1369,8 +1386,8 @@ end
 
 if %(paced)s then
   function delay()
-    if step == 1 then return pause_ms end
-    return 0
+    if step ~= 1 then return 0 end
+    return math.max(0, math.floor((due - now()) * 1000 + 0.5))
   end
 end
 
@@ -1381,6 +1398,10 @@ function request()
   end
   if step == 1 then
     check_started = now()
+    if period > 0 then
+      check_started = math.min(check_started, due)
+      due = due + period
+    end
     identified_check = switch_at > check_started
     if identified_check then
       identified = identified + 1
@@ -1511,10 +1532,10 @@ def run_checkins(
     args: argparse.Namespace, script: Path, port: int, log: Path, rate: int | None
 ) -> CheckinResult:
     """wrk with one connection per thread (--connections of each) running `script`;
-    with `rate`, each connection pauses CONNECTIONS/rate s before each check (about
-    `rate` checks/s offered in all)."""
+    with `rate`, each connection starts a check every CONNECTIONS/rate s (`rate`
+    checks/s offered in all)."""
     phase = max(0.5, args.duration - TAIL_SECONDS)
-    pause = max(1, int(args.connections * 1000 / rate)) if rate else 0
+    period_ms = args.connections * 1000 / rate if rate else 0.0
     argv = [
         _tool("wrk"),
         f"-t{args.connections}",
@@ -1526,7 +1547,7 @@ def run_checkins(
         f"http://127.0.0.1:{port}{PATH}",
         "--",
         f"{phase:.3f}",
-        str(pause),
+        f"{period_ms:.3f}",
     ]
     values, wrk_cpu = _wrk(argv, log, "BENCH-CHECKINS")
 
@@ -1817,14 +1838,22 @@ class CheckinBench:
         self.probe(service.port, name)
         self.probe(front.port, f"nginx in front of {name}")
         targets = {"today": service.port, "tuf": service.port, "tuf+nginx": front.port}
+        # Priming, not measured: each load for a few seconds at the paced rate, so that
+        # none of the measured ones is the first after the start (thread pools started
+        # on first use, the machine cache of a worker the warm-up's connection missed).
+        priming = argparse.Namespace(**{**vars(self.args), "duration": PRIME_S})
+        for load in CHECKIN_LOADS:
+            script = self.scripts[(load.removesuffix("+nginx"), True)]
+            run_checkins(priming, script, targets[load], d / f"wrk-{load}-priming.log", self.rate)
         rows = []
-        for rate in (None, self.rate):
+        for rate in (self.rate, None):
             for load in CHECKIN_LOADS:
                 script = self.scripts[(load.removesuffix("+nginx"), rate is not None)]
                 offered = f"{rate} checks/s" if rate else "saturating"
                 _log(f"{name}: {load} check-ins, {offered}, wrk for {self.args.duration} s")
                 before = bench.count_checks(url)
                 cpu = tree_cpu(service.pid), tree_cpu(front.pid), bench.postmaster_cpu()
+                time.sleep(SETTLE_S)  # the previous load's background work done
                 result = run_checkins(
                     self.args, script, targets[load], d / f"wrk-{load}-{rate or 0}.log", rate
                 )
@@ -1858,7 +1887,7 @@ def print_checkins(rows: list[CheckinRow], args: argparse.Namespace, out: IO[str
         f"\nCheck-ins, today's and TUF's: rampart serve --tuf-key (its signer running), "
         f"wrk -t{args.connections} -c{args.connections} (one connection per thread: a "
         f"check's requests in turn on it), {args.duration} s per load, {MACHINES} "
-        f"machine-ids; saturating, then paced at {args.tuf_rate} checks/s",
+        f"machine-ids; paced at {args.tuf_rate} checks/s, then saturating",
         file=out,
     )
     print(
