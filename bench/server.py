@@ -3,6 +3,7 @@ with one and two workers, and nginx serving the static version file as the basel
 
     .venv/bin/python bench/server.py [--duration 10] [--connections 64] [--threads 2]
                                      [--workers 1,2] [--rate R] [--json]
+                                     [--tuf | --tuf-only] [--tuf-rate 500]
 
 Debian packages: wrk, nginx, postgresql (`make setup` installs them). Run as root
 or not: PostgreSQL runs as the `postgres` user when this script is root (it is
@@ -43,6 +44,50 @@ PostgreSQL) during the run, and the ratio of requests/s to nginx's.
 
 Targets for rampart: >= 1500 checks/s, p99 < 50 ms, zero errors, recorded ==
 completed.
+
+Check-ins with signed channel metadata (--tuf; --tuf-only skips the version-check
+table above and the reports below), per database and worker count, all against one
+`rampart serve --tuf-key KEY --max-connections-per-address 0` on a copy of the webroot
+holding a TUF repository made by the vendor's verbs (`rampart tuf keygen
+--no-password`, `tuf init` with one root key, `tuf add-release` of both releases); its
+signer runs as in production (a round at start, which signs the channel heads, then
+every 60 s and within a second of a change). After the warm-up above and 3 s of each
+load below, paced, not measured (so that no measured load is the first after the
+start: thread pools start on first use, and the warm-up's one connection warmed one
+worker's machine cache), three loads, in this order, paced (--tuf-rate R checks/s
+offered, the same for the three, on a database that has had little more than the
+warm-up's writes, so that none follows the saturating loads' background work) and then
+saturating (as fast as answered):
+- today: the version GET alone, with the identity headers (what bench/server.py's
+  table measures, with this section's client);
+- tuf: a device's check-in in TUF mode when nothing changed: the version GET, then
+  GET /tuf/<N+1>.root.json (404: no new root) and GET /tuf/timestamp.json (200), the
+  identity headers on each (the device sends them to its server on every request);
+- tuf+nginx: the same check-in sent to nginx in front of the same server, with
+  docs/server.md's front-end configuration (the ```nginx block, adapted as
+  tests/server/test_nginx_frontend.py adapts it but in plain HTTP, like the rest of
+  this bench, and with nginx's one worker of rampart.testbed.services): nginx serves
+  tuf/ and heads/ from the files, and proxies only the version GET.
+A check is issued as the device issues it: its requests in turn, each once the
+previous one is answered, on one keep-alive connection (a device opens an HTTPS
+connection per document; that cost is in none of these loads). wrk's Lua state is per
+thread, so wrk runs one connection per thread (-t and -c both --connections), the
+same for the three loads. Paced, the load is wrk2's rather than the table's above: each
+connection starts a check every CONNECTIONS/R s on a fixed schedule from a random
+phase (with a pause after each answer instead, as above, the connections start
+together and stay in step: their checks arrive in bursts of CONNECTIONS, which made
+most of the paced latency in a first version of this section: today's p50 was 5 ms at
+500 checks/s, 1.4 ms on a schedule). A check is complete when its last answer is in;
+its latency is from its first request's sending to that answer, or from when it was
+due if it started late (wrk2's correction of coordinated omission); a histogram of
+0.5 % buckets in the script. Each load follows 2 idle seconds. The last second sends
+anonymous check-ins, as above. Reported per load: checks/s
+(identified checks completed within the identified phase, over it), requests/s,
+p50/p90/p99/max latency of identified checks, errors (an answer with another status
+than 200, 404, 200, socket errors, timeouts), rows added to `checks` against
+identified checks started, CPU of the server, nginx, PostgreSQL and wrk; and the
+ratios TUF/today: checks/s and p99 at saturation, p99 at the paced rate (the same
+offered rate for each: "checks/s at the same p99"). No target: it is a comparison.
 
 Install reports during a rollout (--reports N, default 10,000; 0 skips it;
 --reports-only skips the version-check load above), per database and worker count:
@@ -517,6 +562,30 @@ def pause_ms(args: argparse.Namespace) -> int:
     return max(1, int(args.connections * 1000 / args.rate))
 
 
+def _wrk(argv: Sequence[str | Path], log: Path, tag: str) -> tuple[dict[str, str], float]:
+    """Run wrk to its end, its output in `log`: the key=value pairs of its line starting
+    with `tag`, and the CPU seconds wrk used."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            process.wait(10)
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    if process.returncode != 0:
+        raise BenchError(f"wrk exit code {process.returncode}:\n{text}")
+    match = re.search(rf"^{tag} (.*)$", text, re.MULTILINE)
+    if match is None:
+        raise BenchError(f"wrk printed no {tag} line:\n{text}")
+    values = dict(item.split("=", 1) for item in match.group(1).split())
+    return values, usage.ru_utime + usage.ru_stime
+
+
 def run_wrk(args: argparse.Namespace, script: Path, port: int, log: Path) -> WrkResult:
     phase = max(0.5, args.duration - TAIL_SECONDS)
     argv = [
@@ -532,22 +601,7 @@ def run_wrk(args: argparse.Namespace, script: Path, port: int, log: Path) -> Wrk
         f"{phase:.3f}",
         str(pause_ms(args)),
     ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        except BaseException:
-            process.kill()
-            process.wait(10)
-            raise
-        process.returncode = os.waitstatus_to_exitcode(status)
-    text = log.read_text(errors="replace")
-    if process.returncode != 0:
-        raise BenchError(f"wrk exit code {process.returncode}:\n{text}")
-    match = re.search(r"^BENCH-RESULT (.*)$", text, re.MULTILINE)
-    if match is None:
-        raise BenchError(f"wrk printed no result line:\n{text}")
-    values = dict(item.split("=", 1) for item in match.group(1).split())
+    values, wrk_cpu = _wrk(argv, log, "BENCH-RESULT")
 
     def ms(key: str) -> float:
         return float(values[key]) / 1000
@@ -564,7 +618,7 @@ def run_wrk(args: argparse.Namespace, script: Path, port: int, log: Path) -> Wrk
         p999_ms=ms("p999_us"),
         max_ms=ms("max_us"),
         mean_ms=ms("mean_us"),
-        wrk_cpu_s=usage.ru_utime + usage.ru_stime,
+        wrk_cpu_s=wrk_cpu,
     )
 
 
@@ -741,17 +795,26 @@ class Bench:
         return tree_cpu(pid) if pid else {}
 
     def serve(
-        self, name: str, url: str, workers: int, log: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        url: str,
+        workers: int,
+        log: Path,
+        env: dict[str, str] | None = None,
+        *,
+        webroot: Path | None = None,
+        options: Sequence[str] = (),
     ) -> services.RampartServe:
-        """`rampart serve` on the database `url` (with `env`: another tree's), stopped at
-        the end of the run at the latest; ready once it answers an anonymous check."""
+        """`rampart serve` on the database `url` (with `env`: another tree's; `webroot`:
+        another than the bench's; more `options`), stopped at the end of the run at the
+        latest; ready once it answers an anonymous check."""
         return self.running.enter_context(
             services.RampartServe(
-                self.webroot,
+                webroot or self.webroot,
                 log,
                 db=url,
                 workers=workers,
-                options=_one_address_options(env),
+                options=[*_one_address_options(env), *options],
                 command=[_rampart()],
                 env=env,
                 ready_path=PATH,
@@ -760,17 +823,13 @@ class Bench:
             )
         )
 
-    def rampart(self, kind: str, workers: int) -> Row:
-        url = self.database(kind)
-        d = self.work / f"rampart-{kind}-{workers}"
-        d.mkdir()
-        name = f"rampart serve ({kind}, {workers} worker{'s' if workers > 1 else ''})"
-        service = self.serve(name, url, workers, d / "serve.log")
-        port = service.port
-        notes = []
-        # Warm-up: every machine checks in once (fills the server's machine cache).
+    def warm_up(
+        self, service: services.RampartServe, url: str, name: str, notes: list[str]
+    ) -> tuple[int, int]:
+        """Every machine checks in once (fills the server's machine cache): the checks
+        answered 200 and the rows of `checks` then (a note if they differ)."""
         warm = 0
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
         try:
             for machine_id in self.machine_ids:
                 headers = {"clipos-machineid": machine_id, "clipos-version": RUNNING}
@@ -788,6 +847,17 @@ class Bench:
         baseline = self.count_checks(url)
         if baseline != warm:
             notes.append(f"warm-up: {warm} checks answered 200, {baseline} recorded")
+        return warm, baseline
+
+    def rampart(self, kind: str, workers: int) -> Row:
+        url = self.database(kind)
+        d = self.work / f"rampart-{kind}-{workers}"
+        d.mkdir()
+        name = f"rampart serve ({kind}, {workers} worker{'s' if workers > 1 else ''})"
+        service = self.serve(name, url, workers, d / "serve.log")
+        port = service.port
+        notes: list[str] = []
+        warm, baseline = self.warm_up(service, url, name, notes)
         _log(f"{name} on 127.0.0.1:{port}: wrk for {self.args.duration} s")
         before, db_before = tree_cpu(service.pid), self.postmaster_cpu()
         result = run_wrk(self.args, self.script, port, d / "wrk.log")
@@ -815,7 +885,7 @@ class Bench:
     def run(self) -> list[Row]:
         _log(f"publishing releases into {self.webroot}")
         self.publish()
-        if self.args.reports_only:
+        if self.args.reports_only or self.args.tuf_only:
             return []
         rows = [self.nginx()] if not self.args.no_nginx else []
         for kind in self.args.databases:
@@ -823,8 +893,21 @@ class Bench:
                 rows.append(self.rampart(kind, workers))
         return rows
 
+    def checkins(self) -> list[CheckinRow]:
+        """--tuf: today's check-ins against TUF ones, per database and worker count."""
+        if not (self.args.tuf or self.args.tuf_only) or self.args.reports_only:
+            return []
+        bench = CheckinBench(self)
+        _log(f"TUF check-ins: a TUF repository in {bench.webroot}")
+        bench.prepare()
+        rows = []
+        for kind in self.args.databases:
+            for workers in self.args.workers:
+                rows += bench.run(kind, workers)
+        return rows
+
     def reports(self) -> list[ReportRow]:
-        if not self.args.reports:
+        if not self.args.reports or self.args.tuf_only:
             return []
         if not self.webroot.exists():
             self.publish()
@@ -1221,6 +1304,646 @@ def print_reports(rows: list[ReportRow], out: IO[str]) -> None:
             print(f"    reports/s vs the reference: {ratio:.1f}x", file=out)
 
 
+# --- TUF check-ins (issue 15): the version check with signed channel metadata ------------
+
+TUF_RATE = 500  # checks/s offered by the paced check-in loads (--tuf-rate)
+DOCS = ROOT / "docs" / "server.md"
+# Check latencies are kept per thread in a histogram of logarithmic buckets: bucket b
+# holds latencies in [e^(b/PER_E), e^((b+1)/PER_E)) microseconds (0.5 % wide), up to
+# about 60 s.
+PER_E = 200
+BUCKETS = 3600
+CHECKIN_LOADS = ("today", "tuf", "tuf+nginx")
+SETTLE_S = 2.0  # idle seconds before each check-in load
+PRIME_S = 3  # seconds of each check-in load, paced, before the measured ones
+
+CHECKINS_LUA = (
+    r"""
+-- Generated by bench/server.py: check-ins of %(steps)d request(s) each from %(machines)d
+-- machine-ids: %(paths_text)s.
+-- wrk runs one connection per thread, so this state is one connection's: a check's
+-- requests go in turn, each once the previous one is answered, and a check is complete
+-- when its last answer is in. Identified checks (the identity headers on each request)
+-- for the first args[1] seconds, then anonymous ones (answered, never recorded). Paced
+-- (args[2]: ms between a connection's checks), a connection starts its checks on a
+-- fixed schedule from a random phase, and a check that starts late counts its latency
+-- from when it was due (wrk2's correction of coordinated omission).
+"""
+    + _LUA_IDS_AND_CLOCK
+    + r"""
+local threads = {}
+local count = 0
+function setup(thread)
+  thread:set("tid", count)
+  count = count + 1
+  table.insert(threads, thread)
+end
+
+tid = 0
+identified = 0  -- identified checks started (their first request sent)
+completed = 0   -- identified checks completed before the switch to anonymous ones
+unexpected = 0  -- answers whose status is not the one expected at their step
+latency_n = 0   -- identified checks completed (whenever): their latencies, in h<b>
+latency_sum = 0
+latency_max = 0
+local paths = {%(paths)s}
+local expected = {%(expected)s}
+local steps = #paths
+local checks = {}
+local anonymous = {}
+local step = 1
+local current
+local identified_check = false
+local check_started = 0
+local started, switch_at
+local period = 0  -- s between two checks of this connection (paced), 0: none
+local due = 0     -- when the next check is due (paced)
+-- wrk calls request() once on its first thread to check the script, before the run,
+-- and never sends that request: it must not count.
+local checked = true
+function init(args)
+  checked = tid ~= 0
+  period = (tonumber(args[2]) or 0) / 1000
+  for s, path in ipairs(paths) do anonymous[s] = wrk.format("GET", path, {}) end
+  math.randomseed(7919 * tid + 17)
+  started = now()
+  switch_at = started + (tonumber(args[1]) or 1e9)
+  due = started + math.random() * period
+end
+
+-- A machine's requests, formatted on first use: init stays short, so that the threads
+-- (started one after the other, each after its init) start together.
+local function check_of(i)
+  local check = checks[i]
+  if check == nil then
+    local headers = {["clipos-machineid"] = ids[i], ["clipos-version"] = "%(running)s"}
+    check = {}
+    for s, path in ipairs(paths) do check[s] = wrk.format("GET", path, headers) end
+    checks[i] = check
+  end
+  return check
+end
+
+if %(paced)s then
+  function delay()
+    if step ~= 1 then return 0 end
+    return math.max(0, math.floor((due - now()) * 1000 + 0.5))
+  end
+end
+
+function request()
+  if not checked then
+    checked = true
+    return anonymous[1]
+  end
+  if step == 1 then
+    check_started = now()
+    if period > 0 then
+      check_started = math.min(check_started, due)
+      due = due + period
+    end
+    identified_check = switch_at > check_started
+    if identified_check then
+      identified = identified + 1
+      current = check_of(math.random(#ids))
+    else
+      current = anonymous
+    end
+  end
+  return current[step]
+end
+
+function response(status, headers, body)
+  if status ~= expected[step] then unexpected = unexpected + 1 end
+  if step < steps then
+    step = step + 1
+    return
+  end
+  step = 1
+  if not identified_check then return end
+  local t = now()
+  if t <= switch_at then completed = completed + 1 end
+  local us = math.max(1, (t - check_started) * 1e6)
+  latency_n = latency_n + 1
+  latency_sum = latency_sum + us
+  if us > latency_max then latency_max = us end
+  local key = "h" .. math.min(%(buckets)d, math.floor(math.log(us) * %(per_e)d))
+  _G[key] = (_G[key] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local started_n, completed_n, unexpected_n, n, sum, top = 0, 0, 0, 0, 0, 0
+  local hist = {}
+  for _, thread in ipairs(threads) do
+    started_n = started_n + thread:get("identified")
+    completed_n = completed_n + thread:get("completed")
+    unexpected_n = unexpected_n + thread:get("unexpected")
+    n = n + thread:get("latency_n")
+    sum = sum + thread:get("latency_sum")
+    top = math.max(top, thread:get("latency_max"))
+    for b = 0, %(buckets)d do
+      local c = thread:get("h" .. b)
+      if c then hist[b] = (hist[b] or 0) + c end
+    end
+  end
+  local function percentile(p)
+    if n == 0 then return 0 end
+    local rank, seen = math.max(1, math.ceil(n * p / 100)), 0
+    for b = 0, %(buckets)d do
+      seen = seen + (hist[b] or 0)
+      if seen >= rank then return math.min(top, math.exp((b + 0.5) / %(per_e)d)) end
+    end
+    return top
+  end
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH-CHECKINS identified=%%d completed=%%d unexpected=%%d latencies=%%d " ..
+    "requests=%%d duration_us=%%d connect=%%d read=%%d write=%%d timeout=%%d " ..
+    "p50_us=%%.1f p90_us=%%.1f p99_us=%%.1f p999_us=%%.1f max_us=%%.1f mean_us=%%.1f " ..
+    "request_p50_us=%%d request_p99_us=%%d\n",
+    started_n, completed_n, unexpected_n, n,
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout,
+    percentile(50), percentile(90), percentile(99), percentile(99.9), top,
+    n > 0 and sum / n or 0,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+)
+
+
+def write_checkins_lua(
+    path: Path, machine_ids: Sequence[str], steps: Sequence[tuple[str, int]], paced: bool
+) -> None:
+    """A check-in of `steps` (path, expected status), in turn on one connection."""
+    path.write_text(
+        CHECKINS_LUA
+        % {
+            "steps": len(steps),
+            "machines": len(machine_ids),
+            "paths_text": ", ".join(f"GET {p} ({status})" for p, status in steps),
+            "ids": ",\n".join(f'  "{m}"' for m in machine_ids),
+            "paths": ", ".join(f'"{p}"' for p, _ in steps),
+            "expected": ", ".join(str(status) for _, status in steps),
+            "running": RUNNING,
+            "paced": "true" if paced else "false",
+            "buckets": BUCKETS,
+            "per_e": PER_E,
+        }
+    )
+
+
+@dataclass
+class CheckinResult:
+    """What wrk measured of a check-in load; latencies of whole checks, of identified
+    checks (from the first request's sending to the last answer)."""
+
+    steps: int
+    identified: int  # identified checks started (each sent its version GET)
+    completed: int  # identified checks completed within the identified phase
+    phase_s: float  # the identified phase, per connection
+    unexpected: int  # answers with another status than expected at their step
+    requests: int  # every answer wrk had, over the whole run
+    duration_s: float
+    socket_errors: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    mean_ms: float
+    request_p50_ms: float  # wrk's histogram: every request, on its own
+    request_p99_ms: float
+    wrk_cpu_s: float
+
+    @property
+    def checks_per_s(self) -> float:
+        return self.completed / self.phase_s if self.phase_s else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def errors(self) -> int:
+        return self.unexpected + sum(self.socket_errors.values())
+
+
+def run_checkins(
+    args: argparse.Namespace, script: Path, port: int, log: Path, rate: int | None
+) -> CheckinResult:
+    """wrk with one connection per thread (--connections of each) running `script`;
+    with `rate`, each connection starts a check every CONNECTIONS/rate s (`rate`
+    checks/s offered in all)."""
+    phase = max(0.5, args.duration - TAIL_SECONDS)
+    period_ms = args.connections * 1000 / rate if rate else 0.0
+    argv = [
+        _tool("wrk"),
+        f"-t{args.connections}",
+        f"-c{args.connections}",
+        f"-d{args.duration}s",
+        f"--timeout={WRK_TIMEOUT}",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{PATH}",
+        "--",
+        f"{phase:.3f}",
+        f"{period_ms:.3f}",
+    ]
+    values, wrk_cpu = _wrk(argv, log, "BENCH-CHECKINS")
+
+    def ms(key: str) -> float:
+        return float(values[key]) / 1000
+
+    return CheckinResult(
+        steps=0,  # set by the caller
+        identified=int(values["identified"]),
+        completed=int(values["completed"]),
+        phase_s=phase,
+        unexpected=int(values["unexpected"]),
+        requests=int(values["requests"]),
+        duration_s=int(values["duration_us"]) / 1e6,
+        socket_errors={k: int(values[k]) for k in ("connect", "read", "write", "timeout")},
+        p50_ms=ms("p50_us"),
+        p90_ms=ms("p90_us"),
+        p99_ms=ms("p99_us"),
+        p999_ms=ms("p999_us"),
+        max_ms=ms("max_us"),
+        mean_ms=ms("mean_us"),
+        request_p50_ms=ms("request_p50_us"),
+        request_p99_ms=ms("request_p99_us"),
+        wrk_cpu_s=wrk_cpu,
+    )
+
+
+# What Debian's /etc/nginx/nginx.conf sets around conf.d/*.conf, as
+# tests/server/test_nginx_frontend.py has it (the main configuration, with the pid file,
+# logs and temporary paths in the state directory, is rampart.testbed.services.Nginx's).
+FRONT_HTTP = """\
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    access_log {state}/other-access.log;
+
+{site}
+"""
+
+
+def front_config(text: str, *, port: int, app_port: int, webroot: Path, state: Path) -> str:
+    """docs/server.md's nginx configuration (the ```nginx block with `upstream rampart`),
+    as tests/server/test_nginx_frontend.py adapts it, but in plain HTTP like the rest of
+    this bench: `listen` on a loopback port without `ssl`, the `ssl_*` directives
+    dropped, one app server (this run's), the webroot's paths, the logs in `state`."""
+    blocks = [
+        b for b in re.findall(r"```nginx\n(.*?)```", text, re.DOTALL) if "upstream rampart" in b
+    ]
+    if len(blocks) != 1:
+        raise BenchError(f"{DOCS}: expected one ```nginx block with `upstream rampart`")
+    out: list[str] = []
+    done: dict[str, int] = {}
+    in_upstream = False
+    for line in blocks[0].splitlines():
+        words = line.split()
+        directive = words[0] if words else ""
+        indent = line[: len(line) - len(line.lstrip())]
+        if directive == "upstream":
+            in_upstream = True
+        elif in_upstream and directive == "}":
+            in_upstream = False
+        if directive.startswith("ssl_"):
+            continue
+        replacement = {
+            "listen": f"listen 127.0.0.1:{port};",
+            "alias": f"alias {webroot / 'dist'}/;",
+            "root": f"root {webroot};",
+            "access_log": f"access_log {state}/access.log;",
+            "error_log": f"error_log {state}/error.log;",
+        }.get(directive)
+        if in_upstream and directive == "server":
+            if done.get("server"):
+                continue  # one app server here; the others of the example are dropped
+            replacement = f"server 127.0.0.1:{app_port};"
+        if replacement is not None:
+            done[directive] = done.get(directive, 0) + 1
+            line = indent + replacement
+        out.append(line)
+    for directive, times in (("server", 1), ("listen", 1), ("alias", 1), ("root", 3)):
+        if done.get(directive) != times:
+            raise BenchError(f"{DOCS}: the nginx configuration has not {times} {directive}")
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class CheckinRow:
+    database: str
+    workers: int
+    load: str  # CHECKIN_LOADS
+    rate: int | None  # checks/s offered (paced), or None (saturating)
+    result: CheckinResult
+    recorded: int  # rows added to `checks` by the load
+    server_cpu_s: float
+    nginx_cpu_s: float
+    database_cpu_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "database": self.database,
+            "workers": self.workers,
+            "load": self.load,
+            "requests_per_check": r.steps,
+            "offered_checks_per_s": self.rate,
+            "checks_per_s": round(r.checks_per_s, 1),
+            "requests_per_s": round(r.requests_per_s, 1),
+            "check_latency_ms": {
+                "p50": round(r.p50_ms, 3),
+                "p90": round(r.p90_ms, 3),
+                "p99": round(r.p99_ms, 3),
+                "p99.9": round(r.p999_ms, 3),
+                "max": round(r.max_ms, 3),
+                "mean": round(r.mean_ms, 3),
+            },
+            "request_latency_ms": {"p50": r.request_p50_ms, "p99": r.request_p99_ms},
+            "errors": {"unexpected_status": r.unexpected, **r.socket_errors},
+            "identified_checks": r.identified,
+            "recorded": self.recorded,
+            "cpu_s": {
+                "server": round(self.server_cpu_s, 2),
+                "nginx": round(self.nginx_cpu_s, 2),
+                "database": round(self.database_cpu_s, 2),
+                "wrk": round(r.wrk_cpu_s, 2),
+            },
+        }
+
+
+def checkin_ratios(rows: list[CheckinRow]) -> list[dict[str, Any]]:
+    """Per database and worker count, each TUF load against today's: checks/s and p99
+    at saturation, p99 at the paced rate."""
+    found = []
+    for database, workers in dict.fromkeys((r.database, r.workers) for r in rows):
+        mine = {
+            (r.load, r.rate): r.result
+            for r in rows
+            if (r.database, r.workers) == (database, workers)
+        }
+        entry: dict[str, Any] = {"database": database, "workers": workers}
+        for load in CHECKIN_LOADS[1:]:
+            values: dict[str, float | None] = {}
+            for rate in dict.fromkeys(rate for _, rate in mine):
+                today, tuf = mine.get(("today", rate)), mine.get((load, rate))
+                if today is None or tuf is None:
+                    continue
+                if rate is None:
+                    values["saturated_checks_per_s"] = _ratio(tuf.checks_per_s, today.checks_per_s)
+                    values["saturated_p99"] = _ratio(tuf.p99_ms, today.p99_ms)
+                else:
+                    values["paced_p99"] = _ratio(tuf.p99_ms, today.p99_ms)
+                    values["paced_checks_per_s"] = _ratio(tuf.checks_per_s, today.checks_per_s)
+            entry[load] = values
+        found.append(entry)
+    return found
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+class CheckinBench:
+    """Today's check-in, a TUF check-in, and the TUF check-in behind nginx, against the
+    same `rampart serve --tuf-key`, per database and worker count."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.args = bench.args
+        self.rate: int = bench.args.tuf_rate
+        self.webroot = bench.work / "tuf-webroot"
+        self.key = bench.work / "tuf-keys" / "online.key"
+        self.root_probe = ""
+        self.scripts: dict[tuple[str, bool], Path] = {}
+
+    def prepare(self) -> None:
+        """A copy of the bench's webroot with a TUF repository made by the vendor's
+        verbs (`rampart tuf keygen`, `init`, `add-release` of both releases), and the
+        wrk scripts."""
+        bench, rampart = self.bench, _rampart()
+        shutil.copytree(bench.webroot, self.webroot)
+        keys = self.key.parent
+        keys.mkdir()
+        for name in ("root", "targets", "online"):
+            _run([rampart, "tuf", "keygen", "--no-password", keys / f"{name}.key"])
+        _run(
+            [
+                rampart, "tuf", "init", self.webroot, "--root-key", keys / "root.key",
+                "--threshold", "1", "--targets-key", keys / "targets.key",
+                "--online-key", self.key,
+            ]
+        )  # fmt: skip
+        for version in ("1.0.0", "1.0.1"):
+            _run(
+                [
+                    rampart, "tuf", "add-release", self.webroot, version, "--os", OS_NAME,
+                    "--targets-key", keys / "targets.key", "--online-key", self.key,
+                ]
+            )  # fmt: skip
+        (self.webroot / "heads").mkdir(exist_ok=True)
+        for path in [self.webroot, *self.webroot.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        # A device trusting root N asks for N+1 at each check-in: 404 while none is signed.
+        newest = max(int(p.name.split(".")[0]) for p in (self.webroot / "tuf").glob("*.root.json"))
+        self.root_probe = f"/tuf/{newest + 1}.root.json"
+        for load, steps in self.steps().items():
+            for paced in (False, True):
+                script = bench.work / f"checkins-{load}{'-paced' if paced else ''}.lua"
+                write_checkins_lua(script, bench.machine_ids, steps, paced)
+                self.scripts[(load, paced)] = script
+
+    def steps(self) -> dict[str, list[tuple[str, int]]]:
+        """Each check-in's requests (path, the status expected)."""
+        today = [(PATH, 200)]
+        return {
+            "today": today,
+            "tuf": [*today, (self.root_probe, 404), ("/tuf/timestamp.json", 200)],
+        }
+
+    def probe(self, port: int, what: str) -> None:
+        """Each request of a TUF check-in answered as a device expects it."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"clipos-machineid": self.bench.machine_ids[0], "clipos-version": RUNNING}
+        try:
+            for path, status in self.steps()["tuf"]:
+                conn.request("GET", path, headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                ok = response.status == status
+                if ok and path == PATH:
+                    ok = body == b'version = "1.0.1"\n'
+                elif ok and status == 200:
+                    ok = json.loads(body)["signed"]["_type"] == "timestamp"
+                if not ok:
+                    raise BenchError(f"{what}: GET {path}: {response.status} {body[:200]!r}")
+        except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+            raise BenchError(f"{what}: probe failed: {exc}") from None
+        finally:
+            conn.close()
+
+    def front(self, app_port: int, state: Path) -> services.Nginx:
+        port = services.free_port()
+        site = front_config(
+            DOCS.read_text(), port=port, app_port=app_port, webroot=self.webroot, state=state
+        )
+        nginx = services.Nginx(
+            state,
+            FRONT_HTTP.format(state=state, site=site),
+            port,
+            root=self.webroot,
+            tls=False,
+            connections=1024,
+            check=True,
+            timeout=START_TIMEOUT,
+        )
+        return self.bench.running.enter_context(nginx)
+
+    def recorded_since(self, url: str, before: int, expected: int) -> int:
+        """Rows of `checks` added since `before`: a check is committed before it is
+        answered, so at once; waited for up to FLUSH_TIMEOUT if short of `expected`."""
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while (added := self.bench.count_checks(url) - before) < expected:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return added
+
+    def run(self, kind: str, workers: int) -> list[CheckinRow]:
+        bench = self.bench
+        url = bench.database(kind)
+        d = bench.work / f"tuf-{kind}-{workers}"
+        d.mkdir()
+        name = f"rampart serve --tuf-key ({kind}, {workers} worker{'s' if workers > 1 else ''})"
+        options = ["--max-connections-per-address", "0", "--tuf-key", str(self.key)]
+        service = bench.serve(
+            name, url, workers, d / "serve.log", webroot=self.webroot, options=options
+        )
+        # The signer's first round signs the channel heads (and a snapshot, a timestamp).
+        head = self.webroot / "heads" / OS_NAME / "stable.json"
+        deadline = time.monotonic() + START_TIMEOUT
+        while not head.exists():
+            if time.monotonic() > deadline or not service.running():
+                raise BenchError(f"{name}: {head} not signed\n  {service.log_tail()}")
+            time.sleep(0.1)
+        notes: list[str] = []
+        bench.warm_up(service, url, name, notes)
+        for note in notes:
+            _log(f"{name}: {note}")
+        front = self.front(service.port, d / "nginx")
+        self.probe(service.port, name)
+        self.probe(front.port, f"nginx in front of {name}")
+        targets = {"today": service.port, "tuf": service.port, "tuf+nginx": front.port}
+        # Priming, not measured: each load for a few seconds at the paced rate, so that
+        # none of the measured ones is the first after the start (thread pools started
+        # on first use, the machine cache of a worker the warm-up's connection missed).
+        priming = argparse.Namespace(**{**vars(self.args), "duration": PRIME_S})
+        for load in CHECKIN_LOADS:
+            script = self.scripts[(load.removesuffix("+nginx"), True)]
+            run_checkins(priming, script, targets[load], d / f"wrk-{load}-priming.log", self.rate)
+        rows = []
+        for rate in (self.rate, None):
+            for load in CHECKIN_LOADS:
+                script = self.scripts[(load.removesuffix("+nginx"), rate is not None)]
+                offered = f"{rate} checks/s" if rate else "saturating"
+                _log(f"{name}: {load} check-ins, {offered}, wrk for {self.args.duration} s")
+                before = bench.count_checks(url)
+                cpu = tree_cpu(service.pid), tree_cpu(front.pid), bench.postmaster_cpu()
+                time.sleep(SETTLE_S)  # the previous load's background work done
+                result = run_checkins(
+                    self.args, script, targets[load], d / f"wrk-{load}-{rate or 0}.log", rate
+                )
+                server_cpu = cpu_used(cpu[0], tree_cpu(service.pid))
+                nginx_cpu = cpu_used(cpu[1], tree_cpu(front.pid)) if load == "tuf+nginx" else 0.0
+                db_cpu = cpu_used(cpu[2], bench.postmaster_cpu())
+                result.steps = len(self.steps()[load.removesuffix("+nginx")])
+                rows.append(
+                    CheckinRow(
+                        database=kind,
+                        workers=workers,
+                        load=load,
+                        rate=rate,
+                        result=result,
+                        recorded=self.recorded_since(url, before, result.identified),
+                        server_cpu_s=server_cpu,
+                        nginx_cpu_s=nginx_cpu,
+                        database_cpu_s=db_cpu,
+                    )
+                )
+        front.stop(signal.SIGQUIT, STOP_TIMEOUT)
+        service.stop(signal.SIGTERM, STOP_TIMEOUT)
+        return rows
+
+
+def print_checkins(rows: list[CheckinRow], args: argparse.Namespace, out: IO[str]) -> None:
+    if not rows:
+        return
+    steps = {r.load: r.result.steps for r in rows}
+    print(
+        f"\nCheck-ins, today's and TUF's: rampart serve --tuf-key (its signer running), "
+        f"wrk -t{args.connections} -c{args.connections} (one connection per thread: a "
+        f"check's requests in turn on it), {args.duration} s per load, {MACHINES} "
+        f"machine-ids; paced at {args.tuf_rate} checks/s, then saturating",
+        file=out,
+    )
+    print(
+        f"  today      GET {PATH} with the identity headers ({steps.get('today', 1)} request)\n"
+        f"  tuf        today's, then GET /tuf/<N+1>.root.json (404) and GET "
+        f"/tuf/timestamp.json ({steps.get('tuf', 3)} requests)\n"
+        "  tuf+nginx  tuf through nginx (docs/server.md's front-end configuration, plain "
+        "HTTP, one worker): /tuf/ from files, the version GET proxied to rampart",
+        file=out,
+    )
+    header = (
+        f"{'target':<16} {'load':<10} {'offered':>8} {'checks/s':>9} {'req/s':>7} "
+        f"{'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6} "
+        f"{'recorded':>8} {'checks':>7} {'cpu srv/nginx/db/wrk s':>23}"
+    )
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in rows:
+        r = row.result
+        label = f"{row.database} w={row.workers}"
+        offered = f"{row.rate}/s" if row.rate else "max"
+        cpu = (
+            f"{row.server_cpu_s:.1f}/{row.nginx_cpu_s:.1f}/{row.database_cpu_s:.1f}/"
+            f"{r.wrk_cpu_s:.1f}"
+        )
+        print(
+            f"{label:<16} {row.load:<10} {offered:>8} {r.checks_per_s:9.0f} "
+            f"{r.requests_per_s:7.0f} {r.p50_ms:7.2f} {r.p90_ms:7.2f} {r.p99_ms:7.2f} "
+            f"{r.max_ms:7.1f} {r.errors:6d} {row.recorded:8d} {r.identified:7d} {cpu:>23}",
+            file=out,
+        )
+    print("\nTUF / today:", file=out)
+    for entry in checkin_ratios(rows):
+        parts = []
+        for load in CHECKIN_LOADS[1:]:
+            v = entry[load]
+
+            def x(key: str, v: dict[str, float | None] = v) -> str:
+                value = v.get(key)
+                return "-" if value is None else f"{value:.2f}x"
+
+            parts.append(
+                f"{load}: checks/s {x('saturated_checks_per_s')}, p99 {x('saturated_p99')} "
+                f"saturated; p99 {x('paced_p99')} at {args.tuf_rate} checks/s"
+            )
+        print(f"  {entry['database']} w={entry['workers']}: " + "; ".join(parts), file=out)
+    print(
+        "\nchecks/s: identified checks completed (last answer in) over the run less its "
+        f"last {TAIL_SECONDS:g} s (anonymous check-ins); latency: of whole identified "
+        "checks, from the first request's sending to the last answer; errors: answers "
+        "with another status than expected (200, 404, 200) and socket errors; recorded: "
+        "rows added to `checks`, against checks: identified checks started.",
+        file=out,
+    )
+
+
 # --- output ---------------------------------------------------------------------------------
 
 
@@ -1371,6 +2094,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reports-only", action="store_true", help="skip the version-check load")
     parser.add_argument(
+        "--tuf",
+        action="store_true",
+        help="also measure check-ins with signed channel metadata: today's (the version "
+        "GET) against a TUF device's (the version GET, the next root's 404, the "
+        "timestamp), direct and with nginx serving tuf/ in front, against rampart serve "
+        "--tuf-key; wrk runs one connection per thread (--threads is not used there)",
+    )
+    parser.add_argument(
+        "--tuf-only",
+        action="store_true",
+        help="only the --tuf check-ins (no version-check table, no reports)",
+    )
+    parser.add_argument(
+        "--tuf-rate",
+        type=positive_int,
+        default=TUF_RATE,
+        metavar="R",
+        help=f"checks/s offered by the paced --tuf loads, the same for each (default {TUF_RATE})",
+    )
+    parser.add_argument(
         "--report-client",
         choices=("wrk", "python"),
         default="wrk",
@@ -1424,6 +2167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tools = versions()
             bench = Bench(args, work, running)
             rows = bench.run()
+            checkin_rows = bench.checkins()
             report_rows = bench.reports()
     except (BenchError, services.ServiceError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
@@ -1458,12 +2202,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": [r.to_json(base) for r in rows],
             "reports": [r.to_json() for r in report_rows],
         }
+        if checkin_rows:
+            report["checkins"] = {
+                "wrk": {
+                    "threads": args.connections,
+                    "connections": args.connections,
+                    "duration_s": args.duration,
+                    "machine_ids": MACHINES,
+                    "paced_checks_per_s": args.tuf_rate,
+                },
+                "results": [r.to_json() for r in checkin_rows],
+                "ratios_tuf_to_today": checkin_ratios(checkin_rows),
+            }
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(f"versions: {', '.join(f'{k} {v}' for k, v in tools.items())}")
         if rows:
             print_table(rows, args, sys.stdout)
+        print_checkins(checkin_rows, args, sys.stdout)
         print_reports(report_rows, sys.stdout)
     return 0
 
