@@ -777,14 +777,7 @@ VERBS: list[Group | Verb] = [
                 metavar="K",
                 help="root keys needed to sign a root",
             ),
-            arg(
-                "--targets-key",
-                type=Path,
-                action="append",
-                required=True,
-                metavar="FILE",
-                help="a release key (repeatable)",
-            ),
+            RELEASE_KEYS[0],  # --targets-key
             arg(
                 "--online-key",
                 type=Path,

@@ -238,7 +238,10 @@ def sign_timestamp(
 
 def channel_heads(webroot: Path) -> dict[str, tuf.ChannelHead]:
     """The channel heads the latest channels metadata signs, by target path."""
-    md: Metadata[Targets] = latest(metadata_dir(webroot), tuf.CHANNELS_ROLE)
+    return _heads(latest(metadata_dir(webroot), tuf.CHANNELS_ROLE))
+
+
+def _heads(md: Metadata[Targets]) -> dict[str, tuf.ChannelHead]:
     return {
         path: tuf.ChannelHead.from_custom(target.custom, path)
         for path, target in md.signed.targets.items()
@@ -255,10 +258,7 @@ def sign_channels(
     wanted = {tuf.channel_target(head.os, head.channel): head for head in heads}
     md: Metadata[Targets] = latest(directory, tuf.CHANNELS_ROLE)
     try:
-        current: dict[str, tuf.ChannelHead] | None = {
-            path: tuf.ChannelHead.from_custom(target.custom, path)
-            for path, target in md.signed.targets.items()
-        }
+        current: dict[str, tuf.ChannelHead] | None = _heads(md)
     except RemoteDataError:  # not a channel head (another key's work): replaced
         current = None
     if current == wanted:

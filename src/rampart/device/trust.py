@@ -19,6 +19,7 @@ another state (mix-and-match) or expired metadata (a freeze) detectable.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +48,17 @@ class TufSettings:
 def settings(
     mode: TrustMode,
     metadata_dir: Path,
-    pinned: list[Path],
+    pinned: Sequence[Path],
     metadata_url: str,
     channel: str,
 ) -> TufSettings | None:
     """The TUF settings of a device in `mode`, or None for minisign. `pinned`: where a
-    pinned root may be, in order of preference."""
+    pinned root may be, in order of preference; `metadata_url` "": none configured."""
     if mode == TrustMode.MINISIGN:
+        return None
+    if not metadata_url:
+        if mode == TrustMode.TUF:
+            raise FormatError("trust mode is tuf, but remote.toml has no tuf_url")
         return None
     targets_url = metadata_url.rsplit("/", 1)[0]
     if (metadata_dir / ROOT_FILE).exists():

@@ -45,7 +45,7 @@ from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
 from rampart.device import rollback, trust
-from rampart.device.config import DeviceConfig, Identity, RemoteConfig, TrustMode
+from rampart.device.config import DeviceConfig, Identity, RemoteConfig
 from rampart.device.fetch import (
     Download,
     Fetcher,
@@ -161,19 +161,9 @@ def open_device(
 ) -> Device:
     """Bind a configuration to its slot backend, its ESP and its trust (`pinned_roots`:
     where a pinned TUF root may be, in order of preference)."""
-    tuf_settings = None
-    if config.trust_mode != TrustMode.MINISIGN:
-        if not remote.tuf_url:
-            if config.trust_mode == TrustMode.TUF:
-                raise FormatError("trust mode is tuf, but remote.toml has no tuf_url")
-        else:
-            tuf_settings = trust.settings(
-                config.trust_mode,
-                config.tuf_dir,
-                list(pinned_roots),
-                remote.tuf_url,
-                remote.channel,
-            )
+    tuf_settings = trust.settings(
+        config.trust_mode, config.tuf_dir, pinned_roots, remote.tuf_url, remote.channel
+    )
     return Device(
         config,
         remote,
