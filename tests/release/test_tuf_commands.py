@@ -41,6 +41,7 @@ VERBS = [
     ("sign", "discard"),
     ("add-release",),
     ("timestamp",),
+    ("prune",),
     ("status",),
 ]
 
