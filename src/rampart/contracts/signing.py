@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from rampart.contracts import hashing
 from rampart.errors import FormatError, LocalError, VerificationError
 from rampart.files import read_small
 
@@ -379,12 +380,7 @@ def load_secret_key(path: Path, password: Callable[[], bytes]) -> SecretKey:
 def message_for(handle: BinaryIO, prehashed: bool, source: str) -> bytes:
     """What the Ed25519 signature covers: BLAKE2b-512 of the stream, or its raw bytes."""
     if prehashed:
-        hasher = hashlib.blake2b()
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
-        while n := handle.readinto(view):  # type: ignore[attr-defined]
-            hasher.update(view[:n])
-        return hasher.digest()
+        return hashing.blake2b_fd(handle.fileno(), offset=handle.tell())[0]
     if os.fstat(handle.fileno()).st_size > LEGACY_MAX_BYTES:
         raise VerificationError(
             f"{source}: legacy (non-prehashed) signatures are limited to 1 GiB files"
@@ -424,4 +420,4 @@ def verify_file(path: Path, signature: Signature, public_key: PublicKey) -> byte
         verify(public_key, signature, message)
     except VerificationError as exc:
         raise VerificationError(f"{path}: {exc}") from None
-    return message if signature.prehashed else hashlib.blake2b(message).digest()
+    return message if signature.prehashed else hashing.blake2b(message).digest()

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rampart.contracts import hashing
 from rampart.errors import FormatError, LocalError, VerificationError
 
 BLOCK = 4096
@@ -172,18 +173,18 @@ def build(
     data_blocks = size // BLOCK
     salted = hashlib.sha256(salt)
     level0 = bytearray()
-    buffer = bytearray(READ)
-    view = memoryview(buffer)
     done = 0
-    with data_path.open("rb", buffering=0) as src:
-        while done < size:
-            n = src.readinto(view[: min(READ, size - done)])
-            if not n:
-                raise LocalError(f"{data_path}: file shrank while being read")
-            _hash_blocks(salted, view[:n], level0)
-            done += n
+    with (
+        data_path.open("rb", buffering=0) as src,
+        hashing.blocks(src.fileno(), size, 0, READ) as chunks,
+    ):
+        for chunk in chunks:
+            _hash_blocks(salted, memoryview(chunk), level0)
+            done += len(chunk)
             if progress:
                 progress(done, size)
+    if done < size:
+        raise LocalError(f"{data_path}: file shrank while being read")
     levels = _upper_levels(salted, level0, data_blocks)
     params = VerityParams(
         root_hash=_root(salted, levels[-1][:BLOCK]),
@@ -228,18 +229,17 @@ def verify(
     levels = check_tree(tree, params, str(source))
     # The data, against level 0, in 4 MiB reads.
     level0 = levels[0]
-    buffer = bytearray(READ)
-    view = memoryview(buffer)
     size = params.data_size
     done = 0
     try:
-        with image.open("rb", buffering=0) as data:
-            while done < size:
-                n = data.readinto(view[: min(READ, size - done)])
-                if not n:
-                    raise VerificationError(f"{image}: data truncated at byte {done}")
+        with (
+            image.open("rb", buffering=0) as data,
+            hashing.blocks(data.fileno(), size, 0, READ) as chunks,
+        ):
+            for chunk in chunks:
+                n = len(chunk)
                 computed = bytearray()
-                _hash_blocks(salted, view[:n], computed)
+                _hash_blocks(salted, memoryview(chunk), computed)
                 first = done // BLOCK * DIGEST
                 expected = level0[first : first + len(computed)]
                 if computed != expected:
@@ -252,6 +252,8 @@ def verify(
                     progress(done, size)
     except OSError as exc:
         raise LocalError(f"{image}: cannot read: {exc.strerror}") from None
+    if done < size:
+        raise VerificationError(f"{image}: data truncated at byte {done}")
 
 
 def check_tree(tree: bytes, params: VerityParams, source: str) -> list[bytes]:

@@ -9,19 +9,17 @@ Two backends behind one interface:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from rampart import run
-from rampart.contracts import cmdline, layout, pe, signing, verity
+from rampart.contracts import cmdline, hashing, layout, pe, verity
 from rampart.contracts.cmdline import RootHash
 from rampart.contracts.version import Version, parse_version
 from rampart.device.config import Backend, DeviceConfig
@@ -310,23 +308,14 @@ def open_backend(config: DeviceConfig) -> SlotBackend:
 Checkpoint = Callable[[str], None]  # called at each step a crash test may stop at
 
 
-def hash_prefix(path: Path, size: int, chunk: int = 4 << 20) -> bytes:
-    """BLAKE2b-512 of the first `size` bytes of `path`, reading the next chunk in a
-    thread while this one is hashed (both release the GIL): the read-back of a
-    slot costs about one pass instead of two."""
-    hasher = hashlib.blake2b()
-    with path.open("rb", buffering=0) as device, ThreadPoolExecutor(1) as reader:
-        left = size
-        pending = reader.submit(device.read, min(chunk, left))
-        while left > 0:
-            data = pending.result()
-            if not data:
-                break
-            left -= len(data)
-            if left > 0:
-                pending = reader.submit(device.read, min(chunk, left))
-            hasher.update(data)
-    return hasher.digest()
+def hash_prefix(path: Path, size: int) -> bytes:
+    """BLAKE2b-512 of the first `size` bytes of `path`, read ahead of the hashing
+    (contracts/hashing.py): the read-back of a slot costs about one pass."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return hashing.blake2b_fd(fd, size)[0]
+    finally:
+        os.close(fd)
 
 
 def core_root_hash(efiboot: Path, slot: str) -> RootHash | None:
@@ -368,6 +357,25 @@ def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
         ) from None
 
 
+WRITE_BEHIND = 32 << 20  # bytes whose write-back starts at once
+WRITE_LAG = 32 << 20  # the bytes last written, left alone in the page cache
+
+
+def _write_behind(fd: int, written: int, started: int) -> int:
+    """Start writing back the bytes of `fd` from `started` to WRITE_LAG before
+    `written`, once they are WRITE_BEHIND or more; where the next range starts.
+
+    POSIX_FADV_DONTNEED starts the write-back of a dirty range without waiting (and
+    drops the pages already clean). The disk then writes while Core is still being
+    copied, the final fsync has little left to wait for, and the page cache never
+    holds a whole Core (about 1 s less per GiB on the developers' machines)."""
+    end = written - WRITE_LAG
+    if end - started < WRITE_BEHIND:
+        return started
+    os.posix_fadvise(fd, started, end - started, os.POSIX_FADV_DONTNEED)
+    return end
+
+
 def write_core(
     image: Path, slot: Slot, verified: bytes, checkpoint: Checkpoint, root: RootHash | None = None
 ) -> None:
@@ -386,15 +394,16 @@ def write_core(
         raise LocalError(
             f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
         )
-    buffer = bytearray(signing.CHUNK)
-    view = memoryview(buffer)
     fd = os.open(slot.path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        with image.open("rb") as src:
-            while n := src.readinto(buffer):
-                chunk = view[:n]
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
+        with image.open("rb") as src, hashing.blocks(src.fileno()) as chunks:
+            written = started = 0
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                written += len(chunk)
+                started = _write_behind(fd, written, started)
                 checkpoint("write-core-chunk")
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -229,7 +229,8 @@ class Transport:
     def download(self, url: str, dest: Path, cap: int, progress: Progress | None = None) -> int:
         """Download `url` into `dest`, resuming a partial file with a range request.
 
-        Returns the final size. The file is fsynced.
+        Returns the final size. The file is not fsynced: what it holds is verified
+        after it is copied, and fetched again if it does not verify.
         """
         have = dest.stat().st_size if dest.exists() else 0
         if have > cap:
@@ -282,8 +283,10 @@ def _resumed(
 
 class _Sink:
     """The download's file: opened at the resume point after a free-space check,
-    written in CHUNK blocks, fsynced. A failure keeps what arrived for resuming,
-    unless the disk is full: then the partial file cannot be completed and goes."""
+    written in CHUNK blocks gathered in one buffer, not fsynced (root verifies what
+    it copies; after a crash, a download that does not verify is fetched again).
+    A failure keeps what arrived for resuming, unless the disk is full: then the
+    partial file cannot be completed and goes."""
 
     def __init__(self, dest: Path, url: str, have: int, expected: int | None, margin: int):
         self.dest = dest
@@ -304,10 +307,13 @@ class _Sink:
         except OSError as exc:
             raise LocalError(f"{self.shown}: cannot write the download: {exc.strerror}") from None
         self.out_of_space = False
-        self.pending = bytearray()
+        self.buffer = bytearray(CHUNK)  # filled in place: no allocation per record
+        self.filled = 0
         self.written = 0
         try:
-            if not have:
+            if not have and os.fstat(self.fd).st_size:
+                # Only a file that has bytes: truncating makes ext4 write the new
+                # data back at close (auto_da_alloc), as slow as an fsync.
                 os.ftruncate(self.fd, 0)
             os.lseek(self.fd, have, os.SEEK_SET)
         except BaseException:
@@ -315,14 +321,13 @@ class _Sink:
             raise
 
     def fill(self, read_body: Callable[[Callable[[bytes], None]], int]) -> int:
-        """Run `read_body` with this file's write function; what it received, fsynced."""
+        """Run `read_body` with this file's write function; what it received, written."""
         try:
             try:
                 received = read_body(self.write)
             finally:
                 if not self.out_of_space:
                     self.flush()  # what arrived is kept for resuming
-            os.fsync(self.fd)
         except OSError as exc:
             self.out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             dropped = "; partial file removed" if self.out_of_space else ""
@@ -340,16 +345,22 @@ class _Sink:
                 f"(no length announced; stopped after {self.written - len(chunk)} bytes, "
                 f"{self.free} were free, {self.margin} kept free); partial file removed"
             )
-        self.pending.extend(chunk)  # TLS records are small: write in 1 MiB blocks
-        if len(self.pending) >= CHUNK:
+        if self.filled + len(chunk) > CHUNK:  # TLS records are small: write 1 MiB blocks
             self.flush()
+        if len(chunk) >= CHUNK:
+            self._write(memoryview(chunk))
+            return
+        self.buffer[self.filled : self.filled + len(chunk)] = chunk
+        self.filled += len(chunk)
 
     def flush(self) -> None:
-        view = memoryview(self.pending)
+        with memoryview(self.buffer) as view:
+            self._write(view[: self.filled])
+        self.filled = 0
+
+    def _write(self, view: memoryview) -> None:
         while view:
             view = view[os.write(self.fd, view) :]
-        view.release()
-        self.pending.clear()
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import hmac
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 from rampart import run
-from rampart.contracts import cmdline, signing, wire
+from rampart.contracts import cmdline, hashing, signing, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
@@ -329,13 +329,14 @@ def copy_verified(device: Device, version: Version, kind: str) -> bytes:
 
     The signature and the payload are opened relative to the download directory
     with O_NOFOLLOW and must be regular files with one link (checked with fstat
-    on the opened file). The payload is read once, from its end, and truncated
-    behind what was copied, so the copy needs no more space than the download it
-    replaces (a Core can be most of the state partition). The copy,
-    `<download dir>.verified/<name>`, is new (O_EXCL, 0600) in a directory only
-    this user can reach; it is then hashed and its signature checked: what is
-    verified is what every later step reads. It is a scratch copy, not fsynced:
-    a crash only means downloading again.
+    on the opened file). The copy, `<download dir>.verified/<name>`, is new
+    (O_EXCL, 0600) in a directory only this user can reach, and is what is hashed
+    and checked against its signature: what is verified is what every later step
+    reads. With room for both, the payload is copied forward and the bytes written
+    are hashed on the way; without, it is copied from its end and truncated behind
+    what was copied, so the copy needs no more space than the download it replaces
+    (a Core can be most of the state partition), then hashed. It is a scratch
+    copy, not fsynced: a crash only means downloading again.
 
     The download is gone afterwards, whether the copy verifies or not. If the
     copy fails part-way (a write error), the download keeps its first part, to
@@ -367,7 +368,7 @@ def copy_verified(device: Device, version: Version, kind: str) -> bytes:
             digest = _copy_and_verify(device, src, verified_fd, copy, evidence)
         finally:
             os.close(src)
-        _unlink(download_fd, name)  # empty now
+        _unlink(download_fd, name)  # copied
         if evidence.signature is not None:
             _check_signed_version(evidence.signature, source, version)
             _write_new(verified_fd, name + ".sig", raw_signature)
@@ -500,30 +501,68 @@ class _Evidence:
 def _copy_and_verify(
     device: Device, src: int, verified_fd: int, copy: Path, evidence: _Evidence
 ) -> bytes:
-    """Copy `src` (writable) into `copy` (new, 0600) from its end, truncating `src`
-    behind each chunk copied, then hash the copy and check it against `evidence`; the
-    BLAKE2b-512 digest of the copy."""
+    """Copy `src` (writable) into `copy` (new, 0600) and check the copy against
+    `evidence`; the BLAKE2b-512 digest of the copy.
+
+    With room on the file system for a second copy (and COPY_MARGIN more), the copy
+    is made forward and hashed as it is written: the bytes hashed are the bytes
+    written, and the copy is read once. Otherwise it is made from the end of `src`,
+    which is truncated behind each chunk copied (two copies never take more than
+    one plus a chunk), then read again to be hashed."""
     size = os.fstat(src).st_size
     evidence.check_size(size, copy)  # before the download is consumed
     dst = _new_file(verified_fd, copy.name)
     try:
         os.ftruncate(dst, size)  # sparse: blocks are allocated as the chunks arrive
-        end = size
-        while end > 0:
-            start = (end - 1) // signing.CHUNK * signing.CHUNK
-            data = os.pread(src, end - start, start)
-            if len(data) != end - start:
-                raise VerificationError(f"{copy.name}: the download changed while copied")
-            view = memoryview(data)
-            offset = start
-            while view:
-                written = os.pwrite(dst, view, offset)
-                view, offset = view[written:], offset + written
-            os.ftruncate(src, start)
-            end = start
-        return _verify_fd(device, dst, copy, evidence)
+        disk = os.fstatvfs(dst)
+        if disk.f_bavail * disk.f_frsize < size + COPY_MARGIN:
+            _copy_backward(src, dst, size, copy)
+            return _verify_fd(device, dst, copy, evidence)
+        hasher = hashing.blake2b()
+        legacy = bytearray() if evidence.needs_bytes else None
+        done = 0
+        with hashing.blocks(src, size) as chunks, ThreadPoolExecutor(1) as writer:
+            pending: Future[None] | None = None
+            for chunk in chunks:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_pwrite_all, dst, chunk, done)
+                hasher.update(chunk)
+                if legacy is not None:
+                    legacy += chunk
+                done += len(chunk)
+            if pending is not None:
+                pending.result()
+        if done != size:
+            raise VerificationError(f"{copy.name}: the download changed while copied")
+        digest = hasher.digest()
+        evidence.verify(device, digest, None if legacy is None else bytes(legacy), copy)
+        return digest
     finally:
         os.close(dst)
+
+
+COPY_MARGIN = 64 << 20  # free bytes a forward copy of a download leaves on its file system
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _copy_backward(src: int, dst: int, size: int, copy: Path) -> None:
+    """Copy `src` into `dst` from its end, in CHUNK blocks, truncating `src` behind each."""
+    end = size
+    while end > 0:
+        start = (end - 1) // signing.CHUNK * signing.CHUNK
+        data = os.pread(src, end - start, start)
+        if len(data) != end - start:
+            raise VerificationError(f"{copy.name}: the download changed while copied")
+        _pwrite_all(dst, data, start)
+        os.ftruncate(src, start)
+        end = start
 
 
 def _check_legacy_size(signature: signing.Signature, size: int, path: Path) -> None:
@@ -538,15 +577,13 @@ def _verify_fd(device: Device, fd: int, path: Path, evidence: _Evidence) -> byte
     reach: its size holds) from its start and check it against `evidence`; its
     BLAKE2b-512 digest. (A legacy signature covers the bytes, held in memory.)"""
     evidence.check_size(os.fstat(fd).st_size, path)
-    hasher = hashlib.blake2b()
+    hasher = hashing.blake2b()
     legacy = bytearray() if evidence.needs_bytes else None
-    buffer = bytearray(signing.CHUNK)
-    os.lseek(fd, 0, os.SEEK_SET)
-    while n := os.readv(fd, [buffer]):
-        chunk = memoryview(buffer)[:n]
-        hasher.update(chunk)
-        if legacy is not None:
-            legacy += chunk
+    with hashing.blocks(fd) as chunks:
+        for chunk in chunks:
+            hasher.update(chunk)
+            if legacy is not None:
+                legacy += chunk
     digest = hasher.digest()
     evidence.verify(device, digest, None if legacy is None else bytes(legacy), path)
     return digest

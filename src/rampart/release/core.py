@@ -24,7 +24,7 @@ import uuid as uuid_mod
 from pathlib import Path
 
 from rampart import run
-from rampart.contracts import verity
+from rampart.contracts import hashing, verity
 from rampart.contracts.coremeta import CoreMeta
 from rampart.contracts.version import Version
 from rampart.errors import LocalError, UsageError
@@ -46,8 +46,7 @@ def file_sha256(path: Path) -> str:
     """The SHA-256 of a file, hex, read in large unbuffered chunks."""
     digest = hashlib.sha256()
     with path.open("rb", buffering=0) as handle:
-        while chunk := handle.read(verity.READ):
-            digest.update(chunk)
+        hashing.feed(digest, handle.fileno())
     return digest.hexdigest()
 
 

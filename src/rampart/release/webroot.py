@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import cmdline, signing
+from rampart.contracts import cmdline, hashing, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
     NAME,
@@ -93,14 +93,12 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 def _copy_hashing(source: Path, target: Path) -> bytes:
     """Copy `source` to new file `target`, fsynced; return its BLAKE2b-512 (one read)."""
-    blake = hashlib.blake2b()
-    buffer = bytearray(signing.CHUNK)
-    view = memoryview(buffer)
+    blake = hashing.blake2b()
     with source.open("rb") as src, target.open("xb") as dst:
-        while n := src.readinto(buffer):
-            chunk = view[:n]
-            blake.update(chunk)
-            dst.write(chunk)
+        with hashing.blocks(src.fileno()) as chunks:
+            for chunk in chunks:
+                blake.update(chunk)
+                dst.write(chunk)
         dst.flush()
         os.fsync(dst.fileno())
     target.chmod(0o644)
@@ -109,11 +107,8 @@ def _copy_hashing(source: Path, target: Path) -> bytes:
 
 def _sha256(path: Path) -> bytes:
     sha = hashlib.sha256()
-    buffer = bytearray(signing.CHUNK)
-    view = memoryview(buffer)
     with path.open("rb") as handle:
-        while n := handle.readinto(buffer):
-            sha.update(view[:n])
+        hashing.feed(sha, handle.fileno())
     return sha.digest()
 
 

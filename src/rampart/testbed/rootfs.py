@@ -86,6 +86,8 @@ PACKAGES = (
     "python3",
     "python3-cryptography",
     "python3-cffi-backend",
+    # BLAKE2b at libsodium's speed (contracts/hashing.py), on the system's libsodium.
+    "python3-nacl",
     "systemd-sysv",
     "lvm2",
     "cryptsetup-bin",
