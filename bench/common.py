@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -72,3 +73,59 @@ def build_release(
         shutil.rmtree(tree)
         initrd.unlink()
     return work / f"core-{version}.img", efiboot
+
+
+# Measured in a child, so that importing PyNaCl does not raise the RSS of the bench
+# itself (sign_verify.py counts it in every child's ru_maxrss).
+_SPEEDS = """\
+import hashlib, json, time
+from rampart.contracts import hashing
+block = bytes(range(256)) * 4096  # 1 MiB
+def speed(new):
+    best = 0.0
+    for _ in range(3):
+        hasher = new(b"")
+        start = time.perf_counter()
+        for _ in range(128):
+            hasher.update(block)
+        hasher.digest()
+        best = max(best, 128 * len(block) / (time.perf_counter() - start) / 1e6)
+    return round(best)
+speeds = {name: speed(new) for name, new in hashing.implementations().items()}
+speeds["SHA-256 (hashlib)"] = speed(hashlib.sha256)
+print(json.dumps({"chosen": hashing.implementation(), "mb_s": speeds}))
+"""
+CPU_FLAGS = ("avx2", "avx512f", "avx512vl", "sha_ni", "aes", "vaes")
+
+
+def hash_info(python: str) -> dict[str, object]:
+    """Which BLAKE2b-512 rampart uses on this machine, the speed of each one importable
+    here and of SHA-256 (MB/s over 128 MiB in 1 MiB updates, best of 3), the CPU and
+    the flags its hashes depend on: what makes a figure comparable across machines."""
+    out = subprocess.run([python, "-c", _SPEEDS], check=True, capture_output=True, text=True)
+    info: dict[str, object] = json.loads(out.stdout)
+    model, flags = "?", set()
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    info["cpu"] = f"{model}, {os.cpu_count()} CPUs"
+    info["cpu_flags"] = [flag for flag in CPU_FLAGS if flag in flags]
+    return info
+
+
+def hash_header(info: dict[str, object]) -> str:
+    """`hash_info` as two lines for a bench's table."""
+    speeds = info["mb_s"]
+    assert isinstance(speeds, dict)
+    flags = info["cpu_flags"]
+    assert isinstance(flags, list)
+    listed = ", ".join(f"{name} {mb_s} MB/s" for name, mb_s in speeds.items())
+    return (
+        f"hashes: BLAKE2b-512 from {info['chosen']}; {listed}\n"
+        f"CPU: {info['cpu']}; flags: {' '.join(flags) or 'none of ' + ' '.join(CPU_FLAGS)}"
+    )

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from common import build_release, positive_int, terminate_as_interrupt
+from common import build_release, hash_header, hash_info, positive_int, terminate_as_interrupt
 from rampart.testbed import services
 
 OS_NAME = "clipos"
@@ -429,6 +429,7 @@ class Report:
     rauc_service_anon_kib: list[int]
     rauc_bundle_format: str
     notes: list[str]
+    hashes: dict[str, Any]  # common.hash_info: the BLAKE2b used, speeds, CPU flags
 
     @property
     def rampart_best(self) -> float:
@@ -517,6 +518,7 @@ class Report:
             "targets": self.targets(),
             "bench_own_peak_rss_mib": _r(_mib(_own_peak_kib()), 1),
             "notes": self.notes,
+            "hashes": self.hashes,
         }
         if self.rauc is not None:
             data["rauc"] = {
@@ -542,6 +544,7 @@ def print_table(report: Report) -> None:
         f"{v['rampart']} (Python {v['python']}), {v['curl']}, {v['minisign']}, "
         f"{v.get('rauc', 'RAUC skipped')}"
     )
+    print(hash_header(report.hashes))
     print()
 
     def rss(kib: int, bound: bool = False) -> str:
@@ -1036,8 +1039,8 @@ bootname=B
             + ("" if rauc is None else "; RAUC installs from a local bundle (no download)"),
             "rampart's new LV, the standard tools' slot file and RAUC's slot B are fresh "
             "sparse files before each run",
-            "rampart also fsyncs its downloads and reads the written Core back; curl does "
-            "not fsync, dd reads nothing back",
+            "rampart also reads the written Core back and checks it against the root hash; "
+            "dd reads nothing back",
         ]
         load_after = os.getloadavg()[0]
         notes.append(
@@ -1066,6 +1069,7 @@ bootname=B
             rauc_service_anon_kib=service_anon_kib,
             rauc_bundle_format=self.rauc_bundle_format,
             notes=notes,
+            hashes=hash_info(sys.executable),
         )
 
 

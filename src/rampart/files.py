@@ -4,10 +4,14 @@ never overwrite, and what makes a rename or a new file survive a power cut."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rampart.errors import ConflictError, FormatError, LocalError
 
@@ -79,3 +83,32 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+@functools.cache
+def _fallocate() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the blocks of `length` bytes at `offset` in the file open as `fd` (they
+    read as zeros after; the size is kept): fallocate(2) with FALLOC_FL_PUNCH_HOLE,
+    which Python's os module does not offer. False if the file system cannot (ext4,
+    XFS, Btrfs and tmpfs can); OSError for any other failure."""
+    if length <= 0:
+        return True
+    flags = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _fallocate()(fd, flags, offset, length) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(error, os.strerror(error))

@@ -6,16 +6,21 @@ with the LV names and ESP contents it expects, then the rest of the flow.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from rampart import files
+from rampart.contracts import signing
 from rampart.contracts.version import parse_version
-from rampart.device import slots, update
+from rampart.device import slots, trust, update
 from rampart.device.slots import Slot
 from rampart.errors import ConflictError, LocalError, VerificationError
 from rampart.testbed.services import Nginx, Pki
@@ -357,3 +362,89 @@ def test_other_operating_systems_boot_entries_are_left_alone(
         "clipos-notes.txt",
         "debian-12.efi",
     ]
+
+
+def _evidence_for(data: bytes) -> Any:
+    """TUF-mode evidence (a length and a BLAKE2b-512 digest) for `data`; the copy's
+    checks read no more of the target."""
+    target = trust.ExpectedTarget(
+        path="dist/x/core",
+        length=len(data),
+        digest=hashlib.blake2b(data).digest(),
+        fields=None,  # type: ignore[arg-type]
+    )
+    return update._Evidence(target=target)
+
+
+@pytest.mark.parametrize("punch", [True, False])
+def test_a_download_is_copied_and_hashed_in_either_direction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punch: bool
+) -> None:
+    """Forward in one pass where holes can be punched, the download emptied behind
+    the copy; backward (truncating the download) where they cannot. The copy and
+    its digest are the same."""
+    data = os.urandom(3 * signing.CHUNK + 4097)
+    download = tmp_path / "download"
+    download.write_bytes(data)
+    verified = tmp_path / "verified"
+    verified.mkdir()
+    if not punch:
+        monkeypatch.setattr(files, "punch_hole", lambda *_: False)
+    src = os.open(download, os.O_RDWR)
+    dir_fd = os.open(verified, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        digest = update._copy_and_verify(
+            None,  # type: ignore[arg-type] # TUF-mode evidence needs no device
+            src,
+            dir_fd,
+            verified / "core",
+            _evidence_for(data),
+        )
+    finally:
+        os.close(src)
+        os.close(dir_fd)
+    assert digest == hashlib.blake2b(data).digest()
+    assert (verified / "core").read_bytes() == data
+    left = download.stat()
+    if punch:  # the size is kept, the blocks are gone (but the partial last one)
+        assert left.st_size == len(data) and left.st_blocks * 512 <= 4096
+    else:
+        assert left.st_size == 0
+
+
+def test_a_copy_that_fails_midway_leaves_no_holey_download_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward copy has punched the start of the download when a write fails: the
+    download is emptied, so that the next run fetches it afresh instead of resuming
+    a file that reads as zeros where its first blocks were."""
+    data = os.urandom(3 * signing.CHUNK)
+    download = tmp_path / "download"
+    download.write_bytes(data)
+    verified = tmp_path / "verified"
+    verified.mkdir()
+    calls = []
+
+    def failing(fd: int, chunk: bytes, offset: int) -> None:
+        calls.append(offset)
+        if offset:
+            raise OSError(errno.EIO, "Input/output error")
+        os.pwrite(fd, chunk, offset)
+
+    monkeypatch.setattr(update, "_pwrite_all", failing)
+    src = os.open(download, os.O_RDWR)
+    dir_fd = os.open(verified, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            update._copy_and_verify(
+                None,  # type: ignore[arg-type]
+                src,
+                dir_fd,
+                verified / "core",
+                _evidence_for(data),
+            )
+    finally:
+        os.close(src)
+        os.close(dir_fd)
+    assert calls[:2] == [0, signing.CHUNK]
+    assert download.stat().st_size == 0

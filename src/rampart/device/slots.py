@@ -9,11 +9,15 @@ Two backends behind one interface:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import mmap
 import os
 import re
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -359,6 +363,8 @@ def check_slot_against_root_hash(slot: Slot, root: RootHash) -> None:
 
 WRITE_BEHIND = 32 << 20  # bytes whose write-back starts at once
 WRITE_LAG = 32 << 20  # the bytes last written, left alone in the page cache
+CHUNK = 1 << 20  # bytes of Core written at once
+ALIGN = 4096  # O_DIRECT: offsets and lengths a multiple of this (logical blocks up to 4 KiB)
 
 
 def _write_behind(fd: int, written: int, started: int) -> int:
@@ -368,12 +374,101 @@ def _write_behind(fd: int, written: int, started: int) -> int:
     POSIX_FADV_DONTNEED starts the write-back of a dirty range without waiting (and
     drops the pages already clean). The disk then writes while Core is still being
     copied, the final fsync has little left to wait for, and the page cache never
-    holds a whole Core (about 1 s less per GiB on the developers' machines)."""
+    holds a whole Core."""
     end = written - WRITE_LAG
     if end - started < WRITE_BEHIND:
         return started
     os.posix_fadvise(fd, started, end - started, os.POSIX_FADV_DONTNEED)
     return end
+
+
+class _SlotWriter:
+    """Writes Core into a slot: directly to the device (O_DIRECT: no page cache to
+    fill, then to flush, then to drop; half the time of buffered writes and fsync
+    here), through the page cache where the slot's file system refuses direct I/O
+    (then written behind: `_write_behind`), and the unaligned tail always buffered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.buffered = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            self.direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                os.close(self.buffered)
+                raise
+            self.direct = -1
+        self.started = 0  # write-behind, for buffered writes
+
+    def write(self, view: memoryview, offset: int) -> None:
+        """`view` (from a page-aligned buffer) at `offset`."""
+        if self.direct >= 0 and offset % ALIGN == 0:
+            try:
+                while len(view) >= ALIGN:
+                    written = os.pwrite(self.direct, view[: len(view) - len(view) % ALIGN], offset)
+                    view, offset = view[written:], offset + written
+                    if written % ALIGN:
+                        break  # a short write off the alignment: the rest is buffered
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.info(
+                    "%s: no direct I/O here (%s): writing through the page cache",
+                    self.path,
+                    exc.strerror,
+                )
+                self._close_direct()
+        end = offset + len(view)
+        while view:
+            written = os.pwrite(self.buffered, view, offset)
+            view, offset = view[written:], offset + written
+        if self.direct < 0:
+            self.started = _write_behind(self.buffered, end, self.started)
+
+    def finish(self) -> None:
+        """Make what was written durable and drop what the page cache holds of it."""
+        os.fsync(self.buffered)
+        os.posix_fadvise(self.buffered, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def _close_direct(self) -> None:
+        if self.direct >= 0:
+            os.close(self.direct)
+            self.direct = -1
+
+    def close(self) -> None:
+        self._close_direct()
+        os.close(self.buffered)
+
+
+def _copy_into(
+    image: Path, src: int, size: int, writer: _SlotWriter, checkpoint: Checkpoint
+) -> None:
+    """The first `size` bytes of `image` (open as `src`) into `writer`, CHUNK at a
+    time, each read (into one of two page-aligned buffers) in a thread while the one
+    before is written."""
+    buffers = [mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)]
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+
+            def read(index: int, offset: int) -> Future[int]:
+                want = min(CHUNK, size - offset)
+                return reader.submit(os.preadv, src, [memoryview(buffers[index])[:want]], offset)
+
+            offset, index = 0, 0
+            pending = read(0, 0)
+            while offset < size:
+                n = pending.result()
+                if n == 0:
+                    raise LocalError(f"{image}: Core image shrank while being written")
+                if offset + n < size:
+                    pending = read(index ^ 1, offset + n)  # that buffer's write is done
+                writer.write(memoryview(buffers[index])[:n], offset)
+                offset += n
+                index ^= 1
+                checkpoint("write-core-chunk")
+    finally:
+        for buffer in buffers:
+            buffer.close()
 
 
 def write_core(
@@ -385,32 +480,32 @@ def write_core(
     against it instead: data and hash tree, which also proves that Core and the
     UKI were built together. Otherwise `verified` is the BLAKE2b-512
     digest of the bytes whose signature was
-    checked. The slot is read back from the device after fsync (its page cache
-    dropped) and must hash to it: that one check catches a payload changed
-    after verification as well as a bad write.
+    checked. The slot is written with direct I/O where it can be (`_SlotWriter`),
+    fsynced, its page cache dropped, then read back from the device and must hash
+    to it: that one check catches a payload changed after verification as well as
+    a bad write.
     """
     size = image.stat().st_size
     if size > slot.size:
         raise LocalError(
             f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
         )
-    fd = os.open(slot.path, os.O_WRONLY | os.O_CLOEXEC)
+    started = time.monotonic()
     try:
-        with image.open("rb") as src, hashing.blocks(src.fileno()) as chunks:
-            written = started = 0
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-                written += len(chunk)
-                started = _write_behind(fd, written, started)
-                checkpoint("write-core-chunk")
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        writer = _SlotWriter(slot.path)
+        try:
+            with image.open("rb") as src:
+                _copy_into(image, src.fileno(), size, writer, checkpoint)
+            writer.finish()
+            direct = writer.direct >= 0
+        finally:
+            writer.close()
     except OSError as exc:
         raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+    log.debug(
+        "%s: %d bytes written%s and fsynced in %.2f s; reading them back",
+        slot.path, size, " (direct I/O)" if direct else "", time.monotonic() - started,
+    )  # fmt: skip
     if root is not None:
         check_slot_against_root_hash(slot, root)
         return

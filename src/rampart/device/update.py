@@ -33,13 +33,14 @@ import fcntl
 import hmac
 import logging
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from rampart import run
+from rampart import files, run
 from rampart.contracts import cmdline, hashing, signing, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
@@ -504,45 +505,70 @@ def _copy_and_verify(
     """Copy `src` (writable) into `copy` (new, 0600) and check the copy against
     `evidence`; the BLAKE2b-512 digest of the copy.
 
-    With room on the file system for a second copy (and COPY_MARGIN more), the copy
-    is made forward and hashed as it is written: the bytes hashed are the bytes
-    written, and the copy is read once. Otherwise it is made from the end of `src`,
-    which is truncated behind each chunk copied (two copies never take more than
-    one plus a chunk), then read again to be hashed."""
+    The copy is made forward in one pass (`_copy_forward`) where the file system
+    can punch holes, else from the end of `src`, truncated behind each chunk
+    (`_copy_backward`), and then read again to be hashed. Either way the two files
+    never take much more room than one."""
     size = os.fstat(src).st_size
     evidence.check_size(size, copy)  # before the download is consumed
     dst = _new_file(verified_fd, copy.name)
     try:
         os.ftruncate(dst, size)  # sparse: blocks are allocated as the chunks arrive
-        disk = os.fstatvfs(dst)
-        if disk.f_bavail * disk.f_frsize < size + COPY_MARGIN:
+        legacy = bytearray() if evidence.needs_bytes else None
+        try:
+            digest = _copy_forward(src, dst, size, copy, legacy)
+        except OSError:
+            os.ftruncate(src, 0)  # holes at its start: not worth resuming
+            raise
+        if digest is None:
             _copy_backward(src, dst, size, copy)
             return _verify_fd(device, dst, copy, evidence)
-        hasher = hashing.blake2b()
-        legacy = bytearray() if evidence.needs_bytes else None
-        done = 0
-        with hashing.blocks(src, size) as chunks, ThreadPoolExecutor(1) as writer:
-            pending: Future[None] | None = None
-            for chunk in chunks:
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(_pwrite_all, dst, chunk, done)
-                hasher.update(chunk)
-                if legacy is not None:
-                    legacy += chunk
-                done += len(chunk)
-            if pending is not None:
-                pending.result()
-        if done != size:
-            raise VerificationError(f"{copy.name}: the download changed while copied")
-        digest = hasher.digest()
         evidence.verify(device, digest, None if legacy is None else bytes(legacy), copy)
         return digest
     finally:
         os.close(dst)
 
 
-COPY_MARGIN = 64 << 20  # free bytes a forward copy of a download leaves on its file system
+def _copy_forward(
+    src: int, dst: int, size: int, copy: Path, legacy: bytearray | None
+) -> bytes | None:
+    """Copy `src` into `dst` CHUNK at a time from the start, in one pass: each chunk
+    is read ahead (in a thread) and its blocks then freed in `src` (a punched
+    hole), written to `dst` (in another thread) and hashed, so the bytes hashed are
+    the bytes written, the copy costs about the time of hashing it, and `src`
+    shrinks as `dst` grows. The BLAKE2b-512 of the copy (`legacy`, if given, gets
+    its bytes); None, with nothing changed, where the file system cannot punch."""
+
+    def take(offset: int) -> tuple[bytes, bool]:
+        data = os.pread(src, min(signing.CHUNK, size - offset), offset)
+        return data, files.punch_hole(src, offset, len(data))
+
+    hasher = hashing.blake2b()
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="write-behind") as writer,
+    ):
+        reading = reader.submit(take, 0)
+        writing: Future[None] | None = None
+        done = 0
+        while done < size:
+            data, freed = reading.result()
+            if not data:
+                raise VerificationError(f"{copy.name}: the download changed while copied")
+            if done == 0 and not freed:
+                return None
+            if done + len(data) < size:
+                reading = reader.submit(take, done + len(data))
+            if writing is not None:
+                writing.result()
+            writing = writer.submit(_pwrite_all, dst, data, done)
+            hasher.update(data)
+            if legacy is not None:
+                legacy += data
+            done += len(data)
+        if writing is not None:
+            writing.result()
+    return hasher.digest()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -614,7 +640,7 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
     for attempt in (1, 2):
         if not kinds:
             break
-        files: list[Download] = []
+        wanted: list[Download] = []
         cached = []
         for kind in kinds:
             payload = payload_path(device, version, kind)
@@ -625,14 +651,18 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
             url = f"{release}/{wire.payload_name(device.config.os_name, kind)}"
             target = device.targets.get(kind)
             if target is None:
-                files.append(Download(url + wire.SIGNATURE_SUFFIX, sig, SIG_CAP))
-            files.append(Download(url, payload, caps[kind] if target is None else target.length))
-        log.info("downloading %s", ", ".join(f.url.rsplit("/", 1)[-1] for f in files))
-        fetcher.download(files)
+                wanted.append(Download(url + wire.SIGNATURE_SUFFIX, sig, SIG_CAP))
+            wanted.append(Download(url, payload, caps[kind] if target is None else target.length))
+        log.info("downloading %s", ", ".join(f.url.rsplit("/", 1)[-1] for f in wanted))
+        started = time.monotonic()
+        sizes = fetcher.download(wanted)
+        log.debug("downloaded %d bytes in %.2f s", sum(sizes), time.monotonic() - started)
         retry = []
         for kind in kinds:
             try:
+                started = time.monotonic()
                 digests[kind] = copy_verified(device, version, kind)
+                log.debug("%s copied and verified in %.2f s", kind, time.monotonic() - started)
             except VerificationError as exc:
                 if attempt == 2 or kind not in cached:
                     raise
