@@ -8,10 +8,7 @@ reads a fake mountinfo file and a fake mapper directory.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -1192,76 +1189,3 @@ def test_busy_reason_file_backend_slot(vg_dir: Path, tmp_path: Path, mapper: Pat
     assert busy_reason(free, RUNNING, mapper, mountinfo) is None
     used = backend.create("core_1.0.2", MiB)
     assert busy_reason(used, RUNNING, mapper, mountinfo) == "it is mounted"
-
-
-# --- writing Core into a slot ----------------------------------------------------
-
-
-def _refuse_direct_io(monkeypatch: pytest.MonkeyPatch, when: str) -> None:
-    """A file system without direct I/O: O_DIRECT refused at open (most), or at the
-    first write (some FUSE and network file systems)."""
-    real_open, real_pwrite = os.open, os.pwrite
-    direct: set[int] = set()
-
-    def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if flags & os.O_DIRECT and when == "open":
-            raise OSError(errno.EINVAL, "Invalid argument")
-        fd = real_open(path, flags, *args, **kwargs)
-        if flags & os.O_DIRECT:
-            direct.add(fd)
-        return fd
-
-    def fake_pwrite(fd: int, data: Any, offset: int) -> int:
-        if fd in direct:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "pwrite", fake_pwrite)
-
-
-@pytest.mark.parametrize("direct_io", ["yes", "refused at open", "refused at write"])
-@pytest.mark.parametrize("size", [3 * MiB, 3 * MiB + 4096 + 17])  # aligned, then a tail
-def test_write_core_writes_every_byte_with_or_without_direct_io(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    direct_io: str,
-    size: int,
-) -> None:
-    caplog.set_level(logging.DEBUG, logger=slots_module.__name__)
-    image = tmp_path / "core"
-    data = os.urandom(size)
-    image.write_bytes(data)
-    lv = tmp_path / "core_2.0.0"
-    lv.write_bytes(b"\xff" * (size + 8192))  # an old Core: bytes after the image stay
-    if direct_io != "yes":
-        _refuse_direct_io(monkeypatch, direct_io.rsplit(" ", 1)[-1])
-    steps: list[str] = []
-    slot = Slot("core_2.0.0", size + 8192, lv)
-    slots_module.write_core(image, slot, hashlib.blake2b(data).digest(), steps.append)
-    written = lv.read_bytes()
-    assert written[:size] == data and written[size:] == b"\xff" * 8192
-    assert steps == ["write-core-chunk"] * -(-size // MiB)  # per MiB: crash tests stop there
-    assert ("(direct I/O)" in caplog.text) == (direct_io == "yes")
-    assert ("no direct I/O here" in caplog.text) == (direct_io == "refused at write")
-
-
-def test_write_core_refuses_an_image_that_shrank_while_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    image = tmp_path / "core"
-    image.write_bytes(os.urandom(2 * MiB))
-    lv = tmp_path / "core_2.0.0"
-    lv.write_bytes(bytes(4 * MiB))
-    real_stat = Path.stat
-
-    def larger(path: Path, *args: Any, **kwargs: Any) -> Any:
-        found = real_stat(path, *args, **kwargs)
-        if path == image:
-            return os.stat_result((found.st_mode, *found[1:6], 3 * MiB, *found[7:]))
-        return found
-
-    monkeypatch.setattr(Path, "stat", larger)
-    with pytest.raises(LocalError, match="Core image shrank while being written"):
-        slots_module.write_core(image, Slot("core_2.0.0", 4 * MiB, lv), b"", lambda _: None)

@@ -20,7 +20,7 @@ import pytest
 from rampart import files
 from rampart.contracts import signing
 from rampart.contracts.version import parse_version
-from rampart.device import slots, trust, update
+from rampart.device import corewrite, trust, update
 from rampart.device.slots import Slot
 from rampart.errors import ConflictError, LocalError, VerificationError
 from rampart.testbed.services import Nginx, Pki
@@ -345,7 +345,7 @@ def test_core_changed_after_verification_is_caught_by_the_read_back(
     lv = tmp_path / "core_2.0.0"
     lv.write_bytes(bytes(1024))
     with pytest.raises(VerificationError, match="does not match the verified payload"):
-        slots.write_core(image, Slot("core_2.0.0", 1024, lv), verified, lambda _: None)
+        corewrite.write_core(image, Slot("core_2.0.0", 1024, lv), verified, lambda _: None)
 
 
 def test_other_operating_systems_boot_entries_are_left_alone(

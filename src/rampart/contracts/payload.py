@@ -20,7 +20,7 @@ disk is touched:
   superblock sits at the hash offset with the command line's data block
   count, the hash tree lies inside the image and matches the root hash (read
   whole: 8 MiB for a 1 GiB Core). The data blocks are checked against that tree
-  once written into the slot (`slots.check_slot_against_root_hash`).
+  once written into the slot (`device/corewrite.py`).
 
 The checks are pure: bytes in, the verified facts or an exception out
 (FormatError for what is not a UKI or not a squashfs, VerificationError for a

@@ -217,8 +217,6 @@ def verify(
     Raises VerificationError naming the first bad block.
     """
     source = hash_path or image
-    salt = bytes.fromhex(params.salt)
-    salted = hashlib.sha256(salt)
     sizes = level_sizes(params.data_blocks)
     try:
         with source.open("rb", buffering=0) as tree_file:
@@ -226,34 +224,53 @@ def verify(
             tree = tree_file.read(sum(sizes) * BLOCK)
     except OSError as exc:
         raise LocalError(f"{source}: cannot read the hash tree: {exc.strerror}") from None
-    levels = check_tree(tree, params, str(source))
-    # The data, against level 0, in 4 MiB reads.
-    level0 = levels[0]
+    check = DataCheck(params, check_tree(tree, params, str(source))[0], str(image))
     size = params.data_size
-    done = 0
     try:
         with (
             image.open("rb", buffering=0) as data,
             hashing.blocks(data.fileno(), size, 0, READ) as chunks,
         ):
             for chunk in chunks:
-                n = len(chunk)
-                computed = bytearray()
-                _hash_blocks(salted, memoryview(chunk), computed)
-                first = done // BLOCK * DIGEST
-                expected = level0[first : first + len(computed)]
-                if computed != expected:
-                    block = done // BLOCK + _first_difference(computed, expected) // DIGEST
-                    raise VerificationError(
-                        f"{image}: data block {block} (byte {block * BLOCK}) is corrupted"
-                    )
-                done += n
+                check.update(chunk)
                 if progress:
-                    progress(done, size)
+                    progress(check.done, size)
     except OSError as exc:
         raise LocalError(f"{image}: cannot read: {exc.strerror}") from None
-    if done < size:
-        raise VerificationError(f"{image}: data truncated at byte {done}")
+    check.finish()
+
+
+class DataCheck:
+    """The data blocks of a verity image checked as they come, in order, against
+    level 0 of its tree (which `check_tree` has tied to the root hash). Each chunk
+    but the last is a whole number of blocks; VerificationError names the first bad
+    block, or the byte where the data stopped."""
+
+    def __init__(self, params: VerityParams, level0: bytes, source: str) -> None:
+        self.salted = hashlib.sha256(bytes.fromhex(params.salt))
+        self.level0 = level0
+        self.size = params.data_size
+        self.source = source
+        self.done = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        if self.done % BLOCK:
+            raise VerificationError(f"{self.source}: data truncated at byte {self.done}")
+        computed = bytearray()
+        _hash_blocks(self.salted, memoryview(chunk), computed)
+        first = self.done // BLOCK * DIGEST
+        expected = self.level0[first : first + len(computed)]
+        if computed != expected:
+            block = self.done // BLOCK + _first_difference(computed, expected) // DIGEST
+            raise VerificationError(
+                f"{self.source}: data block {block} (byte {block * BLOCK}) is corrupted"
+            )
+        self.done += len(chunk)
+
+    def finish(self) -> None:
+        """VerificationError unless every data block was checked."""
+        if self.done < self.size:
+            raise VerificationError(f"{self.source}: data truncated at byte {self.done}")
 
 
 def check_tree(tree: bytes, params: VerityParams, source: str) -> list[bytes]:

@@ -67,15 +67,9 @@ from rampart.contracts import cmdline, layout
 from rampart.contracts.version import Version
 from rampart.device import config as device_config
 from rampart.device import state, tpm, trust
+from rampart.device.corewrite import core_root_hash, write_core
 from rampart.device.esp import Esp
-from rampart.device.slots import (
-    LvmBackend,
-    Slot,
-    core_root_hash,
-    mounted_sources,
-    slot_name,
-    write_core,
-)
+from rampart.device.slots import LvmBackend, Slot, mounted_sources, slot_name
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
 from rampart.files import fsync_dir
 

@@ -47,6 +47,7 @@ from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
 from rampart.device import rollback, trust
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
+from rampart.device.corewrite import Checkpoint, write_core
 from rampart.device.fetch import (
     Download,
     Fetcher,
@@ -55,14 +56,12 @@ from rampart.device.fetch import (
     remove_entry,
 )
 from rampart.device.slots import (
-    Checkpoint,
     Slot,
     SlotBackend,
     busy_reason,
     check_lv_name,
     open_backend,
     slot_name,
-    write_core,
 )
 from rampart.device.tpm import Tpm
 from rampart.device.transport import Limits
