@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from rampart.contracts import wire
+from rampart.contracts import hashing, wire
 from rampart.contracts.version import Version, parse_version
 from rampart.errors import RemoteDataError, UsageError, VerificationError
 
@@ -37,6 +37,20 @@ CUSTOM = "rampart"  # the key of Rampart's fields in a target's `custom`
 # a payload (as for a minisign signature); SHA-256 is there for every other client.
 HASHES = ("blake2b", "sha256")
 DEVICE_HASH = "blake2b"
+
+
+def payload_hashes(fd: int) -> tuple[int, dict[str, str]]:
+    """(length, {"blake2b": hex, "sha256": hex}) of the payload open as `fd`, read
+    once (ahead of the hashing), its BLAKE2b-512 from `hashing.blake2b`."""
+    blake, sha = hashing.blake2b(), hashlib.sha256()
+    length = 0
+    with hashing.blocks(fd) as chunks:
+        for chunk in chunks:
+            blake.update(chunk)
+            sha.update(chunk)
+            length += len(chunk)
+    return length, {"blake2b": blake.digest().hex(), "sha256": sha.hexdigest()}
+
 
 # --- target paths ----------------------------------------------------------------------
 

@@ -341,7 +341,9 @@ def add_release(webroot: Path, os_name: str, version: Version, signers: Signers)
         payload = webroot / path
         if path in targets_md.signed.targets:
             raise ConflictError(f"{path}: already a target; a release never changes")
-        target = TargetFile.from_file(path, str(payload), list(tuf.HASHES))
+        with payload.open("rb") as handle:
+            length, hashes = tuf.payload_hashes(handle.fileno())
+        target = TargetFile(length, hashes, path)
         target.unrecognized_fields["custom"] = payload_fields(
             os_name, version, kind, line, uki.name
         ).to_custom()
