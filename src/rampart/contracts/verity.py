@@ -31,7 +31,7 @@ BLOCK = 4096
 DIGEST = 32
 PER_BLOCK = BLOCK // DIGEST  # 128 hashes per hash block
 SUPERBLOCK = 512
-READ = 4 << 20
+READ = 1 << 20  # bytes read at once, the next one while this one is hashed
 _SB = struct.Struct("<8sII16s32sIIQH6s256s168s")
 Progress = Callable[[int, int], None]
 
