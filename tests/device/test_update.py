@@ -376,6 +376,25 @@ def _evidence_for(data: bytes) -> Any:
     return update._Evidence(target=target)
 
 
+def _copy_download(download: Path, copy: Path, data: bytes) -> bytes:
+    """`data` downloaded into `download`, moved into `copy` as copy_verified does."""
+    download.write_bytes(data)
+    copy.parent.mkdir()
+    src = os.open(download, os.O_RDWR)
+    dir_fd = os.open(copy.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return update._copy_and_verify(
+            None,  # type: ignore[arg-type] # TUF-mode evidence needs no device
+            src,
+            dir_fd,
+            copy,
+            _evidence_for(data),
+        )
+    finally:
+        os.close(src)
+        os.close(dir_fd)
+
+
 @pytest.mark.parametrize("punch", [True, False])
 def test_a_download_is_copied_and_hashed_in_either_direction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punch: bool
@@ -384,27 +403,11 @@ def test_a_download_is_copied_and_hashed_in_either_direction(
     the copy; backward (truncating the download) where they cannot. The copy and
     its digest are the same."""
     data = os.urandom(3 * signing.CHUNK + 4097)
-    download = tmp_path / "download"
-    download.write_bytes(data)
-    verified = tmp_path / "verified"
-    verified.mkdir()
     if not punch:
         monkeypatch.setattr(files, "punch_hole", lambda *_: False)
-    src = os.open(download, os.O_RDWR)
-    dir_fd = os.open(verified, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        digest = update._copy_and_verify(
-            None,  # type: ignore[arg-type] # TUF-mode evidence needs no device
-            src,
-            dir_fd,
-            verified / "core",
-            _evidence_for(data),
-        )
-    finally:
-        os.close(src)
-        os.close(dir_fd)
-    assert digest == hashlib.blake2b(data).digest()
-    assert (verified / "core").read_bytes() == data
+    download, copy = tmp_path / "download", tmp_path / "verified" / "core"
+    assert _copy_download(download, copy, data) == hashlib.blake2b(data).digest()
+    assert copy.read_bytes() == data
     left = download.stat()
     if punch:  # the size is kept, the blocks are gone (but the partial last one)
         assert left.st_size == len(data) and left.st_blocks * 512 <= 4096
@@ -419,10 +422,6 @@ def test_a_copy_that_fails_midway_leaves_no_holey_download_to_resume(
     download is emptied, so that the next run fetches it afresh instead of resuming
     a file that reads as zeros where its first blocks were."""
     data = os.urandom(3 * signing.CHUNK)
-    download = tmp_path / "download"
-    download.write_bytes(data)
-    verified = tmp_path / "verified"
-    verified.mkdir()
     calls = []
 
     def failing(fd: int, chunk: bytes, offset: int) -> None:
@@ -432,19 +431,8 @@ def test_a_copy_that_fails_midway_leaves_no_holey_download_to_resume(
         os.pwrite(fd, chunk, offset)
 
     monkeypatch.setattr(update, "_pwrite_all", failing)
-    src = os.open(download, os.O_RDWR)
-    dir_fd = os.open(verified, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with pytest.raises(OSError, match="Input/output error"):
-            update._copy_and_verify(
-                None,  # type: ignore[arg-type]
-                src,
-                dir_fd,
-                verified / "core",
-                _evidence_for(data),
-            )
-    finally:
-        os.close(src)
-        os.close(dir_fd)
+    download = tmp_path / "download"
+    with pytest.raises(OSError, match="Input/output error"):
+        _copy_download(download, tmp_path / "verified" / "core", data)
     assert calls[:2] == [0, signing.CHUNK]
     assert download.stat().st_size == 0
