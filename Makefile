@@ -75,6 +75,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/sign_verify.py
 	$(BIN)/python bench/update.py
+	$(BIN)/python bench/download.py
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/verity.py
 	$(BIN)/python bench/tuf.py

@@ -31,8 +31,13 @@ Measured, `--runs` times each, rounds interleaving the three methods:
    (re-created sparse before each run). RAUC installs from a local bundle: its
    time includes no download.
 Before each measured command this script calls sync(2), so that no method pays
-for another's dirty pages; the served files and the bundle are read once
-beforehand, so every method reads them from the page cache.
+for another's dirty pages; the served files (and the bundle, for RAUC) are read
+before each method, so every method reads them from the page cache (a host may
+reclaim cached pages between runs). After each method its downloads and new slot
+are removed (rampart removes its downloads itself), so that no method starts with
+another's files holding the page cache: on a virtual machine whose free memory goes
+back to the host, pages that were freed long ago are slow to get again (1 GiB
+written into the page cache: 0.2 s with pages freed just before, 2.3 s without).
 
 Peak RSS: VmHWM from /proc/PID/status, polled every 10 ms for the measured
 process and each of its descendants (rampart's fetch process is forked, so its
@@ -913,6 +918,7 @@ bootname=B
         same_prefix(self.tools.cmp, self.dist(NEW, "core"), dev / "mainvg" / f"core_{NEW}")
         if not list((dev / "esp/EFI/Linux").glob(f"{OS_NAME}-{NEW}*.efi")):
             raise BenchError("rampart update: no boot entry for the new version")
+        (dev / "mainvg" / f"core_{NEW}").unlink()  # see run_baseline's end
         return run
 
     def run_baseline(self) -> BaselineRun:
@@ -947,6 +953,11 @@ bootname=B
         ]  # fmt: skip
         steps = [(label, run_measured(argv, self.work, env=self.env)) for label, argv in commands]
         same_prefix(t.cmp, self.dist(NEW, "core"), slot)
+        # Leave nothing in the page cache for the next method: rampart removes its
+        # downloads itself, and files left here would keep 2 GiB of page cache while
+        # the next rampart run needs new pages (which this host makes slow to get).
+        reset_dir(download)
+        slot.unlink()
         return BaselineRun(steps)
 
     def run_rauc(self) -> tuple[Run, int, int]:
@@ -1015,6 +1026,10 @@ bootname=B
         service_anon_kib: list[int] = []
         runs = self.args.runs
         for number in range(1, runs + 1):
+            # Read again before each method: a host may reclaim cached pages between
+            # runs (this one's DAMON does), and the method after a re-read would be
+            # the only one served from the page cache.
+            warm_up(*served)
             run = self.run_rampart()
             rampart.runs.append(run)
             _log(
@@ -1022,10 +1037,12 @@ bootname=B
                 f"{_mib(run.own_hwm_kib or 0):.1f} MiB (fetch process "
                 f"{_mib(max(run.child_hwm_kib.values(), default=0)):.1f} MiB)"
             )
+            warm_up(*served)
             base = self.run_baseline()
             baseline.append(base)
             _log(f"round {number}/{runs}: standard tools {base.seconds:.3f} s")
             if rauc is not None:
+                warm_up(*bundle)
                 rauc_run, kib, anon = self.run_rauc()
                 rauc.runs.append(rauc_run)
                 service_kib.append(kib)

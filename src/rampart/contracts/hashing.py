@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20  # bytes read at once; two are in memory (the one hashed, the one read)
 DIGEST_SIZE = 64
@@ -51,13 +54,16 @@ def _choose() -> tuple[str, Callable[[bytes], Hasher]]:
         import nacl  # the fallback is hashlib
         import nacl.hashlib
     except ImportError:  # pragma: no cover - a device without PyNaCl
+        log.debug("BLAKE2b from %s: PyNaCl is not installed", HASHLIB)
         return HASHLIB, _hashlib
     sodium = nacl.hashlib.blake2b
 
     def _libsodium(data: bytes = b"") -> Hasher:
         return sodium(data, digest_size=DIGEST_SIZE)
 
-    return f"libsodium (PyNaCl {nacl.__version__})", _libsodium
+    name = f"libsodium (PyNaCl {nacl.__version__})"
+    log.debug("BLAKE2b from %s", name)
+    return name, _libsodium
 
 
 HASHLIB = "hashlib (CPython's BLAKE2)"

@@ -239,7 +239,17 @@ class _ReadBack:
         if root is not None:
             self.data = self._data_check(root)
             self.data_size = self.data.size
-        self.fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC)
+        # Direct I/O where it can: read from the device, into one reused buffer (no
+        # page cache filled with a whole Core).
+        try:
+            self.fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            self.aligned = True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.aligned = False
+        self.buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-back")
         self.handed = 0  # bytes handed to the thread
         self.error: Exception | None = None
@@ -272,23 +282,41 @@ class _ReadBack:
             return
         try:
             for offset in range(start, end, CHUNK):
-                data = os.pread(self.fd, min(CHUNK, end - offset), offset)
-                if len(data) != min(CHUNK, end - offset):
+                want = min(CHUNK, end - offset)
+                if self._read(offset, want) < want:
                     raise VerificationError(f"{self.slot.path}: shorter than the Core image")
-                self._feed(offset, data)
+                with memoryview(self.buffer) as view:
+                    self._feed(offset, view[:want])
         except (OSError, VerificationError) as exc:
-            self.error = exc
+            # Without its traceback, whose frames hold views of the buffer.
+            self.error = exc.with_traceback(None)
 
-    def _feed(self, offset: int, data: bytes) -> None:
+    def _read(self, offset: int, want: int) -> int:
+        """Read `want` bytes at `offset` into the buffer; the bytes read. Direct I/O
+        reads whole 4 KiB blocks: an unaligned tail is read rounded up (from the slot,
+        which is larger), and a file system that refuses it is read through the
+        page cache from there on."""
+        if self.aligned:
+            length = min(CHUNK, -(-want // ALIGN) * ALIGN)
+            try:
+                return os.preadv(self.fd, [memoryview(self.buffer)[:length]], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            os.close(self.fd)
+            self.fd = os.open(self.slot.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.aligned = False
+        return os.preadv(self.fd, [memoryview(self.buffer)[:want]], offset)
+
+    def _feed(self, offset: int, view: memoryview) -> None:
         if self.data is None:
-            self.hasher.update(data)
+            self.hasher.update(bytes(view))  # PyNaCl takes bytes only
             return
-        split = max(0, min(len(data), self.data_size - offset))
-        view = memoryview(data)
+        split = max(0, min(len(view), self.data_size - offset))
         if split:
             self.data.update(view[:split])
-        if split < len(data):  # superblock, tree: the verified image's own bytes
-            theirs = os.pread(self.image_fd, len(data) - split, offset + split)
+        if split < len(view):  # superblock, tree: the verified image's own bytes
+            theirs = os.pread(self.image_fd, len(view) - split, offset + split)
             if view[split:] != theirs:
                 raise VerificationError(
                     f"{self.slot.path}: the hash area read back differs from the verified "
@@ -325,3 +353,4 @@ class _ReadBack:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         os.close(self.fd)
+        self.buffer.close()
