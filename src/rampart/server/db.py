@@ -209,6 +209,9 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
+    if engine.dialect.name == "postgresql":
+        _never_pool_read_only(engine)
+
     @event.listens_for(engine, "handle_error")
     def _read_only_is_a_disconnect(context: Any) -> None:
         # A connection opened while the database was read-only (a PostgreSQL standby
@@ -220,6 +223,27 @@ def make_engine(url: str) -> Engine:
             context.is_disconnect = True
 
     return engine
+
+
+def _never_pool_read_only(engine: Engine) -> None:
+    """A PostgreSQL session opened while the database was read-only never becomes
+    writable: it is closed after its one use instead of waiting in the pool to fail a
+    write after the database is writable again. (The invalidation of the whole pool
+    on a read-only error misses a session opened after the last failure, for a read,
+    which a read-only session serves.)"""
+
+    @event.listens_for(engine, "connect")
+    def _note_read_only(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SHOW transaction_read_only")
+        record.info["read_only"] = cursor.fetchone()[0] == "on"
+        cursor.close()
+        dbapi_connection.commit()
+
+    @event.listens_for(engine, "checkin")
+    def _close_read_only(_dbapi_connection: Any, record: Any) -> None:
+        if record.info.get("read_only"):
+            record.invalidate()
 
 
 def _private_sqlite_files(url: str) -> None:
