@@ -658,6 +658,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- the verbs ---------------------------------------------------------------------------
 
+
+def key_files(flag: str, help_text: str, **options: Any) -> Arg:
+    """A repeatable option naming key files (`FILE`, a list of paths)."""
+    return arg(flag, type=Path, action="append", metavar="FILE", help=help_text, **options)
+
+
 PASSWORD_FILE = arg(
     "--password-file",
     type=Path,
@@ -666,34 +672,25 @@ PASSWORD_FILE = arg(
     "else asked on the terminal for each encrypted key",
 )
 RELEASE_KEYS = (
-    arg(
+    key_files(
         "--targets-key",
-        type=Path,
-        action="append",
+        "a release key (repeatable)",
         required=True,
-        metavar="FILE",
-        help="a release key (repeatable)",
     ),
-    arg(
+    key_files(
         "--online-key",
-        type=Path,
-        action="append",
+        "the snapshot and timestamp key(s)",
         required=True,
-        metavar="FILE",
-        help="the snapshot and timestamp key(s)",
     ),
 )
 WEBROOT = arg(
     "webroot", type=Path, metavar="WEBROOT", help="the webroot (its repository: WEBROOT/tuf)"
 )
-KEYS = arg(
+KEYS = key_files(
     "--key",
-    type=Path,
-    action="append",
-    default=[],
-    metavar="FILE",
-    help="a private key at hand (repeatable): each signs whatever the ceremony needs that it "
+    "a private key at hand (repeatable): each signs whatever the ceremony needs that it "
     "may sign (old and new root, targets, and the online roles it makes stale)",
+    default=[],
 )
 STAGE = arg(
     "--stage",
@@ -762,13 +759,10 @@ VERBS: list[Group | Verb] = [
         cmd_init,
         (
             WEBROOT,
-            arg(
+            key_files(
                 "--root-key",
-                type=Path,
-                action="append",
+                "a root key (repeatable)",
                 required=True,
-                metavar="FILE",
-                help="a root key (repeatable)",
             ),
             arg(
                 "--threshold",
@@ -778,33 +772,21 @@ VERBS: list[Group | Verb] = [
                 help="root keys needed to sign a root",
             ),
             RELEASE_KEYS[0],  # --targets-key
-            arg(
+            key_files(
                 "--online-key",
-                type=Path,
-                action="append",
-                metavar="FILE",
-                help="the key of snapshot, timestamp and channels (the server's)",
+                "the key of snapshot, timestamp and channels (the server's)",
             ),
-            arg(
+            key_files(
                 "--snapshot-key",
-                type=Path,
-                action="append",
-                metavar="FILE",
-                help="snapshot's own key",
+                "snapshot's own key",
             ),
-            arg(
+            key_files(
                 "--timestamp-key",
-                type=Path,
-                action="append",
-                metavar="FILE",
-                help="timestamp's own key",
+                "timestamp's own key",
             ),
-            arg(
+            key_files(
                 "--channels-key",
-                type=Path,
-                action="append",
-                metavar="FILE",
-                help="the channels role's own key",
+                "the channels role's own key",
             ),
             PASSWORD_FILE,
             JSON,
@@ -909,13 +891,10 @@ VERBS: list[Group | Verb] = [
         cmd_sign_add,
         (
             arg("file", type=Path, metavar="FILE"),
-            arg(
+            key_files(
                 "--key",
-                type=Path,
-                action="append",
+                "a private key (repeatable)",
                 required=True,
-                metavar="FILE",
-                help="a private key (repeatable)",
             ),
             PASSWORD_FILE,
             JSON,
@@ -996,13 +975,10 @@ VERBS: list[Group | Verb] = [
         cmd_timestamp,
         (
             WEBROOT,
-            arg(
+            key_files(
                 "--online-key",
-                type=Path,
-                action="append",
+                "the online key(s): timestamp, snapshot, channels",
                 required=True,
-                metavar="FILE",
-                help="the online key(s): timestamp, snapshot, channels",
             ),
             arg(
                 "--expires",
@@ -1046,22 +1022,16 @@ def hook_args() -> tuple[Arg, ...]:
     """The flags `rampart publish` and `rampart release` take to add the release to the
     webroot's TUF repository as well."""
     return (
-        arg(
+        key_files(
             "--tuf-targets-key",
-            type=Path,
-            action="append",
-            default=[],
-            metavar="FILE",
-            help="also add the release to WEBROOT/tuf as targets, signed by this release key "
+            "also add the release to WEBROOT/tuf as targets, signed by this release key "
             "(repeatable)",
-        ),
-        arg(
-            "--tuf-online-key",
-            type=Path,
-            action="append",
             default=[],
-            metavar="FILE",
-            help="the TUF snapshot and timestamp key, with --tuf-targets-key",
+        ),
+        key_files(
+            "--tuf-online-key",
+            "the TUF snapshot and timestamp key, with --tuf-targets-key",
+            default=[],
         ),
         arg(
             "--tuf-password-file",
