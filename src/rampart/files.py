@@ -112,3 +112,11 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if error in (errno.EOPNOTSUPP, errno.ENOSYS):
         return False
     raise OSError(error, os.strerror(error))
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """All of `data` at `offset` of the file open as `fd` (pwrite(2) may write less)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

@@ -424,13 +424,13 @@ def test_a_copy_that_fails_midway_leaves_no_holey_download_to_resume(
     data = os.urandom(3 * signing.CHUNK)
     calls = []
 
-    def failing(fd: int, chunk: bytes, offset: int) -> None:
+    def failing(fd: int, chunk: bytes | memoryview, offset: int) -> None:
         calls.append(offset)
         if offset:
             raise OSError(errno.EIO, "Input/output error")
         os.pwrite(fd, chunk, offset)
 
-    monkeypatch.setattr(update, "_pwrite_all", failing)
+    monkeypatch.setattr(files, "pwrite_all", failing)
     download = tmp_path / "download"
     with pytest.raises(OSError, match="Input/output error"):
         _copy_download(download, tmp_path / "verified" / "core", data)

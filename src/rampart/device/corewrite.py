@@ -28,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from rampart import files
 from rampart.contracts import cmdline, hashing, pe, verity
 from rampart.contracts.cmdline import RootHash
 from rampart.device.slots import Slot
@@ -181,12 +182,9 @@ class _SlotWriter:
                 self.direct = -1
             if not view:
                 return True
-        end = offset + len(view)
-        while view:
-            written = os.pwrite(self.buffered, view, offset)
-            view, offset = view[written:], offset + written
+        files.pwrite_all(self.buffered, view, offset)
         if self.direct < 0:
-            self.started = _write_behind(self.buffered, end, self.started)
+            self.started = _write_behind(self.buffered, offset + len(view), self.started)
         return False
 
     def finish(self) -> None:

@@ -560,7 +560,7 @@ def _copy_forward(
                 reading = reader.submit(take, done + len(data))
             if writing is not None:
                 writing.result()
-            writing = writer.submit(_pwrite_all, dst, data, done)
+            writing = writer.submit(files.pwrite_all, dst, data, done)
             hasher.update(data)
             if legacy is not None:
                 legacy += data
@@ -568,13 +568,6 @@ def _copy_forward(
         if writing is not None:
             writing.result()
     return hasher.digest()
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _copy_backward(src: int, dst: int, size: int, copy: Path) -> None:
@@ -585,7 +578,7 @@ def _copy_backward(src: int, dst: int, size: int, copy: Path) -> None:
         data = os.pread(src, end - start, start)
         if len(data) != end - start:
             raise VerificationError(f"{copy.name}: the download changed while copied")
-        _pwrite_all(dst, data, start)
+        files.pwrite_all(dst, data, start)
         os.ftruncate(src, start)
         end = start
 
