@@ -107,3 +107,35 @@ def hostile_server(
     finally:
         server.shutdown()
         server.server_close()
+
+
+Sender = Callable[[BaseHTTPRequestHandler, int, int, bytes], None]
+
+
+def send_range(handler: BaseHTTPRequestHandler, first: int, last: int, data: bytes) -> None:
+    """A 206 for bytes first..last of `data`, honestly."""
+    handler.send_response(206)
+    handler.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+    handler.send_header("Content-Length", str(last + 1 - first))
+    handler.end_headers()
+    try:
+        handler.wfile.write(data[first : last + 1])
+    except OSError:
+        return
+
+
+def ranged(data: bytes, send: Sender = send_range) -> Behaviour:
+    """Serve `data` with range requests (`bytes=A-` and `bytes=A-B`); `send` answers
+    each one (by default honestly: a hostile one changes what it says or sends)."""
+
+    def serve(handler: BaseHTTPRequestHandler) -> None:
+        spec = handler.headers.get("Range", "")
+        if not spec.startswith("bytes="):
+            body(data)(handler)
+            return
+        first_text, _, last_text = spec[len("bytes=") :].partition("-")
+        first = int(first_text)
+        last = min(int(last_text), len(data) - 1) if last_text else len(data) - 1
+        send(handler, first, last, data)
+
+    return serve

@@ -221,3 +221,60 @@ def test_fetch_without_a_pid_namespace_is_refused_and_the_directory_taken_back(
     assert outcome.startswith("cannot create a PID namespace for the fetch process: "), outcome
     assert "RestrictNamespaces" in outcome
     assert device.download.stat().st_uid == 0
+
+
+# --- the stream pipe: root checks what the untrusted fetch process says of each range ---
+
+
+class _Kept:
+    """A receiver keeping what it gets."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.space = bytearray(4096)
+        self.begun: tuple[int, int, int] | None = None
+
+    def begin(self, offset: int, length: int, total: int) -> None:
+        self.begun = (offset, length, total)
+
+    def buffer(self) -> memoryview:
+        return memoryview(self.space)
+
+    def filled(self, count: int) -> None:
+        self.data += self.space[:count]
+
+
+def pumped(job: fetch.Job, sent: bytes) -> tuple[list[int], _Kept]:
+    read_end, write_end = os.pipe()
+    os.write(write_end, sent)
+    os.close(write_end)
+    kept = _Kept()
+    try:
+        return fetch._pump(read_end, [job], [kept]), kept
+    finally:
+        os.close(read_end)
+
+
+STREAM_JOB = fetch.Job("stream", "https://example/core", 10_000, start=100, end=200)
+
+
+def test_stream_range_as_asked_reaches_the_receiver() -> None:
+    done, kept = pumped(STREAM_JOB, fetch.STREAM_HEADER.pack(100, 100, 5000) + bytes(range(100)))
+    assert done == [100] and kept.begun == (100, 100, 5000) and kept.data == bytes(range(100))
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "total"),
+    [(0, 100, 5000), (100, 101, 5000), (100, 100, 150), (100, 100, 10_001)],
+    ids=["elsewhere", "longer", "beyond-its-size", "beyond-the-cap"],
+)
+def test_fetch_process_announcing_another_range_is_refused(
+    offset: int, length: int, total: int
+) -> None:
+    with pytest.raises(LocalError, match="malformed stream"):
+        pumped(STREAM_JOB, fetch.STREAM_HEADER.pack(offset, length, total) + bytes(length))
+
+
+def test_fetch_process_ending_a_range_early_is_not_counted_whole() -> None:
+    done, kept = pumped(STREAM_JOB, fetch.STREAM_HEADER.pack(100, 100, 5000) + bytes(60))
+    assert done == [] and len(kept.data) == 60

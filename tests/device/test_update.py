@@ -38,6 +38,15 @@ def release(tmp_path: Path, vendor: KeyPair, served: Nginx) -> Release:
 
 
 @pytest.fixture
+def whole(tmp_path: Path, vendor: KeyPair, served: Nginx) -> Release:
+    """A release whose Core is downloaded whole (its UKI pins no root hash: nothing to
+    stream against), to a device that is no verity device."""
+    rel = make_release(tmp_path / "rel", OFFERED, root_hash=False)
+    publish(served.root, vendor, rel)
+    return rel
+
+
+@pytest.fixture
 def device(tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx) -> DeviceDirs:
     return make_device(tmp_path / "device", vendor, pki.ca.cert, served.url)
 
@@ -178,38 +187,38 @@ def test_update_ready_blocks_a_second_run(device: DeviceDirs, release: Release) 
 
 
 def test_complete_download_left_by_a_crash_is_not_fetched_again(
-    device: DeviceDirs, release: Release, served: Nginx
+    device: DeviceDirs, whole: Release, served: Nginx
 ) -> None:
     """A Core fully downloaded before a crash (here: put there): its resumed request
     gets 416 with `Content-Range: bytes */<its size>`, which means it is all there.
     (It was restarted from byte 0 as a partial file that did not fit.)"""
     device.download.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (device.download / f"{OS}-{OFFERED}-core").write_bytes(release.core.read_bytes())
+    (device.download / f"{OS}-{OFFERED}-core").write_bytes(whole.core.read_bytes())
     assert run_update(device).outcome == update.Outcome.UPDATED
     log = served.access_log()
     assert f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 416' in log
     assert f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 200' not in log
-    assert_installed(device, release)
+    assert_installed(device, whole)
 
 
 def test_corrupt_download_left_by_a_crash_is_fetched_again_once(
-    device: DeviceDirs, release: Release, served: Nginx
+    device: DeviceDirs, whole: Release, served: Nginx
 ) -> None:
     """A Core of the right size but with a flipped byte left by an earlier run: 416
     says it is complete, its copy does not verify, and it is fetched once more."""
     device.download.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = bytearray(release.core.read_bytes())
+    data = bytearray(whole.core.read_bytes())
     data[len(data) // 2] ^= 1
     (device.download / f"{OS}-{OFFERED}-core").write_bytes(data)
     assert run_update(device).outcome == update.Outcome.UPDATED
     log = served.access_log()
     assert log.count(f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 416') == 1
     assert log.count(f'"GET /dist/{OFFERED}/{OS}-core HTTP/1.1" 200') == 1
-    assert_installed(device, release)
+    assert_installed(device, whole)
 
 
 def test_verified_download_is_reused_after_a_failed_attempt(
-    device: DeviceDirs, release: Release, served: Nginx
+    device: DeviceDirs, whole: Release, served: Nginx
 ) -> None:
     class Interrupted(Exception):
         pass
@@ -225,19 +234,19 @@ def test_verified_download_is_reused_after_a_failed_attempt(
     assert before == 4
     run_update(device)
     assert served.access_log().count("/dist/") == before  # nothing fetched again
-    assert_installed(device, release)
+    assert_installed(device, whole)
     assert list(device.download.iterdir()) == []  # installed: downloads removed
 
 
 def test_partial_download_resumes_with_a_range_request(
-    device: DeviceDirs, release: Release, served: Nginx
+    device: DeviceDirs, whole: Release, served: Nginx
 ) -> None:
     dev = device.open()
     device.download.mkdir(parents=True, exist_ok=True)
     partial = update.payload_path(dev, parse_version(OFFERED), "core")
-    partial.write_bytes(release.core.read_bytes()[:100_000])
+    partial.write_bytes(whole.core.read_bytes()[:100_000])
     run_update(device)
-    assert_installed(device, release)
+    assert_installed(device, whole)
     log = served.access_log()
     assert " 206 " in log  # nginx answered the range request with partial content
 

@@ -242,30 +242,45 @@ def verify(
 
 class DataCheck:
     """The data blocks of a verity image checked as they come, in order, against
-    level 0 of its tree (which `check_tree` has tied to the root hash). Each chunk
-    but the last is a whole number of blocks; VerificationError names the first bad
-    block, or the byte where the data stopped."""
+    level 0 of its tree (which `check_tree` has tied to the root hash), from block
+    `start // BLOCK` on. Each chunk but the last is a whole number of blocks;
+    VerificationError names the first bad block, or the byte where the data stopped."""
 
-    def __init__(self, params: VerityParams, level0: bytes, source: str) -> None:
+    def __init__(self, params: VerityParams, level0: bytes, source: str, start: int = 0) -> None:
+        if start % BLOCK or not 0 <= start <= params.data_size:
+            raise LocalError(f"{source}: data check from byte {start}: not a block boundary")
         self.salted = hashlib.sha256(bytes.fromhex(params.salt))
         self.level0 = level0
         self.size = params.data_size
         self.source = source
-        self.done = 0
+        self.done = start
 
     def update(self, chunk: bytes | memoryview) -> None:
+        if self.accept(chunk) < len(chunk):
+            block = self.done // BLOCK
+            raise VerificationError(
+                f"{self.source}: data block {block} (byte {block * BLOCK}) is corrupted"
+            )
+
+    def accept(self, chunk: bytes | memoryview) -> int:
+        """Check `chunk`; how many of its first bytes are good blocks (all of them, or
+        up to the first bad block, which `done` then points at)."""
         if self.done % BLOCK:
             raise VerificationError(f"{self.source}: data truncated at byte {self.done}")
+        if self.done + len(chunk) > self.size:
+            raise VerificationError(
+                f"{self.source}: more data than the tree covers ({self.size} bytes)"
+            )
         computed = bytearray()
         _hash_blocks(self.salted, memoryview(chunk), computed)
         first = self.done // BLOCK * DIGEST
         expected = self.level0[first : first + len(computed)]
         if computed != expected:
-            block = self.done // BLOCK + _first_difference(computed, expected) // DIGEST
-            raise VerificationError(
-                f"{self.source}: data block {block} (byte {block * BLOCK}) is corrupted"
-            )
+            good = _first_difference(computed, expected) // DIGEST * BLOCK
+            self.done += good
+            return good
         self.done += len(chunk)
+        return len(chunk)
 
     def finish(self) -> None:
         """VerificationError unless every data block was checked."""

@@ -83,9 +83,18 @@ def write_core(
     started = time.monotonic()
     try:
         with image.open("rb") as src:
-            check = _ReadBack(slot, image, src.fileno(), size, verified, root)
+            image_fd = src.fileno()
+            data = None if root is None else image_data_check(image, image_fd, root, slot)
+            check = ReadBack(
+                slot,
+                size,
+                data,
+                lambda offset, length: os.pread(image_fd, length, offset),
+                verified,
+                root,
+            )
             try:
-                writer = _SlotWriter(slot.path)
+                writer = SlotWriter(slot.path)
                 try:
                     durable = _copy_into(image, src.fileno(), size, writer, checkpoint, check)
                     written = time.monotonic()
@@ -107,7 +116,7 @@ def write_core(
 
 
 def _copy_into(
-    image: Path, src: int, size: int, writer: _SlotWriter, checkpoint: Checkpoint, check: _ReadBack
+    image: Path, src: int, size: int, writer: SlotWriter, checkpoint: Checkpoint, check: ReadBack
 ) -> int:
     """The first `size` bytes of `image` (open as `src`) into `writer`, CHUNK at a
     time, each read (into one of two page-aligned buffers) in a thread while the one
@@ -144,7 +153,7 @@ def _copy_into(
     return durable
 
 
-class _SlotWriter:
+class SlotWriter:
     """Writes Core into a slot: directly to the device (O_DIRECT) while the file
     system allows it, else through the page cache (written behind: `_write_behind`);
     an unaligned tail always through the page cache."""
@@ -214,29 +223,59 @@ def _write_behind(fd: int, written: int, started: int) -> int:
     return end
 
 
-class _ReadBack:
+def image_data_check(image: Path, image_fd: int, root: RootHash, slot: Slot) -> verity.DataCheck:
+    """The check of the data blocks of `image` (open as `image_fd`): its superblock must
+    agree with the UKI's command line, its tree with the root hash."""
+    superblock = os.pread(image_fd, verity.SUPERBLOCK, root.hash_offset)
+    fields = verity.parse_superblock(superblock, str(image))
+    params = root.verity_params(fields)
+    if fields["data_blocks"] != params.data_blocks or params.data_size > root.hash_offset:
+        raise VerificationError(f"{image}: verity superblock does not match the UKI's command line")
+    tree_size = verity.tree_size(params.data_blocks)
+    tree = os.pread(image_fd, tree_size, params.hash_start)
+    try:
+        level0 = verity.check_tree(tree, params, str(image))[0]
+    except VerificationError as exc:
+        raise mismatch(slot, root, exc) from None
+    return verity.DataCheck(params, level0, str(slot.path))
+
+
+def mismatch(slot: Slot, root: RootHash | None, exc: VerificationError) -> VerificationError:
+    """`exc` as the refusal of a Core that is not what the new UKI's root hash pins."""
+    if root is None:
+        return exc
+    return VerificationError(
+        f"Core in {slot.name} does not match the root hash of the new EFI binary "
+        f"({exc}); not installing it"
+    )
+
+
+class ReadBack:
     """Reads the slot back from the device, in order, in a thread, and checks it
     (see the module's docstring). `through(end)` hands it the bytes up to `end`
-    once they are on the device; `finish()` waits and raises what it found."""
+    once they are on the device; `finish()` waits and raises what it found.
+
+    The data blocks go to `data` (a DataCheck from its own start on: the read-back
+    starts there); the bytes after them must be what `reference(offset, length)`
+    returns (the verified image's). Without `data`, the bytes from 0 to `size` must
+    hash to `verified`."""
 
     def __init__(
         self,
         slot: Slot,
-        image: Path,
-        image_fd: int,
         size: int,
+        data: verity.DataCheck | None,
+        reference: Callable[[int, int], bytes],
         verified: bytes,
         root: RootHash | None,
     ) -> None:
-        self.slot, self.image, self.image_fd, self.size = slot, image, image_fd, size
+        self.slot, self.size = slot, size
+        self.reference = reference
         self.verified = verified
         self.root = root
-        self.data: verity.DataCheck | None = None
-        self.data_size = 0
+        self.data = data
+        self.data_size = 0 if data is None else data.size
         self.hasher = hashing.blake2b()
-        if root is not None:
-            self.data = self._data_check(root)
-            self.data_size = self.data.size
         # Direct I/O where it can: read from the device, into one reused buffer (no
         # page cache filled with a whole Core).
         try:
@@ -249,26 +288,8 @@ class _ReadBack:
             self.aligned = False
         self.buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-back")
-        self.handed = 0  # bytes handed to the thread
+        self.handed = 0 if data is None else data.done  # bytes handed to the thread
         self.error: Exception | None = None
-
-    def _data_check(self, root: RootHash) -> verity.DataCheck:
-        """The check of the data blocks: the verified image's superblock must agree
-        with the UKI's command line, its tree with the root hash."""
-        superblock = os.pread(self.image_fd, verity.SUPERBLOCK, root.hash_offset)
-        fields = verity.parse_superblock(superblock, str(self.image))
-        params = root.verity_params(fields)
-        if fields["data_blocks"] != params.data_blocks or params.data_size > root.hash_offset:
-            raise VerificationError(
-                f"{self.image}: verity superblock does not match the UKI's command line"
-            )
-        tree_size = verity.tree_size(params.data_blocks)
-        tree = os.pread(self.image_fd, tree_size, params.hash_start)
-        try:
-            level0 = verity.check_tree(tree, params, str(self.image))[0]
-        except VerificationError as exc:
-            raise self._mismatch(exc) from None
-        return verity.DataCheck(params, level0, str(self.slot.path))
 
     def through(self, end: int) -> None:
         if end > self.handed:
@@ -314,7 +335,7 @@ class _ReadBack:
         if split:
             self.data.update(view[:split])
         if split < len(view):  # superblock, tree: the verified image's own bytes
-            theirs = os.pread(self.image_fd, len(view) - split, offset + split)
+            theirs = self.reference(offset + split, len(view) - split)
             if view[split:] != theirs:
                 raise VerificationError(
                     f"{self.slot.path}: the hash area read back differs from the verified "
@@ -328,25 +349,17 @@ class _ReadBack:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # what reading it cached
         if self.error is not None:
             if isinstance(self.error, VerificationError):
-                raise self._mismatch(self.error)
+                raise mismatch(self.slot, self.root, self.error)
             raise self.error
         if self.data is not None:
             try:
                 self.data.finish()
             except VerificationError as exc:
-                raise self._mismatch(exc) from None
+                raise mismatch(self.slot, self.root, exc) from None
         elif self.hasher.digest() != self.verified:
             raise VerificationError(
                 f"{self.slot.path}: Core read back does not match the verified payload"
             )
-
-    def _mismatch(self, exc: VerificationError) -> VerificationError:
-        if self.root is None:
-            return exc
-        return VerificationError(
-            f"Core in {self.slot.name} does not match the root hash of the new EFI binary "
-            f"({exc}); not installing it"
-        )
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

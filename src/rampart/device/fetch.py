@@ -37,9 +37,11 @@ descriptor and never follows a symbolic link (O_NOFOLLOW, dir_fd).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import encodings.idna  # noqa: F401 - imported before any fork: TLS loads it lazily
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -48,6 +50,7 @@ import re
 import signal
 import stat
 import stringprep  # noqa: F401 - imported before any fork: encodings.idna needs it
+import struct
 import unicodedata  # noqa: F401 - imported before any fork: encodings.idna needs it
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -57,7 +60,7 @@ from typing import Any, NoReturn
 from rampart import run
 from rampart.contracts import wire
 from rampart.contracts.version import Version, parse_version
-from rampart.device.transport import MISSING, Limits, Progress, Transport
+from rampart.device.transport import MISSING, Limits, Progress, Receiver, Transport
 from rampart.errors import (
     FormatError,
     LocalError,
@@ -80,11 +83,13 @@ class Job:
     """One operation of the fetch process, as it crosses to the child and back: the
     protocol between the two processes. Callers use the Fetcher's typed methods."""
 
-    op: str  # "version", "download", "document" or "report"
+    op: str  # "version", "download", "document", "report" or "stream"
     url: str
     cap: int
     dest: str = ""
     body: str = ""
+    start: int = 0  # stream: the first byte
+    end: int = -1  # stream: the byte after the last (-1: to the end)
 
 
 @dataclass(frozen=True)
@@ -96,11 +101,33 @@ class Download:
     cap: int  # the most bytes it may have
 
 
-def execute(transport: Transport, jobs: list[Job], progress: Progress | None) -> list[Any]:
-    """Run the jobs in this process; the result of each, in order."""
+@dataclass(frozen=True)
+class Stream:
+    """A range of a file to stream to root, never written to disk (Fetcher.stream)."""
+
+    url: str
+    start: int
+    end: int | None  # the byte after the last; None: to the end of the file
+    cap: int  # the most bytes the whole file may have
+
+
+def execute(
+    transport: Transport,
+    jobs: list[Job],
+    progress: Progress | None,
+    receivers: Sequence[Receiver] = (),
+) -> list[Any]:
+    """Run the jobs in this process; the result of each, in order (each stream job's
+    bytes go to the next of `receivers`)."""
     results: list[Any] = []
+    streams = iter(receivers)
     for job in jobs:
-        if job.op == "version":
+        if job.op == "stream":
+            end = None if job.end < 0 else job.end
+            results.append(
+                transport.stream(job.url, job.start, end, job.cap, next(streams), progress)
+            )
+        elif job.op == "version":
             data = transport.get_small(job.url, min(job.cap, VERSION_CAP))
             results.append(str(wire.parse_version_document(data, job.url)))
         elif job.op == "download":
@@ -212,6 +239,25 @@ class Fetcher:
             raise RemoteDataError(f"{url}: larger than the cap of {cap} bytes")
         return 200, data
 
+    def stream(self, ranges: Sequence[tuple[Stream, Receiver]]) -> list[int]:
+        """Stream each range into its receiver, in one fetch process; the bytes of each.
+
+        Sandboxed, the fetch process sends the bytes through a pipe (STREAM_HEADER, then
+        the range's bytes, for each range in order) and root checks what it is told
+        against what it asked before the receiver sees a byte. A receiver that raises
+        ends the fetch process."""
+        jobs = [
+            Job("stream", s.url, s.cap, start=s.start, end=-1 if s.end is None else s.end)
+            for s, _ in ranges
+        ]
+        receivers = [receiver for _, receiver in ranges]
+        if self.user is None:
+            transport = Transport(self.root_ca, self.headers, self.limits)
+            self.last_credentials = credentials()
+            return execute(transport, jobs, self.progress, receivers)
+        sizes: list[int] = check_results(jobs, self._run_sandboxed(jobs, self.progress, receivers))
+        return sizes
+
     def report(self, url: str, body: bytes) -> int:
         """POST an install report; the HTTP status the server answered."""
         [status] = self.run([Job("report", url, wire.REPORT_MAX, body=body.decode())])
@@ -227,7 +273,9 @@ class Fetcher:
             return execute(transport, jobs, progress)
         return check_results(jobs, self._run_sandboxed(jobs, progress))
 
-    def _run_sandboxed(self, jobs: list[Job], progress: Progress | None) -> list[Any]:
+    def _run_sandboxed(
+        self, jobs: list[Job], progress: Progress | None, receivers: Sequence[Receiver] = ()
+    ) -> list[Any]:
         try:
             account = pwd.getpwnam(self.user or "")
         except KeyError:
@@ -241,13 +289,17 @@ class Fetcher:
         self._hand_over(account.pw_uid, account.pw_gid)
         dir_fd = os.open(self.download_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         read_end, write_end = os.pipe()
+        stream_in, stream_out = _stream_pipe() if receivers else (-1, -1)
         child: run.PidNamespace | None = None
         status = -1
+        streamed: list[int] = []
         try:
             child = run.fork_pid_namespace()
             if child is None:  # the child, PID 1 of its own PID namespace: never returns
                 try:
                     os.close(read_end)
+                    if stream_in >= 0:
+                        os.close(stream_in)
                     _child(
                         transport,
                         jobs,
@@ -257,16 +309,21 @@ class Fetcher:
                         dir_fd,
                         write_end,
                         self.download_dir,
+                        stream_out,
                     )
                 finally:
                     os._exit(1)
             os.close(write_end)
             write_end = -1
+            if stream_out >= 0:
+                os.close(stream_out)
+                stream_out = -1
+                streamed = _pump(stream_in, [job for job in jobs if job.op == "stream"], receivers)
             with os.fdopen(read_end, "rb") as pipe:
                 read_end = -1
                 data = pipe.read(REPLY_CAP + 1)
         finally:
-            for fd in (read_end, write_end, dir_fd):
+            for fd in (read_end, write_end, dir_fd, stream_in, stream_out):
                 if fd >= 0:
                     os.close(fd)
             if child is not None:
@@ -276,7 +333,11 @@ class Fetcher:
             self._take_back()
         if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or len(data) > REPLY_CAP:
             raise LocalError(f"fetch process failed (wait status {status})")
-        return self._parse_reply(data, len(jobs))
+        results = self._parse_reply(data, len(jobs))
+        sizes = [r for j, r in zip(jobs, results, strict=True) if j.op == "stream"]
+        if receivers and streamed != sizes:
+            raise LocalError("fetch process sent a malformed reply: not the bytes it streamed")
+        return results
 
     def _parse_reply(self, data: bytes, count: int) -> list[Any]:
         reply = read_reply(data)
@@ -328,6 +389,92 @@ class Fetcher:
                     os.close(fd)
         finally:
             os.close(dir_fd)
+
+
+# --- streamed ranges: the child is not trusted, so root checks each range's header ---------
+
+STREAM_HEADER = struct.Struct("<QQQ")  # before each range's bytes: offset, length, file size
+PIPE_SIZE = 1 << 20  # the stream pipe's capacity (fcntl F_SETPIPE_SZ)
+_F_SETPIPE_SZ = 1031
+
+
+def _stream_pipe() -> tuple[int, int]:
+    """A pipe for streamed bytes, enlarged to PIPE_SIZE where the kernel allows."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # the default (64 KiB) only costs system calls
+        fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        part = os.read(fd, size - len(data))
+        if not part:
+            return None
+        data += part
+    return data
+
+
+def _pump(fd: int, jobs: list[Job], receivers: Sequence[Receiver]) -> list[int]:
+    """Read each range the fetch process streams into its receiver, after checking its
+    header against the job; the bytes of each range that arrived whole. Stops at the
+    end of the pipe (the fetch process failed: its reply says why)."""
+    done: list[int] = []
+    for job, receiver in zip(jobs, receivers, strict=True):
+        header = _read_exact(fd, STREAM_HEADER.size)
+        if header is None:
+            break
+        offset, length, total = STREAM_HEADER.unpack(header)
+        end = total if job.end < 0 else job.end
+        if offset != job.start or total > job.cap or offset + length != end or end > total:
+            raise LocalError(
+                f"fetch process sent a malformed stream: bytes {offset}+{length} of {total} "
+                f"for {job.url[:200]} ({job.start}-{job.end}, at most {job.cap})"
+            )
+        receiver.begin(offset, length, total)
+        left = length
+        while left:
+            space = receiver.buffer()
+            count = os.readv(fd, [space[:left]])
+            if count == 0:
+                return done
+            receiver.filled(count)
+            left -= count
+        done.append(length)
+    return done
+
+
+class _PipeSender:
+    """The fetch process's receiver: a range's header, then its bytes, into the
+    stream pipe, 1 MiB at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.chunk = bytearray(PIPE_SIZE)
+        self.held = 0
+        self.left = 0
+
+    def begin(self, offset: int, length: int, total: int) -> None:
+        _write_all(self.fd, STREAM_HEADER.pack(offset, length, total))
+        self.left = length
+
+    def buffer(self) -> memoryview:
+        return memoryview(self.chunk)[self.held : self.held + self.left]
+
+    def filled(self, count: int) -> None:
+        self.held += count
+        self.left -= count
+        if self.held == len(self.chunk) or not self.left:
+            with memoryview(self.chunk) as view:
+                _write_all(self.fd, view[: self.held])
+            self.held = 0
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 # --- the reply: the child is not trusted, so root parses it by a strict schema ------------
@@ -453,7 +600,7 @@ def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:
         try:
             if job.op == "version":
                 _text(result, where, 128)
-            elif job.op == "download":
+            elif job.op in ("download", "stream"):
                 _integer(result, where, 0, job.cap)
             elif job.op == "document":
                 if _integer(result, where, 200, 404) not in (200, *MISSING):
@@ -584,6 +731,7 @@ def _child(
     dir_fd: int,
     reply_fd: int,
     directory: Path,
+    stream_fd: int = -1,
 ) -> NoReturn:
     """The forked child: drop privileges, run the jobs, write one JSON reply, exit."""
     code = 0
@@ -601,12 +749,15 @@ def _child(
             replace(job, dest=os.path.relpath(job.dest, directory)) if job.dest else job
             for job in jobs
         ]
-        results = execute(transport, local, progress)
+        senders = [_PipeSender(stream_fd) for job in jobs if job.op == "stream"]
+        results = execute(transport, local, progress, senders)
         reply: dict[str, Any] = {"ok": True, "results": results, "credentials": credentials()}
     except RampartError as exc:
         reply = {"ok": False, "error": {"kind": type(exc).__name__, "message": str(exc)}}
     except Exception as exc:
         reply = {"ok": False, "error": {"kind": "LocalError", "message": f"fetch: {exc}"}}
+    if stream_fd >= 0:
+        os.close(stream_fd)  # the end of the stream: root reads the reply next
     try:
         data = json.dumps(reply).encode()
         view = memoryview(data)

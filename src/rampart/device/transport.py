@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from rampart import __version__
@@ -72,6 +73,33 @@ def tls_context(root_ca: Path) -> ssl.SSLContext:
 
 
 MISSING = (403, 404)  # what a server answers for a document it does not have
+
+
+class Receiver(Protocol):
+    """Where a streamed range goes (`Transport.stream`): told where the range starts,
+    how long it is and the whole file's size, then handed the bytes in order, written
+    straight into the buffer it offers."""
+
+    def begin(self, offset: int, length: int, total: int) -> None: ...
+
+    def buffer(self) -> memoryview:
+        """Where the next bytes go: writable, non-empty while the range is not done."""
+        ...
+
+    def filled(self, count: int) -> None:
+        """The first `count` bytes of the last `buffer()` now hold the next bytes."""
+        ...
+
+
+def feed(receiver: Receiver, chunk: bytes | memoryview) -> None:
+    """Copy `chunk` into `receiver`'s buffers."""
+    view = memoryview(chunk)
+    while view:
+        space = receiver.buffer()
+        count = min(len(space), len(view))
+        space[:count] = view[:count]
+        receiver.filled(count)
+        view = view[count:]
 
 
 class Transport:
@@ -258,6 +286,52 @@ class Transport:
                 sink.close()
             return have + received
 
+    def stream(
+        self,
+        url: str,
+        start: int,
+        end: int | None,
+        cap: int,
+        receiver: Receiver,
+        progress: Progress | None = None,
+    ) -> int:
+        """Stream bytes `start` to `end` (excluded; None: to the end) of `url`, whose
+        size may be at most `cap`, into `receiver`; the number of bytes streamed.
+
+        A range request: the server must answer 206 with a Content-Range starting at
+        `start` and giving the file's size (or, for a range from 0 to the end, 200
+        with a Content-Length). Nothing is written to disk here: the receiver
+        verifies and keeps what it needs.
+        """
+        last = "" if end is None else str(end - 1)
+        with self.request(url, {"Range": f"bytes={start}-{last}"}) as response:
+            _check_status(url, response, (200, 206))
+            if response.status == 206:
+                first, final, total = _content_range_whole(url, response)
+                if first != start or (end is not None and final != end - 1):
+                    raise RemoteDataError(
+                        f"{url}: server sent bytes {first}-{final}, asked for {start}-{last}"
+                    )
+                length = final + 1 - first
+            else:
+                whole = _content_length(url, response)
+                if start or end is not None or whole is None:
+                    raise RemoteDataError(f"{url}: server ignored the range request")
+                length = total = whole
+            if total > cap:
+                raise RemoteDataError(f"{url}: announced {total} bytes, the cap is {cap}")
+            receiver.begin(start, length, total)
+            received = self._read_body(
+                url,
+                response,
+                lambda chunk: feed(receiver, chunk),
+                start + length,
+                start,
+                progress,
+                start + length,
+            )
+            return received
+
 
 def _resumed(
     url: str, response: http.client.HTTPResponse, have: int, cap: int
@@ -420,6 +494,15 @@ def _unsatisfied_range(response: http.client.HTTPResponse) -> int | None:
     value = response.getheader("Content-Range") or ""
     match = re.fullmatch(rf"bytes \*/({_NUMBER})", value.strip())
     return None if match is None else int(match[1])
+
+
+def _content_range_whole(url: str, response: http.client.HTTPResponse) -> tuple[int, int, int]:
+    """The first and last byte of a 206 answer and the file's size, which it must give."""
+    value = response.getheader("Content-Range") or ""
+    match = re.fullmatch(rf"bytes ({_NUMBER})-({_NUMBER})/({_NUMBER})", value.strip())
+    if match is None or int(match[1]) > int(match[2]) or int(match[2]) >= int(match[3]):
+        raise RemoteDataError(f"{url}: invalid Content-Range {value[:60]!r}")
+    return int(match[1]), int(match[2]), int(match[3])
 
 
 def _content_range(url: str, response: http.client.HTTPResponse) -> tuple[int, int | None]:

@@ -45,7 +45,7 @@ from rampart.contracts import cmdline, hashing, signing, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
-from rampart.device import rollback, trust
+from rampart.device import rollback, stream, trust
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
 from rampart.device.corewrite import Checkpoint, write_core
 from rampart.device.fetch import (
@@ -192,6 +192,12 @@ def _no_checkpoint(_: str) -> None:
 
 def payload_path(device: Device, version: Version, kind: str) -> Path:
     return device.download_dir / f"{device.config.os_name}-{version.core}-{kind}"
+
+
+def payload_url(device: Device, version: Version, kind: str) -> str:
+    return (
+        f"{device.remote.dist_url}/{version.core}/{wire.payload_name(device.config.os_name, kind)}"
+    )
 
 
 def check_payload(device: Device, payload: Path, version: Version) -> bytes:
@@ -607,28 +613,34 @@ def _verify_fd(device: Device, fd: int, path: Path, evidence: _Evidence) -> byte
     return digest
 
 
-def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, Path, bytes]:
-    """Fetch both payloads of `version` (resuming what an earlier run left in the
-    download directory), move them by copying where only this user can reach them,
-    and verify the copies.
+def verified_path(device: Device, version: Version, kind: str) -> Path:
+    """Where the verified copy of a payload is (`download`)."""
+    return device.verified_dir / payload_path(device, version, kind).name
 
-    Returns (efiboot, core, BLAKE2b-512 digest of the verified Core): the paths of
-    the verified copies. Every later step reads these, never the download directory.
-    A payload left by an earlier run that does not verify is fetched once more.
+
+def download(
+    device: Device, fetcher: Fetcher, version: Version, kinds: tuple[str, ...] = wire.PAYLOADS
+) -> dict[str, bytes]:
+    """Fetch the payloads `kinds` of `version` (resuming what an earlier run left in
+    the download directory), move them by copying where only this user can reach them,
+    and verify the copies (`verified_path`).
+
+    Returns the BLAKE2b-512 digest of each verified copy. Every later step reads these,
+    never the download directory. A payload left by an earlier run that does not
+    verify is fetched once more.
     """
     device.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     _clean_downloads(device, version)
-    release = f"{device.remote.dist_url}/{version.core}"
     caps = {"efiboot": device.config.max_efiboot_size, "core": device.config.max_core_size}
     digests: dict[str, bytes] = {}
-    for kind in ("efiboot", "core"):
+    for kind in kinds:
         reused = reuse_verified(device, version, kind)
         if reused is not None:
             log.info(
                 "reusing the verified download of %s", payload_path(device, version, kind).name
             )
             digests[kind] = reused
-    kinds = [kind for kind in ("efiboot", "core") if kind not in digests]
+    kinds = tuple(kind for kind in kinds if kind not in digests)
     for attempt in (1, 2):
         if not kinds:
             break
@@ -640,7 +652,7 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
             if payload.exists():
                 cached.append(kind)
             sig.unlink(missing_ok=True)  # small: always fetched with its payload
-            url = f"{release}/{wire.payload_name(device.config.os_name, kind)}"
+            url = payload_url(device, version, kind)
             target = device.targets.get(kind)
             if target is None:
                 wanted.append(Download(url + wire.SIGNATURE_SUFFIX, sig, SIG_CAP))
@@ -662,10 +674,83 @@ def download(device: Device, fetcher: Fetcher, version: Version) -> tuple[Path, 
                 retry.append(kind)
         if not retry:
             break
-        kinds = retry
-    efiboot = device.verified_dir / payload_path(device, version, "efiboot").name
-    core = device.verified_dir / payload_path(device, version, "core").name
-    return efiboot, core, digests["core"]
+        kinds = tuple(retry)
+    return digests
+
+
+@dataclass(frozen=True)
+class _Streaming:
+    """A release whose Core streams into its slot (device/stream.py): its verified
+    UKI, the root hash it pins, what `stream.plan` verified and Core's evidence."""
+
+    efiboot: Path
+    root: RootHash
+    plan: stream.Plan
+    evidence: _Evidence
+
+
+def stream_plan(
+    device: Device, fetcher: Fetcher, version: Version, slot: Slot | None
+) -> _Streaming | None:
+    """Download and verify the UKI of `version`; if Core can stream (the UKI pins a
+    root hash, Core's signature covers a digest, its tree follows its data), fetch
+    and check its tree and run the checks `_check_download` runs, before the disk is
+    touched. None: Core is downloaded whole instead."""
+    download(device, fetcher, version, ("efiboot",))
+    efiboot = verified_path(device, version, "efiboot")
+    try:
+        data = efiboot.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"{efiboot}: cannot read the payload: {exc.strerror}") from None
+    facts = payload_mod.check_uki(
+        data,
+        str(efiboot),
+        os_name=device.config.os_name,
+        version=version,
+        vg=payload_mod.device_vg(device.config.backend, device.config.core_destination),
+        require_root_hash=verity_device(device),
+    )
+    if facts.root is None:
+        return None
+    core = payload_path(device, version, "core")
+    evidence = _core_evidence(device, fetcher, version)
+    if evidence.needs_bytes:
+        log.info("%s: a legacy signature covers its bytes: downloaded whole", core.name)
+        return None
+    target = device.targets.get("core")
+    url = payload_url(device, version, "core")
+    cap = device.config.max_core_size if target is None else target.length
+    plan = stream.plan(fetcher, url, facts.root, cap, core.name)
+    if plan is None:
+        return None
+    evidence.check_size(plan.size, core)
+    _check_fits(device, plan.size, latest=version, slot=slot)
+    if device.targets:
+        check_signed_fields(device, efiboot, facts.root)
+    check_rollback(device, efiboot, version)
+    return _Streaming(efiboot, facts.root, plan, evidence)
+
+
+def _core_evidence(device: Device, fetcher: Fetcher, version: Version) -> _Evidence:
+    """What a streamed Core is checked against: its signed TUF target, or its minisign
+    signature (fetched alone, read back by root, its version checked)."""
+    target = device.targets.get("core")
+    if target is not None:
+        return _Evidence(target=target)
+    core = payload_path(device, version, "core")
+    name = core.name + ".sig"
+    url = payload_url(device, version, "core")
+    (device.download_dir / name).unlink(missing_ok=True)
+    fetcher.download([Download(url + wire.SIGNATURE_SUFFIX, device.download_dir / name, SIG_CAP)])
+    dir_fd = open_directory(device.download_dir)
+    try:
+        raw = _read_signature(dir_fd, name, SIG_CAP, core)
+        _unlink(dir_fd, name)
+    finally:
+        os.close(dir_fd)
+    signature = signing.parse_signature(raw, f"{core}.sig")
+    _check_signed_version(signature, core, version)
+    return _Evidence(signature)
 
 
 RootHash = cmdline.RootHash  # what the new UKI's command line pins
@@ -765,8 +850,14 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
     slot = _preflight(device, latest, checkpoint)
 
     checkpoint("download")
-    efiboot, core, core_digest = download(device, fetcher, latest)
-    root = _check_download(device, efiboot, core, latest, slot)
+    streaming = stream_plan(device, fetcher, latest, slot)
+    if streaming is None:
+        core_digest = download(device, fetcher, latest)["core"]
+        efiboot = verified_path(device, latest, "efiboot")
+        core = verified_path(device, latest, "core")
+        root = _check_download(device, efiboot, core, latest, slot)
+    else:
+        efiboot, root = streaming.efiboot, streaming.root
 
     checkpoint("remove-entries")
     removed = device.esp.remove_all_except(running)
@@ -775,8 +866,20 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
     slot = _take_slot(device, slot, latest)
 
     checkpoint("write-core")
-    log.info("writing Core %s into %s", latest, slot.path)
-    write_core(core, slot, core_digest, checkpoint, root)
+    if streaming is None:
+        log.info("writing Core %s into %s", latest, slot.path)
+        write_core(core, slot, core_digest, checkpoint, root)
+    else:
+        log.info("streaming Core %s into %s", latest, slot.path)
+        evidence, name = streaming.evidence, payload_path(device, latest, "core")
+        stream.install(
+            fetcher,
+            streaming.plan,
+            slot,
+            lambda digest: evidence.verify(device, digest, None, name),
+            checkpoint,
+            streaming.root,
+        )
     log.info("Core %s written and verified", latest)
 
     checkpoint("install-entry")
@@ -821,12 +924,7 @@ def _check_download(
 ) -> RootHash | None:
     """Check the verified payloads before the disk is touched: Core fits the slot, they
     are this device's release of `latest`, and its epoch may boot; the root hash."""
-    core_size = core.stat().st_size
-    target_size = slot.size if slot is not None else device.config.core_size
-    if core_size > target_size:
-        raise LocalError(
-            f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
-        )
+    _check_fits(device, core.stat().st_size, latest, slot)
     root = check_release(device, efiboot, core, latest)
     if device.targets:
         check_signed_fields(device, efiboot, root)
@@ -837,6 +935,14 @@ def _check_download(
         )
     check_rollback(device, efiboot, latest)
     return root
+
+
+def _check_fits(device: Device, core_size: int, latest: Version, slot: Slot | None) -> None:
+    target_size = slot.size if slot is not None else device.config.core_size
+    if core_size > target_size:
+        raise LocalError(
+            f"Core {latest} ({core_size} bytes) does not fit the target LV ({target_size} bytes)"
+        )
 
 
 def check_signed_fields(device: Device, efiboot: Path, root: RootHash | None) -> None:

@@ -1,0 +1,350 @@
+"""Streaming Core from the server into its slot, each block verified before it is
+written (docs/client.md, "Streaming Core into the slot").
+
+A release streams when its UKI (downloaded and verified first) pins a verity root
+hash and Core's signature covers a digest (a prehashed minisign signature, or a
+signed TUF target). The UKI's command line gives Core's root hash and hash offset;
+Core's tree follows its data there (`hash offset = data size`) and runs to the end
+of the file. Then:
+
+1. `plan`: one fetch process streams Core's tail (verity superblock and hash tree,
+   from the hash offset to the end) and its first block into memory (8 MiB per GiB
+   of Core). Root checks the tree against the root hash, the first block against the
+   tree, and that block's squashfs superblock: a Core of another build, or no
+   squashfs, is refused before the disk is touched. Nothing is written.
+2. `install`, once the slot is taken: the slot is read from its start while its
+   blocks match the tree (what an earlier, interrupted run wrote: the resume point,
+   found by verification, not by trusting a note). A second fetch process streams the
+   rest of the data through a pipe; root checks each 1 MiB against level 0 of the
+   tree before writing it (direct I/O), and hashes the whole Core in order (BLAKE2b-
+   512, for the signature or the signed target). The tail follows from memory; the
+   digest must be the signed one; the slot is fsynced and read back.
+
+The download directory holds no part of Core. A stream that diverges from the tree
+stops at the first bad block, with nothing of it written; the slot still becomes
+bootable only once its entry is installed (`update.py`), after all of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from rampart.contracts import hashing, verity
+from rampart.contracts import payload as payload_mod
+from rampart.contracts.cmdline import RootHash
+from rampart.device.corewrite import CHUNK, Checkpoint, ReadBack, SlotWriter
+from rampart.device.fetch import Fetcher, Stream
+from rampart.device.slots import Slot
+from rampart.errors import LocalError, RemoteDataError, TransportError, VerificationError
+
+log = logging.getLogger(__name__)
+
+BUFFERS = 4  # 1 MiB buffers between the network and the slot: filled, checked, written
+CheckDigest = Callable[[bytes], None]  # raises VerificationError unless the signed digest
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `plan` verified about a Core before anything is written."""
+
+    url: str
+    size: int  # the whole image: data, then superblock and tree
+    params: verity.VerityParams
+    level0: bytes
+    tail: bytes  # the image from the hash offset to its end, verified
+
+    @property
+    def data_size(self) -> int:
+        return self.params.data_size
+
+
+class _Memory:
+    """A receiver keeping a range in memory, refusing one longer than `cap`."""
+
+    def __init__(self, what: str, cap: int) -> None:
+        self.what = what
+        self.cap = cap
+        self.data = bytearray()
+        self.total = -1
+        self.length = 0
+
+    def begin(self, offset: int, length: int, total: int) -> None:
+        if length > self.cap:
+            raise RemoteDataError(
+                f"{self.what}: {length} bytes from byte {offset}, more than the {self.cap} "
+                "the UKI's command line allows"
+            )
+        self.data = bytearray(length)
+        self.total, self.length = total, 0
+
+    def buffer(self) -> memoryview:
+        return memoryview(self.data)[self.length :]
+
+    def filled(self, count: int) -> None:
+        self.length += count
+
+
+def plan(fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str) -> Plan | None:
+    """Fetch and check Core's tail and first block (see the module's docstring); None if
+    this Core does not stream (its tree does not follow its data to the end of the
+    file), VerificationError or FormatError if it is not what the UKI pins."""
+    offset = root.hash_offset
+    if offset % verity.BLOCK or offset <= 0:
+        return None
+    tail_cap = 2 * verity.BLOCK + verity.tree_size(offset // verity.BLOCK)
+    tail = _Memory(f"{name}: verity tree", tail_cap)
+    head = _Memory(f"{name}: first block", verity.BLOCK)
+    try:
+        fetcher.stream(
+            [(Stream(url, offset, None, cap), tail), (Stream(url, 0, verity.BLOCK, cap), head)]
+        )
+    except (TransportError, RemoteDataError) as exc:
+        # A server without range requests, or a file shorter than the UKI says: the
+        # whole download gets it, and refuses it if it is not Core.
+        log.info("%s: not streamed (%s): downloading it whole", name, exc)
+        return None
+    if tail.total != head.total or head.length != verity.BLOCK:
+        raise RemoteDataError(f"{url}: the server gave two sizes for one file")
+    size = tail.total
+    superblock = bytes(tail.data[: verity.SUPERBLOCK])
+    fields = verity.parse_superblock(superblock, name)
+    params = root.verity_params(fields)
+    tree_size = verity.tree_size(params.data_blocks)
+    if params.data_size != offset or size != params.hash_start + tree_size:
+        log.info("%s: its tree does not follow its data to the end: not streamed", name)
+        return None
+    tree = bytes(tail.data[params.hash_start - offset :])
+    payload_mod.check_core_tree(tree, params, name)
+    level0 = verity.check_tree(tree, params, name)[0]
+    first = bytes(head.data)
+    verity.DataCheck(params, level0, name).update(first)
+    used = payload_mod.check_core(first, size, name)
+    payload_mod.check_core_verity(used, superblock, size, root, name)
+    return Plan(url, size, params, level0, bytes(tail.data))
+
+
+def install(
+    fetcher: Fetcher,
+    plan: Plan,
+    slot: Slot,
+    check_digest: CheckDigest,
+    checkpoint: Checkpoint,
+    root: RootHash,
+) -> None:
+    """Stream the Core `plan` describes into `slot` (see the module's docstring).
+    VerificationError if a block, the digest or the read-back is not what was
+    signed; LocalError if the slot cannot be written; TransportError if the stream
+    stops (what was written and verified is kept: the next run resumes there)."""
+    if plan.size > slot.size:
+        raise LocalError(
+            f"{slot.name}: Core image ({plan.size} bytes) does not fit the LV ({slot.size} bytes)"
+        )
+    started = time.monotonic()
+    hasher = hashing.blake2b()
+    try:
+        resume = _verified_prefix(slot, plan, hasher)
+        if resume:
+            log.info("%s: resuming at byte %d (verified in the slot)", slot.name, resume)
+        writer = SlotWriter(slot.path)
+        try:
+            data = verity.DataCheck(plan.params, plan.level0, str(slot.path), resume)
+            readback = ReadBack(slot, plan.size, data, _tail_reference(plan), b"", root)
+            try:
+                sink = _SlotSink(plan, slot, writer, readback, hasher, checkpoint, resume)
+                try:
+                    if resume < plan.data_size:
+                        try:
+                            fetcher.stream(
+                                [(Stream(plan.url, resume, plan.data_size, plan.size), sink)]
+                            )
+                        except (TransportError, RemoteDataError):
+                            sink.drain()  # what verified is written: the next run resumes there
+                            raise
+                    sink.finish()
+                finally:
+                    sink.close()
+                streamed = time.monotonic()
+                hasher.update(plan.tail)
+                check_digest(hasher.digest())
+                _write_tail(writer, plan)
+                writer.finish()
+                readback.through(plan.size)
+                readback.finish()
+            finally:
+                readback.close()
+        finally:
+            writer.close()
+    except OSError as exc:
+        raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
+    log.debug(
+        "%s: %d bytes streamed from byte %d in %.2f s, checked and read back in %.2f s more",
+        slot.path, plan.size - resume, resume, streamed - started, time.monotonic() - streamed,
+    )  # fmt: skip
+
+
+def _tail_reference(plan: Plan) -> Callable[[int, int], bytes]:
+    def reference(offset: int, length: int) -> bytes:
+        start = offset - plan.data_size
+        return plan.tail[start : start + length]
+
+    return reference
+
+
+def _verified_prefix(slot: Slot, plan: Plan, hasher: hashing.Hasher) -> int:
+    """How many of the slot's first bytes are already Core's (its blocks match the
+    tree), hashed into `hasher`; where the stream resumes."""
+    check = verity.DataCheck(plan.params, plan.level0, str(slot.path))
+    fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with hashing.blocks(fd, plan.data_size, 0, CHUNK) as chunks:
+            for chunk in chunks:
+                good = check.accept(chunk)
+                hasher.update(chunk if good == len(chunk) else chunk[:good])
+                if good < len(chunk):
+                    break
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return check.done
+
+
+def _write_tail(writer: SlotWriter, plan: Plan) -> None:
+    """The verified superblock and tree, after the data, from a page-aligned buffer."""
+    buffer = mmap.mmap(-1, len(plan.tail))
+    try:
+        buffer.write(plan.tail)
+        with memoryview(buffer) as view:
+            writer.write(view, plan.data_size)
+    finally:
+        buffer.close()
+
+
+class _SlotSink:
+    """The receiver of Core's data: each 1 MiB buffer, once filled, is checked against
+    the tree and hashed in one thread, then written into the slot in another, while
+    the next buffers fill. Nothing of a buffer is written unless all of it, and every
+    buffer before it, checked."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        slot: Slot,
+        writer: SlotWriter,
+        readback: ReadBack,
+        hasher: hashing.Hasher,
+        checkpoint: Checkpoint,
+        resume: int,
+    ) -> None:
+        self.plan, self.slot, self.writer, self.readback = plan, slot, writer, readback
+        self.hasher, self.checkpoint = hasher, checkpoint
+        self.check = verity.DataCheck(plan.params, plan.level0, plan.url, resume)
+        self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
+        self.writes: list[Future[None] | None] = [None] * BUFFERS
+        self.checker = ThreadPoolExecutor(1, thread_name_prefix="check")
+        self.writing = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.index = 0
+        self.held = 0
+        self.offset = resume  # where the current buffer goes in the slot
+        self.durable = resume  # the bytes written with direct I/O, in order
+        self.failed = False
+        self.error: Exception | None = None  # the first check or write that failed
+
+    def begin(self, offset: int, length: int, total: int) -> None:
+        if offset != self.offset or total != self.plan.size:
+            raise RemoteDataError(f"{self.plan.url}: the stream is not the range asked for")
+
+    def buffer(self) -> memoryview:
+        self._wait(self.index)
+        return memoryview(self.buffers[self.index])[self.held :]
+
+    def filled(self, count: int) -> None:
+        self.held += count
+        if self.held == CHUNK or self.offset + self.held == self.plan.data_size:
+            self._hand_on()
+
+    def _wait(self, index: int) -> None:
+        """Wait for the write of buffer `index` (raises what its check or write raised)."""
+        pending = self.writes[index]
+        if pending is not None:
+            self.writes[index] = None
+            pending.result()
+        if self.error is not None:
+            raise self.error
+
+    def _hand_on(self) -> None:
+        index, offset, length = self.index, self.offset, self.held
+        checked = self.checker.submit(self._check, index, length)
+        self.writes[index] = self.writing.submit(self._write, index, offset, length, checked)
+        self.index = (index + 1) % BUFFERS
+        self.offset += length
+        self.held = 0
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self.failed = True
+
+    def _check(self, index: int, length: int) -> bool:
+        """Check and hash the buffer; False (nothing done) once anything failed."""
+        if self.failed:
+            return False
+        with memoryview(self.buffers[index]) as view:
+            try:
+                self.check.update(view[:length])
+            except VerificationError as exc:
+                self._fail(
+                    VerificationError(
+                        f"{exc}: the streamed Core does not match the root hash of the new "
+                        "EFI binary; nothing of that block written"
+                    )
+                )
+                return False
+            self.hasher.update(bytes(view[:length]))  # PyNaCl takes bytes only
+        return True
+
+    def _write(self, index: int, offset: int, length: int, checked: Future[bool]) -> None:
+        if not checked.result() or self.failed:
+            return
+        try:
+            with memoryview(self.buffers[index]) as view:
+                direct = self.writer.write(view[:length], offset)
+        except OSError as exc:
+            self._fail(exc.with_traceback(None))
+            return
+        if direct and self.durable == offset:
+            self.durable = offset + length
+            self.readback.through(self.durable)
+        self.checkpoint("write-core-chunk")
+
+    def drain(self) -> None:
+        """Wait for the writes of what verified (the stream failed; their errors are
+        the smaller news)."""
+        for index in range(BUFFERS):
+            with contextlib.suppress(Exception):
+                self._wait(index)
+
+    def finish(self) -> None:
+        """Wait for every write; VerificationError unless all the data came and checked."""
+        for index in range(BUFFERS):
+            self._wait(index)
+        if self.held:
+            raise LocalError(f"{self.slot.path}: the stream ended inside a block")
+        try:
+            self.check.finish()
+        except VerificationError as exc:
+            raise VerificationError(f"{self.plan.url}: the stream ended early ({exc})") from None
+
+    def close(self) -> None:
+        self.failed = True  # what is still queued is dropped
+        self.checker.shutdown(wait=True, cancel_futures=True)
+        self.writing.shutdown(wait=True, cancel_futures=True)
+        for buffer in self.buffers:
+            with contextlib.suppress(BufferError):  # a view still held: left to GC
+                buffer.close()
