@@ -182,12 +182,15 @@ def check_core_verity(
     return params
 
 
-def check_core_tree(tree: bytes, params: verity.VerityParams, source: str) -> None:
+def check_core_tree(
+    tree: bytes | memoryview, params: verity.VerityParams, source: str
+) -> bytes | memoryview:
     """Check Core's hash tree (read at `params.hash_start`) against the UKI's root
     hash: a Core of another build is refused before anything is written. (Its data
-    blocks are checked against the tree once written into the slot.)"""
+    blocks are checked against the tree once written into the slot.) Returns level 0
+    of the tree, which the data blocks are checked against."""
     try:
-        verity.check_tree(tree, params, source)
+        return verity.check_tree(tree, params, source)[0]
     except VerificationError as exc:
         raise VerificationError(
             f"{source}: Core's verity tree does not match the root hash of the EFI binary "

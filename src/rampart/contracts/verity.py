@@ -142,7 +142,7 @@ def _upper_levels(salted: Any, level0: bytearray, data_blocks: int) -> list[byte
     return levels
 
 
-def _root(salted: Any, top: bytes) -> str:
+def _root(salted: Any, top: bytes | memoryview) -> str:
     h = salted.copy()
     h.update(top)
     return str(h.hexdigest())
@@ -246,7 +246,9 @@ class DataCheck:
     `start // BLOCK` on. Each chunk but the last is a whole number of blocks;
     VerificationError names the first bad block, or the byte where the data stopped."""
 
-    def __init__(self, params: VerityParams, level0: bytes, source: str, start: int = 0) -> None:
+    def __init__(
+        self, params: VerityParams, level0: bytes | memoryview, source: str, start: int = 0
+    ) -> None:
         if start % BLOCK or not 0 <= start <= params.data_size:
             raise LocalError(f"{source}: data check from byte {start}: not a block boundary")
         self.salted = hashlib.sha256(bytes.fromhex(params.salt))
@@ -275,7 +277,7 @@ class DataCheck:
         _hash_blocks(self.salted, memoryview(chunk), computed)
         first = self.done // BLOCK * DIGEST
         expected = self.level0[first : first + len(computed)]
-        if computed != expected:
+        if memoryview(computed) != expected:
             good = _first_difference(computed, expected) // DIGEST * BLOCK
             self.done += good
             return good
@@ -288,16 +290,19 @@ class DataCheck:
             raise VerificationError(f"{self.source}: data truncated at byte {self.done}")
 
 
-def check_tree(tree: bytes, params: VerityParams, source: str) -> list[bytes]:
+def check_tree(
+    tree: bytes | memoryview, params: VerityParams, source: str
+) -> list[bytes | memoryview]:
     """Check the hash area `tree` (the levels, top first, as read from `hash_start`)
     against the root hash: the top block, then each level against the one above.
-    Returns the levels, level 0 first. VerificationError naming the first bad block."""
+    Returns the levels, level 0 first (views of `tree` if it is a memoryview: no
+    copy). VerificationError naming the first bad block."""
     salted = hashlib.sha256(bytes.fromhex(params.salt))
     sizes = level_sizes(params.data_blocks)
     if len(tree) != sum(sizes) * BLOCK:
         raise VerificationError(f"{source}: hash tree truncated")
     # Levels on disk: top first. Split them, level 0 first.
-    levels: list[bytes] = []
+    levels: list[bytes | memoryview] = []
     end = len(tree)
     for blocks in sizes:
         levels.append(tree[end - blocks * BLOCK : end])
@@ -310,7 +315,7 @@ def check_tree(tree: bytes, params: VerityParams, source: str) -> list[bytes]:
         computed = bytearray()
         _hash_blocks(salted, memoryview(levels[level - 1]), computed)
         expected = levels[level][: len(computed)]
-        if computed != expected:
+        if memoryview(computed) != expected:
             bad = _first_difference(computed, expected) // DIGEST
             raise VerificationError(
                 f"{source}: hash block {bad} of level {level - 1} is corrupted "
@@ -324,7 +329,7 @@ def _level_offset(sizes: list[int], level: int) -> int:
     return sum(sizes[level + 1 :]) * BLOCK
 
 
-def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
+def _first_difference(a: bytes | bytearray, b: bytes | bytearray | memoryview) -> int:
     for index, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return index

@@ -234,7 +234,7 @@ def image_data_check(image: Path, image_fd: int, root: RootHash, slot: Slot) -> 
     tree_size = verity.tree_size(params.data_blocks)
     tree = os.pread(image_fd, tree_size, params.hash_start)
     try:
-        level0 = verity.check_tree(tree, params, str(image))[0]
+        level0 = verity.check_tree(memoryview(tree), params, str(image))[0]
     except VerificationError as exc:
         raise mismatch(slot, root, exc) from None
     return verity.DataCheck(params, level0, str(slot.path))

@@ -57,8 +57,8 @@ class Plan:
     url: str
     size: int  # the whole image: data, then superblock and tree
     params: verity.VerityParams
-    level0: bytes
-    tail: bytes  # the image from the hash offset to its end, verified
+    level0: bytes | memoryview  # a view of `tail`
+    tail: bytearray  # the image from the hash offset to its end, verified
 
     @property
     def data_size(self) -> int:
@@ -120,14 +120,15 @@ def plan(fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str) -> Pla
     if params.data_size != offset or size != params.hash_start + tree_size:
         log.info("%s: its tree does not follow its data to the end: not streamed", name)
         return None
-    tree = bytes(tail.data[params.hash_start - offset :])
-    payload_mod.check_core_tree(tree, params, name)
-    level0 = verity.check_tree(tree, params, name)[0]
+    kept = tail.data  # no copy: level 0 is a view of it, and nothing changes it
+    level0 = payload_mod.check_core_tree(
+        memoryview(kept)[params.hash_start - offset :], params, name
+    )
     first = bytes(head.data)
     verity.DataCheck(params, level0, name).update(first)
     used = payload_mod.check_core(first, size, name)
     payload_mod.check_core_verity(used, superblock, size, root, name)
-    return Plan(url, size, params, level0, bytes(tail.data))
+    return Plan(url, size, params, level0, kept)
 
 
 def install(
@@ -171,7 +172,8 @@ def install(
                 finally:
                     sink.close()
                 streamed = time.monotonic()
-                hasher.update(plan.tail)
+                for start in range(0, len(plan.tail), CHUNK):  # PyNaCl takes bytes only
+                    hasher.update(bytes(plan.tail[start : start + CHUNK]))
                 check_digest(hasher.digest())
                 _write_tail(writer, plan)
                 writer.finish()
@@ -192,7 +194,7 @@ def install(
 def _tail_reference(plan: Plan) -> Callable[[int, int], bytes]:
     def reference(offset: int, length: int) -> bytes:
         start = offset - plan.data_size
-        return plan.tail[start : start + length]
+        return bytes(plan.tail[start : start + length])
 
     return reference
 
@@ -216,12 +218,15 @@ def _verified_prefix(slot: Slot, plan: Plan, hasher: hashing.Hasher) -> int:
 
 
 def _write_tail(writer: SlotWriter, plan: Plan) -> None:
-    """The verified superblock and tree, after the data, from a page-aligned buffer."""
-    buffer = mmap.mmap(-1, len(plan.tail))
+    """The verified superblock and tree, after the data, 1 MiB at a time from a
+    page-aligned buffer."""
+    buffer = mmap.mmap(-1, CHUNK)
     try:
-        buffer.write(plan.tail)
         with memoryview(buffer) as view:
-            writer.write(view, plan.data_size)
+            for start in range(0, len(plan.tail), CHUNK):
+                piece = plan.tail[start : start + CHUNK]
+                view[: len(piece)] = piece
+                writer.write(view[: len(piece)], plan.data_size + start)
     finally:
         buffer.close()
 
