@@ -698,18 +698,7 @@ def stream_plan(
     touched. None: Core is downloaded whole instead."""
     download(device, fetcher, version, ("efiboot",))
     efiboot = verified_path(device, version, "efiboot")
-    try:
-        data = efiboot.read_bytes()
-    except OSError as exc:
-        raise LocalError(f"{efiboot}: cannot read the payload: {exc.strerror}") from None
-    facts = payload_mod.check_uki(
-        data,
-        str(efiboot),
-        os_name=device.config.os_name,
-        version=version,
-        vg=payload_mod.device_vg(device.config.backend, device.config.core_destination),
-        require_root_hash=verity_device(device),
-    )
+    facts = _check_uki(device, efiboot, version)  # the UKI read once, and let go
     if facts.root is None:
         return None
     core = payload_path(device, version, "core")
@@ -726,9 +715,26 @@ def stream_plan(
     evidence.check_size(plan.size, core)
     _check_fits(device, plan.size, latest=version, slot=slot)
     if device.targets:
-        check_signed_fields(device, efiboot, facts.root)
-    check_rollback(device, efiboot, version)
+        check_signed_fields(device, efiboot, facts.root, facts.epoch)
+    check_rollback(device, efiboot, version, facts.epoch)
     return _Streaming(efiboot, facts.root, plan, evidence)
+
+
+def _check_uki(device: Device, efiboot: Path, version: Version) -> payload_mod.CheckedUki:
+    """`payload.check_uki` on the verified UKI `efiboot` of `version` for this device."""
+    require_root_hash = verity_device(device)  # reads the installed UKIs first
+    try:
+        data = efiboot.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"{efiboot}: cannot read the payload: {exc.strerror}") from None
+    return payload_mod.check_uki(
+        data,
+        str(efiboot),
+        os_name=device.config.os_name,
+        version=version,
+        vg=payload_mod.device_vg(device.config.backend, device.config.core_destination),
+        require_root_hash=require_root_hash,
+    )
 
 
 def _core_evidence(device: Device, fetcher: Fetcher, version: Version) -> _Evidence:
@@ -945,11 +951,14 @@ def _check_fits(device: Device, core_size: int, latest: Version, slot: Slot | No
         )
 
 
-def check_signed_fields(device: Device, efiboot: Path, root: RootHash | None) -> None:
-    """TUF mode: the release's UKI says what its signed targets say: the security epoch,
-    and the verity parameters of its Core (VerificationError otherwise: a release whose
-    UKI and Core were signed for another pairing)."""
-    epoch = rollback.uki_epoch(efiboot)
+def check_signed_fields(
+    device: Device, efiboot: Path, root: RootHash | None, epoch: int | None = None
+) -> None:
+    """TUF mode: the release's UKI says what its signed targets say: the security epoch
+    (`epoch`, else read from `efiboot`), and the verity parameters of its Core
+    (VerificationError otherwise: a release whose UKI and Core were signed for another
+    pairing)."""
+    epoch = rollback.uki_epoch(efiboot) if epoch is None else epoch
     for target in device.targets.values():
         if target.fields.epoch != epoch:
             raise VerificationError(
@@ -1024,10 +1033,13 @@ def write_ready(device: Device, version: Version) -> None:
         raise OSError(exc.errno, reason, str(device.ready_file)) from None
 
 
-def check_rollback(device: Device, efiboot: Path, version: Version) -> None:
-    """Refuse (VerificationError) a UKI whose security epoch is below the TPM's
-    rollback counter (it would never boot) or below the running version's epoch."""
-    epoch = rollback.uki_epoch(efiboot)
+def check_rollback(
+    device: Device, efiboot: Path, version: Version, epoch: int | None = None
+) -> None:
+    """Refuse (VerificationError) a UKI whose security epoch (`epoch`, else read from
+    `efiboot`) is below the TPM's rollback counter (it would never boot) or below the
+    running version's epoch."""
+    epoch = rollback.uki_epoch(efiboot) if epoch is None else epoch
     chip = device.rollback_tpm()
     counter = None if chip is None else rollback.read_counter(chip)
     running = rollback.running_epoch(device.proc_cmdline)
