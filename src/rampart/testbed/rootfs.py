@@ -88,6 +88,8 @@ PACKAGES = (
     "python3-cffi-backend",
     # BLAKE2b at libsodium's speed (contracts/hashing.py), on the system's libsodium.
     "python3-nacl",
+    # zstd chunks of incremental updates (contracts/chunks.py).
+    "python3-zstandard",
     "systemd-sysv",
     "lvm2",
     "cryptsetup-bin",
