@@ -73,13 +73,15 @@ def _build(
     core_size: int,
     root_hash: bool,
     content: str,
+    common: bool = False,
 ) -> tuple[Path, Path]:
     work = Path(tempfile.mkdtemp(prefix="build-", dir=_cache_dir()))
     tree = work / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc/os-release").write_text(f"ID={os_name}\nVERSION_ID={version}\n{content}")
     # Content decided by the release: each release's Core differs, and a rebuild is equal.
-    seed = f"{os_name} {version} {core_size} {content}".encode()
+    # `common`: the same payload in every version (Cores that share most chunks).
+    seed = f"{os_name} {'' if common else version} {core_size} {content}".encode()
     (tree / "payload").write_bytes(hashlib.shake_256(seed).digest(core_size))
     meta = core.build_core(tree, parse_version(version), work)
     if root_hash:
@@ -127,16 +129,19 @@ def build_payloads(
     core_size: int = DEFAULT_CORE_SIZE,
     root_hash: bool = True,
     content: str = "",
+    common: bool = False,
 ) -> tuple[Path, Path]:
     """Copies of a real release's payloads in `directory`: (core-<V>, efiboot-<V>).
 
     `root_hash=False`: the UKI's command line pins no verity root hash (a Core
     without verity is what it boots). `content` changes Core's tree (another build
     of the same version)."""
-    key = (os_name, version, vg, epoch, core_size, root_hash, content)
+    key = (os_name, version, vg, epoch, core_size, root_hash, content, common)
     with _lock:
         if key not in _cache:
-            _cache[key] = _build(os_name, version, vg, epoch, core_size, root_hash, content)
+            _cache[key] = _build(
+                os_name, version, vg, epoch, core_size, root_hash, content, common
+            )
         built_core, built_efiboot = _cache[key]
     directory.mkdir(parents=True, exist_ok=True)
     core_out = directory / f"core-{version}"

@@ -8,6 +8,8 @@ imports them from here and none writes them again (docs/formats.md "Webroot" and
     POST <update_url>/<os>/report          an install report (JSON, at most 16 KiB)
     GET  <base>/dist/<V>/<os>-core[.sig]   the Core image and its minisign signature
     GET  <base>/dist/<V>/<os>-efiboot[.sig] the signed UKI and its signature
+    GET  <base>/dist/<V>/<os>-core.caibx[.sig]  Core's chunk index (optional: incremental)
+    GET  <base>/dist/store.castr/<4 hex>/<id>.cacnk  a chunk (contracts/chunks.py)
 
 Every request but the payloads' carries `clipos-machineid` (32 lowercase hex
 digits) and `clipos-version` (the running version's core, at most 128 bytes).
@@ -79,6 +81,20 @@ def payload_name(os_name: str, kind: str) -> str:
     if kind not in PAYLOADS:
         raise ValueError(f"unknown payload kind {kind!r}")
     return f"{os_name}-{kind}"
+
+
+INDEX_SUFFIX = ".caibx"
+STORE = "store.castr"  # the chunk store, in the webroot's dist/
+INDEX_MAX = 64 << 20  # the largest index a device fetches (1.6 M chunks)
+
+
+def index_name(os_name: str) -> str:
+    """Core's chunk index in a release (`<os>-core.caibx`); its signature adds `.sig`."""
+    return payload_name(os_name, "core") + INDEX_SUFFIX
+
+
+def store_dir(webroot: Path) -> Path:
+    return webroot / "dist" / STORE
 
 
 def version_url(update_url: str, os_name: str) -> str:

@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 VERSION_CAP = wire.VERSION_DOCUMENT_MAX
 REPLY_CAP = 1 << 20
 DOCUMENT = "document"  # the download directory's file for a fetched document
+MAX_JOBS = 1024  # jobs in one fetch process (chunks of an incremental update)
 REPLY_DEPTH = 3  # {"credentials": {"groups": [...]}}: the deepest a valid reply goes
 
 
@@ -254,7 +255,10 @@ class Fetcher:
         if self.user is None:
             transport = Transport(self.root_ca, self.headers, self.limits)
             self.last_credentials = credentials()
-            return execute(transport, jobs, self.progress, receivers)
+            try:
+                return execute(transport, jobs, self.progress, receivers)
+            finally:
+                transport.close()
         sizes: list[int] = check_results(jobs, self._run_sandboxed(jobs, self.progress, receivers))
         return sizes
 
@@ -270,7 +274,10 @@ class Fetcher:
         if self.user is None:
             transport = Transport(self.root_ca, self.headers, self.limits)
             self.last_credentials = credentials()
-            return execute(transport, jobs, progress)
+            try:
+                return execute(transport, jobs, progress)
+            finally:
+                transport.close()
         return check_results(jobs, self._run_sandboxed(jobs, progress))
 
     def _run_sandboxed(
@@ -571,8 +578,8 @@ def _check_error(reply: dict[str, Any]) -> None:
 def _check_results_and_credentials(reply: dict[str, Any]) -> None:
     _keys(reply, "the reply", ("ok", "results", "credentials"))
     results = reply["results"]
-    if not isinstance(results, list) or len(results) > 64:
-        raise _BadReply("results is not a list of at most 64 items")
+    if not isinstance(results, list) or len(results) > MAX_JOBS:
+        raise _BadReply(f"results is not a list of at most {MAX_JOBS} items")
     for number, result in enumerate(results):
         if isinstance(result, str):
             _text(result, f"results[{number}]", VERSION_CAP)

@@ -42,7 +42,14 @@ from rampart.contracts.cmdline import RootHash
 from rampart.device.corewrite import CHUNK, Checkpoint, ReadBack, SlotWriter
 from rampart.device.fetch import Fetcher, Stream
 from rampart.device.slots import Slot
-from rampart.errors import LocalError, RemoteDataError, TransportError, VerificationError
+from rampart.device.transport import Receiver
+from rampart.errors import (
+    LocalError,
+    RampartError,
+    RemoteDataError,
+    TransportError,
+    VerificationError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +138,32 @@ def plan(fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str) -> Pla
     return Plan(url, size, params, level0, kept)
 
 
+Feed = Callable[[Receiver, int], None]  # Core's data from a byte on, into a receiver
+
+
+def from_server(fetcher: Fetcher, plan: Plan) -> Feed:
+    """Core's data streamed from the server, from the resume point on."""
+
+    def feed(sink: Receiver, resume: int) -> None:
+        fetcher.stream([(Stream(plan.url, resume, plan.data_size, plan.size), sink)])
+
+    return feed
+
+
 def install(
-    fetcher: Fetcher,
+    feed: Feed,
     plan: Plan,
     slot: Slot,
     check_digest: CheckDigest,
     checkpoint: Checkpoint,
     root: RootHash,
 ) -> None:
-    """Stream the Core `plan` describes into `slot` (see the module's docstring).
-    VerificationError if a block, the digest or the read-back is not what was
-    signed; LocalError if the slot cannot be written; TransportError if the stream
-    stops (what was written and verified is kept: the next run resumes there)."""
+    """Write the Core `plan` describes into `slot`, its data from `feed` (the server's
+    stream, or chunks: device/incremental.py), each block checked before it is
+    written (see the module's docstring). VerificationError if a block, the digest or
+    the read-back is not what was signed; LocalError if the slot cannot be written;
+    what `feed` raises if it stops (what was written and verified is kept: the next
+    run resumes there)."""
     if plan.size > slot.size:
         raise LocalError(
             f"{slot.name}: Core image ({plan.size} bytes) does not fit the LV ({slot.size} bytes)"
@@ -162,10 +183,8 @@ def install(
                 try:
                     if resume < plan.data_size:
                         try:
-                            fetcher.stream(
-                                [(Stream(plan.url, resume, plan.data_size, plan.size), sink)]
-                            )
-                        except (TransportError, RemoteDataError):
+                            feed(sink, resume)
+                        except RampartError:
                             sink.drain()  # what verified is written: the next run resumes there
                             raise
                     sink.finish()

@@ -109,6 +109,42 @@ class Transport:
         self.context = tls_context(root_ca)
         self.headers = {"User-Agent": f"rampart/{__version__}", **headers}
         self.limits = limits
+        # A connection whose last response was read whole and not closed, kept for the
+        # next request to the same host and port (many chunks: one TLS handshake).
+        self.idle: tuple[str, int, http.client.HTTPSConnection] | None = None
+
+    def _connection(self, host: str, port: int) -> tuple[http.client.HTTPSConnection, bool]:
+        """The idle connection to host:port if there is one (True), else a new one."""
+        idle, self.idle = self.idle, None
+        if idle is not None:
+            if idle[:2] == (host, port):
+                return idle[2], True
+            idle[2].close()
+        conn = http.client.HTTPSConnection(
+            host, port, context=self.context, timeout=self.limits.connect_timeout
+        )
+        return conn, False
+
+    def _keep(
+        self,
+        host: str,
+        port: int,
+        conn: http.client.HTTPSConnection,
+        response: http.client.HTTPResponse,
+    ) -> None:
+        """Keep `conn` for the next request if its response was read whole and the
+        server keeps the connection open; else close it."""
+        if response.isclosed() and not response.will_close:
+            if self.idle is not None:
+                self.idle[2].close()
+            self.idle = (host, port, conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        if self.idle is not None:
+            self.idle[2].close()
+            self.idle = None
 
     @contextmanager
     def request(
@@ -126,26 +162,30 @@ class Transport:
         first_host = _https_target(url)[0].hostname
         for _ in range(MAX_REDIRECTS + 1):
             parts, port = _https_target(url)
-            conn = http.client.HTTPSConnection(
-                parts.hostname or "",
-                port,
-                context=self.context,
-                timeout=self.limits.connect_timeout,
-            )
+            host = parts.hostname or ""
             path = parts.path or "/"
             if parts.query:
                 path += "?" + parts.query
+            sent = (
+                dict(self.headers)
+                if parts.hostname == first_host
+                else {"User-Agent": self.headers["User-Agent"]}
+            )
+            conn, reused = self._connection(host, port)
             try:
-                conn.connect()
-                if conn.sock is not None:
-                    conn.sock.settimeout(self.limits.read_timeout)
-                sent = (
-                    dict(self.headers)
-                    if parts.hostname == first_host
-                    else {"User-Agent": self.headers["User-Agent"]}
-                )
-                conn.request(method, path, body=body, headers={**sent, **(headers or {})})
-                response = conn.getresponse()
+                try:
+                    response = self._send(
+                        conn, reused, method, path, body, {**sent, **(headers or {})}
+                    )
+                except (OSError, http.client.HTTPException):
+                    if not reused or method != "GET":
+                        raise
+                    # The server closed the idle connection meanwhile: once more, afresh.
+                    conn.close()
+                    conn, reused = self._connection(host, port)
+                    response = self._send(
+                        conn, False, method, path, body, {**sent, **(headers or {})}
+                    )
             except ssl.SSLCertVerificationError as exc:
                 conn.close()
                 raise TransportError(
@@ -175,10 +215,28 @@ class Transport:
                 continue
             try:
                 yield response
-            finally:
+            except BaseException:
                 conn.close()
+                raise
+            self._keep(host, port, conn, response)
             return
         raise TransportError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    def _send(
+        self,
+        conn: http.client.HTTPSConnection,
+        reused: bool,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+    ) -> http.client.HTTPResponse:
+        if not reused:
+            conn.connect()
+            if conn.sock is not None:
+                conn.sock.settimeout(self.limits.read_timeout)
+        conn.request(method, path, body=body, headers=headers)
+        return conn.getresponse()
 
     def _read_body(
         self,

@@ -45,7 +45,7 @@ from rampart.contracts import cmdline, hashing, signing, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
-from rampart.device import rollback, stream, trust
+from rampart.device import incremental, rollback, stream, trust
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
 from rampart.device.corewrite import Checkpoint, write_core
 from rampart.device.fetch import (
@@ -70,6 +70,8 @@ from rampart.errors import (
     FormatError,
     LocalError,
     RampartError,
+    RemoteDataError,
+    TransportError,
     UsageError,
     VerificationError,
 )
@@ -687,6 +689,7 @@ class _Streaming:
     root: RootHash
     plan: stream.Plan
     evidence: _Evidence
+    chunks: incremental.ChunkPlan | None = None  # Core rebuilt from chunks, if it can be
 
 
 def stream_plan(
@@ -717,7 +720,30 @@ def stream_plan(
     if device.targets:
         check_signed_fields(device, efiboot, facts.root, facts.epoch)
     check_rollback(device, efiboot, version, facts.epoch)
-    return _Streaming(efiboot, facts.root, plan, evidence)
+    return _Streaming(
+        efiboot, facts.root, plan, evidence, _chunk_plan(device, fetcher, version, plan)
+    )
+
+
+def _chunk_plan(
+    device: Device, fetcher: Fetcher, version: Version, plan: stream.Plan
+) -> incremental.ChunkPlan | None:
+    """The chunks to rebuild Core from (device/incremental.py), None to stream it whole:
+    in minisign mode, with a chunk index for both versions and the running Core's LV."""
+    if device.targets:
+        return None  # TUF mode: the chunk index is not a signed target yet
+    running = device.identity.version
+    seed = next((s for s in device.slots.slots() if s.version == running), None)
+    if seed is None:
+        return None
+    try:
+        return incremental.plan(
+            fetcher, device.config.public_key, device.remote.dist_url,
+            device.config.os_name, version, running, seed, plan,
+        )  # fmt: skip
+    except RampartError as exc:
+        log.warning("chunk index refused (%s): Core is streamed whole", exc)
+        return None
 
 
 def _check_uki(device: Device, efiboot: Path, version: Version) -> payload_mod.CheckedUki:
@@ -876,16 +902,7 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         log.info("writing Core %s into %s", latest, slot.path)
         write_core(core, slot, core_digest, checkpoint, root)
     else:
-        log.info("streaming Core %s into %s", latest, slot.path)
-        evidence, name = streaming.evidence, payload_path(device, latest, "core")
-        stream.install(
-            fetcher,
-            streaming.plan,
-            slot,
-            lambda digest: evidence.verify(device, digest, None, name),
-            checkpoint,
-            streaming.root,
-        )
+        _install_streamed(device, fetcher, streaming, slot, latest, checkpoint)
     log.info("Core %s written and verified", latest)
 
     checkpoint("install-entry")
@@ -896,6 +913,40 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
     return UpdateResult(
         Outcome.UPDATED, running, latest, slot.name, entry.name, [p.name for p in removed]
     )
+
+
+def _install_streamed(
+    device: Device,
+    fetcher: Fetcher,
+    streaming: _Streaming,
+    slot: Slot,
+    latest: Version,
+    checkpoint: Checkpoint,
+) -> None:
+    """Core into `slot`, rebuilt from chunks if it can be, else (or if that fails: a
+    chunk missing, corrupt or another one) streamed whole from the server, which
+    resumes after what was written and verified."""
+    evidence, name = streaming.evidence, payload_path(device, latest, "core")
+
+    def install(feed: stream.Feed) -> None:
+        stream.install(
+            feed,
+            streaming.plan,
+            slot,
+            lambda digest: evidence.verify(device, digest, None, name),
+            checkpoint,
+            streaming.root,
+        )
+
+    if streaming.chunks is not None:
+        log.info("rebuilding Core %s in %s from chunks", latest, slot.path)
+        try:
+            install(incremental.from_chunks(fetcher, streaming.chunks, streaming.plan))
+            return
+        except (TransportError, RemoteDataError) as exc:
+            log.warning("incremental update failed (%s): streaming Core whole", exc)
+    log.info("streaming Core %s into %s", latest, slot.path)
+    install(stream.from_server(fetcher, streaming.plan))
 
 
 def _preflight(device: Device, latest: Version, checkpoint: Checkpoint) -> Slot | None:

@@ -25,7 +25,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +391,7 @@ class StoreStats:
     new_bytes: int = 0  # their compressed size
     seconds_cutting: float = 0.0
     seconds_storing: float = 0.0
+    directories: set[Path] = field(default_factory=set)  # store directories written into
 
 
 def make_index(
@@ -431,6 +432,10 @@ def make_index(
     stats.chunks = len(results)
     stats.new = sum(1 for _, written in results if written)
     stats.new_bytes = sum(written for _, written in results)
+    if store is not None:
+        stats.directories = {
+            store / chunks.store_path(c).partition("/")[0] for c, written in results if written
+        }
     low, avg, high = sizes
     index = chunks.ChunkIndex(
         chunks.BLOB_FLAGS, low, avg, high, tuple(ends), tuple(c for c, _ in results)

@@ -26,7 +26,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rampart import files
@@ -37,11 +37,13 @@ from rampart.contracts.wire import (
     PAYLOADS,
     SIGNATURE_SUFFIX,
     check_name,
+    index_name,
     list_channels,
     payload_name,
     read_version_file,
     release_dir,
     render_version_document,
+    store_dir,
     version_file,
 )
 from rampart.errors import (
@@ -127,6 +129,18 @@ class PublishResult:
     reused: bool
     previous: Version | None
     epoch: int = 0  # the security epoch of the UKI (rampart.epoch on its command line)
+    chunks: int = 0  # chunks in Core's index (0: no index published)
+    new_chunks: int = 0  # of them, those the store did not hold yet
+    new_chunk_bytes: int = 0  # their compressed size
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How `publish` cuts Core into chunks for incremental updates (contracts/chunks.py)."""
+
+    compression: str = "zstd"  # or "xz"
+    level: int = 19
+    sizes: tuple[int, int, int] = (16 << 10, 64 << 10, 256 << 10)  # casync's defaults
 
 
 def publish(
@@ -139,6 +153,7 @@ def publish(
     channel: str | None = None,
     force: bool = False,
     epoch: int | None = None,
+    chunking: Chunking | None = Chunking(),
 ) -> PublishResult:
     """Publish a release into `webroot` and point `channel` at it (see module docstring).
 
@@ -149,21 +164,13 @@ def publish(
     (missing payload, unwritable webroot), FormatError (a malformed rampart.epoch),
     ConflictError (a different release with this version exists, or the channel names
     a higher version, or one whose UKI has a higher epoch, and `force` is not set).
+
+    With `chunking` (the default), Core's chunk index is signed beside it and its
+    chunks go into the webroot's chunk store, before the version file names the
+    release (None: no index; devices then stream Core whole).
     """
-    check_name(os_name, "OS name")
-    if channel is not None:
-        check_name(channel, "channel name")
-    if version.build:
-        raise UsageError(f"version {version}: build metadata is not allowed in a release version")
-    check_release_length(version)
     payloads = {"core": core, "efiboot": efiboot}
-    for kind, path in payloads.items():
-        if not path.is_file():
-            raise LocalError(f"{path}: {kind} payload not found or not a regular file")
-        if not os.access(path, os.R_OK):
-            raise LocalError(f"{path}: {kind} payload is not readable")
-    if webroot.exists() and not webroot.is_dir():
-        raise LocalError(f"{webroot}: webroot is not a directory")
+    _check_arguments(webroot, os_name, version, channel, payloads)
     check_payloads(os_name, version, core, efiboot)
     release_epoch = cmdline.efi_epoch(efiboot)
     if epoch is not None and epoch != release_epoch:
@@ -188,6 +195,9 @@ def publish(
             _makedirs(release)
             _clean_temporaries(release)
             reused = _write_release(release, os_name, payloads, secret_key, version)
+            stats = None
+            if chunking is not None:
+                stats = _write_index(webroot, release, os_name, secret_key, version, chunking)
             _makedirs(target.parent)
             _clean_temporaries(target.parent)
             _write_durably(target, render_version_document(version))
@@ -196,9 +206,81 @@ def publish(
     except OSError as exc:
         where = exc.filename or webroot
         raise LocalError(f"{where}: cannot write the webroot: {exc.strerror}") from None
-    return PublishResult(
+    result = PublishResult(
         version, os_name, channel, release, target, reused, previous, release_epoch
     )
+    if stats is not None:
+        result = replace(result, chunks=stats[0], new_chunks=stats[1], new_chunk_bytes=stats[2])
+    return result
+
+
+def _write_index(
+    webroot: Path,
+    release: Path,
+    os_name: str,
+    secret_key: signing.SecretKey,
+    version: Version,
+    chunking: Chunking,
+) -> tuple[int, int, int]:
+    """Cut the published Core into chunks, put the new ones into the store, then write
+    and sign its index (the signature lands first, as for a payload); (chunks, new
+    chunks, their compressed bytes). An index already there is kept: a release never
+    changes, and the chunker cuts the same Core the same way."""
+    from rampart.release import chunker  # numpy: only when publishing chunks
+
+    index_path = release / index_name(os_name)
+    signature_path = index_path.with_name(index_path.name + SIGNATURE_SUFFIX)
+    store = store_dir(webroot)
+    _makedirs(store)
+    index, stats = chunker.make_index(
+        release / f"{os_name}-core",
+        store,
+        sizes=chunking.sizes,
+        compression=chunking.compression,
+        level=chunking.level,
+    )
+    for directory in stats.directories:
+        fsync_dir(directory)
+    fsync_dir(store)
+    if signature_path.exists() and index_path.exists():
+        return stats.chunks, stats.new, stats.new_bytes
+    data = index.render()
+    signature = secret_key.sign_message(
+        hashing.blake2b(data).digest(), version.core.encode(), prehashed=True
+    )
+    with (
+        _temporary(release, index_path.name) as tmp_index,
+        _temporary(release, signature_path.name) as tmp_sig,
+    ):
+        for path, content in ((tmp_index, data), (tmp_sig, signature.to_bytes())):
+            with path.open("xb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            path.chmod(0o644)
+        tmp_sig.replace(signature_path)
+        tmp_index.replace(index_path)
+    fsync_dir(release)
+    return stats.chunks, stats.new, stats.new_bytes
+
+
+def _check_arguments(
+    webroot: Path, os_name: str, version: Version, channel: str | None, payloads: dict[str, Path]
+) -> None:
+    """UsageError for a bad name or version, LocalError for a missing payload or webroot."""
+    check_name(os_name, "OS name")
+    if channel is not None:
+        check_name(channel, "channel name")
+    if version.build:
+        raise UsageError(f"version {version}: build metadata is not allowed in a release version")
+    check_release_length(version)
+    for kind, path in payloads.items():
+        if not path.is_file():
+            raise LocalError(f"{path}: {kind} payload not found or not a regular file")
+        if not os.access(path, os.R_OK):
+            raise LocalError(f"{path}: {kind} payload is not readable")
+    if webroot.exists() and not webroot.is_dir():
+        raise LocalError(f"{webroot}: webroot is not a directory")
 
 
 def check_payloads(os_name: str, version: Version, core: Path, efiboot: Path) -> None:

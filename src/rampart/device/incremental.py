@@ -1,0 +1,273 @@
+"""Incremental updates: the new Core rebuilt from the chunks this machine already has,
+and only the others fetched (docs/client.md, "Incremental updates").
+
+A release may publish Core's chunk index (`<os>-core.caibx`, signed like a payload:
+minisign, its trusted comment the version) and its chunks in the webroot's chunk
+store (contracts/chunks.py: casync's formats). Once Core streams (device/stream.py:
+its tree verified against the UKI's root hash), `plan` fetches and verifies the new
+index and the running version's, and matches them by chunk id: a chunk of the new
+Core that the running Core holds is read from the running Core's LV, the others are
+fetched from the store (zstd or xz, decompressed within their size, their id
+checked). The chunks, in order, feed the same sink as a stream from the server, so
+each block is still checked against the tree before it is written, the whole is
+still hashed for the signature, and the slot still becomes bootable only after.
+
+Whatever fails here (no index, a chunk missing, corrupt, too long, another chunk
+than its id, a seed that changed) makes the update fall back to streaming Core from
+the server (`update.py`), which resumes after the blocks that were written and
+verified: never an unverified slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rampart.contracts import chunks, hashing, signing, wire
+from rampart.contracts.version import Version
+from rampart.device.fetch import Fetcher, Stream
+from rampart.device.slots import Slot
+from rampart.device.stream import Feed, Plan
+from rampart.device.transport import Receiver, feed
+from rampart.errors import LocalError, RemoteDataError, VerificationError
+
+log = logging.getLogger(__name__)
+
+SIG_CAP = 1 << 16
+BATCH = 1024  # chunks fetched by one fetch process (fetch.MAX_JOBS)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One chunk of the new Core: where it goes, its id, and where this machine has it
+    (an offset in the seed LV), or None: fetched from the store."""
+
+    start: int
+    length: int
+    chunk: bytes
+    seed_offset: int | None
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    index: chunks.ChunkIndex
+    pieces: list[Piece]
+    seed: Path  # the LV the seeded chunks are read from (the running Core)
+    store_url: str
+
+    @property
+    def missing(self) -> list[Piece]:
+        return [p for p in self.pieces if p.seed_offset is None]
+
+
+def index_url(dist_url: str, os_name: str, version: Version) -> str:
+    return f"{dist_url}/{version.core}/{wire.index_name(os_name)}"
+
+
+def fetch_index(
+    fetcher: Fetcher,
+    public_key: signing.PublicKey,
+    url: str,
+    version: Version,
+    max_size: int,
+) -> chunks.ChunkIndex | None:
+    """The chunk index at `url`, verified with `public_key` and signed for `version`
+    (VerificationError otherwise), parsed for an image of at most `max_size` bytes;
+    None if the server has none."""
+    status, raw = fetcher.document(url + wire.SIGNATURE_SUFFIX, SIG_CAP)
+    if status != 200:
+        return None
+    status, data = fetcher.document(url, wire.INDEX_MAX)
+    if status != 200:
+        return None
+    source = url.rsplit("/", 1)[-1]
+    signature = signing.parse_signature(raw, f"{source}.sig")
+    message = hashing.blake2b(data).digest() if signature.prehashed else data
+    try:
+        signing.verify(public_key, signature, message)
+    except VerificationError as exc:
+        raise VerificationError(f"{source}: {exc}") from None
+    comment = signature.trusted_text(f"{source}.sig")
+    if comment != version.core:
+        raise VerificationError(
+            f"{source}: signed for version {comment[:80]!r}, expected {version.core!r}"
+        )
+    return chunks.parse_index(data, source, max_size)
+
+
+def plan(
+    fetcher: Fetcher,
+    public_key: signing.PublicKey,
+    dist_url: str,
+    os_name: str,
+    version: Version,
+    running: Version,
+    seed: Slot,
+    core: Plan,
+) -> ChunkPlan | None:
+    """Match the new Core's index with the running one's (see the module's docstring);
+    None if there is nothing to match (no index published, or none for the running
+    version), VerificationError or FormatError if an index is not what was signed."""
+    new = fetch_index(
+        fetcher, public_key, index_url(dist_url, os_name, version), version, core.size
+    )
+    if new is None:
+        log.info("no chunk index for %s: Core is streamed whole", version)
+        return None
+    if new.size != core.size:
+        raise VerificationError(
+            f"{wire.index_name(os_name)} of {version}: its chunks make {new.size} bytes, "
+            f"Core has {core.size}"
+        )
+    old = fetch_index(
+        fetcher, public_key, index_url(dist_url, os_name, running), running, seed.size
+    )
+    if old is None:
+        log.info("no chunk index for the running %s: Core is streamed whole", running)
+        return None
+    if old.flags & chunks.SHA512_256 != new.flags & chunks.SHA512_256:
+        log.info("the two chunk indexes use different chunk ids: Core is streamed whole")
+        return None
+    have = {chunk: start for start, _, chunk in old.spans()}
+    pieces = [
+        Piece(start, length, chunk, have.get(chunk))
+        for start, length, chunk in new.spans()
+        if start < core.data_size
+    ]
+    result = ChunkPlan(new, pieces, seed.path, f"{dist_url}/{wire.STORE}")
+    missing = result.missing
+    log.info(
+        "%d of %d chunks of Core %s are here; fetching %d (%d bytes before compression)",
+        len(pieces) - len(missing), len(pieces), version, len(missing),
+        sum(p.length for p in missing),
+    )  # fmt: skip
+    return result
+
+
+def from_chunks(fetcher: Fetcher, chunk_plan: ChunkPlan, core: Plan) -> Feed:
+    """Core's data rebuilt from its chunks, from the resume point on: the seeded ones
+    read from the seed LV, the others fetched (in batches, by one fetch process each)
+    and checked, each fed in order as soon as every chunk before it was."""
+
+    def run(sink: Receiver, resume: int) -> None:
+        sink.begin(resume, core.data_size - resume, core.size)
+        pieces = [p for p in chunk_plan.pieces if p.start + p.length > resume]
+        try:
+            seed_fd = os.open(chunk_plan.seed, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LocalError(f"{chunk_plan.seed}: cannot read: {exc.strerror}") from None
+        try:
+            writer = _Ordered(sink, pieces, seed_fd, resume, core.data_size)
+            writer.seeded()
+            missing = [p for p in pieces if p.seed_offset is None]
+            for first in range(0, len(missing), BATCH):
+                batch = missing[first : first + BATCH]
+                fetcher.stream(
+                    [
+                        (
+                            Stream(
+                                f"{chunk_plan.store_url}/{chunks.store_path(p.chunk)}",
+                                0,
+                                None,
+                                _packed_cap(p.length),
+                            ),
+                            _ChunkFile(p, chunk_plan.index.flags, writer.fetched),
+                        )
+                        for p in batch
+                    ]
+                )
+            writer.seeded()
+            writer.check_done()
+            os.posix_fadvise(seed_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(seed_fd)
+
+    return run
+
+
+def _packed_cap(length: int) -> int:
+    """The largest chunk file accepted for a chunk of `length` bytes (zstd and xz
+    never grow incompressible data by more than this)."""
+    return length + length // 64 + 4096
+
+
+class _Ordered:
+    """Feeds the chunks into the sink in order: seeded ones as soon as every chunk
+    before them was fed, fetched ones as they arrive (in order too)."""
+
+    def __init__(
+        self, sink: Receiver, pieces: list[Piece], seed_fd: int, resume: int, end: int
+    ) -> None:
+        self.sink, self.pieces, self.seed_fd = sink, pieces, seed_fd
+        self.position = resume  # the next byte the sink expects
+        self.end = end
+        self.next = 0  # the index in `pieces` of the next chunk to feed
+
+    def _feed(self, piece: Piece, data: bytes) -> None:
+        skip = self.position - piece.start
+        stop = min(piece.length, self.end - piece.start)
+        feed(self.sink, memoryview(data)[skip:stop])
+        self.position = piece.start + stop
+        self.next += 1
+
+    def seeded(self) -> None:
+        """Feed the seeded chunks from the next one to the next fetched one."""
+        while self.next < len(self.pieces):
+            piece = self.pieces[self.next]
+            if piece.seed_offset is None:
+                return
+            data = os.pread(self.seed_fd, piece.length, piece.seed_offset)
+            if len(data) != piece.length:
+                raise VerificationError(f"the running Core ends inside chunk {piece.chunk.hex()}")
+            self._feed(piece, data)
+
+    def fetched(self, piece: Piece, data: bytes) -> None:
+        if self.next >= len(self.pieces) or self.pieces[self.next] is not piece:
+            raise LocalError("chunks arrived out of order")
+        self._feed(piece, data)
+        self.seeded()
+
+    def check_done(self) -> None:
+        if self.position != self.end:
+            raise LocalError(f"chunks rebuilt Core up to byte {self.position}, not {self.end}")
+
+
+class _ChunkFile:
+    """A receiver for one chunk file: kept in memory (at most its cap), then opened,
+    checked and handed on."""
+
+    def __init__(self, piece: Piece, flags: int, done: Callable[[Piece, bytes], None]) -> None:
+        self.piece, self.flags, self.done = piece, flags, done
+        self.data = bytearray()
+        self.held = 0
+
+    def begin(self, offset: int, length: int, total: int) -> None:
+        cap = _packed_cap(self.piece.length)
+        if length > cap:
+            raise RemoteDataError(
+                f"chunk {self.piece.chunk.hex()}: {length} bytes, more than {cap} for a chunk "
+                f"of {self.piece.length}"
+            )
+        self.data = bytearray(length)
+        self.held = 0
+        if length == 0:
+            self._complete()
+
+    def buffer(self) -> memoryview:
+        return memoryview(self.data)[self.held :]
+
+    def filled(self, count: int) -> None:
+        self.held += count
+        if self.held == len(self.data):
+            self._complete()
+
+    def _complete(self) -> None:
+        source = f"chunk {self.piece.chunk.hex()}"
+        data = chunks.open_chunk(
+            bytes(self.data), self.piece.length, self.piece.chunk, self.flags, source
+        )
+        self.data = bytearray()
+        self.done(self.piece, data)

@@ -1,0 +1,144 @@
+"""Incremental updates (device/incremental.py), against a real nginx: Core rebuilt
+from the chunks the running Core holds and the few fetched from the store, each
+block still verified before it is written; and the fallback to the whole stream."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from rampart.contracts import chunks, hashing, pe, wire
+from rampart.device import update
+from rampart.release import chunker
+from rampart.testbed.services import Nginx, Pki
+from tests.conftest import KeyPair
+from tests.device.conftest import (
+    OS,
+    DeviceDirs,
+    Release,
+    make_device,
+    make_release,
+    publish,
+    publish_unchecked,
+)
+from tests.releases import build_uki
+
+RUNNING = "5.0.0-alpha.1"
+OFFERED = "5.0.0-alpha.3"
+CORE_SIZE = 3 << 20
+STORE = f"/dist/{wire.STORE}/"
+CORE_PATH = f"/dist/{OFFERED}/{OS}-core "
+
+
+def releases(tmp_path: Path, vendor: KeyPair, served: Nginx) -> tuple[Release, Release]:
+    """The running release and the offered one, sharing their payload (the offered
+    Core differs in its os-release and its squashfs metadata), both published with
+    their chunk index."""
+    old = make_release(tmp_path / "old", RUNNING, core_size=CORE_SIZE, common=True)
+    new = make_release(tmp_path / "new", OFFERED, core_size=CORE_SIZE, common=True)
+    publish(served.root, vendor, old)
+    publish(served.root, vendor, new)
+    return old, new
+
+
+def running_on(device: DeviceDirs, old: Release) -> DeviceDirs:
+    """The device runs `old`: its LV holds old's Core, its slots are large enough."""
+    config = device.config_dir / "config.toml"
+    config.write_text(
+        config.read_text()
+        .replace('size = "1M"', 'size = "4M"')
+        .replace('capacity = "8M"', 'capacity = "16M"')
+    )
+    lv = device.vg / f"core_{RUNNING}"
+    lv.write_bytes(old.core.read_bytes().ljust(4 << 20, b"\0"))
+    return device
+
+
+def run(device: DeviceDirs) -> update.UpdateResult:
+    dev = device.open()
+    return update.update(dev, update.make_fetcher(dev))
+
+
+def assert_installed(device: DeviceDirs, new: Release) -> None:
+    image = new.core.read_bytes()
+    assert (device.vg / f"core_{OFFERED}").read_bytes()[: len(image)] == image
+    assert (device.esp / f"{OS}-{OFFERED}.efi").read_bytes() == new.efiboot.read_bytes()
+
+
+def chunk_requests(log: str) -> list[str]:
+    return re.findall(rf'"GET {re.escape(STORE)}(\S+) HTTP/1.1" 20[06]', log)
+
+
+def data_streamed(log: str) -> bool:
+    """Whether Core's data was streamed whole (a range request of more than a block)."""
+    sizes = [
+        int(m) for m in re.findall(rf'"GET {re.escape(CORE_PATH.strip())} HTTP/1.1" 206 (\d+)', log)
+    ]
+    return any(size > 64 << 10 for size in sizes[2:])  # after the tree and the first block
+
+
+@pytest.mark.parametrize("user", ["", "rampart-fetch"])
+def test_incremental_update_fetches_only_the_chunks_it_lacks(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, user: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    old, new = releases(tmp_path, vendor, served)
+    device = running_on(
+        make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url, fetch_user=user), old
+    )
+    caplog.set_level(logging.INFO)
+    assert run(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    log = served.access_log()
+    index = chunks.parse_index(
+        (served.root / f"dist/{OFFERED}/{wire.index_name(OS)}").read_bytes(), "i", 1 << 30
+    )
+    fetched = chunk_requests(log)
+    assert 0 < len(fetched) < len(index.ends) // 2, (len(fetched), len(index.ends))
+    assert not data_streamed(log)
+    assert any("from chunks" in r.getMessage() for r in caplog.records)
+
+
+def test_no_change_fetches_no_chunk(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx
+) -> None:
+    """The offered release's Core is the running one's (a new UKI only): every chunk is
+    already here, none is fetched, and nothing of Core's data is streamed."""
+    old = make_release(tmp_path / "old", RUNNING, core_size=CORE_SIZE, common=True)
+    publish(served.root, vendor, old)
+    line = pe.cmdline(old.efiboot.read_bytes()) or ""
+    line = line.replace(f"core_{RUNNING}", f"core_{OFFERED}")  # the same root hash
+    efiboot = build_uki(tmp_path / "new.efi", OS, OFFERED, line)
+    publish_unchecked(served.root, vendor, OFFERED, old.core, efiboot)
+    index, _ = chunker.make_index(old.core, None)
+    sign_index(served.root, vendor, OFFERED, index.render())
+    device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
+    assert run(device).outcome == update.Outcome.UPDATED
+    assert (device.vg / f"core_{OFFERED}").read_bytes()[:CORE_SIZE] == old.core.read_bytes()[
+        :CORE_SIZE
+    ]
+    log = served.access_log()
+    assert chunk_requests(log) == [] and not data_streamed(log)
+
+
+def sign_index(webroot: Path, vendor: KeyPair, version: str, data: bytes) -> None:
+    """`data` as the chunk index of `version`, signed by the vendor for that version."""
+    path = webroot / f"dist/{version}/{wire.index_name(OS)}"
+    path.write_bytes(data)
+    signature = vendor.key.sign_message(hashing.blake2b(data).digest(), version.encode(), True)
+    path.with_name(path.name + ".sig").write_bytes(signature.to_bytes())
+
+
+def test_without_the_running_version_s_index_core_is_streamed_whole(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx
+) -> None:
+    old, new = releases(tmp_path, vendor, served)
+    (served.root / f"dist/{RUNNING}/{wire.index_name(OS)}").unlink()
+    device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
+    assert run(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    log = served.access_log()
+    assert chunk_requests(log) == [] and data_streamed(log)
