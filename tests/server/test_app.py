@@ -301,3 +301,19 @@ def test_payloads_are_served_with_range_requests(server: Server, published: Path
     assert response.status_code == 206
     assert response.content == core[100:200]
     assert server.client.get("/dist/../../etc/passwd").status_code == 404
+
+
+def test_chunk_store_is_served_with_ranges_and_cached_for_good(
+    server: Server, published: Path
+) -> None:
+    """The chunk store's files are named by their content: cached as immutable. The
+    payloads keep their default headers; neither needs the database."""
+    chunk = next((published / "dist/store.castr").glob("*/*.cacnk"))
+    path = f"/dist/store.castr/{chunk.parent.name}/{chunk.name}"
+    response = server.client.get(path)
+    assert response.status_code == 200 and response.content == chunk.read_bytes()
+    assert response.headers["cache-control"] == "public, max-age=31536000, immutable"
+    partial = server.client.get(path, headers={"Range": "bytes=0-9"})
+    assert partial.status_code == 206 and partial.content == chunk.read_bytes()[:10]
+    index = server.client.get("/dist/1.0.1/clipos-core.caibx")
+    assert index.status_code == 200 and "immutable" not in index.headers.get("cache-control", "")

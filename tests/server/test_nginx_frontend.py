@@ -78,7 +78,8 @@ def adapt(
             "listen": f"listen 127.0.0.1:{port} ssl;",
             "ssl_certificate": f"ssl_certificate {cert};",
             "ssl_certificate_key": f"ssl_certificate_key {key};",
-            "alias": f"alias {dist}/;",
+            # /dist/ and the chunk store below it: the documented paths, moved here
+            "alias": line.strip().replace("/srv/rampart/webroot/dist", str(dist)),
             "root": f"root {dist.parent};",
             "access_log": f"access_log {state}/access.log;",
             "error_log": f"error_log {state}/error.log;",
@@ -93,8 +94,9 @@ def adapt(
             done[directive] = done.get(directive, 0) + 1
             line = indent + replacement
         out.append(line)
-    for directive in ("server", "listen", "ssl_certificate", "ssl_certificate_key", "alias"):
+    for directive in ("server", "listen", "ssl_certificate", "ssl_certificate_key"):
         assert done.get(directive) == 1, f"the documented config has no single {directive}"
+    assert done.get("alias") == 2, "the documented config serves dist/ and its chunk store"
     assert done.get("root") == 3, "the documented config serves tuf/ and heads/ from the root"
     return "\n".join(out) + "\n"
 
@@ -298,6 +300,15 @@ def test_nginx_serves_dist_and_proxies_the_protocol_to_the_app(
     )
     assert status == 416
     assert frontend.request("GET", "/dist/1.0.1/")[0] in (403, 404)  # no listing
+    # The chunk store: static, ranges, cached for good; the index beside Core.
+    chunk = next((frontend.webroot / "dist" / "store.castr").glob("*/*.cacnk"))
+    path = f"/dist/store.castr/{chunk.parent.name}/{chunk.name}"
+    status, headers, body = frontend.request("GET", path, headers={"Range": "bytes=0-9"})
+    assert (status, body) == (206, chunk.read_bytes()[:10])
+    assert headers["cache-control"] == "public, max-age=31536000, immutable"
+    status, headers, _ = frontend.request("GET", f"/dist/1.0.1/{OS}-core.caibx")
+    assert status == 200 and "cache-control" not in headers
+    assert frontend.request("GET", "/dist/store.castr/")[0] in (403, 404)  # no listing
 
     # The rampart client, running 1.0.0, updates itself through the front end.
     device = make_device(
