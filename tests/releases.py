@@ -139,9 +139,7 @@ def build_payloads(
     key = (os_name, version, vg, epoch, core_size, root_hash, content, common)
     with _lock:
         if key not in _cache:
-            _cache[key] = _build(
-                os_name, version, vg, epoch, core_size, root_hash, content, common
-            )
+            _cache[key] = _build(os_name, version, vg, epoch, core_size, root_hash, content, common)
         built_core, built_efiboot = _cache[key]
     directory.mkdir(parents=True, exist_ok=True)
     core_out = directory / f"core-{version}"
