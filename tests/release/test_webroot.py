@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.contracts import signing, verity, wire
+from rampart.contracts import chunks, signing, verity, wire
 from rampart.contracts.version import parse_version
 from rampart.errors import ConflictError, LocalError, UsageError
 from rampart.release import webroot
@@ -35,13 +35,21 @@ def test_publish_writes_the_exact_clipos_layout(
 ) -> None:
     root = tmp_path / "webroot"
     publish(root, keypair, payloads, "1.0.0")
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+    found = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    store = [name for name in found if name.startswith("dist/store.castr/")]
+    assert [name for name in found if name not in store] == [
         "dist/1.0.0/clipos-core",
+        "dist/1.0.0/clipos-core.caibx",
+        "dist/1.0.0/clipos-core.caibx.sig",
         "dist/1.0.0/clipos-core.sig",
         "dist/1.0.0/clipos-efiboot",
         "dist/1.0.0/clipos-efiboot.sig",
         "update/v1/clipos/version",
     ]
+    index = chunks.parse_index((root / "dist/1.0.0/clipos-core.caibx").read_bytes(), "i", 1 << 30)
+    assert sorted(store) == sorted(
+        f"dist/store.castr/{chunks.store_path(c)}" for c in set(index.ids)
+    )
     version_file = root / "update/v1/clipos/version"
     assert tomllib.loads(version_file.read_text()) == {"version": "1.0.0"}
     for kind, source in zip(("core", "efiboot"), payloads["1.0.0"], strict=True):

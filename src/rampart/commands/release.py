@@ -45,6 +45,43 @@ from rampart.release.core import COMPRESSIONS
 
 DEFAULT_VG = "mainvg"
 
+CHUNK_ARGS = (
+    arg(
+        "--no-chunks",
+        action="store_true",
+        help="publish no chunk index: devices then stream Core whole (no incremental update)",
+    ),
+    arg(
+        "--chunk-compression",
+        default=f"{webroot.Chunking.compression}:{webroot.Chunking.level}",
+        metavar="METHOD[:LEVEL]",
+        help="how new chunks are compressed in the chunk store: zstd (1-22) or xz (0-9) "
+        f"(default {webroot.Chunking.compression}:{webroot.Chunking.level})",
+    ),
+)
+
+
+def chunking(args: argparse.Namespace) -> webroot.Chunking | None:
+    """The chunking `--no-chunks` and `--chunk-compression` ask for (UsageError if bad)."""
+    if args.no_chunks:
+        return None
+    method, _, level = str(args.chunk_compression).partition(":")
+    ranges = {"zstd": range(1, 23), "xz": range(10)}
+    if method not in ranges or (
+        level and (not level.isdigit() or int(level) not in ranges[method])
+    ):
+        raise UsageError(
+            f"--chunk-compression {args.chunk_compression!r}: use zstd[:1-22] or xz[:0-9]"
+        )
+    default = webroot.Chunking.level if method == "zstd" else 9
+    return webroot.Chunking(method, int(level) if level else default)
+
+
+def chunk_summary(result: webroot.PublishResult) -> dict[str, int] | None:
+    if not result.chunks:
+        return None
+    return {"count": result.chunks, "new": result.new_chunks, "new_bytes": result.new_chunk_bytes}
+
 
 # --- keys and signatures ------------------------------------------------------------
 
@@ -167,6 +204,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.channel,
         args.force,
         epoch=args.epoch,
+        chunking=chunking(args),
     )
     tuf_targets = add_to_tuf()
     channel = result.channel or "default"
@@ -181,15 +219,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 "previous": None if result.previous is None else str(result.previous),
                 "reused_release": result.reused,
                 "epoch": result.epoch,
+                "chunks": chunk_summary(result),
                 "tuf": tuf_targets,
             }
         )
     else:
         state = "already published" if result.reused else "published"
         before = "" if result.previous is None else f" (was {result.previous})"
+        chunked = (
+            f" in {result.chunks} chunks ({result.new_chunks} new, "
+            f"{result.new_chunk_bytes} bytes compressed)"
+            if result.chunks
+            else ""
+        )
         print(
             f"{result.release}: {result.os_name} {result.version} (security epoch "
-            f"{result.epoch}) {state}; "
+            f"{result.epoch}) {state}{chunked}; "
             f"{channel} channel now points at it{before}"
         )
         if tuf_targets is not None:
@@ -199,7 +244,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_webroot_check(args: argparse.Namespace) -> int:
     public_key = signing.load_public_key(args.public_key)
-    problems = webroot.audit(args.dir, public_key)
+    problems = webroot.audit(args.dir, public_key, args.verify_chunks)
     if args.json:
         channels = [
             {"channel": c.name or "default", "os": c.os_name, "version": str(c.version)}
@@ -217,6 +262,30 @@ def cmd_webroot_check(args: argparse.Namespace) -> int:
     if problems:
         raise AuditError(f"{args.dir}: {len(problems)} problem(s) found", problems)
     print(f"{args.dir}: webroot is consistent")
+    return 0
+
+
+def cmd_webroot_gc(args: argparse.Namespace) -> int:
+    from rampart.release import chunkstore
+
+    result = chunkstore.collect_garbage(args.dir, args.dry_run)
+    if args.json:
+        print_json(
+            {
+                "webroot": str(args.dir),
+                "dry_run": args.dry_run,
+                "indexes": result.indexes,
+                "kept": result.kept,
+                "removed": result.removed,
+                "removed_bytes": result.removed_bytes,
+            }
+        )
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{args.dir}: {verb} {result.removed} chunk file(s) ({result.removed_bytes} bytes) that "
+        f"none of {result.indexes} chunk index(es) references; {result.kept} kept"
+    )
     return 0
 
 
@@ -405,6 +474,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         secret,
         args.channel,
         args.force,
+        chunking=chunking(args),
     )
     tuf_targets = add_to_tuf()
     if args.json:
@@ -415,6 +485,7 @@ def cmd_release(args: argparse.Namespace) -> int:
                 "efiboot": image.to_json(),
                 "release": str(result.release),
                 "version_file": str(result.version_file),
+                "chunks": chunk_summary(result),
                 "tuf": tuf_targets,
             }
         )
@@ -549,8 +620,9 @@ VERBS: list[Group | Verb] = [
     Verb(
         ("publish",),
         "publish a signed release into a static webroot",
-        "Copy and sign the Core and EFI payloads into DIR/dist/V/, then point the channel "
-        "at V (update/v1/OS/version, or channels/C/update/v1/OS/version). Atomic: the "
+        "Copy and sign the Core and EFI payloads into DIR/dist/V/, with Core's chunk index "
+        "(its new chunks into DIR/dist/store.castr/: incremental updates), then point the "
+        "channel at V (update/v1/OS/version, or channels/C/update/v1/OS/version). Atomic: the "
         "version file changes last, by rename. Refuses to move a channel backwards "
         "(to a lower version, or to a release whose UKI has a lower security epoch) "
         "without --force and to change an existing release. With --tuf-targets-key and "
@@ -577,6 +649,7 @@ VERBS: list[Group | Verb] = [
                 metavar="N",
                 help="the security epoch the UKI must carry (rampart.epoch=N); else refused",
             ),
+            *CHUNK_ARGS,
             PASSWORD_ENV_ARG,
             *tuf_verbs.hook_args(),
         ),
@@ -592,12 +665,35 @@ VERBS: list[Group | Verb] = [
         ("webroot", "check"),
         "audit a webroot",
         "Audit a webroot: every version file names a complete published release; "
-        "every payload's signature verifies with the public key and carries its release's "
-        "version; nothing is missing or extra. Lists every problem; exit code 5 if any.",
+        "every payload's and chunk index's signature verifies with the public key and "
+        "carries its release's version; each index's chunks make up its Core and are in "
+        "the chunk store; nothing is missing or extra. Lists every problem; exit code 5 "
+        "if any.",
         cmd_webroot_check,
         (
             arg("dir", type=Path, metavar="DIR"),
             arg("--public-key", type=Path, required=True, metavar="FILE"),
+            arg(
+                "--verify-chunks",
+                action="store_true",
+                help="also decompress every chunk an index names and check its id (reads "
+                "the whole store)",
+            ),
+            JSON,
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("webroot", "gc"),
+        "remove the chunks no release references",
+        "Remove from DIR/dist/store.castr/ every chunk that no chunk index in DIR/dist/ "
+        "references (delete old releases first), and the temporaries of interrupted "
+        "publishes. Holds the webroot's lock: never races a publish. Refuses, removing "
+        "nothing, if an index cannot be read.",
+        cmd_webroot_gc,
+        (
+            arg("dir", type=Path, metavar="DIR"),
+            arg("--dry-run", action="store_true", help="only say what would be removed"),
             JSON,
         ),
         exit_codes=True,
@@ -845,6 +941,7 @@ VERBS: list[Group | Verb] = [
                 help="minisign key that signs the release",
             ),
             arg("--webroot", type=Path, required=True, metavar="DIR"),
+            *CHUNK_ARGS,
             arg(
                 "--out",
                 type=Path,

@@ -391,8 +391,9 @@ def _check_same_payload(
 # --- audit -------------------------------------------------------------------------
 
 
-def audit(webroot: Path, public_key: signing.PublicKey) -> list[str]:
-    """Everything wrong with `webroot`, one line each; an empty list if it is sound."""
+def audit(webroot: Path, public_key: signing.PublicKey, verify_chunks: bool = False) -> list[str]:
+    """Everything wrong with `webroot`, one line each; an empty list if it is sound.
+    `verify_chunks`: also decompress every chunk an index names and check its id."""
     if not webroot.is_dir():
         raise LocalError(f"{webroot}: webroot not found or not a directory")
     problems: list[str] = []
@@ -403,13 +404,15 @@ def audit(webroot: Path, public_key: signing.PublicKey) -> list[str]:
     if problems:
         return problems
     try:
-        _audit_tree(webroot, public_key, problems)
+        _audit_tree(webroot, public_key, problems, verify_chunks)
     except OSError as exc:
         problems.append(f"{exc.filename or webroot}: cannot read: {exc.strerror}")
     return problems
 
 
-def _audit_tree(webroot: Path, public_key: signing.PublicKey, problems: list[str]) -> None:
+def _audit_tree(
+    webroot: Path, public_key: signing.PublicKey, problems: list[str], verify_chunks: bool
+) -> None:
     expected_top = {"dist", "update", "channels"}
     for entry in sorted(webroot.iterdir()):
         if entry.name not in expected_top:
@@ -425,7 +428,7 @@ def _audit_tree(webroot: Path, public_key: signing.PublicKey, problems: list[str
                 if sub.name != "update":
                     problems.append(f"{sub}: unexpected entry in a channel directory")
             _audit_version_tree(entry, problems)
-    releases = _audit_dist(webroot, public_key, problems)
+    releases = _audit_dist(webroot, public_key, problems, verify_chunks)
     for channel in list_channels(webroot, problems):
         label = "default channel" if channel.name is None else f"channel {channel.name}"
         path = version_file(webroot, channel.os_name, channel.name)
@@ -460,20 +463,29 @@ def _audit_version_tree(root: Path, problems: list[str]) -> None:
 
 
 def _audit_dist(
-    webroot: Path, public_key: signing.PublicKey, problems: list[str]
+    webroot: Path, public_key: signing.PublicKey, problems: list[str], verify_chunks: bool
 ) -> set[tuple[str, str]]:
-    """Check every release; return the complete (version, os) pairs."""
+    """Check every release and the chunk store; return the complete (version, os) pairs."""
+    from rampart.release import chunkstore
+
     complete: set[tuple[str, str]] = set()
     dist = webroot / "dist"
     if not dist.exists():
         return complete
+    store = store_dir(webroot)
+    chunkstore.audit_store(store, problems)
     for release in sorted(dist.iterdir()):
+        if release == store:
+            continue
         version = _release_version(release, problems)
         if version is None:
             continue
         for os_name, present in sorted(_release_files(release, problems).items()):
             if _audit_release(release, os_name, present, version, public_key, problems):
                 complete.add((release.name, os_name))
+            chunkstore.audit_index(
+                release, os_name, version, public_key, store, verify_chunks, problems
+            )
     return complete
 
 
@@ -496,7 +508,9 @@ def _release_files(release: Path, problems: list[str]) -> dict[str, set[str]]:
     """The payload and signature file names of a release directory, by OS."""
     oses: dict[str, set[str]] = {}
     for entry in sorted(release.iterdir()):
-        match = re.fullmatch(r"(?P<os>.+)-(?P<kind>core|efiboot)(?P<sig>\.sig)?", entry.name)
+        match = re.fullmatch(
+            r"(?P<os>.+)-(?P<kind>core|efiboot|core\.caibx)(?P<sig>\.sig)?", entry.name
+        )
         if match is None or not entry.is_file() or not NAME.fullmatch(match["os"]):
             problems.append(f"{entry}: unexpected entry in a release directory")
             continue
