@@ -813,7 +813,7 @@ class Bench:
             run_quiet(
                 [t.rampart, "publish", "--webroot", str(self.webroot), "--os", OS_NAME,
                  "--version", version, "--core", str(core), "--efiboot", str(efiboot),
-                 "--secret-key", str(key)], env=self.env,
+                 "--secret-key", str(key), "--no-chunks"], env=self.env,
             )  # fmt: skip
             core.unlink()  # the webroot has its copy; keep the disk footprint down
             efiboot.unlink()
