@@ -78,6 +78,7 @@ bench: setup
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/verity.py
+	$(BIN)/python bench/incremental.py
 	$(BIN)/python bench/tuf.py
 	$(BIN)/python bench/tuf_sign.py
 
