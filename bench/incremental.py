@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-update", action="store_true")
     parser.add_argument(
         "--compressions",
-        default="zstd:19,zstd:9,xz:9",
+        default="xz:6,zstd:19,zstd:3",
         help="the chunk compressions to compare (the first is the default)",
     )
     return parser

@@ -73,7 +73,7 @@ def chunking(args: argparse.Namespace) -> webroot.Chunking | None:
         raise UsageError(
             f"--chunk-compression {args.chunk_compression!r}: use zstd[:1-22] or xz[:0-9]"
         )
-    default = webroot.Chunking.level if method == "zstd" else 9
+    default = {"xz": 6, "zstd": 19}[method]
     return webroot.Chunking(method, int(level) if level else default)
 
 

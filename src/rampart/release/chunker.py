@@ -399,8 +399,8 @@ def make_index(
     store: Path | None,
     *,
     sizes: tuple[int, int, int] = chunks.DEFAULT_SIZES,
-    compression: str = "zstd",
-    level: int = 19,
+    compression: str = "xz",
+    level: int = 6,
     workers: int = 0,
 ) -> tuple[chunks.ChunkIndex, StoreStats]:
     """Cut `image` into chunks; put those `store` lacks into it (None: no store, the

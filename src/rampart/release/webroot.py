@@ -138,8 +138,10 @@ class PublishResult:
 class Chunking:
     """How `publish` cuts Core into chunks for incremental updates (contracts/chunks.py)."""
 
-    compression: str = "zstd"  # or "xz"
-    level: int = 19
+    # xz -6 makes chunks 10% smaller than zstd -19 at the same speed (Debian binaries
+    # in 64 KiB chunks: 0.223 against 0.248 of their size; bench/incremental.py).
+    compression: str = "xz"  # or "zstd"
+    level: int = 6
     sizes: tuple[int, int, int] = (16 << 10, 64 << 10, 256 << 10)  # casync's defaults
 
 
