@@ -445,7 +445,7 @@ def rampart_phases(run: Run) -> list[tuple[str, float]]:
     if checked is None or downloading is None or slot is None or entry is None:
         return []  # not the log lines this script knows
     phases = [("start-up, configuration, version check", checked)]
-    if at("streaming Core") is not None:
+    if any(", streamed from the server" in line for _, line in run.lines):
         return [
             *phases,
             ("download + verify efiboot, Core's tree checked, create the LV", slot - checked),

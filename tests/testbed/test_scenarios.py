@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 
 from rampart import run
+from rampart.contracts import chunks, wire
+from rampart.contracts.version import parse_version
 from rampart.testbed import build, rootfs, session
 from tests.testbed.kit import CORE, UNLOCKED_TPM, force_one_shot
 
@@ -75,6 +77,19 @@ def guest(bed: build.Testbed, work: Path, time_factor: float) -> Iterator[sessio
 
 def _timed(name: str, started: float) -> None:
     TIMINGS[name] = round(time.monotonic() - started, 1)
+
+
+def _a_new_chunk(server: session.UpdateServer, old: str, new: str) -> Path:
+    """The store file of a chunk of `new`'s Core that `old`'s lacks."""
+
+    def ids(version: str) -> tuple[bytes, ...]:
+        release = wire.release_dir(server.webroot, parse_version(version))
+        path = release / wire.index_name(build.OS_NAME)
+        return chunks.parse_index(path.read_bytes(), str(path), 1 << 40).ids
+
+    have = set(ids(old))
+    chunk = next(c for c in ids(new) if c not in have)
+    return wire.store_dir(server.webroot) / chunks.store_path(chunk)
 
 
 def _root_hash(bed: build.Testbed, version: str) -> str:
@@ -192,6 +207,10 @@ def test_2_updates_from_rampart_serve_and_reboots_into_it(
     assert set(guest.lvs()) == {"core_1.0.0", "core_1.0.1", "core_state"}
     journal = guest.sh("journalctl -b -u rampart-update.service -o cat --no-pager")
     assert "Core 1.0.1 written and verified" in journal
+    # Incremental: the installed 1.0.0 is published with its chunk index, so only the
+    # chunks 1.0.1 changed were fetched; the rest were read from the running Core's LV.
+    assert "rebuilt from chunks" in journal, journal
+    assert re.search(r"\d+ of \d+ chunks of Core 1\.0\.1 are here", journal), journal
     booted = guest.reboot()
     assert booted.core == CORE.format("1.0.1")
     assert guest.wait_system_up() == "running"
@@ -227,7 +246,17 @@ def test_3_the_next_update_overwrites_the_older_slot(
     )
     before = guest.lvs()
     server.publish("1.0.2")
-    assert guest.run_update_service() == 20
+    # A chunk tampered on the server: detected, and Core streamed whole instead.
+    chunk = _a_new_chunk(server, "1.0.1", "1.0.2")
+    genuine = chunk.read_bytes()
+    chunk.chmod(0o644)
+    chunk.write_bytes(chunks.compress(b"tampered" * 4096, "xz", 6))
+    try:
+        assert guest.run_update_service() == 20
+    finally:
+        chunk.write_bytes(genuine)
+    journal = guest.update_journal(400)
+    assert "incremental update failed" in journal and "streamed from the server" in journal
     after = guest.lvs()
     assert "core_1.0.0" not in after
     assert after["core_1.0.2"] == before["core_1.0.0"], "1.0.2 was not written into 1.0.0's LV"
@@ -377,7 +406,9 @@ def test_8_a_power_cut_while_writing_core_leaves_the_old_version_booting(
         entries = second.entries()
         assert entries == ["clipos-1.0.0.efi"], entries
         status = second.run_update_service()
-        assert status == 20, second.update_journal()
+        journal = second.update_journal(400)
+        assert status == 20, journal
+        assert "rebuilt from chunks" in journal, journal  # the power was cut in this path
         assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{offered}+{TRIES}.efi"]
         assert "core_1.0.0" in second.lvs()
     _timed("8 power cut", started)

@@ -277,7 +277,8 @@ class _SlotSink:
         self.held = 0
         self.offset = resume  # where the current buffer goes in the slot
         self.durable = resume  # the bytes written with direct I/O, in order
-        self.failed = False
+        self.failed = False  # a check or a write failed: nothing more is checked
+        self.stopped = False  # a write failed, or the sink closes: nothing more is written
         self.error: Exception | None = None  # the first check or write that failed
 
     def begin(self, offset: int, length: int, total: int) -> None:
@@ -334,12 +335,15 @@ class _SlotSink:
         return True
 
     def _write(self, index: int, offset: int, length: int, checked: Future[bool]) -> None:
-        if not checked.result() or self.failed:
+        # Every buffer before a failed one verified: each is still written (the next run
+        # resumes after them), unless a write failed or the sink is closing.
+        if not checked.result() or self.stopped:
             return
         try:
             with memoryview(self.buffers[index]) as view:
                 direct = self.writer.write(view[:length], offset)
         except OSError as exc:
+            self.stopped = True
             self._fail(exc.with_traceback(None))
             return
         if direct and self.durable == offset:
@@ -366,7 +370,7 @@ class _SlotSink:
             raise VerificationError(f"{self.plan.url}: the stream ended early ({exc})") from None
 
     def close(self) -> None:
-        self.failed = True  # what is still queued is dropped
+        self.failed = self.stopped = True  # what is still queued is dropped
         self.checker.shutdown(wait=True, cancel_futures=True)
         self.writing.shutdown(wait=True, cancel_futures=True)
         for buffer in self.buffers:

@@ -939,13 +939,13 @@ def _install_streamed(
         )
 
     if streaming.chunks is not None:
-        log.info("rebuilding Core %s in %s from chunks", latest, slot.path)
+        log.info("writing Core %s into %s, rebuilt from chunks", latest, slot.path)
         try:
             install(incremental.from_chunks(fetcher, streaming.chunks, streaming.plan))
             return
         except (TransportError, RemoteDataError) as exc:
             log.warning("incremental update failed (%s): streaming Core whole", exc)
-    log.info("streaming Core %s into %s", latest, slot.path)
+    log.info("writing Core %s into %s, streamed from the server", latest, slot.path)
     install(stream.from_server(fetcher, streaming.plan))
 
 

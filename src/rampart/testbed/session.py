@@ -37,7 +37,7 @@ from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.release import webroot
 from rampart.testbed import machine, rootfs, services
-from rampart.testbed.build import OS_NAME, SERVER_PORT, Testbed
+from rampart.testbed.build import INSTALLED, OS_NAME, SERVER_PORT, Testbed
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ class UpdateServer:
             key,
         )
         shutil.copytree(wire.release_dir(scratch, parse_version(version)), release)
+        # Its chunks too, beside those of the releases already there (the same names are
+        # the same chunks).
+        shutil.copytree(wire.store_dir(scratch), wire.store_dir(self.webroot), dirs_exist_ok=True)
         shutil.rmtree(scratch)
         return release
 
@@ -176,6 +179,9 @@ class UpdateServer:
         return rows
 
     def __enter__(self) -> UpdateServer:
+        # The release the disk was installed with is published too, as a vendor's would
+        # be: its chunk index lets the guest's first update fetch only what changed.
+        self.ensure_release(INSTALLED)
         self.start()
         return self
 

@@ -151,5 +151,5 @@ def test_seed_that_changed_under_the_device(
     assert_installed(device, new)
     assert (device.vg / f"core_{RUNNING}").read_bytes() == data  # read, never written
     messages = [r.getMessage() for r in caplog.records]
-    assert any("incremental update failed" in m and "corrupted" in m for m in messages)
+    assert any("incremental update failed" in m and "corrupted" in m for m in messages), messages
     assert any("resuming at byte" in m for m in messages)
