@@ -45,6 +45,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
@@ -156,10 +157,10 @@ def content_bound(old: Path, new: Path, work: Path) -> tuple[int, int, int]:
         if other.is_symlink() or not other.is_file() or _digest(other) != _digest(path):
             changed.append(str(rel))
             size += path.stat().st_size
-    listing = work / "changed.txt"
-    listing.write_text("\n".join(changed) + "\n")
     archive = work / "changed.tar"
-    _run(["tar", "-C", new, "--numeric-owner", "-cf", archive, "-T", listing, "--no-recursion"])
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
+        for rel in changed:
+            tar.add(new / rel, arcname=rel, recursive=False)
     packed = _run(["xz", "-9", "-c", archive]).stdout
     archive.unlink()
     return len(packed), len(changed), size

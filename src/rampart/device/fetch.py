@@ -756,7 +756,8 @@ def _child(
             replace(job, dest=os.path.relpath(job.dest, directory)) if job.dest else job
             for job in jobs
         ]
-        senders = [_PipeSender(stream_fd) for job in jobs if job.op == "stream"]
+        sender = _PipeSender(stream_fd)  # one buffer: the ranges go one after the other
+        senders = [sender for job in jobs if job.op == "stream"]
         results = execute(transport, local, progress, senders)
         reply: dict[str, Any] = {"ok": True, "results": results, "credentials": credentials()}
     except RampartError as exc:
