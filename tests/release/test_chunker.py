@@ -30,7 +30,7 @@ def image(path: Path, size: int, seed: int = 1) -> Path:
     return path
 
 
-def cuts_of(path: Path, sizes: tuple[int, int, int] = chunks.DEFAULT_SIZES) -> list[int]:
+def cuts_of(path: Path, sizes: tuple[int, int, int] = chunks.CASYNC_SIZES) -> list[int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         return chunker.cut_points(fd, os.fstat(fd).st_size, sizes)
@@ -42,10 +42,10 @@ def cuts_of(path: Path, sizes: tuple[int, int, int] = chunks.DEFAULT_SIZES) -> l
 @pytest.mark.parametrize(
     ("size", "sizes"),
     [
-        ((9 << 20) + 12345, chunks.DEFAULT_SIZES),  # crosses blocks of the scan
+        ((9 << 20) + 12345, chunks.CASYNC_SIZES),  # crosses blocks of the scan
         (3 << 20, (4096, 16384, 65536)),
-        (100_000, chunks.DEFAULT_SIZES),
-        (16383, chunks.DEFAULT_SIZES),  # shorter than min: one chunk
+        (100_000, chunks.CASYNC_SIZES),
+        (16383, chunks.CASYNC_SIZES),  # shorter than min: one chunk
     ],
     ids=["9MiB", "small-chunks", "100k", "under-min"],
 )
@@ -66,7 +66,7 @@ def test_cut_points_are_casyncs(tmp_path: Path, size: int, sizes: tuple[int, int
 def test_a_chunk_of_exactly_min_bytes_is_cut_as_casync_cuts_it(tmp_path: Path) -> None:
     """casync tests the first full window at `min` (desync, before its fix, at min + 1):
     find data whose window ending at `min` matches, and check the cut is there."""
-    low, avg, high = chunks.DEFAULT_SIZES
+    low, avg, high = chunks.CASYNC_SIZES
     d = chunker.discriminator(low, avg, high)
     rng = random.Random(7)  # noqa: S311 - reproducible data
     head = rng.randbytes(low - 48)
@@ -120,4 +120,5 @@ def test_rampart_reads_the_index_and_store_casync_made(tmp_path: Path) -> None:
         packed = (store / chunks.store_path(chunk)).read_bytes()
         rebuilt += chunks.open_chunk(packed, length, chunk, index.flags, "casync chunk")
     assert bytes(rebuilt) == blob.read_bytes()
-    assert index == chunker.make_index(blob, None)[0]  # and the same index as Rampart's
+    same = chunker.make_index(blob, None, sizes=chunks.CASYNC_SIZES)[0]
+    assert index == same  # and Rampart's chunker makes the same index

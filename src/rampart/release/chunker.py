@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from rampart.contracts import chunks
 from rampart.errors import LocalError
 
 WINDOW = 48
-BLOCK = 4 << 20  # bytes scanned for candidates at once (a multiple of 32)
+BLOCK = 256 << 10  # bytes scanned for candidates at once (a multiple of 32)
 Progress = Callable[[int, int], None]
 
 # casync's buzhash table (src/cachunker.c): 256 32-bit constants.
@@ -323,23 +324,50 @@ def discriminator(low: int, avg: int, high: int) -> int:
     return min(max(d, low), high)
 
 
+class _Scratch(threading.local):
+    """Each thread's work arrays, allocated once: a new array per operation costs a
+    page fault per 4 KiB, about as much as the arithmetic."""
+
+    def __init__(self) -> None:
+        n = BLOCK + WINDOW
+        self.index = np.empty(n, dtype=np.uint32)
+        self.u = np.empty(n, dtype=np.uint32)
+        self.prefix = np.empty(n + 1, dtype=np.uint32)
+        self.h = np.empty(n, dtype=np.uint32)
+        self.t = np.empty(n, dtype=np.uint32)
+        self.wide = np.empty(n, dtype=np.uint64)
+        self.hit = np.empty(n, dtype=np.bool_)
+
+
+_scratch = _Scratch()
+_BACK = (np.uint32(32) - _TURNS) & np.uint32(31)  # 32 - turn, 0 for a turn of 0
+
+
 def _candidates(window: bytes, base: int, d: int) -> np.ndarray:
     """The positions q in (base, base + len(window) - 48] where H(q) mod d = d - 1;
     `window` holds the image from `base - 48` (zeros before the image's start)."""
     x = np.frombuffer(window, dtype=np.uint8)
     n = len(x)
-    index = np.add(_ROWS[:n], x, dtype=np.uint32)
-    u = _ROTATED[index]
-    prefix = np.empty(n + 1, dtype=np.uint32)
+    m = n - WINDOW  # the positions q = base + 1 ... base + m
+    w = _scratch
+    index, u, prefix = w.index[:n], w.u[:n], w.prefix[: n + 1]
+    np.add(_ROWS[:n], x, out=index, dtype=np.uint32)
+    np.take(_ROTATED, index, out=u)
     prefix[0] = 0
     np.bitwise_xor.accumulate(u, out=prefix[1:])
-    h = prefix[WINDOW + 1 :] ^ prefix[1 : n - WINDOW + 1]  # for q = base + 1 ...
-    turns = _TURNS[: len(h)]
-    h = (h << turns) | (h >> ((np.uint32(32) - turns) & np.uint32(31)))
+    h, t = w.h[:m], w.t[:m]
+    np.bitwise_xor(prefix[WINDOW + 1 :], prefix[1 : m + 1], out=h)
+    # rol32(h, turn): for a turn of 0, h << 0 | h >> 0 is h
+    np.left_shift(h, _TURNS[:m], out=t)
+    np.right_shift(h, _BACK[:m], out=h)
+    np.bitwise_or(h, t, out=h)
     # h mod d == d - 1, as (h + 1) * ceil(2^64 / d) mod 2^64 < ceil(2^64 / d) (Lemire)
     c = np.uint64(0xFFFFFFFFFFFFFFFF // d + 1)
-    hits = np.flatnonzero((h.astype(np.uint64) + np.uint64(1)) * c < c)
-    return hits.astype(np.int64) + (base + 1)
+    wide, hit = w.wide[:m], w.hit[:m]
+    np.add(h, np.uint64(1), out=wide)
+    np.multiply(wide, c, out=wide)
+    np.less(wide, c, out=hit)
+    return np.flatnonzero(hit).astype(np.int64) + (base + 1)
 
 
 def cut_points(fd: int, size: int, sizes: tuple[int, int, int], workers: int = 0) -> list[int]:
@@ -398,7 +426,7 @@ def make_index(
     image: Path,
     store: Path | None,
     *,
-    sizes: tuple[int, int, int] = chunks.DEFAULT_SIZES,
+    sizes: tuple[int, int, int] = chunks.SIZES,
     compression: str = "xz",
     level: int = 6,
     workers: int = 0,
@@ -416,16 +444,23 @@ def make_index(
         ends = cut_points(fd, size, sizes, workers)
         stats.seconds_cutting = time.monotonic() - started
         started = time.monotonic()
-        spans = list(_spans(ends))
 
-        def one(span: tuple[int, int]) -> tuple[bytes, int]:
-            data = os.pread(fd, span[1], span[0])
-            chunk = chunks.chunk_id(data)
-            written = 0 if store is None else _put(store, chunk, data, compression, level)
-            return chunk, written
+        def one(group: list[tuple[int, int]]) -> list[tuple[bytes, int]]:
+            first = group[0][0]
+            data = os.pread(fd, group[-1][0] + group[-1][1] - first, first)
+            view = memoryview(data)
+            done = []
+            for start, length in group:
+                piece = view[start - first : start - first + length]
+                chunk = chunks.chunk_id(piece)
+                written = 0
+                if store is not None:
+                    written = _put(store, chunk, bytes(piece), compression, level)
+                done.append((chunk, written))
+            return done
 
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            results = list(pool.map(one, spans))
+            results = [r for group in pool.map(one, _groups(ends)) for r in group]
         stats.seconds_storing = time.monotonic() - started
     finally:
         os.close(fd)
@@ -443,11 +478,18 @@ def make_index(
     return index, stats
 
 
-def _spans(ends: list[int]) -> Iterator[tuple[int, int]]:
-    start = 0
+def _groups(ends: list[int], size: int = 1 << 20) -> Iterator[list[tuple[int, int]]]:
+    """The chunks as (start, length), in runs of about `size` bytes (one read each)."""
+    group: list[tuple[int, int]] = []
+    start = first = 0
     for end in ends:
-        yield start, end - start
+        group.append((start, end - start))
         start = end
+        if end - first >= size:
+            yield group
+            group, first = [], end
+    if group:
+        yield group
 
 
 def _put(store: Path, chunk: bytes, data: bytes, compression: str, level: int) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import cmdline, hashing, signing
+from rampart.contracts import chunks, cmdline, hashing, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
     NAME,
@@ -142,7 +142,7 @@ class Chunking:
     # in 64 KiB chunks: 0.223 against 0.248 of their size; bench/incremental.py).
     compression: str = "xz"  # or "zstd"
     level: int = 6
-    sizes: tuple[int, int, int] = (16 << 10, 64 << 10, 256 << 10)  # casync's defaults
+    sizes: tuple[int, int, int] = chunks.SIZES
 
 
 def publish(
