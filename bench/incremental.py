@@ -159,8 +159,8 @@ def content_bound(old: Path, new: Path, work: Path) -> tuple[int, int, int]:
             size += path.stat().st_size
     archive = work / "changed.tar"
     with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
-        for rel in changed:
-            tar.add(new / rel, arcname=rel, recursive=False)
+        for name in changed:
+            tar.add(new / name, arcname=name, recursive=False)
     packed = _run(["xz", "-9", "-c", archive]).stdout
     archive.unlink()
     return len(packed), len(changed), size
