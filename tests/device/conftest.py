@@ -209,6 +209,15 @@ def vendor(tmp_path: Path) -> KeyPair:
 
 
 @pytest.fixture
+def webroot_dir() -> Iterator[Path]:
+    """A webroot in a world-readable temporary directory (`world_readable_tmp`), for the
+    hostile servers of tests/device/hostile.py; removed afterwards."""
+    root = services.world_readable_tmp()
+    yield root / "webroot"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
 def served(tmp_path: Path, pki: services.Pki) -> Iterator[services.Nginx]:
     """nginx serving an (initially empty) webroot over HTTPS on loopback."""
     root = services.world_readable_tmp()

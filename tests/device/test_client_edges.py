@@ -30,7 +30,7 @@ from rampart.device import esp as esp_mod
 from rampart.device import fetch, update
 from rampart.device.transport import Limits
 from rampart.errors import LocalError, RemoteDataError, TransportError
-from rampart.testbed.services import Pki, world_readable_tmp
+from rampart.testbed.services import Pki
 from tests.conftest import KeyPair, run_cli
 from tests.device.conftest import OS, make_device, make_release, publish
 from tests.device.hostile import Behaviour, endless, hostile_server
@@ -71,13 +71,6 @@ def fill(directory: Path, name: str = "filler") -> None:
                 tail.write(b"\0")
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
-
-
-@pytest.fixture
-def webroot_dir() -> Iterator[Path]:
-    root = world_readable_tmp()
-    yield root / "webroot"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def reports(posts: Posts) -> list[dict[str, object]]:

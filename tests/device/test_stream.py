@@ -6,8 +6,6 @@ block that verified in the slot."""
 from __future__ import annotations
 
 import logging
-import shutil
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 
 from rampart.device import update
 from rampart.errors import TransportError
-from rampart.testbed.services import Nginx, Pki, world_readable_tmp
+from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
 from tests.device.conftest import OS, DeviceDirs, Release, make_device, make_release, publish
 from tests.device.hostile import body, hostile_server, ranged, send_range
@@ -65,13 +63,6 @@ def test_streamed_core_never_lands_in_the_download_directory(
     assert all(f"{OS}-{OFFERED}-core" not in names for names in seen), seen
     core_requests = [line for line in served.access_log().splitlines() if CORE_PATH + " " in line]
     assert len(core_requests) == 3 and all('" 206 ' in line for line in core_requests)
-
-
-@pytest.fixture
-def webroot_dir() -> Iterator[Path]:
-    root = world_readable_tmp()
-    yield root / "webroot"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_interrupted_stream_resumes_from_the_last_verified_block(

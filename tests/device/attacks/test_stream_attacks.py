@@ -5,8 +5,6 @@ untouched, and that a slot that was written holds only blocks that verified."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 
 from rampart.device import update
 from rampart.errors import RemoteDataError, VerificationError
-from rampart.testbed.services import Pki, world_readable_tmp
+from rampart.testbed.services import Pki
 from tests.conftest import KeyPair
 from tests.device.conftest import (
     OS,
@@ -32,13 +30,6 @@ RUNNING = "5.0.0-alpha.1"
 CORE_PATH = f"/dist/{OFFERED}/{OS}-core"
 MIB = 1 << 20
 CORE_SIZE = 3 * MIB + 12345  # four 1 MiB chunks of data
-
-
-@pytest.fixture
-def webroot_dir() -> Iterator[Path]:
-    root = world_readable_tmp()
-    yield root / "webroot"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from rampart.errors import (
     VerificationError,
 )
 from rampart.release import tufrepo
-from rampart.testbed.services import Pki, world_readable_tmp
+from rampart.testbed.services import Pki
 from tests.conftest import KeyPair, run_cli
 from tests.device.conftest import OS, DeviceDirs, make_device, make_release, publish
 from tests.device.hostile import Behaviour, body, endless, hostile_server
@@ -45,13 +43,6 @@ NEWER = "5.0.0-alpha.4"
 MACHINE_ID = "0123456789abcdef0123456789abcdef"  # make_device's
 CORE_PATH = f"/dist/{OFFERED}/{OS}-core"
 TUF_CONFIG = '\n[trust]\nmode = "tuf"\nmetadata_dir = "{root}/tuf"\n'
-
-
-@pytest.fixture
-def webroot_dir() -> Iterator[Path]:
-    root = world_readable_tmp()
-    yield root / "webroot"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

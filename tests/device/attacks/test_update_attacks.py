@@ -4,14 +4,13 @@ error, and asserts that neither the slots nor the ESP changed."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rampart.device import update
 from rampart.errors import FormatError, RemoteDataError, TransportError, VerificationError
-from rampart.testbed.services import Pki, world_readable_tmp
+from rampart.testbed.services import Pki
 from tests.conftest import KeyPair, make_keypair
 from tests.device.conftest import OS, DeviceDirs, make_device, make_release, publish
 from tests.device.hostile import Behaviour, body, endless, hostile_server, trickle
@@ -19,13 +18,6 @@ from tests.device.hostile import Behaviour, body, endless, hostile_server, trick
 OFFERED = "5.0.0-alpha.3"
 VERSION_PATH = f"/update/v1/{OS}/version"
 CORE_PATH = f"/dist/{OFFERED}/{OS}-core"
-
-
-@pytest.fixture
-def webroot_dir() -> Iterator[Path]:
-    root = world_readable_tmp()
-    yield root / "webroot"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def attack(
