@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
+from rampart import run
 from rampart.contracts import chunks, hashing, pe, wire
 from rampart.device import update
 from rampart.release import chunker
@@ -57,7 +59,7 @@ def running_on(device: DeviceDirs, old: Release) -> DeviceDirs:
     return device
 
 
-def run(device: DeviceDirs) -> update.UpdateResult:
+def run_update(device: DeviceDirs) -> update.UpdateResult:
     dev = device.open()
     return update.update(dev, update.make_fetcher(dev))
 
@@ -90,7 +92,7 @@ def test_incremental_update_fetches_only_the_chunks_it_lacks(
         make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url, fetch_user=user), old
     )
     caplog.set_level(logging.INFO)
-    assert run(device).outcome == update.Outcome.UPDATED
+    assert run_update(device).outcome == update.Outcome.UPDATED
     assert_installed(device, new)
     log = served.access_log()
     index = chunks.parse_index(
@@ -116,7 +118,7 @@ def test_no_change_fetches_no_chunk(
     index, _ = chunker.make_index(old.core, None)
     sign_index(served.root, vendor, OFFERED, index.render())
     device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
-    assert run(device).outcome == update.Outcome.UPDATED
+    assert run_update(device).outcome == update.Outcome.UPDATED
     assert (device.vg / f"core_{OFFERED}").read_bytes()[:CORE_SIZE] == old.core.read_bytes()[
         :CORE_SIZE
     ]
@@ -138,7 +140,33 @@ def test_without_the_running_version_s_index_core_is_streamed_whole(
     old, new = releases(tmp_path, vendor, served)
     (served.root / f"dist/{RUNNING}/{wire.index_name(OS)}").unlink()
     device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
-    assert run(device).outcome == update.Outcome.UPDATED
+    assert run_update(device).outcome == update.Outcome.UPDATED
     assert_installed(device, new)
     log = served.access_log()
     assert chunk_requests(log) == [] and data_streamed(log)
+
+
+def test_device_rebuilds_core_from_an_index_and_store_casync_made(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx
+) -> None:
+    """Both releases' indexes and the store made by `casync make` (its default chunk
+    sizes and zstd chunks), signed by the vendor: the device consumes them as its own."""
+    casync = shutil.which("casync")
+    assert casync is not None, "casync missing: run `make setup`"
+    old, new = releases(tmp_path, vendor, served)
+    store = wire.store_dir(served.root)
+    shutil.rmtree(store)
+    for version, release in ((RUNNING, old), (OFFERED, new)):
+        made = tmp_path / f"{version}.caibx"
+        run.run([casync, "make", f"--store={store}", str(made), str(release.core)])
+        sign_index(served.root, vendor, version, made.read_bytes())
+    for directory in (store, *store.iterdir()):
+        directory.chmod(0o755)  # casync writes its directories for its own user only
+    device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    log = served.access_log()
+    fetched = chunk_requests(log)
+    assert fetched and all(name.endswith(".cacnk") for name in fetched)
+    assert not data_streamed(log)
+    assert next(store.glob("*/*.cacnk")).read_bytes().startswith(chunks.ZSTD_MAGIC)

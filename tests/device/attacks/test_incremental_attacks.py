@@ -24,7 +24,7 @@ from tests.device.test_incremental import (
     chunk_requests,
     data_streamed,
     releases,
-    run,
+    run_update,
     running_on,
     sign_index,
 )
@@ -49,7 +49,7 @@ def falls_back(
     device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
     running = (device.vg / f"core_{RUNNING}").read_bytes()
     caplog.set_level(logging.INFO)
-    assert run(device).outcome == update.Outcome.UPDATED
+    assert run_update(device).outcome == update.Outcome.UPDATED
     assert_installed(device, new)
     assert (device.vg / f"core_{RUNNING}").read_bytes() == running
     assert data_streamed(served.access_log())
@@ -147,7 +147,7 @@ def test_seed_that_changed_under_the_device(
     data[(1 << 20) + 5] ^= 0xFF
     lv.write_bytes(data)
     caplog.set_level(logging.INFO)
-    assert run(device).outcome == update.Outcome.UPDATED
+    assert run_update(device).outcome == update.Outcome.UPDATED
     assert_installed(device, new)
     assert (device.vg / f"core_{RUNNING}").read_bytes() == data  # read, never written
     messages = [r.getMessage() for r in caplog.records]
