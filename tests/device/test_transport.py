@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,44 @@ def test_connection_refused(pki: Pki) -> None:
 
     with pytest.raises(TransportError, match="connection refused"):
         transport(pki.ca.cert).get_small(f"https://localhost:{free_port()}/v", 4096)
+
+
+class _Kept:
+    def begin(self, offset: int, length: int, total: int) -> None:
+        self.data = bytearray(length)
+        self.held = 0
+
+    def buffer(self) -> memoryview:
+        return memoryview(self.data)[self.held :]
+
+    def filled(self, count: int) -> None:
+        self.held += count
+
+
+def test_requests_in_a_row_share_one_kept_alive_connection(
+    tmp_path: Path, site: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranges and documents read whole leave their connection open for the next request
+    to the same server: one TLS handshake for a run of chunks. (A body read with read1
+    up to its length left the response open, and every request connected afresh.)"""
+    (site / "a").write_bytes(bytes(range(256)) * 400)
+    server = serve(tmp_path, site, pki.server)
+    try:
+        client = transport(pki.ca.cert)
+        fresh: list[bool] = []
+        send = client._send
+
+        def counting(conn: Any, reused: bool, *rest: Any) -> Any:
+            fresh.append(not reused)
+            return send(conn, reused, *rest)
+
+        monkeypatch.setattr(client, "_send", counting)
+        for start in (0, 1000, 50_000):
+            kept = _Kept()
+            assert client.stream(f"{server.url}/a", start, None, 1 << 20, kept) == 102_400 - start
+            assert kept.data == (bytes(range(256)) * 400)[start:]
+        assert client.get_small(f"{server.url}/update/v1/clipos/version", 4096).startswith(b"ver")
+        assert fresh == [True, False, False, False]
+        client.close()
+    finally:
+        server.stop()

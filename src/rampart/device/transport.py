@@ -133,8 +133,11 @@ class Transport:
         response: http.client.HTTPResponse,
     ) -> None:
         """Keep `conn` for the next request if its response was read whole and the
-        server keeps the connection open; else close it."""
-        if response.isclosed() and not response.will_close:
+        server keeps the connection open; else close it. (A body read with read1 up to
+        its length leaves the response open, its remaining length 0.)"""
+        whole = response.isclosed() or response.length == 0
+        if whole and not response.will_close:
+            response.close()  # http.client sends nothing while a response is open
             if self.idle is not None:
                 self.idle[2].close()
             self.idle = (host, port, conn)
