@@ -157,6 +157,17 @@ def make_device(
     return dev
 
 
+def larger_slots(device: DeviceDirs) -> DeviceDirs:
+    """`device` with 4 MiB slots in a 16 MiB volume group (Cores of a few MiB)."""
+    config = device.config_dir / "config.toml"
+    config.write_text(
+        config.read_text()
+        .replace('size = "1M"', 'size = "4M"')
+        .replace('capacity = "8M"', 'capacity = "16M"')
+    )
+    return device
+
+
 @dataclass
 class Release:
     version: str

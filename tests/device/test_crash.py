@@ -14,7 +14,15 @@ from rampart.device import update
 from rampart.device.esp import Esp
 from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
-from tests.device.conftest import OS, DeviceDirs, Release, make_device, make_release, publish
+from tests.device.conftest import (
+    OS,
+    DeviceDirs,
+    Release,
+    larger_slots,
+    make_device,
+    make_release,
+    publish,
+)
 
 OFFERED = "5.0.0-alpha.3"
 STEPS = [
@@ -81,13 +89,7 @@ def test_sigkill_at_every_step_leaves_a_bootable_system_and_a_rerun_completes(
 ) -> None:
     release = make_release(tmp_path / "rel", OFFERED, core_size=3 * (1 << 20) + 12345)
     publish(served.root, vendor, release)
-    device = make_device(tmp_path / "device", vendor, pki.ca.cert, served.url)
-    cfg = device.config_dir / "config.toml"
-    cfg.write_text(
-        cfg.read_text()
-        .replace('size = "1M"', 'size = "4M"')
-        .replace('capacity = "8M"', 'capacity = "16M"')
-    )
+    device = larger_slots(make_device(tmp_path / "device", vendor, pki.ca.cert, served.url))
     # A previous update left an unused LV and its entry: the normal A/B case.
     (device.vg / "core_5.0.0-alpha.2").write_bytes(OLD_CORE)
     (device.esp / f"{OS}-5.0.0-alpha.2.efi").write_bytes(b"old efi")

@@ -21,6 +21,7 @@ from tests.device.conftest import (
     OS,
     DeviceDirs,
     Release,
+    larger_slots,
     make_device,
     make_release,
     publish,
@@ -48,12 +49,7 @@ def releases(tmp_path: Path, vendor: KeyPair, served: Nginx) -> tuple[Release, R
 
 def running_on(device: DeviceDirs, old: Release) -> DeviceDirs:
     """The device runs `old`: its LV holds old's Core, its slots are large enough."""
-    config = device.config_dir / "config.toml"
-    config.write_text(
-        config.read_text()
-        .replace('size = "1M"', 'size = "4M"')
-        .replace('capacity = "8M"', 'capacity = "16M"')
-    )
+    larger_slots(device)
     lv = device.vg / f"core_{RUNNING}"
     lv.write_bytes(old.core.read_bytes().ljust(4 << 20, b"\0"))
     return device

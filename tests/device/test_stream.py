@@ -15,23 +15,21 @@ from rampart.device import update
 from rampart.errors import TransportError
 from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
-from tests.device.conftest import OS, DeviceDirs, Release, make_device, make_release, publish
+from tests.device.conftest import (
+    OS,
+    DeviceDirs,
+    Release,
+    larger_slots,
+    make_device,
+    make_release,
+    publish,
+)
 from tests.device.hostile import body, hostile_server, ranged, send_range
 
 OFFERED = "5.0.0-alpha.3"
 CORE_PATH = f"/dist/{OFFERED}/{OS}-core"
 MIB = 1 << 20
 CORE_SIZE = 3 * MIB + 12345
-
-
-def sized(device: DeviceDirs) -> DeviceDirs:
-    config = device.config_dir / "config.toml"
-    config.write_text(
-        config.read_text()
-        .replace('size = "1M"', 'size = "4M"')
-        .replace('capacity = "8M"', 'capacity = "16M"')
-    )
-    return device
 
 
 def assert_installed(device: DeviceDirs, release: Release) -> None:
@@ -47,7 +45,9 @@ def test_streamed_core_never_lands_in_the_download_directory(
 ) -> None:
     release = make_release(tmp_path / "rel", OFFERED, core_size=CORE_SIZE)
     publish(served.root, vendor, release)
-    device = sized(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url, fetch_user=user))
+    device = larger_slots(
+        make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url, fetch_user=user)
+    )
     seen: list[list[str]] = []
 
     def look(step: str) -> None:
@@ -94,7 +94,7 @@ def test_interrupted_stream_resumes_from_the_last_verified_block(
 
     behaviours = {CORE_PATH: ranged(image, cut)}
     with hostile_server(webroot_dir, pki.server.cert, pki.server.key, behaviours) as url:
-        device = sized(make_device(tmp_path / "dev", vendor, pki.ca.cert, url))
+        device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, url))
         dev = device.open()
         with pytest.raises(TransportError, match="connection closed after"):
             update.update(dev, update.make_fetcher(dev))
@@ -120,7 +120,7 @@ def test_server_without_range_requests_gets_a_whole_download(
     publish(webroot_dir, vendor, release)
     behaviours = {CORE_PATH: body(release.core.read_bytes())}
     with hostile_server(webroot_dir, pki.server.cert, pki.server.key, behaviours) as url:
-        device = sized(make_device(tmp_path / "dev", vendor, pki.ca.cert, url))
+        device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, url))
         dev = device.open()
         assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
     assert_installed(device, release)

@@ -18,6 +18,7 @@ from tests.device.conftest import (
     OS,
     DeviceDirs,
     Release,
+    larger_slots,
     make_device,
     make_release,
     publish,
@@ -40,14 +41,7 @@ def release(tmp_path: Path, vendor: KeyPair, webroot_dir: Path) -> Release:
 
 
 def new_device(tmp_path: Path, vendor: KeyPair, pki: Pki, url: str) -> DeviceDirs:
-    device = make_device(tmp_path / "device", vendor, pki.ca.cert, url)
-    config = device.config_dir / "config.toml"
-    config.write_text(
-        config.read_text()
-        .replace('size = "1M"', 'size = "4M"')
-        .replace('capacity = "8M"', 'capacity = "16M"')
-    )
-    return device
+    return larger_slots(make_device(tmp_path / "device", vendor, pki.ca.cert, url))
 
 
 def refused(
