@@ -421,3 +421,13 @@ def verify_file(path: Path, signature: Signature, public_key: PublicKey) -> byte
     except VerificationError as exc:
         raise VerificationError(f"{path}: {exc}") from None
     return message if signature.prehashed else hashing.blake2b(message).digest()
+
+
+def verify_data(public_key: PublicKey, signature: Signature, data: bytes, source: str) -> None:
+    """Verify `signature` over `data` held in memory, prehashed or legacy;
+    VerificationError naming `source` if not."""
+    message = hashing.blake2b(data).digest() if signature.prehashed else data
+    try:
+        verify(public_key, signature, message)
+    except VerificationError as exc:
+        raise VerificationError(f"{source}: {exc}") from None

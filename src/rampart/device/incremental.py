@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rampart.contracts import chunks, hashing, signing, wire
+from rampart.contracts import chunks, signing, wire
 from rampart.contracts.version import Version
 from rampart.device.fetch import Fetcher, Stream
 from rampart.device.slots import Slot
@@ -85,11 +85,7 @@ def fetch_index(
         return None
     source = url.rsplit("/", 1)[-1]
     signature = signing.parse_signature(raw, f"{source}.sig")
-    message = hashing.blake2b(data).digest() if signature.prehashed else data
-    try:
-        signing.verify(public_key, signature, message)
-    except VerificationError as exc:
-        raise VerificationError(f"{source}: {exc}") from None
+    signing.verify_data(public_key, signature, data, source)
     comment = signature.trusted_text(f"{source}.sig")
     if comment != version.core:
         raise VerificationError(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import chunks, hashing, signing, wire
+from rampart.contracts import chunks, signing, wire
 from rampart.contracts.version import Version
 from rampart.errors import FormatError, LocalError, RampartError
 
@@ -55,8 +55,7 @@ def audit_index(
     try:
         data = index_path.read_bytes()
         signature = signing.load_signature(sig_path)
-        message = hashing.blake2b(data).digest() if signature.prehashed else data
-        signing.verify(public_key, signature, message)
+        signing.verify_data(public_key, signature, data, str(index_path))
         comment = signature.trusted_text(str(sig_path))
         if comment != version.core:
             problems.append(f"{sig_path}: signed for {comment[:80]!r}, not {version.core!r}")
