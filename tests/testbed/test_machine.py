@@ -600,7 +600,7 @@ def test_a_guest_silent_after_unmounting_everything_hung_at_shutdown() -> None:
     """Scenario 3 once waited 420 s on a guest whose console ended in systemd-shutdown's
     third "Detaching DM devices." (file systems unmounted, no reset line): that is a hang
     to power-cycle, like silence after the reset line; silence anywhere else is not."""
-    boot = "[    0.000000] Linux version 6.1.0-57-amd64\n"
+    boot = "[    0.000000] Linux version 6.1.0-57-amd64\n[    3.8] Run /init as init process\n"
     assert machine.hang_point(boot + _SHUTDOWN_TAIL) == "shutdown"
     assert machine.hang_point(boot + "[   72.99] reboot: machine restart\n") == "reset"
     # before the unmount (processes may take their 90 s to stop), or in a later boot
@@ -608,6 +608,23 @@ def test_a_guest_silent_after_unmounting_everything_hung_at_shutdown() -> None:
     assert machine.hang_point(before) is None
     assert machine.hang_point(_SHUTDOWN_TAIL + boot + "[    1.0] systemd-shutdown[1]: x\n") is None
     assert machine.hang_point(boot + _SHUTDOWN_TAIL + "rampart-guest# ") is None
+
+
+def test_a_kernel_silent_before_starting_init_hung() -> None:
+    """Scenario 5 once waited 420 s on a kernel whose console ended 2.7 s into its boot
+    ("VFS: Dquot-cache hash table entries", after a panic's reboot on a busy host): a
+    hang to power-cycle. Once the kernel started init, a silent kernel line is no hang
+    (a long command's output, a quiet system)."""
+    boot = "[    0.000000] Linux version 6.1.0-57-amd64\n[    2.642230] vgaarb: loaded\n"
+    dquot = "[    2.666622] VFS: Dquot-cache hash table entries: 512 (order 0, 4096 bytes)\n"
+    assert machine.hang_point(boot + dquot) == "kernel"
+    assert machine.hang_point(boot + dquot.rstrip("\n")) == "kernel"
+    started = boot + "[    3.847901] Run /sbin/init as init process\n"
+    assert machine.hang_point(started + dquot) is None
+    assert machine.hang_point(started + "rampart-guest# ") is None
+    assert machine.hang_point(started + boot + dquot) == "kernel"  # the next boot
+    assert machine.hang_point(boot + dquot + "BdsDxe: loading Boot0001") is None
+    assert machine.hang_point(dquot) is None  # no kernel start seen: not ours to judge
 
 
 @pytest.mark.vm

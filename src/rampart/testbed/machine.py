@@ -84,7 +84,10 @@ one-shot boot entry the guest set is still pending), with a warning in the log;
 `hang_restarts` counts them. The OVMF boot manager prints within seconds of a reset,
 so the wait is far above any real boot. The same holds for a guest silent after a
 line of systemd-shutdown printed once every file system is unmounted (seen once: it
-never finished detaching device-mapper devices); `hang_point(text)` says which.
+never finished detaching device-mapper devices), and for a kernel silent before it
+started init (seen once: at 2.7 s of its boot, after a panic's reboot on a busy host);
+there the power cycle costs what a power cut at that point would: systemd-boot already
+spent a one-shot entry or a boot-counting try. `hang_point(text)` says which.
 
 Time factor: a busy host runs a TCG guest slower, and so every wait of the driver
 (each `expect` and `wait_for_shell` timeout, hence each `shell` and `check`, the
@@ -167,6 +170,11 @@ _RESET_LINE = re.compile(r"reboot: (?:machine restart|Restarting system)\s*\Z")
 _SHUTDOWN_LINE = re.compile(r"systemd-shutdown\[1\]: [^\n]*\s*\Z")
 _UNMOUNTED = "systemd-shutdown[1]: All filesystems unmounted."
 _BOOT_LINE = "Linux version"
+# The kernel's own start, from its first line to starting init: seconds under TCG. Seen
+# once (scenario 5, on a busy host): a kernel silent for good after "VFS: Dquot-cache
+# hash table entries" at 2.7 s, its next line normally 0.01 s later.
+_KERNEL_LINE = re.compile(r"(?:\A|\n)\[\s*\d+\.\d+\] [^\n]*\s*\Z")
+_INIT_LINE = re.compile(r"\] Run \S+ as init process")
 _PROMPT = re.compile(re.escape(PROMPT))
 
 # ANSI escape sequences: CSI, OSC (ended by BEL or ST), then any other ESC sequence
@@ -416,13 +424,17 @@ def time_factor(boot_seconds: float, reference: float = REFERENCE_BOOT_SECONDS) 
 def hang_point(text: str) -> str | None:
     """Where a guest whose console ends with `text` and then stays silent has hung:
     "reset" (the kernel's reset line: the firmware never ran), "shutdown" (a line of
-    systemd-shutdown after it unmounted every file system), or None (silence after
-    anything else is no hang)."""
+    systemd-shutdown after it unmounted every file system), "kernel" (a kernel line
+    before the kernel started init: nothing of the system ran yet), or None (silence
+    after anything else is no hang)."""
     tail = text[-200:]
     if _RESET_LINE.search(tail):
         return "reset"
-    if _SHUTDOWN_LINE.search(tail) and text.rfind(_UNMOUNTED) > text.rfind(_BOOT_LINE):
+    boot = text.rfind(_BOOT_LINE)
+    if _SHUTDOWN_LINE.search(tail) and text.rfind(_UNMOUNTED) > boot:
         return "shutdown"
+    if boot >= 0 and _KERNEL_LINE.search(tail) and not _INIT_LINE.search(text, boot):
+        return "kernel"
     return None
 
 
@@ -1076,13 +1088,19 @@ class Machine:
             self._clock = clock
 
     def _power_cycle_hung(self) -> None:
+        point = hang_point(self._buffer.text)
+        where = {
+            "kernel": "in the kernel's start, before init",
+            "reset": "on its way to the firmware",
+            "shutdown": "on its way to the firmware (file systems already unmounted)",
+        }
         log.warning(
-            "%s: nothing on the console %s after the guest's %s line: it hung on its "
-            "way to the firmware (file systems already unmounted); power-cycling the "
-            "machine",
+            "%s: nothing on the console %s after the guest's %s line: it hung %s; "
+            "power-cycling the machine",
             self.name,
             self._waited(self.reset_hang_after or 0.0),
-            hang_point(self._buffer.text),
+            point,
+            where.get(point or "", "somewhere"),
         )
         self.hang_restarts += 1
         self.kill()
