@@ -182,7 +182,11 @@ def make_release(directory: Path, version: str, core_size: int = 300_000, **kw: 
     return Release(version, core, efiboot)
 
 
-def publish(root: Path, keypair: KeyPair, release: Release, force: bool = False) -> None:
+def publish(
+    root: Path, keypair: KeyPair, release: Release, force: bool = False, deltas: bool = False
+) -> None:
+    """`rampart publish` of `release`, with its chunk index, and with a delta from the
+    release before it only if `deltas` (else devices rebuild Core from chunks)."""
     webroot.publish(
         root,
         OS,
@@ -191,6 +195,7 @@ def publish(root: Path, keypair: KeyPair, release: Release, force: bool = False)
         release.efiboot,
         keypair.key,
         force=force,
+        chunking=webroot.Chunking(deltas=deltas),
     )
 
 

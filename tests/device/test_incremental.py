@@ -13,6 +13,7 @@ import pytest
 
 from rampart import run
 from rampart.contracts import chunks, hashing, pe, wire
+from rampart.contracts.version import parse_version
 from rampart.device import update
 from rampart.release import chunker
 from rampart.testbed.services import Nginx, Pki
@@ -36,22 +37,27 @@ STORE = f"/dist/{wire.STORE}/"
 CORE_PATH = f"/dist/{OFFERED}/{OS}-core "
 
 
-def releases(tmp_path: Path, vendor: KeyPair, served: Nginx) -> tuple[Release, Release]:
+def releases(
+    tmp_path: Path, vendor: KeyPair, served: Nginx, deltas: bool = False
+) -> tuple[Release, Release]:
     """The running release and the offered one, sharing their payload (the offered
     Core differs in its os-release and its squashfs metadata), both published with
-    their chunk index."""
+    their chunk index, and the offered one with a delta from the running one if
+    `deltas`."""
     old = make_release(tmp_path / "old", RUNNING, core_size=CORE_SIZE, common=True)
     new = make_release(tmp_path / "new", OFFERED, core_size=CORE_SIZE, common=True)
     publish(served.root, vendor, old)
-    publish(served.root, vendor, new)
+    publish(served.root, vendor, new, deltas=deltas)
     return old, new
 
 
 def running_on(device: DeviceDirs, old: Release) -> DeviceDirs:
-    """The device runs `old`: its LV holds old's Core, its slots are large enough."""
+    """The device runs `old`: its LV holds old's Core, its boot entry old's UKI, its
+    slots are large enough."""
     larger_slots(device)
     lv = device.vg / f"core_{RUNNING}"
     lv.write_bytes(old.core.read_bytes().ljust(4 << 20, b"\0"))
+    shutil.copyfile(old.efiboot, device.esp / f"{OS}-{RUNNING}.efi")
     return device
 
 
@@ -98,6 +104,27 @@ def test_incremental_update_fetches_only_the_chunks_it_lacks(
     assert 0 < len(fetched) < len(index.ends) // 2, (len(fetched), len(index.ends))
     assert not data_streamed(log)
     assert any("from chunks" in r.getMessage() for r in caplog.records)
+
+
+DELTA = f"/dist/{OFFERED}/{wire.delta_name(OS, parse_version(RUNNING))}"
+
+
+def test_delta_update_makes_core_from_the_running_one(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a delta from the running release published, Core is made from the running
+    Core and the delta alone: no chunk, no stream, every block still verified."""
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
+    caplog.set_level(logging.INFO)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    log = served.access_log()
+    assert f'"GET {DELTA} HTTP/1.1" 200' in log
+    assert chunk_requests(log) == [] and not data_streamed(log)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("made by a delta" in m for m in messages), messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_no_change_fetches_no_chunk(

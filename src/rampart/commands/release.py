@@ -52,6 +52,12 @@ CHUNK_ARGS = (
         help="publish no chunk index: devices then stream Core whole (no incremental update)",
     ),
     arg(
+        "--no-delta",
+        action="store_true",
+        help="publish no delta from the channel's previous release (devices running it "
+        "then rebuild Core from chunks)",
+    ),
+    arg(
         "--chunk-compression",
         default=f"{webroot.Chunking.compression}:{webroot.Chunking.level}",
         metavar="METHOD[:LEVEL]",
@@ -74,13 +80,18 @@ def chunking(args: argparse.Namespace) -> webroot.Chunking | None:
             f"--chunk-compression {args.chunk_compression!r}: use zstd[:1-22] or xz[:0-9]"
         )
     default = {"xz": 6, "zstd": 19}[method]
-    return webroot.Chunking(method, int(level) if level else default)
+    return webroot.Chunking(method, int(level) if level else default, deltas=not args.no_delta)
 
 
 def chunk_summary(result: webroot.PublishResult) -> dict[str, int] | None:
     if not result.chunks:
         return None
-    return {"count": result.chunks, "new": result.new_chunks, "new_bytes": result.new_chunk_bytes}
+    return {
+        "count": result.chunks,
+        "new": result.new_chunks,
+        "new_bytes": result.new_chunk_bytes,
+        "delta_bytes": result.delta_bytes,
+    }
 
 
 # --- keys and signatures ------------------------------------------------------------
@@ -228,7 +239,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
         before = "" if result.previous is None else f" (was {result.previous})"
         chunked = (
             f" in {result.chunks} chunks ({result.new_chunks} new, "
-            f"{result.new_chunk_bytes} bytes compressed)"
+            f"{result.new_chunk_bytes} bytes compressed"
+            + (
+                f"; a delta from {result.previous} of {result.delta_bytes} bytes"
+                if result.delta_bytes
+                else ""
+            )
+            + ")"
             if result.chunks
             else ""
         )

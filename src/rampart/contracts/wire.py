@@ -93,6 +93,15 @@ def index_name(os_name: str) -> str:
     return payload_name(os_name, "core") + INDEX_SUFFIX
 
 
+DELTA_SUFFIX = ".delta"
+
+
+def delta_name(os_name: str, base: Version) -> str:
+    """Core's delta from the base release `base` (contracts/delta.py), in the new
+    release (`<os>-core.from-<base>.delta`); its signature adds `.sig`."""
+    return f"{payload_name(os_name, 'core')}.from-{base.core}{DELTA_SUFFIX}"
+
+
 def store_dir(webroot: Path) -> Path:
     return webroot / "dist" / STORE
 

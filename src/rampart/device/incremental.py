@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rampart.contracts import chunks, signing, wire
+from rampart.contracts import delta as delta_format
 from rampart.contracts.version import Version
+from rampart.device.corewrite import CHUNK
 from rampart.device.fetch import Fetcher, Stream
 from rampart.device.slots import Slot
 from rampart.device.stream import Feed, Plan
@@ -77,10 +79,21 @@ def fetch_index(
     """The chunk index at `url`, verified with `public_key` and signed for `version`
     (VerificationError otherwise), parsed for an image of at most `max_size` bytes;
     None if the server has none."""
+    data = signed_document(fetcher, public_key, url, version, wire.INDEX_MAX)
+    if data is None:
+        return None
+    return chunks.parse_index(data, url.rsplit("/", 1)[-1], max_size)
+
+
+def signed_document(
+    fetcher: Fetcher, public_key: signing.PublicKey, url: str, version: Version, cap: int
+) -> bytes | None:
+    """The document at `url` (at most `cap` bytes), verified with `public_key` and
+    signed for `version` (VerificationError otherwise); None if the server has none."""
     status, raw = fetcher.document(url + wire.SIGNATURE_SUFFIX, SIG_CAP)
     if status != 200:
         return None
-    status, data = fetcher.document(url, wire.INDEX_MAX)
+    status, data = fetcher.document(url, cap)
     if status != 200:
         return None
     source = url.rsplit("/", 1)[-1]
@@ -91,7 +104,7 @@ def fetch_index(
         raise VerificationError(
             f"{source}: signed for version {comment[:80]!r}, expected {version.core!r}"
         )
-    return chunks.parse_index(data, source, max_size)
+    return data
 
 
 def plan(
@@ -267,3 +280,98 @@ class _ChunkFile:
         )
         self.data = bytearray()
         self.done(self.piece, data)
+
+
+@dataclass(frozen=True)
+class DeltaPlan:
+    delta: delta_format.Delta
+    seed: Path  # the LV of the running Core, the delta's base
+    source: str
+
+
+def delta_plan(
+    fetcher: Fetcher,
+    public_key: signing.PublicKey,
+    dist_url: str,
+    os_name: str,
+    version: Version,
+    running: Version,
+    seed: Slot,
+    seed_root: str,
+    core: Plan,
+) -> DeltaPlan | None:
+    """The delta that makes the new Core from the running one (contracts/delta.py),
+    verified and signed for `version`, its base the running Core (root hash
+    `seed_root`) and its target the Core `core` describes; None if the server has no
+    delta from the running version. VerificationError or FormatError if it is not
+    what was signed, or not between these two Cores."""
+    name = wire.delta_name(os_name, running)
+    url = f"{dist_url}/{version.core}/{name}"
+    data = signed_document(fetcher, public_key, url, version, delta_format.DELTA_MAX)
+    if data is None:
+        log.info("no delta from %s to %s: Core is rebuilt from chunks", running, version)
+        return None
+    found = delta_format.parse(data, name)
+    if found.target_root.hex() != core.params.root_hash:
+        raise VerificationError(f"{name}: it makes another Core than the UKI pins")
+    if found.base_root.hex() != seed_root:
+        raise VerificationError(f"{name}: its base is another Core than the running one")
+    if found.data_size != core.data_size or found.base_size > seed.size:
+        raise VerificationError(f"{name}: its sizes are not those of the two Cores")
+    patched = sum(op.length for op in found.ops if op.frame is not None)
+    log.info(
+        "a delta of %d bytes makes Core %s from the running %s (%d bytes of it new)",
+        len(data), version, running, patched,
+    )  # fmt: skip
+    return DeltaPlan(found, seed.path, name)
+
+
+def from_delta(delta_plan: DeltaPlan, core: Plan) -> Feed:
+    """Core's data made by the delta from the running Core, from the resume point on:
+    COPY read from the seed LV, PATCH decompressed with its dictionary (each PATCH is
+    decompressed even before the resume point: the ones after need its bytes)."""
+
+    def run(sink: Receiver, resume: int) -> None:
+        sink.begin(resume, core.data_size - resume, core.size)
+        try:
+            seed_fd = os.open(delta_plan.seed, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LocalError(f"{delta_plan.seed}: cannot read: {exc.strerror}") from None
+        try:
+            _apply(delta_plan, seed_fd, sink, resume)
+            os.posix_fadvise(seed_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(seed_fd)
+
+    return run
+
+
+def _apply(plan: DeltaPlan, seed_fd: int, sink: Receiver, resume: int) -> None:
+    history = bytearray()
+    for op in plan.delta.ops:
+        end = op.start + op.length
+        if op.frame is None:
+            position = max(resume, op.start)
+            while position < end:
+                count = min(CHUNK, end - position)
+                data = _read(seed_fd, count, op.offset + position - op.start)
+                feed(sink, data)
+                position += count
+            continue
+        if op.history > len(history):
+            raise RemoteDataError(f"{plan.source}: a PATCH asks for more history than was made")
+        dictionary = bytes(history[len(history) - op.history :]) if op.history else b""
+        dictionary += b"".join(_read(seed_fd, length, offset) for offset, length in op.ranges)
+        out = delta_format.decompress(op, dictionary, plan.source)
+        del dictionary
+        history += out
+        del history[: max(0, len(history) - delta_format.HISTORY_MAX)]
+        if end > resume:
+            feed(sink, memoryview(out)[max(0, resume - op.start) :])
+
+
+def _read(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise VerificationError(f"the running Core ends before byte {offset + length}")
+    return data

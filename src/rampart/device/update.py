@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rampart import files, run
-from rampart.contracts import cmdline, hashing, signing, wire
+from rampart.contracts import cmdline, hashing, pe, signing, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
@@ -690,6 +690,7 @@ class _Streaming:
     plan: stream.Plan
     evidence: _Evidence
     chunks: incremental.ChunkPlan | None = None  # Core rebuilt from chunks, if it can be
+    delta: incremental.DeltaPlan | None = None  # Core made by a delta, if one applies
 
 
 def stream_plan(
@@ -720,9 +721,45 @@ def stream_plan(
     if device.targets:
         check_signed_fields(device, efiboot, facts.root, facts.epoch)
     check_rollback(device, efiboot, version, facts.epoch)
-    return _Streaming(
-        efiboot, facts.root, plan, evidence, _chunk_plan(device, fetcher, version, plan)
-    )
+    delta = _delta_plan(device, fetcher, version, plan)
+    chunk_plan = _chunk_plan(device, fetcher, version, plan) if delta is None else None
+    return _Streaming(efiboot, facts.root, plan, evidence, chunk_plan, delta)
+
+
+def _seed(device: Device) -> Slot | None:
+    """The running Core's LV: what chunks and deltas are read from."""
+    running = device.identity.version
+    return next((s for s in device.slots.slots() if s.version == running), None)
+
+
+def _delta_plan(
+    device: Device, fetcher: Fetcher, version: Version, plan: stream.Plan
+) -> incremental.DeltaPlan | None:
+    """The delta that makes Core from the running one (device/incremental.py), None to
+    rebuild it from chunks: in minisign mode, with a delta from the running version
+    published and the running Core's LV and root hash known."""
+    if device.targets:
+        return None  # TUF mode: the delta is not a signed target yet
+    running = device.identity.version
+    seed, entry = _seed(device), device.esp.find(running)
+    if seed is None or entry is None:
+        return None
+    try:
+        line = pe.cmdline(entry.path.read_bytes(), entry.path.name)
+        root = None if line is None else cmdline.root_hash(line, entry.path.name)
+    except (OSError, RampartError) as exc:
+        log.info("%s: no root hash (%s): no delta applies", entry.path.name, exc)
+        return None
+    if root is None:
+        return None
+    try:
+        return incremental.delta_plan(
+            fetcher, device.config.public_key, device.remote.dist_url,
+            device.config.os_name, version, running, seed, root.root_hash, plan,
+        )  # fmt: skip
+    except RampartError as exc:
+        log.warning("delta refused (%s): Core is rebuilt from chunks", exc)
+        return None
 
 
 def _chunk_plan(
@@ -733,7 +770,7 @@ def _chunk_plan(
     if device.targets:
         return None  # TUF mode: the chunk index is not a signed target yet
     running = device.identity.version
-    seed = next((s for s in device.slots.slots() if s.version == running), None)
+    seed = _seed(device)
     if seed is None:
         return None
     try:
@@ -938,7 +975,14 @@ def _install_streamed(
             streaming.root,
         )
 
-    if streaming.chunks is not None:
+    if streaming.delta is not None:
+        log.info("writing Core %s into %s, made by a delta", latest, slot.path)
+        try:
+            install(incremental.from_delta(streaming.delta, streaming.plan))
+            return
+        except (TransportError, RemoteDataError, VerificationError, FormatError) as exc:
+            log.warning("delta update failed (%s): streaming Core whole", exc)
+    elif streaming.chunks is not None:
         log.info("writing Core %s into %s, rebuilt from chunks", latest, slot.path)
         try:
             install(incremental.from_chunks(fetcher, streaming.chunks, streaming.plan))

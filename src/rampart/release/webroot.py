@@ -30,13 +30,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import chunks, cmdline, hashing, signing
+from rampart.contracts import chunks, cmdline, hashing, pe, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
     NAME,
     PAYLOADS,
     SIGNATURE_SUFFIX,
     check_name,
+    delta_name,
     index_name,
     list_channels,
     payload_name,
@@ -132,6 +133,7 @@ class PublishResult:
     chunks: int = 0  # chunks in Core's index (0: no index published)
     new_chunks: int = 0  # of them, those the store did not hold yet
     new_chunk_bytes: int = 0  # their compressed size
+    delta_bytes: int = 0  # the delta from `previous` (0: none published)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class Chunking:
     compression: str = "xz"  # or "zstd"
     level: int = 6
     sizes: tuple[int, int, int] = chunks.SIZES
+    deltas: bool = True  # also a delta from the channel's previous release (its Core kept)
 
 
 def publish(
@@ -198,8 +201,15 @@ def publish(
             _clean_temporaries(release)
             reused = _write_release(release, os_name, payloads, secret_key, version)
             stats = None
+            delta_bytes = None
             if chunking is not None:
-                stats = _write_index(webroot, release, os_name, secret_key, version, chunking)
+                index, stats = _write_index(
+                    webroot, release, os_name, secret_key, version, chunking
+                )
+                if chunking.deltas and previous is not None and previous < version:
+                    delta_bytes = _write_delta(
+                        webroot, release, os_name, secret_key, version, previous, index
+                    )
             _makedirs(target.parent)
             _clean_temporaries(target.parent)
             _write_durably(target, render_version_document(version))
@@ -213,6 +223,8 @@ def publish(
     )
     if stats is not None:
         result = replace(result, chunks=stats[0], new_chunks=stats[1], new_chunk_bytes=stats[2])
+    if delta_bytes is not None:
+        result = replace(result, delta_bytes=delta_bytes)
     return result
 
 
@@ -223,11 +235,11 @@ def _write_index(
     secret_key: signing.SecretKey,
     version: Version,
     chunking: Chunking,
-) -> tuple[int, int, int]:
+) -> tuple[chunks.ChunkIndex, tuple[int, int, int]]:
     """Cut the published Core into chunks, put the new ones into the store, then write
-    and sign its index (the signature lands first, as for a payload); (chunks, new
-    chunks, their compressed bytes). An index already there is kept: a release never
-    changes, and the chunker cuts the same Core the same way."""
+    and sign its index (the signature lands first, as for a payload); the index and
+    (chunks, new chunks, their compressed bytes). An index already there is kept: a
+    release never changes, and the chunker cuts the same Core the same way."""
     from rampart.release import chunker  # numpy: only when publishing chunks
 
     index_path = release / index_name(os_name)
@@ -244,26 +256,84 @@ def _write_index(
     for directory in stats.directories:
         fsync_dir(directory)
     fsync_dir(store)
-    if signature_path.exists() and index_path.exists():
-        return stats.chunks, stats.new, stats.new_bytes
-    data = index.render()
+    if not (signature_path.exists() and index_path.exists()):
+        _write_signed(index_path, index.render(), secret_key, version)
+    return index, (stats.chunks, stats.new, stats.new_bytes)
+
+
+def _write_signed(path: Path, data: bytes, secret_key: signing.SecretKey, version: Version) -> None:
+    """`data` into `path` and its signature (prehashed, trusted comment the version)
+    beside it; the signature lands first, as for a payload."""
+    signature_path = path.with_name(path.name + SIGNATURE_SUFFIX)
     signature = secret_key.sign_message(
         hashing.blake2b(data).digest(), version.core.encode(), prehashed=True
     )
     with (
-        _temporary(release, index_path.name) as tmp_index,
-        _temporary(release, signature_path.name) as tmp_sig,
+        _temporary(path.parent, path.name) as tmp_data,
+        _temporary(path.parent, signature_path.name) as tmp_sig,
     ):
-        for path, content in ((tmp_index, data), (tmp_sig, signature.to_bytes())):
-            with path.open("xb") as handle:
+        for tmp, content in ((tmp_data, data), (tmp_sig, signature.to_bytes())):
+            with tmp.open("xb") as handle:
                 handle.write(content)
                 handle.flush()
                 os.fsync(handle.fileno())
-            path.chmod(0o644)
+            tmp.chmod(0o644)
         tmp_sig.replace(signature_path)
-        tmp_index.replace(index_path)
-    fsync_dir(release)
-    return stats.chunks, stats.new, stats.new_bytes
+        tmp_data.replace(path)
+    fsync_dir(path.parent)
+
+
+def _write_delta(
+    webroot: Path,
+    release: Path,
+    os_name: str,
+    secret_key: signing.SecretKey,
+    version: Version,
+    base: Version,
+    index: chunks.ChunkIndex,
+) -> int | None:
+    """Sign a delta of the published Core from `base`'s (contracts/delta.py) into the
+    release, when the webroot still holds `base`'s Core and index and both UKIs pin a
+    root hash; its size, or None (none made: devices use the chunks). One already
+    there is kept; one larger than a device fetches is not written."""
+    from rampart.contracts import delta as delta_format
+    from rampart.release import delta  # zstandard: only when publishing deltas
+
+    path = release / delta_name(os_name, base)
+    if path.exists() and path.with_name(path.name + SIGNATURE_SUFFIX).exists():
+        return path.stat().st_size
+    base_dir = release_dir(webroot, base)
+    core = payload_name(os_name, "core")
+    roots = [_root_hash(d / payload_name(os_name, "efiboot")) for d in (base_dir, release)]
+    base_index = base_dir / index_name(os_name)
+    if roots[0] is None or roots[1] is None or not base_index.is_file():
+        return None
+    old_index = chunks.parse_index(
+        base_index.read_bytes(), str(base_index), (base_dir / core).stat().st_size
+    )
+    made = delta.make(
+        base_dir / core,
+        old_index,
+        roots[0].hash_offset,
+        release / core,
+        index,
+        roots[1].hash_offset,
+        (bytes.fromhex(roots[0].root_hash), bytes.fromhex(roots[1].root_hash)),
+    )
+    data = made.render()
+    if len(data) > delta_format.DELTA_MAX:
+        return None
+    _write_signed(path, data, secret_key, version)
+    return len(data)
+
+
+def _root_hash(efiboot: Path) -> cmdline.RootHash | None:
+    """The verity root hash a published UKI pins (None: none, or no UKI there)."""
+    try:
+        line = pe.cmdline(efiboot.read_bytes(), efiboot.name)
+    except (OSError, RampartError):
+        return None
+    return None if line is None else cmdline.root_hash(line, efiboot.name)
 
 
 def _check_arguments(
@@ -511,7 +581,8 @@ def _release_files(release: Path, problems: list[str]) -> dict[str, set[str]]:
     oses: dict[str, set[str]] = {}
     for entry in sorted(release.iterdir()):
         match = re.fullmatch(
-            r"(?P<os>.+)-(?P<kind>core|efiboot|core\.caibx)(?P<sig>\.sig)?", entry.name
+            r"(?P<os>.+)-(?P<kind>core|efiboot|core\.caibx|core\.from-[^/]+\.delta)(?P<sig>\.sig)?",
+            entry.name,
         )
         if match is None or not entry.is_file() or not NAME.fullmatch(match["os"]):
             problems.append(f"{entry}: unexpected entry in a release directory")
