@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from rampart.contracts import chunks, wire
+from rampart.contracts.version import parse_version
 from rampart.errors import AuditError
 from tests.conftest import KeyPair, Payloads, publish_args, run_cli, tree_snapshot
 
@@ -65,6 +66,28 @@ def test_check_finds_an_index_signed_for_another_release_and_stray_store_files(
     problems = check(root, keypair)
     assert any("signed for '1.0.0', not '1.0.1'" in p for p in problems), problems
     assert any("stray: unexpected entry in the chunk store" in p for p in problems), problems
+
+
+def test_check_finds_a_delta_tampered_or_moved_to_another_release(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = published(tmp_path, keypair, payloads, "1.0.0", "1.0.1", "1.0.2")
+    name = wire.delta_name("clipos", parse_version("1.0.0"))
+    assert (root / f"dist/1.0.1/{name}").is_file()
+    assert check(root, keypair) == []
+    # the delta 1.0.0 -> 1.0.1 served as 1.0.2's, its signature along
+    for suffix in ("", ".sig"):
+        shutil.copyfile(root / f"dist/1.0.1/{name}{suffix}", root / f"dist/1.0.2/{name}{suffix}")
+    tampered = root / f"dist/1.0.1/{name}"
+    data = bytearray(tampered.read_bytes())
+    data[100] ^= 1
+    tampered.write_bytes(bytes(data))
+    (root / f"dist/1.0.0/{name}.sig").write_bytes(b"stray")
+    problems = check(root, keypair)
+    assert any("signed for '1.0.1', not '1.0.2'" in p for p in problems), problems
+    assert any(str(tampered) in p and "signature" in p for p in problems), problems
+    assert any(f"dist/1.0.0/{name}: missing" in p for p in problems), problems
+    assert len(problems) == 3, problems
 
 
 def test_gc_removes_only_the_chunks_no_release_references(

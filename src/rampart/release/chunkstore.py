@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import chunks, signing, wire
+from rampart.contracts import chunks, cmdline, delta, signing, wire
 from rampart.contracts.version import Version
 from rampart.errors import FormatError, LocalError, RampartError
 
@@ -47,24 +47,13 @@ def audit_index(
     sig_path = index_path.with_name(index_path.name + wire.SIGNATURE_SUFFIX)
     if not index_path.exists() and not sig_path.exists():
         return
-    for path in (index_path, sig_path):
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            return
     core = release / wire.payload_name(os_name, "core")
-    try:
-        data = index_path.read_bytes()
-        signature = signing.load_signature(sig_path)
-        signing.verify_data(public_key, signature, data, str(index_path))
-        comment = signature.trusted_text(str(sig_path))
-        if comment != version.core:
-            problems.append(f"{sig_path}: signed for {comment[:80]!r}, not {version.core!r}")
-            return
-        size = core.stat().st_size if core.is_file() else 0
-        index = chunks.parse_index(data, str(index_path), size)
-    except OSError as exc:
-        problems.append(f"{exc.filename}: cannot read: {exc.strerror}")
+    data = _signed(index_path, version, public_key, problems)
+    if data is None:
         return
+    size = core.stat().st_size if core.is_file() else 0
+    try:
+        index = chunks.parse_index(data, str(index_path), size)
     except RampartError as exc:
         problems.append(str(exc))
         return
@@ -72,6 +61,63 @@ def audit_index(
         problems.append(f"{index_path}: its chunks make {index.size} bytes, {core.name} has {size}")
         return
     _audit_chunks(index, store, index_path, verify_chunks, problems)
+
+
+def _signed(
+    path: Path, version: Version, public_key: signing.PublicKey, problems: list[str]
+) -> bytes | None:
+    """The bytes of `path` if its signature beside it verifies and names `version`;
+    None (and the problem noted) otherwise."""
+    sig_path = path.with_name(path.name + wire.SIGNATURE_SUFFIX)
+    for needed in (path, sig_path):
+        if not needed.is_file():
+            problems.append(f"{needed}: missing")
+            return None
+    try:
+        data = path.read_bytes()
+        signature = signing.load_signature(sig_path)
+        signing.verify_data(public_key, signature, data, str(path))
+        comment = signature.trusted_text(str(sig_path))
+    except OSError as exc:
+        problems.append(f"{exc.filename}: cannot read: {exc.strerror}")
+        return None
+    except RampartError as exc:
+        problems.append(str(exc))
+        return None
+    if comment != version.core:
+        problems.append(f"{sig_path}: signed for {comment[:80]!r}, not {version.core!r}")
+        return None
+    return data
+
+
+def audit_deltas(
+    release: Path,
+    os_name: str,
+    version: Version,
+    public_key: signing.PublicKey,
+    target: cmdline.RootHash | None,
+    problems: list[str],
+) -> None:
+    """The problems of one release's deltas (contracts/delta.py), if it has any: each
+    signed for its version, well formed, and making the Core the release's UKI pins
+    (`target`: its root hash, None if it pins none)."""
+    core = wire.payload_name(os_name, "core")
+    names = {p.name.removesuffix(wire.SIGNATURE_SUFFIX) for p in release.glob(f"{core}.from-*")}
+    for name in sorted(names):
+        path = release / name
+        data = _signed(path, version, public_key, problems)
+        if data is None:
+            continue
+        try:
+            found = delta.parse(data, str(path))
+        except RampartError as exc:
+            problems.append(str(exc))
+            continue
+        if target is None or found.target_root.hex() != target.root_hash:
+            problems.append(f"{path}: it makes another Core than {version}'s UKI pins")
+        elif found.data_size != target.hash_offset:
+            problems.append(f"{path}: it makes {found.data_size} bytes of Core data, not "
+                            f"{target.hash_offset}")  # fmt: skip
 
 
 def _audit_chunks(

@@ -160,7 +160,11 @@ def make(
         body = os.pread(new_fd, length, start)
         window = max(20, (len(dictionary) + len(body)).bit_length())
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, source_size=len(body), window_log=min(window, 27), write_content_size=1
+            level,
+            source_size=len(body),
+            window_log=min(window, 27),
+            write_content_size=1,
+            write_checksum=1,
         )
         raw = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         frame = zstandard.ZstdCompressor(dict_data=raw, compression_params=params).compress(body)

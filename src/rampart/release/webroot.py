@@ -558,6 +558,8 @@ def _audit_dist(
             chunkstore.audit_index(
                 release, os_name, version, public_key, store, verify_chunks, problems
             )
+            target = _root_hash(release / payload_name(os_name, "efiboot"))
+            chunkstore.audit_deltas(release, os_name, version, public_key, target, problems)
     return complete
 
 

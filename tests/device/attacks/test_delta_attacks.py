@@ -1,0 +1,154 @@
+"""Attacks on a delta update (device/incremental.py, contracts/delta.py): a delta that
+lies. Each test is named after the attack; each ends with the new version installed
+(from chunks when the delta is refused before the disk is touched, else from the
+whole stream, which resumes after the verified blocks), every block verified, the
+running version's LV untouched, and the reason logged."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from rampart.contracts import delta, hashing
+from rampart.device import update
+from rampart.testbed.services import Nginx, Pki
+from tests.conftest import KeyPair
+from tests.device.conftest import DeviceDirs, Release, make_device
+from tests.device.test_incremental import (
+    DELTA,
+    OFFERED,
+    RUNNING,
+    assert_installed,
+    chunk_requests,
+    data_streamed,
+    releases,
+    run_update,
+    running_on,
+)
+
+
+def published(webroot: Path) -> delta.Delta:
+    path = webroot / DELTA.lstrip("/")
+    return delta.parse(path.read_bytes(), path.name)
+
+
+def serve(webroot: Path, vendor: KeyPair, data: bytes, version: str = OFFERED) -> None:
+    """`data` as the offered release's delta, signed by the vendor for `version`."""
+    path = webroot / DELTA.lstrip("/")
+    path.write_bytes(data)
+    signature = vendor.key.sign_message(hashing.blake2b(data).digest(), version.encode(), True)
+    path.with_name(path.name + ".sig").write_bytes(signature.to_bytes())
+
+
+def with_op(made: delta.Delta, number: int, **changes: object) -> bytes:
+    """The delta with its `number`th PATCH changed."""
+    ops = list(made.ops)
+    index = [i for i, op in enumerate(ops) if op.frame is not None][number]
+    ops[index] = dataclasses.replace(ops[index], **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(made, ops=tuple(ops)).render()
+
+
+def update_anyway(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, old: Release, new: Release,
+    caplog: pytest.LogCaptureFixture, reason: str, streamed: bool,
+) -> DeviceDirs:  # fmt: skip
+    """The update still installs the offered release: from chunks (the delta refused
+    before anything was written) or, once the delta failed while writing, from the
+    whole stream; `reason` is logged as a warning."""
+    device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
+    running = (device.vg / f"core_{RUNNING}").read_bytes()
+    caplog.set_level(logging.INFO)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    assert (device.vg / f"core_{RUNNING}").read_bytes() == running
+    log = served.access_log()
+    assert data_streamed(log) == streamed
+    assert bool(chunk_requests(log)) != streamed
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(reason in m for m in messages), messages
+    return device
+
+
+def test_delta_tampered_on_the_server(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    path = served.root / DELTA.lstrip("/")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "delta refused", False)
+
+
+def test_delta_signed_for_another_release(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    serve(served.root, vendor, published(served.root).render(), version=RUNNING)
+    update_anyway(
+        tmp_path, vendor, pki, served, old, new, caplog, f"signed for version '{RUNNING}'", False
+    )
+
+
+def test_delta_from_another_base(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A genuine delta of the offered release, from a Core the device does not run."""
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    made = dataclasses.replace(published(served.root), base_root=b"\x07" * 32)
+    serve(served.root, vendor, made.render())
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "its base is another", False)
+
+
+def test_delta_to_another_core(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    made = dataclasses.replace(published(served.root), target_root=b"\x07" * 32)
+    serve(served.root, vendor, made.render())
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "another Core than", False)
+
+
+def test_delta_whose_copy_reads_past_the_running_core(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    made = dataclasses.replace(published(served.root), base_size=64 << 20)
+    serve(served.root, vendor, made.render())
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "its sizes are not", False)
+
+
+def test_signed_delta_that_makes_other_bytes(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed delta (a publisher's bug, or its key in other hands) whose PATCH makes
+    bytes of the right length but not the Core's: the tree stops them before they
+    are written, and the stream resumes after the blocks that verified."""
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    made = published(served.root)
+    op = next(op for op in made.ops if op.frame is not None)
+    other = zstandard.ZstdCompressor(write_content_size=True).compress(b"\x5a" * op.length)
+    serve(served.root, vendor, with_op(made, 0, frame=other, ranges=(), history=0))
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "delta update failed", True)
+
+
+def test_endless_delta_frame(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PATCH whose frame makes 256 MiB (a few KiB on the wire)."""
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    endless = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(256 << 20))
+    serve(served.root, vendor, with_op(published(served.root), 0, frame=endless))
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "cannot decompress", True)
+
+
+def test_delta_asking_for_history_never_made(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    serve(served.root, vendor, with_op(published(served.root), 0, history=4096))
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "more history", True)
