@@ -122,6 +122,9 @@ def test_delta_update_makes_core_from_the_running_one(
     log = served.access_log()
     assert f'"GET {DELTA} HTTP/1.1" 200' in log
     assert chunk_requests(log) == [] and not data_streamed(log)
+    # Of Core, only its verity superblock: the tree is computed from what the delta makes.
+    ranges = re.findall(rf'"GET {re.escape(CORE_PATH.strip())} HTTP/1.1" 206 (\d+)', log)
+    assert ranges == ["4096"], ranges
     messages = [r.getMessage() for r in caplog.records]
     assert any("made by a delta" in m for m in messages), messages
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

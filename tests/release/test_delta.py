@@ -80,7 +80,7 @@ def test_an_inserted_changed_file_costs_its_change(tmp_path: Path) -> None:
 def test_new_files_alike_compress_together(tmp_path: Path) -> None:
     """Two new, alike files in two places: the second PATCH finds the first in its
     history (what the PATCHes before it made)."""
-    parts = [noise(f"4{n}", 1 << 20) for n in range(3)]
+    parts = [noise(f"4{n}", make_delta.ABSORB + (1 << 20)) for n in range(3)]
     library = noise("4l", 200 << 10)
     old = b"".join(parts)
     new = parts[0] + library + parts[1] + library[:150_000] + b"v2" + library[150_000:] + parts[2]
@@ -98,3 +98,16 @@ def test_a_long_run_of_new_bytes_is_cut_into_patches(tmp_path: Path) -> None:
     made = make(tmp_path, old, new)
     assert apply(made, old) == new
     assert all(op.length <= delta.PATCH_MAX for op in made.ops if op.frame is not None)
+
+
+def test_a_short_copy_between_two_patches_joins_them(tmp_path: Path) -> None:
+    """One frame for both changes: one dictionary, and the copied bytes inside it cost
+    a few bytes."""
+    old = noise("6", 4 << 20)
+    new = old[: 1 << 20] + noise("6a", 4096) + old[1 << 20 : 3 << 19] + noise("6b", 4096)
+    new += old[3 << 19 :]
+    made = make(tmp_path, old, new)
+    assert apply(made, old) == new
+    frames = [op for op in made.ops if op.frame is not None]
+    assert len(frames) == 1 and len(frames[0].ranges) >= 1, made.ops
+    assert patched(made) < 3 * 4096

@@ -171,23 +171,20 @@ def build(
             f"{data_path}: data size {size} is not a positive multiple of {BLOCK} bytes"
         )
     data_blocks = size // BLOCK
-    salted = hashlib.sha256(salt)
-    level0 = bytearray()
-    done = 0
+    tree = TreeBuilder(salt, size)
     with (
         data_path.open("rb", buffering=0) as src,
         hashing.blocks(src.fileno(), size, 0, READ) as chunks,
     ):
         for chunk in chunks:
-            _hash_blocks(salted, memoryview(chunk), level0)
-            done += len(chunk)
+            tree.update(chunk)
             if progress:
-                progress(done, size)
-    if done < size:
+                progress(tree.done, size)
+    if tree.done < size:
         raise LocalError(f"{data_path}: file shrank while being read")
-    levels = _upper_levels(salted, level0, data_blocks)
+    root_hash, levels = tree.finish()
     params = VerityParams(
-        root_hash=_root(salted, levels[-1][:BLOCK]),
+        root_hash=root_hash,
         salt=salt.hex(),
         data_blocks=data_blocks,
         hash_offset=size if hash_path is None else 0,
@@ -204,6 +201,32 @@ def build(
         out.flush()
         os.fsync(out.fileno())
     return params
+
+
+class TreeBuilder:
+    """The tree of `size` bytes of data that arrive in order, whole blocks but the
+    last: level 0 as they come; the levels above and the root hash at the end."""
+
+    def __init__(self, salt: bytes, size: int) -> None:
+        if size <= 0 or size % BLOCK:
+            raise FormatError(f"data size {size} is not a positive multiple of {BLOCK} bytes")
+        self.salted = hashlib.sha256(salt)
+        self.size = size
+        self.level0 = bytearray()
+        self.done = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        if self.done % BLOCK or self.done + len(chunk) > self.size:
+            raise LocalError(f"tree of {self.size} bytes: data past its end or not in blocks")
+        _hash_blocks(self.salted, memoryview(chunk), self.level0)
+        self.done += len(chunk)
+
+    def finish(self) -> tuple[str, list[bytes]]:
+        """The root hash and every level as padded bytes, level 0 first."""
+        if self.done != self.size:
+            raise LocalError(f"tree of {self.size} bytes: data stopped at byte {self.done}")
+        levels = _upper_levels(self.salted, self.level0, self.size // BLOCK)
+        return _root(self.salted, levels[-1][:BLOCK]), levels
 
 
 def verify(

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rampart.contracts import chunks, signing, wire
 from rampart.contracts import delta as delta_format
+from rampart.contracts.cmdline import RootHash
 from rampart.contracts.version import Version
 from rampart.device.corewrite import CHUNK
 from rampart.device.fetch import Fetcher, Stream
@@ -298,13 +299,13 @@ def delta_plan(
     running: Version,
     seed: Slot,
     seed_root: str,
-    core: Plan,
+    root: RootHash,
 ) -> DeltaPlan | None:
     """The delta that makes the new Core from the running one (contracts/delta.py),
     verified and signed for `version`, its base the running Core (root hash
-    `seed_root`) and its target the Core `core` describes; None if the server has no
-    delta from the running version. VerificationError or FormatError if it is not
-    what was signed, or not between these two Cores."""
+    `seed_root`) and its target the Core the new UKI pins (`root`); None if the
+    server has no delta from the running version. VerificationError or FormatError
+    if it is not what was signed, or not between these two Cores."""
     name = wire.delta_name(os_name, running)
     url = f"{dist_url}/{version.core}/{name}"
     data = signed_document(fetcher, public_key, url, version, delta_format.DELTA_MAX)
@@ -312,11 +313,11 @@ def delta_plan(
         log.info("no delta from %s to %s: Core is rebuilt from chunks", running, version)
         return None
     found = delta_format.parse(data, name)
-    if found.target_root.hex() != core.params.root_hash:
+    if found.target_root.hex() != root.root_hash:
         raise VerificationError(f"{name}: it makes another Core than the UKI pins")
     if found.base_root.hex() != seed_root:
         raise VerificationError(f"{name}: its base is another Core than the running one")
-    if found.data_size != core.data_size or found.base_size > seed.size:
+    if found.data_size != root.hash_offset or found.base_size > seed.size:
         raise VerificationError(f"{name}: its sizes are not those of the two Cores")
     patched = sum(op.length for op in found.ops if op.frame is not None)
     log.info(
@@ -326,13 +327,14 @@ def delta_plan(
     return DeltaPlan(found, seed.path, name)
 
 
-def from_delta(delta_plan: DeltaPlan, core: Plan) -> Feed:
-    """Core's data made by the delta from the running Core, from the resume point on:
-    COPY read from the seed LV, PATCH decompressed with its dictionary (each PATCH is
-    decompressed even before the resume point: the ones after need its bytes)."""
+def from_delta(delta_plan: DeltaPlan, size: int) -> Feed:
+    """Core's data made by the delta from the running Core, from the resume point on
+    (`size`: the whole Core's, data and tree): COPY read from the seed LV, PATCH
+    decompressed with its dictionary (each PATCH is decompressed even before the
+    resume point: the ones after need its bytes)."""
 
     def run(sink: Receiver, resume: int) -> None:
-        sink.begin(resume, core.data_size - resume, core.size)
+        sink.begin(resume, delta_plan.delta.data_size - resume, size)
         try:
             seed_fd = os.open(delta_plan.seed, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:

@@ -141,6 +141,79 @@ def plan(fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str) -> Pla
 Feed = Callable[[Receiver, int], None]  # Core's data from a byte on, into a receiver
 
 
+def local_plan(
+    fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str, feed: Feed
+) -> Plan | None:
+    """Like `plan`, for a Core this machine can make without the server (a delta from
+    the running Core: device/incremental.py): only Core's verity superblock is
+    fetched; the tree is computed over what `feed` makes, which nothing writes, and
+    must give the root hash the UKI pins (VerificationError otherwise: the delta does
+    not make this Core). None if this Core does not stream."""
+    offset = root.hash_offset
+    if offset % verity.BLOCK or offset <= 0:
+        return None
+    head = _Memory(f"{name}: verity superblock", verity.BLOCK)
+    try:
+        fetcher.stream([(Stream(url, offset, offset + verity.BLOCK, cap), head)])
+    except (TransportError, RemoteDataError) as exc:
+        log.info("%s: not streamed (%s): downloading it whole", name, exc)
+        return None
+    size = head.total
+    superblock = bytes(head.data[: verity.SUPERBLOCK])
+    params = root.verity_params(verity.parse_superblock(superblock, name))
+    tree_size = verity.tree_size(params.data_blocks)
+    if (
+        params.data_size != offset
+        or params.hash_start != offset + verity.BLOCK
+        or size != params.hash_start + tree_size
+        or head.length != verity.BLOCK
+    ):
+        log.info("%s: its tree does not follow its data to the end: not streamed", name)
+        return None
+    made = _TreeSink(bytes.fromhex(params.salt), params.data_size)
+    feed(made, 0)
+    root_hash, levels = made.finish()
+    if root_hash != params.root_hash:
+        raise VerificationError(
+            f"{name}: the delta makes a Core of another root hash than the UKI's"
+        )
+    tail = bytearray(head.data)
+    for level in reversed(levels):
+        tail += level
+    level0 = payload_mod.check_core_tree(memoryview(tail)[verity.BLOCK :], params, name)
+    used = payload_mod.check_core(made.first, size, name)
+    payload_mod.check_core_verity(used, superblock, size, root, name)
+    return Plan(url, size, params, level0, tail)
+
+
+class _TreeSink:
+    """A receiver that computes the tree of what it is fed, and keeps the first block."""
+
+    def __init__(self, salt: bytes, data_size: int) -> None:
+        self.tree = verity.TreeBuilder(salt, data_size)
+        self.held = bytearray(CHUNK)
+        self.length = 0
+        self.first = b""
+
+    def begin(self, offset: int, length: int, total: int) -> None:
+        if offset != 0 or length != self.tree.size:
+            raise LocalError(f"the tree of Core: fed {length} bytes from byte {offset}")
+
+    def buffer(self) -> memoryview:
+        return memoryview(self.held)[self.length :]
+
+    def filled(self, count: int) -> None:
+        self.length += count
+        if self.length == len(self.held) or self.tree.done + self.length == self.tree.size:
+            if not self.first:
+                self.first = bytes(self.held[: verity.BLOCK])
+            self.tree.update(memoryview(self.held)[: self.length])
+            self.length = 0
+
+    def finish(self) -> tuple[str, list[bytes]]:
+        return self.tree.finish()
+
+
 def from_server(fetcher: Fetcher, plan: Plan) -> Feed:
     """Core's data streamed from the server, from the resume point on."""
 

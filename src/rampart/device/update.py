@@ -713,7 +713,18 @@ def stream_plan(
     target = device.targets.get("core")
     url = payload_url(device, version, "core")
     cap = device.config.max_core_size if target is None else target.length
-    plan = stream.plan(fetcher, url, facts.root, cap, core.name)
+    plan = None
+    delta = _delta_plan(device, fetcher, version, facts.root)
+    if delta is not None:
+        try:
+            made = incremental.from_delta(delta, cap)
+            plan = stream.local_plan(fetcher, url, facts.root, cap, core.name, made)
+        except (TransportError, RemoteDataError, VerificationError, FormatError) as exc:
+            log.warning("delta refused (%s): Core is rebuilt from chunks", exc)
+            delta = None
+    if plan is None:
+        delta = None
+        plan = stream.plan(fetcher, url, facts.root, cap, core.name)
     if plan is None:
         return None
     evidence.check_size(plan.size, core)
@@ -721,7 +732,6 @@ def stream_plan(
     if device.targets:
         check_signed_fields(device, efiboot, facts.root, facts.epoch)
     check_rollback(device, efiboot, version, facts.epoch)
-    delta = _delta_plan(device, fetcher, version, plan)
     chunk_plan = _chunk_plan(device, fetcher, version, plan) if delta is None else None
     return _Streaming(efiboot, facts.root, plan, evidence, chunk_plan, delta)
 
@@ -733,7 +743,7 @@ def _seed(device: Device) -> Slot | None:
 
 
 def _delta_plan(
-    device: Device, fetcher: Fetcher, version: Version, plan: stream.Plan
+    device: Device, fetcher: Fetcher, version: Version, root: RootHash
 ) -> incremental.DeltaPlan | None:
     """The delta that makes Core from the running one (device/incremental.py), None to
     rebuild it from chunks: in minisign mode, with a delta from the running version
@@ -746,16 +756,16 @@ def _delta_plan(
         return None
     try:
         line = pe.cmdline(entry.path.read_bytes(), entry.path.name)
-        root = None if line is None else cmdline.root_hash(line, entry.path.name)
+        running_root = None if line is None else cmdline.root_hash(line, entry.path.name)
     except (OSError, RampartError) as exc:
         log.info("%s: no root hash (%s): no delta applies", entry.path.name, exc)
         return None
-    if root is None:
+    if running_root is None:
         return None
     try:
         return incremental.delta_plan(
             fetcher, device.config.public_key, device.remote.dist_url,
-            device.config.os_name, version, running, seed, root.root_hash, plan,
+            device.config.os_name, version, running, seed, running_root.root_hash, root,
         )  # fmt: skip
     except RampartError as exc:
         log.warning("delta refused (%s): Core is rebuilt from chunks", exc)
@@ -978,7 +988,7 @@ def _install_streamed(
     if streaming.delta is not None:
         log.info("writing Core %s into %s, made by a delta", latest, slot.path)
         try:
-            install(incremental.from_delta(streaming.delta, streaming.plan))
+            install(incremental.from_delta(streaming.delta, streaming.plan.size))
             return
         except (TransportError, RemoteDataError, VerificationError, FormatError) as exc:
             log.warning("delta update failed (%s): streaming Core whole", exc)

@@ -20,9 +20,12 @@ from rampart.contracts import chunks, delta
 from rampart.errors import LocalError
 
 GAP_MAX = 4 << 20  # the old bytes between two shared chunks a run of new ones may use
-# Minbase -> + curl and less, zstd 19: 4.65 MB without history, 4.54 with 8 MiB; and
-# 1 MiB of old bytes on each side of the gap made it 5.17 (bench/incremental.py).
-CONTEXT = 0  # old bytes on each side of the gap a PATCH's dictionary holds too
+# Minbase -> + curl and less (zstd 19, bench/incremental.py): 4.65 MB without history,
+# 4.53 with 8 MiB; then joining PATCHes around COPYs under 1 MiB, 4.44 (67 frames ->
+# 20), and zstd's parameters for a source of unknown size rather than the frame's
+# (larger tables: the dictionary is most of what it indexes), 4.41 (17 s to make).
+# 1 MiB more of old bytes on each side of each gap made it worse (5.17 against 4.53).
+ABSORB = 1 << 20  # a COPY shorter than this between two PATCHes joins them
 LEVEL = 19
 
 
@@ -78,34 +81,67 @@ def _parts(
     return parts
 
 
-def _ops(parts: list[_Part]) -> list[tuple[int, int, int | None, tuple[int, int] | None]]:
-    """(start, length, old offset or None, gap) per operation: shared parts that
-    follow each other in the old Core too are one COPY; a new run is cut into
-    PATCHes of at most PATCH_MAX."""
-    ops: list[tuple[int, int, int | None, tuple[int, int] | None]] = []
+@dataclass(frozen=True)
+class _Planned:
+    """An operation before its frame is made: a COPY (`old` set) or a PATCH (`old`
+    None, `ranges` its dictionary's old bytes)."""
+
+    start: int
+    length: int
+    old: int | None
+    ranges: tuple[tuple[int, int], ...] = ()
+
+
+def _ops(parts: list[_Part]) -> list[_Planned]:
+    """Shared parts that follow each other in the old Core too are one COPY; a new run
+    is a PATCH (cut at PATCH_MAX), its dictionary the gap; then a COPY shorter than
+    ABSORB between two PATCHes joins them (one frame, one dictionary load: fewer and
+    larger frames compress better and are made faster)."""
+    ops: list[_Planned] = []
     for part in parts:
         length = part.end - part.start
         if part.old is not None:
-            if ops and ops[-1][2] is not None and ops[-1][2] + ops[-1][1] == part.old:
-                start, before, old, _ = ops[-1]
-                ops[-1] = (start, before + length, old, None)
+            last = ops[-1] if ops else None
+            if last is not None and last.old is not None and last.old + last.length == part.old:
+                ops[-1] = _Planned(last.start, last.length + length, last.old)
             else:
-                ops.append((part.start, length, part.old, None))
+                ops.append(_Planned(part.start, length, part.old))
             continue
+        gap = () if part.gap is None else (_clip(part.gap),)
         for start in range(part.start, part.end, delta.PATCH_MAX):
-            ops.append((start, min(delta.PATCH_MAX, part.end - start), None, part.gap))
-    return ops
+            ops.append(_Planned(start, min(delta.PATCH_MAX, part.end - start), None, gap))
+    return _absorb(ops)
 
 
-def _ranges(gap: tuple[int, int] | None, old_size: int) -> tuple[tuple[int, int], ...]:
-    """A PATCH's dictionary: the old bytes between the copies around it, with CONTEXT
-    more on each side, at most DICT_MAX (the nearest to its end kept: zstd reaches
-    near bytes more cheaply)."""
-    if gap is None:
-        return ()
-    low, high = max(0, gap[0] - CONTEXT), min(old_size, gap[1] + CONTEXT)
+def _clip(gap: tuple[int, int]) -> tuple[int, int]:
+    """A gap as (offset, length), at most DICT_MAX: its end kept (zstd reaches the
+    bytes nearest the frame more cheaply)."""
+    low, high = gap
     low = max(low, high - delta.DICT_MAX)
-    return ((low, high - low),) if high > low else ()
+    return low, high - low
+
+
+def _absorb(ops: list[_Planned]) -> list[_Planned]:
+    joined: list[_Planned] = []
+    for op in ops:
+        if (
+            op.old is None
+            and len(joined) >= 2
+            and joined[-2].old is None
+            and joined[-1].old is not None
+            and joined[-1].length < ABSORB
+            and op.start + op.length - joined[-2].start <= delta.PATCH_MAX
+        ):
+            copy, patch = joined.pop(), joined.pop()
+            ranges = tuple(sorted({*patch.ranges, (copy.old or 0, copy.length), *op.ranges}))
+            if sum(n for _, n in ranges) <= delta.DICT_MAX and len(ranges) <= delta.RANGES_MAX:
+                joined.append(
+                    _Planned(patch.start, op.start + op.length - patch.start, None, ranges)
+                )
+                continue
+            joined += [patch, copy]
+        joined.append(op)
+    return joined
 
 
 def make(
@@ -125,10 +161,10 @@ def make(
     plan = _ops(_parts(old_index, new_index, old_size, new_size))
     histories = []
     made = 0  # bytes the PATCHes before make
-    for _, length, old, _ in plan:
+    for op in plan:
         histories.append(min(made, delta.HISTORY_MAX))
-        made += length if old is None else 0
-    patches = [(start, length) for start, length, old, _ in plan if old is None]
+        made += op.length if op.old is None else 0
+    patches = [(op.start, op.length) for op in plan if op.old is None]
     numbers = {start: n for n, (start, _) in enumerate(patches)}
     try:
         old_fd = os.open(old_image, os.O_RDONLY | os.O_CLOEXEC)
@@ -150,25 +186,23 @@ def make(
     def one(number: int) -> delta.Op:
         import zstandard
 
-        start, length, old, gap = plan[number]
-        if old is not None:
-            return delta.Op(start, length, old)
-        ranges = _ranges(gap, old_size)
-        dictionary = history(numbers[start], histories[number]) + b"".join(
-            os.pread(old_fd, n, offset) for offset, n in ranges
+        op = plan[number]
+        if op.old is not None:
+            return delta.Op(op.start, op.length, op.old)
+        dictionary = history(numbers[op.start], histories[number]) + b"".join(
+            os.pread(old_fd, n, offset) for offset, n in op.ranges
         )
-        body = os.pread(new_fd, length, start)
+        body = os.pread(new_fd, op.length, op.start)
         window = max(20, (len(dictionary) + len(body)).bit_length())
         params = zstandard.ZstdCompressionParameters.from_level(
             level,
-            source_size=len(body),
             window_log=min(window, 27),
             write_content_size=1,
             write_checksum=1,
         )
         raw = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         frame = zstandard.ZstdCompressor(dict_data=raw, compression_params=params).compress(body)
-        return delta.Op(start, length, 0, ranges, frame, histories[number])
+        return delta.Op(op.start, op.length, 0, op.ranges, frame, histories[number])
 
     try:
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import zstandard
 
 from rampart.contracts import delta, hashing
-from rampart.device import update
+from rampart.device import incremental, stream, update
+from rampart.device.transport import Receiver
 from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
 from tests.device.conftest import DeviceDirs, Release, make_device
@@ -54,11 +56,11 @@ def with_op(made: delta.Delta, number: int, **changes: object) -> bytes:
 
 def update_anyway(
     tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, old: Release, new: Release,
-    caplog: pytest.LogCaptureFixture, reason: str, streamed: bool,
+    caplog: pytest.LogCaptureFixture, reason: str,
 ) -> DeviceDirs:  # fmt: skip
-    """The update still installs the offered release: from chunks (the delta refused
-    before anything was written) or, once the delta failed while writing, from the
-    whole stream; `reason` is logged as a warning."""
+    """The update still installs the offered release, from chunks: the delta was
+    refused before anything was written (what it makes is checked against the root
+    hash before the slot is touched); `reason` is logged as a warning."""
     device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
     running = (device.vg / f"core_{RUNNING}").read_bytes()
     caplog.set_level(logging.INFO)
@@ -66,8 +68,8 @@ def update_anyway(
     assert_installed(device, new)
     assert (device.vg / f"core_{RUNNING}").read_bytes() == running
     log = served.access_log()
-    assert data_streamed(log) == streamed
-    assert bool(chunk_requests(log)) != streamed
+    assert not data_streamed(log)
+    assert chunk_requests(log)
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any(reason in m for m in messages), messages
     return device
@@ -81,7 +83,7 @@ def test_delta_tampered_on_the_server(
     data = bytearray(path.read_bytes())
     data[-10] ^= 0x01
     path.write_bytes(bytes(data))
-    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "delta refused", False)
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "delta refused")
 
 
 def test_delta_signed_for_another_release(
@@ -90,7 +92,7 @@ def test_delta_signed_for_another_release(
     old, new = releases(tmp_path, vendor, served, deltas=True)
     serve(served.root, vendor, published(served.root).render(), version=RUNNING)
     update_anyway(
-        tmp_path, vendor, pki, served, old, new, caplog, f"signed for version '{RUNNING}'", False
+        tmp_path, vendor, pki, served, old, new, caplog, f"signed for version '{RUNNING}'"
     )
 
 
@@ -101,7 +103,7 @@ def test_delta_from_another_base(
     old, new = releases(tmp_path, vendor, served, deltas=True)
     made = dataclasses.replace(published(served.root), base_root=b"\x07" * 32)
     serve(served.root, vendor, made.render())
-    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "its base is another", False)
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "its base is another")
 
 
 def test_delta_to_another_core(
@@ -110,7 +112,7 @@ def test_delta_to_another_core(
     old, new = releases(tmp_path, vendor, served, deltas=True)
     made = dataclasses.replace(published(served.root), target_root=b"\x07" * 32)
     serve(served.root, vendor, made.render())
-    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "another Core than", False)
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "another Core than")
 
 
 def test_delta_whose_copy_reads_past_the_running_core(
@@ -119,21 +121,21 @@ def test_delta_whose_copy_reads_past_the_running_core(
     old, new = releases(tmp_path, vendor, served, deltas=True)
     made = dataclasses.replace(published(served.root), base_size=64 << 20)
     serve(served.root, vendor, made.render())
-    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "its sizes are not", False)
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "its sizes are not")
 
 
 def test_signed_delta_that_makes_other_bytes(
     tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A signed delta (a publisher's bug, or its key in other hands) whose PATCH makes
-    bytes of the right length but not the Core's: the tree stops them before they
-    are written, and the stream resumes after the blocks that verified."""
+    bytes of the right length but not the Core's: the tree they make has another root
+    hash, found before anything is written."""
     old, new = releases(tmp_path, vendor, served, deltas=True)
     made = published(served.root)
     op = next(op for op in made.ops if op.frame is not None)
     other = zstandard.ZstdCompressor(write_content_size=True).compress(b"\x5a" * op.length)
     serve(served.root, vendor, with_op(made, 0, frame=other, ranges=(), history=0))
-    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "delta update failed", True)
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "another root hash")
 
 
 def test_endless_delta_frame(
@@ -143,7 +145,7 @@ def test_endless_delta_frame(
     old, new = releases(tmp_path, vendor, served, deltas=True)
     endless = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(256 << 20))
     serve(served.root, vendor, with_op(published(served.root), 0, frame=endless))
-    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "cannot decompress", True)
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "cannot decompress")
 
 
 def test_delta_asking_for_history_never_made(
@@ -151,4 +153,46 @@ def test_delta_asking_for_history_never_made(
 ) -> None:
     old, new = releases(tmp_path, vendor, served, deltas=True)
     serve(served.root, vendor, with_op(published(served.root), 0, history=4096))
-    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "more history", True)
+    update_anyway(tmp_path, vendor, pki, served, old, new, caplog, "more history")
+
+
+def test_running_core_that_changes_between_the_two_passes(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The delta made the right tree in its first pass, then the running Core's LV
+    changed (a bad disk, a writer): the second pass's blocks fail the tree before they
+    are written, and the whole stream resumes after the ones that verified."""
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
+    lv = device.vg / f"core_{RUNNING}"
+    made = incremental.from_delta
+    passes = []
+
+    def from_delta(plan: incremental.DeltaPlan, size: int) -> stream.Feed:
+        feed = made(plan, size)
+
+        def run(sink: Receiver, resume: int) -> None:
+            passes.append(resume)
+            if len(passes) == 2:
+                data = bytearray(lv.read_bytes())
+                data[(1 << 20) + 5] ^= 0xFF
+                lv.write_bytes(bytes(data))
+            feed(sink, resume)
+
+        return run
+
+    monkeypatch.setattr(incremental, "from_delta", from_delta)
+    caplog.set_level(logging.INFO)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    assert passes == [0, 0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("delta update failed" in m and "corrupted" in m for m in messages), messages
+    assert any("resuming at byte 1048576" in m for m in messages), messages
+    sizes = re.findall(r'"GET \S+-core HTTP/1.1" 206 (\d+)', served.access_log())
+    assert sizes[0] == "4096" and int(sizes[1]) > 1 << 20, sizes  # superblock, then the rest
