@@ -245,17 +245,24 @@ def test_3_the_next_update_overwrites_the_older_slot(
         lvs={"core_1.0.0", "core_1.0.1", "core_state"},
     )
     before = guest.lvs()
-    server.publish("1.0.2")
-    # A chunk tampered on the server: detected, and Core streamed whole instead.
+    server.publish("1.0.2")  # with a delta from 1.0.1, the channel's previous release
+    # The delta and a chunk tampered on the server: the delta is refused before anything
+    # is written, the chunk detected while rebuilding, and Core streamed whole instead.
+    release = wire.release_dir(server.webroot, parse_version("1.0.2"))
+    delta = release / wire.delta_name(build.OS_NAME, parse_version("1.0.1"))
     chunk = _a_new_chunk(server, "1.0.1", "1.0.2")
-    genuine = chunk.read_bytes()
-    chunk.chmod(0o644)
+    genuine = {path: path.read_bytes() for path in (delta, chunk)}
+    for path in genuine:
+        path.chmod(0o644)
+    delta.write_bytes(genuine[delta][:-1] + bytes([genuine[delta][-1] ^ 1]))
     chunk.write_bytes(chunks.compress(b"tampered" * 4096, "xz", 6))
     try:
         assert guest.run_update_service() == 20
     finally:
-        chunk.write_bytes(genuine)
+        for path, data in genuine.items():
+            path.write_bytes(data)
     journal = guest.update_journal(400)
+    assert "delta refused" in journal, journal
     assert "incremental update failed" in journal and "streamed from the server" in journal
     after = guest.lvs()
     assert "core_1.0.0" not in after
@@ -292,8 +299,10 @@ def test_4_a_one_shot_boot_runs_the_older_version_and_updates_spare_it(
     assert guest.status()["running"] == "1.0.1"
     lvs = guest.lvs()
     digest = _head_digest(guest, "1.0.1")
-    # The server still offers 1.0.2: the update goes into 1.0.2's LV, never the running one.
+    # The server still offers 1.0.2: the update goes into 1.0.2's LV, never the running one,
+    # made by the delta from 1.0.1 (the running Core) that scenario 3 published.
     assert guest.run_update_service() == 20
+    assert "made by a delta" in guest.update_journal(400)
     assert guest.lvs() == lvs
     assert _head_digest(guest, "1.0.1") == digest
     assert _entries(guest) == ["clipos-1.0.1.efi", f"clipos-1.0.2+{TRIES}.efi"]
@@ -408,7 +417,8 @@ def test_8_a_power_cut_while_writing_core_leaves_the_old_version_booting(
         status = second.run_update_service()
         journal = second.update_journal(400)
         assert status == 20, journal
-        assert "rebuilt from chunks" in journal, journal  # the power was cut in this path
+        # the power was cut in one of these (a delta when 1.0.1, published here, is offered)
+        assert re.search("rebuilt from chunks|made by a delta", journal), journal
         assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{offered}+{TRIES}.efi"]
         assert "core_1.0.0" in second.lvs()
     _timed("8 power cut", started)
