@@ -47,9 +47,11 @@ OP = struct.Struct("<IIQQQ")
 RANGE = struct.Struct("<QI")
 COPY, PATCH = 1, 2
 PATCH_MAX = 8 << 20  # bytes of new Core one frame makes
-DICT_MAX = 16 << 20  # bytes of old Core a frame's dictionary holds
+# A device holds a PATCH's dictionary twice while it decompresses (its buffer, and
+# zstd's copy), its output and the history: 2 x 12 + 8 + 4 MiB at most.
+DICT_MAX = 8 << 20  # bytes of old Core a frame's dictionary holds
 RANGES_MAX = 4096
-HISTORY_MAX = 8 << 20  # bytes of earlier PATCH output a frame's dictionary holds
+HISTORY_MAX = 4 << 20  # bytes of earlier PATCH output a frame's dictionary holds
 DELTA_MAX = 64 << 20  # the largest delta a device fetches: beyond, chunks cost less
 
 
@@ -162,7 +164,7 @@ def _check_ranges(ranges: Sequence[tuple[int, int]], base_size: int, where: str)
         raise FormatError(f"{where}: a dictionary of {total} bytes, more than {DICT_MAX}")
 
 
-def decompress(op: Op, dictionary: bytes, source: str) -> bytes:
+def decompress(op: Op, dictionary: bytes | bytearray, source: str) -> bytes:
     """A PATCH's bytes: its frame, declaring its length, decompressed with
     `dictionary` (its history, then the base Core's bytes of its ranges) into no more
     than that.

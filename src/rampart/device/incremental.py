@@ -362,14 +362,27 @@ def _apply(plan: DeltaPlan, seed_fd: int, sink: Receiver, resume: int) -> None:
             continue
         if op.history > len(history):
             raise RemoteDataError(f"{plan.source}: a PATCH asks for more history than was made")
-        dictionary = bytes(history[len(history) - op.history :]) if op.history else b""
-        dictionary += b"".join(_read(seed_fd, length, offset) for offset, length in op.ranges)
-        out = delta_format.decompress(op, dictionary, plan.source)
-        del dictionary
-        history += out
-        del history[: max(0, len(history) - delta_format.HISTORY_MAX)]
+        out = delta_format.decompress(op, _dictionary(op, history, seed_fd), plan.source)
+        # The history stays within its bound as it moves on: trimmed before it grows.
+        del history[: max(0, len(history) + len(out) - delta_format.HISTORY_MAX)]
+        history += memoryview(out)[-delta_format.HISTORY_MAX :]
         if end > resume:
             feed(sink, memoryview(out)[max(0, resume - op.start) :])
+        del out
+
+
+def _dictionary(op: delta_format.Op, history: bytearray, seed_fd: int) -> bytearray:
+    """A PATCH's dictionary in one buffer, read in place: the end of `history`, then
+    its ranges of the running Core (a copy fewer than joining them: RSS)."""
+    dictionary = bytearray(op.history + op.dictionary_size)
+    with memoryview(dictionary) as view:
+        view[: op.history] = memoryview(history)[len(history) - op.history :]
+        position = op.history
+        for offset, length in op.ranges:
+            if os.preadv(seed_fd, [view[position : position + length]], offset) != length:
+                raise VerificationError(f"the running Core ends before byte {offset + length}")
+            position += length
+    return dictionary
 
 
 def _read(fd: int, length: int, offset: int) -> bytes:
