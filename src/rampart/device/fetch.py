@@ -217,28 +217,43 @@ class Fetcher:
         process: (200, its bytes), or (403 or 404, b"") if the server has none. The bytes
         are read back by this process from the download directory, once the fetch
         process is gone; they are not trusted (the caller verifies them)."""
+        [found] = self.documents([(url, cap)])
+        return found
+
+    def documents(self, wanted: Sequence[tuple[str, int]]) -> list[tuple[int, bytes]]:
+        """`document` for each (url, cap), in one fetch process (one TLS connection)."""
         self.download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        dest = self.download_dir / DOCUMENT
-        dest.unlink(missing_ok=True)
-        [status] = self.run([Job("document", url, cap, str(dest))])
-        if status != 200:
-            return int(status), b""
+        names = [DOCUMENT if n == 0 else f"{DOCUMENT}.{n}" for n in range(len(wanted))]
+        for name in names:
+            (self.download_dir / name).unlink(missing_ok=True)
+        statuses = self.run(
+            [
+                Job("document", url, cap, str(self.download_dir / name))
+                for (url, cap), name in zip(wanted, names, strict=True)
+            ]
+        )
+        return [
+            (200, self._read_document(name, url, cap)) if status == 200 else (int(status), b"")
+            for (url, cap), name, status in zip(wanted, names, statuses, strict=True)
+        ]
+
+    def _read_document(self, name: str, url: str, cap: int) -> bytes:
         dir_fd = open_directory(self.download_dir)
         try:
-            fd = open_plain_file(dir_fd, DOCUMENT)
+            fd = open_plain_file(dir_fd, name)
             if fd is None:
-                raise LocalError(f"{dest}: the fetched document is missing")
+                raise LocalError(f"{self.download_dir / name}: the fetched document is missing")
             try:
                 with os.fdopen(fd, "rb", closefd=False) as document:
                     data = document.read(cap + 1)
             finally:
                 os.close(fd)
-            os.unlink(DOCUMENT, dir_fd=dir_fd)
+            os.unlink(name, dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
         if len(data) > cap:
             raise RemoteDataError(f"{url}: larger than the cap of {cap} bytes")
-        return 200, data
+        return data
 
     def stream(self, ranges: Sequence[tuple[Stream, Receiver]]) -> list[int]:
         """Stream each range into its receiver, in one fetch process; the bytes of each.

@@ -91,11 +91,10 @@ def signed_document(
 ) -> bytes | None:
     """The document at `url` (at most `cap` bytes), verified with `public_key` and
     signed for `version` (VerificationError otherwise); None if the server has none."""
-    status, raw = fetcher.document(url + wire.SIGNATURE_SUFFIX, SIG_CAP)
-    if status != 200:
-        return None
-    status, data = fetcher.document(url, cap)
-    if status != 200:
+    (sig_status, raw), (status, data) = fetcher.documents(
+        [(url + wire.SIGNATURE_SUFFIX, SIG_CAP), (url, cap)]
+    )
+    if sig_status != 200 or status != 200:
         return None
     source = url.rsplit("/", 1)[-1]
     signature = signing.parse_signature(raw, f"{source}.sig")
