@@ -29,7 +29,9 @@ Measured, for each pair (base -> plus, base -> bump, and base -> base: no change
    backend, with the delta (everything published), from chunks (the delta hidden) and
    with the whole Core streamed (the delta and the indexes hidden), `--runs` times
    each, interleaved: the time, the bytes nginx sent (all, and for Core: the UKI's
-   excluded), the peak RSS (VmHWM of the process and its fetch processes).
+   excluded), the peak RSS (VmHWM of the process and its fetch processes); then once
+   with the delta and once whole from an nginx that sends at most --link-mbit
+   (default 100 Mbit/s: a link, not loopback).
 Publishing: chunking and indexing (no store) of a 1 GiB image of random data, against
 `casync make` of the same image (which also compresses each chunk into its store),
 the best of `--runs`.
@@ -313,10 +315,22 @@ class UpdateBench:
         valid = services.validity(30)
         ca = services.make_ca(self.pki, "ca", common_name="Rampart bench CA", valid=valid)
         cert = services.make_cert(self.pki, "server", ca, ["localhost"], valid=valid)
+        self.cert = cert
         self.publish()
         nginx = services.Nginx.static(self.work / "nginx", self.webroot, cert)
         self.nginx = stack.enter_context(nginx)
         self.make_device()
+
+    def use_link(self, stack: ExitStack, mbit_s: int) -> None:
+        """From now on, the device updates from an nginx that sends each response at
+        most `mbit_s` Mbit/s (`limit_rate`): a link, not loopback."""
+        state = self.work / f"nginx-{mbit_s}"
+        limit = f"        limit_rate {mbit_s * 125_000};\n"
+        nginx = services.Nginx.static(state, self.webroot, self.cert, locations=limit)
+        self.nginx = stack.enter_context(nginx)
+        (self.dev / "remote" / "remote.toml").write_text(
+            f'update_url = "{self.nginx.url}/update/v1"\ndist_url = "{self.nginx.url}/dist"\n'
+        )
 
     def publish(self) -> None:
         key, pub = self.work / "vendor.key", self.work / "vendor.pub"
@@ -388,7 +402,7 @@ class UpdateBench:
         ]
         for path in hidden:
             path.rename(path.with_name(f".hidden-{path.name}"))
-        log = self.work / "nginx" / "access.log"
+        log = Path(self.nginx.state) / "access.log"
         start = log.stat().st_size if log.exists() else 0
         os.sync()
         argv = [
@@ -415,7 +429,7 @@ class UpdateBench:
 
 
 def measure_update(
-    rampart: str, work: Path, cores: dict[str, Path], runs: int, stack: ExitStack
+    rampart: str, work: Path, cores: dict[str, Path], runs: int, stack: ExitStack, link: int
 ) -> dict[str, Any]:
     bench = UpdateBench(rampart, work, cores, stack)
     found: dict[str, list[tuple[float, int, int, int]]] = {mode: [] for mode in MODES}
@@ -429,15 +443,26 @@ def measure_update(
                 f"peak RSS {measured.peak_kib / 1024:.1f} MiB"
             )
     best = {mode: min(values) for mode, values in found.items()}
+    linked = {}
+    if link:
+        bench.use_link(stack, link)
+        for mode in ("delta", "full"):
+            measured, sent, core = bench.run(mode)
+            linked[mode] = round(measured.seconds, 3)
+            _log(f"over {link} Mbit/s: {mode} update {measured.seconds:.3f} s, {sent} bytes sent")
     return {
-        mode: {
-            "seconds": round(best[mode][0], 3),
-            "runs_seconds": [round(v[0], 3) for v in values],
-            "bytes_sent": best[mode][1],
-            "core_bytes_sent": best[mode][3],
-            "peak_rss_mib": round(max(v[2] for v in values) / 1024, 1),
-        }
-        for mode, values in found.items()
+        "link_mbit_s": link,
+        "link_seconds": linked,
+        **{
+            mode: {
+                "seconds": round(best[mode][0], 3),
+                "runs_seconds": [round(v[0], 3) for v in values],
+                "bytes_sent": best[mode][1],
+                "core_bytes_sent": best[mode][3],
+                "peak_rss_mib": round(max(v[2] for v in values) / 1024, 1),
+            }
+            for mode, values in found.items()
+        },
     }
 
 
@@ -503,12 +528,16 @@ def print_report(data: dict[str, Any], default: str) -> None:
         f"({speed['casync_seconds']} s); "
         f"ratio {speed['casync_seconds'] / speed['rampart_seconds']:.2f}"
     )
-    for mode, value in data.get("update", {}).items():
+    update = data.get("update", {})
+    for mode in MODES if update else ():
+        value = update[mode]
         print(
             f"update base -> plus, {mode}: {value['seconds']} s (runs {value['runs_seconds']}), "
             f"{value['bytes_sent']} bytes sent ({value['core_bytes_sent']} not of the UKI), "
             f"peak RSS {value['peak_rss_mib']} MiB"
         )
+    for mode, seconds in update.get("link_seconds", {}).items():
+        print(f"update base -> plus over {update['link_mbit_s']} Mbit/s, {mode}: {seconds} s")
     print(f"targets {'MET' if data['met'] else 'NOT MET'}")
 
 
@@ -525,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-update", action="store_true")
+    parser.add_argument(
+        "--link-mbit",
+        type=int,
+        default=100,
+        help="also update once with the delta and once whole from an nginx limited to "
+        "this rate (0: not)",
+    )
     parser.add_argument(
         "--compressions",
         default="xz:6,zstd:19,zstd:3",
@@ -549,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs, cores = measure_pairs(rampart, casync, work, compressions)
         updates = None
         if not args.skip_update:
-            updates = measure_update(rampart, work, cores, args.runs, stack)
+            updates = measure_update(rampart, work, cores, args.runs, stack, args.link_mbit)
         _log("publishing speed: 1 GiB")
         speed = publish_speed(casync, work, args.runs)
     data = report(pairs, speed, default)
