@@ -30,7 +30,6 @@ from rampart.contracts import chunks, signing, wire
 from rampart.contracts import delta as delta_format
 from rampart.contracts.cmdline import RootHash
 from rampart.contracts.version import Version
-from rampart.device.corewrite import CHUNK
 from rampart.device.fetch import Fetcher, Stream
 from rampart.device.slots import Slot
 from rampart.device.stream import Feed, Plan
@@ -326,11 +325,13 @@ def delta_plan(
     return DeltaPlan(found, seed.path, name)
 
 
-def from_delta(delta_plan: DeltaPlan, size: int) -> Feed:
+def from_delta(delta_plan: DeltaPlan, size: int, last: bool = True) -> Feed:
     """Core's data made by the delta from the running Core, from the resume point on
-    (`size`: the whole Core's, data and tree): COPY read from the seed LV, PATCH
-    decompressed with its dictionary (each PATCH is decompressed even before the
-    resume point: the ones after need its bytes)."""
+    (`size`: the whole Core's, data and tree): COPY read from the seed LV into the
+    sink's buffers, PATCH decompressed with its dictionary (each PATCH is decompressed
+    even before the resume point: the ones after need its bytes). Unless `last` (the
+    pass that computes the tree, before the one that writes), the seed's pages stay
+    in the page cache."""
 
     def run(sink: Receiver, resume: int) -> None:
         sink.begin(resume, delta_plan.delta.data_size - resume, size)
@@ -340,7 +341,8 @@ def from_delta(delta_plan: DeltaPlan, size: int) -> Feed:
             raise LocalError(f"{delta_plan.seed}: cannot read: {exc.strerror}") from None
         try:
             _apply(delta_plan, seed_fd, sink, resume)
-            os.posix_fadvise(seed_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if last:
+                os.posix_fadvise(seed_fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(seed_fd)
 
@@ -353,10 +355,13 @@ def _apply(plan: DeltaPlan, seed_fd: int, sink: Receiver, resume: int) -> None:
         end = op.start + op.length
         if op.frame is None:
             position = max(resume, op.start)
-            while position < end:
-                count = min(CHUNK, end - position)
-                data = _read(seed_fd, count, op.offset + position - op.start)
-                feed(sink, data)
+            while position < end:  # straight into the sink's buffer: no copy
+                space = sink.buffer()
+                count = min(len(space), end - position)
+                offset = op.offset + position - op.start
+                if os.preadv(seed_fd, [space[:count]], offset) != count:
+                    raise VerificationError(f"the running Core ends before byte {offset + count}")
+                sink.filled(count)
                 position += count
             continue
         if op.history > len(history):
@@ -382,10 +387,3 @@ def _dictionary(op: delta_format.Op, history: bytearray, seed_fd: int) -> bytear
                 raise VerificationError(f"the running Core ends before byte {offset + length}")
             position += length
     return dictionary
-
-
-def _read(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise VerificationError(f"the running Core ends before byte {offset + length}")
-    return data

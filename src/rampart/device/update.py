@@ -717,7 +717,7 @@ def stream_plan(
     delta = _delta_plan(device, fetcher, version, facts.root)
     if delta is not None:
         try:
-            made = incremental.from_delta(delta, cap)
+            made = incremental.from_delta(delta, cap, last=False)
             plan = stream.local_plan(fetcher, url, facts.root, cap, core.name, made)
         except (TransportError, RemoteDataError, VerificationError, FormatError) as exc:
             log.warning("delta refused (%s): Core is rebuilt from chunks", exc)

@@ -173,8 +173,8 @@ def test_running_core_that_changes_between_the_two_passes(
     made = incremental.from_delta
     passes = []
 
-    def from_delta(plan: incremental.DeltaPlan, size: int) -> stream.Feed:
-        feed = made(plan, size)
+    def from_delta(plan: incremental.DeltaPlan, size: int, last: bool = True) -> stream.Feed:
+        feed = made(plan, size, last)
 
         def run(sink: Receiver, resume: int) -> None:
             passes.append(resume)
