@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.contracts import chunks, signing, verity, wire
+from rampart.contracts import chunks, cmdline, delta, pe, signing, verity, wire
 from rampart.contracts.version import parse_version
 from rampart.errors import ConflictError, LocalError, UsageError
 from rampart.release import webroot
@@ -360,3 +360,42 @@ def test_publish_refuses_a_version_too_long_for_an_lv_name(
     assert code == 2, err
     assert "123 characters" in err
     assert tree_snapshot(tmp_path) == before
+
+
+def test_publish_signs_a_delta_from_the_channel_s_previous_release(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    publish(root, keypair, payloads, "1.0.1")
+    name = wire.delta_name("clipos", parse_version("1.0.0"))
+    path = root / "dist/1.0.1" / name
+    sig = signing.load_signature(path.with_name(name + ".sig"))
+    assert sig.trusted_comment == b"1.0.1" and sig.prehashed
+    signing.verify_file(path, sig, keypair.key.public_key)
+    made = delta.parse(path.read_bytes(), name)
+    roots = {}
+    for version in ("1.0.0", "1.0.1"):
+        line = pe.cmdline(payloads[version][1].read_bytes()) or ""
+        found = cmdline.root_hash(line, version)
+        assert found is not None
+        roots[version] = found.root_hash
+    assert made.base_root.hex() == roots["1.0.0"]
+    assert made.target_root.hex() == roots["1.0.1"]
+    assert webroot.audit(root, keypair.key.public_key) == []
+
+
+def test_publish_without_the_previous_release_or_with_no_delta_signs_none(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads
+) -> None:
+    """The channel's previous release removed from the webroot (an operator's clean-up):
+    the publish still succeeds, with no delta; --no-delta: none either."""
+    root = tmp_path / "webroot"
+    publish(root, keypair, payloads, "1.0.0")
+    for path in (root / "dist/1.0.0").iterdir():
+        path.chmod(0o644)
+        path.unlink()
+    publish(root, keypair, payloads, "1.0.1")
+    assert not list((root / "dist/1.0.1").glob("*.delta*"))
+    publish(root, keypair, payloads, "1.0.2", chunking=webroot.Chunking(deltas=False))
+    assert not list((root / "dist/1.0.2").glob("*.delta*"))

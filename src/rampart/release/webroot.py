@@ -304,9 +304,11 @@ def _write_delta(
         return path.stat().st_size
     base_dir = release_dir(webroot, base)
     core = payload_name(os_name, "core")
-    roots = [_root_hash(d / payload_name(os_name, "efiboot")) for d in (base_dir, release)]
     base_index = base_dir / index_name(os_name)
-    if roots[0] is None or roots[1] is None or not base_index.is_file():
+    if not (base_dir / core).is_file() or not base_index.is_file():
+        return None  # the previous release is gone from the webroot, or has no index
+    roots = [_root_hash(d / payload_name(os_name, "efiboot")) for d in (base_dir, release)]
+    if roots[0] is None or roots[1] is None:
         return None
     old_index = chunks.parse_index(
         base_index.read_bytes(), str(base_index), (base_dir / core).stat().st_size
