@@ -388,13 +388,11 @@ def test_publish_signs_a_delta_from_the_channel_s_previous_release(
 def test_publish_without_the_previous_release_or_with_no_delta_signs_none(
     tmp_path: Path, keypair: KeyPair, payloads: Payloads
 ) -> None:
-    """The channel's previous release removed from the webroot (an operator's clean-up):
-    the publish still succeeds, with no delta; --no-delta: none either."""
+    """The channel's previous release's Core removed from the webroot (an operator's
+    clean-up): the publish still succeeds, with no delta; --no-delta: none either."""
     root = tmp_path / "webroot"
     publish(root, keypair, payloads, "1.0.0")
-    for path in (root / "dist/1.0.0").iterdir():
-        path.chmod(0o644)
-        path.unlink()
+    (root / "dist/1.0.0/clipos-core").unlink()
     publish(root, keypair, payloads, "1.0.1")
     assert not list((root / "dist/1.0.1").glob("*.delta*"))
     publish(root, keypair, payloads, "1.0.2", chunking=webroot.Chunking(deltas=False))
