@@ -297,6 +297,22 @@ def efi_epoch(path: Path) -> int:
     return cmdline_epoch(line, path.name)
 
 
+def efi_root_hash(path: Path) -> RootHash | None:
+    """The verity parameters a UKI file pins (`root_hash` of its `.cmdline`), read as
+    `efi_epoch` reads it; None without a root hash or a readable `.cmdline`.
+    LocalError if the file cannot be read; FormatError or VerificationError if its
+    verity parameters are malformed or repeated."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read the UKI: {exc.strerror}") from None
+    try:
+        line = pe.cmdline(data, path.name)
+    except FormatError:
+        return None
+    return None if line is None else root_hash(line, path.name)
+
+
 @dataclass(frozen=True)
 class RootHash:
     """What the new UKI's command line says about the Core it boots."""

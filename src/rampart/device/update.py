@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rampart import files, run
-from rampart.contracts import cmdline, hashing, pe, signing, wire
+from rampart.contracts import cmdline, hashing, signing, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
@@ -755,9 +755,8 @@ def _delta_plan(
     if seed is None or entry is None:
         return None
     try:
-        line = pe.cmdline(entry.path.read_bytes(), entry.path.name)
-        running_root = None if line is None else cmdline.root_hash(line, entry.path.name)
-    except (OSError, RampartError) as exc:
+        running_root = cmdline.efi_root_hash(entry.path)
+    except RampartError as exc:
         log.info("%s: no root hash (%s): no delta applies", entry.path.name, exc)
         return None
     if running_root is None:

@@ -95,14 +95,19 @@ def audit_deltas(
     os_name: str,
     version: Version,
     public_key: signing.PublicKey,
-    target: cmdline.RootHash | None,
     problems: list[str],
 ) -> None:
     """The problems of one release's deltas (contracts/delta.py), if it has any: each
     signed for its version, well formed, and making the Core the release's UKI pins
-    (`target`: its root hash, None if it pins none)."""
+    (read only for a release with deltas)."""
     core = wire.payload_name(os_name, "core")
     names = {p.name.removesuffix(wire.SIGNATURE_SUFFIX) for p in release.glob(f"{core}.from-*")}
+    if not names:
+        return
+    try:
+        target = cmdline.efi_root_hash(release / wire.payload_name(os_name, "efiboot"))
+    except RampartError:
+        target = None  # the UKI's own problems are reported with the payloads
     for name in sorted(names):
         path = release / name
         data = _signed(path, version, public_key, problems)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import chunks, cmdline, hashing, pe, signing
+from rampart.contracts import chunks, cmdline, hashing, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
     NAME,
@@ -332,10 +332,9 @@ def _write_delta(
 def _root_hash(efiboot: Path) -> cmdline.RootHash | None:
     """The verity root hash a published UKI pins (None: none, or no UKI there)."""
     try:
-        line = pe.cmdline(efiboot.read_bytes(), efiboot.name)
-    except (OSError, RampartError):
+        return cmdline.efi_root_hash(efiboot)
+    except RampartError:
         return None
-    return None if line is None else cmdline.root_hash(line, efiboot.name)
 
 
 def _check_arguments(
@@ -560,8 +559,7 @@ def _audit_dist(
             chunkstore.audit_index(
                 release, os_name, version, public_key, store, verify_chunks, problems
             )
-            target = _root_hash(release / payload_name(os_name, "efiboot"))
-            chunkstore.audit_deltas(release, os_name, version, public_key, target, problems)
+            chunkstore.audit_deltas(release, os_name, version, public_key, problems)
     return complete
 
 
