@@ -5,8 +5,10 @@ block still verified before it is written; and the fallback to the whole stream.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tests.device.conftest import (
     publish,
     publish_unchecked,
 )
+from tests.device.test_crash import run_and_kill
 from tests.releases import build_uki
 
 RUNNING = "5.0.0-alpha.1"
@@ -125,6 +128,35 @@ def test_delta_update_makes_core_from_the_running_one(
     # Of Core, only its verity superblock: the tree is computed from what the delta makes.
     ranges = re.findall(rf'"GET {re.escape(CORE_PATH.strip())} HTTP/1.1" 206 (\d+)', log)
     assert ranges == ["4096"], ranges
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("made by a delta" in m for m in messages), messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_delta_update_killed_while_writing_then_rerun_completes(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    caplog: pytest.LogCaptureFixture,
+    nth: int,
+) -> None:
+    """SIGKILL after the delta wrote its `nth` MiB into the slot (its tree not computed
+    yet, not written): no entry boots that slot, the running Core is untouched, and
+    the next run makes Core by the delta again, from its first byte."""
+    old, new = releases(tmp_path, vendor, served, deltas=True)
+    device = running_on(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url), old)
+    running = (device.vg / f"core_{RUNNING}").read_bytes()
+    status = run_and_kill(device, "write-core-chunk", nth)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert device.entries() == [f"{OS}-{RUNNING}.efi"]
+    assert (device.vg / f"core_{RUNNING}").read_bytes() == running
+    caplog.set_level(logging.INFO)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    assert (device.vg / f"core_{RUNNING}").read_bytes() == running
+    assert chunk_requests(served.access_log()) == []
     messages = [r.getMessage() for r in caplog.records]
     assert any("made by a delta" in m for m in messages), messages
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -265,12 +265,18 @@ def verify(
 
 class DataCheck:
     """The data blocks of a verity image checked as they come, in order, against
-    level 0 of its tree (which `check_tree` has tied to the root hash), from block
+    level 0 of its tree (which `check_tree` has tied to the root hash; or the level 0
+    a TreeBuilder computes, to read back what was written while its root hash is not
+    known yet), from block
     `start // BLOCK` on. Each chunk but the last is a whole number of blocks;
     VerificationError names the first bad block, or the byte where the data stopped."""
 
     def __init__(
-        self, params: VerityParams, level0: bytes | memoryview, source: str, start: int = 0
+        self,
+        params: VerityParams,
+        level0: bytes | bytearray | memoryview,
+        source: str,
+        start: int = 0,
     ) -> None:
         if start % BLOCK or not 0 <= start <= params.data_size:
             raise LocalError(f"{source}: data check from byte {start}: not a block boundary")

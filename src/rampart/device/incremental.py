@@ -325,13 +325,11 @@ def delta_plan(
     return DeltaPlan(found, seed.path, name)
 
 
-def from_delta(delta_plan: DeltaPlan, size: int, last: bool = True) -> Feed:
+def from_delta(delta_plan: DeltaPlan, size: int) -> Feed:
     """Core's data made by the delta from the running Core, from the resume point on
     (`size`: the whole Core's, data and tree): COPY read from the seed LV into the
     sink's buffers, PATCH decompressed with its dictionary (each PATCH is decompressed
-    even before the resume point: the ones after need its bytes). Unless `last` (the
-    pass that computes the tree, before the one that writes), the seed's pages stay
-    in the page cache."""
+    even before the resume point: the ones after need its bytes)."""
 
     def run(sink: Receiver, resume: int) -> None:
         sink.begin(resume, delta_plan.delta.data_size - resume, size)
@@ -341,8 +339,7 @@ def from_delta(delta_plan: DeltaPlan, size: int, last: bool = True) -> Feed:
             raise LocalError(f"{delta_plan.seed}: cannot read: {exc.strerror}") from None
         try:
             _apply(delta_plan, seed_fd, sink, resume)
-            if last:
-                os.posix_fadvise(seed_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(seed_fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(seed_fd)
 

@@ -23,6 +23,11 @@ of the file. Then:
 The download directory holds no part of Core. A stream that diverges from the tree
 stops at the first bad block, with nothing of it written; the slot still becomes
 bootable only once its entry is installed (`update.py`), after all of this.
+
+A Core that a delta makes (device/incremental.py) has no tree to be checked against
+before it is written: `shape` fetches Core's verity superblock alone, and
+`install_made` computes the tree while it writes the data, from the slot's first
+byte; the tree is written after the data only once its root hash is the UKI's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from rampart.contracts import hashing, verity
 from rampart.contracts import payload as payload_mod
@@ -141,14 +147,25 @@ def plan(fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str) -> Pla
 Feed = Callable[[Receiver, int], None]  # Core's data from a byte on, into a receiver
 
 
-def local_plan(
-    fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str, feed: Feed
-) -> Plan | None:
-    """Like `plan`, for a Core this machine can make without the server (a delta from
-    the running Core: device/incremental.py): only Core's verity superblock is
-    fetched; the tree is computed over what `feed` makes, which nothing writes, and
-    must give the root hash the UKI pins (VerificationError otherwise: the delta does
-    not make this Core). None if this Core does not stream."""
+@dataclass(frozen=True)
+class Shape:
+    """What `shape` learnt of a Core from its verity superblock alone (fetched by
+    itself, 4 KiB): the layout of a Core this machine makes (a delta)."""
+
+    url: str
+    size: int  # the whole image: data, then superblock and tree
+    params: verity.VerityParams
+    superblock: bytes  # the hash area's first block
+
+    @property
+    def data_size(self) -> int:
+        return self.params.data_size
+
+
+def shape(fetcher: Fetcher, url: str, root: RootHash, cap: int, name: str) -> Shape | None:
+    """Fetch Core's verity superblock alone and check the layout it gives against
+    the UKI's command line: the Core a delta makes (device/incremental.py), whose tree
+    is computed as it is written (`install_made`). None if this Core does not stream."""
     offset = root.hash_offset
     if offset % verity.BLOCK or offset <= 0:
         return None
@@ -159,8 +176,8 @@ def local_plan(
         log.info("%s: not streamed (%s): downloading it whole", name, exc)
         return None
     size = head.total
-    superblock = bytes(head.data[: verity.SUPERBLOCK])
-    params = root.verity_params(verity.parse_superblock(superblock, name))
+    superblock = bytes(head.data)
+    params = root.verity_params(verity.parse_superblock(superblock[: verity.SUPERBLOCK], name))
     tree_size = verity.tree_size(params.data_blocks)
     if (
         params.data_size != offset
@@ -170,48 +187,7 @@ def local_plan(
     ):
         log.info("%s: its tree does not follow its data to the end: not streamed", name)
         return None
-    made = _TreeSink(bytes.fromhex(params.salt), params.data_size)
-    feed(made, 0)
-    root_hash, levels = made.finish()
-    if root_hash != params.root_hash:
-        raise VerificationError(
-            f"{name}: the delta makes a Core of another root hash than the UKI's"
-        )
-    tail = bytearray(head.data)
-    for level in reversed(levels):
-        tail += level
-    level0 = payload_mod.check_core_tree(memoryview(tail)[verity.BLOCK :], params, name)
-    used = payload_mod.check_core(made.first, size, name)
-    payload_mod.check_core_verity(used, superblock, size, root, name)
-    return Plan(url, size, params, level0, tail)
-
-
-class _TreeSink:
-    """A receiver that computes the tree of what it is fed, and keeps the first block."""
-
-    def __init__(self, salt: bytes, data_size: int) -> None:
-        self.tree = verity.TreeBuilder(salt, data_size)
-        self.held = bytearray(CHUNK)
-        self.length = 0
-        self.first = b""
-
-    def begin(self, offset: int, length: int, total: int) -> None:
-        if offset != 0 or length != self.tree.size:
-            raise LocalError(f"the tree of Core: fed {length} bytes from byte {offset}")
-
-    def buffer(self) -> memoryview:
-        return memoryview(self.held)[self.length :]
-
-    def filled(self, count: int) -> None:
-        self.length += count
-        if self.length == len(self.held) or self.tree.done + self.length == self.tree.size:
-            if not self.first:
-                self.first = bytes(self.held[: verity.BLOCK])
-            self.tree.update(memoryview(self.held)[: self.length])
-            self.length = 0
-
-    def finish(self) -> tuple[str, list[bytes]]:
-        return self.tree.finish()
+    return Shape(url, size, params, superblock)
 
 
 def from_server(fetcher: Fetcher, plan: Plan) -> Feed:
@@ -237,24 +213,102 @@ def install(
     the read-back is not what was signed; LocalError if the slot cannot be written;
     what `feed` raises if it stops (what was written and verified is kept: the next
     run resumes there)."""
-    if plan.size > slot.size:
-        raise LocalError(
-            f"{slot.name}: Core image ({plan.size} bytes) does not fit the LV ({slot.size} bytes)"
-        )
-    started = time.monotonic()
+    _check_room(plan.size, slot)
     hasher = hashing.blake2b()
     try:
         resume = _verified_prefix(slot, plan, hasher)
-        if resume:
-            log.info("%s: resuming at byte %d (verified in the slot)", slot.name, resume)
+    except OSError as exc:
+        raise LocalError(f"{slot.path}: cannot read Core: {exc.strerror}") from None
+    if resume:
+        log.info("%s: resuming at byte %d (verified in the slot)", slot.name, resume)
+    check = verity.DataCheck(plan.params, plan.level0, plan.url, resume)
+    read = verity.DataCheck(plan.params, plan.level0, str(slot.path), resume)
+    checked = _Checked(check, read, lambda: plan.tail)
+    _write(feed, plan, slot, checked, hasher, resume, check_digest, checkpoint, root)
+
+
+def install_made(
+    feed: Feed,
+    shape: Shape,
+    slot: Slot,
+    check_digest: CheckDigest,
+    checkpoint: Checkpoint,
+    root: RootHash,
+) -> None:
+    """Write the Core a delta makes (`feed`: device/incremental.py) into `slot`, from
+    its first byte, in one pass: its tree is computed as its data is written, and read
+    back against it. The root hash must then be the one the UKI pins (the delta is
+    signed, but what it makes is trusted only once it has that root hash) before the
+    tree is written after the data; VerificationError otherwise, and the slot has
+    no tree (it is not a Core: nothing boots it, and `install` rewrites it). Then the
+    digest and the read-back, as `install`."""
+    _check_room(shape.size, slot)
+    made = _Made(shape, root, str(slot.path))
+    read = verity.DataCheck(shape.params, made.tree.level0, str(slot.path))
+    checked = _Checked(made, read, made.tail)
+    _write(feed, shape, slot, checked, hashing.blake2b(), 0, check_digest, checkpoint, root)
+
+
+def _check_room(size: int, slot: Slot) -> None:
+    if size > slot.size:
+        raise LocalError(
+            f"{slot.name}: Core image ({size} bytes) does not fit the LV ({slot.size} bytes)"
+        )
+
+
+class _DataCheck(Protocol):
+    def update(self, chunk: bytes | memoryview) -> None: ...
+    def finish(self) -> None: ...
+
+
+class _Target(Protocol):
+    @property
+    def url(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def data_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """How `_write` checks Core: each block before it is written (`data`), each block
+    read back (`read`), and the verified superblock and tree once the data is written
+    (`tail`: raises VerificationError if the data was not Core's)."""
+
+    data: _DataCheck
+    read: verity.DataCheck
+    tail: Callable[[], bytearray]
+
+
+def _write(
+    feed: Feed,
+    target: _Target,
+    slot: Slot,
+    checked: _Checked,
+    hasher: hashing.Hasher,
+    resume: int,
+    check_digest: CheckDigest,
+    checkpoint: Checkpoint,
+    root: RootHash,
+) -> None:
+    """Core's data from `feed` into `slot` from `resume` on, checked before it is
+    written, then its superblock and tree; the digest checked, the slot read back."""
+    started = time.monotonic()
+    tail = bytearray()
+
+    def reference(offset: int, length: int) -> bytes:
+        start = offset - target.data_size
+        return bytes(tail[start : start + length])
+
+    try:
         writer = SlotWriter(slot.path)
         try:
-            data = verity.DataCheck(plan.params, plan.level0, str(slot.path), resume)
-            readback = ReadBack(slot, plan.size, data, _tail_reference(plan), b"", root)
+            readback = ReadBack(slot, target.size, checked.read, reference, b"", root)
             try:
-                sink = _SlotSink(plan, slot, writer, readback, hasher, checkpoint, resume)
+                sink = _SlotSink(target, checked.data, writer, readback, hasher, checkpoint, resume)
                 try:
-                    if resume < plan.data_size:
+                    if resume < target.data_size:
                         try:
                             feed(sink, resume)
                         except RampartError:
@@ -264,12 +318,13 @@ def install(
                 finally:
                     sink.close()
                 streamed = time.monotonic()
-                for start in range(0, len(plan.tail), CHUNK):  # PyNaCl takes bytes only
-                    hasher.update(bytes(plan.tail[start : start + CHUNK]))
+                tail += checked.tail()
+                for start in range(0, len(tail), CHUNK):  # PyNaCl takes bytes only
+                    hasher.update(bytes(tail[start : start + CHUNK]))
                 check_digest(hasher.digest())
-                _write_tail(writer, plan)
+                _write_tail(writer, target.data_size, tail)
                 writer.finish()
-                readback.through(plan.size)
+                readback.through(target.size)
                 readback.finish()
             finally:
                 readback.close()
@@ -278,17 +333,47 @@ def install(
     except OSError as exc:
         raise LocalError(f"{slot.path}: cannot write Core: {exc.strerror}") from None
     log.debug(
-        "%s: %d bytes streamed from byte %d in %.2f s, checked and read back in %.2f s more",
-        slot.path, plan.size - resume, resume, streamed - started, time.monotonic() - streamed,
+        "%s: %d bytes written from byte %d in %.2f s, checked and read back in %.2f s more",
+        slot.path, target.size - resume, resume, streamed - started, time.monotonic() - streamed,
     )  # fmt: skip
 
 
-def _tail_reference(plan: Plan) -> Callable[[int, int], bytes]:
-    def reference(offset: int, length: int) -> bytes:
-        start = offset - plan.data_size
-        return bytes(plan.tail[start : start + length])
+class _Made:
+    """The check of a Core that a delta makes, which has no tree to check it against
+    yet: its tree is built as it comes (level 0 also serves the read-back), and its
+    root hash compared with the UKI's once it all came (`tail`)."""
 
-    return reference
+    def __init__(self, shape: Shape, root: RootHash, source: str) -> None:
+        self.shape, self.root, self.source = shape, root, source
+        self.tree = verity.TreeBuilder(bytes.fromhex(shape.params.salt), shape.data_size)
+        self.first = b""
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        if not self.first:
+            self.first = bytes(chunk[: verity.BLOCK])
+        self.tree.update(chunk)
+
+    def finish(self) -> None:
+        if self.tree.done < self.tree.size:
+            raise VerificationError(f"{self.source}: data truncated at byte {self.tree.done}")
+
+    def tail(self) -> bytearray:
+        """The superblock and the tree, once the root hash is the UKI's."""
+        shape = self.shape
+        root_hash, levels = self.tree.finish()
+        if root_hash != shape.params.root_hash:
+            raise VerificationError(
+                f"{shape.url}: the delta makes a Core of another root hash than the UKI's; "
+                "its tree is not written"
+            )
+        used = payload_mod.check_core(self.first, shape.size, self.source)
+        payload_mod.check_core_verity(
+            used, shape.superblock[: verity.SUPERBLOCK], shape.size, self.root, self.source
+        )
+        tail = bytearray(shape.superblock)
+        for level in reversed(levels):
+            tail += level
+        return tail
 
 
 def _verified_prefix(slot: Slot, plan: Plan, hasher: hashing.Hasher) -> int:
@@ -309,16 +394,16 @@ def _verified_prefix(slot: Slot, plan: Plan, hasher: hashing.Hasher) -> int:
     return check.done
 
 
-def _write_tail(writer: SlotWriter, plan: Plan) -> None:
+def _write_tail(writer: SlotWriter, data_size: int, tail: bytearray) -> None:
     """The verified superblock and tree, after the data, 1 MiB at a time from a
     page-aligned buffer."""
     buffer = mmap.mmap(-1, CHUNK)
     try:
         with memoryview(buffer) as view:
-            for start in range(0, len(plan.tail), CHUNK):
-                piece = plan.tail[start : start + CHUNK]
+            for start in range(0, len(tail), CHUNK):
+                piece = tail[start : start + CHUNK]
                 view[: len(piece)] = piece
-                writer.write(view[: len(piece)], plan.data_size + start)
+                writer.write(view[: len(piece)], data_size + start)
     finally:
         buffer.close()
 
@@ -331,17 +416,16 @@ class _SlotSink:
 
     def __init__(
         self,
-        plan: Plan,
-        slot: Slot,
+        target: _Target,
+        check: _DataCheck,
         writer: SlotWriter,
         readback: ReadBack,
         hasher: hashing.Hasher,
         checkpoint: Checkpoint,
         resume: int,
     ) -> None:
-        self.plan, self.slot, self.writer, self.readback = plan, slot, writer, readback
+        self.target, self.check, self.writer, self.readback = target, check, writer, readback
         self.hasher, self.checkpoint = hasher, checkpoint
-        self.check = verity.DataCheck(plan.params, plan.level0, plan.url, resume)
         self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
         self.writes: list[Future[None] | None] = [None] * BUFFERS
         self.checker = ThreadPoolExecutor(1, thread_name_prefix="check")
@@ -355,8 +439,8 @@ class _SlotSink:
         self.error: Exception | None = None  # the first check or write that failed
 
     def begin(self, offset: int, length: int, total: int) -> None:
-        if offset != self.offset or total != self.plan.size:
-            raise RemoteDataError(f"{self.plan.url}: the stream is not the range asked for")
+        if offset != self.offset or total != self.target.size:
+            raise RemoteDataError(f"{self.target.url}: the stream is not the range asked for")
 
     def buffer(self) -> memoryview:
         self._wait(self.index)
@@ -364,7 +448,7 @@ class _SlotSink:
 
     def filled(self, count: int) -> None:
         self.held += count
-        if self.held == CHUNK or self.offset + self.held == self.plan.data_size:
+        if self.held == CHUNK or self.offset + self.held == self.target.data_size:
             self._hand_on()
 
     def _wait(self, index: int) -> None:
@@ -436,11 +520,11 @@ class _SlotSink:
         for index in range(BUFFERS):
             self._wait(index)
         if self.held:
-            raise LocalError(f"{self.slot.path}: the stream ended inside a block")
+            raise LocalError(f"{self.writer.path}: the stream ended inside a block")
         try:
             self.check.finish()
         except VerificationError as exc:
-            raise VerificationError(f"{self.plan.url}: the stream ended early ({exc})") from None
+            raise VerificationError(f"{self.target.url}: the stream ended early ({exc})") from None
 
     def close(self) -> None:
         self.failed = self.stopped = True  # what is still queued is dropped

@@ -29,6 +29,7 @@ every entry on the ESP names a complete, verified LV; a rerun redoes the job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hmac
 import logging
@@ -683,14 +684,19 @@ def download(
 @dataclass(frozen=True)
 class _Streaming:
     """A release whose Core streams into its slot (device/stream.py): its verified
-    UKI, the root hash it pins, what `stream.plan` verified and Core's evidence."""
+    UKI, the root hash it pins, Core's evidence, and either what `stream.plan`
+    verified (with the chunks to rebuild Core from, if it can be) or the delta that
+    makes Core and what `stream.shape` read of its layout."""
 
     efiboot: Path
     root: RootHash
-    plan: stream.Plan
     evidence: _Evidence
+    url: str
+    cap: int  # the most bytes Core may have
+    size: int  # Core's, data and tree
+    plan: stream.Plan | None
     chunks: incremental.ChunkPlan | None = None  # Core rebuilt from chunks, if it can be
-    delta: incremental.DeltaPlan | None = None  # Core made by a delta, if one applies
+    made: tuple[incremental.DeltaPlan, stream.Shape] | None = None  # Core made by a delta
 
 
 def stream_plan(
@@ -698,8 +704,9 @@ def stream_plan(
 ) -> _Streaming | None:
     """Download and verify the UKI of `version`; if Core can stream (the UKI pins a
     root hash, Core's signature covers a digest, its tree follows its data), fetch
-    and check its tree and run the checks `_check_download` runs, before the disk is
-    touched. None: Core is downloaded whole instead."""
+    and check its tree (or, for a delta, its layout) and run the checks
+    `_check_download` runs, before the disk is touched. None: Core is downloaded
+    whole instead."""
     download(device, fetcher, version, ("efiboot",))
     efiboot = verified_path(device, version, "efiboot")
     facts = _check_uki(device, efiboot, version)  # the UKI read once, and let go
@@ -713,27 +720,34 @@ def stream_plan(
     target = device.targets.get("core")
     url = payload_url(device, version, "core")
     cap = device.config.max_core_size if target is None else target.length
-    plan = None
+    made = None
     delta = _delta_plan(device, fetcher, version, facts.root)
     if delta is not None:
         try:
-            made = incremental.from_delta(delta, cap, last=False)
-            plan = stream.local_plan(fetcher, url, facts.root, cap, core.name, made)
-        except (TransportError, RemoteDataError, VerificationError, FormatError) as exc:
+            shape = stream.shape(fetcher, url, facts.root, cap, core.name)
+        except (VerificationError, FormatError) as exc:
             log.warning("delta refused (%s): Core is rebuilt from chunks", exc)
-            delta = None
-    if plan is None:
-        delta = None
+            shape = None
+        made = None if shape is None else (delta, shape)
+    plan = None
+    if made is not None:
+        size = made[1].size
+    else:
         plan = stream.plan(fetcher, url, facts.root, cap, core.name)
-    if plan is None:
-        return None
-    evidence.check_size(plan.size, core)
-    _check_fits(device, plan.size, latest=version, slot=slot)
+        if plan is None:
+            return None
+        size = plan.size
+    streaming = _Streaming(efiboot, facts.root, evidence, url, cap, size, plan, made=made)
+    evidence.check_size(streaming.size, core)
+    _check_fits(device, streaming.size, latest=version, slot=slot)
     if device.targets:
         check_signed_fields(device, efiboot, facts.root, facts.epoch)
     check_rollback(device, efiboot, version, facts.epoch)
-    chunk_plan = _chunk_plan(device, fetcher, version, plan) if delta is None else None
-    return _Streaming(efiboot, facts.root, plan, evidence, chunk_plan, delta)
+    if plan is not None:
+        streaming = dataclasses.replace(
+            streaming, chunks=_chunk_plan(device, fetcher, version, plan)
+        )
+    return streaming
 
 
 def _seed(device: Device) -> Slot | None:
@@ -969,37 +983,45 @@ def _install_streamed(
     latest: Version,
     checkpoint: Checkpoint,
 ) -> None:
-    """Core into `slot`, rebuilt from chunks if it can be, else (or if that fails: a
-    chunk missing, corrupt or another one) streamed whole from the server, which
-    resumes after what was written and verified."""
+    """Core into `slot`: made by a delta, or rebuilt from chunks, if it can be; else
+    (or if that fails: a delta that does not make the Core the UKI pins, a chunk
+    missing, corrupt or another one) streamed whole from the server, which resumes
+    after what was written and verified."""
     evidence, name = streaming.evidence, payload_path(device, latest, "core")
 
-    def install(feed: stream.Feed) -> None:
-        stream.install(
-            feed,
-            streaming.plan,
-            slot,
-            lambda digest: evidence.verify(device, digest, None, name),
-            checkpoint,
-            streaming.root,
-        )
+    def check_digest(digest: bytes) -> None:
+        evidence.verify(device, digest, None, name)
 
-    if streaming.delta is not None:
+    plan, chunks = streaming.plan, streaming.chunks
+    if streaming.made is not None:
+        delta, shape = streaming.made
         log.info("writing Core %s into %s, made by a delta", latest, slot.path)
+        feed = incremental.from_delta(delta, shape.size)
         try:
-            install(incremental.from_delta(streaming.delta, streaming.plan.size))
+            stream.install_made(feed, shape, slot, check_digest, checkpoint, streaming.root)
             return
         except (TransportError, RemoteDataError, VerificationError, FormatError) as exc:
-            log.warning("delta update failed (%s): streaming Core whole", exc)
-    elif streaming.chunks is not None:
+            log.warning("delta update failed (%s): Core is rebuilt from chunks", exc)
+        plan = stream.plan(fetcher, streaming.url, streaming.root, streaming.cap, name.name)
+        if plan is None:
+            raise RemoteDataError(f"{streaming.url}: the server no longer streams it")
+        _check_fits(device, plan.size, latest=latest, slot=slot)
+        chunks = _chunk_plan(device, fetcher, latest, plan)
+    if plan is None:
+        raise LocalError("a streamed Core without a plan")
+
+    def install(feed: stream.Feed) -> None:
+        stream.install(feed, plan, slot, check_digest, checkpoint, streaming.root)
+
+    if chunks is not None:
         log.info("writing Core %s into %s, rebuilt from chunks", latest, slot.path)
         try:
-            install(incremental.from_chunks(fetcher, streaming.chunks, streaming.plan))
+            install(incremental.from_chunks(fetcher, chunks, plan))
             return
         except (TransportError, RemoteDataError) as exc:
             log.warning("incremental update failed (%s): streaming Core whole", exc)
     log.info("writing Core %s into %s, streamed from the server", latest, slot.path)
-    install(stream.from_server(fetcher, streaming.plan))
+    install(stream.from_server(fetcher, plan))
 
 
 def _preflight(device: Device, latest: Version, checkpoint: Checkpoint) -> Slot | None:
