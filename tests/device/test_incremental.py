@@ -31,7 +31,9 @@ from tests.device.conftest import (
     publish_unchecked,
 )
 from tests.device.test_crash import run_and_kill
+from tests.device.test_trust import tuf_device
 from tests.releases import build_uki
+from tests.tufkit import TufRepo
 
 RUNNING = "5.0.0-alpha.1"
 OFFERED = "5.0.0-alpha.3"
@@ -159,6 +161,53 @@ def test_delta_update_killed_while_writing_then_rerun_completes(
     assert chunk_requests(served.access_log()) == []
     messages = [r.getMessage() for r in caplog.records]
     assert any("made by a delta" in m for m in messages), messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def tuf_releases(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, deltas: bool
+) -> tuple[DeviceDirs, Release]:
+    """`releases` signed as TUF targets (their chunk indexes and delta too), with no
+    minisign signature left for the indexes and the delta; a TUF device running the
+    first."""
+    old, new = releases(tmp_path, vendor, served, deltas=deltas)
+    repository = TufRepo.create(served.root, tmp_path / "keys")
+    repository.release(OS, RUNNING)
+    repository.release(OS, OFFERED)
+    repository.head(OS, "stable", OFFERED)
+    for path in served.root.glob("dist/*/*.sig"):
+        if not path.name.endswith(("-core.sig", "-efiboot.sig")):
+            path.unlink()
+    device = tuf_device(tmp_path, vendor, pki, served, repository)
+    return running_on(device, old), new
+
+
+@pytest.mark.parametrize("deltas", [True, False], ids=["delta", "chunks"])
+def test_tuf_device_checks_the_index_and_the_delta_against_their_targets(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    caplog: pytest.LogCaptureFixture,
+    deltas: bool,
+) -> None:
+    """In TUF mode the chunk indexes and the delta are targets the release keys signed
+    (`rampart tuf add-release` adds them): the device checks them against their
+    targets, with no minisign signature, and updates by the delta or from chunks."""
+    device, new = tuf_releases(tmp_path, vendor, pki, served, deltas)
+    caplog.set_level(logging.INFO)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    log = served.access_log()
+    assert not data_streamed(log)
+    assert ".sig HTTP" not in log.replace("-core.sig HTTP", "").replace("-efiboot.sig HTTP", "")
+    messages = [r.getMessage() for r in caplog.records]
+    if deltas:
+        assert f'"GET {DELTA} HTTP/1.1" 200' in log and chunk_requests(log) == []
+        assert any("made by a delta" in m for m in messages), messages
+    else:
+        assert chunk_requests(log)
+        assert any("rebuilt from chunks" in m for m in messages), messages
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 

@@ -85,6 +85,27 @@ def test_python_tuf_ngclient_downloads_every_target_of_a_rampart_repository(
     assert core.custom[tuf.CUSTOM]["verity"]["root_hash"] == pinned.root_hash
 
 
+def test_a_release_s_chunk_index_and_delta_are_targets_of_their_kind(
+    tmp_path: Path, repository: Repository, keypair: KeyPair
+) -> None:
+    """`add_release` signs what `rampart publish` wrote beside the payloads: Core's
+    chunk index and its delta from the release before, each with its kind, its
+    version and the exact bytes served."""
+    webroot, signers = repository
+    publish(webroot, keypair, make_release(tmp_path / "r2", "1.1.0"), deltas=True)
+    targets = tufrepo.add_release(webroot, OS, parse_version("1.1.0"), signers).targets
+    documents = {
+        f"dist/1.0.0/{OS}-core.caibx": ("index", "1.0.0"),
+        f"dist/1.1.0/{OS}-core.caibx": ("index", "1.1.0"),
+        f"dist/1.1.0/{OS}-core.from-1.0.0.delta": ("delta", "1.1.0"),
+    }
+    for path, (kind, version) in documents.items():
+        target = targets[path]
+        fields = tuf.PayloadFields.from_custom(target.custom, path)
+        assert (fields.os, fields.kind, fields.version) == (OS, kind, version)
+        target.verify_length_and_hashes((webroot / path).read_bytes())
+
+
 def test_metadata_round_trips_through_the_metadata_api_verification(
     repository: Repository,
 ) -> None:

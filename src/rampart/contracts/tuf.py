@@ -10,6 +10,8 @@ signs the channel heads and the timestamp (`server/signer.py`), the device reads
     <webroot>/tuf/<N>.snapshot.json      snapshot: online
     <webroot>/tuf/timestamp.json         timestamp: online, short-lived
     <webroot>/dist/<V>/<os>-<kind>       a payload target (`targets` signs it)
+    <webroot>/dist/<V>/<os>-core.caibx   Core's chunk index, a target of kind "index"
+    <webroot>/dist/<V>/<os>-core.from-<B>.delta  a delta from B, a target of kind "delta"
     <webroot>/heads/<os>/<c>.json        a channel head (`channels` signs it)
 
 Target paths are relative to the webroot; the metadata is at `<webroot>/tuf/`.
@@ -58,6 +60,18 @@ def payload_hashes(fd: int) -> tuple[int, dict[str, str]]:
 def payload_target(os_name: str, version: Version, kind: str) -> str:
     """A payload's target path: its path below the webroot (`dist/<V>/<os>-<kind>`)."""
     return f"{wire.release_path(version)}/{wire.payload_name(os_name, kind)}"
+
+
+# A release's documents beside its payloads, targets of their own kind (their bytes
+# checked as a payload's): Core's chunk index, and its deltas from earlier releases.
+INDEX_KIND = "index"
+DELTA_KIND = "delta"
+
+
+def document_target(version: Version, name: str) -> str:
+    """A release document's target path (`dist/<V>/<name>`: `wire.index_name`,
+    `wire.delta_name`)."""
+    return f"{wire.release_path(version)}/{name}"
 
 
 def channel_target(os_name: str, channel: str) -> str:

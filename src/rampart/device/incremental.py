@@ -2,15 +2,16 @@
 and only the others fetched (docs/client.md, "Incremental updates").
 
 A release may publish Core's chunk index (`<os>-core.caibx`, signed like a payload:
-minisign, its trusted comment the version) and its chunks in the webroot's chunk
-store (contracts/chunks.py: casync's formats). Once Core streams (device/stream.py:
-its tree verified against the UKI's root hash), `plan` fetches and verifies the new
-index and the running version's, and matches them by chunk id: a chunk of the new
-Core that the running Core holds is read from the running Core's LV, the others are
-fetched from the store (zstd or xz, decompressed within their size, their id
-checked). The chunks, in order, feed the same sink as a stream from the server, so
-each block is still checked against the tree before it is written, the whole is
-still hashed for the signature, and the slot still becomes bootable only after.
+minisign, its trusted comment the version; in TUF mode a target of its own) and its
+chunks in the webroot's chunk store (contracts/chunks.py: casync's formats). Once
+Core streams (device/stream.py: its tree verified against the UKI's root hash),
+`plan` fetches and verifies the new index and the running version's, and matches
+them by chunk id: a chunk of the new Core that the running Core holds is read from
+the running Core's LV, the others are fetched from the store (zstd or xz,
+decompressed within their size, their id checked). The chunks, in order, feed the
+same sink as a stream from the server, so each block is still checked against the
+tree before it is written, the whole is still hashed for the signature, and the slot
+still becomes bootable only after.
 
 Whatever fails here (no index, a chunk missing, corrupt, too long, another chunk
 than its id, a seed that changed) makes the update fall back to streaming Core from
@@ -20,13 +21,14 @@ verified: never an unverified slot.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from rampart.contracts import chunks, signing, wire
+from rampart.contracts import chunks, hashing, signing, wire
 from rampart.contracts import delta as delta_format
 from rampart.contracts.cmdline import RootHash
 from rampart.contracts.version import Version
@@ -34,6 +36,7 @@ from rampart.device.fetch import Fetcher, Stream
 from rampart.device.slots import Slot
 from rampart.device.stream import Feed, Plan
 from rampart.device.transport import Receiver, feed
+from rampart.device.trust import ExpectedTarget
 from rampart.errors import LocalError, RemoteDataError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -65,50 +68,79 @@ class ChunkPlan:
         return [p for p in self.pieces if p.seed_offset is None]
 
 
-def index_url(dist_url: str, os_name: str, version: Version) -> str:
-    return f"{dist_url}/{version.core}/{wire.index_name(os_name)}"
+# What verifies a chunk index or a delta: in minisign mode the pinned key (its
+# `.sig`, the version its trusted comment); in TUF mode the targets the release keys
+# signed, by path below the dist URL (`<V>/<name>`: update.check_trust).
+Trust = signing.PublicKey | Mapping[str, ExpectedTarget]
 
 
 def fetch_index(
     fetcher: Fetcher,
-    public_key: signing.PublicKey,
-    url: str,
+    trust: Trust,
+    dist_url: str,
+    os_name: str,
     version: Version,
     max_size: int,
 ) -> chunks.ChunkIndex | None:
-    """The chunk index at `url`, verified with `public_key` and signed for `version`
-    (VerificationError otherwise), parsed for an image of at most `max_size` bytes;
-    None if the server has none."""
-    data = signed_document(fetcher, public_key, url, version, wire.INDEX_MAX)
+    """The chunk index of `version`, verified (VerificationError otherwise), parsed for
+    an image of at most `max_size` bytes; None if the server has none."""
+    name = wire.index_name(os_name)
+    data = signed_document(fetcher, trust, dist_url, version, name, wire.INDEX_MAX)
     if data is None:
         return None
-    return chunks.parse_index(data, url.rsplit("/", 1)[-1], max_size)
+    return chunks.parse_index(data, name, max_size)
 
 
 def signed_document(
-    fetcher: Fetcher, public_key: signing.PublicKey, url: str, version: Version, cap: int
+    fetcher: Fetcher, trust: Trust, dist_url: str, version: Version, name: str, cap: int
 ) -> bytes | None:
-    """The document at `url` (at most `cap` bytes), verified with `public_key` and
-    signed for `version` (VerificationError otherwise); None if the server has none."""
+    """The document `name` of release `version` (at most `cap` bytes), verified as
+    `trust` says and signed for `version` (VerificationError otherwise); None if the
+    server has none, or in TUF mode if the release keys signed none."""
+    url = f"{dist_url}/{version.core}/{name}"
+    if not isinstance(trust, signing.PublicKey):
+        return _target_document(fetcher, trust.get(f"{version.core}/{name}"), url, name, cap)
     (sig_status, raw), (status, data) = fetcher.documents(
         [(url + wire.SIGNATURE_SUFFIX, SIG_CAP), (url, cap)]
     )
     if sig_status != 200 or status != 200:
         return None
-    source = url.rsplit("/", 1)[-1]
-    signature = signing.parse_signature(raw, f"{source}.sig")
-    signing.verify_data(public_key, signature, data, source)
-    comment = signature.trusted_text(f"{source}.sig")
+    signature = signing.parse_signature(raw, f"{name}.sig")
+    signing.verify_data(trust, signature, data, name)
+    comment = signature.trusted_text(f"{name}.sig")
     if comment != version.core:
         raise VerificationError(
-            f"{source}: signed for version {comment[:80]!r}, expected {version.core!r}"
+            f"{name}: signed for version {comment[:80]!r}, expected {version.core!r}"
+        )
+    return data
+
+
+def _target_document(
+    fetcher: Fetcher, target: ExpectedTarget | None, url: str, name: str, cap: int
+) -> bytes | None:
+    """TUF mode: the document at `url`, which must be `target` (its length and
+    BLAKE2b-512, as the release keys signed them: the version and kind were checked
+    with the target's fields)."""
+    if target is None:
+        return None
+    if target.length > cap:
+        raise VerificationError(f"{name}: signed with {target.length} bytes, over {cap}")
+    ((status, data),) = fetcher.documents([(url, target.length)])
+    if status != 200:
+        return None
+    if len(data) != target.length or not hmac.compare_digest(
+        hashing.blake2b(data).digest(), target.digest
+    ):
+        raise VerificationError(
+            f"{name}: not the file the release keys signed ({target.path}: another "
+            "length or BLAKE2b-512)"
         )
     return data
 
 
 def plan(
     fetcher: Fetcher,
-    public_key: signing.PublicKey,
+    trust: Trust,
     dist_url: str,
     os_name: str,
     version: Version,
@@ -119,9 +151,7 @@ def plan(
     """Match the new Core's index with the running one's (see the module's docstring);
     None if there is nothing to match (no index published, or none for the running
     version), VerificationError or FormatError if an index is not what was signed."""
-    new = fetch_index(
-        fetcher, public_key, index_url(dist_url, os_name, version), version, core.size
-    )
+    new = fetch_index(fetcher, trust, dist_url, os_name, version, core.size)
     if new is None:
         log.info("no chunk index for %s: Core is streamed whole", version)
         return None
@@ -130,9 +160,7 @@ def plan(
             f"{wire.index_name(os_name)} of {version}: its chunks make {new.size} bytes, "
             f"Core has {core.size}"
         )
-    old = fetch_index(
-        fetcher, public_key, index_url(dist_url, os_name, running), running, seed.size
-    )
+    old = fetch_index(fetcher, trust, dist_url, os_name, running, seed.size)
     if old is None:
         log.info("no chunk index for the running %s: Core is streamed whole", running)
         return None
@@ -290,7 +318,7 @@ class DeltaPlan:
 
 def delta_plan(
     fetcher: Fetcher,
-    public_key: signing.PublicKey,
+    trust: Trust,
     dist_url: str,
     os_name: str,
     version: Version,
@@ -305,8 +333,7 @@ def delta_plan(
     server has no delta from the running version. VerificationError or FormatError
     if it is not what was signed, or not between these two Cores."""
     name = wire.delta_name(os_name, running)
-    url = f"{dist_url}/{version.core}/{name}"
-    data = signed_document(fetcher, public_key, url, version, delta_format.DELTA_MAX)
+    data = signed_document(fetcher, trust, dist_url, version, name, delta_format.DELTA_MAX)
     if data is None:
         log.info("no delta from %s to %s: Core is rebuilt from chunks", running, version)
         return None

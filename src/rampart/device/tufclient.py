@@ -177,11 +177,27 @@ class TufClient:
         """What payload `kind` of `version` must be; VerificationError if the release
         keys never released it (arbitrary software) or signed it for something else."""
         path = tuf.payload_target(os_name, version, kind)
-        info = self._targetinfo(path)
-        if info is None:
+        expected = self._expected(path, os_name, version, kind)
+        if expected is None:
             raise VerificationError(
                 f"{path}: not a target the release keys signed (arbitrary software)"
             )
+        return expected
+
+    def document(
+        self, os_name: str, version: Version, name: str, kind: str
+    ) -> ExpectedTarget | None:
+        """What a document of `version` beside its payloads (a chunk index, a delta:
+        `tuf.document_target`) must be; None if the release keys signed none
+        (VerificationError if they signed it for something else)."""
+        return self._expected(tuf.document_target(version, name), os_name, version, kind)
+
+    def _expected(
+        self, path: str, os_name: str, version: Version, kind: str
+    ) -> ExpectedTarget | None:
+        info = self._targetinfo(path)
+        if info is None:
+            return None
         fields = tuf.PayloadFields.from_custom(info.custom, path)
         fields.check(os_name, kind, version, path)
         digest = info.hashes.get(tuf.DEVICE_HASH)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rampart import files, run
-from rampart.contracts import cmdline, hashing, signing, wire
+from rampart.contracts import cmdline, hashing, signing, tuf, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import esp as esp_mod
@@ -133,6 +133,9 @@ class Device:
     tuf: trust.TufSettings | None = None  # None: minisign mode
     # TUF mode: what each payload of the version being installed must be, by kind
     targets: dict[str, trust.ExpectedTarget] = field(default_factory=dict)
+    # TUF mode: what the chunk indexes and the delta the update may use must be, by
+    # their path below the dist URL (`<V>/<name>`); those not signed are not here
+    documents: dict[str, trust.ExpectedTarget] = field(default_factory=dict)
 
     @property
     def ready_file(self) -> Path:
@@ -247,9 +250,17 @@ def check_trust(
     head = client.channel_head(device.config.os_name)
     chosen = trust.choose(head, offered, device.identity.machine_id, url)
     if chosen > device.identity.version:
-        device.targets = {
-            kind: client.payload(device.config.os_name, chosen, kind) for kind in wire.PAYLOADS
-        }
+        os_name, running = device.config.os_name, device.identity.version
+        device.targets = {kind: client.payload(os_name, chosen, kind) for kind in wire.PAYLOADS}
+        wanted = (
+            (chosen, wire.index_name(os_name), tuf.INDEX_KIND),
+            (running, wire.index_name(os_name), tuf.INDEX_KIND),
+            (chosen, wire.delta_name(os_name, running), tuf.DELTA_KIND),
+        )
+        for version, name, kind in wanted:
+            expected = client.document(os_name, version, name, kind)
+            if expected is not None:
+                device.documents[f"{version.core}/{name}"] = expected
     return chosen
 
 
@@ -760,10 +771,8 @@ def _delta_plan(
     device: Device, fetcher: Fetcher, version: Version, root: RootHash
 ) -> incremental.DeltaPlan | None:
     """The delta that makes Core from the running one (device/incremental.py), None to
-    rebuild it from chunks: in minisign mode, with a delta from the running version
-    published and the running Core's LV and root hash known."""
-    if device.targets:
-        return None  # TUF mode: the delta is not a signed target yet
+    rebuild it from chunks: with a delta from the running version published (and in
+    TUF mode signed as a target) and the running Core's LV and root hash known."""
     running = device.identity.version
     seed, entry = _seed(device), device.esp.find(running)
     if seed is None or entry is None:
@@ -777,7 +786,7 @@ def _delta_plan(
         return None
     try:
         return incremental.delta_plan(
-            fetcher, device.config.public_key, device.remote.dist_url,
+            fetcher, _documents(device), device.remote.dist_url,
             device.config.os_name, version, running, seed, running_root.root_hash, root,
         )  # fmt: skip
     except RampartError as exc:
@@ -785,20 +794,25 @@ def _delta_plan(
         return None
 
 
+def _documents(device: Device) -> incremental.Trust:
+    """What verifies a release's chunk index or delta: the targets the release keys
+    signed (TUF mode), else the pinned minisign key."""
+    return device.documents if device.targets else device.config.public_key
+
+
 def _chunk_plan(
     device: Device, fetcher: Fetcher, version: Version, plan: stream.Plan
 ) -> incremental.ChunkPlan | None:
     """The chunks to rebuild Core from (device/incremental.py), None to stream it whole:
-    in minisign mode, with a chunk index for both versions and the running Core's LV."""
-    if device.targets:
-        return None  # TUF mode: the chunk index is not a signed target yet
+    with a chunk index for both versions (in TUF mode each signed as a target) and the
+    running Core's LV."""
     running = device.identity.version
     seed = _seed(device)
     if seed is None:
         return None
     try:
         return incremental.plan(
-            fetcher, device.config.public_key, device.remote.dist_url,
+            fetcher, _documents(device), device.remote.dist_url,
             device.config.os_name, version, running, seed, plan,
         )  # fmt: skip
     except RampartError as exc:

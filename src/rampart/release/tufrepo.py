@@ -304,6 +304,20 @@ def payload_fields(
     )
 
 
+def documents(release: Path, os_name: str) -> list[tuple[str, str]]:
+    """The documents `rampart publish` wrote beside a release's payloads, as (file
+    name, target kind): Core's chunk index and its deltas, each a target too (a TUF
+    device checks them against their target, not a minisign signature)."""
+    found = []
+    if (release / wire.index_name(os_name)).is_file():
+        found.append((wire.index_name(os_name), tuf.INDEX_KIND))
+    prefix = f"{wire.payload_name(os_name, 'core')}.from-"
+    for path in sorted(release.glob(f"{prefix}*{wire.DELTA_SUFFIX}")):
+        if path.is_file():
+            found.append((path.name, tuf.DELTA_KIND))
+    return found
+
+
 def check_release_signers(webroot: Path, signers: Signers) -> None:
     """What a release verb checks before `add_release` writes: ConflictError while a
     ceremony has a new targets version staged, IncompleteError unless the signers meet
@@ -322,8 +336,9 @@ def check_release_signers(webroot: Path, signers: Signers) -> None:
 
 
 def add_release(webroot: Path, os_name: str, version: Version, signers: Signers) -> Targets:
-    """Add the published release `version` of `os_name` (its `dist/` payloads) to the
-    targets role, with their custom fields; sign a new targets version with the release
+    """Add the published release `version` of `os_name` (its `dist/` payloads, and the
+    chunk index and deltas beside them: `documents`) to the targets role, with their
+    custom fields; sign a new targets version with the release
     keys, then a new snapshot and timestamp with the online keys. It signs with the
     signers it is given, whoever they are (an attack test forges with it): the verbs
     call `check_release_signers` first."""
@@ -336,12 +351,15 @@ def add_release(webroot: Path, os_name: str, version: Version, signers: Signers)
     release = wire.release_dir(webroot, version)
     uki = release / wire.payload_name(os_name, "efiboot")
     line = pe.cmdline(files.read_small(uki, "UKI", 1 << 30), uki.name) or ""
-    for kind in wire.PAYLOADS:
-        path = tuf.payload_target(os_name, version, kind)
-        payload = webroot / path
+    added = [(tuf.payload_target(os_name, version, kind), kind) for kind in wire.PAYLOADS]
+    added += [
+        (tuf.document_target(version, name), kind) for name, kind in documents(release, os_name)
+    ]
+    for path, _ in added:
         if path in targets_md.signed.targets:
             raise ConflictError(f"{path}: already a target; a release never changes")
-        with payload.open("rb") as handle:
+    for path, kind in added:
+        with (webroot / path).open("rb") as handle:
             length, hashes = tuf.payload_hashes(handle.fileno())
         target = TargetFile(length, hashes, path)
         target.unrecognized_fields["custom"] = payload_fields(

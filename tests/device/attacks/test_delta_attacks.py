@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from rampart.contracts import delta, hashing
+from rampart.contracts import delta, hashing, wire
 from rampart.device import incremental, stream, update
 from rampart.device.transport import Receiver
 from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
-from tests.device.conftest import DeviceDirs, Release, make_device
+from tests.device.conftest import OS, DeviceDirs, Release, make_device
 from tests.device.test_incremental import (
     DELTA,
     OFFERED,
@@ -30,6 +30,7 @@ from tests.device.test_incremental import (
     releases,
     run_update,
     running_on,
+    tuf_releases,
 )
 
 
@@ -197,3 +198,43 @@ def test_running_core_that_changes_under_the_delta(
     assert any("incremental update failed" in m and "corrupted" in m for m in messages)
     assert any("resuming at byte 1048576" in m for m in messages), messages
     assert data_streamed(served.access_log())
+
+
+def test_delta_other_than_its_tuf_target(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TUF mode: the server serves another delta for the offered release, one the
+    vendor's minisign key signed for this very version (a stolen minisign key, or an
+    older build): it is not the target the release keys signed, and is refused before
+    the disk is touched; Core is rebuilt from chunks."""
+    device, new = tuf_releases(tmp_path, vendor, pki, served, deltas=True)
+    made = published(served.root)
+    serve(served.root, vendor, with_op(made, 0, frame=made.ops[-1].frame or b"", ranges=()))
+    running = (device.vg / f"core_{RUNNING}").read_bytes()
+    caplog.set_level(logging.INFO)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    assert (device.vg / f"core_{RUNNING}").read_bytes() == running
+    log = served.access_log()
+    assert chunk_requests(log) and not data_streamed(log)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("delta refused" in m and "not the file the release keys" in m for m in messages)
+
+
+def test_chunk_index_other_than_its_tuf_target(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TUF mode: the server serves the offered release's chunk index with one chunk id
+    changed (its length the signed one): refused, and Core is streamed whole."""
+    device, new = tuf_releases(tmp_path, vendor, pki, served, deltas=False)
+    index = served.root / f"dist/{OFFERED}/{wire.index_name(OS)}"
+    data = bytearray(index.read_bytes())
+    data[-40] ^= 0x01  # one byte near its end: its length stays the signed one
+    index.write_bytes(bytes(data))
+    caplog.set_level(logging.INFO)
+    assert run_update(device).outcome == update.Outcome.UPDATED
+    assert_installed(device, new)
+    log = served.access_log()
+    assert chunk_requests(log) == [] and data_streamed(log)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("not the file the release keys" in m for m in messages), messages
