@@ -480,8 +480,8 @@ def test_tuf_timestamp_service_runs_the_verb_and_is_sandboxed(tmp_path: Path) ->
 
 
 def test_release_adds_the_tuf_targets_too(repo: Repo, keypair: KeyPair, tmp_path: Path) -> None:
-    """`rampart release` with the TUF keys: built, published, and a TUF target a device's
-    client downloads."""
+    """`rampart release` with the TUF keys: built, published, and TUF targets a device's
+    client downloads: the payloads, the chunk index and the delta from 1.0.0."""
     tree_dir = tmp_path / "rootfs"
     (tree_dir / "etc").mkdir(parents=True)
     (tree_dir / "etc/os-release").write_text('NAME="CLIP OS"\nID=clipos\nVERSION_ID=2.0.0\n')
@@ -503,7 +503,11 @@ def test_release_adds_the_tuf_targets_too(repo: Repo, keypair: KeyPair, tmp_path
     assert result.code == 0, result.err
     assert json.loads(result.out)["tuf"] == {
         "added": True,
-        "targets": [f"dist/2.0.0/{OS}-{kind}" for kind in ("core", "efiboot")],
+        "targets": [
+            *(f"dist/2.0.0/{OS}-{kind}" for kind in ("core", "efiboot")),
+            f"dist/2.0.0/{OS}-core.caibx",
+            f"dist/2.0.0/{OS}-core.from-1.0.0.delta",
+        ],
         "targets_version": 3,
     }
     repo.client().download("2.0.0")

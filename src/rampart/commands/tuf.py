@@ -558,6 +558,8 @@ def add_release(
         if all(path in current.targets for path in paths):
             return {"targets": paths, "targets_version": current.version, "added": False}
         signed = tufrepo.add_release(webroot, os_name, parsed, by_role)
+    release = wire.release_dir(webroot, parsed)
+    paths += [tuf.document_target(parsed, name) for name, _ in tufrepo.documents(release, os_name)]
     return {"targets": paths, "targets_version": signed.version, "added": True}
 
 
