@@ -593,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["update"] = updates
         data["update_met"] = (
             updates["delta"]["seconds"] <= updates["full"]["seconds"]
-            and max(u["peak_rss_mib"] for u in updates.values()) < RSS_TARGET_MIB
+            and max(updates[mode]["peak_rss_mib"] for mode in MODES) < RSS_TARGET_MIB
         )
         data["met"] = data["met"] and data["update_met"]
     if args.json:

@@ -100,7 +100,7 @@ def verity_core(tmp_path: Path) -> tuple[Path, cmdline.RootHash]:
     return image, cmdline.RootHash(params.root_hash, params.hash_offset, params.data_blocks)
 
 
-def _corrupt_writes_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+def corrupt_writes_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
     """A bad write: the byte at `at` reaches the device flipped."""
     real_pwrite = os.pwrite
 
@@ -142,7 +142,7 @@ def test_a_bad_write_is_caught_by_the_read_back(
     image, root = verity_core
     lv = tmp_path / "core_2.0.0"
     lv.write_bytes(bytes(8 * MiB))
-    _corrupt_writes_at(monkeypatch, where % image.stat().st_size)
+    corrupt_writes_at(monkeypatch, where % image.stat().st_size)
     with pytest.raises(VerificationError) as raised:
         corewrite.write_core(image, Slot("core_2.0.0", 8 * MiB, lv), b"", lambda _: None, root)
     assert str(raised.value).startswith(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rampart.device import update
-from rampart.errors import TransportError
+from rampart.errors import TransportError, VerificationError
 from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
 from tests.device.conftest import (
@@ -25,6 +25,7 @@ from tests.device.conftest import (
     publish,
 )
 from tests.device.hostile import body, hostile_server, ranged, send_range
+from tests.device.test_corewrite import corrupt_writes_at
 
 OFFERED = "5.0.0-alpha.3"
 CORE_PATH = f"/dist/{OFFERED}/{OS}-core"
@@ -63,6 +64,30 @@ def test_streamed_core_never_lands_in_the_download_directory(
     assert all(f"{OS}-{OFFERED}-core" not in names for names in seen), seen
     core_requests = [line for line in served.access_log().splitlines() if CORE_PATH + " " in line]
     assert len(core_requests) == 3 and all('" 206 ' in line for line in core_requests)
+
+
+@pytest.mark.parametrize("at", [MIB + 100, -100], ids=["data", "tree"])
+def test_a_write_the_disk_does_not_keep_is_caught_by_the_read_back(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    monkeypatch: pytest.MonkeyPatch,
+    at: int,
+) -> None:
+    """A disk that keeps one byte of a streamed Core flipped (in the data, whose
+    buffers were checked against the tree before they were written, or in the tree):
+    the read-back finds it, no boot entry is installed, the update fails (exit 11)."""
+    release = make_release(tmp_path / "rel", OFFERED, core_size=CORE_SIZE)
+    publish(served.root, vendor, release)
+    device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url))
+    corrupt_writes_at(monkeypatch, at % release.core.stat().st_size)
+    dev = device.open()
+    with pytest.raises(VerificationError) as raised:
+        update.update(dev, update.make_fetcher(dev))
+    assert "read back" in str(raised.value)
+    assert not (device.esp / f"{OS}-{OFFERED}.efi").exists()
+    assert not (device.run_dir / "update-ready").exists()
 
 
 def test_interrupted_stream_resumes_from_the_last_verified_block(

@@ -45,7 +45,7 @@ from typing import Protocol
 from rampart.contracts import hashing, verity
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.cmdline import RootHash
-from rampart.device.corewrite import CHUNK, Checkpoint, ReadBack, SlotWriter
+from rampart.device.corewrite import CHUNK, Checkpoint, ReadBack, SlotWriter, WrittenSums
 from rampart.device.fetch import Fetcher, Stream
 from rampart.device.slots import Slot
 from rampart.device.transport import Receiver
@@ -222,7 +222,7 @@ def install(
     if resume:
         log.info("%s: resuming at byte %d (verified in the slot)", slot.name, resume)
     check = verity.DataCheck(plan.params, plan.level0, plan.url, resume)
-    read = verity.DataCheck(plan.params, plan.level0, str(slot.path), resume)
+    read = WrittenSums(plan.data_size, resume, str(slot.path))
     checked = _Checked(check, read, lambda: plan.tail)
     _write(feed, plan, slot, checked, hasher, resume, check_digest, checkpoint, root)
 
@@ -244,8 +244,7 @@ def install_made(
     digest and the read-back, as `install`."""
     _check_room(shape.size, slot)
     made = _Made(shape, root, str(slot.path))
-    read = verity.DataCheck(shape.params, made.tree.level0, str(slot.path))
-    checked = _Checked(made, read, made.tail)
+    checked = _Checked(made, WrittenSums(shape.data_size, 0, str(slot.path)), made.tail)
     _write(feed, shape, slot, checked, hashing.blake2b(), 0, check_digest, checkpoint, root)
 
 
@@ -272,12 +271,13 @@ class _Target(Protocol):
 
 @dataclass(frozen=True)
 class _Checked:
-    """How `_write` checks Core: each block before it is written (`data`), each block
-    read back (`read`), and the verified superblock and tree once the data is written
-    (`tail`: raises VerificationError if the data was not Core's)."""
+    """How `_write` checks Core: each block before it is written (`data`), each buffer
+    read back (`read`: against what was written), and the verified superblock and tree
+    once the data is written (`tail`: raises VerificationError if the data was not
+    Core's)."""
 
     data: _DataCheck
-    read: verity.DataCheck
+    read: WrittenSums
     tail: Callable[[], bytearray]
 
 
@@ -306,7 +306,7 @@ def _write(
         try:
             readback = ReadBack(slot, target.size, checked.read, reference, b"", root)
             try:
-                sink = _SlotSink(target, checked.data, writer, readback, hasher, checkpoint, resume)
+                sink = _SlotSink(target, checked, writer, readback, hasher, checkpoint, resume)
                 try:
                     if resume < target.data_size:
                         try:
@@ -410,25 +410,28 @@ def _write_tail(writer: SlotWriter, data_size: int, tail: bytearray) -> None:
 
 class _SlotSink:
     """The receiver of Core's data: each 1 MiB buffer, once filled, is checked against
-    the tree and hashed in one thread, then written into the slot in another, while
-    the next buffers fill. Nothing of a buffer is written unless all of it, and every
-    buffer before it, checked."""
+    the tree in one thread and hashed for the signature in another, then written into
+    the slot in a third, while the next buffers fill. Nothing of a buffer is written
+    unless all of it, and every buffer before it, checked; a buffer is filled again
+    only once it is written and hashed."""
 
     def __init__(
         self,
         target: _Target,
-        check: _DataCheck,
+        checked: _Checked,
         writer: SlotWriter,
         readback: ReadBack,
         hasher: hashing.Hasher,
         checkpoint: Checkpoint,
         resume: int,
     ) -> None:
-        self.target, self.check, self.writer, self.readback = target, check, writer, readback
+        self.target, self.writer, self.readback = target, writer, readback
+        self.check, self.sums = checked.data, checked.read
         self.hasher, self.checkpoint = hasher, checkpoint
         self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
         self.writes: list[Future[None] | None] = [None] * BUFFERS
         self.checker = ThreadPoolExecutor(1, thread_name_prefix="check")
+        self.digesting = ThreadPoolExecutor(1, thread_name_prefix="digest")  # in order
         self.writing = ThreadPoolExecutor(1, thread_name_prefix="write")
         self.index = 0
         self.held = 0
@@ -462,8 +465,11 @@ class _SlotSink:
 
     def _hand_on(self) -> None:
         index, offset, length = self.index, self.offset, self.held
-        checked = self.checker.submit(self._check, index, length)
-        self.writes[index] = self.writing.submit(self._write, index, offset, length, checked)
+        checked = self.checker.submit(self._check, index, offset, length)
+        digested = self.digesting.submit(self._digest, index, length)
+        self.writes[index] = self.writing.submit(
+            self._write, index, offset, length, checked, digested
+        )
         self.index = (index + 1) % BUFFERS
         self.offset += length
         self.held = 0
@@ -473,8 +479,9 @@ class _SlotSink:
             self.error = error
         self.failed = True
 
-    def _check(self, index: int, length: int) -> bool:
-        """Check and hash the buffer; False (nothing done) once anything failed."""
+    def _check(self, index: int, offset: int, length: int) -> bool:
+        """Check the buffer (and note its sum for the read-back); False (nothing done)
+        once anything failed."""
         if self.failed:
             return False
         with memoryview(self.buffers[index]) as view:
@@ -488,10 +495,26 @@ class _SlotSink:
                     )
                 )
                 return False
-            self.hasher.update(bytes(view[:length]))  # PyNaCl takes bytes only
+            self.sums.record(offset, view[:length])
         return True
 
-    def _write(self, index: int, offset: int, length: int, checked: Future[bool]) -> None:
+    def _digest(self, index: int, length: int) -> None:
+        """Hash the buffer for the signature (what a failed check leaves hashed does
+        not matter: the update stops there, and the next run hashes from the start)."""
+        if self.failed:
+            return
+        with memoryview(self.buffers[index]) as view:
+            self.hasher.update(bytes(view[:length]))  # PyNaCl takes bytes only
+
+    def _write(
+        self, index: int, offset: int, length: int, checked: Future[bool], digested: Future[None]
+    ) -> None:
+        try:
+            self._write_checked(index, offset, length, checked)
+        finally:
+            digested.result()  # the buffer is free once hashed too
+
+    def _write_checked(self, index: int, offset: int, length: int, checked: Future[bool]) -> None:
         # Every buffer before a failed one verified: each is still written (the next run
         # resumes after them), unless a write failed or the sink is closing.
         if not checked.result() or self.stopped:
@@ -529,6 +552,7 @@ class _SlotSink:
     def close(self) -> None:
         self.failed = self.stopped = True  # what is still queued is dropped
         self.checker.shutdown(wait=True, cancel_futures=True)
+        self.digesting.shutdown(wait=True, cancel_futures=True)
         self.writing.shutdown(wait=True, cancel_futures=True)
         for buffer in self.buffers:
             with contextlib.suppress(BufferError):  # a view still held: left to GC
