@@ -139,6 +139,12 @@ def make_device(
         # TUF metadata under the test's directory: never the host's /var/lib/rampart.
         with (dev.config_dir / "config.toml").open("a") as config:
             config.write(f'\n[trust]\nmetadata_dir = "{root}/tuf"\n')
+    if "[bootloader]" not in extra_config:
+        # Never the host's /var/lib/rampart or its firmware's variables.
+        with (dev.config_dir / "config.toml").open("a") as config:
+            config.write(
+                f'\n[bootloader]\nstaging_dir = "{root}/bootloader"\nefivars = "{root}/efivars"\n'
+            )
     if "[tpm]" not in extra_config:
         # No TPM unless a test gives one: never the host's own (a device node that
         # does not exist means "no TPM").

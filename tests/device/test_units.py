@@ -34,7 +34,12 @@ from pathlib import Path
 import pytest
 
 SHIPPED = resources.files("rampart") / "data" / "systemd"
-DEVICE_UNITS = ("rampart-update.service", "rampart-update.timer", "rampart-mark-good.service")
+DEVICE_UNITS = (
+    "rampart-update.service",
+    "rampart-update.timer",
+    "rampart-mark-good.service",
+    "rampart-bootloader.service",
+)
 TUF_UNITS = ("rampart-tuf-timestamp.service", "rampart-tuf-timestamp.timer")
 EXEC_KEYS = frozenset(
     {

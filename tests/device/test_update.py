@@ -230,10 +230,15 @@ def test_verified_download_is_reused_after_a_failed_attempt(
     dev = device.open()
     with pytest.raises(Interrupted):
         update.update(dev, update.make_fetcher(dev), fail_after_download)
-    before = served.access_log().count("/dist/")
+
+    def payload_requests() -> int:  # not the probe for a boot loader, made each run
+        return sum(1 for line in served.access_log().splitlines() if f"/{OS}-efiboot" in line
+                   or f"/{OS}-core" in line)  # fmt: skip
+
+    before = payload_requests()
     assert before == 4
     run_update(device)
-    assert served.access_log().count("/dist/") == before  # nothing fetched again
+    assert payload_requests() == before  # nothing fetched again
     assert_installed(device, whole)
     assert list(device.download.iterdir()) == []  # installed: downloads removed
 

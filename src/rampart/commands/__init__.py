@@ -40,6 +40,7 @@ LISTING = (
     "status",
     "mark-good",
     "boot-once",
+    "bootloader",
     "install",
     "tpm",
     "gateway",

@@ -16,6 +16,7 @@ from typing import Any
 
 from rampart import files
 from rampart.commands.common import JSON, Arg, Group, Verb, arg, print_json, seconds
+from rampart.contracts.bootloader import STEPS
 from rampart.contracts.version import parse_version
 from rampart.device import config as device_config
 from rampart.errors import LocalError, UsageError
@@ -226,6 +227,43 @@ def cmd_tpm_reseal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bootloader_status(args: argparse.Namespace) -> int:
+    from rampart.device import bootloader
+    from rampart.device.esp import Esp
+
+    config = device_config.load_device_config(args.config)
+    found = bootloader.status(
+        Esp(config.esp_directory, config.os_name), config.loader_dir, config.efivars
+    )
+    if args.json:
+        print_json(found)
+        return 0
+    print(bootloader.render_status(found))
+    return 0
+
+
+def cmd_bootloader_install(args: argparse.Namespace) -> int:
+    from rampart.device import bootloader
+    from rampart.device.esp import Esp
+
+    config, identity = _device_parts(args)
+    esp = Esp(config.esp_directory, config.os_name)
+    done = bootloader.install(
+        esp, config.loader_dir, identity.version, config.efivars, halt_at=args.halt_at
+    )
+    if args.json:
+        print_json(
+            None
+            if done is None
+            else {"installed": done.version, "boot_option": done.boot_option, "copies": done.copies}
+        )
+    elif done is None:
+        print("no boot loader to install")
+    else:
+        print(f"installed {done.version}: {', '.join(done.copies)}")
+    return 0
+
+
 def cmd_mark_good(args: argparse.Namespace) -> int:
     from rampart.device import rollback
     from rampart.device.esp import Esp, wait_for_directory
@@ -414,6 +452,47 @@ VERBS: list[Group | Verb] = [
                 action="store_true",
                 help="do not seal the state key (a machine without a TPM): every boot asks "
                 "for the recovery passphrase",
+            ),
+        ),
+        exit_codes=True,
+    ),
+    Group(
+        ("bootloader",),
+        "the boot loader on the ESP: status, install the running release's",
+        "A release may carry systemd-boot, signed for Secure Boot; the update stages it, and "
+        "`bootloader install` (rampart-bootloader.service, after mark-good) writes its two "
+        "copies on the ESP one after the other, each verified before the next "
+        '(docs/client.md, "Boot loader updates").',
+        dest="bootloader_verb",
+    ),
+    Verb(
+        ("bootloader", "status"),
+        "show the boot loader's copies, the running one, the boot option and what is staged",
+        "Show the LoaderInfo of each copy on the ESP (EFI/systemd/systemd-bootx64.efi, "
+        "EFI/BOOT/BOOTX64.EFI), of the loader that started this boot (the LoaderInfo EFI "
+        "variable), the boot option that names the main copy, and the loaders staged.",
+        cmd_bootloader_status,
+        (JSON, *LOCAL),
+        exit_codes=True,
+    ),
+    Verb(
+        ("bootloader", "install"),
+        "install the boot loader staged for the running version, once it is marked good",
+        "Install the boot loader the running release carries (staged by the update): "
+        "refused before the running version is marked good, and unless its Secure Boot "
+        "signature verifies with a certificate of the firmware's db and dbx revokes "
+        "neither its hash nor its signer. Writes the main copy, makes sure a boot option "
+        "names it (efibootmgr), then the fallback copy. Nothing staged: nothing done.",
+        cmd_bootloader_install,
+        (
+            JSON,
+            *LOCAL,
+            arg(
+                "--halt-at",
+                choices=STEPS,
+                metavar="STEP",
+                help="for power-cut tests: stop at STEP and wait to be powered off "
+                f"(one of {', '.join(STEPS)})",
             ),
         ),
         exit_codes=True,

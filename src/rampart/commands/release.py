@@ -216,6 +216,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.force,
         epoch=args.epoch,
         chunking=chunking(args),
+        loader=args.loader,
     )
     tuf_targets = add_to_tuf()
     channel = result.channel or "default"
@@ -482,6 +483,10 @@ def cmd_release(args: argparse.Namespace) -> int:
         sign_key=args.sign_key,
         sign_cert=args.sign_cert,
     )
+    loader = None
+    if args.loader is not None:
+        loader = out / wire.loader_name(args.os)
+        uki.sign_copy(args.loader, loader, args.sign_key, args.sign_cert)
     result = webroot.publish(
         args.webroot,
         args.os,
@@ -492,6 +497,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         args.channel,
         args.force,
         chunking=chunking(args),
+        loader=loader,
     )
     tuf_targets = add_to_tuf()
     if args.json:
@@ -665,6 +671,13 @@ VERBS: list[Group | Verb] = [
                 type=epoch,
                 metavar="N",
                 help="the security epoch the UKI must carry (rampart.epoch=N); else refused",
+            ),
+            arg(
+                "--loader",
+                type=Path,
+                metavar="FILE",
+                help="a boot loader the release carries: systemd-boot, already signed with "
+                "the db key; devices install it once the release booted and was marked good",
             ),
             *CHUNK_ARGS,
             PASSWORD_ENV_ARG,
@@ -958,6 +971,13 @@ VERBS: list[Group | Verb] = [
                 help="minisign key that signs the release",
             ),
             arg("--webroot", type=Path, required=True, metavar="DIR"),
+            arg(
+                "--loader",
+                type=Path,
+                metavar="FILE",
+                help="a boot loader the release carries: systemd-boot, unsigned (e.g. "
+                f"{secureboot.SYSTEMD_BOOT}); signed here with the db key",
+            ),
             *CHUNK_ARGS,
             arg(
                 "--out",

@@ -6,7 +6,9 @@ Volume group: one LV per Core, `core_<V>`, beside the encrypted state partition
 mounted on `/mnt/state` in Core; Core `core_<V>` opens as `/dev/mapper/verity_core_<V>`.
 On the ESP (the GPT partition named `esp`), below its root: the boot entries
 (`EFI/Linux/<os>-<V>[+T[-D]].efi`, the Boot Loader Specification's type #2 with boot
-counting) and the TPM-sealed state key (`rampart/tpm/state.{pub,priv,pcrs}`).
+counting), the boot loader (twice: `EFI/systemd/systemd-bootx64.efi`, which a boot
+option names, and the removable-media path `EFI/BOOT/BOOTX64.EFI`, which the firmware
+falls back to) and the TPM-sealed state key (`rampart/tpm/state.{pub,priv,pcrs}`).
 TPM: the storage primary key at a persistent handle, the rollback counter at an
 NV index; LUKS2 keyslot 0 is the sealed key, keyslot 1 the recovery passphrase.
 """
@@ -22,6 +24,10 @@ STATE_MOUNT = "/mnt/state"  # where the initramfs mounts it, in Core's tree
 VERITY_MAPPER_PREFIX = "verity_"  # Core core_<V> opens as /dev/mapper/verity_core_<V>
 # The GPT partition name of the ESP: the installer gives it, the initramfs looks for it.
 ESP_PARTLABEL = "esp"
+# The boot loader's two copies, below the ESP's root (device/bootloader.py updates
+# them one after the other: at every moment one of them is whole and verified).
+LOADER_PATH = "EFI/systemd/systemd-bootx64.efi"  # named by the boot option Rampart adds
+FALLBACK_LOADER_PATH = "EFI/BOOT/BOOTX64.EFI"  # what the firmware starts without one
 
 # The TPM objects (TCG's ranges: owner persistent handles, owner NV indexes).
 PRIMARY_HANDLE = 0x81000001

@@ -12,6 +12,7 @@ signs the channel heads and the timestamp (`server/signer.py`), the device reads
     <webroot>/dist/<V>/<os>-<kind>       a payload target (`targets` signs it)
     <webroot>/dist/<V>/<os>-core.caibx   Core's chunk index, a target of kind "index"
     <webroot>/dist/<V>/<os>-core.from-<B>.delta  a delta from B, a target of kind "delta"
+    <webroot>/dist/<V>/<os>-bootloader.efi  the boot loader, a target of kind "bootloader"
     <webroot>/heads/<os>/<c>.json        a channel head (`channels` signs it)
 
 Target paths are relative to the webroot; the metadata is at `<webroot>/tuf/`.
@@ -63,9 +64,11 @@ def payload_target(os_name: str, version: Version, kind: str) -> str:
 
 
 # A release's documents beside its payloads, targets of their own kind (their bytes
-# checked as a payload's): Core's chunk index, and its deltas from earlier releases.
+# checked as a payload's): Core's chunk index, its deltas from earlier releases, and
+# the boot loader it carries.
 INDEX_KIND = "index"
 DELTA_KIND = "delta"
+LOADER_KIND = "bootloader"  # the boot loader a release carries (`wire.loader_name`)
 
 
 def document_target(version: Version, name: str) -> str:

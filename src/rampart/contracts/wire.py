@@ -102,6 +102,15 @@ def delta_name(os_name: str, base: Version) -> str:
     return f"{payload_name(os_name, 'core')}.from-{base.core}{DELTA_SUFFIX}"
 
 
+LOADER_MAX = 4 << 20  # the largest boot loader a device fetches (systemd-boot: 100 KiB)
+
+
+def loader_name(os_name: str) -> str:
+    """The boot loader a release carries (`<os>-bootloader.efi`: systemd-boot, signed
+    for Secure Boot; contracts/bootloader.py); its signature adds `.sig`."""
+    return f"{os_name}-bootloader.efi"
+
+
 def store_dir(webroot: Path) -> Path:
     return webroot / "dist" / STORE
 

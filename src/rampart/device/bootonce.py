@@ -20,12 +20,13 @@ import os
 import struct
 from pathlib import Path
 
+from rampart.contracts import efivars
 from rampart.contracts.version import Version
 from rampart.device.esp import Esp
 from rampart.errors import LocalError, UsageError
 
 EFIVARS = Path("/sys/firmware/efi/efivars")
-LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's vendor GUID
+LOADER_GUID = str(efivars.LOADER_VENDOR)  # systemd-boot's vendor GUID
 ATTRIBUTES = 0x7  # EFI_VARIABLE_NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS
 _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602

@@ -35,6 +35,8 @@ DEFAULT_RUN_DIR = Path("/run/rampart")
 DEFAULT_OS_RELEASE = Path("/etc/os-release")
 DEFAULT_MACHINE_ID = Path("/etc/machine-id")
 DEFAULT_TUF_DIR = Path("/var/lib/rampart/tuf")
+DEFAULT_LOADER_DIR = Path("/var/lib/rampart/bootloader")
+DEFAULT_EFIVARS = Path("/sys/firmware/efi/efivars")
 DEFAULT_CHANNEL = "stable"
 
 _SIZE = re.compile(r"(?P<n>\d+)(?P<unit>[bBkKmMgGtT]?)", re.ASCII)
@@ -95,6 +97,9 @@ class DeviceConfig:
     # [trust]
     trust_mode: TrustMode = TrustMode.AUTO
     tuf_dir: Path = DEFAULT_TUF_DIR  # the TUF metadata this device verified
+    # [bootloader]
+    loader_dir: Path = DEFAULT_LOADER_DIR  # a release's boot loader, staged until its good boot
+    efivars: Path = DEFAULT_EFIVARS  # the firmware's variables (db, dbx, boot options)
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
     update = _table(doc, "update", where)
     tpm = _table(doc, "tpm", where)
     trust = _table(doc, "trust", where)
+    loader = _table(doc, "bootloader", where)
     try:
         trust_mode = TrustMode(_get(trust, "mode", str, f"{where} [trust]", "auto"))
     except ValueError:
@@ -205,6 +211,10 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
         tpm_required=_get(tpm, "required", bool, f"{where} [tpm]", False),
         trust_mode=trust_mode,
         tuf_dir=Path(_get(trust, "metadata_dir", str, f"{where} [trust]", str(DEFAULT_TUF_DIR))),
+        loader_dir=Path(
+            _get(loader, "staging_dir", str, f"{where} [bootloader]", str(DEFAULT_LOADER_DIR))
+        ),
+        efivars=Path(_get(loader, "efivars", str, f"{where} [bootloader]", str(DEFAULT_EFIVARS))),
     )
     _check_ranges(config, where)
     return config

@@ -21,27 +21,25 @@ verified: never an unverified slot.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rampart.contracts import chunks, hashing, signing, wire
+from rampart.contracts import chunks, wire
 from rampart.contracts import delta as delta_format
 from rampart.contracts.cmdline import RootHash
 from rampart.contracts.version import Version
+from rampart.device.documents import Trust, signed_document
 from rampart.device.fetch import Fetcher, Stream
 from rampart.device.slots import Slot
 from rampart.device.stream import Feed, Plan
 from rampart.device.transport import Receiver, feed
-from rampart.device.trust import ExpectedTarget
 from rampart.errors import LocalError, RemoteDataError, VerificationError
 
 log = logging.getLogger(__name__)
 
-SIG_CAP = 1 << 16
 BATCH = 1024  # chunks fetched by one fetch process (fetch.MAX_JOBS)
 
 
@@ -68,12 +66,6 @@ class ChunkPlan:
         return [p for p in self.pieces if p.seed_offset is None]
 
 
-# What verifies a chunk index or a delta: in minisign mode the pinned key (its
-# `.sig`, the version its trusted comment); in TUF mode the targets the release keys
-# signed, by path below the dist URL (`<V>/<name>`: update.check_trust).
-Trust = signing.PublicKey | Mapping[str, ExpectedTarget]
-
-
 def fetch_index(
     fetcher: Fetcher,
     trust: Trust,
@@ -89,53 +81,6 @@ def fetch_index(
     if data is None:
         return None
     return chunks.parse_index(data, name, max_size)
-
-
-def signed_document(
-    fetcher: Fetcher, trust: Trust, dist_url: str, version: Version, name: str, cap: int
-) -> bytes | None:
-    """The document `name` of release `version` (at most `cap` bytes), verified as
-    `trust` says and signed for `version` (VerificationError otherwise); None if the
-    server has none, or in TUF mode if the release keys signed none."""
-    url = f"{dist_url}/{version.core}/{name}"
-    if not isinstance(trust, signing.PublicKey):
-        return _target_document(fetcher, trust.get(f"{version.core}/{name}"), url, name, cap)
-    (sig_status, raw), (status, data) = fetcher.documents(
-        [(url + wire.SIGNATURE_SUFFIX, SIG_CAP), (url, cap)]
-    )
-    if sig_status != 200 or status != 200:
-        return None
-    signature = signing.parse_signature(raw, f"{name}.sig")
-    signing.verify_data(trust, signature, data, name)
-    comment = signature.trusted_text(f"{name}.sig")
-    if comment != version.core:
-        raise VerificationError(
-            f"{name}: signed for version {comment[:80]!r}, expected {version.core!r}"
-        )
-    return data
-
-
-def _target_document(
-    fetcher: Fetcher, target: ExpectedTarget | None, url: str, name: str, cap: int
-) -> bytes | None:
-    """TUF mode: the document at `url`, which must be `target` (its length and
-    BLAKE2b-512, as the release keys signed them: the version and kind were checked
-    with the target's fields)."""
-    if target is None:
-        return None
-    if target.length > cap:
-        raise VerificationError(f"{name}: signed with {target.length} bytes, over {cap}")
-    ((status, data),) = fetcher.documents([(url, target.length)])
-    if status != 200:
-        return None
-    if len(data) != target.length or not hmac.compare_digest(
-        hashing.blake2b(data).digest(), target.digest
-    ):
-        raise VerificationError(
-            f"{name}: not the file the release keys signed ({target.path}: another "
-            "length or BLAKE2b-512)"
-        )
-    return data
 
 
 def plan(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rampart.device import rollback, trust
+from rampart.device import bootloader, rollback, trust
 from rampart.device.config import DeviceConfig, Identity
 from rampart.device.esp import Esp
 from rampart.device.slots import busy_reason, open_backend
@@ -79,6 +79,11 @@ def collect(
         else None
     )
     report["trust"] = {"mode": str(config.trust_mode), **_trust_state(config)}
+    try:
+        esp = Esp(config.esp_directory, config.os_name)
+        report["bootloader"] = bootloader.status(esp, config.loader_dir, config.efivars)
+    except RampartError as exc:
+        report["bootloader_error"] = str(exc)
     return report
 
 
@@ -146,4 +151,11 @@ def render(report: dict[str, Any]) -> str:
     ready = report["update_ready"]
     lines.append(f"update ready: {ready} (reboot to use it)" if ready else "update ready: no")
     lines.append(_render_trust(report["trust"]))
+    if "bootloader" in report:
+        lines.append("boot loader:")
+        lines.extend(
+            f"  {line}" for line in bootloader.render_status(report["bootloader"]).split("\n")
+        )
+    else:
+        lines.append(f"boot loader: {report['bootloader_error']}")
     return "\n".join(lines)

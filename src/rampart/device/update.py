@@ -45,8 +45,8 @@ from rampart import files, run
 from rampart.contracts import cmdline, hashing, signing, tuf, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
+from rampart.device import bootloader, documents, incremental, rollback, stream, trust
 from rampart.device import esp as esp_mod
-from rampart.device import incremental, rollback, stream, trust
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
 from rampart.device.corewrite import Checkpoint, write_core
 from rampart.device.fetch import (
@@ -256,6 +256,7 @@ def check_trust(
             (chosen, wire.index_name(os_name), tuf.INDEX_KIND),
             (running, wire.index_name(os_name), tuf.INDEX_KIND),
             (chosen, wire.delta_name(os_name, running), tuf.DELTA_KIND),
+            (chosen, wire.loader_name(os_name), tuf.LOADER_KIND),
         )
         for version, name, kind in wanted:
             expected = client.document(os_name, version, name, kind)
@@ -794,7 +795,7 @@ def _delta_plan(
         return None
 
 
-def _documents(device: Device) -> incremental.Trust:
+def _documents(device: Device) -> documents.Trust:
     """What verifies a release's chunk index or delta: the targets the release keys
     signed (TUF mode), else the pinned minisign key."""
     return device.documents if device.targets else device.config.public_key
@@ -964,6 +965,10 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         root = _check_download(device, efiboot, core, latest, slot)
     else:
         efiboot, root = streaming.efiboot, streaming.root
+    bootloader.stage(
+        fetcher, _documents(device), device.remote.dist_url, device.config.os_name, latest,
+        device.config.loader_dir,
+    )  # fmt: skip
 
     checkpoint("remove-entries")
     removed = device.esp.remove_all_except(running)

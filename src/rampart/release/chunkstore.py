@@ -48,7 +48,7 @@ def audit_index(
     if not index_path.exists() and not sig_path.exists():
         return
     core = release / wire.payload_name(os_name, "core")
-    data = _signed(index_path, version, public_key, problems)
+    data = signed(index_path, version, public_key, problems)
     if data is None:
         return
     size = core.stat().st_size if core.is_file() else 0
@@ -63,11 +63,12 @@ def audit_index(
     _audit_chunks(index, store, index_path, verify_chunks, problems)
 
 
-def _signed(
+def signed(
     path: Path, version: Version, public_key: signing.PublicKey, problems: list[str]
 ) -> bytes | None:
     """The bytes of `path` if its signature beside it verifies and names `version`;
-    None (and the problem noted) otherwise."""
+    None (and the problem noted) otherwise: how `webroot check` reads a release's
+    signed documents (index, deltas, boot loader)."""
     sig_path = path.with_name(path.name + wire.SIGNATURE_SUFFIX)
     for needed in (path, sig_path):
         if not needed.is_file():
@@ -110,7 +111,7 @@ def audit_deltas(
         target = None  # the UKI's own problems are reported with the payloads
     for name in sorted(names):
         path = release / name
-        data = _signed(path, version, public_key, problems)
+        data = signed(path, version, public_key, problems)
         if data is None:
             continue
         try:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from rampart import run
+from rampart.contracts.layout import FALLBACK_LOADER_PATH
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
 from rampart.files import fsync_dir, write_new_file
 from rampart.release import uki
@@ -378,12 +379,7 @@ def build_esp(
         (tmp / "EFI" / "BOOT").mkdir(parents=True)
         (tmp / "EFI" / "Linux").mkdir()
         (tmp / "loader").mkdir()
-        loader = tmp / "EFI" / "BOOT" / "BOOTX64.EFI"
-        shutil.copyfile(systemd_boot, loader)
-        if uki.is_signed(loader):
-            raise FormatError(f"{systemd_boot}: already signed; give the unsigned systemd-boot")
-        uki.sign(loader, keys.key("db"), keys.cert("db"))
-        uki.verify_signature(loader, keys.cert("db"))
+        uki.sign_copy(systemd_boot, tmp / FALLBACK_LOADER_PATH, keys.key("db"), keys.cert("db"))
         (tmp / "loader" / "loader.conf").write_text(conf)
         for path in ukis:
             shutil.copyfile(path, tmp / "EFI" / "Linux" / path.name)

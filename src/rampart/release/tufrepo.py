@@ -306,8 +306,9 @@ def payload_fields(
 
 def documents(release: Path, os_name: str) -> list[tuple[str, str]]:
     """The documents `rampart publish` wrote beside a release's payloads, as (file
-    name, target kind): Core's chunk index and its deltas, each a target too (a TUF
-    device checks them against their target, not a minisign signature)."""
+    name, target kind): Core's chunk index, its deltas and the boot loader, each a
+    target too (a TUF device checks them against their target, not a minisign
+    signature)."""
     found = []
     if (release / wire.index_name(os_name)).is_file():
         found.append((wire.index_name(os_name), tuf.INDEX_KIND))
@@ -315,6 +316,8 @@ def documents(release: Path, os_name: str) -> list[tuple[str, str]]:
     for path in sorted(release.glob(f"{prefix}*{wire.DELTA_SUFFIX}")):
         if path.is_file():
             found.append((path.name, tuf.DELTA_KIND))
+    if (release / wire.loader_name(os_name)).is_file():
+        found.append((wire.loader_name(os_name), tuf.LOADER_KIND))
     return found
 
 

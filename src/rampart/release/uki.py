@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import os
 import re
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -546,6 +547,25 @@ def sign(path: Path, key: Path, cert: Path) -> None:
             os.fsync(handle.fileno())
         tmp.replace(path)
         fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sign_copy(source: Path, path: Path, key: Path, cert: Path) -> None:
+    """A copy of the unsigned EFI image `source` at `path`, signed for Secure Boot and
+    verified with `cert` (a boot loader: `build_esp`, `rampart release --loader`).
+    FormatError if `source` is already signed; the copy lands whole or not at all."""
+    tmp = _tmp_name(path, "copy")
+    try:
+        shutil.copyfile(source, tmp)
+        if is_signed(tmp):
+            raise FormatError(f"{source}: already signed; give the unsigned image")
+        sign(tmp, key, cert)
+        verify_signature(tmp, cert)
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise LocalError(f"{exc.filename or path}: cannot copy: {exc.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import chunks, cmdline, hashing, signing
+from rampart.contracts import bootloader, chunks, cmdline, hashing, pe, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
+    LOADER_MAX,
     NAME,
     PAYLOADS,
     SIGNATURE_SUFFIX,
@@ -40,6 +41,7 @@ from rampart.contracts.wire import (
     delta_name,
     index_name,
     list_channels,
+    loader_name,
     payload_name,
     read_version_file,
     release_dir,
@@ -50,6 +52,7 @@ from rampart.contracts.wire import (
 from rampart.errors import (
     AuditError,
     ConflictError,
+    FormatError,
     LocalError,
     RampartError,
     UsageError,
@@ -159,6 +162,7 @@ def publish(
     force: bool = False,
     epoch: int | None = None,
     chunking: Chunking | None = Chunking(),
+    loader: Path | None = None,
 ) -> PublishResult:
     """Publish a release into `webroot` and point `channel` at it (see module docstring).
 
@@ -173,10 +177,15 @@ def publish(
     With `chunking` (the default), Core's chunk index is signed beside it and its
     chunks go into the webroot's chunk store, before the version file names the
     release (None: no index; devices then stream Core whole).
+
+    With `loader` (systemd-boot, already signed for Secure Boot: `check_loader`), the
+    release carries it (`<os>-bootloader.efi`, signed like the index): devices install
+    it once this release has booted and been marked good (device/bootloader.py).
     """
     payloads = {"core": core, "efiboot": efiboot}
     _check_arguments(webroot, os_name, version, channel, payloads)
     check_payloads(os_name, version, core, efiboot)
+    loader_data = None if loader is None else check_loader(loader)
     release_epoch = cmdline.efi_epoch(efiboot)
     if epoch is not None and epoch != release_epoch:
         raise UsageError(
@@ -200,6 +209,8 @@ def publish(
             _makedirs(release)
             _clean_temporaries(release)
             reused = _write_release(release, os_name, payloads, secret_key, version)
+            if loader_data is not None:
+                _write_loader(release / loader_name(os_name), loader_data, secret_key, version)
             stats = None
             delta_bytes = None
             if chunking is not None:
@@ -259,6 +270,34 @@ def _write_index(
     if not (signature_path.exists() and index_path.exists()):
         _write_signed(index_path, index.render(), secret_key, version)
     return index, (stats.chunks, stats.new, stats.new_bytes)
+
+
+def check_loader(path: Path) -> bytes:
+    """The boot loader `path` a release is to carry: a systemd-boot image with an
+    Authenticode signature (which db certificate verifies it is the device's check,
+    against its firmware's db), at most `wire.LOADER_MAX` bytes. FormatError or
+    LocalError otherwise."""
+    data = files.read_small(path, "boot loader", LOADER_MAX)
+    bootloader.loader_info(data, str(path))
+    if not pe.certificate_table(data, str(path)):
+        raise FormatError(
+            f"{path}: not signed for Secure Boot; sign it with the db key first "
+            "(`rampart release --loader` signs it)"
+        )
+    return data
+
+
+def _write_loader(path: Path, data: bytes, secret_key: signing.SecretKey, version: Version) -> None:
+    """The release's boot loader, signed; one already there must be the same (a
+    release never changes)."""
+    if path.exists():
+        if path.read_bytes() != data:
+            raise ConflictError(
+                f"{path}: release {version.core} already carries another boot loader; "
+                "a release never changes"
+            )
+        return
+    _write_signed(path, data, secret_key, version)
 
 
 def _write_signed(path: Path, data: bytes, secret_key: signing.SecretKey, version: Version) -> None:
@@ -560,7 +599,25 @@ def _audit_dist(
                 release, os_name, version, public_key, store, verify_chunks, problems
             )
             chunkstore.audit_deltas(release, os_name, version, public_key, problems)
+            _audit_loader(release / loader_name(os_name), version, public_key, problems)
     return complete
+
+
+def _audit_loader(
+    path: Path, version: Version, public_key: signing.PublicKey, problems: list[str]
+) -> None:
+    """The problems of a release's boot loader, if it carries one: signed for its
+    version, a signed systemd-boot image (`check_loader`)."""
+    from rampart.release import chunkstore
+
+    if not (path.exists() or path.with_name(path.name + SIGNATURE_SUFFIX).exists()):
+        return
+    if chunkstore.signed(path, version, public_key, problems) is None:
+        return
+    try:
+        check_loader(path)
+    except RampartError as exc:
+        problems.append(str(exc))
 
 
 def _release_version(release: Path, problems: list[str]) -> Version | None:
@@ -583,7 +640,8 @@ def _release_files(release: Path, problems: list[str]) -> dict[str, set[str]]:
     oses: dict[str, set[str]] = {}
     for entry in sorted(release.iterdir()):
         match = re.fullmatch(
-            r"(?P<os>.+)-(?P<kind>core|efiboot|core\.caibx|core\.from-[^/]+\.delta)(?P<sig>\.sig)?",
+            r"(?P<os>.+)-(?P<kind>core|efiboot|core\.caibx|core\.from-[^/]+\.delta|bootloader\.efi)"
+            r"(?P<sig>\.sig)?",
             entry.name,
         )
         if match is None or not entry.is_file() or not NAME.fullmatch(match["os"]):

@@ -654,6 +654,7 @@ def _configure_units(tree: Path, data: Path) -> None:
     _chroot(tree, "systemd-sysusers", f"/usr/lib/sysusers.d/{GATEWAY_SYSUSERS[0]}")
     _enable(tree, "timers.target.wants", "rampart-update.timer")
     _enable(tree, "multi-user.target.wants", "rampart-mark-good.service")
+    _enable(tree, "multi-user.target.wants", "rampart-bootloader.service")
     _enable(tree, "boot-complete.target.requires", "rampart-health.service")
     for rel in _DISABLED:
         (tree / "etc/systemd/system" / rel).unlink(missing_ok=True)

@@ -1,0 +1,364 @@
+"""Boot loader updates (device/bootloader.py): a release's systemd-boot staged by the
+update, installed after the good boot, its two copies on the ESP one after the
+other; refused when the firmware would refuse it; a crash at every step leaves a
+whole, verified copy that the firmware starts.
+
+The firmware's variables are files in a directory standing in for efivarfs (db and
+dbx as efivarfs shows them: four bytes of attributes, then the signature lists), and
+`efibootmgr` is a stand-in script that keeps the boot options in a file: neither
+efivarfs nor a firmware exists on this host. The testbed runs the real ones (OVMF,
+efibootmgr in Core)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rampart.contracts import bootloader as loader_contract
+from rampart.contracts import efivars, pe, wire
+from rampart.contracts.layout import FALLBACK_LOADER_PATH, LOADER_PATH
+from rampart.contracts.version import parse_version
+from rampart.device import bootloader, update
+from rampart.device.esp import Esp
+from rampart.errors import ConflictError, VerificationError
+from rampart.release import secureboot, uki, webroot
+from rampart.testbed.services import Nginx, Pki
+from tests.conftest import KeyPair
+from tests.device.conftest import (
+    OS,
+    DeviceDirs,
+    larger_slots,
+    make_device,
+    make_release,
+    publish,
+)
+
+OFFERED = "5.0.0-alpha.3"
+OWNER = uuid.UUID("11111111-2222-3333-4444-555555555555")
+ATTRIBUTES = struct.pack("<I", 0x27)  # NV, BS, RT, time-based authenticated
+
+
+def signed_loader(directory: Path, keys: secureboot.KeySet, version: str) -> Path:
+    """systemd-boot, its version strings patched to `version` (same length as the
+    installed one's), signed with `keys`' db key."""
+    original = secureboot.SYSTEMD_BOOT.read_bytes()
+    installed = loader_contract.loader_info(original, "systemd-boot").split(" ", 1)[1]
+    assert len(version) == len(installed)
+    patched = original.replace(installed.encode(), version.encode()).replace(
+        installed.encode("utf-16-le"), version.encode("utf-16-le")
+    )
+    unsigned = directory / f"systemd-boot-{version}.unsigned.efi"
+    unsigned.write_bytes(patched)
+    path = directory / f"systemd-boot-{version}.efi"
+    uki.sign_copy(unsigned, path, keys.key("db"), keys.cert("db"))
+    return path
+
+
+def der(keys: secureboot.KeySet, name: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert = x509.load_pem_x509_certificate(keys.cert(name).read_bytes())
+    return cert.public_bytes(Encoding.DER)
+
+
+def write_variable(directory: Path, name: str, lists: bytes) -> None:
+    path = efivars.variable_path(directory, name, efivars.IMAGE_SECURITY_DATABASE)
+    path.write_bytes(ATTRIBUTES + lists)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> secureboot.KeySet:
+    return secureboot.generate_keys(tmp_path_factory.mktemp("sb") / "keys")
+
+
+@pytest.fixture(scope="module")
+def loaders(tmp_path_factory: pytest.TempPathFactory, keys: secureboot.KeySet) -> dict[str, Path]:
+    """The installed loader ("old") and the one a release carries ("new")."""
+    directory = tmp_path_factory.mktemp("loaders")
+    return {
+        "old": signed_loader(directory, keys, "252.38-1~deb12u2"),
+        "new": signed_loader(directory, keys, "252.99-1~deb12u2"),
+    }
+
+
+class Firmware:
+    """efivarfs as a directory (db and dbx) and efibootmgr as a script keeping the
+    boot options in `<efivars>/boot-options`, one line each as `efibootmgr -v` shows."""
+
+    def __init__(self, device: DeviceDirs, keys: secureboot.KeySet, path_dir: Path) -> None:
+        self.efivars = device.root / "efivars"
+        self.efivars.mkdir(exist_ok=True)
+        self.db(der(keys, "db"))
+        script = path_dir / "efibootmgr"
+        script.write_text(
+            "#!/bin/sh\n"
+            f'options="{self.efivars}/boot-options"\n'
+            'if [ "$1" = "--create" ]; then\n'
+            '  echo "$*" >> "$options.calls"\n'
+            '  shift 7; echo "Boot0007* Rampart\\tHD(1,GPT,x)/File($2)" >> "$options"\n'
+            "fi\n"
+            'cat "$options" 2>/dev/null\n'
+        )
+        script.chmod(0o755)
+
+    def db(self, *certificates: bytes) -> None:
+        lists = b"".join(
+            efivars.render_signature_list(efivars.CERT_X509, OWNER, [c]) for c in certificates
+        )
+        write_variable(self.efivars, "db", lists)
+
+    def dbx(self, lists: bytes) -> None:
+        write_variable(self.efivars, "dbx", lists)
+
+    def options(self) -> str:
+        path = self.efivars / "boot-options"
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def bindir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory first in PATH (for the stand-in efibootmgr); the ESP taken as the
+    first partition of a disk, which the host's findmnt cannot say of a directory."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    monkeypatch.setenv("PATH", f"{path}:{os.environ['PATH']}")
+    monkeypatch.setattr(bootloader, "esp_partition", lambda root: ("/dev/fake", 1))
+    return path
+
+
+def esp_root(device: DeviceDirs) -> Path:
+    return device.esp.parent.parent
+
+
+def updated_device(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx, loaders: dict[str, Path]
+) -> DeviceDirs:
+    """A device updated to OFFERED, a release carrying the new loader, now running it
+    (not marked good yet); its ESP holds the old loader at the fallback path."""
+    release = make_release(tmp_path / "rel", OFFERED)
+    webroot.publish(
+        served.root, OS, parse_version(OFFERED), release.core, release.efiboot, vendor.key,
+        loader=loaders["new"],
+    )  # fmt: skip
+    device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url))
+    config = device.config_dir / "config.toml"
+    config.write_text(config.read_text().replace("[efiboot]\n", "[efiboot]\nboot_tries = 3\n"))
+    fallback = esp_root(device) / FALLBACK_LOADER_PATH
+    fallback.parent.mkdir(parents=True)
+    shutil.copyfile(loaders["old"], fallback)
+    dev = device.open()
+    assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
+    device.set_running(OFFERED)
+    return device
+
+
+def staging(device: DeviceDirs) -> Path:
+    return device.root / "bootloader"
+
+
+def install(
+    device: DeviceDirs, firmware: Firmware, checkpoint: bootloader.Checkpoint | None = None
+) -> bootloader.Installed | None:
+    esp = Esp(device.esp, OS)
+    version = parse_version(OFFERED)
+    return bootloader.install(esp, staging(device), version, firmware.efivars, checkpoint)
+
+
+def bless(device: DeviceDirs) -> None:
+    assert Esp(device.esp, OS).bless(parse_version(OFFERED)) is not None
+
+
+def copies(device: DeviceDirs) -> dict[str, bytes | None]:
+    root = esp_root(device)
+    return {
+        relative: (root / relative).read_bytes() if (root / relative).exists() else None
+        for relative in (LOADER_PATH, FALLBACK_LOADER_PATH)
+    }
+
+
+def test_a_release_s_boot_loader_is_staged_then_installed_after_its_good_boot(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    loaders: dict[str, Path],
+    bindir: Path,
+) -> None:
+    device = updated_device(tmp_path, vendor, pki, served, loaders)
+    firmware = Firmware(device, keys, bindir)
+    new = loaders["new"].read_bytes()
+    assert (staging(device) / f"{OFFERED}.efi").read_bytes() == new
+    assert (staging(device) / f"{OFFERED}.efi").stat().st_mode & 0o777 == 0o600
+    before = copies(device)
+    assert before == {LOADER_PATH: None, FALLBACK_LOADER_PATH: loaders["old"].read_bytes()}
+    with pytest.raises(ConflictError, match="not marked good yet"):
+        install(device, firmware)
+    assert copies(device) == before
+    bless(device)
+    done = install(device, firmware)
+    assert done is not None and done.version == "systemd-boot 252.99-1~deb12u2"
+    assert done.boot_option and done.copies == [LOADER_PATH, FALLBACK_LOADER_PATH]
+    assert copies(device) == {LOADER_PATH: new, FALLBACK_LOADER_PATH: new}
+    assert "File(\\EFI\\systemd\\systemd-bootx64.efi)" in firmware.options()
+    assert not (staging(device) / f"{OFFERED}.efi").exists()
+    assert install(device, firmware) is None  # nothing staged any more
+    found = bootloader.status(Esp(device.esp, OS), staging(device), firmware.efivars)
+    assert found["copies"] == {
+        LOADER_PATH: "systemd-boot 252.99-1~deb12u2",
+        FALLBACK_LOADER_PATH: "systemd-boot 252.99-1~deb12u2",
+    }
+    assert found["boot_option"] == "Boot0007"
+
+
+def test_boot_loader_signed_by_a_key_db_does_not_hold_is_not_written(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    loaders: dict[str, Path],
+    bindir: Path,
+) -> None:
+    """The release's loader is signed by a db key this machine's firmware does not
+    hold (a release signed after a db rotation this machine never got): the firmware
+    would refuse it, so it is not written, and stays staged."""
+    device = updated_device(tmp_path, vendor, pki, served, loaders)
+    firmware = Firmware(device, keys, bindir)
+    other = secureboot.generate_keys(tmp_path / "other-keys")
+    firmware.db(der(other, "db"))
+    bless(device)
+    before = copies(device)
+    with pytest.raises(VerificationError, match="verifies with none of the 1 certificates"):
+        install(device, firmware)
+    assert copies(device) == before
+    assert (staging(device) / f"{OFFERED}.efi").exists()
+    assert firmware.options() == ""
+
+
+@pytest.mark.parametrize("entry", ["image hash", "signing certificate"])
+def test_boot_loader_that_dbx_revokes_is_not_written(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    loaders: dict[str, Path],
+    bindir: Path,
+    entry: str,
+) -> None:
+    device = updated_device(tmp_path, vendor, pki, served, loaders)
+    firmware = Firmware(device, keys, bindir)
+    if entry == "image hash":
+        digest = pe.authenticode_sha256(loaders["new"].read_bytes())
+        firmware.dbx(efivars.render_signature_list(efivars.CERT_SHA256, OWNER, [digest]))
+    else:
+        firmware.dbx(efivars.render_signature_list(efivars.CERT_X509, OWNER, [der(keys, "db")]))
+    bless(device)
+    before = copies(device)
+    with pytest.raises(VerificationError, match="dbx revokes"):
+        install(device, firmware)
+    assert copies(device) == before
+
+
+class PowerCut(BaseException):
+    """The power goes at a step: nothing after it runs."""
+
+
+@pytest.mark.parametrize("step", loader_contract.STEPS)
+def test_power_cut_at_each_step_of_the_boot_loader_install_leaves_a_copy_that_boots(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    loaders: dict[str, Path],
+    bindir: Path,
+    step: str,
+) -> None:
+    """After a cut at `step`, the firmware finds a whole, db-signed loader: the main
+    copy if the boot option names it and it is whole, else the fallback copy. The
+    next install completes."""
+    device = updated_device(tmp_path, vendor, pki, served, loaders)
+    firmware = Firmware(device, keys, bindir)
+    bless(device)
+    whole = {loaders["old"].read_bytes(), loaders["new"].read_bytes()}
+
+    def cut(name: str) -> None:
+        if name == step:
+            raise PowerCut
+
+    with pytest.raises(PowerCut):
+        install(device, firmware, cut)
+    found = copies(device)
+    main_boots = "systemd-bootx64.efi" in firmware.options() and found[LOADER_PATH] in whole
+    assert main_boots or found[FALLBACK_LOADER_PATH] in whole, step
+    done = install(device, firmware)
+    new = loaders["new"].read_bytes()
+    assert (done is None) == (step == loader_contract.STEPS[-1])  # else: done already
+    assert copies(device) == {LOADER_PATH: new, FALLBACK_LOADER_PATH: new}
+    assert not (staging(device) / f"{OFFERED}.efi").exists()
+
+
+def test_without_a_boot_option_the_fallback_copy_is_left_alone(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    loaders: dict[str, Path],
+    bindir: Path,
+) -> None:
+    """No efibootmgr (or no efivarfs): the fallback copy would be the only one, so it
+    is not rewritten; the main copy is, and the log says so."""
+    device = updated_device(tmp_path, vendor, pki, served, loaders)
+    firmware = Firmware(device, keys, bindir)
+    (bindir / "efibootmgr").unlink()
+    bless(device)
+    done = install(device, firmware)
+    assert done is not None and not done.boot_option and done.copies == [LOADER_PATH]
+    assert copies(device) == {
+        LOADER_PATH: loaders["new"].read_bytes(),
+        FALLBACK_LOADER_PATH: loaders["old"].read_bytes(),
+    }
+
+
+def test_a_release_without_a_boot_loader_stages_nothing(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, served: Nginx
+) -> None:
+    publish(served.root, vendor, make_release(tmp_path / "rel", OFFERED))
+    device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url))
+    dev = device.open()
+    assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
+    assert not staging(device).exists()
+
+
+def test_a_boot_loader_tampered_on_the_server_fails_the_update_before_anything_changes(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    loaders: dict[str, Path],
+) -> None:
+    release = make_release(tmp_path / "rel", OFFERED)
+    webroot.publish(
+        served.root, OS, parse_version(OFFERED), release.core, release.efiboot, vendor.key,
+        loader=loaders["new"],
+    )  # fmt: skip
+    path = served.root / "dist" / OFFERED / wire.loader_name(OS)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url))
+    before = device.state()
+    dev = device.open()
+    with pytest.raises(VerificationError):
+        update.update(dev, update.make_fetcher(dev))
+    assert device.state() == before
+    assert not (staging(device) / f"{OFFERED}.efi").exists()
