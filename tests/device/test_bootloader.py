@@ -26,7 +26,8 @@ from rampart.contracts.version import parse_version
 from rampart.device import bootloader, update
 from rampart.device.esp import Esp
 from rampart.errors import ConflictError, VerificationError
-from rampart.release import secureboot, uki, webroot
+from rampart.release import secureboot, webroot
+from rampart.testbed import build
 from rampart.testbed.services import Nginx, Pki
 from tests.conftest import KeyPair
 from tests.device.conftest import (
@@ -44,19 +45,7 @@ ATTRIBUTES = struct.pack("<I", 0x27)  # NV, BS, RT, time-based authenticated
 
 
 def signed_loader(directory: Path, keys: secureboot.KeySet, version: str) -> Path:
-    """systemd-boot, its version strings patched to `version` (same length as the
-    installed one's), signed with `keys`' db key."""
-    original = secureboot.SYSTEMD_BOOT.read_bytes()
-    installed = loader_contract.loader_info(original, "systemd-boot").split(" ", 1)[1]
-    assert len(version) == len(installed)
-    patched = original.replace(installed.encode(), version.encode()).replace(
-        installed.encode("utf-16-le"), version.encode("utf-16-le")
-    )
-    unsigned = directory / f"systemd-boot-{version}.unsigned.efi"
-    unsigned.write_bytes(patched)
-    path = directory / f"systemd-boot-{version}.efi"
-    uki.sign_copy(unsigned, path, keys.key("db"), keys.cert("db"))
-    return path
+    return build.renamed_loader(directory / f"systemd-boot-{version}.efi", keys.directory, version)
 
 
 def der(keys: secureboot.KeySet, name: str) -> bytes:

@@ -284,6 +284,30 @@ def _build_rogue(bed: Testbed) -> None:
         )
 
 
+def renamed_loader(out: Path, keys_dir: Path, version: str) -> Path:
+    """Debian's systemd-boot with its version strings (`.sdmagic`, `.osrel`, `.sbat`
+    and the LoaderInfo it sets) replaced by `version`, of the same length as the
+    installed one's, then signed with the db key of `keys_dir`: a "newer" boot loader
+    for the boot loader update tests, which Debian 12 has only one build of."""
+    from rampart.contracts import bootloader
+
+    original = secureboot.SYSTEMD_BOOT.read_bytes()
+    installed = bootloader.loader_info(original, str(secureboot.SYSTEMD_BOOT)).split(" ", 1)[1]
+    if len(version) != len(installed):
+        raise LocalError(f"loader version {version!r}: not as long as {installed!r}")
+    patched = original.replace(installed.encode(), version.encode()).replace(
+        installed.encode("utf-16-le"), version.encode("utf-16-le")
+    )
+    unsigned = out.with_name(f".{out.name}.unsigned")
+    unsigned.write_bytes(patched)
+    try:
+        keys = secureboot.KeySet(keys_dir)
+        uki.sign_copy(unsigned, out, keys.key("db"), keys.cert("db"))
+    finally:
+        unsigned.unlink(missing_ok=True)
+    return out
+
+
 def _payload_disk(bed: Testbed, work: Path) -> Path:
     """The installer's payload (docs/formats.md), as an ext4 image made by mke2fs -d."""
     tree = work / "payload"

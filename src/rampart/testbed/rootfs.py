@@ -100,6 +100,10 @@ PACKAGES = (
     "fdisk",
     "dosfstools",
     "e2fsprogs",
+    # Boot loader updates (`rampart bootloader install`): sbverify checks the loader
+    # against the firmware's db, efibootmgr adds the boot option of its main copy.
+    "sbsigntool",
+    "efibootmgr",
     # The IPsec gateway (`rampart gateway`): strongSwan with swanctl and charon-systemd,
     # nftables, iproute2 for namespaces and XFRM interfaces, kmod to load the modules
     # below. strongswan.service is left disabled (the gateway's units start it).
