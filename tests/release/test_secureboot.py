@@ -300,3 +300,66 @@ def test_image_verbs_are_on_the_rampart_command() -> None:
     ):
         result = run_cli(*argv, "--help")
         assert result.code == 0, argv
+
+
+# --- signed appends to db and dbx ----------------------------------------------------------
+
+
+def _der_of(path: Path) -> bytes:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_db_append_is_what_efivarfs_takes_signed_by_the_kek(
+    tmp_path: Path, keys: secureboot.KeySet
+) -> None:
+    from rampart.contracts import efivars
+
+    new = secureboot.generate_keys(tmp_path / "new")
+    out = tmp_path / "db.auth"
+    write = secureboot.signed_append(keys.directory, "db", out, [new.cert("db")])
+    parsed = efivars.parse_authenticated_write(out.read_bytes(), str(out))
+    assert parsed == write
+    assert write.attributes == 0x67  # NV, BS, RT, time-based authenticated, append
+    entries = efivars.parse_signature_lists(write.payload, "payload")
+    assert [(e.type, e.owner, e.data) for e in entries] == [
+        (efivars.CERT_X509, keys.owner_guid(), _der_of(new.cert("db")))
+    ]
+    assert efivars.signer_certificates(write.pkcs7) == [_der_of(keys.cert("KEK"))]
+    with pytest.raises(ConflictError):
+        secureboot.signed_append(keys.directory, "db", out, [new.cert("db")])
+
+
+def test_a_dbx_append_revokes_a_certificate_and_an_image_by_its_authenticode_hash(
+    tmp_path: Path, keys: secureboot.KeySet
+) -> None:
+    from rampart.contracts import efivars, pe
+
+    out = tmp_path / "dbx.auth"
+    loader = secureboot.SYSTEMD_BOOT
+    write = secureboot.signed_append(keys.directory, "dbx", out, [keys.cert("db")], [loader])
+    entries = efivars.parse_signature_lists(write.payload, "payload")
+    assert [(e.type, e.data) for e in entries] == [
+        (efivars.CERT_X509, _der_of(keys.cert("db"))),
+        (efivars.CERT_SHA256, pe.authenticode_sha256(loader.read_bytes())),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "images", "message"),
+    [
+        ("KEK", False, "only db and dbx"),
+        ("db", True, "image hashes go into dbx"),
+        ("dbx", None, "at least one certificate or image"),
+    ],
+)
+def test_a_signed_append_refuses_what_it_does_not_make(
+    tmp_path: Path, keys: secureboot.KeySet, variable: str, images: bool | None, message: str
+) -> None:
+    certs = [] if images is None else [keys.cert("db")]
+    with pytest.raises(UsageError, match=message):
+        secureboot.signed_append(
+            keys.directory, variable, tmp_path / "x.auth", certs,
+            [secureboot.SYSTEMD_BOOT] if images else [],
+        )  # fmt: skip
+    assert not (tmp_path / "x.auth").exists()

@@ -387,6 +387,25 @@ def cmd_keys_ovmf_vars(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_append(args: argparse.Namespace) -> int:
+    variable = args.keys_verb.removesuffix("-append")
+    write = secureboot.signed_append(
+        args.keys, variable, args.out, args.cert, getattr(args, "image", None) or ()
+    )
+    if args.json:
+        print_json(
+            {
+                "variable": variable,
+                "out": str(args.out),
+                "attributes": write.attributes,
+                "payload_bytes": len(write.payload),
+            }
+        )
+    else:
+        print(f"{args.out}: an append to {variable}, signed with {args.keys / 'KEK.key'}")
+    return 0
+
+
 def cmd_build_esp(args: argparse.Namespace) -> int:
     out = secureboot.build_esp(
         args.out,
@@ -871,6 +890,39 @@ VERBS: list[Group | Verb] = [
                 metavar="CN",
                 help="prefix of the certificates' common names (default Rampart)",
             ),
+        ),
+    ),
+    Verb(
+        ("keys", "db-append"),
+        "a signed append of certificates to db (KEK-signed, for efivarfs)",
+        "Make a time-based authenticated append to the firmware's db: each --cert (PEM) as "
+        "an X.509 entry owned by DIR's owner GUID (sbsiglist), signed with DIR's KEK "
+        "(sbvarsign --include-attrs: the file is what efivarfs takes). A release ships it "
+        "(`publish --sbvar`); devices apply it before any EFI binary signed only by the new "
+        "key. An existing OUT is never overwritten.",
+        cmd_keys_append,
+        (
+            JSON,
+            arg("--keys", type=Path, required=True, metavar="DIR", help="holds KEK.key, KEK.crt"),
+            arg("--cert", type=Path, action="append", required=True, metavar="PEM"),
+            arg("--out", type=Path, required=True, metavar="FILE"),
+        ),
+    ),
+    Verb(
+        ("keys", "dbx-append"),
+        "a signed append of revocations to dbx (KEK-signed, for efivarfs)",
+        "Make a time-based authenticated append to the firmware's dbx, revoking each "
+        "--cert (PEM: every binary it signed) and each --image (an EFI binary: its "
+        "Authenticode SHA-256), signed with DIR's KEK. Devices refuse to apply a dbx "
+        "update that would revoke their boot loader or the EFI binary of a bootable "
+        "version. An existing OUT is never overwritten.",
+        cmd_keys_append,
+        (
+            JSON,
+            arg("--keys", type=Path, required=True, metavar="DIR", help="holds KEK.key, KEK.crt"),
+            arg("--cert", type=Path, action="append", default=[], metavar="PEM"),
+            arg("--image", type=Path, action="append", default=[], metavar="EFI"),
+            arg("--out", type=Path, required=True, metavar="FILE"),
         ),
     ),
     Verb(

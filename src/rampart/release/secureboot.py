@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from rampart import run
+from rampart import files, run
+from rampart.contracts import efivars, pe
 from rampart.contracts.layout import FALLBACK_LOADER_PATH
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
 from rampart.files import fsync_dir, write_new_file
@@ -63,7 +64,6 @@ def loader_conf(timeout: int = MENU_TIMEOUT) -> str:
     return f"timeout {timeout}\neditor no\nauto-firmware no\n"
 
 
-_EFI_CERT_X509_GUID = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072")
 _BLS_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-_.")
 
 
@@ -211,7 +211,7 @@ def enrolled_certificates(store_json: dict[str, object], name: str) -> list[tupl
     """(owner GUID, DER certificate) of each X.509 entry of variable `name`.
 
     `store_json` is `virt-fw-vars --output-json`'s document; the variable's data
-    is a list of EFI_SIGNATURE_LISTs (UEFI 2.10 §32.4.1).
+    is a list of EFI_SIGNATURE_LISTs (UEFI 2.10 §32.4.1, contracts/efivars.py).
     """
     variables = store_json.get("variables")
     if not isinstance(variables, list):
@@ -221,21 +221,65 @@ def enrolled_certificates(store_json: dict[str, object], name: str) -> list[tupl
         if not isinstance(var, dict) or var.get("name") != name:
             continue
         data = bytes.fromhex(str(var.get("data", "")))
-        pos = 0
-        while pos + 28 <= len(data):
-            kind = uuid.UUID(bytes_le=data[pos : pos + 16])
-            list_size = int.from_bytes(data[pos + 16 : pos + 20], "little")
-            header_size = int.from_bytes(data[pos + 20 : pos + 24], "little")
-            sig_size = int.from_bytes(data[pos + 24 : pos + 28], "little")
-            if list_size < 28 or sig_size < 16 or pos + list_size > len(data):
-                raise FormatError(f"variable {name}: malformed EFI_SIGNATURE_LIST")
-            entry = pos + 28 + header_size
-            while kind == _EFI_CERT_X509_GUID and entry + sig_size <= pos + list_size:
-                owner = str(uuid.UUID(bytes_le=data[entry : entry + 16]))
-                found.append((owner, data[entry + 16 : entry + sig_size]))
-                entry += sig_size
-            pos += list_size
+        for entry in efivars.parse_signature_lists(data, f"variable {name}"):
+            if entry.type == efivars.CERT_X509:
+                found.append((str(entry.owner), entry.data))
     return found
+
+
+# The attributes of a signed append to db or dbx (sbvarsign --attr), the only kind of
+# write Rampart makes: an append needs no timestamp newer than the variable's (edk2
+# checks the order only for replacing writes), and never drops an entry.
+APPEND_ATTRIBUTES = "NON_VOLATILE,BOOTSERVICE_ACCESS,RUNTIME_ACCESS,APPEND_WRITE"
+
+
+def signed_append(
+    keys_dir: Path,
+    variable: str,
+    out: Path,
+    certificates: Sequence[Path] = (),
+    images: Sequence[Path] = (),
+) -> efivars.AuthenticatedWrite:
+    """A time-based authenticated append to `variable` (db or dbx), signed with the
+    KEK of `keys_dir`, written to `out` as efivarfs takes it (`sbvarsign
+    --include-attrs`: the attributes, the signature, the new signature lists). Each
+    of `certificates` (PEM) becomes an X.509 entry, each of `images` (EFI binaries,
+    dbx only) a SHA-256 entry of its Authenticode hash, all owned by the key set's
+    owner GUID (`sbsiglist`). Checked before it lands; never overwrites `out`."""
+    if variable not in ("db", "dbx"):
+        raise UsageError(f"{variable}: only db and dbx take signed appends here")
+    if images and variable != "dbx":
+        raise UsageError("image hashes go into dbx (revoking an image), not into db")
+    if not certificates and not images:
+        raise UsageError("give at least one certificate or image to append")
+    keys = KeySet(keys_dir)
+    keys.check(names=("KEK",))
+    owner = str(keys.owner_guid())
+    with tempfile.TemporaryDirectory(prefix="rampart-sbvar-") as work:
+        lists = b""
+        entries: list[tuple[str, bytes]] = [("x509", _der(c)) for c in certificates]
+        for image in images:
+            data = files.read_small(image, "EFI image", 1 << 30)
+            entries.append(("sha256", pe.authenticode_sha256(data, str(image))))
+        for number, (kind, data) in enumerate(entries):
+            raw, esl = Path(work) / f"{number}.bin", Path(work) / f"{number}.esl"
+            raw.write_bytes(data)
+            run.run(["sbsiglist", "--owner", owner, "--type", kind, "--output", str(esl), str(raw)])
+            lists += esl.read_bytes()
+        payload, signed = Path(work) / "append.esl", Path(work) / "append.auth"
+        payload.write_bytes(lists)
+        run.run(
+            ["sbvarsign", "--key", str(keys.key("KEK")), "--cert", str(keys.cert("KEK")),
+             "--attr", APPEND_ATTRIBUTES, "--include-attrs", "--output", str(signed),
+             variable, str(payload)],
+            timeout=120,
+        )  # fmt: skip
+        data = signed.read_bytes()
+    write = efivars.parse_authenticated_write(data, str(out))
+    if write.payload != lists or not write.attributes & efivars.APPEND_WRITE:
+        raise LocalError(f"{out}: sbvarsign made another write than asked for")
+    write_new_file(out, data, 0o644)
+    return write
 
 
 def read_varstore(path: Path) -> dict[str, object]:
