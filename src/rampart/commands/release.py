@@ -217,6 +217,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         epoch=args.epoch,
         chunking=chunking(args),
         loader=args.loader,
+        sbvars={
+            name: path
+            for name, path in (("db", args.db_append), ("dbx", args.dbx_append))
+            if path is not None
+        },
     )
     tuf_targets = add_to_tuf()
     channel = result.channel or "default"
@@ -697,6 +702,20 @@ VERBS: list[Group | Verb] = [
                 metavar="FILE",
                 help="a boot loader the release carries: systemd-boot, already signed with "
                 "the db key; devices install it once the release booted and was marked good",
+            ),
+            arg(
+                "--db-append",
+                type=Path,
+                metavar="FILE",
+                help="a signed append to the firmware's db the release carries "
+                "(`rampart keys db-append`)",
+            ),
+            arg(
+                "--dbx-append",
+                type=Path,
+                metavar="FILE",
+                help="a signed append to the firmware's dbx the release carries "
+                "(`rampart keys dbx-append`)",
             ),
             *CHUNK_ARGS,
             PASSWORD_ENV_ARG,

@@ -69,6 +69,7 @@ def payload_target(os_name: str, version: Version, kind: str) -> str:
 INDEX_KIND = "index"
 DELTA_KIND = "delta"
 LOADER_KIND = "bootloader"  # the boot loader a release carries (`wire.loader_name`)
+SBVAR_KIND = "sbvar"  # a signed append to db or dbx (`wire.sbvar_name`)
 
 
 def document_target(version: Version, name: str) -> str:

@@ -111,6 +111,19 @@ def loader_name(os_name: str) -> str:
     return f"{os_name}-bootloader.efi"
 
 
+SBVAR_MAX = 1 << 20  # the largest Secure Boot variable update a device fetches
+SBVARS = ("db", "dbx")  # the variables a release may update, in the order they apply
+
+
+def sbvar_name(os_name: str, variable: str) -> str:
+    """A signed append to the firmware's `variable` (db or dbx) a release carries
+    (`<os>-db.auth`, `<os>-dbx.auth`: what `rampart keys db-append|dbx-append` makes);
+    its signature adds `.sig`."""
+    if variable not in SBVARS:
+        raise ValueError(f"unknown Secure Boot variable {variable!r}")
+    return f"{os_name}-{variable}.auth"
+
+
 def store_dir(webroot: Path) -> Path:
     return webroot / "dist" / STORE
 

@@ -318,6 +318,9 @@ def documents(release: Path, os_name: str) -> list[tuple[str, str]]:
             found.append((path.name, tuf.DELTA_KIND))
     if (release / wire.loader_name(os_name)).is_file():
         found.append((wire.loader_name(os_name), tuf.LOADER_KIND))
+    for variable in wire.SBVARS:
+        if (release / wire.sbvar_name(os_name, variable)).is_file():
+            found.append((wire.sbvar_name(os_name, variable), tuf.SBVAR_KIND))
     return found
 
 

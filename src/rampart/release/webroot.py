@@ -24,18 +24,20 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rampart import files
-from rampart.contracts import bootloader, chunks, cmdline, hashing, pe, signing
+from rampart.contracts import bootloader, chunks, cmdline, efivars, hashing, pe, signing
 from rampart.contracts.version import Version, check_release_length, parse_version
 from rampart.contracts.wire import (
     LOADER_MAX,
     NAME,
     PAYLOADS,
+    SBVAR_MAX,
+    SBVARS,
     SIGNATURE_SUFFIX,
     check_name,
     delta_name,
@@ -46,6 +48,7 @@ from rampart.contracts.wire import (
     read_version_file,
     release_dir,
     render_version_document,
+    sbvar_name,
     store_dir,
     version_file,
 )
@@ -163,6 +166,7 @@ def publish(
     epoch: int | None = None,
     chunking: Chunking | None = Chunking(),
     loader: Path | None = None,
+    sbvars: Mapping[str, Path] | None = None,
 ) -> PublishResult:
     """Publish a release into `webroot` and point `channel` at it (see module docstring).
 
@@ -181,11 +185,14 @@ def publish(
     With `loader` (systemd-boot, already signed for Secure Boot: `check_loader`), the
     release carries it (`<os>-bootloader.efi`, signed like the index): devices install
     it once this release has booted and been marked good (device/bootloader.py).
+    With `sbvars` ({"db" or "dbx": a signed append, `check_sbvar`}), the release
+    carries those Secure Boot variable updates (`<os>-db.auth`, `<os>-dbx.auth`).
     """
     payloads = {"core": core, "efiboot": efiboot}
     _check_arguments(webroot, os_name, version, channel, payloads)
     check_payloads(os_name, version, core, efiboot)
     loader_data = None if loader is None else check_loader(loader)
+    sbvar_data = {name: check_sbvar(path, name) for name, path in (sbvars or {}).items()}
     release_epoch = cmdline.efi_epoch(efiboot)
     if epoch is not None and epoch != release_epoch:
         raise UsageError(
@@ -210,7 +217,9 @@ def publish(
             _clean_temporaries(release)
             reused = _write_release(release, os_name, payloads, secret_key, version)
             if loader_data is not None:
-                _write_loader(release / loader_name(os_name), loader_data, secret_key, version)
+                _write_document(release / loader_name(os_name), loader_data, secret_key, version)
+            for name, data in sbvar_data.items():
+                _write_document(release / sbvar_name(os_name, name), data, secret_key, version)
             stats = None
             delta_bytes = None
             if chunking is not None:
@@ -287,13 +296,29 @@ def check_loader(path: Path) -> bytes:
     return data
 
 
-def _write_loader(path: Path, data: bytes, secret_key: signing.SecretKey, version: Version) -> None:
-    """The release's boot loader, signed; one already there must be the same (a
-    release never changes)."""
+def check_sbvar(path: Path, variable: str) -> bytes:
+    """The signed append to `variable` (db or dbx) at `path` a release is to carry
+    (`rampart keys db-append|dbx-append`): a time-based authenticated append whose
+    payload is signature lists. Whether the firmware's KEK signed it is the firmware's
+    check. FormatError or UsageError otherwise."""
+    if variable not in SBVARS:
+        raise UsageError(f"{variable}: a release updates only {' and '.join(SBVARS)}")
+    data = files.read_small(path, f"{variable} update", SBVAR_MAX)
+    write = efivars.parse_authenticated_write(data, str(path))
+    if not write.attributes & efivars.APPEND_WRITE:
+        raise FormatError(f"{path}: not an append (a release never replaces {variable})")
+    return data
+
+
+def _write_document(
+    path: Path, data: bytes, secret_key: signing.SecretKey, version: Version
+) -> None:
+    """A document the release carries (its boot loader, a variable update), signed;
+    one already there must be the same (a release never changes)."""
     if path.exists():
         if path.read_bytes() != data:
             raise ConflictError(
-                f"{path}: release {version.core} already carries another boot loader; "
+                f"{path}: release {version.core} already carries another {path.name}; "
                 "a release never changes"
             )
         return
@@ -600,6 +625,10 @@ def _audit_dist(
             )
             chunkstore.audit_deltas(release, os_name, version, public_key, problems)
             _audit_loader(release / loader_name(os_name), version, public_key, problems)
+            for name in SBVARS:
+                _audit_sbvar(
+                    release / sbvar_name(os_name, name), name, version, public_key, problems
+                )
     return complete
 
 
@@ -616,6 +645,23 @@ def _audit_loader(
         return
     try:
         check_loader(path)
+    except RampartError as exc:
+        problems.append(str(exc))
+
+
+def _audit_sbvar(
+    path: Path, variable: str, version: Version, public_key: signing.PublicKey, problems: list[str]
+) -> None:
+    """The problems of a release's update of `variable`, if it carries one: signed for
+    its version, a signed append (`check_sbvar`)."""
+    from rampart.release import chunkstore
+
+    if not (path.exists() or path.with_name(path.name + SIGNATURE_SUFFIX).exists()):
+        return
+    if chunkstore.signed(path, version, public_key, problems) is None:
+        return
+    try:
+        check_sbvar(path, variable)
     except RampartError as exc:
         problems.append(str(exc))
 
@@ -640,7 +686,8 @@ def _release_files(release: Path, problems: list[str]) -> dict[str, set[str]]:
     oses: dict[str, set[str]] = {}
     for entry in sorted(release.iterdir()):
         match = re.fullmatch(
-            r"(?P<os>.+)-(?P<kind>core|efiboot|core\.caibx|core\.from-[^/]+\.delta|bootloader\.efi)"
+            r"(?P<os>.+)-(?P<kind>core|efiboot|core\.caibx|core\.from-[^/]+\.delta|bootloader\.efi"
+            r"|dbx?\.auth)"
             r"(?P<sig>\.sig)?",
             entry.name,
         )

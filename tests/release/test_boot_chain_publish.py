@@ -1,6 +1,8 @@
-"""A release's boot loader (`rampart publish --loader`, release/webroot.py): only a
-signed systemd-boot is shipped, signed like the release's other documents; `webroot
-check` audits it; a TUF release signs it as a target of kind "bootloader"."""
+"""What a release carries for the boot chain (release/webroot.py): its boot loader
+(`rampart publish --loader`: only a signed systemd-boot) and Secure Boot variable
+updates (`--db-append`, `--dbx-append`: only signed appends), each signed like the
+release's other documents; `webroot check` audits them; a TUF release signs them as
+targets of their kinds."""
 
 from __future__ import annotations
 
@@ -101,3 +103,54 @@ def test_a_tuf_release_signs_its_loader_as_a_target_of_its_kind(
     fields = tuf.PayloadFields.from_custom(targets[path].custom, path)
     assert (fields.kind, fields.version) == (tuf.LOADER_KIND, "1.0.0")
     targets[path].verify_length_and_hashes(signed_loader.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def appends(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("appends")
+    keys = secureboot.generate_keys(directory / "keys")
+    new = secureboot.generate_keys(directory / "new")
+    db = secureboot.signed_append(keys.directory, "db", directory / "db.auth", [new.cert("db")])
+    dbx = directory / "dbx.auth"
+    secureboot.signed_append(keys.directory, "dbx", dbx, [keys.cert("db")])
+    assert db.payload
+    return {"db": directory / "db.auth", "dbx": dbx}
+
+
+def test_publish_ships_signed_appends_to_db_and_dbx_and_tuf_signs_them(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads, appends: dict[str, Path]
+) -> None:
+    root = tmp_path / "webroot"
+    argv = [
+        *publish_args(root, keypair, payloads, "1.0.0"),
+        "--db-append", appends["db"], "--dbx-append", appends["dbx"],
+    ]  # fmt: skip
+    assert run_cli(*argv).code == 0
+    for variable in ("db", "dbx"):
+        path = root / "dist/1.0.0" / wire.sbvar_name("clipos", variable)
+        assert path.read_bytes() == appends[variable].read_bytes()
+    check = run_cli("webroot", "check", root, "--public-key", keypair.public, "--json")
+    assert check.code == 0, check.out
+    keys, signers = make_keys(tmp_path / "tuf-keys")
+    tufrepo.create(root, keys, {**signers, "root": signers["root"][:2]})
+    targets = tufrepo.add_release(root, "clipos", parse_version("1.0.0"), signers).targets
+    for variable in ("db", "dbx"):
+        name = tuf.document_target(parse_version("1.0.0"), wire.sbvar_name("clipos", variable))
+        assert tuf.PayloadFields.from_custom(targets[name].custom, name).kind == tuf.SBVAR_KIND
+
+
+def test_publish_refuses_a_variable_update_that_is_not_a_signed_append(
+    tmp_path: Path, keypair: KeyPair, payloads: Payloads, appends: dict[str, Path]
+) -> None:
+    replacing = tmp_path / "replace.auth"
+    data = bytearray(appends["db"].read_bytes())
+    data[0] &= ~0x40  # APPEND_WRITE off: a write that replaces db
+    replacing.write_bytes(bytes(data))
+    root = tmp_path / "webroot"
+    result = run_cli(*publish_args(root, keypair, payloads, "1.0.0"), "--db-append", replacing)
+    assert result.code == FormatError.exit_code
+    assert "not an append" in result.err
+    result = run_cli(
+        *publish_args(root, keypair, payloads, "1.0.0"), "--dbx-append", payloads["1.0.0"][1]
+    )
+    assert result.code == FormatError.exit_code
