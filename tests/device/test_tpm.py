@@ -49,6 +49,51 @@ def test_a_pcr7_extension_makes_unsealing_fail_clearly(chip: tpm.Tpm, tmp_path: 
         chip.unseal(pub, priv)
 
 
+def _extend(chip: tpm.Tpm, digest: bytes) -> None:
+    subprocess.run(
+        ["tpm2_pcrextend", f"7:sha256={digest.hex()}"],
+        env={"TPM2TOOLS_TCTI": chip.env["TPM2TOOLS_TCTI"], "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+
+
+def test_a_key_sealed_to_two_pcr7_values_unseals_at_either_and_at_no_other(
+    chip: tpm.Tpm, tmp_path: Path
+) -> None:
+    """A PolicyOR of the current PCR 7 and a predicted one (the value after one more
+    extension): the key unseals now and after that extension, and not after another."""
+    import hashlib
+
+    pub, priv = tmp_path / "sealed.pub", tmp_path / "sealed.priv"
+    current = chip.pcr_values()[7]
+    event = hashlib.sha256(b"a db append").digest()
+    predicted = hashlib.sha256(current + event).digest()
+    branches = chip.seal(b"state key", pub, priv, values=[current, predicted])
+    assert len(branches) == 2 and all(len(b) == 32 for b in branches)
+    assert chip.unseal(pub, priv, branches=branches) == b"state key"
+    with pytest.raises(tpm.TpmPolicyError):
+        chip.unseal(pub, priv)  # without the branches the policy is not the sealed one
+    _extend(chip, event)
+    assert chip.pcr_values()[7] == predicted
+    assert chip.unseal(pub, priv, branches=branches) == b"state key"
+    _extend(chip, event)
+    with pytest.raises(tpm.TpmPolicyError):
+        chip.unseal(pub, priv, branches=branches)
+
+
+def test_a_key_sealed_to_one_given_value_unseals_only_there(chip: tpm.Tpm, tmp_path: Path) -> None:
+    import hashlib
+
+    pub, priv = tmp_path / "sealed.pub", tmp_path / "sealed.priv"
+    event = hashlib.sha256(b"next").digest()
+    predicted = hashlib.sha256(chip.pcr_values()[7] + event).digest()
+    assert chip.seal(b"state key", pub, priv, values=[predicted]) == []
+    with pytest.raises(tpm.TpmPolicyError):
+        chip.unseal(pub, priv)
+    _extend(chip, event)
+    assert chip.unseal(pub, priv) == b"state key"
+
+
 def test_an_object_sealed_by_another_tpm_does_not_load(
     chip: tpm.Tpm, other_chip: tpm.Tpm, tmp_path: Path
 ) -> None:

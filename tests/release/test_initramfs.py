@@ -225,6 +225,7 @@ def test_archive_holds_cryptsetup_tpm2_tools_and_the_device_tcti(
         "tpm2_load",
         "tpm2_startauthsession",
         "tpm2_policypcr",
+        "tpm2_policyor",
         "tpm2_unseal",
         "tpm2_flushcontext",
         "tpm2_nvread",

@@ -674,6 +674,40 @@ def test_real_tpm_with_another_pcr_7_asks_for_the_passphrase(real: RealSetup) ->
     no_file_holds(real.shell.root, real.passphrase.encode())
 
 
+def test_real_tpm_unseals_a_key_sealed_to_the_current_and_a_predicted_pcr_7(
+    real: RealSetup,
+) -> None:
+    """The key resealed as before a Secure Boot variable update: a PolicyOR of the
+    current PCR 7 and the predicted one, its branches beside it on the ESP. /init opens
+    the state with no prompt now, and after PCR 7 moved to the predicted value; at any
+    other value it asks for the passphrase, with the same reason as a single policy."""
+    import hashlib
+
+    env = {**os.environ, **real.chip.env}
+    event = hashlib.sha256(b"the db append").digest()
+    current = real.chip.pcr_values()[7]
+    predicted = hashlib.sha256(current + event).digest()
+    esp = real.shell.root / "disks/vda1"
+    state.seal_to_esp(real.chip, real.key, esp, (7,), values=[current, predicted])
+    assert len(state.sealed_branches(esp)) == 2
+    done = real.shell.run('open_state; echo "state=$state"')
+    assert done.stdout == f"{UNLOCKED_TPM}\nstate=/dev/mapper/state\n", done.stderr
+    extend = ["tpm2_pcrextend", f"7:sha256={event.hex()}"]
+    subprocess.run(extend, env=env, check=True, capture_output=True)
+    done = real.shell.run('open_state; echo "state=$state"')
+    assert done.stdout == f"{UNLOCKED_TPM}\nstate=/dev/mapper/state\n", done.stderr
+    subprocess.run(extend, env=env, check=True, capture_output=True)
+    done = real.shell.run("open_state", stdin=f"{real.passphrase}\n".encode())
+    assert done.stdout == f"rampart: {REFUSED_PCR}{ASK}\n{PROMPT}{UNLOCKED_PASSPHRASE}\n", (
+        done.stderr
+    )
+    # Sealed again to one set of values: the branches are gone from the ESP.
+    state.seal_to_esp(real.chip, real.key, esp, (7,))
+    assert state.sealed_branches(esp) == []
+    done = real.shell.run('open_state; echo "state=$state"')
+    assert done.stdout == f"{UNLOCKED_TPM}\nstate=/dev/mapper/state\n", done.stderr
+
+
 def test_real_tpm_refuses_a_key_sealed_by_another_tpm(real: RealSetup, tmp_path: Path) -> None:
     for other in start_swtpm(tmp_path / "other-swtpm"):
         done = real.shell.run("open_state", stdin=b"wrong\n", TPM2TOOLS_TCTI=tcti_of(other))

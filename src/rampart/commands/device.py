@@ -169,6 +169,7 @@ def _tpm_report(config: Any) -> dict[str, Any]:
         "secure_boot": tpm.secure_boot_enabled(),
         "sealed_object": str(priv) if priv.is_file() and pub.is_file() else None,
         "sealed_to": pcr_file.read_text().strip() if pcr_file.is_file() else None,
+        "sealed_branches": len(state.sealed_branches(esp)),
         "unseals": None,
         "pcrs": {},
         "rollback_counter": None,
@@ -179,7 +180,7 @@ def _tpm_report(config: Any) -> dict[str, Any]:
         report["rollback_counter"] = machine_tpm.counter() or 0
         if report["sealed_object"] is not None:
             try:
-                machine_tpm.unseal(pub, priv, config.tpm_pcrs)
+                machine_tpm.unseal(pub, priv, config.tpm_pcrs, state.sealed_branches(esp))
                 report["unseals"] = True
             except LocalError as exc:
                 report["unseals"] = False

@@ -41,6 +41,10 @@ SEALED_DIR = "rampart/tpm"
 SEALED_PUB = "state.pub"
 SEALED_PRIV = "state.priv"
 SEALED_PCRS = "state.pcrs"
+# A key sealed to more than one set of PCR values (a PolicyOR: the current values and
+# those predicted after a Secure Boot variable update) keeps each branch's policy
+# digest beside it, state.branch0 to state.branch7, which the unseal needs.
+SEALED_BRANCH = "state.branch"
 # The LUKS2 keyslots of core_state: the TPM-sealed key, and the recovery passphrase.
 TPM_KEYSLOT = 0
 RECOVERY_KEYSLOT = 1

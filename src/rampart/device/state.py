@@ -180,25 +180,54 @@ def sealed_paths(esp_root: Path) -> tuple[Path, Path, Path]:
     )
 
 
-def seal_to_esp(device_tpm: tpm.Tpm, key: bytes, esp_root: Path, pcrs: Sequence[int]) -> None:
-    """Seal `key` to the current values of `pcrs` and store the object on the ESP.
+def sealed_branches(esp_root: Path) -> list[bytes]:
+    """The policy digests of the sealed key's PolicyOR branches on the ESP, in order
+    (none: it is sealed to one set of PCR values)."""
+    directory = esp_root / tpm.SEALED_DIR
+    found = []
+    for number in range(tpm.MAX_BRANCHES):
+        path = directory / f"{tpm.SEALED_BRANCH}{number}"
+        if not path.is_file():
+            break
+        found.append(path.read_bytes())
+    return found
 
-    The three files are written under temporary names and renamed (the private
-    part last); a crash in between leaves a pair the TPM cannot load, and the
-    boot asks for the recovery passphrase: nothing is lost."""
+
+def seal_to_esp(
+    device_tpm: tpm.Tpm,
+    key: bytes,
+    esp_root: Path,
+    pcrs: Sequence[int],
+    values: Sequence[bytes] = (),
+) -> None:
+    """Seal `key` to the current values of `pcrs` (or to any one of `values`: a
+    PolicyOR, `Tpm.seal`) and store the object on the ESP, with its branches.
+
+    The files are written under temporary names and renamed (the branches first, the
+    private part last); a crash in between leaves a set the TPM cannot unseal with,
+    and the boot asks for the recovery passphrase: nothing is lost."""
     pub, priv, pcr_file = sealed_paths(esp_root)
     pub.parent.mkdir(parents=True, exist_ok=True)
     staging = pub.parent / ".new"
     staging.mkdir(exist_ok=True)
     try:
         new_pub, new_priv = staging / tpm.SEALED_PUB, staging / tpm.SEALED_PRIV
-        device_tpm.seal(key, new_pub, new_priv, pcrs)
+        branches = device_tpm.seal(key, new_pub, new_priv, pcrs, values)
         new_pcrs = staging / tpm.SEALED_PCRS
         new_pcrs.write_text(tpm.pcr_selection(pcrs) + "\n")
-        for path in (new_pub, new_priv, new_pcrs):
+        names = [f"{tpm.SEALED_BRANCH}{n}" for n in range(len(branches))]
+        for name, branch in zip(names, branches, strict=True):
+            (staging / name).write_bytes(branch)
+        for path in (new_pub, new_priv, new_pcrs, *(staging / n for n in names)):
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(staging)
+        for number in range(tpm.MAX_BRANCHES):  # the old branches, from the last
+            stale = pub.parent / f"{tpm.SEALED_BRANCH}{tpm.MAX_BRANCHES - 1 - number}"
+            if stale.name not in names:
+                stale.unlink(missing_ok=True)
+        for name in names:
+            os.replace(staging / name, pub.parent / name)
         os.replace(new_pcrs, pcr_file)
         os.replace(new_pub, pub)
         os.replace(new_priv, priv)

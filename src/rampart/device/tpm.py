@@ -33,6 +33,7 @@ from rampart.contracts.layout import (
     DEFAULT_PCRS,
     PRIMARY_HANDLE,
     RECOVERY_KEYSLOT,
+    SEALED_BRANCH,
     SEALED_DIR,
     SEALED_PCRS,
     SEALED_PRIV,
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_PCRS",
     "PRIMARY_HANDLE",
     "RECOVERY_KEYSLOT",
+    "SEALED_BRANCH",
     "SEALED_DIR",
     "SEALED_PCRS",
     "SEALED_PRIV",
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 MAX_SECRET = 128  # a keyed-hash object holds at most 128 bytes
+MAX_BRANCHES = 8  # TPM2_PolicyOR takes 2 to 8 branches
 _TIMEOUT = 60.0
 _HEX_VALUE = re.compile(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*$", re.M)
 
@@ -147,20 +150,38 @@ class Tpm:
     # --- sealing ----------------------------------------------------------------------
 
     def seal(
-        self, secret: bytes, pub: Path, priv: Path, pcrs: Sequence[int] = DEFAULT_PCRS
-    ) -> None:
-        """Seal `secret` to the current values of `pcrs`; write the object to pub/priv."""
+        self,
+        secret: bytes,
+        pub: Path,
+        priv: Path,
+        pcrs: Sequence[int] = DEFAULT_PCRS,
+        values: Sequence[bytes] = (),
+    ) -> list[bytes]:
+        """Seal `secret` so that it unseals while `pcrs` hold their current values (no
+        `values`), or any one of `values` (each the SHA-256 digests of `pcrs`, in order,
+        concatenated: what `tpm2_policypcr -f` reads): a PolicyOR of one PolicyPCR per
+        value when there are 2 to 8 of them. Writes the object to pub/priv; returns the
+        branches' policy digests, which `unseal` needs (none for a single branch)."""
         if not 1 <= len(secret) <= MAX_SECRET:
             raise UsageError(f"a sealed secret holds 1 to {MAX_SECRET} bytes")
+        if len(values) > MAX_BRANCHES or any(len(v) != 32 * len(pcrs) for v in values):
+            raise UsageError(
+                f"seal to at most {MAX_BRANCHES} sets of PCR values, each {32 * len(pcrs)} bytes"
+            )
         selection = pcr_selection(pcrs)
         self.ensure_primary()
         with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
-            session, policy = f"{tmp}/session.ctx", f"{tmp}/pcr.policy"
-            self._tool("tpm2_startauthsession", "-S", session)
-            try:
-                self._tool("tpm2_policypcr", "-Q", "-S", session, "-l", selection, "-L", policy)
-            finally:
-                self._tool("tpm2_flushcontext", session, check=False)
+            branches = [
+                self._trial(tmp, ["tpm2_policypcr", "-Q", "-l", selection, "-f", value_file])
+                for value_file in _files(tmp, "values", values)
+            ] or [self._trial(tmp, ["tpm2_policypcr", "-Q", "-l", selection])]
+            if len(branches) == 1:
+                policy = branches[0]
+            else:
+                listed = ",".join(_files(tmp, "branch", branches))
+                policy = self._trial(tmp, ["tpm2_policyor", "-l", f"sha256:{listed}"])
+            policy_file = Path(tmp) / "policy"
+            policy_file.write_bytes(policy)
             tmp_pub, tmp_priv = f"{tmp}/sealed.pub", f"{tmp}/sealed.priv"
             self._tool(
                 "tpm2_create",
@@ -168,7 +189,7 @@ class Tpm:
                 "-C",
                 hex(PRIMARY_HANDLE),
                 "-L",
-                policy,
+                str(policy_file),
                 "-a",
                 "fixedtpm|fixedparent|noda",
                 "-i",
@@ -186,10 +207,29 @@ class Tpm:
                 tmp_dst.write_bytes(data)
                 tmp_dst.chmod(0o600)
                 tmp_dst.replace(dst)
+        return branches if len(branches) > 1 else []
 
-    def unseal(self, pub: Path, priv: Path, pcrs: Sequence[int] = DEFAULT_PCRS) -> bytes:
-        """The sealed secret; TpmPolicyError when the PCRs differ from the sealing time,
-        LocalError when the object does not belong to this TPM."""
+    def _trial(self, tmp: str, command: list[str]) -> bytes:
+        """The policy digest `command` (a tpm2_policy* taking -S and -L) gives in a
+        trial session."""
+        session, policy = f"{tmp}/trial.ctx", f"{tmp}/trial.policy"
+        self._tool("tpm2_startauthsession", "-S", session)
+        try:
+            self._tool(command[0], *command[1:], "-S", session, "-L", policy)
+        finally:
+            self._tool("tpm2_flushcontext", session, check=False)
+        return Path(policy).read_bytes()
+
+    def unseal(
+        self,
+        pub: Path,
+        priv: Path,
+        pcrs: Sequence[int] = DEFAULT_PCRS,
+        branches: Sequence[bytes] = (),
+    ) -> bytes:
+        """The sealed secret; TpmPolicyError when the PCRs hold none of the values it
+        was sealed to, LocalError when the object does not belong to this TPM.
+        `branches`: what `seal` returned (a PolicyOR's branches), else nothing."""
         selection = pcr_selection(pcrs)
         for path in (pub, priv):
             if not path.is_file():
@@ -219,6 +259,16 @@ class Tpm:
                 self._tool("tpm2_startauthsession", "--policy-session", "-S", session)
                 try:
                     self._tool("tpm2_policypcr", "-Q", "-S", session, "-l", selection)
+                    ored = True
+                    if branches:
+                        listed = ",".join(_files(tmp, "branch", branches))
+                        ored = (
+                            self._tool(
+                                "tpm2_policyor", "-S", session, "-l", f"sha256:{listed}",
+                                check=False,
+                            ).returncode
+                            == 0
+                        )  # fmt: skip
                     done = self._tool(
                         "tpm2_unseal", "-c", obj, "-p", f"session:{session}", check=False
                     )
@@ -226,7 +276,7 @@ class Tpm:
                     self._tool("tpm2_flushcontext", session, check=False)
             finally:
                 self._tool("tpm2_flushcontext", "--transient-object", check=False)
-        if done.returncode != 0:
+        if not ored or done.returncode != 0:
             raise TpmPolicyError(
                 f"the TPM refuses to unseal {priv.name}: PCR {selection} differs from when it "
                 "was sealed (Secure Boot disabled or its keys changed)"
@@ -278,3 +328,13 @@ class Tpm:
                 raise LocalError("the TPM NV counter cannot be read after an increment")
             current = value
         return current
+
+
+def _files(tmp: str, stem: str, datas: Sequence[bytes]) -> list[str]:
+    """Each of `datas` in a file of its own in `tmp`: their paths."""
+    paths = []
+    for number, data in enumerate(datas):
+        path = Path(tmp) / f"{stem}-{number}"
+        path.write_bytes(data)
+        paths.append(str(path))
+    return paths

@@ -94,10 +94,28 @@ fetch_sealed() {
     fi
     cp "$ESP_MNT/$SEALED/@SEALED_PUB@" "$ESP_MNT/$SEALED/@SEALED_PRIV@" \
         "$ESP_MNT/$SEALED/@SEALED_PCRS@" "$RUN/" >"$LOG" 2>&1 && copied=yes
+    # A key sealed to more than one set of PCR values: its PolicyOR's branches (no
+    # glob: /init runs with globbing off).
+    for n in 0 1 2 3 4 5 6 7; do
+        rm -f "$RUN/@SEALED_BRANCH@$n"
+        [ -f "$ESP_MNT/$SEALED/@SEALED_BRANCH@$n" ] || continue
+        cp "$ESP_MNT/$SEALED/@SEALED_BRANCH@$n" "$RUN/" >"$LOG" 2>&1 || copied=
+    done
     umount "$ESP_MNT" >/dev/null 2>&1
     [ "$copied" = yes ] && return 0
     why="no sealed state key on the ESP /dev/$esp ($SEALED/@SEALED_PUB@, @SEALED_PRIV@, @SEALED_PCRS@)"
     return 1
+}
+
+# The PolicyOR of a key sealed to more than one set of PCR values ($RUN/state.branch0
+# to 7, from the ESP), in the session $RUN/session.ctx; nothing to do without them.
+# tpm2_policyor fails when the PCRs hold none of the branches' values.
+tpm_policy_or() {
+    local list= n
+    for n in 0 1 2 3 4 5 6 7; do
+        [ -f "$RUN/@SEALED_BRANCH@$n" ] && list="${list:+$list,}$RUN/@SEALED_BRANCH@$n"
+    done
+    [ -z "$list" ] || tpm2_policyor -S "$RUN/session.ctx" -l "sha256:$list"
 }
 
 # Unseal the state key as rampart.device.tpm.Tpm.unseal does and open the LUKS2 volume
@@ -128,6 +146,8 @@ tpm_open_state() {
         why="the TPM cannot start a policy session: $(reason)"
     elif ! tpm2_policypcr -Q -S "$RUN/session.ctx" -l "$pcrs" >"$LOG" 2>&1; then
         why="the TPM cannot apply the policy on PCR $pcrs: $(reason)"
+    elif ! tpm_policy_or >"$LOG" 2>&1; then
+        status="unseal=policy"  # PCR $pcrs holds none of the sealed values
     else
         # unseal=<its status> on fd 3, then open=<cryptsetup's>, into $status.
         status=$({
