@@ -90,6 +90,8 @@ PACKAGES = (
     "python3-nacl",
     # zstd chunks of incremental updates (contracts/chunks.py).
     "python3-zstandard",
+    # tpm2_eventlog's YAML, to predict PCR 7 (device/pcr7.py).
+    "python3-yaml",
     "systemd-sysv",
     "lvm2",
     "cryptsetup-bin",
