@@ -49,6 +49,7 @@ from rampart.device.documents import Trust, signed_document
 from rampart.device.esp import Esp
 from rampart.device.fetch import Fetcher
 from rampart.errors import ConflictError, FormatError, LocalError, VerificationError
+from rampart.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,10 @@ def _replace(path: Path, data: bytes, which: str, step: Checkpoint) -> None:
         _check_holds(new, data)
         step(f"{which}-written")
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         step(f"{which}-removed")
         new.rename(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         _check_holds(path, data)
         step(f"{which}-renamed")
     except OSError as exc:
@@ -203,15 +204,7 @@ def _write_whole(path: Path, data: bytes, mode: int, rename: bool = True) -> Non
         os.close(fd)
     if rename:
         target.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _check_holds(path: Path, data: bytes) -> None:
