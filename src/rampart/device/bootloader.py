@@ -361,11 +361,12 @@ def status(esp: Esp, directory: Path, efivars_dir: Path) -> dict[str, object]:
     found = efivars.read_variable(efivars_dir, "LoaderInfo", efivars.LOADER_VENDOR)
     if found is not None:
         running = found[1].decode("utf-16-le", errors="replace").rstrip("\0")
-    staged = {
-        path.stem: bootloader.loader_info(path.read_bytes(), str(path))
-        for path in sorted(directory.glob("*.efi"))
-        if path.is_file()
-    } if directory.is_dir() else {}  # fmt: skip
+    staged = {}
+    for path in sorted(directory.glob("*.efi")) if directory.is_dir() else ():
+        try:
+            staged[path.stem] = bootloader.loader_info(path.read_bytes(), str(path))
+        except (OSError, FormatError) as exc:
+            staged[path.stem] = f"unreadable: {exc}"
     return {
         "copies": copies,
         "running": running,
