@@ -117,6 +117,7 @@ def test_13_a_boot_loader_update_boots_after_a_power_cut_at_each_step(
         "copies": [LOADER_PATH, FALLBACK_LOADER_PATH],
     }
     assert guest.reboot().core == CORE.format(build.INSTALLED)
+    assert guest.wait_system_up() == "running"  # its rampart-bootloader.service done
     after = _status(guest)
     assert after["running"] == _info("new"), after  # the firmware started the new loader
     assert after["boot_option"] is not None
@@ -130,10 +131,7 @@ def test_13_a_boot_loader_update_boots_after_a_power_cut_at_each_step(
         _stage(guest, loaders, staged)
         unit = f"loader-cut-{number}"
         guest.sh(f"systemd-run --unit={unit} rampart bootloader install --halt-at {step}")
-        guest.sh(
-            f"grep -q -m1 'halted at {step}' <(journalctl -u {unit} -f -n all -o cat)",
-            timeout=120,
-        )
+        _wait_halted(guest, unit, step)
         guest.power_cut()
         assert guest.boot().core == CORE.format(build.INSTALLED), step
         assert guest.wait_system_up() == "running", step
@@ -149,6 +147,19 @@ def test_13_a_boot_loader_update_boots_after_a_power_cut_at_each_step(
     assert guest.reboot().core == CORE.format(build.INSTALLED)
     assert _status(guest)["running"] == _info(previous)
     _timed("13 power cut at each boot loader step", started)
+
+
+def _wait_halted(guest: session.Guest, unit: str, step: str) -> None:
+    """Wait for the install under `unit` to stop at `step` (its log line); fail with
+    its journal if it ends or does not get there."""
+    waited = guest.vm.shell(  # in a subshell: `exit` leaves it, not the login shell
+        f"(for i in $(seq 300); do journalctl -u {unit} -o cat | grep -q 'halted at {step}' "
+        f"&& exit 0; systemctl -q is-active {unit} || exit 1; sleep 0.2; done; exit 1)",
+        120,
+    )
+    if waited.returncode != 0:
+        journal = guest.sh(f"journalctl -u {unit} -o cat --no-pager | tail -20")
+        pytest.fail(f"the install did not halt at {step}: {journal}", pytrace=False)
 
 
 def _timed(name: str, started: float) -> None:
