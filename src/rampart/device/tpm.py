@@ -57,6 +57,8 @@ __all__ = [
 
 MAX_SECRET = 128  # a keyed-hash object holds at most 128 bytes
 MAX_BRANCHES = 8  # TPM2_PolicyOR takes 2 to 8 branches
+# tpm2_createprimary's default storage key attributes, plus noda (see ensure_primary).
+PRIMARY_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda"
 _TIMEOUT = 60.0
 _HEX_VALUE = re.compile(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*$", re.M)
 
@@ -141,9 +143,14 @@ class Tpm:
             return
         with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
             ctx = f"{tmp}/primary.ctx"
+            # noda: using the key is never counted by dictionary-attack protection.
+            # Without it each power cut after an unseal (an unorderly shutdown) raised
+            # the lockout counter, and after maxTries of them (3 on swtpm) the TPM would
+            # not load the sealed key: the recovery passphrase at every boot.
             self._tool(
-                "tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256", "-G", "ecc", "-c", ctx
-            )
+                "tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256", "-G", "ecc",
+                "-a", PRIMARY_ATTRIBUTES, "-c", ctx,
+            )  # fmt: skip
             self._tool("tpm2_evictcontrol", "-Q", "-C", "o", "-c", ctx, hex(PRIMARY_HANDLE))
         self._flush_transient()
 
