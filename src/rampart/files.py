@@ -61,6 +61,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def syncfs(path: Path) -> None:
+    """Write back everything of the file system that holds `path` (syncfs(2)): data,
+    metadata and the block device's buffers. On FAT (the ESP), fsync of a directory
+    did not make a rename durable: a power cut after it lost the rename."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), str(path))
+    finally:
+        os.close(fd)
+
+
 def fsync_file(path: Path) -> None:
     """fsync a file's data, so what was written to it survives a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

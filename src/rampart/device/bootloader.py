@@ -15,6 +15,8 @@ booted and been marked good, `rampart bootloader install`
    firmware would refuse is never written.
 2. **The main copy**, `EFI/systemd/systemd-bootx64.efi`: written as `<name>.new`,
    fsynced and read back; the old copy removed; `.new` renamed; read back again.
+   After each change the whole ESP is written back (`syncfs`): on FAT, fsync of a
+   directory did not make a rename durable.
 3. **The boot option**: unless a `Boot####` variable names the main copy, `efibootmgr`
    adds one, first in `BootOrder`.
 4. **The fallback copy**, `EFI/BOOT/BOOTX64.EFI` (the removable-media path the
@@ -49,7 +51,7 @@ from rampart.device.documents import Trust, signed_document
 from rampart.device.esp import Esp
 from rampart.device.fetch import Fetcher
 from rampart.errors import ConflictError, FormatError, LocalError, VerificationError
-from rampart.files import fsync_dir
+from rampart.files import fsync_dir, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +178,16 @@ def _replace(path: Path, data: bytes, which: str, step: Checkpoint) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_whole(new, data, mode=0o644, rename=False)
+        syncfs(path.parent)
         _check_holds(new, data)
         step(f"{which}-written")
         path.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+        syncfs(path.parent)
         step(f"{which}-removed")
         new.rename(path)
-        fsync_dir(path.parent)
+        # The whole file system, not the directory: on FAT a rename that fsync of the
+        # directory "made durable" was gone after a power cut (testbed scenario 13).
+        syncfs(path.parent)
         _check_holds(path, data)
         step(f"{which}-renamed")
     except OSError as exc:
