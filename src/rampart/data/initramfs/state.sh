@@ -111,7 +111,7 @@ fetch_sealed() {
 # to 7, from the ESP), in the session $RUN/session.ctx; nothing to do without them.
 # tpm2_policyor fails when the PCRs hold none of the branches' values.
 tpm_policy_or() {
-    local list= n
+    local n list=''
     for n in 0 1 2 3 4 5 6 7; do
         [ -f "$RUN/@SEALED_BRANCH@$n" ] && list="${list:+$list,}$RUN/@SEALED_BRANCH@$n"
     done
