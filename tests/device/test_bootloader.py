@@ -147,6 +147,21 @@ def updated_device(
     return device
 
 
+@pytest.fixture
+def updated(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    loaders: dict[str, Path],
+    bindir: Path,
+) -> tuple[DeviceDirs, Firmware]:
+    """`updated_device` and its firmware (db holding `keys`' db certificate)."""
+    device = updated_device(tmp_path, vendor, pki, served, loaders)
+    return device, Firmware(device, keys, bindir)
+
+
 def staging(device: DeviceDirs) -> Path:
     return device.root / "bootloader"
 
@@ -172,16 +187,10 @@ def copies(device: DeviceDirs) -> dict[str, bytes | None]:
 
 
 def test_a_release_s_boot_loader_is_staged_then_installed_after_its_good_boot(
-    tmp_path: Path,
-    vendor: KeyPair,
-    pki: Pki,
-    served: Nginx,
-    keys: secureboot.KeySet,
+    updated: tuple[DeviceDirs, Firmware],
     loaders: dict[str, Path],
-    bindir: Path,
 ) -> None:
-    device = updated_device(tmp_path, vendor, pki, served, loaders)
-    firmware = Firmware(device, keys, bindir)
+    device, firmware = updated
     new = loaders["new"].read_bytes()
     assert (staging(device) / f"{OFFERED}.efi").read_bytes() == new
     assert (staging(device) / f"{OFFERED}.efi").stat().st_mode & 0o777 == 0o600
@@ -208,18 +217,13 @@ def test_a_release_s_boot_loader_is_staged_then_installed_after_its_good_boot(
 
 def test_boot_loader_signed_by_a_key_db_does_not_hold_is_not_written(
     tmp_path: Path,
-    vendor: KeyPair,
-    pki: Pki,
-    served: Nginx,
+    updated: tuple[DeviceDirs, Firmware],
     keys: secureboot.KeySet,
-    loaders: dict[str, Path],
-    bindir: Path,
 ) -> None:
     """The release's loader is signed by a db key this machine's firmware does not
     hold (a release signed after a db rotation this machine never got): the firmware
     would refuse it, so it is not written, and stays staged."""
-    device = updated_device(tmp_path, vendor, pki, served, loaders)
-    firmware = Firmware(device, keys, bindir)
+    device, firmware = updated
     other = secureboot.generate_keys(tmp_path / "other-keys")
     firmware.db(der(other, "db"))
     bless(device)
@@ -233,17 +237,12 @@ def test_boot_loader_signed_by_a_key_db_does_not_hold_is_not_written(
 
 @pytest.mark.parametrize("entry", ["image hash", "signing certificate"])
 def test_boot_loader_that_dbx_revokes_is_not_written(
-    tmp_path: Path,
-    vendor: KeyPair,
-    pki: Pki,
-    served: Nginx,
+    updated: tuple[DeviceDirs, Firmware],
     keys: secureboot.KeySet,
     loaders: dict[str, Path],
-    bindir: Path,
     entry: str,
 ) -> None:
-    device = updated_device(tmp_path, vendor, pki, served, loaders)
-    firmware = Firmware(device, keys, bindir)
+    device, firmware = updated
     if entry == "image hash":
         digest = pe.authenticode_sha256(loaders["new"].read_bytes())
         firmware.dbx(efivars.render_signature_list(efivars.CERT_SHA256, OWNER, [digest]))
@@ -262,20 +261,14 @@ class PowerCut(BaseException):
 
 @pytest.mark.parametrize("step", loader_contract.STEPS)
 def test_power_cut_at_each_step_of_the_boot_loader_install_leaves_a_copy_that_boots(
-    tmp_path: Path,
-    vendor: KeyPair,
-    pki: Pki,
-    served: Nginx,
-    keys: secureboot.KeySet,
+    updated: tuple[DeviceDirs, Firmware],
     loaders: dict[str, Path],
-    bindir: Path,
     step: str,
 ) -> None:
     """After a cut at `step`, the firmware finds a whole, db-signed loader: the main
     copy if the boot option names it and it is whole, else the fallback copy. The
     next install completes."""
-    device = updated_device(tmp_path, vendor, pki, served, loaders)
-    firmware = Firmware(device, keys, bindir)
+    device, firmware = updated
     bless(device)
     whole = {loaders["old"].read_bytes(), loaders["new"].read_bytes()}
 
@@ -296,18 +289,13 @@ def test_power_cut_at_each_step_of_the_boot_loader_install_leaves_a_copy_that_bo
 
 
 def test_without_a_boot_option_the_fallback_copy_is_left_alone(
-    tmp_path: Path,
-    vendor: KeyPair,
-    pki: Pki,
-    served: Nginx,
-    keys: secureboot.KeySet,
+    updated: tuple[DeviceDirs, Firmware],
     loaders: dict[str, Path],
     bindir: Path,
 ) -> None:
     """No efibootmgr (or no efivarfs): the fallback copy would be the only one, so it
     is not rewritten; the main copy is, and the log says so."""
-    device = updated_device(tmp_path, vendor, pki, served, loaders)
-    firmware = Firmware(device, keys, bindir)
+    device, firmware = updated
     (bindir / "efibootmgr").unlink()
     bless(device)
     done = install(device, firmware)

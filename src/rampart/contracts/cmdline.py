@@ -286,15 +286,21 @@ def efi_epoch(path: Path) -> int:
     with the standard library (`pe.cmdline`, as the device does). 0 without one, and
     for a file that is not a PE image with a readable `.cmdline` (a UKI
     Rampart did not build): the lowest epoch, the one every check refuses first."""
+    line = _efi_cmdline(path)
+    return 0 if line is None else cmdline_epoch(line, path.name)
+
+
+def _efi_cmdline(path: Path) -> str | None:
+    """The `.cmdline` of the UKI file `path`; None if it is not a PE image with a
+    readable one. LocalError if the file cannot be read."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise LocalError(f"{path}: cannot read the UKI: {exc.strerror}") from None
     try:
-        line = pe.cmdline(data, path.name)
+        return pe.cmdline(data, path.name)
     except FormatError:
-        return 0
-    return cmdline_epoch(line, path.name)
+        return None
 
 
 def efi_root_hash(path: Path) -> RootHash | None:
@@ -302,14 +308,7 @@ def efi_root_hash(path: Path) -> RootHash | None:
     `efi_epoch` reads it; None without a root hash or a readable `.cmdline`.
     LocalError if the file cannot be read; FormatError or VerificationError if its
     verity parameters are malformed or repeated."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot read the UKI: {exc.strerror}") from None
-    try:
-        line = pe.cmdline(data, path.name)
-    except FormatError:
-        return None
+    line = _efi_cmdline(path)
     return None if line is None else root_hash(line, path.name)
 
 
