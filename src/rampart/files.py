@@ -52,6 +52,28 @@ def write_new_file(path: Path, data: bytes, mode: int) -> None:
     os.close(fd)
 
 
+def replace_whole(path: Path, data: bytes, mode: int) -> None:
+    """`path` becomes `data` whole or not at all: written under a temporary name with
+    `mode`, fsynced, renamed over `path`, its directory fsynced. OSError on failure
+    (the temporary file removed)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory, so the entries created, renamed or removed in it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -255,3 +255,7 @@ def served(tmp_path: Path, pki: services.Pki) -> Iterator[services.Nginx]:
 def chip(tmp_path: Path) -> Iterator[tpm.Tpm]:
     """A real swtpm, fresh for the test."""
     yield from start_swtpm(tmp_path / "tpm")
+
+
+# The Secure Boot tests' fixtures (tests/device/sbkit.py), for every test here.
+from tests.device.sbkit import bindir, keys, loaders, updated  # noqa: E402, F401

@@ -47,7 +47,9 @@ def variable(name: str, data: bytes) -> pcr7.Variable:
     return pcr7.Variable(pcr7.CONFIG.get(name, efivars.IMAGE_SECURITY_DATABASE), name, data)
 
 
-def a_log(path: Path, db: bytes, authority: bytes, bad_digest: bool = False) -> bytes:
+def a_log(
+    path: Path, db: bytes, authority: bytes, bad_digest: bool = False, dbx: bytes = b"dbx list"
+) -> bytes:
     """A log like OVMF's under Secure Boot: SecureBoot, PK, KEK, db, dbx, the
     separator, one authority (the db entry that verified the loader), and an event of
     another PCR; PCR 7's value after it."""
@@ -56,7 +58,7 @@ def a_log(path: Path, db: bytes, authority: bytes, bad_digest: bool = False) -> 
         variable("PK", b"pk list"),
         variable("KEK", b"kek list"),
         variable("db", db),
-        variable("dbx", b"dbx list"),
+        variable("dbx", dbx),
     ]
     entries = [spec_id_event()]
     digests = []

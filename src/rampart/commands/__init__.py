@@ -41,6 +41,7 @@ LISTING = (
     "mark-good",
     "boot-once",
     "bootloader",
+    "secureboot",
     "install",
     "tpm",
     "gateway",

@@ -19,7 +19,7 @@ from rampart.commands.common import JSON, Arg, Group, Verb, arg, print_json, sec
 from rampart.contracts.bootloader import STEPS
 from rampart.contracts.version import parse_version
 from rampart.device import config as device_config
-from rampart.errors import LocalError, UsageError
+from rampart.errors import LocalError, UsageError, VerificationError
 
 log = logging.getLogger("rampart")
 
@@ -157,6 +157,18 @@ def _read_passphrase(args: argparse.Namespace) -> str:
     return text
 
 
+def _pcr7_sealed(config: Any) -> dict[str, Any] | None:
+    """The PCR 7 values `secureboot apply` or an update sealed the state key to: the
+    value of the boot that sealed it, then those predicted for the next boot."""
+    from rampart.device import secureboot
+
+    sealed = secureboot.read_record(config.loader_dir).get("sealed")
+    if not isinstance(sealed, dict) or not sealed.get("pcr7"):
+        return None
+    values = list(sealed["pcr7"])
+    return {"sealed_at": values[0], "predicted": values[1:], "why": sealed.get("why")}
+
+
 def _tpm_report(config: Any) -> dict[str, Any]:
     """What `tpm status` shows: the TPM, Secure Boot, PCRs, the sealed key, the counter."""
     from rampart.device import state, tpm
@@ -170,6 +182,7 @@ def _tpm_report(config: Any) -> dict[str, Any]:
         "sealed_object": str(priv) if priv.is_file() and pub.is_file() else None,
         "sealed_to": pcr_file.read_text().strip() if pcr_file.is_file() else None,
         "sealed_branches": len(state.sealed_branches(esp)),
+        "pcr7_sealed": _pcr7_sealed(config),
         "unseals": None,
         "pcrs": {},
         "rollback_counter": None,
@@ -200,6 +213,11 @@ def cmd_tpm_status(args: argparse.Namespace) -> int:
         print(f"PCR {number} (sha256): {value}")
     print(f"sealed state key: {report['sealed_object'] or 'none'}", end="")
     print(f" (sealed to {report['sealed_to']})" if report["sealed_to"] else "")
+    sealed = report["pcr7_sealed"]
+    if sealed is not None:
+        print(f"PCR 7 when sealed: {sealed['sealed_at']}")
+        for value in sealed["predicted"]:
+            print(f"PCR 7 predicted for the next boot: {value} ({sealed['why']})")
     if report["unseals"] is not None:
         print(f"unseals now: {'yes' if report['unseals'] else 'no: ' + report['unseal_error']}")
     print(f"rollback counter: {report['rollback_counter']}")
@@ -241,6 +259,52 @@ def cmd_bootloader_status(args: argparse.Namespace) -> int:
         return 0
     print(bootloader.render_status(found))
     return 0
+
+
+def cmd_secureboot_status(args: argparse.Namespace) -> int:
+    from rampart.device import secureboot
+
+    config = device_config.load_device_config(args.config)
+    found = secureboot.status(config.loader_dir)
+    if args.json:
+        print_json(found)
+    else:
+        print(secureboot.render_status(found))
+    return 0
+
+
+def cmd_secureboot_apply(args: argparse.Namespace) -> int:
+    from rampart.device import secureboot
+    from rampart.device.esp import Esp
+
+    config, identity = _device_parts(args)
+    esp = Esp(config.esp_directory, config.os_name)
+    seal = secureboot.sealing(config.efivars, esp, config.tpm_tcti, config.tpm_pcrs)
+    done = secureboot.apply(
+        esp, config.loader_dir, identity.version, config.efivars, seal, halt_at=args.halt_at
+    )
+    loader = None if done.loader is None else done.loader.version
+    if args.json:
+        print_json(
+            {
+                "applied": done.applied,
+                "refused": done.refused,
+                "loader": loader,
+                "resealed": done.resealed,
+            }
+        )
+    else:
+        for variable in done.applied:
+            print(f"applied the {variable} append")
+        for reason in done.refused:
+            print(f"refused: {reason}")
+        if loader is not None:
+            print(f"installed {loader}")
+        if done.resealed:
+            print("state key sealed again for PCR 7 now and at the next boot")
+        if not (done.applied or done.refused or loader or done.resealed):
+            print("nothing to apply")
+    return VerificationError.exit_code if done.refused else 0
 
 
 def cmd_bootloader_install(args: argparse.Namespace) -> int:
@@ -494,6 +558,49 @@ VERBS: list[Group | Verb] = [
                 metavar="STEP",
                 help="for power-cut tests: stop at STEP and wait to be powered off "
                 f"(one of {', '.join(STEPS)})",
+            ),
+        ),
+        exit_codes=True,
+    ),
+    Group(
+        ("secureboot",),
+        "Secure Boot variable updates: status, apply the running release's",
+        "A release may carry signed appends to the firmware's db and dbx (rampart keys "
+        "db-append|dbx-append); the update stages them, and `secureboot apply` "
+        "(rampart-bootloader.service, after mark-good) applies them with the boot loader, "
+        "keeping the sealed state key in step with PCR 7 "
+        '(docs/client.md, "Secure Boot variable updates").',
+        dest="secureboot_verb",
+    ),
+    Verb(
+        ("secureboot", "status"),
+        "show the Secure Boot updates applied, refused or staged, and the sealed PCR 7",
+        "Show each db or dbx append this device recorded (applied, refused by Rampart's "
+        "checks, or rejected by the firmware), those staged, and the PCR 7 values the "
+        "state key is sealed to.",
+        cmd_secureboot_status,
+        (JSON, *LOCAL),
+        exit_codes=True,
+    ),
+    Verb(
+        ("secureboot", "apply"),
+        "apply the running version's db append, boot loader and dbx append",
+        "Once the running version is marked good, in this order: its db append, its boot "
+        "loader (as `bootloader install`), its dbx append. A dbx append that would make "
+        "the firmware refuse an installed boot loader copy or the UKI of an installed "
+        "version not marked bad is refused (the images named; nothing written). Before a "
+        "write the state key is sealed again so that it unseals with PCR 7 now and at the "
+        "next boot (predicted from the firmware's event log). Exits 11 if an update was "
+        "refused or the firmware rejected it (the rest is applied).",
+        cmd_secureboot_apply,
+        (
+            JSON,
+            *LOCAL,
+            arg(
+                "--halt-at",
+                choices=STEPS,
+                metavar="STEP",
+                help="for power-cut tests: stop the boot loader install at STEP",
             ),
         ),
         exit_codes=True,

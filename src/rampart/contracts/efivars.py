@@ -185,6 +185,37 @@ def appended(old: Sequence[Signature], new: Sequence[Signature]) -> list[Signatu
     return [*old, *(signature for signature in new if signature not in present)]
 
 
+def appended_bytes(old: bytes, payload: bytes, source: str) -> bytes:
+    """The bytes of a signature database after an APPEND_WRITE of `payload` (signature
+    lists) to `old`, as the firmware stores them and PCR 7 measures them: `old`, then
+    each list of `payload` with the entries `old` holds already left out (`appended`),
+    its ListSize made smaller; a list left with no entries is left out whole.
+    FormatError if `payload` is not signature lists."""
+    present = set(parse_signature_lists(old, f"{source}: the current value"))
+    out = bytearray(old)
+    offset = 0
+    parse_signature_lists(payload, source)
+    while offset < len(payload):
+        raw_type, list_size, header_size, signature_size = struct.unpack_from(
+            "<16sIII", payload, offset
+        )
+        kind = uuid.UUID(bytes_le=raw_type)
+        first = offset + LIST_HEADER + header_size
+        kept = []
+        for entry in range(first, offset + list_size, signature_size):
+            raw = payload[entry : entry + signature_size]
+            signature = Signature(kind, uuid.UUID(bytes_le=raw[:OWNER]), raw[OWNER:])
+            if signature not in present:
+                kept.append(raw)
+        if kept:
+            size = LIST_HEADER + header_size + len(kept) * signature_size
+            out += struct.pack("<16sIII", raw_type, size, header_size, signature_size)
+            out += payload[offset + LIST_HEADER : first]
+            out += b"".join(kept)
+        offset += list_size
+    return bytes(out)
+
+
 def x509_certificates(signatures: Iterable[Signature]) -> list[bytes]:
     """The DER certificates among `signatures` (the EFI_CERT_X509 entries), in order."""
     return [signature.data for signature in signatures if signature.type == CERT_X509]

@@ -38,20 +38,20 @@ import logging
 import os
 import re
 import signal
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rampart import run
-from rampart.contracts import bootloader, efivars, pe, wire
+from rampart.contracts import bootloader, efivars, wire
 from rampart.contracts.layout import FALLBACK_LOADER_PATH, LOADER_PATH
 from rampart.contracts.version import Version
+from rampart.device import firmware
 from rampart.device.documents import Trust, signed_document
 from rampart.device.esp import Esp
 from rampart.device.fetch import Fetcher
 from rampart.errors import ConflictError, FormatError, LocalError, VerificationError
-from rampart.files import fsync_dir, syncfs
+from rampart.files import replace_whole, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def stage(
     info = bootloader.loader_info(data, name)
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_whole(staged_path(directory, version), data, mode=0o600)
+        replace_whole(staged_path(directory, version), data, mode=0o600)
     except OSError as exc:
         raise LocalError(f"{directory}: cannot stage the boot loader: {exc.strerror}") from None
     log.info("%s carries %s: staged, installed once it booted and was marked good", version, info)
@@ -177,7 +177,7 @@ def _replace(path: Path, data: bytes, which: str, step: Checkpoint) -> None:
     new = path.with_name(path.name + ".new")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_whole(new, data, mode=0o644, rename=False)
+        _write_fat(new, data)
         syncfs(path.parent)
         _check_holds(new, data)
         step(f"{which}-written")
@@ -195,11 +195,10 @@ def _replace(path: Path, data: bytes, which: str, step: Checkpoint) -> None:
         raise LocalError(f"{where}: cannot write the boot loader: {exc.strerror}") from None
 
 
-def _write_whole(path: Path, data: bytes, mode: int, rename: bool = True) -> None:
-    """`data` into `path` and fsynced: through a temporary name renamed last, or (FAT,
-    `rename` False) straight into `path`, replaced whole."""
-    target = path.with_name(f".{path.name}.tmp-{os.getpid()}") if rename else path
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+def _write_fat(path: Path, data: bytes) -> None:
+    """`data` straight into `path` (on FAT, with no atomic rename: `_replace` makes
+    the order safe), replaced whole and fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -207,9 +206,6 @@ def _write_whole(path: Path, data: bytes, mode: int, rename: bool = True) -> Non
         os.fsync(fd)
     finally:
         os.close(fd)
-    if rename:
-        target.replace(path)
-    fsync_dir(path.parent)
 
 
 def _check_holds(path: Path, data: bytes) -> None:
@@ -224,58 +220,11 @@ def _check_holds(path: Path, data: bytes) -> None:
 
 def check_secure_boot(path: Path, data: bytes, efivars_dir: Path) -> str:
     """VerificationError unless the firmware would start the EFI image `path` (its
-    bytes `data`): its signature verifies with a certificate of db (`sbverify`), and
-    dbx lists neither its Authenticode hash nor a certificate of its signature. The
-    subject of the db certificate that verifies it."""
-    database = _signature_database(efivars_dir, "db")
-    certificates = efivars.x509_certificates(database)
-    if not certificates:
-        raise VerificationError(f"{efivars_dir}: db holds no certificate; {path} would not start")
-    revoked = _signature_database(efivars_dir, "dbx")
-    image_hash = pe.authenticode_sha256(data, str(path))
-    if any(s.type == efivars.CERT_SHA256 and s.data == image_hash for s in revoked):
-        raise VerificationError(f"{path}: dbx revokes its image hash {image_hash.hex()}")
-    signers = set(efivars.signer_certificates(pe.certificate_table(data, str(path)) or b""))
-    if any(s.type == efivars.CERT_X509 and s.data in signers for s in revoked):
-        raise VerificationError(f"{path}: dbx revokes a certificate of its signature")
-    with tempfile.TemporaryDirectory(prefix="rampart-db-") as scratch:
-        for number, der in enumerate(certificates):
-            pem = Path(scratch) / f"db-{number}.pem"
-            pem.write_bytes(_pem(der))
-            done = run.run(["sbverify", "--cert", str(pem), str(path)], check=False, timeout=60)
-            if done.returncode == 0:
-                return _subject(der)
-    raise VerificationError(
-        f"{path}: its Secure Boot signature verifies with none of the {len(certificates)} "
-        "certificates of the firmware's db; the firmware would refuse it"
-    )
-
-
-def _signature_database(efivars_dir: Path, name: str) -> list[efivars.Signature]:
-    found = efivars.read_variable(efivars_dir, name, efivars.IMAGE_SECURITY_DATABASE)
-    if found is None:
-        if name == "db":
-            raise VerificationError(
-                f"{efivars_dir}: no db variable (not a UEFI machine with Secure Boot keys?)"
-            )
-        return []
-    return efivars.parse_signature_lists(found[1], f"{efivars_dir}/{name}")
-
-
-def _pem(der: bytes) -> bytes:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    try:
-        return x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
-    except ValueError as exc:
-        raise FormatError(f"db: a certificate does not parse ({exc})") from None
-
-
-def _subject(der: bytes) -> str:
-    from cryptography import x509
-
-    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    bytes `data`) with the db and dbx it holds now (`firmware.verify`). The subject of
+    the db certificate that verifies it."""
+    db = firmware.read_database(efivars_dir, "db")
+    entry = firmware.verify(path, data, db, firmware.read_database(efivars_dir, "dbx"))
+    return firmware.subject(entry.data)
 
 
 # --- the boot option ---------------------------------------------------------------------

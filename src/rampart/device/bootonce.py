@@ -56,7 +56,7 @@ def entry_id(name: str) -> str:
     return stem.split("+", 1)[0] + dot + ext
 
 
-def _make_mutable(path: Path) -> None:
+def make_mutable(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         flags = bytearray(struct.pack("i", 0))
@@ -88,7 +88,7 @@ def boot_once(esp: Esp, version: Version, efivars: Path = EFIVARS) -> str:
     data = struct.pack("<I", ATTRIBUTES) + (wanted + "\0").encode("utf-16-le")
     try:
         if path.exists():
-            _make_mutable(path)
+            make_mutable(path)
             path.unlink()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:

@@ -33,7 +33,7 @@ from rampart import run
 from rampart.contracts import layout
 from rampart.device import tpm
 from rampart.errors import LocalError, UsageError
-from rampart.files import fsync_dir
+from rampart.files import syncfs
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def seal_to_esp(
         for path in (new_pub, new_priv, new_pcrs, *(staging / n for n in names)):
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
-        fsync_dir(staging)
+        syncfs(staging)  # the ESP is FAT: fsync of a directory did not make renames durable
         for number in range(tpm.MAX_BRANCHES):  # the old branches, from the last
             stale = pub.parent / f"{tpm.SEALED_BRANCH}{tpm.MAX_BRANCHES - 1 - number}"
             if stale.name not in names:
@@ -231,7 +231,7 @@ def seal_to_esp(
         os.replace(new_pcrs, pcr_file)
         os.replace(new_pub, pub)
         os.replace(new_priv, priv)
-        fsync_dir(pub.parent)
+        syncfs(pub.parent)
     finally:
         for leftover in staging.glob("*"):
             leftover.unlink()

@@ -3,10 +3,11 @@ running security epoch and the TPM's rollback counter."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rampart.device import bootloader, rollback, trust
+from rampart.device import bootloader, rollback, secureboot, trust
 from rampart.device.config import DeviceConfig, Identity
 from rampart.device.esp import Esp
 from rampart.device.slots import busy_reason, open_backend
@@ -84,6 +85,10 @@ def collect(
         report["bootloader"] = bootloader.status(esp, config.loader_dir, config.efivars)
     except RampartError as exc:
         report["bootloader_error"] = str(exc)
+    try:
+        report["secureboot"] = secureboot.status(config.loader_dir)
+    except RampartError as exc:
+        report["secureboot_error"] = str(exc)
     return report
 
 
@@ -111,6 +116,15 @@ def _render_trust(state: dict[str, Any]) -> str:
         if expires
         else "no timestamp yet"
     )
+
+
+def _section(
+    report: dict[str, Any], key: str, title: str, render: Callable[[Any], str]
+) -> list[str]:
+    """A part of the report as an indented section, or its error on one line."""
+    if key not in report:
+        return [f"{title}: {report[key + '_error']}"]
+    return [f"{title}:", *(f"  {line}" for line in render(report[key]).split("\n"))]
 
 
 def render(report: dict[str, Any]) -> str:
@@ -151,11 +165,6 @@ def render(report: dict[str, Any]) -> str:
     ready = report["update_ready"]
     lines.append(f"update ready: {ready} (reboot to use it)" if ready else "update ready: no")
     lines.append(_render_trust(report["trust"]))
-    if "bootloader" in report:
-        lines.append("boot loader:")
-        lines.extend(
-            f"  {line}" for line in bootloader.render_status(report["bootloader"]).split("\n")
-        )
-    else:
-        lines.append(f"boot loader: {report['bootloader_error']}")
+    lines.extend(_section(report, "bootloader", "boot loader", bootloader.render_status))
+    lines.extend(_section(report, "secureboot", "Secure Boot updates", secureboot.render_status))
     return "\n".join(lines)

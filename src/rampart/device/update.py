@@ -45,7 +45,7 @@ from rampart import files, run
 from rampart.contracts import cmdline, hashing, signing, tuf, wire
 from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
-from rampart.device import bootloader, documents, incremental, rollback, stream, trust
+from rampart.device import bootloader, documents, incremental, rollback, secureboot, stream, trust
 from rampart.device import esp as esp_mod
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
 from rampart.device.corewrite import Checkpoint, write_core
@@ -64,7 +64,7 @@ from rampart.device.slots import (
     open_backend,
     slot_name,
 )
-from rampart.device.tpm import Tpm
+from rampart.device.tpm import Tpm, secure_boot_enabled
 from rampart.device.transport import Limits
 from rampart.errors import (
     ConflictError,
@@ -257,6 +257,7 @@ def check_trust(
             (running, wire.index_name(os_name), tuf.INDEX_KIND),
             (chosen, wire.delta_name(os_name, running), tuf.DELTA_KIND),
             (chosen, wire.loader_name(os_name), tuf.LOADER_KIND),
+            *((chosen, wire.sbvar_name(os_name, v), tuf.SBVAR_KIND) for v in wire.SBVARS),
         )
         for version, name, kind in wanted:
             expected = client.document(os_name, version, name, kind)
@@ -795,6 +796,40 @@ def _delta_plan(
         return None
 
 
+def _prepare_firmware(device: Device, efiboot: Path, version: Version) -> None:
+    """With Secure Boot on, before anything changes: VerificationError unless the
+    firmware will start the new UKI with the db and dbx it holds now (a db append
+    that adds its certificate comes with an earlier release: docs/client.md "Secure
+    Boot variable updates"); then, if the state key is sealed to PCR 7, seal it also
+    to the PCR 7 the new UKI's boot will have (another db entry may verify it)."""
+    efivars_dir = device.config.efivars
+    if not secure_boot_enabled(efivars_dir):
+        return
+    data = efiboot.read_bytes()
+    databases = secureboot.current_databases(efivars_dir)
+    new = secureboot.Image(f"the UKI of {version.core}", data)
+    refused = secureboot.refusals(databases, [new])
+    if refused:
+        raise VerificationError(f"{refused[0]}: not installed")
+    seal = secureboot.sealing(
+        efivars_dir, device.esp, device.config.tpm_tcti, device.config.tpm_pcrs
+    )
+    running = device.esp.find(device.identity.version)
+    if seal is None or running is None:
+        return
+    now = seal.verified_by(
+        databases, secureboot.Image(running.path.name, running.path.read_bytes())
+    )
+    if now is not None and seal.verified_by(databases, new) == now:
+        return  # the db entry that verifies the running UKI verifies it: PCR 7 stays
+    loaders = secureboot.loader_images(device.esp, None)
+    ukis = secureboot.uki_images(device.esp, [new])
+    current, predicted = secureboot.next_boot_values(seal, [databases], loaders, ukis)
+    secureboot.seal_for_next_boot(
+        seal, device.config.loader_dir, current, predicted, f"the UKI of {version.core}"
+    )
+
+
 def _documents(device: Device) -> documents.Trust:
     """What verifies a release's chunk index or delta: the targets the release keys
     signed (TUF mode), else the pinned minisign key."""
@@ -965,10 +1000,12 @@ def _update_locked(device: Device, fetcher: Fetcher, checkpoint: Checkpoint) -> 
         root = _check_download(device, efiboot, core, latest, slot)
     else:
         efiboot, root = streaming.efiboot, streaming.root
-    bootloader.stage(
-        fetcher, _documents(device), device.remote.dist_url, device.config.os_name, latest,
-        device.config.loader_dir,
-    )  # fmt: skip
+    for stage in (bootloader.stage, secureboot.stage):
+        stage(
+            fetcher, _documents(device), device.remote.dist_url, device.config.os_name, latest,
+            device.config.loader_dir,
+        )  # fmt: skip
+    _prepare_firmware(device, efiboot, latest)
 
     checkpoint("remove-entries")
     removed = device.esp.remove_all_except(running)
