@@ -228,6 +228,27 @@ def test_append_keeps_old_entries_then_adds_only_new_ones() -> None:
     assert efivars.appended([], new[:2]) == new[:2]
 
 
+def test_appended_bytes_are_the_old_value_then_each_list_without_what_it_holds() -> None:
+    """The bytes the firmware stores (and PCR 7 measures) after an append: the old
+    value unchanged, then each new list with the entries already present left out and
+    its ListSize made smaller, and a list left empty left out whole."""
+    old = efivars.render_signature_list(efivars.CERT_SHA256, OWNER, [HASH_A])
+    partly = efivars.render_signature_list(efivars.CERT_SHA256, OWNER, [HASH_A, HASH_B])
+    present = efivars.render_signature_list(efivars.CERT_SHA256, OWNER, [HASH_A])
+    other = efivars.render_signature_list(efivars.CERT_X509, OTHER_OWNER, [b"\x30\x00"])
+    result = efivars.appended_bytes(old, partly + present + other, "db")
+    only_b = efivars.render_signature_list(efivars.CERT_SHA256, OWNER, [HASH_B])
+    assert result == old + only_b + other
+    assert efivars.parse_signature_lists(result, "db") == efivars.appended(
+        efivars.parse_signature_lists(old, "db"),
+        efivars.parse_signature_lists(partly + present + other, "db"),
+    )
+    assert efivars.appended_bytes(old, present, "db") == old
+    assert efivars.appended_bytes(b"", old, "dbx") == old
+    with pytest.raises(FormatError, match="^db: signature list at byte 0"):
+        efivars.appended_bytes(old, b"\x00" * 10, "db")
+
+
 # --- the real sbsigntool -------------------------------------------------------------------
 
 
