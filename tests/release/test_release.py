@@ -30,7 +30,12 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
 
 
 def release(
-    inputs: dict[str, Path], vendor: KeyPair, webroot: Path, out: Path, version: str = "2.0.0"
+    inputs: dict[str, Path],
+    vendor: KeyPair,
+    webroot: Path,
+    out: Path,
+    version: str = "2.0.0",
+    *extra: str | Path,
 ) -> tuple[int, str, str]:
     result = run_cli(
         "release",
@@ -54,6 +59,7 @@ def release(
         "--out",
         out,
         "--json",
+        *extra,
     )
     return result.code, result.out, result.err
 
@@ -139,3 +145,36 @@ def test_extra_parameters_cannot_undo_the_hardening(
         )
         assert result.code == 2, (param, result.err)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_release_carries_signed_db_and_dbx_appends(
+    tmp_path: Path, inputs: dict[str, Path]
+) -> None:
+    """`--db-append` and `--dbx-append` (what `rampart keys db-append|dbx-append` made
+    with the KEK) are published beside the payloads, each signed for the version."""
+    vendor = make_keypair(tmp_path / "vendor")
+    rotated = secureboot.generate_keys(tmp_path / "rotated")
+    appends = {
+        "db": secureboot.signed_append(
+            tmp_path / "sb", "db", tmp_path / "db.auth", certificates=[rotated.cert("db")]
+        ),
+        "dbx": secureboot.signed_append(
+            tmp_path / "sb", "dbx", tmp_path / "dbx.auth", certificates=[inputs["db_cert"]]
+        ),
+    }
+    assert all(a.payload for a in appends.values())
+    webroot = tmp_path / "webroot"
+    code, _, err = release(
+        inputs, vendor, webroot, tmp_path / "build", "2.0.0",
+        "--db-append", tmp_path / "db.auth", "--dbx-append", tmp_path / "dbx.auth",
+    )  # fmt: skip
+    assert code == 0, err
+    for variable in ("db", "dbx"):
+        published = webroot / f"dist/2.0.0/clipos-{variable}.auth"
+        assert published.read_bytes() == (tmp_path / f"{variable}.auth").read_bytes()
+        assert (
+            run_cli("verify", published, "--public-key", vendor.public, "--version", "2.0.0").code
+            == 0
+        )
+    check = run_cli("webroot", "check", webroot, "--public-key", vendor.public)
+    assert check.code == 0, check.err

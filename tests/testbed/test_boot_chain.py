@@ -27,10 +27,12 @@ from typing import Any
 
 import pytest
 
+from rampart import run
 from rampart.contracts import bootloader
 from rampart.contracts.layout import FALLBACK_LOADER_PATH, LOADER_PATH
+from rampart.release import secureboot, uki
 from rampart.testbed import build, machine, session
-from tests.testbed.kit import CORE
+from tests.testbed.kit import CORE, PROMPT, UNLOCKED_TPM
 
 pytestmark = pytest.mark.vm
 
@@ -39,6 +41,9 @@ LOADERS = {"new": "252.99-1~deb12u2", "third": "252.98-1~deb12u2"}
 ALIGN = 1 << 20
 STAGED = f"/var/lib/rampart/bootloader/{build.INSTALLED}.efi"
 CUT_AT = ("main-removed", "fallback-removed")  # of bootloader.STEPS
+STAGING = "/var/lib/rampart/bootloader"
+ROTATED = "252.97-1~deb12u2"  # the loader signed with the rotated db key
+SB_PORT = build.SERVER_PORT + 1
 log = logging.getLogger(__name__)
 TIMINGS: dict[str, float] = {}
 
@@ -52,15 +57,37 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def loaders(bed: build.Testbed, work: Path) -> dict[str, tuple[int, int, str]]:
-    """The loaders on a raw disk (work/loaders.raw): {name: (offset, size, sha256)}."""
+def rotated(work: Path) -> secureboot.KeySet:
+    """The db key a rotation adds (its PK and KEK are not used)."""
+    return secureboot.generate_keys(work / "rotated-db", "Rotated db")
+
+
+@pytest.fixture(scope="module")
+def loaders(
+    bed: build.Testbed, work: Path, rotated: secureboot.KeySet
+) -> dict[str, tuple[int, int, str]]:
+    """The files handed to the guest on a raw disk (work/loaders.raw): the loaders,
+    and the appends staged by hand. {name: (offset, size, sha256)}."""
+    files = {
+        name: build.renamed_loader(work / f"{name}.efi", bed.keys, version).read_bytes()
+        for name, version in LOADERS.items()
+    }
+    appends = {
+        # a db append signed by a KEK the firmware does not hold
+        "rejected-db": (bed.other_keys, "db", {"certificates": [rotated.cert("db")]}),
+        # a dbx append revoking the db certificate everything installed is signed with
+        "revoke-db": (bed.keys, "dbx", {"certificates": [secureboot.KeySet(bed.keys).cert("db")]}),
+    }
+    for name, (keys, variable, entries) in appends.items():
+        out = work / f"{name}.auth"
+        secureboot.signed_append(keys, variable, out, **entries)
+        files[name] = out.read_bytes()
     where: dict[str, tuple[int, int, str]] = {}
-    with (work / "loaders.raw").open("wb") as out:
-        for name, version in LOADERS.items():
-            data = build.renamed_loader(work / f"{name}.efi", bed.keys, version).read_bytes()
-            where[name] = (out.tell(), len(data), hashlib.sha256(data).hexdigest())
-            out.write(data)
-            out.write(bytes(-out.tell() % ALIGN))
+    with (work / "loaders.raw").open("wb") as out_file:
+        for name, data in files.items():
+            where[name] = (out_file.tell(), len(data), hashlib.sha256(data).hexdigest())
+            out_file.write(data)
+            out_file.write(bytes(-out_file.tell() % ALIGN))
     return where
 
 
@@ -79,18 +106,28 @@ def guest(
 
 
 def _info(name: str) -> str:
-    return f"systemd-boot {LOADERS[name]}"
+    return _info_of(LOADERS[name])
 
 
-def _stage(guest: session.Guest, loaders: dict[str, tuple[int, int, str]], name: str) -> None:
-    """Put loader `name` where the update stages the running release's loader."""
+def _info_of(version: str) -> str:
+    return f"systemd-boot {version}"
+
+
+def _stage(
+    guest: session.Guest,
+    loaders: dict[str, tuple[int, int, str]],
+    name: str,
+    where: str = STAGED,
+) -> None:
+    """Put file `name` of the raw disk at `where` (by default where the update stages
+    the running release's loader)."""
     offset, size, digest = loaders[name]
     guest.sh(
-        f"mkdir -p -m 0700 {Path(STAGED).parent} && dd if=/dev/vdb of={STAGED} bs=1M "
+        f"mkdir -p -m 0700 {Path(where).parent} && dd if=/dev/vdb of={where} bs=1M "
         f"iflag=skip_bytes,count_bytes skip={offset} count={size} status=none && "
-        f"chmod 0600 {STAGED} && sync"
+        f"chmod 0600 {where} && sync"
     )
-    assert guest.sh(f"sha256sum {STAGED}").split()[0] == digest
+    assert guest.sh(f"sha256sum {where}").split()[0] == digest
 
 
 def _status(guest: session.Guest) -> dict[str, Any]:
@@ -154,6 +191,150 @@ def test_13_a_boot_loader_update_boots_after_a_power_cut_at_each_step(
     assert _status(guest)["running"] == _info(previous)
     assert set(CUT_AT) <= set(bootloader.STEPS)
     _timed("13 power cuts in a boot loader install", started)
+
+
+@pytest.fixture(scope="module")
+def server(bed: build.Testbed, work: Path, guest: session.Guest) -> Iterator[session.UpdateServer]:
+    """`rampart serve` for this machine, beside the scenarios process's (another port:
+    the guest's remote.toml, on its state partition, is pointed at it)."""
+    with session.UpdateServer(bed, work / "server", port=SB_PORT) as srv:
+        yield srv
+
+
+def _resigned_uki(bed: build.Testbed, version: str, keys: secureboot.KeySet, work: Path) -> Path:
+    """`version`'s UKI signed with `keys`' db key only (the build's signature removed)."""
+    out = work / f"uki-{version}-{keys.directory.name}.efi"
+    run.run(["sbattach", "--remove", "--output", str(out), str(bed.efiboot(version))])
+    uki.sign(out, keys.key("db"), keys.cert("db"))
+    return out
+
+
+def _reboot_unlocked(guest: session.Guest, version: str, why: str) -> None:
+    """Reboot; the state partition must open with the TPM (no passphrase prompt)."""
+    guest.restart()
+    index, _ = guest.vm.expect_any([PROMPT, UNLOCKED_TPM], session.BOOT_TIMEOUT)
+    assert index == 1, f"{why}: the boot asked for the recovery passphrase"
+    assert guest.wait_booted().core == CORE.format(version), why
+    assert guest.wait_system_up() == "running", (why, guest.failed_units())
+
+
+def _apply(guest: session.Guest) -> tuple[int, dict[str, Any]]:
+    done = guest.vm.shell("rampart secureboot apply --json", 300)
+    text = done.output
+    return done.returncode, json.loads(text[text.find("{") :])
+
+
+def _efivar_sha(guest: session.Guest, name: str) -> str:
+    path = f"/sys/firmware/efi/efivars/{name}-d719b2cb-3d3a-4596-a3bc-dad00e67656f"
+    return guest.sh(f"sha256sum {path} 2>/dev/null || echo none").split()[0]
+
+
+def _records(guest: session.Guest) -> list[dict[str, Any]]:
+    text = guest.sh("rampart secureboot status --json")
+    found: list[dict[str, Any]] = json.loads(text[text.find("{") :])["updates"]
+    return found
+
+
+def test_14_secure_boot_key_rotation_and_revocation_never_ask_for_the_passphrase(
+    bed: build.Testbed,
+    work: Path,
+    guest: session.Guest,
+    server: session.UpdateServer,
+    loaders: dict[str, tuple[int, int, str]],
+    rotated: secureboot.KeySet,
+) -> None:
+    """On the real firmware, after scenario 13 (1.0.0 running, its loader signed with
+    the enrolled db key):
+
+    - (issue scenario 5) a db append signed by a KEK the firmware does not hold: the
+      firmware rejects it (EACCES), `secureboot apply` exits 11, db is unchanged;
+    - (2) 1.0.1 carries a db append adding the rotated db certificate (signed with the
+      enrolled KEK): applied after its good boot; then 1.0.2, its UKI and its loader
+      signed only with the rotated key, is installed and boots, and the state unlocks
+      with the TPM at each boot (the predictions held);
+    - (4) a dbx append revoking the old db certificate, while 1.0.1 (signed only by it)
+      is installed: refused, dbx unchanged;
+    - (3) 1.0.3 (rotated key) carries that dbx append: after its good boot 1.0.1 is no
+      longer installed, the append is applied, the next boot unlocks with the TPM, and
+      the firmware refuses a loader signed with the old key (a boot option for it,
+      set as BootNext, is skipped)."""
+    started = time.monotonic()
+    remote = "/etc/rampart/remote.toml"  # on the state partition: the operator's
+    guest.sh(
+        f"sed -i 's|:{build.SERVER_PORT}/|:{SB_PORT}/|' {remote} && grep -q :{SB_PORT}/ {remote}"
+    )
+    running = build.INSTALLED
+
+    # Scenario 5: rejected by the firmware.
+    db_before = _efivar_sha(guest, "db")
+    _stage(guest, loaders, "rejected-db", f"{STAGING}/{running}.db.auth")
+    code, done = _apply(guest)
+    assert code == 11 and "rejected" in done["refused"][0], done
+    assert _efivar_sha(guest, "db") == db_before
+    assert _records(guest)[-1]["result"] == "rejected"
+    _timed("14 rejected db append", started)
+
+    # Scenario 2: db rotation.
+    started = time.monotonic()
+    db_append = work / "db-add.auth"
+    secureboot.signed_append(bed.keys, "db", db_append, certificates=[rotated.cert("db")])
+    server.publish("1.0.1", sbvars={"db": db_append})
+    assert guest.run_update_service() == 20, guest.update_journal()
+    _reboot_unlocked(guest, "1.0.1", "1.0.1's first boot")
+    assert _records(guest)[-1]["result"] == "applied", _records(guest)
+    assert _efivar_sha(guest, "db") != db_before
+    sealed = guest.tpm_status()["pcr7_sealed"]
+    assert sealed is not None and sealed["predicted"], sealed
+    rotated_loader = build.renamed_loader(work / "rotated.efi", rotated.directory, ROTATED)
+    server.publish(
+        "1.0.2", efiboot=_resigned_uki(bed, "1.0.2", rotated, work), loader=rotated_loader
+    )
+    assert guest.run_update_service() == 20, guest.update_journal()
+    _reboot_unlocked(guest, "1.0.2", "the first boot with the new db and a UKI of the new key")
+    found = _status(guest)
+    assert found["copies"] == {
+        LOADER_PATH: _info_of(ROTATED),
+        FALLBACK_LOADER_PATH: _info_of(ROTATED),
+    }
+    _timed("14 db rotation", started)
+
+    # Scenario 4: a dbx that would revoke an installed UKI (1.0.1's) is refused.
+    started = time.monotonic()
+    dbx_before = _efivar_sha(guest, "dbx")
+    _stage(guest, loaders, "revoke-db", f"{STAGING}/1.0.2.dbx.auth")
+    code, done = _apply(guest)
+    assert code == 11 and "clipos-1.0.1" in done["refused"][0], done
+    assert _efivar_sha(guest, "dbx") == dbx_before
+    assert _records(guest)[-1]["result"] == "refused"
+    _timed("14 refused dbx", started)
+
+    # Scenario 3: the dbx append with 1.0.3, once nothing installed needs the old key.
+    started = time.monotonic()
+    revoke = work / "revoke-db-1.0.3.auth"
+    secureboot.signed_append(
+        bed.keys, "dbx", revoke, certificates=[secureboot.KeySet(bed.keys).cert("db")]
+    )
+    server.publish(
+        "1.0.3", efiboot=_resigned_uki(bed, "1.0.3", rotated, work), sbvars={"dbx": revoke}
+    )
+    assert guest.run_update_service() == 20, guest.update_journal()
+    _reboot_unlocked(guest, "1.0.3", "1.0.3's first boot (the new loader's prediction)")
+    assert _status(guest)["running"] == _info_of(ROTATED)
+    assert _records(guest)[-1]["result"] == "applied", _records(guest)
+    assert _efivar_sha(guest, "dbx") != dbx_before
+    # A loader signed with the old key, first in line for the next boot.
+    _stage(guest, loaders, "new", "/efi/EFI/test/revoked.efi")
+    guest.sh("efibootmgr --create --disk /dev/vda --part 1 --label Revoked "
+             "--loader '\\EFI\\test\\revoked.efi' >/dev/null")  # fmt: skip
+    option = guest.sh("efibootmgr | sed -n 's/^Boot\\([0-9A-F]*\\)\\* Revoked.*/\\1/p'").strip()
+    assert option, guest.sh("efibootmgr")
+    guest.sh(f"efibootmgr --bootnext {option} >/dev/null")
+    _reboot_unlocked(guest, "1.0.3", "the first boot after the dbx append")
+    current = guest.sh("efibootmgr | sed -n 's/^BootCurrent: //p'").strip()
+    assert current != option, "the firmware started a loader signed with the revoked key"
+    assert _status(guest)["running"] == _info_of(ROTATED)
+    guest.sh(f"efibootmgr --bootnum {option} --delete-bootnum >/dev/null")
+    _timed("14 dbx revocation", started)
 
 
 def _wait_halted(guest: session.Guest, unit: str, step: str) -> None:

@@ -198,6 +198,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # --- the webroot --------------------------------------------------------------------
 
 
+SBVAR_ARGS = (
+    arg(
+        "--db-append",
+        type=Path,
+        metavar="FILE",
+        help="a signed append to the firmware's db the release carries "
+        "(`rampart keys db-append`); devices apply it after the release's good boot",
+    ),
+    arg(
+        "--dbx-append",
+        type=Path,
+        metavar="FILE",
+        help="a signed append to the firmware's dbx the release carries "
+        "(`rampart keys dbx-append`); devices apply it after the release's good boot, "
+        "unless it would revoke what they boot",
+    ),
+)
+
+
+def sbvars(args: argparse.Namespace) -> dict[str, Path]:
+    """The Secure Boot variable appends given (`--db-append`, `--dbx-append`)."""
+    given = (("db", args.db_append), ("dbx", args.dbx_append))
+    return {name: path for name, path in given if path is not None}
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     version = parse_version(check_semver(args.version))
     wire.check_name(args.os, "OS name")
@@ -217,11 +242,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         epoch=args.epoch,
         chunking=chunking(args),
         loader=args.loader,
-        sbvars={
-            name: path
-            for name, path in (("db", args.db_append), ("dbx", args.dbx_append))
-            if path is not None
-        },
+        sbvars=sbvars(args),
     )
     tuf_targets = add_to_tuf()
     channel = result.channel or "default"
@@ -522,6 +543,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         args.force,
         chunking=chunking(args),
         loader=loader,
+        sbvars=sbvars(args),
     )
     tuf_targets = add_to_tuf()
     if args.json:
@@ -703,20 +725,7 @@ VERBS: list[Group | Verb] = [
                 help="a boot loader the release carries: systemd-boot, already signed with "
                 "the db key; devices install it once the release booted and was marked good",
             ),
-            arg(
-                "--db-append",
-                type=Path,
-                metavar="FILE",
-                help="a signed append to the firmware's db the release carries "
-                "(`rampart keys db-append`)",
-            ),
-            arg(
-                "--dbx-append",
-                type=Path,
-                metavar="FILE",
-                help="a signed append to the firmware's dbx the release carries "
-                "(`rampart keys dbx-append`)",
-            ),
+            *SBVAR_ARGS,
             *CHUNK_ARGS,
             PASSWORD_ENV_ARG,
             *tuf_verbs.hook_args(),
@@ -1049,6 +1058,7 @@ VERBS: list[Group | Verb] = [
                 help="a boot loader the release carries: systemd-boot, unsigned (e.g. "
                 f"{secureboot.SYSTEMD_BOOT}); signed here with the db key",
             ),
+            *SBVAR_ARGS,
             *CHUNK_ARGS,
             arg(
                 "--out",

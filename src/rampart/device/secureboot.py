@@ -346,7 +346,9 @@ def next_boot_values(
         )
     values: list[bytes] = []
     for databases in states:
-        variables = {} if databases is now else {"db": databases.db, "dbx": databases.dbx}
+        # Even for the databases now: a write since this boot's log (an update after
+        # a db append, before the reboot) is what the next boot measures.
+        variables = {"db": databases.db, "dbx": databases.dbx}
         for loader in loaders:
             for uki in ukis:
                 found = authorities(databases, loader, uki)

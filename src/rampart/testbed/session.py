@@ -25,7 +25,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -68,17 +68,26 @@ class UpdateServer:
         self.log_file = work / "serve.log"
         self._server: services.RampartServe | None = None
 
-    def publish(self, version: str) -> None:
+    def publish(
+        self,
+        version: str,
+        efiboot: Path | None = None,
+        loader: Path | None = None,
+        sbvars: Mapping[str, Path] | None = None,
+    ) -> None:
         """Publish `version` (again: the same release is accepted as it is) and point the
-        default channel at it."""
+        default channel at it; with another UKI than the built one (`efiboot`, e.g.
+        signed with another db key), a boot loader, Secure Boot variable appends."""
         key = signing.load_secret_key(self.bed.vendor_key, lambda: b"")
         webroot.publish(
             self.webroot,
             OS_NAME,
             parse_version(version),
             self.bed.core(version),
-            self.bed.efiboot(version),
+            efiboot or self.bed.efiboot(version),
             key,
+            loader=loader,
+            sbvars=sbvars,
         )
         # The server's database is the truth about channels once it knows the OS:
         # point its default channel at the new release, as an operator would.
