@@ -245,7 +245,7 @@ def test_appended_bytes_are_the_old_value_then_each_list_without_what_it_holds()
     )
     assert efivars.appended_bytes(old, present, "db") == old
     assert efivars.appended_bytes(b"", old, "dbx") == old
-    with pytest.raises(FormatError, match="^db: signature list at byte 0"):
+    with pytest.raises(FormatError, match=r"^db: signature list at byte 0"):
         efivars.appended_bytes(old, b"\x00" * 10, "db")
 
 
