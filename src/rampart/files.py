@@ -52,6 +52,13 @@ def write_new_file(path: Path, data: bytes, mode: int) -> None:
     os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` at `fd`'s position (os.write may write less at a time)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def replace_whole(path: Path, data: bytes, mode: int) -> None:
     """`path` becomes `data` whole or not at all: written under a temporary name with
     `mode`, fsynced, renamed over `path`, its directory fsynced. OSError on failure
@@ -61,9 +68,7 @@ def replace_whole(path: Path, data: bytes, mode: int) -> None:
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -225,7 +225,7 @@ def cmd_tpm_status(args: argparse.Namespace) -> int:
 
 
 def cmd_tpm_reseal(args: argparse.Namespace) -> int:
-    from rampart.device import state, tpm
+    from rampart.device import secureboot, state, tpm
 
     config, _identity = _device_parts(args)
     machine_tpm = tpm.Tpm(config.tpm_tcti) if tpm.present(config.tpm_tcti) else None
@@ -235,6 +235,7 @@ def cmd_tpm_reseal(args: argparse.Namespace) -> int:
     esp = args.esp or _esp_root(config)
     passphrase = _read_passphrase(args)
     state.reseal(volume, esp, machine_tpm, passphrase, config.tpm_pcrs)
+    secureboot.forget_sealing(config.loader_dir)
     selection = tpm.pcr_selection(config.tpm_pcrs)
     if args.json:
         print_json({"volume": str(volume), "sealed_to": selection, "keyslot": tpm.TPM_KEYSLOT})

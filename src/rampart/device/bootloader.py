@@ -51,7 +51,7 @@ from rampart.device.documents import Trust, signed_document
 from rampart.device.esp import Esp
 from rampart.device.fetch import Fetcher
 from rampart.errors import ConflictError, FormatError, LocalError, VerificationError
-from rampart.files import replace_whole, syncfs
+from rampart.files import replace_whole, syncfs, write_all
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,7 @@ def _write_fat(path: Path, data: bytes) -> None:
     the order safe), replaced whole and fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

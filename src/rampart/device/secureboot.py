@@ -168,6 +168,15 @@ def _note(directory: Path, update: Update, result: str, detail: str = "") -> Non
     update.path.unlink(missing_ok=True)
 
 
+def forget_sealing(directory: Path) -> None:
+    """The state key was sealed anew by other means (`rampart tpm reseal`): the PCR 7
+    values recorded are no longer what it is sealed to."""
+    record = read_record(directory)
+    if record.get("sealed") is not None:
+        record["sealed"] = None
+        _write_record(directory, record)
+
+
 # --- what can start next -----------------------------------------------------------------
 
 
@@ -375,7 +384,12 @@ def seal_for_next_boot(
         )
     record = read_record(directory)
     sealed = record.get("sealed")
-    if isinstance(sealed, dict) and sealed.get("pcr7") == [v.hex() for v in wanted]:
+    branches = len(state.sealed_branches(sealing.esp_root))
+    if (
+        isinstance(sealed, dict)
+        and sealed.get("pcr7") == [v.hex() for v in wanted]
+        and branches == (len(wanted) if len(wanted) > 1 else 0)
+    ):
         return False
     if (
         not isinstance(sealed, dict)
