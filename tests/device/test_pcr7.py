@@ -48,11 +48,15 @@ def variable(name: str, data: bytes) -> pcr7.Variable:
 
 
 def a_log(
-    path: Path, db: bytes, authority: bytes, bad_digest: bool = False, dbx: bytes = b"dbx list"
+    path: Path,
+    db: bytes,
+    authority: bytes | list[bytes],
+    bad_digest: bool = False,
+    dbx: bytes = b"dbx list",
 ) -> bytes:
     """A log like OVMF's under Secure Boot: SecureBoot, PK, KEK, db, dbx, the
-    separator, one authority (the db entry that verified the loader), and an event of
-    another PCR; PCR 7's value after it."""
+    separator, the authorities (the db entries that verified the loader, then the UKI
+    if another), and an event of another PCR; PCR 7's value after it."""
     config = [
         variable("SecureBoot", b"\x01"),
         variable("PK", b"pk list"),
@@ -69,9 +73,10 @@ def a_log(
     separator = struct.pack("<I", 0)
     entries.append(event(7, EV_SEPARATOR, separator))
     digests.append(hashlib.sha256(separator).digest())
-    auth = pcr7.Variable(efivars.IMAGE_SECURITY_DATABASE, "db", authority)
-    entries.append(event(7, EV_EFI_VARIABLE_AUTHORITY, auth.measured()))
-    digests.append(auth.digest())
+    for entry in [authority] if isinstance(authority, bytes) else authority:
+        auth = pcr7.Variable(efivars.IMAGE_SECURITY_DATABASE, "db", entry)
+        entries.append(event(7, EV_EFI_VARIABLE_AUTHORITY, auth.measured()))
+        digests.append(auth.digest())
     entries.append(event(4, EV_EFI_ACTION, b"Calling EFI Application from Boot Option"))
     path.write_bytes(b"".join(entries))
     value = bytes(32)

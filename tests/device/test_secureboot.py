@@ -42,6 +42,7 @@ from tests.device.sbkit import (
     der,
     esp_root,
     sign_entries,
+    signed_loader,
     updated_device,
 )
 from tests.device.test_pcr7 import a_log
@@ -363,3 +364,60 @@ def test_the_state_key_unseals_at_the_predicted_boot_after_a_db_append_and_not_a
         _boot(chip, tmp_path / "log-other")
         with pytest.raises(tpm.TpmPolicyError):
             chip.unseal(pub, priv, [7])
+
+
+def test_the_prediction_holds_once_the_loader_that_started_this_boot_was_replaced(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    other: secureboot.KeySet,
+    bindir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by testbed scenario 14: the release's loader, signed by another db key,
+    was installed after this boot's good start; a dbx append applied later in the
+    same boot found no loader on the ESP that explains this boot's log, and predicted
+    the next boot with the logged authority (the old loader's): the next boot asked
+    for the passphrase. The model now also accepts a log whose last authority is the
+    running UKI's entry, and predicts the new loader's entry."""
+    loaders = {
+        "old": signed_loader(tmp_path, keys, "252.38-1~deb12u2"),
+        "new": signed_loader(tmp_path, other, "252.96-1~deb12u2"),
+    }
+    device = updated_device(tmp_path, vendor, pki, served, loaders)
+    sign_entries(device, keys)
+    firmware = Firmware(device, keys, bindir)
+    firmware.db(der(keys, "db"), der(other, "db"))
+    efivars.variable_path(firmware.efivars, "SecureBoot", efivars.EFI_GLOBAL_VARIABLE).write_bytes(
+        SECURE_BOOT_ON
+    )
+    standin = FirmwareStandIn(der(keys, "KEK"))
+    monkeypatch.setattr(device_secureboot, "write_efivar", standin.write)
+    machine = Machine(device, firmware, standin)
+    machine.bless()
+    keys_entry = pcr7.signature_data(OWNER, der(keys, "db"))
+    other_entry = pcr7.signature_data(OWNER, der(other, "db"))
+    root = esp_root(device)
+    key = os.urandom(32)
+    log_now = tmp_path / "log-now"
+    with services.Swtpm(tmp_path / "tpm") as swtpm:
+        chip = swtpm.tpm
+        a_log(log_now, machine.variable("db") or b"", keys_entry, dbx=b"")
+        _boot(chip, log_now)
+        state.seal_to_esp(chip, key, root, [7])
+        seal = device_secureboot.Sealing(chip, root, (7,), event_log=log_now)
+        assert machine.apply(seal).loader is not None  # the other key's loader, both copies
+        # Later in the same boot, a dbx append (revoking the old loader, gone now).
+        dbx_auth = append(tmp_path, keys, "dbx", "dbx-old", images=[loaders["old"]])
+        staged = device_secureboot.staged_path(machine.staging, parse_version(OFFERED), "dbx")
+        staged.write_bytes(dbx_auth.read_bytes())
+        assert machine.apply(seal).applied == ["dbx"]
+        log_next = tmp_path / "log-next"
+        db = machine.variable("db") or b""
+        a_log(log_next, db, [other_entry, keys_entry], dbx=machine.variable("dbx") or b"")
+    pub, priv, _ = state.sealed_paths(root)
+    with services.Swtpm(tmp_path / "tpm") as swtpm:  # the next boot: the new loader
+        _boot(swtpm.tpm, log_next)
+        assert swtpm.tpm.unseal(pub, priv, [7], state.sealed_branches(root)) == key

@@ -311,21 +311,31 @@ def sealing(efivars_dir: Path, esp: Esp, tcti: str, pcrs: Sequence[int]) -> Seal
     return Sealing(tpm.Tpm(tcti), root, tuple(pcrs))
 
 
-def next_boot_values(
-    sealing: Sealing,
-    states: Sequence[Databases],
-    loaders: Sequence[Image],
-    ukis: Sequence[Image],
-) -> tuple[bytes, list[bytes]]:
+@dataclass(frozen=True)
+class NextBoot:
+    """What the next boot can start: the databases now and after each write still to
+    come (`states`), the loaders and the UKIs; and the UKI that runs now."""
+
+    states: Sequence[Databases]
+    loaders: Sequence[Image]
+    ukis: Sequence[Image]
+    running: Image | None = None
+
+
+def next_boot_values(sealing: Sealing, next_boot: NextBoot) -> tuple[bytes, list[bytes]]:
     """PCR 7 now, and every PCR 7 the next boot can have: for each of `states` (the
     databases now and after each write still to come), each loader and each UKI the
     firmware would start with them, the prediction from the event log (`pcr7.predict`).
 
     The authority events are predicted from the db entries that verify the loader and
-    the UKI, once that model gives PCR 7 now for the loader and UKI now; if it does
-    not (the firmware measured something else), the logged authority events are kept,
-    which holds while the same db entries verify the next boot's images.
-    VerificationError if the event log does not replay to PCR 7 now."""
+    the UKI, once that model explains this boot's log: a loader and a UKI on the ESP
+    give PCR 7 now, or (the loader that started this boot was replaced since) the
+    logged authorities are one or two db entries, the last the one that verifies the
+    `running` UKI. If neither holds (the firmware measured something else), the
+    logged authority events are kept, which holds while the same db entries verify
+    the next boot's images. VerificationError if the event log does not replay to
+    PCR 7 now."""
+    states, loaders, ukis = next_boot.states, next_boot.loaders, next_boot.ukis
     current = sealing.tpm.pcr_values([pcr7.PCR])[pcr7.PCR]
     events = pcr7.read_log(sealing.event_log)
     pcr7.check(events, current, str(sealing.event_log))
@@ -347,7 +357,7 @@ def next_boot_values(
         and pcr7.predict(events, {}, found) == current
         for loader in loaders
         for uki in ukis
-    )
+    ) or _logged_as_modelled(sealing, now, events, next_boot.running)
     if not modelled:
         log.warning(
             "PCR 7: the authority events of this boot are not those of its loader and UKI; "
@@ -367,6 +377,22 @@ def next_boot_values(
                 if value != current and value not in values:
                     values.append(value)
     return current, values
+
+
+def _logged_as_modelled(
+    sealing: Sealing, now: Databases, events: Sequence[pcr7.Event], running: Image | None
+) -> bool:
+    """Whether this boot's authority events are what the model makes of a loader that
+    is gone from the ESP and the `running` UKI: one or two db entries, the last the
+    one that verifies the UKI."""
+    if running is None:
+        return False
+    entry = sealing.verified_by(now, running)
+    logged = [e.variable.data for e in events if e.type == pcr7.AUTHORITY and e.variable]
+    if entry is None or not 1 <= len(logged) <= 2:
+        return False
+    db = {pcr7.signature_data(s.owner, s.data) for s in now.entries()[0]}
+    return logged[-1] == pcr7.signature_data(entry.owner, entry.data) and set(logged) <= db
 
 
 def seal_for_next_boot(
@@ -493,7 +519,8 @@ def apply(
             states.append(after)
     changing = bool(updates) or staged_loader.is_file()
     if seal is not None and (changing or _several(seal, directory)):
-        result.resealed = _seal(seal, directory, states, loaders, ukis, updates, changing)
+        next_boot = NextBoot(states, loaders, ukis, Image(entry.path.name, entry.path.read_bytes()))
+        result.resealed = _seal(seal, directory, next_boot, updates, changing)
     for update in updates:
         if update.variable == "dbx":
             result.loader = bootloader.install(
@@ -523,9 +550,7 @@ def write_efivar(path: Path, data: bytes) -> None:
 def _seal(
     seal: Sealing,
     directory: Path,
-    states: Sequence[Databases],
-    loaders: Sequence[Image],
-    ukis: Sequence[Image],
+    next_boot: NextBoot,
     updates: Sequence[Update],
     changing: bool,
 ) -> bool:
@@ -533,7 +558,7 @@ def _seal(
     that cannot be predicted stops `apply` while something is to change (nothing is
     written), and leaves the sealing as it is otherwise."""
     try:
-        current, predicted = next_boot_values(seal, states, loaders, ukis)
+        current, predicted = next_boot_values(seal, next_boot)
     except VerificationError as exc:
         if changing:
             raise

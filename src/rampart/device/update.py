@@ -817,14 +817,17 @@ def _prepare_firmware(device: Device, efiboot: Path, version: Version) -> None:
     running = device.esp.find(device.identity.version)
     if seal is None or running is None:
         return
-    now = seal.verified_by(
-        databases, secureboot.Image(running.path.name, running.path.read_bytes())
-    )
+    running_uki = secureboot.Image(running.path.name, running.path.read_bytes())
+    now = seal.verified_by(databases, running_uki)
     if now is not None and seal.verified_by(databases, new) == now:
         return  # the db entry that verifies the running UKI verifies it: PCR 7 stays
-    loaders = secureboot.loader_images(device.esp, None)
-    ukis = secureboot.uki_images(device.esp, [new])
-    current, predicted = secureboot.next_boot_values(seal, [databases], loaders, ukis)
+    next_boot = secureboot.NextBoot(
+        [databases],
+        secureboot.loader_images(device.esp, None),
+        secureboot.uki_images(device.esp, [new]),
+        running_uki,
+    )
+    current, predicted = secureboot.next_boot_values(seal, next_boot)
     secureboot.seal_for_next_boot(
         seal, device.config.loader_dir, current, predicted, f"the UKI of {version.core}"
     )
