@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -460,9 +460,6 @@ class Applied:
     resealed: bool = False
 
 
-Checkpoint = Callable[[str], None]
-
-
 def pending(directory: Path, version: Version) -> list[Update]:
     """The updates staged for `version` and not yet recorded, in the order they apply."""
     done = {str(u.get("sha256")) for u in _updates(read_record(directory)) if isinstance(u, dict)}
@@ -505,7 +502,11 @@ def apply(
     loaders = loader_images(esp, staged_loader if staged_loader.is_file() else None)
     ukis = uki_images(esp)
     states = [current_databases(efivars_dir)] if updates or seal is not None else []
-    final_loaders = [loaders[-1]] if staged_loader.is_file() else loader_images(esp, None)
+    final_loaders = (  # what the ESP holds once the loader is installed
+        [Image("the staged boot loader", staged_loader.read_bytes())]
+        if staged_loader.is_file()
+        else loader_images(esp, None)
+    )
     for update in list(updates):
         after = states[-1].after(update)
         refused = refusals(after, [*final_loaders, *ukis]) if update.variable == "dbx" else []
