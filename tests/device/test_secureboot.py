@@ -421,3 +421,46 @@ def test_the_prediction_holds_once_the_loader_that_started_this_boot_was_replace
     with services.Swtpm(tmp_path / "tpm") as swtpm:  # the next boot: the new loader
         _boot(swtpm.tpm, log_next)
         assert swtpm.tpm.unseal(pub, priv, [7], state.sealed_branches(root)) == key
+
+
+def test_a_release_signed_by_a_new_key_with_its_db_append_applies_it_before_its_uki(
+    tmp_path: Path,
+    vendor: KeyPair,
+    pki: Pki,
+    served: Nginx,
+    keys: secureboot.KeySet,
+    other: secureboot.KeySet,
+    bindir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rotation in one release: its UKI is signed only with the new db key and it
+    carries the db append that adds that key's certificate. The update applies the
+    append first (recorded for the release), then installs the UKI; after the good
+    boot there is nothing left to apply."""
+    release = make_release(tmp_path / "rel", OFFERED)
+    uki.sign(release.efiboot, other.key("db"), other.cert("db"))
+    db_auth = append(tmp_path, keys, "db", "db-add", certificates=[other.cert("db")])
+    webroot.publish(
+        served.root, OS, parse_version(OFFERED), release.core, release.efiboot, vendor.key,
+        sbvars={"db": db_auth},
+    )  # fmt: skip
+    device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url))
+    firmware = Firmware(device, keys, bindir)
+    efivars.variable_path(firmware.efivars, "SecureBoot", efivars.EFI_GLOBAL_VARIABLE).write_bytes(
+        SECURE_BOOT_ON
+    )
+    standin = FirmwareStandIn(der(keys, "KEK"))
+    monkeypatch.setattr(device_secureboot, "write_efivar", standin.write)
+    dev = device.open()
+
+    assert update.update(dev, update.make_fetcher(dev)).outcome == update.Outcome.UPDATED
+
+    assert standin.writes == ["db"]
+    machine = Machine(device, firmware, standin)
+    db = efivars.parse_signature_lists(machine.variable("db") or b"", "db")
+    assert efivars.x509_certificates(db) == [der(keys, "db"), der(other, "db")]
+    assert [(u["variable"], u["version"], u["result"]) for u in records(machine)] == [
+        ("db", OFFERED, "applied")
+    ]
+    device.set_running(OFFERED)  # its good boot (no boot counting on this device)
+    assert machine.apply().applied == [] and standin.writes == ["db"]

@@ -7,6 +7,10 @@ install where one copy is missing: every time the machine boots (the firmware
 starts the other, whole copy), and the boot's own rampart-bootloader.service
 completes the install.
 
+Scenario 14 goes on in the same machine (no other boot to pay for): Secure Boot key
+rotation and revocation through releases from its own `rampart serve` (another port
+than the scenarios process's), see its docstring.
+
 The loaders are Debian's systemd-boot with another version string, signed with the
 enrolled db key (`build.renamed_loader`: Debian 12 has one build). They reach the
 guest on a read-only second disk and are staged by hand where the update stages a
@@ -271,16 +275,17 @@ def test_14_secure_boot_key_rotation_and_revocation_never_ask_for_the_passphrase
 
     - (issue scenario 5) a db append signed by a KEK the firmware does not hold: the
       firmware rejects it (EACCES), `secureboot apply` exits 11, db is unchanged;
-    - (2) 1.0.1 carries a db append adding the rotated db certificate (signed with the
-      enrolled KEK): applied after its good boot; then 1.0.2, its UKI and its loader
-      signed only with the rotated key, is installed and boots, and the state unlocks
-      with the TPM at each boot (the predictions held);
-    - (4) a dbx append revoking the old db certificate, while 1.0.1 (signed only by it)
+    - (2) 1.0.1, its UKI and its loader signed only with a rotated db key, carries the
+      db append adding that key's certificate (signed with the enrolled KEK): the
+      update applies it before it installs the UKI; 1.0.1 boots, its loader is
+      installed after its good boot, and the state unlocks with the TPM at each boot
+      (the predictions held);
+    - (4) a dbx append revoking the old db certificate, while 1.0.0 (signed only by it)
       is installed: refused, dbx unchanged;
-    - (3) 1.0.3 (rotated key) carries that dbx append: after its good boot 1.0.1 is no
-      longer installed, the append is applied, the next boot unlocks with the TPM, and
-      the firmware refuses a loader signed with the old key (a boot option for it,
-      set as BootNext, is skipped)."""
+    - (3) 1.0.2 (rotated key) carries that dbx append: its update removes 1.0.0's entry,
+      the append is applied after its good boot, the next boot unlocks with the TPM,
+      and the firmware refuses a loader signed with the old key (a boot option for it,
+      set as BootNext, is skipped). (1.0.3 is the testbed's broken release.)"""
     started = time.monotonic()
     remote = "/etc/rampart/remote.toml"  # on the state partition: the operator's
     guest.sh(
@@ -294,48 +299,51 @@ def test_14_secure_boot_key_rotation_and_revocation_never_ask_for_the_passphrase
     assert "KEK" in reason, reason
     _timed("14 rejected db append", started)
 
-    # Scenario 2: db rotation.
+    # Scenario 2: db rotation in one release. 1.0.1's UKI and loader are signed only
+    # with the rotated key; it carries the db append that adds its certificate: the
+    # update applies it before it installs the UKI.
     started = time.monotonic()
     db_append = work / "db-add.auth"
     secureboot.signed_append(bed.keys, "db", db_append, certificates=[rotated.cert("db")])
-    server.publish("1.0.1", sbvars={"db": db_append})
-    assert guest.run_update_service() == 20, guest.update_journal()
-    _reboot_unlocked(guest, "1.0.1", "1.0.1's first boot")
-    assert _records(guest)[-1]["result"] == "applied", _records(guest)
-    assert _efivar_sha(guest, "db") != db_before
-    sealed = guest.tpm_status()["pcr7_sealed"]
-    assert sealed is not None and sealed["predicted"], sealed
     rotated_loader = build.renamed_loader(work / "rotated.efi", rotated.directory, ROTATED)
     server.publish(
-        "1.0.2", efiboot=_resigned_uki(bed, "1.0.2", rotated, work), loader=rotated_loader
+        "1.0.1",
+        efiboot=_resigned_uki(bed, "1.0.1", rotated, work),
+        loader=rotated_loader,
+        sbvars={"db": db_append},
     )
     assert guest.run_update_service() == 20, guest.update_journal()
-    _reboot_unlocked(guest, "1.0.2", "the first boot with the new db and a UKI of the new key")
-    found = _status(guest)
+    assert _records(guest)[-1]["result"] == "applied", _records(guest)
+    assert _efivar_sha(guest, "db") != db_before
+    _reboot_unlocked(guest, "1.0.1", "the first boot with the new db and a UKI of the new key")
+    found = _status(guest)  # the loader was installed after the good boot
     assert found["copies"] == {
         LOADER_PATH: _info_of(ROTATED),
         FALLBACK_LOADER_PATH: _info_of(ROTATED),
-    }
+    }, found
+    sealed = guest.tpm_status()["pcr7_sealed"]
+    assert sealed is not None and sealed["predicted"], sealed  # for the new loader
     _timed("14 db rotation", started)
 
-    # Scenario 4: a dbx that would revoke an installed UKI (1.0.1's) is refused.
+    # Scenario 4: a dbx that would revoke an installed UKI (1.0.0's) is refused.
     started = time.monotonic()
     dbx_before = _efivar_sha(guest, "dbx")
-    reason = _refused_by_hand(guest, loaders, "revoke-db", "1.0.2.dbx.auth", "refused")
-    assert "clipos-1.0.1" in reason, reason
+    reason = _refused_by_hand(guest, loaders, "revoke-db", "1.0.1.dbx.auth", "refused")
+    assert "clipos-1.0.0" in reason, reason
     _timed("14 refused dbx", started)
 
-    # Scenario 3: the dbx append with 1.0.3, once nothing installed needs the old key.
+    # Scenario 3: the dbx append with 1.0.2, once nothing installed needs the old key
+    # (the update removes 1.0.0's entry).
     started = time.monotonic()
-    revoke = work / "revoke-db-1.0.3.auth"
+    revoke = work / "revoke-db-1.0.2.auth"
     secureboot.signed_append(
         bed.keys, "dbx", revoke, certificates=[secureboot.KeySet(bed.keys).cert("db")]
     )
     server.publish(
-        "1.0.3", efiboot=_resigned_uki(bed, "1.0.3", rotated, work), sbvars={"dbx": revoke}
+        "1.0.2", efiboot=_resigned_uki(bed, "1.0.2", rotated, work), sbvars={"dbx": revoke}
     )
     assert guest.run_update_service() == 20, guest.update_journal()
-    _reboot_unlocked(guest, "1.0.3", "1.0.3's first boot (the new loader's prediction)")
+    _reboot_unlocked(guest, "1.0.2", "the first boot of the new key's loader")
     assert _status(guest)["running"] == _info_of(ROTATED)
     assert _records(guest)[-1]["result"] == "applied", _records(guest)
     assert _efivar_sha(guest, "dbx") != dbx_before
@@ -346,7 +354,7 @@ def test_14_secure_boot_key_rotation_and_revocation_never_ask_for_the_passphrase
     option = guest.sh("efibootmgr | sed -n 's/^Boot\\([0-9A-F]*\\)\\* Revoked.*/\\1/p'").strip()
     assert option, guest.sh("efibootmgr")
     guest.sh(f"efibootmgr --bootnext {option} >/dev/null")
-    _reboot_unlocked(guest, "1.0.3", "the first boot after the dbx append")
+    _reboot_unlocked(guest, "1.0.2", "the first boot after the dbx append")
     current = guest.sh("efibootmgr | sed -n 's/^BootCurrent: //p'").strip()
     assert current != option, "the firmware started a loader signed with the revoked key"
     assert _status(guest)["running"] == _info_of(ROTATED)

@@ -462,7 +462,11 @@ class Applied:
 
 def pending(directory: Path, version: Version) -> list[Update]:
     """The updates staged for `version` and not yet recorded, in the order they apply."""
-    done = {str(u.get("sha256")) for u in _updates(read_record(directory)) if isinstance(u, dict)}
+    done = {
+        str(u.get("sha256"))
+        for u in _updates(read_record(directory))
+        if isinstance(u, dict) and u.get("result") == "applied"
+    }  # a refused or rejected one is tried again when a release carries it again
     found = []
     for variable in wire.SBVARS:
         path = staged_path(directory, version, variable)
@@ -532,6 +536,50 @@ def apply(
     if not any(u.variable == "dbx" for u in updates):
         result.loader = bootloader.install(esp, directory, running, efivars_dir, halt_at=halt_at)
     return result
+
+
+def before_install(
+    esp: Esp,
+    directory: Path,
+    version: Version,
+    running: Version,
+    efivars_dir: Path,
+    uki: bytes,
+    seal: Sealing | None,
+) -> None:
+    """Before an update installs `version`'s UKI (Secure Boot on): VerificationError
+    unless the firmware will start it, with db as it is, or once the db append
+    `version` carries is applied: then that append is applied now, before the UKI is
+    installed (a rotation in one release: the new certificate lands first). If the
+    state key is sealed to PCR 7 and the next boot's PCR 7 may differ (the append, or
+    another db entry verifying the new UKI), it is sealed for that boot first."""
+    databases = current_databases(efivars_dir)
+    new = Image(f"the UKI of {version.core}", uki)
+    states = [databases]
+    db_update = None
+    if refusals(databases, [new]):
+        db_update = next((u for u in pending(directory, version) if u.variable == "db"), None)
+        if db_update is not None:
+            states.append(databases.after(db_update))
+    refused = refusals(states[-1], [new])
+    if refused:
+        raise VerificationError(f"{refused[0]}: not installed")
+    entry = esp.find(running)
+    if seal is not None and entry is not None:
+        running_uki = Image(entry.path.name, entry.path.read_bytes())
+        now = seal.verified_by(databases, running_uki)
+        if db_update is not None or now is None or seal.verified_by(databases, new) != now:
+            next_boot = NextBoot(
+                states, loader_images(esp, None), uki_images(esp, [new]), running_uki
+            )
+            current, predicted = next_boot_values(seal, next_boot)
+            why = f"the UKI of {version.core}" + (" and its db append" if db_update else "")
+            seal_for_next_boot(seal, directory, current, predicted, why)
+    if db_update is not None:
+        result = Applied()
+        if not _write_variable(efivars_dir, db_update, directory, result):
+            raise VerificationError(f"{result.refused[0]}; the UKI of {version.core} needs it")
+        log.info("applied the db append of %s before installing its UKI", version)
 
 
 def write_efivar(path: Path, data: bytes) -> None:

@@ -797,40 +797,19 @@ def _delta_plan(
 
 
 def _prepare_firmware(device: Device, efiboot: Path, version: Version) -> None:
-    """With Secure Boot on, before anything changes: VerificationError unless the
-    firmware will start the new UKI with the db and dbx it holds now (a db append
-    that adds its certificate comes with an earlier release: docs/client.md "Secure
-    Boot variable updates"); then, if the state key is sealed to PCR 7, seal it also
-    to the PCR 7 the new UKI's boot will have (another db entry may verify it)."""
+    """With Secure Boot on, before anything changes: the firmware must start the new
+    UKI, with db as it is or once the db append the release carries is applied (then
+    it is applied now); and the state key is sealed for the boot that follows
+    (`secureboot.before_install`)."""
     efivars_dir = device.config.efivars
     if not secure_boot_enabled(efivars_dir):
         return
-    data = efiboot.read_bytes()
-    databases = secureboot.current_databases(efivars_dir)
-    new = secureboot.Image(f"the UKI of {version.core}", data)
-    refused = secureboot.refusals(databases, [new])
-    if refused:
-        raise VerificationError(f"{refused[0]}: not installed")
-    seal = secureboot.sealing(
-        efivars_dir, device.esp, device.config.tpm_tcti, device.config.tpm_pcrs
-    )
-    running = device.esp.find(device.identity.version)
-    if seal is None or running is None:
-        return
-    running_uki = secureboot.Image(running.path.name, running.path.read_bytes())
-    now = seal.verified_by(databases, running_uki)
-    if now is not None and seal.verified_by(databases, new) == now:
-        return  # the db entry that verifies the running UKI verifies it: PCR 7 stays
-    next_boot = secureboot.NextBoot(
-        [databases],
-        secureboot.loader_images(device.esp, None),
-        secureboot.uki_images(device.esp, [new]),
-        running_uki,
-    )
-    current, predicted = secureboot.next_boot_values(seal, next_boot)
-    secureboot.seal_for_next_boot(
-        seal, device.config.loader_dir, current, predicted, f"the UKI of {version.core}"
-    )
+    config = device.config
+    seal = secureboot.sealing(efivars_dir, device.esp, config.tpm_tcti, config.tpm_pcrs)
+    secureboot.before_install(
+        device.esp, config.loader_dir, version, device.identity.version, efivars_dir,
+        efiboot.read_bytes(), seal,
+    )  # fmt: skip
 
 
 def _documents(device: Device) -> documents.Trust:
