@@ -216,3 +216,17 @@ def test_slow_boot_loses_esp_unless_mark_good_is_ordered_after_its_mount() -> No
     assert wait >= 120, "the wait must outlast a slow boot's late ESP"
     (timeout,) = _unit_values(text, "Service", "TimeoutStartSec")
     assert _microseconds(timeout) > wait * 1e6 + 60e6, "the unit's timeout must cover the wait"
+
+
+@pytest.mark.parametrize("unit", ["rampart-update.service", "rampart-bootloader.service"])
+def test_db_append_read_only_efivars_in_the_unit_s_sandbox(unit: str) -> None:
+    """Found by testbed scenario 14: the update applies a release's db append before
+    its UKI (a rotation in one release), and in rampart-update.service's sandbox
+    efivarfs was read-only (ProtectSystem=strict, ProtectKernelTunables): EROFS. Each
+    unit that writes db or dbx must list efivarfs as writable and keep the capability
+    that clears the variables' immutable flag."""
+    text = (resources.files("rampart") / f"data/systemd/{unit}").read_text()
+    places = [p.lstrip("-") for p in _unit_values(text, "Service", "ReadWritePaths")]
+    assert "/sys/firmware/efi/efivars" in places, places
+    caps = _unit_values(text, "Service", "CapabilityBoundingSet")
+    assert "CAP_LINUX_IMMUTABLE" in caps, caps
