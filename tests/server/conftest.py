@@ -4,6 +4,7 @@ PostgreSQL cluster started by the tests), and the app in-process."""
 from __future__ import annotations
 
 import secrets
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,3 +119,11 @@ def server(published: Path, db_url: str) -> Iterator[Server]:
     with TestClient(app) as client:
         yield Server(store, client, published, token)
     engine.dispose()
+
+
+@pytest.fixture
+def webroot(published: Path, tmp_path: Path) -> Path:
+    """A copy of the published webroot, for the admin verbs to change."""
+    root = tmp_path / "webroot"
+    shutil.copytree(published, root)
+    return root

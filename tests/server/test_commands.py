@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,6 @@ from rampart.server import db
 from rampart.server.store import Store
 from tests.conftest import run_cli
 from tests.server.conftest import OS
-
-
-@pytest.fixture
-def webroot(published: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "webroot"
-    shutil.copytree(published, root)
-    return root
 
 
 def cli(webroot: Path, *argv: str) -> tuple[int, str, str]:

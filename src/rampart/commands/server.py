@@ -16,6 +16,7 @@ from typing import Any
 from rampart.commands.common import JSON, Arg, Group, Verb, arg, count, print_json, timeout
 from rampart.contracts import wire
 from rampart.errors import LocalError, UsageError
+from rampart.server import roles
 
 
 def seconds(text: str) -> float:
@@ -288,10 +289,19 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     store = _store(args)
-    if args.token_verb == "create":  # noqa: S105 - a verb name, not a password
-        token = store.create_token(args.name)
+    if args.token_verb == "list":  # noqa: S105 - a verb name, not a password
+        listed = store.list_tokens()
         if args.json:
-            _emit({"name": args.name, "token": token})
+            _emit(listed)
+        else:
+            for row in listed:
+                created = _ago(float(str(row["created_at"])))
+                print(f"{row['name']!s:<32} {row['role']!s:<9} created {created}")
+        return 0
+    if args.token_verb == "create":  # noqa: S105 - a verb name, not a password
+        token = store.create_token(args.name, args.role)
+        if args.json:
+            _emit({"name": args.name, "role": args.role, "token": token})
         else:
             print(token)
             print(
@@ -546,6 +556,18 @@ VERBS: list[Group | Verb] = [
         metavar="ACTION",
         func=cmd_token,
     ),
-    leaf(("token", "create"), "a new token", NAME),
+    leaf(
+        ("token", "create"),
+        "a new token",
+        NAME,
+        arg(
+            "--role",
+            choices=roles.ROLES,
+            default=roles.ADMIN,
+            help="what it may do: auditor (read), operator (channels, rollouts, machines), "
+            "admin (everything, tokens too); default admin",
+        ),
+    ),
     leaf(("token", "revoke"), "revoke a token", NAME),
+    leaf(("token", "list"), "the tokens: name, role, when created (never the token)"),
 ]

@@ -106,6 +106,8 @@ tokens = Table(
     Column("name", String(64), primary_key=True),
     Column("digest", String(64), nullable=False, unique=True),  # SHA-256 of the token
     Column("created_at", Float, nullable=False),
+    # rampart.server.roles: auditor, operator or admin
+    Column("role", String(16), nullable=False, server_default="admin"),
 )
 
 # Dashboard sign-ins: the SHA-256 of a random session id (the cookie holds the id), and

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, te
 from sqlalchemy.dialects import postgresql, sqlite
 
 from rampart.errors import ConflictError, UsageError
-from rampart.server import db
+from rampart.server import db, roles
 from rampart.server.rollout import DEFAULT_MIN_FAILING, ChannelState, RolloutState, should_halt
 
 GENERATION = "generation"
@@ -536,15 +536,16 @@ class Store:
 
     # --- tokens ------------------------------------------------------------------------
 
-    def create_token(self, name: str) -> str:
-        """A new admin token; only its SHA-256 is stored. Returned once."""
+    def create_token(self, name: str, role: str = roles.ADMIN) -> str:
+        """A new admin token of `role`; only its SHA-256 is stored. Returned once."""
+        roles.check(role)
         token = "rpt_" + secrets.token_urlsafe(32)
         with self.engine.begin() as conn:
             if conn.execute(select(db.tokens.c.name).where(db.tokens.c.name == name)).first():
                 raise ConflictError(f"a token named {name!r} already exists")
             conn.execute(
                 insert(db.tokens).values(
-                    name=name, digest=token_digest(token), created_at=time.time()
+                    name=name, digest=token_digest(token), created_at=time.time(), role=role
                 )
             )
         return token
@@ -554,9 +555,38 @@ class Store:
             if conn.execute(delete(db.tokens).where(db.tokens.c.name == name)).rowcount == 0:
                 raise UsageError(f"no token named {name!r}")
 
+    def list_tokens(self) -> list[dict[str, object]]:
+        """Each token's name, role and creation time (never its digest), by name."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(db.tokens.c.name, db.tokens.c.role, db.tokens.c.created_at).order_by(
+                    db.tokens.c.name
+                )
+            ).all()
+        return [{"name": r.name, "role": r.role, "created_at": r.created_at} for r in rows]
+
+    def token_roles(self) -> list[tuple[str, str, str]]:
+        """(digest, name, role) of every token, for `token_holder`."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(db.tokens.c.digest, db.tokens.c.name, db.tokens.c.role)
+            ).all()
+        return [(str(r.digest), str(r.name), str(r.role)) for r in rows]
+
     def token_digests(self) -> list[str]:
         with self.engine.connect() as conn:
             return [str(d) for d in conn.execute(select(db.tokens.c.digest)).scalars().all()]
+
+
+def token_holder(token: str, known: Sequence[tuple[str, str, str]]) -> tuple[str, str] | None:
+    """The (name, role) of the token presented, among `known` ((digest, name, role),
+    `Store.token_roles`), or None; every digest is compared, in constant time."""
+    presented = token_digest(token)
+    found = None
+    for digest, name, role in known:
+        if hmac.compare_digest(presented, digest):
+            found = (name, role)
+    return found
 
 
 def token_matches(token: str, digests: Sequence[str]) -> bool:

@@ -1,0 +1,74 @@
+"""Roles of admin tokens (rampart.server.roles): each token carries one, `token
+create --role` sets it, `token list` shows it, and tokens made before roles existed
+are admins after the upgrade."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, text
+
+from rampart.errors import UsageError
+from rampart.server import db, roles
+from rampart.server.store import Store, token_digest, token_holder
+from tests.server.test_commands import cli, js
+
+
+def test_each_role_may_do_what_the_roles_below_it_may() -> None:
+    allowed = {(r, n) for r in roles.ROLES for n in roles.ROLES if roles.allows(r, n)}
+    assert allowed == {
+        ("auditor", "auditor"),
+        ("operator", "auditor"),
+        ("operator", "operator"),
+        ("admin", "auditor"),
+        ("admin", "operator"),
+        ("admin", "admin"),
+    }
+    assert not roles.allows("root", "auditor")
+    with pytest.raises(UsageError, match="role 'root'"):
+        roles.allows("admin", "root")
+
+
+def test_tokens_carry_their_role_and_list_never_shows_them(webroot: Path) -> None:
+    auditor = js(webroot, "token", "create", "audit", "--role", "auditor")
+    assert auditor["role"] == "auditor"
+    admin = js(webroot, "token", "create", "ops")
+    assert admin["role"] == "admin"  # the default
+    listed = js(webroot, "token", "list")
+    assert [(t["name"], t["role"]) for t in listed] == [("audit", "auditor"), ("ops", "admin")]
+    text = cli(webroot, "token", "list")[1]
+    assert auditor["token"] not in text and admin["token"] not in text
+    code, _, err = cli(webroot, "token", "create", "x", "--role", "root")
+    assert code == 2 and "invalid choice" in err
+    store = Store(db.make_engine(db.default_url(webroot)))
+    known = store.token_roles()
+    assert token_holder(auditor["token"], known) == ("audit", "auditor")
+    assert token_holder(admin["token"], known) == ("ops", "admin")
+    assert token_holder("rpt_" + "x" * 43, known) is None
+
+
+def test_upgrade_makes_the_tokens_made_before_roles_admins(db_url: str) -> None:
+    """A database of revision 0003 with a token: it could do everything, and after the
+    upgrade it is an admin."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = db.make_engine(db_url)
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0003")
+        connection.execute(
+            text("INSERT INTO admin_tokens (name, digest, created_at) VALUES ('old', :d, 1.0)"),
+            {"d": token_digest("rpt_old")},
+        )
+    try:
+        db.migrate(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(select(db.tokens.c.name, db.tokens.c.role)).all()
+            conn.execute(insert(db.tokens).values(name="n", digest="d" * 64, created_at=2.0))
+    finally:
+        engine.dispose()
+    assert [(r.name, r.role) for r in rows] == [("old", "admin")]
