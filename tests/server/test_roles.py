@@ -12,6 +12,7 @@ from sqlalchemy import insert, select, text
 from rampart.errors import UsageError
 from rampart.server import db, roles
 from rampart.server.store import Store, token_digest, token_holder
+from tests.server.conftest import OS, Server, machine_id
 from tests.server.test_commands import cli, js
 
 
@@ -72,3 +73,40 @@ def test_upgrade_makes_the_tokens_made_before_roles_admins(db_url: str) -> None:
     finally:
         engine.dispose()
     assert [(r.name, r.role) for r in rows] == [("old", "admin")]
+
+
+def _admin_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route of the admin API and the dashboard (the routers
+    the app includes), path parameters filled in, and /metrics."""
+    from fastapi.routing import APIRoute
+
+    from rampart.server import admin_api, dashboard
+
+    found = []
+    for route in [*admin_api.router.routes, *dashboard.router.routes]:
+        assert isinstance(route, APIRoute)
+        if route.path in ("/admin/login", "/admin/logout"):
+            continue
+        path = route.path.format(os_name=OS, name="stable", machine_id=machine_id(7))
+        found += [(method, path) for method in sorted(route.methods)]
+    return [*found, ("GET", "/metrics")]
+
+
+@pytest.mark.parametrize("role", roles.ROLES)
+def test_each_admin_route_admits_exactly_the_roles_it_needs(server: Server, role: str) -> None:
+    """Per role and endpoint: a token below what a route needs gets 403 before the
+    route runs; one at or above it passes the door (the route may still refuse what
+    it is asked, with another status)."""
+    token = server.store.create_token(f"t-{role}", role)
+    routes = _admin_routes()
+    assert len(routes) >= 12, routes
+    for method, path in routes:
+        response = server.client.request(
+            method, path, headers={"authorization": f"Bearer {token}"}, json={}
+        )
+        needed = roles.needed(method, path)
+        if roles.allows(role, needed):
+            assert response.status_code != 403, (role, method, path, response.text)
+        else:
+            assert response.status_code == 403, (role, method, path, response.text)
+            assert f"needs {needed}" in response.json()["detail"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,8 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 
-from rampart.server import sessions
-from rampart.server.store import Store, token_matches
+from rampart.server import roles, sessions
+from rampart.server.store import Store, token_holder
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,6 +48,22 @@ MAX_FORM_BODY = 4096
 LOGIN, LOGOUT, DASHBOARD = "/admin/login", "/admin/logout", "/admin/"
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 _ADMITTED = "rampart_admin"  # key in the request's state once authenticated
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who the guard admitted: how the token came ("bearer" or "cookie"), its name and
+    its role (rampart.server.roles)."""
+
+    via: str
+    name: str
+    role: str
+
+
+def holder(scope: Scope) -> Holder | None:
+    """Who the guard admitted for this request, if it did."""
+    found = scope.get("state", {}).get(_ADMITTED)
+    return found if isinstance(found, Holder) else None
 
 
 def admitted(scope: Scope) -> bool:
@@ -105,24 +122,8 @@ class AdminGuard:
             if method not in _SAFE and "origin" in headers and not same_origin(headers):
                 await _answer(send, 403, "cross-site request refused: Origin does not match")
                 return
-        else:
-            try:
-                how = await self._authenticate(headers, path)
-            except SQLAlchemyError:
-                await _answer(send, 503, "database unavailable, retry later", text=True)
-                return
-            if how is None:
-                if path == DASHBOARD and method in _SAFE:
-                    await _redirect(send, LOGIN)
-                    return
-                bearer = headers.get("authorization")
-                reason = "invalid token" if bearer or _cookie(headers) else "missing bearer token"
-                await _answer(send, 401, reason, {"www-authenticate": "Bearer"})
-                return
-            if how == "cookie" and method not in _SAFE and not same_origin(headers):
-                await _answer(send, 403, "cross-site request refused: Origin does not match")
-                return
-            scope.setdefault("state", {})[_ADMITTED] = how
+        elif not await self._admit(scope, headers, send):
+            return
         body = await _read_capped(receive, cap)
         if body is None:
             await _answer(send, 413, f"request body larger than {cap} bytes")
@@ -131,19 +132,49 @@ class AdminGuard:
             return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _authenticate(self, headers: Headers, path: str) -> str | None:
-        """ "bearer", "cookie", or None."""
+    async def _admit(self, scope: Scope, headers: Headers, send: Send) -> bool:
+        """Steps 2 and 3, and the role: whether the request may go on (else it was
+        answered)."""
+        path, method = scope["path"], scope["method"]
+        try:
+            how = await self._authenticate(headers, path)
+        except SQLAlchemyError:
+            await _answer(send, 503, "database unavailable, retry later", text=True)
+            return False
+        if how is None:
+            if path == DASHBOARD and method in _SAFE:
+                await _redirect(send, LOGIN)
+                return False
+            bearer = headers.get("authorization")
+            reason = "invalid token" if bearer or _cookie(headers) else "missing bearer token"
+            await _answer(send, 401, reason, {"www-authenticate": "Bearer"})
+            return False
+        if how.via == "cookie" and method not in _SAFE and not same_origin(headers):
+            await _answer(send, 403, "cross-site request refused: Origin does not match")
+            return False
+        role = roles.needed(method, path)
+        if not roles.allows(how.role, role):
+            detail = f"token {how.name!r} is an {how.role}: {method} {path} needs {role}"
+            await _answer(send, 403, detail)
+            return False
+        scope.setdefault("state", {})[_ADMITTED] = how
+        return True
+
+    async def _authenticate(self, headers: Headers, path: str) -> Holder | None:
+        """Who the request comes from (its token's name and role, and how it was
+        presented), or None."""
         header = headers.get("authorization", "")
         if header:
             token = header[7:] if header[:7].lower() == "bearer " else ""
             if not token or len(token) > 256:
                 return None
-            digests = await run_in_threadpool(self.store.token_digests)
-            return "bearer" if token_matches(token, digests) else None
+            known = await run_in_threadpool(self.store.token_roles)
+            found = token_holder(token, known)
+            return None if found is None else Holder("bearer", *found)
         session_id = _cookie(headers)
         if session_id and path.startswith("/admin/"):  # the cookie never opens /metrics
-            valid = await run_in_threadpool(sessions.session_valid, self.store.engine, session_id)
-            return "cookie" if valid else None
+            found = await run_in_threadpool(sessions.session_holder, self.store.engine, session_id)
+            return None if found is None else Holder("cookie", *found)
         return None
 
 

@@ -26,3 +26,18 @@ def check(role: str) -> str:
 def allows(role: str, needed: str) -> bool:
     """Whether a token of `role` may do what needs `needed`."""
     return role in ROLES and ROLES.index(role) >= ROLES.index(check(needed))
+
+
+# Paths whose every method needs an admin (none of today's API: tokens are made with
+# the CLI; the routes that manage them, the attestation policy and admission
+# settings are added under these).
+ADMIN_PREFIXES = ("/admin/api/tokens", "/admin/api/settings")
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def needed(method: str, path: str) -> str:
+    """The least role a request needs: admin under ADMIN_PREFIXES, an auditor to read,
+    an operator to change anything else."""
+    if any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES):
+        return ADMIN
+    return AUDITOR if method in _READS else OPERATOR

@@ -50,16 +50,25 @@ def open_session(engine: Engine, token: str, now: float | None = None) -> str | 
 
 def session_valid(engine: Engine, session_id: str, now: float | None = None) -> bool:
     """Whether the session is open, unexpired, and its token still exists."""
+    return session_holder(engine, session_id, now) is not None
+
+
+def session_holder(
+    engine: Engine, session_id: str, now: float | None = None
+) -> tuple[str, str] | None:
+    """The (name, role) of the token an open, unexpired session was opened with, while
+    that token exists; None otherwise."""
     if not session_id or len(session_id) > MAX_ID:
-        return False
+        return None
     now = time.time() if now is None else now
     query = (
-        select(db.sessions.c.expires_at)
-        .join(db.tokens, db.tokens.c.digest == db.sessions.c.token_digest)
+        select(db.tokens.c.name, db.tokens.c.role)
+        .join(db.sessions, db.tokens.c.digest == db.sessions.c.token_digest)
         .where(and_(db.sessions.c.digest == _digest(session_id), db.sessions.c.expires_at > now))
     )
     with engine.connect() as conn:
-        return conn.execute(query).first() is not None
+        row = conn.execute(query).first()
+    return None if row is None else (str(row.name), str(row.role))
 
 
 def close_session(engine: Engine, session_id: str) -> None:
