@@ -88,7 +88,7 @@ def _admin_routes() -> list[tuple[str, str]]:
         if route.path in ("/admin/login", "/admin/logout"):
             continue
         path = route.path.format(os_name=OS, name="stable", machine_id=machine_id(7))
-        found += [(method, path) for method in sorted(route.methods)]
+        found += [(method, path) for method in sorted(route.methods or ())]
     return [*found, ("GET", "/metrics")]
 
 
