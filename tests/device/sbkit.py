@@ -87,6 +87,11 @@ class Firmware:
         )
         write_variable(self.efivars, "db", lists)
 
+    def secure_boot_on(self) -> None:
+        """The SecureBoot variable, set to 1 as the firmware sets it in user mode."""
+        path = efivars.variable_path(self.efivars, "SecureBoot", efivars.EFI_GLOBAL_VARIABLE)
+        path.write_bytes(struct.pack("<I", 0x06) + b"\x01")
+
     def dbx(self, lists: bytes) -> None:
         write_variable(self.efivars, "dbx", lists)
 

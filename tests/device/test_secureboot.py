@@ -47,8 +47,6 @@ from tests.device.sbkit import (
 )
 from tests.device.test_pcr7 import a_log
 
-SECURE_BOOT_ON = struct.pack("<I", 0x06) + b"\x01"
-
 
 class FirmwareStandIn:
     """SetVariable for authenticated appends to db and dbx, as the firmware does it."""
@@ -285,9 +283,7 @@ def test_an_update_whose_uki_the_firmware_would_refuse_is_not_installed_until_db
     )
     device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url))
     firmware = Firmware(device, keys, bindir)
-    efivars.variable_path(firmware.efivars, "SecureBoot", efivars.EFI_GLOBAL_VARIABLE).write_bytes(
-        SECURE_BOOT_ON
-    )
+    firmware.secure_boot_on()
     before = device.state()
     dev = device.open()
     with pytest.raises(VerificationError, match="verifies with none of the 1 certificates"):
@@ -322,10 +318,7 @@ def test_the_state_key_unseals_at_the_predicted_boot_after_a_db_append_and_not_a
     db_auth = append(tmp_path, keys, "db", "db-add", certificates=[other.cert("db")])
     machine = machine_with({"db": db_auth})
     machine.bless()
-    efi = machine.firmware.efivars
-    efivars.variable_path(efi, "SecureBoot", efivars.EFI_GLOBAL_VARIABLE).write_bytes(
-        SECURE_BOOT_ON
-    )
+    machine.firmware.secure_boot_on()
     authority = pcr7.signature_data(OWNER, der(keys, "db"))  # verifies the loader and UKIs
     log_now = tmp_path / "log-now"
     root = esp_root(machine.device)
@@ -390,9 +383,7 @@ def test_the_prediction_holds_once_the_loader_that_started_this_boot_was_replace
     sign_entries(device, keys)
     firmware = Firmware(device, keys, bindir)
     firmware.db(der(keys, "db"), der(other, "db"))
-    efivars.variable_path(firmware.efivars, "SecureBoot", efivars.EFI_GLOBAL_VARIABLE).write_bytes(
-        SECURE_BOOT_ON
-    )
+    firmware.secure_boot_on()
     standin = FirmwareStandIn(der(keys, "KEK"))
     monkeypatch.setattr(device_secureboot, "write_efivar", standin.write)
     machine = Machine(device, firmware, standin)
@@ -446,9 +437,7 @@ def test_a_release_signed_by_a_new_key_with_its_db_append_applies_it_before_its_
     )  # fmt: skip
     device = larger_slots(make_device(tmp_path / "dev", vendor, pki.ca.cert, served.url))
     firmware = Firmware(device, keys, bindir)
-    efivars.variable_path(firmware.efivars, "SecureBoot", efivars.EFI_GLOBAL_VARIABLE).write_bytes(
-        SECURE_BOOT_ON
-    )
+    firmware.secure_boot_on()
     standin = FirmwareStandIn(der(keys, "KEK"))
     monkeypatch.setattr(device_secureboot, "write_efivar", standin.write)
     dev = device.open()

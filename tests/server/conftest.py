@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
 from rampart.contracts.version import parse_version
 from rampart.release import webroot as webroot_mod
@@ -127,3 +128,16 @@ def webroot(published: Path, tmp_path: Path) -> Path:
     root = tmp_path / "webroot"
     shutil.copytree(published, root)
     return root
+
+
+def upgrade_to(engine: Engine, revision: str) -> None:
+    """Migrate the database of `engine` up to `revision` only (Alembic), as a server
+    of that revision left it: for the tests of the upgrades after it."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, bindparam, event, func, insert, select, text
 from rampart.server import admin, db
 from rampart.server.rollout import in_rollout
 from rampart.server.store import Check, Report, Store
-from tests.server.conftest import OS, machine_id
+from tests.server.conftest import OS, machine_id, upgrade_to
 
 VERSION = "1.0.1"
 HISTORY = 40_000  # checks added between the two measurements
@@ -296,15 +296,8 @@ def test_report_work_does_not_grow_with_the_checks_table(tmp_path: Path, publish
 def test_upgrade_keeps_the_evidence_of_a_rollout_in_progress(db_url: str) -> None:
     """A database of revision 0001 with a rollout in progress: after the upgrade, the
     offers, each machine's latest report after its offer, and the totals are there."""
-    from alembic import command
-    from alembic.config import Config
-
     engine = db.make_engine(db_url)
-    config = Config()
-    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+    upgrade_to(engine, "0001")
     a, b, c = (machine_id(n) for n in (1, 2, 3))
     check = {"os": OS, "version": "1.0.0", "channel": "stable", "address": None}
     report = {"os": OS, "from_version": "1.0.0", "to_version": VERSION, "error": ""}

@@ -12,7 +12,7 @@ from sqlalchemy import insert, select, text
 from rampart.errors import UsageError
 from rampart.server import db, roles
 from rampart.server.store import Store, token_digest, token_holder
-from tests.server.conftest import OS, Server, machine_id
+from tests.server.conftest import OS, Server, machine_id, upgrade_to
 from tests.server.test_commands import cli, js
 
 
@@ -52,15 +52,9 @@ def test_tokens_carry_their_role_and_list_never_shows_them(webroot: Path) -> Non
 def test_upgrade_makes_the_tokens_made_before_roles_admins(db_url: str) -> None:
     """A database of revision 0003 with a token: it could do everything, and after the
     upgrade it is an admin."""
-    from alembic import command
-    from alembic.config import Config
-
     engine = db.make_engine(db_url)
-    config = Config()
-    config.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    upgrade_to(engine, "0003")
     with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0003")
         connection.execute(
             text("INSERT INTO admin_tokens (name, digest, created_at) VALUES ('old', :d, 1.0)"),
             {"d": token_digest("rpt_old")},
