@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from rampart.contracts.version import parse_version
 from rampart.release import webroot as webroot_mod
-from rampart.server import admin, db
+from rampart.server import admin, audit, db
 from rampart.server.app import Settings, create_app
 from rampart.server.store import Store
 from rampart.testbed import services
@@ -112,7 +112,7 @@ def server(published: Path, db_url: str) -> Iterator[Server]:
     db.migrate(engine)
     store = Store(engine)
     admin.bootstrap(store, published)
-    token = store.create_token("tests")
+    token = store.create_token("tests", by=audit.cli_actor())
     # One client address introduces hundreds of machines here: no newcomer limit.
     settings = Settings(published, flush_interval=0.02, cache_ttl=0.0)
     settings.new_machines_per_hour = 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from rampart.server import db
+from rampart.server import audit, db
 from rampart.testbed.services import Pki, RampartServe, free_port
 from tests.server.conftest import OS, Server
 from tests.server.test_dashboard_browser import RAMPART, make_webroot, rampart
@@ -360,7 +360,7 @@ def test_stolen_cookie_is_dead_after_it_expires(server: Server) -> None:
 
 def test_stolen_cookie_is_dead_once_its_token_is_revoked(server: Server) -> None:
     session_id = sign_in(server)
-    server.store.revoke_token("tests")
+    server.store.revoke_token("tests", by=audit.cli_actor())
     assert server.client.get("/admin/api/fleet", headers=with_cookie(session_id)).status_code == 401
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, event, func, insert, select, text
 
-from rampart.server import admin, db
+from rampart.server import admin, audit, db
 from rampart.server.rollout import in_rollout
 from rampart.server.store import Check, Report, Store
 from tests.server.conftest import OS, machine_id, upgrade_to
@@ -35,7 +35,15 @@ def _rollout(
         [Check(m, OS, "1.0.0", "stable", "1.0.0", now - 10, None) for m in machines]
     )
     admin.start_rollout(
-        store, published, OS, "stable", VERSION, 50, min_reports=min_reports, **limits
+        store,
+        published,
+        OS,
+        "stable",
+        VERSION,
+        50,
+        min_reports=min_reports,
+        **limits,
+        by=audit.cli_actor(),
     )
     inside = [m for m in machines if in_rollout(m, VERSION, 50)]
     store.record_checks(

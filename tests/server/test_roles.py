@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import insert, select, text
 
 from rampart.errors import UsageError
-from rampart.server import db, roles
+from rampart.server import audit, db, roles
 from rampart.server.store import Store, token_digest, token_holder
 from tests.server.conftest import OS, Server, machine_id, upgrade_to
 from tests.server.test_commands import cli, js
@@ -91,7 +91,7 @@ def test_each_admin_route_admits_exactly_the_roles_it_needs(server: Server, role
     """Per role and endpoint: a token below what a route needs gets 403 before the
     route runs; one at or above it passes the door (the route may still refuse what
     it is asked, with another status)."""
-    token = server.store.create_token(f"t-{role}", role)
+    token = server.store.create_token(f"t-{role}", role, by=audit.cli_actor())
     routes = _admin_routes()
     assert len(routes) >= 12, routes
     for method, path in routes:

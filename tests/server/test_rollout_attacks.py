@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from rampart.server import admin, db
+from rampart.server import admin, audit, db
 from rampart.server.rollout import in_rollout
 from rampart.server.store import Store
 from rampart.testbed.services import RampartServe
@@ -69,7 +69,9 @@ class Rollout:
         return str(self.store.channel_row(OS, "stable")["rollout_state"])
 
     def start(self) -> None:
-        admin.start_rollout(self.store, self.webroot, OS, "stable", VERSION, PERCENT)
+        admin.start_rollout(
+            self.store, self.webroot, OS, "stable", VERSION, PERCENT, by=audit.cli_actor()
+        )
 
 
 def fleet_address(n: int) -> str:

@@ -39,7 +39,7 @@ from rampart.contracts import tufrepo as repo
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.release import tufrepo as release_tufrepo
-from rampart.server import admin, db, signer
+from rampart.server import admin, audit, db, signer
 from rampart.server.app import Settings, create_app
 from rampart.server.rollout import ChannelState
 from rampart.server.store import Store
@@ -188,7 +188,7 @@ def signing_server(
     db.migrate(engine)
     store = Store(engine)
     admin.bootstrap(store, tuf_repo.webroot)
-    token = store.create_token("tests")
+    token = store.create_token("tests", by=audit.cli_actor())
     settings = Settings(tuf_repo.webroot, flush_interval=0.02, cache_ttl=0.0)
     settings.new_machines_per_hour = 0
     if keys:

@@ -31,6 +31,7 @@ LISTING = (
     "machine",
     "fleet",
     "token",
+    "audit",
     "build",
     "inspect",
     "keys",

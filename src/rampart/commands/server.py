@@ -7,6 +7,7 @@ upgrades its schema, and calls one function of rampart.server.admin.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 from rampart.commands.common import JSON, Arg, Group, Verb, arg, count, print_json, timeout
 from rampart.contracts import wire
-from rampart.errors import LocalError, UsageError
+from rampart.errors import AuditError, LocalError, UsageError
 from rampart.server import roles
 
 
@@ -162,9 +163,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_channel(args: argparse.Namespace) -> int:
-    from rampart.server import admin
+    from rampart.server import admin, audit
 
     store = _store(args)
+    by = audit.cli_actor()
     action = args.channel_verb
     if action == "list":
         rows = store.channel_rows()
@@ -176,10 +178,12 @@ def cmd_channel(args: argparse.Namespace) -> int:
         return 0
     if action == "create":
         state = admin.create_channel(
-            store, args.webroot, args.os, args.name, args.version, args.default
+            store, args.webroot, args.os, args.name, args.version, args.default, by=by
         )
     elif action == "set":
-        state = admin.set_version(store, args.webroot, args.os, args.name, args.version, args.force)
+        state = admin.set_version(
+            store, args.webroot, args.os, args.name, args.version, args.force, by=by
+        )
     else:
         step = args.rollout_verb
         if step == "start":
@@ -193,25 +197,26 @@ def cmd_channel(args: argparse.Namespace) -> int:
                 args.failure_threshold,
                 args.min_reports,
                 args.min_failing,
+                by=by,
             )
         elif step == "raise":
-            state = admin.raise_rollout(store, args.os, args.name, args.percent)
+            state = admin.raise_rollout(store, args.os, args.name, args.percent, by=by)
         elif step == "pause":
-            state = admin.pause_rollout(store, args.os, args.name)
+            state = admin.pause_rollout(store, args.os, args.name, by=by)
         else:
-            state = admin.resume_rollout(store, args.os, args.name)
+            state = admin.resume_rollout(store, args.os, args.name, by=by)
     return _print_channel(args, state)
 
 
 def cmd_machine(args: argparse.Namespace) -> int:
-    from rampart.server import admin
+    from rampart.server import admin, audit
 
     store = _store(args)
     if args.machine_verb == "assign":
         channel = None if args.default else args.channel
         if channel is None and not args.default:
             raise UsageError("give --channel C or --default")
-        admin.assign(store, args.machine_id, args.os, channel)
+        admin.assign(store, args.machine_id, args.os, channel, by=audit.cli_actor())
         if args.json:
             _emit({"machine_id": args.machine_id, "os": args.os, "channel": channel})
         else:
@@ -288,6 +293,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from rampart.server import audit
+
     store = _store(args)
     if args.token_verb == "list":  # noqa: S105 - a verb name, not a password
         listed = store.list_tokens()
@@ -299,7 +306,7 @@ def cmd_token(args: argparse.Namespace) -> int:
                 print(f"{row['name']!s:<32} {row['role']!s:<9} created {created}")
         return 0
     if args.token_verb == "create":  # noqa: S105 - a verb name, not a password
-        token = store.create_token(args.name, args.role)
+        token = store.create_token(args.name, args.role, by=audit.cli_actor())
         if args.json:
             _emit({"name": args.name, "role": args.role, "token": token})
         else:
@@ -310,8 +317,68 @@ def cmd_token(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 0
-    store.revoke_token(args.name)
+    store.revoke_token(args.name, by=audit.cli_actor())
     print(f"token {args.name!r} revoked")
+    return 0
+
+
+def _audit_text(entry: dict[str, Any]) -> str:
+    from rampart.server.audit import described
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at"]))
+    who = f"{entry['name']} ({entry['role']}, {entry['via']}"
+    who += f" from {entry['address']})" if entry.get("address") else ")"
+    change = ""
+    if entry.get("before") is not None or entry.get("after") is not None:
+        change = f": {described(entry['before'])} -> {described(entry['after'])}"
+    return f"{entry['seq']:>6} {when}Z {who} {entry['action']} {entry['target']}{change}"
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    if args.audit_verb == "log":
+        return _audit_log(args)
+    return _audit_verify(args)
+
+
+def _audit_log(args: argparse.Namespace) -> int:
+    from rampart.server import audit
+
+    engine = _store(args).engine
+    since = args.since
+    if since is None and not args.all:
+        newest = audit.entries(engine, args.limit)
+        since = newest[-1]["seq"] - 1 if newest else 0
+    for line in audit.export(engine, since or 0):
+        # JSON lines, oldest first: the export (docs/formats.md)
+        print(line if args.json else _audit_text(json.loads(line)["entry"]))
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from rampart.server import audit
+
+    expect = audit.parse_anchor(args.expect) if args.expect else None
+    if args.file is not None:
+        try:
+            with args.file.open(encoding="utf-8") as lines:
+                verdict = audit.verify_export(lines, str(args.file), expect)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocalError(f"{args.file}: cannot read the export: {exc}") from None
+        where = str(args.file)
+    else:
+        if args.webroot is None:
+            raise UsageError("give --webroot DIR (the server's database) or --file EXPORT")
+        verdict = audit.verify(_store(args).engine, expect)
+        where = "the audit trail"
+    if args.json:
+        _emit(verdict.as_dict())
+    elif not verdict.problems:
+        print(
+            f"{where}: intact, {verdict.entries} entries; anchor {verdict.seq}:{verdict.hash} "
+            "(keep it elsewhere; --expect checks it later)"
+        )
+    if verdict.problems:
+        raise AuditError(f"{where}: {len(verdict.problems)} problem(s) found", verdict.problems)
     return 0
 
 
@@ -570,4 +637,38 @@ VERBS: list[Group | Verb] = [
     ),
     leaf(("token", "revoke"), "revoke a token", NAME),
     leaf(("token", "list"), "the tokens: name, role, when created (never the token)"),
+    Group(
+        ("audit",),
+        "the audit trail: who changed what, and its verification",
+        "Every state-changing action (channels, rollouts, machines, tokens, dashboard "
+        "sessions, auto-halts) is an entry of an append-only, hash-chained log in the "
+        "database: who (name, role, how, from where), what, when, before and after.",
+        dest="audit_verb",
+        metavar="ACTION",
+        func=cmd_audit,
+    ),
+    leaf(
+        ("audit", "log"),
+        "show the audit trail (--json: JSON lines, the export)",
+        arg("--limit", type=count, default=50, metavar="N", help="the newest N (default 50)"),
+        arg("--since", type=count, metavar="SEQ", help="every entry after entry SEQ"),
+        arg("--all", action="store_true", help="every entry"),
+    ),
+    Verb(
+        ("audit", "verify"),
+        "check the hash chain: altered, removed or reordered entries",
+        "Walk the audit trail (in the database, or an export made with `audit log --json "
+        "--all`) and check each entry against the one before it. Prints an anchor "
+        "(SEQ:HASH) to keep elsewhere: --expect checks a later log still holds it, which "
+        "finds a chain rewritten by someone who could write the database. Exit 5 with "
+        "one line per problem.",
+        None,
+        (
+            ADMIN_JSON,
+            arg("--webroot", type=Path, metavar="DIR", help="the server's webroot (its database)"),
+            SERVER_OPTIONS[1],
+            arg("--file", type=Path, metavar="EXPORT", help="check an export instead"),
+            arg("--expect", metavar="SEQ:HASH", help="an anchor printed by an earlier verify"),
+        ),
+    ),
 ]

@@ -10,6 +10,8 @@ from typing import Any
 from rampart.contracts import wire
 from rampart.contracts.version import parse_version
 from rampart.errors import ConflictError, UsageError
+from rampart.server import audit
+from rampart.server.audit import Actor
 from rampart.server.rollout import ChannelState, RolloutState
 from rampart.server.store import Store
 
@@ -43,24 +45,42 @@ def bootstrap(store: Store, webroot: Path) -> list[ChannelState]:
             continue
         created.append(
             store.create_channel(
-                static.os_name, name, static.version.core, default=static.name is None
+                static.os_name,
+                name,
+                static.version.core,
+                default=static.name is None,
+                by=audit.SERVER,
             )
         )
     return created
 
 
 def create_channel(
-    store: Store, webroot: Path, os_name: str, name: str, version: str | None, default: bool
+    store: Store,
+    webroot: Path,
+    os_name: str,
+    name: str,
+    version: str | None,
+    default: bool,
+    *,
+    by: Actor,
 ) -> ChannelState:
     wire.check_name(os_name, "OS name")
     wire.check_name(name, "channel name")
     if version is not None:
         version = check_published(webroot, os_name, version)
-    return store.create_channel(os_name, name, version, default)
+    return store.create_channel(os_name, name, version, default, by=by)
 
 
 def set_version(
-    store: Store, webroot: Path, os_name: str, name: str, version: str, force: bool = False
+    store: Store,
+    webroot: Path,
+    os_name: str,
+    name: str,
+    version: str,
+    force: bool = False,
+    *,
+    by: Actor,
 ) -> ChannelState:
     """Point a channel at a published version (not backwards unless `force`)."""
     version = check_published(webroot, os_name, version)
@@ -79,7 +99,7 @@ def set_version(
         values.update(
             rollout_version=None, rollout_percent=0.0, rollout_state=RolloutState.NONE.value
         )
-    return store.update_channel(os_name, name, **values)
+    return store.update_channel(os_name, name, action="channel.version", by=by, **values)
 
 
 def _check_percent(percent: float) -> float:
@@ -98,6 +118,8 @@ def start_rollout(
     failure_threshold: float | None = None,
     min_reports: int | None = None,
     min_failing: int | None = None,
+    *,
+    by: Actor,
 ) -> ChannelState:
     """Offer `version` to `percent` % of the channel's machines."""
     version = check_published(webroot, os_name, version)
@@ -133,14 +155,16 @@ def start_rollout(
             raise UsageError("minimum number of failing machines must be at least 1")
         values["min_failing"] = min_failing
     if percent >= 100:
-        return _complete(store, os_name, name, version)
-    return store.update_channel(os_name, name, **values)
+        return _complete(store, os_name, name, version, by)
+    return store.update_channel(os_name, name, action="rollout.start", by=by, **values)
 
 
-def _complete(store: Store, os_name: str, name: str, version: str) -> ChannelState:
+def _complete(store: Store, os_name: str, name: str, version: str, by: Actor) -> ChannelState:
     return store.update_channel(
         os_name,
         name,
+        action="rollout.complete",
+        by=by,
         version=version,
         rollout_version=None,
         rollout_percent=0.0,
@@ -148,7 +172,9 @@ def _complete(store: Store, os_name: str, name: str, version: str) -> ChannelSta
     )
 
 
-def raise_rollout(store: Store, os_name: str, name: str, percent: float) -> ChannelState:
+def raise_rollout(
+    store: Store, os_name: str, name: str, percent: float, *, by: Actor
+) -> ChannelState:
     """Raise (never lower) the share of machines offered the rollout; 100 completes it."""
     percent = _check_percent(percent)
     current = store.channel_row(os_name, name)
@@ -160,26 +186,32 @@ def raise_rollout(store: Store, os_name: str, name: str, percent: float) -> Chan
             "away from machines already offered it (pause the rollout instead)"
         )
     if percent >= 100:
-        return _complete(store, os_name, name, current["rollout_version"])
-    return store.update_channel(os_name, name, rollout_percent=percent)
+        return _complete(store, os_name, name, current["rollout_version"], by)
+    return store.update_channel(
+        os_name, name, action="rollout.raise", by=by, rollout_percent=percent
+    )
 
 
-def pause_rollout(store: Store, os_name: str, name: str) -> ChannelState:
+def pause_rollout(store: Store, os_name: str, name: str, *, by: Actor) -> ChannelState:
     current = store.channel_row(os_name, name)
     if current["rollout_version"] is None:
         raise ConflictError(f"channel {name} has no rollout in progress")
-    return store.update_channel(os_name, name, rollout_state=RolloutState.PAUSED.value)
+    return store.update_channel(
+        os_name, name, action="rollout.pause", by=by, rollout_state=RolloutState.PAUSED.value
+    )
 
 
-def resume_rollout(store: Store, os_name: str, name: str) -> ChannelState:
+def resume_rollout(store: Store, os_name: str, name: str, *, by: Actor) -> ChannelState:
     current = store.channel_row(os_name, name)
     if current["rollout_version"] is None:
         raise ConflictError(f"channel {name} has no rollout in progress")
-    return store.update_channel(os_name, name, rollout_state=RolloutState.ACTIVE.value)
+    return store.update_channel(
+        os_name, name, action="rollout.resume", by=by, rollout_state=RolloutState.ACTIVE.value
+    )
 
 
-def assign(store: Store, machine_id: str, os_name: str, channel: str | None) -> None:
-    store.assign(wire.check_machine_id(machine_id), channel, os_name)
+def assign(store: Store, machine_id: str, os_name: str, channel: str | None, *, by: Actor) -> None:
+    store.assign(wire.check_machine_id(machine_id), channel, os_name, by=by)
 
 
 def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from rampart.server import admin, signer
+from rampart.server import admin, audit, signer
 from rampart.server.rollout import ChannelState
-from rampart.server.state import Server, require_admin
+from rampart.server.state import By, Server, require_admin
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 
@@ -70,7 +70,7 @@ async def list_channels(server: Server) -> list[dict[str, Any]]:
 
 
 @router.post("/admin/api/channels", status_code=201, tags=["channels"])
-async def create_channel(body: ChannelCreate, server: Server) -> dict[str, Any]:
+async def create_channel(body: ChannelCreate, server: Server, by: By) -> dict[str, Any]:
     return state(
         await run_in_threadpool(
             admin.create_channel,
@@ -80,22 +80,32 @@ async def create_channel(body: ChannelCreate, server: Server) -> dict[str, Any]:
             body.name,
             body.version,
             body.default,
+            by=by,
         )
     )
 
 
 @router.put("/admin/api/channels/{os_name}/{name}/version", tags=["channels"])
-async def set_version(os_name: str, name: str, body: VersionSet, server: Server) -> dict[str, Any]:
+async def set_version(
+    os_name: str, name: str, body: VersionSet, server: Server, by: By
+) -> dict[str, Any]:
     return state(
         await run_in_threadpool(
-            admin.set_version, server.store, server.webroot, os_name, name, body.version, body.force
+            admin.set_version,
+            server.store,
+            server.webroot,
+            os_name,
+            name,
+            body.version,
+            body.force,
+            by=by,
         )
     )
 
 
 @router.post("/admin/api/channels/{os_name}/{name}/rollout", tags=["rollouts"])
 async def start_rollout(
-    os_name: str, name: str, body: RolloutStart, server: Server
+    os_name: str, name: str, body: RolloutStart, server: Server, by: By
 ) -> dict[str, Any]:
     return state(
         await run_in_threadpool(
@@ -109,32 +119,35 @@ async def start_rollout(
             body.failure_threshold,
             body.min_reports,
             body.min_failing,
+            by=by,
         )
     )
 
 
 @router.post("/admin/api/channels/{os_name}/{name}/rollout/raise", tags=["rollouts"])
 async def raise_rollout(
-    os_name: str, name: str, body: RolloutRaise, server: Server
+    os_name: str, name: str, body: RolloutRaise, server: Server, by: By
 ) -> dict[str, Any]:
     return state(
-        await run_in_threadpool(admin.raise_rollout, server.store, os_name, name, body.percent)
+        await run_in_threadpool(
+            admin.raise_rollout, server.store, os_name, name, body.percent, by=by
+        )
     )
 
 
 @router.post("/admin/api/channels/{os_name}/{name}/rollout/pause", tags=["rollouts"])
-async def pause_rollout(os_name: str, name: str, server: Server) -> dict[str, Any]:
-    return state(await run_in_threadpool(admin.pause_rollout, server.store, os_name, name))
+async def pause_rollout(os_name: str, name: str, server: Server, by: By) -> dict[str, Any]:
+    return state(await run_in_threadpool(admin.pause_rollout, server.store, os_name, name, by=by))
 
 
 @router.post("/admin/api/channels/{os_name}/{name}/rollout/resume", tags=["rollouts"])
-async def resume_rollout(os_name: str, name: str, server: Server) -> dict[str, Any]:
-    return state(await run_in_threadpool(admin.resume_rollout, server.store, os_name, name))
+async def resume_rollout(os_name: str, name: str, server: Server, by: By) -> dict[str, Any]:
+    return state(await run_in_threadpool(admin.resume_rollout, server.store, os_name, name, by=by))
 
 
 @router.put("/admin/api/machines/{machine_id}/channel", tags=["machines"])
-async def assign(machine_id: str, body: Assignment, server: Server) -> dict[str, Any]:
-    await run_in_threadpool(admin.assign, server.store, machine_id, body.os, body.channel)
+async def assign(machine_id: str, body: Assignment, server: Server, by: By) -> dict[str, Any]:
+    await run_in_threadpool(admin.assign, server.store, machine_id, body.os, body.channel, by=by)
     return {"machine_id": machine_id, "os": body.os, "channel": body.channel}
 
 
@@ -146,6 +159,22 @@ async def list_machines(server: Server) -> list[dict[str, Any]]:
 @router.get("/admin/api/fleet", tags=["fleet"])
 async def fleet_view(server: Server, silent_days: float = 7.0) -> dict[str, Any]:
     return await run_in_threadpool(admin.fleet, server.store, silent_days)
+
+
+@router.get("/admin/api/audit", tags=["audit"])
+async def audit_log(
+    server: Server, limit: int = Query(50, ge=1, le=1000), before: int | None = None
+) -> list[dict[str, Any]]:
+    """The newest entries of the audit trail (older than `before`), newest first."""
+    return await run_in_threadpool(audit.entries, server.store.engine, limit, before)
+
+
+@router.get("/admin/api/audit/verify", tags=["audit"])
+async def audit_verify(server: Server) -> dict[str, Any]:
+    """Walk the whole audit trail: intact or not, the problems, and the last entry's
+    number and hash (an anchor)."""
+    verdict = await run_in_threadpool(audit.verify, server.store.engine)
+    return verdict.as_dict()
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -1,7 +1,8 @@
 """The fleet dashboard: one read-only HTML page, behind the admin token.
 
 Per channel its target and rollout, a bar chart of machines per version (inline
-SVG: no script, no external asset), last-seen ages and recent failures. A
+SVG: no script, no external asset), last-seen ages, recent failures, the newest
+entries of the audit trail, and who is signed in with which role. A
 browser signs in by posting a token to /admin/login, which opens a session
 (rampart.server.sessions) and sets an HttpOnly, SameSite=Strict cookie holding the
 session's id, never the token; /admin/logout closes it. The guard
@@ -19,10 +20,11 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from rampart.server import admin, sessions
-from rampart.server.guard import COOKIE
+from rampart.server import admin, audit, sessions
+from rampart.server.guard import COOKIE, Holder, holder
 from rampart.server.state import Server, require_admin
 
+TRAIL = 20  # entries of the audit trail on the page
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#1d2433;background:#f7f8fa}
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
@@ -74,14 +76,27 @@ def _chart(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def render(view: dict[str, Any], now: float) -> str:
-    """The dashboard page for a fleet view (rampart.server.admin.fleet)."""
+def render(
+    view: dict[str, Any],
+    now: float,
+    who: Holder | None = None,
+    trail: list[dict[str, Any]] | None = None,
+) -> str:
+    """The dashboard page for a fleet view (rampart.server.admin.fleet), signed in as
+    `who`, with the newest entries of the audit trail."""
     counts = view["counts"]
+    signed_in = ""
+    if who is not None:
+        signed_in = (
+            f"<p class=muted>Signed in as <b id=who>{_e(who.name)}</b> "
+            f"(<span id=role>{_e(who.role)}</span>).</p>"
+        )
     out = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         "<meta name=viewport content='width=device-width'>",
         f"<title>Rampart fleet</title><style>{_STYLE}</style></head><body>",
         "<h1>Rampart fleet</h1>",
+        signed_in,
         f"<div class=card>machines<b id=machines>{view['machines']}</b></div>",
         f"<div class=card>checks<b id=checks>{counts.get('checks', 0)}</b></div>",
         f"<div class=card>successful installs<b class=ok>{counts.get('reports_success', 0)}</b>"
@@ -132,10 +147,34 @@ def render(view: dict[str, Any], now: float) -> str:
         )
     if not view["recent_failures"]:
         out.append("<tr><td colspan=4 class=muted>none</td></tr>")
+    out.append("</table>")
+    out.append(_trail(trail or [], now))
     out.append(
-        "</table><form method=post action=/admin/logout><button id=logout>Sign out</button>"
+        "<form method=post action=/admin/logout><button id=logout>Sign out</button>"
         "</form></body></html>"
     )
+    return "".join(out)
+
+
+def _trail(entries: list[dict[str, Any]], now: float) -> str:
+    """The newest entries of the audit trail (`rampart audit log` has them all)."""
+    out = [
+        "<h2>Audit trail</h2><table id=audit><tr><th>#</th><th>when</th><th>who</th>"
+        "<th>action</th><th>target</th><th>change</th></tr>"
+    ]
+    for entry in entries:
+        who = f"{entry['name']} ({entry['role']}, {entry['via']})"
+        if entry.get("address"):
+            who += f" from {entry['address']}"
+        change = f"{audit.described(entry['before'])} → {audit.described(entry['after'])}"
+        out.append(
+            f"<tr><td>{entry['seq']}</td><td>{_age(entry['at'], now)}</td><td>{_e(who)}</td>"
+            f"<td>{_e(entry['action'])}</td><td><code>{_e(entry['target'])}</code></td>"
+            f"<td>{_e(change)}</td></tr>"
+        )
+    if not entries:
+        out.append("<tr><td colspan=6 class=muted>none</td></tr>")
+    out.append("</table>")
     return "".join(out)
 
 
@@ -160,7 +199,10 @@ async def login_form() -> HTMLResponse:
 async def login(request: Request, server: Server) -> Response:
     body = await request.body()  # at most guard.MAX_FORM_BODY bytes
     token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
-    session_id = await run_in_threadpool(sessions.open_session, server.store.engine, token)
+    address = request.client.host if request.client else None
+    session_id = await run_in_threadpool(
+        sessions.open_session, server.store.engine, token, None, address
+    )
     if session_id is None:
         page = _LOGIN.replace("{message}", "<p class=bad>Invalid token.</p>")
         return HTMLResponse(page, status_code=401)
@@ -183,7 +225,8 @@ async def login(request: Request, server: Server) -> Response:
 async def logout(request: Request, server: Server) -> Response:
     session_id = request.cookies.get(COOKIE)
     if session_id:
-        await run_in_threadpool(sessions.close_session, server.store.engine, session_id)
+        address = request.client.host if request.client else None
+        await run_in_threadpool(sessions.close_session, server.store.engine, session_id, address)
     response = RedirectResponse("/admin/login", status_code=303)
     response.delete_cookie(COOKIE, path="/admin", secure=True, httponly=True, samesite="strict")
     return response
@@ -196,4 +239,6 @@ async def page(request: Request, server: Server, silent_days: float = 7.0) -> Re
     except HTTPException:
         return RedirectResponse("/admin/login", status_code=303)
     view = await run_in_threadpool(admin.fleet, server.store, silent_days)
-    return HTMLResponse(render(view, time.time()))
+    trail = await run_in_threadpool(audit.entries, server.store.engine, TRAIL)
+    who = holder(request.scope)
+    return HTMLResponse(render(view, time.time(), who, trail))

@@ -159,6 +159,32 @@ rollout_tallies = Table(
     Column("failures", Integer, nullable=False),  # of which the latest report failed
 )
 
+# The audit trail (rampart.server.audit): append-only (triggers refuse UPDATE and
+# DELETE), each entry's canonical JSON in `entry`, chained by SHA-256; the columns beside
+# it are copies for queries. `audit_head` (one row, id 1) holds the last seq and hash.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", _ID, primary_key=True, autoincrement=False),
+    Column("at", Float, nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(256), nullable=False),
+    Column("entry", Text, nullable=False),
+    Column("prev", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_log_at", "at"),
+)
+
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
 server_state = Table(
     "server_state",
     metadata,

@@ -18,6 +18,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Request
 
 from rampart.server import guard
+from rampart.server.audit import Actor
 from rampart.server.fleet import Fleet
 from rampart.server.recorder import Recorder, prune_checks
 from rampart.server.rollout import DEFAULT_NEW_MACHINES_PER_HOUR
@@ -123,3 +124,16 @@ async def require_admin(request: Request) -> None:
     # before its body is read; this only refuses a route it did not guard.
     if not guard.admitted(request.scope):
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def actor_of(request: Request) -> Actor:
+    """The dependency: who makes this administrative request, for the audit trail (the
+    token the guard admitted, and the client's address)."""
+    found = guard.holder(request.scope)
+    if found is None:
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    address = request.client.host if request.client else None
+    return Actor(found.via, found.name, found.role, address)
+
+
+By = Annotated[Actor, Depends(actor_of)]

@@ -22,7 +22,8 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, te
 from sqlalchemy.dialects import postgresql, sqlite
 
 from rampart.errors import ConflictError, UsageError
-from rampart.server import db, roles
+from rampart.server import audit, db, roles
+from rampart.server.audit import Actor
 from rampart.server.rollout import DEFAULT_MIN_FAILING, ChannelState, RolloutState, should_halt
 
 GENERATION = "generation"
@@ -345,6 +346,19 @@ class Store:
                 .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
             )
             self._bump(conn)
+            audit.record(
+                conn,
+                audit.SERVER,
+                "rollout.halt",
+                f"{os_name}/{row.name}",
+                {"rollout_state": RolloutState.ACTIVE.value},
+                {
+                    "rollout_state": RolloutState.HALTED.value,
+                    "rollout_version": version,
+                    "machines": machines,
+                    "failures": failures,
+                },
+            )
         return halts
 
     def prune_checks(self, before: float, chunk: int = 10_000) -> int:
@@ -379,16 +393,17 @@ class Store:
         )
         conn.execute(stmt)
 
-    def _get_channel(self, conn: Any, os_name: str, name: str) -> Any:
-        row = conn.execute(
-            select(db.channels).where(and_(db.channels.c.os == os_name, db.channels.c.name == name))
-        ).first()
+    def _get_channel(self, conn: Any, os_name: str, name: str, lock: bool = False) -> Any:
+        query = select(db.channels).where(
+            and_(db.channels.c.os == os_name, db.channels.c.name == name)
+        )
+        row = conn.execute(query.with_for_update() if lock else query).first()
         if row is None:
             raise UsageError(f"unknown channel {name!r} for {os_name}")
         return row
 
     def create_channel(
-        self, os_name: str, name: str, version: str | None, default: bool = False
+        self, os_name: str, name: str, version: str | None, default: bool = False, *, by: Actor
     ) -> ChannelState:
         with self.engine.begin() as conn:
             exists = conn.execute(
@@ -423,18 +438,27 @@ class Store:
                 )
             )
             self._bump(conn)
-            return _channel(self._get_channel(conn, os_name, name))
+            row = self._get_channel(conn, os_name, name)
+            audit.record(conn, by, "channel.create", f"{os_name}/{name}", None, _audited(row))
+            return _channel(row)
 
-    def update_channel(self, os_name: str, name: str, **values: Any) -> ChannelState:
+    def update_channel(
+        self, os_name: str, name: str, *, action: str, by: Actor, **values: Any
+    ) -> ChannelState:
+        """Change a channel's columns; the audit trail gets `action` by `by`, with the
+        values that changed."""
         with self.engine.begin() as conn:
-            self._get_channel(conn, os_name, name)
+            before = self._get_channel(conn, os_name, name, lock=True)
             conn.execute(
                 update(db.channels)
                 .where(and_(db.channels.c.os == os_name, db.channels.c.name == name))
                 .values(updated_at=time.time(), **values)
             )
             self._bump(conn)
-            return _channel(self._get_channel(conn, os_name, name))
+            after = self._get_channel(conn, os_name, name)
+            old, new = audit.changes(_audited(before), _audited(after))
+            audit.record(conn, by, action, f"{os_name}/{name}", old, new)
+            return _channel(after)
 
     def channel_row(self, os_name: str, name: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -447,10 +471,15 @@ class Store:
             ).all()
         return [dict(r._mapping) for r in rows]
 
-    def assign(self, machine_id: str, channel: str | None, os_name: str) -> None:
+    def assign(self, machine_id: str, channel: str | None, os_name: str, *, by: Actor) -> None:
         with self.engine.begin() as conn:
             if channel is not None:
                 self._get_channel(conn, os_name, channel)
+            known = conn.execute(
+                select(db.machines.c.os, db.machines.c.channel)
+                .where(db.machines.c.machine_id == machine_id)
+                .with_for_update()
+            ).first()
             stmt = self._insert(db.machines).values(
                 machine_id=machine_id, os=os_name, channel=channel
             )
@@ -459,6 +488,10 @@ class Store:
             )
             conn.execute(stmt)
             self._bump(conn)
+            before = None if known is None else {"os": known.os, "channel": known.channel}
+            audit.record(
+                conn, by, "machine.assign", machine_id, before, {"os": os_name, "channel": channel}
+            )
 
     def machines(
         self, limit: int = 10_000, seen_before: float | None = None
@@ -536,7 +569,7 @@ class Store:
 
     # --- tokens ------------------------------------------------------------------------
 
-    def create_token(self, name: str, role: str = roles.ADMIN) -> str:
+    def create_token(self, name: str, role: str = roles.ADMIN, *, by: Actor) -> str:
         """A new admin token of `role`; only its SHA-256 is stored. Returned once."""
         roles.check(role)
         token = "rpt_" + secrets.token_urlsafe(32)
@@ -548,12 +581,17 @@ class Store:
                     name=name, digest=token_digest(token), created_at=time.time(), role=role
                 )
             )
+            audit.record(conn, by, "token.create", name, None, {"role": role})
         return token
 
-    def revoke_token(self, name: str) -> None:
+    def revoke_token(self, name: str, *, by: Actor) -> None:
         with self.engine.begin() as conn:
-            if conn.execute(delete(db.tokens).where(db.tokens.c.name == name)).rowcount == 0:
+            revoked = conn.execute(
+                delete(db.tokens).where(db.tokens.c.name == name).returning(db.tokens.c.role)
+            ).first()
+            if revoked is None:
                 raise UsageError(f"no token named {name!r}")
+            audit.record(conn, by, "token.revoke", name, {"role": revoked.role}, None)
 
     def list_tokens(self) -> list[dict[str, object]]:
         """Each token's name, role and creation time (never its digest), by name."""
@@ -578,6 +616,11 @@ class Store:
             return [str(d) for d in conn.execute(select(db.tokens.c.digest)).scalars().all()]
 
 
+def _audited(row: Any) -> dict[str, Any]:
+    """A channel row as the audit trail records it (without its update time)."""
+    return {k: v for k, v in row._mapping.items() if k != "updated_at"}
+
+
 def token_holder(token: str, known: Sequence[tuple[str, str, str]]) -> tuple[str, str] | None:
     """The (name, role) of the token presented, among `known` ((digest, name, role),
     `Store.token_roles`), or None; every digest is compared, in constant time."""
@@ -586,13 +629,4 @@ def token_holder(token: str, known: Sequence[tuple[str, str, str]]) -> tuple[str
     for digest, name, role in known:
         if hmac.compare_digest(presented, digest):
             found = (name, role)
-    return found
-
-
-def token_matches(token: str, digests: Sequence[str]) -> bool:
-    """Constant-time comparison of a presented token against the stored digests."""
-    presented = token_digest(token)
-    found = False
-    for digest in digests:
-        found |= hmac.compare_digest(presented, digest)
     return found
