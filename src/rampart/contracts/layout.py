@@ -32,6 +32,9 @@ FALLBACK_LOADER_PATH = "EFI/BOOT/BOOTX64.EFI"  # what the firmware starts withou
 # The TPM objects (TCG's ranges: owner persistent handles, owner NV indexes).
 PRIMARY_HANDLE = 0x81000001
 COUNTER_INDEX = 0x01500016
+# The device's identity key (contracts/identity.py): an ECC P-256 restricted signing
+# primary key of the owner hierarchy (the same template always gives the same key).
+IDENTITY_HANDLE = 0x81000002
 DEFAULT_PCRS = (7,)
 
 # Where the sealed state key lives, relative to the ESP's root (CLIP OS kept it on

@@ -9,6 +9,9 @@ Layout in the TPM (CLIP OS: the sealed object itself lives on the ESP):
                                 hierarchy, persisted (created once, by `ensure_primary`)
     COUNTER_INDEX   0x01500016  an 8-byte NV counter (TPM_NT_COUNTER): owner read and
                                 write, no dictionary-attack lockout; it only counts up
+    IDENTITY_HANDLE 0x81000002  the device's identity: an ECC P-256 restricted signing
+                                primary key (it signs only quotes), persisted (created
+                                once, by `ensure_identity`; contracts/identity.py)
 
 A sealed object is the pair `sealed.pub`/`sealed.priv` (tpm2_create's TPM2B files):
 a keyed-hash object holding the secret, `fixedtpm|fixedparent|noda`, no user
@@ -31,6 +34,7 @@ from rampart import run
 from rampart.contracts.layout import (
     COUNTER_INDEX,
     DEFAULT_PCRS,
+    IDENTITY_HANDLE,
     PRIMARY_HANDLE,
     RECOVERY_KEYSLOT,
     SEALED_BRANCH,
@@ -59,6 +63,8 @@ MAX_SECRET = 128  # a keyed-hash object holds at most 128 bytes
 MAX_BRANCHES = 8  # TPM2_PolicyOR takes 2 to 8 branches
 # tpm2_createprimary's default storage key attributes, plus noda (see ensure_primary).
 PRIMARY_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda"
+# The identity key: restricted signing (the TPM signs only what it made: quotes).
+IDENTITY_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
 _TIMEOUT = 60.0
 _HEX_VALUE = re.compile(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*$", re.M)
 
@@ -153,6 +159,53 @@ class Tpm:
             )  # fmt: skip
             self._tool("tpm2_evictcontrol", "-Q", "-C", "o", "-c", ctx, hex(PRIMARY_HANDLE))
         self._flush_transient()
+
+    # --- the identity key (contracts/identity.py) ------------------------------------
+
+    def ensure_identity(self) -> bytes:
+        """Create and persist the identity key unless it is there; its public part
+        (SubjectPublicKeyInfo, DER)."""
+        if IDENTITY_HANDLE not in self.persistent_handles():
+            with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
+                ctx = f"{tmp}/identity.ctx"
+                self._tool(
+                    "tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256",
+                    "-G", "ecc256:ecdsa-sha256:null", "-a", IDENTITY_ATTRIBUTES, "-c", ctx,
+                )  # fmt: skip
+                self._tool("tpm2_evictcontrol", "-Q", "-C", "o", "-c", ctx, hex(IDENTITY_HANDLE))
+            self._flush_transient()
+        spki = self.identity_key()
+        if spki is None:
+            raise LocalError(
+                f"TPM: the identity key is not at {hex(IDENTITY_HANDLE)} after its creation"
+            )
+        return spki
+
+    def identity_key(self) -> bytes | None:
+        """The identity key's public part (DER), None if it was never created."""
+        if IDENTITY_HANDLE not in self.persistent_handles():
+            return None
+        with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
+            self._tool(
+                "tpm2_readpublic", "-Q", "-c", hex(IDENTITY_HANDLE), "-f", "der",
+                "-o", f"{tmp}/key.der",
+            )  # fmt: skip
+            return Path(f"{tmp}/key.der").read_bytes()
+
+    def quote(self, qualifying: bytes, pcr: int = 7) -> tuple[bytes, bytes, bytes]:
+        """A quote of PCR `pcr` (SHA-256 bank) by the identity key, for `qualifying`:
+        (the TPMS_ATTEST, its signature (DER ECDSA), the PCR's value quoted)."""
+        with tempfile.TemporaryDirectory(prefix="rampart-tpm-") as tmp:
+            out = self._tool(
+                "tpm2_quote", "-c", hex(IDENTITY_HANDLE), "-l", f"sha256:{pcr}",
+                "-q", qualifying.hex(), "-g", "sha256", "-f", "plain",
+                "-m", f"{tmp}/quote", "-s", f"{tmp}/signature", "-o", f"{tmp}/pcrs",
+            ).stdout.decode()  # fmt: skip
+            values = {int(m[1]): bytes.fromhex(m[2]) for m in _HEX_VALUE.finditer(out)}
+            if set(values) != {pcr} or len(values[pcr]) != 32:
+                raise LocalError(f"tpm2_quote: unexpected output for PCR {pcr}")
+            quote = Path(f"{tmp}/quote").read_bytes()
+            return quote, Path(f"{tmp}/signature").read_bytes(), values[pcr]
 
     # --- sealing ----------------------------------------------------------------------
 
