@@ -365,6 +365,7 @@ class UpdateBench:
             f'destination = "{dev / "mainvg"}"\nsize = "{lv_mib}M"\n'
             f'capacity = "{2 * lv_mib + 16}M"\n\n[efiboot]\n'
             f'destination = "{dev / "esp/EFI/Linux"}"\n'
+            f'\n[identity]\ndir = "{dev / "identity"}"\n'
         )
         url = self.nginx.url
         (dev / "remote" / "remote.toml").write_text(

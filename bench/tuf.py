@@ -390,7 +390,8 @@ def make_checkin_device(
     shutil.copyfile(work / "vendor.pub", dev / "config" / "pubkey")
     (dev / "config" / "config.toml").write_text(
         f'os_name = "{OS_NAME}"\n\n[core]\nbackend = "file"\ndestination = "{dev / "slots"}"\n'
-        f'\n[efiboot]\ndestination = "{dev / "esp"}"\n' + trust_config(mode, dev)
+        f'\n[efiboot]\ndestination = "{dev / "esp"}"\n'
+        f'\n[identity]\ndir = "{dev / "identity"}"\n' + trust_config(mode, dev)
     )
     (dev / "remote" / "remote.toml").write_text(
         f'update_url = "{base_url}/update/v1"\ndist_url = "{base_url}/dist"\n'

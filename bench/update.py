@@ -848,6 +848,9 @@ capacity = "{2 * lv_mib + 16}M"
 [efiboot]
 destination = "{dev / "esp/EFI/Linux"}"
 boot_tries = 3
+
+[identity]
+dir = "{dev / "identity"}"
 """
         )
         (dev / "remote" / "remote.toml").write_text(

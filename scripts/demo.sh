@@ -120,6 +120,10 @@ boot_tries = 3
 # The demo device has no TPM (the host's is not its): a device node that does
 # not exist means "no TPM", so there is no rollback counter to read or advance.
 tcti = "device:$DEV/no-tpm"
+
+[identity]
+# The device's key (Ed25519 without a TPM), request counter and server nonce.
+dir = "$DEV/identity"
 CONF
 cat > "$DEV/remote/remote.toml" <<CONF
 update_url = "https://localhost:$PORT/update/v1"

@@ -145,6 +145,10 @@ def make_device(
             config.write(
                 f'\n[bootloader]\nstaging_dir = "{root}/bootloader"\nefivars = "{root}/efivars"\n'
             )
+    if "[identity]" not in extra_config:
+        # The device key, counter and nonce: never the host's /var/lib/rampart.
+        with (dev.config_dir / "config.toml").open("a") as config:
+            config.write(f'\n[identity]\ndir = "{root}/identity"\n')
     if "[tpm]" not in extra_config:
         # No TPM unless a test gives one: never the host's own (a device node that
         # does not exist means "no TPM").

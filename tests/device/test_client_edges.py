@@ -386,9 +386,12 @@ def test_hostile_results_from_the_fetch_process_break_the_schema_of_their_jobs()
     download = fetch.Job("download", "https://u/d", 1000, "/d")
     report = fetch.Job("report", "https://u/r", 1 << 16)
     assert fetch.check_results([version, download, report], ["1.0.0", 1000, 204])
+    assert fetch.check_results([version], ["1.0.0 1796526729.4c0e"])  # and a nonce
     for job, result in [
         (version, 5),
         (version, "1" * 129),
+        (version, "1" * 129 + " 17.ab"),
+        (version, "1.0.0 NOT A NONCE"),
         (download, 1001),
         (download, "1000"),
         (report, 99),

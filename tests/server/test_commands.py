@@ -49,6 +49,7 @@ def test_channel_lifecycle(webroot: Path) -> None:
         "rollout_version": None,
         "rollout_percent": 0.0,
         "rollout_state": "none",
+        "require_attestation": False,
     }
     state = js(
         webroot,

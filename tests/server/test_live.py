@@ -94,3 +94,30 @@ def test_paused_rollout_stops_being_offered(
     time.sleep(1.2)
     assert run_cli("update", *dev.argv()).code == 20
     assert "core_5.0.0-alpha.2" in dev.lvs()  # the channel's version, not the paused rollout
+
+
+def test_a_device_signs_its_check_and_report_and_counts_once_admitted(
+    tmp_path: Path, vendor: KeyPair, pki: Pki, live: tuple[str, Path]
+) -> None:
+    """The client signs with its key (a file: no TPM here); the server keeps an unknown
+    key pending, and with admission on first use admits a machine's first key."""
+    from rampart.device import identity
+
+    url, webroot = live
+    pending = device(tmp_path, "pending", vendor, pki, url, "d" * 32)
+    assert run_cli("update", *pending.argv()).code == 20
+    time.sleep(0.3)
+    key = identity.load(pending.root / "identity", None)
+    assert key is not None
+    [row] = admin(webroot, "machine", "keys", "d" * 32)
+    assert (row["key_id"], row["kind"], row["state"]) == (key.key_id, "file", "pending")
+    admin(webroot, "machine", "admission", "first-use")
+    first = device(tmp_path, "first", vendor, pki, url, "e" * 32)
+    time.sleep(1.2)  # the setting reaches the server's caches within a second
+    assert run_cli("update", *first.argv()).code == 20
+    time.sleep(0.3)
+    [row] = admin(webroot, "machine", "keys", "e" * 32)
+    assert row["state"] == "admitted" and row["last_auth"] is not None
+    seen = {m["machine_id"]: m for m in admin(webroot, "fleet")["last_seen"]}
+    assert seen["e" * 32]["authenticated"] is True and seen["e" * 32]["key"] == "file"
+    assert seen["d" * 32]["authenticated"] is False

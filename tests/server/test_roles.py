@@ -81,7 +81,9 @@ def _admin_routes() -> list[tuple[str, str]]:
         assert isinstance(route, APIRoute)
         if route.path in ("/admin/login", "/admin/logout"):
             continue
-        path = route.path.format(os_name=OS, name="stable", machine_id=machine_id(7))
+        path = route.path.format(
+            os_name=OS, name="stable", machine_id=machine_id(7), value="0" * 64
+        )
         found += [(method, path) for method in sorted(route.methods or ())]
     return [*found, ("GET", "/metrics")]
 

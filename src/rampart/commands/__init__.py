@@ -32,6 +32,7 @@ LISTING = (
     "fleet",
     "token",
     "audit",
+    "attestation",
     "build",
     "inspect",
     "keys",
@@ -44,6 +45,7 @@ LISTING = (
     "bootloader",
     "secureboot",
     "install",
+    "identity",
     "tpm",
     "gateway",
 )

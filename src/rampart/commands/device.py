@@ -1,5 +1,5 @@
 """The device's verbs, run as root on the updated machine: `rampart update`, `status`,
-`mark-good`, `boot-once`, `install`, `tpm status|reseal`.
+`mark-good`, `boot-once`, `install`, `identity`, `tpm status|reseal`.
 
 Only the standard library and `cryptography` are imported to declare them; the
 device modules that do the work are imported when a verb runs.
@@ -125,6 +125,31 @@ def cmd_install(args: argparse.Namespace) -> int:
             f"    {result.recovery_passphrase}",
             flush=True,
         )
+        if result.identity:
+            print(_identity_text(result.machine_id, result.identity), end="")
+    return 0
+
+
+def _identity_text(machine_id: str, described: dict[str, str]) -> str:
+    kind = "TPM key" if described["kind"] == "tpm" else "key file"
+    return (
+        f"Identity of machine {machine_id} ({kind}, fingerprint {described['key_id']}); "
+        "admit it on the server with `rampart machine admit`:\n"
+        f"{described['public_key']}"
+    )
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    from rampart.device import identity, tpm
+
+    config, machine = _device_parts(args)
+    machine_tpm = tpm.device_tpm(config.tpm_tcti, required=config.tpm_required)
+    key = identity.ensure(config.identity_dir, machine_tpm)
+    described = identity.describe(key)
+    if args.json:
+        print_json({"machine_id": machine.machine_id, **described})
+    else:
+        print(_identity_text(machine.machine_id, described), end="")
     return 0
 
 
@@ -444,6 +469,19 @@ VERBS: list[Group | Verb] = [
                 help="do not reboot even if config.toml asks for it",
             ),
         ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("identity",),
+        "show this machine's identity key, for enrollment on the server",
+        "Print the machine ID and the public part of this device's identity key: the TPM's "
+        "(an ECC P-256 key that never leaves it, created once) or, without a TPM, an "
+        "Ed25519 key in [identity] dir (mode 0600). It is made now if the device has "
+        "none (`rampart install` makes it). The server admits the machine with "
+        '`rampart machine admit MACHINE_ID --key FILE` (docs/server.md "Device '
+        'identity"); from then on its checks and reports are signed with it.',
+        cmd_identity,
+        (JSON, *LOCAL),
         exit_codes=True,
     ),
     Verb(

@@ -56,6 +56,8 @@ def _channel_text(state: Any) -> str:
             f", rollout of {state.rollout_version} at {state.rollout_percent:g} % "
             f"({state.rollout_state})"
         )
+    if state.require_attestation:
+        text += ", updates for attested machines only"
     return text
 
 
@@ -70,6 +72,7 @@ def _print_channel(args: argparse.Namespace, state: Any) -> int:
                 "rollout_version": state.rollout_version,
                 "rollout_percent": state.rollout_percent,
                 "rollout_state": str(state.rollout_state),
+                "require_attestation": state.require_attestation,
             }
         )
     else:
@@ -184,7 +187,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
         state = admin.set_version(
             store, args.webroot, args.os, args.name, args.version, args.force, by=by
         )
-    else:
+    elif action == "rollout":
         step = args.rollout_verb
         if step == "start":
             state = admin.start_rollout(
@@ -203,15 +206,93 @@ def cmd_channel(args: argparse.Namespace) -> int:
             state = admin.raise_rollout(store, args.os, args.name, args.percent, by=by)
         elif step == "pause":
             state = admin.pause_rollout(store, args.os, args.name, by=by)
-        else:
+        elif step == "resume":
             state = admin.resume_rollout(store, args.os, args.name, by=by)
+    if action == "attestation":
+        require = args.require == "on"
+        state = admin.set_attestation(store, args.os, args.name, require, by=by)
     return _print_channel(args, state)
+
+
+def _key_text(state: dict[str, Any]) -> str:
+    attested = f", attested {_ago(state['attested_at'])}" if state.get("attested_at") else ""
+    return (
+        f"{state['machine_id']}  {state['key_id'][:16]}  {state['kind']:<4} "
+        f"{state['state']:<8} first seen {_ago(state['first_seen'])}{attested}"
+    )
+
+
+def _machine_keys(args: argparse.Namespace, store: Any) -> int:
+    """machine admit|reject|keys|admission."""
+    from rampart.server import admin, audit
+
+    by = audit.cli_actor()
+    verb = args.machine_verb
+    if verb == "admission":
+        if args.mode is not None:
+            store.set_admission(args.mode, by=by)
+        mode = "first-use" if store.first_use_admission() else "operator"
+        if args.json:
+            _emit({"admission": mode})
+        else:
+            print(f"admission: {mode}")
+        return 0
+    if verb == "keys":
+        rows = store.machine_keys(args.machine_id, args.state)
+        if args.json:
+            _emit(rows)
+        else:
+            for row in rows:
+                print(_key_text(row))
+        return 0
+    if verb == "reject":
+        rejected = admin.reject(store, args.machine_id, by=by, key_id=args.key_id)
+        if args.json:
+            _emit({"machine_id": args.machine_id, "rejected": rejected})
+        else:
+            print(f"{args.machine_id}: rejected {', '.join(k[:16] for k in rejected)}")
+        return 0
+    return _admit(args, store, by)
+
+
+def _admit(args: argparse.Namespace, store: Any, by: Any) -> int:
+    from rampart.server import admin
+
+    if args.enroll is not None:
+        lines = _read_text(args.enroll).splitlines()
+        admitted = admin.enroll(store, lines, str(args.enroll), by=by)
+        if args.json:
+            _emit([{"machine_id": m, "key_id": k} for m, k in admitted])
+        else:
+            for machine_id, key_id in admitted:
+                print(f"{machine_id}: key {key_id[:16]} admitted")
+        return 0
+    if args.machine_id is None:
+        raise UsageError("give MACHINE_ID (or --enroll FILE)")
+    key = None
+    if args.key is not None:
+        key = admin.read_public_key(_read_text(args.key), str(args.key))
+    key_id = admin.admit(store, args.machine_id, by=by, key_id=args.key_id, public_key=key)
+    if args.json:
+        _emit({"machine_id": args.machine_id, "key_id": key_id})
+    else:
+        print(f"{args.machine_id}: key {key_id[:16]} admitted")
+    return 0
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalError(f"{path}: cannot read: {exc}") from None
 
 
 def cmd_machine(args: argparse.Namespace) -> int:
     from rampart.server import admin, audit
 
     store = _store(args)
+    if args.machine_verb in ("admit", "reject", "keys", "admission"):
+        return _machine_keys(args, store)
     if args.machine_verb == "assign":
         channel = None if args.default else args.channel
         if channel is None and not args.default:
@@ -283,6 +364,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     print("versions per channel:")
     for row in view["versions"]:
         print(f"  {row['os']}/{row['channel']} {row['version']}: {row['machines']}")
+    ident = view["identity"]
+    print(
+        f"identity: {ident['admitted']} machines admitted, {ident['pending']} keys pending "
+        f"(rampart machine keys --state pending), {ident['rejected']} rejected"
+    )
     print(f"silent for more than {view['silent_days']:g} days: {view['silent_count']}")
     for m in view["silent"]:
         print(f"  {m['machine_id']} {m['version']} last seen {_ago(m['last_seen'])}")
@@ -319,6 +405,34 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 0
     store.revoke_token(args.name, by=audit.cli_actor())
     print(f"token {args.name!r} revoked")
+    return 0
+
+
+def cmd_attestation(args: argparse.Namespace) -> int:
+    from rampart.server import admin, audit
+
+    store = _store(args)
+    by = audit.cli_actor()
+    step = args.known_verb
+    if step == "list":
+        rows = store.known_pcr7(args.os)
+        if args.json:
+            _emit(rows)
+        else:
+            for row in rows:
+                print(f"{row['os']}  {row['value']}  {row['note'] or ''}".rstrip())
+        return 0
+    if step == "add":
+        value = admin.add_known_pcr7(store, args.os, args.value, args.note, by=by)
+    elif step == "learn":
+        value = admin.learn_pcr7(store, args.os, args.machine_id, by=by)
+    else:
+        value = admin.check_pcr7(args.value)
+        store.remove_known_pcr7(args.os, value, by=by)
+    if args.json:
+        _emit({"os": args.os, "value": value, "known_good": step != "remove"})
+    else:
+        print(f"{args.os}: PCR 7 {value} {'removed' if step == 'remove' else 'known good'}")
     return 0
 
 
@@ -584,6 +698,17 @@ VERBS: list[Group | Verb] = [
     ),
     leaf(("channel", "rollout", "pause"), "stop offering the rollout", NAME, OS),
     leaf(("channel", "rollout", "resume"), "offer it again", NAME, OS),
+    leaf(
+        ("channel", "attestation"),
+        "offer updates only to machines attested with a known-good PCR 7 (or to all)",
+        NAME,
+        OS,
+        arg(
+            "require",
+            choices=("on", "off"),
+            help="on: the others are told to keep their version",
+        ),
+    ),
     Group(
         ("machine",),
         "assign machines to channels, show them",
@@ -601,6 +726,47 @@ VERBS: list[Group | Verb] = [
         arg("--default", action="store_true", help="back to the default channel"),
     ),
     leaf(("machine", "show"), "one machine", arg("machine_id")),
+    leaf(
+        ("machine", "admit"),
+        "admit a machine's identity key: its checks and reports count from then on",
+        arg("machine_id", nargs="?"),
+        arg(
+            "--key",
+            type=Path,
+            metavar="FILE",
+            help="enroll this key (`rampart identity` on the machine: PEM, or its --json)",
+        ),
+        arg("--key-id", metavar="FINGERPRINT", help="the pending key to admit (`machine keys`)"),
+        arg(
+            "--enroll",
+            type=Path,
+            metavar="FILE",
+            help="admit a list: JSON lines, each `rampart identity --json` of one machine",
+        ),
+    ),
+    leaf(
+        ("machine", "reject"),
+        "reject a machine's key (default: its pending and admitted keys)",
+        arg("machine_id"),
+        arg("--key-id", metavar="FINGERPRINT"),
+    ),
+    leaf(
+        ("machine", "keys"),
+        "the keys machines presented or were enrolled with, and their state",
+        arg("machine_id", nargs="?"),
+        arg("--state", choices=("pending", "admitted", "rejected", "replaced")),
+    ),
+    leaf(
+        ("machine", "admission"),
+        "show or set how keys are admitted: by an operator, or on first use",
+        arg(
+            "mode",
+            nargs="?",
+            choices=("operator", "first-use"),
+            help="operator (default): every key waits for `machine admit`; first-use: a "
+            "machine's first key is admitted when it first signs a request",
+        ),
+    ),
     leaf(("machine", "list"), "every machine, most recently seen first"),
     Verb(
         ("fleet",),
@@ -637,6 +803,38 @@ VERBS: list[Group | Verb] = [
     ),
     leaf(("token", "revoke"), "revoke a token", NAME),
     leaf(("token", "list"), "the tokens: name, role, when created (never the token)"),
+    Group(
+        ("attestation",),
+        "the PCR 7 values that prove a machine booted as it should",
+        "Known-good PCR 7 values, per OS: what a machine measures when it booted with "
+        "Secure Boot on and the fleet's keys. A signed check whose TPM quote names one of "
+        'them is attested (docs/server.md "Device identity").',
+        dest="attestation_verb",
+        metavar="ACTION",
+        func=cmd_attestation,
+    ),
+    Group(
+        ("attestation", "known-good"),
+        "list, add, remove or learn known-good PCR 7 values",
+        None,
+        dest="known_verb",
+        metavar="STEP",
+    ),
+    leaf(("attestation", "known-good", "list"), "the known-good values", arg("--os")),
+    leaf(
+        ("attestation", "known-good", "add"),
+        "add a value (64 hex digits)",
+        arg("value"),
+        OS,
+        arg("--note", help="what it is (e.g. the release and keys it was measured with)"),
+    ),
+    leaf(("attestation", "known-good", "remove"), "remove a value", arg("value"), OS),
+    leaf(
+        ("attestation", "known-good", "learn"),
+        "add the PCR 7 a reference machine last attested",
+        arg("machine_id"),
+        OS,
+    ),
     Group(
         ("audit",),
         "the audit trail: who changed what, and its verification",

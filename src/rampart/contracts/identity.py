@@ -39,7 +39,6 @@ from rampart.errors import FormatError, VerificationError
 
 KEY_HEADER = "rampart-key"
 AUTH_HEADER = "rampart-auth"
-NONCE_FIELD = "rampart_nonce"  # the version answer's extra key (CLIP OS clients ignore it)
 KINDS = ("version", "report")  # what a signed request is
 TPM_KEY, FILE_KEY = "tpm", "file"
 MAX_KEY = 512  # bytes of a public key (DER); P-256: 91, Ed25519: 44

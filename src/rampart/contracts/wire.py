@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rampart import files
+from rampart.contracts import identity
 from rampart.contracts.version import Version, parse_version
 from rampart.errors import FormatError, LocalError, RampartError, UsageError
 
@@ -147,8 +148,26 @@ def release_dir(webroot: Path, version: Version) -> Path:
 # --- the version document ------------------------------------------------------------
 
 
-def render_version_document(version: Version | str) -> bytes:
-    return f'version = "{version}"\n'.encode()
+# A Rampart server's answer to a signed version check carries a nonce for the
+# device's next requests under this extra key (contracts/identity.py); CLIP OS's
+# updater reads `version` only.
+NONCE_KEY = "rampart_nonce"
+
+
+def render_version_document(version: Version | str, nonce: str | None = None) -> bytes:
+    text = f'version = "{version}"\n'
+    if nonce is not None:
+        text += f'{NONCE_KEY} = "{nonce}"\n'
+    return text.encode()
+
+
+def version_nonce(data: bytes) -> str | None:
+    """The nonce of a version document (a valid one), if it has one."""
+    try:
+        value = tomllib.loads(data.decode("utf-8")).get(NONCE_KEY)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return value if isinstance(value, str) and identity.NONCE.fullmatch(value) else None
 
 
 def parse_version_document(data: bytes, source: str) -> Version:

@@ -36,6 +36,7 @@ DEFAULT_OS_RELEASE = Path("/etc/os-release")
 DEFAULT_MACHINE_ID = Path("/etc/machine-id")
 DEFAULT_TUF_DIR = Path("/var/lib/rampart/tuf")
 DEFAULT_LOADER_DIR = Path("/var/lib/rampart/bootloader")
+DEFAULT_IDENTITY_DIR = Path("/var/lib/rampart/identity")
 DEFAULT_EFIVARS = Path("/sys/firmware/efi/efivars")
 DEFAULT_CHANNEL = "stable"
 
@@ -100,6 +101,9 @@ class DeviceConfig:
     # [bootloader]
     loader_dir: Path = DEFAULT_LOADER_DIR  # a release's boot loader, staged until its good boot
     efivars: Path = DEFAULT_EFIVARS  # the firmware's variables (db, dbx, boot options)
+    # [identity]
+    identity_dir: Path = DEFAULT_IDENTITY_DIR  # the file key, request counter and nonce
+    sign_requests: bool = True  # sign checks and reports with the device's key
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
     tpm = _table(doc, "tpm", where)
     trust = _table(doc, "trust", where)
     loader = _table(doc, "bootloader", where)
+    ident = _table(doc, "identity", where)
     try:
         trust_mode = TrustMode(_get(trust, "mode", str, f"{where} [trust]", "auto"))
     except ValueError:
@@ -215,6 +220,10 @@ def load_device_config(config_dir: Path) -> DeviceConfig:
             _get(loader, "staging_dir", str, f"{where} [bootloader]", str(DEFAULT_LOADER_DIR))
         ),
         efivars=Path(_get(loader, "efivars", str, f"{where} [bootloader]", str(DEFAULT_EFIVARS))),
+        identity_dir=Path(
+            _get(ident, "dir", str, f"{where} [identity]", str(DEFAULT_IDENTITY_DIR))
+        ),
+        sign_requests=_get(ident, "sign", bool, f"{where} [identity]", True),
     )
     _check_ranges(config, where)
     return config

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from rampart import run
-from rampart.contracts import wire
+from rampart.contracts import identity, wire
 from rampart.contracts.version import Version, parse_version
 from rampart.device.transport import MISSING, Limits, Progress, Receiver, Transport
 from rampart.errors import (
@@ -91,6 +91,9 @@ class Job:
     body: str = ""
     start: int = 0  # stream: the first byte
     end: int = -1  # stream: the byte after the last (-1: to the end)
+    # version, report: the signed request's headers (root signed them before the fork;
+    # sent to the first host only, as the identification headers)
+    signed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,11 @@ def execute(
                 transport.stream(job.url, job.start, end, job.cap, next(streams), progress)
             )
         elif job.op == "version":
-            data = transport.get_small(job.url, min(job.cap, VERSION_CAP))
-            results.append(str(wire.parse_version_document(data, job.url)))
+            data = transport.get_small(job.url, min(job.cap, VERSION_CAP), dict(job.signed))
+            version = str(wire.parse_version_document(data, job.url))
+            nonce = wire.version_nonce(data)
+            # One string crosses back: the version, and the server's nonce after a space.
+            results.append(version if nonce is None else f"{version} {nonce}")
         elif job.op == "download":
             results.append(transport.download(job.url, Path(job.dest), job.cap, progress))
         elif job.op == "document":
@@ -139,10 +145,15 @@ def execute(
                 _write_document(Path(job.dest), data)
             results.append(status)
         elif job.op == "report":
-            results.append(transport.post(job.url, job.body.encode(), "application/json"))
+            body = job.body.encode()
+            results.append(transport.post(job.url, body, "application/json", dict(job.signed)))
         else:
             raise LocalError(f"unknown fetch operation {job.op!r}")
     return results
+
+
+def _pairs(headers: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((headers or {}).items()))
 
 
 def _write_document(dest: Path, data: bytes) -> None:
@@ -200,9 +211,17 @@ class Fetcher:
 
     def latest_version(self, url: str) -> Version:
         """The version the server's version document at `url` names."""
-        [text] = self.run([Job("version", url, VERSION_CAP)])
+        return self.check_version(url)[0]
+
+    def check_version(
+        self, url: str, signed: dict[str, str] | None = None
+    ) -> tuple[Version, str | None]:
+        """The version the server's version document at `url` names, and the nonce it
+        handed out (a Rampart server answering a signed request), if any."""
+        [text] = self.run([Job("version", url, VERSION_CAP, signed=_pairs(signed))])
+        text, _, nonce = text.partition(" ")
         try:
-            return parse_version(text, f"{url}: version")
+            return parse_version(text, f"{url}: version"), nonce or None
         except UsageError as exc:
             raise FormatError(str(exc)) from None
 
@@ -277,9 +296,10 @@ class Fetcher:
         sizes: list[int] = check_results(jobs, self._run_sandboxed(jobs, self.progress, receivers))
         return sizes
 
-    def report(self, url: str, body: bytes) -> int:
+    def report(self, url: str, body: bytes, signed: dict[str, str] | None = None) -> int:
         """POST an install report; the HTTP status the server answered."""
-        [status] = self.run([Job("report", url, wire.REPORT_MAX, body=body.decode())])
+        job = Job("report", url, wire.REPORT_MAX, body=body.decode(), signed=_pairs(signed))
+        [status] = self.run([job])
         return int(status)
 
     def run(self, jobs: list[Job]) -> list[Any]:
@@ -621,7 +641,7 @@ def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:
         where = f"the result of {job.op} {job.url[:200]}"
         try:
             if job.op == "version":
-                _text(result, where, 128)
+                _version_result(result, where)
             elif job.op in ("download", "stream"):
                 _integer(result, where, 0, job.cap)
             elif job.op == "document":
@@ -632,6 +652,14 @@ def check_results(jobs: list[Job], results: list[Any]) -> list[Any]:
         except _BadReply as exc:
             raise LocalError(f"fetch process sent a malformed reply: {exc}") from None
     return results
+
+
+def _version_result(result: object, where: str) -> None:
+    """A version (at most 128 characters), then the server's nonce after a space."""
+    text = _text(result, where, 128 + 1 + 96)
+    version, space, nonce = text.partition(" ")
+    if len(version) > 128 or (space and not identity.NONCE.fullmatch(nonce)):
+        raise _BadReply(f"{where} is not a version and a nonce")
 
 
 def open_directory(path: Path) -> int:

@@ -58,7 +58,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from rampart import files, run
 from rampart.contracts import cmdline, layout
 from rampart.contracts.version import Version
 from rampart.device import config as device_config
+from rampart.device import identity as device_identity
 from rampart.device import state, tpm, trust
 from rampart.device.corewrite import core_root_hash, write_core
 from rampart.device.esp import Esp
@@ -111,6 +112,8 @@ class Installed:
     root_hash: str
     recovery_passphrase: str  # shown once to the operator; never logged
     sealed_to: str | None  # the PCR selection the state key is sealed to; None: no TPM
+    # the device's identity key (device/identity.py describe): kind, key_id, public_key
+    identity: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,6 +128,7 @@ class Installed:
             "root_hash": self.root_hash,
             "recovery_passphrase": self.recovery_passphrase,
             "sealed_to": self.sealed_to,
+            "identity": self.identity,
         }
 
 
@@ -235,8 +239,14 @@ def _partition(target: Path, esp_size: int) -> tuple[Path, Path]:
     return esp, lvm
 
 
-def _write_state(device: Path, remote: Path, machine_id: str) -> None:
-    """ext4 on the opened state volume, holding etc/rampart, etc/machine-id and var/."""
+def _write_state(
+    device: Path,
+    remote: Path,
+    machine_id: str,
+    fill: Callable[[Path], None] | None = None,
+) -> None:
+    """ext4 on the opened state volume, holding etc/rampart, etc/machine-id and var/
+    (and what `fill` writes, given the mount point)."""
     run.run(["mkfs.ext4", "-q", "-F", "-L", "state", str(device)], timeout=300)
     with tempfile.TemporaryDirectory(prefix="rampart-install-state-") as tmp:
         mount_point = Path(tmp)
@@ -254,20 +264,48 @@ def _write_state(device: Path, remote: Path, machine_id: str) -> None:
                     (etc / "rampart" / source.name).chmod(0o644)
             (etc / "machine-id").write_text(machine_id + "\n")
             (etc / "machine-id").chmod(0o444)
+            if fill is not None:
+                fill(mount_point)
             os.sync()
         finally:
             run.run(["umount", str(mount_point)])
 
 
+class _Identity:
+    """The device's identity key, made by the installation: in the TPM at once, or
+    without a TPM as a key file on the state partition, once it is mounted."""
+
+    def __init__(self, directory: Path, chip: tpm.Tpm | None) -> None:
+        self.directory = directory
+        self.key = None
+        if chip is not None:
+            log.info("install: the identity key in the TPM")
+            self.key = device_identity.ensure(directory, chip)
+
+    def on_state(self, mount_point: Path) -> None:
+        if self.key is None:
+            log.info("install: the identity key in %s", self.directory)
+            relative = self.directory.relative_to(self.directory.anchor)
+            self.key = device_identity.ensure(mount_point / relative, None)
+
+    def describe(self) -> dict[str, str]:
+        return {} if self.key is None else device_identity.describe(self.key)
+
+
 def _encrypt_state(
-    volume: Path, remote: Path, machine_id: str, key: bytes, passphrase: str
+    volume: Path,
+    remote: Path,
+    machine_id: str,
+    key: bytes,
+    passphrase: str,
+    fill: Callable[[Path], None] | None = None,
 ) -> None:
     """LUKS2 with integrity on `volume` (keyslot 0 `key`, keyslot 1 `passphrase`),
-    then the state file system inside it."""
+    then the state file system inside it (`fill`: see _write_state)."""
     state.format_volume(volume, key, passphrase)
     opened = state.activate(volume, key, INSTALL_MAPPER)
     try:
-        _write_state(opened, remote, machine_id)
+        _write_state(opened, remote, machine_id, fill)
     finally:
         state.deactivate(INSTALL_MAPPER)
 
@@ -378,7 +416,8 @@ def install(
         state.CIPHER,
         state.INTEGRITY,
     )
-    _encrypt_state(state_slot.path, payload.remote, machine_id, key, passphrase)
+    identity = _Identity(config.identity_dir, machine_tpm)
+    _encrypt_state(state_slot.path, payload.remote, machine_id, key, passphrase, identity.on_state)
     seal = None
     if machine_tpm is not None:
         log.info("install: sealing the state key to PCR %s", tpm.pcr_selection(config.tpm_pcrs))
@@ -401,6 +440,7 @@ def install(
         root_hash=root.root_hash,
         recovery_passphrase=passphrase,
         sealed_to=None if machine_tpm is None else tpm.pcr_selection(config.tpm_pcrs),
+        identity=identity.describe(),
     )
 
 

@@ -156,11 +156,13 @@ class Transport:
         headers: dict[str, str] | None = None,
         method: str = "GET",
         body: bytes | None = None,
+        identified: dict[str, str] | None = None,
     ) -> Iterator[http.client.HTTPResponse]:
         """Open `url`, following https-only redirects (GET only); yield the final response.
 
-        The identification headers go only to the host of the first URL: a
-        redirect to another host gets the request without them.
+        The identification headers, and `identified` (a signed request's headers), go
+        only to the host of the first URL: a redirect to another host gets the request
+        without them.
         """
         first_host = _https_target(url)[0].hostname
         for _ in range(MAX_REDIRECTS + 1):
@@ -170,7 +172,7 @@ class Transport:
             if parts.query:
                 path += "?" + parts.query
             sent = (
-                dict(self.headers)
+                {**self.headers, **(identified or {})}
                 if parts.hostname == first_host
                 else {"User-Agent": self.headers["User-Agent"]}
             )
@@ -285,19 +287,25 @@ class Transport:
             )
         return received
 
-    def get_small(self, url: str, cap: int) -> bytes:
+    def get_small(self, url: str, cap: int, identified: dict[str, str] | None = None) -> bytes:
         """GET a small document (a version file) in memory, at most `cap` bytes."""
-        return self._get(url, cap, ())[1]
+        return self._get(url, cap, (), identified)[1]
 
     def get_document(self, url: str, cap: int) -> tuple[int, bytes]:
         """GET a small document (signed metadata) in memory, at most `cap` bytes: (200,
         its bytes), or (403 or 404, b"") when the server has no such document."""
         return self._get(url, cap, MISSING)
 
-    def _get(self, url: str, cap: int, missing: tuple[int, ...]) -> tuple[int, bytes]:
+    def _get(
+        self,
+        url: str,
+        cap: int,
+        missing: tuple[int, ...],
+        identified: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
         """GET `url` in memory, at most `cap` bytes: (200, its bytes), or (status, b"")
         for a status in `missing`; any other status is a TransportError."""
-        with self.request(url) as response:
+        with self.request(url, identified=identified) as response:
             if response.status in missing:
                 self._read_body(url, response, lambda _: None, 1 << 16)
                 return response.status, b""
@@ -309,9 +317,12 @@ class Transport:
             self._read_body(url, response, parts.append, cap, expected=length)
             return 200, b"".join(parts)
 
-    def post(self, url: str, body: bytes, content_type: str) -> int:
+    def post(
+        self, url: str, body: bytes, content_type: str, identified: dict[str, str] | None = None
+    ) -> int:
         """POST `body`; return the status (the response body is read up to 64 KiB, dropped)."""
-        with self.request(url, {"Content-Type": content_type}, "POST", body) as response:
+        headers = {"Content-Type": content_type}
+        with self.request(url, headers, "POST", body, identified) as response:
             self._read_body(url, response, lambda _: None, 1 << 16)
             return response.status
 

@@ -47,6 +47,7 @@ from rampart.contracts import payload as payload_mod
 from rampart.contracts.version import Version, check_release_length
 from rampart.device import bootloader, documents, incremental, rollback, secureboot, stream, trust
 from rampart.device import esp as esp_mod
+from rampart.device import identity as device_identity
 from rampart.device.config import DeviceConfig, Identity, RemoteConfig
 from rampart.device.corewrite import Checkpoint, write_core
 from rampart.device.fetch import (
@@ -156,6 +157,31 @@ class Device:
     def headers(self) -> dict[str, str]:
         return wire.identity_headers(self.identity.machine_id, self.identity.version)
 
+    def signed(self, kind: str, body: bytes = b"") -> dict[str, str]:
+        """The headers that sign a check or a report with this device's key (made now if
+        it has none: docs/client.md "Device identity"); none when [identity] sign is
+        off, or when signing fails (logged: the request goes anonymous, the update on)."""
+        if not self.config.sign_requests:
+            return {}
+        try:
+            key = device_identity.ensure(self.config.identity_dir, self.rollback_tpm())
+            try:
+                epoch: int | None = rollback.running_epoch(self.proc_cmdline)
+            except RampartError:
+                epoch = None
+            request = device_identity.Request(
+                kind,
+                self.config.os_name,
+                self.identity.machine_id,
+                self.identity.version.core,
+                epoch,
+                body,
+            )
+            return device_identity.signed_headers(key, self.config.identity_dir, request)
+        except (RampartError, OSError) as exc:
+            log.warning("request not signed (it goes anonymous): %s", exc)
+            return {}
+
 
 def open_device(
     config: DeviceConfig,
@@ -230,7 +256,9 @@ def check_latest(device: Device, fetcher: Fetcher) -> Version:
     """The version to install: the server's answer (minisign mode), or what this
     machine's signed channel head offers it (TUF mode: check_trust)."""
     url = wire.version_url(device.remote.update_url, device.config.os_name)
-    offered = fetcher.latest_version(url)
+    offered, nonce = fetcher.check_version(url, device.signed("version"))
+    if device.config.sign_requests:
+        device_identity.save_nonce(device.config.identity_dir, nonce)
     if device.tuf is None:
         return offered
     return check_trust(device, device.tuf, fetcher, offered, url)
@@ -1228,7 +1256,7 @@ def send_report(
     ).render()
     url = wire.report_url(device.remote.update_url, device.config.os_name)
     try:
-        status = fetcher.report(url, body)
+        status = fetcher.report(url, body, device.signed("report", body))
     except (RampartError, OSError) as exc:
         log.info("report not delivered: %s", exc)
         return

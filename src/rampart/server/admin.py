@@ -3,13 +3,17 @@ admin API, with their rules. Both front ends call these and nothing else."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from rampart.contracts import wire
 from rampart.contracts.version import parse_version
-from rampart.errors import ConflictError, UsageError
+from rampart.errors import ConflictError, RampartError, UsageError
 from rampart.server import audit
 from rampart.server.audit import Actor
 from rampart.server.rollout import ChannelState, RolloutState
@@ -17,6 +21,37 @@ from rampart.server.store import Store
 
 DEFAULT_CHANNEL = "stable"
 SILENT_LISTED = 1000  # silent machines listed in the fleet view (all are counted)
+_KEY_ID = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
+def _proven(store: Store, machine_ids: list[str]) -> Any:
+    """What each machine proved, for the fleet view: a function of (machine-id, os)."""
+    keys = store.admitted_keys(machine_ids)
+    known = store.known_pcr7_sets()
+
+    def proof(machine_id: str, os_name: str | None) -> dict[str, Any]:
+        key = keys.get(machine_id)
+        if key is None:
+            return {
+                "authenticated": False,
+                "key": None,
+                "attested_at": None,
+                "pcr7": None,
+                "pcr7_good": None,
+                "epoch": None,
+            }
+        pcr7 = key["pcr7"]
+        good = None if pcr7 is None else pcr7 in known.get(os_name or "", frozenset())
+        return {
+            "authenticated": key["last_auth"] is not None,
+            "key": key["kind"],
+            "attested_at": key["attested_at"],
+            "pcr7": pcr7,
+            "pcr7_good": good,
+            "epoch": key["epoch"],
+        }
+
+    return proof
 
 
 def check_published(webroot: Path, os_name: str, version: str) -> str:
@@ -230,6 +265,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
     ]
     machines = store.machines(limit=200)
     counts = store.counts()
+    proven = _proven(store, [m["machine_id"] for m in machines])
     return {
         "channels": [
             {
@@ -257,9 +293,11 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
                 "version": m["version"],
                 "channel": m["channel"] or defaults.get(m["os"]),
                 "last_seen": m["last_seen"],
+                **proven(m["machine_id"], m["os"]),
             }
             for m in machines
         ],
+        "identity": store.identity_counts(),
         "silent_days": silent_days,
         "silent_count": store.count_machines(seen_before=silent_before),
         "silent": silent,
@@ -269,3 +307,107 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
         ],
         "counts": counts,
     }
+
+
+# --- device identity (rampart.server.devices; docs/server.md "Device identity") --------
+
+
+def read_public_key(text: str, where: str) -> tuple[str, str]:
+    """A device's public key as `rampart identity` prints it (PEM), or its `--json`
+    output: (its kind, base64 DER); UsageError otherwise."""
+    from cryptography.hazmat.primitives import serialization
+
+    from rampart.contracts import identity
+
+    if text.lstrip().startswith("{"):
+        try:
+            text = str(json.loads(text)["public_key"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{where}: not the JSON of `rampart identity --json`") from None
+    try:
+        key = serialization.load_pem_public_key(text.encode())
+        der = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        kind, _ = identity.load_key(der)
+    except (ValueError, TypeError, UnsupportedAlgorithm, RampartError) as exc:
+        raise UsageError(f"{where}: not a device's public key (PEM): {exc}") from None
+    return kind, identity.encode_key(der)
+
+
+def admit(
+    store: Store,
+    machine_id: str,
+    *,
+    by: Actor,
+    key_id: str | None = None,
+    public_key: tuple[str, str] | None = None,
+) -> str:
+    """Admit the machine's key: one enrolled by the operator (`public_key`, from
+    `read_public_key`), the pending one `key_id` names, or its only pending key."""
+    machine_id = wire.check_machine_id(machine_id)
+    if key_id is not None and not _KEY_ID.fullmatch(key_id):
+        raise UsageError(f"key id {key_id[:80]!r}: 64 lowercase hex digits (a fingerprint)")
+    return store.admit(machine_id, by=by, key_id=key_id, enroll=public_key)
+
+
+def enroll(store: Store, lines: list[str], where: str, *, by: Actor) -> list[tuple[str, str]]:
+    """Admit a list of machines before they first call: JSON lines, each the output
+    of `rampart identity --json` on one machine. (machine-id, key id) of each."""
+    admitted = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        here = f"{where}:{number}"
+        try:
+            item = json.loads(line)
+            machine_id = str(item["machine_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{here}: not the JSON of `rampart identity --json`") from None
+        key = read_public_key(line, here)
+        admitted.append((machine_id, admit(store, machine_id, by=by, public_key=key)))
+    return admitted
+
+
+def reject(store: Store, machine_id: str, *, by: Actor, key_id: str | None = None) -> list[str]:
+    return store.reject(wire.check_machine_id(machine_id), by=by, key_id=key_id)
+
+
+def check_pcr7(value: str) -> str:
+    value = value.strip().lower().removeprefix("0x")
+    if not _KEY_ID.fullmatch(value):
+        raise UsageError(f"PCR 7 value {value[:80]!r}: 64 hex digits (a SHA-256 bank value)")
+    return value
+
+
+def add_known_pcr7(
+    store: Store, os_name: str, value: str, note: str | None = None, *, by: Actor
+) -> str:
+    wire.check_name(os_name, "OS name")
+    value = check_pcr7(value)
+    store.add_known_pcr7(os_name, value, note, by=by)
+    return value
+
+
+def learn_pcr7(store: Store, os_name: str, machine_id: str, *, by: Actor) -> str:
+    """Add the PCR 7 value `machine_id` last attested (a reference machine, booted as
+    the fleet should be) to the known-good values of `os_name`."""
+    machine_id = wire.check_machine_id(machine_id)
+    row = store.admitted_keys([machine_id]).get(machine_id)
+    if row is None or not row["pcr7"]:
+        raise UsageError(
+            f"machine {machine_id} has attested no PCR 7 yet (an admitted TPM key, and a "
+            "check after its admission)"
+        )
+    return add_known_pcr7(store, os_name, str(row["pcr7"]), f"learned from {machine_id}", by=by)
+
+
+def set_attestation(
+    store: Store, os_name: str, name: str, require: bool, *, by: Actor
+) -> ChannelState:
+    """Whether the channel offers updates only to machines attested with a known-good
+    PCR 7 (the others are told to keep their version)."""
+    store.channel_row(os_name, name)
+    return store.update_channel(
+        os_name, name, action="channel.attestation", by=by, require_attestation=require
+    )

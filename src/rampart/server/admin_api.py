@@ -46,6 +46,29 @@ class RolloutRaise(BaseModel):
     percent: float = Field(ge=0, le=100)
 
 
+class Admission(BaseModel):
+    key_id: str | None = Field(default=None, max_length=64)
+    public_key: str | None = Field(default=None, max_length=4096)  # PEM, to enroll
+
+
+class Rejection(BaseModel):
+    key_id: str | None = Field(default=None, max_length=64)
+
+
+class KnownGood(BaseModel):
+    os: str = Field(max_length=64)
+    value: str = Field(max_length=66)
+    note: str | None = Field(default=None, max_length=128)
+
+
+class AttestationPolicy(BaseModel):
+    require: bool
+
+
+class AdmissionMode(BaseModel):
+    mode: str = Field(max_length=16)
+
+
 class Assignment(BaseModel):
     os: str = Field(max_length=64)
     channel: str | None = Field(default=None, max_length=64)
@@ -61,6 +84,7 @@ def state(channel: ChannelState) -> dict[str, Any]:
         "rollout_version": channel.rollout_version,
         "rollout_percent": channel.rollout_percent,
         "rollout_state": str(channel.rollout_state),
+        "require_attestation": channel.require_attestation,
     }
 
 
@@ -149,6 +173,77 @@ async def resume_rollout(os_name: str, name: str, server: Server, by: By) -> dic
 async def assign(machine_id: str, body: Assignment, server: Server, by: By) -> dict[str, Any]:
     await run_in_threadpool(admin.assign, server.store, machine_id, body.os, body.channel, by=by)
     return {"machine_id": machine_id, "os": body.os, "channel": body.channel}
+
+
+@router.get("/admin/api/machines/keys", tags=["machines"])
+async def machine_keys(
+    server: Server, machine_id: str | None = None, state: str | None = None
+) -> list[dict[str, Any]]:
+    """The keys machines presented or were enrolled with, and their state."""
+    return await run_in_threadpool(server.store.machine_keys, machine_id, state)
+
+
+@router.post("/admin/api/machines/{machine_id}/admit", tags=["machines"])
+async def admit(machine_id: str, body: Admission, server: Server, by: By) -> dict[str, Any]:
+    """Admit the machine's pending key (`key_id`, or its only one), or enroll
+    `public_key` (PEM, as `rampart identity` prints it)."""
+    key = None
+    if body.public_key is not None:
+        key = admin.read_public_key(body.public_key, "public_key")
+    key_id = await run_in_threadpool(
+        admin.admit, server.store, machine_id, by=by, key_id=body.key_id, public_key=key
+    )
+    return {"machine_id": machine_id, "key_id": key_id}
+
+
+@router.post("/admin/api/machines/{machine_id}/reject", tags=["machines"])
+async def reject(machine_id: str, body: Rejection, server: Server, by: By) -> dict[str, Any]:
+    rejected = await run_in_threadpool(
+        admin.reject, server.store, machine_id, by=by, key_id=body.key_id
+    )
+    return {"machine_id": machine_id, "rejected": rejected}
+
+
+@router.get("/admin/api/attestation/known-good", tags=["attestation"])
+async def known_good(server: Server, os: str | None = None) -> list[dict[str, Any]]:
+    return await run_in_threadpool(server.store.known_pcr7, os)
+
+
+@router.post("/admin/api/attestation/known-good", status_code=201, tags=["attestation"])
+async def add_known_good(body: KnownGood, server: Server, by: By) -> dict[str, Any]:
+    value = await run_in_threadpool(
+        admin.add_known_pcr7, server.store, body.os, body.value, body.note, by=by
+    )
+    return {"os": body.os, "value": value}
+
+
+@router.delete("/admin/api/attestation/known-good/{os_name}/{value}", tags=["attestation"])
+async def remove_known_good(os_name: str, value: str, server: Server, by: By) -> dict[str, Any]:
+    checked = admin.check_pcr7(value)
+    await run_in_threadpool(server.store.remove_known_pcr7, os_name, checked, by=by)
+    return {"os": os_name, "value": checked}
+
+
+@router.put("/admin/api/channels/{os_name}/{name}/attestation", tags=["attestation"])
+async def attestation_policy(
+    os_name: str, name: str, body: AttestationPolicy, server: Server, by: By
+) -> dict[str, Any]:
+    channel = await run_in_threadpool(
+        admin.set_attestation, server.store, os_name, name, body.require, by=by
+    )
+    return state(channel)
+
+
+@router.get("/admin/api/settings/admission", tags=["settings"])
+async def admission(server: Server) -> dict[str, Any]:
+    first_use = await run_in_threadpool(server.store.first_use_admission)
+    return {"mode": "first-use" if first_use else "operator"}
+
+
+@router.put("/admin/api/settings/admission", tags=["settings"])
+async def set_admission(body: AdmissionMode, server: Server, by: By) -> dict[str, Any]:
+    await run_in_threadpool(server.store.set_admission, body.mode, by=by)
+    return {"mode": body.mode}
 
 
 @router.get("/admin/api/machines", tags=["machines"])

@@ -119,9 +119,14 @@ def render(
         )
     out.append("</table><h2>Machines per version</h2>")
     out.append(_chart(view["versions"]))
+    ident = view["identity"]
     out.append(
-        "<h2>Last seen</h2><table id=last-seen><tr><th>machine</th><th>channel</th>"
-        "<th>version</th><th>last seen</th></tr>"
+        "<h2>Last seen</h2>"
+        f"<p class=muted><span id=admitted>{ident['admitted']}</span> machines admitted, "
+        f"<span id=pending>{ident['pending']}</span> keys pending.</p>"
+        "<table id=last-seen><tr><th>machine</th><th>channel</th>"
+        "<th>version</th><th>last seen</th><th>authenticated</th><th>PCR 7</th>"
+        "<th>epoch</th><th>last attested</th></tr>"
     )
     silent = {m["machine_id"] for m in view["silent"]}
     for m in view["last_seen"][:50]:
@@ -129,7 +134,7 @@ def render(
         out.append(
             f"<tr{cls}><td><code>{_e(m['machine_id'])}</code></td>"
             f"<td>{_e(m['channel'] or 'default')}</td><td>{_e(m['version'])}</td>"
-            f"<td>{_age(m['last_seen'], now)}</td></tr>"
+            f"<td>{_age(m['last_seen'], now)}</td>{_proof_cells(m, now)}</tr>"
         )
     out.append(
         f"</table><p class=muted><span id=silent>{view['silent_count']}</span> machine(s) "
@@ -154,6 +159,22 @@ def render(
         "</form></body></html>"
     )
     return "".join(out)
+
+
+def _proof_cells(machine: dict[str, Any], now: float) -> str:
+    """Authenticated (and with which key), PCR 7 known good, epoch, last attested."""
+    if machine.get("authenticated"):
+        who = f"<td class=ok>yes ({_e(machine['key'])} key)</td>"
+    else:
+        who = "<td class=muted>no</td>"
+    good = machine.get("pcr7_good")
+    if good is None:
+        pcr7 = "<td class=muted>—</td>"
+    else:
+        pcr7 = "<td class=ok>known good</td>" if good else "<td class=bad>unknown</td>"
+    attested = machine.get("attested_at")
+    when = _age(attested, now) if attested else "never"
+    return f"{who}{pcr7}<td>{_e(machine.get('epoch'))}</td><td>{when}</td>"
 
 
 def _trail(entries: list[dict[str, Any]], now: float) -> str:

@@ -54,6 +54,9 @@ channels = Table(
     Column("min_failing", Integer, nullable=False, default=5, server_default="5"),
     # When the rollout of rollout_version started: only machines seen before count.
     Column("rollout_started_at", Float, nullable=True),
+    # True: offer updates only to machines whose last check was attested with a
+    # known-good PCR 7 (rampart.server.devices); the others keep their version.
+    Column("require_attestation", Boolean, nullable=False, default=False, server_default="0"),
 )
 
 machines = Table(
@@ -157,6 +160,48 @@ rollout_tallies = Table(
     Column("version", String(128), primary_key=True),
     Column("machines", Integer, nullable=False),  # machines with a counted report
     Column("failures", Integer, nullable=False),  # of which the latest report failed
+)
+
+# Device keys (rampart.server.devices): each key a machine presented, or an operator
+# enrolled, and its state: pending (seen, not admitted), admitted (at most one per
+# machine), rejected, replaced (admitted before another). The admitted key's row holds
+# the last request counter accepted and what the machine last proved.
+machine_keys = Table(
+    "machine_keys",
+    metadata,
+    Column("machine_id", String(32), primary_key=True),
+    Column("key_id", String(64), primary_key=True),  # SHA-256 of the key (DER), hex
+    Column("kind", String(8), nullable=False),  # tpm or file (contracts/identity.py)
+    Column("public_key", Text, nullable=False),  # base64 SubjectPublicKeyInfo
+    Column("state", String(16), nullable=False),
+    Column("first_seen", Float, nullable=False),
+    Column("decided_at", Float, nullable=True),
+    Column("decided_by", String(64), nullable=True),
+    Column("counter", BigInteger, nullable=False, default=0),
+    Column("last_auth", Float, nullable=True),  # last authenticated request
+    Column("attested_at", Float, nullable=True),  # last fresh quote (TPM keys)
+    Column("pcr7", String(64), nullable=True),  # the PCR 7 value it quoted, hex
+    Column("epoch", BigInteger, nullable=True),  # the security epoch it runs
+    Index("ix_machine_keys_state", "state"),
+)
+
+# Known-good PCR 7 values, per OS (what a machine booted with Secure Boot on and the
+# fleet's keys measures).
+known_pcr7 = Table(
+    "known_pcr7",
+    metadata,
+    Column("os", String(64), primary_key=True),
+    Column("value", String(64), primary_key=True),
+    Column("note", String(128), nullable=True),
+    Column("added_at", Float, nullable=False),
+)
+
+# Settings shared by every instance: admission (operator or first-use), the nonce key.
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
 )
 
 # The audit trail (rampart.server.audit): append-only (triggers refuse UPDATE and

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 from starlette.concurrency import run_in_threadpool
 
+from rampart.server.devices import Devices
 from rampart.server.rollout import DEFAULT_NEW_MACHINES_PER_HOUR, ChannelState, NewMachineLimit
 from rampart.server.store import Store
 
@@ -27,8 +28,10 @@ class Fleet:
         ttl: float = 1.0,
         max_machines: int = 200_000,
         new_machines_per_hour: int = DEFAULT_NEW_MACHINES_PER_HOUR,
+        devices: Devices | None = None,
     ) -> None:
         self.store = store
+        self.devices = devices  # its caches follow the same generation
         self.newcomers = NewMachineLimit(new_machines_per_hour)
         self.ttl = ttl
         self.max_machines = max_machines
@@ -55,6 +58,8 @@ class Fleet:
                 self.defaults = {c.os: c for c in channels if c.default}
                 self.assignments.clear()
                 self.generation = generation
+            if self.devices is not None:
+                await self.devices.sync(generation)
             self.checked_at = time.monotonic()
 
     async def channel_for(

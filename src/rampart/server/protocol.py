@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from rampart.contracts import wire
 from rampart.errors import UsageError
+from rampart.server.devices import Denied
+from rampart.server.recorder import Replayed
 from rampart.server.rollout import offer
 from rampart.server.state import state_of
 from rampart.server.store import Check, Report
@@ -47,6 +49,12 @@ def identify(request: Request) -> tuple[str | None, str | None, Response | None]
     return machine_id, parsed.core, None
 
 
+def _denied(text: str) -> PlainTextResponse:
+    response = reason(401, text)
+    response.headers["WWW-Authenticate"] = "Rampart-Signature"
+    return response
+
+
 @router.get("/update/v1/{os_name}/version", include_in_schema=False)
 async def version_check(os_name: str, request: Request) -> Response:
     server = state_of(request)  # not a dependency: this is the hot path
@@ -59,15 +67,33 @@ async def version_check(os_name: str, request: Request) -> Response:
     channel = await server.fleet.channel_for(os_name, machine_id, address)
     if channel is None:
         return reason(404, "unknown os")
+    try:
+        signed = await server.devices.authenticate(
+            request.headers, "version", os_name, machine_id, running
+        )
+    except Denied as exc:
+        return _denied(str(exc))
     offered = offer(channel, machine_id)
     if offered is None:
         return reason(404, f"no version published on channel {channel.name}")
+    if (
+        channel.require_attestation
+        and running is not None
+        and not server.devices.attested_good(os_name, signed.proof)
+    ):
+        offered = running  # withheld: this machine did not prove a known-good boot
     if machine_id is not None and running is not None:
         # Recorded before it is answered: a 200 is never lost (docs/server.md).
-        await server.checks.record(
-            Check(machine_id, os_name, running, channel.name, offered, time.time(), address)
+        check = Check(
+            machine_id, os_name, running, channel.name, offered, time.time(), address, signed.proof
         )
-    return Response(wire.render_version_document(offered), media_type="application/octet-stream")
+        try:
+            await server.checks.record(check)
+        except Replayed:
+            return _denied("replayed request: its counter was already used")
+    nonce = server.devices.nonce(machine_id) if signed.signed and machine_id else None
+    document = wire.render_version_document(offered, nonce)
+    return Response(document, media_type="application/octet-stream")
 
 
 @router.post("/update/v1/{os_name}/report", include_in_schema=False)
@@ -90,6 +116,12 @@ async def install_report(os_name: str, request: Request) -> Response:
         parsed = wire.parse_report(body)
     except UsageError as exc:
         return reason(400, str(exc))
+    try:
+        signed = await server.devices.authenticate(
+            request.headers, "report", os_name, machine_id, _running, body
+        )
+    except Denied as exc:
+        return _denied(str(exc))
     report = Report(
         machine_id,
         os_name,
@@ -99,9 +131,15 @@ async def install_report(os_name: str, request: Request) -> Response:
         parsed.error,
         time.time(),
         _address(request),
+        signed.proof,
     )
-    await server.reports.record(report)
-    return JSONResponse({"recorded": True})
+    try:
+        await server.reports.record(report)
+    except Replayed:
+        return _denied("replayed request: its counter was already used")
+    if not signed.signed:
+        return JSONResponse({"recorded": True})  # what the CLIP OS updater gets
+    return JSONResponse({"recorded": True, "authenticated": signed.proof is not None})
 
 
 async def _report_body(request: Request) -> bytes | None:

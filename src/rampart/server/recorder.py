@@ -31,15 +31,22 @@ class Unavailable(Exception):
     """The database cannot be reached: answer 503."""
 
 
+class Replayed(Exception):
+    """A signed row whose counter another request took first: answer 401."""
+
+
 class Recorder(Generic[Row]):
     """Writes each check (or report) before it is answered. Rows that arrive while a batch
     is being written wait for the next one, so a busy server writes many per transaction
     (BATCH at most) and an idle one writes each at once. A row answered 200 is
     committed: a SIGKILL loses none."""
 
-    def __init__(self, store: Store, interval: float, write: Callable[[list[Row]], object]) -> None:
+    def __init__(
+        self, store: Store, interval: float, write: Callable[[list[Row]], set[int]]
+    ) -> None:
         self.store = store
-        self.write: Callable[[list[Row]], object] = write  # one transaction for them all
+        # One transaction for them all; the positions of the rows refused as replays.
+        self.write: Callable[[list[Row]], set[int]] = write
         self.interval = interval  # while the database cannot be written: probe this often
         self.pending: list[tuple[Row, asyncio.Future[None]]] = []
         self.down = False
@@ -68,7 +75,7 @@ class Recorder(Generic[Row]):
 
     async def _write(self, batch: list[tuple[Row, asyncio.Future[None]]]) -> None:
         try:
-            await run_in_threadpool(self.write, [c for c, _ in batch])
+            refused = await run_in_threadpool(self.write, [c for c, _ in batch])
         except (IntegrityError, DataError) as exc:  # rows that can never be written
             log.error("the database refused %d rows: %s", len(batch), str(exc).splitlines()[0])
             if len(batch) > 1:  # write the others; only the refused rows get 503
@@ -84,7 +91,8 @@ class Recorder(Generic[Row]):
             pending, self.pending = self.pending, []
             _settle(batch + pending, Unavailable())
             return
-        self.recorded += len(batch)
+        self.recorded += len(batch) - len(refused)
+        _settle([row for i, row in enumerate(batch) if i in refused], Replayed())
         _settle(batch, None)
 
     async def _probe(self) -> None:

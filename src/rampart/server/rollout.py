@@ -31,6 +31,7 @@ class ChannelState:
     rollout_percent: float = 0.0
     rollout_state: RolloutState = RolloutState.NONE
     default: bool = False
+    require_attestation: bool = False  # offer updates to attested machines only
 
 
 def offer(channel: ChannelState, machine_id: str | None) -> str | None:

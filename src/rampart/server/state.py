@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 
 from rampart.server import guard
 from rampart.server.audit import Actor
+from rampart.server.devices import Devices
 from rampart.server.fleet import Fleet
 from rampart.server.recorder import Recorder, prune_checks
 from rampart.server.rollout import DEFAULT_NEW_MACHINES_PER_HOUR
@@ -49,12 +50,17 @@ class ServerState:
     fleet: Fleet
     checks: Recorder[Check]
     reports: Recorder[Report]
+    devices: Devices
     signer: RepositorySigner | None = None
 
     @classmethod
     def build(cls, store: Store, settings: Settings) -> ServerState:
+        devices = Devices(store)
         fleet = Fleet(
-            store, settings.cache_ttl, new_machines_per_hour=settings.new_machines_per_hour
+            store,
+            settings.cache_ttl,
+            new_machines_per_hour=settings.new_machines_per_hour,
+            devices=devices,
         )
         checks = Recorder(store, settings.flush_interval, store.record_checks)
         # Reports too are committed in batches: one commit (and, with PostgreSQL, one turn
@@ -65,7 +71,7 @@ class ServerState:
         signer = None
         if settings.tuf is not None:
             signer = RepositorySigner(settings.webroot, store, settings.tuf)
-        return cls(store, settings, fleet, checks, reports, signer)
+        return cls(store, settings, fleet, checks, reports, devices, signer)
 
     @property
     def webroot(self) -> Path:
@@ -98,9 +104,11 @@ class ServerState:
                 await pruner
 
 
-def _write_reports(store: Store, batch: list[Report]) -> None:
-    for name in store.record_reports(batch):
+def _write_reports(store: Store, batch: list[Report]) -> set[int]:
+    refused: set[int] = set()
+    for name in store.record_reports(batch, refused):
         log.warning("rollout on channel %s halted: failure rate over threshold", name)
+    return refused
 
 
 def state_of(request: Request) -> ServerState:

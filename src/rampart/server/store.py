@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from rampart.contracts import identity
 from rampart.errors import ConflictError, UsageError
 from rampart.server import audit, db, roles
 from rampart.server.audit import Actor
@@ -28,6 +29,34 @@ from rampart.server.rollout import DEFAULT_MIN_FAILING, ChannelState, RolloutSta
 
 GENERATION = "generation"
 DEFAULT_CHECK_RETENTION_DAYS = 90.0
+
+
+# The states of a machine's key (rampart.server.devices).
+PENDING, ADMITTED, REJECTED, REPLACED = "pending", "admitted", "rejected", "replaced"
+FIRST_USE, OPERATOR_ADMISSION = "first-use", "operator"
+_ADMISSION, _NONCE_KEY = "admission", "nonce_key"
+MAX_PENDING = 4  # keys a machine may present before an operator decides
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """A key's state, and (admitted) the last request counter accepted from it."""
+
+    state: str
+    counter: int
+
+
+@dataclass(frozen=True)
+class Proof:
+    """An authenticated request (rampart.server.devices): the machine, its admitted key,
+    the request counter, and what its TPM quoted (`attested`: with a fresh nonce)."""
+
+    machine_id: str
+    key_id: str
+    counter: int
+    pcr7: str | None
+    epoch: int | None
+    attested: bool
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,7 @@ class Check:
     offered: str | None
     at: float
     address: str | None
+    proof: Proof | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +81,7 @@ class Report:
     error: str
     at: float
     address: str | None
+    proof: Proof | None = None
 
 
 def _channel(row: Any) -> ChannelState:
@@ -62,6 +93,7 @@ def _channel(row: Any) -> ChannelState:
         rollout_percent=row.rollout_percent,
         rollout_state=RolloutState(row.rollout_state),
         default=bool(row.is_default),
+        require_attestation=bool(row.require_attestation),
     )
 
 
@@ -192,11 +224,51 @@ class Store:
 
     # --- writes from clients -----------------------------------------------------------
 
-    def record_checks(self, batch: Sequence[Check]) -> None:
+    def record_checks(self, batch: Sequence[Check]) -> set[int]:
         """Insert the checks, update each machine's last-seen state and note the first
-        offer of each update to each machine, in one transaction."""
+        offer of each update to each machine, in one transaction. Returns the positions
+        of the checks refused: signed with a counter already used (a replay)."""
         if not batch:
-            return
+            return set()
+        with self._writing() as conn:
+            refused = self._accept_proofs(conn, batch)
+            kept = [c for i, c in enumerate(batch) if i not in refused]
+            if kept:
+                self._record_checks(conn, kept)
+        return refused
+
+    def _accept_proofs(self, conn: Any, batch: Sequence[Check | Report]) -> set[int]:
+        """Raise each admitted key's counter to its request's, and note what the machine
+        proved; the positions of the requests whose counter was not above the last one
+        accepted (another worker or instance took it first: a replay)."""
+        refused = set()
+        for i, row in enumerate(batch):
+            proof = row.proof
+            if proof is None:
+                continue
+            values: dict[str, Any] = {"counter": proof.counter, "last_auth": row.at}
+            if proof.epoch is not None:
+                values["epoch"] = proof.epoch
+            if proof.attested:
+                values.update(attested_at=row.at, pcr7=proof.pcr7)
+            keys = db.machine_keys.c
+            done = conn.execute(
+                update(db.machine_keys)
+                .where(
+                    and_(
+                        keys.machine_id == proof.machine_id,
+                        keys.key_id == proof.key_id,
+                        keys.state == ADMITTED,
+                        keys.counter < proof.counter,
+                    )
+                )
+                .values(**values)
+            ).rowcount
+            if not done:
+                refused.add(i)
+        return refused
+
+    def _record_checks(self, conn: Any, batch: Sequence[Check]) -> None:
         latest: dict[str, Check] = {}
         offered: dict[tuple[str, str, str, str], float] = {}
         for check in batch:
@@ -204,49 +276,48 @@ class Store:
             if check.offered is not None and check.offered != check.version:
                 key = (check.os, check.channel, check.offered, check.machine_id)
                 offered.setdefault(key, check.at)
-        with self._writing() as conn:
-            conn.execute(insert(db.checks), [c.__dict__ for c in batch])
-            stmt = self._insert(db.machines)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[db.machines.c.machine_id],
-                set_={
-                    "os": stmt.excluded.os,
-                    "version": stmt.excluded.version,
-                    # a machine assigned before its first check has none yet
-                    "first_seen": func.coalesce(db.machines.c.first_seen, stmt.excluded.first_seen),
-                    "last_seen": stmt.excluded.last_seen,
-                    "address": stmt.excluded.address,
-                },
-            )
+        conn.execute(insert(db.checks), [_check_row(c) for c in batch])
+        stmt = self._insert(db.machines)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[db.machines.c.machine_id],
+            set_={
+                "os": stmt.excluded.os,
+                "version": stmt.excluded.version,
+                # a machine assigned before its first check has none yet
+                "first_seen": func.coalesce(db.machines.c.first_seen, stmt.excluded.first_seen),
+                "last_seen": stmt.excluded.last_seen,
+                "address": stmt.excluded.address,
+            },
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "machine_id": c.machine_id,
+                    "os": c.os,
+                    "version": c.version,
+                    "first_seen": c.at,
+                    "last_seen": c.at,
+                    "address": c.address,
+                }
+                for c in sorted(latest.values(), key=lambda c: c.machine_id)
+            ],
+        )
+        if offered:
             conn.execute(
-                stmt,
+                self._insert(db.offers).on_conflict_do_nothing(),
                 [
-                    {
-                        "machine_id": c.machine_id,
-                        "os": c.os,
-                        "version": c.version,
-                        "first_seen": c.at,
-                        "last_seen": c.at,
-                        "address": c.address,
-                    }
-                    for c in sorted(latest.values(), key=lambda c: c.machine_id)
+                    {"os": k[0], "channel": k[1], "version": k[2], "machine_id": k[3], "at": t}
+                    for k, t in sorted(offered.items())
                 ],
             )
-            if offered:
-                conn.execute(
-                    self._insert(db.offers).on_conflict_do_nothing(),
-                    [
-                        {"os": k[0], "channel": k[1], "version": k[2], "machine_id": k[3], "at": t}
-                        for k, t in sorted(offered.items())
-                    ],
-                )
 
     def record_report(self, report: Report) -> str | None:
         """Store one report (record_reports); the channel it halted, if any."""
         halted = self.record_reports([report])
         return halted[0] if halted else None
 
-    def record_reports(self, batch: Sequence[Report]) -> list[str]:
+    def record_reports(self, batch: Sequence[Report], refused: set[int] | None = None) -> list[str]:
         """Store install reports, in one transaction; halt the rollouts they belong to if
         they fail too often.
 
@@ -259,7 +330,8 @@ class Store:
         touches a few statements that read and write rows by primary key, whatever the
         number of reports in the batch or of checks and reports stored (SQLite: six
         statements for a batch of one rollout; PostgreSQL, where each statement is a
-        round trip: five, rows passed as arrays). Reports count in
+        round trip: five, rows passed as arrays). Signed reports whose counter was taken
+        are not stored; their positions go into `refused`. Reports count in
         the batch's order; once one halts a rollout, the later ones no longer count for
         it (as if each were written alone). Returns the channels whose rollout halted.
         """
@@ -267,11 +339,17 @@ class Store:
             return []
         halted: list[str] = []
         with self._writing() as conn:
+            replayed = self._accept_proofs(conn, batch)
+            if refused is not None:
+                refused.update(replayed)
+            batch = [r for i, r in enumerate(batch) if i not in replayed]
+            if not batch:
+                return []
             if self._postgresql:
                 columns = {c: [getattr(r, c) for r in batch] for c in _REPORT_COLUMNS}
                 conn.execute(_SQL_REPORT_PG, dict(columns, address=[r.address for r in batch]))
             else:
-                conn.execute(_SQL_REPORT, [r.__dict__ for r in batch])
+                conn.execute(_SQL_REPORT, [_report_row(r) for r in batch])
             targets: dict[tuple[str, str], list[Report]] = {}
             for report in batch:
                 if report.to_version is not None:
@@ -567,6 +645,272 @@ class Store:
             result[f"reports_{outcome}"] = int(n)
         return result
 
+    # --- device keys (rampart.server.devices) -----------------------------------------
+
+    def _setting(self, conn: Any, name: str) -> str | None:
+        value = conn.execute(select(db.settings.c.value).where(db.settings.c.name == name)).scalar()
+        return None if value is None else str(value)
+
+    def nonce_secret(self) -> bytes:
+        """The key of the server's nonces, made once and shared by every instance."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                self._insert(db.settings)
+                .values(name=_NONCE_KEY, value=secrets.token_hex(32))
+                .on_conflict_do_nothing()
+            )
+            return bytes.fromhex(self._setting(conn, _NONCE_KEY) or "")
+
+    def first_use_admission(self) -> bool:
+        with self.engine.connect() as conn:
+            return self._setting(conn, _ADMISSION) == FIRST_USE
+
+    def set_admission(self, mode: str, *, by: Actor) -> None:
+        """`first-use`: a machine's first key is admitted when it first signs a request;
+        `operator`: every key waits for `machine admit`."""
+        if mode not in (FIRST_USE, OPERATOR_ADMISSION):
+            raise UsageError(f"admission {mode!r}: {FIRST_USE} or {OPERATOR_ADMISSION}")
+        with self.engine.begin() as conn:
+            before = self._setting(conn, _ADMISSION) or OPERATOR_ADMISSION
+            stmt = self._insert(db.settings).values(name=_ADMISSION, value=mode)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[db.settings.c.name], set_={"value": mode}
+                )
+            )
+            self._bump(conn)
+            if before != mode:
+                audit.record(
+                    conn, by, "admission.set", "admission", {"mode": before}, {"mode": mode}
+                )
+
+    def machine_key_states(self, machine_id: str) -> dict[str, KeyState]:
+        keys = db.machine_keys.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(keys.key_id, keys.state, keys.counter).where(keys.machine_id == machine_id)
+            ).all()
+        return {str(r.key_id): KeyState(str(r.state), int(r.counter)) for r in rows}
+
+    def present_key(
+        self, machine_id: str, key_id: str, kind: str, public_key: str, first_use: bool
+    ) -> bool:
+        """A machine signed a request with a key the server did not know: keep it as
+        pending (up to MAX_PENDING per machine), or admit it if `first_use` and the
+        machine has no admitted key. Whether it is admitted now."""
+        keys = db.machine_keys.c
+        now = time.time()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(keys.key_id, keys.state).where(keys.machine_id == machine_id)
+            ).all()
+            states = {str(r.key_id): str(r.state) for r in rows}
+            if key_id in states:
+                return states[key_id] == ADMITTED
+            admit = first_use and ADMITTED not in states.values()
+            if not admit and list(states.values()).count(PENDING) >= MAX_PENDING:
+                return False
+            conn.execute(
+                self._insert(db.machine_keys)
+                .values(
+                    machine_id=machine_id,
+                    key_id=key_id,
+                    kind=kind,
+                    public_key=public_key,
+                    state=ADMITTED if admit else PENDING,
+                    first_seen=now,
+                    decided_at=now if admit else None,
+                    decided_by="first use" if admit else None,
+                    counter=0,
+                )
+                .on_conflict_do_nothing()
+            )
+            if admit:
+                self._bump(conn)
+                after = {"key_id": key_id, "kind": kind, "how": FIRST_USE}
+                audit.record(conn, audit.SERVER, "machine.admit", machine_id, None, after)
+            return admit
+
+    def admit(
+        self,
+        machine_id: str,
+        *,
+        by: Actor,
+        key_id: str | None = None,
+        enroll: tuple[str, str] | None = None,
+    ) -> str:
+        """Admit a key of the machine: `enroll` (its kind and base64 DER: an operator's
+        enrollment, before or after the machine first signed), else the pending key
+        `key_id` names (or its only pending key). The machine's admitted key before, if
+        any, is replaced. The key id admitted."""
+        keys = db.machine_keys.c
+        now = time.time()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(keys.key_id, keys.state)
+                .where(keys.machine_id == machine_id)
+                .with_for_update()
+            ).all()
+            states = {str(r.key_id): str(r.state) for r in rows}
+            if enroll is not None:
+                kind, public_key = enroll
+                key_id = identity.key_id(identity.decode_key(public_key))
+                if key_id not in states:
+                    conn.execute(
+                        insert(db.machine_keys).values(
+                            machine_id=machine_id,
+                            key_id=key_id,
+                            kind=kind,
+                            public_key=public_key,
+                            state=PENDING,
+                            first_seen=now,
+                            counter=0,
+                        )
+                    )
+                    states[key_id] = PENDING
+            elif key_id is None:
+                pending = [k for k, v in states.items() if v == PENDING]
+                if len(pending) != 1:
+                    listed = ", ".join(k[:16] for k in pending) or "none"
+                    raise UsageError(
+                        f"machine {machine_id} has {len(pending)} pending keys ({listed}); "
+                        "name one with --key-id, or enroll one with --key"
+                    )
+                key_id = pending[0]
+            elif key_id not in states:
+                raise UsageError(f"machine {machine_id} never presented key {key_id}")
+            old = [k for k, v in states.items() if v == ADMITTED and k != key_id]
+            if states[key_id] == ADMITTED:
+                raise ConflictError(f"machine {machine_id}: key {key_id[:16]} is already admitted")
+            if old:
+                conn.execute(
+                    update(db.machine_keys)
+                    .where(and_(keys.machine_id == machine_id, keys.key_id.in_(old)))
+                    .values(state=REPLACED, decided_at=now, decided_by=by.name[:64])
+                )
+            conn.execute(
+                update(db.machine_keys)
+                .where(and_(keys.machine_id == machine_id, keys.key_id == key_id))
+                .values(state=ADMITTED, decided_at=now, decided_by=by.name[:64])
+            )
+            self._bump(conn)
+            before = {"key_id": old[0]} if old else None
+            after = {"key_id": key_id, "was": states[key_id]}
+            audit.record(conn, by, "machine.admit", machine_id, before, after)
+            return key_id
+
+    def reject(self, machine_id: str, *, by: Actor, key_id: str | None = None) -> list[str]:
+        """Reject the machine's key `key_id` (default: every pending and admitted key);
+        its requests are anonymous from then on. The key ids rejected."""
+        keys = db.machine_keys.c
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(keys.key_id, keys.state)
+                .where(keys.machine_id == machine_id)
+                .with_for_update()
+            ).all()
+            chosen = [
+                str(r.key_id)
+                for r in rows
+                if (key_id is None and r.state in (PENDING, ADMITTED)) or r.key_id == key_id
+            ]
+            if not chosen:
+                raise UsageError(f"machine {machine_id} has no such key to reject")
+            before = {str(r.key_id): str(r.state) for r in rows if str(r.key_id) in chosen}
+            conn.execute(
+                update(db.machine_keys)
+                .where(and_(keys.machine_id == machine_id, keys.key_id.in_(chosen)))
+                .values(state=REJECTED, decided_at=time.time(), decided_by=by.name[:64])
+            )
+            self._bump(conn)
+            audit.record(
+                conn, by, "machine.reject", machine_id, before, dict.fromkeys(chosen, REJECTED)
+            )
+            return chosen
+
+    def machine_keys(
+        self, machine_id: str | None = None, state: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The keys machines presented or were enrolled with (machine-id, then newest)."""
+        keys = db.machine_keys.c
+        query = select(db.machine_keys).order_by(keys.machine_id, keys.first_seen.desc())
+        if machine_id is not None:
+            query = query.where(keys.machine_id == machine_id)
+        if state is not None:
+            query = query.where(keys.state == state)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def admitted_keys(self, machine_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The admitted key's row of each of `machine_ids` that has one."""
+        keys = db.machine_keys.c
+        found: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(machine_ids), _CHUNK):
+                rows = conn.execute(
+                    select(db.machine_keys).where(
+                        and_(
+                            keys.machine_id.in_(list(machine_ids[i : i + _CHUNK])),
+                            keys.state == ADMITTED,
+                        )
+                    )
+                ).all()
+                found.update({str(r.machine_id): dict(r._mapping) for r in rows})
+        return found
+
+    def identity_counts(self) -> dict[str, int]:
+        """How many keys are in each state (machines admitted, pending, ...)."""
+        keys = db.machine_keys.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(keys.state, func.count()).group_by(keys.state)).all()
+        found = dict.fromkeys((PENDING, ADMITTED, REJECTED, REPLACED), 0)
+        found.update({str(state): int(n) for state, n in rows})
+        return found
+
+    def known_pcr7_sets(self) -> dict[str, frozenset[str]]:
+        """The known-good PCR 7 values of each OS."""
+        found: dict[str, set[str]] = {}
+        for row in self.known_pcr7():
+            found.setdefault(str(row["os"]), set()).add(str(row["value"]))
+        return {k: frozenset(v) for k, v in found.items()}
+
+    def known_pcr7(self, os_name: str | None = None) -> list[dict[str, Any]]:
+        query = select(db.known_pcr7).order_by(db.known_pcr7.c.os, db.known_pcr7.c.value)
+        if os_name is not None:
+            query = query.where(db.known_pcr7.c.os == os_name)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def add_known_pcr7(self, os_name: str, value: str, note: str | None, *, by: Actor) -> None:
+        """A PCR 7 value machines of `os_name` measure when they booted as they should."""
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                select(db.known_pcr7.c.value).where(
+                    and_(db.known_pcr7.c.os == os_name, db.known_pcr7.c.value == value)
+                )
+            ).first()
+            if exists is not None:
+                raise ConflictError(f"PCR 7 {value[:16]}… is already known good for {os_name}")
+            conn.execute(
+                insert(db.known_pcr7).values(
+                    os=os_name, value=value, note=note, added_at=time.time()
+                )
+            )
+            self._bump(conn)
+            audit.record(conn, by, "pcr7.add", os_name, None, {"value": value, "note": note})
+
+    def remove_known_pcr7(self, os_name: str, value: str, *, by: Actor) -> None:
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                delete(db.known_pcr7).where(
+                    and_(db.known_pcr7.c.os == os_name, db.known_pcr7.c.value == value)
+                )
+            ).rowcount
+            if not gone:
+                raise UsageError(f"PCR 7 {value[:16]}… is not known good for {os_name}")
+            self._bump(conn)
+            audit.record(conn, by, "pcr7.remove", os_name, {"value": value}, None)
+
     # --- tokens ------------------------------------------------------------------------
 
     def create_token(self, name: str, role: str = roles.ADMIN, *, by: Actor) -> str:
@@ -614,6 +958,18 @@ class Store:
     def token_digests(self) -> list[str]:
         with self.engine.connect() as conn:
             return [str(d) for d in conn.execute(select(db.tokens.c.digest)).scalars().all()]
+
+
+_CHECK_COLUMNS = ("machine_id", "os", "version", "channel", "offered", "at", "address")
+_REPORT_FIELDS = (*_REPORT_COLUMNS, "address")
+
+
+def _check_row(check: Check) -> dict[str, Any]:
+    return {k: getattr(check, k) for k in _CHECK_COLUMNS}
+
+
+def _report_row(report: Report) -> dict[str, Any]:
+    return {k: getattr(report, k) for k in _REPORT_FIELDS}
 
 
 def _audited(row: Any) -> dict[str, Any]:

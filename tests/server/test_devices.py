@@ -1,0 +1,315 @@
+"""Authenticated devices (rampart.server.devices): signed checks and reports, admission
+by an operator or on first use, replays, impersonation, and TPM attestation of PCR 7
+(the device side's own code signs: rampart.device.identity; quotes from a real swtpm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rampart.contracts import identity as contract
+from rampart.contracts import wire
+from rampart.device import identity, tpm
+from rampart.server import admin, audit, db, devices
+from rampart.server.app import Settings, create_app
+from rampart.server.store import Store
+from tests.conftest import start_swtpm
+from tests.server.conftest import OS, Server, headers, machine_id
+from tests.server.test_commands import cli, js
+
+BY = audit.Actor("cli", "tests", "admin", "local")
+
+
+@dataclass
+class Device:
+    """A machine that signs: its machine-id, key directory and key (file or TPM)."""
+
+    mid: str
+    directory: Path
+    key: identity.DeviceKey
+    version: str = "1.0.0"
+
+    def signed(self, kind: str, body: bytes = b"") -> dict[str, str]:
+        request = identity.Request(kind, OS, self.mid, self.version, 1, body)
+        return identity.signed_headers(self.key, self.directory, request)
+
+    def check(self, client: TestClient) -> tuple[int, str]:
+        """A signed version check: (status, body); keeps the nonce of a 200."""
+        sent = {**headers(self.mid, self.version), **self.signed("version")}
+        response = client.get(f"/update/v1/{OS}/version", headers=sent)
+        if response.status_code == 200:
+            identity.save_nonce(self.directory, wire.version_nonce(response.content))
+        return response.status_code, response.text
+
+    def report(self, client: TestClient, outcome: str = "success") -> tuple[int, str]:
+        body = json.dumps(
+            {"from": "1.0.0", "to": "1.0.1", "outcome": outcome, "error": ""}
+        ).encode()
+        sent = {**headers(self.mid, self.version), **self.signed("report", body)}
+        response = client.post(f"/update/v1/{OS}/report", content=body, headers=sent)
+        return response.status_code, response.text
+
+
+def file_device(tmp_path: Path, n: int) -> Device:
+    directory = tmp_path / f"device-{n}"
+    return Device(machine_id(n), directory, identity.ensure(directory, None))
+
+
+def _key(server: Server, mid: str) -> dict[str, object]:
+    [row] = server.store.machine_keys(mid)
+    return row
+
+
+def _seen(server: Server, mid: str) -> dict[str, object]:
+    view = admin.fleet(server.store)
+    rows: list[dict[str, object]] = [m for m in view["last_seen"] if m["machine_id"] == mid]
+    return rows[0]
+
+
+# --- admission ------------------------------------------------------------------------
+
+
+def test_an_unsigned_check_gets_the_clip_os_answer_and_no_nonce(server: Server) -> None:
+    response = server.client.get(f"/update/v1/{OS}/version", headers=headers(machine_id(1)))
+    assert response.content == b'version = "1.0.0"\n'
+
+
+def test_a_new_key_is_pending_and_its_requests_are_anonymous(
+    server: Server, tmp_path: Path
+) -> None:
+    device = file_device(tmp_path, 1)
+    status, text = device.check(server.client)
+    assert status == 200 and 'rampart_nonce = "' in text
+    assert wire.parse_version_document(text.encode(), "answer").core == "1.0.0"
+    key = _key(server, device.mid)
+    assert (key["state"], key["kind"], key["key_id"]) == ("pending", "file", device.key.key_id)
+    assert _seen(server, device.mid)["authenticated"] is False
+    status, text = device.report(server.client)
+    assert (status, json.loads(text)) == (200, {"recorded": True, "authenticated": False})
+
+
+def test_an_admitted_key_authenticates_checks_and_reports(server: Server, tmp_path: Path) -> None:
+    device = file_device(tmp_path, 2)
+    device.check(server.client)
+    admin.admit(server.store, device.mid, by=BY)
+    assert device.check(server.client)[0] == 200
+    seen = _seen(server, device.mid)
+    assert (seen["authenticated"], seen["key"], seen["epoch"]) == (True, "file", 1)
+    assert seen["attested_at"] is None  # a file key attests nothing
+    assert json.loads(device.report(server.client)[1])["authenticated"] is True
+    entry = audit.entries(server.store.engine, 1)[0]
+    assert (entry["action"], entry["target"]) == ("machine.admit", device.mid)
+
+
+def test_first_use_admission_admits_a_machine_s_first_key_only(
+    server: Server, tmp_path: Path
+) -> None:
+    server.store.set_admission("first-use", by=BY)
+    device = file_device(tmp_path, 3)
+    time.sleep(0.05)  # the caches follow the generation within cache_ttl (0 here)
+    device.check(server.client)
+    assert _key(server, device.mid)["state"] == "admitted"
+    assert _seen(server, device.mid)["authenticated"] is True
+    # Someone else's key for the same machine-id, later: pending, never admitted.
+    thief = Device(device.mid, tmp_path / "thief", identity.ensure(tmp_path / "thief", None))
+    thief.check(server.client)
+    states = {r["key_id"]: r["state"] for r in server.store.machine_keys(device.mid)}
+    assert states == {device.key.key_id: "admitted", thief.key.key_id: "pending"}
+
+
+def test_a_rejected_key_goes_anonymous(server: Server, tmp_path: Path) -> None:
+    device = file_device(tmp_path, 4)
+    device.check(server.client)
+    admin.admit(server.store, device.mid, by=BY)
+    admin.reject(server.store, device.mid, by=BY)
+    assert device.check(server.client)[0] == 200
+    assert json.loads(device.report(server.client)[1])["authenticated"] is False
+
+
+def test_enrollment_with_the_key_before_the_machine_calls(webroot: Path, tmp_path: Path) -> None:
+    device = file_device(tmp_path, 5)
+    described = {"machine_id": device.mid, **identity.describe(device.key)}
+    listing = tmp_path / "fleet.jsonl"
+    listing.write_text(json.dumps(described) + "\n")
+    assert js(webroot, "machine", "admit", "--enroll", str(listing)) == [
+        {"machine_id": device.mid, "key_id": device.key.key_id}
+    ]
+    pem = tmp_path / "key.pem"
+    pem.write_text(device.key.pem())
+    code, _, err = cli(webroot, "machine", "admit", device.mid, "--key", str(pem))
+    assert code == 4 and "already admitted" in err
+    other = file_device(tmp_path, 6)
+    (tmp_path / "other.pem").write_text(other.key.pem())
+    js(webroot, "machine", "admit", device.mid, "--key", str(tmp_path / "other.pem"))
+    keys = {r["key_id"]: r["state"] for r in js(webroot, "machine", "keys", device.mid)}
+    assert keys == {device.key.key_id: "replaced", other.key.key_id: "admitted"}
+    (tmp_path / "bad.pem").write_text("not a key")
+    code, _, err = cli(webroot, "machine", "admit", device.mid, "--key", str(tmp_path / "bad.pem"))
+    assert code == 2 and "not a device's public key" in err
+    code, _, err = cli(webroot, "machine", "admit", machine_id(9))
+    assert code == 2 and "0 pending keys" in err
+    assert js(webroot, "machine", "admission", "first-use") == {"admission": "first-use"}
+
+
+# --- attacks --------------------------------------------------------------------------
+
+
+def test_replayed_check_is_refused(server: Server, tmp_path: Path) -> None:
+    device = file_device(tmp_path, 10)
+    device.check(server.client)
+    admin.admit(server.store, device.mid, by=BY)
+    sent = {**headers(device.mid), **device.signed("version")}
+    first = server.client.get(f"/update/v1/{OS}/version", headers=sent)
+    again = server.client.get(f"/update/v1/{OS}/version", headers=sent)
+    assert first.status_code == 200
+    assert again.status_code == 401 and "replayed request" in again.text
+    assert again.headers["www-authenticate"] == "Rampart-Signature"
+
+
+def test_replayed_report_to_another_instance_is_refused(
+    published: Path, db_url: str, tmp_path: Path
+) -> None:
+    """Two servers on one database: a report accepted by A, replayed to B (whose
+    memory still holds an older counter), is refused when B records it."""
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    store = Store(engine)
+    admin.bootstrap(store, published)
+    settings = Settings(published, flush_interval=0.02, cache_ttl=0.0)
+    settings.new_machines_per_hour = 0
+    device = file_device(tmp_path, 11)
+    with (
+        TestClient(create_app(store, settings)) as a,
+        TestClient(create_app(Store(engine), settings)) as b,
+    ):
+        device.check(a)
+        admin.admit(store, device.mid, by=BY)
+        assert device.check(b)[0] == 200  # B caches the key and its counter
+        body = b'{"from": "1.0.0", "to": "1.0.1", "outcome": "failure", "error": "x"}'
+        sent = {**headers(device.mid), **device.signed("report", body)}
+        path = f"/update/v1/{OS}/report"
+        assert a.post(path, content=body, headers=sent).status_code == 200
+        replay = b.post(path, content=body, headers=sent)
+        assert replay.status_code == 401 and "already used" in replay.text
+    assert len(store.recent_reports(10, "failure")) == 1
+    engine.dispose()
+
+
+def test_forged_report_body_is_refused(server: Server, tmp_path: Path) -> None:
+    device = file_device(tmp_path, 12)
+    device.check(server.client)
+    admin.admit(server.store, device.mid, by=BY)
+    body = b'{"from": "1.0.0", "to": "1.0.1", "outcome": "success", "error": ""}'
+    sent = {**headers(device.mid), **device.signed("report", body)}
+    forged = body.replace(b"success", b"failure")
+    response = server.client.post(f"/update/v1/{OS}/report", content=forged, headers=sent)
+    assert response.status_code == 401 and "bad signature" in response.text
+    assert server.store.recent_reports(10, "failure") == []
+
+
+def test_a_check_signed_as_another_machine_is_not_that_machine(
+    server: Server, tmp_path: Path
+) -> None:
+    """A's key, admitted; B signs a check claiming A's machine-id with its own key: a
+    pending key for A, an anonymous answer, and A's record unchanged."""
+    victim = file_device(tmp_path, 13)
+    victim.check(server.client)
+    admin.admit(server.store, victim.mid, by=BY)
+    victim.check(server.client)
+    before = _key(server, victim.mid)
+    impostor = Device(victim.mid, tmp_path / "imp", identity.ensure(tmp_path / "imp", None))
+    assert impostor.check(server.client)[0] == 200
+    assert json.loads(impostor.report(server.client, "failure")[1])["authenticated"] is False
+    after = {r["key_id"]: r for r in server.store.machine_keys(victim.mid)}
+    assert after[victim.key.key_id] == before
+    assert after[impostor.key.key_id]["state"] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ({contract.KEY_HEADER: "AAAA"}, "go together"),
+        ({contract.KEY_HEADER: "@@", contract.AUTH_HEADER: "v=1"}, "not base64"),
+    ],
+)
+def test_a_malformed_signature_is_one_clear_401(
+    server: Server, header: dict[str, str], reason: str
+) -> None:
+    sent = {**headers(machine_id(14)), **header}
+    response = server.client.get(f"/update/v1/{OS}/version", headers=sent)
+    assert response.status_code == 401 and reason in response.text
+
+
+# --- attestation ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def chip(tmp_path: Path) -> Iterator[tpm.Tpm]:
+    yield from start_swtpm(tmp_path / "tpm")
+
+
+def _tpm_device(tmp_path: Path, chip: tpm.Tpm, n: int) -> Device:
+    return Device(machine_id(n), tmp_path / f"tpm-{n}", identity.ensure(tmp_path / "id", chip))
+
+
+def test_a_tpm_device_is_attested_with_a_fresh_nonce(
+    server: Server, tmp_path: Path, chip: tpm.Tpm
+) -> None:
+    device = _tpm_device(tmp_path, chip, 20)
+    device.check(server.client)  # pending; the answer's nonce is kept
+    admin.admit(server.store, device.mid, by=BY)
+    device.check(server.client)
+    seen = _seen(server, device.mid)
+    pcr7 = chip.pcr_values((7,))[7].hex()
+    assert (seen["authenticated"], seen["key"], seen["pcr7"]) == (True, "tpm", pcr7)
+    assert seen["attested_at"] is not None and seen["pcr7_good"] is False  # not known yet
+    admin.learn_pcr7(server.store, OS, device.mid, by=BY)
+    assert _seen(server, device.mid)["pcr7_good"] is True
+
+
+def test_attestation_with_a_stale_nonce_is_not_attestation(
+    server: Server, tmp_path: Path, chip: tpm.Tpm
+) -> None:
+    device = _tpm_device(tmp_path, chip, 21)
+    device.check(server.client)
+    admin.admit(server.store, device.mid, by=BY)
+    secret = server.store.nonce_secret()
+    old = devices.make_nonce(secret, device.mid, time.time() - devices.NONCE_LIFETIME - 60)
+    identity.save_nonce(device.directory, old)
+    assert device.check(server.client)[0] == 200
+    seen = _seen(server, device.mid)
+    assert seen["authenticated"] is True and seen["attested_at"] is None
+    identity.save_nonce(device.directory, devices.make_nonce(b"x" * 32, device.mid, time.time()))
+    device.check(server.client)  # a nonce this server never handed out
+    assert _seen(server, device.mid)["attested_at"] is None
+
+
+def test_attestation_with_a_wrong_pcr7_is_flagged_and_withheld(
+    server: Server, tmp_path: Path, chip: tpm.Tpm
+) -> None:
+    """A machine whose PCR 7 is not known good (Secure Boot off, another db) is shown
+    so, and a channel that requires attestation keeps its version."""
+    device = _tpm_device(tmp_path, chip, 22)
+    device.check(server.client)
+    admin.admit(server.store, device.mid, by=BY)
+    device.check(server.client)
+    admin.learn_pcr7(server.store, OS, device.mid, by=BY)
+    admin.start_rollout(server.store, server.webroot, OS, "stable", "1.0.1", 99.99, by=BY)
+    admin.set_attestation(server.store, OS, "stable", True, by=BY)
+    time.sleep(0.05)
+    assert "1.0.1" in device.check(server.client)[1]  # attested, known good: offered
+    chip._tool("tpm2_pcrextend", "7:sha256=" + hashlib.sha256(b"other").hexdigest())
+    status, text = device.check(server.client)
+    assert status == 200 and 'version = "1.0.0"' in text  # withheld
+    seen = _seen(server, device.mid)
+    assert seen["pcr7_good"] is False
+    anonymous = server.client.get(f"/update/v1/{OS}/version", headers=headers(device.mid))
+    assert anonymous.content == b'version = "1.0.0"\n'  # unsigned: withheld too
