@@ -3,15 +3,18 @@ PostgreSQL cluster started by the tests), and the app in-process."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import Engine
 
 from rampart.contracts.version import parse_version
@@ -22,6 +25,7 @@ from rampart.server.store import Store
 from rampart.testbed import services
 from tests.conftest import KeyPair, make_keypair
 from tests.releases import build_payloads
+from tests.server.signing import SignedFleet
 
 OS = "clipos"
 VERSIONS = ("1.0.0", "1.0.1", "1.0.2")
@@ -89,6 +93,7 @@ class Server:
     client: TestClient
     webroot: Path
     token: str
+    fleet: SignedFleet  # machines whose admitted keys sign: what they send counts
 
     @property
     def auth(self) -> dict[str, str]:
@@ -101,13 +106,28 @@ class Server:
         portal.call(app.state.recorder.flush)
 
     def check(self, mid: str, version: str = "1.0.0") -> str:
-        response = self.client.get(f"/update/v1/{OS}/version", headers=headers(mid, version))
+        """A check signed by the machine's admitted key; the version offered."""
+        sent = self.fleet(mid).headers("version", version=version)
+        response = self.client.get(f"/update/v1/{OS}/version", headers=sent)
         assert response.status_code == 200, response.text
         return str(response.text.split('"')[1])
 
+    def report(self, mid: str, doc: dict[str, Any], version: str = "1.0.0") -> Response:
+        """An install report signed by the machine's admitted key."""
+        body = json.dumps(doc).encode()
+        sent = self.signed(mid, "report", body, version)
+        response: Response = self.client.post(f"/update/v1/{OS}/report", content=body, headers=sent)
+        return response
+
+    def signed(
+        self, mid: str, kind: str, body: bytes = b"", version: str = "1.0.0"
+    ) -> dict[str, str]:
+        """The headers of a request `mid` signs with its admitted key."""
+        return self.fleet(mid).headers(kind, body, version)
+
 
 @pytest.fixture
-def server(published: Path, db_url: str) -> Iterator[Server]:
+def server(published: Path, db_url: str, tmp_path: Path) -> Iterator[Server]:
     engine = db.make_engine(db_url)
     db.migrate(engine)
     store = Store(engine)
@@ -118,7 +138,7 @@ def server(published: Path, db_url: str) -> Iterator[Server]:
     settings.new_machines_per_hour = 0
     app = create_app(store, settings)
     with TestClient(app) as client:
-        yield Server(store, client, published, token)
+        yield Server(store, client, published, token, SignedFleet(store, tmp_path / "fleet"))
     engine.dispose()
 
 

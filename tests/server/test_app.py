@@ -139,10 +139,8 @@ def test_rollout_halts_itself_when_failures_cross_the_threshold(server: Server) 
         assert server.check(machine_id(100 + n)) == "1.0.1"
     server.flush()
     for n, outcome in enumerate(outcomes):
-        response = server.client.post(
-            f"/update/v1/{OS}/report",
-            headers=headers(machine_id(100 + n)),
-            json={"from": "1.0.0", "to": "1.0.1", "outcome": outcome, "error": "x"},
+        response = server.report(
+            machine_id(100 + n), {"from": "1.0.0", "to": "1.0.1", "outcome": outcome, "error": "x"}
         )
         assert response.status_code == 200
     channel = server.client.get("/admin/api/channels", headers=server.auth).json()[0]
@@ -160,10 +158,9 @@ def test_deeply_nested_report_is_a_400(server: Server) -> None:
 
 def test_reports_update_the_fleet_view(server: Server) -> None:
     server.check(machine_id(5), "1.0.0")
-    server.client.post(
-        f"/update/v1/{OS}/report",
-        headers=headers(machine_id(5)),
-        json={"from": "1.0.0", "to": "1.0.1", "outcome": "failure", "error": "Core does not fit"},
+    server.report(
+        machine_id(5),
+        {"from": "1.0.0", "to": "1.0.1", "outcome": "failure", "error": "Core does not fit"},
     ).raise_for_status()
     server.flush()
     view = server.client.get("/admin/api/fleet", headers=server.auth).json()
@@ -233,10 +230,9 @@ def test_malformed_report_is_refused_and_records_nothing(
 
 def test_injection_attempts_are_inert(server: Server) -> None:
     evil = "'); DROP TABLE checks; --"
-    response = server.client.post(
-        f"/update/v1/{OS}/report",
-        headers=headers(machine_id(6)),
-        json={
+    response = server.report(
+        machine_id(6),
+        {
             "from": "1.0.0",
             "to": "1.0.1",
             "outcome": "failure",
@@ -283,14 +279,11 @@ def test_openapi_schema_lists_the_admin_api(server: Server) -> None:
 
 def test_metrics(server: Server) -> None:
     server.check(machine_id(7))
-    server.client.post(
-        f"/update/v1/{OS}/report",
-        headers=headers(machine_id(7)),
-        json={"from": "1.0.0", "to": "1.0.1", "outcome": "success"},
-    )
+    server.report(machine_id(7), {"from": "1.0.0", "to": "1.0.1", "outcome": "success"})
     server.flush()
     text = server.client.get("/metrics", headers=server.auth).text
     assert "rampart_checks_total 1\n" in text
+    assert "rampart_anonymous_checks_total 0\n" in text
     assert 'rampart_reports_total{outcome="success"} 1\n' in text
     assert 'rampart_machines{os="clipos",channel="stable",version="1.0.0"} 1\n' in text
 

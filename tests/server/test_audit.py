@@ -19,6 +19,7 @@ from rampart.server.guard import COOKIE
 from rampart.server.store import Check, Report, Store
 from tests.conftest import run_cli
 from tests.server.conftest import OS, Server, machine_id, upgrade_to
+from tests.server.signing import proof
 from tests.server.test_commands import cli, js
 
 OPERATOR = audit.Actor("bearer", "ops", "operator", "192.0.2.1")
@@ -160,13 +161,20 @@ def test_an_auto_halt_is_recorded_as_the_server_s(published: Path, db_url: str) 
     store = _store(db_url, published)
     try:
         mids = [machine_id(n) for n in range(8)]
-        store.record_checks([Check(m, OS, "1.0.0", "stable", None, 1.0, None) for m in mids])
+        store.record_checks(
+            [Check(m, OS, "1.0.0", "stable", None, 1.0, None, proof(store, m)) for m in mids]
+        )
         admin.start_rollout(
             store, published, OS, "stable", "1.0.1", 100 - 1e-9, min_reports=2, min_failing=2,
             by=OPERATOR,
         )  # fmt: skip
-        store.record_checks([Check(m, OS, "1.0.0", "stable", "1.0.1", 2e9, None) for m in mids])
-        failures = [Report(m, OS, "1.0.0", "1.0.1", "failure", "x", 2e9 + 1, None) for m in mids]
+        store.record_checks(
+            [Check(m, OS, "1.0.0", "stable", "1.0.1", 2e9, None, proof(store, m)) for m in mids]
+        )
+        failures = [
+            Report(m, OS, "1.0.0", "1.0.1", "failure", "x", 2e9 + 1, None, proof(store, m))
+            for m in mids
+        ]
         assert store.record_reports(failures) == ["stable"]
         last = audit.entries(store.engine, 1)[0]
         assert (last["action"], last["name"], last["role"]) == (

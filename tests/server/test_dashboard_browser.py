@@ -35,6 +35,7 @@ import pytest
 from rampart.server.rollout import in_rollout
 from rampart.testbed import services
 from tests.releases import build_payloads
+from tests.server.signing import file_device
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
 CHROMIUM = "/usr/bin/chromium"
@@ -60,6 +61,13 @@ class Live:
     webroot: Path
     token: str
     log: Path
+    keys: Path  # the machines' identity keys (admitted on first use)
+
+    def signed(self, mid: str, running: str, kind: str, body: bytes = b"") -> dict[str, str]:
+        device = file_device(self.keys / mid, mid)
+        return {"clipos-machineid": mid, "clipos-version": running} | device.signed(
+            kind, body, running
+        )
 
     def request(
         self,
@@ -88,25 +96,16 @@ class Live:
 
     def check(self, mid: str, running: str) -> bytes:
         status, data = self.request(
-            "GET",
-            f"/update/v1/{OS}/version",
-            headers={"clipos-machineid": mid, "clipos-version": running},
+            "GET", f"/update/v1/{OS}/version", headers=self.signed(mid, running, "version")
         )
         assert status == 200, data
-        return data
+        return data.split(b"\n")[0] + b"\n"  # the version line (the nonce after it)
 
     def report(self, mid: str, running: str, doc: dict[str, str]) -> None:
-        status, data = self.request(
-            "POST",
-            f"/update/v1/{OS}/report",
-            json.dumps(doc).encode(),
-            {
-                "clipos-machineid": mid,
-                "clipos-version": running,
-                "Content-Type": "application/json",
-            },
-        )
-        assert (status, json.loads(data)) == (200, {"recorded": True}), data
+        body = json.dumps(doc).encode()
+        headers = self.signed(mid, running, "report", body) | {"Content-Type": "application/json"}
+        status, data = self.request("POST", f"/update/v1/{OS}/report", body, headers)
+        assert (status, json.loads(data)) == (200, {"recorded": True, "authenticated": True}), data
 
 
 def make_webroot(directory: Path) -> Path:
@@ -129,11 +128,12 @@ def make_webroot(directory: Path) -> Path:
 def live(tmp_path: Path) -> Iterator[Live]:
     webroot = make_webroot(tmp_path)
     token = json.loads(rampart("token", "create", "ops", "--webroot", webroot, "--json"))["token"]
+    rampart("machine", "admission", "first-use", "--webroot", webroot)
     log = tmp_path / "serve.log"
     # Ready when it answers; the login page touches no cache (a version check would
     # load the channel cache before the test changes the channels).
     with services.RampartServe(webroot, log, ready_path="/admin/login", timeout=WAIT) as server:
-        yield Live(server.port, webroot, token, log)
+        yield Live(server.port, webroot, token, log, tmp_path / "keys")
 
 
 # --- a minimal Chrome DevTools Protocol client (RFC 6455 WebSocket, text frames) -------
@@ -417,6 +417,9 @@ def test_dashboard_in_chromium(tmp_path: Path, live: Live, browser: DevTools) ->
         "machines": 10,
         "reports_success": 1,
         "reports_failure": 1,
+        "anonymous_checks": 0,
+        "anonymous_machines": 0,
+        "anonymous_reports": 0,
     }
     bars = [(r["channel"], r["version"], r["machines"]) for r in fleet["versions"]]
     assert bars == [("beta", "1.0.1", 2), ("stable", "1.0.0", 7), ("stable", "1.0.1", 1)]
@@ -462,7 +465,13 @@ def test_dashboard_in_chromium(tmp_path: Path, live: Live, browser: DevTools) ->
     assert page.eval("document.getElementById('machines').textContent") == "10"
     assert page.eval("document.getElementById('checks').textContent") == "11"
     cards = page.eval("[...document.querySelectorAll('.card')].map(c => c.textContent)")
-    assert cards == ["machines10", "checks11", "successful installs1", "failed installs1"]
+    assert cards == [
+        "machines10",
+        "checks11",
+        "successful installs1",
+        "failed installs1",
+        "anonymous checks (not counted)0",
+    ]
     failures = page.eval(
         "[...document.querySelectorAll('#failures tr')].slice(1)"
         ".map(r => [...r.cells].map(c => c.textContent))"

@@ -9,7 +9,6 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,45 +21,16 @@ from rampart.server import admin, audit, db, devices
 from rampart.server.app import Settings, create_app
 from rampart.server.store import Store
 from tests.conftest import start_swtpm
+from tests.server import signing
 from tests.server.conftest import OS, Server, headers, machine_id
+from tests.server.signing import Device
 from tests.server.test_commands import cli, js
 
-BY = audit.Actor("cli", "tests", "admin", "local")
-
-
-@dataclass
-class Device:
-    """A machine that signs: its machine-id, key directory and key (file or TPM)."""
-
-    mid: str
-    directory: Path
-    key: identity.DeviceKey
-    version: str = "1.0.0"
-
-    def signed(self, kind: str, body: bytes = b"") -> dict[str, str]:
-        request = identity.Request(kind, OS, self.mid, self.version, 1, body)
-        return identity.signed_headers(self.key, self.directory, request)
-
-    def check(self, client: TestClient) -> tuple[int, str]:
-        """A signed version check: (status, body); keeps the nonce of a 200."""
-        sent = {**headers(self.mid, self.version), **self.signed("version")}
-        response = client.get(f"/update/v1/{OS}/version", headers=sent)
-        if response.status_code == 200:
-            identity.save_nonce(self.directory, wire.version_nonce(response.content))
-        return response.status_code, response.text
-
-    def report(self, client: TestClient, outcome: str = "success") -> tuple[int, str]:
-        body = json.dumps(
-            {"from": "1.0.0", "to": "1.0.1", "outcome": outcome, "error": ""}
-        ).encode()
-        sent = {**headers(self.mid, self.version), **self.signed("report", body)}
-        response = client.post(f"/update/v1/{OS}/report", content=body, headers=sent)
-        return response.status_code, response.text
+BY = signing.BY
 
 
 def file_device(tmp_path: Path, n: int) -> Device:
-    directory = tmp_path / f"device-{n}"
-    return Device(machine_id(n), directory, identity.ensure(directory, None))
+    return signing.file_device(tmp_path / f"device-{n}", machine_id(n))
 
 
 def _key(server: Server, mid: str) -> dict[str, object]:
@@ -91,7 +61,9 @@ def test_a_new_key_is_pending_and_its_requests_are_anonymous(
     assert wire.parse_version_document(text.encode(), "answer").core == "1.0.0"
     key = _key(server, device.mid)
     assert (key["state"], key["kind"], key["key_id"]) == ("pending", "file", device.key.key_id)
-    assert _seen(server, device.mid)["authenticated"] is False
+    assert [m["machine_id"] for m in admin.fleet(server.store)["last_seen"]] == []  # not counted
+    machine = server.store.machine(device.mid)
+    assert machine is not None and machine["authenticated"] is False
     status, text = device.report(server.client)
     assert (status, json.loads(text)) == (200, {"recorded": True, "authenticated": False})
 

@@ -54,6 +54,7 @@ def test_client_follows_its_channel_and_reports(
 ) -> None:
     url, webroot = live
     stable_id, beta_id = "a" * 32, "b" * 32
+    admin(webroot, "machine", "admission", "first-use")  # their keys: admitted when they call
     admin(webroot, "channel", "create", "beta", "--os", "clipos", "--version", "5.0.0-alpha.3")
     admin(webroot, "machine", "assign", beta_id, "--os", "clipos", "--channel", "beta")
     stable = device(tmp_path, "stable", vendor, pki, url, stable_id)
@@ -66,7 +67,14 @@ def test_client_follows_its_channel_and_reports(
     time.sleep(0.3)
     view = admin(webroot, "fleet")
     assert isinstance(view, dict)
-    assert view["counts"] == {"checks": 2, "machines": 2, "reports_success": 2}
+    assert view["counts"] == {
+        "checks": 2,
+        "machines": 2,
+        "reports_success": 2,
+        "anonymous_checks": 0,
+        "anonymous_machines": 0,
+        "anonymous_reports": 0,
+    }
     machines = {m["machine_id"]: m for m in admin(webroot, "machine", "list")}
     assert machines[beta_id]["channel"] == "beta"
     assert machines[stable_id]["version"] == "5.0.0-alpha.1"
@@ -120,4 +128,5 @@ def test_a_device_signs_its_check_and_report_and_counts_once_admitted(
     assert row["state"] == "admitted" and row["last_auth"] is not None
     seen = {m["machine_id"]: m for m in admin(webroot, "fleet")["last_seen"]}
     assert seen["e" * 32]["authenticated"] is True and seen["e" * 32]["key"] == "file"
-    assert seen["d" * 32]["authenticated"] is False
+    assert "d" * 32 not in seen  # pending: it does not count
+    assert admin(webroot, "fleet")["counts"]["anonymous_machines"] == 1

@@ -32,6 +32,7 @@ from rampart.testbed import services
 from tests.conftest import KeyPair, make_keypair, run_cli
 from tests.device.conftest import make_device
 from tests.releases import build_payloads
+from tests.server.signing import file_device
 from tests.tufkit import PASSWORD, TufRepo
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
@@ -250,11 +251,23 @@ def test_nginx_serves_dist_and_proxies_the_protocol_to_the_app(
     status, headers, body = frontend.request("GET", f"/update/v1/{OS}/version", headers=ident)
     assert (status, body) == (200, b'version = "1.0.1"\n')
     assert headers["content-type"] == "application/octet-stream"
+    # Unsigned (the CLIP OS updater): recorded, anonymous. Signed by the machine's key
+    # (admitted on first use here): through nginx, it counts.
+    rampart("machine", "admission", "first-use", "--webroot", frontend.webroot)
+    time.sleep(1.2)  # the setting reaches the app's caches within a second
+    signer = file_device(tmp_path / "signer", MID)
+    signed = {**ident, **signer.signed("version")}
+    status, _, body = frontend.request("GET", f"/update/v1/{OS}/version", headers=signed)
+    assert status == 200 and body.startswith(b'version = "1.0.1"\nrampart_nonce = "'), body
     deadline = time.monotonic() + WAIT
     while (view := frontend.fleet())["machines"] != 1:
         assert time.monotonic() < deadline, view
         time.sleep(0.2)
-    assert view["counts"] == {"checks": 1, "machines": 1}
+    counts = view["counts"]
+    assert isinstance(counts, dict)
+    assert (counts["checks"], counts["machines"], counts["anonymous_checks"]) == (1, 1, 1)
+    replayed = frontend.request("GET", f"/update/v1/{OS}/version", headers=signed)
+    assert replayed[0] == 401 and b"replayed request" in replayed[2]
     # The app sees nginx as the client (no X-Forwarded-For is read).
     machine = json.loads(rampart("machine", "show", MID, "--webroot", frontend.webroot, "--json"))
     assert (machine["version"], machine["address"]) == ("1.0.0", "127.0.0.1")
@@ -328,8 +341,10 @@ def test_nginx_serves_dist_and_proxies_the_protocol_to_the_app(
     assert view["counts"] == {
         "checks": 2,
         "machines": 2,
-        "reports_failure": 1,
-        "reports_success": 1,
+        "reports_success": 1,  # the client's, signed
+        "anonymous_checks": 1,
+        "anonymous_machines": 0,
+        "anonymous_reports": 1,  # the failure above, unsigned
     }
 
     # nginx served every payload request; none reached the app. Core is streamed:
@@ -343,7 +358,8 @@ def test_nginx_serves_dist_and_proxies_the_protocol_to_the_app(
     requests = re.findall(r'"([A-Z]+ \S+) HTTP/1\.1" \d{3}', app_log)
     assert requests, app_log
     assert not [r for r in requests if "/dist" in r], app_log
-    assert requests.count(f"GET /update/v1/{OS}/version") == 3  # 2 checks and the bad one
+    # 3 checks (unsigned, signed, the client's), its replay, the bad one
+    assert requests.count(f"GET /update/v1/{OS}/version") == 5
     assert requests.count(f"POST /update/v1/{OS}/report") == 3  # 2 reports and the big one
 
 

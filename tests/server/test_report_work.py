@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, event, func, insert, select, text
+from sqlalchemy import Engine, bindparam, column, event, func, insert, select, table, text
 
 from rampart.server import admin, audit, db
 from rampart.server.rollout import in_rollout
 from rampart.server.store import Check, Report, Store
 from tests.server.conftest import OS, machine_id, upgrade_to
+from tests.server.signing import proof
 
 VERSION = "1.0.1"
 HISTORY = 40_000  # checks added between the two measurements
@@ -32,7 +33,10 @@ def _rollout(
     machines = [machine_id(n) for n in range(40)]
     now = time.time()
     store.record_checks(
-        [Check(m, OS, "1.0.0", "stable", "1.0.0", now - 10, None) for m in machines]
+        [
+            Check(m, OS, "1.0.0", "stable", "1.0.0", now - 10, None, proof(store, m))
+            for m in machines
+        ]
     )
     admin.start_rollout(
         store,
@@ -47,7 +51,10 @@ def _rollout(
     )
     inside = [m for m in machines if in_rollout(m, VERSION, 50)]
     store.record_checks(
-        [Check(m, OS, "1.0.0", "stable", VERSION, time.time(), None) for m in inside]
+        [
+            Check(m, OS, "1.0.0", "stable", VERSION, time.time(), None, proof(store, m))
+            for m in inside
+        ]
     )
     return engine, store, inside
 
@@ -108,13 +115,33 @@ def test_report_does_not_read_the_checks_or_reports_tables(db_url: str, publishe
     try:
         statements = Statements(engine)
         store.record_report(
-            Report(inside[0], OS, "1.0.0", VERSION, "failure", "x", time.time(), None)
+            Report(
+                inside[0],
+                OS,
+                "1.0.0",
+                VERSION,
+                "failure",
+                "x",
+                time.time(),
+                None,
+                proof(store, inside[0]),
+            )
         )
         small = list(statements.seen)
         _history(engine, 5_000)
         statements.seen.clear()
         store.record_report(
-            Report(inside[1], OS, "1.0.0", VERSION, "failure", "x", time.time(), None)
+            Report(
+                inside[1],
+                OS,
+                "1.0.0",
+                VERSION,
+                "failure",
+                "x",
+                time.time(),
+                None,
+                proof(store, inside[1]),
+            )
         )
         large = list(statements.seen)
     finally:
@@ -130,7 +157,8 @@ def test_a_report_batch_takes_a_fixed_number_of_statements_whatever_its_size(
     db_url: str, published: Path
 ) -> None:
     """A batch of reports to a version rolled out on one channel runs the same statements,
-    one report or all of the rollout's machines: the INSERT, the rollouts' read, the
+    one report or all of the rollout's machines: the raise of the signing keys' counters,
+    the INSERT, the rollouts' read, the
     tally's lock, one read of what the batch's machines were offered, when they were
     first seen and what counted for them, and the writes (SQLite: the outcomes, then the
     tally; PostgreSQL, where each statement is a round trip: both in one). The reads
@@ -140,10 +168,11 @@ def test_a_report_batch_takes_a_fixed_number_of_statements_whatever_its_size(
         statements = Statements(engine)
         seen = []
         for machines in (inside[:1], inside):
+            proofs = {m: proof(store, m) for m in machines}  # signed by admitted keys
             statements.seen.clear()
             store.record_reports(
                 [
-                    Report(m, OS, "1.0.0", VERSION, "success", "", time.time(), None)
+                    Report(m, OS, "1.0.0", VERSION, "success", "", time.time(), None, proofs[m])
                     for m in machines
                 ]
             )
@@ -156,9 +185,12 @@ def test_a_report_batch_takes_a_fixed_number_of_statements_whatever_its_size(
         engine.dispose()
     assert len(inside) > 10 and (tally.machines, tally.failures) == (len(inside), 0)
     assert outcomes == len(inside) and stored == len(inside) + 1
-    writes = ["WITH"] if engine.dialect.name == "postgresql" else ["INSERT", "UPDATE"]
+    postgresql = engine.dialect.name == "postgresql"
+    writes = ["WITH"] if postgresql else ["INSERT", "UPDATE"]
+    counters = "UPDATE" if postgresql else "WITH"  # the keys' counters, raised
     for batch in seen:
-        assert [s.split()[0] for s in batch] == ["INSERT", "SELECT", "INSERT", "SELECT", *writes]
+        kinds = [s.split()[0] for s in batch]
+        assert kinds == [counters, "INSERT", "SELECT", "INSERT", "SELECT", *writes]
     if engine.dialect.name == "postgresql":  # rows as arrays, not one by one
         assert statements.executemany == 0
 
@@ -227,11 +259,13 @@ def test_a_batch_of_reports_counts_in_its_order_as_one_by_one(db_url: str, publi
         db_url, published, min_reports=4, failure_threshold=0.5, min_failing=2
     )
     minted = machine_id(999)
-    store.record_checks([Check(minted, OS, "1.0.0", "stable", VERSION, time.time(), None)])
+    store.record_checks(
+        [Check(minted, OS, "1.0.0", "stable", VERSION, time.time(), None, proof(store, minted))]
+    )
     at = time.time() + 1
 
     def report(mid: str, outcome: str) -> Report:
-        return Report(mid, OS, "1.0.0", VERSION, outcome, "", at, None)
+        return Report(mid, OS, "1.0.0", VERSION, outcome, "", at, None, proof(store, mid))
 
     batch = [
         report(inside[0], "failure"),
@@ -285,7 +319,9 @@ def test_report_work_does_not_grow_with_the_checks_table(tmp_path: Path, publish
 
     def work(mid: str) -> int:
         steps[0] = 0
-        store.record_report(Report(mid, OS, "1.0.0", VERSION, "failure", "x", time.time(), None))
+        store.record_report(
+            Report(mid, OS, "1.0.0", VERSION, "failure", "x", time.time(), None, proof(store, mid))
+        )
         return steps[0] * 100
 
     try:
@@ -309,9 +345,12 @@ def test_upgrade_keeps_the_evidence_of_a_rollout_in_progress(db_url: str) -> Non
     a, b, c = (machine_id(n) for n in (1, 2, 3))
     check = {"os": OS, "version": "1.0.0", "channel": "stable", "address": None}
     report = {"os": OS, "from_version": "1.0.0", "to_version": VERSION, "error": ""}
+    # The tables as revision 0001 made them (the columns of today's are more).
+    checks = table("checks", *map(column, ("machine_id", *check, "offered", "at")))
+    reports = table("reports", *map(column, ("machine_id", *report, "outcome", "at")))
     with engine.begin() as conn:
         conn.execute(
-            insert(db.checks),
+            insert(checks),
             [
                 dict(check, machine_id=a, offered=VERSION, at=10.0),
                 dict(check, machine_id=a, offered=VERSION, at=30.0),
@@ -320,7 +359,7 @@ def test_upgrade_keeps_the_evidence_of_a_rollout_in_progress(db_url: str) -> Non
             ],
         )
         conn.execute(
-            insert(db.reports).values(),
+            insert(reports),
             [
                 dict(report, machine_id=a, outcome="failure", at=20.0),
                 dict(report, machine_id=a, outcome="success", at=40.0),  # its latest

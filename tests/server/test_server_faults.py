@@ -30,6 +30,7 @@ def test_silent_machine_count_is_not_capped_at_1000(server: Server) -> None:
             "version": "1.0.0",
             "first_seen": old,
             "last_seen": old,
+            "authenticated": True,
         }
         for n in range(SILENT)
     ]

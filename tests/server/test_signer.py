@@ -18,6 +18,7 @@ import logging
 import re
 import shutil
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ from rampart.server.store import Store
 from rampart.testbed import services
 from tests.conftest import run_cli
 from tests.server.conftest import OS, headers, machine_id
+from tests.server.signing import SignedFleet
 from tests.tufkit import PASSWORD, TufRepo
 
 WAIT = 30.0  # seconds: the bound of every wait for a process
@@ -133,6 +135,7 @@ class Signing:
     client: TestClient
     token: str
     db_url: str
+    fleet: SignedFleet
 
     @property
     def webroot(self) -> Path:
@@ -148,7 +151,8 @@ class Signing:
         return response.json()
 
     def check(self, mid: str) -> str:
-        response = self.client.get(f"/update/v1/{OS}/version", headers=headers(mid))
+        sent = self.fleet(mid).headers("version")  # signed: what it sends counts
+        response = self.client.get(f"/update/v1/{OS}/version", headers=sent)
         assert response.status_code == 200, response.text
         return str(response.text.split('"')[1])
 
@@ -197,8 +201,12 @@ def signing_server(
         )
         settings.tuf = options.load(tuf_repo.webroot)
     try:
-        with TestClient(create_app(store, settings)) as client:
-            yield Signing(tuf_repo, store, client, token, db_url)
+        with (
+            TestClient(create_app(store, settings)) as client,
+            tempfile.TemporaryDirectory(prefix="rampart-fleet-") as keys_dir,
+        ):
+            fleet = SignedFleet(store, Path(keys_dir))
+            yield Signing(tuf_repo, store, client, token, db_url, fleet)
     finally:
         engine.dispose()
 
@@ -264,9 +272,11 @@ def test_a_channel_change_is_signed_within_seconds(
         halted = next(
             m for m in (machine_id(100 + n) for n in range(4)) if server.check(m) == "1.0.2"
         )
-        report = {"from": "1.0.1", "to": "1.0.2", "outcome": "failure", "error": "x"}
+        body = b'{"from": "1.0.1", "to": "1.0.2", "outcome": "failure", "error": "x"}'
         response = server.client.post(
-            f"/update/v1/{OS}/report", headers=headers(halted), json=report
+            f"/update/v1/{OS}/report",
+            headers=server.fleet(halted).headers("report", body),
+            content=body,
         )
         assert response.status_code == 200, response.text
         signed(

@@ -349,7 +349,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     print(
         f"{view['machines']} machines, {counts.get('checks', 0)} checks, "
         f"{counts.get('reports_success', 0)} successful and "
-        f"{counts.get('reports_failure', 0)} failed installs"
+        f"{counts.get('reports_failure', 0)} failed installs (authenticated)"
+    )
+    print(
+        f"anonymous (counted for nothing): {counts.get('anonymous_machines', 0)} machines, "
+        f"{counts.get('anonymous_checks', 0)} checks, {counts.get('anonymous_reports', 0)} reports"
     )
     print("channels:")
     for ch in view["channels"]:

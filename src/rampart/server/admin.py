@@ -261,9 +261,9 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
             "channel": m["channel"] or defaults.get(m["os"]),
             "last_seen": m["last_seen"],
         }
-        for m in store.machines(limit=SILENT_LISTED, seen_before=silent_before)
+        for m in store.machines(limit=SILENT_LISTED, seen_before=silent_before, authenticated=True)
     ]
-    machines = store.machines(limit=200)
+    machines = store.machines(limit=200, authenticated=True)
     counts = store.counts()
     proven = _proven(store, [m["machine_id"] for m in machines])
     return {
@@ -299,11 +299,11 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
         ],
         "identity": store.identity_counts(),
         "silent_days": silent_days,
-        "silent_count": store.count_machines(seen_before=silent_before),
+        "silent_count": store.count_machines(seen_before=silent_before, authenticated=True),
         "silent": silent,
         "recent_failures": [
             {k: r[k] for k in ("machine_id", "os", "from_version", "to_version", "error", "at")}
-            for r in store.recent_reports(20, "failure")
+            for r in store.recent_reports(20, "failure", authenticated=True)
         ],
         "counts": counts,
     }

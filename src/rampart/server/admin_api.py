@@ -287,6 +287,14 @@ async def metrics(server: Server) -> Response:
         total = counts.get("reports_" + outcome, 0)
         lines.append(f'rampart_reports_total{{outcome="{outcome}"}} {total}')
     lines += [
+        "# HELP rampart_anonymous_checks_total Version checks no admitted key signed.",
+        "# TYPE rampart_anonymous_checks_total counter",
+        f"rampart_anonymous_checks_total {counts['anonymous_checks']}",
+        "# HELP rampart_anonymous_reports_total Install reports no admitted key signed.",
+        "# TYPE rampart_anonymous_reports_total counter",
+        f"rampart_anonymous_reports_total {counts['anonymous_reports']}",
+    ]
+    lines += [
         "# HELP rampart_machines Machines by the version they last reported running.",
         "# TYPE rampart_machines gauge",
     ]

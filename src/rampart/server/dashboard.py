@@ -102,6 +102,8 @@ def render(
         f"<div class=card>successful installs<b class=ok>{counts.get('reports_success', 0)}</b>"
         "</div>",
         f"<div class=card>failed installs<b class=bad>{counts.get('reports_failure', 0)}</b></div>",
+        "<div class=card>anonymous checks (not counted)"
+        f"<b id=anonymous class=muted>{counts.get('anonymous_checks', 0)}</b></div>",
         "<h2>Channels</h2><table id=channels><tr><th>os</th><th>channel</th><th>target</th>"
         "<th>rollout</th></tr>",
     ]

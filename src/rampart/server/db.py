@@ -69,6 +69,9 @@ machines = Table(
     Column("first_seen", Float, nullable=True),
     Column("last_seen", Float, nullable=True),
     Column("address", String(64), nullable=True),
+    # True once a check signed by the machine's admitted key recorded it: from then on
+    # only such checks change its row, and only such machines count (fleet, rollouts).
+    Column("authenticated", Boolean, nullable=False, default=False, server_default="0"),
     Index("ix_machines_last_seen", "last_seen"),
 )
 
@@ -83,6 +86,7 @@ checks = Table(
     Column("offered", String(128), nullable=True),
     Column("at", Float, nullable=False),
     Column("address", String(64), nullable=True),
+    Column("authenticated", Boolean, nullable=False, default=False, server_default="0"),
     Index("ix_checks_machine", "machine_id"),
     Index("ix_checks_at", "at"),
 )
@@ -99,6 +103,7 @@ reports = Table(
     Column("error", Text, nullable=True),
     Column("at", Float, nullable=False),
     Column("address", String(64), nullable=True),
+    Column("authenticated", Boolean, nullable=False, default=False, server_default="0"),
     Index("ix_reports_to", "os", "to_version"),
     Index("ix_reports_at", "at"),
 )

@@ -99,17 +99,20 @@ def _channel(row: Any) -> ChannelState:
 
 # The statements of a report (text: built once, nothing to compile per report).
 _SQL_REPORT = text(
-    "INSERT INTO reports (machine_id, os, from_version, to_version, outcome, error, at, address) "
-    "VALUES (:machine_id, :os, :from_version, :to_version, :outcome, :error, :at, :address)"
+    "INSERT INTO reports (machine_id, os, from_version, to_version, outcome, error, at, address, "
+    "authenticated) VALUES (:machine_id, :os, :from_version, :to_version, :outcome, :error, :at, "
+    ":address, :authenticated)"
 )
 # PostgreSQL: the batch in one statement, as arrays (psycopg's executemany sends and
 # reads each row on its own, in pipeline mode: most of a batch's CPU time in the server).
 _REPORT_COLUMNS = ("machine_id", "os", "from_version", "to_version", "outcome", "error", "at")
 _SQL_REPORT_PG = text(
-    "INSERT INTO reports (machine_id, os, from_version, to_version, outcome, error, at, address) "
+    "INSERT INTO reports (machine_id, os, from_version, to_version, outcome, error, at, address, "
+    "authenticated) "
     "SELECT * FROM unnest(CAST(:machine_id AS text[]), CAST(:os AS text[]), "
     "CAST(:from_version AS text[]), CAST(:to_version AS text[]), CAST(:outcome AS text[]), "
-    "CAST(:error AS text[]), CAST(:at AS double precision[]), CAST(:address AS text[]))"
+    "CAST(:error AS text[]), CAST(:at AS double precision[]), CAST(:address AS text[]), "
+    "CAST(:authenticated AS boolean[]))"
 )
 _SQL_ROLLOUTS = text(
     "SELECT name, failure_threshold, min_reports, min_failing, rollout_started_at "
@@ -126,6 +129,30 @@ _SQL_OUTCOME_SET = text(
     "VALUES (:os, :channel, :version, :mid, :outcome, :at) "
     "ON CONFLICT (os, channel, version, machine_id) "
     "DO UPDATE SET outcome = excluded.outcome, at = excluded.at"
+)
+# Raising the counters of the admitted keys that signed a batch, one statement: only
+# a counter above the stored one is taken; the keys raised come back.
+_SQL_COUNTERS_PG = text(
+    "UPDATE machine_keys AS k SET counter = u.counter, last_auth = u.at, "
+    "epoch = COALESCE(u.epoch, k.epoch), "
+    "attested_at = CASE WHEN u.attested THEN u.at ELSE k.attested_at END, "
+    "pcr7 = CASE WHEN u.attested THEN u.pcr7 ELSE k.pcr7 END "
+    "FROM unnest(CAST(:mid AS text[]), CAST(:kid AS text[]), CAST(:counter AS bigint[]), "
+    "CAST(:at AS double precision[]), CAST(:epoch AS bigint[]), CAST(:attested AS boolean[]), "
+    "CAST(:pcr7 AS text[])) AS u(mid, kid, counter, at, epoch, attested, pcr7) "
+    "WHERE k.machine_id = u.mid AND k.key_id = u.kid AND k.state = 'admitted' "
+    "AND k.counter < u.counter RETURNING k.machine_id, k.key_id"
+)
+# SQLite: the rows as a VALUES list ({values}: the placeholders of each row).
+_SQL_COUNTERS_SQLITE = (
+    "WITH u(mid, kid, counter, at, epoch, attested, pcr7) AS (VALUES {values}) "
+    "UPDATE machine_keys SET counter = u.counter, last_auth = u.at, "
+    "epoch = COALESCE(u.epoch, machine_keys.epoch), "
+    "attested_at = CASE WHEN u.attested THEN u.at ELSE machine_keys.attested_at END, "
+    "pcr7 = CASE WHEN u.attested THEN u.pcr7 ELSE machine_keys.pcr7 END FROM u "
+    "WHERE machine_keys.machine_id = u.mid AND machine_keys.key_id = u.kid "
+    "AND machine_keys.state = 'admitted' AND machine_keys.counter < u.counter "
+    "RETURNING machine_id, key_id"
 )
 _CHUNK = 500  # machine-ids per IN (...) list
 # What counting a batch for a rollout needs of each of its machines, in one round trip:
@@ -240,69 +267,70 @@ class Store:
     def _accept_proofs(self, conn: Any, batch: Sequence[Check | Report]) -> set[int]:
         """Raise each admitted key's counter to its request's, and note what the machine
         proved; the positions of the requests whose counter was not above the last one
-        accepted (another worker or instance took it first: a replay)."""
-        refused = set()
+        accepted (another worker or instance took it first: a replay). One statement for
+        the batch (a key's second request in the batch, rare, one more each)."""
+        first: dict[tuple[str, str], tuple[int, Check | Report]] = {}
+        later: list[tuple[int, Check | Report]] = []
         for i, row in enumerate(batch):
-            proof = row.proof
-            if proof is None:
+            if row.proof is None:
                 continue
-            values: dict[str, Any] = {"counter": proof.counter, "last_auth": row.at}
-            if proof.epoch is not None:
-                values["epoch"] = proof.epoch
-            if proof.attested:
-                values.update(attested_at=row.at, pcr7=proof.pcr7)
-            keys = db.machine_keys.c
-            done = conn.execute(
-                update(db.machine_keys)
-                .where(
-                    and_(
-                        keys.machine_id == proof.machine_id,
-                        keys.key_id == proof.key_id,
-                        keys.state == ADMITTED,
-                        keys.counter < proof.counter,
-                    )
-                )
-                .values(**values)
-            ).rowcount
-            if not done:
+            key = (row.proof.machine_id, row.proof.key_id)
+            if key in first:
+                later.append((i, row))
+            else:
+                first[key] = (i, row)
+        refused: set[int] = set()
+        if first:
+            accepted = self._raise_counters(conn, [row for _, row in first.values()])
+            refused = {i for key, (i, _) in first.items() if key not in accepted}
+        for i, row in later:
+            if not self._raise_counters(conn, [row]):
                 refused.add(i)
         return refused
 
+    def _raise_counters(self, conn: Any, rows: Sequence[Check | Report]) -> set[tuple[str, str]]:
+        """One UPDATE of the rows' keys (each at most once); the keys it raised."""
+        proofs = [(row.proof, row.at) for row in rows if row.proof is not None]
+        columns: dict[str, list[Any]] = {
+            "mid": [p.machine_id for p, _ in proofs],
+            "kid": [p.key_id for p, _ in proofs],
+            "counter": [p.counter for p, _ in proofs],
+            "at": [at for _, at in proofs],
+            "epoch": [p.epoch for p, _ in proofs],
+            "attested": [p.attested for p, _ in proofs],
+            "pcr7": [p.pcr7 for p, _ in proofs],
+        }
+        if self._postgresql:
+            found = conn.execute(_SQL_COUNTERS_PG, columns).all()
+        else:
+            values = ", ".join(
+                f"(:mid{i}, :kid{i}, :counter{i}, :at{i}, :epoch{i}, :attested{i}, :pcr7{i})"
+                for i in range(len(proofs))
+            )
+            params = {f"{k}{i}": v[i] for k, v in columns.items() for i in range(len(proofs))}
+            found = conn.execute(text(_SQL_COUNTERS_SQLITE.format(values=values)), params).all()
+        return {(str(r[0]), str(r[1])) for r in found}
+
     def _record_checks(self, conn: Any, batch: Sequence[Check]) -> None:
+        """Every check is stored; the machine rows and the offers follow the checks a
+        machine's admitted key signed. An anonymous check creates a machine's row and
+        updates it only while no authenticated check did: a machine-id someone else
+        knows cannot change what its machine proved."""
         latest: dict[str, Check] = {}
+        anonymous: dict[str, Check] = {}
         offered: dict[tuple[str, str, str, str], float] = {}
         for check in batch:
+            if check.proof is None:
+                anonymous[check.machine_id] = check
+                continue
             latest[check.machine_id] = check
             if check.offered is not None and check.offered != check.version:
                 key = (check.os, check.channel, check.offered, check.machine_id)
                 offered.setdefault(key, check.at)
         conn.execute(insert(db.checks), [_check_row(c) for c in batch])
-        stmt = self._insert(db.machines)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[db.machines.c.machine_id],
-            set_={
-                "os": stmt.excluded.os,
-                "version": stmt.excluded.version,
-                # a machine assigned before its first check has none yet
-                "first_seen": func.coalesce(db.machines.c.first_seen, stmt.excluded.first_seen),
-                "last_seen": stmt.excluded.last_seen,
-                "address": stmt.excluded.address,
-            },
-        )
-        conn.execute(
-            stmt,
-            [
-                {
-                    "machine_id": c.machine_id,
-                    "os": c.os,
-                    "version": c.version,
-                    "first_seen": c.at,
-                    "last_seen": c.at,
-                    "address": c.address,
-                }
-                for c in sorted(latest.values(), key=lambda c: c.machine_id)
-            ],
-        )
+        for rows, proven in ((latest, True), (anonymous, False)):
+            if rows:
+                conn.execute(self._machine_upsert(proven), _machine_rows(rows, proven))
         if offered:
             conn.execute(
                 self._insert(db.offers).on_conflict_do_nothing(),
@@ -311,6 +339,26 @@ class Store:
                     for k, t in sorted(offered.items())
                 ],
             )
+
+    def _machine_upsert(self, proven: bool) -> Any:
+        stmt = self._insert(db.machines)
+        machines = db.machines.c
+        values = {
+            "os": stmt.excluded.os,
+            "version": stmt.excluded.version,
+            # a machine assigned before its first check has none yet
+            "first_seen": func.coalesce(machines.first_seen, stmt.excluded.first_seen),
+            "last_seen": stmt.excluded.last_seen,
+            "address": stmt.excluded.address,
+        }
+        if proven:
+            values["authenticated"] = stmt.excluded.authenticated
+            return stmt.on_conflict_do_update(index_elements=[machines.machine_id], set_=values)
+        return stmt.on_conflict_do_update(
+            index_elements=[machines.machine_id],
+            set_=values,
+            where=machines.authenticated.is_(False),
+        )
 
     def record_report(self, report: Report) -> str | None:
         """Store one report (record_reports); the channel it halted, if any."""
@@ -347,12 +395,20 @@ class Store:
                 return []
             if self._postgresql:
                 columns = {c: [getattr(r, c) for r in batch] for c in _REPORT_COLUMNS}
-                conn.execute(_SQL_REPORT_PG, dict(columns, address=[r.address for r in batch]))
+                conn.execute(
+                    _SQL_REPORT_PG,
+                    dict(
+                        columns,
+                        address=[r.address for r in batch],
+                        authenticated=[r.proof is not None for r in batch],
+                    ),
+                )
             else:
                 conn.execute(_SQL_REPORT, [_report_row(r) for r in batch])
             targets: dict[tuple[str, str], list[Report]] = {}
             for report in batch:
-                if report.to_version is not None:
+                # Only what a machine's admitted key signed is evidence for a rollout.
+                if report.to_version is not None and report.proof is not None:
                     targets.setdefault((report.os, report.to_version), []).append(report)
             for (os_name, version), reports in sorted(targets.items()):
                 rollouts = conn.execute(_SQL_ROLLOUTS, {"os": os_name, "version": version})
@@ -572,10 +628,13 @@ class Store:
             )
 
     def machines(
-        self, limit: int = 10_000, seen_before: float | None = None
+        self,
+        limit: int = 10_000,
+        seen_before: float | None = None,
+        authenticated: bool | None = None,
     ) -> list[dict[str, Any]]:
         """Machines, most recently seen first (never seen last); only those last seen
-        before `seen_before` if given."""
+        before `seen_before` if given, only those (not) authenticated if given."""
         query = (
             select(db.machines)
             .order_by(db.machines.c.last_seen.desc().nulls_last(), db.machines.c.machine_id)
@@ -583,15 +642,22 @@ class Store:
         )
         if seen_before is not None:
             query = query.where(db.machines.c.last_seen < seen_before)
+        if authenticated is not None:
+            query = query.where(db.machines.c.authenticated.is_(authenticated))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [dict(r._mapping) for r in rows]
 
-    def count_machines(self, seen_before: float | None = None) -> int:
-        """How many machines there are (last seen before `seen_before`, if given)."""
+    def count_machines(
+        self, seen_before: float | None = None, authenticated: bool | None = None
+    ) -> int:
+        """How many machines there are (last seen before `seen_before`, (not)
+        authenticated, if given)."""
         query = select(func.count()).select_from(db.machines)
         if seen_before is not None:
             query = query.where(db.machines.c.last_seen < seen_before)
+        if authenticated is not None:
+            query = query.where(db.machines.c.authenticated.is_(authenticated))
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
 
@@ -614,7 +680,9 @@ class Store:
                     db.machines.c.version,
                     func.count().label("n"),
                 )
-                .where(db.machines.c.version.is_not(None))
+                .where(
+                    and_(db.machines.c.version.is_not(None), db.machines.c.authenticated.is_(True))
+                )
                 .group_by(db.machines.c.os, db.machines.c.channel, db.machines.c.version)
             ).all()
         for row in rows:
@@ -626,23 +694,40 @@ class Store:
             for k, n in sorted(counts.items())
         ]
 
-    def recent_reports(self, limit: int = 50, outcome: str | None = None) -> list[dict[str, Any]]:
+    def recent_reports(
+        self, limit: int = 50, outcome: str | None = None, authenticated: bool | None = None
+    ) -> list[dict[str, Any]]:
         query = select(db.reports).order_by(db.reports.c.id.desc()).limit(limit)
         if outcome is not None:
             query = query.where(db.reports.c.outcome == outcome)
+        if authenticated is not None:
+            query = query.where(db.reports.c.authenticated.is_(authenticated))
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query).all()]
 
     def counts(self) -> dict[str, int]:
+        """The fleet's figures: checks, machines and reports by outcome that machines'
+        admitted keys signed; and the anonymous ones, which count for nothing."""
+        result: dict[str, int] = {}
         with self.engine.connect() as conn:
-            checks = conn.execute(select(func.count()).select_from(db.checks)).scalar()
-            machines = conn.execute(select(func.count()).select_from(db.machines)).scalar()
+            for table, name in ((db.checks, "checks"), (db.machines, "machines")):
+                rows = conn.execute(
+                    select(table.c.authenticated, func.count()).group_by(table.c.authenticated)
+                ).all()
+                found = {bool(a): int(n) for a, n in rows}
+                result[name] = found.get(True, 0)
+                result[f"anonymous_{name}"] = found.get(False, 0)
             rows = conn.execute(
-                select(db.reports.c.outcome, func.count()).group_by(db.reports.c.outcome)
+                select(db.reports.c.authenticated, db.reports.c.outcome, func.count()).group_by(
+                    db.reports.c.authenticated, db.reports.c.outcome
+                )
             ).all()
-        result = {"checks": int(checks or 0), "machines": int(machines or 0)}
-        for outcome, n in rows:
-            result[f"reports_{outcome}"] = int(n)
+        result["anonymous_reports"] = 0
+        for authenticated, outcome, n in rows:
+            if authenticated:
+                result[f"reports_{outcome}"] = int(n)
+            else:
+                result["anonymous_reports"] += int(n)
         return result
 
     # --- device keys (rampart.server.devices) -----------------------------------------
@@ -822,6 +907,11 @@ class Store:
                 .where(and_(keys.machine_id == machine_id, keys.key_id.in_(chosen)))
                 .values(state=REJECTED, decided_at=time.time(), decided_by=by.name[:64])
             )
+            conn.execute(
+                update(db.machines)
+                .where(db.machines.c.machine_id == machine_id)
+                .values(authenticated=False)
+            )
             self._bump(conn)
             audit.record(
                 conn, by, "machine.reject", machine_id, before, dict.fromkeys(chosen, REJECTED)
@@ -965,11 +1055,30 @@ _REPORT_FIELDS = (*_REPORT_COLUMNS, "address")
 
 
 def _check_row(check: Check) -> dict[str, Any]:
-    return {k: getattr(check, k) for k in _CHECK_COLUMNS}
+    return {k: getattr(check, k) for k in _CHECK_COLUMNS} | {
+        "authenticated": check.proof is not None
+    }
 
 
 def _report_row(report: Report) -> dict[str, Any]:
-    return {k: getattr(report, k) for k in _REPORT_FIELDS}
+    return {k: getattr(report, k) for k in _REPORT_FIELDS} | {
+        "authenticated": report.proof is not None
+    }
+
+
+def _machine_rows(latest: dict[str, Check], proven: bool) -> list[dict[str, Any]]:
+    return [
+        {
+            "machine_id": c.machine_id,
+            "os": c.os,
+            "version": c.version,
+            "first_seen": c.at,
+            "last_seen": c.at,
+            "address": c.address,
+            "authenticated": proven,
+        }
+        for c in sorted(latest.values(), key=lambda c: c.machine_id)
+    ]
 
 
 def _audited(row: Any) -> dict[str, Any]:

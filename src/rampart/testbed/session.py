@@ -187,10 +187,19 @@ class UpdateServer:
         rows: list[dict[str, Any]] = json.loads(out.stdout)
         return rows
 
+    def admit_on_first_use(self) -> None:
+        """Admit each guest's identity key when it first signs a check: the testbed's
+        network is the operator's own (docs/server.md "Device identity")."""
+        run.run(
+            _rampart("machine", "admission", "first-use", "--webroot", str(self.webroot)),
+            timeout=120,
+        )
+
     def __enter__(self) -> UpdateServer:
         # The release the disk was installed with is published too, as a vendor's would
         # be: its chunk index lets the guest's first update fetch only what changed.
         self.ensure_release(INSTALLED)
+        self.admit_on_first_use()
         self.start()
         return self
 

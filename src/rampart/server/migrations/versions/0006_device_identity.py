@@ -1,6 +1,7 @@
 """Device identity (rampart.server.devices): the keys machines present or operators
-enroll, known-good PCR 7 values, shared settings, and the per-channel attestation
-policy.
+enroll, known-good PCR 7 values, shared settings, the per-channel attestation policy,
+and whether each machine, check and report was authenticated (the machines before it
+were not).
 
 Revision ID: 0006
 Revises: 0005
@@ -51,9 +52,17 @@ def upgrade() -> None:
                 "require_attestation", sa.Boolean(), nullable=False, server_default=sa.false()
             )
         )
+    for table in ("machines", "checks", "reports"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(
+                sa.Column("authenticated", sa.Boolean(), nullable=False, server_default=sa.false())
+            )
 
 
 def downgrade() -> None:
+    for table in ("machines", "checks", "reports"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("authenticated")
     with op.batch_alter_table("channels") as batch:
         batch.drop_column("require_attestation")
     op.drop_table("settings")
