@@ -7,7 +7,6 @@ upgrades its schema, and calls one function of rampart.server.admin.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -463,12 +462,14 @@ def _audit_log(args: argparse.Namespace) -> int:
 
     engine = _store(args).engine
     since = args.since
-    if since is None and not args.all:
-        newest = audit.entries(engine, args.limit)
-        since = newest[-1]["seq"] - 1 if newest else 0
-    for line in audit.export(engine, since or 0):
-        # JSON lines, oldest first: the export (docs/formats.md)
-        print(line if args.json else _audit_text(json.loads(line)["entry"]))
+    if since is None:
+        since = 0 if args.all else audit.since_for_newest(engine, args.limit)
+    if args.json:  # JSON lines, oldest first: the export (docs/formats.md)
+        for line in audit.export(engine, since):
+            print(line)
+    else:
+        for entry in audit.newer(engine, since):
+            print(_audit_text(entry))
     return 0
 
 

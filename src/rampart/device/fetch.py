@@ -209,10 +209,6 @@ class Fetcher:
         self.progress: Progress | None = None  # a progress bar, when interactive
         self.last_credentials: dict[str, Any] = {}
 
-    def latest_version(self, url: str) -> Version:
-        """The version the server's version document at `url` names."""
-        return self.check_version(url)[0]
-
     def check_version(
         self, url: str, signed: dict[str, str] | None = None
     ) -> tuple[Version, str | None]:

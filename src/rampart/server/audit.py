@@ -173,6 +173,19 @@ def entries(engine: Engine, limit: int = 50, before: int | None = None) -> list[
     return [dict(json.loads(r.entry), hash=r.hash) for r in rows]
 
 
+def since_for_newest(engine: Engine, limit: int) -> int:
+    """The sequence number before the newest `limit` entries (the numbers have no gap:
+    the head's number tells where they start)."""
+    with engine.connect() as conn:
+        seq = conn.execute(select(db.audit_head.c.seq).where(db.audit_head.c.id == 1)).scalar()
+    return max(0, int(seq or 0) - limit)
+
+
+def newer(engine: Engine, since: int = 0) -> Iterator[dict[str, Any]]:
+    """The entries after `since`, oldest first."""
+    return (json.loads(row.entry) for row in _rows(engine, since))
+
+
 def export(engine: Engine, since: int = 0) -> Iterator[str]:
     """The JSON-lines export from sequence number `since` + 1 on, oldest first."""
     return (export_line(row) for row in _rows(engine, since))
