@@ -5,6 +5,7 @@ by an operator or on first use, replays, impersonation, and TPM attestation of P
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -262,6 +263,24 @@ def test_attestation_with_a_stale_nonce_is_not_attestation(
     identity.save_nonce(device.directory, devices.make_nonce(b"x" * 32, device.mid, time.time()))
     device.check(server.client)  # a nonce this server never handed out
     assert _seen(server, device.mid)["attested_at"] is None
+
+
+def test_nonce_under_an_empty_key_before_the_first_refresh(
+    server: Server, tmp_path: Path, chip: tpm.Tpm
+) -> None:
+    """A worker that has not loaded the nonce key yet hands out no nonce, and takes
+    none as fresh: an HMAC under an empty key is one anyone can make."""
+    device = _tpm_device(tmp_path, chip, 23)
+    device.check(server.client)
+    admin.admit(server.store, device.mid, by=BY)
+    unloaded = devices.Devices(server.store)
+    assert unloaded.nonce(device.mid) is None
+    identity.save_nonce(device.directory, devices.make_nonce(b"", device.mid, time.time()))
+    sent = device.headers("version")
+    signed = asyncio.run(unloaded.authenticate(sent, "version", OS, device.mid, "1.0.0"))
+    assert signed.proof is not None and signed.proof.attested is False
+    asyncio.run(unloaded.sync(0))
+    assert unloaded.nonce(device.mid) is not None
 
 
 def test_attestation_with_a_wrong_pcr7_is_flagged_and_withheld(

@@ -117,7 +117,11 @@ class Devices:
             and proof.pcr7 in self.known.get(os_name, frozenset())
         )
 
-    def nonce(self, machine_id: str, now: float | None = None) -> str:
+    def nonce(self, machine_id: str, now: float | None = None) -> str | None:
+        """A nonce for `machine_id`'s next quote; None before the nonce key is loaded (a
+        nonce made under an empty key could be made by anyone)."""
+        if not self.secret:
+            return None
         return make_nonce(self.secret, machine_id, time.time() if now is None else now)
 
     async def authenticate(
@@ -171,8 +175,12 @@ class Devices:
                 "the last one accepted from this machine"
             )
         states[verified.key_id] = KeyState(ADMITTED, auth.counter)
-        attested = verified.pcr7 is not None and nonce_fresh(
-            self.secret, machine_id, auth.nonce, time.time()
+        attested = (
+            verified.pcr7 is not None
+            and bool(self.secret)
+            and nonce_fresh(
+                self.secret, machine_id, auth.nonce, time.time()
+            )
         )
         proof = Proof(
             machine_id,
