@@ -5,6 +5,8 @@ under the write lock: reports fell from 768/s to 5-12/s on a large table)."""
 from __future__ import annotations
 
 import re
+import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from sqlalchemy import Engine, bindparam, column, event, func, insert, select, t
 from rampart.server import admin, audit, db
 from rampart.server.rollout import in_rollout
 from rampart.server.store import Check, Report, Store
+from rampart.testbed import services
 from tests.server.conftest import OS, machine_id, upgrade_to
 from tests.server.signing import proof
 
@@ -411,3 +414,72 @@ def test_checks_older_than_the_retention_are_pruned(db_url: str, published: Path
     engine.dispose()
     assert left == 40 + len(inside)  # the recent checks of the rollout's machines
     assert (machines, offers) == (40, len(inside))
+
+
+def test_concurrent_halting_reports_halt_a_rollout_once(
+    postgres: services.Cluster, published: Path
+) -> None:
+    """Two instances (two engines) each record a batch that crosses the threshold,
+    both having listed the rollout as active before either locked its tally: the
+    second to lock finds it halted, so the rollout halts once (one audit entry, one
+    halted answer). Before the fix both halted it, and the trail said so twice."""
+    name = "t_" + secrets.token_hex(6)
+    postgres.create_database(name)
+    url = postgres.url_for(name)
+    engine, store, inside = _rollout(url, published, min_reports=2, failure_threshold=0.5)
+    other = Store(db.make_engine(url))
+    at = time.time() + 1
+
+    def failures(mids: list[str]) -> list[Report]:
+        return [
+            Report(m, OS, "1.0.0", VERSION, "failure", "", at, None, proof(store, m)) for m in mids
+        ]
+
+    key = {"os": OS, "channel": "stable", "version": VERSION}
+    results: dict[str, list[str]] = {}
+    try:
+        with engine.connect() as blocker:
+            holding = blocker.begin()
+            blocker.execute(
+                text(
+                    "INSERT INTO rollout_tallies (os, channel, version, machines, failures) "
+                    "VALUES (:os, :channel, :version, 0, 0) ON CONFLICT (os, channel, version) "
+                    "DO UPDATE SET machines = rollout_tallies.machines"
+                ),
+                key,
+            )
+            threads = [
+                threading.Thread(
+                    target=lambda s=s, n=n, batch=batch: results.__setitem__(
+                        n, s.record_reports(batch)
+                    )
+                )
+                for s, n, batch in (
+                    (store, "first", failures(inside[0:5])),
+                    (other, "second", failures(inside[5:10])),
+                )
+            ]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = :db AND wait_event_type = 'Lock'"
+            )
+            with engine.connect() as watch:
+                while watch.execute(waiting, {"db": name}).scalar_one() < 2:
+                    assert time.monotonic() < deadline, "the two batches never met the lock"
+                    time.sleep(0.05)
+            holding.rollback()
+            for thread in threads:
+                thread.join(30)
+        halts = [e for e in audit.entries(store.engine) if e["action"] == "rollout.halt"]
+        intact = audit.verify(store.engine)
+        state = store.channel_row(OS, "stable")["rollout_state"]
+    finally:
+        engine.dispose()
+        other.engine.dispose()
+        postgres.drop_database(name)
+    assert sorted(map(len, results.values())) == [0, 1], results
+    assert state == "halted" and len(halts) == 1
+    assert not intact.problems, intact.problems

@@ -119,6 +119,12 @@ _SQL_ROLLOUTS = text(
     "FROM channels WHERE os = :os AND rollout_version = :version AND rollout_state = 'active' "
     "ORDER BY name"
 )
+# Read again once the tally is locked: a concurrent batch (another instance) may have
+# halted the rollout since _SQL_ROLLOUTS listed it.
+_SQL_STILL_ACTIVE = text(
+    "SELECT 1 FROM channels WHERE os = :os AND name = :channel "
+    "AND rollout_version = :version AND rollout_state = 'active'"
+)
 _SQL_TALLY_LOCK = text(
     "INSERT INTO rollout_tallies (os, channel, version, machines, failures) "
     "VALUES (:os, :channel, :version, 0, 0) ON CONFLICT (os, channel, version) "
@@ -432,6 +438,8 @@ class Store:
         # The upsert creates or locks the rollout's tally row: concurrent batches of one
         # rollout (PostgreSQL) take turns from here, so a machine is counted once.
         tally = conn.execute(_SQL_TALLY_LOCK, key).one()
+        if conn.execute(_SQL_STILL_ACTIVE, key).first() is None:
+            return False  # halted (or changed) by a batch that held the tally before
         machines, failures = int(tally.machines), int(tally.failures)
         mids = sorted({r.machine_id for r in reports})
         offered: dict[str, float] = {}
@@ -474,11 +482,19 @@ class Store:
             conn.execute(_SQL_OUTCOME_SET, list(changed.values()))
             conn.execute(_SQL_TALLY_SET, tally_set)
         if halts:
-            conn.execute(
+            done = conn.execute(
                 update(db.channels)
-                .where(and_(db.channels.c.os == os_name, db.channels.c.name == row.name))
+                .where(
+                    and_(
+                        db.channels.c.os == os_name,
+                        db.channels.c.name == row.name,
+                        db.channels.c.rollout_state == RolloutState.ACTIVE.value,
+                    )
+                )
                 .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
             )
+            if done.rowcount != 1:
+                return False  # an operator changed the rollout meanwhile: theirs stands
             self._bump(conn)
             audit.record(
                 conn,
