@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +61,17 @@ def documented_config() -> str:
 
 
 def adapt(
-    config: str, *, port: int, app_port: int, cert: Path, key: Path, dist: Path, state: Path
+    config: str,
+    *,
+    port: int,
+    app_ports: Sequence[int],
+    cert: Path,
+    key: Path,
+    dist: Path,
+    state: Path,
 ) -> str:
-    """The documented configuration with this test's addresses and paths."""
+    """The documented configuration with this test's addresses and paths: its upstream
+    app servers become `app_ports` on loopback (as many as the example lists, at most)."""
     out: list[str] = []
     done: dict[str, int] = {}
     in_upstream = False
@@ -86,16 +94,17 @@ def adapt(
             "error_log": f"error_log {state}/error.log;",
         }.get(directive)
         if in_upstream and directive == "server":
-            if done.get("server"):
-                continue  # one app server here; the others of the example are dropped
-            replacement = f"server 127.0.0.1:{app_port};"
+            if done.get("server", 0) >= len(app_ports):
+                continue  # fewer app servers here than in the example
+            replacement = f"server 127.0.0.1:{app_ports[done.get('server', 0)]};"
         if directive == "listen":
             assert "ssl" in line.rstrip(";").split(), f"the documented listen has no ssl: {line}"
         if replacement is not None:
             done[directive] = done.get(directive, 0) + 1
             line = indent + replacement
         out.append(line)
-    for directive in ("server", "listen", "ssl_certificate", "ssl_certificate_key"):
+    assert done.get("server") == len(app_ports), "the documented upstream has too few servers"
+    for directive in ("listen", "ssl_certificate", "ssl_certificate_key"):
         assert done.get(directive) == 1, f"the documented config has no single {directive}"
     assert done.get("alias") == 2, "the documented config serves dist/ and its chunk store"
     assert done.get("root") == 3, "the documented config serves tuf/ and heads/ from the root"
@@ -160,11 +169,10 @@ class Frontend:
         return (self.nginx_state / "access.log").read_text()
 
 
-@contextmanager
-def start_frontend(tmp_path: Path, *, tuf_keys: bool = False) -> Iterator[Frontend]:
-    """A webroot with 1.0.0 then 1.0.1 published (the default channel names 1.0.1), the
-    app, nginx in front; with `tuf_keys`, a TUF repository in the webroot and the app
-    holding its online key."""
+def published_webroot(tmp_path: Path, db: str | None = None) -> tuple[Path, KeyPair, str]:
+    """A webroot with 1.0.0 then 1.0.1 published (the default channel names 1.0.1) by
+    a new vendor key, and an admin token in `db` (default the webroot's SQLite):
+    (webroot, vendor key, token)."""
     vendor = make_keypair(tmp_path / "vendor")
     webroot = tmp_path / "webroot"
     for version in ("1.0.0", "1.0.1"):
@@ -184,40 +192,65 @@ def start_frontend(tmp_path: Path, *, tuf_keys: bool = False) -> Iterator[Fronte
             "--secret-key",
             vendor.secret,
         )
-    token = json.loads(rampart("token", "create", "ops", "--webroot", webroot, "--json"))["token"]
-    options = ["-v"]
-    if tuf_keys:
-        TufRepo.create(webroot, tmp_path / "tuf-keys")
-        password = tmp_path / "tuf-password"
-        password.write_bytes(PASSWORD + b"\n")
-        password.chmod(0o600)
-        options += [
-            "--tuf-key",
-            str(tmp_path / "tuf-keys" / "online-0.key"),
-            "--tuf-password-file",
-            str(password),
-        ]
+    database = ["--db", db] if db else []
+    created = rampart("token", "create", "ops", "--webroot", webroot, *database, "--json")
+    return webroot, vendor, json.loads(created)["token"]
 
+
+def tuf_options(tmp_path: Path, webroot: Path) -> list[str]:
+    """A TUF repository in `webroot`; the options that give `rampart serve` its online key."""
+    TufRepo.create(webroot, tmp_path / "tuf-keys")
+    password = tmp_path / "tuf-password"
+    password.write_bytes(PASSWORD + b"\n")
+    password.chmod(0o600)
+    return [
+        "--tuf-key",
+        str(tmp_path / "tuf-keys" / "online-0.key"),
+        "--tuf-password-file",
+        str(password),
+    ]
+
+
+@contextmanager
+def nginx_in_front(
+    tmp_path: Path, webroot: Path, app_ports: Sequence[int]
+) -> Iterator[tuple[int, Path]]:
+    """The documented nginx, proxying to the apps on `app_ports`: (its port, the CA
+    that signed its certificate); its state (logs) in tmp_path/nginx."""
     pki = tmp_path / "pki"
     ca = services.make_ca(pki, "rootca")
     server = services.make_cert(pki, "server", ca, ["localhost", "127.0.0.1"])
+    state = tmp_path / "nginx"
+    port = services.free_port()
+    site = adapt(
+        documented_config(),
+        port=port,
+        app_ports=app_ports,
+        cert=server.cert,
+        key=server.key,
+        dist=webroot / "dist",
+        state=state,
+    )
+    http = HTTP.format(state=state, site=site)
+    with services.Nginx(state, http, port, root=webroot, check=True, timeout=WAIT):
+        yield port, ca.cert
 
+
+@contextmanager
+def start_frontend(tmp_path: Path, *, tuf_keys: bool = False) -> Iterator[Frontend]:
+    """A webroot with 1.0.0 then 1.0.1 published (the default channel names 1.0.1), the
+    app, nginx in front; with `tuf_keys`, a TUF repository in the webroot and the app
+    holding its online key."""
+    webroot, vendor, token = published_webroot(tmp_path)
+    options = ["-v"]
+    if tuf_keys:
+        options += tuf_options(tmp_path, webroot)
     app_log = tmp_path / "serve.log"
-    with services.RampartServe(webroot, app_log, options=options, timeout=WAIT) as app:
-        state = tmp_path / "nginx"
-        port = services.free_port()
-        site = adapt(
-            documented_config(),
-            port=port,
-            app_port=app.port,
-            cert=server.cert,
-            key=server.key,
-            dist=webroot / "dist",
-            state=state,
-        )
-        http = HTTP.format(state=state, site=site)
-        with services.Nginx(state, http, port, root=webroot, check=True, timeout=WAIT):
-            yield Frontend(port, webroot, vendor, ca.cert, token, app_log, state)
+    with (
+        services.RampartServe(webroot, app_log, options=options, timeout=WAIT) as app,
+        nginx_in_front(tmp_path, webroot, [app.port]) as (port, ca),
+    ):
+        yield Frontend(port, webroot, vendor, ca, token, app_log, tmp_path / "nginx")
 
 
 @pytest.fixture
