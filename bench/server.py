@@ -1518,7 +1518,10 @@ CHECKINS_LUA = (
 -- for the first args[1] seconds, then anonymous ones (answered, never recorded). Paced
 -- (args[2]: ms between a connection's checks), a connection starts its checks on a
 -- fixed schedule from a random phase, and a check that starts late counts its latency
--- from when it was due (wrk2's correction of coordinated omission).
+-- from when it was due (wrk2's correction of coordinated omission). With a directory of
+-- signed checks (bench/auth_paced.py), a connection sends the version checks listed in
+-- its file there instead ("machine-id key auth" per line), each once and in order, and
+-- anonymous ones past its list.
 """
     + _LUA_IDS_AND_CLOCK
     + r"""
@@ -1547,6 +1550,9 @@ local current
 local identified_check = false
 local check_started = 0
 local started, switch_at
+local signed_dir = "%(signed_dir)s"
+local signed_lines = {}
+local signed_next = 1
 local period = 0  -- s between two checks of this connection (paced), 0: none
 local due = 0     -- when the next check is due (paced)
 -- wrk calls request() once on its first thread to check the script, before the run,
@@ -1556,10 +1562,30 @@ function init(args)
   checked = tid ~= 0
   period = (tonumber(args[2]) or 0) / 1000
   for s, path in ipairs(paths) do anonymous[s] = wrk.format("GET", path, {}) end
+  if signed_dir ~= "" then
+    for line in io.lines(signed_dir .. "/" .. tid .. ".txt") do
+      table.insert(signed_lines, line)
+    end
+  end
   math.randomseed(7919 * tid + 17)
   started = now()
   switch_at = started + (tonumber(args[1]) or 1e9)
   due = started + math.random() * period
+end
+
+-- The next signed check of this connection, formatted now; nil past its list.
+local function next_signed()
+  local line = signed_lines[signed_next]
+  if line == nil then return nil end
+  signed_next = signed_next + 1
+  local id, key, auth = line:match("^(%%S+) (%%S+) (%%S+)$")
+  local headers = {
+    ["clipos-machineid"] = id,
+    ["clipos-version"] = "%(running)s",
+    ["rampart-key"] = key,
+    ["rampart-auth"] = auth,
+  }
+  return {wrk.format("GET", paths[1], headers)}
 end
 
 -- A machine's requests, formatted on first use: init stays short, so that the threads
@@ -1594,12 +1620,14 @@ function request()
       due = due + period
     end
     identified_check = switch_at > check_started
-    if identified_check then
-      identified = identified + 1
+    current = anonymous
+    if identified_check and signed_dir ~= "" then
+      current = next_signed() or anonymous
+      identified_check = current ~= anonymous
+    elseif identified_check then
       current = check_of(math.random(#ids))
-    else
-      current = anonymous
     end
+    if identified_check then identified = identified + 1 end
   end
   return current[step]
 end
@@ -1663,9 +1691,15 @@ end
 
 
 def write_checkins_lua(
-    path: Path, machine_ids: Sequence[str], steps: Sequence[tuple[str, int]], paced: bool
+    path: Path,
+    machine_ids: Sequence[str],
+    steps: Sequence[tuple[str, int]],
+    paced: bool,
+    signed_dir: Path | None = None,
 ) -> None:
-    """A check-in of `steps` (path, expected status), in turn on one connection."""
+    """A check-in of `steps` (path, expected status), in turn on one connection; with
+    `signed_dir`, one step, each connection's signed checks read from its file there
+    (`<thread number>.txt`, "machine-id key auth" lines: write_signed_lists)."""
     path.write_text(
         CHECKINS_LUA
         % {
@@ -1679,8 +1713,26 @@ def write_checkins_lua(
             "paced": "true" if paced else "false",
             "buckets": BUCKETS,
             "per_e": PER_E,
+            "signed_dir": "" if signed_dir is None else str(signed_dir),
         }
     )
+
+
+def write_signed_lists(
+    directory: Path, signers: Signers, machine_ids: Sequence[str], connections: int, each: int
+) -> None:
+    """`each` signed version checks for each of `connections` connections (wrk threads),
+    in `directory`/<thread>.txt: the machines dealt out among the connections, each
+    connection's in turn, so that a machine's counters reach the server in order.
+    Thread 0 is wrk's first, whose first request() is the script check (never sent)."""
+    directory.mkdir(parents=True)
+    for t in range(connections):
+        mine = machine_ids[t::connections]  # connections <= machines: never empty
+        lines = []
+        for k in range(each):
+            machine_id = mine[k % len(mine)]
+            lines.append(f"{machine_id} {signers.spki(machine_id)} {signers.auth(machine_id)}\n")
+        (directory / f"{t}.txt").write_text("".join(lines))
 
 
 @dataclass
@@ -1780,11 +1832,14 @@ FRONT_HTTP = """\
 """
 
 
-def front_config(text: str, *, port: int, app_port: int, webroot: Path, state: Path) -> str:
+def front_config(
+    text: str, *, port: int, app_ports: Sequence[int], webroot: Path, state: Path
+) -> str:
     """docs/server.md's nginx configuration (the ```nginx block with `upstream rampart`),
     as tests/server/test_nginx_frontend.py adapts it, but in plain HTTP like the rest of
     this bench: `listen` on a loopback port without `ssl`, the `ssl_*` directives
-    dropped, one app server (this run's), the webroot's paths, the logs in `state`."""
+    dropped, this run's app servers (at most as many as the example has), the webroot's
+    paths, the logs in `state`."""
     blocks = [
         b for b in re.findall(r"```nginx\n(.*?)```", text, re.DOTALL) if "upstream rampart" in b
     ]
@@ -1811,14 +1866,15 @@ def front_config(text: str, *, port: int, app_port: int, webroot: Path, state: P
             "error_log": f"error_log {state}/error.log;",
         }.get(directive)
         if in_upstream and directive == "server":
-            if done.get("server"):
-                continue  # one app server here; the others of the example are dropped
-            replacement = f"server 127.0.0.1:{app_port};"
+            if done.get("server", 0) >= len(app_ports):
+                continue  # fewer app servers here than in the example
+            replacement = f"server 127.0.0.1:{app_ports[done.get('server', 0)]};"
         if replacement is not None:
             done[directive] = done.get(directive, 0) + 1
             line = indent + replacement
         out.append(line)
-    for directive, times in (("server", 1), ("listen", 1), ("alias", 1), ("root", 3)):
+    expected = (("server", len(app_ports)), ("listen", 1), ("alias", 1), ("root", 3))
+    for directive, times in expected:
         if done.get(directive) != times:
             raise BenchError(f"{DOCS}: the nginx configuration has not {times} {directive}")
     return "\n".join(out) + "\n"
@@ -1897,6 +1953,28 @@ def checkin_ratios(rows: list[CheckinRow]) -> list[dict[str, Any]]:
 
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
+
+
+def front_nginx(
+    bench: Bench, app_ports: Sequence[int], webroot: Path, state: Path
+) -> services.Nginx:
+    """docs/server.md's nginx in front of the apps on `app_ports` (front_config), with
+    one worker, stopped at the end of the run at the latest."""
+    port = services.free_port()
+    site = front_config(
+        DOCS.read_text(), port=port, app_ports=app_ports, webroot=webroot, state=state
+    )
+    nginx = services.Nginx(
+        state,
+        FRONT_HTTP.format(state=state, site=site),
+        port,
+        root=webroot,
+        tls=False,
+        connections=1024,
+        check=True,
+        timeout=START_TIMEOUT,
+    )
+    return bench.running.enter_context(nginx)
 
 
 class CheckinBench:
@@ -1978,21 +2056,7 @@ class CheckinBench:
             conn.close()
 
     def front(self, app_port: int, state: Path) -> services.Nginx:
-        port = services.free_port()
-        site = front_config(
-            DOCS.read_text(), port=port, app_port=app_port, webroot=self.webroot, state=state
-        )
-        nginx = services.Nginx(
-            state,
-            FRONT_HTTP.format(state=state, site=site),
-            port,
-            root=self.webroot,
-            tls=False,
-            connections=1024,
-            check=True,
-            timeout=START_TIMEOUT,
-        )
-        return self.bench.running.enter_context(nginx)
+        return front_nginx(self.bench, [app_port], self.webroot, state)
 
     def recorded_since(self, url: str, before: int, expected: int) -> int:
         """Rows of `checks` added since `before`: a check is committed before it is
