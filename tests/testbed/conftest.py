@@ -25,6 +25,7 @@ def reference_boot_seconds(work: Path) -> float:
         work / "vm",
         firmware=machine.DirectKernel(kernel(), initrd, "console=ttyS0 panic=-1"),
         name="time-factor",
+        cpus=machine.REFERENCE_CPUS,
         time_factor=machine.MAX_TIME_FACTOR,  # whatever this host is, let the boot end
     )
     with vm:

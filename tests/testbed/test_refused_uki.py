@@ -5,8 +5,8 @@ enforced) refuses to start it, and the next power-on boots the default entry.
 
 A machine of its own, booted from the installed disk: the refused UKIs reach it on a
 read-only second disk (/dev/vdb, each file at a 1 MiB boundary), not from the update
-server, so `make test` runs this in its other pytest process, beside the machine of
-test_scenarios.py (scripts/test.sh). Times go to <work>/timings.json and the log."""
+server: `make test` runs this after test_scenarios.py in the same pytest process,
+once that machine is off (scripts/test.sh). Times go to <work>/timings.json and the log."""
 
 from __future__ import annotations
 

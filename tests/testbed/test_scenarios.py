@@ -7,7 +7,7 @@ previous one left it, as a device in the field would); 8 uses a machine of its o
 booted from the installed disk. Scenarios 7 (the firmware refuses UKIs it cannot
 verify), 10 and 11 (trusted boot) need no update server and use machines of their
 own: they are in test_refused_uki.py and test_trusted_boot.py, which `make test`
-runs in its other pytest process, beside these (scripts/test.sh). Each scenario first checks the
+runs after these in the same pytest process (scripts/test.sh). Each scenario first checks the
 state it starts from (`_given`): the guest is brought to its shell whatever an earlier
 failure left it in, the update server is made to offer what the scenario needs, and
 anything else that differs from what the previous scenario leaves fails the

@@ -1,8 +1,8 @@
 """Testbed scenarios 10 and 11 (trusted boot): the installed disk booted after
 a change of the Secure Boot keys, and in a machine with another TPM. Each uses a
-machine of its own, booted from the installed disk, and no update server, so `make
-test` runs them in its other pytest process (scripts/test.sh) while the machine of
-test_scenarios.py goes through scenarios 1 to 9. Times go to <work>/timings.json and the log."""
+machine of its own, booted from the installed disk, and no update server; `make
+test` runs them after test_scenarios.py in the same pytest process (scripts/test.sh).
+Times go to <work>/timings.json and the log."""
 
 from __future__ import annotations
 

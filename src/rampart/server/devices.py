@@ -178,9 +178,7 @@ class Devices:
         attested = (
             verified.pcr7 is not None
             and bool(self.secret)
-            and nonce_fresh(
-                self.secret, machine_id, auth.nonce, time.time()
-            )
+            and nonce_fresh(self.secret, machine_id, auth.nonce, time.time())
         )
         proof = Proof(
             machine_id,
