@@ -437,6 +437,14 @@ def test_concurrent_halting_reports_halt_a_rollout_once(
 
     key = {"os": OS, "channel": "stable", "version": VERSION}
     results: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def record(name: str, on: Store, batch: list[Report]) -> None:
+        try:
+            results[name] = on.record_reports(batch)
+        except BaseException as exc:
+            errors.append(exc)
+
     try:
         with engine.connect() as blocker:
             holding = blocker.begin()
@@ -449,30 +457,25 @@ def test_concurrent_halting_reports_halt_a_rollout_once(
                 key,
             )
             threads = [
-                threading.Thread(
-                    target=lambda s=s, n=n, batch=batch: results.__setitem__(
-                        n, s.record_reports(batch)
-                    )
-                )
-                for s, n, batch in (
-                    (store, "first", failures(inside[0:5])),
-                    (other, "second", failures(inside[5:10])),
-                )
+                threading.Thread(target=record, args=("first", store, failures(inside[0:5]))),
+                threading.Thread(target=record, args=("second", other, failures(inside[5:10]))),
             ]
             for thread in threads:
                 thread.start()
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             waiting = text(
                 "SELECT count(*) FROM pg_stat_activity "
                 "WHERE datname = :db AND wait_event_type = 'Lock'"
             )
             with engine.connect() as watch:
                 while watch.execute(waiting, {"db": name}).scalar_one() < 2:
+                    assert not errors and all(t.is_alive() for t in threads), (errors, results)
                     assert time.monotonic() < deadline, "the two batches never met the lock"
                     time.sleep(0.05)
             holding.rollback()
             for thread in threads:
-                thread.join(30)
+                thread.join(60)
+        assert not errors, errors
         halts = [e for e in audit.entries(store.engine) if e["action"] == "rollout.halt"]
         intact = audit.verify(store.engine)
         state = store.channel_row(OS, "stable")["rollout_state"]

@@ -119,12 +119,6 @@ _SQL_ROLLOUTS = text(
     "FROM channels WHERE os = :os AND rollout_version = :version AND rollout_state = 'active' "
     "ORDER BY name"
 )
-# Read again once the tally is locked: a concurrent batch (another instance) may have
-# halted the rollout since _SQL_ROLLOUTS listed it.
-_SQL_STILL_ACTIVE = text(
-    "SELECT 1 FROM channels WHERE os = :os AND name = :channel "
-    "AND rollout_version = :version AND rollout_state = 'active'"
-)
 _SQL_TALLY_LOCK = text(
     "INSERT INTO rollout_tallies (os, channel, version, machines, failures) "
     "VALUES (:os, :channel, :version, 0, 0) ON CONFLICT (os, channel, version) "
@@ -438,8 +432,6 @@ class Store:
         # The upsert creates or locks the rollout's tally row: concurrent batches of one
         # rollout (PostgreSQL) take turns from here, so a machine is counted once.
         tally = conn.execute(_SQL_TALLY_LOCK, key).one()
-        if conn.execute(_SQL_STILL_ACTIVE, key).first() is None:
-            return False  # halted (or changed) by a batch that held the tally before
         machines, failures = int(tally.machines), int(tally.failures)
         mids = sorted({r.machine_id for r in reports})
         offered: dict[str, float] = {}
@@ -494,7 +486,10 @@ class Store:
                 .values(rollout_state=RolloutState.HALTED.value, updated_at=time.time())
             )
             if done.rowcount != 1:
-                return False  # an operator changed the rollout meanwhile: theirs stands
+                # No longer active: a concurrent batch (another instance), which listed
+                # the rollout when this one did and held the tally first, halted it, or
+                # an operator changed it. Its reports still count in the tally.
+                return False
             self._bump(conn)
             audit.record(
                 conn,
