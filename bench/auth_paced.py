@@ -50,10 +50,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -61,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from common import positive_int, terminate_as_interrupt
+from common import Stop, positive_int
 from rampart.testbed import services
 from server import (
     DEFAULT_PARENT,
@@ -73,13 +71,13 @@ from server import (
     TARGET_CHECKS_PER_S,
     TARGET_P99_MS,
     Bench,
-    BenchError,
     CheckinResult,
     _log,
     _rampart,
     _run,
     database_list,
     front_nginx,
+    in_bench_directory,
     run_checkins,
     versions,
     worker_list,
@@ -302,13 +300,7 @@ def print_points(points: Sequence[Point], out: IO[str]) -> None:
 
 
 def rate_list(text: str) -> list[int]:
-    try:
-        rates = sorted({int(part) for part in text.split(",")})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: rates are integers, comma-separated") from None
-    if not rates or rates[0] <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: rates must be positive")
-    return rates
+    return sorted(set(worker_list(text)))  # positive integers, comma-separated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,22 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.duration <= TAIL_SECONDS:
         print(f"bench: error: --duration must exceed {TAIL_SECONDS:g} s", file=sys.stderr)
         return 1
-    work = Path(tempfile.mkdtemp(prefix="rampart-auth-paced-", dir=args.workdir))
+
+    def run(work: Path, running: ExitStack) -> tuple[dict[str, str], list[Point]]:
+        return versions(), PacedAuth(args, work, running).run()  # BenchError: no wrk
+
     try:
-        with terminate_as_interrupt(), ExitStack() as running:
-            tools = versions()
-            points = PacedAuth(args, work, running).run()
-    except (BenchError, services.ServiceError) as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            _log(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tools, points = in_bench_directory(args, "auth-paced", run)
+    except Stop as stop:
+        return stop.code
     if args.json:
         report = {
             "connections": args.connections,

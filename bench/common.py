@@ -8,9 +8,14 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -25,6 +30,47 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class Stop(Exception):
+    """A benchmark ended early (its message printed): the exit code main returns."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def in_work_directory(
+    parent: Path,
+    prefix: str,
+    body: Callable[[Path, ExitStack], T],
+    errors: tuple[type[Exception], ...],
+    *,
+    keep: bool = False,
+) -> T:
+    """Run `body(work, running)` in a new temporary directory under `parent`, with an
+    ExitStack for the services it starts (stopped in reverse order at its end), SIGTERM
+    taken as Ctrl-C; the directory removed at the end unless `keep`. One of `errors`
+    is printed as one line and Stop(1) raised; an interruption, Stop(130)."""
+    try:
+        work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:
+        print(f"bench: error: {parent}: {exc.strerror}", file=sys.stderr)
+        raise Stop(1) from None
+    try:
+        with terminate_as_interrupt(), ExitStack() as running:
+            return body(work, running)
+    except errors as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        raise Stop(1) from None
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        raise Stop(130) from None
+    finally:
+        if keep:
+            print(f"bench: work directory kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def positive_int(text: str) -> int:

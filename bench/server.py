@@ -138,7 +138,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -146,7 +145,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from common import build_release, positive_int, terminate_as_interrupt
+from common import Stop, T, build_release, in_work_directory, positive_int
 from rampart.testbed import services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -2452,6 +2451,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def in_bench_directory(
+    args: argparse.Namespace, name: str, body: Callable[[Path, ExitStack], T]
+) -> T:
+    """common.in_work_directory for this bench and bench/auth_paced.py: a work
+    directory `rampart-NAME-bench-*` under --workdir, kept with --keep; Stop(1) on a
+    BenchError or a service that failed."""
+    errors = (BenchError, services.ServiceError)
+    return in_work_directory(args.workdir, f"rampart-{name}-bench-", body, errors, keep=args.keep)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.duration <= TAIL_SECONDS:
@@ -2460,29 +2469,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.connections < args.threads:
         print("bench: error: --connections must be at least --threads", file=sys.stderr)
         return 1
+
+    Result = tuple[dict[str, str], list[Row], list[CheckinRow], list[ReportRow]]
+
+    def run(work: Path, running: ExitStack) -> Result:
+        tools = versions()  # BenchError if wrk or nginx is missing
+        bench = Bench(args, work, running)
+        return tools, bench.run(), bench.checkins(), bench.reports()
+
     try:
-        work = Path(tempfile.mkdtemp(prefix="rampart-server-bench-", dir=args.workdir))
-    except OSError as exc:
-        print(f"bench: error: {args.workdir}: {exc.strerror}", file=sys.stderr)
-        return 1
-    try:
-        with terminate_as_interrupt(), ExitStack() as running:
-            tools = versions()
-            bench = Bench(args, work, running)
-            rows = bench.run()
-            checkin_rows = bench.checkins()
-            report_rows = bench.reports()
-    except (BenchError, services.ServiceError) as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            _log(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tools, rows, checkin_rows, report_rows = in_bench_directory(args, "server", run)
+    except Stop as stop:
+        return stop.code
     if args.json:
         nginx = next((r for r in rows if r.target == "nginx"), None)
         base = nginx.wrk.rps if nginx else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import http.client
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import pytest
 from rampart.server.rollout import in_rollout
 from rampart.testbed import services
 from tests.releases import build_payloads
+from tests.server import httpkit
 from tests.server.signing import file_device
 
 RAMPART = str(Path(sys.executable).parent / "rampart")
@@ -76,13 +76,8 @@ class Live:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        status, _, answer = httpkit.request(self.port, method, path, body, headers, timeout=WAIT)
+        return status, answer
 
     def api(self, method: str, path: str, doc: object | None = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}

@@ -32,6 +32,7 @@ from rampart.testbed import services
 from tests.conftest import KeyPair, make_keypair, run_cli
 from tests.device.conftest import make_device
 from tests.releases import build_payloads
+from tests.server import httpkit
 from tests.server.signing import file_device
 from tests.tufkit import PASSWORD, TufRepo
 
@@ -149,17 +150,7 @@ class Frontend:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        conn = self.connection()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return (
-                response.status,
-                {k.lower(): v for k, v in response.getheaders()},
-                response.read(),
-            )
-        finally:
-            conn.close()
+        return httpkit.request(self.port, method, path, body, headers, ca=self.ca, timeout=WAIT)
 
     def fleet(self) -> dict[str, object]:
         view: dict[str, object] = json.loads(rampart("fleet", "--webroot", self.webroot, "--json"))

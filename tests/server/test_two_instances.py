@@ -13,11 +13,9 @@ signing that both instances hold keys for (each change signed by one of them).
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import secrets
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ import pytest
 from rampart.device import identity
 from rampart.server.guard import COOKIE
 from rampart.testbed import services
+from tests.server import httpkit
 from tests.server.signing import Device, file_device
 from tests.server.test_nginx_frontend import (
     WAIT,
@@ -56,21 +55,7 @@ class Endpoint:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        conn: http.client.HTTPConnection
-        if self.ca is not None:
-            context = ssl.create_default_context(cafile=str(self.ca))
-            conn = http.client.HTTPSConnection(
-                "localhost", self.port, timeout=WAIT, context=context
-            )
-        else:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            found = {k.lower(): v for k, v in response.getheaders()}
-            return response.status, found, response.read()
-        finally:
-            conn.close()
+        return httpkit.request(self.port, method, path, body, headers, ca=self.ca, timeout=WAIT)
 
     def check(self, device: Device, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """A signed version check (or one with `headers`); keeps the answer's nonce."""
