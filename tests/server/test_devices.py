@@ -45,6 +45,14 @@ def _seen(server: Server, mid: str) -> dict[str, object]:
     return rows[0]
 
 
+def _fleet_line(server: Server, db_url: str, mid: str) -> str:
+    """`rampart fleet`'s line for machine `mid`."""
+    code, out, err = cli(server.webroot, "fleet", "--db", db_url)
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if line.startswith(f"  {mid} ")]
+    return line
+
+
 # --- admission ------------------------------------------------------------------------
 
 
@@ -69,7 +77,9 @@ def test_a_new_key_is_pending_and_its_requests_are_anonymous(
     assert (status, json.loads(text)) == (200, {"recorded": True, "authenticated": False})
 
 
-def test_an_admitted_key_authenticates_checks_and_reports(server: Server, tmp_path: Path) -> None:
+def test_an_admitted_key_authenticates_checks_and_reports(
+    server: Server, db_url: str, tmp_path: Path
+) -> None:
     device = file_device(tmp_path, 2)
     device.check(server.client)
     admin.admit(server.store, device.mid, by=BY)
@@ -77,6 +87,7 @@ def test_an_admitted_key_authenticates_checks_and_reports(server: Server, tmp_pa
     seen = _seen(server, device.mid)
     assert (seen["authenticated"], seen["key"], seen["epoch"]) == (True, "file", 1)
     assert seen["attested_at"] is None  # a file key attests nothing
+    assert _fleet_line(server, db_url, device.mid).endswith(": file key, not attested, epoch 1")
     assert json.loads(device.report(server.client)[1])["authenticated"] is True
     entry = audit.entries(server.store.engine, 1)[0]
     assert (entry["action"], entry["target"]) == ("machine.admit", device.mid)
@@ -234,7 +245,7 @@ def _tpm_device(tmp_path: Path, chip: tpm.Tpm, n: int) -> Device:
 
 
 def test_a_tpm_device_is_attested_with_a_fresh_nonce(
-    server: Server, tmp_path: Path, chip: tpm.Tpm
+    server: Server, db_url: str, tmp_path: Path, chip: tpm.Tpm
 ) -> None:
     device = _tpm_device(tmp_path, chip, 20)
     device.check(server.client)  # pending; the answer's nonce is kept
@@ -244,8 +255,10 @@ def test_a_tpm_device_is_attested_with_a_fresh_nonce(
     pcr7 = chip.pcr_values((7,))[7].hex()
     assert (seen["authenticated"], seen["key"], seen["pcr7"]) == (True, "tpm", pcr7)
     assert seen["attested_at"] is not None and seen["pcr7_good"] is False  # not known yet
+    assert "tpm key, PCR 7 unknown, epoch" in _fleet_line(server, db_url, device.mid)
     admin.learn_pcr7(server.store, OS, device.mid, by=BY)
     assert _seen(server, device.mid)["pcr7_good"] is True
+    assert "tpm key, PCR 7 known good, epoch" in _fleet_line(server, db_url, device.mid)
 
 
 def test_attestation_with_a_stale_nonce_is_not_attestation(

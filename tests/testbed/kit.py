@@ -22,3 +22,11 @@ def force_one_shot(guest: session.Guest, entry: str) -> None:
         'sync; python3 -c "import struct; '
         f"open('{var}', 'wb').write(struct.pack('<I', 7) + '{entry}\\0'.encode('utf-16-le'))\""
     )
+
+
+def type_passphrase(machine: session.Guest, passphrase: str) -> str:
+    """Wait for the initramfs's prompt and type `passphrase`; the reason it gave."""
+    reason = machine.vm.expect(PROMPT, session.BOOT_TIMEOUT).group("reason")
+    machine.vm.expect(r"Enter passphrase", 60)
+    machine.vm.send(passphrase + "\n")
+    return str(reason)

@@ -2,12 +2,13 @@
 in a VM, booted by OVMF with Secure Boot enforced and a TPM from swtpm, updated from
 `rampart serve` on the host through its systemd service, rebooted, rolled back.
 
-One machine goes through scenarios 1 to 6 and 9 in order (each starts where the
+One machine goes through scenarios 1 to 6, 9 and 12 in order (each starts where the
 previous one left it, as a device in the field would); 8 uses a machine of its own
-booted from the installed disk. Scenarios 7 (the firmware refuses UKIs it cannot
-verify), 10 and 11 (trusted boot) need no update server and use machines of their
-own: they are in test_refused_uki.py and test_trusted_boot.py, which `make test`
-runs after these in the same pytest process (scripts/test.sh). Each scenario first checks the
+booted from the installed disk, and 11 and 15 another (its own TPM, Secure Boot off)
+beside the first. Scenarios 7 (the firmware refuses UKIs it cannot verify) and 10
+(new Secure Boot keys) need no update server and use machines of their own: they
+are in test_refused_uki.py and test_trusted_boot.py, which `make test` runs after
+these in the same pytest process (scripts/test.sh). Each scenario first checks the
 state it starts from (`_given`): the guest is brought to its shell whatever an earlier
 failure left it in, the update server is made to offer what the scenario needs, and
 anything else that differs from what the previous scenario leaves fails the
@@ -34,7 +35,13 @@ from rampart import run
 from rampart.contracts import chunks, wire
 from rampart.contracts.version import parse_version
 from rampart.testbed import build, rootfs, session
-from tests.testbed.kit import CORE, UNLOCKED_TPM, force_one_shot
+from tests.testbed.kit import (
+    CORE,
+    UNLOCKED_PASSPHRASE,
+    UNLOCKED_TPM,
+    force_one_shot,
+    type_passphrase,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -627,3 +634,106 @@ def test_12_tuf_a_root_rotation_a_revoked_release_key_and_a_frozen_server(
     assert (guest.lvs(), _entries(guest)) == before
     server.restart()
     _timed("12 TUF", started)
+
+
+# --- 11 and 15. another machine: its own TPM, then the fleet's admission and attestation ---
+
+OTHER_MID = "0b" * 16  # the second machine's machine-id (its disk is a copy of the first's)
+OTHER_MID_FILE = "/run/rampart-other-machine-id"
+
+
+def _row(server: session.UpdateServer, mid: str) -> dict[str, Any] | None:
+    rows = [m for m in server.fleet()["last_seen"] if m["machine_id"] == mid]
+    return rows[0] if rows else None
+
+
+def test_11_and_15_another_machine_needs_the_passphrase_counts_once_admitted_not_known_good(
+    bed: build.Testbed,
+    guest: session.Guest,
+    server: session.UpdateServer,
+    work: Path,
+    time_factor: float,
+) -> None:
+    """Another machine booted from the installed disk: its own (fresh) TPM, and Secure
+    Boot off (OVMF's variables without keys). Scenario 11: its TPM cannot load the
+    sealed key; a wrong passphrase stops the boot, the right one opens the state.
+    Scenario 15: it signs its checks and reports with its TPM key: pending, they do not
+    count; admitted, they do, and its attested PCR 7 is not the fleet's known-good
+    value, which the scenarios' machine (Secure Boot on) attests; a channel that
+    requires attestation keeps it where it is. One machine for both: a boot saved."""
+    started = time.monotonic()
+    _given(guest, "scenario 15", "scenario 12", running=None, settled=False)
+    mid = guest.sh("cat /etc/machine-id").strip()
+    # The scenarios' machine signed every check since scenario 2 (admitted on first
+    # use), each with a TPM quote of PCR 7 and the nonce of the previous answer.
+    seen = _row(server, mid)
+    assert seen is not None and (seen["authenticated"], seen["key"]) == (True, "tpm"), (
+        f"scenario 15 starts where scenario 12 leaves the machine, attested: {seen}"
+    )
+    assert seen["attested_at"] is not None, seen
+    server.cli("machine", "admission", "operator")
+    server.cli("attestation", "known-good", "learn", mid, "--os", build.OS_NAME)
+    assert _row(server, mid)["pcr7_good"] is True  # type: ignore[index]
+    # The second machine keeps the version it was installed with: a channel of its own.
+    server.cli("channel", "create", "kept", "--os", build.OS_NAME, "--version", build.INSTALLED)
+    server.cli("machine", "assign", OTHER_MID, "--os", build.OS_NAME, "--channel", "kept")
+    before = server.fleet()["counts"]
+
+    with session.Guest(
+        bed, work / "guest-other", fresh_tpm=True, secure_boot=False, time_factor=time_factor
+    ) as other:
+        booted = time.monotonic()
+        other.vm.start()
+        reason = type_passphrase(other, "not-the-passphrase")
+        assert "cannot load the sealed state key" in reason, reason
+        other.vm.expect(
+            r"rampart: the recovery passphrase does not open the state partition "
+            r"mainvg/core_state\n",
+            120,
+        )
+        type_passphrase(other, bed.recovery_passphrase)  # panic=10: the next boot
+        other.vm.expect(UNLOCKED_PASSPHRASE, 120)
+        assert other.wait_booted().core == CORE.format(build.INSTALLED)
+        assert other.tpm_status()["unseals"] is False
+        _timed("11 another TPM", booted)
+        assert session.secure_boot_state(other) == 0
+        other.sh(f"echo {OTHER_MID} > {OTHER_MID_FILE}")
+
+        def update(*options: str) -> int:
+            command = f"rampart update --machine-id {OTHER_MID_FILE} {' '.join(options)}"
+            return other.vm.shell(command, 600).returncode
+
+        # Pending: its check and its failure report are stored, anonymous, uncounted.
+        assert update() == 0
+        keys = json.loads(server.cli("machine", "keys", OTHER_MID, "--json"))
+        assert [(k["state"], k["kind"]) for k in keys] == [("pending", "tpm")], keys
+        assert update("--run-dir", "/proc/rampart") != 0  # fails at once, and reports it
+        after = server.fleet()["counts"]  # a count of nothing is left out
+        counted = ("machines", "reports_failure", "anonymous_reports")
+        assert [after.get(k, 0) - before.get(k, 0) for k in counted] == [0, 0, 1], (
+            before,
+            after,
+        )
+        seen = _row(server, OTHER_MID)
+        assert seen is None or seen["authenticated"] is False, seen
+
+        # Admitted: it counts, attested (its first check's answer held a nonce), with a
+        # PCR 7 that is not known good; the channel that requires attestation keeps it.
+        server.cli("machine", "admit", OTHER_MID)
+        time.sleep(1.5)  # the server's caches follow within a second
+        assert update() == 0
+        seen = _row(server, OTHER_MID)
+        assert seen is not None and (seen["authenticated"], seen["key"]) == (True, "tpm"), seen
+        assert seen["attested_at"] is not None and seen["pcr7_good"] is False, seen
+        assert server.fleet()["counts"].get("machines", 0) == before.get("machines", 0) + 1
+        line = server.cli("fleet").split(f"  {OTHER_MID} ")[1].splitlines()[0]
+        assert "tpm key, PCR 7 unknown" in line, line
+        server.cli("channel", "set", "kept", "--os", build.OS_NAME, "--version", "1.0.1")
+        server.cli("channel", "attestation", "kept", "--os", build.OS_NAME, "on")
+        kept = [c for c in server.fleet()["channels"] if c["name"] == "kept"]
+        assert [c["version"] for c in kept] == ["1.0.1"], kept
+        time.sleep(1.5)
+        assert update() == 0  # withheld: told its own version, nothing installed
+        assert other.lvs().keys() == {f"core_{build.INSTALLED}", "core_state"}
+    server.cli("machine", "admission", "first-use")
+    _timed("15 authenticated fleet", started)

@@ -337,6 +337,22 @@ def _ago(at: float | None) -> str:
     return f"{delta / 86400:.0f} d ago"
 
 
+def _proof(machine: dict[str, Any]) -> str:
+    """What a machine proved, as the dashboard shows it: its key, PCR 7, epoch."""
+    if machine["key"] is None:
+        return "no admitted key"
+    parts = [f"{machine['key']} key"]
+    if machine["pcr7_good"] is None:
+        parts.append("not attested")
+    else:
+        parts.append("PCR 7 known good" if machine["pcr7_good"] else "PCR 7 unknown")
+    if machine["epoch"] is not None:
+        parts.append(f"epoch {machine['epoch']}")
+    if machine["attested_at"] is not None:
+        parts.append(f"attested {_ago(machine['attested_at'])}")
+    return ", ".join(parts)
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
     from rampart.server import admin
 
@@ -367,6 +383,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     print("versions per channel:")
     for row in view["versions"]:
         print(f"  {row['os']}/{row['channel']} {row['version']}: {row['machines']}")
+    print(f"machines seen last (up to {admin.LAST_SEEN_LISTED}, authenticated):")
+    for m in view["last_seen"]:
+        print(
+            f"  {m['machine_id']} {m['version']} {m['channel']} {_ago(m['last_seen'])}: {_proof(m)}"
+        )
     ident = view["identity"]
     print(
         f"identity: {ident['admitted']} machines admitted, {ident['pending']} keys pending "

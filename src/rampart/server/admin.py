@@ -21,6 +21,7 @@ from rampart.server.store import Store
 
 DEFAULT_CHANNEL = "stable"
 SILENT_LISTED = 1000  # silent machines listed in the fleet view (all are counted)
+LAST_SEEN_LISTED = 200  # machines seen last, with what each proved, in the fleet view
 _KEY_ID = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
@@ -263,7 +264,7 @@ def fleet(store: Store, silent_days: float = 7.0, now: float | None = None) -> d
         }
         for m in store.machines(limit=SILENT_LISTED, seen_before=silent_before, authenticated=True)
     ]
-    machines = store.machines(limit=200, authenticated=True)
+    machines = store.machines(limit=LAST_SEEN_LISTED, authenticated=True)
     counts = store.counts()
     proven = _proven(store, [m["machine_id"] for m in machines])
     return {

@@ -187,13 +187,14 @@ class UpdateServer:
         rows: list[dict[str, Any]] = json.loads(out.stdout)
         return rows
 
+    def cli(self, *argv: str) -> str:
+        """`rampart ARGV --webroot WEBROOT` on the server's database; its output."""
+        return run.run(_rampart(*argv, "--webroot", str(self.webroot)), timeout=120).stdout.decode()
+
     def admit_on_first_use(self) -> None:
         """Admit each guest's identity key when it first signs a check: the testbed's
         network is the operator's own (docs/server.md "Device identity")."""
-        run.run(
-            _rampart("machine", "admission", "first-use", "--webroot", str(self.webroot)),
-            timeout=120,
-        )
+        self.cli("machine", "admission", "first-use")
 
     def __enter__(self) -> UpdateServer:
         # The release the disk was installed with is published too, as a vendor's would
@@ -232,6 +233,9 @@ class Guest:
     # Disks after the installed one (/dev/vdb...): files handed to the guest without
     # a network, e.g. the refused UKIs.
     extra_disks: tuple[machine.Disk, ...] = ()
+    # False: OVMF's variables without any key enrolled (no PK: Secure Boot is off,
+    # the firmware starts any loader, and PCR 7 says so).
+    secure_boot: bool = True
     boots: list[Boot] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -241,7 +245,8 @@ class Guest:
             machine.overlay(self.bed.disk, self.disk)
         self.vars = self.work / "ovmf-vars.fd"
         if not self.vars.exists():
-            shutil.copyfile(self.bed.ovmf_vars, self.vars)
+            template = self.bed.ovmf_vars if self.secure_boot else machine.OVMF_VARS_TEMPLATE
+            shutil.copyfile(template, self.vars)
         self.tpm = self.work / "tpm"
         if not self.tpm.exists():
             if self.fresh_tpm:
