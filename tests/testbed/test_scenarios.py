@@ -7,12 +7,12 @@ previous one left it, as a device in the field would); 8 uses a machine of its o
 booted from the installed disk, and 11 and 15 another (its own TPM, Secure Boot off)
 beside the first. Scenarios 7 (the firmware refuses UKIs it cannot verify) and 10
 (new Secure Boot keys) need no update server and use machines of their own: they
-are in test_refused_uki.py and test_trusted_boot.py, which `make test` runs after
-these in the same pytest process (scripts/test.sh). Each scenario first checks the
-state it starts from (`_given`): the guest is brought to its shell whatever an earlier
-failure left it in, the update server is made to offer what the scenario needs, and
-anything else that differs from what the previous scenario leaves fails the
-scenario at once with what differs, naming that scenario. Every wait is multiplied
+are in test_refused_uki.py, which `make test` runs after these in the same pytest
+process, and test_trusted_boot.py, which it runs in the other (scripts/test.sh).
+Each scenario first checks the state it starts from (`_given`): the guest is brought
+to its shell whatever an earlier failure left it in, the update server is made to
+offer what the scenario needs, and anything else that differs from what the previous
+scenario leaves fails the scenario at once with what differs, naming that scenario. Every wait is multiplied
 by the run's time factor (tests/testbed/conftest.py): a busy host is slower, not
 wrong. Per-scenario times and the factor go to <work>/timings.json and the log.
 """

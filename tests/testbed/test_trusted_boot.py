@@ -1,6 +1,6 @@
 """Testbed scenario 10 (trusted boot): the installed disk booted after a change of
 the Secure Boot keys, on a machine of its own and with no update server; `make test`
-runs it after test_scenarios.py in the same pytest process (scripts/test.sh).
+runs it beside test_scenarios.py, in the other pytest process (scripts/test.sh).
 Scenario 11 (the disk in a machine with another TPM) runs on scenario 15's second
 machine, in test_scenarios.py.
 Times go to <work>/timings.json and the log."""
