@@ -12,9 +12,10 @@ process, and test_trusted_boot.py, which it runs in the other (scripts/test.sh).
 Each scenario first checks the state it starts from (`_given`): the guest is brought
 to its shell whatever an earlier failure left it in, the update server is made to
 offer what the scenario needs, and anything else that differs from what the previous
-scenario leaves fails the scenario at once with what differs, naming that scenario. Every wait is multiplied
-by the run's time factor (tests/testbed/conftest.py): a busy host is slower, not
-wrong. Per-scenario times and the factor go to <work>/timings.json and the log.
+scenario leaves fails the scenario at once with what differs, naming that scenario.
+Every wait is multiplied by the run's time factor (tests/testbed/conftest.py): a busy
+host is slower, not wrong. Per-scenario times and the factor go to <work>/timings.json
+and the log.
 """
 
 from __future__ import annotations
