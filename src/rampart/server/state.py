@@ -108,6 +108,7 @@ class ServerState:
             await reports_task
             with contextlib.suppress(asyncio.CancelledError):
                 await pruner
+            gc.unfreeze()  # an app in a longer process (tests) leaves nothing frozen
 
 
 def _write_reports(store: Store, batch: list[Report]) -> set[int]:
