@@ -66,6 +66,7 @@ def key_id(spki: bytes) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)  # a server verifies the same fleet's keys all day
 def load_key(spki: bytes) -> tuple[str, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey]:
     """The kind (TPM_KEY or FILE_KEY) and the key of a SubjectPublicKeyInfo; FormatError
     for anything but an ECC P-256 or Ed25519 key."""

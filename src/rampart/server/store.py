@@ -115,6 +115,28 @@ _SQL_REPORT_PG = text(
     "CAST(:error AS text[]), CAST(:at AS double precision[]), CAST(:address AS text[]), "
     "CAST(:authenticated AS boolean[]))"
 )
+# The checks of a batch, and their machines' rows, as arrays: one statement each,
+# whatever the batch's size (an executemany cost the worker more than the statement).
+_SQL_CHECKS_PG = text(
+    "INSERT INTO checks (machine_id, os, version, channel, offered, at, address, authenticated) "
+    "SELECT * FROM unnest(CAST(:machine_id AS text[]), CAST(:os AS text[]), "
+    "CAST(:version AS text[]), CAST(:channel AS text[]), CAST(:offered AS text[]), "
+    "CAST(:at AS double precision[]), CAST(:address AS text[]), "
+    "CAST(:authenticated AS boolean[]))"
+)
+_SQL_MACHINES_PG = (
+    "INSERT INTO machines (machine_id, os, version, first_seen, last_seen, address, "
+    "authenticated) "
+    "SELECT * FROM unnest(CAST(:machine_id AS text[]), CAST(:os AS text[]), "
+    "CAST(:version AS text[]), CAST(:first_seen AS double precision[]), "
+    "CAST(:last_seen AS double precision[]), CAST(:address AS text[]), "
+    "CAST(:authenticated AS boolean[])) "
+    "ON CONFLICT (machine_id) DO UPDATE SET os = excluded.os, version = excluded.version, "
+    "first_seen = COALESCE(machines.first_seen, excluded.first_seen), "
+    "last_seen = excluded.last_seen, address = excluded.address"
+)
+_SQL_MACHINES_PROVEN_PG = text(_SQL_MACHINES_PG + ", authenticated = excluded.authenticated")
+_SQL_MACHINES_ANONYMOUS_PG = text(_SQL_MACHINES_PG + " WHERE machines.authenticated = false")
 _SQL_ROLLOUTS = text(
     "SELECT name, failure_threshold, min_reports, min_failing, rollout_started_at "
     "FROM channels WHERE os = :os AND rollout_version = :version AND rollout_state = 'active' "
@@ -334,10 +356,19 @@ class Store:
             if check.offered is not None and check.offered != check.version:
                 key = (check.os, check.channel, check.offered, check.machine_id)
                 offered.setdefault(key, check.at)
-        conn.execute(insert(db.checks), [_check_row(c) for c in batch])
+        if self._postgresql:
+            conn.execute(_SQL_CHECKS_PG, _columns([_check_row(c) for c in batch]))
+        else:
+            conn.execute(insert(db.checks), [_check_row(c) for c in batch])
         for rows, proven in ((latest, True), (anonymous, False)):
-            if rows:
-                conn.execute(self._upserts[proven], _machine_rows(rows, proven))
+            if not rows:
+                continue
+            machine_rows = _machine_rows(rows, proven)
+            if self._postgresql:
+                upsert = _SQL_MACHINES_PROVEN_PG if proven else _SQL_MACHINES_ANONYMOUS_PG
+                conn.execute(upsert, _columns(machine_rows))
+            else:
+                conn.execute(self._upserts[proven], machine_rows)
         if offered:
             conn.execute(
                 self._offer_insert,
@@ -1082,6 +1113,11 @@ def _report_row(report: Report) -> dict[str, Any]:
     return {k: getattr(report, k) for k in _REPORT_FIELDS} | {
         "authenticated": report.proof is not None
     }
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (the same keys each) as one list per column: PostgreSQL's unnest parameters."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def _machine_rows(latest: dict[str, Check], proven: bool) -> list[dict[str, Any]]:
