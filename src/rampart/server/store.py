@@ -8,9 +8,9 @@ its caches, so a change is visible to every worker within a second.
 from __future__ import annotations
 
 import contextlib
-import json
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
