@@ -146,6 +146,38 @@ def test_file_keys_sign_the_base_and_attest_nothing() -> None:
         contract.verify(spki, contract.Auth(5, "-", 2, b"\0" * 32, b"q", auth.signature), base)
 
 
+def test_libsodium_and_openssl_give_the_same_verdicts() -> None:
+    """The Ed25519 check a server makes (libsodium when PyNaCl is there) says what
+    OpenSSL's says: a good signature holds; another message, a flipped bit, another
+    key, a signature cut short or made longer do not."""
+    private, other = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    raw = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    base = _base()
+    good = private.sign(base)
+    flipped = bytes([good[0] ^ 1]) + good[1:]
+    high_s = good[:32] + bytes([good[32]]) + good[33:63] + bytes([good[63] | 0xF0])
+    cases = [
+        (good, base, True),
+        (good, _base(counter=6), False),
+        (flipped, base, False),
+        (other.sign(base), base, False),
+        (good[:63], base, False),
+        (good + b"\0", base, False),
+        (good[:63], bytes([good[63]]) + base, False),  # the cut byte moved to the message
+        (high_s, base, False),  # S >= L: not canonical
+    ]
+    sodium = contract._ed25519_verifier()
+    assert sodium is not contract._cryptography_verify  # PyNaCl is a dependency
+    for signature, message, holds in cases:
+        verdicts = {
+            "libsodium": sodium(raw, signature, message),
+            "OpenSSL": contract._cryptography_verify(raw, signature, message),
+        }
+        assert verdicts == {"libsodium": holds, "OpenSSL": holds}, (signature.hex(), holds)
+
+
 def test_only_p256_and_ed25519_keys_are_device_keys() -> None:
     other = ec.generate_private_key(ec.SECP384R1()).public_key()
     spki = other.public_bytes(

@@ -19,8 +19,9 @@ from rampart.contracts import identity as contract
 from rampart.contracts import wire
 from rampart.device import identity, tpm
 from rampart.server import admin, audit, db, devices
+from rampart.server import store as store_module
 from rampart.server.app import Settings, create_app
-from rampart.server.store import Store
+from rampart.server.store import Check, Proof, Store
 from tests.conftest import start_swtpm
 from tests.server import signing
 from tests.server.conftest import OS, Server, headers, machine_id
@@ -230,6 +231,53 @@ def test_a_malformed_signature_is_one_clear_401(
     sent = {**headers(machine_id(14)), **header}
     response = server.client.get(f"/update/v1/{OS}/version", headers=sent)
     assert response.status_code == 401 and reason in response.text
+
+
+# --- the recorder's counters, in one statement --------------------------------------
+
+
+def test_one_batch_raises_each_key_s_counter_and_refuses_the_counters_it_took(
+    server: Server,
+) -> None:
+    """Store.record_checks with a batch of several keys: each key's counter rises to its
+    last request's, what a quote proved is kept, and a counter not above the last one
+    accepted (a replay, in the batch or before it) is refused."""
+    store = server.store
+    mids = [machine_id(n) for n in range(3)]
+    proofs = [signing.proof(store, m) for m in mids]
+    first, second, third = proofs
+    pcr7 = "ab" * 32
+    attested = Proof(third.machine_id, third.key_id, third.counter, pcr7, 7, True)
+    again = Proof(first.machine_id, first.key_id, first.counter + 10, None, None, False)
+    stale = Proof(second.machine_id, second.key_id, 0, None, None, False)
+
+    def check(proof: Proof, at: float) -> Check:
+        return Check(proof.machine_id, OS, "1.0.0", "stable", None, at, None, proof)
+
+    batch = [check(first, 1.0), check(second, 2.0), check(attested, 3.0), check(again, 4.0)]
+    assert store.record_checks(batch) == set()
+    assert store.record_checks([check(stale, 5.0), check(first, 6.0)]) == {0, 1}
+    keys = {m: _key(server, m) for m in mids}
+    assert keys[mids[0]]["counter"] == again.counter and keys[mids[0]]["last_auth"] == 4.0
+    assert keys[mids[1]]["counter"] == second.counter and keys[mids[1]]["pcr7"] is None
+    assert (keys[mids[2]]["pcr7"], keys[mids[2]]["epoch"]) == (pcr7, 7)
+    assert keys[mids[2]]["attested_at"] == 3.0
+
+
+def test_raising_counters_finds_each_key_by_its_primary_key(tmp_path: Path) -> None:
+    """SQLite's plan of the counters' statement: the batch's rows drive a primary-key
+    lookup each (read through the state index, each row of a batch walked every
+    admitted key: a signed check-in cost more the larger the fleet)."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    db.migrate(engine)
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + str(store_module._SQL_COUNTERS_SQLITE.text), {"rows": "[]"}
+        ).all()
+    details = [str(row[-1]) for row in plan]
+    assert any("machine_keys USING INDEX sqlite_autoindex_machine_keys_1" in d for d in details)
+    assert not any("ix_machine_keys_state" in d for d in details), details
+    engine.dispose()
 
 
 # --- attestation ----------------------------------------------------------------------

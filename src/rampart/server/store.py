@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
@@ -114,6 +115,28 @@ _SQL_REPORT_PG = text(
     "CAST(:error AS text[]), CAST(:at AS double precision[]), CAST(:address AS text[]), "
     "CAST(:authenticated AS boolean[]))"
 )
+# The checks of a batch, and their machines' rows, as arrays: one statement each,
+# whatever the batch's size (an executemany cost the worker more than the statement).
+_SQL_CHECKS_PG = text(
+    "INSERT INTO checks (machine_id, os, version, channel, offered, at, address, authenticated) "
+    "SELECT * FROM unnest(CAST(:machine_id AS text[]), CAST(:os AS text[]), "
+    "CAST(:version AS text[]), CAST(:channel AS text[]), CAST(:offered AS text[]), "
+    "CAST(:at AS double precision[]), CAST(:address AS text[]), "
+    "CAST(:authenticated AS boolean[]))"
+)
+_SQL_MACHINES_PG = (
+    "INSERT INTO machines (machine_id, os, version, first_seen, last_seen, address, "
+    "authenticated) "
+    "SELECT * FROM unnest(CAST(:machine_id AS text[]), CAST(:os AS text[]), "
+    "CAST(:version AS text[]), CAST(:first_seen AS double precision[]), "
+    "CAST(:last_seen AS double precision[]), CAST(:address AS text[]), "
+    "CAST(:authenticated AS boolean[])) "
+    "ON CONFLICT (machine_id) DO UPDATE SET os = excluded.os, version = excluded.version, "
+    "first_seen = COALESCE(machines.first_seen, excluded.first_seen), "
+    "last_seen = excluded.last_seen, address = excluded.address"
+)
+_SQL_MACHINES_PROVEN_PG = text(_SQL_MACHINES_PG + ", authenticated = excluded.authenticated")
+_SQL_MACHINES_ANONYMOUS_PG = text(_SQL_MACHINES_PG + " WHERE machines.authenticated = false")
 _SQL_ROLLOUTS = text(
     "SELECT name, failure_threshold, min_reports, min_failing, rollout_started_at "
     "FROM channels WHERE os = :os AND rollout_version = :version AND rollout_state = 'active' "
@@ -143,15 +166,22 @@ _SQL_COUNTERS_PG = text(
     "WHERE k.machine_id = u.mid AND k.key_id = u.kid AND k.state = 'admitted' "
     "AND k.counter < u.counter RETURNING k.machine_id, k.key_id"
 )
-# SQLite: the rows as a VALUES list ({values}: the placeholders of each row).
-_SQL_COUNTERS_SQLITE = (
-    "WITH u(mid, kid, counter, at, epoch, attested, pcr7) AS (VALUES {values}) "
+# SQLite: the rows as one JSON array of arrays, one statement whatever the batch's size
+# (a VALUES list of placeholders made a new statement for each size: parsed on each
+# call, and kept in the compiled cache, it made much of what a full collection walked).
+# `+state` keeps SQLite from reading every admitted key through ix_machine_keys_state
+# for each row of the batch (it cannot know how few rows json_each gives): each row
+# finds its key by the primary key.
+_SQL_COUNTERS_SQLITE = text(
+    "WITH u(mid, kid, counter, at, epoch, attested, pcr7) AS (SELECT value ->> 0, "
+    "value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6 "
+    "FROM json_each(:rows)) "
     "UPDATE machine_keys SET counter = u.counter, last_auth = u.at, "
     "epoch = COALESCE(u.epoch, machine_keys.epoch), "
     "attested_at = CASE WHEN u.attested THEN u.at ELSE machine_keys.attested_at END, "
     "pcr7 = CASE WHEN u.attested THEN u.pcr7 ELSE machine_keys.pcr7 END FROM u "
     "WHERE machine_keys.machine_id = u.mid AND machine_keys.key_id = u.kid "
-    "AND machine_keys.state = 'admitted' AND machine_keys.counter < u.counter "
+    "AND +machine_keys.state = 'admitted' AND machine_keys.counter < u.counter "
     "RETURNING machine_id, key_id"
 )
 _CHUNK = 500  # machine-ids per IN (...) list
@@ -215,6 +245,9 @@ class Store:
         )
         self._postgresql = engine.dialect.name == "postgresql"
         self._countable = _SQL_COUNTABLE_PG if self._postgresql else _SQL_COUNTABLE
+        # The hot path's statements, built once (building one costs as much as running it)
+        self._upserts = {proven: self._machine_upsert(proven) for proven in (True, False)}
+        self._offer_insert = self._insert(db.offers).on_conflict_do_nothing()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Any]:
@@ -303,12 +336,8 @@ class Store:
         if self._postgresql:
             found = conn.execute(_SQL_COUNTERS_PG, columns).all()
         else:
-            values = ", ".join(
-                f"(:mid{i}, :kid{i}, :counter{i}, :at{i}, :epoch{i}, :attested{i}, :pcr7{i})"
-                for i in range(len(proofs))
-            )
-            params = {f"{k}{i}": v[i] for k, v in columns.items() for i in range(len(proofs))}
-            found = conn.execute(text(_SQL_COUNTERS_SQLITE.format(values=values)), params).all()
+            rows_json = json.dumps([list(row) for row in zip(*columns.values(), strict=True)])
+            found = conn.execute(_SQL_COUNTERS_SQLITE, {"rows": rows_json}).all()
         return {(str(r[0]), str(r[1])) for r in found}
 
     def _record_checks(self, conn: Any, batch: Sequence[Check]) -> None:
@@ -327,13 +356,22 @@ class Store:
             if check.offered is not None and check.offered != check.version:
                 key = (check.os, check.channel, check.offered, check.machine_id)
                 offered.setdefault(key, check.at)
-        conn.execute(insert(db.checks), [_check_row(c) for c in batch])
+        if self._postgresql:
+            conn.execute(_SQL_CHECKS_PG, _columns([_check_row(c) for c in batch]))
+        else:
+            conn.execute(insert(db.checks), [_check_row(c) for c in batch])
         for rows, proven in ((latest, True), (anonymous, False)):
-            if rows:
-                conn.execute(self._machine_upsert(proven), _machine_rows(rows, proven))
+            if not rows:
+                continue
+            machine_rows = _machine_rows(rows, proven)
+            if self._postgresql:
+                upsert = _SQL_MACHINES_PROVEN_PG if proven else _SQL_MACHINES_ANONYMOUS_PG
+                conn.execute(upsert, _columns(machine_rows))
+            else:
+                conn.execute(self._upserts[proven], machine_rows)
         if offered:
             conn.execute(
-                self._insert(db.offers).on_conflict_do_nothing(),
+                self._offer_insert,
                 [
                     {"os": k[0], "channel": k[1], "version": k[2], "machine_id": k[3], "at": t}
                     for k, t in sorted(offered.items())
@@ -1075,6 +1113,11 @@ def _report_row(report: Report) -> dict[str, Any]:
     return {k: getattr(report, k) for k in _REPORT_FIELDS} | {
         "authenticated": report.proof is not None
     }
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (the same keys each) as one list per column: PostgreSQL's unnest parameters."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def _machine_rows(latest: dict[str, Check], proven: bool) -> list[dict[str, Any]]:
