@@ -24,16 +24,6 @@ def _read(path: Path, what: str) -> bytes:
         raise LocalError(f"{path}: cannot read the {what}: {exc.strerror}") from None
 
 
-def _tree_kernel_config(root: Path) -> Path | None:
-    """The one /boot/config-* of a root tree, if it has exactly one."""
-    found = sorted((root / "boot").glob("config-*"))
-    if len(found) > 1:
-        raise UsageError(
-            f"{root}/boot has {len(found)} kernel configs: choose one with --kernel-config"
-        )
-    return found[0] if found else None
-
-
 def inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The audit's inputs from the command line's options (None: not checked)."""
     if args.running and (args.root or args.cmdline is not None or args.efiboot):
@@ -55,15 +45,12 @@ def inputs(args: argparse.Namespace) -> dict[str, Any]:
             raise LocalError(f"{args.root}: not a directory (a Core's root tree)")
         sysctl = hardening.sysctl_tree(args.root)
         if config_path is None:
-            config_path = _tree_kernel_config(args.root)
+            config_path = hardening.tree_kernel_config(args.root)
     if args.efiboot is not None:
         line = pe.cmdline(_read(args.efiboot, "UKI"), str(args.efiboot))
         if line is None:
             raise LocalError(f"{args.efiboot}: the UKI has no .cmdline section")
-    kconfig = None
-    if config_path is not None:
-        text = _read(config_path, "kernel config").decode("utf-8", "replace")
-        kconfig = hardening.parse_kconfig(text)
+    kconfig = None if config_path is None else hardening.read_kernel_config(config_path)
     return {"recommendations": recs, "kconfig": kconfig, "cmdline": line, "sysctl": sysctl}
 
 
@@ -89,7 +76,7 @@ def cmd_hardening_check(args: argparse.Namespace) -> int:
     for finding in findings:  # the failing ones go to stderr, with the error
         if finding not in failing and (finding.status != hardening.MET or args.verbose):
             print(_line(finding))
-    counts = doc["counts"]
+    counts = hardening.counts(findings)
     print(
         f"{counts['met']} met, {counts['covered']} covered, {counts['gap']} gap(s), "
         f"{counts['unchecked']} unchecked"

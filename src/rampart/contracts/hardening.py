@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rampart.contracts.cmdline import cmdline_params
-from rampart.errors import FormatError, LocalError
+from rampart.errors import FormatError, LocalError, UsageError
 
 FORMAT = 1
 KINDS = ("kconfig", "cmdline", "sysctl")
@@ -182,6 +182,25 @@ def parse_kconfig(text: str) -> dict[str, str]:
     return out
 
 
+def tree_kernel_config(root: Path) -> Path | None:
+    """The one /boot/config-* of root tree `root`, if it has one; UsageError if several."""
+    found = sorted((root / "boot").glob("config-*"))
+    if len(found) > 1:
+        raise UsageError(
+            f"{root}/boot has {len(found)} kernel configs: choose one with --kernel-config"
+        )
+    return found[0] if found else None
+
+
+def read_kernel_config(path: Path) -> dict[str, str]:
+    """parse_kconfig of the file `path`; LocalError if it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read the kernel config: {exc.strerror}") from None
+    return parse_kconfig(text)
+
+
 def parse_sysctl(text: str) -> dict[str, str]:
     """The assignments of one sysctl.d file (`key = value`; `#` and `;` comments;
     a leading `-`, ignore-if-missing, is dropped; `/` in a key is the same as `.`)."""
@@ -280,8 +299,16 @@ def _passes(kind: str, accepted: Sequence[str], found: str | None) -> bool:
 
 def report(findings: Sequence[Finding]) -> dict[str, Any]:
     """The JSON document of an audit (docs/formats.md "Hardening report")."""
-    counts = {s: sum(1 for f in findings if f.status == s) for s in (MET, COVERED, GAP, UNCHECKED)}
-    return {"format": FORMAT, "counts": counts, "findings": [f.to_json() for f in findings]}
+    return {
+        "format": FORMAT,
+        "counts": counts(findings),
+        "findings": [f.to_json() for f in findings],
+    }
+
+
+def counts(findings: Sequence[Finding]) -> dict[str, int]:
+    """How many findings have each status."""
+    return {s: sum(1 for f in findings if f.status == s) for s in (MET, COVERED, GAP, UNCHECKED)}
 
 
 def read_report(path: Path) -> dict[str, str]:

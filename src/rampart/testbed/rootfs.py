@@ -40,6 +40,8 @@ Two stages:
      and no password (the test driver's channel); systemd-networkd with DHCP on the
      Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
      UPDATE_HOST in /etc/hosts at the host's address as QEMU shows it;
+   - the kernel hardening audit's sysctl settings (HARDENING_SYSCTL_PATH) and, when
+     the kernel is given, its configuration in /boot/config-<release>;
    - fdisk, dosfstools and e2fsprogs, for `rampart install`;
    - the IPsec gateway's tools (strongSwan with swanctl and charon-systemd, left
      disabled, and its user strongswan; nftables; iproute2) and, when the kernel is
@@ -270,6 +272,9 @@ SYSTEM_CONF = f"""\
 DefaultDeviceTimeoutSec={DEVICE_TIMEOUT}
 """
 SYSTEM_CONF_PATH = "usr/lib/systemd/system.conf.d/50-rampart.conf"
+# The Core's sysctl settings (rampart/data/hardening/sysctl.conf, after the audit's
+# recommendations), which systemd-sysctl applies at boot.
+HARDENING_SYSCTL_PATH = "usr/lib/sysctl.d/50-rampart-hardening.conf"
 
 FSTAB = f"""\
 # Rampart Core: / is the dm-verity device, read-only, mounted by the initramfs,
@@ -649,6 +654,8 @@ def _configure_units(tree: Path, data: Path) -> None:
     for name, rel in TESTBED_UNITS.items():
         _write(tree, rel, testbed_unit(name))
     _write(tree, SYSTEM_CONF_PATH, SYSTEM_CONF)
+    sysctl = (data / "hardening" / "sysctl.conf").read_text(encoding="utf-8")
+    _write(tree, HARDENING_SYSCTL_PATH, sysctl)
     _write(tree, "usr/libexec/rampart/commit-machine-id", COMMIT_MACHINE_ID, 0o755)
     for conf in sorted((data / "sysusers.d").iterdir()):
         _write(tree, f"usr/lib/sysusers.d/{conf.name}", conf.read_text(encoding="utf-8"))
@@ -744,6 +751,9 @@ def configure(
     _configure_network(tree)
     if kernel is not None:
         initramfs.stage_modules(kernel, CORE_MODULES, tree)
+        if kernel.config is not None:  # what `rampart hardening check` audits
+            config = kernel.config.read_text(encoding="utf-8")
+            _write(tree, f"boot/config-{kernel.release}", config)
 
 
 def build_rootfs(
