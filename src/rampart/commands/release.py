@@ -556,7 +556,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     )
     tuf_targets = add_to_tuf()
     recorded = hardening.record(out, version, audited)
-    counts = hardening.counts(audited.findings)
+    counts = audited.counts()
     if args.json:
         print_json(
             {

@@ -32,6 +32,9 @@ class Audit:
     baseline: Path | None
     regressions: list[hardening.Finding]  # accepted ones included
 
+    def counts(self) -> dict[str, int]:
+        return hardening.counts(self.findings)
+
     def to_json(self) -> dict[str, Any]:
         doc = hardening.report(self.findings)
         doc["baseline"] = None if self.baseline is None else str(self.baseline)
