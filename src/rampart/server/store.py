@@ -245,8 +245,14 @@ class Store:
         )
         self._postgresql = engine.dialect.name == "postgresql"
         self._countable = _SQL_COUNTABLE_PG if self._postgresql else _SQL_COUNTABLE
-        # The hot path's statements, built once (building one costs as much as running it)
-        self._upserts = {proven: self._machine_upsert(proven) for proven in (True, False)}
+        # The recorder's statements, built once per store, not once per batch. PostgreSQL's
+        # take a batch as arrays (_columns), SQLite's as a list of rows.
+        self._check_insert: Any = _SQL_CHECKS_PG if self._postgresql else insert(db.checks)
+        self._upserts: dict[bool, Any] = (
+            {True: _SQL_MACHINES_PROVEN_PG, False: _SQL_MACHINES_ANONYMOUS_PG}
+            if self._postgresql
+            else {proven: self._machine_upsert(proven) for proven in (True, False)}
+        )
         self._offer_insert = self._insert(db.offers).on_conflict_do_nothing()
 
     @contextlib.contextmanager
@@ -356,19 +362,10 @@ class Store:
             if check.offered is not None and check.offered != check.version:
                 key = (check.os, check.channel, check.offered, check.machine_id)
                 offered.setdefault(key, check.at)
-        if self._postgresql:
-            conn.execute(_SQL_CHECKS_PG, _columns([_check_row(c) for c in batch]))
-        else:
-            conn.execute(insert(db.checks), [_check_row(c) for c in batch])
+        conn.execute(self._check_insert, self._batch([_check_row(c) for c in batch]))
         for rows, proven in ((latest, True), (anonymous, False)):
-            if not rows:
-                continue
-            machine_rows = _machine_rows(rows, proven)
-            if self._postgresql:
-                upsert = _SQL_MACHINES_PROVEN_PG if proven else _SQL_MACHINES_ANONYMOUS_PG
-                conn.execute(upsert, _columns(machine_rows))
-            else:
-                conn.execute(self._upserts[proven], machine_rows)
+            if rows:
+                conn.execute(self._upserts[proven], self._batch(_machine_rows(rows, proven)))
         if offered:
             conn.execute(
                 self._offer_insert,
@@ -377,6 +374,10 @@ class Store:
                     for k, t in sorted(offered.items())
                 ],
             )
+
+    def _batch(self, rows: list[dict[str, Any]]) -> Any:
+        """The parameters of one of the recorder's statements for `rows`."""
+        return _columns(rows) if self._postgresql else rows
 
     def _machine_upsert(self, proven: bool) -> Any:
         stmt = self._insert(db.machines)
