@@ -36,8 +36,10 @@ Two stages:
      /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled. The
      device's units come from the checkout's rampart/data/systemd, the testbed's own
      (TESTBED_UNITS) from rampart/data/testbed;
-   - root logged in automatically on the serial console ttyS0 with the prompt PROMPT
-     and no password (the test driver's channel); systemd-networkd with DHCP on the
+   - no interactive root: every password locked (lock_accounts), so the getty on
+     the serial console ttyS0 refuses root; root logged in automatically, with the
+     prompt PROMPT, on the testbed's probe only (PROBE_TTY, a virtio console, the
+     test driver's channel: machine.Machine(probe=True)); systemd-networkd with DHCP on the
      Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
      UPDATE_HOST in /etc/hosts at the host's address as QEMU shows it;
    - the kernel hardening audit's sysctl settings (HARDENING_SYSCTL_PATH) and, when
@@ -152,6 +154,8 @@ CORE_MODULES = (
     "nft_log",
     "nf_log_syslog",
     "veth",
+    # The testbed's probe (machine.Machine(probe=True)): a virtio console, /dev/hvc0.
+    "virtio_console",
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_OS_NAME = "clipos"
@@ -163,8 +167,9 @@ STATE_MOUNT = layout.STATE_MOUNT  # where the initramfs mounts the state partiti
 # Two tries (systemd's default is three): the fallback is the same, and each try of
 # the broken version is a whole boot of the automatic rollback scenario.
 BOOT_TRIES = 2
-PROMPT = "rampart-guest# "  # root's shell prompt on the serial console
-SERIAL_TTY = "ttyS0"
+PROMPT = "rampart-guest# "  # root's shell prompt on the probe
+SERIAL_TTY = "ttyS0"  # the serial console: kernel messages, and a login nobody passes
+PROBE_TTY = "hvc0"  # the testbed's probe, a virtio console: root's shell
 QEMU_USER_DNS = "10.0.2.3"  # the DNS server of QEMU's user-mode networking
 QEMU_USER_HOST = "10.0.2.2"  # the host's loopback, seen from the guest
 UPDATE_HOST = "updates.rampart.test"  # the update server's name in the testbed (/etc/hosts)
@@ -217,8 +222,8 @@ TESTBED_UNITS = {
     "rampart-state-layout.service": f"{_UNIT_DIR}/rampart-state-layout.service",
     # Runs COMMIT_MACHINE_ID (below) on the first boot.
     "rampart-machine-id-commit.service": f"{_UNIT_DIR}/rampart-machine-id-commit.service",
-    # A drop-in: root logged in on the serial console, the test driver's channel.
-    "autologin.conf": f"etc/systemd/system/serial-getty@{SERIAL_TTY}.service.d/autologin.conf",
+    # A drop-in: root logged in on the probe, the test driver's channel.
+    "autologin.conf": f"etc/systemd/system/serial-getty@{PROBE_TTY}.service.d/autologin.conf",
 }
 UNIT_VALUES = {"@STATE_MOUNT@": STATE_MOUNT}
 
@@ -697,17 +702,27 @@ def _configure_read_only_root(tree: Path) -> None:
     _enable(tree, "sysinit.target.wants", "rampart-machine-id-commit.service")
 
 
-def _configure_console(tree: Path) -> None:
-    getty = f"serial-getty@{SERIAL_TTY}.service"  # autologin.conf: TESTBED_UNITS
-    _enable(tree, "getty.target.wants", getty, "serial-getty@.service")
-    shadow = tree / "etc/shadow"
-    lines = shadow.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
+def lock_accounts(shadow: str) -> str:
+    """/etc/shadow's text with every account's password locked ("!"): nobody logs in
+    with a password, root included. An account without a password hash ("*", "!")
+    stays as it is, with "!" in front."""
+    lines = []
+    for line in shadow.splitlines():
         fields = line.split(":")
-        if fields[0] == "root":
-            fields[1] = ""  # no password: the serial console logs root in
-            lines[i] = ":".join(fields)
-    _write(tree, "etc/shadow", "\n".join(lines) + "\n", 0o640)
+        if len(fields) < 2:
+            raise LocalError(f"/etc/shadow: not an entry: {line!r}")
+        if not fields[1].startswith("!"):
+            fields[1] = "!" + ("" if fields[1] in ("", "*") else fields[1])
+        lines.append(":".join(fields))
+    return "\n".join(lines) + "\n"
+
+
+def _configure_console(tree: Path) -> None:
+    # The serial console keeps a getty: a person who types root there is refused.
+    for tty in (SERIAL_TTY, PROBE_TTY):  # autologin.conf (TESTBED_UNITS): the probe's
+        _enable(tree, "getty.target.wants", f"serial-getty@{tty}.service", "serial-getty@.service")
+    shadow = (tree / "etc/shadow").read_text(encoding="utf-8")
+    _write(tree, "etc/shadow", lock_accounts(shadow), 0o640)
     _write(tree, "root/.bashrc", BASHRC)
     _write(tree, "root/.inputrc", "set enable-bracketed-paste off\n")
     _write(tree, "root/.hushlogin", "")
