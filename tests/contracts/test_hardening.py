@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rampart.contracts import cmdline, hardening
-from rampart.errors import FormatError
+from rampart.errors import FormatError, LocalError
 
 SHIPPED_SYSCTL = Path(hardening.__file__).parents[1] / "data" / "hardening" / "sysctl.conf"
 
@@ -90,12 +90,37 @@ def test_sysctl_files_apply_as_systemd_sysctl_applies_them(tmp_path: Path) -> No
     (tmp_path / "usr/lib/sysctl.d/50-b.conf").write_text("kernel/sysrq = 2\n")
     # the same name in /etc replaces the vendor's file entirely
     (tmp_path / "etc/sysctl.d/10-a.conf").write_text("; a comment\n-fs.suid_dumpable = 0\n")
+    # /etc/sysctl.conf only through Debian's link, its target in the tree
     (tmp_path / "etc/sysctl.conf").write_text("vm.mmap_min_addr = 4096\n")
+    values = hardening.sysctl_tree(tmp_path)
+    assert "vm.mmap_min_addr" not in values
+    (tmp_path / "etc/sysctl.d/99-sysctl.conf").symlink_to("../sysctl.conf")
     values = hardening.sysctl_tree(tmp_path)
     assert values["fs.suid_dumpable"] == "0"
     assert values["vm.mmap_min_addr"] == "4096"
     # a file later in name order wins; `/` in a key is `.`
     assert values["kernel.sysrq"] == "2"
+
+
+def test_debian_s_dangling_99_sysctl_conf_is_skipped_and_links_stay_in_the_tree(
+    tmp_path: Path,
+) -> None:
+    """A link's target is the tree's own file, never this machine's; a dangling link
+    is skipped and a link to /dev/null masks the file, as systemd-sysctl does."""
+    conf = tmp_path / "etc/sysctl.d"
+    conf.mkdir(parents=True)
+    (tmp_path / "usr/lib/sysctl.d").mkdir(parents=True)
+    (tmp_path / "usr/lib/sysctl.d/20-masked.conf").write_text("kernel.sysrq = 1\n")
+    (tmp_path / "usr/lib/sysctl.d/30-v.conf").write_text("kernel.sysrq = 0\n")
+    (tmp_path / "etc/hostname").write_text("vm.swappiness = 7\n")
+    (conf / "10-abs.conf").symlink_to("/etc/hostname")  # the tree's, not the host's
+    (conf / "11-up.conf").symlink_to("../../../../../etc/hostname")  # .. stops at the root
+    (conf / "20-masked.conf").symlink_to("/dev/null")
+    (conf / "99-sysctl.conf").symlink_to("../sysctl.conf")  # dangling: no procps
+    assert hardening.sysctl_tree(tmp_path) == {"vm.swappiness": "7", "kernel.sysrq": "0"}
+    (conf / "40-loop.conf").symlink_to("40-loop.conf")
+    with pytest.raises(LocalError, match="too many levels"):
+        hardening.sysctl_tree(tmp_path)
 
 
 def test_the_core_s_sysctl_file_meets_every_sysctl_recommendation(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ applies them (`sysctl_tree`), or from a running machine's /proc/sys (`sysctl_run
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,10 +34,10 @@ MET, COVERED, GAP, UNCHECKED = "met", "covered", "gap", "unchecked"
 PASSING = (MET, COVERED)
 
 # systemd-sysctl's directories, the first that has a file name wins it; the files of
-# all of them then apply in the order of their names, /etc/sysctl.conf last
-# (sysctl.d(5)).
+# all of them then apply in the order of their names (sysctl.d(5)). /etc/sysctl.conf
+# only through Debian's symlink /etc/sysctl.d/99-sysctl.conf.
 SYSCTL_DIRS = ("etc/sysctl.d", "run/sysctl.d", "usr/local/lib/sysctl.d", "usr/lib/sysctl.d")
-SYSCTL_CONF = "etc/sysctl.conf"
+_MAX_LINKS = 40  # symbolic links followed in a tree, as the kernel's limit
 _KCONFIG_SET = re.compile(r"(CONFIG_[A-Za-z0-9_]+)=(.*)")
 _KCONFIG_UNSET = re.compile(r"# (CONFIG_[A-Za-z0-9_]+) is not set")
 _NAME = re.compile(r"[A-Za-z0-9_.,/=-]{1,128}")
@@ -227,17 +228,33 @@ def sysctl_tree(root: Path) -> dict[str, str]:
             continue
         for path in base.glob("*.conf"):
             chosen.setdefault(path.name, path)
-    files = [chosen[name] for name in sorted(chosen)]
-    conf = root / SYSCTL_CONF
-    if conf.is_file():
-        files.append(conf)
     values: dict[str, str] = {}
-    for path in files:
+    for name in sorted(chosen):
+        found = _in_tree(root, chosen[name])
+        if found is None:  # masked: a link to /dev/null
+            continue
         try:
-            values.update(parse_sysctl(path.read_text(encoding="utf-8", errors="replace")))
+            values.update(parse_sysctl(found.read_text(encoding="utf-8", errors="replace")))
+        except FileNotFoundError:  # a dangling link: systemd-sysctl skips it too
+            continue
         except OSError as exc:
-            raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
+            raise LocalError(f"{chosen[name]}: cannot read: {exc.strerror}") from None
     return values
+
+
+def _in_tree(root: Path, path: Path) -> Path | None:
+    """`path` with its symbolic links followed inside the tree `root` (an absolute
+    target is the tree's, not this machine's); None for a link to /dev/null."""
+    for _ in range(_MAX_LINKS):
+        if not path.is_symlink():
+            return path
+        target = path.readlink()
+        if target == Path("/dev/null"):
+            return None
+        if not target.is_absolute():
+            target = "/" / path.parent.relative_to(root) / target
+        path = root.joinpath(*Path(os.path.normpath(target)).parts[1:])  # ".." stops at /
+    raise LocalError(f"{path}: too many levels of symbolic links in {root}")
 
 
 def sysctl_running(keys: Iterable[str], proc: Path = Path("/proc/sys")) -> dict[str, str]:
