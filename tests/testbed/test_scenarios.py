@@ -223,6 +223,22 @@ def _the_core_is_hardened(guest: session.Guest, bed: build.Testbed) -> None:
     assert {f["kind"] for f in running if f["status"] == "met"} == {"kconfig", "cmdline", "sysctl"}
     sysctl = guest.sh("cat /proc/sys/kernel/kptr_restrict /proc/sys/kernel/yama/ptrace_scope")
     assert sysctl.split() == ["2", "2"]
+    # Every service the Core loads is scored within its goal (exposure.toml), the
+    # Rampart units among them.
+    scored = guest.vm.shell("rampart hardening exposure --json")
+    units = {unit["unit"]: unit for unit in json.loads(scored.output)["units"]}
+    assert scored.returncode == 0, [u for u in units.values() if u["status"] != "met"]
+    for name in (
+        "rampart-update.service",
+        "rampart-mark-good.service",
+        "rampart-bootloader.service",
+        "rampart-health.service",
+        "rampart-state-layout.service",
+        "rampart-machine-id-commit.service",
+        "serial-getty@ttyS0.service",
+    ):
+        assert units[name]["status"] == "met", units[name]
+    assert "getty@tty1.service" not in units and "rc-local.service" not in units
     assert guest.sh("cat /sys/kernel/security/lockdown").split() == [
         "none",
         "integrity",

@@ -6,15 +6,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from rampart import run
 from rampart.commands.common import JSON, Group, Verb, arg, print_json
-from rampart.contracts import hardening, pe
+from rampart.contracts import exposure, hardening, pe
 from rampart.errors import AuditError, LocalError, UsageError
 from rampart.files import replace_whole
 
 PROC_CMDLINE = Path("/proc/cmdline")
+# systemd-analyze's table, plain: no colours, no pager, no emoji column in a C locale.
+_ANALYZE_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+    "SYSTEMD_COLORS": "0",
+    "SYSTEMD_PAGER": "",
+}
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -124,6 +133,54 @@ def cmd_hardening_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hardening_exposure(args: argparse.Namespace) -> int:
+    goals = exposure.load()
+    if args.scores is not None:
+        found = exposure.parse_scores(_read(args.scores, "scores").decode("utf-8", "replace"))
+    else:
+        found = _running_scores([goal.unit for goal in goals])
+    scores = exposure.evaluate(goals, found)
+    failing = [s for s in scores if s.status in exposure.FAILING]
+    if args.json:
+        print_json(exposure.report(scores))
+        return AuditError.exit_code if failing else 0
+    for score in scores:
+        if score not in failing:
+            print(_score_line(score))
+    if failing:
+        raise AuditError(
+            f"exposure: {len(failing)} service(s) above their goal or without one",
+            [_score_line(s) for s in failing],
+        )
+    return 0
+
+
+def _running_scores(units: list[str]) -> dict[str, float]:
+    """This machine's scores: every service the table lists (systemd-analyze leaves
+    out oneshot services), then those of `units` that are loaded but not listed."""
+    scores = exposure.parse_scores(_systemd("systemd-analyze", "security", "--no-pager"))
+    missing = [unit for unit in units if unit not in scores]
+    if missing:
+        shown = _systemd("systemctl", "show", "--property=Id,LoadState", "--", *missing)
+        states = dict(re.findall(r"^Id=(\S+)\nLoadState=(\S+)$", shown, re.MULTILINE))
+        loaded = [unit for unit in missing if states.get(unit) == "loaded"]
+        if loaded:
+            text = _systemd("systemd-analyze", "security", "--no-pager", "--", *loaded)
+            scores.update(exposure.parse_scores(text))
+    return scores
+
+
+def _systemd(*argv: str) -> str:
+    return run.run(argv, env=_ANALYZE_ENV, timeout=300).stdout.decode("utf-8", "replace")
+
+
+def _score_line(score: exposure.Score) -> str:
+    scored = "-" if score.exposure is None else f"{score.exposure:.1f}"
+    goal = "-" if score.goal is None else f"{score.goal:.1f}"
+    text = f"{score.status:<8} {score.unit:<44} {scored:>4} (goal {goal})"
+    return f"{text} -- {score.why}" if score.status == exposure.OVER else text
+
+
 _SOURCES = (
     arg(
         "--running",
@@ -178,6 +235,27 @@ VERBS: list[Group | Verb] = [
             ),
             arg("--write-report", type=Path, metavar="FILE", help="write the JSON report"),
             arg("-v", "--verbose", action="store_true", help="list the met ones too"),
+            JSON,
+        ),
+        exit_codes=True,
+    ),
+    Verb(
+        ("hardening", "exposure"),
+        "score this machine's services with systemd-analyze security; exit 5 above a goal",
+        "Run `systemd-analyze security` on this machine (every loaded service unit, "
+        "scored 0.0, confined, to 10.0, unconfined) and compare each score with its "
+        "goal in Rampart's exposure goals (rampart/data/hardening/exposure.toml, each "
+        "with its reason). Exit 5 if a service scores above its goal, or runs without "
+        "one (nobody reviewed it). --scores reads that command's output from a file "
+        "instead. See docs/hardening.md.",
+        cmd_hardening_exposure,
+        (
+            arg(
+                "--scores",
+                type=Path,
+                metavar="FILE",
+                help="the output of `systemd-analyze security` (no unit), saved",
+            ),
             JSON,
         ),
         exit_codes=True,

@@ -211,6 +211,15 @@ _DISABLED = (
     "multi-user.target.wants/e2scrub_reap.service",
     "multi-user.target.wants/strongswan.service",
     "multi-user.target.wants/strongswan-starter.service",
+    # No logins on the virtual terminals: root is locked and there are no other
+    # interactive accounts (getty-static, its fallback, is masked: MASKED).
+    "getty.target.wants/getty@tty1.service",
+)
+# Units of Debian's packages a Core never runs, masked: each would otherwise be
+# a loaded, unconfined service (`rampart hardening exposure`).
+MASKED = (
+    "getty-static.service",  # gettys on tty2-tty6 when there is no logind
+    "rc-local.service",  # /etc/rc.local: / is read-only, there is none
 )
 
 # The testbed's own systemd units, in rampart/data/testbed (package data): file ->
@@ -679,6 +688,8 @@ def _configure_units(tree: Path, data: Path) -> None:
     # Never on a device: the first-boot prompts, and the generator that would mount
     # the ESP on /boot by itself (fstab mounts it on /efi).
     _symlink(tree, "etc/systemd/system/systemd-firstboot.service", "/dev/null")
+    for unit in MASKED:
+        _symlink(tree, f"etc/systemd/system/{unit}", "/dev/null")
     _symlink(tree, "etc/systemd/system-generators/systemd-gpt-auto-generator", "/dev/null")
 
 
