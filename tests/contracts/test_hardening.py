@@ -169,7 +169,7 @@ def test_a_regression_is_what_passed_before_and_is_a_gap_now(tmp_path: Path) -> 
             'format = 1\n[[sysctl]]\nname = "kernel.sysrq"\nwant = "0 1"\nwhy = "x."\n',
             "not a value",
         ),
-        ("format = 1\n[[other]]\n", "unknown table"),
+        ("format = 1\n[[other]]\n", "unknown key"),
     ],
 )
 def test_a_malformed_data_file_is_one_clear_line(text: str, message: str) -> None:

@@ -17,15 +17,13 @@ Each unit is one of:
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
+from rampart.contracts.hardening import FORMAT, data_document
 from rampart.errors import FormatError
 
-FORMAT = 1
 MET, OVER, NO_GOAL, ABSENT = "met", "over", "no goal", "absent"
 FAILING = (OVER, NO_GOAL)
 _UNIT = re.compile(r"[A-Za-z0-9_.@:-]{1,200}\.service")
@@ -62,18 +60,7 @@ class Score:
 def load(text: str | None = None, source: str = "exposure.toml") -> list[Goal]:
     """The goals of `text` (the shipped data file without it). FormatError, naming
     the entry, for a malformed one."""
-    if text is None:
-        path = resources.files("rampart") / "data" / "hardening" / "exposure.toml"
-        text = path.read_text(encoding="utf-8")
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise FormatError(f"{source}: not TOML: {exc}") from None
-    if doc.get("format") != FORMAT:
-        raise FormatError(f"{source}: format = {doc.get('format')!r}, expected {FORMAT}")
-    unknown = set(doc) - {"format", "unit"}
-    if unknown:
-        raise FormatError(f"{source}: unknown key {sorted(unknown)[0]!r}")
+    doc = data_document("exposure.toml", text, source, {"format", "unit"})
     entries = doc.get("unit", [])
     if not isinstance(entries, list):
         raise FormatError(f"{source}: unit must be an array of tables ([[unit]])")

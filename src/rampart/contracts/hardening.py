@@ -83,21 +83,27 @@ class Finding:
         return doc
 
 
-def load(text: str | None = None, source: str = "recommended.toml") -> list[Recommendation]:
-    """The recommendations of `text` (the shipped data file without it). FormatError,
-    naming the entry, for a malformed one."""
+def data_document(name: str, text: str | None, source: str, keys: set[str]) -> dict[str, Any]:
+    """The TOML document `text`, or rampart/data/hardening/`name` without it, of format
+    FORMAT and with no key but `keys`. FormatError otherwise."""
     if text is None:
-        path = resources.files("rampart") / "data" / "hardening" / "recommended.toml"
-        text = path.read_text(encoding="utf-8")
+        text = (resources.files("rampart") / "data" / "hardening" / name).read_text("utf-8")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise FormatError(f"{source}: not TOML: {exc}") from None
     if doc.get("format") != FORMAT:
         raise FormatError(f"{source}: format = {doc.get('format')!r}, expected {FORMAT}")
-    unknown = set(doc) - {"format", *KINDS}
+    unknown = set(doc) - keys
     if unknown:
-        raise FormatError(f"{source}: unknown table {sorted(unknown)[0]!r}")
+        raise FormatError(f"{source}: unknown key {sorted(unknown)[0]!r}")
+    return doc
+
+
+def load(text: str | None = None, source: str = "recommended.toml") -> list[Recommendation]:
+    """The recommendations of `text` (the shipped data file without it). FormatError,
+    naming the entry, for a malformed one."""
+    doc = data_document("recommended.toml", text, source, {"format", *KINDS})
     out: list[Recommendation] = []
     seen: set[tuple[str, str]] = set()
     for kind in KINDS:
