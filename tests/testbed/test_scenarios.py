@@ -227,6 +227,8 @@ def _the_core_is_hardened(guest: session.Guest, bed: build.Testbed) -> None:
     # Rampart units among them.
     scored = guest.vm.shell("rampart hardening exposure --json")
     units = {unit["unit"]: unit for unit in json.loads(scored.output)["units"]}
+    for unit in units.values():
+        log.info("exposure: %s %s (goal %s)", unit["unit"], unit["exposure"], unit["goal"])
     assert scored.returncode == 0, [u for u in units.values() if u["status"] != "met"]
     for name in (
         "rampart-update.service",

@@ -647,7 +647,10 @@ def _install_rampart(tree: Path, package: Path) -> None:
 
 
 # Units in rampart/data/systemd that belong to the update server, not to a device.
-SERVER_UNITS = frozenset({"rampart-server.service"})
+# The update server's units (rampart serve, the TUF timestamp's signing): not a device's.
+SERVER_UNITS = frozenset(
+    {"rampart-server.service", "rampart-tuf-timestamp.service", "rampart-tuf-timestamp.timer"}
+)
 
 
 def _configure_system_dir(
@@ -663,7 +666,7 @@ def _configure_system_dir(
 def _configure_units(tree: Path, data: Path) -> None:
     for unit in sorted((data / "systemd").iterdir()):
         if unit.name in SERVER_UNITS:
-            continue  # the update server's unit: not a device's
+            continue
         _write(tree, f"{_UNIT_DIR}/{unit.name}", unit.read_text(encoding="utf-8"))
     for name, rel in TESTBED_UNITS.items():
         _write(tree, rel, testbed_unit(name))
@@ -688,8 +691,8 @@ def _configure_units(tree: Path, data: Path) -> None:
     # Never on a device: the first-boot prompts, and the generator that would mount
     # the ESP on /boot by itself (fstab mounts it on /efi).
     _symlink(tree, "etc/systemd/system/systemd-firstboot.service", "/dev/null")
-    for unit in MASKED:
-        _symlink(tree, f"etc/systemd/system/{unit}", "/dev/null")
+    for masked in MASKED:
+        _symlink(tree, f"etc/systemd/system/{masked}", "/dev/null")
     _symlink(tree, "etc/systemd/system-generators/systemd-gpt-auto-generator", "/dev/null")
 
 
