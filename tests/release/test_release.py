@@ -114,6 +114,50 @@ def test_releasing_a_published_version_again_is_refused_before_building(
     assert not (tmp_path / "build2").exists()
 
 
+def test_a_kernel_hardening_regression_is_refused_before_building(
+    tmp_path: Path, inputs: dict[str, Path]
+) -> None:
+    """Each release records its hardening report; the next one is compared with it. A
+    setting met before and a gap now refuses the release, before anything is built,
+    unless it is accepted by name."""
+    vendor = make_keypair(tmp_path / "vendor")
+    webroot, build = tmp_path / "webroot", tmp_path / "build"
+    sysctl = inputs["tree"] / "usr/lib/sysctl.d/50-rampart-hardening.conf"
+    sysctl.parent.mkdir(parents=True)
+    sysctl.write_text("kernel.sysrq = 0\nkernel.kptr_restrict = 1\n")
+    code, out, err = release(inputs, vendor, webroot, build)
+    assert code == 0, err
+    assert json.loads(out)["hardening"]["baseline"] is None
+    first = json.loads((build / "hardening-2.0.0.json").read_text())
+    statuses = {f"{f['kind']}:{f['name']}": f["status"] for f in first["findings"]}
+    assert statuses["sysctl:kernel.sysrq"] == "met"
+    assert statuses["sysctl:kernel.kptr_restrict"] == "gap"  # a gap already: no regression
+    assert statuses["cmdline:lockdown"] == "met"
+    assert statuses["kconfig:CONFIG_DEVMEM"] == "unchecked"  # no kernel config given
+    sysctl.write_text("kernel.sysrq = 1\nkernel.kptr_restrict = 1\n")
+    code, _, err = release(inputs, vendor, webroot, build, "2.0.1")
+    assert code == 4, err
+    assert "sysctl:kernel.sysrq" in err and "kptr_restrict" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (webroot / "dist/2.0.1").exists() and not (build / "core-2.0.1.img").exists()
+    code, _, err = release(
+        inputs, vendor, webroot, build, "2.0.1", "--extra-cmdline", "lockdown=integrity"
+    )
+    assert code == 2 and "lockdown" in err  # the command line pins lockdown itself
+    code, out, err = release(
+        inputs,
+        vendor,
+        webroot,
+        build,
+        "2.0.1",
+        "--accept-hardening-regression",
+        "sysctl:kernel.sysrq",
+    )
+    assert code == 0, err
+    assert json.loads(out)["hardening"]["regressions_accepted"] == ["sysctl:kernel.sysrq"]
+    assert (build / "hardening-2.0.1.json").is_file()
+
+
 def test_extra_parameters_cannot_undo_the_hardening(
     tmp_path: Path, inputs: dict[str, Path]
 ) -> None:

@@ -24,6 +24,20 @@ def force_one_shot(guest: session.Guest, entry: str) -> None:
     )
 
 
+def console_login(machine: session.Guest, user: str, password: str) -> bool:
+    """Log in on the serial console's getty as a person would: whether a shell
+    started (False: "Login incorrect")."""
+    vm = machine.vm
+    vm.mark()
+    vm.send("\n")  # agetty prints its prompt again
+    vm.expect(r"login: ", 60)
+    vm.send(user + "\n")
+    vm.expect(r"Password: ", 60)
+    vm.send(password + "\n")
+    index, _ = vm.expect_any([r"Login incorrect\n", r"Last login|[#$] $"], 60)
+    return index == 1
+
+
 def type_passphrase(machine: session.Guest, passphrase: str) -> str:
     """Wait for the initramfs's prompt and type `passphrase`; the reason it gave."""
     reason = machine.vm.expect(PROMPT, session.BOOT_TIMEOUT).group("reason")

@@ -184,6 +184,23 @@ def test_qemu_argv_no_reboot(tmp_path: Path) -> None:
     assert cold.count("-no-reboot") == 1 and [a for a in cold if a != "-no-reboot"] == plain
 
 
+def test_qemu_argv_probe_is_a_virtio_console_on_its_own_socket(tmp_path: Path) -> None:
+    files = WorkFiles.in_dir(tmp_path)
+    plain = qemu_argv(firmware=DirectKernel(Path("/k/vmlinuz")), disks=[], files=files)
+    probed = qemu_argv(firmware=DirectKernel(Path("/k/vmlinuz")), disks=[], files=files, probe=True)
+    assert probed[: len(plain)] == plain
+    assert probed[len(plain) :] == [
+        "-device",
+        "virtio-serial-pci,id=probebus",
+        "-chardev",
+        f"socket,id=probe0,path={tmp_path}/probe.sock,server=on,wait=off,"
+        f"logfile={tmp_path}/probe.log,logappend=on",
+        "-device",
+        f"virtconsole,bus=probebus.0,chardev=probe0,name={machine.PROBE_PORT_NAME}",
+    ]
+    assert files.probe_socket in files.sockets
+
+
 def test_swtpm_setup_argv_makes_a_sha256_only_tpm(tmp_path: Path) -> None:
     argv = machine.swtpm_setup_argv(tmp_path / "tpm")
     assert argv == [

@@ -147,7 +147,7 @@ def test_slow_boot_loses_esp_unless_its_device_timeout_allows_slow_media(tmp_pat
 
 def test_testbed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     """The testbed's own units (rampart/data/testbed), filled in, pass systemd's checker
-    as they are installed: the serial console's drop-in on serial-getty@ttyS0.service.
+    as they are installed: the probe's drop-in on serial-getty@hvc0.service.
     tests/device/test_units.py says what the check finds and what it cannot."""
     data = resources.files("rampart") / "data" / "testbed"
     assert sorted(entry.name for entry in data.iterdir()) == sorted(rootfs.TESTBED_UNITS)
@@ -164,15 +164,24 @@ def test_testbed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
             assert where.parent == Path("usr/lib/systemd/system"), rel
             (tmp_path / name).write_text(text)
             names.append(name)
-    assert f"serial-getty@{rootfs.SERIAL_TTY}.service" in names
+    assert f"serial-getty@{rootfs.PROBE_TTY}.service" in names
     assert verify_units(tmp_path, names) == []
     state_layout = rootfs.testbed_unit("rampart-state-layout.service")
     assert f"RequiresMountsFor={rootfs.STATE_MOUNT}\n" in state_layout
 
 
+def test_every_password_is_locked_and_hashes_are_kept() -> None:
+    shadow = "root:*:19000:0:99999:7:::\nbin:!:1::::::\nops:$y$j9T$abc:1::::::\nnone::1::::::\n"
+    assert rootfs.lock_accounts(shadow) == (
+        "root:!:19000:0:99999:7:::\nbin:!:1::::::\nops:!$y$j9T$abc:1::::::\nnone:!:1::::::\n"
+    )
+    with pytest.raises(LocalError, match="not an entry"):
+        rootfs.lock_accounts("root\n")
+
+
 def test_a_broken_testbed_drop_in_is_found(tmp_path: Path) -> None:
     """The drop-in is checked, not merely present: a misspelt key in it is found."""
-    getty = f"serial-getty@{rootfs.SERIAL_TTY}.service"
+    getty = f"serial-getty@{rootfs.PROBE_TTY}.service"
     (tmp_path / f"{getty}.d").mkdir()
     text = rootfs.testbed_unit("autologin.conf").replace("ExecStart=-", "ExecStrat=-")
     (tmp_path / f"{getty}.d/autologin.conf").write_text(text)
@@ -373,10 +382,16 @@ def test_state_symlinks_console_and_read_only_root(built: Built) -> None:
     assert (tree / "mnt/state").is_dir() and (tree / "efi").is_dir()
     fstab = (tree / "etc/fstab").read_text()
     assert "/mnt/state/var  /var  none  bind" in fstab and "tmpfs  /tmp" in fstab
-    dropin = tree / "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf"
+    # No interactive root: root's shell only on the testbed's probe, every password
+    # locked; the serial console has a plain getty.
+    units = tree / "etc/systemd/system"
+    dropin = units / "serial-getty@hvc0.service.d/autologin.conf"
     assert "--autologin root" in dropin.read_text()
-    root = next(line for line in (tree / "etc/shadow").open() if line.startswith("root:"))
-    assert root.split(":")[1] == ""
+    assert not (units / "serial-getty@ttyS0.service.d").exists()
+    wants = sorted(path.name for path in (units / "getty.target.wants").iterdir())
+    assert wants == ["serial-getty@hvc0.service", "serial-getty@ttyS0.service"], wants
+    for line in (tree / "etc/shadow").read_text().splitlines():
+        assert line.split(":")[1].startswith("!"), line
     assert f"PS1='{rootfs.PROMPT}'" in (tree / "root/.bashrc").read_text()
     done = chroot(tree, "bash", "-ic", 'printf "%s" "$PS1"')
     assert done.stdout.endswith(rootfs.PROMPT), done

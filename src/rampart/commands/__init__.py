@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from rampart import __version__
-from rampart.commands import device, gateway, release, server, testbed, tuf
+from rampart.commands import device, gateway, hardening, release, server, testbed, tuf
 from rampart.commands.common import EPILOG, Group, Verb, register
 
 # The order of `rampart --help`: top-level verbs and groups, whichever area they are in.
@@ -48,9 +48,18 @@ LISTING = (
     "identity",
     "tpm",
     "gateway",
+    "hardening",
 )
 
-AREAS = (release.VERBS, tuf.VERBS, device.VERBS, server.VERBS, testbed.VERBS, gateway.VERBS)
+AREAS = (
+    release.VERBS,
+    tuf.VERBS,
+    device.VERBS,
+    server.VERBS,
+    testbed.VERBS,
+    gateway.VERBS,
+    hardening.VERBS,
+)
 
 
 def declarations() -> list[Group | Verb]:

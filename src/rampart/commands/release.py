@@ -40,7 +40,7 @@ from rampart.errors import (
     UsageError,
     VerificationError,
 )
-from rampart.release import secureboot, uki, webroot
+from rampart.release import hardening, secureboot, uki, webroot
 from rampart.release.core import COMPRESSIONS
 
 DEFAULT_VG = "mainvg"
@@ -507,9 +507,18 @@ def cmd_release(args: argparse.Namespace) -> int:
         raise ConflictError(
             f"{published}: {args.os} {version.core} is already published; release a new version"
         )
+    out: Path = args.out
+    audited = hardening.audit_release(
+        args.rootfs,
+        hardening.release_cmdline(args.vg, version, args.extra_cmdline, args.epoch),
+        out,
+        version,
+        config=args.kernel_config,
+        baseline=args.hardening_baseline,
+        accept=args.accept_hardening_regression,
+    )
     secret = signing.load_secret_key(args.secret_key, password_source(args.password_env, False))
     add_to_tuf = tuf_verbs.hook_prepare(args)
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = core.build_core(args.rootfs, version, out, args.fec, args.compress)
     efiboot = out / f"{args.os}-{version.core}.efi"
@@ -546,6 +555,8 @@ def cmd_release(args: argparse.Namespace) -> int:
         sbvars=sbvars(args),
     )
     tuf_targets = add_to_tuf()
+    recorded = hardening.record(out, version, audited)
+    counts = audited.counts()
     if args.json:
         print_json(
             {
@@ -556,6 +567,12 @@ def cmd_release(args: argparse.Namespace) -> int:
                 "version_file": str(result.version_file),
                 "chunks": chunk_summary(result),
                 "tuf": tuf_targets,
+                "hardening": {
+                    "report": str(recorded),
+                    "counts": counts,
+                    "baseline": None if audited.baseline is None else str(audited.baseline),
+                    "regressions_accepted": [f.key for f in audited.regressions],
+                },
             }
         )
     else:
@@ -565,6 +582,10 @@ def cmd_release(args: argparse.Namespace) -> int:
         )
         if tuf_targets is not None:
             print(f"{args.webroot / 'tuf'}: targets {tuf_targets['targets_version']} signs it")
+        print(
+            f"{recorded}: kernel hardening {counts['met']} met, {counts['covered']} covered, "
+            f"{counts['gap']} gap(s), {counts['unchecked']} unchecked (each one listed there)"
+        )
     return 0
 
 
@@ -1086,6 +1107,28 @@ VERBS: list[Group | Verb] = [
                 help="kernel release for .uname when the bzImage does not carry it",
             ),
             EPOCH_ARG,
+            arg(
+                "--kernel-config",
+                type=Path,
+                metavar="FILE",
+                help="the kernel's .config, for the hardening audit (default: the root "
+                "tree's /boot/config-* if it has one)",
+            ),
+            arg(
+                "--hardening-baseline",
+                type=Path,
+                metavar="REPORT",
+                help="the hardening report to compare with (default: the highest earlier "
+                "version's hardening-V.json in --out)",
+            ),
+            arg(
+                "--accept-hardening-regression",
+                action="append",
+                default=[],
+                metavar="KIND:NAME",
+                help="release although this setting regressed (repeatable), e.g. "
+                "sysctl:kernel.sysrq",
+            ),
             arg("--fec", action="store_true"),
             COMPRESS_ARG,
             arg("--channel", metavar="C"),

@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         booted = guest.boot()
         _say(started, f"booted {booted.core} in {booted.seconds:g} s")
         if args.interactive:
-            _say(started, "serial console attached; Ctrl-] detaches and powers off")
+            _say(started, "root's shell (the probe) attached; Ctrl-] detaches and powers off")
             guest.vm.interact()
         else:
             print(guest.sh("rampart status"))
@@ -167,7 +167,7 @@ VERBS: list[Group | Verb] = [
         "boot a testbed machine",
         "Boot a machine from a copy-on-write overlay of the installed disk, "
         "with the update server running on the host, and print `rampart status` (or, with "
-        "--interactive, attach the serial console).",
+        "--interactive, attach root's shell on the testbed's probe).",
         cmd_run,
         (
             *COMMON,
@@ -176,7 +176,7 @@ VERBS: list[Group | Verb] = [
             arg(
                 "--serve", action="append", default=[], metavar="V", help="publish version V first"
             ),
-            arg("--interactive", action="store_true", help="attach the serial console"),
+            arg("--interactive", action="store_true", help="attach root's shell (the probe)"),
         ),
     ),
     Verb(

@@ -61,8 +61,10 @@ HARDENING = (
     "pti=on",
     "mitigations=auto,nosmt",
     "iommu=force",
+    "iommu.strict=1",
     "intel_iommu=on",
     "amd_iommu=force_isolation",
+    "efi=disable_early_pci_dma",
     "vsyscall=none",
     "debugfs=off",
     "oops=panic",
@@ -154,6 +156,10 @@ def kernel_cmdline(
                                 where a vulnerability needs it
         iommu=force intel_iommu=on amd_iommu=force_isolation
                                 DMA isolation: devices see only what is mapped
+        iommu.strict=1          ...and unmapped at once, not in lazy batches
+        efi=disable_early_pci_dma
+                                no PCI bus mastering between the firmware's
+                                exit and the IOMMU's set-up
         vsyscall=none           no legacy vsyscall page (a fixed-address gadget)
         debugfs=off             no debugfs: a large, unaudited kernel interface
         oops=panic              an oops (possible memory corruption) stops the

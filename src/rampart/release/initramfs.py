@@ -418,6 +418,7 @@ class KernelModules:
     directory: Path  # .../lib/modules/<release>
     dep: dict[str, tuple[str, ...]]
     builtin: frozenset[str]  # module names (module_name) built into the kernel
+    config: Path | None = None  # the package's /boot/config-<release>, if it has one
 
     def file_of(self, name: str) -> str | None:
         wanted = module_name(name)
@@ -493,7 +494,8 @@ def unpack_kernel(kernel_deb: Path, workdir: Path) -> KernelModules:
         for line in (builtin_file.read_text().splitlines() if builtin_file.is_file() else [])
         if line.strip()
     )
-    return KernelModules(release, directory, dep, builtin)
+    config = tree / "boot" / f"config-{release}"
+    return KernelModules(release, directory, dep, builtin, config if config.is_file() else None)
 
 
 _MODULE_METADATA = ("modules.builtin", "modules.builtin.modinfo", "modules.order")

@@ -50,10 +50,11 @@ from pathlib import Path
 from typing import Any
 
 from rampart import files, run
-from rampart.contracts import coremeta, signing
+from rampart.contracts import coremeta, pe, signing
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.release import core, initramfs, secureboot, uki
+from rampart.release import hardening as release_hardening
 from rampart.testbed import rootfs, services
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,12 @@ class Testbed:
 
     def efiboot(self, version: str) -> Path:
         return self.directory / f"releases/{version}/{OS_NAME}-{version}.efi"
+
+    def hardening_report(self, version: str) -> Path:
+        """The kernel hardening audit of the release as built (`rampart hardening`)."""
+        return release_hardening.report_path(
+            self.directory / f"releases/{version}", parse_version(version)
+        )
 
     def manifest(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads((self.directory / "testbed.json").read_text())
@@ -244,8 +251,17 @@ def _build_release(
     out.mkdir(parents=True, exist_ok=True)
     try:
         core.build_core(tree, parse_version(version), out, compression=CORE_COMPRESSION)
+        _build_efiboot(bed, version, kernel)
+        # What the guest's `rampart hardening check --running` must find (scenario 1).
+        efiboot = bed.efiboot(version)
+        line = pe.cmdline(efiboot.read_bytes(), str(efiboot)) or ""
+        audit = release_hardening.audit_release(tree, line, out, parse_version(version))
+        release_hardening.record(out, parse_version(version), audit)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
+
+
+def _build_efiboot(bed: Testbed, version: str, kernel: Path) -> None:
     uki.build_efiboot(
         bed.efiboot(version),
         coremeta.read_pins(bed.core_meta(version)),

@@ -58,6 +58,15 @@ guest to power off;
 `close()`, leaving the `with` block, garbage collection and interpreter exit all
 kill whatever is left.
 
+The probe: with `probe=True`, the machine has a second console, a virtio console
+(the guest's /dev/hvc0, port PROBE_PORT_NAME) on probe.sock, logged to probe.log. It
+is the testbed's instrument, like a debug probe on a board: the testbed's Core runs
+root's shell there (rampart.testbed.rootfs), and nobody logs in on the serial
+console. Then `wait_for_shell`, `shell`, `check`, `type_in_shell` and `interact` use
+the probe, while `expect`, `send` and `console_log` stay on the serial console
+(firmware, kernel, initramfs, login prompt): kernel messages no longer mix into a
+command's output. Without it (the default) the shell is on the serial console.
+
 Console: a reader thread keeps everything the guest printed, decoded as UTF-8
 (invalid bytes replaced), with carriage returns, ANSI escape sequences and other
 control characters (except tab and newline) removed. `expect(pattern, timeout)`
@@ -158,6 +167,7 @@ RESET_HANG_SECONDS = 90.0  # silence after the kernel's reset line: the firmware
 # 34 s), about 9 s of it on the first vCPU, which the boot waits for: idle, 10 s.
 REFERENCE_BOOT_SECONDS = 10.0
 MAX_TIME_FACTOR = 4.0  # beyond this the host is too busy for the tests to mean much
+PROBE_PORT_NAME = "org.rampart.probe"  # the probe's virtio port (/sys/class/virtio-ports)
 
 DiskFormat: TypeAlias = Literal["raw", "qcow2"]
 _DISK_FORMATS = ("raw", "qcow2")
@@ -280,6 +290,8 @@ class WorkFiles:
     qemu_log: Path
     tpm_socket: Path
     tpm_log: Path
+    probe_socket: Path
+    probe_log: Path
 
     @classmethod
     def in_dir(cls, work_dir: Path) -> WorkFiles:
@@ -291,11 +303,13 @@ class WorkFiles:
             qemu_log=work_dir / "qemu.log",
             tpm_socket=work_dir / "swtpm.sock",
             tpm_log=work_dir / "swtpm.log",
+            probe_socket=work_dir / "probe.sock",
+            probe_log=work_dir / "probe.log",
         )
 
     @property
     def sockets(self) -> tuple[Path, ...]:
-        return (self.console_socket, self.qmp_socket, self.tpm_socket)
+        return (self.console_socket, self.qmp_socket, self.tpm_socket, self.probe_socket)
 
 
 # --- pure helpers ---------------------------------------------------------------------
@@ -317,10 +331,12 @@ def qemu_argv(
     network: bool = False,
     name: str = "rampart",
     no_reboot: bool = False,
+    probe: bool = False,
 ) -> list[str]:
     """QEMU's command line for a machine (no defaults devices, no display, no monitor
     but QMP on a socket, the serial console on `files.console_socket`); `no_reboot`:
-    QEMU exits when the guest resets."""
+    QEMU exits when the guest resets; `probe`: a virtio console (the guest's
+    /dev/hvc0) on `files.probe_socket`."""
     argv = [QEMU, "-nodefaults", "-no-user-config", "-name", _qemu_value(name)]
     if no_reboot:
         argv.append("-no-reboot")
@@ -380,6 +396,16 @@ def qemu_argv(
         ]
     if network:
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+    if probe:
+        argv += [
+            "-device",
+            "virtio-serial-pci,id=probebus",
+            "-chardev",
+            f"socket,id=probe0,path={_qemu_value(files.probe_socket)},server=on,wait=off,"
+            f"logfile={_qemu_value(files.probe_log)},logappend=on",
+            "-device",
+            f"virtconsole,bus=probebus.0,chardev=probe0,name={PROBE_PORT_NAME}",
+        ]
     return argv
 
 
@@ -639,13 +665,24 @@ def _finalize(children: _Children) -> None:
 
 
 @dataclass
+class _Stream:
+    """What one of the guest's consoles printed, and when it last did."""
+
+    name: str
+    buffer: ConsoleBuffer = field(default_factory=ConsoleBuffer)
+    last_output: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class _Connection:
-    """One QEMU run's console socket and its reader thread."""
+    """One QEMU run's console socket and its reader thread (and the probe's)."""
 
     sock: socket.socket
     thread: threading.Thread | None = None
     eof: bool = False
     qmp: socket.socket | None = None  # QMP in command mode: QEMU's events
+    probe: socket.socket | None = None
+    probe_thread: threading.Thread | None = None
 
     def shutdown_reason(self) -> str | None:
         """The reason of QEMU's SHUTDOWN event ("guest-reset", "guest-shutdown",
@@ -688,6 +725,7 @@ class Machine:
         reset_hang_after: float | None = RESET_HANG_SECONDS,
         time_factor: float = 1.0,
         cold_reboot: bool = False,
+        probe: bool = False,
     ) -> None:
         if memory < 64 or cpus < 1:
             raise UsageError(f"{name}: need at least 64 MiB and 1 CPU, not {memory}/{cpus}")
@@ -716,9 +754,11 @@ class Machine:
         self._children = _Children()
         self._finalizer = weakref.finalize(self, _finalize, self._children)
         self._cond = threading.Condition()
-        self._buffer = ConsoleBuffer()
+        self._console = _Stream("console")
+        self._buffer = self._console.buffer
+        self._probe = _Stream("probe") if probe else None
+        self._shell = self._probe or self._console  # where root's shell runs
         self._conn: _Connection | None = None
-        self._last_output = time.monotonic()
         self._clock: _BootClock | None = None
         self._timings: list[BootTiming] = []
         self._qemu_log_offset = 0
@@ -784,7 +824,7 @@ class Machine:
         for sock in self.files.sockets:
             sock.unlink(missing_ok=True)
         with self._cond:
-            self._buffer.mark()
+            self._mark()
         self._clock = _BootClock("start")
         try:
             if self.tpm_state is not None:
@@ -867,18 +907,34 @@ class Machine:
             network=self.network,
             name=self.name,
             no_reboot=self.cold_reboot,
+            probe=self._probe is not None,
         )
         qemu = run.spawn(argv, stdout_path=self.files.qemu_log, stderr_path=self.files.qemu_log)
         self._children.qemu = qemu
         deadline = time.monotonic() + self.scaled(_START_TIMEOUT)
         conn = _Connection(self._connect(self.files.console_socket, deadline))
         conn.thread = threading.Thread(
-            target=self._read_console, args=(conn,), name=f"{self.name}-console", daemon=True
+            target=self._read_console,
+            args=(conn, conn.sock, self._console),
+            name=f"{self.name}-console",
+            daemon=True,
         )
+        if self._probe is not None:  # wait=off: connected before the guest opens it
+            conn.probe = self._connect(self.files.probe_socket, deadline)
+            conn.probe_thread = threading.Thread(
+                target=self._read_console,
+                args=(conn, conn.probe, self._probe),
+                name=f"{self.name}-probe",
+                daemon=True,
+            )
         with self._cond:
             self._conn = conn
-            self._last_output = time.monotonic()
+            self._console.last_output = time.monotonic()
+            if self._probe is not None:
+                self._probe.last_output = time.monotonic()
         conn.thread.start()
+        if conn.probe_thread is not None:
+            conn.probe_thread.start()
         # QEMU greets a QMP client from its main loop, once every device is set up.
         # The connection stays open: in command mode QEMU reports on it why it shut
         # down (the SHUTDOWN event), which tells a guest's reset from its power-off.
@@ -937,36 +993,40 @@ class Machine:
         with self._cond:
             conn = self._conn
         if conn is not None:
-            if conn.thread is not None:
-                conn.thread.join(_REAP_TIMEOUT)
-                if conn.thread.is_alive():  # pragma: no cover - QEMU is dead: EOF came
-                    with contextlib.suppress(OSError):
-                        conn.sock.shutdown(socket.SHUT_RDWR)
-                    conn.thread.join(_REAP_TIMEOUT)
+            for thread, end in ((conn.thread, conn.sock), (conn.probe_thread, conn.probe)):
+                if thread is not None and end is not None:
+                    thread.join(_REAP_TIMEOUT)
+                    if thread.is_alive():  # pragma: no cover - QEMU is dead: EOF came
+                        with contextlib.suppress(OSError):
+                            end.shutdown(socket.SHUT_RDWR)
+                        thread.join(_REAP_TIMEOUT)
             conn.sock.close()
-            if conn.qmp is not None:
-                conn.qmp.close()
+            for other in (conn.qmp, conn.probe):
+                if other is not None:
+                    other.close()
             with self._cond:
                 conn.eof = True
                 self._cond.notify_all()
         for sock in self.files.sockets:
             sock.unlink(missing_ok=True)
 
-    def _read_console(self, conn: _Connection) -> None:
+    def _read_console(self, conn: _Connection, sock: socket.socket, stream: _Stream) -> None:
+        """Keep what `sock` sends in `stream`; the serial console's end is QEMU's."""
         while True:
             try:
-                data = conn.sock.recv(65536)
+                data = sock.recv(65536)
             except OSError:
                 data = b""
             with self._cond:
                 if data:
-                    self._buffer.feed(data)
-                    self._last_output = time.monotonic()
+                    stream.buffer.feed(data)
+                    stream.last_output = time.monotonic()
                 else:
-                    self._buffer.flush()
-                    conn.eof = True
+                    stream.buffer.flush()
+                    if stream is self._console:
+                        conn.eof = True
                 self._cond.notify_all()
-                tap = self._tap
+                tap = self._tap if stream is self._shell else None
             if not data:
                 return
             if tap is not None:
@@ -984,21 +1044,46 @@ class Machine:
         with self._cond:
             return self._buffer.tail(lines)
 
-    def mark(self) -> None:
-        """Move the cursor to the end: later expects see only text still to come."""
+    @property
+    def probe_text(self) -> str:
+        """Everything received on the probe since the machine was created, cleaned
+        ("" without a probe)."""
         with self._cond:
-            self._buffer.mark()
+            return self._probe.buffer.text if self._probe is not None else ""
+
+    def mark(self) -> None:
+        """Move the cursors to the end (the console's and the probe's): later expects
+        see only text still to come."""
+        with self._cond:
+            self._mark()
+
+    def _mark(self) -> None:
+        self._console.buffer.mark()
+        if self._probe is not None:
+            self._probe.buffer.mark()
 
     def send(self, text: str) -> None:
-        """Type `text` on the console (add "\\n" to press Enter)."""
+        """Type `text` on the serial console (add "\\n" to press Enter)."""
+        self._send(text, self._console)
+
+    def type_in_shell(self, text: str) -> None:
+        """Type `text` where root's shell runs: the probe, or the serial console."""
+        self._send(text, self._shell)
+
+    def _send(self, text: str, stream: _Stream) -> None:
         with self._cond:
             conn = self._conn
             if conn is None or conn.eof:
-                raise LocalError(f"{self.name}: cannot type on the console: QEMU is not running")
+                raise LocalError(
+                    f"{self.name}: cannot type on the {stream.name}: QEMU is not running"
+                )
+        sock = conn.sock if stream is self._console else conn.probe
+        if sock is None:  # pragma: no cover - _start_qemu connects the probe
+            raise LocalError(f"{self.name}: the {stream.name} is not connected")
         try:
-            conn.sock.sendall(text.encode())
+            sock.sendall(text.encode())
         except OSError as exc:
-            raise LocalError(f"{self.name}: cannot type on the console: {exc}") from exc
+            raise LocalError(f"{self.name}: cannot type on the {stream.name}: {exc}") from exc
 
     def expect(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
         """Wait up to `timeout` seconds for the regular expression `pattern` after the
@@ -1020,15 +1105,20 @@ class Machine:
         patterns: Sequence[re.Pattern[str]],
         timeout: float,
         nudge_after: float | None = None,
+        stream: _Stream | None = None,
     ) -> tuple[int, re.Match[str]]:
+        """Wait for `patterns` in `stream` (the serial console by default), pressing
+        Enter there after `nudge_after` silent seconds; hangs and resets are the serial
+        console's."""
+        stream = stream or self._console
         started = time.monotonic()
         deadline = started + self.scaled(timeout)
         last_nudge = started
         while True:
             with self._cond:
-                found = self._buffer.search(patterns)
+                found = stream.buffer.search(patterns)
                 if found is not None:
-                    self._buffer.cursor = found[1].end()
+                    stream.buffer.cursor = found[1].end()
                     return found
                 now = time.monotonic()
                 reset = False
@@ -1038,13 +1128,13 @@ class Machine:
                         raise self._exited(patterns, now - started)
                 if now >= deadline:
                     raise ConsoleTimeout(
-                        f"{self.name}: no {self._what(patterns)} on the console within "
-                        f"{self._waited(timeout)}; last lines:\n{self._buffer.tail()}"
+                        f"{self.name}: no {self._what(patterns)} on the {stream.name} within "
+                        f"{self._waited(timeout)}; last lines:\n{self._tails(stream)}"
                     )
                 hung = self._reset_hung(now)
                 if hung:  # once per reset: the new run may take a while to print
                     self._hung_at = len(self._buffer.text)
-                silent = now - max(self._last_output, last_nudge)
+                silent = now - max(stream.last_output, last_nudge)
                 if reset:
                     pass
                 elif not hung and (nudge_after is None or silent < nudge_after):
@@ -1057,14 +1147,21 @@ class Machine:
                 self._power_cycle_hung()
                 continue
             last_nudge = time.monotonic()
-            log.debug("%s: console silent for %.0f s: pressing Enter", self.name, silent)
-            self.send("\n")
+            log.debug("%s: %s silent for %.0f s: pressing Enter", self.name, stream.name, silent)
+            self._send("\n", stream)
+
+    def _tails(self, stream: _Stream) -> str:
+        """The last lines of `stream`, and of the serial console when it is another one
+        (what the boot was doing). Call with the lock held."""
+        if stream is self._console:
+            return self._buffer.tail()
+        return f"{stream.buffer.tail()}\n--- the serial console:\n{self._buffer.tail()}"
 
     def _reset_hung(self, now: float) -> bool:
         """Whether the guest reset and the firmware has said nothing since, for longer
         than `reset_hang_after` times the time factor (call with the lock held)."""
         limit = self.reset_hang_after
-        if limit is None or now - self._last_output < self.scaled(limit):
+        if limit is None or now - self._console.last_output < self.scaled(limit):
             return False
         text = self._buffer.text
         if len(text) == self._hung_at:  # power-cycled already: the new run is starting
@@ -1133,7 +1230,7 @@ class Machine:
             how = f"QEMU exited with code {code} ({last})"
         return MachineExited(
             f"{self.name}: {how} after {waited:.1f} s of waiting for {self._what(patterns)}; "
-            f"last lines:\n{self._buffer.tail()}"
+            f"last lines:\n{self._tails(self._shell)}"
         )
 
     # --- the root shell ---
@@ -1146,7 +1243,7 @@ class Machine:
     def wait_for_shell(self, timeout: float = 300.0) -> None:
         """Wait for the root shell's prompt, pressing Enter when the console has been
         silent for a few seconds (a login prompt may have scrolled by)."""
-        self._expect([_PROMPT], timeout, nudge_after=_NUDGE_AFTER)
+        self._expect([_PROMPT], timeout, nudge_after=_NUDGE_AFTER, stream=self._shell)
         clock, self._clock = self._clock, None
         if clock is not None:
             seconds = time.monotonic() - clock.started
@@ -1164,9 +1261,9 @@ class Machine:
         if len(line) > _MAX_SHELL_LINE:
             raise UsageError(f"{self.name}: shell command longer than {_MAX_SHELL_LINE} characters")
         with self._cond:
-            start = self._buffer.cursor
-        self.send(line)
-        match = self._expect([shell_marker(token)], timeout)[1]
+            start = self._shell.buffer.cursor
+        self.type_in_shell(line)
+        match = self._expect([shell_marker(token)], timeout, stream=self._shell)[1]
         output = shell_output(match.string[start : match.start()], token)
         return ShellResult(int(match.group(1)), output)
 
@@ -1186,8 +1283,9 @@ class Machine:
     # --- a person at the console ---
 
     def interact(self, detach: bytes = b"\x1d") -> None:
-        """Attach this terminal to the console until Ctrl-] (`detach`) is typed or QEMU
-        exits: the guest's output goes to stdout unfiltered, keys go to the guest."""
+        """Attach this terminal to root's shell (the probe, or the serial console) until
+        Ctrl-] (`detach`) is typed or QEMU exits: the guest's output goes to stdout
+        unfiltered, keys go to the guest."""
         stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
         if not os.isatty(stdin):
             raise LocalError(f"{self.name}: attaching the console needs a terminal on stdin")
@@ -1215,9 +1313,9 @@ class Machine:
                 if not keys or detach in keys:
                     keys = keys.split(detach)[0]
                     if keys:
-                        self.send(keys.decode(errors="replace"))
+                        self.type_in_shell(keys.decode(errors="replace"))
                     break
-                self.send(keys.decode(errors="replace"))
+                self.type_in_shell(keys.decode(errors="replace"))
         finally:
             with self._cond:
                 self._tap = None

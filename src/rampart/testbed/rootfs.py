@@ -36,10 +36,14 @@ Two stages:
      /etc is read-only at boot); Debian's apt, dpkg and e2scrub timers disabled. The
      device's units come from the checkout's rampart/data/systemd, the testbed's own
      (TESTBED_UNITS) from rampart/data/testbed;
-   - root logged in automatically on the serial console ttyS0 with the prompt PROMPT
-     and no password (the test driver's channel); systemd-networkd with DHCP on the
+   - no interactive root: every password locked (lock_accounts), so the getty on
+     the serial console ttyS0 refuses root; root logged in automatically, with the
+     prompt PROMPT, on the testbed's probe only (PROBE_TTY, a virtio console, the
+     test driver's channel: machine.Machine(probe=True)); systemd-networkd with DHCP on the
      Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
      UPDATE_HOST in /etc/hosts at the host's address as QEMU shows it;
+   - the kernel hardening audit's sysctl settings (HARDENING_SYSCTL_PATH) and, when
+     the kernel is given, its configuration in /boot/config-<release>;
    - fdisk, dosfstools and e2fsprogs, for `rampart install`;
    - the IPsec gateway's tools (strongSwan with swanctl and charon-systemd, left
      disabled, and its user strongswan; nftables; iproute2) and, when the kernel is
@@ -150,6 +154,8 @@ CORE_MODULES = (
     "nft_log",
     "nf_log_syslog",
     "veth",
+    # The testbed's probe (machine.Machine(probe=True)): a virtio console, /dev/hvc0.
+    "virtio_console",
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_OS_NAME = "clipos"
@@ -161,8 +167,9 @@ STATE_MOUNT = layout.STATE_MOUNT  # where the initramfs mounts the state partiti
 # Two tries (systemd's default is three): the fallback is the same, and each try of
 # the broken version is a whole boot of the automatic rollback scenario.
 BOOT_TRIES = 2
-PROMPT = "rampart-guest# "  # root's shell prompt on the serial console
-SERIAL_TTY = "ttyS0"
+PROMPT = "rampart-guest# "  # root's shell prompt on the probe
+SERIAL_TTY = "ttyS0"  # the serial console: kernel messages, and a login nobody passes
+PROBE_TTY = "hvc0"  # the testbed's probe, a virtio console: root's shell
 QEMU_USER_DNS = "10.0.2.3"  # the DNS server of QEMU's user-mode networking
 QEMU_USER_HOST = "10.0.2.2"  # the host's loopback, seen from the guest
 UPDATE_HOST = "updates.rampart.test"  # the update server's name in the testbed (/etc/hosts)
@@ -204,6 +211,15 @@ _DISABLED = (
     "multi-user.target.wants/e2scrub_reap.service",
     "multi-user.target.wants/strongswan.service",
     "multi-user.target.wants/strongswan-starter.service",
+    # No logins on the virtual terminals: root is locked and there are no other
+    # interactive accounts (getty-static, its fallback, is masked: MASKED).
+    "getty.target.wants/getty@tty1.service",
+)
+# Units of Debian's packages a Core never runs, masked: each would otherwise be
+# a loaded, unconfined service (`rampart hardening exposure`).
+MASKED = (
+    "getty-static.service",  # gettys on tty2-tty6 when there is no logind
+    "rc-local.service",  # /etc/rc.local: / is read-only, there is none
 )
 
 # The testbed's own systemd units, in rampart/data/testbed (package data): file ->
@@ -215,8 +231,8 @@ TESTBED_UNITS = {
     "rampart-state-layout.service": f"{_UNIT_DIR}/rampart-state-layout.service",
     # Runs COMMIT_MACHINE_ID (below) on the first boot.
     "rampart-machine-id-commit.service": f"{_UNIT_DIR}/rampart-machine-id-commit.service",
-    # A drop-in: root logged in on the serial console, the test driver's channel.
-    "autologin.conf": f"etc/systemd/system/serial-getty@{SERIAL_TTY}.service.d/autologin.conf",
+    # A drop-in: root logged in on the probe, the test driver's channel.
+    "autologin.conf": f"etc/systemd/system/serial-getty@{PROBE_TTY}.service.d/autologin.conf",
 }
 UNIT_VALUES = {"@STATE_MOUNT@": STATE_MOUNT}
 
@@ -270,6 +286,9 @@ SYSTEM_CONF = f"""\
 DefaultDeviceTimeoutSec={DEVICE_TIMEOUT}
 """
 SYSTEM_CONF_PATH = "usr/lib/systemd/system.conf.d/50-rampart.conf"
+# The Core's sysctl settings (rampart/data/hardening/sysctl.conf, after the audit's
+# recommendations), which systemd-sysctl applies at boot.
+HARDENING_SYSCTL_PATH = "usr/lib/sysctl.d/50-rampart-hardening.conf"
 
 FSTAB = f"""\
 # Rampart Core: / is the dm-verity device, read-only, mounted by the initramfs,
@@ -628,7 +647,10 @@ def _install_rampart(tree: Path, package: Path) -> None:
 
 
 # Units in rampart/data/systemd that belong to the update server, not to a device.
-SERVER_UNITS = frozenset({"rampart-server.service"})
+# The update server's units (rampart serve, the TUF timestamp's signing): not a device's.
+SERVER_UNITS = frozenset(
+    {"rampart-server.service", "rampart-tuf-timestamp.service", "rampart-tuf-timestamp.timer"}
+)
 
 
 def _configure_system_dir(
@@ -644,11 +666,13 @@ def _configure_system_dir(
 def _configure_units(tree: Path, data: Path) -> None:
     for unit in sorted((data / "systemd").iterdir()):
         if unit.name in SERVER_UNITS:
-            continue  # the update server's unit: not a device's
+            continue
         _write(tree, f"{_UNIT_DIR}/{unit.name}", unit.read_text(encoding="utf-8"))
     for name, rel in TESTBED_UNITS.items():
         _write(tree, rel, testbed_unit(name))
     _write(tree, SYSTEM_CONF_PATH, SYSTEM_CONF)
+    sysctl = (data / "hardening" / "sysctl.conf").read_text(encoding="utf-8")
+    _write(tree, HARDENING_SYSCTL_PATH, sysctl)
     _write(tree, "usr/libexec/rampart/commit-machine-id", COMMIT_MACHINE_ID, 0o755)
     for conf in sorted((data / "sysusers.d").iterdir()):
         _write(tree, f"usr/lib/sysusers.d/{conf.name}", conf.read_text(encoding="utf-8"))
@@ -667,6 +691,8 @@ def _configure_units(tree: Path, data: Path) -> None:
     # Never on a device: the first-boot prompts, and the generator that would mount
     # the ESP on /boot by itself (fstab mounts it on /efi).
     _symlink(tree, "etc/systemd/system/systemd-firstboot.service", "/dev/null")
+    for masked in MASKED:
+        _symlink(tree, f"etc/systemd/system/{masked}", "/dev/null")
     _symlink(tree, "etc/systemd/system-generators/systemd-gpt-auto-generator", "/dev/null")
 
 
@@ -690,17 +716,27 @@ def _configure_read_only_root(tree: Path) -> None:
     _enable(tree, "sysinit.target.wants", "rampart-machine-id-commit.service")
 
 
-def _configure_console(tree: Path) -> None:
-    getty = f"serial-getty@{SERIAL_TTY}.service"  # autologin.conf: TESTBED_UNITS
-    _enable(tree, "getty.target.wants", getty, "serial-getty@.service")
-    shadow = tree / "etc/shadow"
-    lines = shadow.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
+def lock_accounts(shadow: str) -> str:
+    """/etc/shadow's text with every account's password locked ("!"): nobody logs in
+    with a password, root included. An account without a password hash ("*", "!")
+    stays as it is, with "!" in front."""
+    lines = []
+    for line in shadow.splitlines():
         fields = line.split(":")
-        if fields[0] == "root":
-            fields[1] = ""  # no password: the serial console logs root in
-            lines[i] = ":".join(fields)
-    _write(tree, "etc/shadow", "\n".join(lines) + "\n", 0o640)
+        if len(fields) < 2:
+            raise LocalError(f"/etc/shadow: not an entry: {line!r}")
+        if not fields[1].startswith("!"):
+            fields[1] = "!" + ("" if fields[1] in ("", "*") else fields[1])
+        lines.append(":".join(fields))
+    return "\n".join(lines) + "\n"
+
+
+def _configure_console(tree: Path) -> None:
+    # The serial console keeps a getty: a person who types root there is refused.
+    for tty in (SERIAL_TTY, PROBE_TTY):  # autologin.conf (TESTBED_UNITS): the probe's
+        _enable(tree, "getty.target.wants", f"serial-getty@{tty}.service", "serial-getty@.service")
+    shadow = (tree / "etc/shadow").read_text(encoding="utf-8")
+    _write(tree, "etc/shadow", lock_accounts(shadow), 0o640)
     _write(tree, "root/.bashrc", BASHRC)
     _write(tree, "root/.inputrc", "set enable-bracketed-paste off\n")
     _write(tree, "root/.hushlogin", "")
@@ -744,6 +780,9 @@ def configure(
     _configure_network(tree)
     if kernel is not None:
         initramfs.stage_modules(kernel, CORE_MODULES, tree)
+        if kernel.config is not None:  # what `rampart hardening check` audits
+            config = kernel.config.read_text(encoding="utf-8")
+            _write(tree, f"boot/config-{kernel.release}", config)
 
 
 def build_rootfs(

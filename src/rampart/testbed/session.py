@@ -8,10 +8,11 @@ the certificate of build.make_pki), which the guests reach as UPDATE_HOST.
 `Guest` is one machine: a copy-on-write overlay of the installed disk (the
 installed image is never written), its own copy of the enrolled OVMF variables
 and its own swtpm state, all in its work directory. It boots through OVMF
-(Secure Boot enforced) and systemd-boot, and is driven over its serial console
-(rampart.testbed.machine): `boot()` and `reboot()` return the Core the
-initramfs opened (`reboot()`, like `restart()`, shuts the guest down and powers it
-on again: a cold boot reaches the kernel 35-45 s sooner than a warm reset), `sh()`
+(Secure Boot enforced) and systemd-boot, and is driven over its serial console and
+its probe, where root's shell runs (rampart.testbed.machine): `boot()` and
+`reboot()` return the Core the initramfs opened (`reboot()`, like `restart()`, shuts
+the guest down and powers it on again: a cold boot reaches the kernel 35-45 s sooner
+than a warm reset), `sh()`
 runs a command in root's shell, `ensure_shell()` brings a guest in an unknown state
 (off, in the middle of a boot) to its shell. Its
 `time_factor` multiplies every wait (see rampart.testbed.machine).
@@ -263,6 +264,7 @@ class Guest:
             memory=self.memory,
             time_factor=self.time_factor,
             cold_reboot=True,  # a reset is a power cycle: OVMF comes back faster
+            probe=True,  # root's shell (rootfs.PROBE_TTY); nobody logs in on ttyS0
         )
 
     @property
@@ -292,7 +294,7 @@ class Guest:
         guest sees the same thing: its shutdown, then a boot with the TPM's PCRs reset
         and the EFI variables (a pending one-shot entry) and disk as it left them."""
         self.vm.mark()
-        self.vm.send("systemctl poweroff\n")
+        self.vm.type_in_shell("systemctl poweroff\n")
         if not self.vm.shutdown_wait(timeout):
             if machine.hang_point(self.vm.tail(60)) == "shutdown":
                 log.warning("guest: its shutdown hung after unmounting everything: power cut")
