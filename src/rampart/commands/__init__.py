@@ -46,6 +46,7 @@ LISTING = (
     "secureboot",
     "install",
     "identity",
+    "remote",
     "tpm",
     "gateway",
     "hardening",

@@ -1,0 +1,117 @@
+"""`rampart remote show|set` (rampart.device.remote): what the admin role changes
+through sudo. Every refusal leaves both files as they were."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from rampart.device import remote
+from rampart.errors import FormatError, UsageError
+from tests.conftest import run_cli
+
+URL = "https://updates.rampart.test:47443"
+
+
+def _cert(name: str, *, ca: bool) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def remote_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    (directory / "remote.toml").write_text(
+        f'update_url = "{URL}/update/v1"\ndist_url = "{URL}/dist"\n'
+    )
+    (directory / "rootca.pem").write_bytes(_cert("Old CA", ca=True))
+    return directory
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_set_changes_the_url_and_show_reads_it_as_the_update_does(remote_dir: Path) -> None:
+    new = "https://mirror.rampart.test/update/v1"
+    result = remote.set_remote(remote_dir, {"update_url": new})
+    assert result["changed"] == ["update_url"]
+    assert result["before"]["update_url"] == f"{URL}/update/v1"
+    shown = remote.show(remote_dir)
+    assert shown["update_url"] == new and shown["dist_url"] == f"{URL}/dist"
+    assert shown["root_ca"][0]["subject"] == "CN=Old CA"
+    assert (remote_dir / "remote.toml").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in remote_dir.iterdir()) == ["remote.toml", "rootca.pem"]
+
+
+def test_a_new_root_ca_replaces_the_pinned_one(remote_dir: Path) -> None:
+    result = remote.set_remote(remote_dir, {}, _cert("New CA", ca=True))
+    assert result["changed"] == ["root_ca"]
+    assert remote.show(remote_dir)["root_ca"][0]["subject"] == "CN=New CA"
+
+
+@pytest.mark.parametrize(
+    ("changes", "root_ca", "error", "message"),
+    [
+        ({"update_url": "http://plain.test/update/v1"}, None, FormatError, "https"),
+        ({"update_url": "https://user:pw@x.test/u"}, None, FormatError, "credentials"),
+        ({"channel": "../etc"}, None, FormatError, "channel"),
+        ({"pubkey": "x"}, None, UsageError, "cannot set 'pubkey'"),
+        ({}, None, UsageError, "nothing to change"),
+        ({}, b"not a certificate", FormatError, "not PEM"),
+        ({"channel": "beta"}, _cert("Leaf", ca=False), FormatError, "not a CA"),
+    ],
+)
+def test_a_refused_change_leaves_both_files_as_they_were(
+    remote_dir: Path,
+    changes: dict[str, str],
+    root_ca: bytes | None,
+    error: type[Exception],
+    message: str,
+) -> None:
+    before = _snapshot(remote_dir)
+    with pytest.raises(error, match=message):
+        remote.set_remote(remote_dir, changes, root_ca)
+    assert _snapshot(remote_dir) == before
+
+
+def test_the_commands_take_the_ca_on_stdin_and_print_json(
+    remote_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(_cert("File CA", ca=True))
+    done = run_cli("remote", "set", "-r", remote_dir, "--channel", "beta", "--root-ca", pem)
+    assert done.code == 0 and "channel, root_ca" in done.out, done
+    done = run_cli("remote", "show", "-r", remote_dir, "--json")
+    doc = json.loads(done.out)
+    assert doc["channel"] == "beta" and doc["root_ca"][0]["subject"] == "CN=File CA"
+    stdin = io.TextIOWrapper(io.BytesIO(_cert("Stdin CA", ca=True)))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    done = run_cli("remote", "set", "-r", remote_dir, "--root-ca", "-", "--json")
+    assert done.code == 0 and json.loads(done.out)["changed"] == ["root_ca"], done
+    assert remote.show(remote_dir)["root_ca"][0]["subject"] == "CN=Stdin CA"
+    done = run_cli("remote", "set", "-r", remote_dir, "--dist-url", "ftp://x.test/dist")
+    assert done.code == 10 and "dist_url" in done.err, done
