@@ -312,11 +312,26 @@ def test_3_the_next_update_overwrites_the_older_slot(
         path.chmod(0o644)
     delta.write_bytes(genuine[delta][:-1] + bytes([genuine[delta][-1] ^ 1]))
     chunk.write_bytes(chunks.compress(b"tampered" * 4096, "xz", 6))
+    _audit_reads_and_changes_nothing(guest)
+    # The admin role points the device at the server's other name and starts the
+    # update there, through its sudo rules.
+    url = f"https://{rootfs.MIRROR_HOST}:{build.SERVER_PORT}"
+    switched = guest.ssh(
+        "admin", f"sudo rampart remote set --update-url {url}/update/v1 --dist-url {url}/dist"
+    )
+    assert switched.returncode == 0, switched
     try:
-        assert guest.run_update_service() == 20
+        started_update = guest.ssh(
+            "admin", "sudo systemctl start rampart-update.service", timeout=900
+        )
+        assert started_update.returncode == 0, started_update
+        status = guest.sh("systemctl show -p ExecMainStatus --value rampart-update.service")
+        assert status.strip().splitlines()[-1] == "20"
     finally:
         for path, data in genuine.items():
             path.write_bytes(data)
+    shown = json.loads(guest.ssh("audit", "sudo rampart remote show --json").stdout)
+    assert shown["update_url"] == f"{url}/update/v1"
     journal = guest.update_journal(400)
     assert "delta refused" in journal, journal
     assert "incremental update failed" in journal and "streamed from the server" in journal
@@ -330,6 +345,58 @@ def test_3_the_next_update_overwrites_the_older_slot(
     assert guest.wait_system_up() == "running"
     assert _entries(guest) == ["clipos-1.0.1.efi", "clipos-1.0.2.efi"]
     _timed("3 A/B rotation", started)
+
+
+def _audit_reads_and_changes_nothing(guest: session.Guest) -> None:
+    """The audit role over SSH: the journal, the update's and the TPM's status and the
+    remote configuration, and every change it tries refused; no root and no password
+    login over SSH."""
+    for command in (
+        "journalctl -b -u rampart-update.service --no-pager -n 5",
+        "sudo rampart status --json",
+        "sudo rampart tpm status --json",
+        "sudo rampart remote show",
+    ):
+        done = guest.ssh("audit", command)
+        assert done.returncode == 0, (command, done)
+    assert json.loads(guest.ssh("audit", "sudo rampart status --json").stdout)["running"]
+    for command in (
+        "sudo -n systemctl start rampart-update.service",
+        "sudo -n rampart remote set --channel beta",
+        "sudo -n rampart boot-once 1.0.0",
+        "sudo -n rampart tpm reseal",
+        "sudo -n systemctl reboot",
+        "sudo -n journalctl --rotate",
+        "sudo -n bash -c id",
+        "echo x > /etc/rampart/remote.toml",
+        "journalctl --rotate",
+    ):
+        done = guest.ssh("audit", command)
+        assert done.returncode != 0, (command, done)
+    # The admin role's rules are exact: no other option, no shell.
+    for command in (
+        "sudo -n rampart remote set -r /tmp --channel beta",
+        "sudo -n rampart boot-once -c /tmp 1.0.0",
+        "sudo -n bash -c id",
+    ):
+        done = guest.ssh("admin", command)
+        assert done.returncode != 0 and b"sudo" in done.stderr, (command, done)
+    # No root, no password, no keyboard-interactive login.
+    root = guest.ssh("admin", "true", user="root")  # the admin's key, for root
+    assert root.returncode == 255 and b"Permission denied" in root.stderr, root
+    for method in ("password", "keyboard-interactive"):
+        done = run.run(
+            ["ssh", "-F", "none", "-p", str(guest.ssh_port), "-o", "BatchMode=yes",
+             "-o", "PubkeyAuthentication=no", "-o", f"PreferredAuthentications={method}",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "admin@127.0.0.1", "true"],
+            check=False,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 255 and b"Permission denied (publickey)" in done.stderr, done
+    # sudo logged each command, refused or run, with who asked.
+    log_lines = guest.sh("journalctl -b _COMM=sudo -o cat --no-pager")
+    assert re.search(r"audit : .*command not allowed.*COMMAND=/usr/bin/systemctl start", log_lines)
 
 
 # --- 4. manual rollback ------------------------------------------------------------------

@@ -120,6 +120,10 @@ PACKAGES = (
     "strongswan-swanctl",
     "charon-systemd",
     "libstrongswan-standard-plugins",
+    # The admin and audit roles (docs/hardening.md "Roles"): sshd, with the keys the
+    # installer wrote on the state partition, and sudo's rules for exact commands.
+    "openssh-server",
+    "sudo",
 )
 GATEWAY_SYSUSERS = (
     "rampart-gateway.conf",
@@ -173,6 +177,7 @@ PROBE_TTY = "hvc0"  # the testbed's probe, a virtio console: root's shell
 QEMU_USER_DNS = "10.0.2.3"  # the DNS server of QEMU's user-mode networking
 QEMU_USER_HOST = "10.0.2.2"  # the host's loopback, seen from the guest
 UPDATE_HOST = "updates.rampart.test"  # the update server's name in the testbed (/etc/hosts)
+MIRROR_HOST = "mirror.rampart.test"  # another name of it, which the admin role switches to
 
 HEALTHY = """\
 #!/bin/sh
@@ -215,6 +220,10 @@ _DISABLED = (
     # interactive accounts (getty-static, its fallback, is masked: MASKED).
     "getty.target.wants/getty@tty1.service",
 )
+# Where the roles' configuration goes (rampart/data/roles), each checked at build
+# time by the tool that reads it (sshd -t, visudo -c).
+SSHD_CONF_PATH = "etc/ssh/sshd_config.d/50-rampart.conf"
+SUDOERS_PATH = "etc/sudoers.d/rampart-roles"
 # Units of Debian's packages a Core never runs, masked: each would otherwise be
 # a loaded, unconfined service (`rampart hardening exposure`).
 MASKED = (
@@ -696,6 +705,28 @@ def _configure_units(tree: Path, data: Path) -> None:
     _symlink(tree, "etc/systemd/system-generators/systemd-gpt-auto-generator", "/dev/null")
 
 
+def _configure_roles(tree: Path, data: Path) -> None:
+    """sshd for the roles (keys only, on the state partition), sudo's rules, and no
+    host key in the image: each machine makes its own at its first boot
+    (rampart-ssh-hostkey.service)."""
+    _write(tree, SSHD_CONF_PATH, (data / "roles" / "sshd.conf").read_text(encoding="utf-8"))
+    _write(tree, SUDOERS_PATH, (data / "roles" / "sudoers").read_text(encoding="utf-8"), 0o440)
+    for image_key in (tree / "etc/ssh").glob("ssh_host_*"):
+        image_key.unlink()
+    _enable(tree, "ssh.service.requires", "rampart-ssh-hostkey.service")
+    _chroot(tree, "visudo", "--check", "--strict", "--file", f"/{SUDOERS_PATH}")
+    # sshd -t with a throwaway host key (the real one is made at the first boot).
+    scratch = Path(tempfile.mkdtemp(prefix="sshd-check-", dir=tree / "tmp"))
+    try:
+        key = f"/{scratch.relative_to(tree)}/host_key"
+        _chroot(tree, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        _chroot(tree, "mkdir", "-p", "/run/sshd")
+        _chroot(tree, "/usr/sbin/sshd", "-t", "-o", f"HostKey={key}")
+    finally:
+        shutil.rmtree(scratch)
+        shutil.rmtree(tree / "run/sshd", ignore_errors=True)
+
+
 def _configure_read_only_root(tree: Path) -> None:
     _write(tree, "etc/fstab", FSTAB)
     for mount_point in (STATE_MOUNT.lstrip("/"), ESP_MOUNT.lstrip("/")):
@@ -748,7 +779,7 @@ def _configure_network(tree: Path) -> None:
         tree,
         "etc/hosts",
         "127.0.0.1\tlocalhost\n127.0.1.1\trampart\n::1\tlocalhost\n"
-        f"{QEMU_USER_HOST}\t{UPDATE_HOST}\n",
+        f"{QEMU_USER_HOST}\t{UPDATE_HOST} {MIRROR_HOST}\n",
     )
     _write(tree, "etc/resolv.conf", f"nameserver {QEMU_USER_DNS}\n")
     _write(tree, "etc/systemd/network/80-rampart-dhcp.network", NETWORK)
@@ -775,6 +806,7 @@ def configure(
     _install_rampart(tree, package)
     _configure_system_dir(tree, os_name, version, pubkey, health_check)
     _configure_units(tree, package / "data")
+    _configure_roles(tree, package / "data")
     _configure_read_only_root(tree)
     _configure_console(tree)
     _configure_network(tree)
