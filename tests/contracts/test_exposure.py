@@ -146,6 +146,7 @@ def _unit_text(directory: str, name: str) -> str:
         ("systemd", "rampart-bootloader.service"),
         ("systemd", "rampart-server.service"),
         ("systemd", "rampart-tuf-timestamp.service"),
+        ("systemd", "rampart-ssh-hostkey.service"),
         ("testbed", "rampart-health.service"),
         ("testbed", "rampart-state-layout.service"),
         ("testbed", "rampart-machine-id-commit.service"),
