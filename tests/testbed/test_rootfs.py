@@ -7,6 +7,7 @@ import configparser
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from importlib import resources
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rampart.contracts import roles
 from rampart.contracts.version import parse_version
 from rampart.device import config as device_config
 from rampart.errors import LocalError
@@ -399,6 +401,31 @@ def test_state_symlinks_console_and_read_only_root(built: Built) -> None:
     assert 'backup_dir = "/run/lvm/backup"' in (tree / "etc/lvm/lvm.conf").read_text()
     done = chroot(tree, "systemd-analyze", "cat-config", "systemd/system.conf")
     assert f"DefaultDeviceTimeoutSec={rootfs.DEVICE_TIMEOUT}" in done.stdout.splitlines(), done
+
+
+@pytest.mark.vm
+@needs_root
+def test_the_roles_log_in_over_ssh_with_keys_and_act_through_sudo(built: Built) -> None:
+    """The admin and audit roles as the tree has them (the build ran sshd -t and
+    visudo --check on them; scenario 3 logs in): no host key in the image, each
+    machine makes its own; the roles' passwords locked like every other."""
+    tree = built.first
+    assert not list((tree / "etc/ssh").glob("ssh_host_*"))
+    sshd = (tree / rootfs.SSHD_CONF_PATH).read_text()
+    assert "AllowUsers admin audit\n" in sshd and "PermitRootLogin no\n" in sshd
+    assert f"HostKey {roles.HOST_KEY_PATH}\n" in sshd
+    assert f"AuthorizedKeysFile {roles.AUTHORIZED_KEYS_PATH}/%u\n" in sshd
+    sudoers = tree / rootfs.SUDOERS_PATH
+    assert stat.S_IMODE(sudoers.stat().st_mode) == 0o440
+    requires = tree / "etc/systemd/system/ssh.service.requires/rampart-ssh-hostkey.service"
+    assert requires.is_symlink()
+    passwd = {line.split(":")[0]: line for line in (tree / "etc/passwd").read_text().splitlines()}
+    for role in roles.ROLES:
+        assert passwd[role].endswith(":/:/bin/bash"), passwd[role]
+    shadow = {line.split(":")[0]: line for line in (tree / "etc/shadow").read_text().splitlines()}
+    assert all(shadow[role].split(":")[1].startswith("!") for role in roles.ROLES)
+    group = (tree / "etc/group").read_text()
+    assert re.search(r"^systemd-journal:x:\d+:audit$", group, re.MULTILINE), group
 
 
 @pytest.mark.vm
