@@ -3,41 +3,28 @@ through sudo. Every refusal leaves both files as they were."""
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from rampart.device import remote
 from rampart.errors import FormatError, UsageError
+from rampart.testbed import services
 from tests.conftest import run_cli
 
 URL = "https://updates.rampart.test:47443"
 
 
-def _cert(name: str, *, ca: bool) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
+def _cert(directory: Path, name: str, *, ca: bool = True) -> bytes:
+    """A CA's certificate (make_ca) or, with ca=False, a server's that it signed."""
+    authority = services.make_ca(directory / name, "ca", common_name=name)
+    if ca:
+        return authority.cert.read_bytes()
+    leaf = services.make_cert(directory / name, "leaf", authority, ["leaf.test"])
+    return leaf.cert.read_bytes()
 
 
 @pytest.fixture
@@ -47,7 +34,7 @@ def remote_dir(tmp_path: Path) -> Path:
     (directory / "remote.toml").write_text(
         f'update_url = "{URL}/update/v1"\ndist_url = "{URL}/dist"\n'
     )
-    (directory / "rootca.pem").write_bytes(_cert("Old CA", ca=True))
+    (directory / "rootca.pem").write_bytes(_cert(tmp_path, "Old CA"))
     return directory
 
 
@@ -68,7 +55,7 @@ def test_set_changes_the_url_and_show_reads_it_as_the_update_does(remote_dir: Pa
 
 
 def test_a_new_root_ca_replaces_the_pinned_one(remote_dir: Path) -> None:
-    result = remote.set_remote(remote_dir, {}, _cert("New CA", ca=True))
+    result = remote.set_remote(remote_dir, {}, _cert(remote_dir.parent, "New CA"))
     assert result["changed"] == ["root_ca"]
     assert remote.show(remote_dir)["root_ca"][0]["subject"] == "CN=New CA"
 
@@ -82,16 +69,19 @@ def test_a_new_root_ca_replaces_the_pinned_one(remote_dir: Path) -> None:
         ({"pubkey": "x"}, None, UsageError, "cannot set 'pubkey'"),
         ({}, None, UsageError, "nothing to change"),
         ({}, b"not a certificate", FormatError, "not PEM"),
-        ({"channel": "beta"}, _cert("Leaf", ca=False), FormatError, "not a CA"),
+        ({"channel": "beta"}, "leaf", FormatError, "not a CA"),
     ],
 )
 def test_a_refused_change_leaves_both_files_as_they_were(
     remote_dir: Path,
     changes: dict[str, str],
-    root_ca: bytes | None,
+    root_ca: bytes | str | None,
     error: type[Exception],
     message: str,
 ) -> None:
+    if root_ca == "leaf":  # a server's certificate, not a CA's
+        root_ca = _cert(remote_dir.parent, "Leaf", ca=False)
+    assert not isinstance(root_ca, str)
     before = _snapshot(remote_dir)
     with pytest.raises(error, match=message):
         remote.set_remote(remote_dir, changes, root_ca)
@@ -102,13 +92,13 @@ def test_the_commands_take_the_ca_on_stdin_and_print_json(
     remote_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pem = tmp_path / "ca.pem"
-    pem.write_bytes(_cert("File CA", ca=True))
+    pem.write_bytes(_cert(tmp_path, "File CA"))
     done = run_cli("remote", "set", "-r", remote_dir, "--channel", "beta", "--root-ca", pem)
     assert done.code == 0 and "channel, root_ca" in done.out, done
     done = run_cli("remote", "show", "-r", remote_dir, "--json")
     doc = json.loads(done.out)
     assert doc["channel"] == "beta" and doc["root_ca"][0]["subject"] == "CN=File CA"
-    stdin = io.TextIOWrapper(io.BytesIO(_cert("Stdin CA", ca=True)))
+    stdin = io.TextIOWrapper(io.BytesIO(_cert(tmp_path, "Stdin CA")))
     monkeypatch.setattr(sys, "stdin", stdin)
     done = run_cli("remote", "set", "-r", remote_dir, "--root-ca", "-", "--json")
     assert done.code == 0 and json.loads(done.out)["changed"] == ["root_ca"], done
