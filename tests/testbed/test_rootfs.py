@@ -403,6 +403,38 @@ def test_state_symlinks_console_and_read_only_root(built: Built) -> None:
     assert f"DefaultDeviceTimeoutSec={rootfs.DEVICE_TIMEOUT}" in done.stdout.splitlines(), done
 
 
+URL = "https://mirror.rampart.test:47443"
+SUDO_VERDICTS = [
+    (
+        "admin",
+        f"/usr/bin/rampart remote set --update-url {URL}/update/v1 --dist-url {URL}/dist",
+        True,
+    ),
+    ("admin", "/usr/bin/rampart remote set --channel beta --json", True),
+    ("admin", "/usr/bin/rampart remote set --root-ca -", True),
+    ("admin", "/usr/bin/rampart remote set -r /tmp --channel beta", False),
+    ("admin", "/usr/bin/rampart remote set --channel beta -r /tmp", False),
+    ("admin", "/usr/bin/rampart remote set --update-url=https://x.test/u", False),
+    ("admin", "/usr/bin/rampart remote set", False),
+    ("admin", "/usr/bin/rampart boot-once 1.0.0", True),
+    ("admin", "/usr/bin/rampart boot-once -c /tmp 1.0.0", False),
+    ("admin", "/usr/bin/rampart boot-once 1.0.0 -c /tmp", False),
+    ("admin", "/usr/bin/systemctl start rampart-update.service", True),
+    ("admin", "/usr/bin/systemctl start rampart-update.service --no-block", False),
+    ("admin", "/usr/bin/rampart tpm reseal", True),
+    ("admin", "/usr/bin/systemctl reboot", True),
+    ("admin", "/usr/bin/rampart status --json", True),
+    ("admin", "/bin/bash", False),
+    ("audit", "/usr/bin/rampart status --json", True),
+    ("audit", "/usr/bin/rampart tpm status", True),
+    ("audit", "/usr/bin/rampart remote show --json", True),
+    ("audit", "/usr/bin/systemctl start rampart-update.service", False),
+    ("audit", "/usr/bin/rampart remote set --channel beta", False),
+    ("audit", "/usr/bin/journalctl --rotate", False),
+    ("audit", "/usr/bin/systemctl reboot", False),
+]
+
+
 @pytest.mark.vm
 @needs_root
 def test_the_roles_log_in_over_ssh_with_keys_and_act_through_sudo(built: Built) -> None:
@@ -426,6 +458,10 @@ def test_the_roles_log_in_over_ssh_with_keys_and_act_through_sudo(built: Built) 
     assert all(shadow[role].split(":")[1].startswith("!") for role in roles.ROLES)
     group = (tree / "etc/group").read_text()
     assert re.search(r"^systemd-journal:x:\d+:audit$", group, re.MULTILINE), group
+    # The real sudo's verdicts on the rules (`sudo -U ROLE -l COMMAND`).
+    for role, command, allowed in SUDO_VERDICTS:
+        done = chroot(tree, "sudo", "-U", role, "-l", *command.split())
+        assert (done.returncode == 0) is allowed, (role, command, done)
 
 
 @pytest.mark.vm
