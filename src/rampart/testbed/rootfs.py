@@ -682,10 +682,10 @@ def _configure_units(tree: Path, data: Path) -> None:
     _write(tree, SYSTEM_CONF_PATH, SYSTEM_CONF)
     sysctl = (data / "hardening" / "sysctl.conf").read_text(encoding="utf-8")
     _write(tree, HARDENING_SYSCTL_PATH, sysctl)
-    # procps (which openssh-server needs) ships protect-links.conf, whose name sorts
+    # procps (which openssh-server needs) ships 99-protect-links.conf, whose name sorts
     # after ours and set fs.protected_fifos back to 1: the release's audit caught it.
     # The hardening file sets all four of its keys; the vendor's is masked.
-    _symlink(tree, "etc/sysctl.d/protect-links.conf", "/dev/null")
+    _symlink(tree, "etc/sysctl.d/99-protect-links.conf", "/dev/null")
     _write(tree, "usr/libexec/rampart/commit-machine-id", COMMIT_MACHINE_ID, 0o755)
     for conf in sorted((data / "sysusers.d").iterdir()):
         _write(tree, f"usr/lib/sysusers.d/{conf.name}", conf.read_text(encoding="utf-8"))
