@@ -296,8 +296,7 @@ def test_8_and_2_after_a_power_cut_while_writing_core_the_update_completes_and_b
     # the shell does not wait for journalctl), so that the power is cut while Core is
     # being written, not after a polling interval.
     guest.sh(
-        "grep -q -m1 'writing Core' "
-        "<(journalctl -b -u rampart-update.service -f -n all -o cat)",
+        "grep -q -m1 'writing Core' <(journalctl -b -u rampart-update.service -f -n all -o cat)",
         timeout=600,
     )
     guest.power_cut()
