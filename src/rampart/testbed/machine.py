@@ -1055,13 +1055,6 @@ class Machine:
         with self._cond:
             return self._buffer.tail(lines)
 
-    @property
-    def probe_text(self) -> str:
-        """Everything received on the probe since the machine was created, cleaned
-        ("" without a probe)."""
-        with self._cond:
-            return self._probe.buffer.text if self._probe is not None else ""
-
     def mark(self) -> None:
         """Move the cursors to the end (the console's and the probe's): later expects
         see only text still to come."""
