@@ -1,10 +1,9 @@
 #!/bin/sh
 # The pytest part of `make test`, in two processes side by side: the testbed
 # scenarios (tests/testbed/test_scenarios.py: one guest through scenarios 1 to 12,
-# a second beside it for 11 and 15, and the update server on its fixed port; then
-# test_refused_uki.py, a machine of its own) in the background, every other test
-# (host tests and the other VM tests, whose guests do not depend on them) in the
-# foreground. A run then takes about as long as the longer of the two, not their
+# another for 11 and 15, and the update server on its fixed port), then the IPsec
+# gateway's guest (test_gateway.py), in the background, every other test (host tests
+# and the other VM tests, whose guests do not depend on them) in the foreground. A run then takes about as long as the longer of the two, not their
 # sum; the VM modules are dealt so that the two take about as long. Both share the
 # testbed build: the second to ask waits on its lock and reads the cache. The
 # background's output is printed when it ends (and is in the log file named at the
@@ -17,7 +16,7 @@ set -u
 
 pytest=$1
 shift
-background="tests/testbed/test_scenarios.py tests/testbed/test_refused_uki.py"
+background="tests/testbed/test_scenarios.py tests/testbed/test_gateway.py"
 
 if [ "${TEST_PARALLEL:-1}" = 0 ]; then
 	exec "$pytest" "$@"

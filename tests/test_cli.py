@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rampart import cli, commands
 from tests.conftest import KeyPair, Payloads, publish_args, run_cli, tree_snapshot
 
 
@@ -205,3 +206,53 @@ def test_console_script_is_installed() -> None:
     )
     assert proc.returncode == 0
     assert proc.stdout.startswith("rampart ")
+
+
+def test_every_top_level_verb_is_declared_by_the_area_listing_names() -> None:
+    whole = commands.declarations()
+    assert [d.path[0] for d in whole if len(d.path) == 1] == list(commands.LISTING)
+    for verb in commands.LISTING:
+        assert commands.declarations(verb) == [d for d in whole if d.path[0] == verb]
+
+
+@pytest.mark.parametrize(
+    ("argv", "verb"),
+    [
+        (["mark-good"], "mark-good"),
+        (["--debug", "tpm", "status"], "tpm"),
+        (["--help"], None),
+        (["-h", "status"], None),
+        (["--version"], None),
+        (["nosuchverb", "status"], None),
+        ([], None),
+    ],
+)
+def test_the_named_verb_is_the_first_word_after_rampart_options(
+    argv: list[str], verb: str | None
+) -> None:
+    assert commands.named_verb(argv) == verb
+
+
+def test_a_device_verb_imports_neither_the_vendor_nor_the_server_verbs() -> None:
+    """Under the testbed's emulated CPU, importing every area and building every parser
+    was more than a second of each `rampart` command a device runs at boot."""
+    probe = (
+        "import sys\n"
+        "from rampart.cli import main\n"
+        "try:\n"
+        "    main(['mark-good', '--help'])\n"
+        "finally:\n"
+        "    print(' '.join(m for m in sys.modules if m.startswith('rampart.commands.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "usage: rampart mark-good" in done.stdout
+    imported = set(done.stdout.splitlines()[-1].split())
+    assert imported == {"rampart.commands.common", "rampart.commands.device"}
+
+
+def test_a_bad_flag_after_a_verb_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["status", "--no-such-flag"])
+    assert raised.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

@@ -17,8 +17,8 @@ from rampart.errors import AuditError, LocalError, RampartError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(words).parse_args(words)
     # The update verb logs its steps (plain lines for the journal) by default.
     verbose = getattr(args, "verbose", False) or args.verb in ("update", "install")
     logging.basicConfig(

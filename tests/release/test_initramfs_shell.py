@@ -175,7 +175,12 @@ def test_contract_names_come_from_the_contract_modules() -> None:
     for key in cmdline.cmdline_params(line):
         if key.startswith(cmdline.PARAM_PREFIX):
             assert f"        {key}=*) " in init, key
-    for key in (cmdline.INSTALL_TARGET_PARAM, cmdline.INSTALL_PAYLOAD_PARAM):
+    params = (
+        cmdline.INSTALL_TARGET_PARAM,
+        cmdline.INSTALL_PAYLOAD_PARAM,
+        cmdline.INSTALL_STATE_SIZE_PARAM,
+    )
+    for key in params:
         assert f"        {key}=*) " in installer, key
     assert f"        {cmdline.INSTALL_WIPE_PARAM}=1) " in installer
     assert f"    {layout.STATE_LV} | {layout.SWAP_LV} | " in init

@@ -128,7 +128,7 @@ def tls(request: pytest.FixtureRequest, pki: Pki) -> Pki | None:
 def test_slowloris_connection_is_cut_at_the_header_deadline(
     tmp_path: Path, tls: Pki | None
 ) -> None:
-    flags = ("--header-timeout", "1", "--tls-handshake-timeout", "1")
+    flags = ("--header-timeout", "1", "--tls-handshake-timeout", "1", "--body-timeout", "1")
     with serve(tmp_path, tls, *flags) as server:
         # Headers trickled one line at a time, never finished.
         with server.connect() as sock:

@@ -2,13 +2,12 @@
 in a VM, booted by OVMF with Secure Boot enforced and a TPM from swtpm, updated from
 `rampart serve` on the host through its systemd service, rebooted, rolled back.
 
-One machine goes through scenarios 1 to 6, 9 and 12 in order (each starts where the
-previous one left it, as a device in the field would); 8 uses a machine of its own
-booted from the installed disk, and 11 and 15 another (its own TPM, Secure Boot off)
-beside the first. Scenarios 7 (the firmware refuses UKIs it cannot verify) and 10
-(new Secure Boot keys) need no update server and use machines of their own: they
-are in test_refused_uki.py, which `make test` runs after these in the same pytest
-process, and test_trusted_boot.py, which it runs in the other (scripts/test.sh).
+One machine goes through scenarios 1, 8 and 2, 3 to 6, 9, 12 and 7 in order (each
+starts where the previous one left it, as a device in the field would); 11 and 15
+use another booted from the installed disk (its own TPM, Secure Boot off).
+Scenario 10 (new Secure Boot keys) needs no update server and uses a machine of its
+own: it is in test_trusted_boot.py, which `make test` runs in its other pytest
+process (scripts/test.sh).
 Each scenario first checks the state it starts from (`_given`): the guest is brought
 to its shell whatever an earlier failure left it in, the update server is made to
 offer what the scenario needs, and anything else that differs from what the previous
@@ -35,7 +34,7 @@ import pytest
 from rampart import run
 from rampart.contracts import chunks, wire
 from rampart.contracts.version import parse_version
-from rampart.testbed import build, rootfs, session
+from rampart.testbed import build, machine, rootfs, session
 from tests.testbed.kit import (
     CORE,
     UNLOCKED_PASSPHRASE,
@@ -52,6 +51,12 @@ log = logging.getLogger(__name__)
 TIMINGS: dict[str, float] = {}
 LV_PATH = "/dev/mainvg/core_{}"
 TRIES = rootfs.BOOT_TRIES  # the "+N" of a new boot entry
+# Scenario 7's UKIs: the unsigned one through systemd-boot's one-shot entry, the one
+# signed by another db key through a firmware boot option (BootNext).
+ROGUES = ("unsigned.efi", "other-signed.efi")
+ROGUE_ALIGN = 1 << 20  # each at a MiB boundary of the rogue disk
+ROGUE_OPTION = "rampart-rogue"  # the firmware boot option's label
+REFUSED = r"(?i:security violation|access denied)"
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +84,33 @@ def server(bed: build.Testbed, work: Path) -> Iterator[session.UpdateServer]:
 
 
 @pytest.fixture(scope="module")
-def guest(bed: build.Testbed, work: Path, time_factor: float) -> Iterator[session.Guest]:
-    with session.Guest(bed, work / "guest", time_factor=time_factor) as machine:
-        yield machine
+def rogue_disk(bed: build.Testbed, work: Path) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """A raw disk holding the UKIs scenario 7 has refused; {name: (offset, size)} on it."""
+    disk = work / "rogues.raw"
+    where: dict[str, tuple[int, int]] = {}
+    with disk.open("wb") as out:
+        for name in ROGUES:
+            data = build.rogue(bed, name).read_bytes()
+            where[name] = (out.tell(), len(data))
+            out.write(data)
+            out.write(bytes(-out.tell() % ROGUE_ALIGN))
+    return disk, where
+
+
+@pytest.fixture(scope="module")
+def guest(
+    bed: build.Testbed,
+    work: Path,
+    time_factor: float,
+    rogue_disk: tuple[Path, dict[str, tuple[int, int]]],
+) -> Iterator[session.Guest]:
+    # The refused UKIs reach it on a read-only second disk (/dev/vdb), not from the
+    # update server.
+    rogues = machine.Disk(rogue_disk[0], "raw", read_only=True)
+    with session.Guest(
+        bed, work / "guest", time_factor=time_factor, extra_disks=(rogues,)
+    ) as guest_:
+        yield guest_
 
 
 def _timed(name: str, started: float) -> None:
@@ -251,14 +280,33 @@ def _the_core_is_hardened(guest: session.Guest, bed: build.Testbed) -> None:
 # --- 2. update through the service, reboot ------------------------------------------------
 
 
-def test_2_updates_from_rampart_serve_and_reboots_into_it(
+def test_8_and_2_after_a_power_cut_while_writing_core_the_update_completes_and_boots(
     guest: session.Guest, server: session.UpdateServer
 ) -> None:
+    """Scenario 8: the power is cut while the update writes Core; the next boot runs
+    1.0.0 with no new boot entry. Scenario 2: the next update, through the service,
+    completes, and the reboot runs 1.0.1. (8 had a machine of its own; here it costs
+    one boot, not three.)"""
     started = time.monotonic()
     _given(guest, "scenario 2", "scenario 1", running="1.0.0", entries=["clipos-1.0.0.efi"])
     guest.sh("echo kept > /mnt/state/scenario-2 && sync")
     server.publish("1.0.1")
-    assert guest.run_update_service() == 20  # updated, reboot to use it
+    guest.sh("systemctl start --no-block rampart-update.service")
+    # Follow this boot's journal and return at the line itself (a process substitution:
+    # the shell does not wait for journalctl), so that the power is cut while Core is
+    # being written, not after a polling interval.
+    guest.sh(
+        "grep -q -m1 'writing Core' <(journalctl -b -u rampart-update.service -f -n all -o cat)",
+        timeout=600,
+    )
+    guest.power_cut()
+    assert guest.boot().core == CORE.format("1.0.0")
+    assert guest.wait_system_up() == "running", guest.failed_units()
+    assert _entries(guest) == ["clipos-1.0.0.efi"]
+    assert "core_1.0.0" in guest.lvs()
+    _timed("8 power cut", started)
+    started = time.monotonic()
+    assert guest.run_update_service() == 20, guest.update_journal(400)  # reboot to use it
     assert _entries(guest) == ["clipos-1.0.0.efi", f"clipos-1.0.1+{TRIES}.efi"]
     assert set(guest.lvs()) == {"core_1.0.0", "core_1.0.1", "core_state"}
     journal = guest.sh("journalctl -b -u rampart-update.service -o cat --no-pager")
@@ -440,44 +488,6 @@ def test_6_a_version_that_fails_its_health_check_falls_back_by_itself(
         f["to_version"] == build.BROKEN and "failed to boot" in f["error"] for f in failures
     ), failures
     _timed("6 automatic rollback", started)
-
-
-# --- 7. power cut ------------------------------------------------------------------------
-
-
-def test_8_a_power_cut_while_writing_core_leaves_the_old_version_booting(
-    bed: build.Testbed, work: Path, server: session.UpdateServer, time_factor: float
-) -> None:
-    started = time.monotonic()
-    # Whatever the earlier scenarios published: an update above 1.0.0 must be offered.
-    offered = server.offered()
-    if offered is None or offered == build.INSTALLED:
-        server.publish("1.0.1")
-        offered = "1.0.1"
-    with session.Guest(bed, work / "guest-power-cut", time_factor=time_factor) as second:
-        assert second.boot().core == CORE.format("1.0.0")
-        second.sh("systemctl start --no-block rampart-update.service")
-        # Follow the journal and return at the line itself (a process substitution:
-        # the shell does not wait for journalctl), so that the power is cut while
-        # Core is being written, not after a polling interval.
-        second.sh(
-            "grep -q -m1 'writing Core' <(journalctl -u rampart-update.service -f -n all -o cat)",
-            timeout=600,
-        )
-        second.power_cut()
-        booted = second.boot()
-        assert booted.core == CORE.format("1.0.0")
-        assert second.wait_system_up() == "running"
-        entries = second.entries()
-        assert entries == ["clipos-1.0.0.efi"], entries
-        status = second.run_update_service()
-        journal = second.update_journal(400)
-        assert status == 20, journal
-        # the power was cut in one of these (a delta when 1.0.1, published here, is offered)
-        assert re.search("rebuilt from chunks|made by a delta", journal), journal
-        assert second.entries() == ["clipos-1.0.0.efi", f"clipos-{offered}+{TRIES}.efi"]
-        assert "core_1.0.0" in second.lvs()
-    _timed("8 power cut", started)
 
 
 # --- trusted boot ---------------------------------------------------------------------------
@@ -685,6 +695,63 @@ def test_12_tuf_a_root_rotation_a_revoked_release_key_and_a_frozen_server(
     _timed("12 TUF", started)
 
 
+# --- 7. the firmware refuses a UKI it cannot verify ----------------------------------------
+
+
+def _rogue_to_esp(
+    guest: session.Guest, where: dict[str, tuple[int, int]], name: str, target: str
+) -> None:
+    offset, size = where[name]
+    guest.sh(
+        f"mkdir -p {Path(target).parent} && python3 -c \"f = open('/dev/vdb', 'rb'); "
+        f"f.seek({offset}); open('{target}', 'wb').write(f.read({size}))\""
+    )
+    assert guest.sh(f"stat -c %s {target}").strip() == str(size)
+
+
+def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
+    guest: session.Guest, rogue_disk: tuple[Path, dict[str, tuple[int, int]]]
+) -> None:
+    """An attacker with root in the guest puts an unsigned UKI on the ESP and makes it
+    systemd-boot's one-shot entry, and one signed by a db key the firmware does not
+    trust and makes it the firmware's next boot option (BootNext). OVMF (Secure Boot
+    enforced) refuses both at the next power-on, one after the other; with nothing
+    left to start it stops, and the power-on after that boots the default entry."""
+    started = time.monotonic()
+    status = _given(guest, "scenario 7", "scenario 12", running="1.0.2", settled=False)
+    defaults = [e["version"] for e in status["entries"] if e["default"]]
+    assert len(defaults) == 1, f"no default boot entry to come back to: {status['entries']}"
+    where = rogue_disk[1]
+    entry = f"clipos-{build.ROGUE}.efi"
+    one_shot = f"{rootfs.ESP_DIRECTORY}/{entry}"
+    _rogue_to_esp(guest, where, "unsigned.efi", one_shot)
+    option = f"{rootfs.ESP_MOUNT}/EFI/rampart-rogue/other-signed.efi"
+    _rogue_to_esp(guest, where, "other-signed.efi", option)
+    created = guest.sh(
+        f"efibootmgr --create-only --disk /dev/vda --part 1 --label {ROGUE_OPTION} "
+        "--loader '\\EFI\\rampart-rogue\\other-signed.efi'"
+    )
+    number = re.search(rf"Boot([0-9A-F]{{4}})\* {ROGUE_OPTION}", created)
+    assert number is not None, created
+    guest.sh(f"efibootmgr --bootnext {number.group(1)}")
+    force_one_shot(guest, entry)
+    guest.restart()
+    option_line = rf"BdsDxe: (failed to load|starting) Boot\w+ \"{ROGUE_OPTION}\"[^\n]*\n"
+    line = guest.vm.expect(option_line, 300).group(0)
+    assert re.search(REFUSED, line), f"the firmware started other-signed.efi: {line}"
+    index, match = guest.vm.expect_any(
+        [rf"Error loading \\EFI\\Linux\\{re.escape(entry)}: ({REFUSED})", session.BOOTED],
+        session.BOOT_TIMEOUT,
+    )
+    assert index == 0, f"the firmware started unsigned.efi: {match.group(0)}"
+    guest.power_cut()
+    booted = guest.boot()  # the one-shot and BootNext are spent: the default entry boots
+    assert booted.core == CORE.format(defaults[0])
+    guest.sh(f"efibootmgr --delete-bootnum --bootnum {number.group(1)} >/dev/null")
+    guest.sh(f"rm -r {one_shot} {Path(option).parent} && sync")
+    _timed("7 refused UKIs", started)
+
+
 # --- 11 and 15. another machine: its own TPM, then the fleet's admission and attestation ---
 
 OTHER_MID = "0b" * 16  # the second machine's machine-id (its disk is a copy of the first's)
@@ -711,13 +778,13 @@ def test_11_and_15_another_machine_needs_the_passphrase_counts_once_admitted_not
     value, which the scenarios' machine (Secure Boot on) attests; a channel that
     requires attestation keeps it where it is. One machine for both: a boot saved."""
     started = time.monotonic()
-    _given(guest, "scenario 15", "scenario 12", running=None, settled=False)
+    _given(guest, "scenario 15", "scenario 7", running=None, settled=False)
     mid = guest.sh("cat /etc/machine-id").strip()
     # The scenarios' machine signed every check since scenario 2 (admitted on first
     # use), each with a TPM quote of PCR 7 and the nonce of the previous answer.
     seen = _row(server, mid)
     assert seen is not None and (seen["authenticated"], seen["key"]) == (True, "tpm"), (
-        f"scenario 15 starts where scenario 12 leaves the machine, attested: {seen}"
+        f"scenario 15 starts where scenarios 12 and 7 leave the machine, attested: {seen}"
     )
     assert seen["attested_at"] is not None, seen
     server.cli("machine", "admission", "operator")

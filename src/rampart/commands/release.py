@@ -1037,7 +1037,8 @@ VERBS: list[Group | Verb] = [
                 "--installer",
                 action="store_true",
                 help="the installer's initramfs instead: with the device's command line plus "
-                "rampart.install.target=/dev/DISK and rampart.install.payload=/dev/DISK, it "
+                "rampart.install.target=/dev/DISK and rampart.install.payload=/dev/DISK "
+                "(optionally rampart.install.wipe=1 and rampart.install.state_size=SIZE), it "
                 "opens core-V.img on the payload disk with dm-verity and runs "
                 "`rampart install` in it",
             ),

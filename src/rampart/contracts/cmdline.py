@@ -46,6 +46,8 @@ INSTALLER_PREFIX = f"{PARAM_PREFIX}install."
 INSTALL_TARGET_PARAM = f"{INSTALLER_PREFIX}target"  # /dev/<disk>
 INSTALL_PAYLOAD_PARAM = f"{INSTALLER_PREFIX}payload"  # /dev/<disk>
 INSTALL_WIPE_PARAM = f"{INSTALLER_PREFIX}wipe"  # =1
+# The state partition's size (`rampart install --state-size`: digits and one of K M G T).
+INSTALL_STATE_SIZE_PARAM = f"{INSTALLER_PREFIX}state_size"
 CLIP_PREFIX = "rd.verity."
 CLIP_DEVICE_PARAM = f"{CLIP_PREFIX}device"  # .../<VG>/core_<V>
 CLIP_ROOTHASH_PARAM = f"{CLIP_PREFIX}roothash"

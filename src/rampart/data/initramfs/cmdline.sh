@@ -4,7 +4,7 @@
 core= roothash= hashoffset= datablocks= fecoffset= fecroots= root= rootdelay=@ROOT_WAIT@
 epoch=0
 # shellcheck disable=SC1007
-install_target= install_payload= install_wipe=
+install_target= install_payload= install_wipe= install_state_size=
 # shellcheck disable=SC2013,SC2034  # words, as the kernel splits; install_*: installer.sh's
 for word in $(cat /proc/cmdline); do
     case $word in
@@ -21,6 +21,7 @@ for word in $(cat /proc/cmdline); do
         @INSTALL_TARGET_PARAM@=*) install_target=${word#*=} ;;  # the installer's
         @INSTALL_PAYLOAD_PARAM@=*) install_payload=${word#*=} ;;
         @INSTALL_WIPE_PARAM@=1) install_wipe=--wipe ;;
+        @INSTALL_STATE_SIZE_PARAM@=*) install_state_size=${word#*=} ;;
     esac
 done
 
