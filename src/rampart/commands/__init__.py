@@ -11,9 +11,9 @@ and hardening each declare their verbs as data (commands.common's `Group` and `V
 A command line that names a top-level verb imports that verb's area alone and builds
 only its parsers (`LISTING` says which area declares it): a device's `rampart
 mark-good` at boot does not import the vendor's and the server's verbs nor build a
-hundred parsers it will not use. Under the testbed's emulated CPU that was 4 of the 6.5
-seconds every `rampart` command took (docs/architecture.md). `rampart`, `rampart
---help` and a verb nobody declared build the whole parser.
+hundred parsers it will not use (under the testbed's emulated CPU, more than a second
+of every `rampart` command: docs/architecture.md). `rampart`, `rampart --help` and a
+verb nobody declared build the whole parser.
 """
 
 from __future__ import annotations
