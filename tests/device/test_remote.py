@@ -105,3 +105,21 @@ def test_the_commands_take_the_ca_on_stdin_and_print_json(
     assert remote.show(remote_dir)["root_ca"][0]["subject"] == "CN=Stdin CA"
     done = run_cli("remote", "set", "-r", remote_dir, "--dist-url", "ftp://x.test/dist")
     assert done.code == 10 and "dist_url" in done.err, done
+
+
+def test_a_ca_bundle_loads_with_debian_12s_cryptography_38(
+    remote_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault scenario 3 found: `remote show` called load_pem_x509_certificates,
+    which cryptography 39 added; the Core has Debian 12's python3-cryptography 38, so
+    the audit role's `sudo rampart remote show` failed with an AttributeError."""
+    from cryptography import x509
+
+    monkeypatch.delattr(x509, "load_pem_x509_certificates", raising=False)
+    bundle = _cert(remote_dir.parent, "First CA") + b"\n" + _cert(remote_dir.parent, "Second CA")
+    subjects = [c.subject.rfc4514_string() for c in remote.check_root_ca(bundle, "bundle")]
+    assert subjects == ["CN=First CA", "CN=Second CA"]
+    (remote_dir / "rootca.pem").write_bytes(bundle)
+    assert [c["subject"] for c in remote.show(remote_dir)["root_ca"]] == subjects
+    with pytest.raises(FormatError, match="not PEM"):
+        remote.check_root_ca(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "x")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -34,6 +35,9 @@ KEYS = ("update_url", "dist_url", "tuf_url", "channel")  # what `set` may change
 REMOTE_FILE = "remote.toml"
 ROOT_CA_FILE = "rootca.pem"
 MAX_CA_BYTES = 1 << 20
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
 
 
 def show(remote_dir: Path) -> dict[str, Any]:
@@ -52,10 +56,15 @@ def show(remote_dir: Path) -> dict[str, Any]:
 def check_root_ca(pem: bytes, where: str) -> list[x509.Certificate]:
     """The certificates of a pinned root CA file: PEM, at least one, each a CA.
     FormatError otherwise."""
+    # One block at a time: load_pem_x509_certificates came with cryptography 39, and
+    # a Core has Debian 12's 38.
+    blocks = _PEM_CERTIFICATE.findall(pem)
     try:
-        certs = x509.load_pem_x509_certificates(pem)
+        certs = [x509.load_pem_x509_certificate(block) for block in blocks]
     except ValueError:
-        raise FormatError(f"{where}: not PEM X.509 certificates") from None
+        certs = []
+    if not certs:
+        raise FormatError(f"{where}: not PEM X.509 certificates")
     for cert in certs:
         try:
             ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
