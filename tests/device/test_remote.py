@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
+import types
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -123,3 +126,36 @@ def test_a_ca_bundle_loads_with_debian_12s_cryptography_38(
     assert [c["subject"] for c in remote.show(remote_dir)["root_ca"]] == subjects
     with pytest.raises(FormatError, match="not PEM"):
         remote.check_root_ca(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "x")
+
+
+def test_the_end_of_validity_reads_with_debian_12s_cryptography_38() -> None:
+    """The second fault scenario 3 found: `remote show` read not_valid_after_utc, which
+    cryptography 42 added (Debian 12 has 38: naive not_valid_after, in UTC)."""
+    old_style = types.SimpleNamespace(not_valid_after=datetime(2030, 1, 2, 3, 4, 5))
+    assert remote.not_after(old_style).isoformat() == "2030-01-02T03:04:05+00:00"  # type: ignore[arg-type]
+
+
+# Attributes of cryptography's API newer than Debian 12's python3-cryptography 38,
+# which the Core runs: the device's code and the contracts it imports must not read
+# them as attributes (remote.not_after asks getattr for the new name, by string).
+NEWER_THAN_38 = (
+    "load_pem_x509_certificates",  # 39
+    "load_der_x509_certificates",
+    "not_valid_after_utc",  # 42
+    "not_valid_before_utc",
+    "revocation_date_utc",
+    "verification",  # 43: cryptography.x509.verification
+)
+
+
+def test_device_code_uses_no_cryptography_api_newer_than_debian_12s() -> None:
+    src = Path(remote.__file__).resolve().parents[1]
+    pattern = re.compile(rf"\.({'|'.join(NEWER_THAN_38)})\b")
+    found = [
+        f"{path}:{number}: {line.strip()}"
+        for package in ("device", "contracts")
+        for path in sorted((src / package).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert found == []

@@ -19,6 +19,7 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +130,19 @@ def _current(path: Path) -> dict[str, str]:
     return dict(doc)
 
 
+def not_after(cert: x509.Certificate) -> datetime:
+    """The end of the certificate's validity, in UTC. not_valid_after_utc came with
+    cryptography 42; a Core has Debian 12's 38, whose not_valid_after is naive UTC."""
+    aware = getattr(cert, "not_valid_after_utc", None)
+    if isinstance(aware, datetime):
+        return aware
+    return cert.not_valid_after.replace(tzinfo=UTC)
+
+
 def _describe(cert: x509.Certificate) -> dict[str, str]:
     der = cert.public_bytes(serialization.Encoding.DER)
     return {
         "subject": cert.subject.rfc4514_string(),
         "sha256": hashlib.sha256(der).hexdigest(),
-        "not_after": cert.not_valid_after_utc.isoformat(),
+        "not_after": not_after(cert).isoformat(),
     }
