@@ -3,8 +3,9 @@
 # scenarios (tests/testbed/test_scenarios.py: one guest through scenarios 1 to 12,
 # another for 11 and 15, and the update server on its fixed port), then the IPsec
 # gateway's guest (test_gateway.py), in the background, every other test (host tests
-# and the other VM tests, whose guests do not depend on them) in the foreground. A run then takes about as long as the longer of the two, not their
-# sum; the VM modules are dealt so that the two take about as long. Both share the
+# and the other VM tests, whose guests do not depend on them) in the foreground. A
+# run then takes about as long as the longer of the two, not their sum; the VM
+# modules are dealt so that the two take about as long. Both share the
 # testbed build: the second to ask waits on its lock and reads the cache. The
 # background's output is printed when it ends (and is in the log file named at the
 # start meanwhile).

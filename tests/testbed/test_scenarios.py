@@ -56,6 +56,7 @@ TRIES = rootfs.BOOT_TRIES  # the "+N" of a new boot entry
 ROGUES = ("unsigned.efi", "other-signed.efi")
 ROGUE_ALIGN = 1 << 20  # each at a MiB boundary of the rogue disk
 ROGUE_OPTION = "rampart-rogue"  # the firmware boot option's label
+ROGUE_LOADER = "EFI/rampart-rogue/other-signed.efi"  # its file, on the ESP
 REFUSED = r"(?i:security violation|access denied)"
 
 
@@ -799,11 +800,12 @@ def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
     entry = f"clipos-{build.ROGUE}.efi"
     one_shot = f"{rootfs.ESP_DIRECTORY}/{entry}"
     _rogue_to_esp(guest, where, "unsigned.efi", one_shot)
-    option = f"{rootfs.ESP_MOUNT}/EFI/rampart-rogue/other-signed.efi"
+    option = f"{rootfs.ESP_MOUNT}/{ROGUE_LOADER}"
     _rogue_to_esp(guest, where, "other-signed.efi", option)
+    loader = "\\" + ROGUE_LOADER.replace("/", "\\")
     created = guest.sh(
         f"efibootmgr --create-only --disk /dev/vda --part 1 --label {ROGUE_OPTION} "
-        "--loader '\\EFI\\rampart-rogue\\other-signed.efi'"
+        f"--loader '{loader}'"
     )
     number = re.search(rf"Boot([0-9A-F]{{4}})\* {ROGUE_OPTION}", created)
     assert number is not None, created

@@ -11,12 +11,6 @@ for pair in "@INSTALL_TARGET_KEY@:$install_target" "@INSTALL_PAYLOAD_KEY@:$insta
     esac
 done
 [ "$install_target" != "$install_payload" ] || fail "the target disk is the payload disk"
-state_size=
-case $install_state_size in
-    '') ;;
-    *[!0-9KMGT]* | [!0-9]*) fail "@INSTALL_STATE_SIZE_PARAM@=$install_state_size is not a size (e.g. 512M)" ;;
-    *) state_size="--state-size=$install_state_size" ;;
-esac
 deadline=$(($(date +%s) + rootdelay))
 until [ -b "$install_payload" ] && [ -b "$install_target" ]; do
     [ "$(date +%s)" -lt "$deadline" ] ||
@@ -52,8 +46,10 @@ in_core udevadm trigger --type=all --action=add >/dev/null 2>&1
 in_core udevadm settle --timeout=30 >/dev/null 2>&1
 echo "rampart-install: installing ${lv#@SLOT_PREFIX@} on $install_target"
 umask 022
-# shellcheck disable=SC2086  # $install_wipe, $state_size: no word at all, or one
-in_core /usr/bin/rampart install --target "$install_target" --payload /run/payload $install_wipe $state_size
+# shellcheck disable=SC2086  # $install_wipe: no word at all, or --wipe; the size is
+# checked by rampart install itself
+in_core /usr/bin/rampart install --target "$install_target" --payload /run/payload $install_wipe \
+    ${install_state_size:+"--state-size=$install_state_size"}
 rc=$?
 in_core udevadm control --exit >/dev/null 2>&1
 sync
