@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rampart import cli
+from rampart.contracts import exposure
 from rampart.gateway import check, description, render
 from tests.gateway import pki
 
@@ -244,6 +245,31 @@ def test_units_pass_systemd_analyze_verify(
         if ("rampart" in line or "strongswan" in line) and "BPF" not in line
     ]
     assert done.returncode == 0 and not problems, done.stderr
+
+
+@pytest.mark.parametrize("unit", ["rampart-gateway.service", "strongswan.service"])
+def test_the_units_score_within_their_exposure_goals(
+    rendered: tuple[description.Gateway, Path], tmp_path: Path, unit: str
+) -> None:
+    """systemd-analyze's offline score of the rendered unit, and of Debian's
+    strongswan.service (charon-systemd, installed by `make setup`) with the rendered
+    drop-in, against their goals in exposure.toml. test_gateway.py runs both, so
+    confined, in a guest."""
+    _, out = rendered
+    root = tmp_path / "root"
+    shutil.copytree(out, root)
+    debian = root / "lib/systemd/system"
+    debian.mkdir(parents=True)
+    shutil.copy("/lib/systemd/system/strongswan.service", debian)
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", f"--root={root}", unit],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    scores = exposure.parse_scores(done.stdout + done.stderr)
+    goal = {g.unit: g.goal for g in exposure.load()}[unit]
+    assert scores[unit] <= goal, done.stdout
 
 
 def test_tunnel_scripts_create_the_namespace_and_xfrm_interfaces(
