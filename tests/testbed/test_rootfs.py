@@ -432,6 +432,13 @@ SUDO_VERDICTS = [
     ("audit", "/usr/bin/rampart remote set --channel beta", False),
     ("audit", "/usr/bin/journalctl --rotate", False),
     ("audit", "/usr/bin/systemctl reboot", False),
+    ("audit", "/usr/sbin/swanctl --list-sas", True),
+    ("audit", "/usr/sbin/swanctl --list-conns", True),
+    ("audit", "/usr/sbin/nft list ruleset", True),
+    ("audit", "/usr/sbin/swanctl --load-all", False),
+    ("audit", "/usr/sbin/swanctl --terminate --ike gw-b", False),
+    ("audit", "/usr/sbin/nft flush ruleset", False),
+    ("audit", "/usr/sbin/nft -f /tmp/rules", False),
 ]
 
 

@@ -58,6 +58,8 @@ ROGUE_ALIGN = 1 << 20  # each at a MiB boundary of the rogue disk
 ROGUE_OPTION = "rampart-rogue"  # the firmware boot option's label
 ROGUE_LOADER = "EFI/rampart-rogue/other-signed.efi"  # its file, on the ESP
 REFUSED = r"(?i:security violation|access denied)"
+# What the Core's emergency and rescue units say on the console before they reboot.
+NO_SHELL = r"no emergency or rescue shell \(root is locked\): rebooting"
 
 
 @pytest.fixture(scope="module")
@@ -485,10 +487,33 @@ def test_4_a_one_shot_boot_runs_the_older_version_and_updates_spare_it(
     assert guest.lvs() == lvs
     assert _head_digest(guest, "1.0.1") == digest
     assert _entries(guest) == ["clipos-1.0.1.efi", f"clipos-1.0.2+{TRIES}.efi"]
-    booted = guest.reboot()  # no one-shot: the default entry, the newest
+    _timed("4 manual rollback", started)
+
+
+def test_emergency_mode_reboots_instead_of_waiting_at_a_locked_shell(
+    guest: session.Guest,
+) -> None:
+    """A boot that lands in emergency mode (asked for here; on a device, a unit its
+    boot needs failed) has no shell to give: root is locked, so sulogin could only wait
+    for Enter at a console nobody watches, and the machine stayed there (it did before
+    the Core's no-shell.conf). It says so on the console and reboots by itself, here
+    into the default entry, the newest: scenario 4's update."""
+    started = time.monotonic()
+    _given(
+        guest,
+        "the emergency scenario",
+        "scenario 4",
+        running="1.0.1",
+        entries=["clipos-1.0.1.efi", f"clipos-1.0.2+{TRIES}.efi"],
+        lvs={"core_1.0.1", "core_1.0.2", "core_state"},
+    )
+    guest.vm.mark()
+    guest.vm.type_in_shell("systemctl --no-block emergency\n")
+    guest.vm.expect(NO_SHELL, session.SHUTDOWN_TIMEOUT)
+    booted = guest.wait_booted()
     assert booted.core == CORE.format("1.0.2")
     assert guest.wait_system_up() == "running"
-    _timed("4 manual rollback", started)
+    _timed("emergency mode reboots", started)
 
 
 # --- 6. tampering (before 5: the tampered slot is the one 5's update then rewrites) ----
@@ -501,7 +526,7 @@ def test_5_a_flipped_byte_in_the_inactive_core_stops_its_boot_at_verity(
     _given(
         guest,
         "the tampering scenario",
-        "scenario 4",
+        "the emergency scenario",
         running="1.0.2",
         entries=["clipos-1.0.1.efi", "clipos-1.0.2.efi"],
         lvs={"core_1.0.1", "core_1.0.2", "core_state"},

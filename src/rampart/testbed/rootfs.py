@@ -37,11 +37,13 @@ Two stages:
      device's units come from the checkout's rampart/data/systemd, the testbed's own
      (TESTBED_UNITS) from rampart/data/testbed;
    - no interactive root: every password locked (lock_accounts), so the getty on
-     the serial console ttyS0 refuses root; root logged in automatically, with the
-     prompt PROMPT, on the testbed's probe only (PROBE_TTY, a virtio console, the
-     test driver's channel: machine.Machine(probe=True)); systemd-networkd with DHCP on the
-     Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
-     UPDATE_HOST in /etc/hosts at the host's address as QEMU shows it;
+     the serial console ttyS0 refuses root; no emergency or rescue shell: a boot that
+     lands there says so on the console and reboots (NO_SHELL_UNITS); root logged in
+     automatically, with the prompt PROMPT, on the testbed's probe only (PROBE_TTY, a
+     virtio console, the test driver's channel: machine.Machine(probe=True));
+     systemd-networkd with DHCP on the Ethernet links (QEMU user networking), its DNS
+     server in resolv.conf, and UPDATE_HOST in /etc/hosts at the host's address as
+     QEMU shows it;
    - the kernel hardening audit's sysctl settings (HARDENING_SYSCTL_PATH) and, when
      the kernel is given, its configuration in /boot/config-<release>;
    - fdisk, dosfstools and e2fsprogs, for `rampart install`;
@@ -230,6 +232,11 @@ MASKED = (
     "getty-static.service",  # gettys on tty2-tty6 when there is no logind
     "rc-local.service",  # /etc/rc.local: / is read-only, there is none
 )
+
+# No emergency or rescue shell: each reboots instead (rampart/data/hardening/no-shell.conf,
+# a drop-in for both).
+NO_SHELL_UNITS = ("emergency.service", "rescue.service")
+NO_SHELL_DROPIN = "50-rampart.conf"
 
 # The testbed's own systemd units, in rampart/data/testbed (package data): file ->
 # where it goes in the tree. `@NAME@` placeholders in them are filled from UNIT_VALUES.
@@ -707,6 +714,9 @@ def _configure_units(tree: Path, data: Path) -> None:
     for masked in MASKED:
         _symlink(tree, f"etc/systemd/system/{masked}", "/dev/null")
     _symlink(tree, "etc/systemd/system-generators/systemd-gpt-auto-generator", "/dev/null")
+    no_shell = (data / "hardening" / "no-shell.conf").read_text(encoding="utf-8")
+    for name in NO_SHELL_UNITS:
+        _write(tree, f"{_UNIT_DIR}/{name}.d/{NO_SHELL_DROPIN}", no_shell)
 
 
 def _configure_roles(tree: Path, data: Path) -> None:
