@@ -4,9 +4,11 @@ as a CLIP OS device, checked inside the tree with its own tools (chroot)."""
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -469,6 +471,35 @@ def test_the_roles_log_in_over_ssh_with_keys_and_act_through_sudo(built: Built) 
     for role, command, allowed in SUDO_VERDICTS:
         done = chroot(tree, "sudo", "-U", role, "-l", *command.split())
         assert (done.returncode == 0) is allowed, (role, command, done)
+
+
+@pytest.mark.vm
+@needs_root
+def test_a_refused_sudo_command_is_logged(built: Built) -> None:
+    """A command no rule allows is refused at once and logged ("command not allowed",
+    with the role and the command). It used not to be logged: sudo asked a role for
+    its password (locked) before it refused, and `sudo -n` ended there with "a
+    password is required", which sudo does not log (scenario 3 found it). The roles'
+    Defaults now say !authenticate: their SSH key is their authentication."""
+    tree = built.first
+    where = tree / "dev/log"  # syslog(3), as journald's socket is in the guest
+    where.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(where))
+        where.chmod(0o666)
+        syslog.settimeout(10)
+        try:
+            command = "sudo -n /usr/bin/systemctl start rampart-update.service"
+            done = chroot(tree, "su", "-s", "/bin/sh", "audit", "-c", command)
+            assert done.returncode != 0 and "not allowed" in done.stderr, done
+            lines: list[str] = []
+            with contextlib.suppress(TimeoutError):
+                while not any("COMMAND=" in line for line in lines):
+                    lines.append(syslog.recv(4096).decode(errors="replace"))
+        finally:
+            where.unlink()
+    refused = "audit : command not allowed ; PWD=/ ; USER=root ; COMMAND=/usr/bin/systemctl start"
+    assert any(refused in line for line in lines), lines
 
 
 @pytest.mark.vm
