@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from importlib import resources
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from rampart.contracts import exposure
 from rampart.errors import FormatError
 from rampart.testbed import rootfs
-from tests.conftest import run_cli
+from tests.conftest import assert_offline_exposure_within_goal, run_cli
 
 TABLE = """\
 UNIT                                 EXPOSURE PREDICATE HAPPY
@@ -164,15 +163,7 @@ def test_each_rampart_unit_as_shipped_scores_within_its_goal(
         r"^(ExecStart=[-+!]*)\S+", rf"\g<1>{binary}", _unit_text(directory, name), flags=re.M
     )
     path.write_text(text)
-    done = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    scores = exposure.parse_scores(done.stdout + done.stderr)
-    goal = {g.unit: g.goal for g in exposure.load()}[name]
-    assert scores[name] <= goal, done.stdout
+    assert_offline_exposure_within_goal(name, path)
 
 
 @pytest.mark.parametrize("name", rootfs.NO_SHELL_UNITS)
@@ -186,12 +177,4 @@ def test_the_core_s_emergency_and_rescue_units_score_within_their_goals(
     shutil.copy(f"/lib/systemd/system/{name}", units)
     dropin = units / f"{name}.d" / rootfs.NO_SHELL_DROPIN
     dropin.write_text(_unit_text("hardening", "no-shell.conf"))
-    done = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", f"--root={tmp_path}", name],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    scores = exposure.parse_scores(done.stdout + done.stderr)
-    goal = {g.unit: g.goal for g in exposure.load()}[name]
-    assert scores[name] <= goal, done.stdout
+    assert_offline_exposure_within_goal(name, tmp_path)

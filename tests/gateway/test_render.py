@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rampart import cli
-from rampart.contracts import exposure
 from rampart.gateway import check, description, render
+from tests.conftest import assert_offline_exposure_within_goal
 from tests.gateway import pki
 
 SECOND_PEER = """
@@ -261,15 +261,7 @@ def test_the_units_score_within_their_exposure_goals(
     debian = root / "lib/systemd/system"
     debian.mkdir(parents=True)
     shutil.copy("/lib/systemd/system/strongswan.service", debian)
-    done = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", f"--root={root}", unit],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    scores = exposure.parse_scores(done.stdout + done.stderr)
-    goal = {g.unit: g.goal for g in exposure.load()}[unit]
-    assert scores[unit] <= goal, done.stdout
+    assert_offline_exposure_within_goal(unit, root)
 
 
 def test_tunnel_scripts_create_the_namespace_and_xfrm_interfaces(
