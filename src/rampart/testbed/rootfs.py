@@ -47,8 +47,8 @@ Two stages:
    - the kernel hardening audit's sysctl settings (HARDENING_SYSCTL_PATH) and, when
      the kernel is given, its configuration in /boot/config-<release>;
    - fdisk, dosfstools and e2fsprogs, for `rampart install`;
-   - the IPsec gateway's tools (strongSwan with swanctl and charon-systemd, left
-     disabled, and its user strongswan; nftables; iproute2) and, when the kernel is
+   - the IPsec gateway's tools (strongSwan with swanctl and charon-systemd, its
+     unit masked, and its user strongswan; nftables; iproute2) and, when the kernel is
      given, its modules (CORE_MODULES and their dependencies, indexed by depmod) in
      /lib/modules.
 
@@ -114,7 +114,7 @@ PACKAGES = (
     "efibootmgr",
     # The IPsec gateway (`rampart gateway`): strongSwan with swanctl and charon-systemd,
     # nftables, iproute2 for namespaces and XFRM interfaces, kmod to load the modules
-    # below. strongswan.service is left disabled (the gateway's units start it).
+    # below. strongswan.service is masked: this Core is not a gateway (MASKED).
     "kmod",
     "iproute2",
     "iputils-ping",
@@ -231,6 +231,11 @@ SUDOERS_PATH = "etc/sudoers.d/rampart-roles"
 MASKED = (
     "getty-static.service",  # gettys on tty2-tty6 when there is no logind
     "rc-local.service",  # /etc/rc.local: / is read-only, there is none
+    # charon without the confinement of the gateway's drop-in: 9.6 where its goal is
+    # 2.2. This Core is not a gateway; a gateway's Core is built with its rendered
+    # files, the drop-in among them, and enables it (docs/gateway.md).
+    "strongswan.service",
+    "strongswan-starter.service",  # ipsec.conf's starter: a Core uses swanctl
 )
 
 # No emergency or rescue shell: each reboots instead (rampart/data/hardening/no-shell.conf,
