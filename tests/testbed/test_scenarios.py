@@ -413,7 +413,7 @@ def _audit_reads_and_changes_nothing(guest: session.Guest) -> None:
     assert json.loads(guest.ssh("audit", "sudo rampart status --json").stdout)["running"]
     # sudo refuses what no rule allows at once ("Sorry, user audit is not allowed to
     # execute ..."), without asking for a password.
-    refused = b"is not allowed to execute"
+    not_allowed = b"is not allowed to execute"
     for command in (
         "sudo -n systemctl start rampart-update.service",
         "sudo -n rampart remote set --channel beta",
@@ -424,7 +424,7 @@ def _audit_reads_and_changes_nothing(guest: session.Guest) -> None:
         "sudo -n bash -c id",
     ):
         done = guest.ssh("audit", command)
-        assert done.returncode != 0 and refused in done.stderr, (command, done)
+        assert done.returncode != 0 and not_allowed in done.stderr, (command, done)
     for command in ("echo x > /etc/rampart/remote.toml", "journalctl --rotate"):
         done = guest.ssh("audit", command)
         assert done.returncode != 0, (command, done)
@@ -435,7 +435,7 @@ def _audit_reads_and_changes_nothing(guest: session.Guest) -> None:
         "sudo -n bash -c id",
     ):
         done = guest.ssh("admin", command)
-        assert done.returncode != 0 and refused in done.stderr, (command, done)
+        assert done.returncode != 0 and not_allowed in done.stderr, (command, done)
     # No root, no password, no keyboard-interactive login.
     root = guest.ssh("admin", "true", user="root")  # the admin's key, for root
     assert root.returncode == 255 and b"Permission denied" in root.stderr, root
