@@ -4,13 +4,13 @@ as a CLIP OS device, checked inside the tree with its own tools (chroot)."""
 from __future__ import annotations
 
 import configparser
-import contextlib
 import os
 import re
 import shutil
 import socket
 import stat
 import subprocess
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -484,20 +484,34 @@ def test_a_refused_sudo_command_is_logged(built: Built) -> None:
     tree = built.first
     where = tree / "dev/log"  # syslog(3), as journald's socket is in the guest
     where.unlink(missing_ok=True)
+    lines: list[str] = []
+    done_sending = threading.Event()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
         syslog.bind(str(where))
         where.chmod(0o666)
-        syslog.settimeout(10)
+        syslog.settimeout(0.5)
+
+        def read() -> None:
+            # Read while they send: a datagram socket queues 10 messages
+            # (net.unix.max_dgram_qlen), then su and sudo wait (they log 20 and more
+            # here, PAM's among them), and the chroot hung.
+            while True:
+                try:
+                    lines.append(syslog.recv(4096).decode(errors="replace"))
+                except TimeoutError:
+                    if done_sending.is_set():
+                        return
+
+        reader = threading.Thread(target=read)
+        reader.start()
         try:
             command = "sudo -n /usr/bin/systemctl start rampart-update.service"
             done = chroot(tree, "su", "-s", "/bin/sh", "audit", "-c", command)
-            assert done.returncode != 0 and "not allowed" in done.stderr, done
-            lines: list[str] = []
-            with contextlib.suppress(TimeoutError):
-                while not any("COMMAND=" in line for line in lines):
-                    lines.append(syslog.recv(4096).decode(errors="replace"))
         finally:
+            done_sending.set()
+            reader.join()
             where.unlink()
+    assert done.returncode != 0 and "not allowed" in done.stderr, done
     refused = "audit : command not allowed ; PWD=/ ; USER=root ; COMMAND=/usr/bin/systemctl start"
     assert any(refused in line for line in lines), lines
 
