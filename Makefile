@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests use (real tools, not mocks).
 DEB_PACKAGES := minisign python3-venv nginx openssl util-linux postgresql wrk chromium cryptsetup-bin \
-	curl dbus rauc rauc-service squashfs-tools shellcheck casync \
+	openssh-client curl dbus rauc rauc-service squashfs-tools shellcheck casync \
 	sbsigntool systemd-boot-efi ovmf qemu-system-x86 binutils \
 	busybox-static lvm2 kmod debootstrap e2fsprogs cpio \
 	swtpm swtpm-tools qemu-utils tpm2-tools libtss2-tcti-device0 libtss2-tcti-swtpm0 \

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rampart import cli, files
-from rampart.contracts import signing
+from rampart.contracts import exposure, signing
 from rampart.device import tpm
 from rampart.testbed import services
 
@@ -133,6 +133,22 @@ def tcti_of(chip: tpm.Tpm) -> str:
 
 
 # --- a minimal UKI -------------------------------------------------------------------------
+
+
+def assert_offline_exposure_within_goal(unit: str, path: Path) -> None:
+    """systemd-analyze's offline score of `unit` is within its goal in exposure.toml.
+    `path` is the unit file, or a root directory holding it (and its drop-ins) under
+    lib/systemd/system or etc/systemd/system."""
+    where = [f"--root={path}", unit] if path.is_dir() else [str(path)]
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", *where],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    scores = exposure.parse_scores(done.stdout + done.stderr)
+    goal = {g.unit: g.goal for g in exposure.load()}[unit]
+    assert scores[unit] <= goal, done.stdout
 
 
 def fake_uki(cmdline: str) -> bytes:

@@ -4,6 +4,7 @@ installed by it, and every scenario boots that disk)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from rampart.contracts.version import parse_version
 from rampart.device import installer
 from rampart.errors import ConflictError, FormatError, LocalError, UsageError
+from tests.contracts.test_roles import keygen
 
 
 def test_partition_names_follow_the_kernel() -> None:
@@ -112,3 +114,20 @@ def test_a_payload_without_one_file_is_refused_naming_it(tmp_path: Path, missing
             (tmp_path / name).write_bytes(b"x")
     with pytest.raises(LocalError, match=missing.rsplit("/", 1)[-1]):
         installer.find_payload(tmp_path, "clipos", parse_version("1.0.0"))
+
+
+def test_the_payload_s_role_keys_are_checked_and_an_unknown_file_refused(
+    tmp_path: Path,
+) -> None:
+    ssh = tmp_path / "ssh"
+    assert installer.read_role_keys(ssh) == {}  # no ssh/: no role can log in
+    ssh.mkdir()
+    (ssh / "admin.pub").write_text(keygen(tmp_path, "ed25519", "admin"))
+    assert list(installer.read_role_keys(ssh)) == ["admin"]
+    (ssh / "auditor.pub").write_text(keygen(tmp_path, "ed25519", "auditor"))
+    with pytest.raises(LocalError, match=re.escape("auditor.pub: not a role's key file")):
+        installer.read_role_keys(ssh)
+    (ssh / "auditor.pub").rename(ssh / "audit.pub")
+    (ssh / "audit.pub").write_text(keygen(tmp_path, "rsa", "rsa"))
+    with pytest.raises(FormatError, match=re.escape("audit.pub:1")):
+        installer.read_role_keys(ssh)

@@ -14,6 +14,7 @@ import pytest
 
 from rampart import cli
 from rampart.gateway import check, description, render
+from tests.conftest import assert_offline_exposure_within_goal
 from tests.gateway import pki
 
 SECOND_PEER = """
@@ -244,6 +245,23 @@ def test_units_pass_systemd_analyze_verify(
         if ("rampart" in line or "strongswan" in line) and "BPF" not in line
     ]
     assert done.returncode == 0 and not problems, done.stderr
+
+
+@pytest.mark.parametrize("unit", ["rampart-gateway.service", "strongswan.service"])
+def test_the_units_score_within_their_exposure_goals(
+    rendered: tuple[description.Gateway, Path], tmp_path: Path, unit: str
+) -> None:
+    """systemd-analyze's offline score of the rendered unit, and of Debian's
+    strongswan.service (charon-systemd, installed by `make setup`) with the rendered
+    drop-in, against their goals in exposure.toml. test_gateway.py runs both, so
+    confined, in a guest."""
+    _, out = rendered
+    root = tmp_path / "root"
+    shutil.copytree(out, root)
+    debian = root / "lib/systemd/system"
+    debian.mkdir(parents=True)
+    shutil.copy("/lib/systemd/system/strongswan.service", debian)
+    assert_offline_exposure_within_goal(unit, root)
 
 
 def test_tunnel_scripts_create_the_namespace_and_xfrm_interfaces(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from rampart.contracts import exposure
 from rampart.gateway import description, render
 from rampart.testbed import build, session
 from tests.gateway import pki
@@ -51,7 +52,8 @@ here=$(pwd)
 ip netns add a-pub
 ip netns add b-pub
 ip link add pub0 netns a-pub type veth peer name pub0 netns b-pub
-# The stand-in for rampart-gateway.service, which the drop-in requires.
+# The stand-in for rampart-gateway.service, which the drop-in requires; each side
+# also requires its own rampart-gateway-<side>.service (below).
 cat >/run/systemd/system/rampart-gateway.service <<EOF
 [Service]
 Type=oneshot
@@ -64,10 +66,24 @@ for side in a b; do
     ip -n $side-pub link set lo up
     ip -n $side-pub addr add $addr/24 dev pub0
     ip -n $side-pub link set pub0 up
-    # As the device's units do, in this machine's initial namespace: nsenter keeps
-    # the mount namespace, so /run/netns/$side-tun is made for everyone.
-    nsenter --net=/run/netns/$side-pub nft -f $tree/etc/rampart/gateway/public.nft
-    nsenter --net=/run/netns/$side-pub $tree/etc/rampart/gateway/tunnel-up
+    # The rendered rampart-gateway.service, confinement and all, as
+    # rampart-gateway-$side.service: in $side-pub as if it were the machine's own
+    # namespace (PrivateMounts=no: NetworkNamespacePath= would otherwise give it a
+    # mount namespace, which the real unit does not have), with this side's paths,
+    # and without its wait for pub0's device unit (udev does not see $side-pub).
+    gwunit=/run/systemd/system/rampart-gateway-$side.service
+    sed '/^Wants=/d; /^After=/d' $tree/etc/systemd/system/rampart-gateway.service >$gwunit
+    mkdir -p $gwunit.d
+    cat >$gwunit.d/60-test.conf <<EOF
+[Service]
+NetworkNamespacePath=/run/netns/$side-pub
+PrivateMounts=no
+ExecStart=
+ExecStart=/usr/sbin/nft -f $tree/etc/rampart/gateway/public.nft
+ExecStart=$tree/etc/rampart/gateway/tunnel-up
+ExecStop=
+ExecStop=$tree/etc/rampart/gateway/tunnel-down
+EOF
     # swanctl --file reads credentials from the directories beside the file.
     sw=$here/$side/swanctl
     mkdir -p $sw/x509 $sw/x509ca $sw/pubkey $sw/rsa $sw/ecdsa $sw/pkcs8 \
@@ -93,6 +109,9 @@ EOF
     mkdir -p $unit.d
     cp $tree/etc/systemd/system/strongswan.service.d/50-rampart.conf $unit.d/
     cat >$unit.d/60-test.conf <<EOF
+[Unit]
+Requires=rampart-gateway-$side.service
+After=rampart-gateway-$side.service
 [Service]
 NetworkNamespacePath=/run/netns/$side-pub
 Environment=STRONGSWAN_CONF=$here/$side/strongswan.conf
@@ -243,6 +262,25 @@ def test_charon_runs_confined_as_the_strongswan_user(machine: session.Guest) -> 
             f"STRONGSWAN_CONF={GUEST_DIR}/{side}/strongswan.conf swanctl --list-conns 2>/dev/null"
         )
         assert SIDES[side]["peer"] in conns and "IKEv2" in conns, conns
+
+
+@pytest.mark.parametrize(
+    ("tested", "unit"),
+    [
+        ("rampart-gateway-a.service", "rampart-gateway.service"),
+        ("strongswan-a.service", "strongswan.service"),
+    ],
+)
+def test_the_gateways_units_run_within_their_exposure_goals(
+    machine: session.Guest, tested: str, unit: str
+) -> None:
+    """The running units' scores (the rendered unit and drop-in, with the test's
+    drop-in that puts them in a-pub) against the goals of rampart-gateway.service and
+    strongswan.service in exposure.toml."""
+    assert machine.sh(f"systemctl is-active {tested}").strip() == "active"
+    text = machine.sh(f"systemd-analyze security --no-pager {tested} 2>&1", 120)
+    goal = {g.unit: g.goal for g in exposure.load()}[unit]
+    assert exposure.parse_scores(text)[tested] <= goal, text
 
 
 def test_gateway_check_passes_on_the_device(machine: session.Guest) -> None:

@@ -58,6 +58,8 @@ ROGUE_ALIGN = 1 << 20  # each at a MiB boundary of the rogue disk
 ROGUE_OPTION = "rampart-rogue"  # the firmware boot option's label
 ROGUE_LOADER = "EFI/rampart-rogue/other-signed.efi"  # its file, on the ESP
 REFUSED = r"(?i:security violation|access denied)"
+# What the Core's emergency and rescue units say on the console before they reboot.
+NO_SHELL = r"no emergency or rescue shell \(root is locked\): rebooting"
 
 
 @pytest.fixture(scope="module")
@@ -361,11 +363,26 @@ def test_3_the_next_update_overwrites_the_older_slot(
         path.chmod(0o644)
     delta.write_bytes(genuine[delta][:-1] + bytes([genuine[delta][-1] ^ 1]))
     chunk.write_bytes(chunks.compress(b"tampered" * 4096, "xz", 6))
+    _audit_reads_and_changes_nothing(guest)
+    # The admin role points the device at the server's other name and starts the
+    # update there, through its sudo rules.
+    url = f"https://{rootfs.MIRROR_HOST}:{build.SERVER_PORT}"
+    switched = guest.ssh(
+        "admin", f"sudo rampart remote set --update-url {url}/update/v1 --dist-url {url}/dist"
+    )
+    assert switched.returncode == 0, switched
     try:
-        assert guest.run_update_service() == 20
+        started_update = guest.ssh(
+            "admin", "sudo systemctl start rampart-update.service", timeout=900
+        )
+        assert started_update.returncode == 0, started_update
+        status = guest.sh("systemctl show -p ExecMainStatus --value rampart-update.service")
+        assert status.strip().splitlines()[-1] == "20"
     finally:
         for path, data in genuine.items():
             path.write_bytes(data)
+    shown = json.loads(guest.ssh("audit", "sudo rampart remote show --json").stdout)
+    assert shown["update_url"] == f"{url}/update/v1"
     journal = guest.update_journal(400)
     assert "delta refused" in journal, journal
     assert "incremental update failed" in journal and "streamed from the server" in journal
@@ -379,6 +396,64 @@ def test_3_the_next_update_overwrites_the_older_slot(
     assert guest.wait_system_up() == "running"
     assert _entries(guest) == ["clipos-1.0.1.efi", "clipos-1.0.2.efi"]
     _timed("3 A/B rotation", started)
+
+
+def _audit_reads_and_changes_nothing(guest: session.Guest) -> None:
+    """The audit role over SSH: the journal, the update's and the TPM's status and the
+    remote configuration, and every change it tries refused; no root and no password
+    login over SSH."""
+    for command in (
+        "journalctl -b -u rampart-update.service --no-pager -n 5",
+        "sudo rampart status --json",
+        "sudo rampart tpm status --json",
+        "sudo rampart remote show",
+    ):
+        done = guest.ssh("audit", command)
+        assert done.returncode == 0, (command, done)
+    assert json.loads(guest.ssh("audit", "sudo rampart status --json").stdout)["running"]
+    # sudo refuses what no rule allows at once ("Sorry, user audit is not allowed to
+    # execute ..."), without asking for a password.
+    not_allowed = b"is not allowed to execute"
+    for command in (
+        "sudo -n systemctl start rampart-update.service",
+        "sudo -n rampart remote set --channel beta",
+        "sudo -n rampart boot-once 1.0.0",
+        "sudo -n rampart tpm reseal",
+        "sudo -n systemctl reboot",
+        "sudo -n journalctl --rotate",
+        "sudo -n bash -c id",
+    ):
+        done = guest.ssh("audit", command)
+        assert done.returncode != 0 and not_allowed in done.stderr, (command, done)
+    for command in ("echo x > /etc/rampart/remote.toml", "journalctl --rotate"):
+        done = guest.ssh("audit", command)
+        assert done.returncode != 0, (command, done)
+    # The admin role's rules are exact: no other option, no shell.
+    for command in (
+        "sudo -n rampart remote set -r /tmp --channel beta",
+        "sudo -n rampart boot-once -c /tmp 1.0.0",
+        "sudo -n bash -c id",
+    ):
+        done = guest.ssh("admin", command)
+        assert done.returncode != 0 and not_allowed in done.stderr, (command, done)
+    # No root, no password, no keyboard-interactive login.
+    root = guest.ssh("admin", "true", user="root")  # the admin's key, for root
+    assert root.returncode == 255 and b"Permission denied" in root.stderr, root
+    for method in ("password", "keyboard-interactive"):
+        done = run.run(
+            ["ssh", "-F", "none", "-p", str(guest.ssh_port), "-o", "BatchMode=yes",
+             "-o", "PubkeyAuthentication=no", "-o", f"PreferredAuthentications={method}",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "admin@127.0.0.1", "true"],
+            check=False,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 255 and b"Permission denied (publickey)" in done.stderr, done
+    # sudo logged each command, refused or run, with who asked (test_rootfs's
+    # test_a_refused_sudo_command_is_logged: it did not log a refusal before).
+    log_lines = guest.sh("journalctl -b _COMM=sudo -o cat --no-pager")
+    refused = r"audit : command not allowed ; .*COMMAND=/usr/bin/systemctl start"
+    assert re.search(refused, log_lines), log_lines[-3000:]
 
 
 # --- 4. manual rollback ------------------------------------------------------------------
@@ -411,10 +486,33 @@ def test_4_a_one_shot_boot_runs_the_older_version_and_updates_spare_it(
     assert guest.lvs() == lvs
     assert _head_digest(guest, "1.0.1") == digest
     assert _entries(guest) == ["clipos-1.0.1.efi", f"clipos-1.0.2+{TRIES}.efi"]
-    booted = guest.reboot()  # no one-shot: the default entry, the newest
+    _timed("4 manual rollback", started)
+
+
+def test_emergency_mode_reboots_instead_of_waiting_at_a_locked_shell(
+    guest: session.Guest,
+) -> None:
+    """A boot that lands in emergency mode (asked for here; on a device, a unit its
+    boot needs failed) has no shell to give: root is locked, so sulogin could only wait
+    for Enter at a console nobody watches, and the machine stayed there (it did before
+    the Core's no-shell.conf). It says so on the console and reboots by itself, here
+    into the default entry, the newest: scenario 4's update."""
+    started = time.monotonic()
+    _given(
+        guest,
+        "the emergency scenario",
+        "scenario 4",
+        running="1.0.1",
+        entries=["clipos-1.0.1.efi", f"clipos-1.0.2+{TRIES}.efi"],
+        lvs={"core_1.0.1", "core_1.0.2", "core_state"},
+    )
+    guest.vm.mark()
+    guest.vm.type_in_shell("systemctl --no-block emergency\n")
+    guest.vm.expect(NO_SHELL, session.SHUTDOWN_TIMEOUT)
+    booted = guest.wait_booted()
     assert booted.core == CORE.format("1.0.2")
     assert guest.wait_system_up() == "running"
-    _timed("4 manual rollback", started)
+    _timed("emergency mode reboots", started)
 
 
 # --- 6. tampering (before 5: the tampered slot is the one 5's update then rewrites) ----
@@ -427,7 +525,7 @@ def test_5_a_flipped_byte_in_the_inactive_core_stops_its_boot_at_verity(
     _given(
         guest,
         "the tampering scenario",
-        "scenario 4",
+        "the emergency scenario",
         running="1.0.2",
         entries=["clipos-1.0.1.efi", "clipos-1.0.2.efi"],
         lvs={"core_1.0.1", "core_1.0.2", "core_state"},

@@ -56,6 +56,7 @@ LISTING: dict[str, str] = {
     "secureboot": "device",
     "install": "device",
     "identity": "device",
+    "remote": "device",
     "tpm": "device",
     "gateway": "gateway",
     "hardening": "hardening",

@@ -1,5 +1,5 @@
 """The device's verbs, run as root on the updated machine: `rampart update`, `status`,
-`mark-good`, `boot-once`, `install`, `identity`, `tpm status|reseal`.
+`mark-good`, `boot-once`, `install`, `identity`, `remote show|set`, `tpm status|reseal`.
 
 Only the standard library and `cryptography` are imported to declare them; the
 device modules that do the work are imported when a verb runs.
@@ -90,6 +90,49 @@ def cmd_boot_once(args: argparse.Namespace) -> int:
         print_json({"version": version.core, "entry": chosen})
     else:
         print(f"{chosen}: boots once at the next boot; the default entry is unchanged")
+    return 0
+
+
+def cmd_remote_show(args: argparse.Namespace) -> int:
+    from rampart.device import remote
+
+    doc = remote.show(args.remote)
+    if args.json:
+        print_json(doc)
+        return 0
+    for key in remote.KEYS:
+        print(f"{key}: {doc[key] or '-'}")
+    for cert in doc["root_ca"]:
+        print(f"root CA: {cert['subject']} (SHA-256 {cert['sha256']}, until {cert['not_after']})")
+    return 0
+
+
+def cmd_remote_set(args: argparse.Namespace) -> int:
+    from rampart.device import remote
+
+    changes = {
+        key: value
+        for key, value in (
+            ("update_url", args.update_url),
+            ("dist_url", args.dist_url),
+            ("tuf_url", args.tuf_url),
+            ("channel", args.channel),
+        )
+        if value is not None
+    }
+    root_ca = None
+    if args.root_ca is not None:
+        if str(args.root_ca) == "-":
+            root_ca = sys.stdin.buffer.read(remote.MAX_CA_BYTES + 1)
+        else:
+            root_ca = files.read_small(args.root_ca, "root CA", remote.MAX_CA_BYTES)
+    result = remote.set_remote(args.remote, changes, root_ca)
+    if args.json:
+        print_json(result)
+    elif result["changed"]:
+        print(f"remote configuration changed: {', '.join(result['changed'])}")
+    else:
+        print("remote configuration unchanged")
     return 0
 
 
@@ -448,6 +491,14 @@ def device_options(remote: bool) -> tuple[Arg, ...]:
 
 
 LOCAL = device_options(remote=False)
+REMOTE_DIR = arg(
+    "-r",
+    "--remote",
+    type=Path,
+    default=device_config.DEFAULT_REMOTE_DIR,
+    metavar="DIR",
+    help=f"remote config dir: remote.toml, rootca.pem (default {device_config.DEFAULT_REMOTE_DIR})",
+)
 
 VERBS: list[Group | Verb] = [
     Verb(
@@ -641,6 +692,43 @@ VERBS: list[Group | Verb] = [
                 metavar="STEP",
                 help="for power-cut tests: stop the boot loader install at STEP",
             ),
+        ),
+        exit_codes=True,
+    ),
+    Group(
+        ("remote",),
+        "the remote configuration: the update server's addresses and pinned CA",
+        "remote.toml and rootca.pem in the remote directory (/etc/rampart, on the state "
+        "partition): what an administrator owns (docs/client.md). The admin role runs "
+        "`remote set` through sudo (docs/hardening.md).",
+        dest="remote_verb",
+    ),
+    Verb(
+        ("remote", "show"),
+        "the update server's addresses, the channel and the pinned root CA",
+        "Print remote.toml's values as `rampart update` reads them, and the subject, "
+        "SHA-256 fingerprint and expiry of each certificate of rootca.pem.",
+        cmd_remote_show,
+        (JSON, REMOTE_DIR),
+        exit_codes=True,
+    ),
+    Verb(
+        ("remote", "set"),
+        "change the update server's addresses, the channel or the pinned root CA",
+        "Change the given keys of remote.toml and, with --root-ca, replace rootca.pem "
+        "(FILE, or - for standard input). The whole new configuration is checked as "
+        "`rampart update` reads it (HTTPS URLs without credentials, a channel name, "
+        "PEM certificates that are CAs) before anything is written; then each file is "
+        "replaced whole, the CA first. A refused change leaves both as they were.",
+        cmd_remote_set,
+        (
+            JSON,
+            arg("--update-url", metavar="URL", help="where version checks go (https://)"),
+            arg("--dist-url", metavar="URL", help="where releases are downloaded (https://)"),
+            arg("--tuf-url", metavar="URL", help="the TUF metadata (https://)"),
+            arg("--channel", metavar="NAME", help="the channel a device in TUF mode follows"),
+            arg("--root-ca", type=Path, metavar="FILE", help="the new pinned root CA, - for stdin"),
+            REMOTE_DIR,
         ),
         exit_codes=True,
     ),

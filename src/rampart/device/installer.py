@@ -18,6 +18,10 @@ The payload directory (docs/formats.md, "Installation payload"):
                         state partition (remote.toml, rootca.pem, and root.json:
                         the TUF root a device in TUF mode pins, checked here to
                         be a root signed by its own threshold)
+    ssh/<role>.pub      optional, per role of contracts/roles.py (admin, audit):
+                        the keys that log in as that role over SSH, written to
+                        the state partition (roles.AUTHORIZED_KEYS_DIR); without
+                        them the role cannot log in
 
 What it does, in order; every step is checked before the next:
 
@@ -34,8 +38,8 @@ What it does, in order; every step is checked before the next:
    against the root hash on the signed UKI's command line;
 5. `core_state`: LUKS2 with integrity (rampart.device.state: keyslot 0 a random
    key, keyslot 1 a new recovery passphrase), and inside it ext4 holding
-   etc/rampart (the remote configuration), etc/machine-id (a new random ID)
-   and var/;
+   etc/rampart (the remote configuration), etc/machine-id (a new random ID),
+   the roles' SSH keys and var/;
 6. the ESP: FAT32 with the skeleton, the state key sealed to the TPM under
    the configured PCRs (rampart/tpm/state.pub, state.priv, state.pcrs) and
    the UKI as EFI/Linux/<os>-<V>.efi (no boot counter: there is
@@ -58,12 +62,12 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rampart import files, run
-from rampart.contracts import cmdline, layout
+from rampart.contracts import cmdline, layout, roles
 from rampart.contracts.version import Version
 from rampart.device import config as device_config
 from rampart.device import identity as device_identity
@@ -97,6 +101,7 @@ class Payload:
     efiboot: Path
     esp: Path
     remote: Path
+    role_keys: dict[str, str] = field(default_factory=dict)  # role -> authorized_keys
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,27 @@ def find_payload(directory: Path, os_name: str, version: Version) -> Payload:
         from rampart.device.tufclient import check_root  # python-tuf: only with a root
 
         check_root(files.read_small(pinned, "TUF root", trust.ROOT_CAP), str(pinned))
-    return payload
+    return replace(payload, role_keys=read_role_keys(directory / "ssh"))
+
+
+def read_role_keys(directory: Path) -> dict[str, str]:
+    """role -> its authorized_keys text, from `directory`/<role>.pub (checked: Ed25519
+    keys only, no options); a missing directory or file: that role has no key. Any
+    other file there is refused, so that a misspelt role is not silently dropped."""
+    if not directory.is_dir():
+        return {}
+    known = {f"{role}.pub": role for role in roles.ROLES}
+    keys: dict[str, str] = {}
+    for path in sorted(directory.iterdir()):
+        role = known.get(path.name)
+        if role is None or not path.is_file() or path.is_symlink():
+            raise LocalError(
+                f"{path}: not a role's key file (the payload's ssh/ holds "
+                f"{', '.join(sorted(known))})"
+            )
+        text = files.read_small(path, "SSH keys", roles.MAX_KEYS_BYTES).decode("utf-8", "replace")
+        keys[role] = roles.authorized_keys(roles.parse_authorized_keys(text, str(path)))
+    return keys
 
 
 def partition_path(disk: Path, number: int) -> Path:
@@ -241,12 +266,13 @@ def _partition(target: Path, esp_size: int) -> tuple[Path, Path]:
 
 def _write_state(
     device: Path,
-    remote: Path,
+    payload: Payload,
     machine_id: str,
     fill: Callable[[Path], None] | None = None,
 ) -> None:
-    """ext4 on the opened state volume, holding etc/rampart, etc/machine-id and var/
-    (and what `fill` writes, given the mount point)."""
+    """ext4 on the opened state volume, holding etc/rampart, etc/machine-id, the
+    roles' SSH keys and var/ (and what `fill` writes, given the mount point)."""
+    remote = payload.remote
     run.run(["mkfs.ext4", "-q", "-F", "-L", "state", str(device)], timeout=300)
     with tempfile.TemporaryDirectory(prefix="rampart-install-state-") as tmp:
         mount_point = Path(tmp)
@@ -264,11 +290,25 @@ def _write_state(
                     (etc / "rampart" / source.name).chmod(0o644)
             (etc / "machine-id").write_text(machine_id + "\n")
             (etc / "machine-id").chmod(0o444)
+            _write_role_keys(mount_point, payload.role_keys)
             if fill is not None:
                 fill(mount_point)
             os.sync()
         finally:
             run.run(["umount", str(mount_point)])
+
+
+def _write_role_keys(mount_point: Path, keys: dict[str, str]) -> None:
+    """<state>/etc/ssh/authorized_keys/<role>, owned by root, readable (sshd's
+    StrictModes checks that no one else can write them or their directories)."""
+    directory = mount_point / roles.AUTHORIZED_KEYS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in (directory.parent, directory):
+        path.chmod(0o755)
+    for role, text in sorted(keys.items()):
+        (directory / role).write_text(text)
+        (directory / role).chmod(0o644)
+        log.info("install: %d SSH key(s) for the %s role", text.count("\n"), role)
 
 
 class _Identity:
@@ -294,7 +334,7 @@ class _Identity:
 
 def _encrypt_state(
     volume: Path,
-    remote: Path,
+    payload: Payload,
     machine_id: str,
     key: bytes,
     passphrase: str,
@@ -305,7 +345,7 @@ def _encrypt_state(
     state.format_volume(volume, key, passphrase)
     opened = state.activate(volume, key, INSTALL_MAPPER)
     try:
-        _write_state(opened, remote, machine_id, fill)
+        _write_state(opened, payload, machine_id, fill)
     finally:
         state.deactivate(INSTALL_MAPPER)
 
@@ -417,7 +457,7 @@ def install(
         state.INTEGRITY,
     )
     identity = _Identity(config.identity_dir, machine_tpm)
-    _encrypt_state(state_slot.path, payload.remote, machine_id, key, passphrase, identity.on_state)
+    _encrypt_state(state_slot.path, payload, machine_id, key, passphrase, identity.on_state)
     seal = None
     if machine_tpm is not None:
         log.info("install: sealing the state key to PCR %s", tpm.pcr_selection(config.tpm_pcrs))

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from rampart import files, run
-from rampart.contracts import cmdline, coremeta, pe, signing
+from rampart.contracts import cmdline, coremeta, pe, roles, signing
 from rampart.contracts.version import parse_version
 from rampart.errors import LocalError
 from rampart.release import core, initramfs, secureboot, uki
@@ -104,6 +104,11 @@ class Testbed:
     @property
     def vendor_pub(self) -> Path:
         return self.directory / "keys/vendor.pub"
+
+    def role_key(self, role: str) -> Path:
+        """The private SSH key of a role (contracts/roles.py); its public key, beside
+        it with .pub, is in the installation payload."""
+        return self.directory / f"keys/roles/{role}"
 
     @property
     def pki(self) -> Path:
@@ -191,11 +196,22 @@ def cache_key(checkout: Path, base: Path, kernel_deb: Path) -> str:
 
 
 def make_pki(directory: Path, host: str = rootfs.UPDATE_HOST) -> None:
-    """ca.pem/ca.key and server.pem/server.key for `host`, localhost and 127.0.0.1,
-    valid ten years (a cached testbed is used for long)."""
+    """ca.pem/ca.key and server.pem/server.key for `host`, the mirror's name
+    (rootfs.MIRROR_HOST: the admin role points the device there), localhost and
+    127.0.0.1, valid ten years (a cached testbed is used for long)."""
     valid = services.validity(3650)
     ca = services.make_ca(directory, "ca", common_name="Rampart testbed CA", valid=valid)
-    services.make_cert(directory, "server", ca, [host, "localhost", "127.0.0.1"], valid=valid)
+    names = [host, rootfs.MIRROR_HOST, "localhost", "127.0.0.1"]
+    services.make_cert(directory, "server", ca, names, valid=valid)
+
+
+def make_role_keys(bed: Testbed) -> None:
+    """An Ed25519 key per role (ssh-keygen, no passphrase: a test rig's)."""
+    for role in roles.ROLES:
+        path = bed.role_key(role)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        argv = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{role}@testbed"]
+        run.run([*argv, "-f", str(path)], timeout=60)
 
 
 def remote_toml(host: str = rootfs.UPDATE_HOST, port: int = SERVER_PORT) -> str:
@@ -333,6 +349,9 @@ def _payload_disk(bed: Testbed, work: Path) -> Path:
     shutil.copytree(bed.directory / "esp-skeleton", tree / "esp")
     (tree / "remote/remote.toml").write_text(remote_toml())
     shutil.copyfile(bed.pki / "ca.pem", tree / "remote/rootca.pem")
+    (tree / "ssh").mkdir()
+    for role in roles.ROLES:
+        shutil.copyfile(f"{bed.role_key(role)}.pub", tree / f"ssh/{role}.pub")
     used = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
     image = bed.directory / "payload.img"
     size_mib = used // (1 << 20) + 64
@@ -491,6 +510,7 @@ def _build_locked(
         files.write_new_file(bed.vendor_key, signing.secret_key_to_bytes(signing_key, None), 0o600)
         bed.vendor_pub.write_bytes(signing_key.public_key.to_bytes())
         make_pki(bed.pki)
+        make_role_keys(bed)
         secureboot.ovmf_vars(bed.keys, bed.ovmf_vars)
         shutil.copyfile(kernel, bed.kernel)
         clock.step("keys", step)

@@ -30,7 +30,8 @@ Configuration:
   each measured image (the 23 MB UKI three times) in all four, under TCG: a boot
   reached the kernel about 20 s later on a busy host (66-76 s against 48-56 s).
 - `network`: QEMU user-mode networking on a virtio NIC; the guest reaches the
-  host's loopback at 10.0.2.2. Without it the machine has no NIC.
+  host's loopback at 10.0.2.2. Without it the machine has no NIC. `forwards`:
+  (host port, guest port) pairs, TCP from the host's 127.0.0.1 into the guest.
 - `memory` in MiB (default 1024) and `cpus` (default `DEFAULT_CPUS`).
 - `cold_reboot`: when True, a reset by the guest is a power cycle: QEMU exits at
   the kernel's reset line (`-no-reboot`) and the next `expect` (or `wait_for_shell`,
@@ -332,11 +333,13 @@ def qemu_argv(
     name: str = "rampart",
     no_reboot: bool = False,
     probe: bool = False,
+    forwards: Sequence[tuple[int, int]] = (),
 ) -> list[str]:
     """QEMU's command line for a machine (no defaults devices, no display, no monitor
     but QMP on a socket, the serial console on `files.console_socket`); `no_reboot`:
     QEMU exits when the guest resets; `probe`: a virtio console (the guest's
-    /dev/hvc0) on `files.probe_socket`."""
+    /dev/hvc0) on `files.probe_socket`; `forwards`: (host port, guest port) pairs,
+    TCP from the host's loopback to the guest (user-mode networking)."""
     argv = [QEMU, "-nodefaults", "-no-user-config", "-name", _qemu_value(name)]
     if no_reboot:
         argv.append("-no-reboot")
@@ -395,7 +398,12 @@ def qemu_argv(
             "tpm-tis,tpmdev=tpm0",
         ]
     if network:
-        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+        netdev = "user,id=net0" + "".join(
+            f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in forwards
+        )
+        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+    elif forwards:
+        raise UsageError("port forwards need the network")
     if probe:
         argv += [
             "-device",
@@ -726,6 +734,7 @@ class Machine:
         time_factor: float = 1.0,
         cold_reboot: bool = False,
         probe: bool = False,
+        forwards: Sequence[tuple[int, int]] = (),
     ) -> None:
         if memory < 64 or cpus < 1:
             raise UsageError(f"{name}: need at least 64 MiB and 1 CPU, not {memory}/{cpus}")
@@ -748,6 +757,7 @@ class Machine:
         self.reset_hang_after = reset_hang_after
         self.time_factor = time_factor
         self.cold_reboot = cold_reboot
+        self.forwards = tuple(forwards)
         self.cold_reboots = 0  # guest resets turned into power cycles
         self.hang_restarts = 0
         self._hung_at = -1  # the console text's length when the last hang was handled
@@ -908,6 +918,7 @@ class Machine:
             name=self.name,
             no_reboot=self.cold_reboot,
             probe=self._probe is not None,
+            forwards=self.forwards,
         )
         qemu = run.spawn(argv, stdout_path=self.files.qemu_log, stderr_path=self.files.qemu_log)
         self._children.qemu = qemu

@@ -37,16 +37,18 @@ Two stages:
      device's units come from the checkout's rampart/data/systemd, the testbed's own
      (TESTBED_UNITS) from rampart/data/testbed;
    - no interactive root: every password locked (lock_accounts), so the getty on
-     the serial console ttyS0 refuses root; root logged in automatically, with the
-     prompt PROMPT, on the testbed's probe only (PROBE_TTY, a virtio console, the
-     test driver's channel: machine.Machine(probe=True)); systemd-networkd with DHCP on the
-     Ethernet links (QEMU user networking), its DNS server in resolv.conf, and
-     UPDATE_HOST in /etc/hosts at the host's address as QEMU shows it;
+     the serial console ttyS0 refuses root; no emergency or rescue shell: a boot that
+     lands there says so on the console and reboots (NO_SHELL_UNITS); root logged in
+     automatically, with the prompt PROMPT, on the testbed's probe only (PROBE_TTY, a
+     virtio console, the test driver's channel: machine.Machine(probe=True));
+     systemd-networkd with DHCP on the Ethernet links (QEMU user networking), its DNS
+     server in resolv.conf, and UPDATE_HOST in /etc/hosts at the host's address as
+     QEMU shows it;
    - the kernel hardening audit's sysctl settings (HARDENING_SYSCTL_PATH) and, when
      the kernel is given, its configuration in /boot/config-<release>;
    - fdisk, dosfstools and e2fsprogs, for `rampart install`;
-   - the IPsec gateway's tools (strongSwan with swanctl and charon-systemd, left
-     disabled, and its user strongswan; nftables; iproute2) and, when the kernel is
+   - the IPsec gateway's tools (strongSwan with swanctl and charon-systemd, its
+     unit masked, and its user strongswan; nftables; iproute2) and, when the kernel is
      given, its modules (CORE_MODULES and their dependencies, indexed by depmod) in
      /lib/modules.
 
@@ -112,7 +114,7 @@ PACKAGES = (
     "efibootmgr",
     # The IPsec gateway (`rampart gateway`): strongSwan with swanctl and charon-systemd,
     # nftables, iproute2 for namespaces and XFRM interfaces, kmod to load the modules
-    # below. strongswan.service is left disabled (the gateway's units start it).
+    # below. strongswan.service is masked: this Core is not a gateway (MASKED).
     "kmod",
     "iproute2",
     "iputils-ping",
@@ -120,6 +122,10 @@ PACKAGES = (
     "strongswan-swanctl",
     "charon-systemd",
     "libstrongswan-standard-plugins",
+    # The admin and audit roles (docs/hardening.md "Roles"): sshd, with the keys the
+    # installer wrote on the state partition, and sudo's rules for exact commands.
+    "openssh-server",
+    "sudo",
 )
 GATEWAY_SYSUSERS = (
     "rampart-gateway.conf",
@@ -173,6 +179,7 @@ PROBE_TTY = "hvc0"  # the testbed's probe, a virtio console: root's shell
 QEMU_USER_DNS = "10.0.2.3"  # the DNS server of QEMU's user-mode networking
 QEMU_USER_HOST = "10.0.2.2"  # the host's loopback, seen from the guest
 UPDATE_HOST = "updates.rampart.test"  # the update server's name in the testbed (/etc/hosts)
+MIRROR_HOST = "mirror.rampart.test"  # another name of it, which the admin role switches to
 
 HEALTHY = """\
 #!/bin/sh
@@ -215,12 +222,26 @@ _DISABLED = (
     # interactive accounts (getty-static, its fallback, is masked: MASKED).
     "getty.target.wants/getty@tty1.service",
 )
+# Where the roles' configuration goes (rampart/data/roles), each checked at build
+# time by the tool that reads it (sshd -t, visudo -c).
+SSHD_CONF_PATH = "etc/ssh/sshd_config.d/50-rampart.conf"
+SUDOERS_PATH = "etc/sudoers.d/rampart-roles"
 # Units of Debian's packages a Core never runs, masked: each would otherwise be
 # a loaded, unconfined service (`rampart hardening exposure`).
 MASKED = (
     "getty-static.service",  # gettys on tty2-tty6 when there is no logind
     "rc-local.service",  # /etc/rc.local: / is read-only, there is none
+    # charon without the confinement of the gateway's drop-in: 9.6 where its goal is
+    # 2.2. This Core is not a gateway; a gateway's Core is built with its rendered
+    # files, the drop-in among them, and enables it (docs/gateway.md).
+    "strongswan.service",
+    "strongswan-starter.service",  # ipsec.conf's starter: a Core uses swanctl
 )
+
+# No emergency or rescue shell: each reboots instead (rampart/data/hardening/no-shell.conf,
+# a drop-in for both).
+NO_SHELL_UNITS = ("emergency.service", "rescue.service")
+NO_SHELL_DROPIN = "50-rampart.conf"
 
 # The testbed's own systemd units, in rampart/data/testbed (package data): file ->
 # where it goes in the tree. `@NAME@` placeholders in them are filled from UNIT_VALUES.
@@ -673,6 +694,10 @@ def _configure_units(tree: Path, data: Path) -> None:
     _write(tree, SYSTEM_CONF_PATH, SYSTEM_CONF)
     sysctl = (data / "hardening" / "sysctl.conf").read_text(encoding="utf-8")
     _write(tree, HARDENING_SYSCTL_PATH, sysctl)
+    # procps (which openssh-server needs) ships 99-protect-links.conf, whose name sorts
+    # after ours and set fs.protected_fifos back to 1: the release's audit caught it.
+    # The hardening file sets all four of its keys; the vendor's is masked.
+    _symlink(tree, "etc/sysctl.d/99-protect-links.conf", "/dev/null")
     _write(tree, "usr/libexec/rampart/commit-machine-id", COMMIT_MACHINE_ID, 0o755)
     for conf in sorted((data / "sysusers.d").iterdir()):
         _write(tree, f"usr/lib/sysusers.d/{conf.name}", conf.read_text(encoding="utf-8"))
@@ -694,6 +719,31 @@ def _configure_units(tree: Path, data: Path) -> None:
     for masked in MASKED:
         _symlink(tree, f"etc/systemd/system/{masked}", "/dev/null")
     _symlink(tree, "etc/systemd/system-generators/systemd-gpt-auto-generator", "/dev/null")
+    no_shell = (data / "hardening" / "no-shell.conf").read_text(encoding="utf-8")
+    for name in NO_SHELL_UNITS:
+        _write(tree, f"{_UNIT_DIR}/{name}.d/{NO_SHELL_DROPIN}", no_shell)
+
+
+def _configure_roles(tree: Path, data: Path) -> None:
+    """sshd for the roles (keys only, on the state partition), sudo's rules, and no
+    host key in the image: each machine makes its own at its first boot
+    (rampart-ssh-hostkey.service)."""
+    _write(tree, SSHD_CONF_PATH, (data / "roles" / "sshd.conf").read_text(encoding="utf-8"))
+    _write(tree, SUDOERS_PATH, (data / "roles" / "sudoers").read_text(encoding="utf-8"), 0o440)
+    for image_key in (tree / "etc/ssh").glob("ssh_host_*"):
+        image_key.unlink()
+    _enable(tree, "ssh.service.requires", "rampart-ssh-hostkey.service")
+    _chroot(tree, "visudo", "--check", "--strict", "--file", f"/{SUDOERS_PATH}")
+    # sshd -t with a throwaway host key (the real one is made at the first boot).
+    scratch = Path(tempfile.mkdtemp(prefix="sshd-check-", dir=tree / "tmp"))
+    try:
+        key = f"/{scratch.relative_to(tree)}/host_key"
+        _chroot(tree, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        _chroot(tree, "mkdir", "-p", "/run/sshd")
+        _chroot(tree, "/usr/sbin/sshd", "-t", "-o", f"HostKey={key}")
+    finally:
+        shutil.rmtree(scratch)
+        shutil.rmtree(tree / "run/sshd", ignore_errors=True)
 
 
 def _configure_read_only_root(tree: Path) -> None:
@@ -748,7 +798,7 @@ def _configure_network(tree: Path) -> None:
         tree,
         "etc/hosts",
         "127.0.0.1\tlocalhost\n127.0.1.1\trampart\n::1\tlocalhost\n"
-        f"{QEMU_USER_HOST}\t{UPDATE_HOST}\n",
+        f"{QEMU_USER_HOST}\t{UPDATE_HOST} {MIRROR_HOST}\n",
     )
     _write(tree, "etc/resolv.conf", f"nameserver {QEMU_USER_DNS}\n")
     _write(tree, "etc/systemd/network/80-rampart-dhcp.network", NETWORK)
@@ -775,6 +825,7 @@ def configure(
     _install_rampart(tree, package)
     _configure_system_dir(tree, os_name, version, pubkey, health_check)
     _configure_units(tree, package / "data")
+    _configure_roles(tree, package / "data")
     _configure_read_only_root(tree)
     _configure_console(tree)
     _configure_network(tree)

@@ -255,6 +255,7 @@ class Guest:
             else:
                 shutil.copytree(self.bed.tpm_state, self.tpm)
                 self.tpm.chmod(0o700)
+        self.ssh_port = services.free_port()  # the guest's sshd, for the roles
         self.vm = machine.Machine(
             self.work / "vm",
             disks=[machine.Disk(self.disk, "qcow2"), *self.extra_disks],
@@ -265,6 +266,7 @@ class Guest:
             time_factor=self.time_factor,
             cold_reboot=True,  # a reset is a power cycle: OVMF comes back faster
             probe=True,  # root's shell (rootfs.PROBE_TTY); nobody logs in on ttyS0
+            forwards=[(self.ssh_port, 22)],
         )
 
     @property
@@ -360,6 +362,35 @@ class Guest:
         """Wait for systemd to finish starting (health check and mark-good included)."""
         out = self.vm.shell("systemctl is-system-running --wait", timeout).output
         return out.strip().splitlines()[-1] if out.strip() else ""
+
+    def ssh(
+        self,
+        role: str,
+        command: str,
+        *,
+        user: str | None = None,
+        stdin: bytes = b"",
+        timeout: float = 300.0,
+    ) -> run.Completed:
+        """Run `command` in the guest as `role` over SSH (or as `user` with the role's
+        key), from the host's OpenSSH client with the role's key
+        (build.Testbed.role_key) through the forwarded port; the guest's host key is
+        learnt at the first login (<work>/known_hosts). Never raises for the
+        command's exit status: the caller reads it."""
+        argv = [
+            "ssh",
+            "-F", "none",
+            "-i", str(self.bed.role_key(role)),
+            "-p", str(self.ssh_port),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"UserKnownHostsFile={self.work / 'known_hosts'}",
+            "-o", "ConnectTimeout=30",
+            f"{user or role}@127.0.0.1",
+            command,
+        ]  # fmt: skip
+        return run.run(argv, input=stdin, check=False, timeout=self.vm.scaled(timeout))
 
     def run_update_service(self, timeout: float = 900.0) -> int:
         """Start rampart-update.service as the timer would; its exit status."""
