@@ -80,6 +80,19 @@ def signed_heads(webroot: Path) -> dict[str, tuf.ChannelHead]:
     return repo.channel_heads(webroot)
 
 
+def first_round(webroot: Path) -> None:
+    """Wait for the server's first round to end: the head of 1.0.0 signed, and the round
+    recorded in the signer's state file, written once its snapshot and timestamp are (the
+    channels role alone, written first, would let a test read the snapshot before)."""
+    wait_for(
+        "the first round",
+        lambda: (
+            signed_heads(webroot) == {HEAD: head("1.0.0")}
+            and signer.read_state(webroot)["last_signed"] > 0
+        ),
+    )
+
+
 def ngclient_head(url: str, root: bytes, directory: Path) -> tuple[tuf.ChannelHead, bytes]:
     """python-tuf's client, unmodified, from the server at `url` (trusting `root`): the
     stable channel's signed head and its file. Its connections are closed on return (a
@@ -226,7 +239,7 @@ def test_a_channel_change_is_signed_within_seconds(
     minute: the signer watches the database's generation counter."""
     with signing_server(tuf_repo, password_file, db_url) as server:
         webroot = server.webroot
-        wait_for("the first round", lambda: signed_heads(webroot) == {HEAD: head("1.0.0")})
+        first_round(webroot)
 
         def signed(expected: dict[str, tuf.ChannelHead]) -> float:
             took = wait_for(f"signed {expected}", lambda: signed_heads(webroot) == expected)
@@ -401,7 +414,7 @@ def test_the_snapshot_and_the_channels_role_are_resigned_at_half_their_lifetime(
         role: repo.versions(directory, role)[-1] for role in (tuf.CHANNELS_ROLE, Snapshot.type)
     }
     with signing_server(tuf_repo, password_file, sqlite_url(tmp_path)) as server:
-        wait_for("the first round", lambda: signed_heads(server.webroot) == {HEAD: head("1.0.0")})
+        first_round(server.webroot)
         for role in (tuf.CHANNELS_ROLE, Snapshot.type):
             md = repo.latest(directory, role)
             assert md.signed.version > before[role]
@@ -428,7 +441,7 @@ def test_a_round_is_skipped_while_another_writer_holds_the_lock(
     tmp_path: Path, tuf_repo: TufRepo, password_file: Path
 ) -> None:
     with signing_server(tuf_repo, password_file, sqlite_url(tmp_path)) as server:
-        wait_for("the first round", lambda: signed_heads(server.webroot) == {HEAD: head("1.0.0")})
+        first_round(server.webroot)
         settings = server.tuf_settings
         server.api(
             "POST", f"/admin/api/channels/{OS}/stable/rollout", {"version": "1.0.1", "percent": 5}
@@ -482,7 +495,7 @@ def test_concurrent_rounds_never_corrupt_the_metadata(
     a temporary file name and a version number, and this fails.)"""
     directory = tuf_repo.directory
     with signing_server(tuf_repo, password_file, sqlite_url(tmp_path)) as server:
-        wait_for("the first round", lambda: signed_heads(server.webroot) == {HEAD: head("1.0.0")})
+        first_round(server.webroot)
         racing = dataclasses.replace(
             server.tuf_settings,
             timestamp_lifetime=datetime.timedelta(0),  # always due
@@ -792,7 +805,7 @@ def test_metadata_and_heads_are_served_as_files_and_nothing_else(
     (tmp_path / "secret").write_text("not for clients")
     (directory / "9.link.json").symlink_to(tmp_path / "secret")
     with signing_server(tuf_repo, password_file, sqlite_url(tmp_path)) as server:
-        wait_for("the first round", lambda: signed_heads(webroot) == {HEAD: head("1.0.0")})
+        first_round(webroot)
         client = server.client
         response = client.get("/tuf/timestamp.json")
         assert response.status_code == 200
@@ -846,7 +859,7 @@ def test_a_failed_round_is_logged_counted_and_retried_while_the_server_serves(
     with signing_server(
         tuf_repo, password_file, sqlite_url(tmp_path), expiry=4, interval=1
     ) as server:
-        wait_for("the first round", lambda: signed_heads(server.webroot) == {HEAD: head("1.0.0")})
+        first_round(server.webroot)
         metrics = server.metrics()
         timestamp = Metadata[Timestamp].from_file(str(directory / "timestamp.json")).signed
         expiry = 'rampart_tuf_expiry_timestamp_seconds{role="timestamp"}'
