@@ -460,14 +460,18 @@ def test_concurrent_halting_reports_halt_a_rollout_once(
                 threading.Thread(target=record, args=("first", store, failures(inside[0:5]))),
                 threading.Thread(target=record, args=("second", other, failures(inside[5:10]))),
             ]
-            for thread in threads:
-                thread.start()
-            deadline = time.monotonic() + 60
             waiting = text(
                 "SELECT count(*) FROM pg_stat_activity "
                 "WHERE datname = :db AND wait_event_type = 'Lock'"
             )
-            with engine.connect() as watch:
+            # Each look in its own transaction: PostgreSQL keeps one snapshot of
+            # pg_stat_activity for a whole transaction, and a look taken before both
+            # batches waited would then never change.
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+                assert watch.execute(waiting, {"db": name}).scalar_one() == 0
+                for thread in threads:
+                    thread.start()
+                deadline = time.monotonic() + 60
                 while watch.execute(waiting, {"db": name}).scalar_one() < 2:
                     assert not errors and all(t.is_alive() for t in threads), (errors, results)
                     assert time.monotonic() < deadline, "the two batches never met the lock"
