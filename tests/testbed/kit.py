@@ -24,6 +24,25 @@ def force_one_shot(guest: session.Guest, entry: str) -> None:
     )
 
 
+def boot_next(guest: session.Guest, label: str, loader: str) -> str:
+    """Add a firmware boot option `label` that starts `loader` (a file on the ESP, from
+    its root: `EFI/x/y.efi`), outside BootOrder, and make it the next boot's (BootNext),
+    as an attacker with root could; its number (four hex digits)."""
+    path = "\\" + loader.strip("/").replace("/", "\\")
+    created = guest.sh(
+        f"efibootmgr --create-only --disk /dev/vda --part 1 --label {label} --loader '{path}'"
+    )
+    number = re.search(rf"Boot([0-9A-F]{{4}})\* {re.escape(label)}", created)
+    assert number is not None, created
+    guest.sh(f"efibootmgr --bootnext {number.group(1)} >/dev/null")
+    return number.group(1)
+
+
+def delete_boot_option(guest: session.Guest, number: str) -> None:
+    """Remove the firmware boot option `number` (from `boot_next`)."""
+    guest.sh(f"efibootmgr --delete-bootnum --bootnum {number} >/dev/null")
+
+
 def console_login(machine: session.Guest, user: str, password: str) -> bool:
     """Log in on the serial console's getty as a person would: whether a shell
     started (False: "Login incorrect")."""

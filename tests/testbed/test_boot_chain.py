@@ -37,7 +37,7 @@ from rampart.contracts import bootloader
 from rampart.contracts.layout import FALLBACK_LOADER_PATH, LOADER_PATH
 from rampart.release import secureboot, uki
 from rampart.testbed import build, machine, session
-from tests.testbed.kit import CORE, PROMPT, UNLOCKED_TPM
+from tests.testbed.kit import CORE, PROMPT, UNLOCKED_TPM, boot_next, delete_boot_option
 
 pytestmark = pytest.mark.vm
 
@@ -362,16 +362,12 @@ def test_14_secure_boot_key_rotation_and_revocation_never_ask_for_the_passphrase
     assert _efivar_sha(guest, "dbx") != dbx_before
     # A loader signed with the old key, first in line for the next boot.
     _stage(guest, loaders, "new", "/efi/EFI/test/revoked.efi")
-    guest.sh("efibootmgr --create --disk /dev/vda --part 1 --label Revoked "
-             "--loader '\\EFI\\test\\revoked.efi' >/dev/null")  # fmt: skip
-    option = guest.sh("efibootmgr | sed -n 's/^Boot\\([0-9A-F]*\\)\\* Revoked.*/\\1/p'").strip()
-    assert option, guest.sh("efibootmgr")
-    guest.sh(f"efibootmgr --bootnext {option} >/dev/null")
+    option = boot_next(guest, "Revoked", "EFI/test/revoked.efi")
     _reboot_unlocked(guest, "1.0.2", "the first boot after the dbx append")
     current = guest.sh("efibootmgr | sed -n 's/^BootCurrent: //p'").strip()
     assert current != option, "the firmware started a loader signed with the revoked key"
     assert _status(guest)["running"] == _info_of(ROTATED)
-    guest.sh(f"efibootmgr --bootnum {option} --delete-bootnum >/dev/null")
+    delete_boot_option(guest, option)
     _timed("14 dbx revocation", started)
 
 

@@ -39,7 +39,9 @@ from tests.testbed.kit import (
     CORE,
     UNLOCKED_PASSPHRASE,
     UNLOCKED_TPM,
+    boot_next,
     console_login,
+    delete_boot_option,
     force_one_shot,
     type_passphrase,
 )
@@ -826,14 +828,7 @@ def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
     _rogue_to_esp(guest, where, "unsigned.efi", one_shot)
     option = f"{rootfs.ESP_MOUNT}/{ROGUE_LOADER}"
     _rogue_to_esp(guest, where, "other-signed.efi", option)
-    loader = "\\" + ROGUE_LOADER.replace("/", "\\")
-    created = guest.sh(
-        f"efibootmgr --create-only --disk /dev/vda --part 1 --label {ROGUE_OPTION} "
-        f"--loader '{loader}'"
-    )
-    number = re.search(rf"Boot([0-9A-F]{{4}})\* {ROGUE_OPTION}", created)
-    assert number is not None, created
-    guest.sh(f"efibootmgr --bootnext {number.group(1)}")
+    number = boot_next(guest, ROGUE_OPTION, ROGUE_LOADER)
     force_one_shot(guest, entry)
     guest.restart()
     option_line = rf"BdsDxe: (failed to load|starting) Boot\w+ \"{ROGUE_OPTION}\"[^\n]*\n"
@@ -847,7 +842,7 @@ def test_7_the_firmware_refuses_a_uki_it_cannot_verify(
     guest.power_cut()
     booted = guest.boot()  # the one-shot and BootNext are spent: the default entry boots
     assert booted.core == CORE.format(defaults[0])
-    guest.sh(f"efibootmgr --delete-bootnum --bootnum {number.group(1)} >/dev/null")
+    delete_boot_option(guest, number)
     guest.sh(f"rm -r {one_shot} {Path(option).parent} && sync")
     _timed("7 refused UKIs", started)
 

@@ -61,8 +61,8 @@ LISTING: dict[str, str] = {
     "gateway": "gateway",
     "hardening": "hardening",
 }
-# Options `rampart` itself takes before the verb: none of them takes a value.
-TOP_OPTIONS = ("--debug",)
+# Options `rampart` itself takes before the verb, and their help: none of them takes a value.
+TOP_OPTIONS = {"--debug": "show debug logs and tracebacks"}
 
 
 def area_verbs(area: str) -> tuple[Group | Verb, ...]:
@@ -114,7 +114,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"rampart {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
+    for option, help_text in TOP_OPTIONS.items():
+        parser.add_argument(option, action="store_true", help=help_text)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     register(verbs, declarations(None if argv is None else named_verb(argv)))
     return parser
