@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from rampart.contracts.layout import efi_file_path
 from rampart.device import bootonce
 from rampart.testbed import session
 
@@ -28,7 +29,7 @@ def boot_next(guest: session.Guest, label: str, loader: str) -> str:
     """Add a firmware boot option `label` that starts `loader` (a file on the ESP, from
     its root: `EFI/x/y.efi`), outside BootOrder, and make it the next boot's (BootNext),
     as an attacker with root could; its number (four hex digits)."""
-    path = "\\" + loader.strip("/").replace("/", "\\")
+    path = efi_file_path(loader)
     created = guest.sh(
         f"efibootmgr --create-only --disk /dev/vda --part 1 --label {label} --loader '{path}'"
     )

@@ -29,6 +29,7 @@ ESP_PARTLABEL = "esp"
 LOADER_PATH = "EFI/systemd/systemd-bootx64.efi"  # named by the boot option Rampart adds
 FALLBACK_LOADER_PATH = "EFI/BOOT/BOOTX64.EFI"  # what the firmware starts without one
 
+
 # The TPM objects (TCG's ranges: owner persistent handles, owner NV indexes).
 PRIMARY_HANDLE = 0x81000001
 COUNTER_INDEX = 0x01500016
@@ -51,3 +52,9 @@ SEALED_BRANCH = "state.branch"
 # The LUKS2 keyslots of core_state: the TPM-sealed key, and the recovery passphrase.
 TPM_KEYSLOT = 0
 RECOVERY_KEYSLOT = 1
+
+
+def efi_file_path(esp_path: str) -> str:
+    """A file below the ESP's root (`EFI/x/y.efi`) as a firmware boot option names it
+    (`\\EFI\\x\\y.efi`)."""
+    return "\\" + esp_path.strip("/").replace("/", "\\")

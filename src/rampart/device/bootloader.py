@@ -44,7 +44,7 @@ from pathlib import Path
 
 from rampart import run
 from rampart.contracts import bootloader, efivars, wire
-from rampart.contracts.layout import FALLBACK_LOADER_PATH, LOADER_PATH
+from rampart.contracts.layout import FALLBACK_LOADER_PATH, LOADER_PATH, efi_file_path
 from rampart.contracts.version import Version
 from rampart.device import firmware
 from rampart.device.documents import Trust, signed_document
@@ -230,10 +230,6 @@ def check_secure_boot(path: Path, data: bytes, efivars_dir: Path) -> str:
 _OPTION = re.compile(r"^Boot(?P<number>[0-9A-Fa-f]{4})\*?\s.*File\((?P<file>[^)]*)\)", re.M)
 
 
-def _loader_file() -> str:
-    return "\\" + LOADER_PATH.replace("/", "\\")
-
-
 def boot_option(efivars_dir: Path) -> str | None:
     """The `Boot####` variable that names the main copy, None if none does (or no
     `efibootmgr`, or no efivarfs: then the firmware starts the fallback copy)."""
@@ -246,7 +242,7 @@ def boot_option(efivars_dir: Path) -> str | None:
     if done.returncode != 0:
         return None
     for match in _OPTION.finditer(done.stdout.decode(errors="replace")):
-        if match["file"].lower() == _loader_file().lower():
+        if match["file"].lower() == efi_file_path(LOADER_PATH).lower():
             return f"Boot{match['number'].upper()}"
     return None
 
@@ -263,7 +259,7 @@ def _ensure_boot_option(root: Path, efivars_dir: Path) -> bool:
     try:
         done = run.run(
             ["efibootmgr", "--create", "--disk", disk, "--part", str(number),
-             "--label", BOOT_OPTION_LABEL, "--loader", _loader_file()],
+             "--label", BOOT_OPTION_LABEL, "--loader", efi_file_path(LOADER_PATH)],
             check=False, timeout=60,
         )  # fmt: skip
     except LocalError as exc:
