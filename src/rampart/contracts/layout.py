@@ -29,7 +29,6 @@ ESP_PARTLABEL = "esp"
 LOADER_PATH = "EFI/systemd/systemd-bootx64.efi"  # named by the boot option Rampart adds
 FALLBACK_LOADER_PATH = "EFI/BOOT/BOOTX64.EFI"  # what the firmware starts without one
 
-
 # The TPM objects (TCG's ranges: owner persistent handles, owner NV indexes).
 PRIMARY_HANDLE = 0x81000001
 COUNTER_INDEX = 0x01500016

@@ -228,6 +228,7 @@ def check_secure_boot(path: Path, data: bytes, efivars_dir: Path) -> str:
 # --- the boot option ---------------------------------------------------------------------
 
 _OPTION = re.compile(r"^Boot(?P<number>[0-9A-Fa-f]{4})\*?\s.*File\((?P<file>[^)]*)\)", re.M)
+_LOADER_FILE = efi_file_path(LOADER_PATH)  # as the boot option names it
 
 
 def boot_option(efivars_dir: Path) -> str | None:
@@ -242,7 +243,7 @@ def boot_option(efivars_dir: Path) -> str | None:
     if done.returncode != 0:
         return None
     for match in _OPTION.finditer(done.stdout.decode(errors="replace")):
-        if match["file"].lower() == efi_file_path(LOADER_PATH).lower():
+        if match["file"].lower() == _LOADER_FILE.lower():
             return f"Boot{match['number'].upper()}"
     return None
 
@@ -259,7 +260,7 @@ def _ensure_boot_option(root: Path, efivars_dir: Path) -> bool:
     try:
         done = run.run(
             ["efibootmgr", "--create", "--disk", disk, "--part", str(number),
-             "--label", BOOT_OPTION_LABEL, "--loader", efi_file_path(LOADER_PATH)],
+             "--label", BOOT_OPTION_LABEL, "--loader", _LOADER_FILE],
             check=False, timeout=60,
         )  # fmt: skip
     except LocalError as exc:
